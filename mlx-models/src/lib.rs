@@ -1,0 +1,3 @@
+//! Language models on MLX.
+
+pub mod runtime;

@@ -1,0 +1,1 @@
+//! Integration tests and examples of mlx-models live in tests/ and examples/.
