@@ -1,0 +1,79 @@
+//! The one error type of this crate: every variant names the file, tensor or field.
+
+use std::path::PathBuf;
+
+/// `Result` with this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What can go wrong loading or running a model.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// A JSON file (config.json, tokenizer_config.json, …) is not valid JSON or does not
+    /// match the expected shape; serde's message names the field, line and column.
+    #[error("{path}: {source}")]
+    Json {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+
+    /// A config field has a value the model cannot use.
+    #[error("{path}: field `{field}`: {message}")]
+    Config {
+        path: PathBuf,
+        field: String,
+        message: String,
+    },
+
+    /// config.json names a `model_type` no module implements.
+    #[error("{path}: unknown model_type `{model_type}`; supported: {}", supported.join(", "))]
+    UnknownModelType {
+        path: PathBuf,
+        model_type: String,
+        supported: Vec<&'static str>,
+    },
+
+    /// A safetensors file is malformed.
+    #[error("{path}: not a valid safetensors file: {message}")]
+    Safetensors { path: PathBuf, message: String },
+
+    /// The checkpoint lacks a weight the model needs.
+    #[error("missing weight `{name}` in {path}")]
+    MissingWeight { path: PathBuf, name: String },
+
+    /// A weight has the wrong shape for the config.
+    #[error("weight `{name}` in {path} has shape {actual:?}, expected {expected:?}")]
+    WeightShape {
+        path: PathBuf,
+        name: String,
+        expected: Vec<i32>,
+        actual: Vec<i32>,
+    },
+
+    /// The checkpoint has weights the model does not use (a sign of a wrong config).
+    #[error("unexpected weights in {path}: {}", names.join(", "))]
+    UnexpectedWeights { path: PathBuf, names: Vec<String> },
+
+    /// An operation failed inside MLX.
+    #[error("MLX: {0}")]
+    Mlx(#[from] mlx_rs::error::Exception),
+}
+
+impl Error {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io { path: path.into(), source }
+    }
+
+    pub(crate) fn config(path: impl Into<PathBuf>, field: &str, message: impl Into<String>) -> Self {
+        Error::Config { path: path.into(), field: field.to_owned(), message: message.into() }
+    }
+}

@@ -1,0 +1,1 @@
+//! Porting toolkit: fixtures exported from Transformers, the comparison engine and reports.
