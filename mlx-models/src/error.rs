@@ -63,6 +63,35 @@ pub enum Error {
     #[error("unexpected weights in {path}: {}", names.join(", "))]
     UnexpectedWeights { path: PathBuf, names: Vec<String> },
 
+    /// Generation was asked to continue an empty prompt.
+    #[error("the prompt is empty: give at least one token")]
+    EmptyPrompt,
+
+    /// A tokenizer could not be built or failed on its input; `path` names the file it came from.
+    #[error("tokenizer{}: {message}", path.as_ref().map(|p| format!(" {}", p.display())).unwrap_or_default())]
+    Tokenizer { path: Option<PathBuf>, message: String },
+
+    /// A tokenizer kind (GGUF `tokenizer.ggml.model`, and `tokenizer.ggml.pre` for byte-level
+    /// vocabularies) that this crate cannot build faithfully.
+    #[error("unsupported tokenizer: model `{model}`{}", pre.as_ref().map(|p| format!(", pre-tokenizer `{p}`")).unwrap_or_default())]
+    UnsupportedTokenizer { model: String, pre: Option<String> },
+
+    /// A chat template failed to compile or render.
+    #[error("chat template: {message}")]
+    ChatTemplate { message: String },
+
+    /// A chat template refused the conversation with `raise_exception(message)`.
+    #[error("chat template raised: {message}")]
+    ChatTemplateRaised { message: String },
+
+    /// The tokenizer has no chat template, or none under the requested name.
+    #[error("no chat template{}{}", requested.as_ref().map(|n| format!(" named `{n}`")).unwrap_or_default(), if available.is_empty() { String::new() } else { format!("; available: {}", available.join(", ")) })]
+    NoChatTemplate { requested: Option<String>, available: Vec<String> },
+
+    /// Sampling parameters or logits that cannot be sampled from.
+    #[error("sampling: {message}")]
+    Sampling { message: String },
+
     /// An operation failed inside MLX.
     #[error("MLX: {0}")]
     Mlx(#[from] mlx_rs::error::Exception),

@@ -1,0 +1,52 @@
+//! config.json: read once, then parsed by the module its `model_type` selects.
+
+use crate::error::{Error, Result};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+/// A model's config.json, kept as JSON until a model module parses its own fields.
+#[derive(Debug, Clone)]
+pub struct ConfigFile {
+    pub path: PathBuf,
+    pub value: Value,
+}
+
+impl ConfigFile {
+    /// Reads and parses `path`; malformed JSON is reported with its line and column.
+    pub fn read(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let value: Value =
+            serde_json::from_str(&text).map_err(|e| Error::Json { path: path.to_path_buf(), source: e })?;
+        if !value.is_object() {
+            return Err(Error::config(path, "", "config.json must hold a JSON object"));
+        }
+        Ok(ConfigFile { path: path.to_path_buf(), value })
+    }
+
+    /// The `model_type` field.
+    pub fn model_type(&self) -> Result<&str> {
+        match self.value.get("model_type") {
+            Some(Value::String(t)) => Ok(t),
+            Some(other) => Err(Error::config(&self.path, "model_type", format!("expected a string, found {other}"))),
+            None => Err(Error::config(&self.path, "model_type", "missing")),
+        }
+    }
+
+    /// Deserializes the config into a module's `Config`, naming the offending field on error.
+    pub fn parse<T: DeserializeOwned>(&self) -> Result<T> {
+        serde_path_to_error::deserialize(&self.value).map_err(|e| {
+            let field = e.path().to_string();
+            Error::config(&self.path, &field, e.into_inner().to_string())
+        })
+    }
+
+    /// Fails naming `field` unless `ok`.
+    pub fn ensure(&self, ok: bool, field: &str, message: impl FnOnce() -> String) -> Result<()> {
+        if ok {
+            Ok(())
+        } else {
+            Err(Error::config(&self.path, field, message()))
+        }
+    }
+}

@@ -1,0 +1,71 @@
+//! The model zoo: one module per architecture family, and the registry from
+//! `model_type` to module.
+
+pub mod llama;
+
+use crate::cache::KvCache;
+use crate::config::ConfigFile;
+use crate::error::{Error, Result};
+use crate::nn::Quantization;
+use crate::rope::Rope;
+use crate::tap::Tap;
+use crate::weights::Weights;
+use mlx_rs::{Array, Dtype};
+
+/// A causal language model.
+pub trait LanguageModel: Send {
+    /// Logits `[batch, tokens, vocab]` for `tokens` (`[batch, tokens]`, int32) following
+    /// what `cache` holds; the cache is extended with the new tokens.
+    fn forward(&self, tokens: &Array, cache: &mut [KvCache], tap: &mut Tap) -> Result<Array>;
+
+    /// An empty cache, one entry per layer.
+    fn new_cache(&self) -> Vec<KvCache>;
+
+    /// Facts about the model.
+    fn info(&self) -> &ModelInfo;
+
+    /// The RoPE of the first layer (for verification).
+    fn rope(&self) -> Option<&Rope>;
+}
+
+/// Facts about a loaded model, for `info` and for generation limits.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    pub model_type: String,
+    pub vocab_size: i32,
+    pub hidden_size: i32,
+    pub num_layers: usize,
+    /// The longest context the model was configured for.
+    pub max_position_embeddings: usize,
+    pub dtype: Dtype,
+    pub quantization: Option<Quantization>,
+}
+
+/// Builds a model from its config and weights.
+pub type Loader = fn(&ConfigFile, Weights) -> Result<Box<dyn LanguageModel>>;
+
+/// Every supported `model_type` and the module that implements it.
+pub const REGISTRY: &[(&str, Loader)] = &[
+    ("llama", llama::load),
+    ("mistral", llama::load),
+];
+
+/// The supported `model_type` values.
+pub fn supported_model_types() -> Vec<&'static str> {
+    REGISTRY.iter().map(|(name, _)| *name).collect()
+}
+
+/// Builds the model `config` names from `weights`.
+pub fn build(config: &ConfigFile, weights: Weights) -> Result<Box<dyn LanguageModel>> {
+    let model_type = config.model_type()?;
+    let loader = REGISTRY
+        .iter()
+        .find(|(name, _)| *name == model_type)
+        .map(|(_, loader)| loader)
+        .ok_or_else(|| Error::UnknownModelType {
+            path: config.path.clone(),
+            model_type: model_type.to_owned(),
+            supported: supported_model_types(),
+        })?;
+    loader(config, weights)
+}
