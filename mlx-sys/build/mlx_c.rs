@@ -13,12 +13,16 @@ pub const MLX_C_VERSION: &str = "0.7.0";
 /// The mlx-c sources (`mlx/c/*.{h,cpp}`) in the cache, copied there from the crates.io
 /// package `mlx-sys 0.7.0` that cargo downloads into its registry on the first build.
 pub fn sources(cache: &Path) -> PathBuf {
-    let dest = cache.join(format!("mlx-c-{MLX_C_VERSION}"));
+    let dest = cache.join(format!("mlx-c-{MLX_C_VERSION}-src"));
     fill_atomically(&dest, |tmp| {
         let package = published_package()?;
         let mlx_c = package.join("src").join("mlx-c");
         copy_tree(&mlx_c.join("mlx"), &tmp.join("mlx"))
-            .and_then(|()| fs::copy(mlx_c.join("LICENSE"), tmp.join("LICENSE")).map(drop))
+            .and_then(|()| {
+                ["LICENSE", "CMakeLists.txt", "mlx-c.pc.in"]
+                    .iter()
+                    .try_for_each(|f| fs::copy(mlx_c.join(f), tmp.join(f)).map(drop))
+            })
             .map_err(|e| format!("cannot copy mlx-c from {}: {e}", mlx_c.display()))
     })
     .unwrap_or_else(|message| prerequisites::fail(&message));

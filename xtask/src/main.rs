@@ -1,6 +1,8 @@
 //! `cargo xtask …`: the project's own tasks.
 
 mod bench;
+mod fixtures;
+mod verify;
 
 use clap::{Parser, Subcommand};
 
@@ -15,10 +17,16 @@ struct Cli {
 enum Command {
     /// Benchmarks, each printing JSON lines.
     Bench(bench::Args),
+    /// Reference fixtures exported from Hugging Face Transformers.
+    Fixtures(fixtures::Args),
+    /// Verify models against their Transformers fixtures, layer by layer.
+    Verify(verify::Args),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Bench(args) => bench::run(args),
+        Command::Fixtures(args) => fixtures::run(args),
+        Command::Verify(args) => verify::run(args),
     }
 }
