@@ -2,6 +2,7 @@
 
 pub mod attention;
 pub mod cache;
+pub mod chat_template;
 pub mod config;
 pub mod error;
 pub mod generate;
@@ -10,7 +11,12 @@ pub mod models;
 pub mod nn;
 pub mod rope;
 pub mod runtime;
+pub mod sampling;
 pub mod tap;
+pub mod tokenizer;
 pub mod weights;
 
+pub use chat_template::{ChatTemplate, ChatTemplateOptions, Content, ContentPart, Message};
 pub use error::{Error, Result};
+pub use sampling::{GenerationConfig, Sampler, SamplerBuilder};
+pub use tokenizer::{StreamDecoder, Tokenizer, VocabSpec};
