@@ -35,6 +35,11 @@ pub struct Manifest {
     pub bf16_dtypes: BTreeMap<String, String>,
     #[serde(default)]
     pub rope_note: Option<String>,
+    /// Measurements of Transformers itself made at export, e.g.
+    /// `cache_vs_full_logits_max_abs`: how far its own cached run is from its full pass
+    /// (non-zero for RoPE schemes that pick frequencies from the sequence length).
+    #[serde(default)]
+    pub checks: BTreeMap<String, f64>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
