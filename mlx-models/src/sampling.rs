@@ -362,20 +362,7 @@ impl Sampler {
 
         // Top-p: the most probable tokens until their mass reaches p.
         if p.top_p < 1.0 {
-            let mut by_probability = kept.clone();
-            by_probability.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-            let mut mass = 0.0;
-            let mut count = 0;
-            for &(_, probability) in &by_probability {
-                count += 1;
-                mass += probability;
-                if mass >= f64::from(p.top_p) {
-                    break;
-                }
-            }
-            let mut nucleus: Vec<(u32, f64)> = by_probability[..count].to_vec();
-            nucleus.sort_by_key(|&(token, _)| token);
-            kept = nucleus;
+            kept = nucleus(kept, f64::from(p.top_p));
             normalize(&mut kept);
         }
 
@@ -387,6 +374,33 @@ impl Sampler {
         }
         Ok(kept)
     }
+}
+
+/// The most probable candidates (ties broken by id) until their mass reaches `top_p`, in id
+/// order. Only the head of the ranking is sorted: a nucleus is usually a few dozen tokens of a
+/// vocabulary of 100k.
+fn nucleus(mut ranked: Vec<(u32, f64)>, top_p: f64) -> Vec<(u32, f64)> {
+    let order = |a: &(u32, f64), b: &(u32, f64)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+    let mut head = 64.min(ranked.len());
+    let count = loop {
+        if head < ranked.len() {
+            ranked.select_nth_unstable_by(head - 1, order);
+        }
+        ranked[..head].sort_unstable_by(order);
+        let mut mass = 0.0;
+        let reached = ranked[..head].iter().position(|&(_, q)| {
+            mass += q;
+            mass >= top_p
+        });
+        match reached {
+            Some(index) => break index + 1,
+            None if head == ranked.len() => break head,
+            None => head = (head * 4).min(ranked.len()),
+        }
+    };
+    ranked.truncate(count);
+    ranked.sort_unstable_by_key(|&(token, _)| token);
+    ranked
 }
 
 fn normalize(candidates: &mut [(u32, f64)]) {

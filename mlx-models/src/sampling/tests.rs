@@ -100,6 +100,40 @@ fn top_p_keeps_the_smallest_set_reaching_p() {
 }
 
 #[test]
+fn top_p_over_a_large_vocabulary_sorts_only_what_it_needs() {
+    // 1000 tokens: ten likely ones (in reverse id order), then a flat tail. The nucleus of
+    // 0.999 spans beyond the first 64 ranked tokens, so the search has to widen.
+    let mut probabilities = vec![0.0f64; 1000];
+    for (rank, id) in (0..10).rev().enumerate() {
+        probabilities[id] = 0.05 + 0.001 * rank as f64;
+    }
+    let head: f64 = probabilities.iter().sum();
+    for p in probabilities.iter_mut().skip(10) {
+        *p = (1.0 - head) / 990.0;
+    }
+    let logits = logits_of(&probabilities);
+    let sampler = Sampler::builder().top_p(0.5).build().unwrap();
+    let distribution = sampler.distribution(&logits, &[]).unwrap();
+    // The ten likely tokens hold 0.545: the top nine hold 0.495 < 0.5, so all ten are kept.
+    let kept: Vec<usize> = (0..1000).filter(|&i| distribution[i] > 0.0).collect();
+    assert_eq!(kept, (0..10).collect::<Vec<_>>());
+    let wide = Sampler::builder().top_p(0.999).build().unwrap();
+    let kept = wide
+        .distribution(&logits, &[])
+        .unwrap()
+        .iter()
+        .filter(|&&p| p > 0.0)
+        .count();
+    // Past the head, 0.999 - 0.545 of mass needs 988 of the 990 flat tokens.
+    let tail = (1.0 - head) / 990.0;
+    let expected = 10 + ((0.999 - head) / tail).ceil() as usize;
+    assert!(
+        (expected..=expected + 1).contains(&kept),
+        "kept {kept}, expected about {expected}"
+    );
+}
+
+#[test]
 fn min_p_is_relative_to_the_most_likely_token() {
     let logits = logits_of(&[0.1, 0.2, 0.3, 0.4]);
     let sampler = Sampler::builder().min_p(0.6).build().unwrap(); // keeps p ≥ 0.24
@@ -387,5 +421,24 @@ proptest! {
         );
         let token = sampler.sample(&logits, &history).unwrap();
         prop_assert!(distribution[token as usize] > 0.0);
+    }
+}
+
+proptest! {
+    #[test]
+    fn nucleus_equals_a_full_sort(
+        weights in prop::collection::vec(prop_oneof![Just(1.0f64), 0.0f64..10.0], 1..400),
+        top_p in 0.01f64..=1.0,
+    ) {
+        let total: f64 = weights.iter().sum();
+        prop_assume!(total > 0.0);
+        let candidates: Vec<(u32, f64)> = weights.iter().enumerate().map(|(i, w)| (i as u32, w / total)).collect();
+        let mut reference = candidates.clone();
+        reference.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        let mut mass = 0.0;
+        let count = reference.iter().position(|&(_, q)| { mass += q; mass >= top_p }).map_or(reference.len(), |i| i + 1);
+        reference.truncate(count);
+        reference.sort_by_key(|&(token, _)| token);
+        prop_assert_eq!(nucleus(candidates, top_p), reference);
     }
 }
