@@ -793,3 +793,86 @@ fn derived_merges_follow_transformers_order() {
         ])
     );
 }
+
+/// A real GGUF vocabulary: SmolLM2-135M-Instruct's `tokenizer.*` metadata (`pre` = `smollm`),
+/// checked against the ids and prompts Transformers' GGUF loader gives for it
+/// (tests/fixtures/smollm2-135m-instruct, exported by xtask).
+#[test]
+fn gguf_smollm2_metadata_matches_the_transformers_fixture() {
+    let meta = json("tokenizers/smollm2-gguf/metadata.json");
+    let strings = |key: &str| -> Vec<String> {
+        meta[key]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_owned())
+            .collect()
+    };
+    let id = |key: &str| meta[key].as_u64().map(|v| v as u32);
+    let spec = VocabSpec {
+        pre: meta["tokenizer.ggml.pre"].as_str().map(str::to_owned),
+        architecture: meta["general.architecture"].as_str().map(str::to_owned),
+        merges: Some(strings("tokenizer.ggml.merges")),
+        token_types: Some(
+            meta["tokenizer.ggml.token_type"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_i64().unwrap() as i32)
+                .collect(),
+        ),
+        bos_token_id: id("tokenizer.ggml.bos_token_id"),
+        eos_token_id: id("tokenizer.ggml.eos_token_id"),
+        unk_token_id: id("tokenizer.ggml.unknown_token_id"),
+        pad_token_id: id("tokenizer.ggml.padding_token_id"),
+        add_bos_token: meta["tokenizer.ggml.add_bos_token"].as_bool(),
+        chat_template: meta["tokenizer.chat_template"].as_str().map(str::to_owned),
+        ..VocabSpec::new(
+            meta["tokenizer.ggml.model"].as_str().unwrap(),
+            strings("tokenizer.ggml.tokens"),
+        )
+    };
+    assert_eq!(spec.pre.as_deref(), Some("smollm"));
+    let tokenizer = Tokenizer::from_vocab(spec).unwrap();
+    assert_eq!(tokenizer.eos_token(), Some("<|im_end|>"));
+    assert_eq!(tokenizer.eos_token_ids(), &[2]);
+
+    let fixture = |name: &str| -> Value {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/smollm2-135m-instruct")
+            .join(name);
+        serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+    };
+    let tokenization = fixture("tokenization.json");
+    assert_eq!(tokenization["add_special_tokens"], false);
+    for case in tokenization["cases"].as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        let expected = ids(&case["ids"]);
+        assert_eq!(tokenizer.encode(text, false).unwrap(), expected, "{text:?}");
+        assert_eq!(
+            tokenizer.decode(&expected, false).unwrap(),
+            case["decoded"].as_str().unwrap(),
+            "{text:?}"
+        );
+    }
+    let chats = fixture("chat_template.json");
+    for conversation in chats["conversations"].as_array().unwrap() {
+        let messages: Vec<Message> =
+            serde_json::from_value(conversation["messages"].clone()).unwrap();
+        let options = ChatTemplateOptions::new()
+            .add_generation_prompt(conversation["add_generation_prompt"] == true);
+        let prompt = tokenizer.apply_chat_template(&messages, &options).unwrap();
+        assert_eq!(
+            prompt,
+            conversation["text"].as_str().unwrap(),
+            "{}",
+            conversation["name"]
+        );
+        assert_eq!(
+            tokenizer.encode(&prompt, false).unwrap(),
+            ids(&conversation["ids"]),
+            "{}",
+            conversation["name"]
+        );
+    }
+}
