@@ -92,6 +92,41 @@ pub enum Error {
     #[error("sampling: {message}")]
     Sampling { message: String },
 
+    /// The default model could not be fetched.
+    #[error("default model: {message}")]
+    DefaultModel { message: String },
+
+    /// The prompt does not fit the model's context.
+    #[error("the prompt has {prompt_tokens} tokens but the model's context holds {context} (max_position_embeddings)")]
+    PromptTooLong { prompt_tokens: usize, context: usize },
+
+    /// A GGUF file is malformed or holds something unsupported.
+    #[error("{path}: GGUF: {message}")]
+    Gguf { path: PathBuf, message: String },
+
+    /// Not a valid Hugging Face model repo id (`org/name`).
+    #[error("invalid Hugging Face repo id `{repo_id}`: {reason}")]
+    InvalidRepoId { repo_id: String, reason: String },
+
+    /// The Hugging Face Hub could not be reached, refused the request, or answered
+    /// something unusable; `message` says which and what to do about it.
+    #[error("Hugging Face Hub, {repo} at revision `{revision}`: {message}")]
+    Hub { repo: String, revision: String, message: String },
+
+    /// The revision has no snapshot in the local Hugging Face cache, and the Hub may not
+    /// be asked (offline mode).
+    #[error("{repo} at revision `{revision}` is not in the Hugging Face cache {}: {reason}", cache_dir.display())]
+    HubNotCached { repo: String, revision: String, cache_dir: PathBuf, reason: String },
+
+    /// A file the model needs is neither in the local cache (offline mode) nor, when
+    /// online, in the repository.
+    #[error("{repo} at revision `{revision}`: missing `{file}`: {reason}")]
+    HubFileMissing { repo: String, revision: String, file: String, reason: String },
+
+    /// A file of a cached snapshot (the weight index, a ref) is malformed.
+    #[error("{repo} at revision `{revision}`: `{file}` ({}) is malformed: {message}", path.display())]
+    HubInvalidFile { repo: String, revision: String, file: String, path: PathBuf, message: String },
+
     /// An operation failed inside MLX.
     #[error("MLX: {0}")]
     Mlx(#[from] mlx_rs::error::Exception),

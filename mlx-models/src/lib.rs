@@ -2,10 +2,14 @@
 
 pub mod attention;
 pub mod cache;
+pub mod chat;
 pub mod chat_template;
 pub mod config;
+pub mod default_model;
 pub mod error;
 pub mod generate;
+pub mod gguf;
+pub mod hub;
 pub mod load;
 pub mod models;
 pub mod nn;

@@ -47,8 +47,13 @@ impl Matrix {
         }
         let quantization =
             Quantization { bits: packed[1] * 32 / in_dim, group_size: in_dim / groups[1] };
+        w.count(out_dim as usize * in_dim as usize);
         if biases.shape() != scales.shape() {
             return Err(w.shape_error("biases", &groups, biases.shape()));
+        }
+        if let Some(dtype) = w.dequantize_to() {
+            let dense = ops::dequantize(&weight, &scales, &biases, quantization.group_size, quantization.bits)?;
+            return Ok(Matrix::Dense(dense.as_dtype(dtype)?));
         }
         Ok(Matrix::Quantized { weight, scales, biases, quantization })
     }

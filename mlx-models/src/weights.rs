@@ -3,7 +3,7 @@
 
 use crate::error::{Error, Result};
 use mlx_rs::{Array, Dtype};
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
 use std::io::Read;
@@ -18,13 +18,22 @@ pub struct Weights {
     tensors: HashMap<String, Array>,
     source: PathBuf,
     dtype: Option<Dtype>,
+    dequantize: bool,
     used: RefCell<BTreeSet<String>>,
+    parameters: Cell<usize>,
 }
 
 impl Weights {
     /// Wraps tensors already in memory. `source` names them in errors.
     pub fn new(tensors: HashMap<String, Array>, source: impl Into<PathBuf>) -> Self {
-        Weights { tensors, source: source.into(), dtype: None, used: RefCell::default() }
+        Weights {
+            tensors,
+            source: source.into(),
+            dtype: None,
+            dequantize: false,
+            used: RefCell::default(),
+            parameters: Cell::new(0),
+        }
     }
 
     /// Reads `model.safetensors`, or every shard listed in
@@ -65,6 +74,12 @@ impl Weights {
         self
     }
 
+    /// Asks modules to expand quantized matrices to floating point as they load them.
+    pub fn dequantize(mut self, yes: bool) -> Self {
+        self.dequantize = yes;
+        self
+    }
+
     /// Where the tensors came from.
     pub fn source(&self) -> &Path {
         &self.source
@@ -97,6 +112,12 @@ impl Weights {
     /// The names of all tensors.
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.tensors.keys().map(String::as_str)
+    }
+
+    /// How many parameters the modules took (quantized matrices counted by their logical
+    /// size, tied matrices once).
+    pub fn num_parameters(&self) -> usize {
+        self.parameters.get()
     }
 
     /// Fails with [`Error::UnexpectedWeights`] if some tensor was never taken.
@@ -149,6 +170,7 @@ impl<'a> WeightPath<'a> {
     /// requested dtype.
     pub fn get(&self, name: &str, shape: &[i32]) -> Result<Array> {
         let tensor = self.get_any_shape(name)?;
+        self.count(shape.iter().map(|&d| d as usize).product());
         if tensor.shape() != shape {
             return Err(Error::WeightShape {
                 path: self.weights.source.clone(),
@@ -183,6 +205,17 @@ impl<'a> WeightPath<'a> {
             }
             _ => Ok(tensor),
         }
+    }
+
+    /// Counts `n` parameters towards [`Weights::num_parameters`] (what `get` does itself).
+    pub fn count(&self, n: usize) {
+        self.weights.parameters.set(self.weights.parameters.get() + n);
+    }
+
+    /// The floating-point type modules should compute in when they expand quantized
+    /// weights, or `None` to keep them quantized.
+    pub fn dequantize_to(&self) -> Option<Dtype> {
+        self.weights.dequantize.then(|| self.weights.dtype.unwrap_or(Dtype::Float32))
     }
 
     /// Reports a tensor whose shape does not fit, naming it.

@@ -229,7 +229,11 @@ impl Model {
             num_layers: cfg.num_hidden_layers,
             max_position_embeddings: cfg.max_position_embeddings,
             dtype: norm.weight.dtype(),
-            quantization: embed_tokens.weight.quantization(),
+            quantization: layers
+                .first()
+                .and_then(|l| l.self_attn.q_proj.weight.quantization())
+                .or(embed_tokens.weight.quantization()),
+            num_parameters: weights.num_parameters(),
         };
         Ok(Model { embed_tokens, layers, norm, lm_head, info })
     }

