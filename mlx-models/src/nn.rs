@@ -53,7 +53,9 @@ impl Matrix {
         }
         if let Some(dtype) = w.dequantize_to() {
             let dense = ops::dequantize(&weight, &scales, &biases, quantization.group_size, quantization.bits)?;
-            return Ok(Matrix::Dense(dense.as_dtype(dtype)?));
+            let dense = dense.as_dtype(dtype)?;
+            dense.eval()?;
+            return Ok(Matrix::Dense(dense));
         }
         Ok(Matrix::Quantized { weight, scales, biases, quantization })
     }

@@ -67,6 +67,13 @@ impl Weights {
         Ok(Weights::new(tensors, dir))
     }
 
+    /// Materializes every tensor. MLX computes lazily on the stream of the thread that
+    /// built an array, so a model used from other threads must not hold pending work.
+    pub fn eval(&self) -> Result<()> {
+        mlx_rs::transforms::eval(self.tensors.values())?;
+        Ok(())
+    }
+
     /// Casts every floating-point tensor to `dtype` as modules take it (quantized weights,
     /// which are integers, stay as they are).
     pub fn with_dtype(mut self, dtype: Option<Dtype>) -> Self {
@@ -201,7 +208,9 @@ impl<'a> WeightPath<'a> {
         })?;
         match self.weights.dtype {
             Some(dtype) if is_float(tensor.dtype()) && tensor.dtype() != dtype => {
-                Ok(tensor.as_dtype(dtype)?)
+                let cast = tensor.as_dtype(dtype)?;
+                cast.eval()?;
+                Ok(cast)
             }
             _ => Ok(tensor),
         }

@@ -69,5 +69,7 @@ pub fn build(config: &ConfigFile, weights: Weights) -> Result<Box<dyn LanguageMo
             model_type: model_type.to_owned(),
             supported: supported_model_types(),
         })?;
+    // Nothing lazy may outlive loading: the model can be used from any thread.
+    weights.eval()?;
     loader(config, weights)
 }
