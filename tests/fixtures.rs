@@ -1,0 +1,1256 @@
+//! The verification suite: every committed Transformers fixture passes `mlx_port::verify`;
+//! models broken on purpose (through a config patch) fail and the report names the first bad
+//! layer; and property tests of the KV cache, of RoPE and of config parsing.
+//!
+//! ```text
+//! cargo test --test fixtures
+//! ```
+
+use mlx_models::config::ConfigFile;
+use mlx_models::models::{llama, LanguageModel};
+use mlx_models::rope::{Rope, RopeConfig, RopeScaling};
+use mlx_models::tap::Tap;
+use mlx_port::checks::{merge_patch, verify, VerifyOptions};
+use mlx_port::compare::{diff, to_f32_vec};
+use mlx_port::fixture::{discover, Fixture};
+use mlx_port::{PortError, Report};
+use mlx_rs::Array;
+use proptest::collection::vec;
+use proptest::prelude::*;
+use proptest::test_runner::{Config as ProptestConfig, TestCaseError, TestRunner};
+use serde_json::{json, Map, Value};
+use std::path::{Path, PathBuf};
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------------------
+
+/// The fixtures committed when this suite was written. Discovery must find at least these, so
+/// an emptied or moved fixture directory cannot make the suite pass by finding nothing.
+const COMMITTED_FIXTURES: [&str; 10] = [
+    "llama/bias",
+    "llama/default-tied",
+    "llama/dynamic",
+    "llama/linear",
+    "llama/llama3-untied",
+    "llama/longrope",
+    "llama/longrope-long",
+    "llama/mha",
+    "llama/yarn",
+    "mistral/default",
+];
+
+fn fixtures_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join("fixtures")
+}
+
+fn fixture_dir(name: &str) -> PathBuf {
+    fixtures_root().join(name)
+}
+
+fn load_fixture(name: &str) -> Fixture {
+    let dir = fixture_dir(name);
+    Fixture::load(&dir).unwrap_or_else(|e| panic!("cannot load fixture {}: {e}", dir.display()))
+}
+
+/// Verifies fixture `name` with `patch` merged into its config.json.
+fn verify_patched(name: &str, patch: Value) -> Result<Report, PortError> {
+    let fixture = load_fixture(name);
+    verify(
+        &fixture,
+        &VerifyOptions {
+            config_patch: Some(patch),
+        },
+    )
+}
+
+/// Like [`verify_patched`], for patches that must still load.
+fn report_for(name: &str, patch: Value) -> Report {
+    verify_patched(name, patch.clone())
+        .unwrap_or_else(|e| panic!("{name} with patch {patch}: verification could not run: {e}"))
+}
+
+fn row_passes(report: &Report, name: &str) -> bool {
+    report
+        .rows
+        .iter()
+        .find(|r| r.name == name)
+        .unwrap_or_else(|| panic!("report has no row `{name}`:\n{}", report.to_markdown()))
+        .pass
+}
+
+fn check_passes(report: &Report, name: &str) -> bool {
+    report
+        .checks
+        .iter()
+        .find(|c| c.name == name)
+        .unwrap_or_else(|| panic!("report has no check `{name}`:\n{}", report.to_markdown()))
+        .pass
+}
+
+/// Loads a fixture's model (float32) with an optional config patch, the way the harness does.
+fn load_model(name: &str, patch: Option<&Value>) -> Box<dyn LanguageModel> {
+    let dir = fixture_dir(name);
+    let mut config = ConfigFile::read(&dir.join("config.json")).expect("fixture config.json");
+    if let Some(patch) = patch {
+        merge_patch(&mut config.value, patch);
+    }
+    mlx_models::load::load_model_with_config(&config, &dir, None)
+        .unwrap_or_else(|e| panic!("cannot load {name}: {e}"))
+}
+
+/// A runner for `cases` cases, or as many as `PROPTEST_CASES` asks for (for soak runs).
+fn runner(cases: u32) -> TestRunner {
+    let cases = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(cases);
+    TestRunner::new(ProptestConfig {
+        cases,
+        // The runner is driven by hand (to share a loaded model between cases), so there is
+        // no source file to keep regressions next to.
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    })
+}
+
+/// Runs a property, panicking with proptest's minimal failing input.
+fn check_property<S: Strategy>(
+    what: &str,
+    cases: u32,
+    strategy: S,
+    test: impl Fn(S::Value) -> Result<(), TestCaseError>,
+) where
+    S::Value: std::fmt::Debug,
+{
+    if let Err(e) = runner(cases).run(&strategy, test) {
+        panic!("{what}: {e}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. Every committed fixture passes
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn every_committed_fixture_passes() {
+    let root = fixtures_root();
+    let dirs = discover(&root);
+    let found: Vec<String> = dirs
+        .iter()
+        .map(|d| {
+            let rel = d.strip_prefix(&root).expect("discovered under the root");
+            rel.components()
+                .map(|c| c.as_os_str().to_string_lossy())
+                .collect::<Vec<_>>()
+                .join("/")
+        })
+        .collect();
+    for name in COMMITTED_FIXTURES {
+        assert!(
+            found.iter().any(|f| f == name),
+            "fixture `{name}` was not discovered under {} (found: {found:?})",
+            root.display()
+        );
+    }
+    assert!(found.len() >= COMMITTED_FIXTURES.len());
+
+    let mut failures = Vec::new();
+    for (dir, name) in dirs.iter().zip(&found) {
+        let fixture = match Fixture::load(dir) {
+            Ok(f) => f,
+            Err(e) => {
+                failures.push(format!("### {name}: cannot load the fixture: {e}\n"));
+                continue;
+            }
+        };
+        assert_eq!(
+            &fixture.name(),
+            name,
+            "fixture.json model_type/variant must match its directory"
+        );
+        let report = match verify(&fixture, &VerifyOptions::default()) {
+            Ok(r) => r,
+            Err(e) => {
+                failures.push(format!("### {name}: verification could not run: {e}\n"));
+                continue;
+            }
+        };
+        // The report must cover the whole model and every check the fixture allows, so a
+        // harness that silently skipped work could not pass here.
+        let mut expected_rows = vec!["embeddings".to_owned()];
+        expected_rows.extend((0..fixture.num_layers()).map(|i| format!("layers.{i}")));
+        expected_rows.extend(["norm".to_owned(), "logits".to_owned()]);
+        let rows: Vec<&str> = report.rows.iter().map(|r| r.name.as_str()).collect();
+        assert!(fixture.num_layers() >= 1, "{name}: no layers captured");
+        assert_eq!(rows, expected_rows, "{name}: compared tensors");
+        let checks: Vec<&str> = report.checks.iter().map(|c| c.name.as_str()).collect();
+        let mut expected_checks = vec!["logits top-5", "greedy tokens"];
+        if fixture.expected.contains_key("rope.cos") {
+            expected_checks.push("rope");
+        }
+        expected_checks.push("cache consistency");
+        if !fixture.manifest.bf16_dtypes.is_empty() {
+            expected_checks.push("bf16 dtypes");
+        }
+        assert_eq!(checks, expected_checks, "{name}: checks run");
+
+        eprintln!("{name}: {}", if report.passed() { "PASS" } else { "FAIL" });
+        if !report.passed() {
+            failures.push(report.to_markdown());
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} fixtures failed:\n\n{}",
+        failures.len(),
+        dirs.len(),
+        failures.join("\n")
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. A deliberately wrong model fails loudly, naming the first bad layer
+// ---------------------------------------------------------------------------------------------
+
+/// Asserts that the layers and final norm of `report` are wrong from the first decoder layer
+/// on (the embeddings, which RoPE does not touch, still pass) and that greedy decoding diverges.
+fn assert_wrong_from_first_layer(report: &Report) {
+    let md = report.to_markdown();
+    assert!(!report.passed(), "the broken model passed:\n{md}");
+    assert_eq!(
+        report.first_bad(),
+        Some("layers.0"),
+        "first bad tensor:\n{md}"
+    );
+    assert!(
+        row_passes(report, "embeddings"),
+        "embeddings must be unaffected:\n{md}"
+    );
+    for row in report.rows.iter().skip(1) {
+        assert!(
+            !row.pass,
+            "`{}` passed although everything after layers.0 depends on it:\n{md}",
+            row.name
+        );
+    }
+    assert!(
+        !check_passes(report, "greedy tokens"),
+        "greedy decoding did not diverge:\n{md}"
+    );
+}
+
+#[test]
+fn traditional_rope_fails_at_the_first_layer() {
+    // Control: the patch machinery itself (restating the default) leaves the model correct.
+    let control = report_for("llama/default-tied", json!({"rope_traditional": false}));
+    assert!(
+        control.passed(),
+        "control failed:\n{}",
+        control.to_markdown()
+    );
+
+    let report = report_for("llama/default-tied", json!({"rope_traditional": true}));
+    assert_wrong_from_first_layer(&report);
+    // The `rope` check compares the rotation *angles* with Transformers' cos/sin tables; the
+    // pairing of features (halves vs adjacent pairs) does not change the angles, so that
+    // check is not expected to see this fault: the layer comparison is what catches it.
+    // The cache check compares the model with itself and stays consistent.
+    assert!(
+        check_passes(&report, "cache consistency"),
+        "{}",
+        report.to_markdown()
+    );
+}
+
+#[test]
+fn dropping_rope_theta_transformers5_style_fails_at_the_first_layer() {
+    // llama/mha sets rope_theta = 1e6 inside `rope_parameters`; without it the default 1e4
+    // applies.
+    let fixture = load_fixture("llama/mha");
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture.dir.join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["rope_parameters"]["rope_theta"], json!(1_000_000.0));
+    assert!(config.get("rope_theta").is_none());
+
+    // Control: dropping a top-level rope_theta, which this style does not have, changes nothing.
+    let control = report_for("llama/mha", json!({"rope_theta": null}));
+    assert!(
+        control.passed(),
+        "control failed:\n{}",
+        control.to_markdown()
+    );
+
+    let report = report_for(
+        "llama/mha",
+        json!({"rope_parameters": {"rope_theta": null}}),
+    );
+    assert_wrong_from_first_layer(&report);
+    assert!(
+        !check_passes(&report, "rope"),
+        "the rope check missed a wrong theta:\n{}",
+        report.to_markdown()
+    );
+}
+
+#[test]
+fn dropping_rope_theta_hub_style_fails_at_the_first_layer() {
+    // llama/llama3-untied has a top-level rope_theta = 5e5 next to `rope_scaling`.
+    let fixture = load_fixture("llama/llama3-untied");
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture.dir.join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["rope_theta"], json!(500_000.0));
+    assert!(config.get("rope_parameters").is_none());
+
+    let report = report_for("llama/llama3-untied", json!({"rope_theta": null}));
+    assert_wrong_from_first_layer(&report);
+    assert!(
+        !check_passes(&report, "rope"),
+        "the rope check missed a wrong theta:\n{}",
+        report.to_markdown()
+    );
+}
+
+#[test]
+fn tying_untied_embeddings_fails_at_the_logits() {
+    let report = report_for("llama/llama3-untied", json!({"tie_word_embeddings": true}));
+    let md = report.to_markdown();
+    assert!(!report.passed(), "the mis-tied model passed:\n{md}");
+    assert_eq!(
+        report.first_bad(),
+        Some("logits"),
+        "first bad tensor:\n{md}"
+    );
+    // Everything up to the output layer is untouched by the fault.
+    let n = report.rows.len();
+    assert!(n >= 4, "{md}");
+    for row in &report.rows[..n - 1] {
+        assert!(
+            row.pass,
+            "`{}` failed although the fault is in the output layer:\n{md}",
+            row.name
+        );
+    }
+    assert!(!check_passes(&report, "logits top-5"), "{md}");
+    assert!(!check_passes(&report, "greedy tokens"), "{md}");
+    assert!(check_passes(&report, "rope"), "{md}");
+}
+
+#[test]
+fn untying_tied_embeddings_is_a_missing_weight() {
+    // Control: restating the fixture's own tying loads and passes.
+    let control = report_for("llama/default-tied", json!({"tie_word_embeddings": true}));
+    assert!(
+        control.passed(),
+        "control failed:\n{}",
+        control.to_markdown()
+    );
+
+    match verify_patched("llama/default-tied", json!({"tie_word_embeddings": false})) {
+        Err(PortError::Model(mlx_models::Error::MissingWeight { name, path })) => {
+            assert_eq!(name, "lm_head.weight");
+            assert_eq!(path, fixture_dir("llama/default-tied"));
+        }
+        Err(other) => panic!("expected MissingWeight(lm_head.weight), got {other:?}"),
+        Ok(report) => panic!(
+            "an untied model without lm_head loaded:\n{}",
+            report.to_markdown()
+        ),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3a. Property: the KV cache gives the logits of the full forward pass
+// ---------------------------------------------------------------------------------------------
+
+/// float32 logits may differ between the cached and full pass only by reassociation.
+const CACHE_TOL: f32 = 1e-4;
+
+fn forward(
+    model: &dyn LanguageModel,
+    ids: &[i32],
+    cache: &mut [mlx_models::cache::KvCache],
+) -> Array {
+    let tokens = Array::from_slice(ids, &[1, ids.len() as i32]);
+    model
+        .forward(&tokens, cache, &mut Tap::off())
+        .expect("forward pass")
+}
+
+fn logits_of(pieces: &[Array]) -> Vec<f32> {
+    to_f32_vec(&mlx_rs::ops::concatenate(pieces, 1).expect("concatenate")).expect("logits to host")
+}
+
+#[derive(Debug, Clone)]
+struct CacheCase {
+    ids: Vec<i32>,
+    /// Tokens prefilled before stepping (1 ..= len - 1).
+    split: usize,
+    /// Chunk sizes the remainder is fed in (cycled).
+    chunks: Vec<usize>,
+}
+
+fn cache_case(vocab: i32) -> impl Strategy<Value = CacheCase> {
+    (2usize..=24).prop_flat_map(move |len| {
+        (vec(0..vocab, len), 1..len, vec(1usize..=6, 1..8))
+            .prop_map(|(ids, split, chunks)| CacheCase { ids, split, chunks })
+    })
+}
+
+/// Prefill `[..split]`, then the rest one token at a time, then in random-sized chunks, then
+/// after truncating a full cache back to `split`: every way must give the full pass's logits.
+fn assert_cache_consistent(name: &str, patch: Option<Value>) {
+    let model = load_model(name, patch.as_ref());
+    let vocab = model.info().vocab_size;
+    check_property(
+        &format!("cache consistency of {name} {patch:?}"),
+        16,
+        cache_case(vocab),
+        |case| {
+            let model = model.as_ref();
+            let CacheCase { ids, split, chunks } = case;
+            let full = logits_of(&[forward(model, &ids, &mut model.new_cache())]);
+
+            let mut cache = model.new_cache();
+            let mut pieces = vec![forward(model, &ids[..split], &mut cache)];
+            for id in &ids[split..] {
+                pieces.push(forward(model, &[*id], &mut cache));
+            }
+            prop_assert_eq!(cache[0].offset() as usize, ids.len());
+            let d = diff(&logits_of(&pieces), &full).max_abs;
+            prop_assert!(
+                d <= CACHE_TOL,
+                "one token at a time after {split}: max |Δ| = {d:e}"
+            );
+
+            let mut cache = model.new_cache();
+            let mut pieces = vec![forward(model, &ids[..split], &mut cache)];
+            let mut start = split;
+            for size in chunks.iter().cycle() {
+                if start >= ids.len() {
+                    break;
+                }
+                let end = (start + size).min(ids.len());
+                pieces.push(forward(model, &ids[start..end], &mut cache));
+                start = end;
+            }
+            let d = diff(&logits_of(&pieces), &full).max_abs;
+            prop_assert!(
+                d <= CACHE_TOL,
+                "chunks {chunks:?} after {split}: max |Δ| = {d:e}"
+            );
+
+            // A cache that saw the whole prompt, cut back to `split`, continues like a fresh one.
+            let mut cache = model.new_cache();
+            let first = forward(model, &ids, &mut cache);
+            for c in cache.iter_mut() {
+                c.truncate(split as i32).expect("truncate");
+            }
+            let prefix = first
+                .split_at_indices(&[split as i32], 1)
+                .expect("split")
+                .swap_remove(0);
+            let rest = forward(model, &ids[split..], &mut cache);
+            let d = diff(&logits_of(&[prefix, rest]), &full).max_abs;
+            prop_assert!(
+                d <= CACHE_TOL,
+                "truncate to {split} and continue: max |Δ| = {d:e}"
+            );
+            Ok(())
+        },
+    );
+}
+
+#[test]
+fn cache_consistency_llama_default_tied() {
+    assert_cache_consistent("llama/default-tied", None);
+}
+
+#[test]
+fn cache_consistency_mistral_default() {
+    assert_cache_consistent("mistral/default", None);
+}
+
+#[test]
+fn cache_consistency_mistral_sliding_window() {
+    // A window shorter than most prompts, so the cached steps need the window mask.
+    assert_cache_consistent("mistral/default", Some(json!({"sliding_window": 5})));
+}
+
+#[test]
+fn cache_consistency_llama_yarn() {
+    // YaRN scales the rotated features by its attention factor.
+    assert_cache_consistent("llama/yarn", None);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3b. Property: RoPE scores depend only on the position difference
+// ---------------------------------------------------------------------------------------------
+
+/// The largest position any rotation in these properties uses.
+const MAX_POSITION: i32 = 4096;
+
+/// RoPE configs whose frequencies do not depend on the sequence length.
+fn rope_config() -> impl Strategy<Value = RopeConfig> {
+    let theta = prop_oneof![Just(10_000.0), Just(500_000.0), 100.0f64..2_000_000.0];
+    let scaling = prop_oneof![
+        Just(RopeScaling::Default),
+        (1.0f64..32.0).prop_map(|factor| RopeScaling::Linear { factor }),
+        (1.0f64..32.0, 0.5f64..4.0, 0.5f64..8.0, 16usize..16_384).prop_map(
+            |(factor, low, gap, original)| {
+                RopeScaling::Llama3 {
+                    factor,
+                    low_freq_factor: low,
+                    high_freq_factor: low + gap,
+                    original_max_position_embeddings: original,
+                }
+            }
+        ),
+        (
+            1.0f64..32.0,
+            16usize..16_384,
+            8.0f64..64.0,
+            0.5f64..4.0,
+            0.5f64..2.0,
+            any::<bool>()
+        )
+            .prop_map(
+                |(factor, original, beta_fast, beta_slow, attention_factor, truncate)| {
+                    RopeScaling::Yarn {
+                        factor,
+                        original_max_position_embeddings: original,
+                        beta_fast,
+                        beta_slow,
+                        attention_factor,
+                        truncate,
+                    }
+                }
+            ),
+    ];
+    (theta, 2i32..=64, any::<bool>(), scaling).prop_map(|(theta, half, traditional, scaling)| {
+        RopeConfig {
+            theta,
+            dims: 2 * half,
+            traditional,
+            scaling,
+        }
+    })
+}
+
+#[derive(Debug, Clone)]
+struct RopeCase {
+    config: RopeConfig,
+    /// Unrotated features after the rotated ones (partial rotary).
+    tail: usize,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    m: i32,
+    n: i32,
+    shift: i32,
+}
+
+fn rope_case() -> impl Strategy<Value = RopeCase> {
+    (rope_config(), prop_oneof![Just(0usize), 1usize..=16]).prop_flat_map(|(config, tail)| {
+        let width = config.dims as usize + tail;
+        let half_range = MAX_POSITION / 2;
+        (
+            vec(-1.0f32..1.0, width),
+            vec(-1.0f32..1.0, width),
+            0..half_range,
+            0..half_range,
+            0..half_range,
+        )
+            .prop_map(move |(q, k, m, n, shift)| RopeCase {
+                config: config.clone(),
+                tail,
+                q,
+                k,
+                m,
+                n,
+                shift,
+            })
+    })
+}
+
+/// `x` (one head, one token) rotated as the token at `position`.
+fn rotate(rope: &Rope, x: &[f32], position: i32) -> Vec<f64> {
+    let a = Array::from_slice(x, &[1, 1, 1, x.len() as i32]);
+    let r = rope.apply(&a, position).expect("rope");
+    to_f32_vec(&r)
+        .expect("to host")
+        .into_iter()
+        .map(f64::from)
+        .collect()
+}
+
+fn dot(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+fn norm(a: &[f32]) -> f64 {
+    a.iter()
+        .map(|&x| f64::from(x) * f64::from(x))
+        .sum::<f64>()
+        .sqrt()
+}
+
+/// The feature pairs RoPE rotates together, indexed like the inverse frequencies.
+fn rotated_pairs(config: &RopeConfig) -> Vec<(usize, usize)> {
+    let half = config.dims as usize / 2;
+    (0..half)
+        .map(|i| {
+            if config.traditional {
+                (2 * i, 2 * i + 1)
+            } else {
+                (i, i + half)
+            }
+        })
+        .collect()
+}
+
+/// `rope(q, m) · rope(k, n)` in closed form (f64): per pair, rotating q by α and k by β gives
+/// `(q_a k_a + q_b k_b) cos(β-α) + (q_b k_a - q_a k_b) sin(β-α)`, times attention_factor².
+/// Unrotated tail features contribute `q · k` unchanged.
+fn reference_score(config: &RopeConfig, q: &[f32], k: &[f32], m: i32, n: i32) -> f64 {
+    let inv_freq = config.inv_freq(0);
+    let af = f64::from(config.attention_factor());
+    let (q64, k64): (Vec<f64>, Vec<f64>) = (
+        q.iter().map(|&x| f64::from(x)).collect(),
+        k.iter().map(|&x| f64::from(x)).collect(),
+    );
+    let mut score = 0.0;
+    for ((a, b), &w) in rotated_pairs(config).into_iter().zip(&inv_freq) {
+        let phi = f64::from(n - m) * f64::from(w);
+        score += af
+            * af
+            * ((q64[a] * k64[a] + q64[b] * k64[b]) * phi.cos()
+                + (q64[b] * k64[a] - q64[a] * k64[b]) * phi.sin());
+    }
+    let dims = config.dims as usize;
+    score + dot(&q64[dims..], &k64[dims..])
+}
+
+/// Worst-case angle error (radians) of a float32 rotation at `position`.
+///
+/// The kernel forms the angle `position · ω` in f32: one rounding, at most ½ ulp, i.e.
+/// `position · ω · 2⁻²⁴`; the argument reduction inside f32 `sin`/`cos` can lose up to about
+/// one more ulp of the argument. We allow 2⁻²² (two ulps, a factor 2 of margin): at position
+/// 4096 and ω = 1 that is 9.8e-4 rad. The frequencies themselves are rounded too, but
+/// identically for every position, so they cannot break the relative-position property; the
+/// closed-form reference uses the same f32 frequencies.
+fn angle_error(position: i32, max_inv_freq: f64) -> f64 {
+    f64::from(position) * max_inv_freq * 2f64.powi(-22)
+}
+
+#[test]
+fn rope_scores_depend_only_on_the_position_difference() {
+    check_property("rope relative position", 24, rope_case(), |case| {
+        let RopeCase {
+            config,
+            tail,
+            q,
+            k,
+            m,
+            n,
+            shift,
+        } = case;
+        let rope = Rope::new(config.clone()).expect("rope");
+        let af = f64::from(config.attention_factor());
+        let max_inv = config
+            .inv_freq(0)
+            .into_iter()
+            .map(f64::from)
+            .fold(0.0, f64::max);
+        prop_assert!(
+            max_inv > 0.0 && max_inv <= 1.0 + 1e-6,
+            "inverse frequencies above 1: {max_inv}"
+        );
+        let (qn, kn) = (norm(&q), norm(&k));
+        // A score is Σ over pairs of |q_p||k_p| cos(angle): an angle error ε moves it by at most
+        // ε·|q||k| (Cauchy–Schwarz). f32 rounding of the rotated values and the host dot add a
+        // few ulps relative, covered by the 1e-6 term.
+        let scale = qn * kn * af.max(1.0).powi(2);
+        let bound = |positions: &[i32]| {
+            scale
+                * (positions
+                    .iter()
+                    .map(|&p| angle_error(p, max_inv))
+                    .sum::<f64>()
+                    + 1e-6)
+        };
+
+        let s1 = dot(&rotate(&rope, &q, m), &rotate(&rope, &k, n));
+        let s2 = dot(&rotate(&rope, &q, m + shift), &rotate(&rope, &k, n + shift));
+        let tol = bound(&[m, n, m + shift, n + shift]);
+        prop_assert!(
+            (s1 - s2).abs() <= tol,
+            "score at ({m}, {n}) = {s1}, shifted by {shift} = {s2}: |Δ| {} > {tol}",
+            (s1 - s2).abs()
+        );
+
+        // And it is the right function of the difference: the closed form.
+        let want = reference_score(&config, &q, &k, m, n);
+        let tol = bound(&[m, n]);
+        prop_assert!(
+            (s1 - want).abs() <= tol,
+            "score at ({m}, {n}) = {s1}, closed form {want}, tol {tol}"
+        );
+
+        // Rotation preserves the norm; YaRN scales the rotated features by its attention factor.
+        let dims = config.dims as usize;
+        for (x, p) in [(&q, m), (&k, n + shift)] {
+            let r = rotate(&rope, x, p);
+            let got = dot(&r, &r).sqrt();
+            let want = (af * af * norm(&x[..dims]).powi(2) + norm(&x[dims..]).powi(2)).sqrt();
+            prop_assert!(
+                (got - want).abs() <= 1e-5 * want.max(1e-3),
+                "norm after rotation at {p}: {got}, want {want} (tail {tail})"
+            );
+        }
+        Ok(())
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3c. Property: config.json round trips, in both RoPE styles
+// ---------------------------------------------------------------------------------------------
+
+/// How a generated YaRN config states its attention factor.
+#[derive(Debug, Clone)]
+enum YarnAttention {
+    Derived,
+    Explicit(f64),
+    Mscale { mscale: f64, mscale_all_dim: f64 },
+}
+
+/// The RoPE a generated config means, in the generator's own terms.
+#[derive(Debug, Clone)]
+enum RopeSpec {
+    Default,
+    Linear {
+        factor: f64,
+    },
+    Dynamic {
+        factor: f64,
+    },
+    Yarn {
+        factor: Option<f64>,
+        original: Option<usize>,
+        beta_fast: Option<f64>,
+        beta_slow: Option<f64>,
+        attention: YarnAttention,
+        truncate: Option<bool>,
+    },
+    Llama3 {
+        factor: f64,
+        low: f64,
+        high: f64,
+        original: usize,
+    },
+    LongRope {
+        short: Vec<f64>,
+        long: Vec<f64>,
+        original: usize,
+        factor: Option<f64>,
+        attention_factor: Option<f64>,
+    },
+}
+
+#[derive(Debug, Clone)]
+struct LlamaSpec {
+    model_type: &'static str,
+    vocab_size: i32,
+    num_attention_heads: i32,
+    /// None: the field is omitted (multi-head attention).
+    num_key_value_heads: Option<i32>,
+    head_dim: i32,
+    /// Whether `head_dim` is written or implied by hidden_size / heads.
+    explicit_head_dim: bool,
+    hidden_size: i32,
+    intermediate_size: i32,
+    num_hidden_layers: usize,
+    max_position_embeddings: usize,
+    rms_norm_eps: f64,
+    tie_word_embeddings: bool,
+    /// Mistral's window; None: written as null.
+    sliding_window: Option<i32>,
+    /// None: omitted, so the default 10 000 applies.
+    rope_theta: Option<f64>,
+    /// None: omitted (1.0).
+    partial_rotary_factor: Option<f64>,
+    rope: RopeSpec,
+    /// Hub style: name the variant with `type` (old) instead of `rope_type`.
+    hub_type_key: bool,
+    /// Hub style, default RoPE: how "no scaling" is written (0 absent, 1 null, 2 explicit).
+    hub_default_form: u8,
+}
+
+/// Decimals with few significant digits (`n / scale`), as config files carry them.
+///
+/// serde_json (without its `float_roundtrip` feature) may parse a 17-digit decimal one ulp
+/// away from the nearest f64 (e.g. `1.9374965346866178` → `…175`); short decimals take its
+/// exact path. Both styles parse identically either way; only the comparison with the
+/// generator's intent needs exact parsing.
+fn decimal(range: std::ops::Range<u32>, scale: f64) -> impl Strategy<Value = f64> + Clone {
+    range.prop_map(move |n| f64::from(n) / scale)
+}
+
+fn rope_spec(half_dims: usize) -> impl Strategy<Value = RopeSpec> {
+    let factor = || decimal(1_000..64_000, 1e3);
+    let opt = |s: std::ops::Range<u32>| proptest::option::of(decimal(s, 1e3));
+    prop_oneof![
+        Just(RopeSpec::Default),
+        factor().prop_map(|factor| RopeSpec::Linear { factor }),
+        factor().prop_map(|factor| RopeSpec::Dynamic { factor }),
+        (
+            opt(1_000..64_000),
+            proptest::option::of(16usize..65_536),
+            opt(8_000..64_000),
+            opt(250..4_000),
+            prop_oneof![
+                Just(YarnAttention::Derived),
+                decimal(500..2_000, 1e3).prop_map(YarnAttention::Explicit),
+                (decimal(100..2_000, 1e3), decimal(100..2_000, 1e3)).prop_map(
+                    |(mscale, mscale_all_dim)| YarnAttention::Mscale {
+                        mscale,
+                        mscale_all_dim
+                    }
+                ),
+            ],
+            proptest::option::of(any::<bool>()),
+        )
+            .prop_map(
+                |(factor, original, beta_fast, beta_slow, attention, truncate)| RopeSpec::Yarn {
+                    factor,
+                    original,
+                    beta_fast,
+                    beta_slow,
+                    attention,
+                    truncate,
+                }
+            ),
+        // high_freq_factor > low_freq_factor, both short decimals.
+        (factor(), 500u32..4_000, 500u32..8_000, 16usize..65_536).prop_map(
+            |(factor, low, gap, original)| {
+                RopeSpec::Llama3 {
+                    factor,
+                    low: f64::from(low) / 1e3,
+                    high: f64::from(low + gap) / 1e3,
+                    original,
+                }
+            }
+        ),
+        (
+            vec(factor(), half_dims),
+            vec(factor(), half_dims),
+            16usize..65_536,
+            opt(1_000..64_000),
+            opt(500..2_000),
+        )
+            .prop_map(|(short, long, original, factor, attention_factor)| {
+                RopeSpec::LongRope {
+                    short,
+                    long,
+                    original,
+                    factor,
+                    attention_factor,
+                }
+            }),
+    ]
+}
+
+fn llama_spec() -> impl Strategy<Value = LlamaSpec> {
+    // kv heads divide heads: pick kv heads and a group size.
+    let heads = (1i32..=8, 1i32..=4, any::<bool>()).prop_map(|(kv, group, omit)| {
+        let heads = kv * group;
+        (heads, if omit && group == 1 { None } else { Some(kv) })
+    });
+    let partial = prop_oneof![
+        Just(None),
+        Just(Some(1.0)),
+        Just(Some(0.5)),
+        Just(Some(0.25))
+    ];
+    let theta = proptest::option::of(prop_oneof![
+        Just(10_000.0),
+        Just(500_000.0),
+        decimal(10_000..100_000_000, 10.0)
+    ]);
+    (
+        (prop_oneof![Just("llama"), Just("mistral")], 1i32..100_000, heads, 1i32..=32, any::<bool>(), 1i32..4096),
+        (1i32..16_384, 1usize..=64, 64usize..1_000_000, decimal(1..100_000, 1e8), any::<bool>()),
+        (theta, partial, any::<bool>(), 0u8..3, proptest::option::of(1i32..8192)),
+    )
+        .prop_flat_map(|(a, b, c)| {
+            let (model_type, vocab_size, (num_attention_heads, num_key_value_heads), eighths, explicit, hidden) = a;
+            // head_dim a multiple of 8 so every partial factor gives an even number of dims.
+            let head_dim = 8 * eighths;
+            let half_dims = (f64::from(head_dim) * c.1.unwrap_or(1.0)) as usize / 2;
+            let hidden_size = if explicit { hidden } else { head_dim * num_attention_heads };
+            let a = (model_type, vocab_size, num_attention_heads, num_key_value_heads, head_dim, explicit, hidden_size);
+            (Just(a), Just(b), Just(c), rope_spec(half_dims))
+        })
+        .prop_map(|(a, b, c, rope)| {
+            let (
+                model_type,
+                vocab_size,
+                num_attention_heads,
+                num_key_value_heads,
+                head_dim,
+                explicit_head_dim,
+                hidden_size,
+            ) = a;
+            let (intermediate_size, num_hidden_layers, max_position_embeddings, rms_norm_eps, tie_word_embeddings) = b;
+            let (rope_theta, partial_rotary_factor, hub_type_key, hub_default_form, sliding_window) = c;
+            LlamaSpec {
+                model_type,
+                vocab_size,
+                num_attention_heads,
+                num_key_value_heads,
+                head_dim,
+                explicit_head_dim,
+                hidden_size,
+                intermediate_size,
+                num_hidden_layers,
+                max_position_embeddings,
+                rms_norm_eps,
+                tie_word_embeddings,
+                sliding_window,
+                rope_theta,
+                partial_rotary_factor,
+                rope,
+                hub_type_key,
+                hub_default_form,
+            }
+        })
+}
+
+impl RopeSpec {
+    fn type_name(&self) -> &'static str {
+        match self {
+            RopeSpec::Default => "default",
+            RopeSpec::Linear { .. } => "linear",
+            RopeSpec::Dynamic { .. } => "dynamic",
+            RopeSpec::Yarn { .. } => "yarn",
+            RopeSpec::Llama3 { .. } => "llama3",
+            RopeSpec::LongRope { .. } => "longrope",
+        }
+    }
+
+    /// The variant's own parameters (without type, theta or partial factor).
+    fn params(&self) -> Map<String, Value> {
+        let mut p = Map::new();
+        let mut put = |k: &str, v: Value| {
+            p.insert(k.to_owned(), v);
+        };
+        match self {
+            RopeSpec::Default => {}
+            RopeSpec::Linear { factor } | RopeSpec::Dynamic { factor } => {
+                put("factor", json!(factor))
+            }
+            RopeSpec::Yarn {
+                factor,
+                original,
+                beta_fast,
+                beta_slow,
+                attention,
+                truncate,
+            } => {
+                if let Some(f) = factor {
+                    put("factor", json!(f));
+                }
+                if let Some(o) = original {
+                    put("original_max_position_embeddings", json!(o));
+                }
+                if let Some(b) = beta_fast {
+                    put("beta_fast", json!(b));
+                }
+                if let Some(b) = beta_slow {
+                    put("beta_slow", json!(b));
+                }
+                match attention {
+                    YarnAttention::Derived => {}
+                    YarnAttention::Explicit(a) => put("attention_factor", json!(a)),
+                    YarnAttention::Mscale {
+                        mscale,
+                        mscale_all_dim,
+                    } => {
+                        put("mscale", json!(mscale));
+                        put("mscale_all_dim", json!(mscale_all_dim));
+                    }
+                }
+                if let Some(t) = truncate {
+                    put("truncate", json!(t));
+                }
+            }
+            RopeSpec::Llama3 {
+                factor,
+                low,
+                high,
+                original,
+            } => {
+                put("factor", json!(factor));
+                put("low_freq_factor", json!(low));
+                put("high_freq_factor", json!(high));
+                put("original_max_position_embeddings", json!(original));
+            }
+            RopeSpec::LongRope {
+                short,
+                long,
+                original,
+                factor,
+                attention_factor,
+            } => {
+                put("short_factor", json!(short));
+                put("long_factor", json!(long));
+                put("original_max_position_embeddings", json!(original));
+                if let Some(f) = factor {
+                    put("factor", json!(f));
+                }
+                if let Some(a) = attention_factor {
+                    put("attention_factor", json!(a));
+                }
+            }
+        }
+        p
+    }
+}
+
+/// YaRN's attention scale (Transformers' `get_mscale`).
+fn get_mscale(scale: f64, mscale: f64) -> f64 {
+    if scale <= 1.0 {
+        1.0
+    } else {
+        0.1 * mscale * scale.ln() + 1.0
+    }
+}
+
+impl LlamaSpec {
+    /// The fields every style shares.
+    fn common(&self) -> Map<String, Value> {
+        let mut c = Map::new();
+        c.insert("model_type".into(), json!(self.model_type));
+        c.insert("architectures".into(), json!(["LlamaForCausalLM"]));
+        c.insert("vocab_size".into(), json!(self.vocab_size));
+        c.insert("hidden_size".into(), json!(self.hidden_size));
+        c.insert("intermediate_size".into(), json!(self.intermediate_size));
+        c.insert("num_hidden_layers".into(), json!(self.num_hidden_layers));
+        c.insert(
+            "num_attention_heads".into(),
+            json!(self.num_attention_heads),
+        );
+        if let Some(kv) = self.num_key_value_heads {
+            c.insert("num_key_value_heads".into(), json!(kv));
+        }
+        if self.explicit_head_dim {
+            c.insert("head_dim".into(), json!(self.head_dim));
+        }
+        c.insert(
+            "max_position_embeddings".into(),
+            json!(self.max_position_embeddings),
+        );
+        c.insert("rms_norm_eps".into(), json!(self.rms_norm_eps));
+        c.insert(
+            "tie_word_embeddings".into(),
+            json!(self.tie_word_embeddings),
+        );
+        c.insert("hidden_act".into(), json!("silu"));
+        c.insert("sliding_window".into(), json!(self.sliding_window));
+        c
+    }
+
+    /// Checkpoints on the Hub: `rope_theta` and `rope_scaling` at the top level.
+    fn hub_json(&self) -> Value {
+        let mut c = self.common();
+        if let Some(theta) = self.rope_theta {
+            c.insert("rope_theta".into(), json!(theta));
+        }
+        if let Some(p) = self.partial_rotary_factor {
+            c.insert("partial_rotary_factor".into(), json!(p));
+        }
+        let type_key = if self.hub_type_key {
+            "type"
+        } else {
+            "rope_type"
+        };
+        let mut scaling = self.rope.params();
+        scaling.insert(type_key.into(), json!(self.rope.type_name()));
+        match (&self.rope, self.hub_default_form) {
+            (RopeSpec::Default, 0) => {}
+            (RopeSpec::Default, 1) => {
+                c.insert("rope_scaling".into(), Value::Null);
+            }
+            _ => {
+                c.insert("rope_scaling".into(), Value::Object(scaling));
+            }
+        }
+        Value::Object(c)
+    }
+
+    /// Transformers 5: everything inside `rope_parameters`.
+    fn transformers5_json(&self) -> Value {
+        let mut c = self.common();
+        let mut params = self.rope.params();
+        params.insert("rope_type".into(), json!(self.rope.type_name()));
+        if let Some(theta) = self.rope_theta {
+            params.insert("rope_theta".into(), json!(theta));
+        }
+        if let Some(p) = self.partial_rotary_factor {
+            params.insert("partial_rotary_factor".into(), json!(p));
+        }
+        c.insert("rope_parameters".into(), Value::Object(params));
+        Value::Object(c)
+    }
+
+    /// The RoPE this config means, as Transformers 5.23 (`modeling_rope_utils`) derives it.
+    fn expected_rope(&self) -> RopeConfig {
+        let max = self.max_position_embeddings;
+        let scaling = match &self.rope {
+            RopeSpec::Default => RopeScaling::Default,
+            RopeSpec::Linear { factor } => RopeScaling::Linear { factor: *factor },
+            RopeSpec::Dynamic { factor } => RopeScaling::Dynamic {
+                factor: *factor,
+                max_position_embeddings: max,
+            },
+            RopeSpec::Yarn {
+                factor,
+                original,
+                beta_fast,
+                beta_slow,
+                attention,
+                truncate,
+            } => {
+                let original = original.unwrap_or(max);
+                let factor = factor.unwrap_or(max as f64 / original as f64);
+                let attention_factor = match attention {
+                    YarnAttention::Explicit(a) => *a,
+                    YarnAttention::Mscale {
+                        mscale,
+                        mscale_all_dim,
+                    } => get_mscale(factor, *mscale) / get_mscale(factor, *mscale_all_dim),
+                    YarnAttention::Derived => get_mscale(factor, 1.0),
+                };
+                RopeScaling::Yarn {
+                    factor,
+                    original_max_position_embeddings: original,
+                    beta_fast: beta_fast.unwrap_or(32.0),
+                    beta_slow: beta_slow.unwrap_or(1.0),
+                    attention_factor,
+                    truncate: truncate.unwrap_or(true),
+                }
+            }
+            RopeSpec::Llama3 {
+                factor,
+                low,
+                high,
+                original,
+            } => RopeScaling::Llama3 {
+                factor: *factor,
+                low_freq_factor: *low,
+                high_freq_factor: *high,
+                original_max_position_embeddings: *original,
+            },
+            RopeSpec::LongRope {
+                short,
+                long,
+                original,
+                factor,
+                attention_factor,
+            } => {
+                let factor = factor.unwrap_or(max as f64 / *original as f64);
+                let attention_factor = attention_factor.unwrap_or(if factor <= 1.0 {
+                    1.0
+                } else {
+                    (1.0 + factor.ln() / (*original as f64).ln()).sqrt()
+                });
+                RopeScaling::LongRope {
+                    short_factor: short.clone(),
+                    long_factor: long.clone(),
+                    original_max_position_embeddings: *original,
+                    attention_factor,
+                }
+            }
+        };
+        RopeConfig {
+            theta: self.rope_theta.unwrap_or(10_000.0),
+            dims: (f64::from(self.head_dim) * self.partial_rotary_factor.unwrap_or(1.0)) as i32,
+            traditional: false,
+            scaling,
+        }
+    }
+}
+
+/// Writes `value` as a config.json, reads it back and parses it as the llama module does.
+fn parse_config(
+    dir: &Path,
+    file: &str,
+    value: &Value,
+) -> Result<(llama::Config, RopeConfig), String> {
+    let path = dir.join(file);
+    std::fs::write(&path, serde_json::to_string_pretty(value).unwrap()).unwrap();
+    let config = ConfigFile::read(&path).map_err(|e| format!("read: {e}"))?;
+    let cfg: llama::Config = config.parse().map_err(|e| format!("parse: {e}"))?;
+    let head_dim = cfg
+        .head_dim
+        .unwrap_or(cfg.hidden_size / cfg.num_attention_heads);
+    let rope = RopeConfig::from_fields(
+        &cfg.rope,
+        head_dim,
+        cfg.max_position_embeddings,
+        10_000.0,
+        &path,
+    )
+    .map_err(|e| format!("rope: {e}"))?;
+    Ok((cfg, rope))
+}
+
+#[test]
+fn config_round_trips_in_both_rope_styles() {
+    let dir = tempfile::tempdir().unwrap();
+    check_property("config round trip", 64, llama_spec(), |spec| {
+        let hub = spec.hub_json();
+        let tf5 = spec.transformers5_json();
+        let (cfg_hub, rope_hub) =
+            parse_config(dir.path(), "hub.json", &hub).map_err(TestCaseError::fail)?;
+        let (cfg_tf5, rope_tf5) =
+            parse_config(dir.path(), "tf5.json", &tf5).map_err(TestCaseError::fail)?;
+
+        prop_assert_eq!(
+            &rope_hub,
+            &rope_tf5,
+            "the two styles disagree:\nhub {}\ntf5 {}",
+            hub,
+            tf5
+        );
+        prop_assert_eq!(
+            &rope_hub,
+            &spec.expected_rope(),
+            "not what the config means:\n{}",
+            hub
+        );
+        for cfg in [&cfg_hub, &cfg_tf5] {
+            prop_assert_eq!(cfg.model_type.as_str(), spec.model_type);
+            prop_assert_eq!(cfg.vocab_size, spec.vocab_size);
+            prop_assert_eq!(cfg.hidden_size, spec.hidden_size);
+            prop_assert_eq!(cfg.intermediate_size, spec.intermediate_size);
+            prop_assert_eq!(cfg.num_hidden_layers, spec.num_hidden_layers);
+            prop_assert_eq!(cfg.num_attention_heads, spec.num_attention_heads);
+            prop_assert_eq!(cfg.num_key_value_heads, spec.num_key_value_heads);
+            prop_assert_eq!(
+                cfg.head_dim
+                    .unwrap_or(cfg.hidden_size / cfg.num_attention_heads),
+                spec.head_dim
+            );
+            prop_assert_eq!(cfg.max_position_embeddings, spec.max_position_embeddings);
+            prop_assert_eq!(cfg.rms_norm_eps, spec.rms_norm_eps);
+            prop_assert_eq!(cfg.tie_word_embeddings, spec.tie_word_embeddings);
+            prop_assert_eq!(cfg.sliding_window, spec.sliding_window);
+            prop_assert!(!cfg.rope_traditional);
+        }
+        Ok(())
+    });
+}
