@@ -36,8 +36,13 @@ impl ConfigFile {
     /// Deserializes the config into a module's `Config`, naming the offending field on error.
     pub fn parse<T: DeserializeOwned>(&self) -> Result<T> {
         serde_path_to_error::deserialize(&self.value).map_err(|e| {
-            let field = e.path().to_string();
-            Error::config(&self.path, &field, e.into_inner().to_string())
+            let mut field = e.path().to_string();
+            let message = e.into_inner().to_string();
+            // serde reports a missing field at its parent; name the field itself.
+            if let Some(name) = message.strip_prefix("missing field `").and_then(|m| m.split('`').next()) {
+                field = if field == "." { name.to_owned() } else { format!("{field}.{name}") };
+            }
+            Error::config(&self.path, &field, message)
         })
     }
 

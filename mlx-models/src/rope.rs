@@ -100,8 +100,10 @@ impl RopeConfig {
             ));
         }
         let original_max = || -> Result<usize> {
-            Ok(p.usize_opt("original_max_position_embeddings")?
-                .or(fields.original_max_position_embeddings)
+            // A top-level value wins over the one inside the RoPE block, as in Transformers.
+            Ok(fields
+                .original_max_position_embeddings
+                .or(p.usize_opt("original_max_position_embeddings")?)
                 .unwrap_or(max_position_embeddings))
         };
         let rope_type = match p.str_opt("rope_type")?.or(p.str_opt("type")?) {
@@ -345,7 +347,9 @@ impl Rope {
         let mut cos = Vec::with_capacity(positions.len() * dims as usize);
         let mut sin = Vec::with_capacity(positions.len() * dims as usize);
         for &p in positions {
-            let r = mlx_rs::fast::rope(&x, dims, false, None, 1.0, p, &freqs)?;
+            // The model's own layout: a traditional (pairwise) RoPE reads back as wrong
+            // angles here, as it would differ from Transformers' halves layout.
+            let r = mlx_rs::fast::rope(&x, dims, self.config.traditional, None, 1.0, p, &freqs)?;
             let r = r.as_slice::<f32>();
             let row_cos: Vec<f32> = (0..half).map(|i| r[(i * dims + i) as usize] * factor).collect();
             let row_sin: Vec<f32> =
