@@ -209,7 +209,10 @@ pub fn snapshot(
 ) -> Result<PathBuf> {
     validate_repo_id(repo_id)?;
     let revision = options.revision.as_str();
-    let ctx = Ctx { repo: repo_id, revision };
+    let ctx = Ctx {
+        repo: repo_id,
+        revision,
+    };
     validate_revision(&ctx)?;
     let cache_dir = match &options.cache_dir {
         Some(dir) => dir.clone(),
@@ -221,7 +224,10 @@ pub fn snapshot(
 
     // 1. The local cache.
     let local = match cached_commit(&ctx, &cache)? {
-        None => Local::NotCached(format!("no refs/{revision} in {}", ctx.repo_dir(&cache).display())),
+        None => Local::NotCached(format!(
+            "no refs/{revision} in {}",
+            ctx.repo_dir(&cache).display()
+        )),
         Some(commit) => {
             let dir = ctx.snapshot_dir(&cache, &commit);
             if dir.is_dir() {
@@ -274,10 +280,13 @@ pub fn resolve_model_dir(
 
 /// Checks that `repo_id` is a Hub model id: `org/name`, each part of ASCII letters,
 /// digits, `-`, `_` and `.`, not starting or ending with `-` or `.`, without `--` or
-/// `..`, the name at most 96 characters (the rules of `huggingface_hub`).
+/// `..`, each at most 96 characters (the rules of `huggingface_hub`).
 pub fn validate_repo_id(repo_id: &str) -> Result<()> {
     let invalid = |reason: &str| {
-        Err(Error::InvalidRepoId { repo_id: repo_id.to_owned(), reason: reason.to_owned() })
+        Err(Error::InvalidRepoId {
+            repo_id: repo_id.to_owned(),
+            reason: reason.to_owned(),
+        })
     };
     let mut parts = repo_id.split('/');
     let (Some(org), Some(name), None) = (parts.next(), parts.next(), parts.next()) else {
@@ -287,8 +296,13 @@ pub fn validate_repo_id(repo_id: &str) -> Result<()> {
         if part.is_empty() {
             return invalid(&format!("the {what} is empty"));
         }
-        if let Some(c) = part.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))) {
-            return invalid(&format!("the {what} holds {c:?}; only ASCII letters, digits, `-`, `_` and `.` may"));
+        if let Some(c) = part
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+        {
+            return invalid(&format!(
+                "the {what} holds {c:?}; only ASCII letters, digits, `-`, `_` and `.` may"
+            ));
         }
         if part.starts_with(['-', '.']) || part.ends_with(['-', '.']) {
             return invalid(&format!("the {what} starts or ends with `-` or `.`"));
@@ -327,11 +341,16 @@ fn home_dir() -> Option<PathBuf> {
 }
 
 fn non_empty_env(name: &str) -> Option<String> {
-    std::env::var(name).ok().map(|v| v.trim().to_owned()).filter(|v| !v.is_empty())
+    std::env::var(name)
+        .ok()
+        .map(|v| v.trim().to_owned())
+        .filter(|v| !v.is_empty())
 }
 
 fn non_empty_env_path(name: &str) -> Option<PathBuf> {
-    std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from)
+    std::env::var_os(name)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
 }
 
 /// `huggingface_hub`'s truth values: `1`, `ON`, `YES`, `TRUE`, in any case.
@@ -342,7 +361,9 @@ fn env_flag(name: &str) -> bool {
 
 /// `HF_TOKEN`, else the legacy `HUGGING_FACE_HUB_TOKEN`, else the token file.
 fn token_from_env() -> Option<String> {
-    if let Some(token) = non_empty_env("HF_TOKEN").or_else(|| non_empty_env("HUGGING_FACE_HUB_TOKEN")) {
+    if let Some(token) =
+        non_empty_env("HF_TOKEN").or_else(|| non_empty_env("HUGGING_FACE_HUB_TOKEN"))
+    {
         return Some(token);
     }
     if let Some(path) = non_empty_env_path("HF_TOKEN_PATH") {
@@ -362,7 +383,11 @@ struct Ctx<'a> {
 
 impl Ctx<'_> {
     fn hub(&self, message: impl Into<String>) -> Error {
-        Error::Hub { repo: self.repo.to_owned(), revision: self.revision.to_owned(), message: message.into() }
+        Error::Hub {
+            repo: self.repo.to_owned(),
+            revision: self.revision.to_owned(),
+            message: message.into(),
+        }
     }
 
     fn file_missing(&self, file: &str, reason: impl Into<String>) -> Error {
@@ -409,16 +434,22 @@ fn validate_revision(ctx: &Ctx<'_>) -> Result<()> {
         || rev.ends_with('/')
         || rev.contains("..")
         || rev.contains("//")
-        || rev.chars().any(|c| c.is_control() || c.is_whitespace() || "\\~^:?*[".contains(c));
+        || rev
+            .chars()
+            .any(|c| c.is_control() || c.is_whitespace() || "\\~^:?*[".contains(c));
     if bad {
-        return Err(ctx.hub(format!("invalid revision {rev:?}: expected a branch, tag or commit hash")));
+        return Err(ctx.hub(format!(
+            "invalid revision {rev:?}: expected a branch, tag or commit hash"
+        )));
     }
     Ok(())
 }
 
 /// A full commit hash: 40 lowercase hex digits.
 fn is_commit_hash(s: &str) -> bool {
-    s.len() == 40 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    s.len() == 40
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// The commit the cache maps the revision to: the revision itself when it is a commit
@@ -438,7 +469,11 @@ fn cached_commit(ctx: &Ctx<'_>, cache: &Cache) -> Result<Option<String>> {
     };
     let commit = text.trim();
     if !is_commit_hash(commit) {
-        return Err(ctx.invalid_file(&ref_file, &path, format!("holds {commit:?}, not a 40-digit commit hash")));
+        return Err(ctx.invalid_file(
+            &ref_file,
+            &path,
+            format!("holds {commit:?}, not a 40-digit commit hash"),
+        ));
     }
     Ok(Some(commit.to_owned()))
 }
@@ -457,7 +492,10 @@ fn check_snapshot(ctx: &Ctx<'_>, dir: &Path) -> Result<Local> {
     let not_cached = "not in the local cache".to_owned();
     for file in [CONFIG_FILE, TOKENIZER_FILE] {
         if !dir.join(file).is_file() {
-            return Ok(Local::Missing { file: file.to_owned(), reason: not_cached });
+            return Ok(Local::Missing {
+                file: file.to_owned(),
+                reason: not_cached,
+            });
         }
     }
     let index = dir.join(WEIGHTS_INDEX_FILE);
@@ -473,7 +511,9 @@ fn check_snapshot(ctx: &Ctx<'_>, dir: &Path) -> Result<Local> {
     } else if !dir.join(WEIGHTS_FILE).is_file() {
         return Ok(Local::Missing {
             file: WEIGHTS_FILE.to_owned(),
-            reason: format!("neither {WEIGHTS_FILE} nor {WEIGHTS_INDEX_FILE} is in the local cache"),
+            reason: format!(
+                "neither {WEIGHTS_FILE} nor {WEIGHTS_INDEX_FILE} is in the local cache"
+            ),
         });
     }
     Ok(Local::Complete(dir.to_path_buf()))
@@ -496,9 +536,13 @@ fn read_index(ctx: &Ctx<'_>, path: &Path) -> Result<Vec<String>> {
         let safe = !shard.is_empty()
             && !shard.contains('\\')
             && !shard.starts_with('/')
-            && shard.split('/').all(|part| !part.is_empty() && part != "." && part != "..");
+            && shard
+                .split('/')
+                .all(|part| !part.is_empty() && part != "." && part != "..");
         if !safe {
-            return Err(invalid(format!("shard name {shard:?} is not a file name inside the repository")));
+            return Err(invalid(format!(
+                "shard name {shard:?} is not a file name inside the repository"
+            )));
         }
     }
     Ok(shards.into_iter().collect())
@@ -536,7 +580,13 @@ fn download_snapshot(
         .with_user_agent("mlx-models", env!("CARGO_PKG_VERSION"))
         .build()
         .map_err(|e| ctx.hub(format!("cannot set up the HTTP client: {e}")))?;
-    let net = Net { ctx, endpoint: &endpoint, timeout, has_token: options.token.is_some(), missing };
+    let net = Net {
+        ctx,
+        endpoint: &endpoint,
+        timeout,
+        has_token: options.token.is_some(),
+        missing,
+    };
 
     // Which commit the revision is now, and which files it has. ureq's per-request
     // timeouts bound this request; hf-hub's downloads have none, see `fetch`.
@@ -551,14 +601,26 @@ fn download_snapshot(
     let text = response
         .and_then(|mut response| response.body_mut().read_to_string())
         .map_err(|e| ctx.hub(net.describe(&e, "asking for the file list")))?;
-    let info: RepoInfo = serde_json::from_str(&text)
-        .map_err(|e| ctx.hub(format!("unexpected answer from {endpoint} to the file list request: {e}")))?;
+    let info: RepoInfo = serde_json::from_str(&text).map_err(|e| {
+        ctx.hub(format!(
+            "unexpected answer from {endpoint} to the file list request: {e}"
+        ))
+    })?;
     let commit = match info.sha {
         Some(sha) if is_commit_hash(&sha) => sha,
-        other => return Err(ctx.hub(format!("{endpoint} named no valid commit for the revision (got {other:?})"))),
+        other => {
+            return Err(ctx.hub(format!(
+                "{endpoint} named no valid commit for the revision (got {other:?})"
+            )))
+        }
     };
     let remote: HashSet<&str> = info.siblings.iter().map(|s| s.rfilename.as_str()).collect();
-    let not_in_repo = |file: &str| ctx.file_missing(file, format!("the repository has no such file at commit {commit}"));
+    let not_in_repo = |file: &str| {
+        ctx.file_missing(
+            file,
+            format!("the repository has no such file at commit {commit}"),
+        )
+    };
 
     for file in [CONFIG_FILE, TOKENIZER_FILE] {
         if !remote.contains(file) {
@@ -577,9 +639,24 @@ fn download_snapshot(
     let snapshot_dir = ctx.snapshot_dir(cache, &commit);
     let ref_of_commit = ctx.repo_dir(cache).join("refs").join(&commit);
     let had_ref_of_commit = ref_of_commit.exists();
-    let fetcher = Fetcher { net: &net, api: &api, cache, commit: &commit, dir: &snapshot_dir, progress };
-    let mut files: Vec<String> = [CONFIG_FILE, TOKENIZER_FILE].iter().map(|f| (*f).to_owned()).collect();
-    files.extend(OPTIONAL_FILES.iter().filter(|f| remote.contains(**f)).map(|f| (*f).to_owned()));
+    let fetcher = Fetcher {
+        net: &net,
+        api: &api,
+        cache,
+        commit: &commit,
+        dir: &snapshot_dir,
+        progress,
+    };
+    let mut files: Vec<String> = [CONFIG_FILE, TOKENIZER_FILE]
+        .iter()
+        .map(|f| (*f).to_owned())
+        .collect();
+    files.extend(
+        OPTIONAL_FILES
+            .iter()
+            .filter(|f| remote.contains(**f))
+            .map(|f| (*f).to_owned()),
+    );
     if sharded {
         fetcher.ensure(WEIGHTS_INDEX_FILE)?;
         for shard in read_index(ctx, &snapshot_dir.join(WEIGHTS_INDEX_FILE))? {
@@ -608,7 +685,9 @@ fn download_snapshot(
     let dir = match local {
         Local::Complete(dir) => dir,
         Local::NotCached(reason) => return Err(ctx.hub(format!("after downloading: {reason}"))),
-        Local::Missing { file, reason } => return Err(ctx.file_missing(&file, format!("after downloading: {reason}"))),
+        Local::Missing { file, reason } => {
+            return Err(ctx.file_missing(&file, format!("after downloading: {reason}")))
+        }
     };
     // Point the branch or tag at the commit now that its snapshot is complete.
     if ctx.revision != commit {
@@ -670,7 +749,9 @@ impl Net<'_> {
     fn describe_api(&self, error: &ApiError, doing: &str) -> String {
         match error {
             ApiError::RequestError(e) => self.describe(e, doing),
-            ApiError::TooManyRetries(e) => format!("{} (after retries)", self.describe_api(e, doing)),
+            ApiError::TooManyRetries(e) => {
+                format!("{} (after retries)", self.describe_api(e, doing))
+            }
             other => format!("{doing}: {other}"),
         }
     }
@@ -717,7 +798,11 @@ impl Fetcher<'_> {
         std::thread::Builder::new()
             .name(format!("hf-download {file}"))
             .spawn(move || {
-                let progress = ChannelProgress { tx, pending: 0, last: Instant::now() };
+                let progress = ChannelProgress {
+                    tx,
+                    pending: 0,
+                    last: Instant::now(),
+                };
                 let result = fetch(&api, &cache, repo, &name, progress);
                 let _ = done.send(Event::Done(result));
             })
@@ -727,7 +812,11 @@ impl Fetcher<'_> {
         let (mut downloaded, mut total) = (0u64, 0u64);
         let report = |downloaded: u64, total: u64| {
             if let Some(progress) = self.progress {
-                progress(&DownloadProgress { file, downloaded, total });
+                progress(&DownloadProgress {
+                    file,
+                    downloaded,
+                    total,
+                });
             }
         };
         let path = loop {
@@ -794,14 +883,20 @@ fn fetch(
     let blob = cache_repo.blob_path(metadata.etag());
     let pointer = cache_repo.pointer_path(metadata.commit_hash()).join(file);
     let size = metadata.size() as u64;
-    if blob.metadata().is_ok_and(|m| m.is_file() && m.len() == size) {
-        link_blob(&blob, &pointer, file).map_err(|e| FetchError::Other(format!("{}: {e}", pointer.display())))?;
+    if blob
+        .metadata()
+        .is_ok_and(|m| m.is_file() && m.len() == size)
+    {
+        link_blob(&blob, &pointer, file)
+            .map_err(|e| FetchError::Other(format!("{}: {e}", pointer.display())))?;
         progress.init(metadata.size(), file);
         progress.update(metadata.size());
         progress.finish();
         return Ok(pointer);
     }
-    api_repo.download_with_progress(file, progress).map_err(FetchError::Api)
+    api_repo
+        .download_with_progress(file, progress)
+        .map_err(FetchError::Api)
 }
 
 /// Makes `pointer` (`snapshots/<commit>/<file>`) refer to `blob` (`blobs/<etag>`): a

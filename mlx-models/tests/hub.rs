@@ -28,8 +28,11 @@ const SHARD_1: &str = "model-00001-of-00002.safetensors";
 const SHARD_2: &str = "model-00002-of-00002.safetensors";
 
 fn index_json(shards: &[&str]) -> String {
-    let map: serde_json::Map<String, serde_json::Value> =
-        shards.iter().enumerate().map(|(i, s)| (format!("w{i}"), serde_json::Value::from(*s))).collect();
+    let map: serde_json::Map<String, serde_json::Value> = shards
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (format!("w{i}"), serde_json::Value::from(*s)))
+        .collect();
     serde_json::json!({ "metadata": { "total_size": 0 }, "weight_map": map }).to_string()
 }
 
@@ -41,7 +44,10 @@ struct FakeCache {
 
 impl FakeCache {
     fn new() -> Self {
-        FakeCache { tmp: tempfile::tempdir().expect("tempdir"), blob_counter: Default::default() }
+        FakeCache {
+            tmp: tempfile::tempdir().expect("tempdir"),
+            blob_counter: Default::default(),
+        }
     }
 
     fn cache_dir(&self) -> PathBuf {
@@ -86,14 +92,22 @@ impl FakeCache {
         self.add_file(commit, "config.json", b"{}");
         self.add_file(commit, "tokenizer.json", b"{}");
         self.add_file(commit, "tokenizer_config.json", b"{}");
-        self.add_file(commit, "model.safetensors.index.json", index_json(&[SHARD_1, SHARD_2, SHARD_1]).as_bytes());
+        self.add_file(
+            commit,
+            "model.safetensors.index.json",
+            index_json(&[SHARD_1, SHARD_2, SHARD_1]).as_bytes(),
+        );
         self.add_file(commit, SHARD_1, b"shard 1");
         self.add_file(commit, SHARD_2, b"shard 2");
     }
 
     /// Offline options on this cache, with no token and an endpoint nothing serves.
     fn offline(&self) -> HubOptions {
-        HubOptions::new().with_cache_dir(self.cache_dir()).with_offline(true).with_token(None).with_endpoint(NOWHERE)
+        HubOptions::new()
+            .with_cache_dir(self.cache_dir())
+            .with_offline(true)
+            .with_token(None)
+            .with_endpoint(NOWHERE)
     }
 }
 
@@ -116,7 +130,8 @@ fn resolves_a_branch_through_refs() {
 fn a_commit_hash_revision_maps_to_its_snapshot_without_refs() {
     let cache = FakeCache::new();
     cache.add_sharded_snapshot(&commit(7));
-    let dir = hub::snapshot(REPO, &cache.offline().with_revision(commit(7)), None).expect("snapshot");
+    let dir =
+        hub::snapshot(REPO, &cache.offline().with_revision(commit(7)), None).expect("snapshot");
     assert_eq!(dir, cache.snapshot_dir(&commit(7)));
 
     // A hash with no snapshot: not cached.
@@ -144,12 +159,18 @@ fn other_revisions_follow_their_own_refs() {
     cache.set_ref("refs/pr/1", &commit(3));
 
     let opts = cache.offline();
-    assert_eq!(hub::snapshot(REPO, &opts.clone().with_revision("v1.0"), None).unwrap(), cache.snapshot_dir(&commit(2)));
+    assert_eq!(
+        hub::snapshot(REPO, &opts.clone().with_revision("v1.0"), None).unwrap(),
+        cache.snapshot_dir(&commit(2))
+    );
     assert_eq!(
         hub::snapshot(REPO, &opts.clone().with_revision("refs/pr/1"), None).unwrap(),
         cache.snapshot_dir(&commit(3))
     );
-    assert_eq!(hub::snapshot(REPO, &opts.clone(), None).unwrap(), cache.snapshot_dir(&commit(1)));
+    assert_eq!(
+        hub::snapshot(REPO, &opts.clone(), None).unwrap(),
+        cache.snapshot_dir(&commit(1))
+    );
     // An unknown branch.
     assert!(matches!(
         hub::snapshot(REPO, &opts.with_revision("dev"), None),
@@ -163,14 +184,26 @@ fn offline_with_a_missing_shard_names_it() {
     let c = commit(1);
     cache.add_file(&c, "config.json", b"{}");
     cache.add_file(&c, "tokenizer.json", b"{}");
-    cache.add_file(&c, "model.safetensors.index.json", index_json(&[SHARD_1, SHARD_2]).as_bytes());
+    cache.add_file(
+        &c,
+        "model.safetensors.index.json",
+        index_json(&[SHARD_1, SHARD_2]).as_bytes(),
+    );
     cache.add_file(&c, SHARD_1, b"shard 1");
     cache.set_ref("main", &c);
     let err = hub::snapshot(REPO, &cache.offline(), None).unwrap_err();
     let message = err.to_string();
     match err {
-        Error::HubFileMissing { repo, revision, file, .. } => {
-            assert_eq!((repo.as_str(), revision.as_str(), file.as_str()), (REPO, "main", SHARD_2));
+        Error::HubFileMissing {
+            repo,
+            revision,
+            file,
+            ..
+        } => {
+            assert_eq!(
+                (repo.as_str(), revision.as_str(), file.as_str()),
+                (REPO, "main", SHARD_2)
+            );
         }
         other => panic!("expected HubFileMissing, got {other:?}"),
     }
@@ -184,7 +217,10 @@ fn offline_with_a_missing_shard_names_it() {
         cache.add_file(&c, SHARD_2, b"shard 2");
         assert!(hub::snapshot(REPO, &cache.offline(), None).is_ok());
         let link = cache.snapshot_dir(&c).join(SHARD_2);
-        let blob = link.parent().unwrap().join(std::fs::read_link(&link).unwrap());
+        let blob = link
+            .parent()
+            .unwrap()
+            .join(std::fs::read_link(&link).unwrap());
         std::fs::remove_file(blob).unwrap();
         assert!(matches!(
             hub::snapshot(REPO, &cache.offline(), None),
@@ -208,7 +244,10 @@ fn offline_with_missing_required_files_names_them() {
     // Neither model.safetensors nor an index.
     assert_eq!(missing(&cache), "model.safetensors");
     cache.add_file(&c, "model.safetensors", b"weights");
-    assert_eq!(hub::snapshot(REPO, &cache.offline(), None).unwrap(), cache.snapshot_dir(&c));
+    assert_eq!(
+        hub::snapshot(REPO, &cache.offline(), None).unwrap(),
+        cache.snapshot_dir(&c)
+    );
 }
 
 #[test]
@@ -219,7 +258,12 @@ fn missing_refs_is_not_cached() {
     let err = hub::snapshot(REPO, &cache.offline(), None).unwrap_err();
     let message = err.to_string();
     match err {
-        Error::HubNotCached { repo, revision, cache_dir, .. } => {
+        Error::HubNotCached {
+            repo,
+            revision,
+            cache_dir,
+            ..
+        } => {
             assert_eq!((repo.as_str(), revision.as_str()), (REPO, "main"));
             assert_eq!(cache_dir, cache.cache_dir());
         }
@@ -229,7 +273,10 @@ fn missing_refs_is_not_cached() {
 
     // An empty cache directory, or none at all.
     let empty = FakeCache::new();
-    assert!(matches!(hub::snapshot(REPO, &empty.offline(), None), Err(Error::HubNotCached { .. })));
+    assert!(matches!(
+        hub::snapshot(REPO, &empty.offline(), None),
+        Err(Error::HubNotCached { .. })
+    ));
 }
 
 #[test]
@@ -238,13 +285,26 @@ fn malformed_index_or_ref_is_a_typed_error() {
     let c = commit(1);
     cache.add_file(&c, "config.json", b"{}");
     cache.add_file(&c, "tokenizer.json", b"{}");
-    cache.add_file(&c, "model.safetensors.index.json", b"{\"weight_map\": {\"a\": ");
+    cache.add_file(
+        &c,
+        "model.safetensors.index.json",
+        b"{\"weight_map\": {\"a\": ",
+    );
     cache.set_ref("main", &c);
     match hub::snapshot(REPO, &cache.offline(), None) {
-        Err(Error::HubInvalidFile { repo, revision, file, path, .. }) => {
+        Err(Error::HubInvalidFile {
+            repo,
+            revision,
+            file,
+            path,
+            ..
+        }) => {
             assert_eq!((repo.as_str(), revision.as_str()), (REPO, "main"));
             assert_eq!(file, "model.safetensors.index.json");
-            assert_eq!(path, cache.snapshot_dir(&c).join("model.safetensors.index.json"));
+            assert_eq!(
+                path,
+                cache.snapshot_dir(&c).join("model.safetensors.index.json")
+            );
         }
         other => panic!("expected HubInvalidFile, got {other:?}"),
     }
@@ -264,7 +324,10 @@ fn malformed_index_or_ref_is_a_typed_error() {
         cache.add_file(&c, "tokenizer.json", b"{}");
         cache.add_file(&c, "model.safetensors.index.json", index.as_bytes());
         let result = hub::snapshot(REPO, &cache.offline().with_revision(c), None);
-        assert!(matches!(result, Err(Error::HubInvalidFile { .. })), "{index}: {result:?}");
+        assert!(
+            matches!(result, Err(Error::HubInvalidFile { .. })),
+            "{index}: {result:?}"
+        );
     }
 
     // A ref that holds no commit hash.
@@ -305,14 +368,35 @@ fn invalid_repo_ids_and_revisions_are_rejected() {
         }
     }
     let long = format!("org/{}", "n".repeat(97));
-    assert!(matches!(hub::validate_repo_id(&long), Err(Error::InvalidRepoId { .. })));
-    for id in ["mlx-community/Llama-3.2-1B-Instruct-4bit", "HuggingFaceTB/SmolLM2-135M", "a/b", "org_1/v0.1_x"] {
+    assert!(matches!(
+        hub::validate_repo_id(&long),
+        Err(Error::InvalidRepoId { .. })
+    ));
+    for id in [
+        "mlx-community/Llama-3.2-1B-Instruct-4bit",
+        "HuggingFaceTB/SmolLM2-135M",
+        "a/b",
+        "org_1/v0.1_x",
+    ] {
         hub::validate_repo_id(id).unwrap_or_else(|e| panic!("{id}: {e}"));
     }
 
-    for revision in ["", "../../etc", "/abs", "main/", "a b", "a\\b", "refs//pr", "x\0y"] {
+    for revision in [
+        "",
+        "../../etc",
+        "/abs",
+        "main/",
+        "a b",
+        "a\\b",
+        "refs//pr",
+        "x\0y",
+    ] {
         match hub::snapshot(REPO, &cache.offline().with_revision(revision), None) {
-            Err(Error::Hub { repo, revision: r, message }) => {
+            Err(Error::Hub {
+                repo,
+                revision: r,
+                message,
+            }) => {
                 assert_eq!((repo.as_str(), r.as_str()), (REPO, revision));
                 assert!(message.contains("invalid revision"), "{message}");
             }
@@ -329,29 +413,47 @@ fn resolve_model_dir_takes_a_directory_or_a_repo_id() {
     let dir = cache.tmp.path().join("local-model");
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.to_str().unwrap();
-    assert_eq!(hub::resolve_model_dir(path, &cache.offline(), None).unwrap(), dir);
+    assert_eq!(
+        hub::resolve_model_dir(path, &cache.offline(), None).unwrap(),
+        dir
+    );
 
     cache.add_sharded_snapshot(&commit(1));
     cache.set_ref("main", &commit(1));
-    assert_eq!(hub::resolve_model_dir(REPO, &cache.offline(), None).unwrap(), cache.snapshot_dir(&commit(1)));
+    assert_eq!(
+        hub::resolve_model_dir(REPO, &cache.offline(), None).unwrap(),
+        cache.snapshot_dir(&commit(1))
+    );
 
     let missing = cache.tmp.path().join("no/such/dir");
     match hub::resolve_model_dir(missing.to_str().unwrap(), &cache.offline(), None) {
-        Err(Error::InvalidRepoId { reason, .. }) => assert!(reason.contains("local directory"), "{reason}"),
+        Err(Error::InvalidRepoId { reason, .. }) => {
+            assert!(reason.contains("local directory"), "{reason}")
+        }
         other => panic!("expected InvalidRepoId, got {other:?}"),
     }
 }
 
 #[test]
 fn options_keep_the_token_out_of_debug_output() {
-    let opts = HubOptions::new().with_token(Some("hf_secret_value".into())).with_revision("v2");
+    let opts = HubOptions::new()
+        .with_token(Some("hf_secret_value".into()))
+        .with_revision("v2");
     let debug = format!("{opts:?}");
     assert!(!debug.contains("hf_secret_value"), "{debug}");
     assert!(debug.contains("<redacted>") && opts.has_token());
     assert_eq!(opts.revision(), "v2");
     assert!(!opts.clone().with_token(None).has_token());
-    assert_eq!(HubOptions::new().with_endpoint("http://mirror").endpoint(), "http://mirror");
-    assert_eq!(HubOptions::new().with_timeout(Duration::from_secs(3)).timeout(), Duration::from_secs(3));
+    assert_eq!(
+        HubOptions::new().with_endpoint("http://mirror").endpoint(),
+        "http://mirror"
+    );
+    assert_eq!(
+        HubOptions::new()
+            .with_timeout(Duration::from_secs(3))
+            .timeout(),
+        Duration::from_secs(3)
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -366,9 +468,13 @@ fn fixture_dir() -> PathBuf {
 /// index's weight map.
 fn split_safetensors(bytes: &[u8], names: [&str; 2]) -> (Vec<Vec<u8>>, BTreeMap<String, String>) {
     let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    let header: BTreeMap<String, serde_json::Value> = serde_json::from_slice(&bytes[8..8 + header_len]).unwrap();
+    let header: BTreeMap<String, serde_json::Value> =
+        serde_json::from_slice(&bytes[8..8 + header_len]).unwrap();
     let data = &bytes[8 + header_len..];
-    let tensors: Vec<(&String, &serde_json::Value)> = header.iter().filter(|(k, _)| *k != "__metadata__").collect();
+    let tensors: Vec<(&String, &serde_json::Value)> = header
+        .iter()
+        .filter(|(k, _)| *k != "__metadata__")
+        .collect();
     let half = tensors.len() / 2;
     let mut files = Vec::new();
     let mut weight_map = BTreeMap::new();
@@ -377,7 +483,10 @@ fn split_safetensors(bytes: &[u8], names: [&str; 2]) -> (Vec<Vec<u8>>, BTreeMap<
         let mut body = Vec::new();
         for (name, info) in chunk {
             let offsets = info["data_offsets"].as_array().unwrap();
-            let (start, end) = (offsets[0].as_u64().unwrap() as usize, offsets[1].as_u64().unwrap() as usize);
+            let (start, end) = (
+                offsets[0].as_u64().unwrap() as usize,
+                offsets[1].as_u64().unwrap() as usize,
+            );
             let mut info = (*info).clone();
             info["data_offsets"] = serde_json::json!([body.len(), body.len() + end - start]);
             body.extend_from_slice(&data[start..end]);
@@ -385,9 +494,9 @@ fn split_safetensors(bytes: &[u8], names: [&str; 2]) -> (Vec<Vec<u8>>, BTreeMap<
             weight_map.insert((*name).clone(), names[part].to_owned());
         }
         let mut header_bytes = serde_json::to_vec(&new_header).unwrap();
-        while header_bytes.len() % 8 != 0 {
-            header_bytes.push(b' ');
-        }
+        // Pad the header to 8 bytes with spaces, as safetensors writers do.
+        let padding = (8 - header_bytes.len() % 8) % 8;
+        header_bytes.extend(std::iter::repeat_n(b' ', padding));
         let mut file = (header_bytes.len() as u64).to_le_bytes().to_vec();
         file.extend_from_slice(&header_bytes);
         file.extend_from_slice(&body);
@@ -397,10 +506,13 @@ fn split_safetensors(bytes: &[u8], names: [&str; 2]) -> (Vec<Vec<u8>>, BTreeMap<
 }
 
 fn logits(dir: &Path) -> Vec<f32> {
-    let model = mlx_models::load::load_model_dir(dir, None).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    let model = mlx_models::load::load_model_dir(dir, None)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
     let tokens = Array::from_slice(&[1i32, 5, 9, 2], &[1, 4]);
     let mut cache = model.new_cache();
-    let out = model.forward(&tokens, &mut cache, &mut Tap::off()).expect("forward");
+    let out = model
+        .forward(&tokens, &mut cache, &mut Tap::off())
+        .expect("forward");
     out.eval().expect("eval");
     out.as_slice::<f32>().to_vec()
 }
@@ -416,11 +528,21 @@ fn a_sharded_fixture_loads_from_the_resolved_snapshot() {
     cache.add_file(&c, "tokenizer.json", b"{}");
     let weights = std::fs::read(fixture.join("model.safetensors")).unwrap();
     let (shards, weight_map) = split_safetensors(&weights, [SHARD_1, SHARD_2]);
-    assert_eq!(weight_map.values().collect::<std::collections::BTreeSet<_>>().len(), 2);
+    assert_eq!(
+        weight_map
+            .values()
+            .collect::<std::collections::BTreeSet<_>>()
+            .len(),
+        2
+    );
     cache.add_file(&c, SHARD_1, &shards[0]);
     cache.add_file(&c, SHARD_2, &shards[1]);
     let index = serde_json::json!({ "metadata": { "total_size": weights.len() }, "weight_map": weight_map });
-    cache.add_file(&c, "model.safetensors.index.json", index.to_string().as_bytes());
+    cache.add_file(
+        &c,
+        "model.safetensors.index.json",
+        index.to_string().as_bytes(),
+    );
     cache.set_ref("main", &c);
 
     let dir = hub::snapshot(REPO, &cache.offline(), None).expect("snapshot");
@@ -437,6 +559,7 @@ fn a_sharded_fixture_loads_from_the_resolved_snapshot() {
 /// headers hf-hub reads (`x-repo-commit`, `etag`, `content-range`).
 #[derive(Default)]
 struct FakeHubState {
+    endpoint: String,
     sha: String,
     files: BTreeMap<String, Vec<u8>>,
     /// Every request line served.
@@ -457,8 +580,12 @@ impl FakeHub {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
         let endpoint = format!("http://{}", listener.local_addr().unwrap());
         let state = Arc::new(Mutex::new(FakeHubState {
+            endpoint: endpoint.clone(),
             sha: sha.to_owned(),
-            files: files.iter().map(|(n, c)| ((*n).to_owned(), c.to_vec())).collect(),
+            files: files
+                .iter()
+                .map(|(n, c)| ((*n).to_owned(), c.to_vec()))
+                .collect(),
             ..Default::default()
         }));
         let shared = state.clone();
@@ -473,7 +600,13 @@ impl FakeHub {
 
     fn full_downloads(&self, file: &str) -> usize {
         let suffix = format!("/{file} bytes=0-");
-        self.state.lock().unwrap().requests.iter().filter(|r| r.ends_with(&suffix)).count()
+        self.state
+            .lock()
+            .unwrap()
+            .requests
+            .iter()
+            .filter(|r| r.ends_with(&suffix))
+            .count()
     }
 
     fn request_count(&self) -> usize {
@@ -517,12 +650,22 @@ fn serve(stream: TcpStream, state: &Mutex<FakeHubState>) {
             }
         }
     }
-    let path = request_line.split_whitespace().nth(1).unwrap_or("").to_owned();
+    let path = request_line
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or("")
+        .to_owned();
     let mut st = state.lock().unwrap();
-    st.requests.push(format!("{path} bytes={}", range.clone().unwrap_or_default()));
+    st.requests.push(format!(
+        "{path} bytes={}",
+        range.clone().unwrap_or_default()
+    ));
     let mut out = stream;
     let respond = |out: &mut TcpStream, status: &str, headers: &[(String, String)], body: &[u8]| {
-        let mut head = format!("HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n", body.len());
+        let mut head = format!(
+            "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n",
+            body.len()
+        );
         for (k, v) in headers {
             head.push_str(&format!("{k}: {v}\r\n"));
         }
@@ -533,53 +676,120 @@ fn serve(stream: TcpStream, state: &Mutex<FakeHubState>) {
     let sha = st.sha.clone();
     if let Some(rest) = path.strip_prefix(&format!("/api/models/{REPO}/revision/")) {
         if let Some(code) = st.status {
-            return respond(&mut out, &format!("{code} Nope"), &[], b"{\"error\":\"nope\"}");
+            return respond(
+                &mut out,
+                &format!("{code} Nope"),
+                &[],
+                b"{\"error\":\"nope\"}",
+            );
         }
         assert!(rest == "main" || rest == sha, "unexpected revision {rest}");
-        let siblings: Vec<_> = st.files.keys().map(|f| serde_json::json!({ "rfilename": f })).collect();
+        let siblings: Vec<_> = st
+            .files
+            .keys()
+            .map(|f| serde_json::json!({ "rfilename": f }))
+            .collect();
         let body = serde_json::json!({ "id": REPO, "sha": sha, "siblings": siblings }).to_string();
-        return respond(&mut out, "200 OK", &[("Content-Type".into(), "application/json".into())], body.as_bytes());
+        return respond(
+            &mut out,
+            "200 OK",
+            &[("Content-Type".into(), "application/json".into())],
+            body.as_bytes(),
+        );
     }
-    let Some(rest) = path.strip_prefix(&format!("/{REPO}/resolve/")) else {
+    // Weights are LFS files: the Hub redirects them to a CDN (here /cdn/<etag>), giving
+    // the commit and etag in the redirect's headers.
+    let (file, content, on_cdn) = if let Some(etag) = path.strip_prefix("/cdn/") {
+        match st.files.iter().find(|(_, c)| content_hash(c) == etag) {
+            Some((f, c)) => (f.clone(), c.clone(), true),
+            None => return respond(&mut out, "404 Not Found", &[], b""),
+        }
+    } else if let Some(rest) = path.strip_prefix(&format!("/{REPO}/resolve/")) {
+        let (revision, file) = rest.split_once('/').unwrap_or((rest, ""));
+        match st.files.get(file) {
+            Some(c) if revision == sha || revision == "main" => (file.to_owned(), c.clone(), false),
+            _ => return respond(&mut out, "404 Not Found", &[], b""),
+        }
+    } else {
         return respond(&mut out, "404 Not Found", &[], b"");
     };
-    let (revision, file) = rest.split_once('/').unwrap_or((rest, ""));
-    let Some(content) = st.files.get(file).cloned().filter(|_| revision == sha || revision == "main") else {
-        return respond(&mut out, "404 Not Found", &[], b"");
-    };
-    let start: usize = range.as_deref().and_then(|r| r.split('-').next()).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let end = match range.as_deref().and_then(|r| r.split('-').nth(1)).filter(|e| !e.is_empty()) {
+    let file = file.as_str();
+    if !on_cdn && file.ends_with(".safetensors") {
+        let etag = content_hash(&content);
+        let headers = [
+            ("Location".to_owned(), format!("{}/cdn/{etag}", st.endpoint)),
+            ("X-Linked-Etag".to_owned(), format!("\"{etag}\"")),
+            ("X-Linked-Size".to_owned(), content.len().to_string()),
+            ("X-Repo-Commit".to_owned(), sha.clone()),
+        ];
+        return respond(&mut out, "302 Found", &headers, b"");
+    }
+    let start: usize = range
+        .as_deref()
+        .and_then(|r| r.split('-').next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let end = match range
+        .as_deref()
+        .and_then(|r| r.split('-').nth(1))
+        .filter(|e| !e.is_empty())
+    {
         Some(e) => e.parse::<usize>().unwrap() + 1,
         None => content.len(),
     }
     .min(content.len());
-    let headers = vec![
+    let mut headers = vec![
         ("ETag".to_owned(), format!("\"{}\"", content_hash(&content))),
-        ("X-Repo-Commit".to_owned(), sha.clone()),
-        ("Content-Range".to_owned(), format!("bytes {start}-{}/{}", end.max(1) - 1, content.len())),
+        (
+            "Content-Range".to_owned(),
+            format!("bytes {start}-{}/{}", end.max(1) - 1, content.len()),
+        ),
     ];
+    if !on_cdn {
+        headers.push(("X-Repo-Commit".to_owned(), sha.clone()));
+    }
     let stall = st.stall.as_deref() == Some(file) && end - start > 1;
     drop(st);
     if stall {
-        let head = format!("HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\n\r\n", end - start);
+        let head = format!(
+            "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\n\r\n",
+            end - start
+        );
         let _ = out.write_all(head.as_bytes());
         std::thread::sleep(Duration::from_secs(30));
         return;
     }
-    respond(&mut out, "206 Partial Content", &headers, &content[start..end]);
+    respond(
+        &mut out,
+        "206 Partial Content",
+        &headers,
+        &content[start..end],
+    );
 }
 
 /// ureq sends loopback requests through a proxy from the environment unless NO_PROXY
 /// exempts them; the fake-Hub tests cannot run then.
 fn loopback_is_proxied() -> bool {
-    let proxied = ["ALL_PROXY", "all_proxy", "HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"]
-        .iter()
-        .any(|v| std::env::var(v).is_ok_and(|v| !v.is_empty()));
+    let proxied = [
+        "ALL_PROXY",
+        "all_proxy",
+        "HTTPS_PROXY",
+        "https_proxy",
+        "HTTP_PROXY",
+        "http_proxy",
+    ]
+    .iter()
+    .any(|v| std::env::var(v).is_ok_and(|v| !v.is_empty()));
     let exempt = ["NO_PROXY", "no_proxy"].iter().any(|v| {
-        std::env::var(v).is_ok_and(|v| v.split(',').any(|e| matches!(e.trim(), "*" | "127.0.0.1" | "127.0.0.0/8")))
+        std::env::var(v).is_ok_and(|v| {
+            v.split(',')
+                .any(|e| matches!(e.trim(), "*" | "127.0.0.1" | "127.0.0.0/8"))
+        })
     });
     if proxied && !exempt {
-        eprintln!("skipped: a proxy is set in the environment and NO_PROXY does not exempt 127.0.0.1");
+        eprintln!(
+            "skipped: a proxy is set in the environment and NO_PROXY does not exempt 127.0.0.1"
+        );
     }
     proxied && !exempt
 }
@@ -590,7 +800,10 @@ fn sharded_files() -> Vec<(&'static str, Vec<u8>)> {
         ("tokenizer.json", b"{\"tokenizer\": 1}".to_vec()),
         ("generation_config.json", b"{\"temperature\": 0.5}".to_vec()),
         ("README.md", b"not needed".to_vec()),
-        ("model.safetensors.index.json", index_json(&[SHARD_1, SHARD_2]).into_bytes()),
+        (
+            "model.safetensors.index.json",
+            index_json(&[SHARD_1, SHARD_2]).into_bytes(),
+        ),
         (SHARD_1, vec![1u8; 3 << 20]),
         (SHARD_2, b"second shard".to_vec()),
     ]
@@ -608,7 +821,12 @@ fn downloads_what_the_cache_lacks_then_works_offline() {
     let cache = FakeCache::new();
 
     let events: Mutex<Vec<(String, u64, u64)>> = Mutex::new(Vec::new());
-    let record = |p: &DownloadProgress<'_>| events.lock().unwrap().push((p.file.to_owned(), p.downloaded, p.total));
+    let record = |p: &DownloadProgress<'_>| {
+        events
+            .lock()
+            .unwrap()
+            .push((p.file.to_owned(), p.downloaded, p.total))
+    };
     let dir = hub::snapshot(REPO, &server.options(&cache), Some(&record)).expect("download");
     assert_eq!(dir, cache.snapshot_dir(&sha));
     for (name, content) in &files {
@@ -620,21 +838,47 @@ fn downloads_what_the_cache_lacks_then_works_offline() {
     }
     // refs/main names the commit; no ref named after the commit itself is left.
     let refs = cache.repo_dir().join("refs");
-    assert_eq!(std::fs::read_to_string(refs.join("main")).unwrap().trim(), sha);
+    assert_eq!(
+        std::fs::read_to_string(refs.join("main")).unwrap().trim(),
+        sha
+    );
     assert!(!refs.join(&sha).exists());
     // Progress: each file ends with downloaded == total; the big shard in several steps.
     let events = events.into_inner().unwrap();
     for (name, content) in &files {
         if *name != "README.md" {
-            let last = events.iter().filter(|e| e.0 == *name).last().unwrap_or_else(|| panic!("no progress for {name}"));
-            assert_eq!((last.1, last.2), (content.len() as u64, content.len() as u64), "{name}");
+            let last = events
+                .iter()
+                .rfind(|e| e.0 == *name)
+                .unwrap_or_else(|| panic!("no progress for {name}"));
+            assert_eq!(
+                (last.1, last.2),
+                (content.len() as u64, content.len() as u64),
+                "{name}"
+            );
         }
     }
-    assert!(events.iter().filter(|e| e.0 == SHARD_1).count() >= 2, "{events:?}");
+    assert!(
+        events.iter().filter(|e| e.0 == SHARD_1).count() >= 2,
+        "{events:?}"
+    );
+    // The shards came through the CDN redirect (metadata and body of each).
+    let cdn = server
+        .state
+        .lock()
+        .unwrap()
+        .requests
+        .iter()
+        .filter(|r| r.starts_with("/cdn/"))
+        .count();
+    assert!(cdn >= 4, "{cdn} CDN requests");
 
     // Cached now: no request at all, online or offline.
     let served = server.request_count();
-    assert_eq!(hub::snapshot(REPO, &server.options(&cache), None).unwrap(), dir);
+    assert_eq!(
+        hub::snapshot(REPO, &server.options(&cache), None).unwrap(),
+        dir
+    );
     assert_eq!(hub::snapshot(REPO, &cache.offline(), None).unwrap(), dir);
     assert_eq!(server.request_count(), served);
 
@@ -643,14 +887,29 @@ fn downloads_what_the_cache_lacks_then_works_offline() {
     {
         let mut st = server.state.lock().unwrap();
         st.sha = sha2.clone();
-        st.files.insert("config.json".into(), b"{\"model_type\": \"llama\", \"v\": 2}".to_vec());
+        st.files.insert(
+            "config.json".into(),
+            b"{\"model_type\": \"llama\", \"v\": 2}".to_vec(),
+        );
     }
     // main still points at the old, complete snapshot, so ask for the new commit.
-    let dir2 = hub::snapshot(REPO, &server.options(&cache).with_revision(sha2.clone()), None).expect("update");
+    let dir2 = hub::snapshot(
+        REPO,
+        &server.options(&cache).with_revision(sha2.clone()),
+        None,
+    )
+    .expect("update");
     assert_eq!(dir2, cache.snapshot_dir(&sha2));
-    assert_eq!(std::fs::read(dir2.join("config.json")).unwrap(), b"{\"model_type\": \"llama\", \"v\": 2}");
+    assert_eq!(
+        std::fs::read(dir2.join("config.json")).unwrap(),
+        b"{\"model_type\": \"llama\", \"v\": 2}"
+    );
     assert_eq!(std::fs::read(dir2.join(SHARD_1)).unwrap(), files[5].1);
-    assert_eq!(server.full_downloads(SHARD_1), 1, "the unchanged shard was downloaded again");
+    assert_eq!(
+        server.full_downloads(SHARD_1),
+        1,
+        "the unchanged shard was downloaded again"
+    );
     assert_eq!(server.full_downloads("config.json"), 2);
     assert!(!refs.join(&sha2).exists());
 }
@@ -660,11 +919,22 @@ fn a_repository_without_a_required_file_is_a_typed_error() {
     if loopback_is_proxied() {
         return;
     }
-    let server = FakeHub::start(&commit(1), &[("config.json", b"{}"), ("model.safetensors", b"w")]);
+    let server = FakeHub::start(
+        &commit(1),
+        &[("config.json", b"{}"), ("model.safetensors", b"w")],
+    );
     let cache = FakeCache::new();
     match hub::snapshot(REPO, &server.options(&cache), None) {
-        Err(Error::HubFileMissing { repo, revision, file, reason }) => {
-            assert_eq!((repo.as_str(), revision.as_str(), file.as_str()), (REPO, "main", "tokenizer.json"));
+        Err(Error::HubFileMissing {
+            repo,
+            revision,
+            file,
+            reason,
+        }) => {
+            assert_eq!(
+                (repo.as_str(), revision.as_str(), file.as_str()),
+                (REPO, "main", "tokenizer.json")
+            );
             assert!(reason.contains("repository"), "{reason}");
         }
         other => panic!("expected HubFileMissing, got {other:?}"),
@@ -676,13 +946,22 @@ fn a_repository_without_a_required_file_is_a_typed_error() {
     let index = index_json(&[SHARD_1, SHARD_2]);
     let server = FakeHub::start(
         &commit(2),
-        &[("config.json", b"{}"), ("tokenizer.json", b"{}"), ("model.safetensors.index.json", index.as_bytes()), (SHARD_1, b"s")],
+        &[
+            ("config.json", b"{}"),
+            ("tokenizer.json", b"{}"),
+            ("model.safetensors.index.json", index.as_bytes()),
+            (SHARD_1, b"s"),
+        ],
     );
     match hub::snapshot(REPO, &server.options(&cache), None) {
         Err(Error::HubFileMissing { file, .. }) => assert_eq!(file, SHARD_2),
         other => panic!("expected HubFileMissing, got {other:?}"),
     }
-    assert_eq!(server.full_downloads(SHARD_1), 0, "shards are fetched only once all are known to exist");
+    assert_eq!(
+        server.full_downloads(SHARD_1),
+        0,
+        "shards are fetched only once all are known to exist"
+    );
 }
 
 #[test]
@@ -695,9 +974,16 @@ fn refused_and_unreachable_hubs_fail_fast_with_a_clear_error() {
     let server = FakeHub::start(&commit(1), &[]);
     server.state.lock().unwrap().status = Some(401);
     match hub::snapshot(REPO, &server.options(&cache), None) {
-        Err(Error::Hub { repo, revision, message }) => {
+        Err(Error::Hub {
+            repo,
+            revision,
+            message,
+        }) => {
             assert_eq!((repo.as_str(), revision.as_str()), (REPO, "main"));
-            assert!(message.contains("401") && message.contains("HF_TOKEN"), "{message}");
+            assert!(
+                message.contains("401") && message.contains("HF_TOKEN"),
+                "{message}"
+            );
         }
         other => panic!("expected Hub, got {other:?}"),
     }
@@ -739,13 +1025,22 @@ fn a_stalled_download_times_out() {
     let server = FakeHub::start(&commit(3), &borrowed);
     server.state.lock().unwrap().stall = Some(SHARD_2.to_owned());
     let cache = FakeCache::new();
-    let opts = server.options(&cache).with_timeout(Duration::from_millis(700));
+    let opts = server
+        .options(&cache)
+        .with_timeout(Duration::from_millis(700));
     let started = Instant::now();
     let result = hub::snapshot(REPO, &opts, None);
-    assert!(started.elapsed() < Duration::from_secs(15), "took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "took {:?}",
+        started.elapsed()
+    );
     match result {
         Err(Error::Hub { message, .. }) => {
-            assert!(message.contains(SHARD_2) && message.contains("nothing from"), "{message}")
+            assert!(
+                message.contains(SHARD_2) && message.contains("nothing from"),
+                "{message}"
+            )
         }
         other => panic!("expected Hub, got {other:?}"),
     }
