@@ -230,3 +230,47 @@ impl Metadata<'_> {
         self.int_opt(key)?.ok_or_else(|| self.error(key, "missing"))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mlx_rs::random;
+
+    #[test]
+    fn tensor_names_map_to_transformers_names() {
+        assert_eq!(hf_name("blk.12.attn_q.weight").as_deref(), Some("model.layers.12.self_attn.q_proj.weight"));
+        assert_eq!(hf_name("blk.0.ffn_down.scales").as_deref(), Some("model.layers.0.mlp.down_proj.scales"));
+        assert_eq!(hf_name("token_embd.biases").as_deref(), Some("model.embed_tokens.biases"));
+        assert_eq!(hf_name("output_norm.weight").as_deref(), Some("model.norm.weight"));
+        assert_eq!(hf_name("blk.0.unknown.weight"), None);
+    }
+
+    /// llama.cpp permutes q/k rows so that its pairwise RoPE equals Transformers'
+    /// halves RoPE; undoing the permutation must restore exactly that equivalence:
+    /// unpermute(rope_pairwise(x Wᵍᵍᵘᶠᵀ)) == rope_halves(x Wᵀ).
+    #[test]
+    fn unpermuted_rows_give_transformers_rope() {
+        let (heads, head_dim, hidden, len) = (3, 8, 12, 5);
+        let key = random::key(3).unwrap();
+        let w = random::normal::<f32>(&[heads * head_dim, hidden], None, None, Some(&key)).unwrap();
+        let x = random::normal::<f32>(&[1, len, hidden], None, None, Some(&random::key(4).unwrap())).unwrap();
+        let gguf_w = permute_rows(&w, heads, head_dim).unwrap();
+        assert_eq!(unpermute_rows(&gguf_w, heads, head_dim).unwrap().as_slice::<f32>(), w.as_slice::<f32>());
+
+        let project = |w: &Array| -> Array {
+            x.matmul(w.t()).unwrap().reshape(&[1, len, heads, head_dim]).unwrap().swap_axes(1, 2).unwrap()
+        };
+        let halves = mlx_rs::fast::rope(project(&w), head_dim, false, 10_000.0, 1.0, 3, None).unwrap();
+        let pairs = mlx_rs::fast::rope(project(&gguf_w), head_dim, true, 10_000.0, 1.0, 3, None).unwrap();
+        // Back to rows: [len, heads*head_dim] with each head's features in llama.cpp order.
+        let rows = |a: Array| a.swap_axes(1, 2).unwrap().reshape(&[len, heads * head_dim]).unwrap();
+        let restored = unpermute_rows(&rows(pairs).t(), heads, head_dim).unwrap().t();
+        let expected = rows(halves);
+        let diff = restored.subtract(&expected).unwrap().abs().unwrap().max(None).unwrap();
+        assert!(diff.item::<f32>() < 1e-5, "max difference {}", diff.item::<f32>());
+        // Without undoing the permutation, the two layouts disagree.
+        let wrong = mlx_rs::fast::rope(project(&gguf_w), head_dim, false, 10_000.0, 1.0, 3, None).unwrap();
+        let wrong = rows(wrong).subtract(&expected).unwrap().abs().unwrap().max(None).unwrap();
+        assert!(wrong.item::<f32>() > 1e-2);
+    }
+}

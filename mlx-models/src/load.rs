@@ -179,10 +179,7 @@ pub fn load_network(dir: &Path, options: &LoadOptions) -> Result<Box<dyn Languag
     }
     let config = ConfigFile::read(&dir.join("config.json"))?;
     // An unknown model_type fails before any weight is read.
-    config.model_type()?;
-    if !models::supported_model_types().contains(&config.model_type()?) {
-        return models::build(&config, Weights::new(Default::default(), dir));
-    }
+    models::loader(&config)?;
     let weights = Weights::from_dir(dir)?.with_dtype(options.dtype).dequantize(options.dequantize);
     models::build(&config, weights)
 }

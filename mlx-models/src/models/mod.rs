@@ -57,18 +57,23 @@ pub fn supported_model_types() -> Vec<&'static str> {
     REGISTRY.iter().map(|(name, _)| *name).collect()
 }
 
-/// Builds the model `config` names from `weights`.
-pub fn build(config: &ConfigFile, weights: Weights) -> Result<Box<dyn LanguageModel>> {
+/// The loader of the `model_type` that `config` names.
+pub fn loader(config: &ConfigFile) -> Result<Loader> {
     let model_type = config.model_type()?;
-    let loader = REGISTRY
+    REGISTRY
         .iter()
         .find(|(name, _)| *name == model_type)
-        .map(|(_, loader)| loader)
+        .map(|(_, loader)| *loader)
         .ok_or_else(|| Error::UnknownModelType {
             path: config.path.clone(),
             model_type: model_type.to_owned(),
             supported: supported_model_types(),
-        })?;
+        })
+}
+
+/// Builds the model `config` names from `weights`.
+pub fn build(config: &ConfigFile, weights: Weights) -> Result<Box<dyn LanguageModel>> {
+    let loader = loader(config)?;
     // Nothing lazy may outlive loading: the model can be used from any thread.
     weights.eval()?;
     loader(config, weights)
