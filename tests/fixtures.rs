@@ -254,9 +254,13 @@ fn traditional_rope_fails_at_the_first_layer() {
 
     let report = report_for("llama/default-tied", json!({"rope_traditional": true}));
     assert_wrong_from_first_layer(&report);
-    // The `rope` check compares the rotation *angles* with Transformers' cos/sin tables; the
-    // pairing of features (halves vs adjacent pairs) does not change the angles, so that
-    // check is not expected to see this fault: the layer comparison is what catches it.
+    // The `rope` check reads cos/sin back from the model's own rotation in Transformers'
+    // halves layout, so the pairwise layout shows up there too.
+    assert!(
+        !check_passes(&report, "rope"),
+        "the rope check missed the pairwise layout:\n{}",
+        report.to_markdown()
+    );
     // The cache check compares the model with itself and stays consistent.
     assert!(
         check_passes(&report, "cache consistency"),
