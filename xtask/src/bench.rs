@@ -22,12 +22,73 @@ enum Bench {
         #[arg(long, default_value_t = 10.0)]
         min_ratio: f64,
     },
+    /// Prefill and decode speed of the default model (SmolLM2-135M-Instruct), 4-bit as
+    /// stored and dequantized to f32, side by side in one run (build with --release:
+    /// `cargo xtask` runs in debug, so use `cargo run --release -p xtask -- bench generate`).
+    Generate {
+        /// Prompt length in tokens.
+        #[arg(long, default_value_t = 256)]
+        prompt_tokens: usize,
+        /// Tokens to generate.
+        #[arg(long, default_value_t = 128)]
+        max_tokens: usize,
+    },
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     match args.what {
         Bench::Matmul { n, min_ratio } => matmul(n, min_ratio),
+        Bench::Generate {
+            prompt_tokens,
+            max_tokens,
+        } => generate(prompt_tokens, max_tokens),
     }
+}
+
+fn generate(prompt_tokens: usize, max_tokens: usize) -> anyhow::Result<()> {
+    use mlx_models::generate::GenerateOptions;
+    use mlx_models::load::{load, LoadOptions, ModelSource};
+    use mlx_models::SamplerBuilder;
+
+    for dequantize in [false, true] {
+        let model = load(
+            &ModelSource::Default,
+            &LoadOptions::new().dequantize(dequantize),
+        )?;
+        // A fixed prompt of the requested length: token ids of ordinary text, repeated.
+        let text = "The quick brown fox jumps over the lazy dog while the river runs to the sea. ";
+        let mut prompt = Vec::new();
+        while prompt.len() < prompt_tokens {
+            prompt.extend(model.tokenizer().encode(text, false)?);
+        }
+        prompt.truncate(prompt_tokens);
+        // Greedy, never stopping early: every run generates exactly max_tokens.
+        let mut stream = model.generate(
+            &prompt,
+            GenerateOptions::new()
+                .max_tokens(max_tokens)
+                .sampler(SamplerBuilder::default().temperature(0.0)),
+        )?;
+        for token in &mut stream {
+            token?;
+        }
+        let stats = stream.stats();
+        println!(
+            "{}",
+            serde_json::json!({
+                "bench": "generate",
+                "model": mlx_models::default_model::NAME,
+                "weights": if dequantize { "f32 (dequantized)" } else { "4-bit (as stored)" },
+                "prompt_tokens": stats.prompt_tokens,
+                "generated_tokens": stats.generated_tokens,
+                "prefill_tok_s": (stats.prompt_tokens_per_second() * 10.0).round() / 10.0,
+                "decode_tok_s": (stats.generation_tokens_per_second() * 10.0).round() / 10.0,
+                "peak_memory_gb": (stats.peak_memory as f64 / 1e7).round() / 100.0,
+                "blas": mlx_models::runtime::blas_name(),
+            })
+        );
+    }
+    Ok(())
 }
 
 fn matmul(n: u32, min_ratio: f64) -> anyhow::Result<()> {
@@ -72,7 +133,10 @@ fn build_example(name: &str) -> anyhow::Result<PathBuf> {
         bail!("building the {name} example failed");
     }
     let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
-    Ok(PathBuf::from(target).join("release").join("examples").join(name))
+    Ok(PathBuf::from(target)
+        .join("release")
+        .join("examples")
+        .join(name))
 }
 
 /// Runs the matmul example, with `preload` resolved ahead of every other library.
@@ -82,9 +146,15 @@ fn run_json(example: &Path, n: u32, preload: Option<&Path>) -> anyhow::Result<se
     if let Some(lib) = preload {
         command.env("LD_PRELOAD", lib);
     }
-    let output = command.output().with_context(|| format!("running {}", example.display()))?;
+    let output = command
+        .output()
+        .with_context(|| format!("running {}", example.display()))?;
     if !output.status.success() {
-        bail!("{} failed: {}", example.display(), String::from_utf8_lossy(&output.stderr));
+        bail!(
+            "{} failed: {}",
+            example.display(),
+            String::from_utf8_lossy(&output.stderr)
+        );
     }
     let stdout = String::from_utf8_lossy(&output.stdout);
     let line = stdout.lines().last().unwrap_or_default();
