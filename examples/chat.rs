@@ -12,7 +12,10 @@ use mlx_models::load::{load, LoadOptions, ModelSource};
 fn main() -> Result<(), mlx_models::Error> {
     let model = load(&ModelSource::Default, &LoadOptions::new())?;
     let mut chat = ChatSession::new(&model).with_system("You are a concise geography tutor.");
-    for question in ["What is the capital of France?", "And what river runs through it?"] {
+    for question in [
+        "What is the capital of France?",
+        "And what river runs through it?",
+    ] {
         println!(">> {question}");
         let mut reply = chat.send(question, GenerateOptions::new().max_tokens(64))?;
         for token in &mut reply {

@@ -11,7 +11,10 @@ use mlx_rs::{random, transforms::eval, Array};
 use std::time::Instant;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let n: i32 = std::env::var("HELLO_MLX_N").ok().and_then(|s| s.parse().ok()).unwrap_or(2048);
+    let n: i32 = std::env::var("HELLO_MLX_N")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2048);
     let key = random::key(0)?;
     let a = random::normal::<f32>(&[n, n], None, None, Some(&key))?;
     let b = random::normal::<f32>(&[n, n], None, None, Some(&key))?;

@@ -10,7 +10,9 @@ use mlx_models::{Message, Sampler};
 use std::io::Write;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let prompt = std::env::args().nth(1).unwrap_or_else(|| "Tell me a short story about a robot.".to_owned());
+    let prompt = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "Tell me a short story about a robot.".to_owned());
     let model = load(&ModelSource::Default, &LoadOptions::new())?;
     let ids = model.chat_prompt(&[Message::user(prompt)])?;
     let options = GenerateOptions::new()

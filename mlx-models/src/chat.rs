@@ -34,7 +34,13 @@ pub struct ChatSession<'m> {
 
 impl<'m> ChatSession<'m> {
     pub fn new(model: &'m Model) -> Self {
-        ChatSession { model, messages: Vec::new(), cache: model.network().new_cache(), cached: Vec::new(), reused: 0 }
+        ChatSession {
+            model,
+            messages: Vec::new(),
+            cache: model.network().new_cache(),
+            cached: Vec::new(),
+            reused: 0,
+        }
     }
 
     /// Starts the conversation with a system message.
@@ -55,10 +61,19 @@ impl<'m> ChatSession<'m> {
 
     /// Adds the user's message and starts the assistant's reply; pass the finished
     /// stream to [`ChatSession::record`].
-    pub fn send(&mut self, user: impl Into<String>, options: GenerateOptions) -> Result<TokenStream<'m>> {
+    pub fn send(
+        &mut self,
+        user: impl Into<String>,
+        options: GenerateOptions,
+    ) -> Result<TokenStream<'m>> {
         self.messages.push(Message::user(user));
         let prompt = self.model.chat_prompt(&self.messages)?;
-        let common = self.cached.iter().zip(&prompt).take_while(|(a, b)| a == b).count();
+        let common = self
+            .cached
+            .iter()
+            .zip(&prompt)
+            .take_while(|(a, b)| a == b)
+            .count();
         // At least one token must go through the model to get logits.
         let keep = common.min(prompt.len().saturating_sub(1));
         let mut cache = std::mem::take(&mut self.cache);
@@ -72,7 +87,8 @@ impl<'m> ChatSession<'m> {
 
     /// Records the assistant's reply and keeps the cache for the next turn.
     pub fn record(&mut self, reply: TokenStream<'m>) {
-        self.messages.push(Message::assistant(reply.text().to_owned()));
+        self.messages
+            .push(Message::assistant(reply.text().to_owned()));
         let (cache, tokens) = reply.into_cache();
         self.cache = cache;
         self.cached = tokens;

@@ -16,19 +16,32 @@ impl ConfigFile {
     /// Reads and parses `path`; malformed JSON is reported with its line and column.
     pub fn read(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let value: Value =
-            serde_json::from_str(&text).map_err(|e| Error::Json { path: path.to_path_buf(), source: e })?;
+        let value: Value = serde_json::from_str(&text).map_err(|e| Error::Json {
+            path: path.to_path_buf(),
+            source: e,
+        })?;
         if !value.is_object() {
-            return Err(Error::config(path, "", "config.json must hold a JSON object"));
+            return Err(Error::config(
+                path,
+                "",
+                "config.json must hold a JSON object",
+            ));
         }
-        Ok(ConfigFile { path: path.to_path_buf(), value })
+        Ok(ConfigFile {
+            path: path.to_path_buf(),
+            value,
+        })
     }
 
     /// The `model_type` field.
     pub fn model_type(&self) -> Result<&str> {
         match self.value.get("model_type") {
             Some(Value::String(t)) => Ok(t),
-            Some(other) => Err(Error::config(&self.path, "model_type", format!("expected a string, found {other}"))),
+            Some(other) => Err(Error::config(
+                &self.path,
+                "model_type",
+                format!("expected a string, found {other}"),
+            )),
             None => Err(Error::config(&self.path, "model_type", "missing")),
         }
     }
@@ -39,8 +52,15 @@ impl ConfigFile {
             let mut field = e.path().to_string();
             let message = e.into_inner().to_string();
             // serde reports a missing field at its parent; name the field itself.
-            if let Some(name) = message.strip_prefix("missing field `").and_then(|m| m.split('`').next()) {
-                field = if field == "." { name.to_owned() } else { format!("{field}.{name}") };
+            if let Some(name) = message
+                .strip_prefix("missing field `")
+                .and_then(|m| m.split('`').next())
+            {
+                field = if field == "." {
+                    name.to_owned()
+                } else {
+                    format!("{field}.{name}")
+                };
             }
             Error::config(&self.path, &field, message)
         })

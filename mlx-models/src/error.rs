@@ -69,7 +69,10 @@ pub enum Error {
 
     /// A tokenizer could not be built or failed on its input; `path` names the file it came from.
     #[error("tokenizer{}: {message}", path.as_ref().map(|p| format!(" {}", p.display())).unwrap_or_default())]
-    Tokenizer { path: Option<PathBuf>, message: String },
+    Tokenizer {
+        path: Option<PathBuf>,
+        message: String,
+    },
 
     /// A tokenizer kind (GGUF `tokenizer.ggml.model`, and `tokenizer.ggml.pre` for byte-level
     /// vocabularies) that this crate cannot build faithfully.
@@ -86,7 +89,10 @@ pub enum Error {
 
     /// The tokenizer has no chat template, or none under the requested name.
     #[error("no chat template{}{}", requested.as_ref().map(|n| format!(" named `{n}`")).unwrap_or_default(), if available.is_empty() { String::new() } else { format!("; available: {}", available.join(", ")) })]
-    NoChatTemplate { requested: Option<String>, available: Vec<String> },
+    NoChatTemplate {
+        requested: Option<String>,
+        available: Vec<String>,
+    },
 
     /// Sampling parameters or logits that cannot be sampled from.
     #[error("sampling: {message}")]
@@ -98,7 +104,10 @@ pub enum Error {
 
     /// The prompt does not fit the model's context.
     #[error("the prompt has {prompt_tokens} tokens but the model's context holds {context} (max_position_embeddings)")]
-    PromptTooLong { prompt_tokens: usize, context: usize },
+    PromptTooLong {
+        prompt_tokens: usize,
+        context: usize,
+    },
 
     /// A GGUF file is malformed or holds something unsupported.
     #[error("{path}: GGUF: {message}")]
@@ -111,21 +120,41 @@ pub enum Error {
     /// The Hugging Face Hub could not be reached, refused the request, or answered
     /// something unusable; `message` says which and what to do about it.
     #[error("Hugging Face Hub, {repo} at revision `{revision}`: {message}")]
-    Hub { repo: String, revision: String, message: String },
+    Hub {
+        repo: String,
+        revision: String,
+        message: String,
+    },
 
     /// The revision has no snapshot in the local Hugging Face cache, and the Hub may not
     /// be asked (offline mode).
     #[error("{repo} at revision `{revision}` is not in the Hugging Face cache {}: {reason}", cache_dir.display())]
-    HubNotCached { repo: String, revision: String, cache_dir: PathBuf, reason: String },
+    HubNotCached {
+        repo: String,
+        revision: String,
+        cache_dir: PathBuf,
+        reason: String,
+    },
 
     /// A file the model needs is neither in the local cache (offline mode) nor, when
     /// online, in the repository.
     #[error("{repo} at revision `{revision}`: missing `{file}`: {reason}")]
-    HubFileMissing { repo: String, revision: String, file: String, reason: String },
+    HubFileMissing {
+        repo: String,
+        revision: String,
+        file: String,
+        reason: String,
+    },
 
     /// A file of a cached snapshot (the weight index, a ref) is malformed.
     #[error("{repo} at revision `{revision}`: `{file}` ({}) is malformed: {message}", path.display())]
-    HubInvalidFile { repo: String, revision: String, file: String, path: PathBuf, message: String },
+    HubInvalidFile {
+        repo: String,
+        revision: String,
+        file: String,
+        path: PathBuf,
+        message: String,
+    },
 
     /// An operation failed inside MLX.
     #[error("MLX: {0}")]
@@ -134,10 +163,21 @@ pub enum Error {
 
 impl Error {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), source }
+        Error::Io {
+            path: path.into(),
+            source,
+        }
     }
 
-    pub(crate) fn config(path: impl Into<PathBuf>, field: &str, message: impl Into<String>) -> Self {
-        Error::Config { path: path.into(), field: field.to_owned(), message: message.into() }
+    pub(crate) fn config(
+        path: impl Into<PathBuf>,
+        field: &str,
+        message: impl Into<String>,
+    ) -> Self {
+        Error::Config {
+            path: path.into(),
+            field: field.to_owned(),
+            message: message.into(),
+        }
     }
 }

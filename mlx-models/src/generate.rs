@@ -40,7 +40,11 @@ pub struct GenerateOptions {
 
 impl Default for GenerateOptions {
     fn default() -> Self {
-        GenerateOptions { max_tokens: 256, sampler: None, stop: Vec::new() }
+        GenerateOptions {
+            max_tokens: 256,
+            sampler: None,
+            stop: Vec::new(),
+        }
     }
 }
 
@@ -124,7 +128,12 @@ fn rate(tokens: usize, time: Duration) -> f64 {
 
 impl fmt::Display for GenerationStats {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "Prompt: {} tokens, {:.3} tokens-per-sec", self.prompt_tokens, self.prompt_tokens_per_second())?;
+        writeln!(
+            f,
+            "Prompt: {} tokens, {:.3} tokens-per-sec",
+            self.prompt_tokens,
+            self.prompt_tokens_per_second()
+        )?;
         writeln!(
             f,
             "Generation: {} tokens, {:.3} tokens-per-sec",
@@ -139,16 +148,23 @@ impl Model {
     /// The token ids of a conversation rendered with the chat template, ready for the
     /// assistant's reply.
     pub fn chat_prompt(&self, messages: &[Message]) -> Result<Vec<u32>> {
-        let text = self
-            .tokenizer()
-            .apply_chat_template(messages, &ChatTemplateOptions::new().add_generation_prompt(true))?;
+        let text = self.tokenizer().apply_chat_template(
+            messages,
+            &ChatTemplateOptions::new().add_generation_prompt(true),
+        )?;
         // The template writes the special tokens itself.
         self.tokenizer().encode(&text, false)
     }
 
     /// Starts generating after `prompt`.
     pub fn generate(&self, prompt: &[u32], options: GenerateOptions) -> Result<TokenStream<'_>> {
-        TokenStream::new(self, prompt.to_vec(), self.network().new_cache(), 0, options)
+        TokenStream::new(
+            self,
+            prompt.to_vec(),
+            self.network().new_cache(),
+            0,
+            options,
+        )
     }
 }
 
@@ -185,7 +201,10 @@ impl<'m> TokenStream<'m> {
         }
         let context = model.info().max_position_embeddings;
         if prompt.len() >= context {
-            return Err(Error::PromptTooLong { prompt_tokens: prompt.len(), context });
+            return Err(Error::PromptTooLong {
+                prompt_tokens: prompt.len(),
+                context,
+            });
         }
         let vocab = model.info().vocab_size as usize;
         if let Some(&bad) = prompt.iter().find(|&&t| t as usize >= vocab) {
@@ -204,7 +223,10 @@ impl<'m> TokenStream<'m> {
             model,
             cache,
             pending: prompt[cached..].to_vec(),
-            stats: GenerationStats { prompt_tokens: prompt.len() - cached, ..Default::default() },
+            stats: GenerationStats {
+                prompt_tokens: prompt.len() - cached,
+                ..Default::default()
+            },
             history: prompt,
             sampler,
             decoder: model.tokenizer().stream_decoder().skip_special_tokens(true),
@@ -307,7 +329,10 @@ impl<'m> TokenStream<'m> {
             return Ok(None);
         }
         self.text.push_str(&rest);
-        Ok(Some(Token { id: *self.generated.last().unwrap_or(&0), text: rest }))
+        Ok(Some(Token {
+            id: *self.generated.last().unwrap_or(&0),
+            text: rest,
+        }))
     }
 }
 
@@ -335,7 +360,10 @@ struct StopStrings {
 
 impl StopStrings {
     fn new(stops: Vec<String>) -> Self {
-        StopStrings { stops, held: String::new() }
+        StopStrings {
+            stops,
+            held: String::new(),
+        }
     }
 
     /// Adds text; returns what can be shown and the stop string hit, if any.
@@ -355,7 +383,11 @@ impl StopStrings {
         let keep = self
             .stops
             .iter()
-            .flat_map(|s| (1..s.len()).filter(|&n| s.is_char_boundary(n)).map(move |n| &s[..n]))
+            .flat_map(|s| {
+                (1..s.len())
+                    .filter(|&n| s.is_char_boundary(n))
+                    .map(move |n| &s[..n])
+            })
             .filter(|prefix| self.held.ends_with(prefix))
             .map(str::len)
             .max()
@@ -384,7 +416,9 @@ pub fn greedy(model: &dyn LanguageModel, prompt: &[u32], count: usize) -> Result
     for _ in 0..count {
         let logits = model.forward(&input, &mut cache, &mut Tap::off())?;
         let last = logits.take_axis(&Array::from_int(logits.dim(1) - 1), 1)?;
-        let token = argmax_axis(&last, -1, None)?.as_dtype(Dtype::Uint32)?.as_slice::<u32>()[0];
+        let token = argmax_axis(&last, -1, None)?
+            .as_dtype(Dtype::Uint32)?
+            .as_slice::<u32>()[0];
         out.push(token);
         input = Array::from_slice(&[token as i32], &[1, 1]);
     }

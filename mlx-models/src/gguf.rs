@@ -22,19 +22,29 @@ pub struct GgufModel {
 
 /// Reads a GGUF model file.
 pub fn read(path: &Path) -> Result<GgufModel> {
-    let bad = |message: String| Error::Gguf { path: path.to_path_buf(), message };
+    let bad = |message: String| Error::Gguf {
+        path: path.to_path_buf(),
+        message,
+    };
     if !path.is_file() {
-        return Err(Error::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, "no such GGUF file")));
+        return Err(Error::io(
+            path,
+            std::io::Error::new(std::io::ErrorKind::NotFound, "no such GGUF file"),
+        ));
     }
     let file = GgufFile::load(path).map_err(|e| bad(e.to_string()))?;
     let meta = Metadata { file: &file, path };
 
     let arch = meta.string("general.architecture")?;
     if arch != "llama" {
-        return Err(bad(format!("architecture `{arch}` is not supported from GGUF (llama only)")));
+        return Err(bad(format!(
+            "architecture `{arch}` is not supported from GGUF (llama only)"
+        )));
     }
     let heads = meta.int(&format!("{arch}.attention.head_count"))?;
-    let kv_heads = meta.int_opt(&format!("{arch}.attention.head_count_kv"))?.unwrap_or(heads);
+    let kv_heads = meta
+        .int_opt(&format!("{arch}.attention.head_count_kv"))?
+        .unwrap_or(heads);
     let hidden = meta.int(&format!("{arch}.embedding_length"))?;
     let mut vocab = read_vocab(&meta)?;
     vocab.architecture = Some(arch.clone());
@@ -44,13 +54,22 @@ pub fn read(path: &Path) -> Result<GgufModel> {
     let mut config = Map::new();
     config.insert("model_type".into(), json!("llama"));
     config.insert("hidden_size".into(), json!(hidden));
-    config.insert("intermediate_size".into(), json!(meta.int(&format!("{arch}.feed_forward_length"))?));
-    config.insert("num_hidden_layers".into(), json!(meta.int(&format!("{arch}.block_count"))?));
+    config.insert(
+        "intermediate_size".into(),
+        json!(meta.int(&format!("{arch}.feed_forward_length"))?),
+    );
+    config.insert(
+        "num_hidden_layers".into(),
+        json!(meta.int(&format!("{arch}.block_count"))?),
+    );
     config.insert("num_attention_heads".into(), json!(heads));
     config.insert("num_key_value_heads".into(), json!(kv_heads));
     config.insert("vocab_size".into(), json!(vocab.tokens.len()));
     config.insert("tie_word_embeddings".into(), json!(tied));
-    config.insert("rms_norm_eps".into(), json!(meta.float(&format!("{arch}.attention.layer_norm_rms_epsilon"))?));
+    config.insert(
+        "rms_norm_eps".into(),
+        json!(meta.float(&format!("{arch}.attention.layer_norm_rms_epsilon"))?),
+    );
     if let Some(theta) = meta.float_opt(&format!("{arch}.rope.freq_base"))? {
         config.insert("rope_theta".into(), json!(theta));
     }
@@ -60,7 +79,9 @@ pub fn read(path: &Path) -> Result<GgufModel> {
     if let Some(dims) = meta.int_opt(&format!("{arch}.rope.dimension_count"))? {
         config.insert("head_dim".into(), json!(dims));
     }
-    let head_dim = meta.int_opt(&format!("{arch}.rope.dimension_count"))?.unwrap_or(hidden / heads);
+    let head_dim = meta
+        .int_opt(&format!("{arch}.rope.dimension_count"))?
+        .unwrap_or(hidden / heads);
 
     let mut tensors = HashMap::with_capacity(arrays.len());
     for (name, array) in arrays {
@@ -79,7 +100,10 @@ pub fn read(path: &Path) -> Result<GgufModel> {
         tensors.insert(mapped, array);
     }
     Ok(GgufModel {
-        config: ConfigFile { path: path.to_path_buf(), value: Value::Object(config) },
+        config: ConfigFile {
+            path: path.to_path_buf(),
+            value: Value::Object(config),
+        },
         weights: Weights::new(tensors, path),
         vocab,
     })
@@ -137,7 +161,9 @@ pub fn permute_rows(w: &Array, heads: i32, head_dim: i32) -> Result<Array> {
 
 fn read_vocab(meta: &Metadata) -> Result<VocabSpec> {
     let numbers = |key: &str, dtype: Dtype| -> Result<Option<Array>> {
-        meta.array_opt(key)?.map(|a| Ok(a.as_dtype(dtype)?)).transpose()
+        meta.array_opt(key)?
+            .map(|a| Ok(a.as_dtype(dtype)?))
+            .transpose()
     };
     let id = |key: &str| -> Result<Option<u32>> { Ok(meta.int_opt(key)?.map(|v| v as u32)) };
     let flag = |key: &str| -> Result<Option<bool>> { Ok(meta.int_opt(key)?.map(|v| v != 0)) };
@@ -146,8 +172,10 @@ fn read_vocab(meta: &Metadata) -> Result<VocabSpec> {
         pre: meta.string_opt("tokenizer.ggml.pre")?,
         architecture: None,
         tokens: meta.strings("tokenizer.ggml.tokens")?,
-        scores: numbers("tokenizer.ggml.scores", Dtype::Float32)?.map(|a| a.as_slice::<f32>().to_vec()),
-        token_types: numbers("tokenizer.ggml.token_type", Dtype::Int32)?.map(|a| a.as_slice::<i32>().to_vec()),
+        scores: numbers("tokenizer.ggml.scores", Dtype::Float32)?
+            .map(|a| a.as_slice::<f32>().to_vec()),
+        token_types: numbers("tokenizer.ggml.token_type", Dtype::Int32)?
+            .map(|a| a.as_slice::<i32>().to_vec()),
         merges: meta.strings_opt("tokenizer.ggml.merges")?,
         bos_token_id: id("tokenizer.ggml.bos_token_id")?,
         eos_token_id: id("tokenizer.ggml.eos_token_id")?,
@@ -167,11 +195,16 @@ struct Metadata<'a> {
 
 impl Metadata<'_> {
     fn error(&self, key: &str, message: &str) -> Error {
-        Error::Gguf { path: self.path.to_path_buf(), message: format!("metadata `{key}`: {message}") }
+        Error::Gguf {
+            path: self.path.to_path_buf(),
+            message: format!("metadata `{key}`: {message}"),
+        }
     }
 
     fn get(&self, key: &str) -> Result<Option<GgufMetadataValue>> {
-        self.file.get_metadata(key).map_err(|e| self.error(key, &e.to_string()))
+        self.file
+            .get_metadata(key)
+            .map_err(|e| self.error(key, &e.to_string()))
     }
 
     fn string_opt(&self, key: &str) -> Result<Option<String>> {
@@ -183,7 +216,8 @@ impl Metadata<'_> {
     }
 
     fn string(&self, key: &str) -> Result<String> {
-        self.string_opt(key)?.ok_or_else(|| self.error(key, "missing"))
+        self.string_opt(key)?
+            .ok_or_else(|| self.error(key, "missing"))
     }
 
     fn strings_opt(&self, key: &str) -> Result<Option<Vec<String>>> {
@@ -195,7 +229,8 @@ impl Metadata<'_> {
     }
 
     fn strings(&self, key: &str) -> Result<Vec<String>> {
-        self.strings_opt(key)?.ok_or_else(|| self.error(key, "missing"))
+        self.strings_opt(key)?
+            .ok_or_else(|| self.error(key, "missing"))
     }
 
     fn array_opt(&self, key: &str) -> Result<Option<Array>> {
@@ -209,13 +244,16 @@ impl Metadata<'_> {
     fn float_opt(&self, key: &str) -> Result<Option<f64>> {
         match self.array_opt(key)? {
             None => Ok(None),
-            Some(a) if a.size() == 1 => Ok(Some(f64::from(a.as_dtype(Dtype::Float32)?.as_slice::<f32>()[0]))),
+            Some(a) if a.size() == 1 => Ok(Some(f64::from(
+                a.as_dtype(Dtype::Float32)?.as_slice::<f32>()[0],
+            ))),
             Some(_) => Err(self.error(key, "expected a single number")),
         }
     }
 
     fn float(&self, key: &str) -> Result<f64> {
-        self.float_opt(key)?.ok_or_else(|| self.error(key, "missing"))
+        self.float_opt(key)?
+            .ok_or_else(|| self.error(key, "missing"))
     }
 
     fn int_opt(&self, key: &str) -> Result<Option<i64>> {
@@ -238,10 +276,22 @@ mod tests {
 
     #[test]
     fn tensor_names_map_to_transformers_names() {
-        assert_eq!(hf_name("blk.12.attn_q.weight").as_deref(), Some("model.layers.12.self_attn.q_proj.weight"));
-        assert_eq!(hf_name("blk.0.ffn_down.scales").as_deref(), Some("model.layers.0.mlp.down_proj.scales"));
-        assert_eq!(hf_name("token_embd.biases").as_deref(), Some("model.embed_tokens.biases"));
-        assert_eq!(hf_name("output_norm.weight").as_deref(), Some("model.norm.weight"));
+        assert_eq!(
+            hf_name("blk.12.attn_q.weight").as_deref(),
+            Some("model.layers.12.self_attn.q_proj.weight")
+        );
+        assert_eq!(
+            hf_name("blk.0.ffn_down.scales").as_deref(),
+            Some("model.layers.0.mlp.down_proj.scales")
+        );
+        assert_eq!(
+            hf_name("token_embd.biases").as_deref(),
+            Some("model.embed_tokens.biases")
+        );
+        assert_eq!(
+            hf_name("output_norm.weight").as_deref(),
+            Some("model.norm.weight")
+        );
         assert_eq!(hf_name("blk.0.unknown.weight"), None);
     }
 
@@ -253,24 +303,66 @@ mod tests {
         let (heads, head_dim, hidden, len) = (3, 8, 12, 5);
         let key = random::key(3).unwrap();
         let w = random::normal::<f32>(&[heads * head_dim, hidden], None, None, Some(&key)).unwrap();
-        let x = random::normal::<f32>(&[1, len, hidden], None, None, Some(&random::key(4).unwrap())).unwrap();
+        let x = random::normal::<f32>(
+            &[1, len, hidden],
+            None,
+            None,
+            Some(&random::key(4).unwrap()),
+        )
+        .unwrap();
         let gguf_w = permute_rows(&w, heads, head_dim).unwrap();
-        assert_eq!(unpermute_rows(&gguf_w, heads, head_dim).unwrap().as_slice::<f32>(), w.as_slice::<f32>());
+        assert_eq!(
+            unpermute_rows(&gguf_w, heads, head_dim)
+                .unwrap()
+                .as_slice::<f32>(),
+            w.as_slice::<f32>()
+        );
 
         let project = |w: &Array| -> Array {
-            x.matmul(w.t()).unwrap().reshape(&[1, len, heads, head_dim]).unwrap().swap_axes(1, 2).unwrap()
+            x.matmul(w.t())
+                .unwrap()
+                .reshape(&[1, len, heads, head_dim])
+                .unwrap()
+                .swap_axes(1, 2)
+                .unwrap()
         };
-        let halves = mlx_rs::fast::rope(project(&w), head_dim, false, 10_000.0, 1.0, 3, None).unwrap();
-        let pairs = mlx_rs::fast::rope(project(&gguf_w), head_dim, true, 10_000.0, 1.0, 3, None).unwrap();
+        let halves =
+            mlx_rs::fast::rope(project(&w), head_dim, false, 10_000.0, 1.0, 3, None).unwrap();
+        let pairs =
+            mlx_rs::fast::rope(project(&gguf_w), head_dim, true, 10_000.0, 1.0, 3, None).unwrap();
         // Back to rows: [len, heads*head_dim] with each head's features in llama.cpp order.
-        let rows = |a: Array| a.swap_axes(1, 2).unwrap().reshape(&[len, heads * head_dim]).unwrap();
-        let restored = unpermute_rows(&rows(pairs).t(), heads, head_dim).unwrap().t();
+        let rows = |a: Array| {
+            a.swap_axes(1, 2)
+                .unwrap()
+                .reshape(&[len, heads * head_dim])
+                .unwrap()
+        };
+        let restored = unpermute_rows(&rows(pairs).t(), heads, head_dim)
+            .unwrap()
+            .t();
         let expected = rows(halves);
-        let diff = restored.subtract(&expected).unwrap().abs().unwrap().max(None).unwrap();
-        assert!(diff.item::<f32>() < 1e-5, "max difference {}", diff.item::<f32>());
+        let diff = restored
+            .subtract(&expected)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max(None)
+            .unwrap();
+        assert!(
+            diff.item::<f32>() < 1e-5,
+            "max difference {}",
+            diff.item::<f32>()
+        );
         // Without undoing the permutation, the two layouts disagree.
-        let wrong = mlx_rs::fast::rope(project(&gguf_w), head_dim, false, 10_000.0, 1.0, 3, None).unwrap();
-        let wrong = rows(wrong).subtract(&expected).unwrap().abs().unwrap().max(None).unwrap();
+        let wrong =
+            mlx_rs::fast::rope(project(&gguf_w), head_dim, false, 10_000.0, 1.0, 3, None).unwrap();
+        let wrong = rows(wrong)
+            .subtract(&expected)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max(None)
+            .unwrap();
         assert!(wrong.item::<f32>() > 1e-2);
     }
 }

@@ -3,11 +3,11 @@
 
 use crate::config::ConfigFile;
 use crate::error::{Error, Result};
+use crate::hub::{self, HubOptions};
 use crate::models::{self, LanguageModel, ModelInfo};
 use crate::sampling::{GenerationConfig, TokenIds};
 use crate::tokenizer::Tokenizer;
 use crate::weights::Weights;
-use crate::hub::{self, HubOptions};
 use crate::{default_model, gguf};
 use mlx_rs::Dtype;
 use std::path::{Path, PathBuf};
@@ -23,7 +23,10 @@ pub enum ModelSource {
     Gguf(PathBuf),
     /// A Hugging Face model repo (`org/name`), from the local Hugging Face cache or
     /// downloaded into it; `revision` is a branch, tag or commit (default `main`).
-    Hub { repo: String, revision: Option<String> },
+    Hub {
+        repo: String,
+        revision: Option<String>,
+    },
 }
 
 impl ModelSource {
@@ -37,9 +40,13 @@ impl ModelSource {
         if path.is_file() {
             return Ok(ModelSource::Gguf(path));
         }
-        let looks_like_path = spec.starts_with('.') || spec.starts_with('/') || spec.ends_with(".gguf");
+        let looks_like_path =
+            spec.starts_with('.') || spec.starts_with('/') || spec.ends_with(".gguf");
         if !looks_like_path && hub::validate_repo_id(spec).is_ok() {
-            return Ok(ModelSource::Hub { repo: spec.to_owned(), revision: None });
+            return Ok(ModelSource::Hub {
+                repo: spec.to_owned(),
+                revision: None,
+            });
         }
         Err(Error::io(
             path,
@@ -94,7 +101,12 @@ impl Model {
         generation_config: GenerationConfig,
         source: impl Into<String>,
     ) -> Self {
-        Model { network, tokenizer, generation_config, source: source.into() }
+        Model {
+            network,
+            tokenizer,
+            generation_config,
+            source: source.into(),
+        }
     }
 
     pub fn network(&self) -> &dyn LanguageModel {
@@ -158,35 +170,65 @@ pub fn load_dir(dir: &Path, options: &LoadOptions) -> Result<Model> {
     } else {
         GenerationConfig::default()
     };
-    Ok(Model::new(network, tokenizer, generation_config, dir.display().to_string()))
+    Ok(Model::new(
+        network,
+        tokenizer,
+        generation_config,
+        dir.display().to_string(),
+    ))
 }
 
 /// Loads a GGUF file: weights stay quantized unless `options` dequantize them; the
 /// tokenizer and chat template come from its metadata.
 pub fn load_gguf(path: &Path, options: &LoadOptions) -> Result<Model> {
-    let gguf::GgufModel { config, weights, vocab } = gguf::read(path)?;
+    let gguf::GgufModel {
+        config,
+        weights,
+        vocab,
+    } = gguf::read(path)?;
     let eos = vocab.eos_token_id;
     let tokenizer = Tokenizer::from_vocab(vocab)?;
-    let network = models::build(&config, weights.with_dtype(options.dtype).dequantize(options.dequantize))?;
-    let generation_config = GenerationConfig { eos_token_id: eos.map(TokenIds::One), ..Default::default() };
-    Ok(Model::new(network, tokenizer, generation_config, path.display().to_string()))
+    let network = models::build(
+        &config,
+        weights
+            .with_dtype(options.dtype)
+            .dequantize(options.dequantize),
+    )?;
+    let generation_config = GenerationConfig {
+        eos_token_id: eos.map(TokenIds::One),
+        ..Default::default()
+    };
+    Ok(Model::new(
+        network,
+        tokenizer,
+        generation_config,
+        path.display().to_string(),
+    ))
 }
 
 /// Loads only the network of the model in `dir` (config.json plus safetensors weights).
 pub fn load_network(dir: &Path, options: &LoadOptions) -> Result<Box<dyn LanguageModel>> {
     if !dir.is_dir() {
-        return Err(Error::io(dir, std::io::Error::new(std::io::ErrorKind::NotFound, "no such model directory")));
+        return Err(Error::io(
+            dir,
+            std::io::Error::new(std::io::ErrorKind::NotFound, "no such model directory"),
+        ));
     }
     let config = ConfigFile::read(&dir.join("config.json"))?;
     // An unknown model_type fails before any weight is read.
     models::loader(&config)?;
-    let weights = Weights::from_dir(dir)?.with_dtype(options.dtype).dequantize(options.dequantize);
+    let weights = Weights::from_dir(dir)?
+        .with_dtype(options.dtype)
+        .dequantize(options.dequantize);
     models::build(&config, weights)
 }
 
 /// Loads the network in `dir`, optionally cast to `dtype`.
 pub fn load_model_dir(dir: &Path, dtype: Option<Dtype>) -> Result<Box<dyn LanguageModel>> {
-    let options = LoadOptions { dtype, dequantize: false };
+    let options = LoadOptions {
+        dtype,
+        dequantize: false,
+    };
     load_network(dir, &options)
 }
 

@@ -20,7 +20,12 @@ pub struct Quantization {
 #[derive(Debug, Clone)]
 pub enum Matrix {
     Dense(Array),
-    Quantized { weight: Array, scales: Array, biases: Array, quantization: Quantization },
+    Quantized {
+        weight: Array,
+        scales: Array,
+        biases: Array,
+        quantization: Quantization,
+    },
 }
 
 impl Matrix {
@@ -45,26 +50,44 @@ impl Matrix {
         if !fits {
             return Err(w.shape_error("weight", &[out_dim, in_dim], &packed));
         }
-        let quantization =
-            Quantization { bits: packed[1] * 32 / in_dim, group_size: in_dim / groups[1] };
+        let quantization = Quantization {
+            bits: packed[1] * 32 / in_dim,
+            group_size: in_dim / groups[1],
+        };
         w.count(out_dim as usize * in_dim as usize);
         if biases.shape() != scales.shape() {
             return Err(w.shape_error("biases", &groups, biases.shape()));
         }
         if let Some(dtype) = w.dequantize_to() {
-            let dense = ops::dequantize(&weight, &scales, &biases, quantization.group_size, quantization.bits)?;
+            let dense = ops::dequantize(
+                &weight,
+                &scales,
+                &biases,
+                quantization.group_size,
+                quantization.bits,
+            )?;
             let dense = dense.as_dtype(dtype)?;
             dense.eval()?;
             return Ok(Matrix::Dense(dense));
         }
-        Ok(Matrix::Quantized { weight, scales, biases, quantization })
+        Ok(Matrix::Quantized {
+            weight,
+            scales,
+            biases,
+            quantization,
+        })
     }
 
     /// `x @ selfᵀ`.
     pub fn matmul_t(&self, x: &Array) -> Result<Array> {
         Ok(match self {
             Matrix::Dense(w) => ops::matmul(x, w.t())?,
-            Matrix::Quantized { weight, scales, biases, quantization } => ops::quantized_matmul(
+            Matrix::Quantized {
+                weight,
+                scales,
+                biases,
+                quantization,
+            } => ops::quantized_matmul(
                 x,
                 weight,
                 scales,
@@ -80,7 +103,12 @@ impl Matrix {
     pub fn rows(&self, ids: &Array) -> Result<Array> {
         Ok(match self {
             Matrix::Dense(w) => w.take_axis(ids, 0)?,
-            Matrix::Quantized { weight, scales, biases, quantization } => {
+            Matrix::Quantized {
+                weight,
+                scales,
+                biases,
+                quantization,
+            } => {
                 let w = weight.take_axis(ids, 0)?;
                 let s = scales.take_axis(ids, 0)?;
                 let b = biases.take_axis(ids, 0)?;
@@ -117,7 +145,11 @@ impl Linear {
     /// Loads an `in_dim → out_dim` layer; `bias` says whether the config expects one.
     pub fn load(w: &WeightPath, in_dim: i32, out_dim: i32, bias: bool) -> Result<Linear> {
         let weight = Matrix::load(w, out_dim, in_dim)?;
-        let bias = if bias { Some(w.get("bias", &[out_dim])?) } else { None };
+        let bias = if bias {
+            Some(w.get("bias", &[out_dim])?)
+        } else {
+            None
+        };
         Ok(Linear { weight, bias })
     }
 
@@ -138,7 +170,9 @@ pub struct Embedding {
 
 impl Embedding {
     pub fn load(w: &WeightPath, vocab_size: i32, hidden_size: i32) -> Result<Embedding> {
-        Ok(Embedding { weight: Matrix::load(w, vocab_size, hidden_size)? })
+        Ok(Embedding {
+            weight: Matrix::load(w, vocab_size, hidden_size)?,
+        })
     }
 
     pub fn forward(&self, ids: &Array) -> Result<Array> {
@@ -161,7 +195,10 @@ pub struct RmsNorm {
 
 impl RmsNorm {
     pub fn load(w: &WeightPath, dim: i32, eps: f64) -> Result<RmsNorm> {
-        Ok(RmsNorm { weight: w.get("weight", &[dim])?, eps: eps as f32 })
+        Ok(RmsNorm {
+            weight: w.get("weight", &[dim])?,
+            eps: eps as f32,
+        })
     }
 
     pub fn forward(&self, x: &Array) -> Result<Array> {

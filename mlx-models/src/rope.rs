@@ -31,7 +31,10 @@ pub enum RopeScaling {
     /// Positions divided by `factor`.
     Linear { factor: f64 },
     /// NTK-aware base growth once the sequence outgrows `max_position_embeddings`.
-    Dynamic { factor: f64, max_position_embeddings: usize },
+    Dynamic {
+        factor: f64,
+        max_position_embeddings: usize,
+    },
     /// YaRN: per-frequency blend of interpolation and extrapolation, plus an attention factor.
     Yarn {
         factor: f64,
@@ -85,8 +88,15 @@ impl RopeConfig {
             (_, Some(s)) if !s.is_null() => (s.clone(), "rope_scaling"),
             _ => (Value::Object(Default::default()), "rope_scaling"),
         };
-        let p = Params { value: &params, key, path: config_path };
-        let theta = p.f64_opt("rope_theta")?.or(fields.rope_theta).unwrap_or(default_theta);
+        let p = Params {
+            value: &params,
+            key,
+            path: config_path,
+        };
+        let theta = p
+            .f64_opt("rope_theta")?
+            .or(fields.rope_theta)
+            .unwrap_or(default_theta);
         let partial = p
             .f64_opt("partial_rotary_factor")?
             .or(fields.partial_rotary_factor)
@@ -185,7 +195,12 @@ impl RopeConfig {
                 ))
             }
         };
-        Ok(RopeConfig { theta, dims, traditional: false, scaling })
+        Ok(RopeConfig {
+            theta,
+            dims,
+            traditional: false,
+            scaling,
+        })
     }
 
     /// The inverse frequencies (`dims / 2` values) for a sequence of `seq_len` tokens,
@@ -193,24 +208,41 @@ impl RopeConfig {
     pub fn inv_freq(&self, seq_len: usize) -> Vec<f32> {
         let dim = self.dims as usize;
         let base_inv_freq = |base: f32| -> Vec<f32> {
-            (0..dim).step_by(2).map(|i| 1.0 / base.powf(i as f32 / dim as f32)).collect()
+            (0..dim)
+                .step_by(2)
+                .map(|i| 1.0 / base.powf(i as f32 / dim as f32))
+                .collect()
         };
         match &self.scaling {
             RopeScaling::Default => base_inv_freq(self.theta as f32),
-            RopeScaling::Linear { factor } => {
-                base_inv_freq(self.theta as f32).into_iter().map(|f| f / *factor as f32).collect()
-            }
-            RopeScaling::Dynamic { factor, max_position_embeddings } => {
+            RopeScaling::Linear { factor } => base_inv_freq(self.theta as f32)
+                .into_iter()
+                .map(|f| f / *factor as f32)
+                .collect(),
+            RopeScaling::Dynamic {
+                factor,
+                max_position_embeddings,
+            } => {
                 let max = *max_position_embeddings as f64;
                 let len = (seq_len as f64).max(max);
                 let d = dim as f64;
                 let base = self.theta * ((factor * len / max) - (factor - 1.0)).powf(d / (d - 2.0));
                 base_inv_freq(base as f32)
             }
-            RopeScaling::Yarn { factor, original_max_position_embeddings, beta_fast, beta_slow, truncate, .. } => {
+            RopeScaling::Yarn {
+                factor,
+                original_max_position_embeddings,
+                beta_fast,
+                beta_slow,
+                truncate,
+                ..
+            } => {
                 let base = self.theta;
                 let correction_dim = |rotations: f64| {
-                    (dim as f64 * (*original_max_position_embeddings as f64 / (rotations * 2.0 * std::f64::consts::PI)).ln())
+                    (dim as f64
+                        * (*original_max_position_embeddings as f64
+                            / (rotations * 2.0 * std::f64::consts::PI))
+                            .ln())
                         / (2.0 * base.ln())
                 };
                 let (mut low, mut high) = (correction_dim(*beta_fast), correction_dim(*beta_slow));
@@ -227,22 +259,37 @@ impl RopeConfig {
                         let pos_freq = (base as f32).powf((2 * i) as f32 / dim as f32);
                         let extrapolation = 1.0 / pos_freq;
                         let interpolation = 1.0 / (factor * pos_freq);
-                        let ramp = ((i as f32 - low as f32) / (high as f32 - low as f32)).clamp(0.0, 1.0);
+                        let ramp =
+                            ((i as f32 - low as f32) / (high as f32 - low as f32)).clamp(0.0, 1.0);
                         let extrapolation_factor = 1.0 - ramp;
-                        interpolation * (1.0 - extrapolation_factor) + extrapolation * extrapolation_factor
+                        interpolation * (1.0 - extrapolation_factor)
+                            + extrapolation * extrapolation_factor
                     })
                     .collect()
             }
-            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
                 let old_len = *original_max_position_embeddings as f32;
-                let (factor, low, high) = (*factor as f32, *low_freq_factor as f32, *high_freq_factor as f32);
+                let (factor, low, high) = (
+                    *factor as f32,
+                    *low_freq_factor as f32,
+                    *high_freq_factor as f32,
+                );
                 let low_freq_wavelen = old_len / low;
                 let high_freq_wavelen = old_len / high;
                 base_inv_freq(self.theta as f32)
                     .into_iter()
                     .map(|inv_freq| {
                         let wavelen = 2.0 * std::f32::consts::PI / inv_freq;
-                        let scaled = if wavelen > low_freq_wavelen { inv_freq / factor } else { inv_freq };
+                        let scaled = if wavelen > low_freq_wavelen {
+                            inv_freq / factor
+                        } else {
+                            inv_freq
+                        };
                         if wavelen < high_freq_wavelen || wavelen > low_freq_wavelen {
                             scaled
                         } else {
@@ -252,8 +299,17 @@ impl RopeConfig {
                     })
                     .collect()
             }
-            RopeScaling::LongRope { short_factor, long_factor, original_max_position_embeddings, .. } => {
-                let factors = if seq_len > *original_max_position_embeddings { long_factor } else { short_factor };
+            RopeScaling::LongRope {
+                short_factor,
+                long_factor,
+                original_max_position_embeddings,
+                ..
+            } => {
+                let factors = if seq_len > *original_max_position_embeddings {
+                    long_factor
+                } else {
+                    short_factor
+                };
                 (0..dim)
                     .step_by(2)
                     .zip(factors)
@@ -269,15 +325,22 @@ impl RopeConfig {
     /// The factor Transformers multiplies cos and sin by (YaRN, LongRoPE); 1 otherwise.
     pub fn attention_factor(&self) -> f32 {
         match &self.scaling {
-            RopeScaling::Yarn { attention_factor, .. }
-            | RopeScaling::LongRope { attention_factor, .. } => *attention_factor as f32,
+            RopeScaling::Yarn {
+                attention_factor, ..
+            }
+            | RopeScaling::LongRope {
+                attention_factor, ..
+            } => *attention_factor as f32,
             _ => 1.0,
         }
     }
 
     /// Whether the frequencies depend on the sequence length.
     fn depends_on_length(&self) -> bool {
-        matches!(self.scaling, RopeScaling::Dynamic { .. } | RopeScaling::LongRope { .. })
+        matches!(
+            self.scaling,
+            RopeScaling::Dynamic { .. } | RopeScaling::LongRope { .. }
+        )
     }
 }
 
@@ -296,7 +359,10 @@ impl Rope {
         } else {
             Some(mlx_freqs(&config.inv_freq(0)))
         };
-        Ok(Rope { config, fixed_freqs })
+        Ok(Rope {
+            config,
+            fixed_freqs,
+        })
     }
 
     pub fn config(&self) -> &RopeConfig {
@@ -315,8 +381,20 @@ impl Rope {
             }
         };
         let factor = self.config.attention_factor();
-        let x = if factor != 1.0 { self.scale_rotated(x, factor)? } else { x.clone() };
-        Ok(mlx_rs::fast::rope(&x, self.config.dims, self.config.traditional, None, 1.0, offset, freqs)?)
+        let x = if factor != 1.0 {
+            self.scale_rotated(x, factor)?
+        } else {
+            x.clone()
+        };
+        Ok(mlx_rs::fast::rope(
+            &x,
+            self.config.dims,
+            self.config.traditional,
+            None,
+            1.0,
+            offset,
+            freqs,
+        )?)
     }
 
     /// Multiplies the rotated features by `factor` (Transformers scales cos and sin).
@@ -327,7 +405,10 @@ impl Rope {
             return Ok(x.multiply(&factor)?);
         }
         let parts = x.split_at_indices(&[self.config.dims], -1)?;
-        Ok(ops::concatenate(&[parts[0].multiply(&factor)?, parts[1].clone()], -1)?)
+        Ok(ops::concatenate(
+            &[parts[0].multiply(&factor)?, parts[1].clone()],
+            -1,
+        )?)
     }
 
     /// cos and sin (`[positions, dims]`, halves repeated as Transformers lays them out) of
@@ -351,9 +432,12 @@ impl Rope {
             // angles here, as it would differ from Transformers' halves layout.
             let r = mlx_rs::fast::rope(&x, dims, self.config.traditional, None, 1.0, p, &freqs)?;
             let r = r.as_slice::<f32>();
-            let row_cos: Vec<f32> = (0..half).map(|i| r[(i * dims + i) as usize] * factor).collect();
-            let row_sin: Vec<f32> =
-                (0..half).map(|i| r[(i * dims + i + half) as usize] * factor).collect();
+            let row_cos: Vec<f32> = (0..half)
+                .map(|i| r[(i * dims + i) as usize] * factor)
+                .collect();
+            let row_sin: Vec<f32> = (0..half)
+                .map(|i| r[(i * dims + i + half) as usize] * factor)
+                .collect();
             cos.extend(row_cos.iter().chain(&row_cos));
             sin.extend(row_sin.iter().chain(&row_sin));
         }
@@ -407,27 +491,34 @@ impl Params<'_> {
 
     fn f64_opt(&self, field: &str) -> Result<Option<f64>> {
         self.get(field)
-            .map(|v| v.as_f64().ok_or_else(|| self.error(field, format!("expected a number, found {v}"))))
+            .map(|v| {
+                v.as_f64()
+                    .ok_or_else(|| self.error(field, format!("expected a number, found {v}")))
+            })
             .transpose()
     }
 
     fn f64(&self, field: &str) -> Result<f64> {
-        self.f64_opt(field)?.ok_or_else(|| self.error(field, "missing"))
+        self.f64_opt(field)?
+            .ok_or_else(|| self.error(field, "missing"))
     }
 
     fn usize_opt(&self, field: &str) -> Result<Option<usize>> {
         self.get(field)
             .map(|v| {
-                v.as_u64()
-                    .map(|n| n as usize)
-                    .ok_or_else(|| self.error(field, format!("expected a positive integer, found {v}")))
+                v.as_u64().map(|n| n as usize).ok_or_else(|| {
+                    self.error(field, format!("expected a positive integer, found {v}"))
+                })
             })
             .transpose()
     }
 
     fn bool_opt(&self, field: &str) -> Result<Option<bool>> {
         self.get(field)
-            .map(|v| v.as_bool().ok_or_else(|| self.error(field, format!("expected true or false, found {v}"))))
+            .map(|v| {
+                v.as_bool()
+                    .ok_or_else(|| self.error(field, format!("expected true or false, found {v}")))
+            })
             .transpose()
     }
 
@@ -442,7 +533,9 @@ impl Params<'_> {
     }
 
     fn f64_list(&self, field: &str) -> Result<Vec<f64>> {
-        let list = self.get(field).ok_or_else(|| self.error(field, "missing"))?;
+        let list = self
+            .get(field)
+            .ok_or_else(|| self.error(field, "missing"))?;
         list.as_array()
             .and_then(|items| items.iter().map(Value::as_f64).collect::<Option<Vec<_>>>())
             .ok_or_else(|| self.error(field, "expected a list of numbers"))

@@ -9,7 +9,9 @@ pub fn mlx_version() -> String {
         let mut text = mlx_sys::mlx_string_new();
         let status = mlx_sys::mlx_version(&mut text);
         let version = if status == 0 {
-            CStr::from_ptr(mlx_sys::mlx_string_data(text)).to_string_lossy().into_owned()
+            CStr::from_ptr(mlx_sys::mlx_string_data(text))
+                .to_string_lossy()
+                .into_owned()
         } else {
             String::from("unknown")
         };
@@ -41,7 +43,11 @@ pub fn blas_library() -> Option<String> {
         if libc::dladdr(address, &mut info) == 0 || info.dli_fname.is_null() {
             return None;
         }
-        Some(CStr::from_ptr(info.dli_fname).to_string_lossy().into_owned())
+        Some(
+            CStr::from_ptr(info.dli_fname)
+                .to_string_lossy()
+                .into_owned(),
+        )
     }
 }
 

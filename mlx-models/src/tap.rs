@@ -19,7 +19,10 @@ impl Tap {
 
     /// A tap that records every named intermediate.
     pub fn on() -> Self {
-        Tap { enabled: true, ..Self::default() }
+        Tap {
+            enabled: true,
+            ..Self::default()
+        }
     }
 
     pub fn is_enabled(&self) -> bool {
@@ -29,7 +32,11 @@ impl Tap {
     /// Records `x` as `name` under the current scope.
     pub fn record(&mut self, name: &str, x: &Array) {
         if self.enabled {
-            let full = if self.prefix.is_empty() { name.to_owned() } else { format!("{}{name}", self.prefix) };
+            let full = if self.prefix.is_empty() {
+                name.to_owned()
+            } else {
+                format!("{}{name}", self.prefix)
+            };
             self.records.push((full, x.clone()));
         }
     }

@@ -41,7 +41,10 @@ impl Weights {
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let index = dir.join("model.safetensors.index.json");
         let files: Vec<PathBuf> = if index.exists() {
-            shards_from_index(&index)?.into_iter().map(|f| dir.join(f)).collect()
+            shards_from_index(&index)?
+                .into_iter()
+                .map(|f| dir.join(f))
+                .collect()
         } else if dir.join("model.safetensors").exists() {
             vec![dir.join("model.safetensors")]
         } else {
@@ -94,7 +97,10 @@ impl Weights {
 
     /// The root of the name space.
     pub fn root(&self) -> WeightPath<'_> {
-        WeightPath { weights: self, prefix: String::new() }
+        WeightPath {
+            weights: self,
+            prefix: String::new(),
+        }
     }
 
     /// The tensors under `prefix` (e.g. `"model.layers.3"`).
@@ -130,13 +136,20 @@ impl Weights {
     /// Fails with [`Error::UnexpectedWeights`] if some tensor was never taken.
     pub fn check_all_used(&self) -> Result<()> {
         let used = self.used.borrow();
-        let mut unused: Vec<String> =
-            self.tensors.keys().filter(|k| !used.contains(*k)).cloned().collect();
+        let mut unused: Vec<String> = self
+            .tensors
+            .keys()
+            .filter(|k| !used.contains(*k))
+            .cloned()
+            .collect();
         if unused.is_empty() {
             return Ok(());
         }
         unused.sort();
-        Err(Error::UnexpectedWeights { path: self.source.clone(), names: unused })
+        Err(Error::UnexpectedWeights {
+            path: self.source.clone(),
+            names: unused,
+        })
     }
 
     fn take(&self, name: &str) -> Option<Array> {
@@ -156,7 +169,10 @@ pub struct WeightPath<'a> {
 impl<'a> WeightPath<'a> {
     /// The sub-path `prefix.name`.
     pub fn pp(&self, name: &str) -> WeightPath<'a> {
-        WeightPath { weights: self.weights, prefix: self.full_name(name) }
+        WeightPath {
+            weights: self.weights,
+            prefix: self.full_name(name),
+        }
     }
 
     /// The full checkpoint name of `name` under this path.
@@ -202,10 +218,13 @@ impl<'a> WeightPath<'a> {
     /// the caller checks).
     pub fn get_any_shape(&self, name: &str) -> Result<Array> {
         let full = self.full_name(name);
-        let tensor = self.weights.take(&full).ok_or_else(|| Error::MissingWeight {
-            path: self.weights.source.clone(),
-            name: full.clone(),
-        })?;
+        let tensor = self
+            .weights
+            .take(&full)
+            .ok_or_else(|| Error::MissingWeight {
+                path: self.weights.source.clone(),
+                name: full.clone(),
+            })?;
         match self.weights.dtype {
             Some(dtype) if is_float(tensor.dtype()) && tensor.dtype() != dtype => {
                 let cast = tensor.as_dtype(dtype)?;
@@ -218,13 +237,17 @@ impl<'a> WeightPath<'a> {
 
     /// Counts `n` parameters towards [`Weights::num_parameters`] (what `get` does itself).
     pub fn count(&self, n: usize) {
-        self.weights.parameters.set(self.weights.parameters.get() + n);
+        self.weights
+            .parameters
+            .set(self.weights.parameters.get() + n);
     }
 
     /// The floating-point type modules should compute in when they expand quantized
     /// weights, or `None` to keep them quantized.
     pub fn dequantize_to(&self) -> Option<Dtype> {
-        self.weights.dequantize.then(|| self.weights.dtype.unwrap_or(Dtype::Float32))
+        self.weights
+            .dequantize
+            .then(|| self.weights.dtype.unwrap_or(Dtype::Float32))
     }
 
     /// Reports a tensor whose shape does not fit, naming it.
@@ -239,7 +262,10 @@ impl<'a> WeightPath<'a> {
 }
 
 pub(crate) fn is_float(dtype: Dtype) -> bool {
-    matches!(dtype, Dtype::Float16 | Dtype::Bfloat16 | Dtype::Float32 | Dtype::Float64)
+    matches!(
+        dtype,
+        Dtype::Float16 | Dtype::Bfloat16 | Dtype::Float32 | Dtype::Float64
+    )
 }
 
 /// The shard file names of a `model.safetensors.index.json`, in first-seen order.
@@ -249,8 +275,10 @@ fn shards_from_index(index: &Path) -> Result<Vec<String>> {
         weight_map: HashMap<String, String>,
     }
     let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
-    let parsed: Index =
-        serde_json::from_str(&text).map_err(|e| Error::Json { path: index.to_path_buf(), source: e })?;
+    let parsed: Index = serde_json::from_str(&text).map_err(|e| Error::Json {
+        path: index.to_path_buf(),
+        source: e,
+    })?;
     let files: BTreeSet<String> = parsed.weight_map.into_values().collect();
     Ok(files.into_iter().collect())
 }
@@ -266,7 +294,10 @@ pub fn read_safetensors(path: &Path) -> Result<HashMap<String, Array>> {
 }
 
 fn check_safetensors_header(path: &Path) -> Result<()> {
-    let corrupt = |message: String| Error::Safetensors { path: path.to_path_buf(), message };
+    let corrupt = |message: String| Error::Safetensors {
+        path: path.to_path_buf(),
+        message,
+    };
     let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
     let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
     let mut len_bytes = [0u8; 8];
@@ -274,10 +305,13 @@ fn check_safetensors_header(path: &Path) -> Result<()> {
         .map_err(|_| corrupt(format!("file is {file_len} bytes, too short for a header")))?;
     let header_len = u64::from_le_bytes(len_bytes);
     if header_len > file_len.saturating_sub(8) || header_len > 100_000_000 {
-        return Err(corrupt(format!("header length {header_len} exceeds the file size {file_len}")));
+        return Err(corrupt(format!(
+            "header length {header_len} exceeds the file size {file_len}"
+        )));
     }
     let mut header = vec![0u8; header_len as usize];
-    file.read_exact(&mut header).map_err(|e| Error::io(path, e))?;
+    file.read_exact(&mut header)
+        .map_err(|e| Error::io(path, e))?;
     let header: HashMap<String, serde_json::Value> = serde_json::from_slice(&header)
         .map_err(|e| corrupt(format!("header is not a JSON object: {e}")))?;
     let data_len = file_len - 8 - header_len;
@@ -285,9 +319,9 @@ fn check_safetensors_header(path: &Path) -> Result<()> {
         if name == "__metadata__" {
             continue;
         }
-        let offsets = info["data_offsets"].as_array().and_then(|o| {
-            Some((o.first()?.as_u64()?, o.get(1)?.as_u64()?))
-        });
+        let offsets = info["data_offsets"]
+            .as_array()
+            .and_then(|o| Some((o.first()?.as_u64()?, o.get(1)?.as_u64()?)));
         match offsets {
             Some((start, end)) if start <= end && end <= data_len => {}
             Some((_, end)) => {

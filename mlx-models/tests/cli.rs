@@ -21,13 +21,28 @@ fn gguf_path() -> PathBuf {
 fn generate_on_the_default_model_prints_the_greedy_answer() {
     gguf_path();
     let out = cli()
-        .args(["generate", "--prompt", QUESTION, "--max-tokens", "24", "--temp", "0"])
+        .args([
+            "generate",
+            "--prompt",
+            QUESTION,
+            "--max-tokens",
+            "24",
+            "--temp",
+            "0",
+        ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), ANSWER);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("Generation:") && stderr.contains("tokens-per-sec"), "{stderr}");
+    assert!(
+        stderr.contains("Generation:") && stderr.contains("tokens-per-sec"),
+        "{stderr}"
+    );
 }
 
 /// Writes the default model as a Hugging Face repo snapshot: config.json, the weights
@@ -38,28 +53,51 @@ fn write_hf_snapshot(dir: &Path) {
     let mut config = model.config.value.clone();
     config["quantization"] = json!({"group_size": 32, "bits": 4});
     config["architectures"] = json!(["LlamaForCausalLM"]);
-    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&config).unwrap()).unwrap();
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_string_pretty(&config).unwrap(),
+    )
+    .unwrap();
     let names: Vec<String> = model.weights.names().map(str::to_owned).collect();
     let root = model.weights.root();
-    let tensors: Vec<(String, mlx_rs::Array)> =
-        names.iter().map(|n| (n.clone(), root.get_any_shape(n).unwrap())).collect();
-    mlx_rs::Array::save_safetensors(tensors.iter().map(|(k, v)| (k.as_str(), v)), None, dir.join("model.safetensors"))
-        .unwrap();
+    let tensors: Vec<(String, mlx_rs::Array)> = names
+        .iter()
+        .map(|n| (n.clone(), root.get_any_shape(n).unwrap()))
+        .collect();
+    mlx_rs::Array::save_safetensors(
+        tensors.iter().map(|(k, v)| (k.as_str(), v)),
+        None,
+        dir.join("model.safetensors"),
+    )
+    .unwrap();
     let tokenizer = mlx_models::Tokenizer::from_vocab(model.vocab.clone()).unwrap();
-    tokenizer.backend().save(dir.join("tokenizer.json"), false).unwrap();
+    tokenizer
+        .backend()
+        .save(dir.join("tokenizer.json"), false)
+        .unwrap();
     let tokenizer_config = json!({
         "bos_token": "<|im_start|>",
         "eos_token": "<|im_end|>",
         "chat_template": model.vocab.chat_template,
     });
-    std::fs::write(dir.join("tokenizer_config.json"), tokenizer_config.to_string()).unwrap();
-    std::fs::write(dir.join("generation_config.json"), json!({"eos_token_id": 2}).to_string()).unwrap();
+    std::fs::write(
+        dir.join("tokenizer_config.json"),
+        tokenizer_config.to_string(),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("generation_config.json"),
+        json!({"eos_token_id": 2}).to_string(),
+    )
+    .unwrap();
 }
 
 #[test]
 fn a_hugging_face_repo_from_the_local_cache_answers_through_the_cli() {
     let cache = tempfile::tempdir().unwrap();
-    let repo = cache.path().join("models--HuggingFaceTB--SmolLM2-135M-Instruct");
+    let repo = cache
+        .path()
+        .join("models--HuggingFaceTB--SmolLM2-135M-Instruct");
     let commit = "0123456789abcdef0123456789abcdef01234567";
     std::fs::create_dir_all(repo.join("refs")).unwrap();
     std::fs::write(repo.join("refs/main"), commit).unwrap();
@@ -70,11 +108,21 @@ fn a_hugging_face_repo_from_the_local_cache_answers_through_the_cli() {
     let out = cli()
         .env("HF_HUB_CACHE", cache.path())
         .env("HF_HUB_OFFLINE", "1")
-        .args(["generate", "--model", "HuggingFaceTB/SmolLM2-135M-Instruct", "--prompt", QUESTION])
+        .args([
+            "generate",
+            "--model",
+            "HuggingFaceTB/SmolLM2-135M-Instruct",
+            "--prompt",
+            QUESTION,
+        ])
         .args(["--max-tokens", "24", "--temp", "0", "--quiet"])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), ANSWER);
 
     let info = cli()
@@ -84,17 +132,31 @@ fn a_hugging_face_repo_from_the_local_cache_answers_through_the_cli() {
         .output()
         .unwrap();
     let info = String::from_utf8_lossy(&info.stdout);
-    assert!(info.contains("134.5 M") && info.contains("4-bit affine, group size 32"), "{info}");
+    assert!(
+        info.contains("134.5 M") && info.contains("4-bit affine, group size 32"),
+        "{info}"
+    );
 }
 
 #[test]
 fn bad_models_are_reported_not_panicked() {
     let tmp = tempfile::tempdir().unwrap();
-    std::fs::write(tmp.path().join("config.json"), r#"{"model_type": "no-such-arch"}"#).unwrap();
-    let out = cli().args(["info", "--model"]).arg(tmp.path()).output().unwrap();
+    std::fs::write(
+        tmp.path().join("config.json"),
+        r#"{"model_type": "no-such-arch"}"#,
+    )
+    .unwrap();
+    let out = cli()
+        .args(["info", "--model"])
+        .arg(tmp.path())
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("unknown model_type `no-such-arch`") && stderr.contains("llama"), "{stderr}");
+    assert!(
+        stderr.contains("unknown model_type `no-such-arch`") && stderr.contains("llama"),
+        "{stderr}"
+    );
 
     let out = cli()
         .env("HF_HUB_CACHE", tmp.path())

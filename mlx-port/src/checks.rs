@@ -36,14 +36,26 @@ pub fn verify(fixture: &Fixture, options: &VerifyOptions) -> Result<Report> {
     for name in &names {
         let ours = tap.get(name).cloned().unwrap_or_else(|| logits.clone());
         let d = diff(&to_f32_vec(&ours)?, &to_f32_vec(fixture.tensor(name)?)?);
-        report.rows.push(Row::new(name, d, d.max_abs <= tol.max_abs && d.cosine >= tol.min_cosine));
+        report.rows.push(Row::new(
+            name,
+            d,
+            d.max_abs <= tol.max_abs && d.cosine >= tol.min_cosine,
+        ));
     }
     let vocab = logits.dim(-1) as usize;
-    let overlap = top_k_overlap(&to_f32_vec(&logits)?, &to_f32_vec(fixture.tensor("logits")?)?, vocab, 5);
+    let overlap = top_k_overlap(
+        &to_f32_vec(&logits)?,
+        &to_f32_vec(fixture.tensor("logits")?)?,
+        vocab,
+        5,
+    );
     report.checks.push(Check::new(
         "logits top-5",
         overlap == 1.0,
-        format!("{:.1}% of Transformers' top-5 tokens are ours at every position", overlap * 100.0),
+        format!(
+            "{:.1}% of Transformers' top-5 tokens are ours at every position",
+            overlap * 100.0
+        ),
     ));
 
     // (c) greedy continuation.
@@ -53,8 +65,19 @@ pub fn verify(fixture: &Fixture, options: &VerifyOptions) -> Result<Report> {
         report.checks.push(check);
     }
     // (f) cache consistency against the full forward pass.
-    let reference_gap = fixture.manifest.checks.get("cache_vs_full_logits_max_abs").copied().unwrap_or(0.0);
-    report.checks.push(cache_check(model.as_ref(), ids, &logits, reference_gap as f32, tol.max_abs)?);
+    let reference_gap = fixture
+        .manifest
+        .checks
+        .get("cache_vs_full_logits_max_abs")
+        .copied()
+        .unwrap_or(0.0);
+    report.checks.push(cache_check(
+        model.as_ref(),
+        ids,
+        &logits,
+        reference_gap as f32,
+        tol.max_abs,
+    )?);
     // (e) bf16 stays bf16.
     if !fixture.manifest.bf16_dtypes.is_empty() {
         report.checks.push(bf16_check(fixture, options)?);
@@ -62,12 +85,20 @@ pub fn verify(fixture: &Fixture, options: &VerifyOptions) -> Result<Report> {
     Ok(report)
 }
 
-fn load(fixture: &Fixture, options: &VerifyOptions, dtype: Option<Dtype>) -> Result<Box<dyn LanguageModel>> {
+fn load(
+    fixture: &Fixture,
+    options: &VerifyOptions,
+    dtype: Option<Dtype>,
+) -> Result<Box<dyn LanguageModel>> {
     let mut config = ConfigFile::read(&fixture.dir.join("config.json"))?;
     if let Some(patch) = &options.config_patch {
         merge_patch(&mut config.value, patch);
     }
-    Ok(mlx_models::load::load_model_with_config(&config, &fixture.dir, dtype)?)
+    Ok(mlx_models::load::load_model_with_config(
+        &config,
+        &fixture.dir,
+        dtype,
+    )?)
 }
 
 fn prompt(ids: &[i32]) -> Array {
@@ -79,9 +110,18 @@ fn greedy_check(fixture: &Fixture, model: &dyn LanguageModel) -> Result<Check> {
         let t = fixture.tensor("greedy_tokens")?.as_dtype(Dtype::Int64)?;
         t.as_slice::<i64>().to_vec()
     };
-    let prompt: Vec<u32> = fixture.manifest.input_ids.iter().map(|&i| i as u32).collect();
+    let prompt: Vec<u32> = fixture
+        .manifest
+        .input_ids
+        .iter()
+        .map(|&i| i as u32)
+        .collect();
     let ours = mlx_models::generate::greedy(model, &prompt, expected.len())?;
-    let matched = ours.iter().zip(&expected).take_while(|(a, b)| i64::from(**a) == **b).count();
+    let matched = ours
+        .iter()
+        .zip(&expected)
+        .take_while(|(a, b)| i64::from(**a) == **b)
+        .count();
     let detail = if matched == expected.len() {
         format!("{matched}/{} tokens equal", expected.len())
     } else {
@@ -92,13 +132,19 @@ fn greedy_check(fixture: &Fixture, model: &dyn LanguageModel) -> Result<Check> {
             expected[matched]
         )
     };
-    Ok(Check::new("greedy tokens", matched == expected.len(), detail))
+    Ok(Check::new(
+        "greedy tokens",
+        matched == expected.len(),
+        detail,
+    ))
 }
 
 fn rope_check(fixture: &Fixture, model: &dyn LanguageModel) -> Result<Option<Check>> {
-    let (Some(rope), Some(cos_ref), Some(sin_ref)) =
-        (model.rope(), fixture.expected.get("rope.cos"), fixture.expected.get("rope.sin"))
-    else {
+    let (Some(rope), Some(cos_ref), Some(sin_ref)) = (
+        model.rope(),
+        fixture.expected.get("rope.cos"),
+        fixture.expected.get("rope.sin"),
+    ) else {
         return Ok(None);
     };
     let positions = &fixture.manifest.rope_positions;
@@ -110,7 +156,11 @@ fn rope_check(fixture: &Fixture, model: &dyn LanguageModel) -> Result<Option<Che
         return Ok(Some(Check::new(
             "rope",
             false,
-            format!("{} cos values vs {} in the fixture (rotated dims differ)", cos.len(), cos_ref.len()),
+            format!(
+                "{} cos values vs {} in the fixture (rotated dims differ)",
+                cos.len(),
+                cos_ref.len()
+            ),
         )));
     }
     let width = cos.len() / positions.len().max(1);
@@ -118,7 +168,9 @@ fn rope_check(fixture: &Fixture, model: &dyn LanguageModel) -> Result<Option<Che
     let mut worst = (0.0f32, 0);
     for (row, &p) in positions.iter().enumerate() {
         let r = row * width..(row + 1) * width;
-        let d = diff(&cos[r.clone()], &cos_ref[r.clone()]).max_abs.max(diff(&sin[r.clone()], &sin_ref[r]).max_abs);
+        let d = diff(&cos[r.clone()], &cos_ref[r.clone()])
+            .max_abs
+            .max(diff(&sin[r.clone()], &sin_ref[r]).max_abs);
         if d >= worst.0 {
             worst = (d, p);
         }
@@ -126,7 +178,10 @@ fn rope_check(fixture: &Fixture, model: &dyn LanguageModel) -> Result<Option<Che
     Ok(Some(Check::new(
         "rope",
         worst.0 <= tol,
-        format!("max |Δcos|,|Δsin| = {:.2e} (at position {}), tolerance {tol:.0e}", worst.0, worst.1),
+        format!(
+            "max |Δcos|,|Δsin| = {:.2e} (at position {}), tolerance {tol:.0e}",
+            worst.0, worst.1
+        ),
     )))
 }
 
@@ -146,7 +201,8 @@ fn cache_check(
     let splits = [1, ids.len() / 2, ids.len() - 1];
     for &split in &splits {
         let mut cache = model.new_cache();
-        let mut pieces = vec![model.forward(&prompt(&ids[..split]), &mut cache, &mut Tap::off())?];
+        let mut pieces =
+            vec![model.forward(&prompt(&ids[..split]), &mut cache, &mut Tap::off())?];
         for &id in &ids[split..] {
             pieces.push(model.forward(&prompt(&[id]), &mut cache, &mut Tap::off())?);
         }
@@ -173,7 +229,11 @@ fn bf16_check(fixture: &Fixture, options: &VerifyOptions) -> Result<Check> {
     model.forward(&prompt(&fixture.manifest.input_ids), &mut cache, &mut tap)?;
     let expected_default = "bfloat16";
     for (name, tensor) in tap.records() {
-        let expected = fixture.manifest.bf16_dtypes.get(name).map_or(expected_default, String::as_str);
+        let expected = fixture
+            .manifest
+            .bf16_dtypes
+            .get(name)
+            .map_or(expected_default, String::as_str);
         let actual = dtype_name(tensor.dtype());
         if actual != expected {
             return Ok(Check::new(
@@ -186,7 +246,10 @@ fn bf16_check(fixture: &Fixture, options: &VerifyOptions) -> Result<Check> {
     Ok(Check::new(
         "bf16 dtypes",
         true,
-        format!("{} intermediates checked, none left bfloat16", tap.records().len()),
+        format!(
+            "{} intermediates checked, none left bfloat16",
+            tap.records().len()
+        ),
     ))
 }
 
@@ -231,7 +294,13 @@ mod tests {
     #[test]
     fn merge_patch_follows_rfc_7396() {
         let mut doc = json!({"a": 1, "b": {"c": 2, "d": 3}, "e": [1]});
-        merge_patch(&mut doc, &json!({"a": null, "b": {"c": 5}, "e": {"x": 1}, "f": true}));
-        assert_eq!(doc, json!({"b": {"c": 5, "d": 3}, "e": {"x": 1}, "f": true}));
+        merge_patch(
+            &mut doc,
+            &json!({"a": null, "b": {"c": 5}, "e": {"x": 1}, "f": true}),
+        );
+        assert_eq!(
+            doc,
+            json!({"b": {"c": 5, "d": 3}, "e": {"x": 1}, "f": true})
+        );
     }
 }

@@ -15,14 +15,22 @@ pub struct Diff {
 
 /// Host copy of a tensor as f32.
 pub fn to_f32_vec(a: &Array) -> Result<Vec<f32>> {
-    let a = if a.dtype() == Dtype::Float32 { a.clone() } else { a.as_dtype(Dtype::Float32)? };
+    let a = if a.dtype() == Dtype::Float32 {
+        a.clone()
+    } else {
+        a.as_dtype(Dtype::Float32)?
+    };
     a.eval()?;
     Ok(a.as_slice::<f32>().to_vec())
 }
 
 /// Compares `ours` with `reference` (same number of elements).
 pub fn diff(ours: &[f32], reference: &[f32]) -> Diff {
-    assert_eq!(ours.len(), reference.len(), "compared tensors differ in size");
+    assert_eq!(
+        ours.len(),
+        reference.len(),
+        "compared tensors differ in size"
+    );
     let (mut max_abs, mut max_rel) = (0.0f32, 0.0f32);
     let (mut dot, mut na, mut nb) = (0.0f64, 0.0f64, 0.0f64);
     for (&a, &b) in ours.iter().zip(reference) {
@@ -34,8 +42,16 @@ pub fn diff(ours: &[f32], reference: &[f32]) -> Diff {
         na += f64::from(a) * f64::from(a);
         nb += f64::from(b) * f64::from(b);
     }
-    let cosine = if na == 0.0 && nb == 0.0 { 1.0 } else { (dot / (na.sqrt() * nb.sqrt()).max(1e-30)) as f32 };
-    Diff { max_abs, max_rel, cosine }
+    let cosine = if na == 0.0 && nb == 0.0 {
+        1.0
+    } else {
+        (dot / (na.sqrt() * nb.sqrt()).max(1e-30)) as f32
+    };
+    Diff {
+        max_abs,
+        max_rel,
+        cosine,
+    }
 }
 
 /// The indices of the `k` largest values, largest first.

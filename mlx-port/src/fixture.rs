@@ -65,14 +65,20 @@ pub struct Fixture {
 impl Fixture {
     /// Loads the fixture in `dir`.
     pub fn load(dir: &Path) -> Result<Fixture> {
-        let bad = |message: String| PortError::Fixture { path: dir.to_path_buf(), message };
+        let bad = |message: String| PortError::Fixture {
+            path: dir.to_path_buf(),
+            message,
+        };
         let manifest_path = dir.join("fixture.json");
         let text = std::fs::read_to_string(&manifest_path)
             .map_err(|e| bad(format!("cannot read fixture.json: {e}")))?;
         let manifest: Manifest =
             serde_json::from_str(&text).map_err(|e| bad(format!("fixture.json: {e}")))?;
         if manifest.format_version != 1 {
-            return Err(bad(format!("unsupported format_version {}", manifest.format_version)));
+            return Err(bad(format!(
+                "unsupported format_version {}",
+                manifest.format_version
+            )));
         }
         for required in ["config.json", "expected.safetensors"] {
             if !dir.join(required).exists() {
@@ -81,15 +87,24 @@ impl Fixture {
         }
         let expected = mlx_models::weights::read_safetensors(&dir.join("expected.safetensors"))?;
         for (name, info) in &manifest.tensors {
-            let tensor = expected
-                .get(name)
-                .ok_or_else(|| bad(format!("expected.safetensors lacks `{name}` listed in fixture.json")))?;
+            let tensor = expected.get(name).ok_or_else(|| {
+                bad(format!(
+                    "expected.safetensors lacks `{name}` listed in fixture.json"
+                ))
+            })?;
             let shape: Vec<i64> = tensor.shape().iter().map(|&d| i64::from(d)).collect();
             if shape != info.shape {
-                return Err(bad(format!("`{name}` has shape {shape:?}, fixture.json says {:?}", info.shape)));
+                return Err(bad(format!(
+                    "`{name}` has shape {shape:?}, fixture.json says {:?}",
+                    info.shape
+                )));
             }
         }
-        Ok(Fixture { dir: dir.to_path_buf(), manifest, expected })
+        Ok(Fixture {
+            dir: dir.to_path_buf(),
+            manifest,
+            expected,
+        })
     }
 
     /// A captured tensor.
@@ -102,7 +117,9 @@ impl Fixture {
 
     /// The number of decoder layers captured (`layers.0` … `layers.{n-1}`).
     pub fn num_layers(&self) -> usize {
-        (0..).take_while(|i| self.expected.contains_key(&format!("layers.{i}"))).count()
+        (0..)
+            .take_while(|i| self.expected.contains_key(&format!("layers.{i}")))
+            .count()
     }
 
     /// `<model_type>/<variant>`.

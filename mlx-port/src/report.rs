@@ -16,7 +16,11 @@ pub struct Row {
 
 impl Row {
     pub fn new(name: &str, diff: Diff, pass: bool) -> Row {
-        Row { name: name.to_owned(), diff, pass }
+        Row {
+            name: name.to_owned(),
+            diff,
+            pass,
+        }
     }
 }
 
@@ -30,7 +34,11 @@ pub struct Check {
 
 impl Check {
     pub fn new(name: &str, pass: bool, detail: String) -> Check {
-        Check { name: name.to_owned(), pass, detail }
+        Check {
+            name: name.to_owned(),
+            pass,
+            detail,
+        }
     }
 }
 
@@ -66,7 +74,11 @@ impl Report {
 
     /// The failed checks' names.
     pub fn failed_checks(&self) -> Vec<&str> {
-        self.checks.iter().filter(|c| !c.pass).map(|c| c.name.as_str()).collect()
+        self.checks
+            .iter()
+            .filter(|c| !c.pass)
+            .map(|c| c.name.as_str())
+            .collect()
     }
 
     pub fn to_json(&self) -> String {
@@ -76,7 +88,12 @@ impl Report {
     pub fn to_markdown(&self) -> String {
         let verdict = |pass: bool| if pass { "pass" } else { "**FAIL**" };
         let mut md = String::new();
-        let _ = writeln!(md, "### {} — {}\n", self.fixture, if self.passed() { "PASS" } else { "FAIL" });
+        let _ = writeln!(
+            md,
+            "### {} — {}\n",
+            self.fixture,
+            if self.passed() { "PASS" } else { "FAIL" }
+        );
         if !self.description.is_empty() {
             let _ = writeln!(md, "{}\n", self.description);
         }
@@ -86,7 +103,11 @@ impl Report {
             let _ = writeln!(
                 md,
                 "| {} | {:.2e} | {:.2e} | {:.7} | {} |",
-                r.name, r.diff.max_abs, r.diff.max_rel, r.diff.cosine, verdict(r.pass)
+                r.name,
+                r.diff.max_abs,
+                r.diff.max_rel,
+                r.diff.cosine,
+                verdict(r.pass)
             );
         }
         let _ = writeln!(md, "\n| check | verdict | detail |");
@@ -95,7 +116,11 @@ impl Report {
             let _ = writeln!(md, "| {} | {} | {} |", c.name, verdict(c.pass), c.detail);
         }
         if let Some(bad) = self.first_bad() {
-            let _ = writeln!(md, "\nFirst tensor off: `{bad}` (max-abs tolerance {:.0e}).", self.max_abs_tolerance);
+            let _ = writeln!(
+                md,
+                "\nFirst tensor off: `{bad}` (max-abs tolerance {:.0e}).",
+                self.max_abs_tolerance
+            );
         }
         md
     }

@@ -34,7 +34,11 @@ impl Fingerprint {
     }
 
     pub fn add_file(&mut self, path: &Path) {
-        self.add(path.file_name().map(|n| n.as_encoded_bytes()).unwrap_or_default());
+        self.add(
+            path.file_name()
+                .map(|n| n.as_encoded_bytes())
+                .unwrap_or_default(),
+        );
         self.add(&fs::read(path).unwrap_or_default());
     }
 

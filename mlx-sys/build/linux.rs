@@ -30,7 +30,10 @@ pub fn build() {
     let sources = mlx_c::sources(&cache);
     let built = mlx_c::build(&cache, &sources, &mlx.include, blas.is_some());
 
-    println!("cargo:rustc-env=MLX_SYS_BINDINGS={}", built.bindings.display());
+    println!(
+        "cargo:rustc-env=MLX_SYS_BINDINGS={}",
+        built.bindings.display()
+    );
 
     // mlx-c and our compatibility code, statically.
     println!("cargo:rustc-link-search=native={}", built.lib_dir.display());
@@ -44,14 +47,20 @@ pub fn build() {
     let runtime = runtime_lib_dir(&mlx);
     println!("cargo:rustc-link-search=native={}", runtime.display());
     println!("cargo:rustc-link-lib=dylib=mlx");
-    println!("cargo:rerun-if-changed={}", mlx.lib.join("libmlx.so").display());
+    println!(
+        "cargo:rerun-if-changed={}",
+        mlx.lib.join("libmlx.so").display()
+    );
 
     // OpenBLAS after libmlx.so: under --as-needed the linker keeps a library that
     // resolves a symbol libmlx.so leaves undefined (cblas_sgemm, the LAPACK routines), and
     // a library the executable needs is searched before the ones libmlx.so pulls in, so
     // OpenBLAS wins over the wheel's reference BLAS at run time.
     if let Some(openblas) = &blas {
-        println!("cargo:rustc-link-search=native={}", openblas.parent().unwrap().display());
+        println!(
+            "cargo:rustc-link-search=native={}",
+            openblas.parent().unwrap().display()
+        );
         println!("cargo:rustc-link-lib=dylib=openblas");
     }
 
@@ -70,14 +79,21 @@ pub fn build() {
     println!("cargo:rustc-env=MLX_SYS_LINKED_BLAS={blas_text}");
     println!(
         "cargo:rustc-env=MLX_SYS_REFERENCE_BLAS={}",
-        mlx.reference_blas.as_deref().map(Path::to_string_lossy).unwrap_or_default()
+        mlx.reference_blas
+            .as_deref()
+            .map(Path::to_string_lossy)
+            .unwrap_or_default()
     );
 
     println!(
         "cargo:warning=mlx-sys: MLX {MLX_VERSION} from {}; mlx-c {} {}; BLAS: {blas_text}",
         mlx.source,
         mlx_c::MLX_C_VERSION,
-        if built.from_cache { "reused from the cache" } else { "compiled into the cache" },
+        if built.from_cache {
+            "reused from the cache"
+        } else {
+            "compiled into the cache"
+        },
     );
 }
 
@@ -99,11 +115,17 @@ fn locate_mlx(cache: &Path) -> Mlx {
             .into_iter()
             .find(|d| d.join("libmlx.so").exists())
             .unwrap_or_else(|| {
-                prerequisites::fail(&format!("MLX_DIR={} has no lib/libmlx.so", prefix.display()))
+                prerequisites::fail(&format!(
+                    "MLX_DIR={} has no lib/libmlx.so",
+                    prefix.display()
+                ))
             });
         let include = prefix.join("include");
         if !include.join("mlx").join("mlx.h").exists() {
-            prerequisites::fail(&format!("MLX_DIR={} has no include/mlx/mlx.h", prefix.display()));
+            prerequisites::fail(&format!(
+                "MLX_DIR={} has no include/mlx/mlx.h",
+                prefix.display()
+            ));
         }
         return Mlx {
             include,
@@ -138,7 +160,10 @@ fn locate_mlx(cache: &Path) -> Mlx {
         .flatten()
         .flatten()
         .map(|e| e.path())
-        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("libblas")));
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("libblas"))
+        });
     Mlx {
         include: root.join("mlx").join("include"),
         lib: root.join("mlx").join("lib"),
@@ -193,9 +218,9 @@ fn choose_blas() -> Option<PathBuf> {
             prerequisites::find_openblas()
                 .unwrap_or_else(|| prerequisites::missing(&["OpenBLAS (libopenblas-dev)"])),
         ),
-        Ok(other) => {
-            prerequisites::fail(&format!("MLX_SYS_BLAS={other} is not one of openblas, reference"))
-        }
+        Ok(other) => prerequisites::fail(&format!(
+            "MLX_SYS_BLAS={other} is not one of openblas, reference"
+        )),
     }
 }
 

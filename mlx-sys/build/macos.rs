@@ -17,7 +17,10 @@ pub fn build() {
         .define("CMAKE_BUILD_TYPE", "Release")
         .define("MLX_C_BUILD_EXAMPLES", "OFF")
         .define("MLX_BUILD_METAL", if metal { "ON" } else { "OFF" })
-        .define("MLX_BUILD_ACCELERATE", if accelerate { "ON" } else { "OFF" });
+        .define(
+            "MLX_BUILD_ACCELERATE",
+            if accelerate { "ON" } else { "OFF" },
+        );
     if env::var_os("CARGO_FEATURE_METAL_JIT").is_some() {
         config.define("MLX_METAL_JIT", "ON");
     }
@@ -25,8 +28,14 @@ pub fn build() {
     let build = dst.join("build");
 
     println!("cargo:rustc-link-search=native={}", build.display());
-    println!("cargo:rustc-link-search=native={}", build.join("_deps/mlx-build").display());
-    println!("cargo:rustc-link-search=native={}", build.join("_deps/mlx-build/mlx/io").display());
+    println!(
+        "cargo:rustc-link-search=native={}",
+        build.join("_deps/mlx-build").display()
+    );
+    println!(
+        "cargo:rustc-link-search=native={}",
+        build.join("_deps/mlx-build/mlx/io").display()
+    );
     println!("cargo:rustc-link-lib=static=mlxc");
     println!("cargo:rustc-link-lib=static=mlx");
     if build.join("_deps/mlx-build/mlx/io/libgguflib.a").exists() {

@@ -126,7 +126,10 @@ pub fn build(cache: &Path, sources: &Path, mlx_include: &Path, openblas: bool) -
         })
         .unwrap_or_else(|message| prerequisites::fail(&message));
     }
-    println!("cargo:rerun-if-changed={}", dest.join("libmlxc.a").display());
+    println!(
+        "cargo:rerun-if-changed={}",
+        dest.join("libmlxc.a").display()
+    );
     Built {
         bindings: dest.join("bindings.rs"),
         lib_dir: dest,
@@ -170,7 +173,12 @@ fn compile(
         .map_err(|e| format!("cannot store libmlxc.a: {e}"))
 }
 
-fn generate_bindings(sources: &Path, native: &Path, target: &str, out: &Path) -> Result<(), String> {
+fn generate_bindings(
+    sources: &Path,
+    native: &Path,
+    target: &str,
+    out: &Path,
+) -> Result<(), String> {
     let mut builder = bindgen::Builder::default()
         .header(native.join("bindings.h").to_string_lossy())
         .clang_arg(format!("-I{}", sources.display()))
@@ -180,7 +188,9 @@ fn generate_bindings(sources: &Path, native: &Path, target: &str, out: &Path) ->
         .blocklist_function("realloc");
     if !target.starts_with("aarch64") {
         // Defined in src/lib.rs the way bindgen renders __fp16/__bf16 on aarch64.
-        builder = builder.blocklist_type("float16_t").blocklist_type("bfloat16_t");
+        builder = builder
+            .blocklist_type("float16_t")
+            .blocklist_type("bfloat16_t");
     }
     builder
         .generate()

@@ -58,15 +58,23 @@ pub fn has_libclang() -> bool {
         .unwrap_or_default();
     dirs.extend(glob_dirs("/usr/lib", "llvm-", "lib"));
     dirs.extend(
-        ["/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/lib"]
-            .map(PathBuf::from),
+        [
+            "/usr/lib/x86_64-linux-gnu",
+            "/usr/lib/aarch64-linux-gnu",
+            "/usr/lib64",
+            "/usr/lib",
+            "/usr/local/lib",
+        ]
+        .map(PathBuf::from),
     );
     dirs.iter().any(|dir| {
         std::fs::read_dir(dir).is_ok_and(|entries| {
             entries.flatten().any(|entry| {
                 let name = entry.file_name();
                 let name = name.to_string_lossy();
-                name.starts_with("libclang") && name.contains(".so") && !name.starts_with("libclang-cpp")
+                name.starts_with("libclang")
+                    && name.contains(".so")
+                    && !name.starts_with("libclang-cpp")
             })
         })
     })

