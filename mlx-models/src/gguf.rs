@@ -143,19 +143,19 @@ pub fn hf_name(name: &str) -> Option<String> {
 /// (`[h, d/2, 2]` rows) where Transformers keeps them apart (`[h, 2, d/2]`). Rows are
 /// permuted whole, so quantized weights, scales and biases stay valid.
 pub fn unpermute_rows(w: &Array, heads: i32, head_dim: i32) -> Result<Array> {
-    let shape = w.shape().to_vec();
-    let cols = shape[1..].to_vec();
-    let mut split = vec![heads, head_dim / 2, 2];
-    split.extend(&cols);
-    Ok(w.reshape(&split)?.swap_axes(1, 2)?.reshape(&shape)?)
+    transpose_within_heads(w, heads, [head_dim / 2, 2])
 }
 
 /// The inverse of [`unpermute_rows`]: how llama.cpp's converter lays rows out.
 pub fn permute_rows(w: &Array, heads: i32, head_dim: i32) -> Result<Array> {
+    transpose_within_heads(w, heads, [2, head_dim / 2])
+}
+
+/// Views each head's rows as an `[a, b]` grid and transposes it to `[b, a]`.
+fn transpose_within_heads(w: &Array, heads: i32, [a, b]: [i32; 2]) -> Result<Array> {
     let shape = w.shape().to_vec();
-    let cols = shape[1..].to_vec();
-    let mut split = vec![heads, 2, head_dim / 2];
-    split.extend(&cols);
+    let mut split = vec![heads, a, b];
+    split.extend(&shape[1..]);
     Ok(w.reshape(&split)?.swap_axes(1, 2)?.reshape(&shape)?)
 }
 
