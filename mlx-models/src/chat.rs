@@ -77,9 +77,13 @@ impl<'m> ChatSession<'m> {
         // At least one token must go through the model to get logits.
         let keep = common.min(prompt.len().saturating_sub(1));
         let mut cache = std::mem::take(&mut self.cache);
-        for layer in &mut cache {
-            layer.truncate(keep as i32)?;
-        }
+        // A rotating (sliding-window) cache may have dropped tokens the prefix needs: then
+        // the whole prompt goes through the model again.
+        let keep = if truncate_all(&mut cache, keep as i32)? {
+            keep
+        } else {
+            0
+        };
         self.cached.clear();
         self.reused = keep;
         TokenStream::new(self.model, prompt, cache, keep, options)
@@ -99,5 +103,55 @@ impl<'m> ChatSession<'m> {
         self.messages.retain(|m| m.role == "system");
         self.cache = self.model.network().new_cache();
         self.cached.clear();
+    }
+}
+
+/// Cuts every layer's cache back to the first `len` tokens. If any layer cannot keep that
+/// prefix, empties all of them, so that every layer starts again at position 0, and returns
+/// `false`.
+fn truncate_all(cache: &mut [KvCache], len: i32) -> Result<bool> {
+    let mut kept = true;
+    for layer in cache.iter_mut() {
+        kept &= layer.truncate(len)?;
+    }
+    if !kept {
+        for layer in cache.iter_mut() {
+            layer.truncate(0)?;
+        }
+    }
+    Ok(kept)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mlx_rs::Array;
+
+    /// Layers of both kinds, each fed `tokens` tokens.
+    fn layers(window: i32, tokens: i32) -> Vec<KvCache> {
+        let mut cache = vec![KvCache::new(), KvCache::rotating(window), KvCache::new()];
+        let kv = Array::from_slice(&vec![0.5f32; tokens as usize * 4], &[1, 1, tokens, 4]);
+        for layer in &mut cache {
+            layer.attend(kv.clone(), kv.clone()).expect("attend");
+        }
+        cache
+    }
+
+    #[test]
+    fn truncate_all_keeps_a_prefix_every_layer_still_has() {
+        let mut cache = layers(4, 10);
+        assert!(truncate_all(&mut cache, 9).unwrap());
+        assert!(cache.iter().all(|c| c.offset() == 9));
+        assert_eq!(cache[1].len(), 3);
+        assert_eq!(cache[0].len(), 9);
+    }
+
+    #[test]
+    fn truncate_all_resets_every_layer_when_one_cannot() {
+        let mut cache = layers(4, 10);
+        assert!(!truncate_all(&mut cache, 5).unwrap());
+        assert!(cache.iter().all(|c| c.offset() == 0 && c.is_empty()));
+        assert_eq!(cache[1].window(), Some(4));
+        assert_eq!(cache[0].window(), None);
     }
 }
