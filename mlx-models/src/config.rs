@@ -66,6 +66,11 @@ impl ConfigFile {
         })
     }
 
+    /// The value of a field the model cannot do without, naming it when it is missing.
+    pub fn require<T>(&self, field: &str, value: Option<T>) -> Result<T> {
+        value.ok_or_else(|| Error::config(&self.path, field, "missing"))
+    }
+
     /// Fails naming `field` unless `ok`.
     pub fn ensure(&self, ok: bool, field: &str, message: impl FnOnce() -> String) -> Result<()> {
         if ok {

@@ -18,6 +18,7 @@ pub mod runtime;
 pub mod sampling;
 pub mod tap;
 pub mod tokenizer;
+pub mod transformer;
 pub mod weights;
 
 pub use chat_template::{ChatTemplate, ChatTemplateOptions, Content, ContentPart, Message};

@@ -23,6 +23,30 @@ pub struct RopeFields {
     pub original_max_position_embeddings: Option<usize>,
 }
 
+impl RopeFields {
+    /// The fields of one layer type, for families with a RoPE per layer type (Gemma 3).
+    /// Transformers 5 nests `rope_parameters` by layer type; Hub configs give the
+    /// sliding-window layers only their own base (`local_base`, e.g. `rope_local_base_freq`)
+    /// and keep `rope_theta`/`rope_scaling` for the full-attention layers.
+    pub fn for_layer_type(&self, layer_type: &str, local_base: Option<f64>) -> RopeFields {
+        if let Some(nested) = self.rope_parameters.as_ref().and_then(|p| p.get(layer_type)) {
+            return RopeFields {
+                rope_parameters: Some(nested.clone()),
+                ..self.clone()
+            };
+        }
+        match (layer_type, local_base) {
+            ("sliding_attention", Some(base)) => RopeFields {
+                rope_theta: Some(base),
+                rope_scaling: None,
+                rope_parameters: None,
+                ..self.clone()
+            },
+            _ => self.clone(),
+        }
+    }
+}
+
 /// How the frequencies are scaled.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RopeScaling {

@@ -7,9 +7,11 @@ use crate::fixture::Fixture;
 use crate::report::{Check, Report, Row};
 use mlx_models::config::ConfigFile;
 use mlx_models::models::LanguageModel;
+use mlx_models::rope::Rope;
 use mlx_models::tap::Tap;
 use mlx_rs::{Array, Dtype};
 use serde_json::Value;
+use std::path::Path;
 
 /// How to run a verification.
 #[derive(Debug, Clone, Default)]
@@ -19,10 +21,20 @@ pub struct VerifyOptions {
     pub config_patch: Option<Value>,
 }
 
-/// Runs every check of `fixture` and returns the report.
+/// Builds a model from a config, the directory holding its weights, and a dtype to cast
+/// them to.
+pub type Builder<'a> =
+    &'a dyn Fn(&ConfigFile, &Path, Option<Dtype>) -> mlx_models::Result<Box<dyn LanguageModel>>;
+
+/// Runs every check of `fixture` on the model the registry builds and returns the report.
 pub fn verify(fixture: &Fixture, options: &VerifyOptions) -> Result<Report> {
+    verify_with(fixture, options, &mlx_models::load::load_model_with_config)
+}
+
+/// Runs every check of `fixture` on the model `build` makes (the port tool's candidates).
+pub fn verify_with(fixture: &Fixture, options: &VerifyOptions, build: Builder) -> Result<Report> {
     let mut report = Report::new(fixture);
-    let model = load(fixture, options, None)?;
+    let model = load(fixture, options, None, build)?;
     let ids = &fixture.manifest.input_ids;
     let tol = fixture.manifest.tolerances;
 
@@ -60,8 +72,12 @@ pub fn verify(fixture: &Fixture, options: &VerifyOptions) -> Result<Report> {
 
     // (c) greedy continuation.
     report.checks.push(greedy_check(fixture, model.as_ref())?);
-    // (d) RoPE at long positions.
-    if let Some(check) = rope_check(fixture, model.as_ref())? {
+    // (d) RoPE at long positions, of the full-attention layers and, where a family has a
+    // second one, of the sliding-window layers.
+    if let Some(check) = rope_check(fixture, model.rope(), "rope")? {
+        report.checks.push(check);
+    }
+    if let Some(check) = rope_check(fixture, model.local_rope(), "rope_local")? {
         report.checks.push(check);
     }
     // (f) cache consistency against the full forward pass.
@@ -80,7 +96,7 @@ pub fn verify(fixture: &Fixture, options: &VerifyOptions) -> Result<Report> {
     )?);
     // (e) bf16 stays bf16.
     if !fixture.manifest.bf16_dtypes.is_empty() {
-        report.checks.push(bf16_check(fixture, options)?);
+        report.checks.push(bf16_check(fixture, options, build)?);
     }
     Ok(report)
 }
@@ -89,16 +105,13 @@ fn load(
     fixture: &Fixture,
     options: &VerifyOptions,
     dtype: Option<Dtype>,
+    build: Builder,
 ) -> Result<Box<dyn LanguageModel>> {
     let mut config = ConfigFile::read(&fixture.dir.join("config.json"))?;
     if let Some(patch) = &options.config_patch {
         merge_patch(&mut config.value, patch);
     }
-    Ok(mlx_models::load::load_model_with_config(
-        &config,
-        &fixture.dir,
-        dtype,
-    )?)
+    Ok(build(&config, &fixture.dir, dtype)?)
 }
 
 fn prompt(ids: &[i32]) -> Array {
@@ -139,11 +152,11 @@ fn greedy_check(fixture: &Fixture, model: &dyn LanguageModel) -> Result<Check> {
     ))
 }
 
-fn rope_check(fixture: &Fixture, model: &dyn LanguageModel) -> Result<Option<Check>> {
+fn rope_check(fixture: &Fixture, rope: Option<&Rope>, name: &str) -> Result<Option<Check>> {
     let (Some(rope), Some(cos_ref), Some(sin_ref)) = (
-        model.rope(),
-        fixture.expected.get("rope.cos"),
-        fixture.expected.get("rope.sin"),
+        rope,
+        fixture.expected.get(&format!("{name}.cos")),
+        fixture.expected.get(&format!("{name}.sin")),
     ) else {
         return Ok(None);
     };
@@ -154,7 +167,7 @@ fn rope_check(fixture: &Fixture, model: &dyn LanguageModel) -> Result<Option<Che
     let tol = fixture.manifest.tolerances.rope_max_abs;
     if cos.len() != cos_ref.len() {
         return Ok(Some(Check::new(
-            "rope",
+            name,
             false,
             format!(
                 "{} cos values vs {} in the fixture (rotated dims differ)",
@@ -176,7 +189,7 @@ fn rope_check(fixture: &Fixture, model: &dyn LanguageModel) -> Result<Option<Che
         }
     }
     Ok(Some(Check::new(
-        "rope",
+        name,
         worst.0 <= tol,
         format!(
             "max |Δcos|,|Δsin| = {:.2e} (at position {}), tolerance {tol:.0e}",
@@ -222,8 +235,8 @@ fn cache_check(
     ))
 }
 
-fn bf16_check(fixture: &Fixture, options: &VerifyOptions) -> Result<Check> {
-    let model = load(fixture, options, Some(Dtype::Bfloat16))?;
+fn bf16_check(fixture: &Fixture, options: &VerifyOptions, build: Builder) -> Result<Check> {
+    let model = load(fixture, options, Some(Dtype::Bfloat16), build)?;
     let mut tap = Tap::on();
     let mut cache = model.new_cache();
     model.forward(&prompt(&fixture.manifest.input_ids), &mut cache, &mut tap)?;

@@ -2,10 +2,10 @@
 
 use crate::error::Result;
 use mlx_rs::{Array, Dtype};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Element-wise differences between our tensor and the reference.
-#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
 pub struct Diff {
     pub max_abs: f32,
     /// Largest |a - b| / max(|b|, 1e-6) (noisy where the reference is near zero).

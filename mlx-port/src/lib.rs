@@ -16,7 +16,7 @@ pub mod error;
 pub mod fixture;
 pub mod report;
 
-pub use checks::{verify, VerifyOptions};
+pub use checks::{verify, verify_with, Builder, VerifyOptions};
 pub use error::PortError;
 pub use fixture::Fixture;
 pub use report::Report;

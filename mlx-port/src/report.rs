@@ -2,11 +2,11 @@
 
 use crate::compare::Diff;
 use crate::fixture::Fixture;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::fmt::Write;
 
 /// One compared tensor.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Row {
     pub name: String,
     #[serde(flatten)]
@@ -25,7 +25,7 @@ impl Row {
 }
 
 /// One whole-model check.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Check {
     pub name: String,
     pub pass: bool,
@@ -43,7 +43,7 @@ impl Check {
 }
 
 /// The outcome of verifying one fixture.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Report {
     pub fixture: String,
     pub description: String,

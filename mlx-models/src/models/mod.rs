@@ -24,8 +24,14 @@ pub trait LanguageModel: Send {
     /// Facts about the model.
     fn info(&self) -> &ModelInfo;
 
-    /// The RoPE of the first layer (for verification).
+    /// The RoPE of the full-attention layers (for verification).
     fn rope(&self) -> Option<&Rope>;
+
+    /// The RoPE of the sliding-window layers where it differs from [`LanguageModel::rope`]
+    /// (Gemma 3's local base).
+    fn local_rope(&self) -> Option<&Rope> {
+        None
+    }
 }
 
 /// Facts about a loaded model, for `info` and for generation limits.
