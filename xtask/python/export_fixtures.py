@@ -5,17 +5,26 @@ For each variant of a variants spec (xtask/fixtures/<model_type>.json) this
 
 1. builds a small random-weight model with a fixed seed and saves it with
    `save_pretrained` (float32 safetensors; for `"config_style": "hub"` variants
-   config.json is then rewritten to the Hub-style `rope_theta` + `rope_scaling`
-   keys, and Transformers must load it back to the very same model);
+   config.json is then rewritten the way the family's configs on the Hub look,
+   see `to_hub_style`, and Transformers must load it back to the very same model);
 2. reloads it from disk and records, with forward hooks, what Transformers
    computes for a fixed 16-token prompt: the input of decoder layer 0, the
    output of every decoder layer, the final norm and the logits; the 32 greedy
-   tokens; and cos/sin of the model's own rotary module at a few positions;
+   tokens; and cos/sin of the model's own rotary module at a few positions
+   (`rope.*`; models with one RoPE per attention layer type, like Gemma 3, also
+   get `rope_local.*` for the sliding-window layers, see `ROPE_RECORD_PREFIXES`);
 3. reloads the same weights in bfloat16 and records only the dtype of each
    activation, to document Transformers' bf16 conventions;
 4. writes `config.json`, `model.safetensors` (and `generation_config.json`),
    `expected.safetensors` and the manifest `fixture.json` into
    `<out>/<model_type>/<variant>/`.
+
+Beyond the greedy near-tie check, a variant is refused when what it is meant
+to test does not reach the numbers: scaled RoPE must move cos/sin, a sliding
+window shorter than the prompt and tanh softcapping must move the logits (the
+manifest's `checks` record by how much), and a hub-style config.json must load
+with every field of the Transformers-5 one (what it leaves out, such as
+`layer_types`, Transformers must derive the same).
 
 Run it twice and the files are byte-for-byte identical. The Rust tests read the
 committed files and never need Python; `cargo xtask fixtures export` runs this
@@ -58,6 +67,34 @@ CONFIG_STYLES = ("transformers5", "hub")
 MIN_ROPE_SCALING_EFFECT = 100 * TOLERANCES["rope_max_abs"]
 # The greedy tokens are only a fair test if no step is a near-tie in float32.
 MIN_GREEDY_MARGIN = 10 * TOLERANCES["max_abs"]
+# A sliding window shorter than the prompt must move the logits by at least this
+# much compared with full attention, or the variant does not test the window.
+MIN_SLIDING_WINDOW_EFFECT = 100 * TOLERANCES["max_abs"]
+# Tanh softcapping (Gemma 2/3) must move the logits by at least this much, likewise.
+MIN_SOFTCAP_EFFECT = 100 * TOLERANCES["max_abs"]
+SOFTCAP_FIELDS = ("attn_logit_softcapping", "final_logit_softcapping")
+# For rotary modules with one RoPE per attention layer type (Gemma 3): the prefix of
+# each layer type's records in expected.safetensors. `rope.*` stays the global
+# (full-attention) RoPE, as for every other family; other layer types would get
+# `rope_<layer type>.*`. The manifest's `rope_layer_types` maps prefix -> layer type.
+ROPE_RECORD_PREFIXES = {"full_attention": "rope", "sliding_attention": "rope_local"}
+# Hub-style configs of these families spell the RoPE type `type`, not `rope_type`
+# (Phi-3: `"rope_scaling": {"type": "longrope", ...}`).
+HUB_ROPE_TYPE_KEY = {"phi3": "type"}
+# Hub-style configs of these families list `layer_types` even where Transformers
+# could derive it; for all others a derivable `layer_types` is dropped.
+HUB_KEEPS_LAYER_TYPES = {"smollm3"}
+# Hub-style configs of these families carry a sliding window even where
+# `use_sliding_window` is false (Qwen2.5: `"sliding_window": 32768`), which
+# Transformers then ignores; a null window is written as max_position_embeddings.
+HUB_IGNORED_SLIDING_WINDOW = {"qwen2"}
+# Values the family's Hub configs spell the legacy way, which Transformers maps back:
+# (field, value Transformers writes, value on the Hub). Gemma's `"hidden_act": "gelu"`
+# means the tanh approximation (Transformers turns it into gelu_pytorch_tanh).
+HUB_LEGACY_VALUES = {"gemma": [("hidden_act", "gelu_pytorch_tanh", "gelu")]}
+# Gemma 3 on the Hub: `sliding_window_pattern` instead of `layer_types`; the
+# pattern Transformers assumes when it is missing.
+GEMMA3_DEFAULT_SLIDING_WINDOW_PATTERN = 6
 
 
 def load_spec(path: Path) -> dict:
@@ -138,19 +175,121 @@ def assert_same_parameters(expected, actual) -> None:
 
 
 def to_hub_style(config: dict) -> dict:
-    """Rewrites a Transformers-5 config.json dict to the Hub's RoPE keys.
+    """Rewrites a Transformers-5 config.json dict to what the family's Hub configs carry.
 
     Transformers 5 writes one `rope_parameters` dict holding `rope_theta`. Most
     configs on the Hub predate it: `rope_theta` at the top level and the scaling,
     if any, in `rope_scaling` (as Llama 3.1, Qwen2.5-with-YaRN or Phi-3 ship).
     Unscaled RoPE gets no `rope_scaling` key at all, as in Mistral's configs.
+
+    Beyond RoPE, per family (the caller checks that Transformers reads the result
+    back to the very same model):
+
+    * `partial_rotary_factor` moves to the top level (Phi-4-mini), and is left out
+      when it is 1.0; `original_max_position_embeddings` stays only at the top
+      level when the config has it there (Phi-3);
+    * RoPE per attention layer type (Gemma 3): `rope_theta` (full attention),
+      `rope_local_base_freq` (sliding) and `rope_scaling` (full attention only);
+    * `layer_types` is left out where Transformers derives the same list from the
+      other fields (Qwen2/Qwen3 from `use_sliding_window` + `max_window_layers`,
+      Gemma 2 alternating), and replaced by `sliding_window_pattern` for Gemma 3;
+      families in HUB_KEEPS_LAYER_TYPES keep it;
+    * family quirks: HUB_ROPE_TYPE_KEY, HUB_IGNORED_SLIDING_WINDOW, HUB_LEGACY_VALUES.
     """
-    config = dict(config)
-    rope = dict(config.pop("rope_parameters"))
-    config["rope_theta"] = rope.pop("rope_theta")
-    if rope.get("rope_type", "default") != "default":
-        config["rope_scaling"] = rope
+    # Private attributes Transformers serializes (Gemma 3's `_sliding_window_pattern`) are no Hub keys.
+    config = {key: value for key, value in config.items() if not key.startswith("_")}
+    model_type = config.get("model_type")
+    rope = config.pop("rope_parameters")
+    if any(key in ROPE_RECORD_PREFIXES for key in rope):
+        config.update(nested_rope_to_hub_style(rope))
+    else:
+        rope = dict(rope)
+        config["rope_theta"] = rope.pop("rope_theta")
+        partial = rope.pop("partial_rotary_factor", None)
+        if partial is not None and partial != 1.0:
+            config["partial_rotary_factor"] = partial
+        if "original_max_position_embeddings" in config:
+            # The top-level value wins in Transformers (Phi-3), and is where the Hub has it.
+            rope.pop("original_max_position_embeddings", None)
+        if rope.get("rope_type", "default") != "default":
+            type_key = HUB_ROPE_TYPE_KEY.get(model_type, "rope_type")
+            if type_key != "rope_type":
+                rope[type_key] = rope.pop("rope_type")
+            config["rope_scaling"] = rope
+    if config.get("layer_types") is not None and model_type not in HUB_KEEPS_LAYER_TYPES:
+        layer_types = config.pop("layer_types")
+        if model_type == "gemma3_text":
+            pattern = gemma3_sliding_window_pattern(layer_types)
+            if pattern is None:
+                raise SystemExit(f"layer_types {layer_types} follow no sliding_window_pattern: no Hub-style config")
+            config["sliding_window_pattern"] = pattern
+        elif derived_layer_types(config) != layer_types:
+            config["layer_types"] = layer_types  # not derivable: the Hub config must list it
+    if model_type in HUB_IGNORED_SLIDING_WINDOW and config.get("sliding_window") is None:
+        if config.get("use_sliding_window") is False:
+            config["sliding_window"] = config["max_position_embeddings"]
+    for field, written, on_hub in HUB_LEGACY_VALUES.get(model_type, []):
+        if config.get(field) == written:
+            config[field] = on_hub
     return config
+
+
+def nested_rope_to_hub_style(rope: dict) -> dict:
+    """Gemma 3's Hub keys for RoPE per layer type; the sliding layers' RoPE cannot be scaled there."""
+    unknown = sorted(set(rope) - set(ROPE_RECORD_PREFIXES))
+    if unknown:
+        raise SystemExit(f"no Hub-style keys for the RoPE of layer types {unknown}")
+    keys = {}
+    full = dict(rope["full_attention"])
+    keys["rope_theta"] = full.pop("rope_theta")
+    if full.get("rope_type", "default") != "default":
+        keys["rope_scaling"] = full
+    local = dict(rope["sliding_attention"])
+    keys["rope_local_base_freq"] = local.pop("rope_theta")
+    if local != {"rope_type": "default"}:
+        raise SystemExit(f"the Hub-style config has no place for the sliding layers' RoPE {local}")
+    return keys
+
+
+def gemma3_sliding_window_pattern(layer_types: list) -> int | None:
+    """The `sliding_window_pattern` from which Gemma 3 derives `layer_types` (6 preferred), if any."""
+
+    def derived(pattern):
+        return [
+            "sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(len(layer_types))
+        ]
+
+    candidates = [GEMMA3_DEFAULT_SLIDING_WINDOW_PATTERN] + list(range(1, len(layer_types) + 2))
+    return next((pattern for pattern in candidates if derived(pattern) == layer_types), None)
+
+
+def derived_layer_types(config: dict):
+    """The `layer_types` Transformers derives for a config.json dict that lacks them."""
+    import transformers
+
+    kwargs = {key: value for key, value in config.items() if key not in ("model_type", "layer_types")}
+    return transformers.AutoConfig.for_model(config["model_type"], **copy.deepcopy(kwargs)).layer_types
+
+
+def without_legacy_type(rope):
+    """rope_parameters without the legacy `type` key Transformers keeps next to an equal `rope_type` (Phi-3)."""
+    if not isinstance(rope, dict):
+        return rope
+    if "rope_type" in rope and rope.get("type", rope["rope_type"]) == rope["rope_type"]:
+        return {key: value for key, value in rope.items() if key != "type"}
+    return {key: without_legacy_type(value) if isinstance(value, dict) else value for key, value in rope.items()}
+
+
+def assert_same_config(expected, actual) -> None:
+    """Fails unless every public field of `expected` reads the same in `actual` (extra fields may differ)."""
+    left, right = expected.to_dict(), actual.to_dict()
+    right["rope_parameters"] = without_legacy_type(right.get("rope_parameters"))
+    differ = sorted(key for key in left if not key.startswith("_") and left[key] != right.get(key))
+    if differ:
+        raise SystemExit(
+            "the hub-style config.json loads with other values: "
+            + "; ".join(f"{key}: {right.get(key)!r} instead of {left[key]!r}" for key in differ)
+        )
 
 
 def decoder_parts(model):
@@ -265,28 +404,58 @@ def cache_consistency(model, input_ids, logits) -> float:
     return worst
 
 
+def rope_layer_types(rotary) -> dict | None:
+    """Record prefix -> layer type for a rotary module with one RoPE per layer type, else None.
+
+    Such a module (Gemma 3) keeps `rope_type` as a dict by layer type, holds
+    `<layer type>_inv_freq` buffers, and its forward takes the layer type.
+    """
+    if not isinstance(getattr(rotary, "rope_type", None), dict):
+        return None
+    return {ROPE_RECORD_PREFIXES.get(layer_type, f"rope_{layer_type}"): layer_type for layer_type in rotary.rope_type}
+
+
+def rope_parameter_sets(config, rotary) -> dict:
+    """Record prefix -> the rope_parameters dict that RoPE comes from."""
+    layer_types = rope_layer_types(rotary)
+    if layer_types is None:
+        return {"rope": config.rope_parameters}
+    return {prefix: config.rope_parameters[layer_type] for prefix, layer_type in layer_types.items()}
+
+
 def capture_rope(model, dtype):
     """cos/sin (and inv_freq, when exposed) of the model's rotary module at ROPE_POSITIONS.
 
     One call with all positions, as a forward pass over those positions would make
-    it. The input `x` only lends its dtype and device. Returns the tensors and the
-    module's `attention_scaling`, the factor it multiplies cos and sin by.
+    it. The input `x` only lends its dtype and device. Returns the tensors and, per
+    record prefix (`rope`, and `rope_local` for a rotary module with one RoPE per
+    layer type), the module's `attention_scaling`, the factor it multiplies cos and
+    sin by.
     """
     import torch
 
     _, _, rotary = decoder_parts(model)
     position_ids = torch.tensor([ROPE_POSITIONS], dtype=torch.int64)
     x = torch.zeros(1, len(ROPE_POSITIONS), model.config.hidden_size, dtype=dtype)
-    with torch.no_grad():
-        cos, sin = rotary(x, position_ids)
-    tensors = {"rope.cos": cos[0].clone(), "rope.sin": sin[0].clone()}
-    inv_freq = getattr(rotary, "inv_freq", None)
-    if isinstance(inv_freq, torch.Tensor):
-        tensors["rope.inv_freq"] = inv_freq.detach().clone()
-    return tensors, float(getattr(rotary, "attention_scaling", 1.0))
+    layer_types = rope_layer_types(rotary)
+    calls = {"rope": None} if layer_types is None else layer_types
+    tensors, scalings = {}, {}
+    for prefix, layer_type in calls.items():
+        attribute = "" if layer_type is None else f"{layer_type}_"
+        with torch.no_grad():
+            if layer_type is None:
+                cos, sin = rotary(x, position_ids)
+            else:
+                cos, sin = rotary(x, position_ids, layer_type)
+        tensors[f"{prefix}.cos"], tensors[f"{prefix}.sin"] = cos[0].clone(), sin[0].clone()
+        inv_freq = getattr(rotary, f"{attribute}inv_freq", None)
+        if isinstance(inv_freq, torch.Tensor):
+            tensors[f"{prefix}.inv_freq"] = inv_freq.detach().clone()
+        scalings[prefix] = float(getattr(rotary, f"{attribute}attention_scaling", 1.0))
+    return tensors, scalings
 
 
-def float64_angle_deviation(rope: dict, attention_scaling: float) -> float:
+def float64_angle_deviation(rope: dict, attention_scaling: float, prefix: str = "rope") -> float:
     """How far the recorded cos/sin are from cos/sin of float64 angles with the same inv_freq.
 
     Transformers multiplies position and inv_freq in float32, so at position
@@ -297,25 +466,46 @@ def float64_angle_deviation(rope: dict, attention_scaling: float) -> float:
     import torch
 
     positions = torch.tensor(ROPE_POSITIONS, dtype=torch.float64)
-    angles = positions[:, None] * rope["rope.inv_freq"].double()[None, :]
+    angles = positions[:, None] * rope[f"{prefix}.inv_freq"].double()[None, :]
     angles = torch.cat([angles, angles], dim=-1)
     cos, sin = angles.cos() * attention_scaling, angles.sin() * attention_scaling
     return max(
-        float((cos - rope["rope.cos"].double()).abs().max()),
-        float((sin - rope["rope.sin"].double()).abs().max()),
+        float((cos - rope[f"{prefix}.cos"].double()).abs().max()),
+        float((sin - rope[f"{prefix}.sin"].double()).abs().max()),
     )
 
 
-def unscaled_twin(model):
-    """The same weights under unscaled RoPE of the same theta, to measure what scaling does."""
-    config = copy.deepcopy(model.config)
-    rope = config.rope_parameters
-    config.rope_parameters = {"rope_type": "default", "rope_theta": rope["rope_theta"]}
+def unscaled_rope_parameters(rope: dict) -> dict:
+    """Unscaled RoPE with the theta (and partial rotary factor) of `rope`."""
+    unscaled = {"rope_type": "default", "rope_theta": rope["rope_theta"]}
     if "partial_rotary_factor" in rope:
-        config.rope_parameters["partial_rotary_factor"] = rope["partial_rotary_factor"]
+        unscaled["partial_rotary_factor"] = rope["partial_rotary_factor"]
+    return unscaled
+
+
+def unscaled_twin(model):
+    """The same weights under unscaled RoPE of the same theta, to measure what scaling does.
+
+    With one RoPE per layer type (Gemma 3) every layer type's RoPE is unscaled.
+    """
+    config = copy.deepcopy(model.config)
+    layer_types = rope_layer_types(decoder_parts(model)[2])
+    if layer_types is None:
+        config.rope_parameters = unscaled_rope_parameters(config.rope_parameters)
+    else:
+        config.rope_parameters = {
+            **config.rope_parameters,
+            **{lt: unscaled_rope_parameters(config.rope_parameters[lt]) for lt in layer_types.values()},
+        }
     twin = type(model)(config).eval()
     twin.load_state_dict(model.state_dict())
     return twin
+
+
+def scaled_rope_prefixes(model) -> list:
+    """The record prefixes whose RoPE is scaled (rope_type other than default)."""
+    sets = rope_parameter_sets(model.config, decoder_parts(model)[2])
+    return [prefix for prefix, rope in sets.items() if rope["rope_type"] != "default"]
 
 
 def scaling_checks(model, input_ids, logits, rope: dict) -> dict:
@@ -326,25 +516,78 @@ def scaling_checks(model, input_ids, logits, rope: dict) -> dict:
     also reaches the prompt (it does not for dynamic NTK below its threshold).
     """
     twin = unscaled_twin(model)
-    twin_rope, _ = capture_rope(twin, rope["rope.cos"].dtype)
-    rope_effect = max(float((rope[k] - twin_rope[k]).abs().max()) for k in ("rope.cos", "rope.sin"))
+    dtype = next(value.dtype for key, value in rope.items() if key.endswith(".cos"))
+    twin_rope, _ = capture_rope(twin, dtype)
+    checks = {}
+    sets = rope_parameter_sets(model.config, decoder_parts(model)[2])
+    for prefix in scaled_rope_prefixes(model):
+        effect = max(float((rope[k] - twin_rope[k]).abs().max()) for k in (f"{prefix}.cos", f"{prefix}.sin"))
+        if effect < MIN_ROPE_SCALING_EFFECT:
+            raise SystemExit(
+                f"{sets[prefix]['rope_type']} RoPE ({prefix}) changes cos/sin by only {effect:.3g} "
+                f"at {ROPE_POSITIONS}: adjust the variant so that its scaling is exercised"
+            )
+        checks[f"{prefix}_vs_unscaled_max_abs"] = rounded(effect)
     logits_effect = float((run_forward(twin, input_ids)["logits"] - logits).abs().max())
-    if rope_effect < MIN_ROPE_SCALING_EFFECT:
-        raise SystemExit(
-            f"{model.config.rope_parameters['rope_type']} RoPE changes cos/sin by only {rope_effect:.3g} "
-            f"at {ROPE_POSITIONS}: adjust the variant so that its scaling is exercised"
-        )
-    return {"rope_vs_unscaled_max_abs": rounded(rope_effect), "logits_vs_unscaled_max_abs": rounded(logits_effect)}
+    checks["logits_vs_unscaled_max_abs"] = rounded(logits_effect)
+    return checks
 
 
-def rope_note(config):
+def sliding_window_checks(model, input_ids, logits) -> dict:
+    """How far the logits move when the sliding window (shorter than the prompt) becomes unlimited.
+
+    Only for configs with a sliding window shorter than the prompt; the window
+    must change the logits, or a port that ignored it would pass.
+    """
+    window = getattr(model.config, "sliding_window", None)
+    if not (isinstance(window, int) and window < PROMPT_LENGTH):
+        return {}
+    config = copy.deepcopy(model.config)
+    config.sliding_window = 1 << 20  # longer than any sequence here: full attention
+    twin = type(model)(config).eval()
+    twin.load_state_dict(model.state_dict())
+    effect = float((run_forward(twin, input_ids)["logits"] - logits).abs().max())
+    if effect < MIN_SLIDING_WINDOW_EFFECT:
+        raise SystemExit(f"the sliding window changes the logits by only {effect:.3g}: make it smaller")
+    return {"logits_vs_unlimited_window_max_abs": rounded(effect)}
+
+
+def softcap_checks(model, input_ids, logits) -> dict:
+    """How far the logits move without tanh softcapping, for models that softcap; it must bite."""
+    config = copy.deepcopy(model.config)
+    capped = [name for name in SOFTCAP_FIELDS if getattr(config, name, None) is not None]
+    if not capped:
+        return {}
+    for name in capped:
+        setattr(config, name, None)
+    twin = type(model)(config).eval()
+    twin.load_state_dict(model.state_dict())
+    effect = float((run_forward(twin, input_ids)["logits"] - logits).abs().max())
+    if effect < MIN_SOFTCAP_EFFECT:
+        raise SystemExit(f"softcapping ({', '.join(capped)}) changes the logits by only {effect:.3g}")
+    return {"logits_vs_no_softcap_max_abs": rounded(effect)}
+
+
+def rope_note(config, rotary=None):
     """Explains, for RoPE types whose cos/sin depend on the sequence length, what was recorded.
 
     Transformers decides per call of the rotary module, from
     seq_len = max(position_ids) + 1, so the rope.* tensors (one call with all
     ROPE_POSITIONS) can use another regime than the prompt does.
     """
-    rope = config.rope_parameters
+    layer_types = None if rotary is None else rope_layer_types(rotary)
+    if layer_types is None:
+        return rope_note_for(config, config.rope_parameters)
+    notes = []
+    for prefix, layer_type in layer_types.items():
+        note = rope_note_for(config, config.rope_parameters[layer_type])
+        if note is not None:
+            notes.append(f"{prefix}.* ({layer_type} layers): {note}")
+    return " ".join(notes) or None
+
+
+def rope_note_for(config, rope):
+    """rope_note for one rope_parameters dict."""
     rope_type = rope["rope_type"]
     rope_len = max(ROPE_POSITIONS) + 1
     longest = PROMPT_LENGTH + GREEDY_NEW_TOKENS - 1  # the last greedy step sees this many positions
@@ -389,6 +632,29 @@ def dtype_name(dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def prompt_ids(seed: int, vocab_size: int):
+    """The variant's 16-token prompt, from its own generator."""
+    import torch
+
+    prompt_generator = torch.Generator().manual_seed(seed + PROMPT_SEED_OFFSET)
+    return torch.randint(0, vocab_size, (1, PROMPT_LENGTH), generator=prompt_generator, dtype=torch.int64)
+
+
+def greedy_margin(spec: dict, variant: dict) -> float:
+    """The smallest top-1/top-2 logit gap of the variant's greedy run, as export_variant measures it.
+
+    export_variant refuses a variant whose margin is below MIN_GREEDY_MARGIN; a
+    spec generator (introspect.py) uses this to pick a seed that passes.
+    """
+    import torch
+
+    model = build_model(spec, variant)
+    with tempfile.TemporaryDirectory() as temporary:
+        model.save_pretrained(temporary, safe_serialization=True)
+        reference = load_model(Path(temporary), torch.float32)
+    return greedy_decode(reference, prompt_ids(variant["seed"], model.config.vocab_size), GREEDY_NEW_TOKENS)[1]
+
+
 def export_variant(spec: dict, variant: dict, out_root: Path) -> None:
     """Writes the fixture directory of one variant."""
     import torch
@@ -397,9 +663,7 @@ def export_variant(spec: dict, variant: dict, out_root: Path) -> None:
     name, seed = variant["name"], variant["seed"]
     style = variant.get("config_style", "transformers5")
     model = build_model(spec, variant)
-    vocab_size = model.config.vocab_size
-    prompt_generator = torch.Generator().manual_seed(seed + PROMPT_SEED_OFFSET)
-    input_ids = torch.randint(0, vocab_size, (1, PROMPT_LENGTH), generator=prompt_generator, dtype=torch.int64)
+    input_ids = prompt_ids(seed, model.config.vocab_size)
     checks = {}
 
     with tempfile.TemporaryDirectory() as temporary:
@@ -413,11 +677,13 @@ def export_variant(spec: dict, variant: dict, out_root: Path) -> None:
             config_path = staging / "config.json"
             write_json(config_path, to_hub_style(json.loads(config_path.read_text(encoding="utf-8"))))
             from_hub = load_model(staging, torch.float32)
-            if from_hub.config.rope_parameters != reference.config.rope_parameters:
+            if without_legacy_type(from_hub.config.rope_parameters) != reference.config.rope_parameters:
                 raise SystemExit(
                     f"hub-style config loads as {from_hub.config.rope_parameters}, "
                     f"not {reference.config.rope_parameters}"
                 )
+            # Whatever the hub-style config leaves out (layer_types, ...) Transformers must derive the same.
+            assert_same_config(reference.config, from_hub.config)
             with torch.no_grad():
                 before = reference(input_ids=input_ids).logits
                 after = from_hub(input_ids=input_ids).logits
@@ -435,17 +701,22 @@ def export_variant(spec: dict, variant: dict, out_root: Path) -> None:
             cache_consistency(reference, input_ids, activations["logits"])
         )
         # Last: dynamic RoPE keeps state in the rotary module between calls.
-        rope, attention_scaling = capture_rope(reference, torch.float32)
-        if "rope.inv_freq" in rope:
-            checks["rope_vs_float64_angles_max_abs"] = rounded(float64_angle_deviation(rope, attention_scaling))
-        if reference.config.rope_parameters["rope_type"] != "default":
+        rope, attention_scalings = capture_rope(reference, torch.float32)
+        for prefix, attention_scaling in attention_scalings.items():
+            if f"{prefix}.inv_freq" in rope:
+                deviation = float64_angle_deviation(rope, attention_scaling, prefix)
+                checks[f"{prefix}_vs_float64_angles_max_abs"] = rounded(deviation)
+        checks.update(sliding_window_checks(reference, input_ids, activations["logits"]))
+        checks.update(softcap_checks(reference, input_ids, activations["logits"]))
+        if scaled_rope_prefixes(reference):
             checks.update(scaling_checks(reference, input_ids, activations["logits"], rope))
 
         # The bfloat16 run keeps only the dtypes Transformers computes in.
         half = load_model(staging, torch.bfloat16)
         half_tensors = run_forward(half, input_ids)
         half_tensors.update(capture_rope(half, torch.bfloat16)[0])
-        half_tensors.pop("rope.inv_freq", None)  # a buffer, not something computed in the bf16 run
+        for key in [key for key in half_tensors if key.endswith(".inv_freq")]:
+            half_tensors.pop(key)  # a buffer, not something computed in the bf16 run
         bf16_dtypes = {key: dtype_name(value.dtype) for key, value in half_tensors.items()}
 
         tensors = {**activations, "greedy_tokens": greedy_tokens, **rope}
@@ -464,7 +735,7 @@ def export_variant(spec: dict, variant: dict, out_root: Path) -> None:
             "greedy_new_tokens": GREEDY_NEW_TOKENS,
             "greedy_stops_at_eos": False,
             "rope_positions": ROPE_POSITIONS,
-            "rope_attention_scaling": attention_scaling,
+            **{f"{prefix}_attention_scaling": value for prefix, value in attention_scalings.items()},
             "tolerances": TOLERANCES,
             "tensors": {
                 key: {"shape": list(value.shape), "dtype": dtype_name(value.dtype)} for key, value in tensors.items()
@@ -475,7 +746,10 @@ def export_variant(spec: dict, variant: dict, out_root: Path) -> None:
             "config_style": style,
             "checks": checks,
         }
-        note = rope_note(reference.config)
+        rotary = decoder_parts(reference)[2]
+        if rope_layer_types(rotary) is not None:
+            manifest["rope_layer_types"] = rope_layer_types(rotary)
+        note = rope_note(reference.config, rotary)
         if note is not None:
             manifest["rope_note"] = note
         write_json(staging / "fixture.json", manifest)

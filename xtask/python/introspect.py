@@ -1,0 +1,742 @@
+#!/usr/bin/env python3
+"""Describes a Transformers decoder-only family for the Rust code generator.
+
+`cargo xtask port <model_type>` reads what this script writes (`--out facts.json`)
+to generate a port: the config class and its fields with their defaults, a tiny
+config and what Transformers derives from it (layer_types, rope_parameters,
+head_dim, ...), the parameters of the tiny model, its modules with their simple
+attributes (eps, scaling, sliding_window, layer_type, use_rope, the activation
+class, ...), the rotary module, and the fixture variants worth exporting. Those
+variants are chosen mechanically from which config fields exist, so the script
+works for a family nobody tuned by hand; `--spec-out` writes them as a variants
+spec in the format of xtask/fixtures/llama.json, for export_fixtures.py.
+
+Nothing here depends on the clock, the machine or a download: the same
+Transformers version gives the same bytes.
+
+facts.json (sorted keys, 2-space indent, final newline):
+
+    model_type, transformers_version, config_class, architecture
+    config_fields    {name: {default, kind, nullable, annotation}}: the fields the
+                     family's config class declares (Transformers 5 configs are
+                     dataclasses; the fields common to all configs that the class
+                     does not redeclare, like id2label or return_dict, are left out).
+                     kind: int|float|bool|str|list|dict|none (of the default when it
+                     is not null, else of the first type of the annotation).
+    attribute_map    the config class's aliases (alias -> field)
+    small_config     the tiny config (the spec's base_config)
+    resolved_config  AutoConfig.for_model(model_type, **small_config).to_dict()
+    parameters       [{name, shape[, tied_to][, init]}] of the tiny model's state_dict,
+                     sorted; tied_to names the parameter a tied one shares storage
+                     with (save_pretrained writes only that one); init ("zeros" or
+                     "ones", vectors only) is Transformers' initial value: Gemma's
+                     RMSNorm weights start at zeros because the norm scales by
+                     1 + weight
+    modules          [{name, class, attrs[, buffers]}] for the non-layer modules and
+                     those of decoder layers 0 and 1; attrs holds the instance
+                     attributes that are JSON values (numbers, strings, booleans,
+                     null, and lists/dicts of them) and, for parameter-less child
+                     modules such as act_fn, the child's class name; buffers:
+                     {name: {shape, dtype, persistent}}
+    layer_types      the tiny config's layer_types, or null
+    rotary           {class, per_layer_type, rope_types, supported_rope_types}:
+                     per_layer_type is true when the rotary module computes one
+                     RoPE per attention layer type (forward takes a layer type);
+                     rope_types maps layer type -> rope_type ("all" when not per
+                     layer type); supported_rope_types lists the RoPE types the
+                     config class accepts
+    variants         the proposed fixture variants (the spec's variants)
+
+Variants, in this order, each where the config class has the fields named:
+
+    default          transformers5 style, the tiny config as it is (tied only if
+                     the family's default ties)
+    tied | untied    tie_word_embeddings: the opposite of the family's default
+    bias | no-bias   bool fields named *_bias or use_bias: all true (all false
+                     when the family's defaults are all true, as Starcoder2's)
+    sliding          sliding_window: a window of 5 (use_sliding_window true where
+                     it exists); with layer_types, 3 layers [sliding, full,
+                     sliding] and intermediate_size 64 to stay small
+    sliding-hub      max_window_layers + use_sliding_window (Qwen2/3): the window
+                     from layer 1 on, derived, in a Hub-style config
+    linear | longrope | yarn
+                     rope_parameters, Hub style: linear factor 8 on the full-attention
+                     RoPE when the rotary module has one RoPE per layer type (Gemma
+                     3); longrope when the class has a top-level
+                     original_max_position_embeddings or accepts longrope but not
+                     yarn (Phi-3); else yarn (else linear)
+    hub              the default in a Hub-style config
+    softcap          attn_logit_softcapping / final_logit_softcapping: 2.0 / 3.0
+    multipliers      *_multiplier / logits_scaling: non-trivial values
+    no-rope          no_rope_layers: every second layer without RoPE
+    partial-rotary   partial_rotary_factor as a field or in the resolved
+                     rope_parameters (Phi-3): 0.75, Hub style
+
+Seeds are 1, 2, 3, ... in that order; unless --no-seed-check, each variant is
+built, saved, reloaded and run greedily as export_fixtures.py does, and a seed
+with a greedy near-tie (margin below export_fixtures.MIN_GREEDY_MARGIN) moves on
+to seed + 100, + 200, ... So every proposed variant passes that check of the
+exporter; its other checks do not depend on the seed.
+
+Usage:
+    python introspect.py --model-type qwen2 --out facts.json [--config small.json [--replace-config]]
+                         [--spec-out xtask/fixtures/qwen2.json] [--no-seed-check]
+"""
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import re
+import sys
+import types
+import typing
+from pathlib import Path
+
+from fixture_common import configure_determinism, write_json
+import probes
+
+# The tiny config: these fields are overridden wherever the config class has them.
+SMALL_SIZES = {
+    "vocab_size": 256,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 1,
+    "head_dim": 16,
+    "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-05,
+    "norm_epsilon": 1e-05,
+    "layer_norm_eps": 1e-05,
+    "initializer_range": 0.15,
+    # Gemma 2/3 scale attention scores by query_pre_attn_scalar**-0.5: keep it apart
+    # from head_dim (16) as Gemma 2 27B does (144 vs 128), so that a port that scales
+    # by head_dim fails.
+    "query_pre_attn_scalar": 32,
+}
+HEAD_DIM = SMALL_SIZES["hidden_size"] // SMALL_SIZES["num_attention_heads"]
+# Variants with sliding-window layers: the window is smaller than the 16-token prompt.
+SLIDING_WINDOW = 5
+# Variants that mix layer types use 3 layers and a narrower MLP to stay below ~510 KB.
+MIXED_LAYERS = 3
+MIXED_INTERMEDIATE_SIZE = 64
+# Seeds are 1, 2, 3, ... in variant order; a seed whose greedy run has a near-tie
+# is replaced by seed + SEED_RETRY_STEP * k, the first that passes.
+SEED_RETRY_STEP = 100
+SEED_RETRIES = 20
+# Non-trivial values for multiplier fields (Granite-style); other *_multiplier fields get 0.5.
+MULTIPLIER_VALUES = {
+    "embedding_multiplier": 4.0,
+    "residual_multiplier": 0.5,
+    "attention_multiplier": 0.125,
+    "logits_scaling": 2.0,
+}
+# Softcaps small enough to bite on the tiny random model (Gemma 2 ships 50 / 30).
+SOFTCAP_VALUES = {"attn_logit_softcapping": 2.0, "final_logit_softcapping": 3.0}
+# Parameters of each scaled-RoPE variant.
+YARN = {"rope_type": "yarn", "rope_theta": 100000.0, "factor": 4.0, "original_max_position_embeddings": 64}
+YARN_MAX_POSITION_EMBEDDINGS = 256  # = factor x original_max_position_embeddings
+LINEAR = {"rope_type": "linear", "factor": 8.0}
+LONGROPE_ORIGINAL_MAX_POSITION_EMBEDDINGS = 4096
+LONGROPE_SHORT_FACTOR = [1.0, 1.02, 1.05, 1.1, 1.2, 1.35, 1.6, 2.0]
+LONGROPE_LONG_FACTOR = [1.0, 1.25, 1.8, 3.0, 5.5, 10.0, 19.0, 36.0]
+PARTIAL_ROTARY_FACTOR = 0.75  # Phi-4-mini; 12 of 16 head dims rotate
+# The RoPE types whose acceptance is probed, with parameters valid at the tiny size.
+ROPE_PROBES = {
+    "default": {"rope_type": "default"},
+    "linear": {"rope_type": "linear", "factor": 4.0},
+    "dynamic": {"rope_type": "dynamic", "factor": 2.0},
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
+    "longrope": {
+        "rope_type": "longrope",
+        "original_max_position_embeddings": 64,
+        "short_factor": LONGROPE_SHORT_FACTOR,
+        "long_factor": LONGROPE_LONG_FACTOR,
+    },
+    "llama3": {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    },
+}
+SIMPLE_TYPES = (bool, int, float, str, type(None))
+LAYER_INDEX = re.compile(r"\.layers\.(\d+)(\.|$)")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def jsonable(value):
+    """`value` as plain JSON (tuples become lists, non-finite floats strings), or raises TypeError."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, SIMPLE_TYPES):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [jsonable(item) for item in value]
+    if isinstance(value, dict):
+        return {str(key): jsonable(item) for key, item in value.items()}
+    raise TypeError(type(value).__name__)
+
+
+def jsonable_or_none(value):
+    try:
+        return jsonable(value), True
+    except TypeError:
+        return None, False
+
+
+def kind_of_value(value) -> str:
+    if value is None:
+        return "none"
+    for python_type, kind in ((bool, "bool"), (int, "int"), (float, "float"), (str, "str"), (list, "list"),
+                              (tuple, "list"), (dict, "dict")):
+        if isinstance(value, python_type):
+            return kind
+    return type(value).__name__
+
+
+def annotation_kinds(annotation) -> list:
+    """The kinds an annotation allows, in its order (`int | None` -> ["int", "none"])."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        kinds = []
+        for argument in typing.get_args(annotation):
+            kinds += [kind for kind in annotation_kinds(argument) if kind not in kinds]
+        return kinds
+    if annotation is type(None) or annotation is None:
+        return ["none"]
+    if origin is typing.Literal:
+        return [kind_of_value(typing.get_args(annotation)[0])]
+    base = origin or annotation
+    for python_type, kind in ((bool, "bool"), (int, "int"), (float, "float"), (str, "str"), (list, "list"),
+                              (tuple, "list"), (dict, "dict")):
+        if isinstance(base, type) and issubclass(base, python_type):
+            return [kind]
+    if isinstance(base, type) and typing.is_typeddict(base):
+        return ["dict"]
+    return [getattr(base, "__name__", str(base))]
+
+
+def annotation_text(annotation) -> str:
+    if isinstance(annotation, type) and typing.get_origin(annotation) is None:
+        return annotation.__name__
+    return str(annotation).replace("typing.", "")
+
+
+# --------------------------------------------------------------------------- config
+
+
+def resolve_annotation(config_class, field):
+    """A field's annotation as a type, evaluated in its class's module when it is a string."""
+    annotation = field.type
+    if not isinstance(annotation, str):
+        return annotation
+    for klass in config_class.__mro__:
+        if field.name in getattr(klass, "__annotations__", {}):
+            namespace = vars(sys.modules[klass.__module__])
+            try:
+                return eval(annotation, dict(namespace))  # noqa: S307 - the class's own annotation text
+            except Exception:  # noqa: BLE001 - keep the text
+                return annotation
+    return annotation
+
+
+def config_fields(config_class) -> dict:
+    """The dataclass fields the family's config class declares, with default and kind."""
+    from transformers import PreTrainedConfig
+
+    declared = set()
+    for klass in config_class.__mro__:
+        if klass is PreTrainedConfig:
+            break
+        declared |= set(getattr(klass, "__annotations__", {}))
+    fields = {}
+    for field in dataclasses.fields(config_class):
+        if field.name not in declared or field.name == "kwargs":
+            continue
+        if field.default is not dataclasses.MISSING:
+            default = field.default
+        elif field.default_factory is not dataclasses.MISSING:
+            default = field.default_factory()
+        else:
+            default = None
+        default, _ = jsonable_or_none(default)
+        annotation = resolve_annotation(config_class, field)
+        kinds = annotation_kinds(annotation)
+        fields[field.name] = {
+            "default": default,
+            "kind": kind_of_value(default) if default is not None else next(
+                (kind for kind in kinds if kind != "none"), "none"
+            ),
+            "nullable": "none" in kinds,
+            "annotation": annotation_text(annotation),
+        }
+    return fields
+
+
+def build_config(model_type: str, config: dict):
+    import transformers
+
+    return transformers.AutoConfig.for_model(model_type, **copy.deepcopy(config))
+
+
+def small_config(model_type: str, fields: dict) -> dict:
+    """The tiny config: SMALL_SIZES where the class has the field, tie_word_embeddings as the family's default.
+
+    Special token ids beyond the tiny vocabulary are set to its last id.
+
+    If the family's full-size default mixes attention layer types (Gemma 3: five
+    sliding, one full) but the tiny one would not, layer_types cycles through
+    them (Gemma 3 then has a full-attention layer, and both of its RoPEs).
+    """
+    config = {name: value for name, value in SMALL_SIZES.items() if name in fields}
+    if "head_dim" not in fields:
+        config.pop("head_dim", None)
+    if "tie_word_embeddings" in fields:
+        config["tie_word_embeddings"] = fields["tie_word_embeddings"]["default"]
+    # Special token ids outside the tiny vocabulary (Phi-3's pad 32000) become its last id.
+    vocab_size = config.get("vocab_size", SMALL_SIZES["vocab_size"])
+    for name, field in fields.items():
+        default = field["default"]
+        if name.endswith("token_id") and default is not None:
+            values = default if isinstance(default, list) else [default]
+            if any(isinstance(value, int) and value >= vocab_size for value in values):
+                clipped = [value if value < vocab_size else vocab_size - 1 for value in values]
+                config[name] = clipped if isinstance(default, list) else clipped[0]
+    if "layer_types" in fields:
+        full_size = build_config(model_type, {}).layer_types or []
+        tiny = build_config(model_type, config).layer_types or []
+        kinds = list(dict.fromkeys(full_size))
+        if len(kinds) > 1 and len(set(tiny)) < len(kinds):
+            config["layer_types"] = [kinds[i % len(kinds)] for i in range(config["num_hidden_layers"])]
+    return config
+
+
+def supported_rope_types(model_type: str, config: dict) -> list:
+    """The RoPE types the config class accepts at the tiny size (it validates them on construction)."""
+    import transformers
+
+    supported = []
+    verbosity = transformers.utils.logging.get_verbosity()
+    transformers.utils.logging.set_verbosity_error()  # the probes' parameters draw warnings
+    for name, probe in ROPE_PROBES.items():
+        try:
+            built = build_config(model_type, {**config, "rope_parameters": {**probe, "rope_theta": 10000.0}})
+        except Exception:  # noqa: BLE001 - any refusal means unsupported
+            continue
+        rope = built.rope_parameters
+        if rope.get("rope_type") == name or any(
+            isinstance(value, dict) and value.get("rope_type") == name for value in rope.values()
+        ):
+            supported.append(name)
+    transformers.utils.logging.set_verbosity(verbosity)
+    return supported
+
+
+# --------------------------------------------------------------------------- model
+
+
+def tiny_model(architecture: str, config):
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    return getattr(transformers, architecture)(config).eval()
+
+
+def parameters(model) -> list:
+    """state_dict entries (name, shape), sorted; tied ones name the entry they share storage with.
+
+    Vectors also say what Transformers initialises them to (`init`: zeros or ones),
+    from the freshly built model.
+    """
+    state = model.state_dict(keep_vars=True)
+    first_of = {}
+    entries = []
+    for name in sorted(state):
+        tensor = state[name]
+        entry = {"name": name, "shape": list(tensor.shape)}
+        if tensor.dim() == 1:
+            # What Transformers initialises a vector to: Gemma's RMSNorm weights are zeros
+            # (the norm scales by 1 + weight), most others ones; biases zeros.
+            if bool((tensor == 0).all()):
+                entry["init"] = "zeros"
+            elif bool((tensor == 1).all()):
+                entry["init"] = "ones"
+        key = (tensor.data_ptr(), tuple(tensor.shape))
+        if key in first_of:
+            entry["tied_to"] = first_of[key]
+        else:
+            first_of[key] = name
+        entries.append(entry)
+    # A tied lm_head sorts before model.embed_tokens: point from the one save_pretrained drops.
+    tied_keys = getattr(model, "_tied_weights_keys", None) or {}
+    if isinstance(tied_keys, dict):
+        by_name = {entry["name"]: entry for entry in entries}
+        for target, source in tied_keys.items():
+            if target in by_name and source in by_name and (
+                by_name[target].get("tied_to") == source or by_name[source].get("tied_to") == target
+            ):
+                by_name[source].pop("tied_to", None)
+                by_name[target]["tied_to"] = source
+    return entries
+
+
+def module_attrs(module) -> dict:
+    attrs = {}
+    for key, value in vars(module).items():
+        if key.startswith("_") or key == "training":
+            continue
+        value, ok = jsonable_or_none(value)
+        if ok:
+            attrs[key] = value
+    for name, child in module.named_children():
+        if next(child.parameters(), None) is None and next(child.buffers(), None) is None and not list(
+            child.children()
+        ):
+            attrs[name] = type(child).__name__
+    return attrs
+
+
+def modules(model) -> list:
+    """Non-layer modules and those of decoder layers 0 and 1, in named_modules order."""
+    entries = []
+    for name, module in model.named_modules():
+        match = LAYER_INDEX.search(name)
+        if match and int(match.group(1)) >= 2:
+            continue
+        entry = {"name": name, "class": type(module).__name__, "attrs": module_attrs(module)}
+        persistent = set(module._buffers) - set(getattr(module, "_non_persistent_buffers_set", set()))
+        buffers = {
+            buffer_name: {
+                "shape": list(buffer.shape),
+                "dtype": str(buffer.dtype).removeprefix("torch."),
+                "persistent": buffer_name in persistent,
+            }
+            for buffer_name, buffer in module.named_buffers(recurse=False)
+        }
+        if buffers:
+            entry["buffers"] = buffers
+        entries.append(entry)
+    return entries
+
+
+def rotary_facts(model, model_type: str, config: dict) -> dict:
+    rotary = model.model.rotary_emb
+    rope_type = getattr(rotary, "rope_type", None)
+    per_layer_type = isinstance(rope_type, dict)
+    return {
+        "class": type(rotary).__name__,
+        "per_layer_type": per_layer_type,
+        "rope_types": dict(rope_type) if per_layer_type else {"all": rope_type},
+        "supported_rope_types": supported_rope_types(model_type, config),
+    }
+
+
+# --------------------------------------------------------------------------- variants
+
+
+def text(value) -> str:
+    """A value as JSON text, for descriptions."""
+    return json.dumps(value)
+
+
+def describe_rope(rope: dict) -> str:
+    if "rope_type" not in rope:
+        return "; ".join(f"{layer_type}: {describe_rope(value)}" for layer_type, value in rope.items())
+    described = f"{rope['rope_type']} RoPE, theta {rope.get('rope_theta')}"
+    extra = {k: v for k, v in rope.items() if k not in ("rope_type", "rope_theta") and not isinstance(v, list)}
+    if extra:
+        described += " (" + ", ".join(f"{key} {value}" for key, value in sorted(extra.items())) + ")"
+    return described
+
+
+def mixed_layer_overrides(fields: dict, layer_types: list) -> dict:
+    overrides = {"num_hidden_layers": len(layer_types), "layer_types": layer_types}
+    if "intermediate_size" in fields:
+        overrides["intermediate_size"] = MIXED_INTERMEDIATE_SIZE
+    return overrides
+
+
+def propose_variants(model_type: str, fields: dict, small: dict, resolved, rotary: dict) -> list:
+    """The fixture variants, from which config fields exist (seeds assigned later)."""
+    variants = []
+    tied_default = bool(small.get("tie_word_embeddings", False))
+    rope = resolved.rope_parameters or {}
+    per_layer_type = rotary["per_layer_type"]
+
+    def add(name, description, overrides, style="transformers5"):
+        variants.append(
+            {"name": name, "description": description, "config_style": style, "config_overrides": overrides}
+        )
+
+    base = (
+        f"{small.get('num_hidden_layers')} layers, {small.get('num_attention_heads')} query heads, "
+        f"{resolved.num_key_value_heads} kv head{'s' if resolved.num_key_value_heads != 1 else ''}, "
+        f"lm_head {'tied' if tied_default else 'untied'}"
+    )
+    if getattr(resolved, "layer_types", None) is not None:
+        base += f", layer_types {text(resolved.layer_types)}"
+    base += f", {describe_rope(rope)}"
+    add("default", f"The family's defaults at tiny size: {base}.", {})
+
+    if "tie_word_embeddings" in fields:
+        if tied_default:
+            add("untied", "As default, with an lm_head of its own (tie_word_embeddings false).",
+                {"tie_word_embeddings": False})
+        else:
+            add("tied", "As default, with the lm_head tied to the embeddings (tie_word_embeddings true).",
+                {"tie_word_embeddings": True})
+
+    bias_fields = [
+        name for name, field in fields.items()
+        if (name.endswith("_bias") or name == "use_bias") and field["kind"] == "bool"
+    ]
+    if bias_fields:
+        if all(fields[name]["default"] is True for name in bias_fields):
+            add("no-bias", f"As default, without biases ({', '.join(bias_fields)} false).",
+                {name: False for name in bias_fields})
+        else:
+            add("bias", f"As default, with random biases ({', '.join(bias_fields)} true).",
+                {name: True for name in bias_fields})
+
+    if "sliding_window" in fields:
+        overrides = {"sliding_window": SLIDING_WINDOW}
+        if "use_sliding_window" in fields:
+            overrides["use_sliding_window"] = True
+        summary = f"Sliding-window attention with a window of {SLIDING_WINDOW} tokens (the prompt has 16)"
+        if "layer_types" in fields:
+            layer_types = ["sliding_attention", "full_attention", "sliding_attention"][:MIXED_LAYERS]
+            overrides.update(mixed_layer_overrides(fields, layer_types))
+            summary += f", layer_types {text(layer_types)} (intermediate_size {MIXED_INTERMEDIATE_SIZE} to stay small)"
+        else:
+            summary += ", in every layer"
+        add("sliding", summary + ".", overrides)
+        if "max_window_layers" in fields and "use_sliding_window" in fields:
+            derived = ["full_attention"] + ["sliding_attention"] * (MIXED_LAYERS - 1)
+            overrides = {
+                "use_sliding_window": True,
+                "sliding_window": SLIDING_WINDOW,
+                "max_window_layers": 1,
+                "num_hidden_layers": MIXED_LAYERS,
+            }
+            if "intermediate_size" in fields:
+                overrides["intermediate_size"] = MIXED_INTERMEDIATE_SIZE
+            add(
+                "sliding-hub",
+                f"Sliding window {SLIDING_WINDOW} from layer max_window_layers = 1 on ({MIXED_LAYERS} layers: "
+                f"{text(derived)}); Hub-style config without layer_types, so a port must derive them from "
+                "use_sliding_window and max_window_layers.",
+                overrides,
+                "hub",
+            )
+
+    if "rope_parameters" in fields and rope:
+        supported = rotary["supported_rope_types"]
+        if per_layer_type:
+            scaled = {}
+            for layer_type, params in rope.items():
+                if params is None:
+                    continue
+                keep = {"rope_type": "default", "rope_theta": params["rope_theta"]}
+                scaled[layer_type] = keep
+            target = "full_attention" if "full_attention" in scaled else sorted(scaled)[0]
+            scaled[target] = {**LINEAR, "rope_theta": scaled[target]["rope_theta"]}
+            add(
+                "linear",
+                f"Linear RoPE scaling (factor {LINEAR['factor']}) for the {target} layers only, as Gemma 3 4B and "
+                f"larger ship; the other layer types keep unscaled RoPE. Hub-style config.",
+                {"rope_parameters": scaled},
+                "hub",
+            )
+        elif "original_max_position_embeddings" in fields or ("yarn" not in supported and "longrope" in supported):
+            rotary_dim = int(HEAD_DIM * rope.get("partial_rotary_factor", 1.0))
+            count = rotary_dim // 2
+            overrides = {
+                "rope_parameters": {
+                    "rope_type": "longrope",
+                    "rope_theta": rope.get("rope_theta", 10000.0),
+                    "short_factor": LONGROPE_SHORT_FACTOR[:count],
+                    "long_factor": LONGROPE_LONG_FACTOR[:count],
+                }
+            }
+            if "original_max_position_embeddings" in fields:
+                overrides["original_max_position_embeddings"] = LONGROPE_ORIGINAL_MAX_POSITION_EMBEDDINGS
+            else:
+                overrides["rope_parameters"]["original_max_position_embeddings"] = (
+                    LONGROPE_ORIGINAL_MAX_POSITION_EMBEDDINGS
+                )
+            add(
+                "longrope",
+                f"LongRoPE as Phi-3 128k ships it: original_max_position_embeddings "
+                f"{LONGROPE_ORIGINAL_MAX_POSITION_EMBEDDINGS}, "
+                f"max_position_embeddings {small['max_position_embeddings']}: "
+                "the prompt and greedy run use short_factor, the recorded rope positions long_factor (see "
+                "rope_note). Hub-style config.",
+                overrides,
+                "hub",
+            )
+        elif "yarn" in supported or "linear" in supported:
+            if "yarn" in supported:
+                overrides = {"max_position_embeddings": YARN_MAX_POSITION_EMBEDDINGS, "rope_parameters": dict(YARN)}
+                summary = (
+                    f"YaRN RoPE, factor {YARN['factor']}, original_max_position_embeddings "
+                    f"{YARN['original_max_position_embeddings']} "
+                    f"(max_position_embeddings {YARN_MAX_POSITION_EMBEDDINGS}), "
+                    f"theta {YARN['rope_theta']}. Hub-style config."
+                )
+                name = "yarn"
+            else:
+                overrides = {"rope_parameters": {**LINEAR, "rope_theta": rope.get("rope_theta", 10000.0)}}
+                summary = f"Linear RoPE scaling, factor {LINEAR['factor']}. Hub-style config."
+                name = "linear"
+            if "partial_rotary_factor" in rope:
+                overrides["rope_parameters"]["partial_rotary_factor"] = rope["partial_rotary_factor"]
+            add(name, summary, overrides, "hub")
+
+    add("hub", "As default, with the config.json the family's checkpoints on the Hub carry (see to_hub_style in "
+        "export_fixtures.py).", {}, "hub")
+
+    softcaps = [name for name in SOFTCAP_VALUES if name in fields]
+    if softcaps:
+        values = {name: SOFTCAP_VALUES[name] for name in softcaps}
+        add("softcap", "Tanh softcapping small enough to bite: "
+            + ", ".join(f"{name} {value}" for name, value in values.items()) + ".", values)
+
+    multipliers = [name for name in fields if name.endswith("_multiplier") or name == "logits_scaling"]
+    if multipliers:
+        values = {name: MULTIPLIER_VALUES.get(name, 0.5) for name in multipliers}
+        add("multipliers", "Non-trivial multipliers: "
+            + ", ".join(f"{name} {value}" for name, value in values.items()) + ".", values)
+
+    if "no_rope_layers" in fields:
+        layers = small["num_hidden_layers"]
+        no_rope = [int((i + 1) % 2 != 0) for i in range(layers)]
+        add("no-rope", f"no_rope_layers {text(no_rope)}: the layers marked 0 use no RoPE (NoPE).",
+            {"no_rope_layers": no_rope})
+
+    if "partial_rotary_factor" in fields or (not per_layer_type and "partial_rotary_factor" in rope):
+        params = {"rope_type": "default", "rope_theta": rope.get("rope_theta", 10000.0),
+                  "partial_rotary_factor": PARTIAL_ROTARY_FACTOR}
+        rotary_dim = int(HEAD_DIM * PARTIAL_ROTARY_FACTOR)
+        add("partial-rotary",
+            f"partial_rotary_factor {PARTIAL_ROTARY_FACTOR}: RoPE on the first {rotary_dim} of {HEAD_DIM} head "
+            "dims (Phi-4-mini style). Hub-style config (partial_rotary_factor at the top level).",
+            {"rope_parameters": params}, "hub")
+    return variants
+
+
+def assign_seeds(spec: dict, check: bool) -> None:
+    """Seeds 1, 2, 3, ...; with `check`, a seed whose greedy run has a near-tie moves on by SEED_RETRY_STEP."""
+    import export_fixtures
+
+    for index, variant in enumerate(spec["variants"]):
+        seed = index + 1
+        if check:
+            for attempt in range(SEED_RETRIES):
+                candidate = seed + SEED_RETRY_STEP * attempt
+                margin = export_fixtures.greedy_margin(spec, {**variant, "seed": candidate})
+                if margin >= export_fixtures.MIN_GREEDY_MARGIN:
+                    seed = candidate
+                    break
+                print(f"{spec['model_type']}/{variant['name']}: seed {candidate} has a greedy near-tie "
+                      f"({margin:.3g}), trying the next", file=sys.stderr, flush=True)
+            else:
+                raise SystemExit(f"{variant['name']}: no seed without a greedy near-tie")
+        variant["seed"] = seed
+    # Key order as in llama.json.
+    spec["variants"] = [
+        {key: variant[key] for key in ("name", "description", "seed", "config_style", "config_overrides")}
+        for variant in spec["variants"]
+    ]
+
+
+# --------------------------------------------------------------------------- main
+
+
+def introspect(model_type: str, config_override: dict | None, replace: bool, check_seeds: bool):
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if model_type not in CONFIG_MAPPING_NAMES:
+        raise SystemExit(f"unknown model_type {model_type!r}")
+    architecture = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
+    if architecture is None:
+        raise SystemExit(f"{model_type!r} has no causal-LM class in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES")
+    config_class = getattr(transformers, CONFIG_MAPPING_NAMES[model_type])
+    fields = config_fields(config_class)
+
+    small = small_config(model_type, fields)
+    if config_override is not None:
+        small = dict(config_override) if replace else {**small, **config_override}
+    small = dict(sorted(small.items()))
+    resolved = build_config(model_type, small)
+    model = tiny_model(architecture, resolved)
+    rotary = rotary_facts(model, model_type, small)
+
+    spec = {
+        "model_type": model_type,
+        "architecture": architecture,
+        "comment": (
+            f"Random-weight {architecture} fixtures, proposed by introspect.py from the fields of "
+            f"{config_class.__name__} (Transformers {transformers.__version__}); see llama.json for the conventions. "
+            "base_config and each variant's config_overrides are merged and passed to the config class; weights "
+            "are N(0, initializer_range) from the variant's seed (vectors keep their init constant plus noise); "
+            "config_style 'hub' rewrites config.json to what the family's Hub checkpoints carry."
+        ),
+        "base_config": small,
+        "variants": propose_variants(model_type, fields, small, resolved, rotary),
+    }
+    assign_seeds(spec, check_seeds)
+
+    facts = {
+        "model_type": model_type,
+        "transformers_version": transformers.__version__,
+        "config_class": config_class.__name__,
+        "architecture": architecture,
+        "config_fields": fields,
+        "attribute_map": dict(config_class.attribute_map),
+        "small_config": small,
+        "resolved_config": jsonable(resolved.to_dict()),
+        "parameters": parameters(model),
+        "modules": modules(model),
+        "layer_types": jsonable(getattr(resolved, "layer_types", None)),
+        "rotary": rotary,
+        "layer_type_probes": probes.layer_type_probes(config_class, fields),
+        "legacy_fields": probes.legacy_fields(config_class, fields),
+        "default_theta": jsonable(getattr(config_class, "default_theta", None)),
+        "no_rope_probes": probes.no_rope_probes(config_class, fields),
+        "variants": spec["variants"],
+    }
+    return facts, spec
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model-type", required=True, help="Transformers model_type, e.g. qwen2")
+    parser.add_argument("--config", type=Path, help="JSON object merged over the derived tiny config")
+    parser.add_argument("--replace-config", action="store_true", help="use --config as the tiny config as it is")
+    parser.add_argument("--out", type=Path, required=True, help="facts JSON to write")
+    parser.add_argument("--spec-out", type=Path, help="also write the variants spec (export_fixtures.py --spec)")
+    parser.add_argument("--no-seed-check", action="store_true",
+                        help="assign seeds 1, 2, 3, ... without checking the greedy margin")
+    args = parser.parse_args()
+    if args.replace_config and args.config is None:
+        parser.error("--replace-config needs --config")
+
+    configure_determinism()
+    override = json.loads(args.config.read_text(encoding="utf-8")) if args.config else None
+    facts, spec = introspect(args.model_type, override, args.replace_config, not args.no_seed_check)
+    write_json(args.out, facts)
+    if args.spec_out is not None:
+        write_json(args.spec_out, spec)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

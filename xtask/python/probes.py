@@ -1,0 +1,87 @@
+"""Probes of how a Transformers config class derives per-layer settings.
+
+Hub configs often predate `layer_types` (and SmolLM3-style `no_rope_layers`): Transformers
+then derives them in the config class from other fields (`sliding_window_pattern`,
+`use_sliding_window` + `max_window_layers`, `no_rope_layer_interval`, ...). The port tool
+cannot read that logic, so it asks: build the config without the derived field for a few
+settings of the fields it may depend on, record what Transformers derived, and let the
+tool find the rule that reproduces every probe.
+"""
+
+import itertools
+
+PROBE_LAYERS = 12
+
+
+def _derived(config_class, kwargs, attribute):
+    config = config_class(**kwargs)
+    value = getattr(config, attribute, None)
+    return list(value) if value is not None else None
+
+
+def legacy_fields(config_class, fields):
+    """Keys Hub configs carry that the class reads without declaring them, with their
+    defaults: Gemma 3's `sliding_window_pattern` and `rope_local_base_freq`."""
+    found = {}
+    if "layer_types" in fields and "sliding_window_pattern" not in fields:
+        plain = _derived(config_class, {"num_hidden_layers": PROBE_LAYERS}, "layer_types")
+        patterned = _derived(
+            config_class, {"num_hidden_layers": PROBE_LAYERS, "sliding_window_pattern": 3}, "layer_types"
+        )
+        if plain and patterned and plain != patterned and "full_attention" in plain:
+            found["sliding_window_pattern"] = plain.index("full_attention") + 1
+    default = config_class()
+    nested = getattr(default, "rope_parameters", None) or {}
+    if "sliding_attention" in nested and "rope_local_base_freq" not in fields:
+        probe = config_class(rope_local_base_freq=1234.0)
+        if probe.rope_parameters["sliding_attention"]["rope_theta"] == 1234.0:
+            found["rope_local_base_freq"] = nested["sliding_attention"]["rope_theta"]
+    return found
+
+
+def layer_type_probes(config_class, fields):
+    """`[{"config": {...}, "layer_types": [...]}]`, or [] if the class has no layer_types."""
+    if "layer_types" not in fields or "sliding_window" not in fields:
+        return []
+    fields = {**fields, **legacy_fields(config_class, fields)}
+    options = {"sliding_window": [4]}
+    for name, values in (
+        ("sliding_window_pattern", [3, 4]),
+        ("use_sliding_window", [True, False]),
+        ("max_window_layers", [5, 7]),
+    ):
+        if name in fields:
+            options[name] = values
+    probes = []
+    names = sorted(options)
+    for combination in itertools.product(*(options[n] for n in names)):
+        kwargs = {"num_hidden_layers": PROBE_LAYERS, **dict(zip(names, combination))}
+        derived = _derived(config_class, kwargs, "layer_types")
+        if derived is not None:
+            probes.append({"config": kwargs, "layer_types": derived})
+    return probes
+
+
+def no_rope_probes(config_class, fields):
+    """`[{"config": {...}, "no_rope_layers": [...]}]` for classes with `no_rope_layers`."""
+    if "no_rope_layers" not in fields:
+        return []
+    probes = []
+    for interval in ([3, 4] if "no_rope_layer_interval" in fields else [None]):
+        kwargs = {"num_hidden_layers": PROBE_LAYERS}
+        if interval is not None:
+            kwargs["no_rope_layer_interval"] = interval
+        derived = _derived(config_class, kwargs, "no_rope_layers")
+        if derived is not None:
+            probes.append({"config": kwargs, "no_rope_layers": [int(x) for x in derived]})
+    return probes
+
+
+def norm_init(model):
+    """The value Transformers initializes the final norm's weight to (1.0, or 0.0 for
+    families that store RMSNorm weights as offsets from one)."""
+    norm = getattr(getattr(model, "model", model), "norm", None)
+    weight = getattr(norm, "weight", None)
+    if weight is None:
+        return None
+    return float(weight.detach().flatten()[0])
