@@ -95,7 +95,7 @@ fn export(args: ExportArgs) -> anyhow::Result<()> {
 }
 
 /// The workspace root: the parent of this crate.
-fn workspace_root() -> PathBuf {
+pub fn workspace_root() -> PathBuf {
     let xtask = Path::new(env!("CARGO_MANIFEST_DIR"));
     xtask.parent().unwrap_or(xtask).to_path_buf()
 }
@@ -132,6 +132,11 @@ fn select_specs(root: &Path, model_types: &[String], gguf: bool) -> anyhow::Resu
             })
         })
         .collect()
+}
+
+/// The Python of the exporter environment, set up first if needed.
+pub fn python() -> anyhow::Result<PathBuf> {
+    ensure_environment(false)
 }
 
 /// Where the exporter environment lives.

@@ -2,6 +2,7 @@
 
 mod bench;
 mod fixtures;
+mod port;
 mod verify;
 
 use clap::{Parser, Subcommand};
@@ -19,6 +20,9 @@ enum Command {
     Bench(bench::Args),
     /// Reference fixtures exported from Hugging Face Transformers.
     Fixtures(fixtures::Args),
+    /// Port a Transformers model type: generate its module, export and verify fixtures,
+    /// write PORT_REPORT.md.
+    Port(port::Args),
     /// Verify models against their Transformers fixtures, layer by layer.
     Verify(verify::Args),
 }
@@ -27,6 +31,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Bench(args) => bench::run(args),
         Command::Fixtures(args) => fixtures::run(args),
+        Command::Port(args) => port::run(args),
         Command::Verify(args) => verify::run(args),
     }
 }

@@ -1,0 +1,492 @@
+//! `cargo xtask port <model_type>`: from a Transformers model type to a verified model
+//! module and a report a maintainer can review.
+//!
+//! 1. Introspect Transformers (`xtask/python/introspect.py`, pinned venv): config fields and
+//!    defaults, the tiny model's parameters and modules, how it derives `layer_types`; and
+//!    the fixture variants its config options call for (→ `xtask/fixtures/<type>.json`).
+//! 2. Export those fixtures (`export_fixtures.py`) into `tests/fixtures/<type>/`.
+//! 3. Plan: map the parameters and config fields onto the shared blocks of
+//!    `mlx_models::transformer`; list what is undecided and what is not expressible (gaps).
+//! 4. Try each undecided combination against every fixture (in-process, no compilation)
+//!    and keep the first that passes all of them.
+//! 5. Generate `mlx-models/src/models/<name>.rs`, rustfmt it, register it, then compile and
+//!    verify the generated module (`cargo xtask verify <type>`).
+//! 6. Write `tests/fixtures/<type>/PORT_REPORT.md`.
+//!
+//! Everything it writes depends only on the pinned Transformers and the fixtures, so a
+//! second run writes the same files. A module that was edited by hand after generation is
+//! left as it is; the report then lists the edits as a diff.
+
+pub mod codegen;
+pub mod interpret;
+pub mod plan;
+pub mod report;
+
+use crate::fixtures::{python, workspace_root};
+use anyhow::{bail, Context};
+use mlx_models::config::ConfigFile;
+use mlx_models::models::LanguageModel;
+use mlx_port::{fixture, verify_with, Fixture, Report, VerifyOptions};
+use plan::{Choice, Plan};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The Transformers `model_type` to port, e.g. `qwen3`.
+    model_type: String,
+    /// A tiny config (JSON) for the fixtures instead of the derived one.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// The module name [default: the model type, made an identifier].
+    #[arg(long)]
+    name: Option<String>,
+    /// Reuse the committed introspection and fixtures (no Python).
+    #[arg(long)]
+    offline: bool,
+    /// Replace a module that differs from what the generator writes (hand edits are lost).
+    #[arg(long)]
+    overwrite: bool,
+}
+
+/// The outcome of trying the candidates.
+pub struct Search {
+    pub chosen: Option<Choice>,
+    /// Per candidate: its description and the fixtures it failed (first bad row or check).
+    pub tried: Vec<(String, Vec<String>)>,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let root = workspace_root();
+    let mt = args.model_type.as_str();
+    let module = args
+        .name
+        .clone()
+        .unwrap_or_else(|| mt.replace(|c: char| !c.is_ascii_alphanumeric(), "_"));
+    let fixtures_dir = root.join("tests/fixtures").join(mt);
+    let facts_path = fixtures_dir.join("introspection.json");
+    if !args.offline {
+        introspect(&root, mt, args.config.as_deref(), &facts_path)?;
+        export(&root, mt)?;
+    }
+    let facts: Value = serde_json::from_str(
+        &std::fs::read_to_string(&facts_path)
+            .with_context(|| format!("reading {}", facts_path.display()))?,
+    )?;
+    let mut plan = plan::plan(&facts, &module);
+    let fixtures = fixture::discover(&fixtures_dir)
+        .iter()
+        .map(|d| Fixture::load(d))
+        .collect::<Result<Vec<_>, _>>()?;
+    if fixtures.is_empty() {
+        bail!("no fixtures under {}", fixtures_dir.display());
+    }
+    eprintln!(
+        "port {mt}: {} fixtures, {} candidate(s), {} gap(s)",
+        fixtures.len(),
+        plan.choices.len(),
+        plan.gaps.len()
+    );
+    let search = search(&plan, &fixtures)?;
+    if let Some(choice) = &search.chosen {
+        plan.settle(choice);
+    }
+    let module_path = root.join(format!("mlx-models/src/models/{module}.rs"));
+    let mut hand_edits = None;
+    let mut reports = Vec::new();
+    if let (Some(choice), true) = (&search.chosen, plan.gaps.is_empty()) {
+        let generated = rustfmt(&codegen::module_source(&plan, choice, default_theta(&facts)))?;
+        let draft = root.join("target/port").join(mt);
+        std::fs::create_dir_all(&draft)?;
+        std::fs::write(draft.join(format!("{module}.rs")), &generated)?;
+        let previous = std::fs::read_to_string(&module_path).ok();
+        match &previous {
+            Some(existing) if *existing != generated && !args.overwrite => {
+                hand_edits = Some(diff(&generated, existing)?);
+                eprintln!(
+                    "port {mt}: {} differs from the generated module; kept (the report lists the difference)",
+                    module_path.display()
+                );
+            }
+            _ => std::fs::write(&module_path, &generated)?,
+        }
+        let registry = root.join("mlx-models/src/models/mod.rs");
+        let registry_before = std::fs::read_to_string(&registry)?;
+        register(&root, mt, &module)?;
+        let built;
+        (reports, built) = verify_generated(&root, mt)?;
+        if !built {
+            // A module that does not compile would break this very tool (it links the zoo):
+            // put the tree back and keep the draft for the report.
+            std::fs::write(&registry, registry_before)?;
+            match previous {
+                Some(text) => std::fs::write(&module_path, text)?,
+                None => std::fs::remove_file(&module_path)?,
+            }
+            eprintln!(
+                "port {mt}: the generated module does not compile; removed again, draft kept in {}",
+                draft.display()
+            );
+        }
+    }
+    let text = report::render(&plan, &search, &reports, hand_edits.as_deref(), &fixtures);
+    std::fs::write(fixtures_dir.join("PORT_REPORT.md"), text)?;
+    let passed = plan.gaps.is_empty()
+        && search.chosen.is_some()
+        && !reports.is_empty()
+        && reports.iter().all(Report::passed);
+    eprintln!(
+        "port {mt}: {} — report in {}",
+        if passed { "verified" } else { "NOT verified" },
+        fixtures_dir.join("PORT_REPORT.md").display()
+    );
+    if !passed {
+        bail!("{mt} is not ported yet: see its PORT_REPORT.md");
+    }
+    Ok(())
+}
+
+/// Runs the introspection, which also writes the fixture variants spec.
+fn introspect(root: &Path, mt: &str, config: Option<&Path>, out: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(out.parent().expect("a file in a directory"))?;
+    let mut cmd = Command::new(python()?);
+    cmd.current_dir(root)
+        .arg("xtask/python/introspect.py")
+        .args(["--model-type", mt, "--out"])
+        .arg(out)
+        .arg("--spec-out")
+        .arg(root.join(format!("xtask/fixtures/{mt}.json")));
+    if let Some(c) = config {
+        cmd.arg("--config").arg(c);
+    }
+    let status = cmd.status()?;
+    if !status.success() {
+        bail!("introspect.py failed for {mt}");
+    }
+    Ok(())
+}
+
+fn export(root: &Path, mt: &str) -> anyhow::Result<()> {
+    let status = Command::new(python()?)
+        .current_dir(root)
+        .arg("xtask/python/export_fixtures.py")
+        .arg("--spec")
+        .arg(format!("xtask/fixtures/{mt}.json"))
+        .args(["--out", "tests/fixtures"])
+        .status()?;
+    if !status.success() {
+        bail!("exporting the {mt} fixtures failed");
+    }
+    Ok(())
+}
+
+/// The RoPE base Transformers uses when a config gives none.
+pub fn default_theta(facts: &Value) -> f64 {
+    match facts.get("default_theta") {
+        Some(Value::Number(n)) => return n.as_f64().unwrap_or(10_000.0),
+        Some(Value::Object(m)) => {
+            if let Some(t) = m.get("global").and_then(Value::as_f64) {
+                return t;
+            }
+        }
+        _ => {}
+    }
+    let params = facts
+        .pointer("/config_fields/rope_parameters/default")
+        .filter(|v| !v.is_null())
+        .or_else(|| facts.pointer("/resolved_config/rope_parameters"));
+    let theta = |p: &Value| p.get("rope_theta").and_then(Value::as_f64);
+    params
+        .and_then(|p| theta(p).or_else(|| p.get("full_attention").and_then(theta)))
+        .or_else(|| facts.pointer("/config_fields/rope_theta/default").and_then(Value::as_f64))
+        .unwrap_or(10_000.0)
+}
+
+/// Tries every candidate on every fixture; the first that passes them all wins.
+pub fn search(plan: &Plan, fixtures: &[Fixture]) -> anyhow::Result<Search> {
+    let mut tried = Vec::new();
+    for choice in &plan.choices {
+        let build = |config: &ConfigFile, dir: &Path, dtype| -> mlx_models::Result<Box<dyn LanguageModel>> {
+            let settings = interpret::settings(plan, choice, config)?;
+            let mut weights = mlx_models::weights::Weights::from_dir(dir)?.with_dtype(dtype);
+            weights.eval()?;
+            mlx_models::transformer::drop_computed_weights(&mut weights, settings.tie_word_embeddings);
+            mlx_models::transformer::build(config, settings, weights)
+        };
+        let mut failures = Vec::new();
+        for fixture in fixtures {
+            match verify_with(fixture, &VerifyOptions::default(), &build) {
+                Ok(report) if report.passed() => {}
+                Ok(report) => failures.push(format!(
+                    "{}: {}",
+                    report.fixture,
+                    report
+                        .first_bad()
+                        .map(|r| format!("first bad tensor `{r}`"))
+                        .unwrap_or_else(|| format!("checks {:?} failed", report.failed_checks()))
+                )),
+                Err(e) => failures.push(format!("{}: {e}", fixture.name())),
+            }
+            if !failures.is_empty() {
+                break;
+            }
+        }
+        let passed = failures.is_empty();
+        // Paths relative to the workspace, so the report reads the same on every machine.
+        let root = format!("{}/", workspace_root().display());
+        let failures = failures.iter().map(|f| f.replace(&root, "")).collect();
+        tried.push((choice.describe(), failures));
+        if passed {
+            return Ok(Search {
+                chosen: Some(choice.clone()),
+                tried,
+            });
+        }
+    }
+    Ok(Search {
+        chosen: None,
+        tried,
+    })
+}
+
+/// Formats Rust source with rustfmt (edition 2021, the workspace's settings).
+pub fn rustfmt(source: &str) -> anyhow::Result<String> {
+    use std::io::Write;
+    let mut child = Command::new("rustfmt")
+        .args(["--edition", "2021", "--emit", "stdout"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("running rustfmt (rustup component add rustfmt)")?;
+    child
+        .stdin
+        .take()
+        .expect("piped stdin")
+        .write_all(source.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!("rustfmt rejected the generated module");
+    }
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+fn diff(generated: &str, existing: &str) -> anyhow::Result<String> {
+    let dir = std::env::temp_dir().join(format!("xtask-port-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let (a, b) = (dir.join("generated.rs"), dir.join("committed.rs"));
+    std::fs::write(&a, generated)?;
+    std::fs::write(&b, existing)?;
+    let out = Command::new("diff")
+        .args(["-u", "--label", "generated", "--label", "committed"])
+        .arg(&a)
+        .arg(&b)
+        .output()?;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Adds `pub mod <module>;` and the registry entry to models/mod.rs, once.
+fn register(root: &Path, mt: &str, module: &str) -> anyhow::Result<()> {
+    let path = root.join("mlx-models/src/models/mod.rs");
+    let text = std::fs::read_to_string(&path)?;
+    let updated = registry_source(&text, mt, module);
+    if updated != text {
+        std::fs::write(&path, rustfmt(&updated)?)?;
+    }
+    Ok(())
+}
+
+/// models/mod.rs with `module` declared and `mt` registered (both kept sorted).
+pub fn registry_source(text: &str, mt: &str, module: &str) -> String {
+    let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
+    let decl = format!("pub mod {module};");
+    if !lines.iter().any(|l| l == &decl) {
+        let mods: Vec<usize> = (0..lines.len())
+            .filter(|&i| lines[i].starts_with("pub mod "))
+            .collect();
+        let at = mods
+            .iter()
+            .copied()
+            .find(|&i| lines[i].as_str() > decl.as_str())
+            .unwrap_or_else(|| mods.last().map_or(0, |&i| i + 1));
+        lines.insert(at, decl);
+    }
+    let entry = format!("    ({mt:?}, {module}::load),");
+    if !lines.iter().any(|l| l.trim() == entry.trim()) {
+        if let Some(start) = lines.iter().position(|l| l.starts_with("pub const REGISTRY")) {
+            // rustfmt puts a short registry on one line: one entry per line first.
+            if let Some((head, rest)) = lines[start].split_once("= &[") {
+                if let Some(body) = rest.strip_suffix("];").filter(|b| !b.trim().is_empty()) {
+                    let head = format!("{head}= &[");
+                    let entries: Vec<String> = body
+                        .split("),")
+                        .map(str::trim)
+                        .filter(|e| !e.is_empty())
+                        .map(|e| format!("    {},", e.trim_end_matches(',').trim_end_matches(')').to_owned() + ")"))
+                        .collect();
+                    lines.splice(
+                        start..=start,
+                        std::iter::once(head).chain(entries).chain(std::iter::once("];".to_owned())),
+                    );
+                }
+            }
+            let end = (start..lines.len())
+                .find(|&i| lines[i].trim_end().ends_with("];"))
+                .unwrap_or(start);
+            let at = (start + 1..end)
+                .find(|&i| lines[i].trim() > entry.trim())
+                .unwrap_or(end);
+            lines.insert(at, entry);
+        }
+    }
+    lines.join("\n") + "\n"
+}
+
+/// Compiles the workspace with the new module and verifies it on its fixtures; also says
+/// whether it compiled.
+fn verify_generated(root: &Path, mt: &str) -> anyhow::Result<(Vec<Report>, bool)> {
+    let out = root.join("target/port").join(mt).join("reports");
+    let _ = std::fs::remove_dir_all(&out);
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let built = Command::new(&cargo)
+        .current_dir(root)
+        .args(["build", "--quiet", "-p", "xtask"])
+        .status()?
+        .success();
+    if !built {
+        return Ok((Vec::new(), false));
+    }
+    let status = Command::new(&cargo)
+        .current_dir(root)
+        .args(["run", "--quiet", "-p", "xtask", "--", "verify", mt, "--json"])
+        .arg(&out)
+        .status()?;
+    if !status.success() {
+        eprintln!("port {mt}: the generated module does not pass verification");
+    }
+    let mut reports = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(&out) {
+        let mut paths: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+        paths.sort();
+        for p in paths {
+            reports.push(serde_json::from_str(&std::fs::read_to_string(p)?)?);
+        }
+    }
+    Ok((reports, true))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MOD_RS: &str = "pub mod llama;\npub mod qwen3;\n\npub const REGISTRY: &[(&str, Loader)] = &[\n    (\"llama\", llama::load),\n    (\"qwen3\", qwen3::load),\n];\n";
+
+    #[test]
+    fn registering_keeps_modules_and_entries_sorted_and_is_idempotent() {
+        let once = registry_source(MOD_RS, "gemma", "gemma");
+        assert_eq!(
+            once,
+            "pub mod gemma;\npub mod llama;\npub mod qwen3;\n\npub const REGISTRY: &[(&str, Loader)] = &[\n    (\"gemma\", gemma::load),\n    (\"llama\", llama::load),\n    (\"qwen3\", qwen3::load),\n];\n"
+        );
+        assert_eq!(registry_source(&once, "gemma", "gemma"), once);
+        let one_line = "pub mod llama;\n\npub const REGISTRY: &[(&str, Loader)] = &[(\"llama\", llama::load), (\"mistral\", llama::load)];\n";
+        assert_eq!(
+            registry_source(one_line, "gemma", "gemma"),
+            "pub mod gemma;\npub mod llama;\n\npub const REGISTRY: &[(&str, Loader)] = &[\n    (\"gemma\", gemma::load),\n    (\"llama\", llama::load),\n    (\"mistral\", llama::load),\n];\n"
+        );
+        let last = registry_source(MOD_RS, "starcoder2", "starcoder2");
+        assert!(last.contains("pub mod qwen3;\npub mod starcoder2;\n"));
+        assert!(last.contains("(\"qwen3\", qwen3::load),\n    (\"starcoder2\", starcoder2::load),\n];"));
+    }
+}
+
+/// The generator on the committed introspection and fixtures: no Python involved.
+#[cfg(test)]
+mod generator_tests {
+    use super::*;
+
+    fn facts(mt: &str) -> Value {
+        let path = workspace_root().join(format!("tests/fixtures/{mt}/introspection.json"));
+        serde_json::from_str(&std::fs::read_to_string(path).expect("committed facts"))
+            .expect("facts are JSON")
+    }
+
+    fn fixtures(mt: &str) -> Vec<Fixture> {
+        fixture::discover(&workspace_root().join("tests/fixtures").join(mt))
+            .iter()
+            .map(|d| Fixture::load(d).expect("fixture loads"))
+            .collect()
+    }
+
+    /// Search, generate and format, then compare with the committed module, which the
+    /// fixture tests verify through the registry.
+    fn regenerate(mt: &str) -> (Plan, Choice, String) {
+        let facts = facts(mt);
+        let mut plan = plan::plan(&facts, mt);
+        assert!(plan.gaps.is_empty(), "{mt}: gaps {:?}", plan.gaps);
+        let search = search(&plan, &fixtures(mt)).expect("search runs");
+        let choice = search
+            .chosen
+            .unwrap_or_else(|| panic!("{mt}: no candidate passes: {:?}", search.tried));
+        plan.settle(&choice);
+        let source = rustfmt(&codegen::module_source(&plan, &choice, default_theta(&facts)))
+            .expect("rustfmt accepts the module");
+        let committed = std::fs::read_to_string(
+            workspace_root().join(format!("mlx-models/src/models/{mt}.rs")),
+        )
+        .expect("committed module");
+        assert!(
+            source == committed,
+            "{mt}: the generator no longer writes the committed module:\n{}",
+            diff(&source, &committed).unwrap_or_default()
+        );
+        (plan, choice, source)
+    }
+
+    #[test]
+    fn qwen3_is_regenerated_exactly_with_per_head_qk_norm() {
+        let (plan, choice, source) = regenerate("qwen3");
+        assert_eq!(plan.qk_norm, mlx_models::transformer::QkNorm::PerHead);
+        assert!(!choice.norm_plus_one && choice.embedding_scale == plan::Scalar::None);
+        assert!(source.contains("qk_norm: QkNorm::PerHead"));
+    }
+
+    #[test]
+    fn gemma_is_regenerated_exactly_with_offset_norms_and_scaled_embeddings() {
+        let (plan, choice, source) = regenerate("gemma");
+        // Only the fixtures can tell these two apart from Llama's conventions.
+        assert!(choice.norm_plus_one);
+        assert_eq!(choice.embedding_scale, plan::Scalar::SqrtHidden);
+        assert_eq!(plan.act_field, "hidden_activation");
+        assert!(source.contains("NormKind::RmsPlusOne"));
+    }
+
+    #[test]
+    fn a_parameter_no_block_takes_is_a_gap_not_a_module() {
+        let mut facts = facts("qwen3");
+        let params = facts["parameters"].as_array_mut().expect("a list");
+        params.push(serde_json::json!({"name": "model.layers.0.mlp.router.weight", "shape": [8, 64]}));
+        let plan = plan::plan(&facts, "qwen3");
+        assert_eq!(
+            plan.gaps,
+            vec!["parameter `model.layers.0.mlp.router.weight` is taken by no known block"]
+        );
+    }
+
+    #[test]
+    fn a_wrong_candidate_fails_where_it_differs() {
+        // Gemma with Llama's norm: the first candidate tried on a Gemma fixture fails, and
+        // the report names the tensor.
+        let facts = facts("gemma");
+        let plan = plan::plan(&facts, "gemma");
+        let fixtures = fixtures("gemma");
+        let search = search(&plan, &fixtures).expect("search runs");
+        let (first, failures) = &search.tried[0];
+        assert!(first.contains("embedding scale none"), "{first}");
+        assert!(
+            failures.iter().any(|f| f.contains("first bad tensor `embeddings`")),
+            "{failures:?}"
+        );
+    }
+}

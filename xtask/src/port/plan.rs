@@ -1,0 +1,949 @@
+//! From what Transformers says about a model type (`introspect.py`'s facts) to a plan: which
+//! shared blocks, which config fields drive them, what is still undecided (tried against
+//! the fixtures) and what no known block can express (gaps).
+
+use serde_json::Value;
+use std::collections::BTreeMap;
+
+/// A boolean setting: fixed, or read from a config field.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Flag {
+    Never,
+    Always,
+    Field(String),
+}
+
+/// An optional scalar setting (a scale or a cap).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Scalar {
+    None,
+    /// The field's value.
+    Field(String),
+    /// `field^-0.5` (Gemma's `query_pre_attn_scalar`).
+    InvSqrtField(String),
+    /// `1 / field` (Granite's `logits_scaling`).
+    InvField(String),
+    /// `√hidden_size` (Gemma's embedding normalizer).
+    SqrtHidden,
+}
+
+/// Which layers slide when a config has no `layer_types` (Transformers derives them).
+#[derive(Debug, Clone, PartialEq)]
+pub enum LayerRule {
+    /// No sliding layers at all.
+    AllFull,
+    /// Every layer slides when `sliding_window` is set.
+    All,
+    /// Every `period`-th layer is full (a constant or a field).
+    Periodic(PeriodSource),
+    /// Layers from `start` on slide when `enabled`.
+    FromLayer { enabled: String, start: String },
+    /// The layers without RoPE slide when `enabled`.
+    NoRope { enabled: String },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum PeriodSource {
+    Constant(i32),
+    Field(String),
+}
+
+/// How many RoPE variants the layers use.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeRule {
+    /// One RoPE for every layer (`traditional` chosen by the fixtures).
+    Uniform,
+    /// One per layer type; sliding layers' base from `local_base` in Hub configs.
+    PerLayerType { local_base: Option<String> },
+}
+
+/// Layers without RoPE.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NoRope {
+    pub flags_field: String,
+    pub interval_field: Option<String>,
+}
+
+/// The choices the structure leaves open; each is tried against the fixtures.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Choice {
+    /// RMSNorm weights stored as an offset from one.
+    pub norm_plus_one: bool,
+    pub embedding_scale: Scalar,
+    pub rope_traditional: bool,
+    pub norm_placement: mlx_models::transformer::NormPlacement,
+    /// Read a config's exact `gelu` as the tanh approximation (Gemma's legacy value).
+    pub gelu_as_tanh: bool,
+    /// Apply the attention soft cap the config names (some families declare it and
+    /// never apply it).
+    pub attention_softcap: bool,
+}
+
+impl Choice {
+    pub fn describe(&self) -> String {
+        format!(
+            "norm {}, embedding scale {}, RoPE {}, norms {:?}{}{}",
+            if self.norm_plus_one { "x·(1+w)" } else { "x·w" },
+            match &self.embedding_scale {
+                Scalar::None => "none".to_owned(),
+                Scalar::SqrtHidden => "√hidden_size".to_owned(),
+                other => format!("{other:?}"),
+            },
+            if self.rope_traditional {
+                "interleaved pairs"
+            } else {
+                "halves"
+            },
+            self.norm_placement,
+            if self.gelu_as_tanh { ", `gelu` read as tanh GELU" } else { "" },
+            if self.attention_softcap { ", attention soft cap applied" } else { "" }
+        )
+    }
+}
+
+/// A config field the module reads, with its Rust type and Transformers' default.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Field {
+    pub name: String,
+    pub ty: FieldType,
+    pub default: Value,
+    /// Whether config.json may set it to null.
+    pub nullable: bool,
+    /// What the module does with it (for the report and the doc comment).
+    pub role: &'static str,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum FieldType {
+    I32,
+    Usize,
+    F64,
+    Bool,
+    Str,
+    LayerTypes,
+    IntList,
+}
+
+impl Field {
+    /// `Option<…>` when the field may be null (or is by default).
+    pub fn optional(&self) -> bool {
+        self.nullable || self.default.is_null()
+    }
+}
+
+/// Everything the generator decided, and why.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub model_type: String,
+    pub module: String,
+    pub architecture: String,
+    pub config_class: String,
+    pub transformers_version: String,
+    pub fields: Vec<Field>,
+    pub qkv_fused: bool,
+    pub qkv_bias: Flag,
+    pub o_bias: Flag,
+    pub qk_norm: mlx_models::transformer::QkNorm,
+    pub mlp_layout: mlx_models::transformer::MlpLayout,
+    pub mlp_bias: Flag,
+    /// `Some(bias)` for LayerNorm, `None` for RMSNorm.
+    pub layer_norm: Option<Flag>,
+    pub eps_field: String,
+    pub act_field: String,
+    pub attention_scale: Scalar,
+    pub attention_softcap: Scalar,
+    pub final_softcap: Scalar,
+    pub residual_scale: Scalar,
+    pub logits_scale: Scalar,
+    pub sliding_window: Option<String>,
+    pub layer_types_field: bool,
+    pub layer_rule: LayerRule,
+    pub rope: Option<RopeRule>,
+    pub no_rope: Option<NoRope>,
+    /// Candidates, most likely first.
+    pub choices: Vec<Choice>,
+    /// What the facts decided, one line each, for the report.
+    pub decisions: Vec<String>,
+    /// What no known block expresses.
+    pub gaps: Vec<String>,
+    /// config fields the module does not read, with a reason.
+    pub ignored: Vec<(String, String)>,
+    /// parameter name (layer 0 or top level) → the block that takes it.
+    pub weight_map: Vec<(String, String)>,
+}
+
+/// Fields that never change the forward pass of one sequence.
+const INERT: &[&str] = &[
+    "attention_dropout",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "initializer_range",
+    "use_cache",
+    "dtype",
+    "torch_dtype",
+    "transformers_version",
+    "architectures",
+    "pretraining_tp",
+    "embedding_dropout",
+    "residual_dropout",
+    "hidden_dropout",
+    "mlp_dropout",
+    "resid_pdrop",
+    "embd_pdrop",
+    "attention_probs_dropout_prob",
+    "output_router_logits",
+    "cache_implementation",
+    "use_bidirectional_attention",
+    "tie_word_embeddings",
+];
+
+fn str_of<'a>(v: &'a Value, key: &str) -> &'a str {
+    v.get(key).and_then(Value::as_str).unwrap_or_default()
+}
+
+/// The facts a plan is made from.
+pub struct Facts<'a> {
+    pub value: &'a Value,
+}
+
+impl<'a> Facts<'a> {
+    /// Declared fields and the legacy keys the class reads, with their defaults.
+    fn fields(&self) -> BTreeMap<String, Value> {
+        let mut fields: BTreeMap<String, Value> = self
+            .value
+            .get("config_fields")
+            .and_then(Value::as_object)
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| (k.clone(), v.get("default").cloned().unwrap_or(Value::Null)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if let Some(legacy) = self.value.get("legacy_fields").and_then(Value::as_object) {
+            for (k, v) in legacy {
+                fields.entry(k.clone()).or_insert_with(|| v.clone());
+            }
+        }
+        fields
+    }
+
+    fn nullable(&self, name: &str) -> bool {
+        self.value
+            .pointer(&format!("/config_fields/{name}/nullable"))
+            .and_then(Value::as_bool)
+            .unwrap_or(false)
+    }
+
+    fn resolved(&self, key: &str) -> Option<&Value> {
+        self.value
+            .get("resolved_config")
+            .and_then(|c| c.get(key))
+            .filter(|v| !v.is_null())
+    }
+
+    /// Parameter name → shape.
+    fn parameters(&self) -> BTreeMap<String, Vec<i64>> {
+        self.value
+            .get("parameters")
+            .and_then(Value::as_array)
+            .map(|ps| {
+                ps.iter()
+                    .map(|p| {
+                        let shape = p
+                            .get("shape")
+                            .and_then(Value::as_array)
+                            .map(|s| s.iter().filter_map(Value::as_i64).collect())
+                            .unwrap_or_default();
+                        (str_of(p, "name").to_owned(), shape)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn module_class(&self, name: &str) -> Option<&str> {
+        self.value
+            .get("modules")
+            .and_then(Value::as_array)?
+            .iter()
+            .find(|m| str_of(m, "name") == name)
+            .map(|m| str_of(m, "class"))
+    }
+
+    /// Transformers' derivation of `layer_types` for probe configs without it.
+    fn layer_type_probes(&self) -> Vec<(Value, Vec<String>)> {
+        probes(self.value.get("layer_type_probes"), "layer_types")
+    }
+
+    fn no_rope_probes(&self) -> Vec<(Value, Vec<String>)> {
+        probes(self.value.get("no_rope_probes"), "no_rope_layers")
+    }
+}
+
+fn probes(list: Option<&Value>, key: &str) -> Vec<(Value, Vec<String>)> {
+    list.and_then(Value::as_array)
+        .map(|ps| {
+            ps.iter()
+                .map(|p| {
+                    let result = p
+                        .get(key)
+                        .and_then(Value::as_array)
+                        .map(|a| {
+                            a.iter()
+                                .map(|x| match x {
+                                    Value::String(s) => s.clone(),
+                                    other => other.to_string(),
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    (p.get("config").cloned().unwrap_or(Value::Null), result)
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Builds the plan for `module` from `facts`.
+pub fn plan(facts_value: &Value, module: &str) -> Plan {
+    use mlx_models::transformer::{MlpLayout, NormPlacement, QkNorm};
+    let facts = Facts { value: facts_value };
+    let defaults = facts.fields();
+    let params = facts.parameters();
+    let has_field = |name: &str| defaults.contains_key(name);
+    let mut decisions = Vec::new();
+    let mut gaps = Vec::new();
+    let mut fields: Vec<Field> = Vec::new();
+    let add = |fields: &mut Vec<Field>, name: &str, ty: FieldType, role: &'static str| {
+        if !fields.iter().any(|f| f.name == name) {
+            fields.push(Field {
+                name: name.to_owned(),
+                ty,
+                default: defaults.get(name).cloned().unwrap_or(Value::Null),
+                nullable: facts.nullable(name),
+                role,
+            });
+        }
+    };
+    let model_type = str_of(facts.value, "model_type").to_owned();
+
+    // The decoder skeleton every supported family shares.
+    for required in ["model.embed_tokens.weight", "model.norm.weight"] {
+        if !params.contains_key(required) {
+            gaps.push(format!("no `{required}`: not a Llama-shaped decoder"));
+        }
+    }
+    let layer0: BTreeMap<&str, &Vec<i64>> = params
+        .iter()
+        .filter_map(|(n, s)| n.strip_prefix("model.layers.0.").map(|n| (n, s)))
+        .collect();
+    let has = |n: &str| layer0.contains_key(n);
+
+    for (name, ty, role) in [
+        ("vocab_size", FieldType::I32, "embedding rows, logits"),
+        ("hidden_size", FieldType::I32, "model width"),
+        ("intermediate_size", FieldType::I32, "MLP width"),
+        ("num_hidden_layers", FieldType::Usize, "decoder layers"),
+        ("num_attention_heads", FieldType::I32, "query heads"),
+        ("num_key_value_heads", FieldType::I32, "key/value heads (GQA)"),
+        ("head_dim", FieldType::I32, "features per head"),
+        ("max_position_embeddings", FieldType::Usize, "context length, RoPE"),
+        ("tie_word_embeddings", FieldType::Bool, "logits from the embedding matrix"),
+    ] {
+        if has_field(name) || name == "tie_word_embeddings" {
+            add(&mut fields, name, ty, role);
+        } else if !matches!(name, "head_dim" | "num_key_value_heads") {
+            gaps.push(format!("config class has no `{name}`"));
+        }
+    }
+    if let Some(f) = fields.iter_mut().find(|f| f.name == "tie_word_embeddings") {
+        if f.default.is_null() {
+            f.default = facts
+                .resolved("tie_word_embeddings")
+                .cloned()
+                .unwrap_or(Value::Bool(false));
+        }
+    }
+
+    // Attention projections.
+    let qkv_fused = has("self_attn.qkv_proj.weight");
+    if !qkv_fused && !(has("self_attn.q_proj.weight") && has("self_attn.k_proj.weight")) {
+        gaps.push("attention has neither q/k/v_proj nor qkv_proj".to_owned());
+    }
+    let bias_field = ["attention_bias", "use_bias", "bias"]
+        .into_iter()
+        .find(|f| has_field(f));
+    let field_value = |name: &str| -> bool {
+        facts
+            .resolved(name)
+            .or(defaults.get(name))
+            .and_then(Value::as_bool)
+            .unwrap_or(false)
+    };
+    let bias_flag = |param: &str| -> Flag {
+        let present = has(param);
+        match bias_field {
+            // The field controls it unless the instance contradicts the field's value.
+            Some(f) if field_value(f) == present => Flag::Field(f.to_owned()),
+            _ if present => Flag::Always,
+            _ => Flag::Never,
+        }
+    };
+    let (qkv_bias, o_bias) = if qkv_fused {
+        (
+            bias_flag("self_attn.qkv_proj.bias"),
+            bias_flag("self_attn.o_proj.bias"),
+        )
+    } else {
+        (
+            bias_flag("self_attn.q_proj.bias"),
+            bias_flag("self_attn.o_proj.bias"),
+        )
+    };
+    decisions.push(format!(
+        "attention: {} projections, q/k/v bias {:?}, o_proj bias {:?}",
+        if qkv_fused { "fused qkv_proj" } else { "separate q/k/v" },
+        qkv_bias,
+        o_bias
+    ));
+    let hidden = facts.resolved("hidden_size").and_then(Value::as_i64).unwrap_or(0);
+    let heads = facts
+        .resolved("num_attention_heads")
+        .and_then(Value::as_i64)
+        .unwrap_or(1);
+    let head_dim = facts
+        .resolved("head_dim")
+        .and_then(Value::as_i64)
+        .unwrap_or(hidden / heads.max(1));
+    let qk_norm = match layer0.get("self_attn.q_norm.weight") {
+        None => QkNorm::None,
+        Some(shape) if shape.as_slice() == [head_dim] => QkNorm::PerHead,
+        Some(_) => QkNorm::Projection,
+    };
+    if qk_norm != QkNorm::None {
+        decisions.push(format!(
+            "q_norm/k_norm of width {:?}: {qk_norm:?}",
+            layer0.get("self_attn.q_norm.weight")
+        ));
+    }
+
+    // MLP.
+    let mlp_layout = if has("mlp.gate_up_proj.weight") {
+        MlpLayout::FusedGated
+    } else if has("mlp.gate_proj.weight") {
+        MlpLayout::Gated
+    } else if has("mlp.c_fc.weight") {
+        MlpLayout::Plain
+    } else {
+        gaps.push("MLP has none of gate_proj/up_proj, gate_up_proj, c_fc/c_proj".to_owned());
+        MlpLayout::Gated
+    };
+    let mlp_bias_param = match mlp_layout {
+        MlpLayout::Gated => "mlp.gate_proj.bias",
+        MlpLayout::FusedGated => "mlp.gate_up_proj.bias",
+        MlpLayout::Plain => "mlp.c_fc.bias",
+    };
+    let mlp_bias = match ["mlp_bias", "use_bias"].into_iter().find(|f| has_field(f)) {
+        Some(f) if field_value(f) == has(mlp_bias_param) => Flag::Field(f.to_owned()),
+        _ if has(mlp_bias_param) => Flag::Always,
+        _ => Flag::Never,
+    };
+    decisions.push(format!("MLP: {mlp_layout:?}, bias {mlp_bias:?}"));
+
+    // Norms: the names say which exist; their placement and offset are tried.
+    let norm_param = "input_layernorm";
+    let names = [
+        "input_layernorm",
+        "post_attention_layernorm",
+        "pre_feedforward_layernorm",
+        "post_feedforward_layernorm",
+    ];
+    let present: Vec<&str> = names
+        .into_iter()
+        .filter(|n| has(&format!("{n}.weight")))
+        .collect();
+    let placements: Vec<NormPlacement> = match present.as_slice() {
+        ["input_layernorm", "post_attention_layernorm"] => vec![NormPlacement::Pre],
+        ["post_attention_layernorm", "post_feedforward_layernorm"] => vec![NormPlacement::Post],
+        [_, _, _, _] => vec![NormPlacement::Sandwich],
+        other => {
+            gaps.push(format!("layer norms {other:?} match no known placement"));
+            vec![NormPlacement::Pre]
+        }
+    };
+    let norm_name = present.first().copied().unwrap_or(norm_param);
+    let norm_class = facts
+        .module_class(&format!("model.layers.0.{norm_name}"))
+        .unwrap_or_default()
+        .to_owned();
+    let layer_norm = if has(&format!("{norm_name}.bias")) {
+        Some(Flag::Always)
+    } else if norm_class.contains("LayerNorm") && !norm_class.contains("RMS") {
+        Some(Flag::Never)
+    } else {
+        None
+    };
+    decisions.push(format!(
+        "norms: {present:?} ({norm_class}), {}",
+        if layer_norm.is_some() { "LayerNorm" } else { "RMSNorm" }
+    ));
+    let eps_field = ["rms_norm_eps", "layer_norm_eps", "norm_epsilon", "norm_eps"]
+        .into_iter()
+        .find(|f| has_field(f))
+        .unwrap_or("rms_norm_eps")
+        .to_owned();
+    add(&mut fields, &eps_field, FieldType::F64, "norm epsilon");
+    let act_field = ["hidden_activation", "hidden_act", "activation_function"]
+        .into_iter()
+        .find(|f| has_field(f))
+        .unwrap_or("hidden_act")
+        .to_owned();
+    add(&mut fields, &act_field, FieldType::Str, "MLP activation");
+
+    // The bias switches read from the config.
+    for f in [&qkv_bias, &o_bias, &mlp_bias]
+        .into_iter()
+        .chain(layer_norm.as_ref())
+    {
+        if let Flag::Field(name) = f {
+            add(&mut fields, name, FieldType::Bool, "biases on");
+        }
+    }
+
+    // Scales and caps named by config fields.
+    let scalar = |fields: &mut Vec<Field>, names: &[&str], make: fn(String) -> Scalar, role| {
+        for &name in names {
+            if has_field(name) {
+                add(fields, name, FieldType::F64, role);
+                return make(name.to_owned());
+            }
+        }
+        Scalar::None
+    };
+    let mut attention_scale = scalar(
+        &mut fields,
+        &["query_pre_attn_scalar"],
+        Scalar::InvSqrtField,
+        "attention scores scaled by its inverse square root",
+    );
+    if attention_scale == Scalar::None {
+        attention_scale = scalar(
+            &mut fields,
+            &["attention_multiplier"],
+            Scalar::Field,
+            "attention scores scale",
+        );
+    }
+    let attention_softcap = scalar(
+        &mut fields,
+        &["attn_logit_softcapping"],
+        Scalar::Field,
+        "attention scores soft cap",
+    );
+    let final_softcap = scalar(
+        &mut fields,
+        &["final_logit_softcapping"],
+        Scalar::Field,
+        "logits soft cap",
+    );
+    let residual_scale = scalar(
+        &mut fields,
+        &["residual_multiplier"],
+        Scalar::Field,
+        "sub-block outputs scale",
+    );
+    let logits_scale = scalar(
+        &mut fields,
+        &["logits_scaling"],
+        Scalar::InvField,
+        "logits divided by it",
+    );
+    let embedding_field = scalar(
+        &mut fields,
+        &["embedding_multiplier"],
+        Scalar::Field,
+        "embeddings scale",
+    );
+
+    // Sliding windows.
+    let sliding_window = has_field("sliding_window").then(|| "sliding_window".to_owned());
+    if sliding_window.is_some() {
+        add(&mut fields, "sliding_window", FieldType::I32, "sliding-window width");
+    }
+    let layer_types_field = has_field("layer_types");
+    if layer_types_field {
+        add(&mut fields, "layer_types", FieldType::LayerTypes, "sliding or full attention per layer");
+    }
+    let layer_rule = if sliding_window.is_none() {
+        LayerRule::AllFull
+    } else {
+        let rule = derive_layer_rule(&facts.layer_type_probes(), &defaults);
+        match &rule {
+            Some(LayerRule::Periodic(PeriodSource::Field(f))) => {
+                add(&mut fields, f, FieldType::I32, "every n-th layer is full attention")
+            }
+            Some(LayerRule::FromLayer { enabled, start }) => {
+                add(&mut fields, enabled, FieldType::Bool, "sliding windows on");
+                add(&mut fields, start, FieldType::I32, "first sliding layer");
+            }
+            Some(LayerRule::NoRope { enabled }) => {
+                add(&mut fields, enabled, FieldType::Bool, "sliding windows on the layers without RoPE");
+            }
+            _ => {}
+        }
+        rule.unwrap_or_else(|| {
+            if layer_types_field {
+                gaps.push(
+                    "no rule reproduces how Transformers derives `layer_types` for configs without it"
+                        .to_owned(),
+                );
+            }
+            LayerRule::All
+        })
+    };
+    if sliding_window.is_some() {
+        decisions.push(format!("layers without `layer_types`: {layer_rule:?}"));
+    }
+
+    // RoPE.
+    let rope_per_type = facts
+        .resolved("rope_parameters")
+        .map(|p| p.get("full_attention").is_some() || p.get("sliding_attention").is_some())
+        .unwrap_or(false);
+    let rope = if !has_field("rope_parameters") && !has_field("rope_theta") {
+        None
+    } else if rope_per_type {
+        let local_base = ["rope_local_base_freq"]
+            .into_iter()
+            .find(|f| has_field(f))
+            .map(str::to_owned);
+        if let Some(f) = &local_base {
+            add(&mut fields, f, FieldType::F64, "RoPE base of sliding layers (Hub configs)");
+        }
+        Some(RopeRule::PerLayerType { local_base })
+    } else {
+        Some(RopeRule::Uniform)
+    };
+    let no_rope = has_field("no_rope_layers").then(|| {
+        add(&mut fields, "no_rope_layers", FieldType::IntList, "1: the layer uses RoPE");
+        let interval_field = has_field("no_rope_layer_interval").then(|| {
+            add(
+                &mut fields,
+                "no_rope_layer_interval",
+                FieldType::I32,
+                "every n-th layer without RoPE (configs without no_rope_layers)",
+            );
+            "no_rope_layer_interval".to_owned()
+        });
+        let probes = facts.no_rope_probes();
+        if !probes.is_empty() && !no_rope_rule_holds(&probes, interval_field.as_deref()) {
+            gaps.push("`no_rope_layers` is derived by a rule the generator does not know".to_owned());
+        }
+        NoRope {
+            flags_field: "no_rope_layers".to_owned(),
+            interval_field,
+        }
+    });
+    decisions.push(format!(
+        "RoPE: {}{}",
+        match &rope {
+            None => "none".to_owned(),
+            Some(r) => format!("{r:?}"),
+        },
+        if no_rope.is_some() {
+            ", some layers without (no_rope_layers)"
+        } else {
+            ""
+        }
+    ));
+
+    // What the structure cannot decide, to be tried against the fixtures.
+    let embedding_candidates = if embedding_field != Scalar::None {
+        vec![embedding_field]
+    } else {
+        vec![Scalar::None, Scalar::SqrtHidden]
+    };
+    let offset_candidates = if layer_norm.is_some() {
+        vec![false]
+    } else if norm_init_is_zero(&facts) {
+        vec![true, false]
+    } else {
+        vec![false, true]
+    };
+    // A GELU-family default may hide a legacy reading of `gelu`; a declared soft cap may not
+    // be applied. Both only where the config has them.
+    let act_default = defaults.get(&act_field).and_then(Value::as_str).unwrap_or("");
+    let gelu_candidates = if act_default.starts_with("gelu") {
+        vec![false, true]
+    } else {
+        vec![false]
+    };
+    let softcap_candidates = if attention_softcap == Scalar::None {
+        vec![false]
+    } else {
+        vec![true, false]
+    };
+    let mut choices = Vec::new();
+    for &placement in &placements {
+        for embedding in &embedding_candidates {
+            for &plus_one in &offset_candidates {
+                for &softcap in &softcap_candidates {
+                    for &gelu_as_tanh in &gelu_candidates {
+                        for traditional in [false, true] {
+                            choices.push(Choice {
+                                norm_plus_one: plus_one,
+                                embedding_scale: embedding.clone(),
+                                rope_traditional: traditional,
+                                norm_placement: placement,
+                                gelu_as_tanh,
+                                attention_softcap: softcap,
+                            });
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    // Parameters no block takes.
+    let known = [
+        "self_attn.q_proj.",
+        "self_attn.k_proj.",
+        "self_attn.v_proj.",
+        "self_attn.qkv_proj.",
+        "self_attn.o_proj.",
+        "self_attn.q_norm.",
+        "self_attn.k_norm.",
+        "mlp.gate_proj.",
+        "mlp.up_proj.",
+        "mlp.down_proj.",
+        "mlp.gate_up_proj.",
+        "mlp.c_fc.",
+        "mlp.c_proj.",
+        "input_layernorm.",
+        "post_attention_layernorm.",
+        "pre_feedforward_layernorm.",
+        "post_feedforward_layernorm.",
+    ];
+    let mut weight_map = Vec::new();
+    for name in params.keys() {
+        let block = if let Some(rest) = name.strip_prefix("model.layers.0.") {
+            known
+                .iter()
+                .find(|k| rest.starts_with(*k))
+                .map(|k| k.trim_end_matches('.').to_owned())
+        } else if name.starts_with("model.layers.") {
+            continue;
+        } else {
+            match name.as_str() {
+                "model.embed_tokens.weight" => Some("Embedding".to_owned()),
+                "model.norm.weight" | "model.norm.bias" => Some("final norm".to_owned()),
+                "lm_head.weight" => Some("output layer (absent when tied)".to_owned()),
+                _ => None,
+            }
+        };
+        match block {
+            Some(b) => weight_map.push((name.clone(), b)),
+            None => gaps.push(format!("parameter `{name}` is taken by no known block")),
+        }
+    }
+
+    // Fields read vs ignored.
+    let mut ignored = Vec::new();
+    let rope_fields = [
+        "rope_theta",
+        "rope_scaling",
+        "rope_parameters",
+        "partial_rotary_factor",
+        "original_max_position_embeddings",
+    ];
+    for (name, default) in &defaults {
+        if fields.iter().any(|f| &f.name == name) || rope_fields.contains(&name.as_str()) {
+            continue;
+        }
+        let reason = if INERT.contains(&name.as_str()) || name.ends_with("dropout") {
+            "no effect on inference".to_owned()
+        } else if name == "model_type" {
+            "registry key".to_owned()
+        } else if name == "hidden_act" && act_field != "hidden_act" {
+            format!("superseded by `{act_field}`")
+        } else {
+            let suspicious = [
+                "scal", "mult", "cap", "window", "norm", "rope", "bias", "act", "expert", "layer",
+            ]
+            .iter()
+            .any(|k| name.contains(k));
+            if suspicious {
+                format!("not read — may change the forward pass (default {default}); check")
+            } else {
+                format!("not read (default {default})")
+            }
+        };
+        ignored.push((name.clone(), reason));
+    }
+
+    Plan {
+        model_type,
+        module: module.to_owned(),
+        architecture: str_of(facts.value, "architecture").to_owned(),
+        config_class: str_of(facts.value, "config_class").to_owned(),
+        transformers_version: str_of(facts.value, "transformers_version").to_owned(),
+        fields,
+        qkv_fused,
+        qkv_bias,
+        o_bias,
+        qk_norm,
+        mlp_layout,
+        mlp_bias,
+        layer_norm,
+        eps_field,
+        act_field,
+        attention_scale,
+        attention_softcap,
+        final_softcap,
+        residual_scale,
+        logits_scale,
+        sliding_window,
+        layer_types_field,
+        layer_rule,
+        rope,
+        no_rope,
+        choices,
+        decisions,
+        gaps,
+        ignored,
+        weight_map,
+    }
+}
+
+/// Whether the final norm's weight starts at zero in Transformers' init (the `1 + w`
+/// convention).
+fn norm_init_is_zero(facts: &Facts) -> bool {
+    facts
+        .value
+        .get("parameters")
+        .and_then(Value::as_array)
+        .and_then(|ps| ps.iter().find(|p| str_of(p, "name") == "model.norm.weight"))
+        .is_some_and(|p| str_of(p, "init") == "zeros")
+}
+
+/// Finds the known rule that reproduces every probe, if any.
+fn derive_layer_rule(
+    probes: &[(Value, Vec<String>)],
+    defaults: &BTreeMap<String, Value>,
+) -> Option<LayerRule> {
+    use mlx_models::transformer::LayerType;
+    if probes.is_empty() {
+        return None;
+    }
+    let mut candidates = vec![
+        LayerRule::All,
+        LayerRule::AllFull,
+        LayerRule::Periodic(PeriodSource::Constant(2)),
+    ];
+    for f in ["sliding_window_pattern", "sliding_window_period"] {
+        if defaults.contains_key(f) {
+            candidates.push(LayerRule::Periodic(PeriodSource::Field(f.to_owned())));
+        }
+    }
+    if defaults.contains_key("use_sliding_window") && defaults.contains_key("max_window_layers") {
+        candidates.push(LayerRule::FromLayer {
+            enabled: "use_sliding_window".to_owned(),
+            start: "max_window_layers".to_owned(),
+        });
+    }
+    if defaults.contains_key("use_sliding_window") && defaults.contains_key("no_rope_layers") {
+        candidates.push(LayerRule::NoRope {
+            enabled: "use_sliding_window".to_owned(),
+        });
+    }
+    let value = |config: &Value, name: &str| -> Option<Value> {
+        config
+            .get(name)
+            .cloned()
+            .or_else(|| defaults.get(name).cloned())
+    };
+    candidates.into_iter().find(|rule| {
+        probes.iter().all(|(config, expected)| {
+            let n = value(config, "num_hidden_layers")
+                .and_then(|v| v.as_u64())
+                .unwrap_or(0) as usize;
+            let window = value(config, "sliding_window")
+                .and_then(|v| v.as_i64())
+                .map(|w| w as i32);
+            let types = match rule {
+                LayerRule::All => LayerType::all(n, window),
+                LayerRule::AllFull => LayerType::all(n, None),
+                LayerRule::Periodic(PeriodSource::Constant(p)) => LayerType::periodic(n, *p),
+                LayerRule::Periodic(PeriodSource::Field(f)) => LayerType::periodic(
+                    n,
+                    value(config, f).and_then(|v| v.as_i64()).unwrap_or(0) as i32,
+                ),
+                LayerRule::FromLayer { enabled, start } => LayerType::from_layer(
+                    n,
+                    value(config, enabled)
+                        .and_then(|v| v.as_bool())
+                        .unwrap_or(false),
+                    value(config, start).and_then(|v| v.as_i64()).unwrap_or(0) as i32,
+                ),
+                LayerRule::NoRope { enabled } => LayerType::where_no_rope(
+                    &mlx_models::transformer::rope_layers(
+                        n,
+                        None,
+                        value(config, "no_rope_layer_interval")
+                            .and_then(|v| v.as_i64())
+                            .unwrap_or(0) as i32,
+                    ),
+                    value(config, enabled)
+                        .and_then(|v| v.as_bool())
+                        .unwrap_or(false),
+                ),
+            };
+            let names: Vec<String> = types
+                .iter()
+                .map(|t| match t {
+                    LayerType::FullAttention => "full_attention".to_owned(),
+                    LayerType::SlidingAttention => "sliding_attention".to_owned(),
+                })
+                .collect();
+            &names == expected
+        })
+    })
+}
+
+fn no_rope_rule_holds(probes: &[(Value, Vec<String>)], interval_field: Option<&str>) -> bool {
+    probes.iter().all(|(config, expected)| {
+        let n = config
+            .get("num_hidden_layers")
+            .and_then(Value::as_u64)
+            .unwrap_or(0) as usize;
+        let interval = interval_field
+            .and_then(|f| config.get(f))
+            .and_then(Value::as_i64)
+            .unwrap_or(0) as i32;
+        let ours: Vec<String> = mlx_models::transformer::rope_layers(n, None, interval)
+            .iter()
+            .map(|&b| i32::from(b).to_string())
+            .collect();
+        &ours == expected
+    })
+}
+
+impl Plan {
+    /// Drops the fields `choice` does not read (a soft cap Transformers never applies) into
+    /// the ignored list, with the reason.
+    pub fn settle(&mut self, choice: &Choice) {
+        if !choice.attention_softcap {
+            if let Scalar::Field(name) = std::mem::replace(&mut self.attention_softcap, Scalar::None) {
+                self.fields.retain(|f| f.name != name);
+                self.ignored.push((
+                    name,
+                    "declared, but Transformers' forward does not apply it (the fixtures tell)"
+                        .to_owned(),
+                ));
+                self.ignored.sort();
+            }
+        }
+    }
+}
