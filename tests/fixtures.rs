@@ -7,6 +7,7 @@
 //! ```
 
 use mlx_models::config::ConfigFile;
+use mlx_models::family::DecoderFamily;
 use mlx_models::models::{llama, LanguageModel};
 use mlx_models::rope::{Rope, RopeConfig, RopeScaling};
 use mlx_models::tap::Tap;
@@ -1216,14 +1217,13 @@ fn parse_config(
     let path = dir.join(file);
     std::fs::write(&path, serde_json::to_string_pretty(value).unwrap()).unwrap();
     let config = ConfigFile::read(&path).map_err(|e| format!("read: {e}"))?;
-    let cfg: llama::Config = config.parse().map_err(|e| format!("parse: {e}"))?;
-    let head_dim = cfg
-        .head_dim
-        .unwrap_or(cfg.hidden_size / cfg.num_attention_heads);
+    let cfg: llama::Config = config
+        .parse_with_defaults(<llama::Config as DecoderFamily>::DEFAULTS)
+        .map_err(|e| format!("parse: {e}"))?;
     let rope = RopeConfig::from_fields(
-        &cfg.rope,
-        head_dim,
-        cfg.max_position_embeddings,
+        &cfg.decoder.rope,
+        cfg.decoder.head_dim(),
+        cfg.decoder.max_position_embeddings,
         10_000.0,
         &path,
     )
@@ -1256,22 +1256,19 @@ fn config_round_trips_in_both_rope_styles() {
             hub
         );
         for cfg in [&cfg_hub, &cfg_tf5] {
-            prop_assert_eq!(cfg.model_type.as_str(), spec.model_type);
-            prop_assert_eq!(cfg.vocab_size, spec.vocab_size);
-            prop_assert_eq!(cfg.hidden_size, spec.hidden_size);
-            prop_assert_eq!(cfg.intermediate_size, spec.intermediate_size);
-            prop_assert_eq!(cfg.num_hidden_layers, spec.num_hidden_layers);
-            prop_assert_eq!(cfg.num_attention_heads, spec.num_attention_heads);
-            prop_assert_eq!(cfg.num_key_value_heads, spec.num_key_value_heads);
-            prop_assert_eq!(
-                cfg.head_dim
-                    .unwrap_or(cfg.hidden_size / cfg.num_attention_heads),
-                spec.head_dim
-            );
-            prop_assert_eq!(cfg.max_position_embeddings, spec.max_position_embeddings);
-            prop_assert_eq!(cfg.rms_norm_eps, spec.rms_norm_eps);
-            prop_assert_eq!(cfg.tie_word_embeddings, spec.tie_word_embeddings);
-            prop_assert_eq!(cfg.sliding_window, spec.sliding_window);
+            let d = &cfg.decoder;
+            prop_assert_eq!(d.model_type.as_str(), spec.model_type);
+            prop_assert_eq!(d.vocab_size, spec.vocab_size);
+            prop_assert_eq!(d.hidden_size, spec.hidden_size);
+            prop_assert_eq!(d.intermediate_size, spec.intermediate_size);
+            prop_assert_eq!(d.num_hidden_layers, spec.num_hidden_layers);
+            prop_assert_eq!(d.num_attention_heads, spec.num_attention_heads);
+            prop_assert_eq!(d.num_key_value_heads, spec.num_key_value_heads);
+            prop_assert_eq!(d.head_dim(), spec.head_dim);
+            prop_assert_eq!(d.max_position_embeddings, spec.max_position_embeddings);
+            prop_assert_eq!(d.rms_norm_eps, Some(spec.rms_norm_eps));
+            prop_assert_eq!(d.tie_word_embeddings, spec.tie_word_embeddings);
+            prop_assert_eq!(d.windows.sliding_window, spec.sliding_window);
             prop_assert!(!cfg.rope_traditional);
         }
         Ok(())

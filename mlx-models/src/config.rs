@@ -66,6 +66,26 @@ impl ConfigFile {
         })
     }
 
+    /// Like [`ConfigFile::parse`], with `defaults` (a JSON object: Transformers' defaults of
+    /// the family) standing in for the fields config.json leaves out. A field set to null
+    /// stays null.
+    pub fn parse_with_defaults<T: DeserializeOwned>(&self, defaults: &str) -> Result<T> {
+        let defaults: Value = serde_json::from_str(defaults).map_err(|e| {
+            Error::config(
+                &self.path,
+                "",
+                format!("the module's defaults are not JSON: {e}"),
+            )
+        })?;
+        let mut merged = self.clone();
+        if let (Some(target), Value::Object(defaults)) = (merged.value.as_object_mut(), defaults) {
+            for (key, value) in defaults {
+                target.entry(key).or_insert(value);
+            }
+        }
+        merged.parse()
+    }
+
     /// The value of a field the model cannot do without, naming it when it is missing.
     pub fn require<T>(&self, field: &str, value: Option<T>) -> Result<T> {
         value.ok_or_else(|| Error::config(&self.path, field, "missing"))

@@ -7,6 +7,7 @@ pub mod chat_template;
 pub mod config;
 pub mod default_model;
 pub mod error;
+pub mod family;
 pub mod generate;
 pub mod gguf;
 pub mod hub;

@@ -29,7 +29,11 @@ impl RopeFields {
     /// sliding-window layers only their own base (`local_base`, e.g. `rope_local_base_freq`)
     /// and keep `rope_theta`/`rope_scaling` for the full-attention layers.
     pub fn for_layer_type(&self, layer_type: &str, local_base: Option<f64>) -> RopeFields {
-        if let Some(nested) = self.rope_parameters.as_ref().and_then(|p| p.get(layer_type)) {
+        if let Some(nested) = self
+            .rope_parameters
+            .as_ref()
+            .and_then(|p| p.get(layer_type))
+        {
             return RopeFields {
                 rope_parameters: Some(nested.clone()),
                 ..self.clone()

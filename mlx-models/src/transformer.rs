@@ -101,10 +101,20 @@ impl Norm {
                 // Transformers adds the one in f32, then works in the activation dtype.
                 let one = Array::from_f32(1.0);
                 let dtype = weight.dtype();
-                (weight.as_dtype(Dtype::Float32)?.add(&one)?.as_dtype(dtype)?, None)
+                (
+                    weight
+                        .as_dtype(Dtype::Float32)?
+                        .add(&one)?
+                        .as_dtype(dtype)?,
+                    None,
+                )
             }
             NormKind::Layer { bias } => {
-                let bias = if bias { Some(w.get("bias", &[dim])?) } else { None };
+                let bias = if bias {
+                    Some(w.get("bias", &[dim])?)
+                } else {
+                    None
+                };
                 (weight, bias)
             }
         };
@@ -160,8 +170,8 @@ pub struct AttentionSettings {
     /// Bias on `o_proj`.
     pub o_bias: bool,
     pub qk_norm: QkNorm,
-    /// The norm kind of `q_norm`/`k_norm`.
-    pub qk_norm_kind: NormKind,
+    /// The norm kind of `q_norm`/`k_norm`; the model's norm kind when `None`.
+    pub qk_norm_kind: Option<NormKind>,
     /// Multiplies `q kᵀ` (usually `head_dim^-0.5`).
     pub scale: f32,
     /// `cap * tanh(scores / cap)` before the softmax (Gemma 2).
@@ -180,7 +190,7 @@ impl AttentionSettings {
             qkv_bias: false,
             o_bias: false,
             qk_norm: QkNorm::None,
-            qk_norm_kind: NormKind::Rms,
+            qk_norm_kind: None,
             scale: (head_dim as f32).powf(-0.5),
             logit_softcap: None,
         }
@@ -422,13 +432,9 @@ struct Attention {
 }
 
 impl Attention {
-    fn load(
-        w: &WeightPath,
-        s: &AttentionSettings,
-        layer: &LayerSettings,
-        hidden: i32,
-        eps: f64,
-    ) -> Result<Self> {
+    fn load(w: &WeightPath, model: &DecoderSettings, layer: &LayerSettings) -> Result<Self> {
+        let (s, hidden, eps) = (&model.attention, model.hidden_size, model.norm_eps);
+        let kind = s.qk_norm_kind.unwrap_or(model.norm);
         let (q_dim, kv_dim) = (s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim);
         let qkv = match s.qkv_layout {
             QkvLayout::Separate => Qkv::Separate {
@@ -446,7 +452,7 @@ impl Attention {
             QkNorm::Projection => (Some(q_dim), Some(kv_dim)),
         };
         let norm = |name: &str, dim: Option<i32>| {
-            dim.map(|d| Norm::load(&w.pp(name), s.qk_norm_kind, d, eps))
+            dim.map(|d| Norm::load(&w.pp(name), kind, d, eps))
                 .transpose()
         };
         Ok(Attention {
@@ -559,8 +565,8 @@ fn softcapped_attention(
         Some(m) => scores.add(&m)?,
         None => scores,
     };
-    let weights = ops::softmax_axis(&scores.as_dtype(Dtype::Float32)?, -1, None)?
-        .as_dtype(q.dtype())?;
+    let weights =
+        ops::softmax_axis(&scores.as_dtype(Dtype::Float32)?, -1, None)?.as_dtype(q.dtype())?;
     Ok(ops::matmul(&weights, &v)?.reshape(&[batch, heads, len, head_dim])?)
 }
 
@@ -574,10 +580,18 @@ fn additive_mask(mask: &AttentionMask, len: i32, keys: i32, dtype: Dtype) -> Res
             let offset = keys - len;
             let data: Vec<f32> = (0..len)
                 .flat_map(|q| {
-                    (0..keys).map(move |k| if k <= q + offset { 0.0 } else { f32::NEG_INFINITY })
+                    (0..keys).map(move |k| {
+                        if k <= q + offset {
+                            0.0
+                        } else {
+                            f32::NEG_INFINITY
+                        }
+                    })
                 })
                 .collect();
-            Ok(Some(Array::from_slice(&data, &[len, keys]).as_dtype(dtype)?))
+            Ok(Some(
+                Array::from_slice(&data, &[len, keys]).as_dtype(dtype)?,
+            ))
         }
     }
 }
@@ -678,13 +692,7 @@ impl DecoderLayer {
             NormPlacement::Sandwich => (true, true),
         };
         Ok(DecoderLayer {
-            self_attn: Attention::load(
-                &w.pp("self_attn"),
-                &s.attention,
-                layer,
-                s.hidden_size,
-                s.norm_eps,
-            )?,
+            self_attn: Attention::load(&w.pp("self_attn"), s, layer)?,
             mlp: Mlp::load(&w.pp("mlp"), &s.mlp, s.hidden_size)?,
             input_layernorm: pre.then(|| norm("input_layernorm")).transpose()?,
             post_attention_layernorm: norm("post_attention_layernorm")?,
@@ -876,9 +884,11 @@ pub fn drop_computed_weights(weights: &mut Weights, tie_word_embeddings: bool) {
 /// Checks the head counts of a config: positive, and query heads grouped evenly over the
 /// key/value heads.
 pub fn check_heads(config: &ConfigFile, num_heads: i32, num_kv_heads: i32) -> Result<()> {
-    config.ensure(num_heads > 0 && num_kv_heads > 0, "num_attention_heads", || {
-        "must be positive".to_owned()
-    })?;
+    config.ensure(
+        num_heads > 0 && num_kv_heads > 0,
+        "num_attention_heads",
+        || "must be positive".to_owned(),
+    )?;
     config.ensure(num_heads % num_kv_heads == 0, "num_key_value_heads", || {
         format!("{num_heads} query heads cannot be grouped over {num_kv_heads} key/value heads")
     })
@@ -893,7 +903,12 @@ pub fn build(
 ) -> Result<Box<dyn LanguageModel>> {
     let a = &settings.attention;
     check_heads(config, a.num_heads, a.num_kv_heads)?;
-    if let Some(w) = settings.layers.iter().filter_map(|l| l.sliding_window).find(|&w| w < 1) {
+    if let Some(w) = settings
+        .layers
+        .iter()
+        .filter_map(|l| l.sliding_window)
+        .find(|&w| w < 1)
+    {
         config.ensure(false, "sliding_window", || {
             format!("must be at least 1 token, found {w}")
         })?;

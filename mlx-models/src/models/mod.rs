@@ -6,6 +6,7 @@ pub mod llama;
 use crate::cache::KvCache;
 use crate::config::ConfigFile;
 use crate::error::{Error, Result};
+use crate::family;
 use crate::nn::Quantization;
 use crate::rope::Rope;
 use crate::tap::Tap;
@@ -53,7 +54,10 @@ pub struct ModelInfo {
 pub type Loader = fn(&ConfigFile, Weights) -> Result<Box<dyn LanguageModel>>;
 
 /// Every supported `model_type` and the module that implements it.
-pub const REGISTRY: &[(&str, Loader)] = &[("llama", llama::load), ("mistral", llama::load)];
+pub const REGISTRY: &[(&str, Loader)] = &[
+    ("llama", family::load::<llama::Config>),
+    ("mistral", family::load::<llama::Config>),
+];
 
 /// The supported `model_type` values.
 pub fn supported_model_types() -> Vec<&'static str> {

@@ -1,0 +1,305 @@
+//! What a decoder family module declares: its config.json fields (the shared ones below,
+//! plus its own), Transformers' defaults for them, and how they map onto
+//! [`DecoderSettings`]. Loading is the same for every family: [`load`].
+
+use crate::config::ConfigFile;
+use crate::error::Result;
+use crate::models::LanguageModel;
+use crate::rope::{Rope, RopeConfig, RopeFields};
+use crate::transformer::{
+    build, drop_computed_weights, layers_by_type, rope_layers, Activation, AttentionSettings,
+    DecoderSettings, LayerSettings, LayerType, MlpLayout, MlpSettings,
+};
+use crate::weights::Weights;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+/// A decoder family: its `Config` parses config.json and describes the model.
+pub trait DecoderFamily: DeserializeOwned {
+    /// Transformers' defaults, as a JSON object, for the fields a config.json may leave out.
+    const DEFAULTS: &'static str;
+
+    /// The decoder this config describes.
+    fn settings(&self, config: &ConfigFile) -> Result<DecoderSettings>;
+
+    /// Brings checkpoint weight names to the module's: by default, drops what the model
+    /// computes itself (`rotary_emb.inv_freq`) and the output layer of tied checkpoints that
+    /// store it anyway; every other weight keeps its Transformers name.
+    fn sanitize(&self, weights: &mut Weights, settings: &DecoderSettings) {
+        drop_computed_weights(weights, settings.tie_word_embeddings);
+    }
+}
+
+/// The registry's entry point for family `F`.
+pub fn load<F: DecoderFamily>(
+    config: &ConfigFile,
+    mut weights: Weights,
+) -> Result<Box<dyn LanguageModel>> {
+    let family: F = config.parse_with_defaults(F::DEFAULTS)?;
+    let settings = family.settings(config)?;
+    family.sanitize(&mut weights, &settings);
+    build(config, settings, weights)
+}
+
+/// The config.json fields every decoder family has, with Transformers' names; a family's
+/// `Config` flattens this and adds its own.
+#[derive(Debug, Clone, Deserialize)]
+pub struct DecoderConfig {
+    pub model_type: String,
+    pub vocab_size: i32,
+    pub hidden_size: i32,
+    pub intermediate_size: i32,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: i32,
+    /// Key/value heads (grouped-query attention); all heads when absent.
+    #[serde(default)]
+    pub num_key_value_heads: Option<i32>,
+    /// Features per head; `hidden_size / num_attention_heads` when absent.
+    #[serde(default)]
+    pub head_dim: Option<i32>,
+    pub max_position_embeddings: usize,
+    /// Logits from the embedding matrix.
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    /// The MLP activation, for families that name it so.
+    #[serde(default)]
+    pub hidden_act: Option<String>,
+    /// The MLP activation of the Gemma 2 and 3 configs, which win over `hidden_act`.
+    #[serde(default)]
+    pub hidden_activation: Option<String>,
+    /// The RMSNorm epsilon, for families that name it so.
+    #[serde(default)]
+    pub rms_norm_eps: Option<f64>,
+    /// Bias on the q/k/v/o projections.
+    #[serde(default)]
+    pub attention_bias: Option<bool>,
+    /// Bias on the MLP projections.
+    #[serde(default)]
+    pub mlp_bias: Option<bool>,
+    /// `cap * tanh(logits / cap)` on the output.
+    #[serde(default)]
+    pub final_logit_softcapping: Option<f64>,
+    #[serde(flatten)]
+    pub windows: SlidingWindowConfig,
+    #[serde(flatten)]
+    pub no_rope: NoRopeConfig,
+    #[serde(flatten)]
+    pub rope: RopeFields,
+}
+
+impl DecoderConfig {
+    pub fn head_dim(&self) -> i32 {
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+    }
+
+    pub fn num_kv_heads(&self) -> i32 {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    /// The RoPE `fields` describe for these heads (`default_theta` when they name none);
+    /// `traditional` rotates adjacent pairs instead of halves.
+    pub fn rope_from(
+        &self,
+        fields: &RopeFields,
+        default_theta: f64,
+        traditional: bool,
+        config: &ConfigFile,
+    ) -> Result<Rope> {
+        Rope::new(RopeConfig {
+            traditional,
+            ..RopeConfig::from_fields(
+                fields,
+                self.head_dim(),
+                self.max_position_embeddings,
+                default_theta,
+                &config.path,
+            )?
+        })
+    }
+
+    /// The RoPE of this config's RoPE fields.
+    pub fn rope(&self, default_theta: f64, traditional: bool, config: &ConfigFile) -> Result<Rope> {
+        self.rope_from(&self.rope, default_theta, traditional, config)
+    }
+
+    /// The RoPE of the layers of `layer_type`, for families with one per layer type
+    /// (Gemma 3; `local_base` is the Hub configs' base of the sliding layers).
+    pub fn layer_type_rope(
+        &self,
+        layer_type: &str,
+        local_base: Option<f64>,
+        default_theta: f64,
+        config: &ConfigFile,
+    ) -> Result<Rope> {
+        let fields = self.rope.for_layer_type(layer_type, local_base);
+        self.rope_from(&fields, default_theta, false, config)
+    }
+
+    /// The settings of each layer: which attention (`layer_types`, else `rule`), the RoPE
+    /// of full (`rope`) and sliding (`local_rope`, else `rope`) layers, none on the layers
+    /// `no_rope_layers` marks when `no_rope`.
+    pub fn layers(
+        &self,
+        rule: LayerRule,
+        rope: Option<&Rope>,
+        local_rope: Option<&Rope>,
+        no_rope: bool,
+    ) -> Vec<LayerSettings> {
+        let n = self.num_hidden_layers;
+        let uses_rope = if no_rope {
+            self.no_rope.uses_rope(n)
+        } else {
+            vec![true; n]
+        };
+        let types = self.windows.layer_types(n, rule, &uses_rope);
+        let mut layers = layers_by_type(&types, rope, local_rope, self.windows.sliding_window);
+        drop_rope(&mut layers, &uses_rope);
+        layers
+    }
+
+    /// The activation `hidden_activation` or else `hidden_act` names (SiLU when neither).
+    pub fn activation(&self, config: &ConfigFile) -> Result<Activation> {
+        match (&self.hidden_activation, &self.hidden_act) {
+            (Some(name), _) => Activation::from_config(config, "hidden_activation", name),
+            (None, name) => {
+                Activation::from_config(config, "hidden_act", name.as_deref().unwrap_or("silu"))
+            }
+        }
+    }
+
+    /// Attention with these head counts, `attention_bias` on q/k/v/o, and the other
+    /// defaults of [`AttentionSettings::new`].
+    pub fn attention(&self) -> AttentionSettings {
+        let bias = self.attention_bias.unwrap_or(false);
+        AttentionSettings {
+            qkv_bias: bias,
+            o_bias: bias,
+            ..AttentionSettings::new(
+                self.num_attention_heads,
+                self.num_kv_heads(),
+                self.head_dim(),
+            )
+        }
+    }
+
+    /// The MLP of width `intermediate_size`, with `mlp_bias`.
+    pub fn mlp(&self, layout: MlpLayout, activation: Activation) -> MlpSettings {
+        MlpSettings {
+            intermediate_size: self.intermediate_size,
+            layout,
+            activation,
+            bias: self.mlp_bias.unwrap_or(false),
+        }
+    }
+
+    /// Pre-norm RMSNorm decoder settings with these sizes, `rms_norm_eps`, tying and the
+    /// final soft cap; a family sets what else differs on top.
+    pub fn settings(
+        &self,
+        attention: AttentionSettings,
+        mlp: MlpSettings,
+        layers: Vec<LayerSettings>,
+    ) -> DecoderSettings {
+        DecoderSettings {
+            norm_eps: self.rms_norm_eps.unwrap_or(1e-6),
+            tie_word_embeddings: self.tie_word_embeddings,
+            final_logit_softcap: self.final_logit_softcapping.map(|c| c as f32),
+            ..DecoderSettings::new(
+                &self.model_type,
+                self.vocab_size,
+                self.hidden_size,
+                self.max_position_embeddings,
+                attention,
+                mlp,
+                layers,
+            )
+        }
+    }
+}
+
+/// How a family derives `layer_types` for configs that predate the field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayerRule {
+    /// No sliding layers.
+    NoSliding,
+    /// Every layer slides when `sliding_window` is set (Mistral, Phi-3, StarCoder 2).
+    All,
+    /// Every n-th layer is full attention, the others slide (Gemma 2: 2).
+    EveryNth(i32),
+    /// Every `sliding_window_pattern`-th layer is full attention (Gemma 3).
+    Pattern,
+    /// Layers from `max_window_layers` on slide, when `use_sliding_window` (Qwen 2).
+    FromMaxWindowLayers,
+    /// The layers without RoPE slide, when `use_sliding_window` (SmolLM3).
+    WithoutRope,
+}
+
+/// The sliding-window fields of a config.json, in any of the styles families use.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct SlidingWindowConfig {
+    /// Each query of a sliding layer sees itself and `sliding_window - 1` earlier tokens.
+    #[serde(default)]
+    pub sliding_window: Option<i32>,
+    /// Transformers 5: the attention of each layer.
+    #[serde(default)]
+    pub layer_types: Option<Vec<LayerType>>,
+    #[serde(default)]
+    pub use_sliding_window: Option<bool>,
+    #[serde(default)]
+    pub max_window_layers: Option<i32>,
+    #[serde(default)]
+    pub sliding_window_pattern: Option<i32>,
+}
+
+impl SlidingWindowConfig {
+    /// The attention of each of `n` layers: `layer_types`, or else `rule` over the other
+    /// fields (`uses_rope` for [`LayerRule::WithoutRope`]).
+    pub fn layer_types(&self, n: usize, rule: LayerRule, uses_rope: &[bool]) -> Vec<LayerType> {
+        if let Some(types) = &self.layer_types {
+            return types.clone();
+        }
+        let enabled = self.use_sliding_window.unwrap_or(false);
+        match rule {
+            LayerRule::NoSliding => LayerType::all(n, None),
+            LayerRule::All => LayerType::all(n, self.sliding_window),
+            LayerRule::EveryNth(period) => LayerType::periodic(n, period),
+            LayerRule::Pattern => LayerType::periodic(n, self.sliding_window_pattern.unwrap_or(0)),
+            LayerRule::FromMaxWindowLayers => {
+                LayerType::from_layer(n, enabled, self.max_window_layers.unwrap_or(0))
+            }
+            LayerRule::WithoutRope => LayerType::where_no_rope(uses_rope, enabled),
+        }
+    }
+}
+
+/// Layers without RoPE (SmolLM3).
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct NoRopeConfig {
+    /// 1: the layer uses RoPE, 0: it does not.
+    #[serde(default)]
+    pub no_rope_layers: Option<Vec<i32>>,
+    /// Without `no_rope_layers`: every n-th layer has no RoPE.
+    #[serde(default)]
+    pub no_rope_layer_interval: Option<i32>,
+}
+
+impl NoRopeConfig {
+    /// Whether each of `n` layers uses RoPE.
+    pub fn uses_rope(&self, n: usize) -> Vec<bool> {
+        rope_layers(
+            n,
+            self.no_rope_layers.as_deref(),
+            self.no_rope_layer_interval.unwrap_or(0),
+        )
+    }
+}
+
+/// Removes RoPE from the layers `uses_rope` marks false.
+pub fn drop_rope(layers: &mut [LayerSettings], uses_rope: &[bool]) {
+    for (layer, &uses) in layers.iter_mut().zip(uses_rope) {
+        if !uses {
+            layer.rope = None;
+        }
+    }
+}
