@@ -1,7 +1,9 @@
 //! The model module a plan and its chosen variant make: config, how it maps onto the shared
 //! blocks, sanitize, load. Plain text here, formatted by rustfmt afterwards.
 
-use super::plan::{Choice, Field, FieldType, Flag, LayerRule, PeriodSource, Plan, RopeRule, Scalar};
+use super::plan::{
+    Choice, Field, FieldType, Flag, LayerRule, PeriodSource, Plan, RopeRule, Scalar,
+};
 use mlx_models::transformer::{MlpLayout, NormPlacement, QkNorm};
 use serde_json::Value;
 use std::fmt::Write;
@@ -34,47 +36,6 @@ fn rust_type(f: &Field) -> String {
         format!("Option<{base}>")
     } else {
         base.to_owned()
-    }
-}
-
-fn literal(f: &Field, v: &Value) -> String {
-    let inner = match (f.ty, v) {
-        (FieldType::F64, Value::Number(n)) => {
-            let x = n.as_f64().unwrap_or_default();
-            let s = format!("{x:?}");
-            if s.contains('e') || s.contains('.') {
-                s
-            } else {
-                format!("{s}.0")
-            }
-        }
-        (FieldType::Str, Value::String(s)) => format!("{s:?}.to_owned()"),
-        (FieldType::Bool, Value::Bool(b)) => b.to_string(),
-        (FieldType::I32 | FieldType::Usize, Value::Number(n)) => n.to_string(),
-        (FieldType::LayerTypes, Value::Array(a)) => format!(
-            "vec![{}]",
-            a.iter()
-                .map(|t| match t.as_str() {
-                    Some("sliding_attention") => "LayerType::SlidingAttention",
-                    _ => "LayerType::FullAttention",
-                })
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
-        (FieldType::IntList, Value::Array(a)) => format!(
-            "vec![{}]",
-            a.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(", ")
-        ),
-        (FieldType::Bool, _) => "false".to_owned(),
-        (FieldType::Str, _) => "String::new()".to_owned(),
-        (FieldType::LayerTypes | FieldType::IntList, _) => "Vec::new()".to_owned(),
-        (FieldType::F64, _) => "0.0".to_owned(),
-        _ => "0".to_owned(),
-    };
-    match (f.optional(), v.is_null()) {
-        (true, true) => "None".to_owned(),
-        (true, false) => format!("Some({inner})"),
-        _ => inner,
     }
 }
 
@@ -118,7 +79,63 @@ fn scalar(plan: &Plan, s: &Scalar) -> String {
         Scalar::Field(n) => wrap(n, "v as f32"),
         Scalar::InvSqrtField(n) => wrap(n, "v.powf(-0.5) as f32"),
         Scalar::InvField(n) => wrap(n, "(1.0 / v) as f32"),
-        Scalar::SqrtHidden => "Some(f64::from(self.hidden_size).sqrt() as f32)".to_owned(),
+        Scalar::SqrtHidden => "Some(f64::from(d.hidden_size).sqrt() as f32)".to_owned(),
+    }
+}
+
+/// Fields every family shares ([`mlx_models::family::DecoderConfig`]).
+pub const CORE_FIELDS: &[&str] = &[
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "max_position_embeddings",
+    "tie_word_embeddings",
+    "hidden_act",
+    "hidden_activation",
+    "rms_norm_eps",
+    "attention_bias",
+    "mlp_bias",
+    "final_logit_softcapping",
+];
+/// [`mlx_models::family::SlidingWindowConfig`].
+pub const WINDOW_FIELDS: &[&str] = &[
+    "sliding_window",
+    "layer_types",
+    "use_sliding_window",
+    "max_window_layers",
+    "sliding_window_pattern",
+];
+/// [`mlx_models::family::NoRopeConfig`].
+pub const NO_ROPE_FIELDS: &[&str] = &["no_rope_layers", "no_rope_layer_interval"];
+
+fn shared(name: &str) -> bool {
+    CORE_FIELDS.contains(&name) || WINDOW_FIELDS.contains(&name) || NO_ROPE_FIELDS.contains(&name)
+}
+
+/// Transformers' defaults of the fields the module reads, as one line of JSON.
+pub fn defaults_json(plan: &Plan) -> String {
+    let mut map = serde_json::Map::new();
+    for f in &plan.fields {
+        if !f.default.is_null() {
+            map.insert(f.name.clone(), f.default.clone());
+        }
+    }
+    Value::Object(map).to_string()
+}
+
+/// The family's `LayerRule` variant.
+pub fn layer_rule_expr(rule: &LayerRule) -> String {
+    match rule {
+        LayerRule::AllFull => "LayerRule::NoSliding".to_owned(),
+        LayerRule::All => "LayerRule::All".to_owned(),
+        LayerRule::Periodic(PeriodSource::Constant(p)) => format!("LayerRule::EveryNth({p})"),
+        LayerRule::Periodic(PeriodSource::Field(_)) => "LayerRule::Pattern".to_owned(),
+        LayerRule::FromLayer { .. } => "LayerRule::FromMaxWindowLayers".to_owned(),
+        LayerRule::NoRope { .. } => "LayerRule::WithoutRope".to_owned(),
     }
 }
 
@@ -150,35 +167,120 @@ pub fn module_source(plan: &Plan, choice: &Choice, default_theta: f64) -> String
     }
     let _ = writeln!(w);
 
-    // Imports.
-    let mut transformer = vec!["build", "drop_computed_weights", "AttentionSettings", "DecoderSettings", "MlpSettings", "MlpLayout", "NormKind", "Activation"];
-    if plan.sliding_window.is_some() || plan.layer_types_field || plan.rope.is_some() {
-        transformer.extend(["layers_by_type", "LayerType"]);
-    } else {
-        transformer.push("LayerSettings");
-    }
-    if plan.no_rope.is_some() {
-        transformer.push("rope_layers");
-    }
+    let windows = plan.sliding_window.is_some() || plan.layer_types_field;
+    let own: Vec<&Field> = plan.fields.iter().filter(|f| !shared(&f.name)).collect();
+
+    // What differs from the defaults of the shared settings.
+    let mut family = vec!["DecoderConfig", "DecoderFamily", "LayerRule"];
+    let mut transformer = vec!["DecoderSettings", "MlpLayout"];
+    let mut attn = Vec::new();
     if plan.qkv_fused {
+        attn.push("qkv_layout: QkvLayout::Fused".to_owned());
         transformer.push("QkvLayout");
     }
+    // `d.attention()` puts `attention_bias` on q/k/v/o; `d.mlp()` puts `mlp_bias` on the MLP.
+    let by_default = |f: &Flag, field: &str| match f {
+        Flag::Field(name) => name == field,
+        Flag::Never => !plan.fields.iter().any(|x| x.name == field),
+        Flag::Always => false,
+    };
+    if !by_default(&plan.qkv_bias, "attention_bias") {
+        attn.push(format!("qkv_bias: {}", flag(plan, &plan.qkv_bias)));
+    }
+    if !by_default(&plan.o_bias, "attention_bias") {
+        attn.push(format!("o_bias: {}", flag(plan, &plan.o_bias)));
+    }
+    let norm = match &plan.layer_norm {
+        Some(bias) => format!("NormKind::Layer {{ bias: {} }}", flag(plan, bias)),
+        None if choice.norm_plus_one => "NormKind::RmsPlusOne".to_owned(),
+        None => "NormKind::Rms".to_owned(),
+    };
     if plan.qk_norm != QkNorm::None {
+        attn.push(format!("qk_norm: QkNorm::{:?}", plan.qk_norm));
         transformer.push("QkNorm");
     }
+    match &plan.attention_scale {
+        Scalar::None => {}
+        sc => {
+            let value = scalar(plan, sc);
+            attn.push(match value.strip_prefix("Some(") {
+                // A field that is always there: its value, not an Option.
+                Some(inner) if !value.contains(".map(") => {
+                    format!("scale: {}", &inner[..inner.len() - 1])
+                }
+                _ => format!("scale: {value}.unwrap_or((d.head_dim() as f32).powf(-0.5))"),
+            })
+        }
+    }
+    if plan.attention_softcap != Scalar::None {
+        attn.push(format!(
+            "logit_softcap: {}",
+            scalar(plan, &plan.attention_softcap)
+        ));
+    }
+    if !attn.is_empty() {
+        transformer.push("AttentionSettings");
+    }
+    let mut model = Vec::new();
+    if norm != "NormKind::Rms" {
+        model.push(format!("norm: {norm}"));
+    }
+    if norm != "NormKind::Rms" {
+        transformer.push("NormKind");
+    }
+    if plan.eps_field != "rms_norm_eps" {
+        model.push(format!("norm_eps: {}", field_expr(plan, &plan.eps_field)));
+    }
     if choice.norm_placement != NormPlacement::Pre {
+        model.push(format!(
+            "norm_placement: NormPlacement::{:?}",
+            choice.norm_placement
+        ));
         transformer.push("NormPlacement");
     }
-    transformer.sort_unstable();
-    transformer.dedup();
-    let _ = writeln!(w, "use super::LanguageModel;");
+    // `d.settings()` applies `final_logit_softcapping`.
+    let final_cap = match &plan.final_softcap {
+        Scalar::Field(name) if name == "final_logit_softcapping" => &Scalar::None,
+        other => other,
+    };
+    for (name, value) in [
+        ("embedding_scale", &choice.embedding_scale),
+        ("residual_scale", &plan.residual_scale),
+        ("logits_scale", &plan.logits_scale),
+        ("final_logit_softcap", final_cap),
+    ] {
+        if *value != Scalar::None {
+            model.push(format!("{name}: {}", scalar(plan, value)));
+        }
+    }
+    let act = if plan.act_field == "hidden_act" || plan.act_field == "hidden_activation" {
+        "d.activation(config)?".to_owned()
+    } else {
+        transformer.push("Activation");
+        let value = if optional(plan, &plan.act_field) {
+            format!("self.{}.as_deref().unwrap_or(\"silu\")", plan.act_field)
+        } else {
+            format!("&self.{}", plan.act_field)
+        };
+        format!(
+            "Activation::from_config(config, {:?}, {value})?",
+            plan.act_field
+        )
+    };
+    let act = if choice.gelu_as_tanh {
+        format!("{act}.gelu_as_tanh()")
+    } else {
+        act
+    };
+    if !by_default(&plan.mlp_bias, "mlp_bias") {
+        transformer.push("MlpSettings");
+    }
+    family.sort_unstable_by_key(|n| n.to_lowercase());
+    transformer.sort_unstable_by_key(|n| n.to_lowercase());
     let _ = writeln!(w, "use crate::config::ConfigFile;");
     let _ = writeln!(w, "use crate::error::Result;");
-    if plan.rope.is_some() {
-        let _ = writeln!(w, "use crate::rope::{{Rope, RopeConfig, RopeFields}};");
-    }
+    let _ = writeln!(w, "use crate::family::{{{}}};", family.join(", "));
     let _ = writeln!(w, "use crate::transformer::{{{}}};", transformer.join(", "));
-    let _ = writeln!(w, "use crate::weights::Weights;");
     let _ = writeln!(w, "use serde::Deserialize;");
     let _ = writeln!(w);
 
@@ -187,239 +289,45 @@ pub fn module_source(plan: &Plan, choice: &Choice, default_theta: f64) -> String
         w,
         "/// ",
         &format!(
-            "config.json fields the forward pass reads, with Transformers' names and the \
-             defaults of `{}`.",
+            "config.json fields, with the names of `{}`: the shared ones and the family's own; \
+             Transformers' defaults are in `DEFAULTS`.",
             plan.config_class
         ),
     );
-    let _ = writeln!(w, "#[derive(Debug, Clone, Deserialize)]\n#[serde(default)]\npub struct Config {{");
-    let _ = writeln!(w, "pub model_type: String,");
-    for f in &plan.fields {
-        let _ = writeln!(w, "/// {}.\npub {}: {},", capitalize(f.role), f.name, rust_type(f));
-    }
-    if plan.rope.is_some() {
-        let _ = writeln!(w, "#[serde(flatten)]\npub rope: RopeFields,");
-    }
-    let _ = writeln!(w, "}}\n");
-    let _ = writeln!(w, "impl Default for Config {{\nfn default() -> Self {{\nConfig {{");
-    let _ = writeln!(w, "model_type: {mt:?}.to_owned(),");
-    for f in &plan.fields {
-        let _ = writeln!(w, "{}: {},", f.name, literal(f, &f.default));
-    }
-    if plan.rope.is_some() {
-        let _ = writeln!(w, "rope: RopeFields::default(),");
-    }
-    let _ = writeln!(w, "}}\n}}\n}}\n");
-
-    // Settings.
-    let optional = |name: &str| {
-        plan.fields
-            .iter()
-            .find(|f| f.name == name)
-            .is_none_or(Field::optional)
-    };
-    let _ = writeln!(w, "impl Config {{");
-    let uses_types = plan.sliding_window.is_some() || plan.layer_types_field;
-    if uses_types {
-        let fallback = match &plan.layer_rule {
-            LayerRule::AllFull => "LayerType::all(self.num_hidden_layers, None)".to_owned(),
-            LayerRule::All => "LayerType::all(self.num_hidden_layers, self.sliding_window)".to_owned(),
-            LayerRule::Periodic(PeriodSource::Constant(p)) => {
-                format!("LayerType::periodic(self.num_hidden_layers, {p})")
-            }
-            LayerRule::Periodic(PeriodSource::Field(f)) => {
-                format!("LayerType::periodic(self.num_hidden_layers, {})", field_expr(plan, f))
-            }
-            LayerRule::FromLayer { enabled, start } => format!(
-                "LayerType::from_layer(self.num_hidden_layers, {}, {})",
-                flag(plan, &Flag::Field(enabled.clone())),
-                field_expr(plan, start)
-            ),
-            LayerRule::NoRope { enabled } => format!(
-                "LayerType::where_no_rope(&self.uses_rope(), {})",
-                flag(plan, &Flag::Field(enabled.clone()))
-            ),
-        };
-        doc(
-            w,
-            "    /// ",
-            "Sliding-window or full attention for each layer: `layer_types`, or for \
-             configs without it the rule Transformers derives it by.",
-        );
-        if plan.layer_types_field {
-            let _ = writeln!(
-                w,
-                "fn layer_types(&self) -> Vec<LayerType> {{\nself.layer_types.clone().unwrap_or_else(|| {fallback})\n}}\n"
-            );
-        } else {
-            let _ = writeln!(w, "fn layer_types(&self) -> Vec<LayerType> {{\n{fallback}\n}}\n");
-        }
-    }
-    if let Some(no_rope) = &plan.no_rope {
-        let flags = if optional(&no_rope.flags_field) {
-            format!("self.{}.as_deref()", no_rope.flags_field)
-        } else {
-            format!("Some(&self.{}[..])", no_rope.flags_field)
-        };
-        let interval = no_rope
-            .interval_field
-            .as_ref()
-            .map(|f| field_expr(plan, f))
-            .unwrap_or_else(|| "0".to_owned());
-        doc(
-            w,
-            "    /// ",
-            &format!(
-                "Whether each layer uses RoPE: `{}`, or for configs without it the rule \
-                 Transformers derives it by.",
-                no_rope.flags_field
-            ),
-        );
-        let _ = writeln!(
-            w,
-            "fn uses_rope(&self) -> Vec<bool> {{\nrope_layers(self.num_hidden_layers, {flags}, {interval})\n}}\n"
-        );
-    }
-    let _ = writeln!(w, "/// The decoder this config describes.");
     let _ = writeln!(
         w,
-        "pub fn settings(&self, config: &ConfigFile) -> Result<DecoderSettings> {{"
+        "#[derive(Debug, Clone, Deserialize)]\npub struct Config {{"
     );
-    let head_dim = if plan.fields.iter().any(|f| f.name == "head_dim") && !optional("head_dim") {
-        "self.head_dim".to_owned()
-    } else if plan.fields.iter().any(|f| f.name == "head_dim") {
-        "self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads)".to_owned()
-    } else {
-        "self.hidden_size / self.num_attention_heads".to_owned()
-    };
-    let kv_heads = if plan.fields.iter().any(|f| f.name == "num_key_value_heads") {
-        if optional("num_key_value_heads") {
-            "self.num_key_value_heads.unwrap_or(self.num_attention_heads)".to_owned()
-        } else {
-            "self.num_key_value_heads".to_owned()
-        }
-    } else {
-        "self.num_attention_heads".to_owned()
-    };
-    let _ = writeln!(w, "let head_dim = {head_dim};");
-    let rope_call = |fields: &str| {
-        let traditional = if choice.rope_traditional {
-            "RopeConfig { traditional: true, ..RopeConfig::from_fields"
-        } else {
-            "RopeConfig::from_fields"
-        };
-        let close = if choice.rope_traditional { "? }" } else { "?" };
-        format!(
-            "Rope::new({traditional}({fields}, head_dim, self.max_position_embeddings, {}, &config.path){close})?",
-            float(default_theta)
-        )
-    };
-    let (rope, local_rope) = match &plan.rope {
-        None => ("None", "None"),
-        Some(RopeRule::Uniform) => {
-            let _ = writeln!(w, "let rope = {};", rope_call("&self.rope"));
-            ("Some(&rope)", "None")
-        }
-        Some(RopeRule::PerLayerType { local_base }) => {
-            let base = match local_base {
-                Some(f) if optional(f) => format!("self.{f}"),
-                Some(f) => format!("Some(self.{f})"),
-                None => "None".to_owned(),
-            };
-            let _ = writeln!(
-                w,
-                "let rope = {};",
-                rope_call(&format!("&self.rope.for_layer_type(\"full_attention\", {base})"))
-            );
-            let _ = writeln!(
-                w,
-                "let local_rope = {};",
-                rope_call(&format!("&self.rope.for_layer_type(\"sliding_attention\", {base})"))
-            );
-            ("Some(&rope)", "Some(&local_rope)")
-        }
-    };
-    let window = if plan.sliding_window.is_some() {
-        "self.sliding_window"
-    } else {
-        "None"
-    };
-    if uses_types {
+    let _ = writeln!(w, "#[serde(flatten)]\npub decoder: DecoderConfig,");
+    for f in &own {
         let _ = writeln!(
             w,
-            "let {}layers = layers_by_type(&self.layer_types(), {rope}, {local_rope}, {window});",
-            if plan.no_rope.is_some() { "mut " } else { "" }
-        );
-    } else if plan.rope.is_some() {
-        let _ = writeln!(
-            w,
-            "let {}layers = layers_by_type(&LayerType::all(self.num_hidden_layers, None), {rope}, None, None);",
-            if plan.no_rope.is_some() { "mut " } else { "" }
-        );
-    } else {
-        let _ = writeln!(
-            w,
-            "let layers = vec![LayerSettings {{ rope: None, sliding_window: None }}; self.num_hidden_layers];"
+            "/// {}.\npub {}: {},",
+            capitalize(f.role),
+            f.name,
+            rust_type(f)
         );
     }
-    if plan.no_rope.is_some() {
-        let _ = writeln!(
-            w,
-            "for (layer, uses_rope) in layers.iter_mut().zip(self.uses_rope()) {{\nif !uses_rope {{ layer.rope = None; }}\n}}"
-        );
-    }
-    let norm = match &plan.layer_norm {
-        Some(bias) => format!("NormKind::Layer {{ bias: {} }}", flag(plan, bias)),
-        None if choice.norm_plus_one => "NormKind::RmsPlusOne".to_owned(),
-        None => "NormKind::Rms".to_owned(),
-    };
-    let _ = writeln!(w, "let norm = {norm};");
-    let act = if optional(&plan.act_field) {
-        format!("self.{}.as_deref().unwrap_or(\"silu\")", plan.act_field)
-    } else {
-        format!("&self.{}", plan.act_field)
-    };
+    let _ = writeln!(w, "}}\n");
 
-    // Attention: only what differs from the defaults.
-    let mut attn = Vec::new();
-    if plan.qkv_fused {
-        attn.push("qkv_layout: QkvLayout::Fused".to_owned());
-    }
-    if plan.qkv_bias != Flag::Never {
-        attn.push(format!("qkv_bias: {}", flag(plan, &plan.qkv_bias)));
-    }
-    if plan.o_bias != Flag::Never {
-        attn.push(format!("o_bias: {}", flag(plan, &plan.o_bias)));
-    }
-    if plan.qk_norm != QkNorm::None {
-        attn.push(format!("qk_norm: QkNorm::{:?}", plan.qk_norm));
-        attn.push("qk_norm_kind: norm".to_owned());
-    }
-    match &plan.attention_scale {
-        Scalar::None => {}
-        s => {
-            let value = scalar(plan, s);
-            attn.push(match value.strip_prefix("Some(") {
-                // A field that is always there: its value, not an Option.
-                Some(inner) if !value.contains(".map(") => {
-                    format!("scale: {}", &inner[..inner.len() - 1])
-                }
-                _ => format!("scale: {value}.unwrap_or((head_dim as f32).powf(-0.5))"),
-            })
-        }
-    }
-    if plan.attention_softcap != Scalar::None {
-        attn.push(format!("logit_softcap: {}", scalar(plan, &plan.attention_softcap)));
-    }
-    let new_attention = format!(
-        "AttentionSettings::new(self.num_attention_heads, {kv_heads}, head_dim)"
+    // Settings.
+    let _ = writeln!(w, "impl DecoderFamily for Config {{");
+    let _ = writeln!(
+        w,
+        "const DEFAULTS: &'static str = r#\"{}\"#;\n",
+        defaults_json(plan)
     );
+    let _ = writeln!(
+        w,
+        "fn settings(&self, config: &ConfigFile) -> Result<DecoderSettings> {{"
+    );
+    let _ = writeln!(w, "let d = &self.decoder;");
     if attn.is_empty() {
-        let _ = writeln!(w, "let attention = {new_attention};");
+        let _ = writeln!(w, "let attention = d.attention();");
     } else {
         let _ = writeln!(
             w,
-            "let attention = AttentionSettings {{ {}, ..{new_attention} }};",
+            "let attention = AttentionSettings {{ {}, ..d.attention() }};",
             attn.join(", ")
         );
     }
@@ -428,58 +336,73 @@ pub fn module_source(plan: &Plan, choice: &Choice, default_theta: f64) -> String
         MlpLayout::FusedGated => "MlpLayout::FusedGated",
         MlpLayout::Plain => "MlpLayout::Plain",
     };
-    let _ = writeln!(
-        w,
-        "let mlp = MlpSettings {{ intermediate_size: self.intermediate_size, layout: {layout}, activation: Activation::from_config(config, {:?}, {act})?{}, bias: {} }};",
-        plan.act_field,
-        if choice.gelu_as_tanh { ".gelu_as_tanh()" } else { "" },
-        flag(plan, &plan.mlp_bias)
-    );
-
-    // The model: only what differs from the defaults.
-    let mut model = vec![
-        "norm".to_owned(),
-        format!("norm_eps: {}", field_expr(plan, &plan.eps_field)),
-    ];
-    if choice.norm_placement != NormPlacement::Pre {
-        model.push(format!("norm_placement: NormPlacement::{:?}", choice.norm_placement));
+    if by_default(&plan.mlp_bias, "mlp_bias") {
+        let _ = writeln!(w, "let mlp = d.mlp({layout}, {act});");
+    } else {
+        let _ = writeln!(
+            w,
+            "let mlp = MlpSettings {{ bias: {}, ..d.mlp({layout}, {act}) }};",
+            flag(plan, &plan.mlp_bias)
+        );
     }
-    for (name, value) in [
-        ("embedding_scale", &choice.embedding_scale),
-        ("residual_scale", &plan.residual_scale),
-        ("logits_scale", &plan.logits_scale),
-        ("final_logit_softcap", &plan.final_softcap),
-    ] {
-        if *value != Scalar::None {
-            model.push(format!("{name}: {}", scalar(plan, value)));
+    let theta = float(default_theta);
+    let (rope, local_rope) = match &plan.rope {
+        None => ("None", "None"),
+        Some(RopeRule::Uniform) => {
+            let _ = writeln!(
+                w,
+                "let rope = d.rope({theta}, {}, config)?;",
+                choice.rope_traditional
+            );
+            ("Some(&rope)", "None")
         }
+        Some(RopeRule::PerLayerType { local_base }) => {
+            let base = match local_base {
+                Some(f) if optional(plan, f) => format!("self.{f}"),
+                Some(f) => format!("Some(self.{f})"),
+                None => "None".to_owned(),
+            };
+            for (var, ty) in [
+                ("rope", "full_attention"),
+                ("local_rope", "sliding_attention"),
+            ] {
+                let _ = writeln!(
+                    w,
+                    "let {var} = d.layer_type_rope(\"{ty}\", {base}, {theta}, config)?;"
+                );
+            }
+            ("Some(&rope)", "Some(&local_rope)")
+        }
+    };
+    let rule = if windows {
+        layer_rule_expr(&plan.layer_rule)
+    } else {
+        "LayerRule::NoSliding".to_owned()
+    };
+    let _ = writeln!(
+        w,
+        "let layers = d.layers({rule}, {rope}, {local_rope}, {});",
+        plan.no_rope.is_some()
+    );
+    let base = "d.settings(attention, mlp, layers)";
+    if model.is_empty() {
+        let _ = writeln!(w, "Ok({base})");
+    } else {
+        let _ = writeln!(
+            w,
+            "Ok(DecoderSettings {{ {}, ..{base} }})",
+            model.join(", ")
+        );
     }
-    model.push("tie_word_embeddings: self.tie_word_embeddings".to_owned());
-    let _ = writeln!(
-        w,
-        "Ok(DecoderSettings {{ {}, ..DecoderSettings::new(&self.model_type, self.vocab_size, self.hidden_size, self.max_position_embeddings, attention, mlp, layers) }})",
-        model.join(", ")
-    );
-    let _ = writeln!(w, "}}\n}}\n");
-
-    // Sanitize and load.
-    doc(
-        w,
-        "/// ",
-        "Drops what the model computes itself (`rotary_emb.inv_freq`) and the output layer \
-         of tied checkpoints that store it anyway; every other weight keeps its Transformers \
-         name.",
-    );
-    let _ = writeln!(
-        w,
-        "pub fn sanitize(weights: &mut Weights, cfg: &Config) {{\ndrop_computed_weights(weights, cfg.tie_word_embeddings);\n}}\n"
-    );
-    let _ = writeln!(w, "/// The registry's entry point.");
-    let _ = writeln!(
-        w,
-        "pub fn load(config: &ConfigFile, mut weights: Weights) -> Result<Box<dyn LanguageModel>> {{\nlet cfg: Config = config.parse()?;\nsanitize(&mut weights, &cfg);\nbuild(config, cfg.settings(config)?, weights)\n}}"
-    );
+    let _ = writeln!(w, "}}\n}}");
     s
+}
+
+fn optional(plan: &Plan, name: &str) -> bool {
+    plan.fields
+        .iter()
+        .find(|f| f.name == name)
+        .is_none_or(Field::optional)
 }
 
 /// Doc comment lines of at most 92 columns, each starting with `prefix` (`//! ` or `/// `).
@@ -524,13 +447,21 @@ pub fn structure_summary(plan: &Plan, choice: &Choice) -> Vec<String> {
         NormPlacement::Sandwich => "Sandwich norms: `input_layernorm`/`post_attention_layernorm` around attention, `pre_feedforward_layernorm`/`post_feedforward_layernorm` around the MLP.".to_owned(),
     });
     lines.push(match (&plan.layer_norm, choice.norm_plus_one) {
-        (Some(_), _) => "LayerNorm (mean and variance), with bias where the config says so.".to_owned(),
-        (None, true) => "RMSNorm scaling by `1 + weight` (weights stored as offsets from one).".to_owned(),
+        (Some(_), _) => {
+            "LayerNorm (mean and variance), with bias where the config says so.".to_owned()
+        }
+        (None, true) => {
+            "RMSNorm scaling by `1 + weight` (weights stored as offsets from one).".to_owned()
+        }
         (None, false) => "RMSNorm scaling by `weight`.".to_owned(),
     });
     lines.push(format!(
         "Attention: {}{}{}{}.",
-        if plan.qkv_fused { "one fused `qkv_proj`" } else { "`q_proj`/`k_proj`/`v_proj`" },
+        if plan.qkv_fused {
+            "one fused `qkv_proj`"
+        } else {
+            "`q_proj`/`k_proj`/`v_proj`"
+        },
         match plan.qk_norm {
             QkNorm::None => "",
             QkNorm::PerHead => ", RMSNorm of each query/key head before RoPE",
@@ -554,7 +485,9 @@ pub fn structure_summary(plan: &Plan, choice: &Choice) -> Vec<String> {
     }
     lines.push(match plan.mlp_layout {
         MlpLayout::Gated => "MLP: `down_proj(act(gate_proj(x)) * up_proj(x))`.".to_owned(),
-        MlpLayout::FusedGated => "MLP: one `gate_up_proj` (gate rows first), `down_proj`.".to_owned(),
+        MlpLayout::FusedGated => {
+            "MLP: one `gate_up_proj` (gate rows first), `down_proj`.".to_owned()
+        }
         MlpLayout::Plain => "MLP: `c_proj(act(c_fc(x)))`.".to_owned(),
     });
     match (&plan.rope, &plan.no_rope) {

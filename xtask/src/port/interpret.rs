@@ -2,12 +2,13 @@
 //! tried against the fixtures. The generated module computes the same settings; the
 //! verification of the generated module afterwards checks that it does.
 
-use super::plan::{Choice, Flag, LayerRule, PeriodSource, Plan, RopeRule, Scalar};
+use super::plan::{Choice, Flag, Plan, RopeRule, Scalar};
 use mlx_models::config::ConfigFile;
+use mlx_models::family::{drop_rope, NoRopeConfig, SlidingWindowConfig};
 use mlx_models::rope::{Rope, RopeConfig, RopeFields};
 use mlx_models::transformer::{
-    layers_by_type, rope_layers, Activation, AttentionSettings, DecoderSettings, LayerType,
-    MlpSettings, NormKind, QkvLayout,
+    layers_by_type, Activation, AttentionSettings, DecoderSettings, LayerType, MlpSettings,
+    NormKind, QkvLayout,
 };
 use mlx_models::Result;
 use serde_json::Value;
@@ -84,45 +85,39 @@ pub fn settings(plan: &Plan, choice: &Choice, config: &ConfigFile) -> Result<Dec
         activation = activation.gelu_as_tanh();
     }
     let norm = match &plan.layer_norm {
-        Some(bias) => NormKind::Layer {
-            bias: r.flag(bias),
-        },
+        Some(bias) => NormKind::Layer { bias: r.flag(bias) },
         None if choice.norm_plus_one => NormKind::RmsPlusOne,
         None => NormKind::Rms,
     };
 
-    // Which layers slide.
-    let window = plan.sliding_window.as_ref().and_then(|f| r.i32_opt(f));
-    let declared: Option<Vec<LayerType>> = if plan.layer_types_field {
-        serde_json::from_value(r.value("layer_types")).ok()
-    } else {
-        None
+    // Which layers slide, and which have RoPE: through the same shared fields as the
+    // generated module.
+    let window_fields = plan.sliding_window.is_some() || plan.layer_types_field;
+    let windows = SlidingWindowConfig {
+        sliding_window: plan.sliding_window.as_ref().and_then(|f| r.i32_opt(f)),
+        layer_types: if plan.layer_types_field {
+            serde_json::from_value(r.value("layer_types")).unwrap_or(None)
+        } else {
+            None
+        },
+        use_sliding_window: r.value("use_sliding_window").as_bool(),
+        max_window_layers: r.i32_opt("max_window_layers"),
+        sliding_window_pattern: r.i32_opt("sliding_window_pattern"),
     };
-    let uses_rope: Vec<bool> = match &plan.no_rope {
-        Some(no_rope) => {
-            let flags: Option<Vec<i32>> =
-                serde_json::from_value(r.value(&no_rope.flags_field)).ok();
-            let interval = no_rope
-                .interval_field
-                .as_ref()
-                .and_then(|f| r.i32_opt(f))
-                .unwrap_or(0);
-            rope_layers(layers, flags.as_deref(), interval)
-        }
+    let no_rope = NoRopeConfig {
+        no_rope_layers: serde_json::from_value(r.value("no_rope_layers")).unwrap_or(None),
+        no_rope_layer_interval: r.i32_opt("no_rope_layer_interval"),
+    };
+    let uses_rope = match &plan.no_rope {
+        Some(_) => no_rope.uses_rope(layers),
         None => vec![true; layers],
     };
-    let types = declared.unwrap_or_else(|| match &plan.layer_rule {
-        LayerRule::NoRope { enabled } => LayerType::where_no_rope(&uses_rope, r.bool(enabled)),
-        LayerRule::AllFull => LayerType::all(layers, None),
-        LayerRule::All => LayerType::all(layers, window),
-        LayerRule::Periodic(PeriodSource::Constant(p)) => LayerType::periodic(layers, *p),
-        LayerRule::Periodic(PeriodSource::Field(f)) => {
-            LayerType::periodic(layers, r.i32_opt(f).unwrap_or(0))
-        }
-        LayerRule::FromLayer { enabled, start } => {
-            LayerType::from_layer(layers, r.bool(enabled), r.i32_opt(start).unwrap_or(0))
-        }
-    });
+    let types = if window_fields {
+        windows.layer_types(layers, plan.layer_rule.shared(), &uses_rope)
+    } else {
+        LayerType::all(layers, None)
+    };
+    let window = windows.sliding_window;
 
     // RoPE.
     let fields: RopeFields = config.parse()?;
@@ -139,16 +134,14 @@ pub fn settings(plan: &Plan, choice: &Choice, config: &ConfigFile) -> Result<Dec
             let base = local_base.as_ref().and_then(|f| r.f64_opt(f));
             (
                 Some(make_rope(&fields.for_layer_type("full_attention", base))?),
-                Some(make_rope(&fields.for_layer_type("sliding_attention", base))?),
+                Some(make_rope(
+                    &fields.for_layer_type("sliding_attention", base),
+                )?),
             )
         }
     };
     let mut layer_settings = layers_by_type(&types, rope.as_ref(), local_rope.as_ref(), window);
-    for (layer, &uses) in layer_settings.iter_mut().zip(&uses_rope) {
-        if !uses {
-            layer.rope = None;
-        }
-    }
+    drop_rope(&mut layer_settings, &uses_rope);
 
     let default_scale = (head_dim as f32).powf(-0.5);
     let attention = AttentionSettings {
@@ -160,7 +153,7 @@ pub fn settings(plan: &Plan, choice: &Choice, config: &ConfigFile) -> Result<Dec
         qkv_bias: r.flag(&plan.qkv_bias),
         o_bias: r.flag(&plan.o_bias),
         qk_norm: plan.qk_norm,
-        qk_norm_kind: norm,
+        qk_norm_kind: Some(norm),
         scale: r.scalar(&plan.attention_scale)?.unwrap_or(default_scale),
         logit_softcap: if choice.attention_softcap {
             r.scalar(&plan.attention_softcap)?

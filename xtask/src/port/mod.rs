@@ -96,7 +96,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut hand_edits = None;
     let mut reports = Vec::new();
     if let (Some(choice), true) = (&search.chosen, plan.gaps.is_empty()) {
-        let generated = rustfmt(&codegen::module_source(&plan, choice, default_theta(&facts)))?;
+        let generated = rustfmt(&codegen::module_source(
+            &plan,
+            choice,
+            default_theta(&facts),
+        ))?;
         let draft = root.join("target/port").join(mt);
         std::fs::create_dir_all(&draft)?;
         std::fs::write(draft.join(format!("{module}.rs")), &generated)?;
@@ -128,6 +132,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 "port {mt}: the generated module does not compile; removed again, draft kept in {}",
                 draft.display()
             );
+            plan.gaps.push(format!(
+                "the generated module does not compile (draft kept in target/port/{mt}/{module}.rs): \
+                 the generator emitted code it should not have"
+            ));
         }
     }
     let text = report::render(&plan, &search, &reports, hand_edits.as_deref(), &fixtures);
@@ -199,7 +207,11 @@ pub fn default_theta(facts: &Value) -> f64 {
     let theta = |p: &Value| p.get("rope_theta").and_then(Value::as_f64);
     params
         .and_then(|p| theta(p).or_else(|| p.get("full_attention").and_then(theta)))
-        .or_else(|| facts.pointer("/config_fields/rope_theta/default").and_then(Value::as_f64))
+        .or_else(|| {
+            facts
+                .pointer("/config_fields/rope_theta/default")
+                .and_then(Value::as_f64)
+        })
         .unwrap_or(10_000.0)
 }
 
@@ -207,11 +219,17 @@ pub fn default_theta(facts: &Value) -> f64 {
 pub fn search(plan: &Plan, fixtures: &[Fixture]) -> anyhow::Result<Search> {
     let mut tried = Vec::new();
     for choice in &plan.choices {
-        let build = |config: &ConfigFile, dir: &Path, dtype| -> mlx_models::Result<Box<dyn LanguageModel>> {
+        let build = |config: &ConfigFile,
+                     dir: &Path,
+                     dtype|
+         -> mlx_models::Result<Box<dyn LanguageModel>> {
             let settings = interpret::settings(plan, choice, config)?;
             let mut weights = mlx_models::weights::Weights::from_dir(dir)?.with_dtype(dtype);
             weights.eval()?;
-            mlx_models::transformer::drop_computed_weights(&mut weights, settings.tie_word_embeddings);
+            mlx_models::transformer::drop_computed_weights(
+                &mut weights,
+                settings.tie_word_embeddings,
+            );
             mlx_models::transformer::build(config, settings, weights)
         };
         let mut failures = Vec::new();
@@ -312,9 +330,12 @@ pub fn registry_source(text: &str, mt: &str, module: &str) -> String {
             .unwrap_or_else(|| mods.last().map_or(0, |&i| i + 1));
         lines.insert(at, decl);
     }
-    let entry = format!("    ({mt:?}, {module}::load),");
+    let entry = format!("    ({mt:?}, family::load::<{module}::Config>),");
     if !lines.iter().any(|l| l.trim() == entry.trim()) {
-        if let Some(start) = lines.iter().position(|l| l.starts_with("pub const REGISTRY")) {
+        if let Some(start) = lines
+            .iter()
+            .position(|l| l.starts_with("pub const REGISTRY"))
+        {
             // rustfmt puts a short registry on one line: one entry per line first.
             if let Some((head, rest)) = lines[start].split_once("= &[") {
                 if let Some(body) = rest.strip_suffix("];").filter(|b| !b.trim().is_empty()) {
@@ -323,11 +344,15 @@ pub fn registry_source(text: &str, mt: &str, module: &str) -> String {
                         .split("),")
                         .map(str::trim)
                         .filter(|e| !e.is_empty())
-                        .map(|e| format!("    {},", e.trim_end_matches(',').trim_end_matches(')').to_owned() + ")"))
+                        .map(|e| {
+                            format!("    {})", e.trim_end_matches(',').trim_end_matches(')')) + ","
+                        })
                         .collect();
                     lines.splice(
                         start..=start,
-                        std::iter::once(head).chain(entries).chain(std::iter::once("];".to_owned())),
+                        std::iter::once(head)
+                            .chain(entries)
+                            .chain(std::iter::once("];".to_owned())),
                     );
                 }
             }
@@ -343,23 +368,62 @@ pub fn registry_source(text: &str, mt: &str, module: &str) -> String {
     lines.join("\n") + "\n"
 }
 
+/// A cargo command with the environment this process had before `cargo run` added to it:
+/// build scripts watch some of those variables (`LD_LIBRARY_PATH`), and a changed value
+/// would rebuild half the dependency tree for nothing.
+fn cargo(root: &Path) -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned()));
+    cmd.current_dir(root);
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy().into_owned();
+        let set_by_cargo_run = [
+            "CARGO_PKG_",
+            "CARGO_MANIFEST_",
+            "CARGO_CRATE_",
+            "CARGO_BIN_",
+        ]
+        .iter()
+        .any(|p| key.starts_with(p))
+            || key == "CARGO_PRIMARY_PACKAGE";
+        if set_by_cargo_run {
+            cmd.env_remove(&key);
+        }
+    }
+    if let Some(paths) = std::env::var_os("LD_LIBRARY_PATH") {
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| root.join("target"));
+        let kept: Vec<PathBuf> = std::env::split_paths(&paths)
+            .filter(|p| !p.starts_with(&target) && !p.to_string_lossy().contains("/toolchains/"))
+            .collect();
+        match std::env::join_paths(kept) {
+            Ok(v) if !v.is_empty() => {
+                cmd.env("LD_LIBRARY_PATH", v);
+            }
+            _ => {
+                cmd.env_remove("LD_LIBRARY_PATH");
+            }
+        }
+    }
+    cmd
+}
+
 /// Compiles the workspace with the new module and verifies it on its fixtures; also says
 /// whether it compiled.
 fn verify_generated(root: &Path, mt: &str) -> anyhow::Result<(Vec<Report>, bool)> {
     let out = root.join("target/port").join(mt).join("reports");
     let _ = std::fs::remove_dir_all(&out);
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-    let built = Command::new(&cargo)
-        .current_dir(root)
+    let built = cargo(root)
         .args(["build", "--quiet", "-p", "xtask"])
         .status()?
         .success();
     if !built {
         return Ok((Vec::new(), false));
     }
-    let status = Command::new(&cargo)
-        .current_dir(root)
-        .args(["run", "--quiet", "-p", "xtask", "--", "verify", mt, "--json"])
+    let status = cargo(root)
+        .args([
+            "run", "--quiet", "-p", "xtask", "--", "verify", mt, "--json",
+        ])
         .arg(&out)
         .status()?;
     if !status.success() {
@@ -380,24 +444,24 @@ fn verify_generated(root: &Path, mt: &str) -> anyhow::Result<(Vec<Report>, bool)
 mod tests {
     use super::*;
 
-    const MOD_RS: &str = "pub mod llama;\npub mod qwen3;\n\npub const REGISTRY: &[(&str, Loader)] = &[\n    (\"llama\", llama::load),\n    (\"qwen3\", qwen3::load),\n];\n";
+    const MOD_RS: &str = "pub mod llama;\npub mod qwen3;\n\npub const REGISTRY: &[(&str, Loader)] = &[\n    (\"llama\", family::load::<llama::Config>),\n    (\"qwen3\", family::load::<qwen3::Config>),\n];\n";
 
     #[test]
     fn registering_keeps_modules_and_entries_sorted_and_is_idempotent() {
         let once = registry_source(MOD_RS, "gemma", "gemma");
         assert_eq!(
             once,
-            "pub mod gemma;\npub mod llama;\npub mod qwen3;\n\npub const REGISTRY: &[(&str, Loader)] = &[\n    (\"gemma\", gemma::load),\n    (\"llama\", llama::load),\n    (\"qwen3\", qwen3::load),\n];\n"
+            "pub mod gemma;\npub mod llama;\npub mod qwen3;\n\npub const REGISTRY: &[(&str, Loader)] = &[\n    (\"gemma\", family::load::<gemma::Config>),\n    (\"llama\", family::load::<llama::Config>),\n    (\"qwen3\", family::load::<qwen3::Config>),\n];\n"
         );
         assert_eq!(registry_source(&once, "gemma", "gemma"), once);
-        let one_line = "pub mod llama;\n\npub const REGISTRY: &[(&str, Loader)] = &[(\"llama\", llama::load), (\"mistral\", llama::load)];\n";
+        let one_line = "pub mod llama;\n\npub const REGISTRY: &[(&str, Loader)] = &[(\"llama\", family::load::<llama::Config>), (\"mistral\", family::load::<llama::Config>)];\n";
         assert_eq!(
             registry_source(one_line, "gemma", "gemma"),
-            "pub mod gemma;\npub mod llama;\n\npub const REGISTRY: &[(&str, Loader)] = &[\n    (\"gemma\", gemma::load),\n    (\"llama\", llama::load),\n    (\"mistral\", llama::load),\n];\n"
+            "pub mod gemma;\npub mod llama;\n\npub const REGISTRY: &[(&str, Loader)] = &[\n    (\"gemma\", family::load::<gemma::Config>),\n    (\"llama\", family::load::<llama::Config>),\n    (\"mistral\", family::load::<llama::Config>),\n];\n"
         );
         let last = registry_source(MOD_RS, "starcoder2", "starcoder2");
         assert!(last.contains("pub mod qwen3;\npub mod starcoder2;\n"));
-        assert!(last.contains("(\"qwen3\", qwen3::load),\n    (\"starcoder2\", starcoder2::load),\n];"));
+        assert!(last.contains("(\"qwen3\", family::load::<qwen3::Config>),\n    (\"starcoder2\", family::load::<starcoder2::Config>),\n];"));
     }
 }
 
@@ -430,8 +494,12 @@ mod generator_tests {
             .chosen
             .unwrap_or_else(|| panic!("{mt}: no candidate passes: {:?}", search.tried));
         plan.settle(&choice);
-        let source = rustfmt(&codegen::module_source(&plan, &choice, default_theta(&facts)))
-            .expect("rustfmt accepts the module");
+        let source = rustfmt(&codegen::module_source(
+            &plan,
+            &choice,
+            default_theta(&facts),
+        ))
+        .expect("rustfmt accepts the module");
         let committed = std::fs::read_to_string(
             workspace_root().join(format!("mlx-models/src/models/{mt}.rs")),
         )
@@ -466,7 +534,9 @@ mod generator_tests {
     fn a_parameter_no_block_takes_is_a_gap_not_a_module() {
         let mut facts = facts("qwen3");
         let params = facts["parameters"].as_array_mut().expect("a list");
-        params.push(serde_json::json!({"name": "model.layers.0.mlp.router.weight", "shape": [8, 64]}));
+        params.push(
+            serde_json::json!({"name": "model.layers.0.mlp.router.weight", "shape": [8, 64]}),
+        );
         let plan = plan::plan(&facts, "qwen3");
         assert_eq!(
             plan.gaps,
@@ -485,7 +555,9 @@ mod generator_tests {
         let (first, failures) = &search.tried[0];
         assert!(first.contains("embedding scale none"), "{first}");
         assert!(
-            failures.iter().any(|f| f.contains("first bad tensor `embeddings`")),
+            failures
+                .iter()
+                .any(|f| f.contains("first bad tensor `embeddings`")),
             "{failures:?}"
         );
     }

@@ -83,7 +83,11 @@ impl Choice {
     pub fn describe(&self) -> String {
         format!(
             "norm {}, embedding scale {}, RoPE {}, norms {:?}{}{}",
-            if self.norm_plus_one { "x·(1+w)" } else { "x·w" },
+            if self.norm_plus_one {
+                "x·(1+w)"
+            } else {
+                "x·w"
+            },
             match &self.embedding_scale {
                 Scalar::None => "none".to_owned(),
                 Scalar::SqrtHidden => "√hidden_size".to_owned(),
@@ -95,8 +99,16 @@ impl Choice {
                 "halves"
             },
             self.norm_placement,
-            if self.gelu_as_tanh { ", `gelu` read as tanh GELU" } else { "" },
-            if self.attention_softcap { ", attention soft cap applied" } else { "" }
+            if self.gelu_as_tanh {
+                ", `gelu` read as tanh GELU"
+            } else {
+                ""
+            },
+            if self.attention_softcap {
+                ", attention soft cap applied"
+            } else {
+                ""
+            }
         )
     }
 }
@@ -194,7 +206,6 @@ const INERT: &[&str] = &[
     "attention_probs_dropout_prob",
     "output_router_logits",
     "cache_implementation",
-    "use_bidirectional_attention",
     "tie_word_embeddings",
 ];
 
@@ -346,10 +357,22 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         ("intermediate_size", FieldType::I32, "MLP width"),
         ("num_hidden_layers", FieldType::Usize, "decoder layers"),
         ("num_attention_heads", FieldType::I32, "query heads"),
-        ("num_key_value_heads", FieldType::I32, "key/value heads (GQA)"),
+        (
+            "num_key_value_heads",
+            FieldType::I32,
+            "key/value heads (GQA)",
+        ),
         ("head_dim", FieldType::I32, "features per head"),
-        ("max_position_embeddings", FieldType::Usize, "context length, RoPE"),
-        ("tie_word_embeddings", FieldType::Bool, "logits from the embedding matrix"),
+        (
+            "max_position_embeddings",
+            FieldType::Usize,
+            "context length, RoPE",
+        ),
+        (
+            "tie_word_embeddings",
+            FieldType::Bool,
+            "logits from the embedding matrix",
+        ),
     ] {
         if has_field(name) || name == "tie_word_embeddings" {
             add(&mut fields, name, ty, role);
@@ -403,11 +426,18 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
     };
     decisions.push(format!(
         "attention: {} projections, q/k/v bias {:?}, o_proj bias {:?}",
-        if qkv_fused { "fused qkv_proj" } else { "separate q/k/v" },
+        if qkv_fused {
+            "fused qkv_proj"
+        } else {
+            "separate q/k/v"
+        },
         qkv_bias,
         o_bias
     ));
-    let hidden = facts.resolved("hidden_size").and_then(Value::as_i64).unwrap_or(0);
+    let hidden = facts
+        .resolved("hidden_size")
+        .and_then(Value::as_i64)
+        .unwrap_or(0);
     let heads = facts
         .resolved("num_attention_heads")
         .and_then(Value::as_i64)
@@ -486,7 +516,11 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
     };
     decisions.push(format!(
         "norms: {present:?} ({norm_class}), {}",
-        if layer_norm.is_some() { "LayerNorm" } else { "RMSNorm" }
+        if layer_norm.is_some() {
+            "LayerNorm"
+        } else {
+            "RMSNorm"
+        }
     ));
     let eps_field = ["rms_norm_eps", "layer_norm_eps", "norm_epsilon", "norm_eps"]
         .into_iter()
@@ -569,26 +603,44 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
     // Sliding windows.
     let sliding_window = has_field("sliding_window").then(|| "sliding_window".to_owned());
     if sliding_window.is_some() {
-        add(&mut fields, "sliding_window", FieldType::I32, "sliding-window width");
+        add(
+            &mut fields,
+            "sliding_window",
+            FieldType::I32,
+            "sliding-window width",
+        );
     }
     let layer_types_field = has_field("layer_types");
     if layer_types_field {
-        add(&mut fields, "layer_types", FieldType::LayerTypes, "sliding or full attention per layer");
+        add(
+            &mut fields,
+            "layer_types",
+            FieldType::LayerTypes,
+            "sliding or full attention per layer",
+        );
     }
     let layer_rule = if sliding_window.is_none() {
         LayerRule::AllFull
     } else {
         let rule = derive_layer_rule(&facts.layer_type_probes(), &defaults);
         match &rule {
-            Some(LayerRule::Periodic(PeriodSource::Field(f))) => {
-                add(&mut fields, f, FieldType::I32, "every n-th layer is full attention")
-            }
+            Some(LayerRule::Periodic(PeriodSource::Field(f))) => add(
+                &mut fields,
+                f,
+                FieldType::I32,
+                "every n-th layer is full attention",
+            ),
             Some(LayerRule::FromLayer { enabled, start }) => {
                 add(&mut fields, enabled, FieldType::Bool, "sliding windows on");
                 add(&mut fields, start, FieldType::I32, "first sliding layer");
             }
             Some(LayerRule::NoRope { enabled }) => {
-                add(&mut fields, enabled, FieldType::Bool, "sliding windows on the layers without RoPE");
+                add(
+                    &mut fields,
+                    enabled,
+                    FieldType::Bool,
+                    "sliding windows on the layers without RoPE",
+                );
             }
             _ => {}
         }
@@ -619,14 +671,24 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
             .find(|f| has_field(f))
             .map(str::to_owned);
         if let Some(f) = &local_base {
-            add(&mut fields, f, FieldType::F64, "RoPE base of sliding layers (Hub configs)");
+            add(
+                &mut fields,
+                f,
+                FieldType::F64,
+                "RoPE base of sliding layers (Hub configs)",
+            );
         }
         Some(RopeRule::PerLayerType { local_base })
     } else {
         Some(RopeRule::Uniform)
     };
     let no_rope = has_field("no_rope_layers").then(|| {
-        add(&mut fields, "no_rope_layers", FieldType::IntList, "1: the layer uses RoPE");
+        add(
+            &mut fields,
+            "no_rope_layers",
+            FieldType::IntList,
+            "1: the layer uses RoPE",
+        );
         let interval_field = has_field("no_rope_layer_interval").then(|| {
             add(
                 &mut fields,
@@ -638,7 +700,9 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         });
         let probes = facts.no_rope_probes();
         if !probes.is_empty() && !no_rope_rule_holds(&probes, interval_field.as_deref()) {
-            gaps.push("`no_rope_layers` is derived by a rule the generator does not know".to_owned());
+            gaps.push(
+                "`no_rope_layers` is derived by a rule the generator does not know".to_owned(),
+            );
         }
         NoRope {
             flags_field: "no_rope_layers".to_owned(),
@@ -673,7 +737,10 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
     };
     // A GELU-family default may hide a legacy reading of `gelu`; a declared soft cap may not
     // be applied. Both only where the config has them.
-    let act_default = defaults.get(&act_field).and_then(Value::as_str).unwrap_or("");
+    let act_default = defaults
+        .get(&act_field)
+        .and_then(Value::as_str)
+        .unwrap_or("");
     let gelu_candidates = if act_default.starts_with("gelu") {
         vec![false, true]
     } else {
@@ -766,6 +833,8 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
             "no effect on inference".to_owned()
         } else if name == "model_type" {
             "registry key".to_owned()
+        } else if name.contains("bidirectional") || name.contains("causal") {
+            format!("causal attention only: a config that changes it (default {default}) is not supported")
         } else if name == "hidden_act" && act_field != "hidden_act" {
             format!("superseded by `{act_field}`")
         } else {
@@ -935,7 +1004,9 @@ impl Plan {
     /// the ignored list, with the reason.
     pub fn settle(&mut self, choice: &Choice) {
         if !choice.attention_softcap {
-            if let Scalar::Field(name) = std::mem::replace(&mut self.attention_softcap, Scalar::None) {
+            if let Scalar::Field(name) =
+                std::mem::replace(&mut self.attention_softcap, Scalar::None)
+            {
                 self.fields.retain(|f| f.name != name);
                 self.ignored.push((
                     name,
@@ -944,6 +1015,21 @@ impl Plan {
                 ));
                 self.ignored.sort();
             }
+        }
+    }
+}
+
+impl LayerRule {
+    /// The rule as the generated module names it.
+    pub fn shared(&self) -> mlx_models::family::LayerRule {
+        use mlx_models::family::LayerRule as Shared;
+        match self {
+            LayerRule::AllFull => Shared::NoSliding,
+            LayerRule::All => Shared::All,
+            LayerRule::Periodic(PeriodSource::Constant(p)) => Shared::EveryNth(*p),
+            LayerRule::Periodic(PeriodSource::Field(_)) => Shared::Pattern,
+            LayerRule::FromLayer { .. } => Shared::FromMaxWindowLayers,
+            LayerRule::NoRope { .. } => Shared::WithoutRope,
         }
     }
 }

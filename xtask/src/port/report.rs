@@ -151,7 +151,10 @@ pub fn render(
 
     let _ = writeln!(w, "## Gaps\n");
     if plan.gaps.is_empty() && search.chosen.is_some() {
-        let _ = writeln!(w, "None: every parameter and every read field maps onto a shared block.");
+        let _ = writeln!(
+            w,
+            "None: every parameter and every read field maps onto a shared block."
+        );
     } else {
         for g in &plan.gaps {
             let _ = writeln!(w, "- {g}");
@@ -167,7 +170,10 @@ pub fn render(
     let _ = writeln!(w, "\n## Edits by hand after generation\n");
     match hand_edits {
         None => {
-            let _ = writeln!(w, "None: the committed module is exactly what the generator writes.");
+            let _ = writeln!(
+                w,
+                "None: the committed module is exactly what the generator writes."
+            );
         }
         Some(d) => {
             let _ = writeln!(w, "The committed module differs from the generated one:\n");
