@@ -1,7 +1,17 @@
 //! The model zoo: one module per architecture family, and the registry from
 //! `model_type` to module.
 
+pub mod gemma;
+pub mod gemma2;
+pub mod gemma3_text;
+pub mod granite;
 pub mod llama;
+pub mod olmo2;
+pub mod phi3;
+pub mod qwen2;
+pub mod qwen3;
+pub mod smollm3;
+pub mod starcoder2;
 
 use crate::cache::KvCache;
 use crate::config::ConfigFile;
@@ -55,8 +65,18 @@ pub type Loader = fn(&ConfigFile, Weights) -> Result<Box<dyn LanguageModel>>;
 
 /// Every supported `model_type` and the module that implements it.
 pub const REGISTRY: &[(&str, Loader)] = &[
+    ("gemma", family::load::<gemma::Config>),
+    ("gemma2", family::load::<gemma2::Config>),
+    ("gemma3_text", family::load::<gemma3_text::Config>),
+    ("granite", family::load::<granite::Config>),
     ("llama", family::load::<llama::Config>),
     ("mistral", family::load::<llama::Config>),
+    ("olmo2", family::load::<olmo2::Config>),
+    ("phi3", family::load::<phi3::Config>),
+    ("qwen2", family::load::<qwen2::Config>),
+    ("qwen3", family::load::<qwen3::Config>),
+    ("smollm3", family::load::<smollm3::Config>),
+    ("starcoder2", family::load::<starcoder2::Config>),
 ];
 
 /// The supported `model_type` values.
