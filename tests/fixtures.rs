@@ -192,6 +192,10 @@ fn every_committed_fixture_passes() {
         if fixture.expected.contains_key("rope.cos") {
             expected_checks.push("rope");
         }
+        // Families with a second RoPE for their sliding-window layers (Gemma 3).
+        if fixture.expected.contains_key("rope_local.cos") {
+            expected_checks.push("rope_local");
+        }
         expected_checks.push("cache consistency");
         if !fixture.manifest.bf16_dtypes.is_empty() {
             expected_checks.push("bf16 dtypes");

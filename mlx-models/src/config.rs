@@ -51,6 +51,13 @@ impl ConfigFile {
         serde_path_to_error::deserialize(&self.value).map_err(|e| {
             let mut field = e.path().to_string();
             let message = e.into_inner().to_string();
+            if field == "." && !message.starts_with("missing field") {
+                // Flattened structs (the shared decoder fields) hide the path: find the
+                // top-level field without which this error goes away.
+                if let Some(name) = self.culprit(&message) {
+                    field = name;
+                }
+            }
             // serde reports a missing field at its parent; name the field itself.
             if let Some(name) = message
                 .strip_prefix("missing field `")
@@ -64,6 +71,29 @@ impl ConfigFile {
             }
             Error::config(&self.path, &field, message)
         })
+    }
+
+    /// The top-level field an error `message` is about, when serde could not say: the one
+    /// holding the value an "invalid type"/"invalid value" message quotes.
+    fn culprit(&self, message: &str) -> Option<String> {
+        let object = self.value.as_object()?;
+        let quoted = message
+            .strip_prefix("invalid type: ")
+            .or_else(|| message.strip_prefix("invalid value: "))?
+            .split(", expected")
+            .next()?;
+        let render = |v: &Value| match v {
+            Value::String(s) => format!("string {s:?}"),
+            Value::Bool(b) => format!("boolean `{b}`"),
+            Value::Number(n) if n.is_f64() => format!("floating point `{n}`"),
+            Value::Number(n) => format!("integer `{n}`"),
+            Value::Null => "null".to_owned(),
+            Value::Array(_) => "sequence".to_owned(),
+            Value::Object(_) => "map".to_owned(),
+        };
+        let mut found = object.iter().filter(|(_, v)| render(v) == quoted);
+        let (first, _) = found.next()?;
+        found.next().is_none().then(|| first.clone())
     }
 
     /// Like [`ConfigFile::parse`], with `defaults` (a JSON object: Transformers' defaults of

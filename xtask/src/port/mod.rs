@@ -526,7 +526,9 @@ mod generator_tests {
         // Only the fixtures can tell these two apart from Llama's conventions.
         assert!(choice.norm_plus_one);
         assert_eq!(choice.embedding_scale, plan::Scalar::SqrtHidden);
-        assert_eq!(plan.act_field, "hidden_activation");
+        // GemmaConfig names it `hidden_act`, and reads a Hub config's `gelu` as tanh GELU.
+        assert_eq!(plan.act_field, "hidden_act");
+        assert!(choice.gelu_as_tanh);
         assert!(source.contains("NormKind::RmsPlusOne"));
     }
 
