@@ -906,11 +906,9 @@ fn derive_layer_rule(
     if probes.is_empty() {
         return None;
     }
-    let mut candidates = vec![
-        LayerRule::All,
-        LayerRule::AllFull,
-        LayerRule::Periodic(PeriodSource::Constant(2)),
-    ];
+    let mut candidates = vec![LayerRule::All, LayerRule::AllFull];
+    // A fixed period (Gemma 2: every 2nd layer full, OLMo 3: every 4th).
+    candidates.extend((2..=8).map(|p| LayerRule::Periodic(PeriodSource::Constant(p))));
     for f in ["sliding_window_pattern", "sliding_window_period"] {
         if defaults.contains_key(f) {
             candidates.push(LayerRule::Periodic(PeriodSource::Field(f.to_owned())));
