@@ -140,7 +140,7 @@ pub fn layer_rule_expr(rule: &LayerRule) -> String {
 }
 
 /// The module source for `plan` with `choice`, before rustfmt.
-pub fn module_source(plan: &Plan, choice: &Choice, default_theta: f64) -> String {
+pub fn module_source(plan: &Plan, choice: &Choice) -> String {
     let mut s = String::new();
     let mt = &plan.model_type;
     let w = &mut s;
@@ -345,7 +345,7 @@ pub fn module_source(plan: &Plan, choice: &Choice, default_theta: f64) -> String
             flag(plan, &plan.mlp_bias)
         );
     }
-    let theta = float(default_theta);
+    let theta = float(plan.default_theta);
     let (rope, local_rope) = match &plan.rope {
         None => ("None", "None"),
         Some(RopeRule::Uniform) => {

@@ -2,13 +2,13 @@
 //! tried against the fixtures. The generated module computes the same settings; the
 //! verification of the generated module afterwards checks that it does.
 
+use super::codegen::defaults_json;
 use super::plan::{Choice, Flag, Plan, RopeRule, Scalar};
 use mlx_models::config::ConfigFile;
-use mlx_models::family::{drop_rope, NoRopeConfig, SlidingWindowConfig};
-use mlx_models::rope::{Rope, RopeConfig, RopeFields};
+use mlx_models::family::{DecoderConfig, LayerRule};
+use mlx_models::rope::Rope;
 use mlx_models::transformer::{
-    layers_by_type, Activation, AttentionSettings, DecoderSettings, LayerType, MlpSettings,
-    NormKind, QkvLayout,
+    Activation, AttentionSettings, DecoderSettings, MlpSettings, NormKind, QkvLayout,
 };
 use mlx_models::Result;
 use serde_json::Value;
@@ -68,19 +68,16 @@ impl Reader<'_> {
     }
 }
 
-/// The settings `plan` with `choice` gives for `config`.
+/// The settings `plan` with `choice` gives for `config`: the shared fields are read by
+/// the same `DecoderConfig` a generated module flattens, with the same defaults.
 pub fn settings(plan: &Plan, choice: &Choice, config: &ConfigFile) -> Result<DecoderSettings> {
     let r = Reader { plan, config };
-    let hidden = r.i32("hidden_size")?;
-    let heads = r.i32("num_attention_heads")?;
-    let kv_heads = r.i32_opt("num_key_value_heads").unwrap_or(heads);
-    let head_dim = r.i32_opt("head_dim").unwrap_or(hidden / heads);
-    let layers = r.value("num_hidden_layers").as_u64().unwrap_or(0) as usize;
-    let max_pos = r.value("max_position_embeddings").as_u64().unwrap_or(0) as usize;
-    let eps = r.f64_opt(&plan.eps_field).unwrap_or(1e-6);
-    let act_name = r.value(&plan.act_field);
-    let mut activation =
-        Activation::from_config(config, &plan.act_field, act_name.as_str().unwrap_or("silu"))?;
+    let d: DecoderConfig = config.parse_with_defaults(&defaults_json(plan))?;
+    let mut activation = Activation::from_config(
+        config,
+        &plan.act_field,
+        r.value(&plan.act_field).as_str().unwrap_or("silu"),
+    )?;
     if choice.gelu_as_tanh {
         activation = activation.gelu_as_tanh();
     }
@@ -90,60 +87,37 @@ pub fn settings(plan: &Plan, choice: &Choice, config: &ConfigFile) -> Result<Dec
         None => NormKind::Rms,
     };
 
-    // Which layers slide, and which have RoPE: through the same shared fields as the
-    // generated module.
-    let window_fields = plan.sliding_window.is_some() || plan.layer_types_field;
-    let windows = SlidingWindowConfig {
-        sliding_window: plan.sliding_window.as_ref().and_then(|f| r.i32_opt(f)),
-        layer_types: if plan.layer_types_field {
-            serde_json::from_value(r.value("layer_types")).unwrap_or(None)
-        } else {
-            None
-        },
-        use_sliding_window: r.value("use_sliding_window").as_bool(),
-        max_window_layers: r.i32_opt("max_window_layers"),
-        sliding_window_pattern: r.i32_opt("sliding_window_pattern"),
-    };
-    let no_rope = NoRopeConfig {
-        no_rope_layers: serde_json::from_value(r.value("no_rope_layers")).unwrap_or(None),
-        no_rope_layer_interval: r.i32_opt("no_rope_layer_interval"),
-    };
-    let uses_rope = match &plan.no_rope {
-        Some(_) => no_rope.uses_rope(layers),
-        None => vec![true; layers],
-    };
-    let types = if window_fields {
-        windows.layer_types(layers, plan.layer_rule.shared(), &uses_rope)
-    } else {
-        LayerType::all(layers, None)
-    };
-    let window = windows.sliding_window;
-
-    // RoPE.
-    let fields: RopeFields = config.parse()?;
-    let make_rope = |fields: &RopeFields| -> Result<Rope> {
-        Rope::new(RopeConfig {
-            traditional: choice.rope_traditional,
-            ..RopeConfig::from_fields(fields, head_dim, max_pos, 10_000.0, &config.path)?
-        })
-    };
     let (rope, local_rope) = match &plan.rope {
         None => (None, None),
-        Some(RopeRule::Uniform) => (Some(make_rope(&fields)?), None),
+        Some(RopeRule::Uniform) => (
+            Some(d.rope(plan.default_theta, choice.rope_traditional, config)?),
+            None,
+        ),
         Some(RopeRule::PerLayerType { local_base }) => {
             let base = local_base.as_ref().and_then(|f| r.f64_opt(f));
+            let rope = |layer_type: &str| -> Result<Rope> {
+                let fields = d.rope.for_layer_type(layer_type, base);
+                d.rope_from(&fields, plan.default_theta, choice.rope_traditional, config)
+            };
             (
-                Some(make_rope(&fields.for_layer_type("full_attention", base))?),
-                Some(make_rope(
-                    &fields.for_layer_type("sliding_attention", base),
-                )?),
+                Some(rope("full_attention")?),
+                Some(rope("sliding_attention")?),
             )
         }
     };
-    let mut layer_settings = layers_by_type(&types, rope.as_ref(), local_rope.as_ref(), window);
-    drop_rope(&mut layer_settings, &uses_rope);
+    let windows = plan.sliding_window.is_some() || plan.layer_types_field;
+    let rule = if windows {
+        plan.layer_rule.shared()
+    } else {
+        LayerRule::NoSliding
+    };
+    let layers = d.layers(
+        rule,
+        rope.as_ref(),
+        local_rope.as_ref(),
+        plan.no_rope.is_some(),
+    );
 
-    let default_scale = (head_dim as f32).powf(-0.5);
     let attention = AttentionSettings {
         qkv_layout: if plan.qkv_fused {
             QkvLayout::Fused
@@ -154,38 +128,28 @@ pub fn settings(plan: &Plan, choice: &Choice, config: &ConfigFile) -> Result<Dec
         o_bias: r.flag(&plan.o_bias),
         qk_norm: plan.qk_norm,
         qk_norm_kind: Some(norm),
-        scale: r.scalar(&plan.attention_scale)?.unwrap_or(default_scale),
+        scale: r
+            .scalar(&plan.attention_scale)?
+            .unwrap_or((d.head_dim() as f32).powf(-0.5)),
         logit_softcap: if choice.attention_softcap {
             r.scalar(&plan.attention_softcap)?
         } else {
             None
         },
-        ..AttentionSettings::new(heads, kv_heads, head_dim)
+        ..d.attention()
     };
     let mlp = MlpSettings {
-        intermediate_size: r.i32("intermediate_size")?,
-        layout: plan.mlp_layout,
-        activation,
         bias: r.flag(&plan.mlp_bias),
+        ..d.mlp(plan.mlp_layout, activation)
     };
-    let model_type = plan.model_type.clone();
     Ok(DecoderSettings {
         norm,
-        norm_eps: eps,
+        norm_eps: r.f64_opt(&plan.eps_field).unwrap_or(1e-6),
         norm_placement: choice.norm_placement,
         embedding_scale: r.scalar(&choice.embedding_scale)?,
         residual_scale: r.scalar(&plan.residual_scale)?,
         logits_scale: r.scalar(&plan.logits_scale)?,
         final_logit_softcap: r.scalar(&plan.final_softcap)?,
-        tie_word_embeddings: r.bool("tie_word_embeddings"),
-        ..DecoderSettings::new(
-            &model_type,
-            r.i32("vocab_size")?,
-            hidden,
-            max_pos,
-            attention,
-            mlp,
-            layer_settings,
-        )
+        ..d.settings(attention, mlp, layers)
     })
 }

@@ -96,11 +96,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut hand_edits = None;
     let mut reports = Vec::new();
     if let (Some(choice), true) = (&search.chosen, plan.gaps.is_empty()) {
-        let generated = rustfmt(&codegen::module_source(
-            &plan,
-            choice,
-            default_theta(&facts),
-        ))?;
+        let generated = rustfmt(&codegen::module_source(&plan, choice))?;
         let draft = root.join("target/port").join(mt);
         std::fs::create_dir_all(&draft)?;
         std::fs::write(draft.join(format!("{module}.rs")), &generated)?;
@@ -187,32 +183,6 @@ fn export(root: &Path, mt: &str) -> anyhow::Result<()> {
         bail!("exporting the {mt} fixtures failed");
     }
     Ok(())
-}
-
-/// The RoPE base Transformers uses when a config gives none.
-pub fn default_theta(facts: &Value) -> f64 {
-    match facts.get("default_theta") {
-        Some(Value::Number(n)) => return n.as_f64().unwrap_or(10_000.0),
-        Some(Value::Object(m)) => {
-            if let Some(t) = m.get("global").and_then(Value::as_f64) {
-                return t;
-            }
-        }
-        _ => {}
-    }
-    let params = facts
-        .pointer("/config_fields/rope_parameters/default")
-        .filter(|v| !v.is_null())
-        .or_else(|| facts.pointer("/resolved_config/rope_parameters"));
-    let theta = |p: &Value| p.get("rope_theta").and_then(Value::as_f64);
-    params
-        .and_then(|p| theta(p).or_else(|| p.get("full_attention").and_then(theta)))
-        .or_else(|| {
-            facts
-                .pointer("/config_fields/rope_theta/default")
-                .and_then(Value::as_f64)
-        })
-        .unwrap_or(10_000.0)
 }
 
 /// Tries every candidate on every fixture; the first that passes them all wins.
@@ -494,12 +464,8 @@ mod generator_tests {
             .chosen
             .unwrap_or_else(|| panic!("{mt}: no candidate passes: {:?}", search.tried));
         plan.settle(&choice);
-        let source = rustfmt(&codegen::module_source(
-            &plan,
-            &choice,
-            default_theta(&facts),
-        ))
-        .expect("rustfmt accepts the module");
+        let source =
+            rustfmt(&codegen::module_source(&plan, &choice)).expect("rustfmt accepts the module");
         let committed = std::fs::read_to_string(
             workspace_root().join(format!("mlx-models/src/models/{mt}.rs")),
         )

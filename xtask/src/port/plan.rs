@@ -147,6 +147,8 @@ impl Field {
 #[derive(Debug, Clone)]
 pub struct Plan {
     pub model_type: String,
+    /// The RoPE base Transformers uses when a config gives none.
+    pub default_theta: f64,
     pub module: String,
     pub architecture: String,
     pub config_class: String,
@@ -854,6 +856,7 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
 
     Plan {
         model_type,
+        default_theta: default_theta(facts.value),
         module: module.to_owned(),
         architecture: str_of(facts.value, "architecture").to_owned(),
         config_class: str_of(facts.value, "config_class").to_owned(),
@@ -1030,4 +1033,30 @@ impl LayerRule {
             LayerRule::NoRope { .. } => Shared::WithoutRope,
         }
     }
+}
+
+/// The RoPE base Transformers uses when a config gives none.
+fn default_theta(facts: &Value) -> f64 {
+    match facts.get("default_theta") {
+        Some(Value::Number(n)) => return n.as_f64().unwrap_or(10_000.0),
+        Some(Value::Object(m)) => {
+            if let Some(t) = m.get("global").and_then(Value::as_f64) {
+                return t;
+            }
+        }
+        _ => {}
+    }
+    let params = facts
+        .pointer("/config_fields/rope_parameters/default")
+        .filter(|v| !v.is_null())
+        .or_else(|| facts.pointer("/resolved_config/rope_parameters"));
+    let theta = |p: &Value| p.get("rope_theta").and_then(Value::as_f64);
+    params
+        .and_then(|p| theta(p).or_else(|| p.get("full_attention").and_then(theta)))
+        .or_else(|| {
+            facts
+                .pointer("/config_fields/rope_theta/default")
+                .and_then(Value::as_f64)
+        })
+        .unwrap_or(10_000.0)
 }
