@@ -382,7 +382,7 @@ const CACHE_TOL: f32 = 1e-4;
 fn forward(
     model: &dyn LanguageModel,
     ids: &[i32],
-    cache: &mut [mlx_models::cache::KvCache],
+    cache: &mut [mlx_models::cache::LayerCache],
 ) -> Array {
     let tokens = Array::from_slice(ids, &[1, ids.len() as i32]);
     model
@@ -475,7 +475,11 @@ fn assert_cache_consistent(name: &str, patch: Option<Value>) {
                 );
             } else {
                 prop_assert!(
-                    cache.iter().any(|c| c.window().is_some()),
+                    cache.iter_mut().any(|c| c
+                        .kv_mut()
+                        .expect("attention layers")
+                        .window()
+                        .is_some()),
                     "an unbounded cache could not keep the first {split} tokens"
                 );
                 for c in cache.iter_mut() {

@@ -1,8 +1,16 @@
-//! Scaled dot-product attention and its masks.
+//! Attention: scaled dot-product attention and its masks, and the attention block of a
+//! decoder layer (q/k/v projections, optional q/k norms, RoPE, the layer's KV cache, the
+//! output projection), in the variants the families use.
 
+use crate::cache::KvCache;
 use crate::error::Result;
+use crate::nn::{scalar_like, softcap, Linear};
+use crate::norm::{norm_opt, Norm, NormKind};
+use crate::rope::Rope;
+use crate::tap::Tap;
+use crate::weights::WeightPath;
 use mlx_rs::fast::ScaledDotProductAttentionMask;
-use mlx_rs::{Array, Dtype};
+use mlx_rs::{ops, Array, Dtype};
 
 /// Which keys each query may see.
 #[derive(Debug, Clone)]
@@ -37,6 +45,31 @@ impl AttentionMask {
             _ => Ok(AttentionMask::Causal),
         }
     }
+
+    /// An additive mask for `len` queries at positions `first_query..` over `keys` keys at
+    /// positions `first_key..`, where query position `q` sees key position `k` exactly when
+    /// `visible(q, k)`.
+    pub fn from_visibility(
+        len: i32,
+        first_query: i32,
+        keys: i32,
+        first_key: i32,
+        dtype: Dtype,
+        visible: impl Fn(i32, i32) -> bool,
+    ) -> Result<Self> {
+        let mut data = Vec::with_capacity((len * keys) as usize);
+        for q in first_query..first_query + len {
+            for k in first_key..first_key + keys {
+                data.push(if visible(q, k) {
+                    0.0f32
+                } else {
+                    f32::NEG_INFINITY
+                });
+            }
+        }
+        let mask = Array::from_slice(&data, &[len, keys]).as_dtype(dtype)?;
+        Ok(AttentionMask::Additive(mask))
+    }
 }
 
 /// `softmax(q kᵀ · scale + mask) v` over `[batch, heads, tokens, head_dim]`, with fewer
@@ -48,12 +81,304 @@ pub fn scaled_dot_product_attention(
     scale: f32,
     mask: &AttentionMask,
 ) -> Result<Array> {
+    attention_with_sinks(queries, keys, values, scale, mask, None)
+}
+
+/// [`scaled_dot_product_attention`] where each head's softmax also has a learned "sink"
+/// logit (`sinks`, `[heads]`) in its denominator that attends to nothing (gpt-oss).
+pub fn attention_with_sinks(
+    queries: &Array,
+    keys: &Array,
+    values: &Array,
+    scale: f32,
+    mask: &AttentionMask,
+    sinks: Option<&Array>,
+) -> Result<Array> {
     let mask = match mask {
         AttentionMask::None => None,
         AttentionMask::Causal => Some(ScaledDotProductAttentionMask::Causal),
         AttentionMask::Additive(m) => Some(ScaledDotProductAttentionMask::Array(m)),
     };
     Ok(mlx_rs::fast::scaled_dot_product_attention(
-        queries, keys, values, scale, mask, None,
+        queries, keys, values, scale, mask, sinks,
     )?)
+}
+
+/// How the query/key/value projections are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QkvLayout {
+    /// `q_proj`, `k_proj`, `v_proj`.
+    Separate,
+    /// One `qkv_proj` whose output rows are q, then k, then v (Phi-3).
+    Fused,
+}
+
+/// Where queries and keys are RMS-normalized before RoPE.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QkNorm {
+    None,
+    /// Over each head's `head_dim` features (`q_norm`/`k_norm` of width `head_dim`: Qwen3, Gemma 3).
+    PerHead,
+    /// Over the whole projection (`q_norm` of width `heads * head_dim`: OLMo 2).
+    Projection,
+}
+
+/// The attention block of every layer.
+#[derive(Debug, Clone)]
+pub struct AttentionSettings {
+    pub num_heads: i32,
+    pub num_kv_heads: i32,
+    pub head_dim: i32,
+    pub qkv_layout: QkvLayout,
+    /// Bias on the q/k/v projections.
+    pub qkv_bias: bool,
+    /// Bias on `o_proj`.
+    pub o_bias: bool,
+    pub qk_norm: QkNorm,
+    /// The norm kind of `q_norm`/`k_norm`; the model's norm kind when `None`.
+    pub qk_norm_kind: Option<NormKind>,
+    /// Multiplies `q kᵀ` (usually `head_dim^-0.5`).
+    pub scale: f32,
+    /// `cap * tanh(scores / cap)` before the softmax (Gemma 2).
+    pub logit_softcap: Option<f32>,
+    /// A learned sink logit per head in the softmax's denominator (`sinks`, gpt-oss).
+    pub sinks: bool,
+    /// Clamps q, k and v to `[-c, c]` after their projections (and a q/k norm over the
+    /// projection) (OLMoE's `clip_qkv`).
+    pub clip_qkv: Option<f32>,
+}
+
+impl AttentionSettings {
+    /// Separate q/k/v projections without biases or q/k norms, scores scaled by
+    /// `head_dim^-0.5`, no soft-capping: what a family changes, it sets on top of this.
+    pub fn new(num_heads: i32, num_kv_heads: i32, head_dim: i32) -> AttentionSettings {
+        AttentionSettings {
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            qkv_layout: QkvLayout::Separate,
+            qkv_bias: false,
+            o_bias: false,
+            qk_norm: QkNorm::None,
+            qk_norm_kind: None,
+            scale: (head_dim as f32).powf(-0.5),
+            logit_softcap: None,
+            sinks: false,
+            clip_qkv: None,
+        }
+    }
+}
+
+/// The q/k/v projections as the checkpoint stores them.
+#[derive(Debug, Clone)]
+pub enum Qkv {
+    Separate {
+        q_proj: Linear,
+        k_proj: Linear,
+        v_proj: Linear,
+    },
+    Fused {
+        qkv_proj: Linear,
+    },
+}
+
+impl Qkv {
+    /// The first projection's weight matrix (to tell a model's quantization).
+    pub fn first(&self) -> &Linear {
+        match self {
+            Qkv::Separate { q_proj, .. } => q_proj,
+            Qkv::Fused { qkv_proj } => qkv_proj,
+        }
+    }
+}
+
+/// The attention block of a decoder layer: projections, q/k norms, RoPE (or none), the
+/// layer's KV cache (whose kind decides which keys each query sees) and `o_proj`.
+#[derive(Debug, Clone)]
+pub struct Attention {
+    pub qkv: Qkv,
+    pub o_proj: Linear,
+    pub q_norm: Option<Norm>,
+    pub k_norm: Option<Norm>,
+    /// Per-head sink logits (`sinks`, gpt-oss).
+    pub sinks: Option<Array>,
+    pub rope: Option<Rope>,
+    pub settings: AttentionSettings,
+}
+
+impl Attention {
+    /// Loads the block under `w` for `hidden` input features. `qk_norm` is the norm kind
+    /// of `q_norm`/`k_norm` where [`AttentionSettings::qk_norm_kind`] names none, `eps`
+    /// their epsilon; `rope` is this layer's (`None`: no positional encoding).
+    pub fn load(
+        w: &WeightPath,
+        hidden: i32,
+        s: &AttentionSettings,
+        qk_norm: NormKind,
+        eps: f64,
+        rope: Option<Rope>,
+    ) -> Result<Self> {
+        let kind = s.qk_norm_kind.unwrap_or(qk_norm);
+        let (q_dim, kv_dim) = (s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim);
+        let qkv = match s.qkv_layout {
+            QkvLayout::Separate => Qkv::Separate {
+                q_proj: Linear::load(&w.pp("q_proj"), hidden, q_dim, s.qkv_bias)?,
+                k_proj: Linear::load(&w.pp("k_proj"), hidden, kv_dim, s.qkv_bias)?,
+                v_proj: Linear::load(&w.pp("v_proj"), hidden, kv_dim, s.qkv_bias)?,
+            },
+            QkvLayout::Fused => Qkv::Fused {
+                qkv_proj: Linear::load(&w.pp("qkv_proj"), hidden, q_dim + 2 * kv_dim, s.qkv_bias)?,
+            },
+        };
+        let (q_norm_dim, k_norm_dim) = match s.qk_norm {
+            QkNorm::None => (None, None),
+            QkNorm::PerHead => (Some(s.head_dim), Some(s.head_dim)),
+            QkNorm::Projection => (Some(q_dim), Some(kv_dim)),
+        };
+        let norm = |name: &str, dim: Option<i32>| {
+            dim.map(|d| Norm::load(&w.pp(name), kind, d, eps))
+                .transpose()
+        };
+        Ok(Attention {
+            qkv,
+            o_proj: Linear::load(&w.pp("o_proj"), q_dim, hidden, s.o_bias)?,
+            q_norm: norm("q_norm", q_norm_dim)?,
+            k_norm: norm("k_norm", k_norm_dim)?,
+            sinks: s
+                .sinks
+                .then(|| w.get("sinks", &[s.num_heads]))
+                .transpose()?,
+            rope,
+            settings: s.clone(),
+        })
+    }
+
+    fn project(&self, x: &Array) -> Result<(Array, Array, Array)> {
+        match &self.qkv {
+            Qkv::Separate {
+                q_proj,
+                k_proj,
+                v_proj,
+            } => Ok((q_proj.forward(x)?, k_proj.forward(x)?, v_proj.forward(x)?)),
+            Qkv::Fused { qkv_proj } => {
+                let s = &self.settings;
+                let q_dim = s.num_heads * s.head_dim;
+                let kv_dim = s.num_kv_heads * s.head_dim;
+                let mut parts = qkv_proj
+                    .forward(x)?
+                    .split_at_indices(&[q_dim, q_dim + kv_dim], -1)?;
+                let v = parts.pop();
+                let k = parts.pop();
+                let q = parts.pop();
+                match (q, k, v) {
+                    (Some(q), Some(k), Some(v)) => Ok((q, k, v)),
+                    _ => unreachable!("split_at_indices with two indices gives three parts"),
+                }
+            }
+        }
+    }
+
+    /// Attention of `x` (`[batch, tokens, hidden]`) over what `cache` holds and `x`
+    /// itself; `cache` is extended with `x`'s keys and values.
+    pub fn forward(&self, x: &Array, cache: &mut KvCache, tap: &mut Tap) -> Result<Array> {
+        let s = &self.settings;
+        let (batch, len) = (x.dim(0), x.dim(1));
+        let (mut q, mut k, mut v) = self.project(x)?;
+        if s.qk_norm == QkNorm::Projection {
+            q = norm_opt(&self.q_norm, &q)?;
+            k = norm_opt(&self.k_norm, &k)?;
+        }
+        if let Some(c) = s.clip_qkv {
+            let clip = |t: &Array| ops::clip(t, (-c, c));
+            (q, k, v) = (clip(&q)?, clip(&k)?, clip(&v)?);
+        }
+        let heads = |t: Array, n: i32| t.reshape(&[batch, len, n, s.head_dim]);
+        let (mut q, mut k, v) = (
+            heads(q, s.num_heads)?,
+            heads(k, s.num_kv_heads)?,
+            heads(v, s.num_kv_heads)?,
+        );
+        if s.qk_norm == QkNorm::PerHead {
+            q = norm_opt(&self.q_norm, &q)?;
+            k = norm_opt(&self.k_norm, &k)?;
+        }
+        let (q, k, v) = (q.swap_axes(1, 2)?, k.swap_axes(1, 2)?, v.swap_axes(1, 2)?);
+        tap.record("self_attn.q", &q);
+        tap.record("self_attn.k", &k);
+        tap.record("self_attn.v", &v);
+
+        let offset = cache.offset();
+        let (q, k) = match &self.rope {
+            Some(rope) => (rope.apply(&q, offset)?, rope.apply(&k, offset)?),
+            None => (q, k),
+        };
+        tap.record("self_attn.rope_q", &q);
+        tap.record("self_attn.rope_k", &k);
+
+        let (k, v, mask) = cache.attend(k, v)?;
+        let out = match s.logit_softcap {
+            None => attention_with_sinks(&q, &k, &v, s.scale, &mask, self.sinks.as_ref())?,
+            Some(cap) => softcapped_attention(&q, &k, &v, s.scale, cap, &mask)?,
+        };
+        tap.record("self_attn.sdpa", &out);
+        let out = out.swap_axes(1, 2)?.reshape(&[batch, len, -1])?;
+        let out = self.o_proj.forward(&out)?;
+        tap.record("self_attn.o_proj", &out);
+        Ok(out)
+    }
+}
+
+/// Attention with soft-capped scores, spelled out (the fused kernel has no cap): scores in
+/// the activation dtype, softmax in f32 as Transformers does.
+fn softcapped_attention(
+    q: &Array,
+    k: &Array,
+    v: &Array,
+    scale: f32,
+    cap: f32,
+    mask: &AttentionMask,
+) -> Result<Array> {
+    let (batch, heads, len, head_dim) = (q.dim(0), q.dim(1), q.dim(2), q.dim(3));
+    let kv_heads = k.dim(1);
+    let groups = heads / kv_heads;
+    // [b, kv_heads, groups, len, d] against [b, kv_heads, 1, keys, d].
+    let q = q.reshape(&[batch, kv_heads, groups, len, head_dim])?;
+    let k = k.expand_dims(2)?;
+    let v = v.expand_dims(2)?;
+    let scores = ops::matmul(&q, &k.swap_axes(-1, -2)?)?;
+    let scores = scores.multiply(&scalar_like(scale, &scores)?)?;
+    let scores = softcap(&scores, Some(cap))?;
+    let scores = match additive_mask(mask, len, k.dim(-2), scores.dtype())? {
+        Some(m) => scores.add(&m)?,
+        None => scores,
+    };
+    let weights =
+        ops::softmax_axis(&scores.as_dtype(Dtype::Float32)?, -1, None)?.as_dtype(q.dtype())?;
+    Ok(ops::matmul(&weights, &v)?.reshape(&[batch, heads, len, head_dim])?)
+}
+
+/// The mask as an additive `[queries, keys]` array (`None`: every key is visible); a
+/// causal mask is aligned to the last key, as the fused kernel aligns it.
+fn additive_mask(mask: &AttentionMask, len: i32, keys: i32, dtype: Dtype) -> Result<Option<Array>> {
+    match mask {
+        AttentionMask::None => Ok(None),
+        AttentionMask::Additive(m) => Ok(Some(m.as_dtype(dtype)?)),
+        AttentionMask::Causal => {
+            let offset = keys - len;
+            let data: Vec<f32> = (0..len)
+                .flat_map(|q| {
+                    (0..keys).map(move |k| {
+                        if k <= q + offset {
+                            0.0
+                        } else {
+                            f32::NEG_INFINITY
+                        }
+                    })
+                })
+                .collect();
+            Ok(Some(
+                Array::from_slice(&data, &[len, keys]).as_dtype(dtype)?,
+            ))
+        }
+    }
 }

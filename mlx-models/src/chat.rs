@@ -1,7 +1,7 @@
 //! Multi-turn chat that keeps the KV cache between turns: each new turn only processes
 //! the tokens that differ from what the cache already holds.
 
-use crate::cache::KvCache;
+use crate::cache::LayerCache;
 use crate::chat_template::Message;
 use crate::error::Result;
 use crate::generate::{GenerateOptions, TokenStream};
@@ -26,7 +26,7 @@ use crate::load::Model;
 pub struct ChatSession<'m> {
     model: &'m Model,
     messages: Vec<Message>,
-    cache: Vec<KvCache>,
+    cache: Vec<LayerCache>,
     /// The tokens the cache holds.
     cached: Vec<u32>,
     reused: usize,
@@ -79,7 +79,7 @@ impl<'m> ChatSession<'m> {
         let mut cache = std::mem::take(&mut self.cache);
         // A rotating (sliding-window) cache may have dropped tokens the prefix needs: then
         // the whole prompt goes through the model again.
-        let keep = if truncate_all(&mut cache, keep as i32)? {
+        let keep = if LayerCache::truncate_all(&mut cache, keep as i32)? {
             keep
         } else {
             0
@@ -106,35 +106,35 @@ impl<'m> ChatSession<'m> {
     }
 }
 
-/// Cuts every layer's cache back to the first `len` tokens. If any layer cannot keep that
-/// prefix, empties all of them, so that every layer starts again at position 0, and returns
-/// `false`.
-fn truncate_all(cache: &mut [KvCache], len: i32) -> Result<bool> {
-    let mut kept = true;
-    for layer in cache.iter_mut() {
-        kept &= layer.truncate(len)?;
-    }
-    if !kept {
-        for layer in cache.iter_mut() {
-            layer.truncate(0)?;
-        }
-    }
-    Ok(kept)
-}
-
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use crate::cache::{KvCache, LayerCache};
     use mlx_rs::Array;
 
-    /// Layers of both kinds, each fed `tokens` tokens.
-    fn layers(window: i32, tokens: i32) -> Vec<KvCache> {
-        let mut cache = vec![KvCache::new(), KvCache::rotating(window), KvCache::new()];
+    fn truncate_all(cache: &mut [LayerCache], len: i32) -> crate::Result<bool> {
+        LayerCache::truncate_all(cache, len)
+    }
+
+    /// Layers of every kind, each fed `tokens` tokens.
+    fn layers(window: i32, tokens: i32) -> Vec<LayerCache> {
+        let mut cache: Vec<LayerCache> = vec![
+            KvCache::new().into(),
+            KvCache::rotating(window).into(),
+            KvCache::new().into(),
+        ];
         let kv = Array::from_slice(&vec![0.5f32; tokens as usize * 4], &[1, 1, tokens, 4]);
         for layer in &mut cache {
-            layer.attend(kv.clone(), kv.clone()).expect("attend");
+            layer
+                .kv_mut()
+                .unwrap()
+                .attend(kv.clone(), kv.clone())
+                .expect("attend");
         }
         cache
+    }
+
+    fn kv(cache: &mut LayerCache) -> &mut KvCache {
+        cache.kv_mut().unwrap()
     }
 
     #[test]
@@ -142,16 +142,16 @@ mod tests {
         let mut cache = layers(4, 10);
         assert!(truncate_all(&mut cache, 9).unwrap());
         assert!(cache.iter().all(|c| c.offset() == 9));
-        assert_eq!(cache[1].len(), 3);
-        assert_eq!(cache[0].len(), 9);
+        assert_eq!(kv(&mut cache[1]).len(), 3);
+        assert_eq!(kv(&mut cache[0]).len(), 9);
     }
 
     #[test]
     fn truncate_all_resets_every_layer_when_one_cannot() {
         let mut cache = layers(4, 10);
         assert!(!truncate_all(&mut cache, 5).unwrap());
-        assert!(cache.iter().all(|c| c.offset() == 0 && c.is_empty()));
-        assert_eq!(cache[1].window(), Some(4));
-        assert_eq!(cache[0].window(), None);
+        assert!(cache.iter().all(|c| c.offset() == 0 && c.nbytes() == 0));
+        assert_eq!(kv(&mut cache[1]).window(), Some(4));
+        assert_eq!(kv(&mut cache[0]).window(), None);
     }
 }

@@ -4,7 +4,11 @@
 
 use crate::config::ConfigFile;
 use crate::error::Result;
-use crate::models::LanguageModel;
+use crate::model::LanguageModel;
+use crate::moe::{
+    split_fused_experts, stack_experts, ExpertActivation, MoeSettings, RouterSettings,
+    SharedExpertSettings,
+};
 use crate::rope::{Rope, RopeConfig, RopeFields};
 use crate::transformer::{
     build, drop_computed_weights, layers_by_type, rope_layers, Activation, AttentionSettings,
@@ -25,8 +29,9 @@ pub trait DecoderFamily: DeserializeOwned {
     /// Brings checkpoint weight names to the module's: by default, drops what the model
     /// computes itself (`rotary_emb.inv_freq`) and the output layer of tied checkpoints that
     /// store it anyway; every other weight keeps its Transformers name.
-    fn sanitize(&self, weights: &mut Weights, settings: &DecoderSettings) {
+    fn sanitize(&self, weights: &mut Weights, settings: &DecoderSettings) -> Result<()> {
         drop_computed_weights(weights, settings.tie_word_embeddings);
+        Ok(())
     }
 }
 
@@ -37,7 +42,7 @@ pub fn load<F: DecoderFamily>(
 ) -> Result<Box<dyn LanguageModel>> {
     let family: F = config.parse_with_defaults(F::DEFAULTS)?;
     let settings = family.settings(config)?;
-    family.sanitize(&mut weights, &settings);
+    family.sanitize(&mut weights, &settings)?;
     build(config, settings, weights)
 }
 
@@ -218,6 +223,102 @@ impl DecoderConfig {
     }
 }
 
+/// The mixture-of-experts fields of a config.json, with the names most families use
+/// (Mixtral's `num_local_experts` is read as `num_experts`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct MoeConfig {
+    #[serde(alias = "num_local_experts")]
+    pub num_experts: i32,
+    pub num_experts_per_tok: i32,
+    /// The width of each expert; `intermediate_size` where a family has no separate field.
+    #[serde(default)]
+    pub moe_intermediate_size: Option<i32>,
+    /// Renormalize the chosen experts' weights to sum to one.
+    #[serde(default)]
+    pub norm_topk_prob: Option<bool>,
+    /// Every n-th layer (1-based) is sparse.
+    #[serde(default)]
+    pub decoder_sparse_step: Option<i32>,
+    /// Layers that keep a dense MLP.
+    #[serde(default)]
+    pub mlp_only_layers: Option<Vec<usize>>,
+    /// The first n layers keep a dense MLP.
+    #[serde(default)]
+    pub first_k_dense_replace: Option<usize>,
+    /// The width of the shared expert (Qwen2-MoE).
+    #[serde(default)]
+    pub shared_expert_intermediate_size: Option<i32>,
+}
+
+impl MoeConfig {
+    /// Whether layer `i` routes to experts: not listed in `mlp_only_layers`, past the
+    /// first `first_k_dense_replace`, and a multiple of `decoder_sparse_step` (1-based).
+    pub fn is_sparse(&self, i: usize) -> bool {
+        let step = self.decoder_sparse_step.unwrap_or(1).max(1) as usize;
+        !self.mlp_only_layers.as_deref().unwrap_or(&[]).contains(&i)
+            && i >= self.first_k_dense_replace.unwrap_or(0)
+            && (i + 1) % step == 0
+    }
+
+    /// Softmax top-k routing over these experts, renormalized when `norm_topk_prob`.
+    pub fn router(&self) -> RouterSettings {
+        RouterSettings {
+            normalize: self.norm_topk_prob.unwrap_or(false),
+            ..RouterSettings::new(self.num_experts, self.num_experts_per_tok)
+        }
+    }
+
+    /// A block of these experts (of width `moe_intermediate_size`, else `intermediate`)
+    /// with `router`, `activation` and, when the config has its width, a shared expert
+    /// (`gated`: scaled by `sigmoid(shared_expert_gate(x))`).
+    pub fn settings(
+        &self,
+        router: RouterSettings,
+        intermediate: i32,
+        activation: ExpertActivation,
+        gated: bool,
+    ) -> MoeSettings {
+        MoeSettings {
+            router,
+            intermediate_size: self.moe_intermediate_size.unwrap_or(intermediate),
+            activation,
+            expert_bias: false,
+            shared_expert: self
+                .shared_expert_intermediate_size
+                .filter(|&size| size > 0)
+                .map(|intermediate_size| SharedExpertSettings {
+                    intermediate_size,
+                    gated,
+                }),
+        }
+    }
+}
+
+/// Brings a mixture-of-experts checkpoint to the names [`crate::moe::SparseMoe`] loads,
+/// after [`drop_computed_weights`]: `block` (e.g. `block_sparse_moe`) is renamed to `mlp`,
+/// per-expert tensors (`experts.<i>.<proj>`, with `projections` mapping the checkpoint's
+/// projection names to `gate_proj`/`up_proj`/`down_proj`) are stacked, and Transformers 5's
+/// fused `experts.gate_up_proj`/`down_proj` are split. Checkpoints already stacked
+/// (mlx-community's `switch_mlp`) pass unchanged.
+pub fn sanitize_moe(
+    weights: &mut Weights,
+    settings: &DecoderSettings,
+    block: Option<&str>,
+    projections: &[(&str, &str)],
+) -> Result<()> {
+    drop_computed_weights(weights, settings.tie_word_embeddings);
+    if let Some(block) = block {
+        let from = format!(".{block}.");
+        weights.rename(|name| Some(name.replacen(&from, ".mlp.", 1)));
+    }
+    let experts = settings
+        .moe
+        .as_ref()
+        .map_or(0, |moe| moe.router.num_experts);
+    stack_experts(weights, "experts", experts, projections)?;
+    split_fused_experts(weights)
+}
+
 /// How a family derives `layer_types` for configs that predate the field.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LayerRule {
@@ -233,6 +334,11 @@ pub enum LayerRule {
     FromMaxWindowLayers,
     /// The layers without RoPE slide, when `use_sliding_window` (SmolLM3).
     WithoutRope,
+    /// Every layer slides when `use_sliding_window` (Qwen3-MoE).
+    AllWhenEnabled,
+    /// Every other layer, from the first, slides below `max_window_layers`, when
+    /// `use_sliding_window` (Qwen2-MoE).
+    AlternateBelowMaxWindowLayers,
 }
 
 /// The sliding-window fields of a config.json, in any of the styles families use.
@@ -269,6 +375,20 @@ impl SlidingWindowConfig {
                 LayerType::from_layer(n, enabled, self.max_window_layers.unwrap_or(0))
             }
             LayerRule::WithoutRope => LayerType::where_no_rope(uses_rope, enabled),
+            LayerRule::AllWhenEnabled if enabled => LayerType::all(n, self.sliding_window),
+            LayerRule::AllWhenEnabled => LayerType::all(n, None),
+            LayerRule::AlternateBelowMaxWindowLayers => {
+                let below = self.max_window_layers.unwrap_or(0).max(0) as usize;
+                (0..n)
+                    .map(|i| {
+                        if enabled && i % 2 == 0 && i < below {
+                            LayerType::SlidingAttention
+                        } else {
+                            LayerType::FullAttention
+                        }
+                    })
+                    .collect()
+            }
         }
     }
 }

@@ -15,11 +15,11 @@
 //! # Ok::<(), mlx_models::Error>(())
 //! ```
 
-use crate::cache::KvCache;
+use crate::cache::LayerCache;
 use crate::chat_template::{ChatTemplateOptions, Message};
 use crate::error::{Error, Result};
 use crate::load::Model;
-use crate::models::LanguageModel;
+use crate::model::LanguageModel;
 use crate::sampling::{Sampler, SamplerBuilder};
 use crate::tap::Tap;
 use crate::tokenizer::StreamDecoder;
@@ -171,7 +171,7 @@ impl Model {
 /// Generated tokens, one per iteration; the prompt is processed on the first call.
 pub struct TokenStream<'m> {
     model: &'m Model,
-    cache: Vec<KvCache>,
+    cache: Vec<LayerCache>,
     /// Tokens not yet fed to the model.
     pending: Vec<u32>,
     /// Every token so far: prompt and generated (the penalties' history).
@@ -192,7 +192,7 @@ impl<'m> TokenStream<'m> {
     pub(crate) fn new(
         model: &'m Model,
         prompt: Vec<u32>,
-        cache: Vec<KvCache>,
+        cache: Vec<LayerCache>,
         cached: usize,
         options: GenerateOptions,
     ) -> Result<Self> {
@@ -260,10 +260,10 @@ impl<'m> TokenStream<'m> {
     }
 
     /// Ends the stream and hands back the cache and every token it holds.
-    pub(crate) fn into_cache(self) -> (Vec<KvCache>, Vec<u32>) {
+    pub(crate) fn into_cache(self) -> (Vec<LayerCache>, Vec<u32>) {
         // The last sampled token was never fed to the model.
         let mut tokens = self.history;
-        tokens.truncate(self.cache.first().map_or(0, |c| c.offset() as usize));
+        tokens.truncate(LayerCache::offset_of(&self.cache).unwrap_or(0) as usize);
         (self.cache, tokens)
     }
 

@@ -185,28 +185,26 @@ impl Embedding {
     }
 }
 
-/// RMS normalization: `x / rms(x) * weight`, or `* (1 + weight)` for the families that
-/// store the weight as an offset from one (Gemma).
-#[derive(Debug, Clone)]
-pub struct RmsNorm {
-    pub weight: Array,
-    pub eps: f32,
-}
-
-impl RmsNorm {
-    pub fn load(w: &WeightPath, dim: i32, eps: f64) -> Result<RmsNorm> {
-        Ok(RmsNorm {
-            weight: w.get("weight", &[dim])?,
-            eps: eps as f32,
-        })
-    }
-
-    pub fn forward(&self, x: &Array) -> Result<Array> {
-        Ok(mlx_rs::fast::rms_norm(x, Some(&self.weight), self.eps)?)
-    }
-}
-
 /// A scalar of `x`'s dtype, so that scaling a bf16 tensor keeps it bf16.
 pub fn scalar_like(value: f32, x: &Array) -> Result<Array> {
     Ok(Array::from_f32(value).as_dtype(x.dtype())?)
+}
+
+/// `x * value`, with `value` rounded to `x`'s dtype (`x` itself when `None`).
+pub fn scale(x: &Array, value: Option<f32>) -> Result<Array> {
+    match value {
+        Some(v) => Ok(x.multiply(&scalar_like(v, x)?)?),
+        None => Ok(x.clone()),
+    }
+}
+
+/// `cap * tanh(x / cap)` (`x` itself when `None`).
+pub fn softcap(x: &Array, cap: Option<f32>) -> Result<Array> {
+    match cap {
+        Some(c) => {
+            let c = scalar_like(c, x)?;
+            Ok(ops::tanh(&x.divide(&c)?)?.multiply(&c)?)
+        }
+        None => Ok(x.clone()),
+    }
 }

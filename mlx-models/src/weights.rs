@@ -122,6 +122,18 @@ impl Weights {
             .collect();
     }
 
+    /// Adds (or replaces) the tensor `name`: what a `sanitize` step that builds tensors
+    /// (stacked experts, split projections) uses.
+    pub fn insert(&mut self, name: impl Into<String>, tensor: Array) {
+        self.tensors.insert(name.into(), tensor);
+    }
+
+    /// Takes the tensor `name` out of the checkpoint (for a `sanitize` step that turns it
+    /// into others).
+    pub fn remove(&mut self, name: &str) -> Option<Array> {
+        self.tensors.remove(name)
+    }
+
     /// The names of all tensors.
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.tensors.keys().map(String::as_str)

@@ -6,59 +6,23 @@ pub mod gemma2;
 pub mod gemma3_text;
 pub mod granite;
 pub mod llama;
+pub mod mixtral;
 pub mod olmo2;
+pub mod olmoe;
 pub mod phi3;
 pub mod qwen2;
+pub mod qwen2_moe;
 pub mod qwen3;
+pub mod qwen3_moe;
 pub mod smollm3;
 pub mod starcoder2;
 
-use crate::cache::KvCache;
 use crate::config::ConfigFile;
 use crate::error::{Error, Result};
 use crate::family;
-use crate::nn::Quantization;
-use crate::rope::Rope;
-use crate::tap::Tap;
 use crate::weights::Weights;
-use mlx_rs::{Array, Dtype};
 
-/// A causal language model.
-pub trait LanguageModel: Send {
-    /// Logits `[batch, tokens, vocab]` for `tokens` (`[batch, tokens]`, int32) following
-    /// what `cache` holds; the cache is extended with the new tokens.
-    fn forward(&self, tokens: &Array, cache: &mut [KvCache], tap: &mut Tap) -> Result<Array>;
-
-    /// An empty cache, one entry per layer.
-    fn new_cache(&self) -> Vec<KvCache>;
-
-    /// Facts about the model.
-    fn info(&self) -> &ModelInfo;
-
-    /// The RoPE of the full-attention layers (for verification).
-    fn rope(&self) -> Option<&Rope>;
-
-    /// The RoPE of the sliding-window layers where it differs from [`LanguageModel::rope`]
-    /// (Gemma 3's local base).
-    fn local_rope(&self) -> Option<&Rope> {
-        None
-    }
-}
-
-/// Facts about a loaded model, for `info` and for generation limits.
-#[derive(Debug, Clone)]
-pub struct ModelInfo {
-    pub model_type: String,
-    pub vocab_size: i32,
-    pub hidden_size: i32,
-    pub num_layers: usize,
-    /// The longest context the model was configured for.
-    pub max_position_embeddings: usize,
-    pub dtype: Dtype,
-    pub quantization: Option<Quantization>,
-    /// Parameters, quantized matrices counted by their logical size.
-    pub num_parameters: usize,
-}
+pub use crate::model::{LanguageModel, ModelInfo};
 
 /// Builds a model from its config and weights.
 pub type Loader = fn(&ConfigFile, Weights) -> Result<Box<dyn LanguageModel>>;
@@ -71,10 +35,14 @@ pub const REGISTRY: &[(&str, Loader)] = &[
     ("granite", family::load::<granite::Config>),
     ("llama", family::load::<llama::Config>),
     ("mistral", family::load::<llama::Config>),
+    ("mixtral", family::load::<mixtral::Config>),
     ("olmo2", family::load::<olmo2::Config>),
+    ("olmoe", family::load::<olmoe::Config>),
     ("phi3", family::load::<phi3::Config>),
     ("qwen2", family::load::<qwen2::Config>),
+    ("qwen2_moe", family::load::<qwen2_moe::Config>),
     ("qwen3", family::load::<qwen3::Config>),
+    ("qwen3_moe", family::load::<qwen3_moe::Config>),
     ("smollm3", family::load::<smollm3::Config>),
     ("starcoder2", family::load::<starcoder2::Config>),
 ];

@@ -1,7 +1,7 @@
 //! Key/value caches for autoregressive decoding.
 //!
 //! A [`KvCache`] holds the keys and values of one attention layer, `[batch, kv_heads, tokens,
-//! head_dim]`. It comes in two kinds:
+//! head_dim]`. It comes in three kinds:
 //!
 //! - **unbounded** ([`KvCache::new`]): every token seen so far, for full-attention layers;
 //! - **rotating** ([`KvCache::rotating`]): at most `window` tokens, for sliding-window layers
@@ -9,7 +9,10 @@
 //!   `RotatingKVCache`, single-token decode steps write into a ring buffer in place (one
 //!   slice update, not a copy of the whole window); multi-token chunks are concatenated to
 //!   the stored tokens in temporal order, attended with an explicit sliding-window mask, and
-//!   then cut back to the last `window` tokens.
+//!   then cut back to the last `window` tokens;
+//! - **chunked** ([`KvCache::chunked`]): for chunked local attention (Llama 4), where the
+//!   sequence is cut into chunks of `chunk` tokens and a query sees only the tokens of its own
+//!   chunk up to itself. Like mlx-lm's `ChunkedKVCache`, it keeps only the current chunk.
 //!
 //! [`KvCache::attend`] appends new keys/values and returns what the new queries attend over
 //! together with the right [`AttentionMask`], so callers need not know which kind they hold.
@@ -44,6 +47,8 @@ pub struct KvCache {
     len: i32,
     /// `Some(w)` for a rotating cache of window `w`.
     window: Option<i32>,
+    /// `Some(c)` for a chunked cache of chunks of `c` tokens.
+    chunk: Option<i32>,
     /// Rotating only. While `len < window` the stored tokens are in temporal order in slots
     /// `0..len` (the buffer may have spare slots after them) and `start` is 0. Once
     /// `len == window` the buffer is a full ring of `window` slots: the oldest token sits in
@@ -74,9 +79,37 @@ impl KvCache {
         }
     }
 
-    /// The sliding window of a rotating cache; `None` for an unbounded one.
+    /// A cache for chunked local attention: the sequence is cut into chunks of `chunk`
+    /// tokens and each query sees the tokens of its own chunk up to itself, so the cache
+    /// stores at most the current chunk.
+    ///
+    /// # Panics
+    ///
+    /// If `chunk` is less than 1.
+    pub fn chunked(chunk: i32) -> Self {
+        assert!(
+            chunk >= 1,
+            "an attention chunk must hold at least 1 token, got {chunk}"
+        );
+        KvCache {
+            chunk: Some(chunk),
+            ..Self::default()
+        }
+    }
+
+    /// The sliding window of a rotating cache; `None` for the other kinds.
     pub fn window(&self) -> Option<i32> {
         self.window
+    }
+
+    /// The chunk length of a chunked cache; `None` for the other kinds.
+    pub fn chunk(&self) -> Option<i32> {
+        self.chunk
+    }
+
+    /// Bytes the stored keys and values take (for a rotating cache its whole buffer).
+    pub fn nbytes(&self) -> usize {
+        self.arrays().map(Array::nbytes).sum()
     }
 
     /// How many tokens the cache has seen: the position of the next token. For a rotating
@@ -109,6 +142,9 @@ impl KvCache {
     /// the bottom right (the last query sees every key), as in MLX's fused attention.
     pub fn attend(&mut self, keys: Array, values: Array) -> Result<(Array, Array, AttentionMask)> {
         check_shapes(&keys, &values)?;
+        if let Some(c) = self.chunk {
+            return self.attend_chunked(c, keys, values);
+        }
         match self.window {
             None => self.attend_unbounded(keys, values),
             Some(w) if keys.dim(2) == 1 => self.attend_one(w, keys, values),
@@ -132,7 +168,8 @@ impl KvCache {
     ///
     /// An unbounded cache always can. A rotating cache can only if it still stores every
     /// token the next query sees, the `window - 1` before position `len` (so once it has
-    /// dropped tokens, a window over 1 can be cut back by one token at most); otherwise it
+    /// dropped tokens, a window over 1 can be cut back by one token at most), and a chunked
+    /// cache only if it stores the tokens of `len`'s chunk before it; otherwise the cache
     /// empties itself (offset 0) and returns `false`, and the caller must feed the whole
     /// sequence again. `len <= 0` empties the
     /// cache and `len >= offset` leaves it as it is; both return `true`.
@@ -146,13 +183,15 @@ impl KvCache {
         }
         // Position of the oldest stored token.
         let first = self.offset - self.len;
-        if let Some(w) = self.window {
-            // The next query, at position `len`, sees itself and positions `from..len`.
-            let from = (len - (w - 1)).max(0);
-            if from < len && first > from {
-                self.reset();
-                return Ok(false);
-            }
+        // The next query, at position `len`, sees itself and positions `from..len`.
+        let from = match (self.window, self.chunk) {
+            (Some(w), _) => (len - (w - 1)).max(0),
+            (_, Some(c)) => len - len % c,
+            (None, None) => 0,
+        };
+        if from < len && first > from {
+            self.reset();
+            return Ok(false);
         }
         // Stored tokens before position `len` (none if a window of 1 needs none).
         let count = (len - first).max(0);
@@ -187,6 +226,7 @@ impl KvCache {
     fn reset_keeping_offset(&mut self, offset: i32) {
         *self = KvCache {
             window: self.window,
+            chunk: self.chunk,
             offset,
             ..Self::default()
         };
@@ -305,6 +345,59 @@ impl KvCache {
         Ok((keys, values, mask))
     }
 
+    /// A chunked cache: the stored tokens of the first new token's chunk followed by the new
+    /// ones, with a mask that keeps each query inside its own chunk; then only the tokens of
+    /// the chunk the next token falls in are kept.
+    fn attend_chunked(
+        &mut self,
+        chunk: i32,
+        keys: Array,
+        values: Array,
+    ) -> Result<(Array, Array, AttentionMask)> {
+        let new = keys.dim(2);
+        let first_new = self.offset;
+        // Stored tokens before the first new token's chunk are visible to no new query.
+        let chunk_start = first_new - first_new % chunk;
+        let stored_from = self.offset - self.len;
+        let drop = (chunk_start - stored_from).max(0);
+        let (keys, values) = match (&self.keys, &self.values) {
+            (Some(k), Some(v)) if drop < self.len => (
+                ops::concatenate(&[&k.try_index((.., .., drop..))?, &keys], 2)?,
+                ops::concatenate(&[&v.try_index((.., .., drop..))?, &values], 2)?,
+            ),
+            _ => (keys, values),
+        };
+        let first_key = first_new + new - keys.dim(2);
+        let last = first_new + new - 1;
+        let mask = if first_key / chunk == last / chunk {
+            // Every key in one chunk: plain causal attention.
+            if new == 1 {
+                AttentionMask::None
+            } else {
+                AttentionMask::Causal
+            }
+        } else {
+            AttentionMask::from_visibility(
+                new,
+                first_new,
+                keys.dim(2),
+                first_key,
+                keys.dtype(),
+                |q, k| k <= q && k / chunk == q / chunk,
+            )?
+        };
+        let next = first_new + new;
+        let keep_from = (next - next % chunk - first_key).max(0);
+        let total = keys.dim(2);
+        self.reset_keeping_offset(next);
+        if keep_from < total {
+            self.keys = Some(keys.try_index((.., .., keep_from..))?);
+            self.values = Some(values.try_index((.., .., keep_from..))?);
+            self.len = total - keep_from;
+        }
+        Ok((keys, values, mask))
+    }
+
     /// The stored keys and values in temporal order (`len` tokens), or `None` if empty.
     fn temporal(&self) -> Result<Option<(Array, Array)>> {
         let (Some(keys), Some(values)) = (&self.keys, &self.values) else {
@@ -411,6 +504,7 @@ mod tests {
         values: &Array,
         offset: i32,
         window: Option<i32>,
+        chunk: Option<i32>,
     ) -> Array {
         let (len, total) = (queries.dim(2), keys.dim(2));
         assert_eq!(total, offset + len);
@@ -418,7 +512,9 @@ mod tests {
         for q in 0..len {
             let pos = offset + q;
             for k in 0..total {
-                let visible = k <= pos && window.is_none_or(|w| pos - k < w);
+                let visible = k <= pos
+                    && window.is_none_or(|w| pos - k < w)
+                    && chunk.is_none_or(|c| k / c == pos / c);
                 mask.push(if visible { 0.0f32 } else { f32::NEG_INFINITY });
             }
         }
@@ -484,7 +580,14 @@ mod tests {
             let out = scaled_dot_product_attention(&q, &ck, &cv, scale(), &mask).expect("sdpa");
             let all_keys = self.keys.as_ref().unwrap();
             let all_values = self.values.as_ref().unwrap();
-            let expected = reference(&q, all_keys, all_values, offset, self.cache.window());
+            let expected = reference(
+                &q,
+                all_keys,
+                all_values,
+                offset,
+                self.cache.window(),
+                self.cache.chunk(),
+            );
             (out, expected)
         }
 
@@ -500,7 +603,11 @@ mod tests {
             );
             let offset = before + len;
             prop_assert_eq!(self.cache.offset(), offset);
-            let stored = self.cache.window().map_or(offset, |w| offset.min(w));
+            let stored = match (self.cache.window(), self.cache.chunk()) {
+                (Some(w), _) => offset.min(w),
+                (None, Some(c)) => offset % c,
+                (None, None) => offset,
+            };
             prop_assert_eq!(self.cache.len(), stored);
             for a in self.cache.arrays() {
                 prop_assert!(a.dim(2) >= stored);
@@ -540,7 +647,7 @@ mod tests {
             steps in chunks(),
             seed in any::<u64>(),
         ) {
-            for cache in [KvCache::rotating(window), KvCache::new()] {
+            for cache in [KvCache::rotating(window), KvCache::chunked(window), KvCache::new()] {
                 let mut h = Harness::new(cache, seed);
                 h.check(prefill)?;
                 for &len in &steps {
@@ -579,7 +686,7 @@ mod tests {
             after in chunks(),
             seed in any::<u64>(),
         ) {
-            for cache in [KvCache::rotating(window), KvCache::new()] {
+            for cache in [KvCache::rotating(window), KvCache::chunked(window), KvCache::new()] {
                 let mut h = Harness::new(cache, seed);
                 h.check(prefill)?;
                 for &len in &steps {
@@ -588,11 +695,15 @@ mod tests {
                 let (offset, stored) = (h.cache.offset(), h.cache.len());
                 let len = (offset as f64 * cut).round() as i32;
                 let first = offset - stored;
-                let possible = match h.cache.window() {
+                let possible = match (h.cache.window(), h.cache.chunk()) {
                     _ if len <= 0 || len >= offset => true,
-                    None => true,
-                    Some(w) => {
+                    (None, None) => true,
+                    (Some(w), _) => {
                         let from = (len - (w - 1)).max(0);
+                        from == len || first <= from
+                    }
+                    (None, Some(c)) => {
+                        let from = len - len % c;
                         from == len || first <= from
                     }
                 };
@@ -755,5 +866,22 @@ mod tests {
     #[should_panic(expected = "at least 1 token")]
     fn a_window_of_zero_panics() {
         KvCache::rotating(0);
+    }
+
+    /// A chunked cache keeps the current chunk only, and a query at a chunk boundary sees
+    /// itself alone.
+    #[test]
+    fn chunked_cache_keeps_the_current_chunk() {
+        let mut h = Harness::new(KvCache::chunked(4), 3);
+        h.check(10).unwrap();
+        assert_eq!((h.cache.offset(), h.cache.len()), (10, 2));
+        h.check(1).unwrap();
+        h.check(1).unwrap();
+        // Position 12 starts a chunk: nothing stored before it is kept.
+        assert_eq!((h.cache.offset(), h.cache.len()), (12, 0));
+        h.check(1).unwrap();
+        assert_eq!(h.cache.len(), 1);
+        assert!(!h.cache.truncate(11).unwrap(), "chunk 8..12 is gone");
+        assert_eq!(h.cache.offset(), 0);
     }
 }

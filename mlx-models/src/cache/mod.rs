@@ -1,0 +1,112 @@
+//! What a layer keeps between forward passes.
+//!
+//! Each layer of a model has one [`LayerCache`], of the kind its token mixer needs; today
+//! that is a [`KvCache`] (plain, rotating for sliding windows, or chunked) for attention.
+//! Generation, chat reuse and saved prompt caches use the same few operations on every
+//! kind: the position of the next token ([`LayerCache::offset`]), cutting back to a prefix
+//! where the kind can ([`LayerCache::truncate`], which says when it cannot), and the state
+//! as named arrays ([`LayerCache::state`]).
+
+mod kv;
+
+pub use kv::KvCache;
+
+use crate::error::{Error, Result};
+use mlx_rs::error::Exception;
+use mlx_rs::Array;
+
+/// The cache of one layer.
+#[derive(Debug, Clone)]
+pub enum LayerCache {
+    /// Keys and values of an attention layer.
+    Kv(KvCache),
+}
+
+impl LayerCache {
+    /// How many tokens the layer has seen: the position of the next token.
+    pub fn offset(&self) -> i32 {
+        match self {
+            LayerCache::Kv(kv) => kv.offset(),
+        }
+    }
+
+    /// Keeps only the first `len` tokens, so the next token is at position `len`. Returns
+    /// `false` (and empties the cache) where the kind cannot go back that far, e.g. a
+    /// sliding window that has dropped tokens the next query would need; the caller must
+    /// then feed the whole sequence again.
+    pub fn truncate(&mut self, len: i32) -> Result<bool> {
+        match self {
+            LayerCache::Kv(kv) => kv.truncate(len),
+        }
+    }
+
+    /// The arrays the cache holds, to evaluate alongside the logits.
+    pub fn arrays(&self) -> Vec<&Array> {
+        match self {
+            LayerCache::Kv(kv) => kv.arrays().collect(),
+        }
+    }
+
+    /// The cache's state as named arrays (`keys`, `values`: what is stored, as stored),
+    /// for saving a prompt cache or measuring it.
+    pub fn state(&self) -> Vec<(&'static str, Array)> {
+        match self {
+            LayerCache::Kv(kv) => {
+                let mut arrays = kv.arrays();
+                let mut state = Vec::new();
+                if let (Some(k), Some(v)) = (arrays.next(), arrays.next()) {
+                    state.push(("keys", k.clone()));
+                    state.push(("values", v.clone()));
+                }
+                state
+            }
+        }
+    }
+
+    /// Bytes the cache holds.
+    pub fn nbytes(&self) -> usize {
+        self.arrays().iter().map(|a| a.nbytes()).sum()
+    }
+
+    /// The KV cache of an attention layer; an error for any other kind.
+    pub fn kv_mut(&mut self) -> Result<&mut KvCache> {
+        match self {
+            LayerCache::Kv(kv) => Ok(kv),
+        }
+    }
+
+    /// Cuts every layer back to the first `len` tokens. If any layer cannot keep that
+    /// prefix, empties all of them, so that every layer starts again at position 0, and
+    /// returns `false`.
+    pub fn truncate_all(cache: &mut [LayerCache], len: i32) -> Result<bool> {
+        let mut kept = true;
+        for layer in cache.iter_mut() {
+            kept &= layer.truncate(len)?;
+        }
+        if !kept {
+            for layer in cache.iter_mut() {
+                layer.truncate(0)?;
+            }
+        }
+        Ok(kept)
+    }
+
+    /// The position of the next token of a whole model's cache, checking that every
+    /// layer agrees.
+    pub fn offset_of(cache: &[LayerCache]) -> Result<i32> {
+        let offset = cache.first().map_or(0, LayerCache::offset);
+        match cache.iter().find(|c| c.offset() != offset) {
+            None => Ok(offset),
+            Some(other) => Err(Error::Mlx(Exception::custom(format!(
+                "the layers' caches disagree on the position: {offset} and {}",
+                other.offset()
+            )))),
+        }
+    }
+}
+
+impl From<KvCache> for LayerCache {
+    fn from(kv: KvCache) -> Self {
+        LayerCache::Kv(kv)
+    }
+}

@@ -1,0 +1,161 @@
+//! Dense feed-forward blocks: the gated (SwiGLU/GeGLU) MLP with separate or fused gate/up
+//! projections, and the plain two-layer MLP, with the activations Transformers names.
+
+use crate::config::ConfigFile;
+use crate::error::{Error, Result};
+use crate::nn::Linear;
+use crate::tap::Tap;
+use crate::weights::WeightPath;
+use mlx_rs::{Array, Dtype};
+
+/// The MLP nonlinearity, by the names Transformers' `ACT2FN` uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// `silu` / `swish`.
+    Silu,
+    /// Exact (erf) GELU: `gelu`.
+    Gelu,
+    /// GELU with the tanh approximation: `gelu_pytorch_tanh`, `gelu_new`.
+    GeluTanh,
+    Relu,
+}
+
+impl Activation {
+    /// The activation `name` (a config value) stands for; `field` names it in errors.
+    pub fn from_config(config: &ConfigFile, field: &str, name: &str) -> Result<Activation> {
+        Ok(match name {
+            "silu" | "swish" => Activation::Silu,
+            "gelu" => Activation::Gelu,
+            "gelu_pytorch_tanh" | "gelu_new" | "gelu_fast" => Activation::GeluTanh,
+            "relu" => Activation::Relu,
+            other => {
+                return Err(Error::config(
+                    &config.path,
+                    field,
+                    format!("activation `{other}` is not supported (silu, gelu, gelu_pytorch_tanh, gelu_new, relu)"),
+                ))
+            }
+        })
+    }
+
+    /// Exact GELU read as its tanh approximation: Gemma checkpoints name `gelu` but were
+    /// trained with the approximation, and Transformers reads them so.
+    pub fn gelu_as_tanh(self) -> Activation {
+        match self {
+            Activation::Gelu => Activation::GeluTanh,
+            other => other,
+        }
+    }
+
+    /// Applies the activation; the result keeps `x`'s dtype. The GELUs are computed in f32
+    /// (MLX's versions would promote bf16 input through their f32 constants; PyTorch
+    /// computes them in f32 internally and rounds once).
+    pub fn apply(self, x: &Array) -> Result<Array> {
+        let in_f32 = |f: fn(&Array) -> mlx_rs::error::Result<Array>| -> Result<Array> {
+            Ok(f(&x.as_dtype(Dtype::Float32)?)?.as_dtype(x.dtype())?)
+        };
+        match self {
+            Activation::Silu => Ok(mlx_rs::nn::silu(x)?),
+            Activation::Gelu => in_f32(|x| mlx_rs::nn::gelu(x)),
+            Activation::GeluTanh => in_f32(|x| mlx_rs::nn::gelu_approximate(x)),
+            Activation::Relu => Ok(mlx_rs::nn::relu(x)?),
+        }
+    }
+}
+
+/// How the MLP's projections are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MlpLayout {
+    /// `down_proj(act(gate_proj(x)) * up_proj(x))`.
+    Gated,
+    /// The same with one `gate_up_proj` whose rows are the gate, then the up projection (Phi-3).
+    FusedGated,
+    /// `c_proj(act(c_fc(x)))` (StarCoder 2).
+    Plain,
+}
+
+/// The MLP of every layer.
+#[derive(Debug, Clone)]
+pub struct MlpSettings {
+    pub intermediate_size: i32,
+    pub layout: MlpLayout,
+    pub activation: Activation,
+    pub bias: bool,
+}
+
+/// A dense MLP, in one of the [`MlpLayout`]s, with its checkpoint's projection names.
+#[derive(Debug, Clone)]
+pub enum Mlp {
+    Gated {
+        gate_proj: Linear,
+        up_proj: Linear,
+        down_proj: Linear,
+        act: Activation,
+    },
+    FusedGated {
+        gate_up_proj: Linear,
+        down_proj: Linear,
+        act: Activation,
+    },
+    Plain {
+        c_fc: Linear,
+        c_proj: Linear,
+        act: Activation,
+    },
+}
+
+impl Mlp {
+    /// Loads the projections under `w` of an MLP from `hidden` features to
+    /// `s.intermediate_size` and back.
+    pub fn load(w: &WeightPath, s: &MlpSettings, hidden: i32) -> Result<Self> {
+        let (inter, bias, act) = (s.intermediate_size, s.bias, s.activation);
+        Ok(match s.layout {
+            MlpLayout::Gated => Mlp::Gated {
+                gate_proj: Linear::load(&w.pp("gate_proj"), hidden, inter, bias)?,
+                up_proj: Linear::load(&w.pp("up_proj"), hidden, inter, bias)?,
+                down_proj: Linear::load(&w.pp("down_proj"), inter, hidden, bias)?,
+                act,
+            },
+            MlpLayout::FusedGated => Mlp::FusedGated {
+                gate_up_proj: Linear::load(&w.pp("gate_up_proj"), hidden, 2 * inter, bias)?,
+                down_proj: Linear::load(&w.pp("down_proj"), inter, hidden, bias)?,
+                act,
+            },
+            MlpLayout::Plain => Mlp::Plain {
+                c_fc: Linear::load(&w.pp("c_fc"), hidden, inter, bias)?,
+                c_proj: Linear::load(&w.pp("c_proj"), inter, hidden, bias)?,
+                act,
+            },
+        })
+    }
+
+    /// The MLP of `x` (`[..., hidden]`); records `mlp.hidden` and `mlp.out`.
+    pub fn forward(&self, x: &Array, tap: &mut Tap) -> Result<Array> {
+        let hidden = match self {
+            Mlp::Gated {
+                gate_proj,
+                up_proj,
+                act,
+                ..
+            } => act
+                .apply(&gate_proj.forward(x)?)?
+                .multiply(up_proj.forward(x)?)?,
+            Mlp::FusedGated {
+                gate_up_proj, act, ..
+            } => {
+                let parts = gate_up_proj.forward(x)?.split_equal(2, -1)?;
+                act.apply(&parts[0])?.multiply(&parts[1])?
+            }
+            Mlp::Plain { c_fc, act, .. } => act.apply(&c_fc.forward(x)?)?,
+        };
+        tap.record("mlp.hidden", &hidden);
+        let out = match self {
+            Mlp::Gated { down_proj, .. } | Mlp::FusedGated { down_proj, .. } => {
+                down_proj.forward(&hidden)?
+            }
+            Mlp::Plain { c_proj, .. } => c_proj.forward(&hidden)?,
+        };
+        tap.record("mlp.out", &out);
+        Ok(out)
+    }
+}

@@ -1,0 +1,992 @@
+//! Sparse mixture-of-experts feed-forward blocks: a router picks `top_k` of `num_experts`
+//! expert MLPs per token, and the token's output is their weighted sum (plus, in some
+//! families, a shared expert every token goes through).
+//!
+//! The experts' weights are stacked, `[experts, out, in]`, and a token's experts are
+//! applied with MLX's `gather_mm` (`gather_qmm` for quantized checkpoints), so the work per
+//! token grows with the active experts, not with all of them, as in mlx-lm's
+//! `switch_layers.py`. For longer inputs the (token, expert) pairs are sorted by expert
+//! first, so each expert's matrix is read once per batch.
+//!
+//! Weight names, under the feed-forward's path (what each family's `sanitize` maps its
+//! checkpoints to; [`stack_experts`] and [`split_fused_experts`] do the usual conversions):
+//! - `gate.weight` (and `gate.bias`): the router; `gate.e_score_correction_bias` where the
+//!   router selects with a correction bias;
+//! - `switch_mlp.gate_proj` / `up_proj` / `down_proj` `.weight` (`[experts, out, in]`, or
+//!   MLX-quantized with `scales`/`biases`), with `.bias` (`[experts, out]`) where experts have
+//!   biases;
+//! - `shared_expert.*` (a dense gated MLP) and `shared_expert_gate.weight`.
+
+use crate::error::{Error, Result};
+use crate::mlp::{Activation, Mlp, MlpLayout, MlpSettings};
+use crate::nn::{scalar_like, Linear, Quantization};
+use crate::tap::Tap;
+use crate::weights::{WeightPath, Weights};
+use mlx_rs::ops::argpartition_axis;
+use mlx_rs::ops::indexing::{take_along_axis, IndexOp};
+use mlx_rs::{ops, Array, Dtype};
+use std::collections::BTreeMap;
+
+/// Above this many (token, expert) pairs the pairs are sorted by expert before the
+/// gathered matrix products (mlx-lm's threshold).
+const SORT_THRESHOLD: i32 = 64;
+
+/// How router logits become expert scores.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Scoring {
+    /// Softmax over all experts (in f32), then the `top_k` highest (Mixtral, Qwen, OLMoE).
+    /// With [`RouterSettings::normalize`] the chosen weights sum to one, which is the
+    /// softmax over the chosen logits alone (Granite, gpt-oss).
+    Softmax,
+    /// `sigmoid(logit)` per expert (in f32), chosen by score plus the correction bias where
+    /// there is one (GLM-4.5, MiniMax-M2, DeepSeek-V3).
+    Sigmoid,
+    /// The `top_k` highest logits, each weighted by `sigmoid(logit)`, and the weight applied
+    /// to the expert's input rather than its output (Llama 4).
+    SigmoidOnInput,
+    /// Phi-3.5-MoE's sparsemixer (top 2 only): each pick's weight is the softmax of the
+    /// logits within `2 · jitter_eps` (relative) of that pick's logit; the second pick is
+    /// made among the logits left after masking the first.
+    SparseMixer { jitter_eps: f32 },
+}
+
+/// Expert groups: experts fall into `groups` groups, each group scored by the sum of its
+/// two best experts' scores, and only the `top_groups` best groups are eligible.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExpertGroups {
+    pub groups: i32,
+    pub top_groups: i32,
+}
+
+/// How a router chooses experts and weighs them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouterSettings {
+    pub num_experts: i32,
+    pub top_k: i32,
+    pub scoring: Scoring,
+    /// Renormalize the chosen weights to sum to one (`norm_topk_prob`).
+    pub normalize: bool,
+    /// Add `e_score_correction_bias` to the scores for choosing (not for weighting).
+    pub correction_bias: bool,
+    pub groups: Option<ExpertGroups>,
+    /// Multiplies the chosen weights (`routed_scaling_factor`).
+    pub scaling_factor: Option<f32>,
+    /// The router linear layer has a bias (gpt-oss).
+    pub bias: bool,
+}
+
+impl RouterSettings {
+    /// Softmax top-k over `num_experts` experts, not renormalized, no bias, groups or
+    /// scaling: what a family changes, it sets on top of this.
+    pub fn new(num_experts: i32, top_k: i32) -> RouterSettings {
+        RouterSettings {
+            num_experts,
+            top_k,
+            scoring: Scoring::Softmax,
+            normalize: false,
+            correction_bias: false,
+            groups: None,
+            scaling_factor: None,
+            bias: false,
+        }
+    }
+}
+
+/// The nonlinearity between the experts' up and down projections.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ExpertActivation {
+    /// `act(gate) * up`.
+    Glu(Activation),
+    /// gpt-oss: `(clip(up, -limit, limit) + 1) * g * sigmoid(alpha * g)` with
+    /// `g = min(gate, limit)`.
+    ClampedSwiglu { alpha: f32, limit: f32 },
+}
+
+/// A shared expert every token goes through beside the routed ones.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SharedExpertSettings {
+    pub intermediate_size: i32,
+    /// Its output is multiplied by `sigmoid(shared_expert_gate(x))` (Qwen2-MoE).
+    pub gated: bool,
+}
+
+/// A sparse mixture-of-experts block.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MoeSettings {
+    pub router: RouterSettings,
+    /// The width of each expert's MLP.
+    pub intermediate_size: i32,
+    pub activation: ExpertActivation,
+    /// Bias on the experts' projections.
+    pub expert_bias: bool,
+    pub shared_expert: Option<SharedExpertSettings>,
+}
+
+/// Expert weight matrices stacked `[experts, out, in]`, dense or MLX-quantized.
+#[derive(Debug, Clone)]
+pub enum ExpertMatrix {
+    Dense(Array),
+    Quantized {
+        weight: Array,
+        scales: Array,
+        biases: Array,
+        quantization: Quantization,
+    },
+}
+
+/// One projection of every expert (mlx-lm's `SwitchLinear`).
+#[derive(Debug, Clone)]
+pub struct ExpertLinear {
+    pub weight: ExpertMatrix,
+    /// `[experts, out]`.
+    pub bias: Option<Array>,
+}
+
+impl ExpertLinear {
+    /// Loads `weight` (`[experts, out_dim, in_dim]`, or packed with `scales`/`biases`)
+    /// and, when `bias`, `bias` (`[experts, out_dim]`).
+    pub fn load(
+        w: &WeightPath,
+        experts: i32,
+        in_dim: i32,
+        out_dim: i32,
+        bias: bool,
+    ) -> Result<ExpertLinear> {
+        let weight = if !w.contains("scales") {
+            ExpertMatrix::Dense(w.get("weight", &[experts, out_dim, in_dim])?)
+        } else {
+            let weight = w.get_any_shape("weight")?;
+            let scales = w.get_any_shape("scales")?;
+            let biases = w.get_any_shape("biases")?;
+            let (packed, groups) = (weight.shape().to_vec(), scales.shape().to_vec());
+            let fits = packed.len() == 3
+                && packed[..2] == [experts, out_dim]
+                && (packed[2] * 32) % in_dim == 0
+                && weight.dtype() == Dtype::Uint32
+                && groups.len() == 3
+                && groups[..2] == [experts, out_dim]
+                && groups[2] > 0
+                && in_dim % groups[2] == 0;
+            if !fits {
+                return Err(w.shape_error("weight", &[experts, out_dim, in_dim], &packed));
+            }
+            if biases.shape() != scales.shape() {
+                return Err(w.shape_error("biases", &groups, biases.shape()));
+            }
+            let quantization = Quantization {
+                bits: packed[2] * 32 / in_dim,
+                group_size: in_dim / groups[2],
+            };
+            w.count((experts * out_dim * in_dim) as usize);
+            match w.dequantize_to() {
+                Some(dtype) => {
+                    let dense = ops::dequantize(
+                        &weight,
+                        &scales,
+                        &biases,
+                        quantization.group_size,
+                        quantization.bits,
+                    )?
+                    .as_dtype(dtype)?;
+                    dense.eval()?;
+                    ExpertMatrix::Dense(dense)
+                }
+                None => ExpertMatrix::Quantized {
+                    weight,
+                    scales,
+                    biases,
+                    quantization,
+                },
+            }
+        };
+        let bias = bias
+            .then(|| w.get("bias", &[experts, out_dim]))
+            .transpose()?;
+        Ok(ExpertLinear { weight, bias })
+    }
+
+    /// `x @ W[e]ᵀ (+ b[e])` for expert `e = indices[…]`: `x` is `[…, 1, in]` broadcast
+    /// against `indices` `[…]`, the result `[…, 1, out]`.
+    pub fn forward(&self, x: &Array, indices: &Array, sorted: bool) -> Result<Array> {
+        let y = match &self.weight {
+            ExpertMatrix::Dense(w) => {
+                ops::gather_mm(x, w.swap_axes(-1, -2)?, None, indices, sorted)?
+            }
+            ExpertMatrix::Quantized {
+                weight,
+                scales,
+                biases,
+                quantization,
+            } => ops::gather_qmm(
+                x,
+                weight,
+                scales,
+                biases,
+                None,
+                indices,
+                true,
+                quantization.group_size,
+                quantization.bits,
+                sorted,
+            )?,
+        };
+        Ok(match &self.bias {
+            Some(b) => y.add(b.take_axis(indices, 0)?.expand_dims(-2)?)?,
+            None => y,
+        })
+    }
+
+    /// The quantization, if any.
+    pub fn quantization(&self) -> Option<Quantization> {
+        match &self.weight {
+            ExpertMatrix::Dense(_) => None,
+            ExpertMatrix::Quantized { quantization, .. } => Some(*quantization),
+        }
+    }
+}
+
+/// The routed experts' gated MLPs (mlx-lm's `SwitchGLU`).
+#[derive(Debug, Clone)]
+pub struct ExpertMlps {
+    pub gate_proj: ExpertLinear,
+    pub up_proj: ExpertLinear,
+    pub down_proj: ExpertLinear,
+    pub activation: ExpertActivation,
+}
+
+impl ExpertMlps {
+    pub fn load(w: &WeightPath, hidden: i32, s: &MoeSettings) -> Result<ExpertMlps> {
+        let (e, inter, bias) = (s.router.num_experts, s.intermediate_size, s.expert_bias);
+        Ok(ExpertMlps {
+            gate_proj: ExpertLinear::load(&w.pp("gate_proj"), e, hidden, inter, bias)?,
+            up_proj: ExpertLinear::load(&w.pp("up_proj"), e, hidden, inter, bias)?,
+            down_proj: ExpertLinear::load(&w.pp("down_proj"), e, inter, hidden, bias)?,
+            activation: s.activation,
+        })
+    }
+
+    /// The outputs of experts `indices` (`[tokens, k]`) for `x` (`[tokens, hidden]`):
+    /// `[tokens, k, hidden]`.
+    pub fn forward(&self, x: &Array, indices: &Array) -> Result<Array> {
+        let (tokens, k) = (indices.dim(0), indices.dim(1));
+        let sort = tokens * k >= SORT_THRESHOLD;
+        // Each (token, expert) pair is one row `[1, hidden]`.
+        let (x, idx, inverse) = if sort {
+            let flat = indices.flatten(None, None)?;
+            let order = ops::argsort_axis(&flat, 0)?;
+            let inverse = ops::argsort_axis(&order, 0)?;
+            let rows = order.floor_divide(Array::from_int(k).as_dtype(order.dtype())?)?;
+            let x = x.take_axis(&rows, 0)?.expand_dims(-2)?;
+            (x, flat.take_axis(&order, 0)?, Some(inverse))
+        } else {
+            (x.expand_dims_axes(&[-2, -3])?, indices.clone(), None)
+        };
+        let gate = self.gate_proj.forward(&x, &idx, sort)?;
+        let up = self.up_proj.forward(&x, &idx, sort)?;
+        let hidden = match self.activation {
+            ExpertActivation::Glu(act) => act.apply(&gate)?.multiply(&up)?,
+            ExpertActivation::ClampedSwiglu { alpha, limit } => {
+                let gate = ops::minimum(&gate, scalar_like(limit, &gate)?)?;
+                let up = ops::clip(&up, (-limit, limit))?;
+                let glu =
+                    gate.multiply(ops::sigmoid(gate.multiply(scalar_like(alpha, &gate)?)?)?)?;
+                up.add(scalar_like(1.0, &up)?)?.multiply(&glu)?
+            }
+        };
+        let out = self.down_proj.forward(&hidden, &idx, sort)?;
+        Ok(match inverse {
+            // `[tokens·k, 1, hidden]` back in (token, pick) order.
+            Some(inverse) => out
+                .take_axis(&inverse, 0)?
+                .reshape(&[tokens, k, out.dim(-1)])?,
+            None => out.squeeze_axes(&[-2])?,
+        })
+    }
+}
+
+/// Chooses experts: `(indices [tokens, k], weights [tokens, k])`, weights in f32.
+#[derive(Debug, Clone)]
+pub struct Router {
+    pub gate: Linear,
+    /// `[experts]`, added to the scores for choosing only.
+    pub correction_bias: Option<Array>,
+    pub settings: RouterSettings,
+}
+
+impl Router {
+    pub fn load(w: &WeightPath, hidden: i32, s: &RouterSettings) -> Result<Router> {
+        Ok(Router {
+            gate: Linear::load(w, hidden, s.num_experts, s.bias)?,
+            correction_bias: s
+                .correction_bias
+                .then(|| w.get("e_score_correction_bias", &[s.num_experts]))
+                .transpose()?,
+            settings: s.clone(),
+        })
+    }
+
+    /// The experts and weights for each row of `x` (`[tokens, hidden]`).
+    pub fn route(&self, x: &Array) -> Result<(Array, Array)> {
+        let s = &self.settings;
+        let logits = self.gate.forward(x)?.as_dtype(Dtype::Float32)?;
+        let k = s.top_k;
+        let (indices, weights) = match s.scoring {
+            Scoring::Softmax if s.normalize => {
+                let indices = top_k_indices(&logits, k)?;
+                let chosen = take_along_axis(&logits, &indices, -1)?;
+                (indices, ops::softmax_axis(&chosen, -1, None)?)
+            }
+            Scoring::Softmax => {
+                let probs = ops::softmax_axis(&logits, -1, None)?;
+                let indices = top_k_indices(&probs, k)?;
+                let weights = take_along_axis(&probs, &indices, -1)?;
+                (indices, weights)
+            }
+            Scoring::Sigmoid => {
+                let scores = ops::sigmoid(&logits)?;
+                let mut choice = match &self.correction_bias {
+                    Some(b) => scores.add(b.as_dtype(Dtype::Float32)?)?,
+                    None => scores.clone(),
+                };
+                if let Some(g) = s.groups {
+                    choice = mask_groups(&choice, g)?;
+                }
+                let indices = top_k_indices(&choice, k)?;
+                let weights = take_along_axis(&scores, &indices, -1)?;
+                let weights = if s.normalize {
+                    let sum = weights.sum_axis(-1, true)?.add(Array::from_f32(1e-20))?;
+                    weights.divide(&sum)?
+                } else {
+                    weights
+                };
+                (indices, weights)
+            }
+            Scoring::SigmoidOnInput => {
+                let indices = top_k_indices(&logits, k)?;
+                let chosen = take_along_axis(&logits, &indices, -1)?;
+                (indices, ops::sigmoid(&chosen)?)
+            }
+            Scoring::SparseMixer { jitter_eps } => sparse_mixer(&logits, jitter_eps)?,
+        };
+        let weights = match s.scaling_factor {
+            Some(f) => weights.multiply(Array::from_f32(f))?,
+            None => weights,
+        };
+        Ok((indices, weights))
+    }
+}
+
+/// The indices of the `k` largest entries of each row (in no particular order).
+fn top_k_indices(scores: &Array, k: i32) -> Result<Array> {
+    let experts = scores.dim(-1);
+    if k >= experts {
+        let all = ops::arange::<_, i32>(0, experts, None)?.as_dtype(Dtype::Uint32)?;
+        return Ok(ops::broadcast_to(&all, scores.shape())?);
+    }
+    let order = argpartition_axis(&scores.negative()?, k - 1, -1)?;
+    Ok(order.index((.., ..k)))
+}
+
+/// `choice` with every expert outside the `top_groups` best groups set to 0 (a group's
+/// score is the sum of its two best experts' scores).
+fn mask_groups(choice: &Array, g: ExpertGroups) -> Result<Array> {
+    if g.groups <= 1 || g.top_groups >= g.groups {
+        return Ok(choice.clone());
+    }
+    let (tokens, experts) = (choice.dim(0), choice.dim(1));
+    let grouped = choice.reshape(&[tokens, g.groups, experts / g.groups])?;
+    let best_two = top_k_indices(&grouped.reshape(&[-1, experts / g.groups])?, 2)?;
+    let group_scores =
+        take_along_axis(&grouped.reshape(&[-1, experts / g.groups])?, &best_two, -1)?
+            .sum_axis(-1, None)?
+            .reshape(&[tokens, g.groups])?;
+    let dropped = argpartition_axis(&group_scores, g.groups - g.top_groups - 1, -1)?
+        .index((.., ..g.groups - g.top_groups));
+    let keep = ops::ones::<f32>(&[tokens, g.groups])?;
+    let keep = keep.put_along_axis(&dropped, ops::zeros::<f32>(dropped.shape())?, -1)?;
+    Ok(grouped
+        .multiply(keep.expand_dims(-1)?)?
+        .reshape(&[tokens, experts])?)
+}
+
+/// Phi-3.5-MoE's sparsemixer at inference (top 2): `(indices, weights)`.
+fn sparse_mixer(logits: &Array, jitter_eps: f32) -> Result<(Array, Array)> {
+    let neg_inf = Array::from_f32(f32::NEG_INFINITY);
+    let eps = Array::from_f32(2.0 * jitter_eps);
+    // The softmax of the logits within `2·eps` (relative) of `top`, at `top`'s position.
+    let pick = |scores: &Array| -> Result<(Array, Array)> {
+        let index = ops::indexing::argmax_axis(scores, -1, true)?;
+        let top = take_along_axis(scores, &index, -1)?;
+        let factor = ops::maximum(&logits.abs()?, &top)?;
+        let far = top.subtract(scores)?.divide(&factor)?.gt(&eps)?;
+        let masked = ops::select(&far, &neg_inf, scores)?;
+        let weight = take_along_axis(&ops::softmax_axis(&masked, -1, None)?, &index, -1)?;
+        Ok((index, weight))
+    };
+    let (first, w1) = pick(logits)?;
+    let experts = logits.dim(-1);
+    let positions = ops::arange::<_, i32>(0, experts, None)?;
+    let is_first = positions.eq(&first)?;
+    let rest = ops::select(&is_first, &neg_inf, logits)?;
+    let (second, w2) = pick(&rest)?;
+    Ok((
+        ops::concatenate(&[first, second], -1)?,
+        ops::concatenate(&[w1, w2], -1)?,
+    ))
+}
+
+/// A sparse mixture-of-experts feed-forward block (router, routed experts, optional
+/// shared expert), loaded with the names of the module docs.
+#[derive(Debug, Clone)]
+pub struct SparseMoe {
+    pub router: Router,
+    pub experts: ExpertMlps,
+    pub shared_expert: Option<Mlp>,
+    pub shared_expert_gate: Option<Linear>,
+    pub settings: MoeSettings,
+}
+
+impl SparseMoe {
+    pub fn load(w: &WeightPath, hidden: i32, s: &MoeSettings) -> Result<SparseMoe> {
+        let (shared_expert, shared_expert_gate) = match &s.shared_expert {
+            Some(shared) => {
+                let mlp = MlpSettings {
+                    intermediate_size: shared.intermediate_size,
+                    layout: MlpLayout::Gated,
+                    activation: match s.activation {
+                        ExpertActivation::Glu(act) => act,
+                        ExpertActivation::ClampedSwiglu { .. } => Activation::Silu,
+                    },
+                    bias: false,
+                };
+                (
+                    Some(Mlp::load(&w.pp("shared_expert"), &mlp, hidden)?),
+                    shared
+                        .gated
+                        .then(|| Linear::load(&w.pp("shared_expert_gate"), hidden, 1, false))
+                        .transpose()?,
+                )
+            }
+            None => (None, None),
+        };
+        Ok(SparseMoe {
+            router: Router::load(&w.pp("gate"), hidden, &s.router)?,
+            experts: ExpertMlps::load(&w.pp("switch_mlp"), hidden, s)?,
+            shared_expert,
+            shared_expert_gate,
+            settings: s.clone(),
+        })
+    }
+
+    /// The block's output for `x` (`[batch, tokens, hidden]`); records `mlp.out`.
+    pub fn forward(&self, x: &Array, tap: &mut Tap) -> Result<Array> {
+        let shape = x.shape().to_vec();
+        let flat = x.reshape(&[-1, x.dim(-1)])?;
+        let (indices, weights) = self.router.route(&flat)?;
+        let weights = weights.as_dtype(x.dtype())?.expand_dims(-1)?;
+        let routed = match self.settings.router.scoring {
+            Scoring::SigmoidOnInput => {
+                // Each pick's weight scales the expert's input: `[tokens, k, hidden]`.
+                let scaled = flat.expand_dims(1)?.multiply(&weights)?;
+                let k = indices.dim(1);
+                let out = self.experts.forward(
+                    &scaled.reshape(&[-1, flat.dim(-1)])?,
+                    &indices.reshape(&[-1, 1])?,
+                )?;
+                out.reshape(&[-1, k, flat.dim(-1)])?.sum_axis(1, None)?
+            }
+            _ => self
+                .experts
+                .forward(&flat, &indices)?
+                .multiply(&weights)?
+                .sum_axis(1, None)?,
+        };
+        let out = match &self.shared_expert {
+            Some(shared) => {
+                let mut shared_out = shared.forward(&flat, &mut Tap::off())?;
+                if let Some(gate) = &self.shared_expert_gate {
+                    shared_out = ops::sigmoid(&gate.forward(&flat)?)?.multiply(&shared_out)?;
+                }
+                routed.add(&shared_out)?
+            }
+            None => routed,
+        };
+        let out = out.reshape(&shape)?;
+        tap.record("mlp.out", &out);
+        Ok(out)
+    }
+
+    /// Parameters of the experts a token is not routed to.
+    pub fn inactive_parameters(&self, hidden: i32) -> usize {
+        let s = &self.settings;
+        let per_expert = 3 * hidden as usize * s.intermediate_size as usize;
+        let idle = (s.router.num_experts - s.router.top_k).max(0) as usize;
+        per_expert * idle
+    }
+
+    /// The quantization of the experts, if any.
+    pub fn quantization(&self) -> Option<Quantization> {
+        self.experts.gate_proj.quantization()
+    }
+}
+
+/// Stacks per-expert tensors into the layout [`SparseMoe`] loads: for every name
+/// `<prefix>.<experts>.<i>.<proj>.<rest>` with `proj` a key of `projections`, all experts
+/// `0..num_experts` of one `(prefix, proj, rest)` become `<prefix>.switch_mlp.<new>.<rest>`
+/// (`[experts, …]`), `new` being `projections[proj]`. `experts` is the container's name
+/// (`experts`). A missing expert is an error naming it.
+pub fn stack_experts(
+    weights: &mut Weights,
+    experts: &str,
+    num_experts: i32,
+    projections: &[(&str, &str)],
+) -> Result<()> {
+    // (prefix, proj, rest) → expert index → name.
+    let mut groups: BTreeMap<(String, String, String), BTreeMap<i32, String>> = BTreeMap::new();
+    let marker = format!(".{experts}.");
+    for name in weights.names() {
+        let Some(at) = name.find(&marker) else {
+            continue;
+        };
+        let (prefix, tail) = (&name[..at], &name[at + marker.len()..]);
+        let mut parts = tail.splitn(3, '.');
+        let (Some(index), Some(proj), Some(rest)) = (parts.next(), parts.next(), parts.next())
+        else {
+            continue;
+        };
+        let (Ok(index), Some((_, new))) = (
+            index.parse::<i32>(),
+            projections.iter().find(|(old, _)| *old == proj),
+        ) else {
+            continue;
+        };
+        groups
+            .entry((prefix.to_owned(), (*new).to_owned(), rest.to_owned()))
+            .or_default()
+            .insert(index, name.to_owned());
+    }
+    for ((prefix, proj, rest), members) in groups {
+        let mut arrays = Vec::with_capacity(members.len());
+        for index in 0..num_experts {
+            let name = members.get(&index).ok_or_else(|| Error::MissingWeight {
+                path: weights.source().to_path_buf(),
+                name: format!("{prefix}.{experts}.{index}.<{proj}>.{rest}"),
+            })?;
+            arrays.push(weights.remove(name).expect("listed above"));
+        }
+        if let Some((&index, name)) = members.range(num_experts..).next() {
+            return Err(Error::UnexpectedWeights {
+                path: weights.source().to_path_buf(),
+                names: vec![format!("{name} (expert {index} of {num_experts})")],
+            });
+        }
+        weights.insert(
+            format!("{prefix}.switch_mlp.{proj}.{rest}"),
+            ops::stack(&arrays, 0)?,
+        );
+    }
+    Ok(())
+}
+
+/// Splits Transformers 5's fused expert tensors (`<prefix>.experts.gate_up_proj`,
+/// `[experts, 2·inter, hidden]`, gate rows first, and `<prefix>.experts.down_proj`,
+/// `[experts, hidden, inter]`) into the layout [`SparseMoe`] loads.
+pub fn split_fused_experts(weights: &mut Weights) -> Result<()> {
+    let fused: Vec<String> = weights
+        .names()
+        .filter(|n| n.ends_with(".experts.gate_up_proj") || n.ends_with(".experts.down_proj"))
+        .map(str::to_owned)
+        .collect();
+    for name in fused {
+        let prefix = &name[..name.rfind(".experts.").expect("filtered above")];
+        let tensor = weights.remove(&name).expect("listed above");
+        if name.ends_with("down_proj") {
+            weights.insert(format!("{prefix}.switch_mlp.down_proj.weight"), tensor);
+            continue;
+        }
+        let rows = tensor.dim(1);
+        if tensor.ndim() != 3 || rows % 2 != 0 {
+            return Err(Error::WeightShape {
+                path: weights.source().to_path_buf(),
+                name,
+                expected: vec![-1, 2 * (rows / 2), -1],
+                actual: tensor.shape().to_vec(),
+            });
+        }
+        let parts = tensor.split_equal(2, 1)?;
+        weights.insert(
+            format!("{prefix}.switch_mlp.gate_proj.weight"),
+            parts[0].clone(),
+        );
+        weights.insert(
+            format!("{prefix}.switch_mlp.up_proj.weight"),
+            parts[1].clone(),
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic numbers in [-1, 1).
+    fn numbers(seed: u64, n: usize) -> Vec<f32> {
+        let mut state = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn array(seed: u64, shape: &[i32]) -> (Vec<f32>, Array) {
+        let data = numbers(seed, shape.iter().product::<i32>() as usize);
+        let a = Array::from_slice(&data, shape);
+        (data, a)
+    }
+
+    fn silu(x: f32) -> f32 {
+        x / (1.0 + (-x).exp())
+    }
+
+    /// `w[e] @ x` for a row-major `[experts, out, in]` tensor.
+    fn matvec(w: &[f32], e: usize, out: usize, inp: usize, x: &[f32]) -> Vec<f32> {
+        (0..out)
+            .map(|o| {
+                (0..inp)
+                    .map(|i| w[(e * out + o) * inp + i] * x[i])
+                    .sum::<f32>()
+            })
+            .collect()
+    }
+
+    fn linear(
+        w: &[f32],
+        bias: Option<&[f32]>,
+        e: usize,
+        out: usize,
+        inp: usize,
+        x: &[f32],
+    ) -> Vec<f32> {
+        let mut y = matvec(w, e, out, inp, x);
+        if let Some(b) = bias {
+            for (o, v) in y.iter_mut().enumerate() {
+                *v += b[e * out + o];
+            }
+        }
+        y
+    }
+
+    const E: usize = 6;
+    const H: usize = 8;
+    const I: usize = 4;
+
+    struct Experts {
+        gate: Vec<f32>,
+        up: Vec<f32>,
+        down: Vec<f32>,
+        biases: Option<[Vec<f32>; 3]>,
+        mlps: ExpertMlps,
+    }
+
+    fn experts(activation: ExpertActivation, bias: bool) -> Experts {
+        let (gate, gate_a) = array(1, &[E as i32, I as i32, H as i32]);
+        let (up, up_a) = array(2, &[E as i32, I as i32, H as i32]);
+        let (down, down_a) = array(3, &[E as i32, H as i32, I as i32]);
+        let b = |seed, out: usize| array(seed, &[E as i32, out as i32]);
+        let biases = bias.then(|| [b(4, I), b(5, I), b(6, H)]);
+        let lin = |w: Array, b: Option<Array>| ExpertLinear {
+            weight: ExpertMatrix::Dense(w),
+            bias: b,
+        };
+        let ab = |k: usize| biases.as_ref().map(|bs| bs[k].1.clone());
+        Experts {
+            mlps: ExpertMlps {
+                gate_proj: lin(gate_a, ab(0)),
+                up_proj: lin(up_a, ab(1)),
+                down_proj: lin(down_a, ab(2)),
+                activation,
+            },
+            gate,
+            up,
+            down,
+            biases: biases.map(|bs| [bs[0].0.clone(), bs[1].0.clone(), bs[2].0.clone()]),
+        }
+    }
+
+    impl Experts {
+        fn reference(&self, x: &[f32], e: usize) -> Vec<f32> {
+            let b = |k: usize| self.biases.as_ref().map(|bs| bs[k].as_slice());
+            let g = linear(&self.gate, b(0), e, I, H, x);
+            let u = linear(&self.up, b(1), e, I, H, x);
+            let h: Vec<f32> = g
+                .iter()
+                .zip(&u)
+                .map(|(&g, &u)| match self.mlps.activation {
+                    ExpertActivation::Glu(_) => silu(g) * u,
+                    ExpertActivation::ClampedSwiglu { alpha, limit } => {
+                        let g = g.min(limit);
+                        let u = u.clamp(-limit, limit);
+                        (u + 1.0) * g / (1.0 + (-alpha * g).exp())
+                    }
+                })
+                .collect();
+            linear(&self.down, b(2), e, H, I, &h)
+        }
+
+        /// Checks the gathered outputs of `tokens` tokens against a per-pair loop.
+        fn check(&self, tokens: usize, k: usize) {
+            let (x, x_a) = array(7, &[tokens as i32, H as i32]);
+            let ids: Vec<i32> = (0..tokens * k)
+                .map(|j| ((j * 5 + j / k) % E) as i32)
+                .collect();
+            let idx = Array::from_slice(&ids, &[tokens as i32, k as i32]);
+            let out = self.mlps.forward(&x_a, &idx).unwrap();
+            assert_eq!(out.shape(), &[tokens as i32, k as i32, H as i32]);
+            let got = out.as_slice::<f32>().to_vec();
+            for t in 0..tokens {
+                for j in 0..k {
+                    let expected = self.reference(&x[t * H..(t + 1) * H], ids[t * k + j] as usize);
+                    for h in 0..H {
+                        let g = got[(t * k + j) * H + h];
+                        assert!(
+                            (g - expected[h]).abs() < 1e-5,
+                            "token {t} pick {j} feature {h}: {g} vs {}",
+                            expected[h]
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn experts_match_a_per_token_loop_sorted_and_not() {
+        let e = experts(ExpertActivation::Glu(Activation::Silu), false);
+        e.check(5, 2); // 10 pairs: gathered in token order
+        e.check(40, 3); // 120 pairs: sorted by expert first
+    }
+
+    #[test]
+    fn clamped_swiglu_experts_with_biases() {
+        let e = experts(
+            ExpertActivation::ClampedSwiglu {
+                alpha: 1.702,
+                limit: 0.5,
+            },
+            true,
+        );
+        e.check(3, 2);
+        e.check(33, 2);
+    }
+
+    #[test]
+    fn quantized_experts_equal_their_dequantized_weights() {
+        let (_, w) = array(11, &[E as i32, 16, 64]);
+        let (wq, scales, biases) = ops::quantize(&w, 32, 4).unwrap();
+        let dense = ops::dequantize(&wq, &scales, &biases, 32, 4).unwrap();
+        let quantized = ExpertLinear {
+            weight: ExpertMatrix::Quantized {
+                weight: wq,
+                scales,
+                biases,
+                quantization: Quantization {
+                    bits: 4,
+                    group_size: 32,
+                },
+            },
+            bias: None,
+        };
+        let plain = ExpertLinear {
+            weight: ExpertMatrix::Dense(dense),
+            bias: None,
+        };
+        let (_, x) = array(12, &[3, 1, 1, 64]);
+        let idx = Array::from_slice(&[0i32, 5, 2, 2, 4, 1], &[3, 2]);
+        let a = quantized.forward(&x, &idx, false).unwrap();
+        let b = plain.forward(&x, &idx, false).unwrap();
+        let d = a.subtract(&b).unwrap().abs().unwrap().max(None).unwrap();
+        assert!(d.item_exact::<f32>() < 1e-4, "max |Δ| = {d:?}");
+    }
+
+    fn router(scoring: Scoring, weight: &Array) -> Router {
+        Router {
+            gate: Linear {
+                weight: crate::nn::Matrix::Dense(weight.clone()),
+                bias: None,
+            },
+            correction_bias: None,
+            settings: RouterSettings {
+                scoring,
+                ..RouterSettings::new(weight.dim(0), 2)
+            },
+        }
+    }
+
+    /// Routes one token whose logits are `logits` (identity gate over one-hot input).
+    fn route(mut r: Router, logits: &[f32]) -> (Vec<i32>, Vec<f32>) {
+        let n = logits.len() as i32;
+        let eye = ops::eye::<f32>(n, None, None).unwrap();
+        r.gate.weight = crate::nn::Matrix::Dense(eye);
+        let x = Array::from_slice(logits, &[1, n]);
+        let (idx, w) = r.route(&x).unwrap();
+        let idx = idx.as_dtype(Dtype::Int32).unwrap();
+        let mut pairs: Vec<(i32, f32)> = idx
+            .as_slice::<i32>()
+            .iter()
+            .copied()
+            .zip(w.as_slice::<f32>().iter().copied())
+            .collect();
+        pairs.sort_by_key(|p| p.0);
+        pairs.into_iter().unzip()
+    }
+
+    fn softmax(v: &[f64]) -> Vec<f64> {
+        let m = v.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let e: Vec<f64> = v.iter().map(|x| (x - m).exp()).collect();
+        let s: f64 = e.iter().sum();
+        e.iter().map(|x| x / s).collect()
+    }
+
+    #[test]
+    fn softmax_routers_with_and_without_renormalisation() {
+        let logits = [0.3f32, -1.0, 2.0, 1.5, 0.0, -0.2];
+        let probs = softmax(&logits.map(f64::from));
+        let eye = ops::eye::<f32>(6, None, None).unwrap();
+        let (idx, w) = route(router(Scoring::Softmax, &eye), &logits);
+        assert_eq!(idx, vec![2, 3]);
+        assert!((f64::from(w[0]) - probs[2]).abs() < 1e-6);
+        assert!((f64::from(w[1]) - probs[3]).abs() < 1e-6);
+        let mut r = router(Scoring::Softmax, &eye);
+        r.settings.normalize = true;
+        let (_, w) = route(r, &logits);
+        let sum = probs[2] + probs[3];
+        assert!((f64::from(w[0]) - probs[2] / sum).abs() < 1e-6);
+        assert!((f64::from(w[1]) - probs[3] / sum).abs() < 1e-6);
+    }
+
+    #[test]
+    fn grouped_sigmoid_router_with_correction_bias_and_scaling() {
+        // Groups {0,1,2}, {3,4,5}: the second group holds the best single expert by bias
+        // (5), but the first group's two best scores sum higher.
+        let logits = [1.0f32, 0.9, -3.0, -0.5, -3.0, -1.0];
+        let bias = [0.0f32, 0.0, 0.0, 0.0, 0.0, 3.0];
+        let eye = ops::eye::<f32>(6, None, None).unwrap();
+        let mut r = router(Scoring::Sigmoid, &eye);
+        r.correction_bias = Some(Array::from_slice(&bias, &[6]));
+        r.settings.correction_bias = true;
+        r.settings.normalize = true;
+        r.settings.scaling_factor = Some(2.5);
+        let sigmoid = |x: f32| 1.0 / (1.0 + (-f64::from(x)).exp());
+        // Without groups, expert 5 wins through its bias.
+        let (idx, _) = route(r.clone(), &logits);
+        assert_eq!(idx, vec![0, 5]);
+        // Group scores (top-2 sums of score + bias): {0,1,2}: s0 + s1, {3,4,5}: s5 + 3 + s3.
+        r.settings.groups = Some(ExpertGroups {
+            groups: 2,
+            top_groups: 1,
+        });
+        let g1 = sigmoid(logits[0]) + sigmoid(logits[1]);
+        let g2 = sigmoid(logits[5]) + 3.0 + sigmoid(logits[3]);
+        assert!(g2 > g1, "the biased group wins the group vote");
+        let (idx, w) = route(r.clone(), &logits);
+        assert_eq!(idx, vec![3, 5]);
+        let (s3, s5) = (sigmoid(logits[3]), sigmoid(logits[5]));
+        assert!((f64::from(w[0]) - 2.5 * s3 / (s3 + s5)).abs() < 1e-6);
+        assert!((f64::from(w[1]) - 2.5 * s5 / (s3 + s5)).abs() < 1e-6);
+    }
+
+    /// Phi-3.5-MoE's sparsemixer for one token, in f64, as Transformers writes it.
+    fn sparse_mixer_reference(logits: &[f64], eps: f64) -> Vec<(usize, f64)> {
+        let pick = |scores: &[f64]| {
+            let (top_i, top) =
+                scores
+                    .iter()
+                    .cloned()
+                    .enumerate()
+                    .fold(
+                        (0, f64::NEG_INFINITY),
+                        |a, (i, v)| if v > a.1 { (i, v) } else { a },
+                    );
+            let masked: Vec<f64> = scores
+                .iter()
+                .zip(logits)
+                .map(|(&s, &l)| {
+                    let factor = l.abs().max(top);
+                    if (top - s) / factor > 2.0 * eps {
+                        f64::NEG_INFINITY
+                    } else {
+                        s
+                    }
+                })
+                .collect();
+            (top_i, softmax(&masked)[top_i])
+        };
+        let first = pick(logits);
+        let mut rest = logits.to_vec();
+        rest[first.0] = f64::NEG_INFINITY;
+        let second = pick(&rest);
+        vec![first, second]
+    }
+
+    #[test]
+    fn sparse_mixer_matches_its_definition() {
+        let eye = ops::eye::<f32>(6, None, None).unwrap();
+        for logits in [
+            [0.30f32, 0.29, 2.0, 1.95, 0.0, -0.2],
+            [1.0, 1.01, 0.99, -2.0, 0.5, 1.005],
+            [-0.5, -0.45, -0.7, -0.1, -0.11, -3.0],
+        ] {
+            let r = router(Scoring::SparseMixer { jitter_eps: 0.01 }, &eye);
+            let (idx, w) = route(r, &logits);
+            let mut expected = sparse_mixer_reference(&logits.map(f64::from), 0.01);
+            expected.sort_by_key(|p| p.0);
+            for (j, (i, weight)) in expected.iter().enumerate() {
+                assert_eq!(idx[j] as usize, *i, "{logits:?}");
+                assert!(
+                    (f64::from(w[j]) - weight).abs() < 1e-6,
+                    "{logits:?}: {w:?} vs {expected:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn stacking_per_expert_tensors_names_a_missing_expert() {
+        let t = |v: f32| Array::from_slice(&[v, v], &[1, 2]);
+        let mut tensors = std::collections::HashMap::new();
+        for e in 0..3 {
+            tensors.insert(
+                format!("model.layers.0.mlp.experts.{e}.w1.weight"),
+                t(e as f32),
+            );
+        }
+        tensors.insert("model.layers.0.mlp.gate.weight".to_owned(), t(9.0));
+        let mut weights = Weights::new(tensors.clone(), "test");
+        stack_experts(&mut weights, "experts", 3, &[("w1", "gate_proj")]).unwrap();
+        let mut names: Vec<&str> = weights.names().collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                "model.layers.0.mlp.gate.weight",
+                "model.layers.0.mlp.switch_mlp.gate_proj.weight"
+            ]
+        );
+        let stacked = weights
+            .remove("model.layers.0.mlp.switch_mlp.gate_proj.weight")
+            .unwrap();
+        assert_eq!(stacked.shape(), &[3, 1, 2]);
+        assert_eq!(stacked.as_slice::<f32>(), &[0.0, 0.0, 1.0, 1.0, 2.0, 2.0]);
+
+        let mut weights = Weights::new(tensors, "test");
+        let err = stack_experts(&mut weights, "experts", 4, &[("w1", "gate_proj")]).unwrap_err();
+        assert!(err.to_string().contains("experts.3"), "{err}");
+    }
+}
