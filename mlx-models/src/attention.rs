@@ -113,7 +113,7 @@ pub enum QkvLayout {
     Fused,
 }
 
-/// Where queries and keys are RMS-normalized before RoPE.
+/// Where queries and keys are RMS-normalized.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QkNorm {
     None,
@@ -121,6 +121,19 @@ pub enum QkNorm {
     PerHead,
     /// Over the whole projection (`q_norm` of width `heads * head_dim`: OLMo 2).
     Projection,
+    /// Over each head's features, after RoPE (Hunyuan).
+    PerHeadAfterRope,
+    /// `x / rms(x)` without a weight over each head's features, after RoPE, on the layers
+    /// that have RoPE (Llama 4).
+    L2AfterRope,
+}
+
+/// Llama 4's attention temperature on the layers without RoPE: queries at position `p` are
+/// scaled by `log(1 + floor((p + 1) / floor_scale)) · attn_scale + 1`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TemperatureTuning {
+    pub floor_scale: f32,
+    pub attn_scale: f32,
 }
 
 /// The attention block of every layer.
@@ -146,6 +159,10 @@ pub struct AttentionSettings {
     /// Clamps q, k and v to `[-c, c]` after their projections (and a q/k norm over the
     /// projection) (OLMoE's `clip_qkv`).
     pub clip_qkv: Option<f32>,
+    /// Query temperature on the layers without RoPE (Llama 4).
+    pub temperature_tuning: Option<TemperatureTuning>,
+    /// The epsilon of [`QkNorm::L2AfterRope`].
+    pub qk_norm_eps: f32,
 }
 
 impl AttentionSettings {
@@ -165,6 +182,8 @@ impl AttentionSettings {
             logit_softcap: None,
             sinks: false,
             clip_qkv: None,
+            temperature_tuning: None,
+            qk_norm_eps: 1e-6,
         }
     }
 }
@@ -231,8 +250,8 @@ impl Attention {
             },
         };
         let (q_norm_dim, k_norm_dim) = match s.qk_norm {
-            QkNorm::None => (None, None),
-            QkNorm::PerHead => (Some(s.head_dim), Some(s.head_dim)),
+            QkNorm::None | QkNorm::L2AfterRope => (None, None),
+            QkNorm::PerHead | QkNorm::PerHeadAfterRope => (Some(s.head_dim), Some(s.head_dim)),
             QkNorm::Projection => (Some(q_dim), Some(kv_dim)),
         };
         let norm = |name: &str, dim: Option<i32>| {
@@ -289,7 +308,10 @@ impl Attention {
             k = norm_opt(&self.k_norm, &k)?;
         }
         if let Some(c) = s.clip_qkv {
-            let clip = |t: &Array| ops::clip(t, (-c, c));
+            let clip = |t: &Array| -> Result<Array> {
+                let (lo, hi) = (scalar_like(-c, t)?, scalar_like(c, t)?);
+                Ok(ops::minimum(ops::maximum(t, &lo)?, &hi)?)
+            };
             (q, k, v) = (clip(&q)?, clip(&k)?, clip(&v)?);
         }
         let heads = |t: Array, n: i32| t.reshape(&[batch, len, n, s.head_dim]);
@@ -308,10 +330,21 @@ impl Attention {
         tap.record("self_attn.v", &v);
 
         let offset = cache.offset();
-        let (q, k) = match &self.rope {
+        let (mut q, mut k) = match &self.rope {
             Some(rope) => (rope.apply(&q, offset)?, rope.apply(&k, offset)?),
             None => (q, k),
         };
+        if s.qk_norm == QkNorm::PerHeadAfterRope {
+            q = norm_opt(&self.q_norm, &q)?;
+            k = norm_opt(&self.k_norm, &k)?;
+        }
+        if s.qk_norm == QkNorm::L2AfterRope && self.rope.is_some() {
+            q = mlx_rs::fast::rms_norm(&q, None, s.qk_norm_eps)?;
+            k = mlx_rs::fast::rms_norm(&k, None, s.qk_norm_eps)?;
+        }
+        if let (Some(t), None) = (s.temperature_tuning, &self.rope) {
+            q = q.multiply(temperature(t, offset, len)?.as_dtype(q.dtype())?)?;
+        }
         tap.record("self_attn.rope_q", &q);
         tap.record("self_attn.rope_k", &k);
 
@@ -330,6 +363,15 @@ impl Attention {
 
 /// Attention with soft-capped scores, spelled out (the fused kernel has no cap): scores in
 /// the activation dtype, softmax in f32 as Transformers does.
+/// The query scales of [`TemperatureTuning`] for positions `offset..offset + len`, shaped
+/// `[len, 1]` to broadcast over `[batch, heads, len, head_dim]`.
+fn temperature(t: TemperatureTuning, offset: i32, len: i32) -> Result<Array> {
+    let scales: Vec<f32> = (offset..offset + len)
+        .map(|p| ((p as f32 + 1.0) / t.floor_scale).floor().ln_1p() * t.attn_scale + 1.0)
+        .collect();
+    Ok(Array::from_slice(&scales, &[len, 1]))
+}
+
 fn softcapped_attention(
     q: &Array,
     k: &Array,

@@ -12,6 +12,13 @@ pub struct ConfigFile {
     pub value: Value,
 }
 
+/// Fields that families' configs name in several ways, each group one field (module
+/// `Config`s read them through serde aliases).
+pub const FIELD_ALIASES: &[&[&str]] = &[
+    &["num_experts", "num_local_experts", "n_routed_experts"],
+    &["num_experts_per_tok", "moe_topk"],
+];
+
 impl ConfigFile {
     /// Reads and parses `path`; malformed JSON is reported with its line and column.
     pub fn read(path: &Path) -> Result<Self> {
@@ -98,7 +105,8 @@ impl ConfigFile {
 
     /// Like [`ConfigFile::parse`], with `defaults` (a JSON object: Transformers' defaults of
     /// the family) standing in for the fields config.json leaves out. A field set to null
-    /// stays null.
+    /// stays null, and a default is left out where config.json has the same field under
+    /// another of its names ([`FIELD_ALIASES`]).
     pub fn parse_with_defaults<T: DeserializeOwned>(&self, defaults: &str) -> Result<T> {
         let defaults: Value = serde_json::from_str(defaults).map_err(|e| {
             Error::config(
@@ -110,7 +118,13 @@ impl ConfigFile {
         let mut merged = self.clone();
         if let (Some(target), Value::Object(defaults)) = (merged.value.as_object_mut(), defaults) {
             for (key, value) in defaults {
-                target.entry(key).or_insert(value);
+                let aliased = FIELD_ALIASES
+                    .iter()
+                    .find(|names| names.contains(&key.as_str()))
+                    .is_some_and(|names| names.iter().any(|n| target.contains_key(*n)));
+                if !aliased {
+                    target.entry(key).or_insert(value);
+                }
             }
         }
         merged.parse()

@@ -224,12 +224,15 @@ impl DecoderConfig {
 }
 
 /// The mixture-of-experts fields of a config.json, with the names most families use
-/// (Mixtral's `num_local_experts` is read as `num_experts`).
+/// (Mixtral's `num_local_experts` and GLM's `n_routed_experts` are read as `num_experts`,
+/// Hunyuan's `moe_topk` as `num_experts_per_tok`).
 #[derive(Debug, Clone, Deserialize)]
 pub struct MoeConfig {
-    #[serde(alias = "num_local_experts")]
+    #[serde(alias = "num_local_experts", alias = "n_routed_experts")]
     pub num_experts: i32,
-    pub num_experts_per_tok: i32,
+    /// One count for every layer, or (Hunyuan's `moe_topk`) a list with one per layer.
+    #[serde(alias = "moe_topk")]
+    pub num_experts_per_tok: PerLayer<i32>,
     /// The width of each expert; `intermediate_size` where a family has no separate field.
     #[serde(default)]
     pub moe_intermediate_size: Option<i32>,
@@ -248,6 +251,19 @@ pub struct MoeConfig {
     /// The width of the shared expert (Qwen2-MoE).
     #[serde(default)]
     pub shared_expert_intermediate_size: Option<i32>,
+    /// Shared experts of width `moe_intermediate_size` each, run as one MLP (GLM-4.5,
+    /// DeepSeek).
+    #[serde(default)]
+    pub n_shared_experts: Option<i32>,
+    /// Multiplies the routed experts' weights.
+    #[serde(default)]
+    pub routed_scaling_factor: Option<f64>,
+    /// Expert groups for grouped top-k selection.
+    #[serde(default)]
+    pub n_group: Option<i32>,
+    /// The groups eligible per token.
+    #[serde(default)]
+    pub topk_group: Option<i32>,
 }
 
 impl MoeConfig {
@@ -264,13 +280,14 @@ impl MoeConfig {
     pub fn router(&self) -> RouterSettings {
         RouterSettings {
             normalize: self.norm_topk_prob.unwrap_or(false),
-            ..RouterSettings::new(self.num_experts, self.num_experts_per_tok)
+            ..RouterSettings::new(self.num_experts, self.num_experts_per_tok.first())
         }
     }
 
     /// A block of these experts (of width `moe_intermediate_size`, else `intermediate`)
-    /// with `router`, `activation` and, when the config has its width, a shared expert
-    /// (`gated`: scaled by `sigmoid(shared_expert_gate(x))`).
+    /// with `router`, `activation` and, when the config has one, a shared expert of width
+    /// `shared_expert_intermediate_size` or `n_shared_experts` experts' (`gated`: scaled by
+    /// `sigmoid(shared_expert_gate(x))`).
     pub fn settings(
         &self,
         router: RouterSettings,
@@ -278,18 +295,39 @@ impl MoeConfig {
         activation: ExpertActivation,
         gated: bool,
     ) -> MoeSettings {
+        let expert = self.moe_intermediate_size.unwrap_or(intermediate);
+        let shared = self
+            .shared_expert_intermediate_size
+            .or(self.n_shared_experts.map(|n| n * expert));
         MoeSettings {
             router,
-            intermediate_size: self.moe_intermediate_size.unwrap_or(intermediate),
+            intermediate_size: expert,
             activation,
             expert_bias: false,
-            shared_expert: self
-                .shared_expert_intermediate_size
-                .filter(|&size| size > 0)
-                .map(|intermediate_size| SharedExpertSettings {
+            shared_expert: shared.filter(|&size| size > 0).map(|intermediate_size| {
+                SharedExpertSettings {
                     intermediate_size,
                     gated,
-                }),
+                }
+            }),
+        }
+    }
+}
+
+/// A config value given once for every layer or as a list with one per layer.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum PerLayer<T> {
+    All(T),
+    Each(Vec<T>),
+}
+
+impl<T: Copy + PartialEq + Default> PerLayer<T> {
+    /// The value of the first layer.
+    pub fn first(&self) -> T {
+        match self {
+            PerLayer::All(v) => *v,
+            PerLayer::Each(v) => v.first().copied().unwrap_or_default(),
         }
     }
 }

@@ -287,7 +287,10 @@ impl ExpertMlps {
             ExpertActivation::Glu(act) => act.apply(&gate)?.multiply(&up)?,
             ExpertActivation::ClampedSwiglu { alpha, limit } => {
                 let gate = ops::minimum(&gate, scalar_like(limit, &gate)?)?;
-                let up = ops::clip(&up, (-limit, limit))?;
+                let up = ops::minimum(
+                    ops::maximum(&up, scalar_like(-limit, &up)?)?,
+                    scalar_like(limit, &up)?,
+                )?;
                 let glu =
                     gate.multiply(ops::sigmoid(gate.multiply(scalar_like(alpha, &gate)?)?)?)?;
                 up.add(scalar_like(1.0, &up)?)?.multiply(&glu)?
@@ -387,7 +390,7 @@ fn top_k_indices(scores: &Array, k: i32) -> Result<Array> {
     Ok(order.index((.., ..k)))
 }
 
-/// `choice` with every expert outside the `top_groups` best groups set to 0 (a group's
+/// `choice` with every expert outside the `top_groups` best groups set to -inf (a group's
 /// score is the sum of its two best experts' scores).
 fn mask_groups(choice: &Array, g: ExpertGroups) -> Result<Array> {
     if g.groups <= 1 || g.top_groups >= g.groups {

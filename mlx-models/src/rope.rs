@@ -443,31 +443,52 @@ impl Rope {
     /// the angles this RoPE applies, read back from `fast::rope` itself by rotating unit
     /// vectors, for a sequence of `seq_len` tokens. Used to check RoPE against Transformers.
     pub fn cos_sin(&self, positions: &[i32], seq_len: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+        let (cos, sin) = self.cos_sin_per_frequency(positions, seq_len, false)?;
+        let half = (self.config.dims / 2) as usize;
+        let repeat = |v: Vec<f32>| -> Vec<f32> {
+            v.chunks(half.max(1))
+                .flat_map(|row| row.iter().chain(row).copied())
+                .collect()
+        };
+        Ok((repeat(cos), repeat(sin)))
+    }
+
+    /// cos and sin (`[positions, dims / 2]`, one per frequency) of the angles this RoPE
+    /// applies, read back from `fast::rope` by rotating unit vectors in the layout the
+    /// reference uses: halves (`pairs` false: feature `i` pairs with `i + dims/2`) or
+    /// adjacent pairs (`pairs` true: `2i` with `2i + 1`, Llama 4). A RoPE of the other layout
+    /// reads back as wrong angles, as it would differ from the reference.
+    pub fn cos_sin_per_frequency(
+        &self,
+        positions: &[i32],
+        seq_len: usize,
+        pairs: bool,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
         let dims = self.config.dims;
         let half = dims / 2;
         let freqs = mlx_freqs(&self.config.inv_freq(seq_len));
         let factor = self.config.attention_factor();
-        // Unit vectors e_i (i < half) as heads at one position: rotating e_i puts cos in
-        // column i and sin in column i + half.
+        // Feature `first(i)` and its partner `second(i)` for frequency `i`: rotating the
+        // unit vector at `first(i)` puts cos there and sin at `second(i)`.
+        let first = |i: i32| if pairs { 2 * i } else { i };
+        let second = |i: i32| if pairs { 2 * i + 1 } else { i + half };
         let eye: Vec<f32> = (0..half * dims)
-            .map(|k| if k % dims == k / dims { 1.0 } else { 0.0 })
+            .map(|k| {
+                if k % dims == first(k / dims) {
+                    1.0
+                } else {
+                    0.0
+                }
+            })
             .collect();
         let x = Array::from_slice(&eye, &[1, half, 1, dims]);
-        let mut cos = Vec::with_capacity(positions.len() * dims as usize);
-        let mut sin = Vec::with_capacity(positions.len() * dims as usize);
+        let mut cos = Vec::with_capacity(positions.len() * half as usize);
+        let mut sin = Vec::with_capacity(positions.len() * half as usize);
         for &p in positions {
-            // The model's own layout: a traditional (pairwise) RoPE reads back as wrong
-            // angles here, as it would differ from Transformers' halves layout.
             let r = mlx_rs::fast::rope(&x, dims, self.config.traditional, None, 1.0, p, &freqs)?;
             let r = r.as_slice::<f32>();
-            let row_cos: Vec<f32> = (0..half)
-                .map(|i| r[(i * dims + i) as usize] * factor)
-                .collect();
-            let row_sin: Vec<f32> = (0..half)
-                .map(|i| r[(i * dims + i + half) as usize] * factor)
-                .collect();
-            cos.extend(row_cos.iter().chain(&row_cos));
-            sin.extend(row_sin.iter().chain(&row_sin));
+            cos.extend((0..half).map(|i| r[(i * dims + first(i)) as usize] * factor));
+            sin.extend((0..half).map(|i| r[(i * dims + second(i)) as usize] * factor));
         }
         Ok((cos, sin))
     }

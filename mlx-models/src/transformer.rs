@@ -63,6 +63,9 @@ pub struct LayerSettings {
     /// tokens, up to itself (Llama 4).
     pub attention_chunk: Option<i32>,
     pub feed_forward: FeedForwardKind,
+    /// Experts per token on this layer where it differs from the MoE's (Hunyuan's per-layer
+    /// `moe_topk`).
+    pub top_k: Option<i32>,
 }
 
 impl LayerSettings {
@@ -155,6 +158,8 @@ impl DecoderSettings {
 pub enum LayerType {
     FullAttention,
     SlidingAttention,
+    /// Chunked local attention (Llama 4); the family sets the chunk.
+    ChunkedAttention,
 }
 
 impl LayerType {
@@ -239,7 +244,7 @@ pub fn layers_by_type(
                 sliding_window: window,
                 ..LayerSettings::default()
             },
-            LayerType::FullAttention => LayerSettings {
+            LayerType::FullAttention | LayerType::ChunkedAttention => LayerSettings {
                 rope: rope.cloned(),
                 ..LayerSettings::default()
             },
@@ -255,12 +260,16 @@ pub enum FeedForward {
 }
 
 impl FeedForward {
-    /// Loads the block `kind` names from `w`, with the model's MLP or MoE settings.
-    pub fn load(w: &WeightPath, s: &DecoderSettings, kind: FeedForwardKind) -> Result<Self> {
-        Ok(match (kind, &s.moe) {
+    /// Loads the block `layer` names from `w`, with the model's MLP or MoE settings.
+    pub fn load(w: &WeightPath, s: &DecoderSettings, layer: &LayerSettings) -> Result<Self> {
+        Ok(match (layer.feed_forward, &s.moe) {
             (FeedForwardKind::Dense, _) => FeedForward::Dense(Mlp::load(w, &s.mlp, s.hidden_size)?),
             (FeedForwardKind::Sparse, Some(moe)) => {
-                FeedForward::Sparse(SparseMoe::load(w, s.hidden_size, moe)?)
+                let mut moe = moe.clone();
+                if let Some(k) = layer.top_k {
+                    moe.router.top_k = k;
+                }
+                FeedForward::Sparse(SparseMoe::load(w, s.hidden_size, &moe)?)
             }
             (FeedForwardKind::Sparse, None) => {
                 return Err(Error::Mlx(mlx_rs::error::Exception::custom(
@@ -313,7 +322,7 @@ impl DecoderLayer {
                 s.norm_eps,
                 layer.rope.clone(),
             )?,
-            mlp: FeedForward::load(&w.pp("mlp"), s, layer.feed_forward)?,
+            mlp: FeedForward::load(&w.pp("mlp"), s, layer)?,
             input_layernorm: pre.then(|| norm("input_layernorm")).transpose()?,
             post_attention_layernorm: norm("post_attention_layernorm")?,
             pre_feedforward_layernorm: (pre && post)
@@ -558,6 +567,11 @@ pub fn build(
     }
     if let Some(moe) = &settings.moe {
         check_moe(config, moe)?;
+        for k in settings.layers.iter().filter_map(|l| l.top_k) {
+            let mut moe = moe.clone();
+            moe.router.top_k = k;
+            check_moe(config, &moe)?;
+        }
     }
     let model = Decoder::new(settings, &weights)?;
     weights.check_all_used()?;

@@ -162,8 +162,16 @@ fn rope_check(fixture: &Fixture, rope: Option<&Rope>, name: &str) -> Result<Opti
     };
     let positions = &fixture.manifest.rope_positions;
     let seq_len = positions.iter().max().map_or(0, |&p| p as usize + 1);
-    let (cos, sin) = rope.cos_sin(positions, seq_len)?;
     let (cos_ref, sin_ref) = (to_f32_vec(cos_ref)?, to_f32_vec(sin_ref)?);
+    // Transformers records either `[positions, dims]` (halves repeated) or one value per
+    // frequency (gpt-oss, and Llama 4's complex pairs, whose layout the manifest names).
+    let pairs = fixture.manifest.rope_layout.as_deref() == Some("pairs");
+    let (cos, sin) = match rope.cos_sin(positions, seq_len)? {
+        (cos, _) if cos.len() == 2 * cos_ref.len() || pairs => {
+            rope.cos_sin_per_frequency(positions, seq_len, pairs)?
+        }
+        full => full,
+    };
     let tol = fixture.manifest.tolerances.rope_max_abs;
     if cos.len() != cos_ref.len() {
         return Ok(Some(Check::new(

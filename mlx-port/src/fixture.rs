@@ -35,6 +35,10 @@ pub struct Manifest {
     pub bf16_dtypes: BTreeMap<String, String>,
     #[serde(default)]
     pub rope_note: Option<String>,
+    /// How the reference pairs RoPE features: `halves` (the default: `i` with
+    /// `i + dims/2`) or `pairs` (`2i` with `2i + 1`, Llama 4).
+    #[serde(default)]
+    pub rope_layout: Option<String>,
     /// Measurements of Transformers itself made at export, e.g.
     /// `cache_vs_full_logits_max_abs`: how far its own cached run is from its full pass
     /// (non-zero for RoPE schemes that pick frequencies from the sequence length).

@@ -33,6 +33,31 @@ enum Bench {
         #[arg(long, default_value_t = 128)]
         max_tokens: usize,
     },
+    /// Decode speed of a random-weight mixture-of-experts model (Qwen3-MoE shape) next to
+    /// a dense model with the same active parameters per token, in one run (use --release).
+    Moe {
+        /// Hidden size of both models.
+        #[arg(long, default_value_t = 1024)]
+        hidden: i32,
+        /// Decoder layers.
+        #[arg(long, default_value_t = 8)]
+        layers: usize,
+        /// Experts per MoE layer.
+        #[arg(long, default_value_t = 64)]
+        experts: i32,
+        /// Experts per token.
+        #[arg(long, default_value_t = 4)]
+        top_k: i32,
+        /// Width of each expert; the dense model's MLP is `top_k` times as wide.
+        #[arg(long, default_value_t = 256)]
+        expert_size: i32,
+        /// Prompt length in tokens.
+        #[arg(long, default_value_t = 64)]
+        prompt_tokens: usize,
+        /// Tokens to generate.
+        #[arg(long, default_value_t = 64)]
+        max_tokens: usize,
+    },
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -42,7 +67,136 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             prompt_tokens,
             max_tokens,
         } => generate(prompt_tokens, max_tokens),
+        Bench::Moe {
+            hidden,
+            layers,
+            experts,
+            top_k,
+            expert_size,
+            prompt_tokens,
+            max_tokens,
+        } => moe(
+            MoeShape {
+                hidden,
+                layers,
+                experts,
+                top_k,
+                expert_size,
+            },
+            prompt_tokens,
+            max_tokens,
+        ),
     }
+}
+
+/// The shape of the `bench moe` models.
+struct MoeShape {
+    hidden: i32,
+    layers: usize,
+    experts: i32,
+    top_k: i32,
+    expert_size: i32,
+}
+
+fn moe(shape: MoeShape, prompt_tokens: usize, max_tokens: usize) -> anyhow::Result<()> {
+    use mlx_models::config::ConfigFile;
+    use mlx_models::weights::Weights;
+    use std::collections::HashMap;
+
+    let MoeShape {
+        hidden: h,
+        layers,
+        experts,
+        top_k,
+        expert_size,
+    } = shape;
+    let (heads, head_dim, vocab) = (16, h / 16, 32_000);
+    let dense_size = top_k * expert_size;
+    let mut key = 0u64;
+    let mut random = |shape: &[i32]| -> anyhow::Result<mlx_rs::Array> {
+        key += 1;
+        let k = mlx_rs::random::key(key)?;
+        let std = (shape[shape.len() - 1] as f32).powf(-0.5);
+        Ok(mlx_rs::random::normal::<f32>(shape, None, Some(std), &k)?)
+    };
+    for sparse in [true, false] {
+        let mut tensors: HashMap<String, mlx_rs::Array> = HashMap::new();
+        tensors.insert("model.embed_tokens.weight".into(), random(&[vocab, h])?);
+        tensors.insert("lm_head.weight".into(), random(&[vocab, h])?);
+        tensors.insert("model.norm.weight".into(), mlx_rs::ops::ones::<f32>(&[h])?);
+        for i in 0..layers {
+            let p = format!("model.layers.{i}");
+            for n in ["input_layernorm", "post_attention_layernorm"] {
+                tensors.insert(format!("{p}.{n}.weight"), mlx_rs::ops::ones::<f32>(&[h])?);
+            }
+            for n in ["q_norm", "k_norm"] {
+                let w = mlx_rs::ops::ones::<f32>(&[head_dim])?;
+                tensors.insert(format!("{p}.self_attn.{n}.weight"), w);
+            }
+            for n in ["q_proj", "k_proj", "v_proj"] {
+                tensors.insert(format!("{p}.self_attn.{n}.weight"), random(&[h, h])?);
+            }
+            tensors.insert(format!("{p}.self_attn.o_proj.weight"), random(&[h, h])?);
+            if sparse {
+                let m = format!("{p}.mlp.switch_mlp");
+                let (e, i) = (experts, expert_size);
+                tensors.insert(format!("{m}.gate_proj.weight"), random(&[e, i, h])?);
+                tensors.insert(format!("{m}.up_proj.weight"), random(&[e, i, h])?);
+                tensors.insert(format!("{m}.down_proj.weight"), random(&[e, h, i])?);
+                tensors.insert(format!("{p}.mlp.gate.weight"), random(&[e, h])?);
+            } else {
+                let i = dense_size;
+                tensors.insert(format!("{p}.mlp.gate_proj.weight"), random(&[i, h])?);
+                tensors.insert(format!("{p}.mlp.up_proj.weight"), random(&[i, h])?);
+                tensors.insert(format!("{p}.mlp.down_proj.weight"), random(&[h, i])?);
+            }
+        }
+        let config = ConfigFile {
+            path: PathBuf::from(if sparse { "bench-moe" } else { "bench-dense" }),
+            value: serde_json::json!({
+                "model_type": if sparse { "qwen3_moe" } else { "qwen3" },
+                "vocab_size": vocab,
+                "hidden_size": h,
+                "intermediate_size": dense_size,
+                "moe_intermediate_size": expert_size,
+                "num_hidden_layers": layers,
+                "num_attention_heads": heads,
+                "num_key_value_heads": heads,
+                "head_dim": head_dim,
+                "num_experts": experts,
+                "num_experts_per_tok": top_k,
+                "norm_topk_prob": true,
+                "max_position_embeddings": 4096,
+            }),
+        };
+        let model = mlx_models::models::build(&config, Weights::new(tensors, &config.path))?;
+        let info = model.info().clone();
+        let prompt: Vec<u32> = (0..prompt_tokens as u32)
+            .map(|t| (t * 7919) % 32_000)
+            .collect();
+        // Warm up, then time prefill and decode separately.
+        mlx_models::generate::greedy(model.as_ref(), &prompt[..8.min(prompt.len())], 2)?;
+        let start = std::time::Instant::now();
+        mlx_models::generate::greedy(model.as_ref(), &prompt, 1)?;
+        let prefill = start.elapsed().as_secs_f64();
+        let start = std::time::Instant::now();
+        mlx_models::generate::greedy(model.as_ref(), &prompt, max_tokens + 1)?;
+        let decode = (start.elapsed().as_secs_f64() - prefill).max(1e-9);
+        println!(
+            "{}",
+            serde_json::json!({
+                "bench": "moe",
+                "model": if sparse { format!("moe {experts} experts, top {top_k} of width {expert_size}") } else { format!("dense, MLP width {dense_size}") },
+                "parameters": info.num_parameters,
+                "active_parameters": info.num_active_parameters,
+                "prompt_tokens": prompt_tokens,
+                "generated_tokens": max_tokens,
+                "prefill_tok_s": (prompt_tokens as f64 / prefill * 10.0).round() / 10.0,
+                "decode_tok_s": (max_tokens as f64 / decode * 10.0).round() / 10.0,
+            })
+        );
+    }
+    Ok(())
 }
 
 fn generate(prompt_tokens: usize, max_tokens: usize) -> anyhow::Result<()> {

@@ -4,8 +4,14 @@
 pub mod gemma;
 pub mod gemma2;
 pub mod gemma3_text;
+pub mod glm4_moe;
+pub mod gpt_oss;
 pub mod granite;
+pub mod granitemoe;
+pub mod hunyuan_v1_moe;
 pub mod llama;
+pub mod llama4_text;
+pub mod minimax_m2;
 pub mod mixtral;
 pub mod olmo2;
 pub mod olmoe;
@@ -32,8 +38,14 @@ pub const REGISTRY: &[(&str, Loader)] = &[
     ("gemma", family::load::<gemma::Config>),
     ("gemma2", family::load::<gemma2::Config>),
     ("gemma3_text", family::load::<gemma3_text::Config>),
+    ("glm4_moe", family::load::<glm4_moe::Config>),
+    ("gpt_oss", family::load::<gpt_oss::Config>),
     ("granite", family::load::<granite::Config>),
+    ("granitemoe", family::load::<granitemoe::Config>),
+    ("hunyuan_v1_moe", family::load::<hunyuan_v1_moe::Config>),
     ("llama", family::load::<llama::Config>),
+    ("llama4_text", family::load::<llama4_text::Config>),
+    ("minimax_m2", family::load::<minimax_m2::Config>),
     ("mistral", family::load::<llama::Config>),
     ("mixtral", family::load::<mixtral::Config>),
     ("olmo2", family::load::<olmo2::Config>),

@@ -466,6 +466,8 @@ pub fn structure_summary(plan: &Plan, choice: &Choice) -> Vec<String> {
             QkNorm::None => "",
             QkNorm::PerHead => ", RMSNorm of each query/key head before RoPE",
             QkNorm::Projection => ", RMSNorm over the whole query/key projections",
+            QkNorm::PerHeadAfterRope => ", RMSNorm of each query/key head after RoPE",
+            QkNorm::L2AfterRope => ", unweighted RMS norm of each query/key head after RoPE",
         },
         match &plan.attention_scale {
             Scalar::InvSqrtField(f) => format!(", scores scaled by `{f}^-0.5`"),

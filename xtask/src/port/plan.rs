@@ -975,6 +975,7 @@ fn derive_layer_rule(
                 .map(|t| match t {
                     LayerType::FullAttention => "full_attention".to_owned(),
                     LayerType::SlidingAttention => "sliding_attention".to_owned(),
+                    LayerType::ChunkedAttention => "chunked_attention".to_owned(),
                 })
                 .collect();
             &names == expected
