@@ -86,6 +86,15 @@ pub enum RopeScaling {
         original_max_position_embeddings: usize,
         attention_factor: f64,
     },
+    /// Phi-3.5-MoE's LongRoPE as Transformers computes it: always the short factors, and
+    /// cos/sin scaled by `long_mscale` once the sequence outgrows
+    /// `original_max_position_embeddings`, by `short_mscale` before.
+    ShortFactorLongRope {
+        short_factor: Vec<f64>,
+        original_max_position_embeddings: usize,
+        short_mscale: f64,
+        long_mscale: f64,
+    },
 }
 
 /// Everything that defines a model's RoPE.
@@ -327,16 +336,16 @@ impl RopeConfig {
                     })
                     .collect()
             }
-            RopeScaling::LongRope {
-                short_factor,
-                long_factor,
-                original_max_position_embeddings,
-                ..
-            } => {
-                let factors = if seq_len > *original_max_position_embeddings {
-                    long_factor
-                } else {
-                    short_factor
+            RopeScaling::LongRope { .. } | RopeScaling::ShortFactorLongRope { .. } => {
+                let factors = match &self.scaling {
+                    RopeScaling::LongRope {
+                        long_factor,
+                        original_max_position_embeddings,
+                        ..
+                    } if seq_len > *original_max_position_embeddings => long_factor,
+                    RopeScaling::LongRope { short_factor, .. }
+                    | RopeScaling::ShortFactorLongRope { short_factor, .. } => short_factor,
+                    _ => unreachable!("matched above"),
                 };
                 (0..dim)
                     .step_by(2)
@@ -352,7 +361,25 @@ impl RopeConfig {
 
     /// The factor Transformers multiplies cos and sin by (YaRN, LongRoPE); 1 otherwise.
     pub fn attention_factor(&self) -> f32 {
+        self.attention_factor_at(0)
+    }
+
+    /// [`RopeConfig::attention_factor`] for a sequence of `seq_len` tokens (Phi-3.5-MoE's
+    /// depends on it).
+    pub fn attention_factor_at(&self, seq_len: usize) -> f32 {
         match &self.scaling {
+            RopeScaling::ShortFactorLongRope {
+                original_max_position_embeddings,
+                short_mscale,
+                long_mscale,
+                ..
+            } => {
+                if seq_len > *original_max_position_embeddings {
+                    *long_mscale as f32
+                } else {
+                    *short_mscale as f32
+                }
+            }
             RopeScaling::Yarn {
                 attention_factor, ..
             }
@@ -408,7 +435,7 @@ impl Rope {
                 &dynamic
             }
         };
-        let factor = self.config.attention_factor();
+        let factor = self.config.attention_factor_at(seq_len);
         let x = if factor != 1.0 {
             self.scale_rotated(x, factor)?
         } else {
@@ -467,7 +494,7 @@ impl Rope {
         let dims = self.config.dims;
         let half = dims / 2;
         let freqs = mlx_freqs(&self.config.inv_freq(seq_len));
-        let factor = self.config.attention_factor();
+        let factor = self.config.attention_factor_at(seq_len);
         // Feature `first(i)` and its partner `second(i)` for frequency `i`: rotating the
         // unit vector at `first(i)` puts cos there and sin at `second(i)`.
         let first = |i: i32| if pairs { 2 * i } else { i };

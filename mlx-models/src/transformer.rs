@@ -106,6 +106,8 @@ pub struct DecoderSettings {
     /// `cap * tanh(logits / cap)` (Gemma 2).
     pub final_logit_softcap: Option<f32>,
     pub tie_word_embeddings: bool,
+    /// The output layer has a bias (Phi-3.5-MoE's `lm_head_bias`).
+    pub lm_head_bias: bool,
 }
 
 impl DecoderSettings {
@@ -137,6 +139,7 @@ impl DecoderSettings {
             logits_scale: None,
             final_logit_softcap: None,
             tie_word_embeddings: false,
+            lm_head_bias: false,
         }
     }
 
@@ -409,7 +412,7 @@ impl Decoder {
                 &weights.path("lm_head"),
                 s.hidden_size,
                 s.vocab_size,
-                false,
+                s.lm_head_bias,
             )?)
         };
         let quantization = layers

@@ -171,17 +171,10 @@ fn moe(shape: MoeShape, prompt_tokens: usize, max_tokens: usize) -> anyhow::Resu
         };
         let model = mlx_models::models::build(&config, Weights::new(tensors, &config.path))?;
         let info = model.info().clone();
-        let prompt: Vec<u32> = (0..prompt_tokens as u32)
+        let prompt: Vec<i32> = (0..prompt_tokens as i32)
             .map(|t| (t * 7919) % 32_000)
             .collect();
-        // Warm up, then time prefill and decode separately.
-        mlx_models::generate::greedy(model.as_ref(), &prompt[..8.min(prompt.len())], 2)?;
-        let start = std::time::Instant::now();
-        mlx_models::generate::greedy(model.as_ref(), &prompt, 1)?;
-        let prefill = start.elapsed().as_secs_f64();
-        let start = std::time::Instant::now();
-        mlx_models::generate::greedy(model.as_ref(), &prompt, max_tokens + 1)?;
-        let decode = (start.elapsed().as_secs_f64() - prefill).max(1e-9);
+        let (prefill, decode) = time_decode(model.as_ref(), &prompt, max_tokens)?;
         println!(
             "{}",
             serde_json::json!({
@@ -197,6 +190,37 @@ fn moe(shape: MoeShape, prompt_tokens: usize, max_tokens: usize) -> anyhow::Resu
         );
     }
     Ok(())
+}
+
+/// Seconds to prefill `prompt` and then to decode `steps` greedy tokens one at a time
+/// (after one untimed warm-up pass).
+fn time_decode(
+    model: &dyn mlx_models::LanguageModel,
+    prompt: &[i32],
+    steps: usize,
+) -> anyhow::Result<(f64, f64)> {
+    use mlx_models::tap::Tap;
+    use mlx_rs::ops::indexing::argmax_axis;
+    use mlx_rs::Array;
+    let next = |logits: &Array| -> anyhow::Result<Array> {
+        let last = logits.take_axis(&Array::from_int(logits.dim(1) - 1), 1)?;
+        let token = argmax_axis(&last, -1, true)?.as_dtype(mlx_rs::Dtype::Int32)?;
+        token.eval()?;
+        Ok(token)
+    };
+    let input = Array::from_slice(prompt, &[1, prompt.len() as i32]);
+    // Warm-up.
+    let mut cache = model.new_cache();
+    next(&model.forward(&input, &mut cache, &mut Tap::off())?)?;
+    let mut cache = model.new_cache();
+    let start = std::time::Instant::now();
+    let mut token = next(&model.forward(&input, &mut cache, &mut Tap::off())?)?;
+    let prefill = start.elapsed().as_secs_f64();
+    let start = std::time::Instant::now();
+    for _ in 0..steps {
+        token = next(&model.forward(&token, &mut cache, &mut Tap::off())?)?;
+    }
+    Ok((prefill, start.elapsed().as_secs_f64()))
 }
 
 fn generate(prompt_tokens: usize, max_tokens: usize) -> anyhow::Result<()> {

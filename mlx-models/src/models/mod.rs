@@ -16,6 +16,7 @@ pub mod mixtral;
 pub mod olmo2;
 pub mod olmoe;
 pub mod phi3;
+pub mod phimoe;
 pub mod qwen2;
 pub mod qwen2_moe;
 pub mod qwen3;
@@ -51,6 +52,7 @@ pub const REGISTRY: &[(&str, Loader)] = &[
     ("olmo2", family::load::<olmo2::Config>),
     ("olmoe", family::load::<olmoe::Config>),
     ("phi3", family::load::<phi3::Config>),
+    ("phimoe", family::load::<phimoe::Config>),
     ("qwen2", family::load::<qwen2::Config>),
     ("qwen2_moe", family::load::<qwen2_moe::Config>),
     ("qwen3", family::load::<qwen3::Config>),
