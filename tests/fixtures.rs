@@ -157,6 +157,16 @@ fn every_committed_fixture_passes() {
         );
     }
     assert!(found.len() >= COMMITTED_FIXTURES.len());
+    // Every registered family is verified: each has a fixture directory with fixtures.
+    for model_type in mlx_models::models::supported_model_types() {
+        assert!(
+            found
+                .iter()
+                .any(|f| f.split('/').next() == Some(model_type)),
+            "registered model_type `{model_type}` has no fixture under {}",
+            root.display()
+        );
+    }
 
     let mut failures = Vec::new();
     for (dir, name) in dirs.iter().zip(&found) {
@@ -454,8 +464,9 @@ fn assert_cache_consistent(name: &str, patch: Option<Value>) {
             );
 
             // A cache that saw the whole prompt, cut back to `split`, continues like a fresh one.
-            // Only a rotating (sliding-window) cache may refuse, having dropped tokens the
-            // prefix needs; then, as in ChatSession, every layer starts again from empty.
+            // Only a rotating (sliding-window) or chunked cache may refuse, having dropped
+            // tokens the prefix needs; then, as in ChatSession, every layer starts again from
+            // empty.
             let mut cache = model.new_cache();
             let first = forward(model, &ids, &mut cache);
             let mut kept = true;
@@ -475,11 +486,10 @@ fn assert_cache_consistent(name: &str, patch: Option<Value>) {
                 );
             } else {
                 prop_assert!(
-                    cache.iter_mut().any(|c| c
-                        .kv_mut()
-                        .expect("attention layers")
-                        .window()
-                        .is_some()),
+                    cache.iter_mut().any(|c| {
+                        let kv = c.kv_mut().expect("attention layers");
+                        kv.window().is_some() || kv.chunk().is_some()
+                    }),
                     "an unbounded cache could not keep the first {split} tokens"
                 );
                 for c in cache.iter_mut() {
@@ -514,9 +524,100 @@ fn cache_consistency_mistral_sliding_window() {
 }
 
 #[test]
+fn cache_consistency_mixture_of_experts() {
+    // Routing depends on each token alone, so chunked prefills must route like one pass;
+    // Mixtral's sliding window and Qwen2-MoE's dense and shared-expert layers on top.
+    assert_cache_consistent("mixtral/sliding-fused", None);
+    assert_cache_consistent("qwen2_moe/dense-layers", None);
+}
+
+#[test]
+fn cache_consistency_chunked_attention_and_nope_layers() {
+    // Llama 4: chunks of 5 tokens on the RoPE layers, a temperature-tuned NoPE layer.
+    assert_cache_consistent("llama4_text/chunked-nope", None);
+}
+
+#[test]
 fn cache_consistency_llama_yarn() {
     // YaRN scales the rotated features by its attention factor.
     assert_cache_consistent("llama/yarn", None);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3a. A wrongly routed mixture of experts fails at its first sparse layer
+// ---------------------------------------------------------------------------------------------
+
+/// Asserts that `patch` breaks fixture `name` first at `layer` (the embeddings and the
+/// layers before it still pass) and that greedy decoding diverges.
+fn assert_fails_from(name: &str, patch: Value, layer: &str) {
+    let report = report_for(name, patch.clone());
+    let md = report.to_markdown();
+    assert!(
+        !report.passed(),
+        "{name} with {patch} passed:
+{md}"
+    );
+    assert_eq!(
+        report.first_bad(),
+        Some(layer),
+        "{name} with {patch}:
+{md}"
+    );
+    assert!(
+        !check_passes(&report, "greedy tokens"),
+        "{name} with {patch}: greedy decoding did not diverge:
+{md}"
+    );
+}
+
+#[test]
+fn routing_faults_fail_at_the_first_sparse_layer() {
+    // Control: restating a value leaves the model correct.
+    let control = report_for("qwen3_moe/default", json!({"norm_topk_prob": false}));
+    assert!(
+        control.passed(),
+        "control failed:\n{}",
+        control.to_markdown()
+    );
+    // One expert per token instead of the configured top-k.
+    assert_fails_from(
+        "qwen3_moe/default",
+        json!({"num_experts_per_tok": 1}),
+        "layers.0",
+    );
+    // Renormalized weights where Transformers keeps the softmax's.
+    assert_fails_from(
+        "qwen3_moe/default",
+        json!({"norm_topk_prob": true}),
+        "layers.0",
+    );
+    // Ignoring the expert groups (every group eligible).
+    let grouped: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture_dir("glm4_moe/grouped").join("config.json")).unwrap(),
+    )
+    .unwrap();
+    let first_sparse = grouped["first_k_dense_replace"].as_u64().unwrap_or(0);
+    assert_fails_from(
+        "glm4_moe/grouped",
+        json!({"topk_group": grouped["n_group"]}),
+        &format!("layers.{first_sparse}"),
+    );
+    // The sparsemixer's threshold.
+    assert_fails_from(
+        "phimoe/jitter-sliding",
+        json!({"router_jitter_noise": 0.01}),
+        "layers.0",
+    );
+}
+
+#[test]
+fn chunked_attention_faults_fail_at_the_first_layer() {
+    // Full attention where Llama 4's RoPE layers see their own chunk only.
+    assert_fails_from(
+        "llama4_text/chunked-nope",
+        json!({"attention_chunk_size": null}),
+        "layers.0",
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -24,7 +24,19 @@ to test does not reach the numbers: scaled RoPE must move cos/sin, a sliding
 window shorter than the prompt and tanh softcapping must move the logits (the
 manifest's `checks` record by how much), and a hub-style config.json must load
 with every field of the Transformers-5 one (what it leaves out, such as
-`layer_types`, Transformers must derive the same).
+`layer_types`, Transformers must derive the same). A variant may list further
+`effect_checks`: twins with other config values or zeroed weights whose logits
+must differ (`logits_vs_<name>_max_abs`).
+
+Mixture-of-experts models (a router module in `_can_record_outputs`) run the
+eager per-expert loop (`experts_implementation`); expected.safetensors also gets
+each MoE layer's routing (`router.L.logits`, `router.L.top_k_index`,
+`router.L.top_k_weights`), and a variant is refused unless every MoE layer picks
+at least two different expert sets over the prompt. model.safetensors is what
+`save_pretrained` writes: the family's Hub checkpoint layout (per-expert tensors
+for most families), or Transformers 5's fused layout for `"weights_layout":
+"transformers5"`; either way Transformers must load it back to the very same
+parameters. The manifest records `weights_layout` and a `routing` summary.
 
 Run it twice and the files are byte-for-byte identical. The Rust tests read the
 committed files and never need Python; `cargo xtask fixtures export` runs this
@@ -80,14 +92,15 @@ SOFTCAP_FIELDS = ("attn_logit_softcapping", "final_logit_softcapping")
 ROPE_RECORD_PREFIXES = {"full_attention": "rope", "sliding_attention": "rope_local"}
 # Hub-style configs of these families spell the RoPE type `type`, not `rope_type`
 # (Phi-3: `"rope_scaling": {"type": "longrope", ...}`).
-HUB_ROPE_TYPE_KEY = {"phi3": "type"}
+HUB_ROPE_TYPE_KEY = {"phi3": "type", "phimoe": "type", "hunyuan_v1_moe": "type"}
 # Hub-style configs of these families list `layer_types` even where Transformers
 # could derive it; for all others a derivable `layer_types` is dropped.
-HUB_KEEPS_LAYER_TYPES = {"smollm3"}
+HUB_KEEPS_LAYER_TYPES = {"smollm3", "gpt_oss"}
 # Hub-style configs of these families carry a sliding window even where
 # `use_sliding_window` is false (Qwen2.5: `"sliding_window": 32768`), which
-# Transformers then ignores; a null window is written as max_position_embeddings.
-HUB_IGNORED_SLIDING_WINDOW = {"qwen2"}
+# Transformers then ignores; a null window (0 for Qwen2-MoE, whose config turns an
+# unused window into 0) is written as max_position_embeddings.
+HUB_IGNORED_SLIDING_WINDOW = {"qwen2", "qwen2_moe"}
 # Values the family's Hub configs spell the legacy way, which Transformers maps back:
 # (field, value Transformers writes, value on the Hub). Gemma's `"hidden_act": "gelu"`
 # means the tanh approximation (Transformers turns it into gelu_pytorch_tanh).
@@ -95,6 +108,57 @@ HUB_LEGACY_VALUES = {"gemma": [("hidden_act", "gelu_pytorch_tanh", "gelu")]}
 # Gemma 3 on the Hub: `sliding_window_pattern` instead of `layer_types`; the
 # pattern Transformers assumes when it is missing.
 GEMMA3_DEFAULT_SLIDING_WINDOW_PATTERN = 6
+# Hub-style configs of these families keep `original_max_position_embeddings` inside
+# `rope_scaling` as well as at the top level (Phi-3.5-MoE).
+HUB_ROPE_KEEPS_ORIGINAL_MAX = {"phimoe"}
+# Hub-style configs of these families give the rotated width of a head as
+# `rotary_dim` instead of `partial_rotary_factor` (MiniMax-M2: `"rotary_dim": 64`
+# with `"head_dim": 128`); Transformers turns it back into the factor.
+HUB_ROTARY_DIM = {"minimax_m2"}
+# Fields that the family's Hub configs leave out when they have this value, which
+# is then what Transformers assumes (Qwen1.5-MoE and Qwen2-57B-A14B predate `qkv_bias`;
+# gpt-oss has no `swiglu_alpha`, its 1.702 is built in).
+HUB_OMITTED_VALUES = {"qwen2_moe": [("qkv_bias", True)], "gpt_oss": [("swiglu_alpha", 1.702)]}
+# Fields that Transformers writes under another name than the family's Hub configs
+# (through the config's attribute_map): (name written, name on the Hub).
+HUB_RENAMED_FIELDS = {"qwen3_moe": [("num_local_experts", "num_experts")]}
+# Constant fields that the family's Hub configs carry and Transformers does not read:
+# the variant Transformers implements (MiniMax-M2: per-layer q/k norm over all heads,
+# sigmoid router with a routing bias; Hunyuan-A13B: q/k norm, shared MLP next to the experts).
+HUB_EXTRA_FIELDS = {
+    "minimax_m2": {"use_qk_norm": True, "qk_norm_type": "per_layer", "scoring_func": "sigmoid", "use_routing_bias": True},
+    "hunyuan_v1_moe": {"use_qk_norm": True, "use_mixed_mlp_moe": True},
+}
+
+# Mixture-of-experts families (a model whose `_can_record_outputs` names a router
+# module) are run with the plain per-expert loop of Transformers' experts modules,
+# as attention runs eager; the manifest records how far the default (grouped_mm)
+# implementation is from it.
+EXPERTS_IMPLEMENTATION = "eager"
+# Where MoE fixtures record the routing of each MoE layer L in expected.safetensors:
+# `router.L.logits` [tokens, experts] (what the router module returns as logits),
+# `router.L.top_k_index` [tokens, k] (ascending per token) and `router.L.top_k_weights`
+# [tokens, k] (the weight each chosen expert's output is multiplied by, same order).
+ROUTER_RECORD_PREFIX = "router"
+# A MoE variant only tests routing if the prompt's tokens pick different experts: every
+# MoE layer (the first one included) must choose at least this many distinct expert sets.
+MIN_DISTINCT_EXPERT_SETS = 2
+# The experts a router chooses must not be a near-tie: over the prompt, the k-th chosen
+# expert's selection score must beat the best unchosen one by this much (in the units
+# of the score the router ranks by: logits, or sigmoid + routing bias), and so must the
+# chosen groups of group-limited routing and PhiMoE's sparsemixer thresholds, or a port
+# within the tolerances could pick other experts.
+MIN_ROUTER_MARGIN = 10 * TOLERANCES["max_abs"]
+# An option a variant exercises (spec `effect_checks`) must move the logits by this much.
+MIN_OPTION_EFFECT = 100 * TOLERANCES["max_abs"]
+# Persistent buffers of MoE models that are weights of the checkpoint (the routing bias
+# of GLM-4.5 and MiniMax-M2): seeded noise like vectors, from their own generator.
+BUFFER_SEED_OFFSET = 2000
+# How model.safetensors is written: "hub" is save_pretrained's default, which turns
+# Transformers' fused experts back into the layout of the family's checkpoints on the
+# Hub (per-expert tensors for most families); "transformers5" keeps the fused in-memory
+# layout (save_original_format=False).
+WEIGHTS_LAYOUTS = ("hub", "transformers5")
 
 
 def load_spec(path: Path) -> dict:
@@ -110,6 +174,14 @@ def load_spec(path: Path) -> dict:
                 raise SystemExit(f"{path}: variant {variant.get('name')!r} lacks {key!r}")
         if variant.get("config_style", "transformers5") not in CONFIG_STYLES:
             raise SystemExit(f"{path}: variant {variant['name']!r}: config_style must be one of {CONFIG_STYLES}")
+        if variant.get("weights_layout", "hub") not in WEIGHTS_LAYOUTS:
+            raise SystemExit(f"{path}: variant {variant['name']!r}: weights_layout must be one of {WEIGHTS_LAYOUTS}")
+        for effect in variant.get("effect_checks", []):
+            if "name" not in effect or not (set(effect) - {"name"}) <= {"config_overrides", "zero_weights"}:
+                raise SystemExit(
+                    f"{path}: variant {variant['name']!r}: an effect check has a name and "
+                    "config_overrides and/or zero_weights"
+                )
         if variant["name"] in names:
             raise SystemExit(f"{path}: variant {variant['name']!r} is listed twice")
         names.add(variant["name"])
@@ -129,6 +201,8 @@ def build_model(spec: dict, variant: dict):
     model = getattr(transformers, spec["architecture"])(config).eval()
     # ... and is then replaced entirely by draws that depend on nothing else.
     randomize_parameters(model, variant["seed"], config.initializer_range)
+    if router_class(model) is not None:
+        randomize_weight_buffers(model, variant["seed"] + BUFFER_SEED_OFFSET, config.initializer_range)
     return model
 
 
@@ -152,12 +226,42 @@ def randomize_parameters(model, seed: int, std: float) -> None:
                 parameter.add_(noise)
 
 
+def randomize_weight_buffers(model, seed: int, std: float) -> None:
+    """Adds seeded N(0, std) noise to the floating-point persistent buffers, in name order.
+
+    Only for MoE models: their persistent buffers (the routing bias
+    `e_score_correction_bias` of GLM-4.5 and MiniMax-M2) are checkpoint weights that
+    Transformers initialises to zeros, which a port ignoring them would match.
+    """
+    import torch
+
+    parameters = {name for name, _ in model.named_parameters()}
+    buffers = [
+        (name, tensor)
+        for name, tensor in model.state_dict(keep_vars=True).items()
+        if name not in parameters and tensor.is_floating_point()
+    ]
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, buffer in sorted(buffers, key=lambda item: item[0]):
+            buffer.add_(torch.randn(buffer.shape, generator=generator, dtype=torch.float32).to(buffer.dtype) * std)
+
+
 def load_model(directory: Path, dtype):
-    """Loads a saved fixture model the way a user would, in `dtype`."""
+    """Loads a saved fixture model the way a user would, in `dtype`.
+
+    MoE models whose experts module lets the implementation be chosen run the plain
+    per-expert loop (EXPERTS_IMPLEMENTATION); other models load exactly as before.
+    """
     import transformers
 
+    kwargs = {}
+    config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    architecture = getattr(transformers, (config.get("architectures") or [""])[0], None)
+    if architecture is not None and architecture._can_set_experts_implementation():
+        kwargs["experts_implementation"] = EXPERTS_IMPLEMENTATION
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        directory, dtype=dtype, attn_implementation=ATTN_IMPLEMENTATION
+        directory, dtype=dtype, attn_implementation=ATTN_IMPLEMENTATION, **kwargs
     )
     return model.eval()
 
@@ -194,7 +298,9 @@ def to_hub_style(config: dict) -> dict:
       other fields (Qwen2/Qwen3 from `use_sliding_window` + `max_window_layers`,
       Gemma 2 alternating), and replaced by `sliding_window_pattern` for Gemma 3;
       families in HUB_KEEPS_LAYER_TYPES keep it;
-    * family quirks: HUB_ROPE_TYPE_KEY, HUB_IGNORED_SLIDING_WINDOW, HUB_LEGACY_VALUES.
+    * family quirks: HUB_ROPE_TYPE_KEY, HUB_IGNORED_SLIDING_WINDOW, HUB_LEGACY_VALUES,
+      HUB_ROPE_KEEPS_ORIGINAL_MAX, HUB_ROTARY_DIM, HUB_OMITTED_VALUES, HUB_RENAMED_FIELDS,
+      HUB_EXTRA_FIELDS.
     """
     # Private attributes Transformers serializes (Gemma 3's `_sliding_window_pattern`) are no Hub keys.
     config = {key: value for key, value in config.items() if not key.startswith("_")}
@@ -206,9 +312,11 @@ def to_hub_style(config: dict) -> dict:
         rope = dict(rope)
         config["rope_theta"] = rope.pop("rope_theta")
         partial = rope.pop("partial_rotary_factor", None)
-        if partial is not None and partial != 1.0:
+        if model_type in HUB_ROTARY_DIM:
+            config["rotary_dim"] = int(config["head_dim"] * (1.0 if partial is None else partial))
+        elif partial is not None and partial != 1.0:
             config["partial_rotary_factor"] = partial
-        if "original_max_position_embeddings" in config:
+        if "original_max_position_embeddings" in config and model_type not in HUB_ROPE_KEEPS_ORIGINAL_MAX:
             # The top-level value wins in Transformers (Phi-3), and is where the Hub has it.
             rope.pop("original_max_position_embeddings", None)
         if rope.get("rope_type", "default") != "default":
@@ -225,12 +333,19 @@ def to_hub_style(config: dict) -> dict:
             config["sliding_window_pattern"] = pattern
         elif derived_layer_types(config) != layer_types:
             config["layer_types"] = layer_types  # not derivable: the Hub config must list it
-    if model_type in HUB_IGNORED_SLIDING_WINDOW and config.get("sliding_window") is None:
+    if model_type in HUB_IGNORED_SLIDING_WINDOW and config.get("sliding_window") in (None, 0):
         if config.get("use_sliding_window") is False:
             config["sliding_window"] = config["max_position_embeddings"]
     for field, written, on_hub in HUB_LEGACY_VALUES.get(model_type, []):
         if config.get(field) == written:
             config[field] = on_hub
+    for field, value in HUB_OMITTED_VALUES.get(model_type, []):
+        if field in config and config[field] == value:
+            config.pop(field)
+    for written, on_hub in HUB_RENAMED_FIELDS.get(model_type, []):
+        if written in config:
+            config[on_hub] = config.pop(written)
+    config.update(HUB_EXTRA_FIELDS.get(model_type, {}))
     return config
 
 
@@ -298,6 +413,64 @@ def decoder_parts(model):
     return base.layers, base.norm, base.rotary_emb
 
 
+def router_class(model):
+    """The router module class of a mixture-of-experts model, else None.
+
+    Transformers names it in `_can_record_outputs["router_logits"]` (an OutputRecorder
+    or the class itself), on the causal-LM class or on its base model (Llama 4).
+    """
+    for owner in (model, getattr(model, "model", None)):
+        recorder = (getattr(owner, "_can_record_outputs", None) or {}).get("router_logits")
+        if recorder is not None:
+            return getattr(recorder, "target_class", recorder)
+    return None
+
+
+def routers(model) -> dict:
+    """Decoder layer index -> its router module, for the MoE layers (none for dense models)."""
+    cls = router_class(model)
+    if cls is None:
+        return {}
+    found = {}
+    for index, layer in enumerate(decoder_parts(model)[0]):
+        modules = [module for module in layer.modules() if isinstance(module, cls)]
+        if len(modules) > 1:
+            raise SystemExit(f"decoder layer {index} holds {len(modules)} {cls.__name__} modules")
+        if modules:
+            found[index] = modules[0]
+    return found
+
+
+def router_record_names(model) -> list:
+    """The expected.safetensors names of the routing records (ROUTER_RECORD_PREFIX)."""
+    return [
+        f"{ROUTER_RECORD_PREFIX}.{index}.{what}"
+        for index in routers(model)
+        for what in ("logits", "top_k_index", "top_k_weights")
+    ]
+
+
+def routing_of(module, output):
+    """(logits, top_k_index, top_k_weights) of one router call, the experts ascending per token.
+
+    Every router of these families returns (logits, top-k weights, top-k indices),
+    except Llama 4's: (scores over all experts, zero where not chosen; logits), whose
+    top-k are the experts with the k largest logits (how it chose them).
+    """
+    import torch
+
+    if isinstance(output, tuple) and len(output) == 3:
+        logits, weights, index = output
+    elif isinstance(output, tuple) and len(output) == 2:
+        scores, logits = output
+        index = torch.topk(logits, module.top_k, dim=-1).indices
+        weights = scores.gather(-1, index)
+    else:
+        raise SystemExit(f"{type(module).__name__} returned {type(output).__name__}: no routing found in it")
+    order = index.argsort(dim=-1)
+    return logits, index.gather(-1, order), weights.gather(-1, order)
+
+
 @contextmanager
 def activation_hooks(model):
     """Records the activations of one forward pass into the yielded dict.
@@ -305,8 +478,11 @@ def activation_hooks(model):
     `embeddings` is the input of decoder layer 0, so families that scale their
     embeddings are captured after the scaling; `layers.{i}` the hidden state a
     decoder layer returns (a tensor, or the first item of a tuple); `norm` the
-    output of the final norm.
+    output of the final norm. MoE models also get their routing per MoE layer
+    (ROUTER_RECORD_PREFIX).
     """
+    import torch
+
     layers, norm, _ = decoder_parts(model)
     captured = {}
 
@@ -324,9 +500,19 @@ def activation_hooks(model):
 
         return hook
 
+    def on_router_output(index):
+        def hook(module, _args, output):
+            logits, top_k_index, top_k_weights = routing_of(module, output)
+            keep(f"{ROUTER_RECORD_PREFIX}.{index}.logits", logits)
+            keep(f"{ROUTER_RECORD_PREFIX}.{index}.top_k_index", top_k_index.to(torch.int64))
+            keep(f"{ROUTER_RECORD_PREFIX}.{index}.top_k_weights", top_k_weights)
+
+        return hook
+
     handles = [layers[0].register_forward_pre_hook(on_first_layer_input, with_kwargs=True)]
     handles += [layer.register_forward_hook(on_layer_output(i)) for i, layer in enumerate(layers)]
     handles.append(norm.register_forward_hook(lambda _module, _args, output: keep("norm", output)))
+    handles += [router.register_forward_hook(on_router_output(i)) for i, router in routers(model).items()]
     try:
         yield captured
     finally:
@@ -341,6 +527,7 @@ def run_forward(model, input_ids) -> dict:
     with activation_hooks(model) as captured, torch.no_grad():
         logits = model(input_ids=input_ids, use_cache=False).logits
     expected = ["embeddings"] + [f"layers.{i}" for i in range(len(decoder_parts(model)[0]))] + ["norm"]
+    expected += router_record_names(model)
     if sorted(captured) != sorted(expected):
         raise SystemExit(f"hooks recorded {sorted(captured)}, expected {expected}")
     return {**{name: captured[name] for name in expected}, "logits": logits.detach().clone()}
@@ -444,15 +631,51 @@ def capture_rope(model, dtype):
         attribute = "" if layer_type is None else f"{layer_type}_"
         with torch.no_grad():
             if layer_type is None:
-                cos, sin = rotary(x, position_ids)
+                result = rotary(x, position_ids)
             else:
-                cos, sin = rotary(x, position_ids, layer_type)
+                result = rotary(x, position_ids, layer_type)
+        if isinstance(result, torch.Tensor) and result.is_complex():
+            # Llama 4: one complex rotation per pair of features, cos + i sin (times the scaling).
+            cos, sin = result.real, result.imag
+        else:
+            cos, sin = result
         tensors[f"{prefix}.cos"], tensors[f"{prefix}.sin"] = cos[0].clone(), sin[0].clone()
         inv_freq = getattr(rotary, f"{attribute}inv_freq", None)
+        scaling = float(getattr(rotary, f"{attribute}attention_scaling", 1.0))
+        if type(rotary).__name__ == "PhimoeRotaryEmbedding":
+            inv_freq, scaling = phimoe_rope_in_use(rotary, max(ROPE_POSITIONS) + 1)
         if isinstance(inv_freq, torch.Tensor):
             tensors[f"{prefix}.inv_freq"] = inv_freq.detach().clone()
-        scalings[prefix] = float(getattr(rotary, f"{attribute}attention_scaling", 1.0))
+        scalings[prefix] = scaling
     return tensors, scalings
+
+
+def rotates_pairs(rotary, config) -> bool:
+    """Whether the rotary module rotates adjacent feature pairs (Llama 4 returns complex
+    rotations applied to (2i, 2i + 1)) rather than halves (i, i + dims/2)."""
+    import torch
+
+    if rope_layer_types(rotary) is not None:
+        return False
+    with torch.no_grad():
+        result = rotary(torch.zeros(1, 1, config.hidden_size), torch.zeros(1, 1, dtype=torch.int64))
+    return isinstance(result, torch.Tensor) and result.is_complex()
+
+
+def phimoe_rope_in_use(rotary, seq_len: int):
+    """The inv_freq and cos/sin factor PhimoeRotaryEmbedding.forward uses for a call with this seq_len.
+
+    Its forward recomputes inv_freq with `rope_init_fn(config)` and no seq_len, so
+    LongRoPE always gets short_factor there (the `inv_freq` buffer that
+    dynamic_rope_update switches to long_factor is not used), and multiplies cos/sin
+    by long_mscale when seq_len > original_max_position_embeddings, else short_mscale.
+    """
+    rope = rotary.config.rope_parameters
+    inv_freq, scaling = rotary.rope_init_fn(rotary.config)
+    if rope["rope_type"] != "default":
+        long = seq_len > rope["original_max_position_embeddings"]
+        scaling = rope["long_mscale"] if long else rope["short_mscale"]
+    return inv_freq, float(scaling)
 
 
 def float64_angle_deviation(rope: dict, attention_scaling: float, prefix: str = "rope") -> float:
@@ -467,7 +690,9 @@ def float64_angle_deviation(rope: dict, attention_scaling: float, prefix: str = 
 
     positions = torch.tensor(ROPE_POSITIONS, dtype=torch.float64)
     angles = positions[:, None] * rope[f"{prefix}.inv_freq"].double()[None, :]
-    angles = torch.cat([angles, angles], dim=-1)
+    if rope[f"{prefix}.cos"].shape[-1] != angles.shape[-1]:
+        # cos/sin of both halves of a head; GPT-OSS and Llama 4 keep one per frequency.
+        angles = torch.cat([angles, angles], dim=-1)
     cos, sin = angles.cos() * attention_scaling, angles.sin() * attention_scaling
     return max(
         float((cos - rope[f"{prefix}.cos"].double()).abs().max()),
@@ -540,7 +765,8 @@ def sliding_window_checks(model, input_ids, logits) -> dict:
     must change the logits, or a port that ignored it would pass.
     """
     window = getattr(model.config, "sliding_window", None)
-    if not (isinstance(window, int) and window < PROMPT_LENGTH):
+    # Qwen2-MoE's config turns an unused window into 0.
+    if not (isinstance(window, int) and 0 < window < PROMPT_LENGTH):
         return {}
     config = copy.deepcopy(model.config)
     config.sliding_window = 1 << 20  # longer than any sequence here: full attention
@@ -568,6 +794,175 @@ def softcap_checks(model, input_ids, logits) -> dict:
     return {"logits_vs_no_softcap_max_abs": rounded(effect)}
 
 
+def routing_checks(model, activations) -> tuple:
+    """Refuses a MoE variant whose prompt does not exercise the routing; (checks, manifest summary).
+
+    Every MoE layer (the first one, layer 0 where it is MoE, and every later one)
+    must choose fewer experts than it has, and at least MIN_DISTINCT_EXPERT_SETS
+    different expert sets over the prompt's tokens, so that a port ignoring the
+    router (or choosing the same experts for every token) cannot pass. Dense models
+    get ({}, None).
+    """
+    layers = sorted(routers(model))
+    if not layers:
+        return {}, None
+    summary = {}
+    for index in layers:
+        chosen = activations[f"{ROUTER_RECORD_PREFIX}.{index}.top_k_index"]
+        num_experts = activations[f"{ROUTER_RECORD_PREFIX}.{index}.logits"].shape[-1]
+        top_k = chosen.shape[-1]
+        if top_k >= num_experts:
+            raise SystemExit(f"layer {index} routes every token to {top_k} of {num_experts} experts: no routing")
+        summary[str(index)] = {
+            "distinct_expert_sets": len({tuple(row) for row in chosen.tolist()}),
+            "experts_used": len(set(chosen.flatten().tolist())),
+            "num_experts": num_experts,
+            "top_k": top_k,
+        }
+    for index in layers:
+        count = summary[str(index)]["distinct_expert_sets"]
+        if count < MIN_DISTINCT_EXPERT_SETS:
+            raise SystemExit(
+                f"MoE layer {index} chooses {count} expert set(s) for the {PROMPT_LENGTH} prompt tokens, "
+                f"fewer than {MIN_DISTINCT_EXPERT_SETS}: pick another seed"
+            )
+    first = summary[str(layers[0])]["distinct_expert_sets"]
+    checks = {
+        "router_first_moe_layer": layers[0],
+        "router_first_moe_layer_distinct_expert_sets": first,
+        "router_min_distinct_expert_sets": min(layer["distinct_expert_sets"] for layer in summary.values()),
+    }
+    return checks, {"moe_layers": layers, "layers": summary}
+
+
+def routing_margins(model, activations) -> dict:
+    """How far each MoE layer's choice of experts is from a tie; refuses near-ties (MIN_ROUTER_MARGIN).
+
+    The score the experts are ranked by is rebuilt from the recorded router logits
+    the way Transformers ranks them: the logits themselves (softmax and sigmoid
+    routers are monotone in them; PhiMoE's sparsemixer takes the best, then the best
+    of the rest), or sigmoid(logits) + e_score_correction_bias where a layer has that
+    routing bias (GLM-4.5, MiniMax-M2), restricted to the best `topk_group` of
+    `num_group` groups (each scored by the sum of its top-2) where the router groups
+    experts. The recorded choice must be the top-k of that score, which also checks
+    this description. Returns the smallest margins (checks entries).
+    """
+    import torch
+
+    choice, group, threshold = [], [], []
+    for index, router in routers(model).items():
+        logits = activations[f"{ROUTER_RECORD_PREFIX}.{index}.logits"].float()
+        chosen = activations[f"{ROUTER_RECORD_PREFIX}.{index}.top_k_index"]
+        layer = decoder_parts(model)[0][index]
+        biases = [
+            module.e_score_correction_bias
+            for module in layer.modules()
+            if isinstance(getattr(module, "e_score_correction_bias", None), torch.Tensor)
+        ]
+        score = logits if not biases else logits.sigmoid() + biases[0].float()
+        num_group = getattr(router, "num_group", 1) or 1
+        if num_group > 1:
+            experts = score.shape[-1]
+            group_scores = score.view(-1, num_group, experts // num_group).topk(2, dim=-1).values.sum(dim=-1)
+            ranked = group_scores.sort(dim=-1, descending=True).values
+            group.append(float((ranked[:, router.topk_group - 1] - ranked[:, router.topk_group]).min()))
+            kept = group_scores.topk(router.topk_group, dim=-1).indices
+            eligible = torch.zeros_like(group_scores).scatter_(1, kept, 1).bool()
+            score = score.masked_fill(~eligible.repeat_interleave(experts // num_group, dim=1), float("-inf"))
+        top = score.topk(chosen.shape[-1], dim=-1).indices.sort(dim=-1).values
+        if not torch.equal(top, chosen):
+            raise SystemExit(
+                f"{type(router).__name__} (layer {index}) does not choose the top-k of the score routing_margins "
+                "assumes: teach it how this router ranks experts"
+            )
+        others = score.scatter(1, chosen, float("-inf")).max(dim=-1).values
+        choice.append(float((score.gather(1, chosen).min(dim=-1).values - others).min()))
+        if hasattr(router, "router_jitter_noise"):
+            threshold.append(sparsemixer_threshold_margin(logits, router.router_jitter_noise))
+    margins = {"router_min_choice_margin": min(choice)}
+    if group:
+        margins["router_min_group_margin"] = min(group)
+    if threshold:
+        margins["router_min_sparsemixer_threshold_margin"] = min(threshold)
+    for name, value in margins.items():
+        if value < MIN_ROUTER_MARGIN:
+            raise SystemExit(f"the routing is a near-tie ({name} {value:.3g}): pick another seed")
+    return {name: rounded(value) for name, value in margins.items()}
+
+
+def sparsemixer_threshold_margin(logits, jitter_eps: float) -> float:
+    """How far PhiMoE's sparsemixer is from masking one more or one fewer expert (inference path).
+
+    Each of its two passes keeps in the softmax the experts whose
+    (max - logit) / max(|logit|, max) is at most 2 * router_jitter_noise, max being
+    the best logit still in the running (the first pass's winner is out of the second).
+    """
+    import torch
+
+    remaining = logits.clone()
+    margins = []
+    for _ in range(2):
+        best = remaining.max(dim=-1, keepdim=True).values
+        ratio = (best - logits) / logits.abs().clamp(min=best)
+        in_running = remaining > float("-inf")
+        margins.append(float((ratio - 2 * jitter_eps).abs()[in_running].min()))
+        remaining = remaining.scatter(-1, remaining.argmax(dim=-1, keepdim=True), float("-inf"))
+    return min(margins)
+
+
+def experts_implementation_checks(model, input_ids, logits) -> dict:
+    """How far Transformers' default experts implementation (grouped_mm) is from the recorded eager one."""
+    if not type(model)._can_set_experts_implementation():
+        return {}
+    default = model.get_correct_experts_implementation(None)
+    recorded = model.config._experts_implementation
+    if default == recorded:
+        return {}
+    model.set_experts_implementation(default)
+    try:
+        other = run_forward(model, input_ids)["logits"]
+    finally:
+        model.set_experts_implementation(recorded)
+    if model.config._experts_implementation != recorded:
+        raise SystemExit("could not restore the experts implementation")
+    return {f"logits_vs_{default}_experts_max_abs": rounded(float((other - logits).abs().max()))}
+
+
+def option_effect_checks(model, input_ids, logits, effects: list) -> dict:
+    """How far the logits move without each option a variant is meant to test (spec `effect_checks`).
+
+    Each effect check names a twin of the model: the same weights, with
+    `config_overrides` set on a copy of the config (read when the twin is built)
+    and the state-dict entries whose names end with one of `zero_weights` zeroed;
+    weights of modules the twin does not have (use_qk_norm false) are left out.
+    The option must move the logits by MIN_OPTION_EFFECT, or a port that ignored
+    it would pass; the manifest's checks get `logits_vs_<name>_max_abs`.
+    """
+    import torch
+
+    checks = {}
+    for effect in effects:
+        config = copy.deepcopy(model.config)
+        for key, value in effect.get("config_overrides", {}).items():
+            setattr(config, key, copy.deepcopy(value))
+        twin = type(model)(config).eval()
+        state = model.state_dict()
+        suffixes = tuple(effect.get("zero_weights", []))
+        zeroed = [name for name in state if suffixes and name.endswith(suffixes)]
+        if suffixes and not zeroed:
+            raise SystemExit(f"effect check {effect['name']!r}: no weight ends with {list(suffixes)}")
+        state = {name: torch.zeros_like(value) if name in zeroed else value for name, value in state.items()}
+        # An option may drop modules (use_qk_norm false): their weights are left out, none may be missing.
+        missing = twin.load_state_dict(state, strict=False).missing_keys
+        if missing:
+            raise SystemExit(f"effect check {effect['name']!r}: the twin needs weights the model lacks: {missing}")
+        delta = float((run_forward(twin, input_ids)["logits"] - logits).abs().max())
+        if delta < MIN_OPTION_EFFECT:
+            raise SystemExit(f"effect check {effect['name']!r}: the option changes the logits by only {delta:.3g}")
+        checks[f"logits_vs_{effect['name']}_max_abs"] = rounded(delta)
+    return checks
+
+
 def rope_note(config, rotary=None):
     """Explains, for RoPE types whose cos/sin depend on the sequence length, what was recorded.
 
@@ -591,6 +986,30 @@ def rope_note_for(config, rope):
     rope_type = rope["rope_type"]
     rope_len = max(ROPE_POSITIONS) + 1
     longest = PROMPT_LENGTH + GREEDY_NEW_TOKENS - 1  # the last greedy step sees this many positions
+    if rope_type == "dynamic" and rope.get("alpha"):
+        return (
+            "NTK-alpha (Hunyuan): `rope_type` dynamic with `alpha` is a fixed base, "
+            "rope_theta * alpha ** (head_dim / (head_dim - 2)), the same for every sequence length "
+            "(Transformers calls it ntk_alpha and does not recompute it per call); "
+            "attention_scaling 1."
+        )
+    if rope_type == "longrope" and config.model_type == "phimoe":
+        limit = rope["original_max_position_embeddings"]
+
+        def regime(length):
+            return "long_mscale" if length > limit else "short_mscale"
+
+        first, last = regime(PROMPT_LENGTH), regime(longest)
+        greedy = f"all use {first}" if first == last else f"go from {first} to {last}"
+        return (
+            "PhiMoE LongRoPE: Transformers' PhimoeRotaryEmbedding always rotates with short_factor "
+            "(its forward recomputes inv_freq without seq_len; rope.inv_freq is that short_factor inv_freq) "
+            f"and multiplies cos/sin by long_mscale when seq_len = max(position_ids) + 1 exceeds "
+            f"original_max_position_embeddings ({limit}), else by short_mscale (rope_attention_scaling is the "
+            f"factor of the recorded call). rope.* come from one call with all rope_positions (seq_len {rope_len}): "
+            f"{regime(rope_len)}. The {PROMPT_LENGTH}-token forward uses {first}; the greedy steps "
+            f"(seq_len {PROMPT_LENGTH} to {longest}) {greedy}."
+        )
     if rope_type == "dynamic":
         limit = config.max_position_embeddings
 
@@ -662,13 +1081,19 @@ def export_variant(spec: dict, variant: dict, out_root: Path) -> None:
 
     name, seed = variant["name"], variant["seed"]
     style = variant.get("config_style", "transformers5")
+    layout = variant.get("weights_layout", "hub")
     model = build_model(spec, variant)
+    moe = router_class(model) is not None
     input_ids = prompt_ids(seed, model.config.vocab_size)
     checks = {}
 
     with tempfile.TemporaryDirectory() as temporary:
         staging = Path(temporary) / name
-        model.save_pretrained(staging, safe_serialization=True)
+        if layout == "hub":
+            model.save_pretrained(staging, safe_serialization=True)
+        else:
+            model.save_pretrained(staging, safe_serialization=True, save_original_format=False)
+        # Whatever layout the weights were written in, Transformers must read back the very same model.
         reference = load_model(staging, torch.float32)
         assert_same_parameters(model, reference)
 
@@ -693,6 +1118,10 @@ def export_variant(spec: dict, variant: dict, out_root: Path) -> None:
             reference = from_hub
 
         activations = run_forward(reference, input_ids)
+        routing_check_values, routing = routing_checks(reference, activations)
+        checks.update(routing_check_values)
+        if routing is not None:
+            checks.update(routing_margins(reference, activations))
         greedy_tokens, greedy_margin = greedy_decode(reference, input_ids, GREEDY_NEW_TOKENS)
         if greedy_margin < MIN_GREEDY_MARGIN:
             raise SystemExit(f"a greedy step is a near-tie (margin {greedy_margin:.3g}): pick another seed")
@@ -710,6 +1139,9 @@ def export_variant(spec: dict, variant: dict, out_root: Path) -> None:
         checks.update(softcap_checks(reference, input_ids, activations["logits"]))
         if scaled_rope_prefixes(reference):
             checks.update(scaling_checks(reference, input_ids, activations["logits"], rope))
+        checks.update(option_effect_checks(reference, input_ids, activations["logits"], variant.get("effect_checks", [])))
+        if moe:
+            checks.update(experts_implementation_checks(reference, input_ids, activations["logits"]))
 
         # The bfloat16 run keeps only the dtypes Transformers computes in.
         half = load_model(staging, torch.bfloat16)
@@ -746,12 +1178,20 @@ def export_variant(spec: dict, variant: dict, out_root: Path) -> None:
             "config_style": style,
             "checks": checks,
         }
+        if moe or "weights_layout" in variant:
+            manifest["weights_layout"] = layout
+        if moe:
+            if type(reference)._can_set_experts_implementation():
+                manifest["experts_implementation"] = reference.config._experts_implementation
+            manifest["routing"] = routing
         rotary = decoder_parts(reference)[2]
         if rope_layer_types(rotary) is not None:
             manifest["rope_layer_types"] = rope_layer_types(rotary)
         note = rope_note(reference.config, rotary)
         if note is not None:
             manifest["rope_note"] = note
+        if rotary is not None and rotates_pairs(rotary, reference.config):
+            manifest["rope_layout"] = "pairs"
         write_json(staging / "fixture.json", manifest)
 
         target = out_root / spec["model_type"] / name
