@@ -157,8 +157,12 @@ fn every_committed_fixture_passes() {
         );
     }
     assert!(found.len() >= COMMITTED_FIXTURES.len());
-    // Every registered family is verified: each has a fixture directory with fixtures.
+    // Every registered family is verified: each has a fixture directory with fixtures (the
+    // multimodal `llama4` layout is checked on the `llama4_text` fixtures below).
     for model_type in mlx_models::models::supported_model_types() {
+        if model_type == "llama4" {
+            continue;
+        }
         assert!(
             found
                 .iter()
@@ -541,6 +545,53 @@ fn cache_consistency_chunked_attention_and_nope_layers() {
 fn cache_consistency_llama_yarn() {
     // YaRN scales the rotated features by its attention factor.
     assert_cache_consistent("llama/yarn", None);
+}
+
+/// Multimodal `llama4` checkpoints (settings in `text_config`, weights under
+/// `language_model.`, a vision tower beside them) load as their language model and give
+/// Transformers' logits.
+#[test]
+fn llama4_multimodal_checkpoints_load_their_language_model() {
+    let fixture = load_fixture("llama4_text/hub");
+    let text: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture.dir.join("config.json")).unwrap())
+            .unwrap();
+    let config = json!({
+        "model_type": "llama4",
+        "architectures": ["Llama4ForConditionalGeneration"],
+        "text_config": text,
+        "vision_config": {"hidden_size": 4},
+    });
+    let mut tensors: Vec<(String, Array)> =
+        Array::load_safetensors(fixture.dir.join("model.safetensors"))
+            .unwrap()
+            .into_iter()
+            .map(|(name, t)| (format!("language_model.{name}"), t))
+            .collect();
+    let zeros = || Array::from_slice(&[0.0f32; 16], &[4, 4]);
+    tensors.push(("vision_model.patch_embedding.weight".into(), zeros()));
+    tensors.push(("multi_modal_projector.linear_1.weight".into(), zeros()));
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(tmp.path().join("config.json"), config.to_string()).unwrap();
+    Array::save_safetensors(
+        tensors.iter().map(|(k, v)| (k.as_str(), v)),
+        None,
+        tmp.path().join("model.safetensors"),
+    )
+    .unwrap();
+    let model = mlx_models::load::load_model_dir(tmp.path(), None).expect("llama4 loads");
+    assert_eq!(model.info().model_type, "llama4_text");
+    let ids = &fixture.manifest.input_ids;
+    let logits = forward(model.as_ref(), ids, &mut model.new_cache());
+    let d = diff(
+        &to_f32_vec(&logits).unwrap(),
+        &to_f32_vec(fixture.tensor("logits").unwrap()).unwrap(),
+    );
+    assert!(
+        d.max_abs <= fixture.manifest.tolerances.max_abs,
+        "max |Δlogits| = {}",
+        d.max_abs
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -39,7 +39,10 @@ pub fn path(on_fetch: impl FnOnce()) -> Result<PathBuf> {
     }
     on_fetch();
     let target = package_dir();
-    let staging = target.with_extension(format!("partial-{}", std::process::id()));
+    // One staging directory per call: threads of one process install side by side too.
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let staging = target.with_extension(format!("partial-{}-{call}", std::process::id()));
     let _ = std::fs::remove_dir_all(&staging);
     let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".to_owned());
     let output = Command::new(&python)

@@ -150,3 +150,28 @@ impl DecoderFamily for Config {
         sanitize_moe(weights, settings, None, &[])
     }
 }
+
+/// The registry's entry for multimodal `llama4` checkpoints: the language model, whose
+/// settings sit in `text_config` (the vision tower's weights are dropped by `sanitize`).
+pub fn load_multimodal(
+    config: &ConfigFile,
+    weights: Weights,
+) -> Result<Box<dyn crate::model::LanguageModel>> {
+    let text = config
+        .value
+        .get("text_config")
+        .filter(|t| t.is_object())
+        .ok_or_else(|| crate::error::Error::config(&config.path, "text_config", "missing"))?;
+    let mut value = text.clone();
+    value["model_type"] = serde_json::json!("llama4_text");
+    if value.get("tie_word_embeddings").is_none() {
+        if let Some(tie) = config.value.get("tie_word_embeddings") {
+            value["tie_word_embeddings"] = tie.clone();
+        }
+    }
+    let text_config = ConfigFile {
+        path: config.path.clone(),
+        value,
+    };
+    crate::family::load::<Config>(&text_config, weights)
+}

@@ -45,6 +45,7 @@ pub const REGISTRY: &[(&str, Loader)] = &[
     ("granitemoe", family::load::<granitemoe::Config>),
     ("hunyuan_v1_moe", family::load::<hunyuan_v1_moe::Config>),
     ("llama", family::load::<llama::Config>),
+    ("llama4", llama4_text::load_multimodal),
     ("llama4_text", family::load::<llama4_text::Config>),
     ("minimax_m2", family::load::<minimax_m2::Config>),
     ("mistral", family::load::<llama::Config>),
