@@ -465,3 +465,101 @@ fn a_missing_shard_is_named() {
         other => panic!("expected Error::Io naming the missing shard, got {other:?}"),
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Mixtures of experts
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn a_missing_expert_is_named() {
+    let dir = copy_fixture("mixtral/hub");
+    edit_weights(dir.path(), |t| {
+        t.remove("model.layers.1.block_sparse_moe.experts.2.w3.weight")
+            .expect("present");
+    });
+    match load_error(dir.path()) {
+        Error::MissingWeight { name, .. } => {
+            assert!(
+                name.contains("layers.1.") && name.contains("experts.2"),
+                "{name}"
+            )
+        }
+        other => panic!("expected MissingWeight, got {other:?}"),
+    }
+}
+
+#[test]
+fn an_expert_beyond_num_experts_is_named() {
+    let dir = copy_fixture("mixtral/hub");
+    edit_weights(dir.path(), |t| {
+        let extra = t["model.layers.0.block_sparse_moe.experts.0.w1.weight"].clone();
+        t.insert(
+            "model.layers.0.block_sparse_moe.experts.4.w1.weight".into(),
+            extra,
+        );
+    });
+    match load_error(dir.path()) {
+        Error::UnexpectedWeights { names, .. } => {
+            assert!(names[0].contains("experts.4"), "{names:?}")
+        }
+        other => panic!("expected UnexpectedWeights, got {other:?}"),
+    }
+}
+
+#[test]
+fn top_k_above_the_number_of_experts_names_the_field() {
+    let dir = copy_fixture("qwen3_moe/default");
+    edit_config(dir.path(), |c| {
+        c.insert("num_experts_per_tok".into(), json!(9));
+    });
+    assert_config_error(load_error(dir.path()), dir.path(), "num_experts_per_tok");
+}
+
+#[test]
+fn expert_groups_that_do_not_divide_the_experts_name_the_field() {
+    let dir = copy_fixture("glm4_moe/grouped");
+    edit_config(dir.path(), |c| {
+        c.insert("n_group".into(), json!(3));
+    });
+    assert_config_error(load_error(dir.path()), dir.path(), "n_group");
+}
+
+/// gpt-oss as mlx-community converts it: MXFP4 experts (uint32 blocks, uint8 exponent
+/// scales, no biases) are refused by name, not fed to the affine kernels.
+#[test]
+fn mxfp4_experts_are_refused_by_name() {
+    let dir = copy_fixture("gpt_oss/hub");
+    edit_weights(dir.path(), |t| {
+        for layer in 0..2 {
+            let p = format!("model.layers.{layer}.mlp.experts");
+            t.remove(&format!("{p}.gate_up_proj")).expect("present");
+            t.remove(&format!("{p}.gate_up_proj_bias"))
+                .expect("present");
+            t.remove(&format!("{p}.down_proj")).expect("present");
+            t.remove(&format!("{p}.down_proj_bias")).expect("present");
+            for (proj, out, inp) in [
+                ("gate_proj", 8, 64),
+                ("up_proj", 8, 64),
+                ("down_proj", 64, 8),
+            ] {
+                let blocks = vec![0u32; 4 * out * inp / 8];
+                let scales = vec![127u8; 4 * out * (inp / 32).max(1)];
+                let w = Array::from_slice(&blocks, &[4, out as i32, inp as i32 / 8]);
+                let s = Array::from_slice(&scales, &[4, out as i32, (inp as i32 / 32).max(1)]);
+                t.insert(format!("{p}.{proj}.weight"), w);
+                t.insert(format!("{p}.{proj}.scales"), s);
+                t.insert(
+                    format!("{p}.{proj}.bias"),
+                    Array::from_slice(&vec![0.0f32; 4 * out], &[4, out as i32]),
+                );
+            }
+        }
+    });
+    match load_error(dir.path()) {
+        Error::UnsupportedQuantization { name, message, .. } => {
+            assert_eq!(name, "model.layers.0.mlp.switch_mlp.gate_proj.weight");
+            assert!(message.contains("MXFP4"), "{message}");
+        }
+        other => panic!("expected UnsupportedQuantization, got {other:?}"),
+    }
+}

@@ -46,6 +46,14 @@ pub enum Error {
     #[error("{path}: not a valid safetensors file: {message}")]
     Safetensors { path: PathBuf, message: String },
 
+    /// A quantized weight is stored in a format other than MLX's affine quantization.
+    #[error("weight `{name}` in {path}: {message}")]
+    UnsupportedQuantization {
+        path: PathBuf,
+        name: String,
+        message: String,
+    },
+
     /// The checkpoint lacks a weight the model needs.
     #[error("missing weight `{name}` in {path}")]
     MissingWeight { path: PathBuf, name: String },

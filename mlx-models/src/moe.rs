@@ -157,6 +157,7 @@ impl ExpertLinear {
         } else {
             let weight = w.get_any_shape("weight")?;
             let scales = w.get_any_shape("scales")?;
+            w.check_affine("weight", &scales)?;
             let biases = w.get_any_shape("biases")?;
             let (packed, groups) = (weight.shape().to_vec(), scales.shape().to_vec());
             let fits = packed.len() == 3

@@ -36,6 +36,7 @@ impl Matrix {
         }
         let weight = w.get_any_shape("weight")?;
         let scales = w.get_any_shape("scales")?;
+        w.check_affine("weight", &scales)?;
         let biases = w.get_any_shape("biases")?;
         let packed = weight.shape().to_vec();
         let groups = scales.shape().to_vec();

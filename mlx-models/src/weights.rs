@@ -262,6 +262,31 @@ impl<'a> WeightPath<'a> {
             .then(|| self.weights.dtype.unwrap_or(Dtype::Float32))
     }
 
+    /// Fails unless the quantized tensor `name` (whose `scales` are `scales`) is in MLX's
+    /// affine format: floating-point scales with `biases` beside them. MXFP4/MXFP8
+    /// checkpoints (gpt-oss) store 8-bit exponent scales and no biases.
+    pub fn check_affine(&self, name: &str, scales: &Array) -> Result<()> {
+        let unsupported = |message: String| Error::UnsupportedQuantization {
+            path: self.weights.source.clone(),
+            name: self.full_name(name),
+            message,
+        };
+        if !is_float(scales.dtype()) {
+            return Err(unsupported(format!(
+                "scales are {:?}, as in MXFP4/MXFP8 checkpoints; only MLX's affine quantization \
+                 (floating-point scales and biases) is supported",
+                scales.dtype()
+            )));
+        }
+        if !self.contains("biases") {
+            return Err(unsupported(
+                "quantized without `biases`: only MLX's affine quantization is supported"
+                    .to_owned(),
+            ));
+        }
+        Ok(())
+    }
+
     /// Reports a tensor whose shape does not fit, naming it.
     pub fn shape_error(&self, name: &str, expected: &[i32], actual: &[i32]) -> Error {
         Error::WeightShape {
