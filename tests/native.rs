@@ -772,10 +772,10 @@ fn layer_norm_reference(x: &Array, w: Option<&Array>, b: Option<&Array>, eps: f3
     let var = x.var_axis(-1, true, 0).unwrap();
     let mut y = (x - &mean) * (var + eps).rsqrt().unwrap();
     if let Some(w) = w {
-        y = y * w;
+        y *= w;
     }
     if let Some(b) = b {
-        y = y + b;
+        y += b;
     }
     y
 }
@@ -870,6 +870,7 @@ fn rms_norm_and_layer_norm_hand_computed() -> TestResult {
 /// θ = (offset + t) * scale * f_i, out_a = a cosθ - b sinθ, out_b = a sinθ + b cosθ.
 /// Non-traditional pairs feature i with i + dims/2; traditional pairs 2i with 2i+1.
 /// Features at or beyond `dims` pass through.
+#[allow(clippy::too_many_arguments)] // mirrors `fast::rope`'s parameters one to one
 fn rope_reference(
     x: &[f32],
     seq: usize,
@@ -1126,7 +1127,7 @@ fn sdpa_reference(q: &Array, k: &Array, v: &Array, scale: f32, mask: Option<&Arr
     let v = Array::repeat_axis::<f32>(v.clone(), n_rep, 1).unwrap();
     let mut scores = q.matmul(k.swap_axes(-1, -2).unwrap()).unwrap() * scale;
     if let Some(m) = mask {
-        scores = scores + m;
+        scores += m;
     }
     ops::softmax_axis(&scores, -1, true)
         .unwrap()

@@ -80,7 +80,7 @@ fn first_step_logits_match_transformers() {
         .forward(&input, &mut cache, &mut Tap::off())
         .unwrap();
     let last = logits
-        .take_axis(&Array::from_int(prompt.len() as i32 - 1), 1)
+        .take_axis(Array::from_int(prompt.len() as i32 - 1), 1)
         .unwrap();
     let last = last.as_dtype(Dtype::Float32).unwrap();
     let row = last.as_slice::<f32>();

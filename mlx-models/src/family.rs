@@ -273,7 +273,7 @@ impl MoeConfig {
         let step = self.decoder_sparse_step.unwrap_or(1).max(1) as usize;
         !self.mlp_only_layers.as_deref().unwrap_or(&[]).contains(&i)
             && i >= self.first_k_dense_replace.unwrap_or(0)
-            && (i + 1) % step == 0
+            && (i + 1).is_multiple_of(step)
     }
 
     /// Softmax top-k routing over these experts, renormalized when `norm_topk_prob`.

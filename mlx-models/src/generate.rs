@@ -275,7 +275,7 @@ impl<'m> TokenStream<'m> {
             let ids: Vec<i32> = chunk.iter().map(|&t| t as i32).collect();
             let input = Array::from_slice(&ids, &[1, ids.len() as i32]);
             let out = network.forward(&input, &mut self.cache, &mut Tap::off())?;
-            let last = out.take_axis(&Array::from_int(out.dim(1) - 1), 1)?;
+            let last = out.take_axis(Array::from_int(out.dim(1) - 1), 1)?;
             // Evaluate per chunk so long prompts don't build one huge graph.
             last.eval()?;
             logits = Some(last);
@@ -415,7 +415,7 @@ pub fn greedy(model: &dyn LanguageModel, prompt: &[u32], count: usize) -> Result
     let mut out = Vec::with_capacity(count);
     for _ in 0..count {
         let logits = model.forward(&input, &mut cache, &mut Tap::off())?;
-        let last = logits.take_axis(&Array::from_int(logits.dim(1) - 1), 1)?;
+        let last = logits.take_axis(Array::from_int(logits.dim(1) - 1), 1)?;
         let token = argmax_axis(&last, -1, None)?
             .as_dtype(Dtype::Uint32)?
             .as_slice::<u32>()[0];

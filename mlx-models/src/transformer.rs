@@ -259,7 +259,7 @@ pub fn layers_by_type(
 #[derive(Debug, Clone)]
 pub enum FeedForward {
     Dense(Mlp),
-    Sparse(SparseMoe),
+    Sparse(Box<SparseMoe>),
 }
 
 impl FeedForward {
@@ -272,7 +272,7 @@ impl FeedForward {
                 if let Some(k) = layer.top_k {
                     moe.router.top_k = k;
                 }
-                FeedForward::Sparse(SparseMoe::load(w, s.hidden_size, &moe)?)
+                FeedForward::Sparse(Box::new(SparseMoe::load(w, s.hidden_size, &moe)?))
             }
             (FeedForwardKind::Sparse, None) => {
                 return Err(Error::Mlx(mlx_rs::error::Exception::custom(

@@ -203,7 +203,7 @@ fn time_decode(
     use mlx_rs::ops::indexing::argmax_axis;
     use mlx_rs::Array;
     let next = |logits: &Array| -> anyhow::Result<Array> {
-        let last = logits.take_axis(&Array::from_int(logits.dim(1) - 1), 1)?;
+        let last = logits.take_axis(Array::from_int(logits.dim(1) - 1), 1)?;
         let token = argmax_axis(&last, -1, true)?.as_dtype(mlx_rs::Dtype::Int32)?;
         token.eval()?;
         Ok(token)

@@ -126,7 +126,7 @@ impl DecoderFamily for Config {
             }
             // Gate and up alternate row by row.
             let pairs = weight.reshape(&[e, rows / 2, 2, cols])?;
-            let pick = |a: &Array, i: i32| a.take_axis(&Array::from_int(i), 2);
+            let pick = |a: &Array, i: i32| a.take_axis(Array::from_int(i), 2);
             weights.insert(part("gate_proj.weight"), pick(&pairs, 0)?);
             weights.insert(part("up_proj.weight"), pick(&pairs, 1)?);
             if let Some(b) = bias {

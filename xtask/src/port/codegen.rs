@@ -171,7 +171,7 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
     let own: Vec<&Field> = plan.fields.iter().filter(|f| !shared(&f.name)).collect();
 
     // What differs from the defaults of the shared settings.
-    let mut family = vec!["DecoderConfig", "DecoderFamily", "LayerRule"];
+    let mut family = ["DecoderConfig", "DecoderFamily", "LayerRule"];
     let mut transformer = vec!["DecoderSettings", "MlpLayout"];
     let mut attn = Vec::new();
     if plan.qkv_fused {

@@ -393,7 +393,7 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
 
     // Attention projections.
     let qkv_fused = has("self_attn.qkv_proj.weight");
-    if !qkv_fused && !(has("self_attn.q_proj.weight") && has("self_attn.k_proj.weight")) {
+    if !(qkv_fused || has("self_attn.q_proj.weight") && has("self_attn.k_proj.weight")) {
         gaps.push("attention has neither q/k/v_proj nor qkv_proj".to_owned());
     }
     let bias_field = ["attention_bias", "use_bias", "bias"]
