@@ -4,6 +4,7 @@
 
 use crate::config::ConfigFile;
 use crate::error::Result;
+use crate::mla::{MlaCache, MlaSettings};
 use crate::model::LanguageModel;
 use crate::moe::{
     split_fused_experts, stack_experts, ExpertActivation, MoeSettings, RouterSettings,
@@ -312,6 +313,109 @@ impl MoeConfig {
             }),
         }
     }
+}
+
+/// The multi-head latent attention fields of a config.json (DeepSeek-V2/V3 names).
+#[derive(Debug, Clone, Deserialize)]
+pub struct MlaConfig {
+    pub kv_lora_rank: i32,
+    /// `null`: a plain `q_proj` (DeepSeek-V2-Lite).
+    #[serde(default)]
+    pub q_lora_rank: Option<i32>,
+    pub qk_nope_head_dim: i32,
+    pub qk_rope_head_dim: i32,
+    pub v_head_dim: i32,
+    /// RoPE on adjacent pairs of the rope part (DeepSeek-V3's default).
+    #[serde(default)]
+    pub rope_interleave: Option<bool>,
+}
+
+impl MlaConfig {
+    /// The latent attention these fields describe, for `d`'s heads and RoPE fields: scores
+    /// scaled by `(nope + rope)^-0.5`, times `mscale²` when a scaled RoPE names
+    /// `mscale_all_dim` (YaRN as DeepSeek ships it).
+    pub fn settings(&self, d: &DecoderConfig, config: &ConfigFile) -> Result<MlaSettings> {
+        for (field, value) in [
+            ("kv_lora_rank", self.kv_lora_rank),
+            ("qk_nope_head_dim", self.qk_nope_head_dim),
+            ("qk_rope_head_dim", self.qk_rope_head_dim),
+            ("v_head_dim", self.v_head_dim),
+            ("num_attention_heads", d.num_attention_heads),
+        ] {
+            config.ensure(value > 0, field, || {
+                format!("must be positive, found {value}")
+            })?;
+        }
+        config.ensure(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim", || {
+            format!(
+                "must be even (RoPE rotates pairs), found {}",
+                self.qk_rope_head_dim
+            )
+        })?;
+        if let Some(rank) = self.q_lora_rank {
+            config.ensure(rank > 0, "q_lora_rank", || {
+                format!("must be positive, found {rank}")
+            })?;
+        }
+        let qk = f64::from(self.qk_nope_head_dim + self.qk_rope_head_dim);
+        let mscale = mscale_all_dim_factor(&d.rope);
+        Ok(MlaSettings {
+            num_heads: d.num_attention_heads,
+            q_lora_rank: self.q_lora_rank,
+            kv_lora_rank: self.kv_lora_rank,
+            qk_nope_head_dim: self.qk_nope_head_dim,
+            qk_rope_head_dim: self.qk_rope_head_dim,
+            v_head_dim: self.v_head_dim,
+            scale: (qk.powf(-0.5) * mscale * mscale) as f32,
+            bias: d.attention_bias.unwrap_or(false),
+            lora_norm_eps: 1e-6,
+            cache: MlaCache::Latent,
+        })
+    }
+
+    /// The RoPE of the rope part of each head (`qk_rope_head_dim` features; adjacent pairs
+    /// when `rope_interleave`, else `interleave_default`).
+    pub fn rope(
+        &self,
+        d: &DecoderConfig,
+        default_theta: f64,
+        interleave_default: bool,
+        config: &ConfigFile,
+    ) -> Result<Rope> {
+        let rope_heads = DecoderConfig {
+            head_dim: Some(self.qk_rope_head_dim),
+            ..d.clone()
+        };
+        let pairs = self.rope_interleave.unwrap_or(interleave_default);
+        rope_heads.rope(default_theta, pairs, config)
+    }
+}
+
+/// YaRN's `0.1 · mscale_all_dim · ln(factor) + 1` of a scaled RoPE naming `mscale_all_dim`
+/// (1 otherwise): DeepSeek multiplies its attention scale by its square.
+fn mscale_all_dim_factor(fields: &RopeFields) -> f64 {
+    let params = fields
+        .rope_parameters
+        .as_ref()
+        .or(fields.rope_scaling.as_ref());
+    let Some(p) = params else { return 1.0 };
+    let kind = p
+        .get("rope_type")
+        .or_else(|| p.get("type"))
+        .and_then(serde_json::Value::as_str)
+        .unwrap_or("default");
+    let all_dim = p
+        .get("mscale_all_dim")
+        .and_then(serde_json::Value::as_f64)
+        .unwrap_or(0.0);
+    let factor = p
+        .get("factor")
+        .and_then(serde_json::Value::as_f64)
+        .unwrap_or(1.0);
+    if kind == "default" || all_dim == 0.0 || factor <= 1.0 {
+        return 1.0;
+    }
+    0.1 * all_dim * factor.ln() + 1.0
 }
 
 /// A config value given once for every layer or as a list with one per layer.

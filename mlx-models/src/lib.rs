@@ -12,6 +12,7 @@ pub mod generate;
 pub mod gguf;
 pub mod hub;
 pub mod load;
+pub mod mla;
 pub mod mlp;
 pub mod model;
 pub mod models;

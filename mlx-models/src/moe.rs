@@ -50,12 +50,23 @@ pub enum Scoring {
     SparseMixer { jitter_eps: f32 },
 }
 
-/// Expert groups: experts fall into `groups` groups, each group scored by the sum of its
-/// two best experts' scores, and only the `top_groups` best groups are eligible.
+/// Expert groups: experts fall into `groups` contiguous groups, each group is scored, and
+/// only the experts of the `top_groups` best groups are eligible.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ExpertGroups {
     pub groups: i32,
     pub top_groups: i32,
+    pub score: GroupScore,
+}
+
+/// How a group of experts is scored for [`ExpertGroups`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GroupScore {
+    /// The sum of its two best experts' scores (DeepSeek-V3's `noaux_tc`, GLM-4.5).
+    #[default]
+    TopTwoSum,
+    /// Its best expert's score (DeepSeek-V2's `group_limited_greedy`).
+    Max,
 }
 
 /// How a router chooses experts and weighs them.
@@ -341,7 +352,11 @@ impl Router {
                 (indices, ops::softmax_axis(&chosen, -1, None)?)
             }
             Scoring::Softmax => {
-                let probs = ops::softmax_axis(&logits, -1, None)?;
+                let mut probs = ops::softmax_axis(&logits, -1, None)?;
+                if let Some(g) = s.groups {
+                    // Experts outside the chosen groups get probability 0, as in Transformers.
+                    probs = mask_groups(&probs, g, 0.0)?;
+                }
                 let indices = top_k_indices(&probs, k)?;
                 let weights = take_along_axis(&probs, &indices, -1)?;
                 (indices, weights)
@@ -353,7 +368,7 @@ impl Router {
                     None => scores.clone(),
                 };
                 if let Some(g) = s.groups {
-                    choice = mask_groups(&choice, g)?;
+                    choice = mask_groups(&choice, g, f32::NEG_INFINITY)?;
                 }
                 let indices = top_k_indices(&choice, k)?;
                 let weights = take_along_axis(&scores, &indices, -1)?;
@@ -391,26 +406,32 @@ fn top_k_indices(scores: &Array, k: i32) -> Result<Array> {
     Ok(order.index((.., ..k)))
 }
 
-/// `choice` with every expert outside the `top_groups` best groups set to -inf (a group's
-/// score is the sum of its two best experts' scores).
-fn mask_groups(choice: &Array, g: ExpertGroups) -> Result<Array> {
+/// `choice` with every expert outside the `top_groups` best groups set to `masked`.
+fn mask_groups(choice: &Array, g: ExpertGroups, masked: f32) -> Result<Array> {
     if g.groups <= 1 || g.top_groups >= g.groups {
         return Ok(choice.clone());
     }
     let (tokens, experts) = (choice.dim(0), choice.dim(1));
-    let grouped = choice.reshape(&[tokens, g.groups, experts / g.groups])?;
-    let best_two = top_k_indices(&grouped.reshape(&[-1, experts / g.groups])?, 2)?;
-    let group_scores =
-        take_along_axis(&grouped.reshape(&[-1, experts / g.groups])?, &best_two, -1)?
-            .sum_axis(-1, None)?
-            .reshape(&[tokens, g.groups])?;
+    let size = experts / g.groups;
+    let grouped = choice.reshape(&[tokens, g.groups, size])?;
+    let group_scores = match g.score {
+        GroupScore::TopTwoSum => {
+            let flat = grouped.reshape(&[-1, size])?;
+            take_along_axis(&flat, &top_k_indices(&flat, 2)?, -1)?
+                .sum_axis(-1, None)?
+                .reshape(&[tokens, g.groups])?
+        }
+        GroupScore::Max => grouped.max_axis(-1, None)?,
+    };
     let dropped = argpartition_axis(&group_scores, g.groups - g.top_groups - 1, -1)?
         .index((.., ..g.groups - g.top_groups));
-    let keep = ops::ones::<f32>(&[tokens, g.groups])?;
-    let keep = keep.put_along_axis(&dropped, ops::zeros::<f32>(dropped.shape())?, -1)?;
-    Ok(grouped
-        .multiply(keep.expand_dims(-1)?)?
-        .reshape(&[tokens, experts])?)
+    let excluded = ops::zeros::<bool>(&[tokens, g.groups])?.put_along_axis(
+        &dropped,
+        ops::ones::<bool>(dropped.shape())?,
+        -1,
+    )?;
+    let masked = ops::select(excluded.expand_dims(-1)?, Array::from_f32(masked), &grouped)?;
+    Ok(masked.reshape(&[tokens, experts])?)
 }
 
 /// Phi-3.5-MoE's sparsemixer at inference (top 2): `(indices, weights)`.
@@ -895,6 +916,7 @@ mod tests {
         r.settings.groups = Some(ExpertGroups {
             groups: 2,
             top_groups: 1,
+            score: GroupScore::TopTwoSum,
         });
         let g1 = sigmoid(logits[0]) + sigmoid(logits[1]);
         let g2 = sigmoid(logits[5]) + 3.0 + sigmoid(logits[3]);

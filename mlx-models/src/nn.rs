@@ -118,6 +118,25 @@ impl Matrix {
         })
     }
 
+    /// The matrix as floating point (`[out, in]`, dequantized when quantized).
+    pub fn dequantized(&self) -> Result<Array> {
+        Ok(match self {
+            Matrix::Dense(w) => w.clone(),
+            Matrix::Quantized {
+                weight,
+                scales,
+                biases,
+                quantization,
+            } => ops::dequantize(
+                weight,
+                scales,
+                biases,
+                quantization.group_size,
+                quantization.bits,
+            )?,
+        })
+    }
+
     /// The quantization, if any.
     pub fn quantization(&self) -> Option<Quantization> {
         match self {

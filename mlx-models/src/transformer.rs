@@ -16,6 +16,7 @@ use crate::attention::Attention;
 use crate::cache::{KvCache, LayerCache};
 use crate::config::ConfigFile;
 use crate::error::{Error, Result};
+use crate::mla::{LatentAttention, MlaSettings};
 use crate::mlp::Mlp;
 use crate::model::{LanguageModel, ModelInfo};
 use crate::moe::{MoeSettings, SparseMoe};
@@ -52,9 +53,20 @@ pub enum FeedForwardKind {
     Sparse,
 }
 
+/// A layer's token mixer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MixerKind {
+    /// The attention of [`DecoderSettings::attention`].
+    #[default]
+    Attention,
+    /// The multi-head latent attention of [`DecoderSettings::latent_attention`].
+    LatentAttention,
+}
+
 /// What differs between the layers of one model.
 #[derive(Debug, Clone, Default)]
 pub struct LayerSettings {
+    pub mixer: MixerKind,
     /// `None`: this layer uses no positional encoding (SmolLM3's NoPE layers).
     pub rope: Option<Rope>,
     /// Each query sees itself and `window - 1` earlier tokens.
@@ -69,8 +81,11 @@ pub struct LayerSettings {
 }
 
 impl LayerSettings {
-    /// The empty cache this layer's attention needs.
-    pub fn new_cache(&self) -> LayerCache {
+    /// The empty cache this layer's attention needs (`mla`: the model's latent attention).
+    pub fn new_cache(&self, mla: Option<&MlaSettings>) -> LayerCache {
+        if let (MixerKind::LatentAttention, Some(mla)) = (self.mixer, mla) {
+            return mla.new_cache();
+        }
         LayerCache::Kv(match (self.sliding_window, self.attention_chunk) {
             (Some(w), _) => KvCache::rotating(w),
             (None, Some(c)) => KvCache::chunked(c),
@@ -92,6 +107,8 @@ pub struct DecoderSettings {
     /// The mixture of experts of the layers whose feed-forward is
     /// [`FeedForwardKind::Sparse`].
     pub moe: Option<MoeSettings>,
+    /// The latent attention of the layers whose mixer is [`MixerKind::LatentAttention`].
+    pub latent_attention: Option<MlaSettings>,
     pub norm: NormKind,
     pub norm_eps: f64,
     pub norm_placement: NormPlacement,
@@ -130,6 +147,7 @@ impl DecoderSettings {
             attention,
             mlp,
             moe: None,
+            latent_attention: None,
             norm: NormKind::Rms,
             norm_eps: 1e-6,
             norm_placement: NormPlacement::Pre,
@@ -141,6 +159,15 @@ impl DecoderSettings {
             tie_word_embeddings: false,
             lm_head_bias: false,
         }
+    }
+
+    /// Makes every layer's mixer the latent attention `mla`.
+    pub fn with_latent_attention(mut self, mla: MlaSettings) -> Self {
+        for layer in &mut self.layers {
+            layer.mixer = MixerKind::LatentAttention;
+        }
+        self.latent_attention = Some(mla);
+        self
     }
 
     /// Makes the layers `sparse(i)` picks mixture-of-experts layers with `moe`.
@@ -290,11 +317,56 @@ impl FeedForward {
     }
 }
 
+/// A layer's token mixer, as loaded.
+#[derive(Debug, Clone)]
+pub enum Mixer {
+    Attention(Attention),
+    LatentAttention(Box<LatentAttention>),
+}
+
+impl Mixer {
+    pub fn load(w: &WeightPath, s: &DecoderSettings, layer: &LayerSettings) -> Result<Self> {
+        Ok(match (layer.mixer, &s.latent_attention, &layer.rope) {
+            (MixerKind::Attention, _, _) => Mixer::Attention(Attention::load(
+                w,
+                s.hidden_size,
+                &s.attention,
+                s.norm,
+                s.norm_eps,
+                layer.rope.clone(),
+            )?),
+            (MixerKind::LatentAttention, Some(mla), Some(rope)) => Mixer::LatentAttention(
+                Box::new(LatentAttention::load(w, s.hidden_size, mla, rope.clone())?),
+            ),
+            (MixerKind::LatentAttention, _, _) => {
+                return Err(Error::Mlx(mlx_rs::error::Exception::custom(
+                    "a latent-attention layer needs latent-attention settings and a RoPE",
+                )))
+            }
+        })
+    }
+
+    pub fn forward(&self, x: &Array, cache: &mut LayerCache, tap: &mut Tap) -> Result<Array> {
+        match self {
+            Mixer::Attention(attention) => attention.forward(x, cache.kv_mut()?, tap),
+            Mixer::LatentAttention(mla) => mla.forward(x, cache, tap),
+        }
+    }
+
+    /// The quantization of the mixer's projections, if any.
+    pub fn quantization(&self) -> Option<crate::nn::Quantization> {
+        match self {
+            Mixer::Attention(a) => a.qkv.first().weight.quantization(),
+            Mixer::LatentAttention(mla) => mla.quantization(),
+        }
+    }
+}
+
 /// One decoder layer: attention and a feed-forward, with norms placed as the family
 /// places them.
 #[derive(Debug, Clone)]
 pub struct DecoderLayer {
-    pub self_attn: Attention,
+    pub self_attn: Mixer,
     pub mlp: FeedForward,
     /// Before attention (pre and sandwich placement).
     pub input_layernorm: Option<Norm>,
@@ -317,14 +389,7 @@ impl DecoderLayer {
             NormPlacement::Sandwich => (true, true),
         };
         Ok(DecoderLayer {
-            self_attn: Attention::load(
-                &w.pp("self_attn"),
-                s.hidden_size,
-                &s.attention,
-                s.norm,
-                s.norm_eps,
-                layer.rope.clone(),
-            )?,
+            self_attn: Mixer::load(&w.pp("self_attn"), s, layer)?,
             mlp: FeedForward::load(&w.pp("mlp"), s, layer)?,
             input_layernorm: pre.then(|| norm("input_layernorm")).transpose()?,
             post_attention_layernorm: norm("post_attention_layernorm")?,
@@ -361,7 +426,7 @@ impl DecoderLayer {
             ),
         };
         let normed = norm_opt(attn_in, x)?;
-        let attn = self.self_attn.forward(&normed, cache.kv_mut()?, tap)?;
+        let attn = self.self_attn.forward(&normed, cache, tap)?;
         let attn = match attn_out_norm {
             Some(n) => n.forward(&attn)?,
             None => attn,
@@ -417,7 +482,7 @@ impl Decoder {
         };
         let quantization = layers
             .first()
-            .and_then(|l| l.self_attn.qkv.first().weight.quantization())
+            .and_then(|l| l.self_attn.quantization())
             .or(embed_tokens.weight.quantization());
         let inactive: usize = layers
             .iter()
@@ -480,7 +545,7 @@ impl LanguageModel for Decoder {
         self.settings
             .layers
             .iter()
-            .map(LayerSettings::new_cache)
+            .map(|l| l.new_cache(self.settings.latent_attention.as_ref()))
             .collect()
     }
 

@@ -163,15 +163,20 @@ fn rope_check(fixture: &Fixture, rope: Option<&Rope>, name: &str) -> Result<Opti
     let positions = &fixture.manifest.rope_positions;
     let seq_len = positions.iter().max().map_or(0, |&p| p as usize + 1);
     let (cos_ref, sin_ref) = (to_f32_vec(cos_ref)?, to_f32_vec(sin_ref)?);
-    // Transformers records either `[positions, dims]` (halves repeated) or one value per
-    // frequency (gpt-oss, and Llama 4's complex pairs, whose layout the manifest names).
+    // Transformers records either `[positions, dims]` (each frequency twice, halves style)
+    // or one value per frequency (gpt-oss, Llama 4's complex rotations); the manifest names
+    // the layout the model pairs features in (`pairs`: 2i with 2i + 1, else halves).
     let pairs = fixture.manifest.rope_layout.as_deref() == Some("pairs");
-    let (cos, sin) = match rope.cos_sin(positions, seq_len)? {
-        (cos, _) if cos.len() == 2 * cos_ref.len() || pairs => {
-            rope.cos_sin_per_frequency(positions, seq_len, pairs)?
-        }
-        full => full,
-    };
+    let (mut cos, mut sin) = rope.cos_sin_per_frequency(positions, seq_len, pairs)?;
+    if cos.len() * 2 == cos_ref.len() {
+        let half = cos.len() / positions.len().max(1);
+        let repeat = |v: Vec<f32>| -> Vec<f32> {
+            v.chunks(half.max(1))
+                .flat_map(|row| row.iter().chain(row).copied())
+                .collect()
+        };
+        (cos, sin) = (repeat(cos), repeat(sin));
+    }
     let tol = fixture.manifest.tolerances.rope_max_abs;
     if cos.len() != cos_ref.len() {
         return Ok(Some(Check::new(

@@ -1,15 +1,18 @@
 //! What a layer keeps between forward passes.
 //!
-//! Each layer of a model has one [`LayerCache`], of the kind its token mixer needs; today
-//! that is a [`KvCache`] (plain, rotating for sliding windows, or chunked) for attention.
+//! Each layer of a model has one [`LayerCache`], of the kind its token mixer needs: a
+//! [`KvCache`] (plain, rotating for sliding windows, or chunked) for attention, a
+//! [`LatentCache`] for multi-head latent attention.
 //! Generation, chat reuse and saved prompt caches use the same few operations on every
 //! kind: the position of the next token ([`LayerCache::offset`]), cutting back to a prefix
 //! where the kind can ([`LayerCache::truncate`], which says when it cannot), and the state
 //! as named arrays ([`LayerCache::state`]).
 
 mod kv;
+mod latent;
 
 pub use kv::KvCache;
+pub use latent::LatentCache;
 
 use crate::error::{Error, Result};
 use mlx_rs::error::Exception;
@@ -20,6 +23,8 @@ use mlx_rs::Array;
 pub enum LayerCache {
     /// Keys and values of an attention layer.
     Kv(KvCache),
+    /// The compressed latents and RoPE keys of a latent-attention layer.
+    Latent(LatentCache),
 }
 
 impl LayerCache {
@@ -27,6 +32,7 @@ impl LayerCache {
     pub fn offset(&self) -> i32 {
         match self {
             LayerCache::Kv(kv) => kv.offset(),
+            LayerCache::Latent(latent) => latent.offset(),
         }
     }
 
@@ -37,6 +43,7 @@ impl LayerCache {
     pub fn truncate(&mut self, len: i32) -> Result<bool> {
         match self {
             LayerCache::Kv(kv) => kv.truncate(len),
+            LayerCache::Latent(latent) => Ok(latent.truncate(len)),
         }
     }
 
@@ -44,13 +51,14 @@ impl LayerCache {
     pub fn arrays(&self) -> Vec<&Array> {
         match self {
             LayerCache::Kv(kv) => kv.arrays().collect(),
+            LayerCache::Latent(latent) => latent.arrays().collect(),
         }
     }
 
-    /// The cache's state as named arrays (`keys`, `values`: what is stored, as stored),
-    /// for saving a prompt cache or measuring it.
-    pub fn state(&self) -> Vec<(&'static str, Array)> {
-        match self {
+    /// The cache's state as named arrays (`keys`, `values`: what is stored, as stored;
+    /// `latent`: one entry per token), for saving a prompt cache or measuring it.
+    pub fn state(&self) -> Result<Vec<(&'static str, Array)>> {
+        Ok(match self {
             LayerCache::Kv(kv) => {
                 let mut arrays = kv.arrays();
                 let mut state = Vec::new();
@@ -60,7 +68,11 @@ impl LayerCache {
                 }
                 state
             }
-        }
+            LayerCache::Latent(latent) => latent
+                .entries()?
+                .map(|entries| vec![("latent", entries)])
+                .unwrap_or_default(),
+        })
     }
 
     /// Bytes the cache holds.
@@ -72,7 +84,26 @@ impl LayerCache {
     pub fn kv_mut(&mut self) -> Result<&mut KvCache> {
         match self {
             LayerCache::Kv(kv) => Ok(kv),
+            other => Err(other.wrong_kind("a KV cache")),
         }
+    }
+
+    /// The cache of a latent-attention layer; an error for any other kind.
+    pub fn latent_mut(&mut self) -> Result<&mut LatentCache> {
+        match self {
+            LayerCache::Latent(latent) => Ok(latent),
+            other => Err(other.wrong_kind("a latent cache")),
+        }
+    }
+
+    fn wrong_kind(&self, wanted: &str) -> Error {
+        let found = match self {
+            LayerCache::Kv(_) => "a KV cache",
+            LayerCache::Latent(_) => "a latent cache",
+        };
+        Error::Mlx(Exception::custom(format!(
+            "this layer needs {wanted}, the cache holds {found}: use the model's new_cache()"
+        )))
     }
 
     /// Cuts every layer back to the first `len` tokens. If any layer cannot keep that

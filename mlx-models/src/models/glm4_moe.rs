@@ -16,7 +16,7 @@ use crate::config::ConfigFile;
 use crate::error::Result;
 use crate::family::{sanitize_moe, DecoderConfig, DecoderFamily, LayerRule, MoeConfig};
 use crate::models::qwen3_moe::QWEN_EXPERTS;
-use crate::moe::{ExpertActivation, ExpertGroups, RouterSettings, Scoring};
+use crate::moe::{ExpertActivation, ExpertGroups, GroupScore, RouterSettings, Scoring};
 use crate::transformer::{AttentionSettings, DecoderSettings, MlpLayout, QkNorm};
 use crate::weights::Weights;
 use serde::Deserialize;
@@ -58,6 +58,7 @@ impl DecoderFamily for Config {
             groups: Some(ExpertGroups {
                 groups: m.n_group.unwrap_or(1),
                 top_groups: m.topk_group.unwrap_or(1),
+                score: GroupScore::TopTwoSum,
             }),
             scaling_factor: m.routed_scaling_factor.map(|f| f as f32),
             ..m.router()

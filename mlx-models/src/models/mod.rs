@@ -1,10 +1,13 @@
 //! The model zoo: one module per architecture family, and the registry from
 //! `model_type` to module.
 
+pub mod deepseek_v2;
+pub mod deepseek_v3;
 pub mod gemma;
 pub mod gemma2;
 pub mod gemma3_text;
 pub mod glm4_moe;
+pub mod glm4_moe_lite;
 pub mod gpt_oss;
 pub mod granite;
 pub mod granitemoe;
@@ -36,14 +39,18 @@ pub type Loader = fn(&ConfigFile, Weights) -> Result<Box<dyn LanguageModel>>;
 
 /// Every supported `model_type` and the module that implements it.
 pub const REGISTRY: &[(&str, Loader)] = &[
+    ("deepseek_v2", family::load::<deepseek_v2::Config>),
+    ("deepseek_v3", family::load::<deepseek_v3::Config>),
     ("gemma", family::load::<gemma::Config>),
     ("gemma2", family::load::<gemma2::Config>),
     ("gemma3_text", family::load::<gemma3_text::Config>),
     ("glm4_moe", family::load::<glm4_moe::Config>),
+    ("glm4_moe_lite", family::load::<glm4_moe_lite::Config>),
     ("gpt_oss", family::load::<gpt_oss::Config>),
     ("granite", family::load::<granite::Config>),
     ("granitemoe", family::load::<granitemoe::Config>),
     ("hunyuan_v1_moe", family::load::<hunyuan_v1_moe::Config>),
+    ("kimi_k2", family::load::<deepseek_v3::Config>),
     ("llama", family::load::<llama::Config>),
     ("llama4", llama4_text::load_multimodal),
     ("llama4_text", family::load::<llama4_text::Config>),
