@@ -321,7 +321,7 @@ impl FeedForward {
 #[derive(Debug, Clone)]
 pub enum Mixer {
     Attention(Attention),
-    LatentAttention(Box<LatentAttention>),
+    LatentAttention(LatentAttention),
 }
 
 impl Mixer {
@@ -335,9 +335,9 @@ impl Mixer {
                 s.norm_eps,
                 layer.rope.clone(),
             )?),
-            (MixerKind::LatentAttention, Some(mla), Some(rope)) => Mixer::LatentAttention(
-                Box::new(LatentAttention::load(w, s.hidden_size, mla, rope.clone())?),
-            ),
+            (MixerKind::LatentAttention, Some(mla), Some(rope)) => {
+                Mixer::LatentAttention(LatentAttention::load(w, s.hidden_size, mla, rope.clone())?)
+            }
             (MixerKind::LatentAttention, _, _) => {
                 return Err(Error::Mlx(mlx_rs::error::Exception::custom(
                     "a latent-attention layer needs latent-attention settings and a RoPE",

@@ -92,7 +92,13 @@ SOFTCAP_FIELDS = ("attn_logit_softcapping", "final_logit_softcapping")
 ROPE_RECORD_PREFIXES = {"full_attention": "rope", "sliding_attention": "rope_local"}
 # Hub-style configs of these families spell the RoPE type `type`, not `rope_type`
 # (Phi-3: `"rope_scaling": {"type": "longrope", ...}`).
-HUB_ROPE_TYPE_KEY = {"phi3": "type", "phimoe": "type", "hunyuan_v1_moe": "type"}
+HUB_ROPE_TYPE_KEY = {
+    "phi3": "type",
+    "phimoe": "type",
+    "hunyuan_v1_moe": "type",
+    "deepseek_v2": "type",
+    "deepseek_v3": "type",
+}
 # Hub-style configs of these families list `layer_types` even where Transformers
 # could derive it; for all others a derivable `layer_types` is dropped.
 HUB_KEEPS_LAYER_TYPES = {"smollm3", "gpt_oss"}
@@ -118,7 +124,24 @@ HUB_ROTARY_DIM = {"minimax_m2"}
 # Fields that the family's Hub configs leave out when they have this value, which
 # is then what Transformers assumes (Qwen1.5-MoE and Qwen2-57B-A14B predate `qkv_bias`;
 # gpt-oss has no `swiglu_alpha`, its 1.702 is built in).
-HUB_OMITTED_VALUES = {"qwen2_moe": [("qkv_bias", True)], "gpt_oss": [("swiglu_alpha", 1.702)]}
+HUB_OMITTED_VALUES = {
+    "qwen2_moe": [("qkv_bias", True)],
+    "gpt_oss": [("swiglu_alpha", 1.702)],
+    # DeepSeek-V2 predates `mlp_bias`.
+    "deepseek_v2": [("mlp_bias", False)],
+    # DeepSeek-V3 / Kimi-K2 and GLM-4.7-Flash predate `rope_interleave`: their RoPE is interleaved.
+    "deepseek_v3": [("rope_interleave", True)],
+    "glm4_moe_lite": [("rope_interleave", True)],
+}
+# Fields that Transformers' config class derives from others and writes into config.json,
+# which the family's Hub configs leave out (DeepSeek: head_dim = qk_rope_head_dim and
+# qk_head_dim = qk_nope_head_dim + qk_rope_head_dim; GLM-4.7-Flash: mlp_layer_types, dense
+# first then sparse). Left out only where Transformers derives the very same value without them.
+HUB_DERIVED_FIELDS = {
+    "deepseek_v2": ["head_dim", "qk_head_dim"],
+    "deepseek_v3": ["head_dim", "qk_head_dim"],
+    "glm4_moe_lite": ["qk_head_dim", "mlp_layer_types"],
+}
 # Fields that Transformers writes under another name than the family's Hub configs
 # (through the config's attribute_map): (name written, name on the Hub).
 HUB_RENAMED_FIELDS = {"qwen3_moe": [("num_local_experts", "num_experts")]}
@@ -128,7 +151,31 @@ HUB_RENAMED_FIELDS = {"qwen3_moe": [("num_local_experts", "num_experts")]}
 HUB_EXTRA_FIELDS = {
     "minimax_m2": {"use_qk_norm": True, "qk_norm_type": "per_layer", "scoring_func": "sigmoid", "use_routing_bias": True},
     "hunyuan_v1_moe": {"use_qk_norm": True, "use_mixed_mlp_moe": True},
+    # DeepSeek-V3 / Kimi-K2: the router Transformers implements (sigmoid scores, routing bias,
+    # group-limited top-k), every layer from first_k_dense_replace on MoE.
+    "deepseek_v3": {"topk_method": "noaux_tc", "scoring_func": "sigmoid", "moe_layer_freq": 1},
+    # DeepSeek-V2(-Lite, .5): softmax router (topk_method is a field Transformers reads).
+    "deepseek_v2": {"scoring_func": "softmax", "moe_layer_freq": 1},
+    # GLM-4.7-Flash: layer 0 dense (Transformers reads mlp_layer_types, which it derives the same),
+    # the DeepSeek-V3 router, one MTP layer, no RoPE scaling.
+    "glm4_moe_lite": {
+        "first_k_dense_replace": 1,
+        "moe_layer_freq": 1,
+        "topk_method": "noaux_tc",
+        "scoring_func": "sigmoid",
+        "num_nextn_predict_layers": 1,
+        "partial_rotary_factor": 1.0,
+        "rope_scaling": None,
+    },
 }
+
+# Multi-head latent attention families whose attention rotates interleaved feature pairs
+# (2i, 2i + 1) although their rotary module returns cos/sin in the halves layout
+# (cat(freqs, freqs)): Transformers' apply_rotary_pos_emb_interleave reads the first half of
+# cos/sin, one value per pair. The value names the config flag that switches it on (true by
+# default; false rotates halves), or None where it is always on. Their rope.cos/rope.sin are
+# recorded one per frequency and the manifest says `"rope_layout": "pairs"`, as for Llama 4.
+INTERLEAVED_ROPE_FLAG = {"deepseek_v3": "rope_interleave", "glm4_moe_lite": "rope_interleave", "longcat_flash": None}
 
 # Mixture-of-experts families (a model whose `_can_record_outputs` names a router
 # module) are run with the plain per-expert loop of Transformers' experts modules,
@@ -300,7 +347,7 @@ def to_hub_style(config: dict) -> dict:
       families in HUB_KEEPS_LAYER_TYPES keep it;
     * family quirks: HUB_ROPE_TYPE_KEY, HUB_IGNORED_SLIDING_WINDOW, HUB_LEGACY_VALUES,
       HUB_ROPE_KEEPS_ORIGINAL_MAX, HUB_ROTARY_DIM, HUB_OMITTED_VALUES, HUB_RENAMED_FIELDS,
-      HUB_EXTRA_FIELDS.
+      HUB_DERIVED_FIELDS, HUB_EXTRA_FIELDS.
     """
     # Private attributes Transformers serializes (Gemma 3's `_sliding_window_pattern`) are no Hub keys.
     config = {key: value for key, value in config.items() if not key.startswith("_")}
@@ -345,6 +392,9 @@ def to_hub_style(config: dict) -> dict:
     for written, on_hub in HUB_RENAMED_FIELDS.get(model_type, []):
         if written in config:
             config[on_hub] = config.pop(written)
+    for field in HUB_DERIVED_FIELDS.get(model_type, []):
+        if field in config and derived_field(config, field) == config[field]:
+            config.pop(field)
     config.update(HUB_EXTRA_FIELDS.get(model_type, {}))
     return config
 
@@ -384,6 +434,14 @@ def derived_layer_types(config: dict):
 
     kwargs = {key: value for key, value in config.items() if key not in ("model_type", "layer_types")}
     return transformers.AutoConfig.for_model(config["model_type"], **copy.deepcopy(kwargs)).layer_types
+
+
+def derived_field(config: dict, field: str):
+    """The value Transformers derives for `field` of a config.json dict that lacks it."""
+    import transformers
+
+    kwargs = {key: value for key, value in config.items() if key not in ("model_type", field)}
+    return getattr(transformers.AutoConfig.for_model(config["model_type"], **copy.deepcopy(kwargs)), field, None)
 
 
 def without_legacy_type(rope):
@@ -614,7 +672,9 @@ def capture_rope(model, dtype):
     """cos/sin (and inv_freq, when exposed) of the model's rotary module at ROPE_POSITIONS.
 
     One call with all positions, as a forward pass over those positions would make
-    it. The input `x` only lends its dtype and device. Returns the tensors and, per
+    it. The input `x` only lends its dtype and device. Families whose attention
+    rotates interleaved pairs from halves-layout cos/sin (INTERLEAVED_ROPE_FLAG) get the
+    first half, one value per frequency. Returns the tensors and, per
     record prefix (`rope`, and `rope_local` for a rotary module with one RoPE per
     layer type), the module's `attention_scaling`, the factor it multiplies cos and
     sin by.
@@ -639,6 +699,9 @@ def capture_rope(model, dtype):
             cos, sin = result.real, result.imag
         else:
             cos, sin = result
+            if interleaved_rope(model.config):
+                # The interleaved rotation reads the first half only: one value per pair.
+                cos, sin = cos[..., : cos.shape[-1] // 2], sin[..., : sin.shape[-1] // 2]
         tensors[f"{prefix}.cos"], tensors[f"{prefix}.sin"] = cos[0].clone(), sin[0].clone()
         inv_freq = getattr(rotary, f"{attribute}inv_freq", None)
         scaling = float(getattr(rotary, f"{attribute}attention_scaling", 1.0))
@@ -651,15 +714,26 @@ def capture_rope(model, dtype):
 
 
 def rotates_pairs(rotary, config) -> bool:
-    """Whether the rotary module rotates adjacent feature pairs (Llama 4 returns complex
-    rotations applied to (2i, 2i + 1)) rather than halves (i, i + dims/2)."""
+    """Whether the attention rotates adjacent feature pairs (2i, 2i + 1) rather than halves
+    (i, i + dims/2): the rotary module returns complex rotations (Llama 4, DeepSeek-V2), or
+    the family applies halves-layout cos/sin to interleaved pairs (INTERLEAVED_ROPE_FLAG)."""
     import torch
 
     if rope_layer_types(rotary) is not None:
         return False
+    if interleaved_rope(config):
+        return True
     with torch.no_grad():
         result = rotary(torch.zeros(1, 1, config.hidden_size), torch.zeros(1, 1, dtype=torch.int64))
     return isinstance(result, torch.Tensor) and result.is_complex()
+
+
+def interleaved_rope(config) -> bool:
+    """Whether the family's attention applies halves-layout cos/sin to interleaved pairs (INTERLEAVED_ROPE_FLAG)."""
+    if config.model_type not in INTERLEAVED_ROPE_FLAG:
+        return False
+    flag = INTERLEAVED_ROPE_FLAG[config.model_type]
+    return flag is None or bool(getattr(config, flag))
 
 
 def phimoe_rope_in_use(rotary, seq_len: int):
@@ -842,8 +916,9 @@ def routing_margins(model, activations) -> dict:
     the way Transformers ranks them: the logits themselves (softmax and sigmoid
     routers are monotone in them; PhiMoE's sparsemixer takes the best, then the best
     of the rest), or sigmoid(logits) + e_score_correction_bias where a layer has that
-    routing bias (GLM-4.5, MiniMax-M2), restricted to the best `topk_group` of
-    `num_group` groups (each scored by the sum of its top-2) where the router groups
+    routing bias (GLM-4.5, MiniMax-M2, DeepSeek-V3), restricted to the best `topk_group` of
+    `num_group` groups (each scored by the sum of its top-2, or by its best expert for
+    DeepSeek-V2's `group_limited_greedy`; not at all for its `greedy`) where the router groups
     experts. The recorded choice must be the top-k of that score, which also checks
     this description. Returns the smallest margins (checks entries).
     """
@@ -861,9 +936,15 @@ def routing_margins(model, activations) -> dict:
         ]
         score = logits if not biases else logits.sigmoid() + biases[0].float()
         num_group = getattr(router, "num_group", 1) or 1
-        if num_group > 1:
+        method = getattr(router, "topk_method", None)
+        if num_group > 1 and method != "greedy":
             experts = score.shape[-1]
-            group_scores = score.view(-1, num_group, experts // num_group).topk(2, dim=-1).values.sum(dim=-1)
+            grouped = score.view(-1, num_group, experts // num_group)
+            if method == "group_limited_greedy":
+                # DeepSeek-V2: a group scores its best expert's softmax score (ranked as the logits).
+                group_scores = grouped.max(dim=-1).values
+            else:
+                group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
             ranked = group_scores.sort(dim=-1, descending=True).values
             group.append(float((ranked[:, router.topk_group - 1] - ranked[:, router.topk_group]).min()))
             kept = group_scores.topk(router.topk_group, dim=-1).indices
@@ -961,6 +1042,72 @@ def option_effect_checks(model, input_ids, logits, effects: list) -> dict:
             raise SystemExit(f"effect check {effect['name']!r}: the option changes the logits by only {delta:.3g}")
         checks[f"logits_vs_{effect['name']}_max_abs"] = rounded(delta)
     return checks
+
+
+def mla_notes(model) -> dict:
+    """Manifest entries for multi-head latent attention (a config with kv_lora_rank), else {}.
+
+    `attention_softmax_scale` is the factor Transformers multiplies q·k by before the
+    softmax (the attention module's `scaling`), and `attention_note` spells out how it
+    computes MLA where a port could go wrong: the layout of q and k, the RoPE pairing, the
+    eps of the latent norms and the YaRN mscale in the softmax scale.
+    """
+    import math
+
+    config = model.config
+    if getattr(config, "kv_lora_rank", None) is None:
+        return {}
+    attention = next(module for module in model.modules() if hasattr(module, "kv_b_proj"))
+    nope, rope_dim, value = attention.qk_nope_head_dim, attention.qk_rope_head_dim, attention.v_head_dim
+    qk = attention.qk_head_dim
+    if getattr(attention, "q_a_proj", None) is not None:
+        query = f"q = q_b_proj(q_a_layernorm(q_a_proj(x))) (q_lora_rank {config.q_lora_rank})"
+    else:
+        query = "q = q_proj(x) (q_lora_rank null)"
+    notes = [
+        f"{query}, viewed [heads, {qk}] and split into q_nope ({nope}) | q_pe ({rope_dim}); "
+        f"kv_a_proj_with_mqa(x) splits into the latent ({config.kv_lora_rank}) | k_pe ({rope_dim}, one for all heads); "
+        f"kv_b_proj(kv_a_layernorm(latent)) viewed [heads, {nope + value}] splits into k_nope ({nope}) | v ({value}); "
+        f"q = [q_nope, rope(q_pe)] and k = [k_nope, rope(k_pe)] in that order; the attention output "
+        f"[heads, v_head_dim {value}] (no padding) goes to o_proj.",
+        f"{'q_a_layernorm and kv_a_layernorm use' if getattr(attention, 'q_a_layernorm', None) is not None else 'kv_a_layernorm uses'} "
+        f"eps {attention.kv_a_layernorm.variance_epsilon:g} "
+        f"(RMSNorm's default; rms_norm_eps {config.rms_norm_eps:g} is for the other norms).",
+    ]
+    if hasattr(attention, "mla_scale_q_lora"):
+        notes.append(
+            f"LongCat: q_nope and q_pe are multiplied by (hidden_size / q_lora_rank)^0.5 = {attention.mla_scale_q_lora:.9g} "
+            f"and the normed latent by (hidden_size / kv_lora_rank)^0.5 = {attention.mla_scale_kv_lora:.9g}."
+        )
+    rotary = decoder_parts(model)[2]
+    with_scaling = float(getattr(rotary, "attention_scaling", 1.0))
+    if interleaved_rope(config):
+        notes.append(
+            "RoPE rotates interleaved pairs (2i, 2i + 1) by angle i (apply_rotary_pos_emb_interleave); its output "
+            "lists the rotated first elements, then the second ones, for q and k alike, which leaves q·k unchanged."
+        )
+    elif rotates_pairs(rotary, config):
+        notes.append(
+            "RoPE rotates interleaved pairs (2i, 2i + 1): q_pe and k_pe are viewed as complex numbers in float32 and "
+            "multiplied by the rotary module's cos + i·sin (times rope_attention_scaling), keeping the pair order."
+        )
+    else:
+        notes.append("RoPE rotates halves (i, i + qk_rope_head_dim / 2) (rope_interleave false).")
+    scale = float(attention.scaling)
+    base = qk ** -0.5
+    rope = config.rope_parameters
+    if scale == base:
+        notes.append(f"Softmax scale qk_head_dim^-0.5 = {qk}^-0.5 = {scale:.9g} (no mscale_all_dim to apply).")
+    else:
+        mscale = 0.1 * rope["mscale_all_dim"] * math.log(rope["factor"]) + 1.0
+        notes.append(
+            f"Softmax scale {scale:.9g} = qk_head_dim^-0.5 ({qk}^-0.5 = {base:.9g}) * mscale^2, mscale = "
+            f"0.1 * mscale_all_dim ({rope['mscale_all_dim']:g}) * ln(factor {rope['factor']:g}) + 1 = {mscale:.9g} "
+            "(applied when rope_type is not default, mscale_all_dim is set and non-zero and factor > 1). "
+            f"YaRN's attention_factor {with_scaling:.9g} (rope_attention_scaling, get_mscale(factor, mscale) / "
+            "get_mscale(factor, mscale_all_dim)) multiplies cos and sin on top of that."
+        )
+    return {"attention_softmax_scale": scale, "attention_note": " ".join(notes)}
 
 
 def rope_note(config, rotary=None):
@@ -1192,6 +1339,7 @@ def export_variant(spec: dict, variant: dict, out_root: Path) -> None:
             manifest["rope_note"] = note
         if rotary is not None and rotates_pairs(rotary, reference.config):
             manifest["rope_layout"] = "pairs"
+        manifest.update(mla_notes(reference))
         write_json(staging / "fixture.json", manifest)
 
         target = out_root / spec["model_type"] / name
