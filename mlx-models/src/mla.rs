@@ -236,11 +236,21 @@ impl LatentAttention {
         mask: &AttentionMask,
     ) -> Result<Array> {
         let s = &self.settings;
+        let (batch, len) = (q_nope.dim(0), q_nope.dim(2));
         // [b, h, l, nope] @ [h, nope, rank] → [b, h, l, rank].
         let q_latent = ops::matmul(q_nope, &self.w_uk.as_dtype(q_nope.dtype())?)?;
         let q = ops::concatenate(&[&q_latent, q_pe], -1)?;
         let values = all.split_at_indices(&[s.kv_lora_rank], -1)?[0].clone();
-        let out = attention_with_sinks(&q, all, &values, s.scale, mask, None)?;
+        // All heads share the one latent "head": fold them into the query rows, so the
+        // latents are read once rather than repeated per head. Each head's queries stay
+        // in order, so a causal mask still lines up with one head's rows at a time.
+        let out = if len == 1 {
+            let q = q.reshape(&[batch, 1, s.num_heads, -1])?;
+            attention_with_sinks(&q, all, &values, s.scale, &AttentionMask::None, None)?
+                .reshape(&[batch, s.num_heads, 1, s.kv_lora_rank])?
+        } else {
+            attention_with_sinks(&q, all, &values, s.scale, mask, None)?
+        };
         // [b, h, l, rank] @ [h, rank, v] → [b, h, l, v].
         Ok(ops::matmul(&out, &self.w_uv_t.as_dtype(out.dtype())?)?)
     }

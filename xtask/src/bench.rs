@@ -33,6 +33,20 @@ enum Bench {
         #[arg(long, default_value_t = 128)]
         max_tokens: usize,
     },
+    /// Cache bytes per token and decode speed of a random-weight DeepSeek-V3-shaped model
+    /// with multi-head latent attention, caching the latents (decode absorbs `kv_b_proj`)
+    /// and caching expanded keys and values, after a long prompt, in one run (use --release).
+    Mla {
+        /// Prompt length in tokens (the context decoding attends over).
+        #[arg(long, default_value_t = 4096)]
+        context: usize,
+        /// Tokens to generate.
+        #[arg(long, default_value_t = 32)]
+        max_tokens: usize,
+        /// Decoder layers.
+        #[arg(long, default_value_t = 4)]
+        layers: usize,
+    },
     /// Decode speed of a random-weight mixture-of-experts model (Qwen3-MoE shape) next to
     /// a dense model with the same active parameters per token, in one run (use --release).
     Moe {
@@ -67,6 +81,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             prompt_tokens,
             max_tokens,
         } => generate(prompt_tokens, max_tokens),
+        Bench::Mla {
+            context,
+            max_tokens,
+            layers,
+        } => mla(context, max_tokens, layers),
         Bench::Moe {
             hidden,
             layers,
@@ -87,6 +106,137 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             max_tokens,
         ),
     }
+}
+
+fn mla(context: usize, max_tokens: usize, layers: usize) -> anyhow::Result<()> {
+    use mlx_models::config::ConfigFile;
+    use mlx_models::family::DecoderFamily;
+    use mlx_models::mla::MlaCache;
+    use mlx_models::weights::Weights;
+    use std::collections::HashMap;
+
+    let (h, heads, vocab) = (1024, 16, 32_000);
+    let (q_rank, kv_rank, nope, rope, v) = (384, 256, 64, 32, 64);
+    let value = serde_json::json!({
+        "model_type": "deepseek_v3",
+        "vocab_size": vocab,
+        "hidden_size": h,
+        "intermediate_size": 2048,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": heads,
+        "q_lora_rank": q_rank,
+        "kv_lora_rank": kv_rank,
+        "qk_nope_head_dim": nope,
+        "qk_rope_head_dim": rope,
+        "v_head_dim": v,
+        "first_k_dense_replace": layers,
+        "max_position_embeddings": context + max_tokens + 8,
+    });
+    let config = ConfigFile {
+        path: PathBuf::from("bench-mla"),
+        value,
+    };
+    let family: mlx_models::models::deepseek_v3::Config =
+        config.parse_with_defaults(mlx_models::models::deepseek_v3::Config::DEFAULTS)?;
+    let mut key = 0u64;
+    let mut random = |shape: &[i32]| -> anyhow::Result<mlx_rs::Array> {
+        key += 1;
+        let k = mlx_rs::random::key(key)?;
+        let std = (shape[shape.len() - 1] as f32).powf(-0.5);
+        Ok(mlx_rs::random::normal::<f32>(shape, None, Some(std), &k)?)
+    };
+    let ones = |n: i32| mlx_rs::ops::ones::<f32>(&[n]);
+    let mut tensors: HashMap<String, mlx_rs::Array> = HashMap::new();
+    tensors.insert("model.embed_tokens.weight".into(), random(&[vocab, h])?);
+    tensors.insert("lm_head.weight".into(), random(&[vocab, h])?);
+    tensors.insert("model.norm.weight".into(), ones(h)?);
+    for i in 0..layers {
+        let p = format!("model.layers.{i}");
+        let a = format!("{p}.self_attn");
+        for (name, shape) in [
+            ("q_a_proj", vec![q_rank, h]),
+            ("q_b_proj", vec![heads * (nope + rope), q_rank]),
+            ("kv_a_proj_with_mqa", vec![kv_rank + rope, h]),
+            ("kv_b_proj", vec![heads * (nope + v), kv_rank]),
+            ("o_proj", vec![h, heads * v]),
+        ] {
+            tensors.insert(format!("{a}.{name}.weight"), random(&shape)?);
+        }
+        tensors.insert(format!("{a}.q_a_layernorm.weight"), ones(q_rank)?);
+        tensors.insert(format!("{a}.kv_a_layernorm.weight"), ones(kv_rank)?);
+        tensors.insert(format!("{p}.input_layernorm.weight"), ones(h)?);
+        tensors.insert(format!("{p}.post_attention_layernorm.weight"), ones(h)?);
+        tensors.insert(format!("{p}.mlp.gate_proj.weight"), random(&[2048, h])?);
+        tensors.insert(format!("{p}.mlp.up_proj.weight"), random(&[2048, h])?);
+        tensors.insert(format!("{p}.mlp.down_proj.weight"), random(&[h, 2048])?);
+    }
+    mlx_rs::transforms::eval(tensors.values())?;
+    let prompt: Vec<i32> = (0..context as i32).map(|t| (t * 7919) % vocab).collect();
+    for cache in [MlaCache::Expanded, MlaCache::Latent] {
+        let mut settings = family.settings(&config)?;
+        if let Some(mla) = settings.latent_attention.as_mut() {
+            mla.cache = cache;
+        }
+        let weights = Weights::new(tensors.clone(), &config.path);
+        let model = mlx_models::transformer::build(&config, settings, weights)?;
+        let (prefill, decode, bytes) = time_decode_with_cache(model.as_ref(), &prompt, max_tokens)?;
+        let tokens = (context + max_tokens) as f64;
+        println!(
+            "{}",
+            serde_json::json!({
+                "bench": "mla",
+                "cache": match cache { MlaCache::Latent => "latent (kv_b_proj absorbed)", MlaCache::Expanded => "expanded keys and values" },
+                "layers": layers,
+                "context_tokens": context,
+                "generated_tokens": max_tokens,
+                "cache_bytes_per_token": (bytes as f64 / tokens).round(),
+                "cache_mib": (bytes as f64 / 1048576.0 * 10.0).round() / 10.0,
+                "prefill_tok_s": (context as f64 / prefill * 10.0).round() / 10.0,
+                "decode_tok_s": (max_tokens as f64 / decode * 10.0).round() / 10.0,
+            })
+        );
+    }
+    Ok(())
+}
+
+/// [`time_decode`], also returning the bytes the cache's state holds at the end.
+fn time_decode_with_cache(
+    model: &dyn mlx_models::LanguageModel,
+    prompt: &[i32],
+    steps: usize,
+) -> anyhow::Result<(f64, f64, usize)> {
+    use mlx_models::tap::Tap;
+    use mlx_rs::ops::indexing::argmax_axis;
+    use mlx_rs::Array;
+    let next = |logits: &Array| -> anyhow::Result<Array> {
+        let last = logits.take_axis(Array::from_int(logits.dim(1) - 1), 1)?;
+        let token = argmax_axis(&last, -1, true)?.as_dtype(mlx_rs::Dtype::Int32)?;
+        token.eval()?;
+        Ok(token)
+    };
+    let mut cache = model.new_cache();
+    let start = std::time::Instant::now();
+    let mut token = Array::from_int(0);
+    for chunk in prompt.chunks(512) {
+        let input = Array::from_slice(chunk, &[1, chunk.len() as i32]);
+        token = next(&model.forward(&input, &mut cache, &mut Tap::off())?)?;
+    }
+    let prefill = start.elapsed().as_secs_f64();
+    let start = std::time::Instant::now();
+    for _ in 0..steps {
+        token = next(&model.forward(&token.reshape(&[1, 1])?, &mut cache, &mut Tap::off())?)?;
+    }
+    let decode = start.elapsed().as_secs_f64();
+    let mut bytes = 0;
+    for layer in &cache {
+        bytes += layer
+            .state()?
+            .iter()
+            .map(|(_, a)| a.nbytes())
+            .sum::<usize>();
+    }
+    Ok((prefill, decode, bytes))
 }
 
 /// The shape of the `bench moe` models.
