@@ -130,8 +130,8 @@ HUB_OMITTED_VALUES = {
     # DeepSeek-V2 predates `mlp_bias`.
     "deepseek_v2": [("mlp_bias", False)],
     # DeepSeek-V3 / Kimi-K2 and GLM-4.7-Flash predate `rope_interleave`: their RoPE is interleaved.
-    "deepseek_v3": [("rope_interleave", True)],
-    "glm4_moe_lite": [("rope_interleave", True)],
+    "deepseek_v3": [("rope_interleave", True), ("pretraining_tp", 1)],
+    "glm4_moe_lite": [("rope_interleave", True), ("pretraining_tp", 1)],
 }
 # Fields that Transformers' config class derives from others and writes into config.json,
 # which the family's Hub configs leave out (DeepSeek: head_dim = qk_rope_head_dim and
@@ -157,12 +157,10 @@ HUB_EXTRA_FIELDS = {
     # DeepSeek-V2(-Lite, .5): softmax router (topk_method is a field Transformers reads).
     "deepseek_v2": {"scoring_func": "softmax", "moe_layer_freq": 1},
     # GLM-4.7-Flash: layer 0 dense (Transformers reads mlp_layer_types, which it derives the same),
-    # the DeepSeek-V3 router, one MTP layer, no RoPE scaling.
+    # DeepSeek-V3's router, one MTP layer, no RoPE scaling.
     "glm4_moe_lite": {
         "first_k_dense_replace": 1,
-        "moe_layer_freq": 1,
         "topk_method": "noaux_tc",
-        "scoring_func": "sigmoid",
         "num_nextn_predict_layers": 1,
         "partial_rotary_factor": 1.0,
         "rope_scaling": None,
@@ -196,6 +194,9 @@ MIN_DISTINCT_EXPERT_SETS = 2
 # chosen groups of group-limited routing and PhiMoE's sparsemixer thresholds, or a port
 # within the tolerances could pick other experts.
 MIN_ROUTER_MARGIN = 10 * TOLERANCES["max_abs"]
+# Routers whose routing bias is added to softmax scores rather than sigmoid scores
+# (LongCat-Flash: softmax over the routed and the zero-computation experts).
+SOFTMAX_BIAS_ROUTERS = {"LongcatFlashTopkRouter"}
 # An option a variant exercises (spec `effect_checks`) must move the logits by this much.
 MIN_OPTION_EFFECT = 100 * TOLERANCES["max_abs"]
 # Persistent buffers of MoE models that are weights of the checkpoint (the routing bias
@@ -916,7 +917,8 @@ def routing_margins(model, activations) -> dict:
     the way Transformers ranks them: the logits themselves (softmax and sigmoid
     routers are monotone in them; PhiMoE's sparsemixer takes the best, then the best
     of the rest), or sigmoid(logits) + e_score_correction_bias where a layer has that
-    routing bias (GLM-4.5, MiniMax-M2, DeepSeek-V3), restricted to the best `topk_group` of
+    routing bias (GLM-4.5, MiniMax-M2, DeepSeek-V3; softmax(logits) + the bias for the
+    routers in SOFTMAX_BIAS_ROUTERS), restricted to the best `topk_group` of
     `num_group` groups (each scored by the sum of its top-2, or by its best expert for
     DeepSeek-V2's `group_limited_greedy`; not at all for its `greedy`) where the router groups
     experts. The recorded choice must be the top-k of that score, which also checks
@@ -934,7 +936,12 @@ def routing_margins(model, activations) -> dict:
             for module in layer.modules()
             if isinstance(getattr(module, "e_score_correction_bias", None), torch.Tensor)
         ]
-        score = logits if not biases else logits.sigmoid() + biases[0].float()
+        if not biases:
+            score = logits
+        elif type(router).__name__ in SOFTMAX_BIAS_ROUTERS:
+            score = logits.softmax(dim=-1) + biases[0].float()
+        else:
+            score = logits.sigmoid() + biases[0].float()
         num_group = getattr(router, "num_group", 1) or 1
         method = getattr(router, "topk_method", None)
         if num_group > 1 and method != "greedy":
