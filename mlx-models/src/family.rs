@@ -305,6 +305,7 @@ impl MoeConfig {
             intermediate_size: expert,
             activation,
             expert_bias: false,
+            zero_experts: 0,
             shared_expert: shared.filter(|&size| size > 0).map(|intermediate_size| {
                 SharedExpertSettings {
                     intermediate_size,
@@ -369,6 +370,8 @@ impl MlaConfig {
             scale: (qk.powf(-0.5) * mscale * mscale) as f32,
             bias: d.attention_bias.unwrap_or(false),
             lora_norm_eps: 1e-6,
+            query_scale: None,
+            latent_scale: None,
             cache: MlaCache::Latent,
         })
     }
@@ -448,15 +451,33 @@ pub fn sanitize_moe(
     block: Option<&str>,
     projections: &[(&str, &str)],
 ) -> Result<()> {
-    drop_computed_weights(weights, settings.tie_word_embeddings);
+    let experts = settings
+        .moe
+        .as_ref()
+        .map_or(0, |moe| moe.computing_experts());
+    sanitize_experts(
+        weights,
+        settings.tie_word_embeddings,
+        experts,
+        block,
+        projections,
+    )
+}
+
+/// [`sanitize_moe`] for a model of `experts` experts (with weights) that
+/// `tie_word_embeddings` or not, for families not built from [`DecoderSettings`].
+pub fn sanitize_experts(
+    weights: &mut Weights,
+    tie_word_embeddings: bool,
+    experts: i32,
+    block: Option<&str>,
+    projections: &[(&str, &str)],
+) -> Result<()> {
+    drop_computed_weights(weights, tie_word_embeddings);
     if let Some(block) = block {
         let from = format!(".{block}.");
         weights.rename(|name| Some(name.replacen(&from, ".mlp.", 1)));
     }
-    let experts = settings
-        .moe
-        .as_ref()
-        .map_or(0, |moe| moe.router.num_experts);
     stack_experts(weights, "experts", experts, projections)?;
     split_fused_experts(weights)
 }

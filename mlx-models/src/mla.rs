@@ -18,7 +18,7 @@
 use crate::attention::{attention_with_sinks, AttentionMask};
 use crate::cache::{KvCache, LatentCache, LayerCache};
 use crate::error::Result;
-use crate::nn::Linear;
+use crate::nn::{scale, Linear};
 use crate::norm::{Norm, NormKind};
 use crate::rope::Rope;
 use crate::tap::Tap;
@@ -52,6 +52,11 @@ pub struct MlaSettings {
     pub bias: bool,
     /// Epsilon of `q_a_layernorm` / `kv_a_layernorm`.
     pub lora_norm_eps: f64,
+    /// Multiplies the queries (LongCat-Flash's `(hidden / q_lora_rank)^0.5`).
+    pub query_scale: Option<f32>,
+    /// Multiplies the normalized latent before it is cached (LongCat-Flash's
+    /// `(hidden / kv_lora_rank)^0.5`).
+    pub latent_scale: Option<f32>,
     pub cache: MlaCache,
 }
 
@@ -163,12 +168,13 @@ impl LatentAttention {
         let q = q
             .reshape(&[batch, len, s.num_heads, s.qk_head_dim()])?
             .swap_axes(1, 2)?;
+        let q = scale(&q, s.query_scale)?;
         let q_parts = q.split_at_indices(&[s.qk_nope_head_dim], -1)?;
         let (q_nope, q_pe) = (&q_parts[0], &q_parts[1]);
 
         let compressed = self.kv_a_proj_with_mqa.forward(x)?;
         let kv_parts = compressed.split_at_indices(&[s.kv_lora_rank], -1)?;
-        let latent = self.kv_a_layernorm.forward(&kv_parts[0])?;
+        let latent = scale(&self.kv_a_layernorm.forward(&kv_parts[0])?, s.latent_scale)?;
         let latent = latent.reshape(&[batch, 1, len, s.kv_lora_rank])?;
         let k_pe = kv_parts[1].reshape(&[batch, 1, len, s.qk_rope_head_dim])?;
 
@@ -282,6 +288,8 @@ mod tests {
             scale: 12f32.powf(-0.5),
             bias: false,
             lora_norm_eps: 1e-6,
+            query_scale: None,
+            latent_scale: None,
             cache,
         }
     }

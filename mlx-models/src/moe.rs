@@ -130,7 +130,17 @@ pub struct MoeSettings {
     pub activation: ExpertActivation,
     /// Bias on the experts' projections.
     pub expert_bias: bool,
+    /// The last `zero_experts` of the router's experts compute nothing: a token routed
+    /// there passes through, times its weight (LongCat-Flash's identity experts).
+    pub zero_experts: i32,
     pub shared_expert: Option<SharedExpertSettings>,
+}
+
+impl MoeSettings {
+    /// The experts with weights (the router's less the zero-computation ones).
+    pub fn computing_experts(&self) -> i32 {
+        self.router.num_experts - self.zero_experts
+    }
 }
 
 /// Expert weight matrices stacked `[experts, out, in]`, dense or MLX-quantized.
@@ -268,7 +278,7 @@ pub struct ExpertMlps {
 
 impl ExpertMlps {
     pub fn load(w: &WeightPath, hidden: i32, s: &MoeSettings) -> Result<ExpertMlps> {
-        let (e, inter, bias) = (s.router.num_experts, s.intermediate_size, s.expert_bias);
+        let (e, inter, bias) = (s.computing_experts(), s.intermediate_size, s.expert_bias);
         Ok(ExpertMlps {
             gate_proj: ExpertLinear::load(&w.pp("gate_proj"), e, hidden, inter, bias)?,
             up_proj: ExpertLinear::load(&w.pp("up_proj"), e, hidden, inter, bias)?,
@@ -357,7 +367,11 @@ impl Router {
                     // Experts outside the chosen groups get probability 0, as in Transformers.
                     probs = mask_groups(&probs, g, 0.0)?;
                 }
-                let indices = top_k_indices(&probs, k)?;
+                let indices = match &self.correction_bias {
+                    // Chosen by probability plus bias, weighted by probability (LongCat).
+                    Some(b) => top_k_indices(&probs.add(b.as_dtype(Dtype::Float32)?)?, k)?,
+                    None => top_k_indices(&probs, k)?,
+                };
                 let weights = take_along_axis(&probs, &indices, -1)?;
                 (indices, weights)
             }
@@ -520,6 +534,18 @@ impl SparseMoe {
                 )?;
                 out.reshape(&[-1, k, flat.dim(-1)])?.sum_axis(1, None)?
             }
+            _ if self.settings.zero_experts > 0 => {
+                // Zero-computation experts pass the token through.
+                let computing = self.settings.computing_experts();
+                let last = Array::from_int(computing - 1).as_dtype(indices.dtype())?;
+                let outputs = self
+                    .experts
+                    .forward(&flat, &ops::minimum(&indices, &last)?)?;
+                let passes = indices.gt(&last)?;
+                ops::select(passes.expand_dims(-1)?, flat.expand_dims(1)?, &outputs)?
+                    .multiply(&weights)?
+                    .sum_axis(1, None)?
+            }
             _ => self
                 .experts
                 .forward(&flat, &indices)?
@@ -545,7 +571,7 @@ impl SparseMoe {
     pub fn inactive_parameters(&self, hidden: i32) -> usize {
         let s = &self.settings;
         let per_expert = 3 * hidden as usize * s.intermediate_size as usize;
-        let idle = (s.router.num_experts - s.router.top_k).max(0) as usize;
+        let idle = (s.computing_experts() - s.router.top_k).max(0) as usize;
         per_expert * idle
     }
 

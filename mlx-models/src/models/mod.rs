@@ -14,6 +14,7 @@ pub mod granitemoe;
 pub mod hunyuan_v1_moe;
 pub mod llama;
 pub mod llama4_text;
+pub mod longcat_flash;
 pub mod minimax_m2;
 pub mod mixtral;
 pub mod olmo2;
@@ -54,6 +55,7 @@ pub const REGISTRY: &[(&str, Loader)] = &[
     ("llama", family::load::<llama::Config>),
     ("llama4", llama4_text::load_multimodal),
     ("llama4_text", family::load::<llama4_text::Config>),
+    ("longcat_flash", longcat_flash::load),
     ("minimax_m2", family::load::<minimax_m2::Config>),
     ("mistral", family::load::<llama::Config>),
     ("mixtral", family::load::<mixtral::Config>),
