@@ -160,7 +160,7 @@ fn every_committed_fixture_passes() {
     // Every registered family is verified: each has a fixture directory with fixtures (the
     // multimodal `llama4` layout is checked on the `llama4_text` fixtures below).
     for model_type in mlx_models::models::supported_model_types() {
-        if model_type == "llama4" {
+        if ALIASES.iter().any(|(alias, _)| *alias == model_type) {
             continue;
         }
         assert!(
@@ -542,9 +542,44 @@ fn cache_consistency_chunked_attention_and_nope_layers() {
 }
 
 #[test]
+fn cache_consistency_latent_attention() {
+    // The latent cache: prefill expands the cached latents, single tokens attend over them
+    // with kv_b_proj absorbed; YaRN's mscale in the softmax scale (hub), no query LoRA
+    // (lite), and LongCat's two sublayers per layer with LoRA-scaled latents.
+    assert_cache_consistent("deepseek_v3/hub", None);
+    assert_cache_consistent("deepseek_v2/lite", None);
+    assert_cache_consistent("longcat_flash/default", None);
+}
+
+#[test]
 fn cache_consistency_llama_yarn() {
     // YaRN scales the rotated features by its attention factor.
     assert_cache_consistent("llama/yarn", None);
+}
+
+/// Registered model types whose fixtures are another type's: each is checked against that
+/// type's fixture by a test of its own below.
+const ALIASES: [(&str, &str); 2] = [("kimi_k2", "deepseek_v3"), ("llama4", "llama4_text")];
+
+/// Kimi K2's `model_type` loads as DeepSeek-V3 and gives the same logits.
+#[test]
+fn kimi_k2_loads_as_deepseek_v3() {
+    let fixture = load_fixture("deepseek_v3/hub");
+    let model = load_model("deepseek_v3/hub", Some(&json!({"model_type": "kimi_k2"})));
+    let logits = forward(
+        model.as_ref(),
+        &fixture.manifest.input_ids,
+        &mut model.new_cache(),
+    );
+    let d = diff(
+        &to_f32_vec(&logits).unwrap(),
+        &to_f32_vec(fixture.tensor("logits").unwrap()).unwrap(),
+    );
+    assert!(
+        d.max_abs <= fixture.manifest.tolerances.max_abs,
+        "max |Δlogits| = {}",
+        d.max_abs
+    );
 }
 
 /// Multimodal `llama4` checkpoints (settings in `text_config`, weights under
@@ -657,6 +692,29 @@ fn routing_faults_fail_at_the_first_sparse_layer() {
     assert_fails_from(
         "phimoe/jitter-sliding",
         json!({"router_jitter_noise": 0.01}),
+        "layers.0",
+    );
+}
+
+#[test]
+fn latent_attention_faults_fail_at_the_first_layer() {
+    // Without `mscale_all_dim` (DeepSeek-V3 on the Hub): the softmax scale loses YaRN's
+    // mscale² and cos/sin gain the attention factor.
+    let hub: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture_dir("deepseek_v3/hub").join("config.json")).unwrap(),
+    )
+    .unwrap();
+    let mut scaling = hub["rope_scaling"].clone();
+    scaling["mscale_all_dim"] = json!(0.0);
+    assert_fails_from(
+        "deepseek_v3/hub",
+        json!({"rope_scaling": scaling}),
+        "layers.0",
+    );
+    // RoPE on halves where DeepSeek rotates adjacent pairs.
+    assert_fails_from(
+        "deepseek_v3/default",
+        json!({"rope_interleave": false}),
         "layers.0",
     );
 }

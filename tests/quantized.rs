@@ -227,3 +227,81 @@ fn quantized_moe_checkpoints_match_their_dequantized_weights() {
         }
     }
 }
+
+/// DeepSeek-V3 the way mlx-lm converts it: experts stacked, `kv_b_proj` split per head into
+/// `embed_q` (`[heads, kv_lora_rank, qk_nope_head_dim]`) and `unembed_out`
+/// (`[heads, v_head_dim, kv_lora_rank]`), every matrix the group size fits quantized.
+#[test]
+fn quantized_mla_checkpoints_in_the_mlx_lm_layout() {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/deepseek_v3/default");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture.join("config.json")).unwrap())
+            .unwrap();
+    let dim = |k: &str| config[k].as_i64().unwrap() as i32;
+    let (heads, nope, v, rank) = (
+        dim("num_attention_heads"),
+        dim("qk_nope_head_dim"),
+        dim("v_head_dim"),
+        dim("kv_lora_rank"),
+    );
+    // Split kv_b_proj as mlx-lm's sanitize does, into a copy of the fixture.
+    let split = tempfile::tempdir().unwrap();
+    let mut tensors = Array::load_safetensors(fixture.join("model.safetensors")).unwrap();
+    let names: Vec<String> = tensors
+        .keys()
+        .filter(|n| n.ends_with(".kv_b_proj.weight"))
+        .cloned()
+        .collect();
+    for name in names {
+        let w = tensors
+            .remove(&name)
+            .unwrap()
+            .reshape(&[heads, nope + v, rank])
+            .unwrap();
+        let parts = w.split_at_indices(&[nope], 1).unwrap();
+        let prefix = name.trim_end_matches(".kv_b_proj.weight");
+        tensors.insert(
+            format!("{prefix}.embed_q.weight"),
+            parts[0].swap_axes(1, 2).unwrap(),
+        );
+        tensors.insert(format!("{prefix}.unembed_out.weight"), parts[1].clone());
+    }
+    Array::save_safetensors(
+        tensors.iter().map(|(k, v)| (k.as_str(), v)),
+        None,
+        split.path().join("model.safetensors"),
+    )
+    .unwrap();
+    std::fs::copy(
+        fixture.join("config.json"),
+        split.path().join("config.json"),
+    )
+    .unwrap();
+    // The split layout alone changes nothing.
+    let (split_logits, _) = logits(split.path());
+    let (reference, _) = logits(&fixture);
+    let worst = split_logits
+        .iter()
+        .zip(&reference)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(worst < 1e-5, "split kv_b_proj: max |Δlogits| = {worst}");
+    // Quantized, it equals its dequantized weights.
+    for (group_size, bits) in [(32, 4), (64, 8)] {
+        let tmp = tempfile::tempdir().unwrap();
+        let (q_dir, d_dir) = (tmp.path().join("q"), tmp.path().join("d"));
+        write_moe_pair(split.path(), &q_dir, &d_dir, group_size, bits, &[]);
+        let (q, quantization) = logits(&q_dir);
+        let (d, _) = logits(&d_dir);
+        assert!(quantization.is_some());
+        let worst = q
+            .iter()
+            .zip(&d)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(
+            worst < 1e-4,
+            "{bits}-bit, group {group_size}: max |Δlogits| = {worst}"
+        );
+    }
+}

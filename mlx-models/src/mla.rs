@@ -439,4 +439,104 @@ mod tests {
         let per_token = (e.num_heads * (e.qk_head_dim() + e.v_head_dim)) as usize * 4;
         assert_eq!(bytes, tokens as usize * per_token);
     }
+
+    /// mlx-lm's split and quantized `embed_q` / `unembed_out` rebuild the very `kv_b_proj`
+    /// their dequantized values make.
+    #[test]
+    fn split_quantized_kv_b_is_merged_back() {
+        let s = MlaSettings {
+            num_heads: 2,
+            kv_lora_rank: 64,
+            qk_nope_head_dim: 32,
+            v_head_dim: 32,
+            ..settings(MlaCache::Latent, None)
+        };
+        let key = mlx_rs::random::key(9).unwrap();
+        let kv_b = mlx_rs::random::normal::<f32>(&[2 * 64, 64], None, None, &key).unwrap();
+        let per_head = kv_b.reshape(&[2, 64, 64]).unwrap();
+        let parts = per_head.split_at_indices(&[32], 1).unwrap();
+        let wk = parts[0].swap_axes(1, 2).unwrap(); // [h, rank, nope]
+        let wv = parts[1].clone(); // [h, v, rank]
+        let mut t = HashMap::new();
+        let mut expected = Vec::new();
+        for (name, w) in [("embed_q", &wk), ("unembed_out", &wv)] {
+            let (q, scales, biases) = ops::quantize(w, 32, 4).unwrap();
+            expected.push(ops::dequantize(&q, &scales, &biases, 32, 4).unwrap());
+            t.insert(format!("l.self_attn.{name}.weight"), q);
+            t.insert(format!("l.self_attn.{name}.scales"), scales);
+            t.insert(format!("l.self_attn.{name}.biases"), biases);
+        }
+        let mut weights = Weights::new(t, "test");
+        merge_split_kv_b(&mut weights, &s).unwrap();
+        let names: Vec<&str> = weights.names().collect();
+        assert_eq!(names, ["l.self_attn.kv_b_proj.weight"]);
+        let merged = weights.remove("l.self_attn.kv_b_proj.weight").unwrap();
+        let want = ops::concatenate(&[&expected[0].swap_axes(1, 2).unwrap(), &expected[1]], 1)
+            .unwrap()
+            .reshape(&[2 * 64, 64])
+            .unwrap();
+        assert_eq!(max_abs(&merged, &want), 0.0);
+        // And quantization was real: the merged matrix is not the original.
+        assert!(max_abs(&merged, &kv_b) > 1e-3);
+    }
+}
+
+/// Rebuilds `kv_b_proj` where a checkpoint stores it split the way mlx-lm's MLA does
+/// (mlx-community conversions): `self_attn.embed_q` (`[heads, kv_lora_rank,
+/// qk_nope_head_dim]`, the key half transposed per head) and `self_attn.unembed_out`
+/// (`[heads, v_head_dim, kv_lora_rank]`), each possibly MLX-quantized along its last axis.
+/// The rebuilt `kv_b_proj.weight` is dense (both halves are dequantized).
+pub fn merge_split_kv_b(weights: &mut crate::weights::Weights, s: &MlaSettings) -> Result<()> {
+    let prefixes: Vec<String> = weights
+        .names()
+        .filter_map(|n| n.strip_suffix(".embed_q.weight"))
+        .map(str::to_owned)
+        .collect();
+    let source = weights.source().to_path_buf();
+    for prefix in prefixes {
+        let mut take = |name: &str, in_dim: i32| -> Result<Array> {
+            let full = format!("{prefix}.{name}");
+            let missing = |part: &str| crate::error::Error::MissingWeight {
+                path: source.clone(),
+                name: format!("{full}.{part}"),
+            };
+            let weight = weights
+                .remove(&format!("{full}.weight"))
+                .ok_or_else(|| missing("weight"))?;
+            match weights.remove(&format!("{full}.scales")) {
+                None => Ok(weight),
+                Some(scales) => {
+                    let biases = weights
+                        .remove(&format!("{full}.biases"))
+                        .ok_or_else(|| missing("biases"))?;
+                    let bits = weight.dim(-1) * 32 / in_dim;
+                    let group = in_dim / scales.dim(-1).max(1);
+                    Ok(ops::dequantize(&weight, &scales, &biases, group, bits)?)
+                }
+            }
+        };
+        let wk = take("embed_q", s.qk_nope_head_dim)?;
+        let wv = take("unembed_out", s.kv_lora_rank)?;
+        let expected_k = [s.num_heads, s.kv_lora_rank, s.qk_nope_head_dim];
+        let expected_v = [s.num_heads, s.v_head_dim, s.kv_lora_rank];
+        for (name, t, expected) in [
+            ("embed_q", &wk, expected_k),
+            ("unembed_out", &wv, expected_v),
+        ] {
+            if t.shape() != expected {
+                return Err(crate::error::Error::WeightShape {
+                    path: weights.source().to_path_buf(),
+                    name: format!("{prefix}.{name}.weight"),
+                    expected: expected.to_vec(),
+                    actual: t.shape().to_vec(),
+                });
+            }
+        }
+        let kv_b = ops::concatenate(&[&wk.swap_axes(1, 2)?, &wv], 1)?.reshape(&[
+            s.num_heads * (s.qk_nope_head_dim + s.v_head_dim),
+            s.kv_lora_rank,
+        ])?;
+        weights.insert(format!("{prefix}.kv_b_proj.weight"), kv_b);
+    }
+    Ok(())
 }

@@ -81,8 +81,12 @@ pub fn settings(
 }
 
 /// Drops the multi-token-prediction layers past the model's, names the shared experts as
-/// the MoE block loads them, and stacks the experts.
+/// the MoE block loads them, stacks the experts, and rebuilds a `kv_b_proj` that mlx-lm
+/// split into `embed_q` / `unembed_out`.
 pub fn sanitize(weights: &mut Weights, settings: &DecoderSettings) -> Result<()> {
+    if let Some(mla) = &settings.latent_attention {
+        crate::mla::merge_split_kv_b(weights, mla)?;
+    }
     let layers = settings.layers.len();
     weights.rename(|name| {
         let extra = name
