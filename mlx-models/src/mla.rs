@@ -267,6 +267,66 @@ impl LatentAttention {
     }
 }
 
+/// Rebuilds `kv_b_proj` where a checkpoint stores it split the way mlx-lm's MLA does
+/// (mlx-community conversions): `self_attn.embed_q` (`[heads, kv_lora_rank,
+/// qk_nope_head_dim]`, the key half transposed per head) and `self_attn.unembed_out`
+/// (`[heads, v_head_dim, kv_lora_rank]`), each possibly MLX-quantized along its last axis.
+/// The rebuilt `kv_b_proj.weight` is dense (both halves are dequantized).
+pub fn merge_split_kv_b(weights: &mut crate::weights::Weights, s: &MlaSettings) -> Result<()> {
+    let prefixes: Vec<String> = weights
+        .names()
+        .filter_map(|n| n.strip_suffix(".embed_q.weight"))
+        .map(str::to_owned)
+        .collect();
+    let source = weights.source().to_path_buf();
+    for prefix in prefixes {
+        let mut take = |name: &str, in_dim: i32| -> Result<Array> {
+            let full = format!("{prefix}.{name}");
+            let missing = |part: &str| crate::error::Error::MissingWeight {
+                path: source.clone(),
+                name: format!("{full}.{part}"),
+            };
+            let weight = weights
+                .remove(&format!("{full}.weight"))
+                .ok_or_else(|| missing("weight"))?;
+            match weights.remove(&format!("{full}.scales")) {
+                None => Ok(weight),
+                Some(scales) => {
+                    let biases = weights
+                        .remove(&format!("{full}.biases"))
+                        .ok_or_else(|| missing("biases"))?;
+                    let bits = weight.dim(-1) * 32 / in_dim;
+                    let group = in_dim / scales.dim(-1).max(1);
+                    Ok(ops::dequantize(&weight, &scales, &biases, group, bits)?)
+                }
+            }
+        };
+        let wk = take("embed_q", s.qk_nope_head_dim)?;
+        let wv = take("unembed_out", s.kv_lora_rank)?;
+        let expected_k = [s.num_heads, s.kv_lora_rank, s.qk_nope_head_dim];
+        let expected_v = [s.num_heads, s.v_head_dim, s.kv_lora_rank];
+        for (name, t, expected) in [
+            ("embed_q", &wk, expected_k),
+            ("unembed_out", &wv, expected_v),
+        ] {
+            if t.shape() != expected {
+                return Err(crate::error::Error::WeightShape {
+                    path: weights.source().to_path_buf(),
+                    name: format!("{prefix}.{name}.weight"),
+                    expected: expected.to_vec(),
+                    actual: t.shape().to_vec(),
+                });
+            }
+        }
+        let kv_b = ops::concatenate(&[&wk.swap_axes(1, 2)?, &wv], 1)?.reshape(&[
+            s.num_heads * (s.qk_nope_head_dim + s.v_head_dim),
+            s.kv_lora_rank,
+        ])?;
+        weights.insert(format!("{prefix}.kv_b_proj.weight"), kv_b);
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -479,64 +539,4 @@ mod tests {
         // And quantization was real: the merged matrix is not the original.
         assert!(max_abs(&merged, &kv_b) > 1e-3);
     }
-}
-
-/// Rebuilds `kv_b_proj` where a checkpoint stores it split the way mlx-lm's MLA does
-/// (mlx-community conversions): `self_attn.embed_q` (`[heads, kv_lora_rank,
-/// qk_nope_head_dim]`, the key half transposed per head) and `self_attn.unembed_out`
-/// (`[heads, v_head_dim, kv_lora_rank]`), each possibly MLX-quantized along its last axis.
-/// The rebuilt `kv_b_proj.weight` is dense (both halves are dequantized).
-pub fn merge_split_kv_b(weights: &mut crate::weights::Weights, s: &MlaSettings) -> Result<()> {
-    let prefixes: Vec<String> = weights
-        .names()
-        .filter_map(|n| n.strip_suffix(".embed_q.weight"))
-        .map(str::to_owned)
-        .collect();
-    let source = weights.source().to_path_buf();
-    for prefix in prefixes {
-        let mut take = |name: &str, in_dim: i32| -> Result<Array> {
-            let full = format!("{prefix}.{name}");
-            let missing = |part: &str| crate::error::Error::MissingWeight {
-                path: source.clone(),
-                name: format!("{full}.{part}"),
-            };
-            let weight = weights
-                .remove(&format!("{full}.weight"))
-                .ok_or_else(|| missing("weight"))?;
-            match weights.remove(&format!("{full}.scales")) {
-                None => Ok(weight),
-                Some(scales) => {
-                    let biases = weights
-                        .remove(&format!("{full}.biases"))
-                        .ok_or_else(|| missing("biases"))?;
-                    let bits = weight.dim(-1) * 32 / in_dim;
-                    let group = in_dim / scales.dim(-1).max(1);
-                    Ok(ops::dequantize(&weight, &scales, &biases, group, bits)?)
-                }
-            }
-        };
-        let wk = take("embed_q", s.qk_nope_head_dim)?;
-        let wv = take("unembed_out", s.kv_lora_rank)?;
-        let expected_k = [s.num_heads, s.kv_lora_rank, s.qk_nope_head_dim];
-        let expected_v = [s.num_heads, s.v_head_dim, s.kv_lora_rank];
-        for (name, t, expected) in [
-            ("embed_q", &wk, expected_k),
-            ("unembed_out", &wv, expected_v),
-        ] {
-            if t.shape() != expected {
-                return Err(crate::error::Error::WeightShape {
-                    path: weights.source().to_path_buf(),
-                    name: format!("{prefix}.{name}.weight"),
-                    expected: expected.to_vec(),
-                    actual: t.shape().to_vec(),
-                });
-            }
-        }
-        let kv_b = ops::concatenate(&[&wk.swap_axes(1, 2)?, &wv], 1)?.reshape(&[
-            s.num_heads * (s.qk_nope_head_dim + s.v_head_dim),
-            s.kv_lora_rank,
-        ])?;
-        weights.insert(format!("{prefix}.kv_b_proj.weight"), kv_b);
-    }
-    Ok(())
 }
