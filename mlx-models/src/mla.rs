@@ -203,6 +203,11 @@ impl LatentAttention {
                 let q = ops::concatenate(&[q_nope, &q_pe], -1)?;
                 attention_with_sinks(&q, &k, &v, s.scale, &mask, None)?
             }
+            other => {
+                // Fails with the error naming both kinds.
+                other.latent_mut()?;
+                unreachable!("latent_mut accepts only latent caches")
+            }
         };
         tap.record("self_attn.sdpa", &out);
         let out = out.swap_axes(1, 2)?.reshape(&[batch, len, -1])?;

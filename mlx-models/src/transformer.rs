@@ -13,8 +13,9 @@
 //! so a family these settings cannot describe is one hand-written file on the same blocks.
 
 use crate::attention::Attention;
-use crate::cache::{KvCache, LayerCache};
+use crate::cache::{KvCache, LayerCache, RecurrentCache};
 use crate::config::ConfigFile;
+use crate::conv::ShortConv;
 use crate::error::{Error, Result};
 use crate::mla::{LatentAttention, MlaSettings};
 use crate::mlp::Mlp;
@@ -23,6 +24,7 @@ use crate::moe::{MoeSettings, SparseMoe};
 use crate::nn::{scale, softcap, Embedding, Linear};
 use crate::norm::{norm_opt, Norm};
 use crate::rope::Rope;
+use crate::ssm::{Mamba2Mixer, Mamba2Settings};
 use crate::tap::Tap;
 use crate::weights::{WeightPath, Weights};
 use mlx_rs::Array;
@@ -51,6 +53,8 @@ pub enum FeedForwardKind {
     Dense,
     /// The mixture of experts of [`DecoderSettings::moe`].
     Sparse,
+    /// No feed-forward: the layer is its mixer alone (Mamba2, Nemotron-H).
+    None,
 }
 
 /// A layer's token mixer.
@@ -61,6 +65,12 @@ pub enum MixerKind {
     Attention,
     /// The multi-head latent attention of [`DecoderSettings::latent_attention`].
     LatentAttention,
+    /// The Mamba2 state-space mixer of [`DecoderSettings::mamba2`] (weights under `mixer`).
+    Mamba2,
+    /// LFM2's gated short convolution of [`DecoderSettings::short_conv`] (under `conv`).
+    ShortConv,
+    /// No token mixing: the layer is its feed-forward alone (Nemotron-H's MLP layers).
+    None,
 }
 
 /// What differs between the layers of one model.
@@ -81,10 +91,15 @@ pub struct LayerSettings {
 }
 
 impl LayerSettings {
-    /// The empty cache this layer's attention needs (`mla`: the model's latent attention).
+    /// The empty cache this layer's mixer needs (`mla`: the model's latent attention).
     pub fn new_cache(&self, mla: Option<&MlaSettings>) -> LayerCache {
-        if let (MixerKind::LatentAttention, Some(mla)) = (self.mixer, mla) {
-            return mla.new_cache();
+        match (self.mixer, mla) {
+            (MixerKind::LatentAttention, Some(mla)) => return mla.new_cache(),
+            (MixerKind::Mamba2 | MixerKind::ShortConv, _) => {
+                return LayerCache::Recurrent(RecurrentCache::new())
+            }
+            (MixerKind::None, _) => return LayerCache::Stateless { offset: 0 },
+            _ => {}
         }
         LayerCache::Kv(match (self.sliding_window, self.attention_chunk) {
             (Some(w), _) => KvCache::rotating(w),
@@ -109,6 +124,11 @@ pub struct DecoderSettings {
     pub moe: Option<MoeSettings>,
     /// The latent attention of the layers whose mixer is [`MixerKind::LatentAttention`].
     pub latent_attention: Option<MlaSettings>,
+    /// The state-space mixer of the layers whose mixer is [`MixerKind::Mamba2`].
+    pub mamba2: Option<Mamba2Settings>,
+    /// The short convolution (kernel, bias) of the layers whose mixer is
+    /// [`MixerKind::ShortConv`].
+    pub short_conv: Option<(i32, bool)>,
     pub norm: NormKind,
     pub norm_eps: f64,
     pub norm_placement: NormPlacement,
@@ -125,6 +145,9 @@ pub struct DecoderSettings {
     pub tie_word_embeddings: bool,
     /// The output layer has a bias (Phi-3.5-MoE's `lm_head_bias`).
     pub lm_head_bias: bool,
+    /// The residual stream is kept in f32 (Mamba's `residual_in_fp32`; changes nothing in
+    /// an f32 model).
+    pub residual_in_f32: bool,
 }
 
 impl DecoderSettings {
@@ -148,6 +171,8 @@ impl DecoderSettings {
             mlp,
             moe: None,
             latent_attention: None,
+            mamba2: None,
+            short_conv: None,
             norm: NormKind::Rms,
             norm_eps: 1e-6,
             norm_placement: NormPlacement::Pre,
@@ -158,6 +183,7 @@ impl DecoderSettings {
             final_logit_softcap: None,
             tie_word_embeddings: false,
             lm_head_bias: false,
+            residual_in_f32: false,
         }
     }
 
@@ -287,6 +313,7 @@ pub fn layers_by_type(
 pub enum FeedForward {
     Dense(Mlp),
     Sparse(Box<SparseMoe>),
+    None,
 }
 
 impl FeedForward {
@@ -301,6 +328,7 @@ impl FeedForward {
                 }
                 FeedForward::Sparse(Box::new(SparseMoe::load(w, s.hidden_size, &moe)?))
             }
+            (FeedForwardKind::None, _) => FeedForward::None,
             (FeedForwardKind::Sparse, None) => {
                 return Err(Error::Mlx(mlx_rs::error::Exception::custom(
                     "a sparse layer in a model without MoE settings",
@@ -313,6 +341,7 @@ impl FeedForward {
         match self {
             FeedForward::Dense(mlp) => mlp.forward(x, tap),
             FeedForward::Sparse(moe) => moe.forward(x, tap),
+            FeedForward::None => Ok(mlx_rs::ops::zeros_like(x)?),
         }
     }
 }
@@ -322,6 +351,9 @@ impl FeedForward {
 pub enum Mixer {
     Attention(Attention),
     LatentAttention(LatentAttention),
+    Mamba2(Mamba2Mixer),
+    ShortConv(ShortConv),
+    None,
 }
 
 impl Mixer {
@@ -343,13 +375,50 @@ impl Mixer {
                     "a latent-attention layer needs latent-attention settings and a RoPE",
                 )))
             }
+            (MixerKind::Mamba2, _, _) => match &s.mamba2 {
+                Some(m) => Mixer::Mamba2(Mamba2Mixer::load(w, s.hidden_size, m)?),
+                None => {
+                    return Err(Error::Mlx(mlx_rs::error::Exception::custom(
+                        "a Mamba2 layer in a model without Mamba2 settings",
+                    )))
+                }
+            },
+            (MixerKind::ShortConv, _, _) => match s.short_conv {
+                Some((kernel, bias)) => {
+                    Mixer::ShortConv(ShortConv::load(w, s.hidden_size, kernel, bias)?)
+                }
+                None => {
+                    return Err(Error::Mlx(mlx_rs::error::Exception::custom(
+                        "a short-convolution layer in a model without its settings",
+                    )))
+                }
+            },
+            (MixerKind::None, _, _) => Mixer::None,
         })
+    }
+
+    /// The checkpoint name of the mixer's weights under its layer.
+    pub fn weight_path(kind: MixerKind) -> &'static str {
+        match kind {
+            MixerKind::Attention | MixerKind::LatentAttention => "self_attn",
+            MixerKind::Mamba2 => "mixer",
+            MixerKind::ShortConv => "conv",
+            MixerKind::None => "",
+        }
     }
 
     pub fn forward(&self, x: &Array, cache: &mut LayerCache, tap: &mut Tap) -> Result<Array> {
         match self {
             Mixer::Attention(attention) => attention.forward(x, cache.kv_mut()?, tap),
             Mixer::LatentAttention(mla) => mla.forward(x, cache, tap),
+            Mixer::Mamba2(m) => m.forward(x, cache.recurrent_mut()?, tap),
+            Mixer::ShortConv(c) => c.forward(x, cache.recurrent_mut()?),
+            Mixer::None => {
+                if let LayerCache::Stateless { offset } = cache {
+                    *offset += x.dim(1);
+                }
+                Ok(mlx_rs::ops::zeros_like(x)?)
+            }
         }
     }
 
@@ -358,6 +427,9 @@ impl Mixer {
         match self {
             Mixer::Attention(a) => a.qkv.first().weight.quantization(),
             Mixer::LatentAttention(mla) => mla.quantization(),
+            Mixer::Mamba2(m) => m.in_proj.weight.quantization(),
+            Mixer::ShortConv(c) => c.in_proj.weight.quantization(),
+            Mixer::None => None,
         }
     }
 }
@@ -370,14 +442,16 @@ pub struct DecoderLayer {
     pub mlp: FeedForward,
     /// Before attention (pre and sandwich placement).
     pub input_layernorm: Option<Norm>,
-    /// After attention (post and sandwich), or before the MLP (pre).
-    pub post_attention_layernorm: Norm,
+    /// After attention (post and sandwich), or before the MLP (pre); none in a layer
+    /// without a feed-forward.
+    pub post_attention_layernorm: Option<Norm>,
     /// Before the MLP (sandwich).
     pub pre_feedforward_layernorm: Option<Norm>,
     /// After the MLP (post and sandwich).
     pub post_feedforward_layernorm: Option<Norm>,
     pub placement: NormPlacement,
     pub residual_scale: Option<f32>,
+    pub residual_in_f32: bool,
 }
 
 impl DecoderLayer {
@@ -389,10 +463,14 @@ impl DecoderLayer {
             NormPlacement::Sandwich => (true, true),
         };
         Ok(DecoderLayer {
-            self_attn: Mixer::load(&w.pp("self_attn"), s, layer)?,
+            self_attn: Mixer::load(&w.pp(Mixer::weight_path(layer.mixer)), s, layer)?,
             mlp: FeedForward::load(&w.pp("mlp"), s, layer)?,
-            input_layernorm: pre.then(|| norm("input_layernorm")).transpose()?,
-            post_attention_layernorm: norm("post_attention_layernorm")?,
+            input_layernorm: (pre && layer.mixer != MixerKind::None)
+                .then(|| norm("input_layernorm"))
+                .transpose()?,
+            post_attention_layernorm: (layer.feed_forward != FeedForwardKind::None)
+                .then(|| norm("post_attention_layernorm"))
+                .transpose()?,
             pre_feedforward_layernorm: (pre && post)
                 .then(|| norm("pre_feedforward_layernorm"))
                 .transpose()?,
@@ -401,6 +479,7 @@ impl DecoderLayer {
                 .transpose()?,
             placement: s.norm_placement,
             residual_scale: s.residual_scale,
+            residual_in_f32: s.residual_in_f32,
         })
     }
 
@@ -409,22 +488,43 @@ impl DecoderLayer {
             NormPlacement::Pre => (
                 &self.input_layernorm,
                 None,
-                Some(&self.post_attention_layernorm),
+                self.post_attention_layernorm.as_ref(),
                 None,
             ),
             NormPlacement::Post => (
                 &None,
-                Some(&self.post_attention_layernorm),
+                self.post_attention_layernorm.as_ref(),
                 None,
                 self.post_feedforward_layernorm.as_ref(),
             ),
             NormPlacement::Sandwich => (
                 &self.input_layernorm,
-                Some(&self.post_attention_layernorm),
+                self.post_attention_layernorm.as_ref(),
                 self.pre_feedforward_layernorm.as_ref(),
                 self.post_feedforward_layernorm.as_ref(),
             ),
         };
+        // Layers of one sub-block: a mixer alone (Mamba2) or a feed-forward alone.
+        if let FeedForward::None = self.mlp {
+            let input = match attn_in {
+                Some(n) => n.forward(&x.as_dtype(n.dtype())?)?,
+                None => x.clone(),
+            };
+            let out = self.self_attn.forward(&input, cache, tap)?;
+            let residual = if self.residual_in_f32 {
+                x.as_dtype(mlx_rs::Dtype::Float32)?
+            } else {
+                x.clone()
+            };
+            return Ok(residual.add(scale(&out, self.residual_scale)?)?);
+        }
+        if let Mixer::None = self.self_attn {
+            self.self_attn.forward(x, cache, tap)?;
+            let out = self
+                .mlp
+                .forward(&norm_opt(&self.post_attention_layernorm, x)?, tap)?;
+            return Ok(x.add(scale(&out, self.residual_scale)?)?);
+        }
         let normed = norm_opt(attn_in, x)?;
         let attn = self.self_attn.forward(&normed, cache, tap)?;
         let attn = match attn_out_norm {
@@ -488,7 +588,7 @@ impl Decoder {
             .iter()
             .map(|l| match &l.mlp {
                 FeedForward::Sparse(moe) => moe.inactive_parameters(s.hidden_size),
-                FeedForward::Dense(_) => 0,
+                FeedForward::Dense(_) | FeedForward::None => 0,
             })
             .sum();
         let info = ModelInfo {

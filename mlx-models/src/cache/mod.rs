@@ -2,7 +2,9 @@
 //!
 //! Each layer of a model has one [`LayerCache`], of the kind its token mixer needs: a
 //! [`KvCache`] (plain, rotating for sliding windows, or chunked) for attention, a
-//! [`LatentCache`] for multi-head latent attention.
+//! [`LatentCache`] for multi-head latent attention, a [`RecurrentCache`] (fixed-size conv
+//! and recurrent state) for state-space, linear-attention and convolution layers, or
+//! nothing for layers that mix no tokens.
 //! Generation, chat reuse and saved prompt caches use the same few operations on every
 //! kind: the position of the next token ([`LayerCache::offset`]), cutting back to a prefix
 //! where the kind can ([`LayerCache::truncate`], which says when it cannot), and the state
@@ -10,9 +12,11 @@
 
 mod kv;
 mod latent;
+mod recurrent;
 
 pub use kv::KvCache;
 pub use latent::LatentCache;
+pub use recurrent::RecurrentCache;
 
 use crate::error::{Error, Result};
 use mlx_rs::error::Exception;
@@ -25,6 +29,10 @@ pub enum LayerCache {
     Kv(KvCache),
     /// The compressed latents and RoPE keys of a latent-attention layer.
     Latent(LatentCache),
+    /// The conv and recurrent state of a recurrent layer.
+    Recurrent(RecurrentCache),
+    /// A layer that keeps nothing (a feed-forward-only layer), counting tokens only.
+    Stateless { offset: i32 },
 }
 
 impl LayerCache {
@@ -33,6 +41,8 @@ impl LayerCache {
         match self {
             LayerCache::Kv(kv) => kv.offset(),
             LayerCache::Latent(latent) => latent.offset(),
+            LayerCache::Recurrent(r) => r.offset(),
+            LayerCache::Stateless { offset } => *offset,
         }
     }
 
@@ -44,6 +54,11 @@ impl LayerCache {
         match self {
             LayerCache::Kv(kv) => kv.truncate(len),
             LayerCache::Latent(latent) => Ok(latent.truncate(len)),
+            LayerCache::Recurrent(r) => Ok(r.truncate(len)),
+            LayerCache::Stateless { offset } => {
+                *offset = (*offset).min(len.max(0));
+                Ok(true)
+            }
         }
     }
 
@@ -52,6 +67,8 @@ impl LayerCache {
         match self {
             LayerCache::Kv(kv) => kv.arrays().collect(),
             LayerCache::Latent(latent) => latent.arrays().collect(),
+            LayerCache::Recurrent(r) => r.arrays().collect(),
+            LayerCache::Stateless { .. } => Vec::new(),
         }
     }
 
@@ -72,6 +89,17 @@ impl LayerCache {
                 .entries()?
                 .map(|entries| vec![("latent", entries)])
                 .unwrap_or_default(),
+            LayerCache::Recurrent(r) => {
+                let mut state = Vec::new();
+                if let Some(conv) = &r.conv {
+                    state.push(("conv", conv.clone()));
+                }
+                if let Some(s) = &r.state {
+                    state.push(("state", s.clone()));
+                }
+                state
+            }
+            LayerCache::Stateless { .. } => Vec::new(),
         })
     }
 
@@ -96,10 +124,20 @@ impl LayerCache {
         }
     }
 
+    /// The state of a recurrent layer; an error for any other kind.
+    pub fn recurrent_mut(&mut self) -> Result<&mut RecurrentCache> {
+        match self {
+            LayerCache::Recurrent(r) => Ok(r),
+            other => Err(other.wrong_kind("a recurrent cache")),
+        }
+    }
+
     fn wrong_kind(&self, wanted: &str) -> Error {
         let found = match self {
             LayerCache::Kv(_) => "a KV cache",
             LayerCache::Latent(_) => "a latent cache",
+            LayerCache::Recurrent(_) => "a recurrent cache",
+            LayerCache::Stateless { .. } => "no state",
         };
         Error::Mlx(Exception::custom(format!(
             "this layer needs {wanted}, the cache holds {found}: use the model's new_cache()"

@@ -12,9 +12,11 @@ pub mod gpt_oss;
 pub mod granite;
 pub mod granitemoe;
 pub mod hunyuan_v1_moe;
+pub mod lfm2;
 pub mod llama;
 pub mod llama4_text;
 pub mod longcat_flash;
+pub mod mamba2;
 pub mod minimax_m2;
 pub mod mixtral;
 pub mod olmo2;
@@ -52,10 +54,12 @@ pub const REGISTRY: &[(&str, Loader)] = &[
     ("granitemoe", family::load::<granitemoe::Config>),
     ("hunyuan_v1_moe", family::load::<hunyuan_v1_moe::Config>),
     ("kimi_k2", family::load::<deepseek_v3::Config>),
+    ("lfm2", lfm2::load),
     ("llama", family::load::<llama::Config>),
     ("llama4", llama4_text::load_multimodal),
     ("llama4_text", family::load::<llama4_text::Config>),
     ("longcat_flash", longcat_flash::load),
+    ("mamba2", mamba2::load),
     ("minimax_m2", family::load::<minimax_m2::Config>),
     ("mistral", family::load::<llama::Config>),
     ("mixtral", family::load::<mixtral::Config>),

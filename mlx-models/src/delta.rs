@@ -1,0 +1,182 @@
+//! The gated delta rule (gated DeltaNet: Qwen3-Next, Qwen3.5), as Transformers' reference
+//! path computes it.
+//!
+//! Each value head keeps a state `S` (`[key_dim, value_dim]`). With L2-normalized queries
+//! and keys, `q` scaled by `key_dim^-0.5`, a decay `g ≤ 0` and a write strength `β`:
+//!
+//! ```text
+//! S_t = exp(g_t) S_{t-1}
+//! S_t = S_t + k_t ⊗ β_t (v_t − S_tᵀ k_t)
+//! o_t = S_tᵀ q_t
+//! ```
+//!
+//! Prompts run in chunks (the WY form: within a chunk the writes solve one unit lower
+//! triangular system, and only the state crosses chunks), decoded tokens in the step form.
+//! Both run in f32.
+
+use crate::error::Result;
+use mlx_rs::ops::indexing::TryIndexOp;
+use mlx_rs::{ops, Array, Dtype};
+
+/// `x / sqrt(Σx² + eps)` over the last axis.
+pub fn l2_normalize(x: &Array, eps: f32) -> Result<Array> {
+    let sum = x.square()?.sum_axis(-1, true)?;
+    Ok(x.multiply(ops::rsqrt(&sum.add(Array::from_f32(eps))?)?)?)
+}
+
+/// The recurrence one token at a time. `q`, `k`: `[b, h, l, dk]` (normalized and scaled),
+/// `v`: `[b, h, l, dv]`, `g`, `beta`: `[b, h, l]`, `state`: `[b, h, dk, dv]`. Returns the
+/// outputs `[b, h, l, dv]` and the final state.
+pub fn delta_steps(
+    q: &Array,
+    k: &Array,
+    v: &Array,
+    g: &Array,
+    beta: &Array,
+    state: &Array,
+) -> Result<(Array, Array)> {
+    let mut state = state.clone();
+    let mut outs = Vec::with_capacity(q.dim(2) as usize);
+    for t in 0..q.dim(2) {
+        let at = |a: &Array| a.try_index((.., .., t));
+        let (q_t, k_t, v_t) = (at(q)?, at(k)?, at(v)?); // [b, h, d]
+        let decay = ops::exp(&at(g)?)?.expand_dims_axes(&[-1, -2])?;
+        state = state.multiply(&decay)?;
+        // Sᵀk: [b, h, dv].
+        let memory = ops::matmul(k_t.expand_dims(-2)?, &state)?.squeeze_axes(&[-2])?;
+        let delta = v_t
+            .subtract(&memory)?
+            .multiply(at(beta)?.expand_dims(-1)?)?;
+        state = state.add(k_t.expand_dims(-1)?.multiply(delta.expand_dims(-2)?)?)?;
+        outs.push(ops::matmul(q_t.expand_dims(-2)?, &state)?.squeeze_axes(&[-2])?);
+    }
+    Ok((ops::stack(&outs, 2)?, state))
+}
+
+/// The same recurrence in chunks of `chunk` tokens.
+pub fn delta_chunked(
+    q: &Array,
+    k: &Array,
+    v: &Array,
+    g: &Array,
+    beta: &Array,
+    state: &Array,
+    chunk: i32,
+) -> Result<(Array, Array)> {
+    let len = q.dim(2);
+    let chunk = chunk.max(1);
+    let mut state = state.clone();
+    let mut outs = Vec::new();
+    let mut start = 0;
+    while start < len {
+        let end = (start + chunk).min(len);
+        let n = end - start;
+        let take = |a: &Array| a.try_index((.., .., start..end));
+        let (qc, kc, vc) = (take(q)?, take(k)?, take(v)?);
+        let (gc, bc) = (take(g)?, take(beta)?);
+        let cum = ops::cumsum(&gc, -1, None, None)?; // [b, h, n]
+                                                     // decay[i, j] = exp(cum_i - cum_j) for j ≤ i, else 0.
+        let lower_incl: Vec<bool> = (0..n).flat_map(|i| (0..n).map(move |j| j <= i)).collect();
+        let lower_incl = Array::from_slice(&lower_incl, &[n, n]);
+        let lower_strict: Vec<bool> = (0..n).flat_map(|i| (0..n).map(move |j| j < i)).collect();
+        let lower_strict = Array::from_slice(&lower_strict, &[n, n]);
+        let diff = cum.expand_dims(-1)?.subtract(cum.expand_dims(-2)?)?;
+        let decay = ops::select(&lower_incl, ops::exp(&diff)?, Array::from_f32(0.0))?;
+        let kb = kc.multiply(bc.expand_dims(-1)?)?; // k·β
+        let vb = vc.multiply(bc.expand_dims(-1)?)?; // v·β
+                                                    // (I + A) with A = strictly lower (kβ kᵀ ⊙ decay).
+        let a = ops::select(
+            &lower_strict,
+            ops::matmul(&kb, kc.swap_axes(-1, -2)?)?.multiply(&decay)?,
+            Array::from_f32(0.0),
+        )?;
+        let system = a.add(ops::eye::<f32>(n, None, None)?)?;
+        let inverse = mlx_rs::linalg::tri_inv(&system, Some(false))?;
+        let u = ops::matmul(&inverse, &vb)?; // new values
+        let w = ops::matmul(&inverse, kb.multiply(ops::exp(&cum)?.expand_dims(-1)?)?)?;
+        // Corrected by what the state already stores, then read by the queries.
+        let v_new = u.subtract(ops::matmul(&w, &state)?)?;
+        let q_decayed = qc.multiply(ops::exp(&cum)?.expand_dims(-1)?)?;
+        let intra = ops::matmul(&qc, kc.swap_axes(-1, -2)?)?.multiply(&decay)?;
+        outs.push(ops::matmul(&q_decayed, &state)?.add(ops::matmul(&intra, &v_new)?)?);
+        let last = cum.try_index((.., .., n - 1..n))?; // [b, h, 1]
+        let k_decayed = kc.multiply(ops::exp(&last.subtract(&cum)?)?.expand_dims(-1)?)?;
+        state = state
+            .multiply(ops::exp(&last)?.expand_dims(-1)?)?
+            .add(ops::matmul(k_decayed.swap_axes(-1, -2)?, &v_new)?)?;
+        start = end;
+    }
+    Ok((ops::concatenate(&outs, 2)?, state))
+}
+
+/// Casts to f32.
+pub fn f32(a: &Array) -> Result<Array> {
+    Ok(a.as_dtype(Dtype::Float32)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn random(shape: &[i32], seed: u64) -> Array {
+        let key = mlx_rs::random::key(seed).unwrap();
+        mlx_rs::random::normal::<f32>(shape, None, None, &key).unwrap()
+    }
+
+    fn max_abs(a: &Array, b: &Array) -> f32 {
+        a.subtract(b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max(None)
+            .unwrap()
+            .item_exact::<f32>()
+    }
+
+    fn inputs(len: i32, seed: u64) -> [Array; 6] {
+        let (b, h, dk, dv) = (1, 2, 4, 3);
+        let q = l2_normalize(&random(&[b, h, len, dk], seed), 1e-6)
+            .unwrap()
+            .multiply(Array::from_f32(0.5))
+            .unwrap();
+        let k = l2_normalize(&random(&[b, h, len, dk], seed + 1), 1e-6).unwrap();
+        let v = random(&[b, h, len, dv], seed + 2);
+        let g = random(&[b, h, len], seed + 3)
+            .abs()
+            .unwrap()
+            .negative()
+            .unwrap();
+        let beta = ops::sigmoid(random(&[b, h, len], seed + 4)).unwrap();
+        let state = random(&[b, h, dk, dv], seed + 5);
+        [q, k, v, g, beta, state]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(32))]
+
+        /// The chunked form equals the recurrence, outputs and final state, for random
+        /// lengths, chunk sizes and starting states.
+        #[test]
+        fn chunked_delta_rule_equals_the_recurrence(
+            len in 1..=40i32,
+            chunk in 1..=16i32,
+            seed in 0..10_000u64,
+        ) {
+            let [q, k, v, g, beta, state] = inputs(len, seed);
+            let (o1, s1) = delta_steps(&q, &k, &v, &g, &beta, &state).unwrap();
+            let (o2, s2) = delta_chunked(&q, &k, &v, &g, &beta, &state, chunk).unwrap();
+            let (d_o, d_s) = (max_abs(&o1, &o2), max_abs(&s1, &s2));
+            prop_assert!(d_o < 1e-4 && d_s < 1e-4, "len {len}, chunk {chunk}: |Δo| {d_o:e}, |Δstate| {d_s:e}");
+        }
+    }
+
+    #[test]
+    fn a_wrong_write_strength_is_caught() {
+        let [q, k, v, g, beta, state] = inputs(12, 7);
+        let (o1, _) = delta_steps(&q, &k, &v, &g, &beta, &state).unwrap();
+        let wrong = beta.multiply(Array::from_f32(1.01)).unwrap();
+        let (o2, _) = delta_chunked(&q, &k, &v, &g, &wrong, &state, 4).unwrap();
+        assert!(max_abs(&o1, &o2) > 1e-3);
+    }
+}
