@@ -6,6 +6,7 @@
 //! cargo test --test fixtures
 //! ```
 
+use mlx_models::cache::LayerCache;
 use mlx_models::config::ConfigFile;
 use mlx_models::family::DecoderFamily;
 use mlx_models::models::{llama, LanguageModel};
@@ -468,9 +469,9 @@ fn assert_cache_consistent(name: &str, patch: Option<Value>) {
             );
 
             // A cache that saw the whole prompt, cut back to `split`, continues like a fresh one.
-            // Only a rotating (sliding-window) or chunked cache may refuse, having dropped
-            // tokens the prefix needs; then, as in ChatSession, every layer starts again from
-            // empty.
+            // Only a rotating (sliding-window), chunked or recurrent cache may refuse, having
+            // dropped tokens (or folded them into a state) the prefix needs; then, as in
+            // ChatSession, every layer starts again from empty.
             let mut cache = model.new_cache();
             let first = forward(model, &ids, &mut cache);
             let mut kept = true;
@@ -490,9 +491,10 @@ fn assert_cache_consistent(name: &str, patch: Option<Value>) {
                 );
             } else {
                 prop_assert!(
-                    cache.iter_mut().any(|c| {
-                        let kv = c.kv_mut().expect("attention layers");
-                        kv.window().is_some() || kv.chunk().is_some()
+                    cache.iter_mut().any(|c| match c {
+                        LayerCache::Kv(kv) => kv.window().is_some() || kv.chunk().is_some(),
+                        LayerCache::Recurrent(_) => true,
+                        _ => false,
                     }),
                     "an unbounded cache could not keep the first {split} tokens"
                 );

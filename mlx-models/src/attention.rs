@@ -163,6 +163,9 @@ pub struct AttentionSettings {
     pub temperature_tuning: Option<TemperatureTuning>,
     /// The epsilon of [`QkNorm::L2AfterRope`].
     pub qk_norm_eps: f32,
+    /// `q_proj` also gives a gate per head (`[query | gate]` per head) and the attention
+    /// output is multiplied by its sigmoid (Qwen3-Next).
+    pub output_gate: bool,
 }
 
 impl AttentionSettings {
@@ -184,6 +187,7 @@ impl AttentionSettings {
             clip_qkv: None,
             temperature_tuning: None,
             qk_norm_eps: 1e-6,
+            output_gate: false,
         }
     }
 }
@@ -241,7 +245,12 @@ impl Attention {
         let (q_dim, kv_dim) = (s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim);
         let qkv = match s.qkv_layout {
             QkvLayout::Separate => Qkv::Separate {
-                q_proj: Linear::load(&w.pp("q_proj"), hidden, q_dim, s.qkv_bias)?,
+                q_proj: Linear::load(
+                    &w.pp("q_proj"),
+                    hidden,
+                    if s.output_gate { 2 * q_dim } else { q_dim },
+                    s.qkv_bias,
+                )?,
                 k_proj: Linear::load(&w.pp("k_proj"), hidden, kv_dim, s.qkv_bias)?,
                 v_proj: Linear::load(&w.pp("v_proj"), hidden, kv_dim, s.qkv_bias)?,
             },
@@ -303,6 +312,14 @@ impl Attention {
         let s = &self.settings;
         let (batch, len) = (x.dim(0), x.dim(1));
         let (mut q, mut k, mut v) = self.project(x)?;
+        let mut gate = None;
+        if s.output_gate {
+            let per_head = q
+                .reshape(&[batch, len, s.num_heads, 2 * s.head_dim])?
+                .split_equal(2, -1)?;
+            q = per_head[0].reshape(&[batch, len, -1])?;
+            gate = Some(per_head[1].reshape(&[batch, len, -1])?);
+        }
         if s.qk_norm == QkNorm::Projection {
             q = norm_opt(&self.q_norm, &q)?;
             k = norm_opt(&self.k_norm, &k)?;
@@ -355,6 +372,10 @@ impl Attention {
         };
         tap.record("self_attn.sdpa", &out);
         let out = out.swap_axes(1, 2)?.reshape(&[batch, len, -1])?;
+        let out = match &gate {
+            Some(g) => out.multiply(ops::sigmoid(g)?)?,
+            None => out,
+        };
         let out = self.o_proj.forward(&out)?;
         tap.record("self_attn.o_proj", &out);
         Ok(out)

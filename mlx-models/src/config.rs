@@ -2,6 +2,7 @@
 
 use crate::error::{Error, Result};
 use serde::de::DeserializeOwned;
+use serde::Deserialize;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
@@ -17,12 +18,95 @@ pub struct ConfigFile {
 pub const FIELD_ALIASES: &[&[&str]] = &[
     &["num_experts", "num_local_experts", "n_routed_experts"],
     &["num_experts_per_tok", "moe_topk"],
+    &["intermediate_size", "block_ff_dim"],
+    &["tie_word_embeddings", "tie_embedding"],
 ];
+
+/// Python's `json` writes `Infinity`, `-Infinity` and `NaN` (Mamba's `time_step_limit`),
+/// which JSON has no literal for; outside strings they become `{"__float__": "Infinity"}`
+/// (and so on), the form Transformers 5 writes itself and [`f64_or_non_finite`] reads.
+fn python_non_finite_literals(text: &str) -> std::borrow::Cow<'_, str> {
+    if !(text.contains("Infinity") || text.contains("NaN")) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len());
+    let (mut in_string, mut escaped) = (false, false);
+    let mut rest = text;
+    while let Some(c) = rest.chars().next() {
+        if in_string {
+            out.push(c);
+            match (escaped, c) {
+                (true, _) => escaped = false,
+                (false, '\\') => escaped = true,
+                (false, '"') => in_string = false,
+                _ => {}
+            }
+            rest = &rest[c.len_utf8()..];
+            continue;
+        }
+        let literal = ["-Infinity", "Infinity", "NaN"]
+            .into_iter()
+            .find(|l| rest.starts_with(l));
+        match (c, literal) {
+            ('"', _) => {
+                in_string = true;
+                out.push(c);
+                rest = &rest[1..];
+            }
+            (_, Some(l)) => {
+                out.push_str(&format!("{{\"__float__\": \"{l}\"}}"));
+                rest = &rest[l.len()..];
+            }
+            _ => {
+                out.push(c);
+                rest = &rest[c.len_utf8()..];
+            }
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+/// A number that may be non-finite, written plainly or as `{"__float__": "Infinity"}`.
+pub fn f64_or_non_finite<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<f64, D::Error> {
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum Number {
+        Plain(f64),
+        Tagged {
+            #[serde(rename = "__float__")]
+            value: String,
+        },
+    }
+    match Number::deserialize(d)? {
+        Number::Plain(v) => Ok(v),
+        Number::Tagged { value } => match value.as_str() {
+            "Infinity" | "inf" => Ok(f64::INFINITY),
+            "-Infinity" | "-inf" => Ok(f64::NEG_INFINITY),
+            "NaN" | "nan" => Ok(f64::NAN),
+            other => Err(serde::de::Error::custom(format!(
+                "`{other}` is not a number"
+            ))),
+        },
+    }
+}
+
+/// A pair of [`f64_or_non_finite`] numbers (Mamba's `time_step_limit`).
+pub fn f64_pair_or_non_finite<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<(f64, f64), D::Error> {
+    #[derive(serde::Deserialize)]
+    struct Wrapped(#[serde(deserialize_with = "f64_or_non_finite")] f64);
+    let (a, b): (Wrapped, Wrapped) = serde::Deserialize::deserialize(d)?;
+    Ok((a.0, b.0))
+}
 
 impl ConfigFile {
     /// Reads and parses `path`; malformed JSON is reported with its line and column.
     pub fn read(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = python_non_finite_literals(&text);
         let value: Value = serde_json::from_str(&text).map_err(|e| Error::Json {
             path: path.to_path_buf(),
             source: e,

@@ -14,7 +14,11 @@
 //! triangular system, and only the state crosses chunks), decoded tokens in the step form.
 //! Both run in f32.
 
+use crate::cache::RecurrentCache;
+use crate::conv::CausalConv1d;
 use crate::error::Result;
+use crate::nn::Linear;
+use crate::weights::WeightPath;
 use mlx_rs::ops::indexing::TryIndexOp;
 use mlx_rs::{ops, Array, Dtype};
 
@@ -107,6 +111,141 @@ pub fn delta_chunked(
         start = end;
     }
     Ok((ops::concatenate(&outs, 2)?, state))
+}
+
+/// The shape of a gated DeltaNet mixer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GatedDeltaNetSettings {
+    pub num_key_heads: i32,
+    pub num_value_heads: i32,
+    pub key_head_dim: i32,
+    pub value_head_dim: i32,
+    pub conv_kernel: i32,
+    pub norm_eps: f64,
+    /// Prompt chunk of the WY form (Transformers' reference path uses 64).
+    pub chunk_size: i32,
+    /// Scan prompts in chunks; `false` steps token by token.
+    pub chunked_prefill: bool,
+}
+
+impl GatedDeltaNetSettings {
+    fn key_dim(&self) -> i32 {
+        self.num_key_heads * self.key_head_dim
+    }
+
+    fn value_dim(&self) -> i32 {
+        self.num_value_heads * self.value_head_dim
+    }
+}
+
+/// A loaded gated DeltaNet mixer (Qwen3-Next's `linear_attn`): `in_proj_qkvz` and
+/// `in_proj_ba` (laid out per key head: `q, k, v…, z…` and `b…, a…`), a causal conv over
+/// `q, k, v`, `dt_bias`, `A_log`, a gated RMSNorm per value head, `out_proj`.
+#[derive(Debug, Clone)]
+pub struct GatedDeltaNet {
+    pub in_proj_qkvz: Linear,
+    pub in_proj_ba: Linear,
+    pub conv1d: CausalConv1d,
+    pub dt_bias: Array,
+    /// `exp(A_log)`, f32.
+    pub a: Array,
+    pub norm: Array,
+    pub out_proj: Linear,
+    pub settings: GatedDeltaNetSettings,
+}
+
+impl GatedDeltaNet {
+    pub fn load(w: &WeightPath, hidden: i32, s: &GatedDeltaNetSettings) -> Result<Self> {
+        let (kd, vd, hv) = (s.key_dim(), s.value_dim(), s.num_value_heads);
+        Ok(GatedDeltaNet {
+            in_proj_qkvz: Linear::load(&w.pp("in_proj_qkvz"), hidden, 2 * kd + 2 * vd, false)?,
+            in_proj_ba: Linear::load(&w.pp("in_proj_ba"), hidden, 2 * hv, false)?,
+            conv1d: CausalConv1d::load(&w.pp("conv1d"), 2 * kd + vd, s.conv_kernel, false)?,
+            dt_bias: f32(&w.get("dt_bias", &[hv])?)?,
+            a: ops::exp(&f32(&w.get("A_log", &[hv])?)?)?,
+            norm: w.pp("norm").get("weight", &[s.value_head_dim])?,
+            out_proj: Linear::load(&w.pp("out_proj"), vd, hidden, false)?,
+            settings: s.clone(),
+        })
+    }
+
+    /// The mixer's output for `x` (`[batch, tokens, hidden]`), continuing from and updating
+    /// `cache`.
+    pub fn forward(&self, x: &Array, cache: &mut RecurrentCache) -> Result<Array> {
+        let s = &self.settings;
+        let (batch, len) = (x.dim(0), x.dim(1));
+        let (hk, hv, dk, dv) = (
+            s.num_key_heads,
+            s.num_value_heads,
+            s.key_head_dim,
+            s.value_head_dim,
+        );
+        let per = hv / hk;
+        // Per key head: q (dk), k (dk), v (per·dv), z (per·dv); b (per), a (per).
+        let qkvz =
+            self.in_proj_qkvz
+                .forward(x)?
+                .reshape(&[batch, len, hk, 2 * dk + 2 * per * dv])?;
+        let parts = qkvz.split_at_indices(&[dk, 2 * dk, 2 * dk + per * dv], -1)?;
+        let flat = |t: &Array| t.reshape(&[batch, len, -1]);
+        let z = parts[3].reshape(&[batch, len, hv, dv])?;
+        let ba = self
+            .in_proj_ba
+            .forward(x)?
+            .reshape(&[batch, len, hk, 2 * per])?;
+        let ba = ba.split_at_indices(&[per], -1)?;
+        let (b, a) = (
+            ba[0].reshape(&[batch, len, hv])?,
+            ba[1].reshape(&[batch, len, hv])?,
+        );
+        let mixed = ops::concatenate(&[flat(&parts[0])?, flat(&parts[1])?, flat(&parts[2])?], -1)?;
+        let (mixed, conv_state) = self.conv1d.forward(&mixed, cache.conv.as_ref())?;
+        let mixed = mlx_rs::nn::silu(&mixed)?;
+        let qkv = mixed.split_at_indices(&[s.key_dim(), 2 * s.key_dim()], -1)?;
+        // Heads first, f32; key heads repeated for their value heads.
+        let heads = |t: &Array, n: i32, d: i32| -> Result<Array> {
+            f32(&t.reshape(&[batch, len, n, d])?.swap_axes(1, 2)?)
+        };
+        let repeat =
+            |t: Array| -> Result<Array> {
+                if per == 1 {
+                    return Ok(t);
+                }
+                let t = t.expand_dims(2)?;
+                Ok(ops::broadcast_to(&t, &[batch, hk, per, len, dk])?
+                    .reshape(&[batch, hv, len, dk])?)
+            };
+        let q = repeat(l2_normalize(&heads(&qkv[0], hk, dk)?, 1e-6)?)?
+            .multiply(Array::from_f32((dk as f32).powf(-0.5)))?;
+        let k = repeat(l2_normalize(&heads(&qkv[1], hk, dk)?, 1e-6)?)?;
+        let v = heads(&qkv[2], hv, dv)?;
+        let beta = ops::sigmoid(&f32(&b)?)?.swap_axes(1, 2)?; // [b, hv, l]
+        let a_in = f32(&a)?.add(&self.dt_bias)?;
+        let softplus = ops::select(
+            &a_in.gt(Array::from_f32(20.0))?,
+            &a_in,
+            ops::log1p(&ops::exp(&a_in)?)?,
+        )?;
+        let g = softplus.multiply(&self.a)?.negative()?.swap_axes(1, 2)?; // [b, hv, l]
+        let state = match &cache.state {
+            Some(st) => st.clone(),
+            None => ops::zeros::<f32>(&[batch, hv, dk, dv])?,
+        };
+        let (out, state) = if len > 1 && s.chunked_prefill {
+            delta_chunked(&q, &k, &v, &g, &beta, &state, s.chunk_size)?
+        } else {
+            delta_steps(&q, &k, &v, &g, &beta, &state)?
+        };
+        cache.conv = Some(conv_state);
+        cache.state = Some(state);
+        cache.advance(len);
+        // [b, hv, l, dv] → [b, l, hv, dv]; RMS norm per head, then the SiLU gate.
+        let out = out.swap_axes(1, 2)?;
+        let normed = mlx_rs::fast::rms_norm(&out, Some(&f32(&self.norm)?), s.norm_eps as f32)?;
+        let gated = normed.multiply(mlx_rs::nn::silu(&f32(&z)?)?)?;
+        self.out_proj
+            .forward(&gated.as_dtype(x.dtype())?.reshape(&[batch, len, -1])?)
+    }
 }
 
 /// Casts to f32.

@@ -16,6 +16,7 @@ use crate::attention::Attention;
 use crate::cache::{KvCache, LayerCache, RecurrentCache};
 use crate::config::ConfigFile;
 use crate::conv::ShortConv;
+use crate::delta::{GatedDeltaNet, GatedDeltaNetSettings};
 use crate::error::{Error, Result};
 use crate::mla::{LatentAttention, MlaSettings};
 use crate::mlp::Mlp;
@@ -69,6 +70,8 @@ pub enum MixerKind {
     Mamba2,
     /// LFM2's gated short convolution of [`DecoderSettings::short_conv`] (under `conv`).
     ShortConv,
+    /// The gated DeltaNet of [`DecoderSettings::gated_delta_net`] (under `linear_attn`).
+    GatedDeltaNet,
     /// No token mixing: the layer is its feed-forward alone (Nemotron-H's MLP layers).
     None,
 }
@@ -95,7 +98,7 @@ impl LayerSettings {
     pub fn new_cache(&self, mla: Option<&MlaSettings>) -> LayerCache {
         match (self.mixer, mla) {
             (MixerKind::LatentAttention, Some(mla)) => return mla.new_cache(),
-            (MixerKind::Mamba2 | MixerKind::ShortConv, _) => {
+            (MixerKind::Mamba2 | MixerKind::ShortConv | MixerKind::GatedDeltaNet, _) => {
                 return LayerCache::Recurrent(RecurrentCache::new())
             }
             (MixerKind::None, _) => return LayerCache::Stateless { offset: 0 },
@@ -129,6 +132,8 @@ pub struct DecoderSettings {
     /// The short convolution (kernel, bias) of the layers whose mixer is
     /// [`MixerKind::ShortConv`].
     pub short_conv: Option<(i32, bool)>,
+    /// The gated DeltaNet of the layers whose mixer is [`MixerKind::GatedDeltaNet`].
+    pub gated_delta_net: Option<GatedDeltaNetSettings>,
     pub norm: NormKind,
     pub norm_eps: f64,
     pub norm_placement: NormPlacement,
@@ -173,6 +178,7 @@ impl DecoderSettings {
             latent_attention: None,
             mamba2: None,
             short_conv: None,
+            gated_delta_net: None,
             norm: NormKind::Rms,
             norm_eps: 1e-6,
             norm_placement: NormPlacement::Pre,
@@ -216,6 +222,8 @@ pub enum LayerType {
     SlidingAttention,
     /// Chunked local attention (Llama 4); the family sets the chunk.
     ChunkedAttention,
+    /// A linear-attention (recurrent) layer (Qwen3-Next); the family sets its mixer.
+    LinearAttention,
 }
 
 impl LayerType {
@@ -300,10 +308,12 @@ pub fn layers_by_type(
                 sliding_window: window,
                 ..LayerSettings::default()
             },
-            LayerType::FullAttention | LayerType::ChunkedAttention => LayerSettings {
-                rope: rope.cloned(),
-                ..LayerSettings::default()
-            },
+            LayerType::FullAttention | LayerType::ChunkedAttention | LayerType::LinearAttention => {
+                LayerSettings {
+                    rope: rope.cloned(),
+                    ..LayerSettings::default()
+                }
+            }
         })
         .collect()
 }
@@ -353,6 +363,7 @@ pub enum Mixer {
     LatentAttention(LatentAttention),
     Mamba2(Mamba2Mixer),
     ShortConv(ShortConv),
+    GatedDeltaNet(GatedDeltaNet),
     None,
 }
 
@@ -393,6 +404,14 @@ impl Mixer {
                     )))
                 }
             },
+            (MixerKind::GatedDeltaNet, _, _) => match &s.gated_delta_net {
+                Some(d) => Mixer::GatedDeltaNet(GatedDeltaNet::load(w, s.hidden_size, d)?),
+                None => {
+                    return Err(Error::Mlx(mlx_rs::error::Exception::custom(
+                        "a gated DeltaNet layer in a model without its settings",
+                    )))
+                }
+            },
             (MixerKind::None, _, _) => Mixer::None,
         })
     }
@@ -403,6 +422,7 @@ impl Mixer {
             MixerKind::Attention | MixerKind::LatentAttention => "self_attn",
             MixerKind::Mamba2 => "mixer",
             MixerKind::ShortConv => "conv",
+            MixerKind::GatedDeltaNet => "linear_attn",
             MixerKind::None => "",
         }
     }
@@ -413,6 +433,7 @@ impl Mixer {
             Mixer::LatentAttention(mla) => mla.forward(x, cache, tap),
             Mixer::Mamba2(m) => m.forward(x, cache.recurrent_mut()?, tap),
             Mixer::ShortConv(c) => c.forward(x, cache.recurrent_mut()?),
+            Mixer::GatedDeltaNet(d) => d.forward(x, cache.recurrent_mut()?),
             Mixer::None => {
                 if let LayerCache::Stateless { offset } = cache {
                     *offset += x.dim(1);
@@ -429,6 +450,7 @@ impl Mixer {
             Mixer::LatentAttention(mla) => mla.quantization(),
             Mixer::Mamba2(m) => m.in_proj.weight.quantization(),
             Mixer::ShortConv(c) => c.in_proj.weight.quantization(),
+            Mixer::GatedDeltaNet(d) => d.in_proj_qkvz.weight.quantization(),
             Mixer::None => None,
         }
     }

@@ -35,6 +35,7 @@ pub struct Config {
     pub hidden_act: String,
     pub layer_norm_epsilon: f64,
     pub chunk_size: i32,
+    #[serde(deserialize_with = "crate::config::f64_pair_or_non_finite")]
     pub time_step_limit: (f64, f64),
     #[serde(default)]
     pub tie_word_embeddings: bool,
@@ -42,7 +43,8 @@ pub struct Config {
     pub residual_in_fp32: Option<bool>,
 }
 
-const DEFAULTS: &str = r#"{"num_heads":128,"head_dim":64,"vocab_size":32768,"hidden_size":4096,"state_size":128,"num_hidden_layers":64,"layer_norm_epsilon":1e-5,"expand":2,"conv_kernel":4,"n_groups":8,"use_bias":false,"use_conv_bias":true,"hidden_act":"silu","chunk_size":256,"time_step_limit":[0.0,1e30],"tie_word_embeddings":false,"residual_in_fp32":true}"#;
+/// Transformers' defaults for the fields config.json may leave out.
+pub const DEFAULTS: &str = r#"{"num_heads":128,"head_dim":64,"vocab_size":32768,"hidden_size":4096,"state_size":128,"num_hidden_layers":64,"layer_norm_epsilon":1e-5,"expand":2,"conv_kernel":4,"n_groups":8,"use_bias":false,"use_conv_bias":true,"hidden_act":"silu","chunk_size":256,"time_step_limit":[0.0,{"__float__":"Infinity"}],"tie_word_embeddings":false,"residual_in_fp32":true}"#;
 
 impl Config {
     /// The decoder: `num_hidden_layers` Mamba2 layers.

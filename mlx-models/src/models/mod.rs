@@ -27,6 +27,7 @@ pub mod qwen2;
 pub mod qwen2_moe;
 pub mod qwen3;
 pub mod qwen3_moe;
+pub mod qwen3_next;
 pub mod smollm3;
 pub mod starcoder2;
 
@@ -71,6 +72,7 @@ pub const REGISTRY: &[(&str, Loader)] = &[
     ("qwen2_moe", family::load::<qwen2_moe::Config>),
     ("qwen3", family::load::<qwen3::Config>),
     ("qwen3_moe", family::load::<qwen3_moe::Config>),
+    ("qwen3_next", family::load::<qwen3_next::Config>),
     ("smollm3", family::load::<smollm3::Config>),
     ("starcoder2", family::load::<starcoder2::Config>),
 ];
