@@ -224,6 +224,10 @@ pub enum LayerType {
     ChunkedAttention,
     /// A linear-attention (recurrent) layer (Qwen3-Next); the family sets its mixer.
     LinearAttention,
+    /// A Mamba layer (Granite 4 hybrids); the family sets its mixer.
+    Mamba,
+    /// An attention layer, as Granite 4 hybrids name full attention.
+    Attention,
 }
 
 impl LayerType {
@@ -308,12 +312,14 @@ pub fn layers_by_type(
                 sliding_window: window,
                 ..LayerSettings::default()
             },
-            LayerType::FullAttention | LayerType::ChunkedAttention | LayerType::LinearAttention => {
-                LayerSettings {
-                    rope: rope.cloned(),
-                    ..LayerSettings::default()
-                }
-            }
+            LayerType::FullAttention
+            | LayerType::ChunkedAttention
+            | LayerType::LinearAttention
+            | LayerType::Mamba
+            | LayerType::Attention => LayerSettings {
+                rope: rope.cloned(),
+                ..LayerSettings::default()
+            },
         })
         .collect()
 }

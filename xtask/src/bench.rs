@@ -47,6 +47,16 @@ enum Bench {
         #[arg(long, default_value_t = 4)]
         layers: usize,
     },
+    /// Prefill speed of a random-weight Mamba2-shaped model, scanning prompts in chunks
+    /// (SSD) and token by token, at two prompt lengths, in one run (use --release).
+    Hybrid {
+        /// Prompt lengths in tokens.
+        #[arg(long, value_delimiter = ',', default_values_t = [256, 2048])]
+        prompts: Vec<usize>,
+        /// Decoder layers.
+        #[arg(long, default_value_t = 4)]
+        layers: usize,
+    },
     /// Decode speed of a random-weight mixture-of-experts model (Qwen3-MoE shape) next to
     /// a dense model with the same active parameters per token, in one run (use --release).
     Moe {
@@ -86,6 +96,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             max_tokens,
             layers,
         } => mla(context, max_tokens, layers),
+        Bench::Hybrid { prompts, layers } => hybrid(&prompts, layers),
         Bench::Moe {
             hidden,
             layers,
@@ -196,6 +207,98 @@ fn mla(context: usize, max_tokens: usize, layers: usize) -> anyhow::Result<()> {
                 "decode_tok_s": (max_tokens as f64 / decode * 10.0).round() / 10.0,
             })
         );
+    }
+    Ok(())
+}
+
+fn hybrid(prompts: &[usize], layers: usize) -> anyhow::Result<()> {
+    use mlx_models::config::ConfigFile;
+    use mlx_models::weights::Weights;
+    use std::collections::HashMap;
+
+    let (h, heads, head_dim, state, groups, kernel, vocab) = (768, 24, 64, 128, 1, 4, 32_000);
+    let conv_dim = heads * head_dim + 2 * groups * state;
+    let config = ConfigFile {
+        path: PathBuf::from("bench-hybrid"),
+        value: serde_json::json!({
+            "model_type": "mamba2",
+            "vocab_size": vocab,
+            "hidden_size": h,
+            "num_hidden_layers": layers,
+            "num_heads": heads,
+            "head_dim": head_dim,
+            "expand": 2,
+            "state_size": state,
+            "n_groups": groups,
+            "conv_kernel": kernel,
+            "chunk_size": 256,
+        }),
+    };
+    let family: mlx_models::models::mamba2::Config =
+        config.parse_with_defaults(mlx_models::models::mamba2::DEFAULTS)?;
+    let mut key = 0u64;
+    let mut random = |shape: &[i32], std: f32| -> anyhow::Result<mlx_rs::Array> {
+        key += 1;
+        let k = mlx_rs::random::key(key)?;
+        Ok(mlx_rs::random::normal::<f32>(shape, None, Some(std), &k)?)
+    };
+    let mut tensors: HashMap<String, mlx_rs::Array> = HashMap::new();
+    tensors.insert(
+        "backbone.embeddings.weight".into(),
+        random(&[vocab, h], 0.02)?,
+    );
+    tensors.insert("lm_head.weight".into(), random(&[vocab, h], 0.02)?);
+    tensors.insert(
+        "backbone.norm_f.weight".into(),
+        mlx_rs::ops::ones::<f32>(&[h])?,
+    );
+    let inter = heads * head_dim;
+    for i in 0..layers {
+        let p = format!("backbone.layers.{i}");
+        tensors.insert(format!("{p}.norm.weight"), mlx_rs::ops::ones::<f32>(&[h])?);
+        let m = format!("{p}.mixer");
+        tensors.insert(
+            format!("{m}.in_proj.weight"),
+            random(&[inter + conv_dim + heads, h], 0.03)?,
+        );
+        tensors.insert(
+            format!("{m}.conv1d.weight"),
+            random(&[conv_dim, 1, kernel], 0.3)?,
+        );
+        tensors.insert(format!("{m}.conv1d.bias"), random(&[conv_dim], 0.1)?);
+        tensors.insert(format!("{m}.dt_bias"), random(&[heads], 0.5)?);
+        tensors.insert(format!("{m}.A_log"), random(&[heads], 0.5)?);
+        tensors.insert(format!("{m}.D"), mlx_rs::ops::ones::<f32>(&[heads])?);
+        tensors.insert(
+            format!("{m}.norm.weight"),
+            mlx_rs::ops::ones::<f32>(&[inter])?,
+        );
+        tensors.insert(format!("{m}.out_proj.weight"), random(&[h, inter], 0.03)?);
+    }
+    mlx_rs::transforms::eval(tensors.values())?;
+    for &len in prompts {
+        let prompt: Vec<i32> = (0..len as i32).map(|t| (t * 7919) % vocab).collect();
+        for chunked in [true, false] {
+            let mut settings = family.settings(&config)?;
+            if let Some(m) = settings.mamba2.as_mut() {
+                m.chunked_prefill = chunked;
+            }
+            let mut weights = Weights::new(tensors.clone(), &config.path);
+            mlx_models::models::mamba2::sanitize_backbone(&mut weights, false);
+            let model = mlx_models::transformer::build(&config, settings, weights)?;
+            let (prefill, _, bytes) = time_decode_with_cache(model.as_ref(), &prompt, 0)?;
+            println!(
+                "{}",
+                serde_json::json!({
+                    "bench": "hybrid",
+                    "model": format!("mamba2, {layers} layers, hidden {h}, {heads} heads × {head_dim}, state {state}"),
+                    "prefill": if chunked { "chunked (SSD, chunk 256)" } else { "token by token" },
+                    "prompt_tokens": len,
+                    "prefill_tok_s": (len as f64 / prefill * 10.0).round() / 10.0,
+                    "state_bytes": bytes,
+                })
+            );
+        }
     }
     Ok(())
 }

@@ -11,6 +11,7 @@ pub mod glm4_moe_lite;
 pub mod gpt_oss;
 pub mod granite;
 pub mod granitemoe;
+pub mod granitemoehybrid;
 pub mod hunyuan_v1_moe;
 pub mod lfm2;
 pub mod llama;
@@ -53,6 +54,7 @@ pub const REGISTRY: &[(&str, Loader)] = &[
     ("gpt_oss", family::load::<gpt_oss::Config>),
     ("granite", family::load::<granite::Config>),
     ("granitemoe", family::load::<granitemoe::Config>),
+    ("granitemoehybrid", family::load::<granitemoehybrid::Config>),
     ("hunyuan_v1_moe", family::load::<hunyuan_v1_moe::Config>),
     ("kimi_k2", family::load::<deepseek_v3::Config>),
     ("lfm2", lfm2::load),

@@ -976,6 +976,9 @@ fn derive_layer_rule(
                     LayerType::FullAttention => "full_attention".to_owned(),
                     LayerType::SlidingAttention => "sliding_attention".to_owned(),
                     LayerType::ChunkedAttention => "chunked_attention".to_owned(),
+                    LayerType::LinearAttention => "linear_attention".to_owned(),
+                    LayerType::Mamba => "mamba".to_owned(),
+                    LayerType::Attention => "attention".to_owned(),
                 })
                 .collect();
             &names == expected
