@@ -154,4 +154,20 @@ mod tests {
         assert_eq!(kv(&mut cache[1]).window(), Some(4));
         assert_eq!(kv(&mut cache[0]).window(), None);
     }
+
+    #[test]
+    fn a_recurrent_state_is_never_cut_back() {
+        use crate::cache::RecurrentCache;
+        let mut cache = layers(4, 10);
+        let mut state = RecurrentCache::new();
+        state.state = Some(Array::from_slice(&[1.0f32], &[1]));
+        state.advance(10);
+        cache.push(LayerCache::Recurrent(state));
+        // The whole history is kept as it is ...
+        assert!(truncate_all(&mut cache, 10).unwrap());
+        assert!(cache.iter().all(|c| c.offset() == 10));
+        // ... but any shorter prefix empties every layer, so the turn re-prefills.
+        assert!(!truncate_all(&mut cache, 9).unwrap());
+        assert!(cache.iter().all(|c| c.offset() == 0 && c.nbytes() == 0));
+    }
 }
