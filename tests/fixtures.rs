@@ -557,7 +557,7 @@ fn cache_consistency_latent_attention() {
 fn cache_consistency_recurrent_layers() {
     // Fixed-size states: chunked prefill (SSD chunks, the chunked delta rule) then steps,
     // in any split, equal one pass; a recurrent state refuses to be cut back.
-    assert_cache_consistent("mamba2/options", None);
+    assert_cache_consistent("mamba2/hub", None);
     assert_cache_consistent("lfm2/default", None);
     assert_cache_consistent("qwen3_next/default", None);
     assert_cache_consistent("granitemoehybrid/default", None);

@@ -38,6 +38,18 @@ for most families), or Transformers 5's fused layout for `"weights_layout":
 "transformers5"`; either way Transformers must load it back to the very same
 parameters. The manifest records `weights_layout` and a `routing` summary.
 
+Recurrent (hybrid) families, whose DynamicCache holds conv and recurrent states for some
+layers (Mamba, Mamba2, FalconMamba, Jamba, Falcon-H1, Granite-4.0-H, Nemotron-H, LFM2,
+Qwen3-Next, Qwen3.5, RecurrentGemma), are run through Transformers' torch reference paths.
+Their manifest gets a `recurrent` section (which layers are recurrent, each mixer's conv and
+state sizes, and how the reference prefill scans the prompt: the chunk size it used and
+whether the 16-token prompt spans several chunks), their checks a cache continuation
+measurement (a multi-token forward from a cached state) and the logits of the prompt
+prefilled in other chunks, and expected.safetensors the states cached after the prompt
+(`state.L.conv`, `state.L.recurrent`); see STATE_RECORD_PREFIX and recurrent_checks. A spec may
+set `parameter_base_values` (vectors' values before the noise) and `initializer_range` (for
+config classes without one).
+
 Run it twice and the files are byte-for-byte identical. The Rust tests read the
 committed files and never need Python; `cargo xtask fixtures export` runs this
 script in the pinned virtual environment.
@@ -151,6 +163,8 @@ HUB_RENAMED_FIELDS = {"qwen3_moe": [("num_local_experts", "num_experts")]}
 HUB_EXTRA_FIELDS = {
     "minimax_m2": {"use_qk_norm": True, "qk_norm_type": "per_layer", "scoring_func": "sigmoid", "use_routing_bias": True},
     "hunyuan_v1_moe": {"use_qk_norm": True, "use_mixed_mlp_moe": True},
+    # recurrentgemma-2b: the embedding scaling Transformers always applies.
+    "recurrent_gemma": {"embeddings_scale_by_sqrt_dim": True},
     # DeepSeek-V3 / Kimi-K2: the router Transformers implements (sigmoid scores, routing bias,
     # group-limited top-k), every layer from first_k_dense_replace on MoE.
     "deepseek_v3": {"topk_method": "noaux_tc", "scoring_func": "sigmoid", "moe_layer_freq": 1},
@@ -208,6 +222,40 @@ BUFFER_SEED_OFFSET = 2000
 # layout (save_original_format=False).
 WEIGHTS_LAYOUTS = ("hub", "transformers5")
 
+# The final norm of the decoder stack, by its attribute name on the base model: `norm` for
+# most families, `norm_f` (Mamba, Mamba2, FalconMamba, Nemotron-H), `embedding_norm` (LFM2,
+# applied after the last layer despite its name), `final_layernorm` (Jamba, Falcon-H1),
+# `final_norm` (RecurrentGemma).
+FINAL_NORM_NAMES = ("norm", "norm_f", "embedding_norm", "final_layernorm", "final_norm")
+
+# Recurrent (hybrid) families: a model whose DynamicCache, built from its config, holds a
+# LinearAttentionLayer (conv and recurrent states instead of keys and values) for some layer.
+# The manifest's `recurrent` section describes those layers (the mixer, its conv kernel and
+# state sizes, how the reference prefill scans the prompt) and expected.safetensors gets the
+# states Transformers caches for each of them after a cached forward over the whole prompt:
+# `state.L.conv` (the conv cache, [batch, conv channels, kept inputs], oldest first) and
+# `state.L.recurrent` (the SSM / delta-rule / RG-LRU state; none for LFM2's short conv).
+STATE_RECORD_PREFIX = "state"
+# The cache continuation check: prefill this many prompt tokens, then the rest in ONE
+# forward (a multi-token step that starts from a cached state, as a chunked prefill does).
+CONTINUATION_PREFILL = 5
+# For the prefill-chunking check of gated-DeltaNet families, whose chunk size is the
+# default argument of Transformers' torch_chunk_gated_delta_rule (64, longer than the
+# prompt): the logits with this chunk size instead.
+DELTA_RULE_CHECK_CHUNK = 4
+# Mixers whose multi-token forward ignores a cached state, so the continuation check is
+# expected to differ (a property of Transformers 5.23's reference paths, not of the model).
+CONTINUATION_IGNORES_STATE = {
+    "MambaMixer": "mamba_selective_scan (the multi-token path) starts from a zero SSM state and never reads the "
+    "cached one; only the conv state is continued",
+    "FalconMambaMixer": "mamba_selective_scan (the multi-token path) starts from a zero SSM state and never reads the "
+    "cached one; only the conv state is continued",
+    "JambaMambaMixer": "mamba_selective_scan (the multi-token path) starts from a zero SSM state and never reads the "
+    "cached one; only the conv state is continued",
+    "RecurrentGemmaRecurrentBlock": "a multi-token forward runs the temporal conv zero-padded (the cached conv1d_state "
+    "is overwritten, not read); the RG-LRU does continue from its cached state",
+}
+
 
 def load_spec(path: Path) -> dict:
     """Reads a variants spec and checks the fields this exporter relies on."""
@@ -247,11 +295,32 @@ def build_model(spec: dict, variant: dict):
     # Whatever Transformers' own init draws comes from this seed ...
     torch.manual_seed(variant["seed"])
     model = getattr(transformers, spec["architecture"])(config).eval()
-    # ... and is then replaced entirely by draws that depend on nothing else.
-    randomize_parameters(model, variant["seed"], config.initializer_range)
+    set_base_values(model, {**spec.get("parameter_base_values", {}), **variant.get("parameter_base_values", {})})
+    # ... and is then replaced entirely by draws that depend on nothing else. The spread is the config's
+    # initializer_range, or the spec's own where the config class has none (RecurrentGemma).
+    randomize_parameters(model, variant["seed"], spec.get("initializer_range") or config.initializer_range)
     if router_class(model) is not None:
         randomize_weight_buffers(model, variant["seed"] + BUFFER_SEED_OFFSET, config.initializer_range)
     return model
+
+
+def set_base_values(model, base_values: dict) -> None:
+    """Sets the vectors whose names end with a key of `base_values` to that constant, before the noise.
+
+    For recurrent families whose initialisation leaves the recurrence nearly memoryless at this
+    size (spec `parameter_base_values`, top level or per variant): Qwen3-Next's dt_bias starts at
+    1, so with A = exp(A_log) up to 16 the gated DeltaNet decays its state by exp(-20) per token
+    and the cached state would not matter; a dt_bias of -4 keeps the decays within a few units.
+    """
+    import torch
+
+    with torch.no_grad():
+        for suffix, value in base_values.items():
+            chosen = [parameter for name, parameter in model.named_parameters() if name.endswith(suffix)]
+            if not chosen or any(parameter.dim() != 1 for parameter in chosen):
+                raise SystemExit(f"parameter_base_values: {suffix!r} must name vectors of the model")
+            for parameter in chosen:
+                parameter.fill_(value)
 
 
 def randomize_parameters(model, seed: int, std: float) -> None:
@@ -348,13 +417,21 @@ def to_hub_style(config: dict) -> dict:
       families in HUB_KEEPS_LAYER_TYPES keep it;
     * family quirks: HUB_ROPE_TYPE_KEY, HUB_IGNORED_SLIDING_WINDOW, HUB_LEGACY_VALUES,
       HUB_ROPE_KEEPS_ORIGINAL_MAX, HUB_ROTARY_DIM, HUB_OMITTED_VALUES, HUB_RENAMED_FIELDS,
-      HUB_DERIVED_FIELDS, HUB_EXTRA_FIELDS.
+      HUB_DERIVED_FIELDS, HUB_EXTRA_FIELDS;
+    * the hybrid (recurrent) families' own spellings (HUB_FAMILY_REWRITES): the layer
+      pattern as their checkpoints give it (`full_attn_idxs`, `full_attention_interval`,
+      `hybrid_override_pattern`, `mamba`/`attention` layer types, `block_types`),
+      `Infinity` as a JSON number in `time_step_limit`, and renamed or extra keys.
     """
     # Private attributes Transformers serializes (Gemma 3's `_sliding_window_pattern`) are no Hub keys.
     config = {key: value for key, value in config.items() if not key.startswith("_")}
     model_type = config.get("model_type")
-    rope = config.pop("rope_parameters")
-    if any(key in ROPE_RECORD_PREFIXES for key in rope):
+    if model_type in HUB_COMPOSITE_CONFIGS:
+        return HUB_COMPOSITE_CONFIGS[model_type](config)
+    rope = config.pop("rope_parameters", None)
+    if rope is None:
+        pass  # a family without RoPE (Mamba, Jamba, Nemotron-H)
+    elif any(key in ROPE_RECORD_PREFIXES for key in rope):
         config.update(nested_rope_to_hub_style(rope))
     else:
         rope = dict(rope)
@@ -372,7 +449,11 @@ def to_hub_style(config: dict) -> dict:
             if type_key != "rope_type":
                 rope[type_key] = rope.pop("rope_type")
             config["rope_scaling"] = rope
-    if config.get("layer_types") is not None and model_type not in HUB_KEEPS_LAYER_TYPES:
+    if (
+        config.get("layer_types") is not None
+        and model_type not in HUB_KEEPS_LAYER_TYPES
+        and model_type not in HUB_FAMILY_REWRITES
+    ):
         layer_types = config.pop("layer_types")
         if model_type == "gemma3_text":
             pattern = gemma3_sliding_window_pattern(layer_types)
@@ -397,6 +478,8 @@ def to_hub_style(config: dict) -> dict:
         if field in config and derived_field(config, field) == config[field]:
             config.pop(field)
     config.update(HUB_EXTRA_FIELDS.get(model_type, {}))
+    if model_type in HUB_FAMILY_REWRITES:
+        config = HUB_FAMILY_REWRITES[model_type](config)
     return config
 
 
@@ -415,6 +498,167 @@ def nested_rope_to_hub_style(rope: dict) -> dict:
     if local != {"rope_type": "default"}:
         raise SystemExit(f"the Hub-style config has no place for the sliding layers' RoPE {local}")
     return keys
+
+
+def hub_infinity(config: dict) -> dict:
+    """Infinite floats as the Hub configs write them: the JSON number `Infinity` (`"time_step_limit":
+    [0.0, Infinity]`), where Transformers 5 writes `{"__float__": "Infinity"}`; Transformers reads both."""
+
+    def fix(value):
+        if isinstance(value, dict) and set(value) == {"__float__"}:
+            return float(value["__float__"])
+        if isinstance(value, list):
+            return [fix(item) for item in value]
+        return value
+
+    return {key: fix(value) for key, value in config.items()}
+
+
+def attention_interval(layer_types: list, linear: str = "linear_attention") -> int | None:
+    """The `full_attention_interval` n from which Qwen3-Next derives `layer_types` (full attention where
+    (i + 1) % n == 0, else linear attention), if any."""
+    for interval in range(1, len(layer_types) + 1):
+        derived = [linear if (i + 1) % interval else "full_attention" for i in range(len(layer_types))]
+        if derived == layer_types:
+            return interval
+    return None
+
+
+def lfm2_hub_style(config: dict) -> dict:
+    """LiquidAI/LFM2-*: the attention layers as `full_attn_idxs` (no `layer_types`), the MLP width as
+    `block_ff_dim`, tying as `tie_embedding`, and the block/conv widths the checkpoints also list."""
+    layer_types = config.pop("layer_types")
+    config["full_attn_idxs"] = [i for i, kind in enumerate(layer_types) if kind == "full_attention"]
+    config["block_ff_dim"] = config.pop("intermediate_size")
+    config["tie_embedding"] = config.pop("tie_word_embeddings")
+    for key in ("block_dim", "conv_dim", "conv_dim_out"):
+        config[key] = config["hidden_size"]
+    return config
+
+
+def mamba2_hub_style(config: dict) -> dict:
+    """Mamba-Codestral: `time_step_limit` [0.0, Infinity], and keys Transformers does not read: the gated
+    RMSNorm's settings of the original code (`rms_norm` true, `norm_before_gate` false, which is what
+    MambaRMSNormGated computes) and `intermediate_size` (expand * hidden_size)."""
+    config = hub_infinity(config)
+    config.update(rms_norm=True, norm_before_gate=False, intermediate_size=config["expand"] * config["hidden_size"])
+    return config
+
+
+def qwen3_next_hub_style(config: dict) -> dict:
+    """Qwen3-Next: `full_attention_interval` instead of `layer_types` (kept where no interval derives them)."""
+    layer_types = config.pop("layer_types")
+    interval = attention_interval(layer_types)
+    if interval is None:
+        config["layer_types"] = layer_types
+    else:
+        config["full_attention_interval"] = interval
+    return config
+
+
+def granitemoehybrid_hub_style(config: dict) -> dict:
+    """Granite-4.0-H: `layer_types` spelled "mamba" / "attention" (Transformers maps them to linear_attention /
+    full_attention), `time_step_limit` with Infinity."""
+    legacy = {"linear_attention": "mamba", "full_attention": "attention"}
+    config["layer_types"] = [legacy[kind] for kind in config["layer_types"]]
+    return hub_infinity(config)
+
+
+def nemotron_h_hub_style(config: dict) -> dict:
+    """Nemotron-H: the layers as `hybrid_override_pattern` (M mamba, * attention, E MoE, - MLP) and
+    `num_hidden_layers`, no `layers_block_type`; no `mtp_layers_block_type` when there is no MTP layer
+    (Transformers then assumes [full_attention, moe]); `time_step_limit` with Infinity."""
+    kinds = config.pop("layers_block_type")
+    letters = {"linear_attention": "M", "full_attention": "*", "moe": "E", "mlp": "-"}
+    config["hybrid_override_pattern"] = "".join(letters[kind] for kind in kinds)
+    config["num_hidden_layers"] = len(kinds)
+    if config.get("mtp_layers_block_type") == ["full_attention", "moe"] and not config.get("num_nextn_predict_layers"):
+        config.pop("mtp_layers_block_type")
+    return hub_infinity(config)
+
+
+def falcon_h1_hub_style(config: dict) -> dict:
+    """Falcon-H1: `time_step_limit` with Infinity, and keys of its checkpoints Transformers does not read."""
+    config = hub_infinity(config)
+    config.update(mamba_use_mlp=True, rope_traditional=False)
+    return config
+
+
+def mamba_hub_style(config: dict) -> dict:
+    """state-spaces/mamba-*-hf, tiiuae/falcon-mamba-7b, ai21labs Jamba: no `use_mambapy` /
+    `use_associative_scan` (later Transformers switches, left at their defaults)."""
+    for key, default in (("use_mambapy", False), ("use_associative_scan", True)):
+        if config.get(key) == default:
+            config.pop(key)
+    if config["model_type"] == "mamba":
+        config.update(fused_add_norm=True, rms_norm=True)
+    return config
+
+
+def qwen3_5_hub_style(config: dict) -> dict:
+    """Qwen3.5 (Qwen/Qwen3.5-*): the text model is the `text_config` of a `qwen3_5` config next to a
+    `vision_config`, in Transformers-5 style (rope_parameters, with mrope_section / mrope_interleaved for the
+    vision positions, layer_types and full_attention_interval both listed); AutoModelForCausalLM reads it as
+    Qwen3_5ForCausalLM, the weights under model.language_model.* (HUB_WEIGHT_PREFIXES)."""
+    import transformers
+
+    text = {key: value for key, value in config.items() if key not in ("architectures", "transformers_version")}
+    interval = attention_interval(text["layer_types"])
+    if interval is not None:
+        text["full_attention_interval"] = interval
+    vision = transformers.AutoConfig.for_model("qwen3_5_vision").to_diff_dict()
+    vision = {key: value for key, value in vision.items() if key != "transformers_version"}
+    return {
+        "architectures": ["Qwen3_5ForConditionalGeneration"],
+        "model_type": "qwen3_5",
+        "text_config": text,
+        "tie_word_embeddings": text["tie_word_embeddings"],
+        "transformers_version": config["transformers_version"],
+        "vision_config": vision,
+    }
+
+
+# Families whose checkpoints on the Hub nest the text model in a multimodal config (to_hub_style
+# writes that config instead) and prefix its weights: model.safetensors is renamed the same way
+# (name prefix written by save_pretrained -> the prefix on the Hub).
+HUB_COMPOSITE_CONFIGS = {"qwen3_5_text": qwen3_5_hub_style}
+HUB_WEIGHT_PREFIXES = {"qwen3_5_text": [("model.", "model.language_model.")]}
+
+
+def rename_hub_weights(directory: Path, model_type: str) -> None:
+    """Renames the tensors of model.safetensors to the family's Hub prefixes (HUB_WEIGHT_PREFIXES)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    prefixes = HUB_WEIGHT_PREFIXES.get(model_type)
+    if not prefixes:
+        return
+    path = directory / "model.safetensors"
+    with safe_open(path, "pt") as handle:
+        metadata = handle.metadata()
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+
+    def renamed(name):
+        for written, on_hub in prefixes:
+            if name.startswith(written):
+                return on_hub + name[len(written) :]
+        return name
+
+    save_file({renamed(name): tensor for name, tensor in tensors.items()}, path, metadata=metadata)
+
+
+# Per-family rewrites of hybrid (recurrent) families, applied last by to_hub_style.
+HUB_FAMILY_REWRITES = {
+    "lfm2": lfm2_hub_style,
+    "mamba2": mamba2_hub_style,
+    "qwen3_next": qwen3_next_hub_style,
+    "granitemoehybrid": granitemoehybrid_hub_style,
+    "nemotron_h": nemotron_h_hub_style,
+    "falcon_h1": falcon_h1_hub_style,
+    "mamba": mamba_hub_style,
+    "falcon_mamba": mamba_hub_style,
+    "jamba": mamba_hub_style,
+}
 
 
 def gemma3_sliding_window_pattern(layer_types: list) -> int | None:
@@ -454,9 +698,11 @@ def without_legacy_type(rope):
     return {key: without_legacy_type(value) if isinstance(value, dict) else value for key, value in rope.items()}
 
 
-def assert_same_config(expected, actual) -> None:
-    """Fails unless every public field of `expected` reads the same in `actual` (extra fields may differ)."""
+def assert_same_config(expected, actual, ignored=()) -> None:
+    """Fails unless every public field of `expected` reads the same in `actual` (extra fields may differ),
+    but for the fields `ignored`."""
     left, right = expected.to_dict(), actual.to_dict()
+    left = {key: value for key, value in left.items() if key not in ignored}
     right["rope_parameters"] = without_legacy_type(right.get("rope_parameters"))
     differ = sorted(key for key in left if not key.startswith("_") and left[key] != right.get(key))
     if differ:
@@ -467,9 +713,24 @@ def assert_same_config(expected, actual) -> None:
 
 
 def decoder_parts(model):
-    """The decoder layers, final norm and rotary module of a decoder-only model."""
-    base = model.model
-    return base.layers, base.norm, base.rotary_emb
+    """The decoder layers, final norm and rotary module of a decoder-only model.
+
+    The base model is `model.model`, or `model.backbone` for the Mamba families; the final
+    norm is the first of FINAL_NORM_NAMES it has. The rotary module is the base model's
+    `rotary_emb`, or else the first rotary module inside the layers (RecurrentGemma builds
+    one per attention layer, all alike); None for models without RoPE (Mamba, Jamba,
+    Nemotron-H, Granite-4.0-H with position_embedding_type "nope").
+    """
+    base = model.backbone if hasattr(model, "backbone") else model.model
+    norm = next(getattr(base, name) for name in FINAL_NORM_NAMES if getattr(base, name, None) is not None)
+    return base.layers, norm, rotary_module(base)
+
+
+def rotary_module(base):
+    """The rotary module of a base model (see decoder_parts), or None."""
+    if hasattr(base, "rotary_emb"):
+        return base.rotary_emb
+    return next((module for module in base.modules() if type(module).__name__.endswith("RotaryEmbedding")), None)
 
 
 def router_class(model):
@@ -645,9 +906,22 @@ def cache_consistency(model, input_ids, logits) -> float:
         for prefill in CACHE_PREFILL_SIZES:
             cache = DynamicCache(config=model.config)
             chunks = [input_ids[:, :prefill]] + [input_ids[:, t : t + 1] for t in range(prefill, input_ids.shape[1])]
-            pieces = [model(input_ids=chunk, past_key_values=cache, use_cache=True).logits for chunk in chunks]
+            pieces = [model(input_ids=chunk, use_cache=True, **cache_argument(model, cache)).logits for chunk in chunks]
             worst = max(worst, float((torch.cat(pieces, dim=1) - logits).abs().max()))
     return worst
+
+
+def cache_argument(model, cache) -> dict:
+    """The keyword argument that hands a cache to the model's forward.
+
+    Most families take `past_key_values`; the Mamba families (Mamba, Mamba2, FalconMamba)
+    take `cache_params`. Either way it is Transformers' DynamicCache, which, built from the
+    config, holds a LinearAttentionLayer (conv and recurrent states) for each recurrent layer.
+    """
+    import inspect
+
+    name = "past_key_values" if "past_key_values" in inspect.signature(model.forward).parameters else "cache_params"
+    return {name: cache}
 
 
 def rope_layer_types(rotary) -> dict | None:
@@ -683,6 +957,8 @@ def capture_rope(model, dtype):
     import torch
 
     _, _, rotary = decoder_parts(model)
+    if rotary is None:
+        return {}, {}  # no RoPE (Mamba, Jamba, Nemotron-H, ...): nothing to record
     position_ids = torch.tensor([ROPE_POSITIONS], dtype=torch.int64)
     x = torch.zeros(1, len(ROPE_POSITIONS), model.config.hidden_size, dtype=dtype)
     layer_types = rope_layer_types(rotary)
@@ -804,6 +1080,8 @@ def unscaled_twin(model):
 
 def scaled_rope_prefixes(model) -> list:
     """The record prefixes whose RoPE is scaled (rope_type other than default)."""
+    if decoder_parts(model)[2] is None:
+        return []
     sets = rope_parameter_sets(model.config, decoder_parts(model)[2])
     return [prefix for prefix, rope in sets.items() if rope["rope_type"] != "default"]
 
@@ -1124,6 +1402,8 @@ def rope_note(config, rotary=None):
     seq_len = max(position_ids) + 1, so the rope.* tensors (one call with all
     ROPE_POSITIONS) can use another regime than the prompt does.
     """
+    if getattr(config, "rope_parameters", None) is None:
+        return None  # no RoPE
     layer_types = None if rotary is None else rope_layer_types(rotary)
     if layer_types is None:
         return rope_note_for(config, config.rope_parameters)
@@ -1195,6 +1475,231 @@ def rope_note_for(config, rope):
     )
 
 
+def recurrent_mixers(model) -> dict:
+    """Decoder layer index -> its recurrent mixer, for the layers whose cache is recurrent (none for
+    attention-only models).
+
+    Which layers are recurrent is what Transformers' own DynamicCache makes of the config (a
+    LinearAttentionLayer, or Falcon-H1's attention-and-SSM layer); the mixer is the module of that
+    layer that owns its depthwise Conv1d (Mamba / Mamba2 mixers, the gated DeltaNet, LFM2's short
+    conv, RecurrentGemma's recurrent block).
+    """
+    import torch
+    from transformers import DynamicCache
+    from transformers.cache_utils import LinearAttentionCacheLayerMixin
+
+    cache_layers = DynamicCache(config=model.config).layers
+    found = {}
+    for index, layer in enumerate(decoder_parts(model)[0]):
+        if index >= len(cache_layers) or not isinstance(cache_layers[index], LinearAttentionCacheLayerMixin):
+            continue
+        owners = [
+            module
+            for module in layer.modules()
+            if any(isinstance(child, torch.nn.Conv1d) for child in module.children())
+        ]
+        if len(owners) != 1:
+            raise SystemExit(f"recurrent layer {index}: found {len(owners)} modules owning a Conv1d, expected one")
+        found[index] = owners[0]
+    return found
+
+
+# Mixer attributes worth a line in the manifest (those a mixer has, as JSON values).
+MIXER_ATTRIBUTES = (
+    "intermediate_size", "num_heads", "head_dim", "n_groups", "ssm_state_size", "time_step_rank",
+    "time_step_limit", "chunk_size", "activation", "num_k_heads", "num_v_heads", "head_k_dim", "head_v_dim",
+    "key_dim", "value_dim", "conv_dim", "lru_width", "layer_norm_epsilon", "rms_eps", "mamba_rms_norm",
+)
+
+
+def mixer_summary(mixer) -> dict:
+    """What a recurrent mixer is made of: its class, depthwise conv and the sizes it keeps as attributes."""
+    import math
+
+    conv = next(child for child in mixer.children() if type(child).__name__ == "Conv1d")
+    summary = {
+        "mixer": type(mixer).__name__,
+        "conv_channels": conv.in_channels,
+        "conv_kernel": conv.kernel_size[0],
+        "conv_bias": conv.bias is not None,
+    }
+    for name in MIXER_ATTRIBUTES:
+        value = getattr(mixer, name, None)
+        if isinstance(value, tuple):
+            value = list(value)
+        if isinstance(value, list):
+            value = [item if math.isfinite(item) else str(item) for item in value]
+        if isinstance(value, (bool, int, float, str, list)):
+            summary[name] = value
+    block = getattr(getattr(mixer, "rg_lru", None), "block_width", None)
+    if block is not None:
+        summary["rg_lru_block_width"] = block
+    return summary
+
+
+def delta_rule_function(mixer):
+    """(module namespace, name) of the chunked gated-delta-rule function a gated DeltaNet calls, else None."""
+    import sys
+
+    namespace = vars(sys.modules[type(mixer).__module__])
+    name = "torch_chunk_gated_delta_rule"
+    return (namespace, name) if "DeltaNet" in type(mixer).__name__ and name in namespace else None
+
+
+def prefill_scan(mixer) -> dict:
+    """How the reference (torch) prefill of this mixer scans the prompt: chunk size and chunk count, or sequential."""
+    import inspect
+    import math
+
+    if isinstance(getattr(mixer, "chunk_size", None), int):
+        size, source = mixer.chunk_size, "config (the mixer's chunk_size)"
+    elif delta_rule_function(mixer) is not None:
+        namespace, name = delta_rule_function(mixer)
+        size = inspect.signature(namespace[name]).parameters["chunk_size"].default
+        source = f"the default chunk_size of {name} (no config field; the mixer does not pass one)"
+    elif hasattr(mixer, "rg_lru"):
+        return {"kind": "sequential", "note": "RG-LRU: a Python loop over the prompt's tokens (_rnn_scan)"}
+    elif hasattr(mixer, "x_proj"):
+        return {
+            "kind": "sequential",
+            "note": "selective scan: a Python loop over the prompt's tokens (mamba_selective_scan; the associative "
+            "scan is only used under torch.compile)",
+        }
+    else:
+        return {"kind": "none", "note": "convolution only, no recurrent state"}
+    chunks = math.ceil(PROMPT_LENGTH / size)
+    return {
+        "kind": "chunked",
+        "chunk_size": size,
+        "chunk_size_source": source,
+        "prompt_chunks": chunks,
+        "prompt_spans_chunks": chunks > 1,
+        "padding": (size - PROMPT_LENGTH % size) % size,
+    }
+
+
+@contextmanager
+def prefill_chunk_size(mixers, size: int):
+    """Runs the reference prefill with another chunk size: the mixers' chunk_size attribute, or the default
+    chunk_size of the gated delta rule function they call (patched in their module for the duration)."""
+    import functools
+
+    saved_sizes, saved_functions = [], []
+    for mixer in mixers:
+        if isinstance(getattr(mixer, "chunk_size", None), int):
+            saved_sizes.append((mixer, mixer.chunk_size))
+            mixer.chunk_size = size
+        elif delta_rule_function(mixer) is not None:
+            namespace, name = delta_rule_function(mixer)
+            if not any(saved[0] is namespace for saved in saved_functions):
+                saved_functions.append((namespace, name, namespace[name]))
+                namespace[name] = functools.partial(namespace[name], chunk_size=size)
+    try:
+        yield
+    finally:
+        for mixer, value in saved_sizes:
+            mixer.chunk_size = value
+        for namespace, name, function in saved_functions:
+            namespace[name] = function
+
+
+def recurrent_checks(model, input_ids, logits) -> tuple:
+    """Checks and manifest section for models with recurrent layers; ({}, None) for others.
+
+    * `cache_continuation_vs_full_logits_max_abs`: the prompt's first CONTINUATION_PREFILL tokens
+      through Transformers' cache, then the rest in one multi-token forward that starts from the
+      cached states (a chunked prefill), against the full pass. Mixers in
+      CONTINUATION_IGNORES_STATE are expected to differ; the manifest says why.
+    * `logits_vs_one_chunk_max_abs` (the reference prefill chunks the prompt) or
+      `logits_vs_chunk_size_<n>_max_abs` (it fits one chunk): the same forward with the whole
+      prompt in one chunk, or in chunks of DELTA_RULE_CHECK_CHUNK; only float rounding may differ.
+    """
+    import torch
+    from transformers import DynamicCache
+
+    mixers = recurrent_mixers(model)
+    if not mixers:
+        return {}, None
+    checks = {}
+    with torch.no_grad():
+        cache = DynamicCache(config=model.config)
+        first = model(input_ids=input_ids[:, :CONTINUATION_PREFILL], use_cache=True, **cache_argument(model, cache))
+        rest = model(input_ids=input_ids[:, CONTINUATION_PREFILL:], use_cache=True, **cache_argument(model, cache))
+    continuation = float((torch.cat([first.logits, rest.logits], dim=1) - logits).abs().max())
+    checks["cache_continuation_vs_full_logits_max_abs"] = rounded(continuation)
+
+    scans = {index: prefill_scan(mixer) for index, mixer in mixers.items()}
+    chunked = [scan for scan in scans.values() if scan["kind"] == "chunked"]
+    if chunked:
+        spans = any(scan["prompt_spans_chunks"] for scan in chunked)
+        size, name = (PROMPT_LENGTH, "one_chunk") if spans else (DELTA_RULE_CHECK_CHUNK, f"chunk_size_{DELTA_RULE_CHECK_CHUNK}")
+        with prefill_chunk_size(mixers.values(), size):
+            other = run_forward(model, input_ids)["logits"]
+        checks[f"logits_vs_{name}_max_abs"] = rounded(float((other - logits).abs().max()))
+
+    layer_types = getattr(model.config, "layer_types", None)
+    section = {
+        "recurrent_layers": sorted(mixers),
+        "layers": {str(index): {**mixer_summary(mixer), "prefill_scan": scans[index]} for index, mixer in mixers.items()},
+        "continuation_prefill": CONTINUATION_PREFILL,
+    }
+    if layer_types is not None:
+        section["layer_types"] = list(layer_types)
+    ignoring = sorted({CONTINUATION_IGNORES_STATE[type(m).__name__] for m in mixers.values() if type(m).__name__ in CONTINUATION_IGNORES_STATE})
+    limits = sorted({tuple(m.time_step_limit) for m in mixers.values() if hasattr(m, "time_step_limit")})
+    if any(limit != (0.0, float("inf")) for limit in limits):
+        configured = getattr(model.config, "time_step_limit", None)
+        section["dt_clamp_note"] = (
+            f"dt = softplus(dt + dt_bias) is clamped to {[list(limit) for limit in limits]} in the chunked scan "
+            "(the prompt), but Transformers' single-step cache update (mamba2_selective_state_update) does not clamp, "
+            "so cache_vs_full_logits_max_abs includes that difference; the recorded full-prompt logits are clamped."
+            + (
+                f" The mixer uses (time_step_min, inf), not config.time_step_limit {list(configured)}."
+                if configured is not None and tuple(configured) not in limits
+                else ""
+            )
+        )
+    if ignoring:
+        section["continuation_note"] = (
+            "Transformers' multi-token forward from a cached state is not exact for this family: "
+            + "; ".join(ignoring)
+            + ". cache_continuation_vs_full_logits_max_abs measures that; a port should match the full-prompt "
+            "logits instead."
+        )
+    elif continuation > TOLERANCES["max_abs"]:
+        raise SystemExit(f"the cache continuation differs from the full pass by {continuation:.3g}: explain why")
+    return checks, section
+
+
+def recurrent_states(model, input_ids) -> dict:
+    """The states Transformers caches for each recurrent layer after one cached forward over the whole prompt.
+
+    `state.L.conv`: the conv cache (LinearAttentionLayer.conv_states, [batch, channels, conv_kernel] holding
+    the last conv_kernel conv inputs, oldest first; RecurrentGemma's conv1d_state keeps conv1d_width - 1);
+    `state.L.recurrent`: the recurrent state (LinearAttentionLayer.recurrent_states, or RecurrentGemma's
+    rg_lru.recurrent_states), where the layer has one.
+    """
+    import torch
+    from transformers import DynamicCache
+
+    mixers = recurrent_mixers(model)
+    if not mixers:
+        return {}
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(input_ids=input_ids, use_cache=True, **cache_argument(model, cache))
+    states = {}
+    for index, mixer in mixers.items():
+        if hasattr(mixer, "rg_lru"):
+            conv, recurrent = mixer.conv1d_state, mixer.rg_lru.recurrent_states
+        else:
+            conv, recurrent = cache.layers[index].conv_states[0], cache.layers[index].recurrent_states[0]
+        states[f"{STATE_RECORD_PREFIX}.{index}.conv"] = conv.detach().clone()
+        if recurrent is not None:
+            states[f"{STATE_RECORD_PREFIX}.{index}.recurrent"] = recurrent.detach().clone()
+    return states
+
+
 def rounded(value: float) -> float:
     """A float for the manifest: 6 significant digits are plenty to read."""
     return float(f"{value:.6g}")
@@ -1255,14 +1760,19 @@ def export_variant(spec: dict, variant: dict, out_root: Path) -> None:
             # Rewrite the RoPE keys, then demand that Transformers reads back the same model.
             config_path = staging / "config.json"
             write_json(config_path, to_hub_style(json.loads(config_path.read_text(encoding="utf-8"))))
+            rename_hub_weights(staging, spec["model_type"])
             from_hub = load_model(staging, torch.float32)
-            if without_legacy_type(from_hub.config.rope_parameters) != reference.config.rope_parameters:
+            if without_legacy_type(getattr(from_hub.config, "rope_parameters", None)) != getattr(
+                reference.config, "rope_parameters", None
+            ):
                 raise SystemExit(
                     f"hub-style config loads as {from_hub.config.rope_parameters}, "
                     f"not {reference.config.rope_parameters}"
                 )
             # Whatever the hub-style config leaves out (layer_types, ...) Transformers must derive the same.
-            assert_same_config(reference.config, from_hub.config)
+            # A text model read from a multimodal config (HUB_COMPOSITE_CONFIGS) has no architectures of its own.
+            ignored = ("architectures",) if spec["model_type"] in HUB_COMPOSITE_CONFIGS else ()
+            assert_same_config(reference.config, from_hub.config, ignored)
             with torch.no_grad():
                 before = reference(input_ids=input_ids).logits
                 after = from_hub(input_ids=input_ids).logits
@@ -1283,6 +1793,9 @@ def export_variant(spec: dict, variant: dict, out_root: Path) -> None:
         checks["cache_vs_full_logits_max_abs"] = rounded(
             cache_consistency(reference, input_ids, activations["logits"])
         )
+        recurrent_check_values, recurrent = recurrent_checks(reference, input_ids, activations["logits"])
+        checks.update(recurrent_check_values)
+        states = recurrent_states(reference, input_ids)
         # Last: dynamic RoPE keeps state in the rotary module between calls.
         rope, attention_scalings = capture_rope(reference, torch.float32)
         for prefix, attention_scaling in attention_scalings.items():
@@ -1305,7 +1818,7 @@ def export_variant(spec: dict, variant: dict, out_root: Path) -> None:
             half_tensors.pop(key)  # a buffer, not something computed in the bf16 run
         bf16_dtypes = {key: dtype_name(value.dtype) for key, value in half_tensors.items()}
 
-        tensors = {**activations, "greedy_tokens": greedy_tokens, **rope}
+        tensors = {**activations, "greedy_tokens": greedy_tokens, **rope, **states}
         tensors = {key: value.contiguous() for key, value in tensors.items()}
         save_file(tensors, staging / "expected.safetensors")
 
@@ -1347,6 +1860,8 @@ def export_variant(spec: dict, variant: dict, out_root: Path) -> None:
         if rotary is not None and rotates_pairs(rotary, reference.config):
             manifest["rope_layout"] = "pairs"
         manifest.update(mla_notes(reference))
+        if recurrent is not None:
+            manifest["recurrent"] = recurrent
         write_json(staging / "fixture.json", manifest)
 
         target = out_root / spec["model_type"] / name
