@@ -571,7 +571,12 @@ fn cache_consistency_llama_yarn() {
 
 /// Registered model types whose fixtures are another type's: each is checked against that
 /// type's fixture by a test of its own below.
-const ALIASES: [(&str, &str); 2] = [("kimi_k2", "deepseek_v3"), ("llama4", "llama4_text")];
+const ALIASES: [(&str, &str); 3] = [
+    ("kimi_k2", "deepseek_v3"),
+    ("llama4", "llama4_text"),
+    // The qwen3_5_text/hub fixture is a `qwen3_5` checkpoint.
+    ("qwen3_5", "qwen3_5_text"),
+];
 
 /// Kimi K2's `model_type` loads as DeepSeek-V3 and gives the same logits.
 #[test]

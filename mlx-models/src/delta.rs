@@ -138,13 +138,29 @@ impl GatedDeltaNetSettings {
     }
 }
 
-/// A loaded gated DeltaNet mixer (Qwen3-Next's `linear_attn`): `in_proj_qkvz` and
-/// `in_proj_ba` (laid out per key head: `q, k, v…, z…` and `b…, a…`), a causal conv over
+/// How a gated DeltaNet's input projections are stored.
+#[derive(Debug, Clone)]
+pub enum DeltaProjections {
+    /// Qwen3-Next: `in_proj_qkvz` and `in_proj_ba`, laid out per key head (`q, k, v…, z…`
+    /// and `b…, a…`).
+    Interleaved {
+        in_proj_qkvz: Linear,
+        in_proj_ba: Linear,
+    },
+    /// Qwen3.5: `in_proj_qkv` (`q | k | v`), `in_proj_z`, `in_proj_b`, `in_proj_a`.
+    Separate {
+        in_proj_qkv: Linear,
+        in_proj_z: Linear,
+        in_proj_b: Linear,
+        in_proj_a: Linear,
+    },
+}
+
+/// A loaded gated DeltaNet mixer (`linear_attn`): the input projections, a causal conv over
 /// `q, k, v`, `dt_bias`, `A_log`, a gated RMSNorm per value head, `out_proj`.
 #[derive(Debug, Clone)]
 pub struct GatedDeltaNet {
-    pub in_proj_qkvz: Linear,
-    pub in_proj_ba: Linear,
+    pub projections: DeltaProjections,
     pub conv1d: CausalConv1d,
     pub dt_bias: Array,
     /// `exp(A_log)`, f32.
@@ -157,9 +173,21 @@ pub struct GatedDeltaNet {
 impl GatedDeltaNet {
     pub fn load(w: &WeightPath, hidden: i32, s: &GatedDeltaNetSettings) -> Result<Self> {
         let (kd, vd, hv) = (s.key_dim(), s.value_dim(), s.num_value_heads);
+        let projections = if w.contains("in_proj_qkv.weight") {
+            DeltaProjections::Separate {
+                in_proj_qkv: Linear::load(&w.pp("in_proj_qkv"), hidden, 2 * kd + vd, false)?,
+                in_proj_z: Linear::load(&w.pp("in_proj_z"), hidden, vd, false)?,
+                in_proj_b: Linear::load(&w.pp("in_proj_b"), hidden, hv, false)?,
+                in_proj_a: Linear::load(&w.pp("in_proj_a"), hidden, hv, false)?,
+            }
+        } else {
+            DeltaProjections::Interleaved {
+                in_proj_qkvz: Linear::load(&w.pp("in_proj_qkvz"), hidden, 2 * kd + 2 * vd, false)?,
+                in_proj_ba: Linear::load(&w.pp("in_proj_ba"), hidden, 2 * hv, false)?,
+            }
+        };
         Ok(GatedDeltaNet {
-            in_proj_qkvz: Linear::load(&w.pp("in_proj_qkvz"), hidden, 2 * kd + 2 * vd, false)?,
-            in_proj_ba: Linear::load(&w.pp("in_proj_ba"), hidden, 2 * hv, false)?,
+            projections,
             conv1d: CausalConv1d::load(&w.pp("conv1d"), 2 * kd + vd, s.conv_kernel, false)?,
             dt_bias: f32(&w.get("dt_bias", &[hv])?)?,
             a: ops::exp(&f32(&w.get("A_log", &[hv])?)?)?,
@@ -181,24 +209,42 @@ impl GatedDeltaNet {
             s.value_head_dim,
         );
         let per = hv / hk;
-        // Per key head: q (dk), k (dk), v (per·dv), z (per·dv); b (per), a (per).
-        let qkvz =
-            self.in_proj_qkvz
-                .forward(x)?
-                .reshape(&[batch, len, hk, 2 * dk + 2 * per * dv])?;
-        let parts = qkvz.split_at_indices(&[dk, 2 * dk, 2 * dk + per * dv], -1)?;
-        let flat = |t: &Array| t.reshape(&[batch, len, -1]);
-        let z = parts[3].reshape(&[batch, len, hv, dv])?;
-        let ba = self
-            .in_proj_ba
-            .forward(x)?
-            .reshape(&[batch, len, hk, 2 * per])?;
-        let ba = ba.split_at_indices(&[per], -1)?;
-        let (b, a) = (
-            ba[0].reshape(&[batch, len, hv])?,
-            ba[1].reshape(&[batch, len, hv])?,
-        );
-        let mixed = ops::concatenate(&[flat(&parts[0])?, flat(&parts[1])?, flat(&parts[2])?], -1)?;
+        let (mixed, z, b, a) = match &self.projections {
+            DeltaProjections::Interleaved {
+                in_proj_qkvz,
+                in_proj_ba,
+            } => {
+                // Per key head: q (dk), k (dk), v (per·dv), z (per·dv); b (per), a (per).
+                let qkvz =
+                    in_proj_qkvz
+                        .forward(x)?
+                        .reshape(&[batch, len, hk, 2 * dk + 2 * per * dv])?;
+                let parts = qkvz.split_at_indices(&[dk, 2 * dk, 2 * dk + per * dv], -1)?;
+                let flat = |t: &Array| t.reshape(&[batch, len, -1]);
+                let z = parts[3].reshape(&[batch, len, hv, dv])?;
+                let ba = in_proj_ba.forward(x)?.reshape(&[batch, len, hk, 2 * per])?;
+                let ba = ba.split_at_indices(&[per], -1)?;
+                let mixed =
+                    ops::concatenate(&[flat(&parts[0])?, flat(&parts[1])?, flat(&parts[2])?], -1)?;
+                (
+                    mixed,
+                    z,
+                    ba[0].reshape(&[batch, len, hv])?,
+                    ba[1].reshape(&[batch, len, hv])?,
+                )
+            }
+            DeltaProjections::Separate {
+                in_proj_qkv,
+                in_proj_z,
+                in_proj_b,
+                in_proj_a,
+            } => (
+                in_proj_qkv.forward(x)?,
+                in_proj_z.forward(x)?.reshape(&[batch, len, hv, dv])?,
+                in_proj_b.forward(x)?,
+                in_proj_a.forward(x)?,
+            ),
+        };
         let (mixed, conv_state) = self.conv1d.forward(&mixed, cache.conv.as_ref())?;
         let mixed = mlx_rs::nn::silu(&mixed)?;
         let qkv = mixed.split_at_indices(&[s.key_dim(), 2 * s.key_dim()], -1)?;

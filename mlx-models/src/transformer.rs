@@ -456,7 +456,7 @@ impl Mixer {
             Mixer::LatentAttention(mla) => mla.quantization(),
             Mixer::Mamba2(m) => m.in_proj.weight.quantization(),
             Mixer::ShortConv(c) => c.in_proj.weight.quantization(),
-            Mixer::GatedDeltaNet(d) => d.in_proj_qkvz.weight.quantization(),
+            Mixer::GatedDeltaNet(d) => d.out_proj.weight.quantization(),
             Mixer::None => None,
         }
     }

@@ -31,6 +31,13 @@ pub struct Config {
     pub decoder: DecoderConfig,
     #[serde(flatten)]
     pub moe: MoeConfig,
+    #[serde(flatten)]
+    pub linear: LinearAttentionConfig,
+}
+
+/// The gated-DeltaNet fields of Qwen3-Next and Qwen3.5 configs.
+#[derive(Debug, Clone, Deserialize)]
+pub struct LinearAttentionConfig {
     pub linear_conv_kernel_dim: i32,
     pub linear_key_head_dim: i32,
     pub linear_value_head_dim: i32,
@@ -46,6 +53,31 @@ impl DecoderFamily for Config {
 
     fn settings(&self, config: &ConfigFile) -> Result<DecoderSettings> {
         let d = &self.decoder;
+        let act = d.activation(config)?;
+        let moe = self.moe.settings(
+            self.moe.router(),
+            d.intermediate_size,
+            ExpertActivation::Glu(act),
+            true,
+        );
+        Ok(self
+            .linear
+            .settings(d, config)?
+            .with_moe(moe, |i| self.moe.is_sparse(i)))
+    }
+
+    fn sanitize(&self, weights: &mut Weights, settings: &DecoderSettings) -> Result<()> {
+        // Multi-token-prediction weights are not part of the causal model.
+        weights.rename(|name| (!name.starts_with("mtp.")).then(|| name.to_owned()));
+        sanitize_moe(weights, settings, None, &QWEN_EXPERTS)
+    }
+}
+
+impl LinearAttentionConfig {
+    /// The decoder of Qwen3-Next-shaped configs without its feed-forward choice: gated
+    /// DeltaNet layers, gated full attention every `full_attention_interval`, `1 + w` norms,
+    /// a dense MLP of width `intermediate_size`.
+    pub fn settings(&self, d: &DecoderConfig, config: &ConfigFile) -> Result<DecoderSettings> {
         let n = d.num_hidden_layers;
         config.ensure(
             self.linear_num_key_heads > 0
@@ -86,12 +118,6 @@ impl DecoderFamily for Config {
         })?;
         let act = d.activation(config)?;
         let mlp = d.mlp(MlpLayout::Gated, act);
-        let moe = self.moe.settings(
-            self.moe.router(),
-            d.intermediate_size,
-            ExpertActivation::Glu(act),
-            true,
-        );
         let eps = d.rms_norm_eps.unwrap_or(1e-6);
         Ok(DecoderSettings {
             norm: NormKind::RmsPlusOne,
@@ -106,13 +132,6 @@ impl DecoderFamily for Config {
                 chunked_prefill: true,
             }),
             ..d.settings(attention, mlp, layers)
-        }
-        .with_moe(moe, |i| self.moe.is_sparse(i)))
-    }
-
-    fn sanitize(&self, weights: &mut Weights, settings: &DecoderSettings) -> Result<()> {
-        // Multi-token-prediction weights are not part of the causal model.
-        weights.rename(|name| (!name.starts_with("mtp.")).then(|| name.to_owned()));
-        sanitize_moe(weights, settings, None, &QWEN_EXPERTS)
+        })
     }
 }
