@@ -144,6 +144,94 @@ impl Mamba2Mixer {
     }
 }
 
+/// The shape of a Mamba (1) mixer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MambaSettings {
+    /// `expand · hidden` channels.
+    pub intermediate_size: i32,
+    pub state_size: i32,
+    pub time_step_rank: i32,
+    pub conv_kernel: i32,
+    pub conv_bias: bool,
+    /// Bias on `in_proj` and `out_proj`.
+    pub bias: bool,
+    /// FalconMamba: RMS-normalize `dt`, `B` and `C` (no weight) with this epsilon.
+    pub bcdt_rms_eps: Option<f32>,
+}
+
+/// A loaded Mamba (1) selective-scan mixer (`in_proj`, `conv1d`, `x_proj`, `dt_proj`,
+/// `A_log`, `D`, `out_proj`): `in_proj` gives `x` and the gate `z`; after the conv (SiLU),
+/// `x_proj` gives `dt` (`time_step_rank`), `B` and `C`; `dt = softplus(dt_proj(dt))`; each
+/// channel keeps a state of `state_size`: `h = exp(dt·A)·h + dt·B·x`, `y = h·C + D·x`;
+/// `out_proj(y · silu(z))`. The scan steps token by token.
+#[derive(Debug, Clone)]
+pub struct MambaMixer {
+    pub in_proj: Linear,
+    pub conv1d: CausalConv1d,
+    pub x_proj: Linear,
+    pub dt_proj: Linear,
+    /// `-exp(A_log)`, `[channels, state]`, f32.
+    pub a: Array,
+    pub d: Array,
+    pub out_proj: Linear,
+    pub settings: MambaSettings,
+}
+
+impl MambaMixer {
+    pub fn load(w: &WeightPath, hidden: i32, s: &MambaSettings) -> Result<Self> {
+        let (i, n, r) = (s.intermediate_size, s.state_size, s.time_step_rank);
+        Ok(MambaMixer {
+            in_proj: Linear::load(&w.pp("in_proj"), hidden, 2 * i, s.bias)?,
+            conv1d: CausalConv1d::load(&w.pp("conv1d"), i, s.conv_kernel, s.conv_bias)?,
+            x_proj: Linear::load(&w.pp("x_proj"), i, r + 2 * n, false)?,
+            dt_proj: Linear::load(&w.pp("dt_proj"), r, i, true)?,
+            a: ops::exp(&w.get("A_log", &[i, n])?.as_dtype(Dtype::Float32)?)?.negative()?,
+            d: w.get("D", &[i])?.as_dtype(Dtype::Float32)?,
+            out_proj: Linear::load(&w.pp("out_proj"), i, hidden, s.bias)?,
+            settings: s.clone(),
+        })
+    }
+
+    pub fn forward(&self, x: &Array, cache: &mut RecurrentCache) -> Result<Array> {
+        let s = &self.settings;
+        let (i, n, r) = (s.intermediate_size, s.state_size, s.time_step_rank);
+        let parts = self.in_proj.forward(x)?.split_equal(2, -1)?;
+        let (xs, z) = (&parts[0], &parts[1]);
+        let (xs, conv_state) = self.conv1d.forward(xs, cache.conv.as_ref())?;
+        let xs = mlx_rs::nn::silu(&xs)?;
+        let proj = self.x_proj.forward(&xs)?;
+        let p = proj.split_at_indices(&[r, r + n], -1)?;
+        let (mut dt, mut b, mut c) = (p[0].clone(), p[1].clone(), p[2].clone());
+        if let Some(eps) = s.bcdt_rms_eps {
+            dt = mlx_rs::fast::rms_norm(&dt, None, eps)?;
+            b = mlx_rs::fast::rms_norm(&b, None, eps)?;
+            c = mlx_rs::fast::rms_norm(&c, None, eps)?;
+        }
+        let f32 = |a: &Array| a.as_dtype(Dtype::Float32);
+        let dt = softplus(&f32(&self.dt_proj.forward(&dt)?)?)?; // [b, l, i]
+        let (b, c, xs32) = (f32(&b)?, f32(&c)?, f32(&xs)?);
+        let mut state = match &cache.state {
+            Some(st) => st.clone(),
+            None => ops::zeros::<f32>(&[x.dim(0), i, n])?,
+        };
+        let mut ys = Vec::with_capacity(x.dim(1) as usize);
+        for t in 0..x.dim(1) {
+            let at = |a: &Array| a.try_index((.., t));
+            let (dt_t, x_t) = (at(&dt)?.expand_dims(-1)?, at(&xs32)?.expand_dims(-1)?); // [b, i, 1]
+            let decay = ops::exp(&dt_t.multiply(&self.a)?)?; // [b, i, n]
+            let write = dt_t.multiply(&x_t)?.multiply(at(&b)?.expand_dims(1)?)?; // [b, i, n]
+            state = state.multiply(&decay)?.add(&write)?;
+            ys.push(ops::matmul(&state, at(&c)?.expand_dims(-1)?)?.squeeze_axes(&[-1])?);
+        }
+        let y = ops::stack(&ys, 1)?.add(&xs32.multiply(&self.d)?)?;
+        let y = y.multiply(mlx_rs::nn::silu(&f32(z)?)?)?;
+        cache.conv = Some(conv_state);
+        cache.state = Some(state);
+        cache.advance(x.dim(1));
+        self.out_proj.forward(&y.as_dtype(x.dtype())?)
+    }
+}
+
 /// `log(1 + exp(x))`, as PyTorch's softplus (linear above 20).
 fn softplus(x: &Array) -> Result<Array> {
     let soft = ops::log1p(&ops::exp(x)?)?;

@@ -25,7 +25,7 @@ use crate::moe::{MoeSettings, SparseMoe};
 use crate::nn::{scale, softcap, Embedding, Linear};
 use crate::norm::{norm_opt, Norm};
 use crate::rope::Rope;
-use crate::ssm::{Mamba2Mixer, Mamba2Settings};
+use crate::ssm::{Mamba2Mixer, Mamba2Settings, MambaMixer, MambaSettings};
 use crate::tap::Tap;
 use crate::weights::{WeightPath, Weights};
 use mlx_rs::Array;
@@ -72,6 +72,8 @@ pub enum MixerKind {
     ShortConv,
     /// The gated DeltaNet of [`DecoderSettings::gated_delta_net`] (under `linear_attn`).
     GatedDeltaNet,
+    /// The Mamba (1) mixer of [`DecoderSettings::mamba`] (under `mixer`).
+    Mamba,
     /// No token mixing: the layer is its feed-forward alone (Nemotron-H's MLP layers).
     None,
 }
@@ -98,9 +100,13 @@ impl LayerSettings {
     pub fn new_cache(&self, mla: Option<&MlaSettings>) -> LayerCache {
         match (self.mixer, mla) {
             (MixerKind::LatentAttention, Some(mla)) => return mla.new_cache(),
-            (MixerKind::Mamba2 | MixerKind::ShortConv | MixerKind::GatedDeltaNet, _) => {
-                return LayerCache::Recurrent(RecurrentCache::new())
-            }
+            (
+                MixerKind::Mamba2
+                | MixerKind::ShortConv
+                | MixerKind::GatedDeltaNet
+                | MixerKind::Mamba,
+                _,
+            ) => return LayerCache::Recurrent(RecurrentCache::new()),
             (MixerKind::None, _) => return LayerCache::Stateless { offset: 0 },
             _ => {}
         }
@@ -134,6 +140,8 @@ pub struct DecoderSettings {
     pub short_conv: Option<(i32, bool)>,
     /// The gated DeltaNet of the layers whose mixer is [`MixerKind::GatedDeltaNet`].
     pub gated_delta_net: Option<GatedDeltaNetSettings>,
+    /// The Mamba (1) mixer of the layers whose mixer is [`MixerKind::Mamba`].
+    pub mamba: Option<MambaSettings>,
     pub norm: NormKind,
     pub norm_eps: f64,
     pub norm_placement: NormPlacement,
@@ -179,6 +187,7 @@ impl DecoderSettings {
             mamba2: None,
             short_conv: None,
             gated_delta_net: None,
+            mamba: None,
             norm: NormKind::Rms,
             norm_eps: 1e-6,
             norm_placement: NormPlacement::Pre,
@@ -370,6 +379,7 @@ pub enum Mixer {
     Mamba2(Mamba2Mixer),
     ShortConv(ShortConv),
     GatedDeltaNet(GatedDeltaNet),
+    Mamba(MambaMixer),
     None,
 }
 
@@ -418,6 +428,14 @@ impl Mixer {
                     )))
                 }
             },
+            (MixerKind::Mamba, _, _) => match &s.mamba {
+                Some(m) => Mixer::Mamba(MambaMixer::load(w, s.hidden_size, m)?),
+                None => {
+                    return Err(Error::Mlx(mlx_rs::error::Exception::custom(
+                        "a Mamba layer in a model without Mamba settings",
+                    )))
+                }
+            },
             (MixerKind::None, _, _) => Mixer::None,
         })
     }
@@ -426,7 +444,7 @@ impl Mixer {
     pub fn weight_path(kind: MixerKind) -> &'static str {
         match kind {
             MixerKind::Attention | MixerKind::LatentAttention => "self_attn",
-            MixerKind::Mamba2 => "mixer",
+            MixerKind::Mamba2 | MixerKind::Mamba => "mixer",
             MixerKind::ShortConv => "conv",
             MixerKind::GatedDeltaNet => "linear_attn",
             MixerKind::None => "",
@@ -440,6 +458,7 @@ impl Mixer {
             Mixer::Mamba2(m) => m.forward(x, cache.recurrent_mut()?, tap),
             Mixer::ShortConv(c) => c.forward(x, cache.recurrent_mut()?),
             Mixer::GatedDeltaNet(d) => d.forward(x, cache.recurrent_mut()?),
+            Mixer::Mamba(m) => m.forward(x, cache.recurrent_mut()?),
             Mixer::None => {
                 if let LayerCache::Stateless { offset } = cache {
                     *offset += x.dim(1);
@@ -457,6 +476,7 @@ impl Mixer {
             Mixer::Mamba2(m) => m.in_proj.weight.quantization(),
             Mixer::ShortConv(c) => c.in_proj.weight.quantization(),
             Mixer::GatedDeltaNet(d) => d.out_proj.weight.quantization(),
+            Mixer::Mamba(m) => m.in_proj.weight.quantization(),
             Mixer::None => None,
         }
     }

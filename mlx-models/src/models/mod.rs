@@ -17,6 +17,7 @@ pub mod lfm2;
 pub mod llama;
 pub mod llama4_text;
 pub mod longcat_flash;
+pub mod mamba;
 pub mod mamba2;
 pub mod minimax_m2;
 pub mod mixtral;
@@ -47,6 +48,7 @@ pub type Loader = fn(&ConfigFile, Weights) -> Result<Box<dyn LanguageModel>>;
 pub const REGISTRY: &[(&str, Loader)] = &[
     ("deepseek_v2", family::load::<deepseek_v2::Config>),
     ("deepseek_v3", family::load::<deepseek_v3::Config>),
+    ("falcon_mamba", mamba::load),
     ("gemma", family::load::<gemma::Config>),
     ("gemma2", family::load::<gemma2::Config>),
     ("gemma3_text", family::load::<gemma3_text::Config>),
@@ -63,6 +65,7 @@ pub const REGISTRY: &[(&str, Loader)] = &[
     ("llama4", llama4_text::load_multimodal),
     ("llama4_text", family::load::<llama4_text::Config>),
     ("longcat_flash", longcat_flash::load),
+    ("mamba", mamba::load),
     ("mamba2", mamba2::load),
     ("minimax_m2", family::load::<minimax_m2::Config>),
     ("mistral", family::load::<llama::Config>),
