@@ -22,6 +22,7 @@ use crate::cache::RecurrentCache;
 use crate::conv::CausalConv1d;
 use crate::error::Result;
 use crate::nn::Linear;
+use crate::norm::{Norm, NormKind};
 use crate::tap::Tap;
 use crate::weights::WeightPath;
 use mlx_rs::ops::indexing::TryIndexOp;
@@ -157,6 +158,9 @@ pub struct MambaSettings {
     pub bias: bool,
     /// FalconMamba: RMS-normalize `dt`, `B` and `C` (no weight) with this epsilon.
     pub bcdt_rms_eps: Option<f32>,
+    /// Jamba: RMSNorms with weights (`dt_layernorm`, `b_layernorm`, `c_layernorm`) on `dt`,
+    /// `B` and `C`, with this epsilon.
+    pub bcdt_norm_eps: Option<f64>,
 }
 
 /// A loaded Mamba (1) selective-scan mixer (`in_proj`, `conv1d`, `x_proj`, `dt_proj`,
@@ -174,6 +178,8 @@ pub struct MambaMixer {
     pub a: Array,
     pub d: Array,
     pub out_proj: Linear,
+    /// Jamba's weighted norms of `dt`, `B` and `C`.
+    pub bcdt_norms: Option<[Norm; 3]>,
     pub settings: MambaSettings,
 }
 
@@ -188,6 +194,14 @@ impl MambaMixer {
             a: ops::exp(&w.get("A_log", &[i, n])?.as_dtype(Dtype::Float32)?)?.negative()?,
             d: w.get("D", &[i])?.as_dtype(Dtype::Float32)?,
             out_proj: Linear::load(&w.pp("out_proj"), i, hidden, s.bias)?,
+            bcdt_norms: match s.bcdt_norm_eps {
+                Some(eps) => Some([
+                    Norm::load(&w.pp("dt_layernorm"), NormKind::Rms, r, eps)?,
+                    Norm::load(&w.pp("b_layernorm"), NormKind::Rms, n, eps)?,
+                    Norm::load(&w.pp("c_layernorm"), NormKind::Rms, n, eps)?,
+                ]),
+                None => None,
+            },
             settings: s.clone(),
         })
     }
@@ -206,6 +220,11 @@ impl MambaMixer {
             dt = mlx_rs::fast::rms_norm(&dt, None, eps)?;
             b = mlx_rs::fast::rms_norm(&b, None, eps)?;
             c = mlx_rs::fast::rms_norm(&c, None, eps)?;
+        }
+        if let Some([dt_norm, b_norm, c_norm]) = &self.bcdt_norms {
+            dt = dt_norm.forward(&dt)?;
+            b = b_norm.forward(&b)?;
+            c = c_norm.forward(&c)?;
         }
         let f32 = |a: &Array| a.as_dtype(Dtype::Float32);
         let dt = softplus(&f32(&self.dt_proj.forward(&dt)?)?)?; // [b, l, i]

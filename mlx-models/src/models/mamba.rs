@@ -76,6 +76,7 @@ impl Config {
             conv_bias: self.use_conv_bias,
             bias: self.use_bias,
             bcdt_rms_eps: falcon.then(|| self.mixer_rms_eps.unwrap_or(1e-6) as f32),
+            bcdt_norm_eps: None,
         };
         let layer = LayerSettings {
             mixer: MixerKind::Mamba,

@@ -13,6 +13,7 @@ pub mod granite;
 pub mod granitemoe;
 pub mod granitemoehybrid;
 pub mod hunyuan_v1_moe;
+pub mod jamba;
 pub mod lfm2;
 pub mod llama;
 pub mod llama4_text;
@@ -59,6 +60,7 @@ pub const REGISTRY: &[(&str, Loader)] = &[
     ("granitemoe", family::load::<granitemoe::Config>),
     ("granitemoehybrid", family::load::<granitemoehybrid::Config>),
     ("hunyuan_v1_moe", family::load::<hunyuan_v1_moe::Config>),
+    ("jamba", family::load::<jamba::Config>),
     ("kimi_k2", family::load::<deepseek_v3::Config>),
     ("lfm2", lfm2::load),
     ("llama", family::load::<llama::Config>),
