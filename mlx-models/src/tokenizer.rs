@@ -78,7 +78,7 @@ pub struct VocabSpec {
     /// `qwen2`, `smollm`, …); `None` means GPT-2's splitting.
     pub pre: Option<String>,
     /// `general.architecture`; only consulted for SentencePiece vocabularies (`phi3` builds its
-    /// prefix space differently, Gemma's vocabulary is not supported).
+    /// prefix space differently, `gemma`/`gemma2`/`gemma3` build Gemma's).
     pub architecture: Option<String>,
     /// `tokenizer.ggml.tokens`, indexed by id.
     pub tokens: Vec<String>,
@@ -194,7 +194,9 @@ impl Tokenizer {
     ///   `qwen2`/`deepseek-r1-qwen`, `qwen35`, `gpt-4o`/`llama4` and `tekken`.
     /// * `llama`: SentencePiece BPE with byte fallback and `▁` for spaces (prefixed once, at
     ///   the start), merges derived from the scores when the file lists none, BOS added unless
-    ///   `add_bos_token` is false; `phi3` gets its prefix space from a normalizer instead.
+    ///   `add_bos_token` is false; `phi3` gets its prefix space from a normalizer instead;
+    ///   `gemma`/`gemma2`/`gemma3` build Gemma's (spaces as `▁` without a prefix, merges in
+    ///   file order, tokens of spaces respelled, `<unk>`).
     ///
     /// Control tokens (type 3) become special tokens, user-defined ones (type 4) tokens matched
     /// whole. Anything else is [`Error::UnsupportedTokenizer`].
