@@ -22,8 +22,8 @@ pub const FIELD_ALIASES: &[&[&str]] = &[
 impl ConfigFile {
     /// Reads and parses `path`; malformed JSON is reported with its line and column.
     pub fn read(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let value: Value = serde_json::from_str(&text).map_err(|e| Error::Json {
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let value: Value = serde_json::from_slice(&bytes).map_err(|e| Error::Json {
             path: path.to_path_buf(),
             source: e,
         })?;

@@ -124,10 +124,17 @@ impl Tokenizer {
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        let inner = tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| Error::Tokenizer {
+        let invalid = |message: String| Error::Tokenizer {
             path: Some(path.to_owned()),
-            message: e.to_string(),
-        })?;
+            message,
+        };
+        // Syntax first, then the shape: `tokenizers` panics on some malformed strings
+        // inside its own parse (control characters in a decoder), and a panic while it
+        // deserializes is a malformed file too.
+        let value: Value = serde_json::from_slice(&bytes).map_err(|e| invalid(e.to_string()))?;
+        let inner = std::panic::catch_unwind(|| serde_json::from_value::<tokenizers::Tokenizer>(value))
+            .map_err(|_| invalid("the tokenizers crate panicked reading this file".into()))?
+            .map_err(|e| invalid(e.to_string()))?;
         Ok(Tokenizer {
             inner: Arc::new(inner),
             source: Some(path.to_owned()),

@@ -70,11 +70,41 @@ impl Weights {
         Ok(Weights::new(tensors, dir))
     }
 
-    /// Materializes every tensor. MLX computes lazily on the stream of the thread that
+    /// Materializes every tensor and checks that the floating-point ones are finite
+    /// ([`Weights::check_finite`]). MLX computes lazily on the stream of the thread that
     /// built an array, so a model used from other threads must not hold pending work.
     pub fn eval(&self) -> Result<()> {
         mlx_rs::transforms::eval(self.tensors.values())?;
-        Ok(())
+        self.check_finite()
+    }
+
+    /// Fails with [`Error::NonFiniteWeight`] naming the first floating-point tensor (in name
+    /// order) that holds NaN or infinity: one `isfinite`-all reduction per tensor, read back
+    /// together.
+    pub fn check_finite(&self) -> Result<()> {
+        let mut names: Vec<&String> = self
+            .tensors
+            .iter()
+            .filter(|(_, t)| is_float(t.dtype()))
+            .map(|(name, _)| name)
+            .collect();
+        if names.is_empty() {
+            return Ok(());
+        }
+        names.sort();
+        let flags = names
+            .iter()
+            .map(|name| self.tensors[*name].is_finite()?.all(None))
+            .collect::<std::result::Result<Vec<Array>, _>>()?;
+        let flags = mlx_rs::ops::stack(&flags, 0)?;
+        flags.eval()?;
+        match flags.as_slice::<bool>().iter().position(|finite| !finite) {
+            None => Ok(()),
+            Some(i) => Err(Error::NonFiniteWeight {
+                path: self.source.clone(),
+                name: names[i].clone(),
+            }),
+        }
     }
 
     /// Casts every floating-point tensor to `dtype` as modules take it (quantized weights,
@@ -205,7 +235,6 @@ impl<'a> WeightPath<'a> {
     /// requested dtype.
     pub fn get(&self, name: &str, shape: &[i32]) -> Result<Array> {
         let tensor = self.get_any_shape(name)?;
-        self.count(shape.iter().map(|&d| d as usize).product());
         if tensor.shape() != shape {
             return Err(Error::WeightShape {
                 path: self.weights.source.clone(),
@@ -214,6 +243,7 @@ impl<'a> WeightPath<'a> {
                 actual: tensor.shape().to_vec(),
             });
         }
+        self.count(tensor.size());
         Ok(tensor)
     }
 

@@ -167,7 +167,9 @@ pub fn from_file(file: &GgufFile) -> Result<GgufModel> {
         }
     }
     let head_dim = head_dim.unwrap_or(hidden / heads);
-    if head_dim % 2 != 0 || i64::from(head_dim) * i64::from(heads) > i64::from(i32::MAX) {
+    if head_dim % 2 != 0
+        || i64::from(head_dim) * i64::from(heads.max(kv_heads)) > i64::from(i32::MAX)
+    {
         return Err(meta.error(&key("attention.head_count"), "heads × head size is not usable"));
     }
 
@@ -186,10 +188,27 @@ pub fn from_file(file: &GgufFile) -> Result<GgufModel> {
             // the halves layout Transformers (and our RoPE) use. Whole rows move, so
             // packed weights, scales and biases stay valid.
             if arch == Architecture::Llama {
-                if mapped.contains("self_attn.q_proj.") {
-                    array = unpermute_rows(&array, heads, head_dim)?;
+                let heads = if mapped.contains("self_attn.q_proj.") {
+                    Some(heads)
                 } else if mapped.contains("self_attn.k_proj.") {
-                    array = unpermute_rows(&array, kv_heads, head_dim)?;
+                    Some(kv_heads)
+                } else {
+                    None
+                };
+                if let Some(heads) = heads {
+                    if array.shape().first().map(|&r| i64::from(r))
+                        != Some(i64::from(heads) * i64::from(head_dim))
+                    {
+                        return Err(Error::GgufTensor {
+                            path: file.path().to_path_buf(),
+                            tensor: info.name.clone(),
+                            message: format!(
+                                "shape {:?} does not hold {heads} heads of {head_dim} rows",
+                                info.shape()
+                            ),
+                        });
+                    }
+                    array = unpermute_rows(&array, heads, head_dim)?;
                 }
             }
             let name = match suffix {
