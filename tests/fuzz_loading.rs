@@ -60,7 +60,7 @@ impl Outcomes {
                 }
                 let debug = format!("{e:?}");
                 debug
-                    .split(|c| c == ' ' || c == '{' || c == '(')
+                    .split([' ', '{', '('])
                     .next()
                     .unwrap_or_default()
                     .to_owned()
@@ -205,15 +205,12 @@ fn fuzzed_gguf_files_give_typed_errors() {
         .collect();
     let outcomes = Outcomes::default();
     let started = Instant::now();
-    let result = runner(6000, 18).run(
-        &mutations(fields.len(), header, bytes.len()),
-        |mutations| {
-            let fuzzed = apply(&bytes, &fields, &mutations);
-            let result = load_and_generate(fuzzed);
-            outcomes.record(&result);
-            Ok(())
-        },
-    );
+    let result = runner(6000, 18).run(&mutations(fields.len(), header, bytes.len()), |mutations| {
+        let fuzzed = apply(&bytes, &fields, &mutations);
+        let result = load_and_generate(fuzzed);
+        outcomes.record(&result);
+        Ok(())
+    });
     outcomes.report("GGUF", started);
     if let Err(e) = result {
         panic!("{e}");
@@ -319,11 +316,11 @@ fn edit_json(original: &Value, all: &[String], edits: &[(usize, Option<Value>)])
     value
 }
 
+/// Values replaced (`Some`) or deleted (`None`) at pointer indices, then bytes flipped.
+type JsonMutation = (Vec<(usize, Option<Value>)>, Vec<(usize, u8)>);
+
 /// JSON edits (by value) or, one time in four, byte flips of the serialized text.
-fn json_mutations(
-    pointers: usize,
-    len: usize,
-) -> impl Strategy<Value = (Vec<(usize, Option<Value>)>, Vec<(usize, u8)>)> {
+fn json_mutations(pointers: usize, len: usize) -> impl Strategy<Value = JsonMutation> {
     let edits = proptest::collection::vec((0..pointers.max(1), replacement()), 1..4);
     let flips = prop_oneof![
         3 => Just(Vec::new()),
@@ -344,9 +341,8 @@ fn fuzz_json(
     let text = serde_json::to_vec_pretty(original).unwrap();
     let outcomes = Outcomes::default();
     let started = Instant::now();
-    let result = runner(cases, seed).run(
-        &json_mutations(all.len(), text.len()),
-        |(edits, flips)| {
+    let result =
+        runner(cases, seed).run(&json_mutations(all.len(), text.len()), |(edits, flips)| {
             let mut bytes = serde_json::to_vec_pretty(&edit_json(original, &all, &edits)).unwrap();
             for (at, mask) in flips {
                 if let Some(b) = bytes.get_mut(at) {
@@ -356,8 +352,7 @@ fn fuzz_json(
             let result = check(&bytes);
             outcomes.record(&result);
             Ok(())
-        },
-    );
+        });
     outcomes.report(name, started);
     if let Err(e) = result {
         panic!("{e}");

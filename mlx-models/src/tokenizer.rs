@@ -132,9 +132,10 @@ impl Tokenizer {
         // inside its own parse (control characters in a decoder), and a panic while it
         // deserializes is a malformed file too.
         let value: Value = serde_json::from_slice(&bytes).map_err(|e| invalid(e.to_string()))?;
-        let inner = std::panic::catch_unwind(|| serde_json::from_value::<tokenizers::Tokenizer>(value))
-            .map_err(|_| invalid("the tokenizers crate panicked reading this file".into()))?
-            .map_err(|e| invalid(e.to_string()))?;
+        let inner =
+            std::panic::catch_unwind(|| serde_json::from_value::<tokenizers::Tokenizer>(value))
+                .map_err(|_| invalid("the tokenizers crate panicked reading this file".into()))?
+                .map_err(|e| invalid(e.to_string()))?;
         Ok(Tokenizer {
             inner: Arc::new(inner),
             source: Some(path.to_owned()),

@@ -151,7 +151,12 @@ impl GgufFile {
         let path = name.into();
         let len = bytes.len() as u64;
         let header = parse(&path, bytes.as_slice(), len)?;
-        Ok(GgufFile::assemble(&path, Source::Memory(bytes), header, len))
+        Ok(GgufFile::assemble(
+            &path,
+            Source::Memory(bytes),
+            header,
+            len,
+        ))
     }
 
     fn assemble(path: &Path, source: Source, header: Header, file_len: u64) -> Self {
@@ -191,7 +196,8 @@ impl GgufFile {
 
     /// The raw bytes of a tensor (bounds were checked when the file was read).
     pub fn tensor_bytes(&self, tensor: &TensorInfo) -> Result<Vec<u8>> {
-        let len = usize::try_from(tensor.len).map_err(|_| self.tensor_error(tensor, "too large"))?;
+        let len =
+            usize::try_from(tensor.len).map_err(|_| self.tensor_error(tensor, "too large"))?;
         match &self.source {
             Source::Memory(bytes) => {
                 let start = usize::try_from(tensor.start)
@@ -309,6 +315,16 @@ impl<R: Read> Reader<'_, R> {
     fn string(&mut self, field: &str) -> Result<String> {
         let at = self.pos;
         let len = self.u64(field)?;
+        if len > self.remaining() {
+            return Err(self.invalid(
+                at,
+                field,
+                format!(
+                    "string of {len} bytes, but the file has {} left (truncated or corrupt)",
+                    self.remaining()
+                ),
+            ));
+        }
         let bytes = self.bytes(len, field)?;
         String::from_utf8(bytes)
             .map_err(|e| self.invalid(at, field, format!("string is not UTF-8: {e}")))
@@ -352,8 +368,9 @@ impl<R: Read> Reader<'_, R> {
                     return Err(self.invalid(at, key, "arrays nested too deep"));
                 }
                 let item = self.u32(key)?;
-                let size = min_value_size(item)
-                    .ok_or_else(|| self.invalid(at, key, format!("unknown array item type {item}")))?;
+                let size = min_value_size(item).ok_or_else(|| {
+                    self.invalid(at, key, format!("unknown array item type {item}"))
+                })?;
                 let n = self.count(key, size)?;
                 // Grown as items arrive: a count is only a claim until they are read.
                 let mut items = Vec::with_capacity(n.min(1 << 16) as usize);
@@ -473,16 +490,17 @@ fn parse<R: Read>(path: &Path, inner: R, len: u64) -> Result<Header> {
     };
     let mut tensors = Vec::with_capacity(raw.len());
     for t in raw {
-        let ggml_type = GgmlType::from_id(t.kind).ok_or_else(|| {
-            Error::GgufInvalid {
-                path: path.to_path_buf(),
-                offset: t.at,
-                field: t.name.clone(),
-                message: format!("unknown ggml type {}", t.kind),
-            }
+        let ggml_type = GgmlType::from_id(t.kind).ok_or_else(|| Error::GgufInvalid {
+            path: path.to_path_buf(),
+            offset: t.at,
+            field: t.name.clone(),
+            message: format!("unknown ggml type {}", t.kind),
         })?;
         if let Some(&d) = t.dims.iter().find(|&&d| d == 0 || d > i32::MAX as u64) {
-            return Err(tensor_error(&t.name, format!("dimension {d} in {:?}", t.dims)));
+            return Err(tensor_error(
+                &t.name,
+                format!("dimension {d} in {:?}", t.dims),
+            ));
         }
         let elements = t
             .dims
@@ -491,7 +509,7 @@ fn parse<R: Read>(path: &Path, inner: R, len: u64) -> Result<Header> {
             .filter(|&n| n <= i64::MAX as u64)
             .ok_or_else(|| tensor_error(&t.name, format!("dimensions {:?} overflow", t.dims)))?;
         let (block, type_size) = ggml_type.block();
-        if t.dims[0] % block != 0 {
+        if !t.dims[0].is_multiple_of(block) {
             return Err(tensor_error(
                 &t.name,
                 format!(
@@ -503,10 +521,13 @@ fn parse<R: Read>(path: &Path, inner: R, len: u64) -> Result<Header> {
         let bytes = (elements / block)
             .checked_mul(type_size)
             .ok_or_else(|| tensor_error(&t.name, "byte size overflows".into()))?;
-        if t.offset % alignment != 0 {
+        if !t.offset.is_multiple_of(alignment) {
             return Err(tensor_error(
                 &t.name,
-                format!("offset {} is not a multiple of the alignment {alignment}", t.offset),
+                format!(
+                    "offset {} is not a multiple of the alignment {alignment}",
+                    t.offset
+                ),
             ));
         }
         let start = data_start

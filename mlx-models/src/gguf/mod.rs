@@ -109,9 +109,7 @@ pub fn from_file(file: &GgufFile) -> Result<GgufModel> {
     let arch_name = meta.string("general.architecture")?;
     let arch = Architecture::from_name(&arch_name).ok_or_else(|| Error::Gguf {
         path: file.path().to_path_buf(),
-        message: format!(
-            "architecture `{arch_name}` is not supported from GGUF (llama, gemma3)"
-        ),
+        message: format!("architecture `{arch_name}` is not supported from GGUF (llama, gemma3)"),
     })?;
     let key = |k: &str| format!("{arch_name}.{k}");
     let heads = meta.positive(&key("attention.head_count"))?;
@@ -170,7 +168,10 @@ pub fn from_file(file: &GgufFile) -> Result<GgufModel> {
     if head_dim % 2 != 0
         || i64::from(head_dim) * i64::from(heads.max(kv_heads)) > i64::from(i32::MAX)
     {
-        return Err(meta.error(&key("attention.head_count"), "heads × head size is not usable"));
+        return Err(meta.error(
+            &key("attention.head_count"),
+            "heads × head size is not usable",
+        ));
     }
 
     let mut tensors = HashMap::with_capacity(file.tensors.len() * 2);
@@ -249,11 +250,12 @@ fn decode(
             ]);
         }
     }
-    let mut values = quants::dequantize(kind, &bytes).ok_or_else(|| Error::UnsupportedGgufType {
-        path: file.path().to_path_buf(),
-        tensor: info.name.clone(),
-        ggml_type: format!("{kind:?}"),
-    })?;
+    let mut values =
+        quants::dequantize(kind, &bytes).ok_or_else(|| Error::UnsupportedGgufType {
+            path: file.path().to_path_buf(),
+            tensor: info.name.clone(),
+            ggml_type: format!("{kind:?}"),
+        })?;
     if arch == Architecture::Gemma3 && info.name.ends_with("norm.weight") {
         // llama.cpp's converter stores Gemma's RMSNorm weights as 1 + w.
         for v in &mut values {
@@ -290,9 +292,7 @@ fn read_vocab(meta: &Metadata) -> Result<VocabSpec> {
         pre: meta.string_opt("tokenizer.ggml.pre")?,
         architecture: None,
         tokens: meta.strings("tokenizer.ggml.tokens")?,
-        scores: meta.numbers_opt("tokenizer.ggml.scores", |v| {
-            v.as_f64().map(|x| x as f32)
-        })?,
+        scores: meta.numbers_opt("tokenizer.ggml.scores", |v| v.as_f64().map(|x| x as f32))?,
         token_types: meta.numbers_opt("tokenizer.ggml.token_type", |v| {
             v.as_i128().and_then(|x| i32::try_from(x).ok())
         })?,
@@ -355,7 +355,11 @@ impl Metadata<'_> {
     }
 
     /// An array whose every item `item` accepts.
-    fn numbers_opt<T>(&self, key: &str, item: impl Fn(&Value) -> Option<T>) -> Result<Option<Vec<T>>> {
+    fn numbers_opt<T>(
+        &self,
+        key: &str,
+        item: impl Fn(&Value) -> Option<T>,
+    ) -> Result<Option<Vec<T>>> {
         match self.file.get(key) {
             None => Ok(None),
             Some(Value::Array(values)) => values
@@ -400,7 +404,9 @@ impl Metadata<'_> {
 
     fn u32_opt(&self, key: &str) -> Result<Option<u32>> {
         self.integer_opt(key)?
-            .map(|v| u32::try_from(v).map_err(|_| self.error(key, &format!("{v} is not a token id"))))
+            .map(|v| {
+                u32::try_from(v).map_err(|_| self.error(key, &format!("{v} is not a token id")))
+            })
             .transpose()
     }
 

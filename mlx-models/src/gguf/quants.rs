@@ -320,7 +320,7 @@ pub fn to_affine(kind: GgmlType, data: &[u8], rows: usize, cols: usize) -> Optio
     let bits = kind.affine_bits()? as usize;
     let (block, size) = kind.block();
     let (block, size) = (block as usize, size as usize);
-    if cols % block != 0 || data.len() != rows * cols / block * size {
+    if !cols.is_multiple_of(block) || data.len() != rows * cols / block * size {
         return None;
     }
     let groups_per_row = cols / AFFINE_GROUP;
@@ -369,7 +369,7 @@ pub fn dequantize(kind: GgmlType, data: &[u8]) -> Option<Vec<f32>> {
     use GgmlType::*;
     let (block, size) = kind.block();
     let (block, size) = (block as usize, size as usize);
-    if data.len() % size != 0 || !kind.can_dequantize() {
+    if !data.len().is_multiple_of(size) || !kind.can_dequantize() {
         return None;
     }
     let mut out = Vec::with_capacity(data.len() / size * block);
@@ -400,10 +400,7 @@ pub fn dequantize(kind: GgmlType, data: &[u8]) -> Option<Vec<f32>> {
                     _ => 128,
                 };
                 let g = &groups[0];
-                out.extend(
-                    g.q.iter()
-                        .map(|&q| g.scale * f32::from(q as i16 - offset)),
-                );
+                out.extend(g.q.iter().map(|&q| g.scale * f32::from(q as i16 - offset)));
             }
         }
         Q4_1 | Q5_1 | Q4_K | Q5_K => {

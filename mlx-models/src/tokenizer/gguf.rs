@@ -144,7 +144,12 @@ pub(super) fn build(spec: VocabSpec) -> Result<Tokenizer> {
             });
             (json, Some(alphabet))
         }
-        "llama" if matches!(spec.architecture.as_deref(), Some("gemma" | "gemma2" | "gemma3")) => {
+        "llama"
+            if matches!(
+                spec.architecture.as_deref(),
+                Some("gemma" | "gemma2" | "gemma3")
+            ) =>
+        {
             (gemma_json(&spec, unk.as_deref()), None)
         }
         "llama" => {
