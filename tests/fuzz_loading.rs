@@ -399,3 +399,51 @@ fn fuzzed_config_json_gives_typed_errors() {
         Ok(())
     });
 }
+
+/// The real SmolLM2 GGUF's header region (its 49152 tokens, 48900 merges and chat
+/// template; the tensor data cut off), mutated: the reader answers with the parsed header
+/// or a typed error.
+#[test]
+fn fuzzed_real_gguf_headers_give_typed_errors() {
+    use std::io::Read;
+    let path = mlx_models::default_model::path(|| ()).unwrap();
+    let file = GgufFile::open(&path).unwrap();
+    let header = file.data_start as usize;
+    let mut bytes = vec![0u8; header];
+    std::fs::File::open(&path)
+        .unwrap()
+        .read_exact(&mut bytes)
+        .unwrap();
+    // Unmutated, the header parses and the first tensor lies past the cut.
+    assert!(matches!(
+        GgufFile::from_bytes("cut.gguf", bytes.clone()),
+        Err(Error::GgufTensor { .. })
+    ));
+    let outcomes = Outcomes::default();
+    let started = Instant::now();
+    let strategy = proptest::collection::vec(
+        prop_oneof![
+            (0..header, interesting_u64())
+                .prop_map(|(at, value)| (at, value.to_le_bytes().to_vec())),
+            (0..header, 1u8..=255).prop_map(|(at, b)| (at, vec![b])),
+        ],
+        1..4,
+    );
+    let result = runner(400, 22).run(&strategy, |edits| {
+        let mut fuzzed = bytes.clone();
+        for (at, value) in edits {
+            for (i, b) in value.iter().enumerate() {
+                if let Some(x) = fuzzed.get_mut(at + i) {
+                    *x = *b;
+                }
+            }
+        }
+        let result = GgufFile::from_bytes("cut.gguf", fuzzed);
+        outcomes.record(&result);
+        Ok(())
+    });
+    outcomes.report("SmolLM2 GGUF header", started);
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+}

@@ -412,12 +412,23 @@ pub fn read_safetensors(path: &Path) -> Result<HashMap<String, Array>> {
 }
 
 fn check_safetensors_header(path: &Path) -> Result<()> {
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    check_header(path, file, file_len)
+}
+
+/// Checks a safetensors file held in memory as [`read_safetensors`] checks one on disk
+/// (`name` stands for its path in errors): the header length, the JSON, every tensor's
+/// dtype, shape and byte range, and that the tensors tile the data section.
+pub fn check_safetensors_bytes(name: &Path, bytes: &[u8]) -> Result<()> {
+    check_header(name, bytes, bytes.len() as u64)
+}
+
+fn check_header(path: &Path, mut file: impl Read, file_len: u64) -> Result<()> {
     let corrupt = |message: String| Error::Safetensors {
         path: path.to_path_buf(),
         message,
     };
-    let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
-    let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
     let mut len_bytes = [0u8; 8];
     file.read_exact(&mut len_bytes)
         .map_err(|_| corrupt(format!("file is {file_len} bytes, too short for a header")))?;
