@@ -463,6 +463,38 @@ mod tests {
             Some("model.norm.weight")
         );
         assert_eq!(hf_name("blk.0.unknown.weight"), None);
+        assert_eq!(hf_name("blk.x.attn_q.weight"), None);
+        // Gemma 3's extra norms; llama has none of them.
+        let gemma = Architecture::Gemma3;
+        for (gguf, hf) in [
+            (
+                "blk.2.ffn_norm.weight",
+                "model.layers.2.pre_feedforward_layernorm.weight",
+            ),
+            (
+                "blk.2.post_ffw_norm.weight",
+                "model.layers.2.post_feedforward_layernorm.weight",
+            ),
+            (
+                "blk.2.post_attention_norm.weight",
+                "model.layers.2.post_attention_layernorm.weight",
+            ),
+            (
+                "blk.2.attn_q_norm.weight",
+                "model.layers.2.self_attn.q_norm.weight",
+            ),
+            (
+                "blk.2.attn_k_norm.weight",
+                "model.layers.2.self_attn.k_norm.weight",
+            ),
+        ] {
+            assert_eq!(gemma.hf_name(gguf).as_deref(), Some(hf));
+        }
+        assert_eq!(hf_name("blk.2.post_ffw_norm.weight"), None);
+        assert_eq!(
+            hf_name("blk.2.ffn_norm.weight").as_deref(),
+            Some("model.layers.2.post_attention_layernorm.weight")
+        );
     }
 
     /// llama.cpp permutes q/k rows so that its pairwise RoPE equals Transformers'

@@ -500,3 +500,90 @@ pub fn dequantize(kind: GgmlType, data: &[u8]) -> Option<Vec<f32>> {
     }
     Some(out)
 }
+
+#[cfg(test)]
+mod tests {
+    //! Closed forms on hand-built blocks; `tests/gguf.rs` compares real and random blocks
+    //! with gguf-py bit for bit.
+    use super::*;
+
+    fn h(x: f32) -> [u8; 2] {
+        f16::from_f32(x).to_le_bytes()
+    }
+
+    #[test]
+    fn q4_0_is_d_times_q_minus_8() {
+        let mut b = h(0.5).to_vec();
+        b.extend((0..16u8).map(|i| i | ((15 - i) << 4)));
+        let w = dequantize(GgmlType::Q4_0, &b).unwrap();
+        for i in 0..16 {
+            assert_eq!(w[i], 0.5 * (i as f32 - 8.0));
+            assert_eq!(w[i + 16], 0.5 * (15.0 - i as f32 - 8.0));
+        }
+    }
+
+    #[test]
+    fn q8_0_is_d_times_signed_q() {
+        let mut b = h(-0.25).to_vec();
+        b.extend((0..32).map(|i| (i as i8 * 4 - 64) as u8));
+        let w = dequantize(GgmlType::Q8_0, &b).unwrap();
+        for (i, v) in w.iter().enumerate() {
+            assert_eq!(*v, -0.25 * f32::from(i as i8 * 4 - 64));
+        }
+        let a = to_affine(GgmlType::Q8_0, &b, 1, 32).unwrap();
+        assert_eq!((a.bits, a.scales[0], a.biases[0]), (8, -0.25, 32.0));
+        assert_eq!(a.weight[0] & 0xFF, 64); // q = -64 stored as -64 + 128
+    }
+
+    #[test]
+    fn q5_1_takes_the_fifth_bit_from_qh() {
+        let mut b = [h(2.0), h(-1.0)].concat();
+        b.extend(0x8000_0001u32.to_le_bytes()); // elements 0 and 31 get 16 added
+        b.extend([0x21u8; 16]); // low nibble 1 (elements 0..16), high nibble 2 (16..32)
+        let w = dequantize(GgmlType::Q5_1, &b).unwrap();
+        assert_eq!(w[0], 2.0 * 17.0 - 1.0);
+        assert_eq!(w[1], 2.0 * 1.0 - 1.0);
+        assert_eq!(w[16], 2.0 * 2.0 - 1.0);
+        assert_eq!(w[31], 2.0 * 18.0 - 1.0);
+    }
+
+    #[test]
+    fn q4_k_sub_blocks_have_six_bit_scales_and_mins() {
+        // d = 1, dmin = 0.5; sub-block 0: scale 3, min 5; sub-block 7: scale 33, min 40.
+        let mut b = [h(1.0), h(0.5)].concat();
+        let mut s = [0u8; 12];
+        s[0] = 3;
+        s[4] = 5;
+        // Sub-block 7 (j = 3 of the upper four): low 4 bits in s[11], high 2 in s[3] / s[7].
+        s[11] = (33 & 0x0F) | ((40 & 0x0F) << 4);
+        s[3] = (33 >> 4) << 6;
+        s[7] = (40 >> 4) << 6;
+        b.extend(s);
+        b.extend([0x97u8; 128]); // even sub-blocks get 7, odd ones 9
+        let w = dequantize(GgmlType::Q4_K, &b).unwrap();
+        assert_eq!(w[0], 3.0 * 7.0 - 0.5 * 5.0);
+        assert_eq!(w[7 * 32], 33.0 * 9.0 - 0.5 * 40.0);
+        let a = to_affine(GgmlType::Q4_K, &b, 1, 256).unwrap();
+        assert_eq!((a.scales[7], a.biases[7]), (33.0, -20.0));
+    }
+
+    #[test]
+    fn q6_k_groups_of_16_have_signed_scales() {
+        let mut b = vec![0x21u8; 128]; // ql: low nibble 1, high nibble 2
+        b.extend([0u8; 64]); // qh: no high bits
+        b.extend((0..16).map(|g| (g as i8 - 8) as u8));
+        b.extend(h(0.5));
+        let w = dequantize(GgmlType::Q6_K, &b).unwrap();
+        // Element 0: group 0 (scale -8), q = 1 - 32; element 64: group 4 (scale -4), q = 2 - 32.
+        assert_eq!(w[0], 0.5 * -8.0 * (1.0 - 32.0));
+        assert_eq!(w[64], 0.5 * -4.0 * (2.0 - 32.0));
+        assert!(to_affine(GgmlType::Q6_K, &b, 1, 256).is_none());
+    }
+
+    #[test]
+    fn partial_blocks_and_unread_types_are_refused() {
+        assert!(dequantize(GgmlType::Q4_0, &[0u8; 17]).is_none());
+        assert!(dequantize(GgmlType::IQ2_XXS, &[0u8; 66]).is_none());
+        assert!(to_affine(GgmlType::Q4_0, &[0u8; 18], 1, 64).is_none());
+    }
+}
