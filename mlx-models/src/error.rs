@@ -213,6 +213,10 @@ pub enum Error {
     /// `model.safetensors.index.json` is malformed or names shards that cannot be used.
     #[error("{path}: {message}")]
     WeightIndex { path: PathBuf, message: String },
+
+    /// A conversion cannot be done as asked.
+    #[error("convert: {message}")]
+    Convert { message: String },
 }
 
 impl Error {

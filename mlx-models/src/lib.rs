@@ -5,6 +5,7 @@ pub mod cache;
 pub mod chat;
 pub mod chat_template;
 pub mod config;
+pub mod convert;
 pub mod default_model;
 pub mod error;
 pub mod family;

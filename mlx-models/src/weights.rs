@@ -195,6 +195,11 @@ impl Weights {
         self.tensors.remove(name)
     }
 
+    /// All tensors by name, whether taken or not (for a converter).
+    pub fn into_tensors(self) -> HashMap<String, Array> {
+        self.tensors
+    }
+
     /// The names of all tensors.
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.tensors.keys().map(String::as_str)
