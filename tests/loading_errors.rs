@@ -563,3 +563,295 @@ fn mxfp4_experts_are_refused_by_name() {
         other => panic!("expected UnsupportedQuantization, got {other:?}"),
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// model.safetensors.index.json
+// ---------------------------------------------------------------------------------------------
+
+/// `llama/default-tied` as one shard with an index whose `weight_map` `edit` may change.
+fn indexed_copy(edit: impl FnOnce(&mut serde_json::Map<String, Value>)) -> TempDir {
+    let dir = copy_fixture("llama/default-tied");
+    let tensors = read_safetensors(&dir.path().join("model.safetensors")).unwrap();
+    std::fs::rename(
+        dir.path().join("model.safetensors"),
+        dir.path().join("model-00001-of-00001.safetensors"),
+    )
+    .unwrap();
+    let mut map: serde_json::Map<String, Value> = tensors
+        .keys()
+        .map(|k| (k.clone(), json!("model-00001-of-00001.safetensors")))
+        .collect();
+    edit(&mut map);
+    std::fs::write(
+        dir.path().join("model.safetensors.index.json"),
+        json!({"metadata": {}, "weight_map": map}).to_string(),
+    )
+    .unwrap();
+    dir
+}
+
+fn assert_index_error(dir: &Path, needle: &str) {
+    match load_error(dir) {
+        Error::WeightIndex { path, message } => {
+            assert_eq!(path, dir.join("model.safetensors.index.json"));
+            assert!(message.contains(needle), "{message}");
+        }
+        other => panic!("expected WeightIndex mentioning {needle:?}, got {other:?}"),
+    }
+}
+
+#[test]
+fn an_index_with_one_shard_loads() {
+    let dir = indexed_copy(|_| {});
+    if let Err(e) = load(dir.path()) {
+        panic!("{e}");
+    }
+}
+
+#[test]
+fn index_shards_outside_the_directory_are_refused() {
+    for outside in [
+        "../model.safetensors",
+        "/etc/hostname",
+        "a/../../b.safetensors",
+        "",
+    ] {
+        let dir = indexed_copy(|map| {
+            map.insert("model.norm.weight".into(), json!(outside));
+        });
+        assert_index_error(dir.path(), "not a file inside the model directory");
+    }
+}
+
+#[test]
+fn an_index_naming_a_tensor_its_shard_lacks_is_refused() {
+    let dir = indexed_copy(|map| {
+        map.insert(
+            "model.layers.9.mlp.up_proj.weight".into(),
+            json!("model-00001-of-00001.safetensors"),
+        );
+    });
+    assert_index_error(dir.path(), "model.layers.9.mlp.up_proj.weight");
+    let dir = indexed_copy(|map| map.clear());
+    assert_index_error(dir.path(), "no tensors");
+}
+
+#[test]
+fn a_malformed_index_is_a_json_error() {
+    for text in [
+        "{",
+        "[]",
+        r#"{"weight_map": {"a": 3}}"#,
+        r#"{"weight_map": []}"#,
+    ] {
+        let dir = indexed_copy(|_| {});
+        let index = dir.path().join("model.safetensors.index.json");
+        std::fs::write(&index, text).unwrap();
+        match load_error(dir.path()) {
+            Error::Json { path, .. } => assert_eq!(path, index),
+            other => panic!("{text}: expected Error::Json, got {other:?}"),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Non-finite weights and logits
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn a_nan_in_a_weight_names_the_tensor() {
+    let dir = copy_fixture("llama/default-tied");
+    let name = "model.layers.1.mlp.down_proj.weight";
+    edit_weights(dir.path(), |t| {
+        let w = &t[name];
+        let mut values = w.as_slice::<f32>().to_vec();
+        values[17] = f32::NAN;
+        let shape = w.shape().to_vec();
+        t.insert(name.into(), Array::from_slice(&values, &shape));
+    });
+    match load_error(dir.path()) {
+        Error::NonFiniteWeight { path, name: n } => {
+            assert_eq!(path, dir.path());
+            assert_eq!(n, name);
+        }
+        other => panic!("expected NonFiniteWeight, got {other:?}"),
+    }
+}
+
+#[test]
+fn logits_that_overflow_name_the_step() {
+    // Finite weights whose products overflow: the final norm scaled to 1e38.
+    let dir = copy_fixture("llama/default-tied");
+    edit_weights(dir.path(), |t| {
+        let w = &t["model.norm.weight"];
+        let big = vec![1e38f32; w.size()];
+        let shape = w.shape().to_vec();
+        t.insert("model.norm.weight".into(), Array::from_slice(&big, &shape));
+    });
+    let model = load(dir.path()).unwrap();
+    match mlx_models::generate::greedy(model.as_ref(), &[1, 2, 3], 4) {
+        Err(Error::NonFiniteLogits { step }) => assert_eq!(step, 0),
+        other => panic!("expected NonFiniteLogits, got {other:?}"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// GGUF (tests/fixtures/gguf-tiny: a complete one-layer llama written by gguf-py)
+// ---------------------------------------------------------------------------------------------
+
+fn tiny_gguf() -> Vec<u8> {
+    std::fs::read(fixture_dir("gguf-tiny/tiny.gguf")).unwrap()
+}
+
+/// The byte offset of the ggml type field of tensor `name` (from `tiny.fields.json`).
+fn type_field(name: &str) -> usize {
+    let meta: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture_dir("gguf-tiny/tiny.fields.json")).unwrap(),
+    )
+    .unwrap();
+    meta["fields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["field"] == name && f["width"] == 4)
+        .map(|f| f["offset"].as_u64().unwrap() as usize)
+        .next_back()
+        .unwrap()
+}
+
+fn gguf_error(bytes: Vec<u8>) -> Error {
+    use mlx_models::gguf::GgufFile;
+    use mlx_models::load::{load_gguf_file, LoadOptions};
+    let result = GgufFile::from_bytes("broken.gguf", bytes)
+        .and_then(|file| load_gguf_file(&file, &LoadOptions::new()));
+    match result {
+        Ok(_) => panic!("a broken GGUF loaded"),
+        Err(e) => {
+            eprintln!("{e}");
+            e
+        }
+    }
+}
+
+fn assert_gguf_invalid(error: Error, offset: u64, field: &str) {
+    match error {
+        Error::GgufInvalid {
+            offset: o,
+            field: f,
+            path,
+            ..
+        } => {
+            assert_eq!(path, Path::new("broken.gguf"));
+            assert_eq!((o, f.as_str()), (offset, field));
+        }
+        other => panic!("expected GgufInvalid at {offset} `{field}`, got {other:?}"),
+    }
+}
+
+#[test]
+fn gguf_header_errors_name_the_offset_and_field() {
+    let good = tiny_gguf();
+    let mut bytes = good.clone();
+    bytes[0] = b'X';
+    assert_gguf_invalid(gguf_error(bytes), 0, "magic");
+
+    let mut bytes = good.clone();
+    bytes[4..8].copy_from_slice(&1u32.to_le_bytes());
+    assert_gguf_invalid(gguf_error(bytes), 4, "version");
+
+    let mut bytes = good.clone();
+    bytes[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
+    assert_gguf_invalid(gguf_error(bytes), 8, "tensor_count");
+
+    // The first key's length claims more bytes than the file has.
+    let mut bytes = good.clone();
+    bytes[24..32].copy_from_slice(&(1u64 << 40).to_le_bytes());
+    assert_gguf_invalid(gguf_error(bytes), 24, "metadata key #0");
+
+    // Cut inside the metadata.
+    assert!(matches!(
+        gguf_error(good[..200].to_vec()),
+        Error::GgufInvalid { .. }
+    ));
+
+    // An unknown ggml type.
+    let mut bytes = good.clone();
+    let at = type_field("blk.0.ffn_down.weight");
+    bytes[at..at + 4].copy_from_slice(&99u32.to_le_bytes());
+    match gguf_error(bytes) {
+        Error::GgufInvalid { field, message, .. } => {
+            assert_eq!(field, "blk.0.ffn_down.weight");
+            assert!(message.contains("99"), "{message}");
+        }
+        other => panic!("expected GgufInvalid, got {other:?}"),
+    }
+}
+
+#[test]
+fn gguf_tensor_errors_name_the_tensor() {
+    let good = tiny_gguf();
+    // Truncated data: the last tensor ends outside the file.
+    match gguf_error(good[..good.len() - 1].to_vec()) {
+        Error::GgufTensor {
+            tensor, message, ..
+        } => {
+            assert_eq!(tensor, "blk.0.ffn_down.weight");
+            assert!(message.contains("outside"), "{message}");
+        }
+        other => panic!("expected GgufTensor, got {other:?}"),
+    }
+    // A type this crate does not read (Q8_1, whose blocks fit where the BF16 data was).
+    let mut bytes = good.clone();
+    let at = type_field("blk.0.ffn_down.weight");
+    bytes[at..at + 4].copy_from_slice(&9u32.to_le_bytes());
+    match gguf_error(bytes) {
+        Error::UnsupportedGgufType {
+            tensor, ggml_type, ..
+        } => {
+            assert_eq!(
+                (tensor.as_str(), ggml_type.as_str()),
+                ("blk.0.ffn_down.weight", "Q8_1")
+            );
+        }
+        other => panic!("expected UnsupportedGgufType, got {other:?}"),
+    }
+}
+
+/// The byte range of tensor `name`'s data in the tiny GGUF.
+fn tensor_data(bytes: &[u8], name: &str) -> std::ops::Range<usize> {
+    let file = mlx_models::gguf::GgufFile::from_bytes("tiny.gguf", bytes.to_vec()).unwrap();
+    let info = file.tensor(name).unwrap();
+    info.start as usize..(info.start + info.len) as usize
+}
+
+#[test]
+fn gguf_non_finite_weights_and_logits_are_named() {
+    let good = tiny_gguf();
+    let data = tensor_data(&good, "output_norm.weight");
+    let mut bytes = good.clone();
+    bytes[data.start + 8..data.start + 12].copy_from_slice(&f32::NAN.to_le_bytes());
+    match gguf_error(bytes) {
+        Error::NonFiniteWeight { name, .. } => assert_eq!(name, "model.norm.weight"),
+        other => panic!("expected NonFiniteWeight, got {other:?}"),
+    }
+
+    // Finite but huge: the logits overflow at the first step, and generation says so.
+    let mut bytes = good.clone();
+    for at in data.step_by(4) {
+        bytes[at..at + 4].copy_from_slice(&1e38f32.to_le_bytes());
+    }
+    let file = mlx_models::gguf::GgufFile::from_bytes("huge.gguf", bytes).unwrap();
+    let model =
+        mlx_models::load::load_gguf_file(&file, &mlx_models::load::LoadOptions::new()).unwrap();
+    let mut stream = model
+        .generate(
+            &[5, 6, 7],
+            mlx_models::generate::GenerateOptions::new().max_tokens(3),
+        )
+        .unwrap();
+    match stream.next() {
+        Some(Err(Error::NonFiniteLogits { step })) => assert_eq!(step, 0),
+        other => panic!("expected NonFiniteLogits at step 0, got {other:?}"),
+    }
+    assert!(stream.next().is_none(), "the stream ends after the error");
+}

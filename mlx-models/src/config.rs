@@ -105,9 +105,13 @@ pub fn f64_pair_or_non_finite<'de, D: serde::Deserializer<'de>>(
 impl ConfigFile {
     /// Reads and parses `path`; malformed JSON is reported with its line and column.
     pub fn read(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let text = python_non_finite_literals(&text);
-        let value: Value = serde_json::from_str(&text).map_err(|e| Error::Json {
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        // Not UTF-8: serde_json reports where, as for any other malformed JSON.
+        let parsed = match std::str::from_utf8(&bytes) {
+            Ok(text) => serde_json::from_str(&python_non_finite_literals(text)),
+            Err(_) => serde_json::from_slice(&bytes),
+        };
+        let value: Value = parsed.map_err(|e| Error::Json {
             path: path.to_path_buf(),
             source: e,
         })?;

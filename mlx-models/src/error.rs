@@ -167,6 +167,56 @@ pub enum Error {
     /// An operation failed inside MLX.
     #[error("MLX: {0}")]
     Mlx(#[from] mlx_rs::error::Exception),
+
+    /// A GGUF file's structure is invalid at byte `offset`: `field` names what was being
+    /// read (the magic, a count, a metadata key, a tensor name).
+    #[error("{path}: GGUF byte {offset}, `{field}`: {message}")]
+    GgufInvalid {
+        path: PathBuf,
+        offset: u64,
+        field: String,
+        message: String,
+    },
+
+    /// A GGUF tensor's info or data is invalid (dimensions, type, offset, size).
+    #[error("{path}: GGUF tensor `{tensor}`: {message}")]
+    GgufTensor {
+        path: PathBuf,
+        tensor: String,
+        message: String,
+    },
+
+    /// A GGUF tensor is stored in a ggml type this crate cannot read.
+    #[error("{path}: GGUF tensor `{tensor}` has type {ggml_type}, which is not supported")]
+    UnsupportedGgufType {
+        path: PathBuf,
+        tensor: String,
+        ggml_type: String,
+    },
+
+    /// A GGUF metadata value is missing or has the wrong type or value.
+    #[error("{path}: GGUF metadata `{key}`: {message}")]
+    GgufMetadata {
+        path: PathBuf,
+        key: String,
+        message: String,
+    },
+
+    /// A weight holds NaN or infinity (a corrupt file).
+    #[error("weight `{name}` in {path} holds NaN or infinite values")]
+    NonFiniteWeight { path: PathBuf, name: String },
+
+    /// The model's logits became NaN or infinite at generation step `step` (0: the prompt).
+    #[error("the logits became NaN or infinite at generation step {step}")]
+    NonFiniteLogits { step: usize },
+
+    /// `model.safetensors.index.json` is malformed or names shards that cannot be used.
+    #[error("{path}: {message}")]
+    WeightIndex { path: PathBuf, message: String },
+
+    /// A conversion cannot be done as asked.
+    #[error("convert: {message}")]
+    Convert { message: String },
 }
 
 impl Error {

@@ -296,7 +296,13 @@ impl<'m> TokenStream<'m> {
         let is_prompt = self.generated.is_empty();
         let logits = self.step()?;
         let row = logits.as_dtype(Dtype::Float32)?;
-        let id = self.sampler.sample(row.as_slice::<f32>(), &self.history)?;
+        let row = row.as_slice::<f32>();
+        if !row.iter().all(|x| x.is_finite()) {
+            return Err(Error::NonFiniteLogits {
+                step: self.generated.len(),
+            });
+        }
+        let id = self.sampler.sample(row, &self.history)?;
         if is_prompt {
             self.stats.prompt_time = started.elapsed();
         } else {
@@ -404,7 +410,8 @@ impl StopStrings {
 }
 
 /// The `count` tokens greedy decoding appends to `prompt` (no end-of-sequence stop): the
-/// reference the verification harness compares with Transformers' `generate`.
+/// reference the verification harness compares with Transformers' `generate`. Logits that
+/// are NaN or infinite are [`Error::NonFiniteLogits`] naming the step.
 pub fn greedy(model: &dyn LanguageModel, prompt: &[u32], count: usize) -> Result<Vec<u32>> {
     if prompt.is_empty() {
         return Err(Error::EmptyPrompt);
@@ -416,9 +423,13 @@ pub fn greedy(model: &dyn LanguageModel, prompt: &[u32], count: usize) -> Result
     for _ in 0..count {
         let logits = model.forward(&input, &mut cache, &mut Tap::off())?;
         let last = logits.take_axis(Array::from_int(logits.dim(1) - 1), 1)?;
-        let token = argmax_axis(&last, -1, None)?
-            .as_dtype(Dtype::Uint32)?
-            .as_slice::<u32>()[0];
+        let finite = last.is_finite()?.all(None)?;
+        let token = argmax_axis(&last, -1, None)?.as_dtype(Dtype::Uint32)?;
+        mlx_rs::transforms::eval([&finite, &token])?;
+        if !finite.as_slice::<bool>().first().copied().unwrap_or(false) {
+            return Err(Error::NonFiniteLogits { step: out.len() });
+        }
+        let token = token.as_slice::<u32>()[0];
         out.push(token);
         input = Array::from_slice(&[token as i32], &[1, 1]);
     }

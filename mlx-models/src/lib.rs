@@ -6,6 +6,7 @@ pub mod chat;
 pub mod chat_template;
 pub mod config;
 pub mod conv;
+pub mod convert;
 pub mod default_model;
 pub mod delta;
 pub mod error;

@@ -181,13 +181,27 @@ pub fn load_dir(dir: &Path, options: &LoadOptions) -> Result<Model> {
 /// Loads a GGUF file: weights stay quantized unless `options` dequantize them; the
 /// tokenizer and chat template come from its metadata.
 pub fn load_gguf(path: &Path, options: &LoadOptions) -> Result<Model> {
+    if !path.is_file() {
+        return Err(Error::io(
+            path,
+            std::io::Error::new(std::io::ErrorKind::NotFound, "no such GGUF file"),
+        ));
+    }
+    load_gguf_file(&gguf::GgufFile::open(path)?, options)
+}
+
+/// Loads a GGUF already opened (and validated) by [`gguf::GgufFile`], e.g. one held in
+/// memory.
+pub fn load_gguf_file(file: &gguf::GgufFile, options: &LoadOptions) -> Result<Model> {
+    let path = file.path();
     let gguf::GgufModel {
         config,
         weights,
         vocab,
-    } = gguf::read(path)?;
+    } = gguf::from_file(file)?;
     let eos = vocab.eos_token_id;
     let tokenizer = Tokenizer::from_vocab(vocab)?;
+    check_layer_count(&config, &weights)?;
     let network = models::build(
         &config,
         weights
@@ -220,7 +234,29 @@ pub fn load_network(dir: &Path, options: &LoadOptions) -> Result<Box<dyn Languag
     let weights = Weights::from_dir(dir)?
         .with_dtype(options.dtype)
         .dequantize(options.dequantize);
+    check_layer_count(&config, &weights)?;
     models::build(&config, weights)
+}
+
+/// Every layer owns at least one tensor: a config that asks for more layers than the
+/// checkpoint has tensors is wrong, and is refused before anything is sized by it.
+fn check_layer_count(config: &ConfigFile, weights: &Weights) -> Result<()> {
+    let tensors = weights.names().count();
+    let layers = |value: &serde_json::Value| value.get("num_hidden_layers")?.as_u64();
+    let nested = config.value.get("text_config").and_then(layers);
+    for (field, layers) in [
+        ("num_hidden_layers", layers(&config.value)),
+        ("text_config.num_hidden_layers", nested),
+    ] {
+        if let Some(n) = layers.filter(|&n| n > tensors as u64) {
+            return Err(Error::config(
+                &config.path,
+                field,
+                format!("{n} layers, but the checkpoint holds {tensors} tensors"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Loads the network in `dir`, optionally cast to `dtype`.
@@ -240,5 +276,6 @@ pub fn load_model_with_config(
     dtype: Option<Dtype>,
 ) -> Result<Box<dyn LanguageModel>> {
     let weights = Weights::from_dir(dir)?.with_dtype(dtype);
+    check_layer_count(config, &weights)?;
     models::build(config, weights)
 }

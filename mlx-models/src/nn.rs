@@ -41,8 +41,9 @@ impl Matrix {
         let packed = weight.shape().to_vec();
         let groups = scales.shape().to_vec();
         let fits = packed.len() == 2
+            && in_dim > 0
             && packed[0] == out_dim
-            && (packed[1] * 32) % in_dim == 0
+            && (i64::from(packed[1]) * 32) % i64::from(in_dim) == 0
             && weight.dtype() == Dtype::Uint32
             && groups.len() == 2
             && groups[0] == out_dim
@@ -52,10 +53,15 @@ impl Matrix {
             return Err(w.shape_error("weight", &[out_dim, in_dim], &packed));
         }
         let quantization = Quantization {
-            bits: packed[1] * 32 / in_dim,
+            bits: (i64::from(packed[1]) * 32 / i64::from(in_dim)) as i32,
             group_size: in_dim / groups[1],
         };
-        w.count(out_dim as usize * in_dim as usize);
+        if ![2, 3, 4, 5, 6, 8].contains(&quantization.bits)
+            || ![32, 64, 128].contains(&quantization.group_size)
+        {
+            return Err(w.shape_error("weight", &[out_dim, in_dim], &packed));
+        }
+        w.count(weight.size() * 32 / quantization.bits as usize);
         if biases.shape() != scales.shape() {
             return Err(w.shape_error("biases", &groups, biases.shape()));
         }

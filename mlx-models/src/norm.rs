@@ -35,13 +35,14 @@ impl Norm {
                 // Transformers adds the one in f32, then works in the activation dtype.
                 let one = Array::from_f32(1.0);
                 let dtype = weight.dtype();
-                (
-                    weight
-                        .as_dtype(Dtype::Float32)?
-                        .add(&one)?
-                        .as_dtype(dtype)?,
-                    None,
-                )
+                let weight = weight
+                    .as_dtype(Dtype::Float32)?
+                    .add(&one)?
+                    .as_dtype(dtype)?;
+                // Computed now: a model may run on another thread, where MLX cannot
+                // evaluate work pending on this thread's stream.
+                weight.eval()?;
+                (weight, None)
             }
             NormKind::Layer { bias } => {
                 let bias = if bias {

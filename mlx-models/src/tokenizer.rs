@@ -78,7 +78,7 @@ pub struct VocabSpec {
     /// `qwen2`, `smollm`, …); `None` means GPT-2's splitting.
     pub pre: Option<String>,
     /// `general.architecture`; only consulted for SentencePiece vocabularies (`phi3` builds its
-    /// prefix space differently, Gemma's vocabulary is not supported).
+    /// prefix space differently, `gemma`/`gemma2`/`gemma3` build Gemma's).
     pub architecture: Option<String>,
     /// `tokenizer.ggml.tokens`, indexed by id.
     pub tokens: Vec<String>,
@@ -124,10 +124,18 @@ impl Tokenizer {
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        let inner = tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| Error::Tokenizer {
+        let invalid = |message: String| Error::Tokenizer {
             path: Some(path.to_owned()),
-            message: e.to_string(),
-        })?;
+            message,
+        };
+        // Syntax first, then the shape: `tokenizers` panics on some malformed strings
+        // inside its own parse (control characters in a decoder), and a panic while it
+        // deserializes is a malformed file too.
+        let value: Value = serde_json::from_slice(&bytes).map_err(|e| invalid(e.to_string()))?;
+        let inner =
+            std::panic::catch_unwind(|| serde_json::from_value::<tokenizers::Tokenizer>(value))
+                .map_err(|_| invalid("the tokenizers crate panicked reading this file".into()))?
+                .map_err(|e| invalid(e.to_string()))?;
         Ok(Tokenizer {
             inner: Arc::new(inner),
             source: Some(path.to_owned()),
@@ -194,7 +202,9 @@ impl Tokenizer {
     ///   `qwen2`/`deepseek-r1-qwen`, `qwen35`, `gpt-4o`/`llama4` and `tekken`.
     /// * `llama`: SentencePiece BPE with byte fallback and `▁` for spaces (prefixed once, at
     ///   the start), merges derived from the scores when the file lists none, BOS added unless
-    ///   `add_bos_token` is false; `phi3` gets its prefix space from a normalizer instead.
+    ///   `add_bos_token` is false; `phi3` gets its prefix space from a normalizer instead;
+    ///   `gemma`/`gemma2`/`gemma3` build Gemma's (spaces as `▁` without a prefix, merges in
+    ///   file order, tokens of spaces respelled, `<unk>`).
     ///
     /// Control tokens (type 3) become special tokens, user-defined ones (type 4) tokens matched
     /// whole. Anything else is [`Error::UnsupportedTokenizer`].

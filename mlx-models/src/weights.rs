@@ -4,7 +4,7 @@
 use crate::error::{Error, Result};
 use mlx_rs::{Array, Dtype};
 use std::cell::{Cell, RefCell};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -40,11 +40,11 @@ impl Weights {
     /// `model.safetensors.index.json`, or else every `*.safetensors` file of `dir`.
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let index = dir.join("model.safetensors.index.json");
+        let mut weight_map = None;
         let files: Vec<PathBuf> = if index.exists() {
-            shards_from_index(&index)?
-                .into_iter()
-                .map(|f| dir.join(f))
-                .collect()
+            let (files, map) = shards_from_index(&index)?;
+            weight_map = Some(map);
+            files.into_iter().map(|f| dir.join(f)).collect()
         } else if dir.join("model.safetensors").exists() {
             vec![dir.join("model.safetensors")]
         } else {
@@ -67,14 +67,75 @@ impl Weights {
         for file in &files {
             tensors.extend(read_safetensors(file)?);
         }
+        // Every tensor the index lists is in its shard.
+        if let Some(map) = weight_map {
+            if let Some((name, shard)) = map.iter().find(|(name, _)| !tensors.contains_key(*name)) {
+                return Err(Error::WeightIndex {
+                    path: index,
+                    message: format!(
+                        "tensor `{name}` is listed in `{shard}`, which does not hold it"
+                    ),
+                });
+            }
+        }
         Ok(Weights::new(tensors, dir))
     }
 
-    /// Materializes every tensor. MLX computes lazily on the stream of the thread that
+    /// Materializes every tensor and checks that the floating-point ones are finite
+    /// ([`Weights::check_finite`]). MLX computes lazily on the stream of the thread that
     /// built an array, so a model used from other threads must not hold pending work.
     pub fn eval(&self) -> Result<()> {
         mlx_rs::transforms::eval(self.tensors.values())?;
-        Ok(())
+        self.check_finite()
+    }
+
+    /// Fails with [`Error::NonFiniteWeight`] naming the first floating-point tensor (in name
+    /// order) that holds NaN or infinity. One `isfinite`-all reduction over all of them
+    /// (flattened and joined per dtype) answers for a sound checkpoint; only a failing one
+    /// is searched tensor by tensor for the name.
+    pub fn check_finite(&self) -> Result<()> {
+        let mut names: Vec<&String> = self
+            .tensors
+            .iter()
+            .filter(|(_, t)| is_float(t.dtype()))
+            .map(|(name, _)| name)
+            .collect();
+        if names.is_empty() {
+            return Ok(());
+        }
+        names.sort();
+        let mut by_dtype: HashMap<Dtype, Vec<Array>> = HashMap::new();
+        for name in &names {
+            let t = &self.tensors[*name];
+            by_dtype
+                .entry(t.dtype())
+                .or_default()
+                .push(t.flatten(None, None)?);
+        }
+        let flags = by_dtype
+            .values()
+            .map(|flat| mlx_rs::ops::concatenate(flat, 0)?.is_finite()?.all(None))
+            .collect::<std::result::Result<Vec<Array>, _>>()?;
+        mlx_rs::transforms::eval(&flags)?;
+        if flags
+            .iter()
+            .all(|f| f.as_slice::<bool>().iter().all(|&ok| ok))
+        {
+            return Ok(());
+        }
+        let flags = names
+            .iter()
+            .map(|name| self.tensors[*name].is_finite()?.all(None))
+            .collect::<std::result::Result<Vec<Array>, _>>()?;
+        let flags = mlx_rs::ops::stack(&flags, 0)?;
+        flags.eval()?;
+        match flags.as_slice::<bool>().iter().position(|finite| !finite) {
+            None => Ok(()),
+            Some(i) => Err(Error::NonFiniteWeight {
+                path: self.source.clone(),
+                name: names[i].clone(),
+            }),
+        }
     }
 
     /// Casts every floating-point tensor to `dtype` as modules take it (quantized weights,
@@ -132,6 +193,11 @@ impl Weights {
     /// into others).
     pub fn remove(&mut self, name: &str) -> Option<Array> {
         self.tensors.remove(name)
+    }
+
+    /// All tensors by name, whether taken or not (for a converter).
+    pub fn into_tensors(self) -> HashMap<String, Array> {
+        self.tensors
     }
 
     /// The names of all tensors.
@@ -205,7 +271,6 @@ impl<'a> WeightPath<'a> {
     /// requested dtype.
     pub fn get(&self, name: &str, shape: &[i32]) -> Result<Array> {
         let tensor = self.get_any_shape(name)?;
-        self.count(shape.iter().map(|&d| d as usize).product());
         if tensor.shape() != shape {
             return Err(Error::WeightShape {
                 path: self.weights.source.clone(),
@@ -214,6 +279,7 @@ impl<'a> WeightPath<'a> {
                 actual: tensor.shape().to_vec(),
             });
         }
+        self.count(tensor.size());
         Ok(tensor)
     }
 
@@ -305,19 +371,39 @@ pub(crate) fn is_float(dtype: Dtype) -> bool {
     )
 }
 
-/// The shard file names of a `model.safetensors.index.json`, in first-seen order.
-fn shards_from_index(index: &Path) -> Result<Vec<String>> {
+/// The shards a `model.safetensors.index.json` lists (sorted), and which tensor each holds.
+/// Shard names must stay inside the model directory (relative, no `..`).
+fn shards_from_index(index: &Path) -> Result<(Vec<String>, BTreeMap<String, String>)> {
     #[derive(serde::Deserialize)]
     struct Index {
-        weight_map: HashMap<String, String>,
+        weight_map: BTreeMap<String, String>,
     }
-    let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
-    let parsed: Index = serde_json::from_str(&text).map_err(|e| Error::Json {
+    let bytes = std::fs::read(index).map_err(|e| Error::io(index, e))?;
+    let parsed: Index = serde_json::from_slice(&bytes).map_err(|e| Error::Json {
         path: index.to_path_buf(),
         source: e,
     })?;
-    let files: BTreeSet<String> = parsed.weight_map.into_values().collect();
-    Ok(files.into_iter().collect())
+    let bad = |message: String| Error::WeightIndex {
+        path: index.to_path_buf(),
+        message,
+    };
+    if parsed.weight_map.is_empty() {
+        return Err(bad("`weight_map` lists no tensors".into()));
+    }
+    let files: BTreeSet<&String> = parsed.weight_map.values().collect();
+    for file in &files {
+        let inside = !file.is_empty()
+            && Path::new(file.as_str())
+                .components()
+                .all(|c| matches!(c, std::path::Component::Normal(_)));
+        if !inside {
+            return Err(bad(format!(
+                "shard `{file}` is not a file inside the model directory"
+            )));
+        }
+    }
+    let files = files.into_iter().cloned().collect();
+    Ok((files, parsed.weight_map))
 }
 
 /// Reads one safetensors file after checking its header, so a truncated or corrupt file
@@ -331,12 +417,23 @@ pub fn read_safetensors(path: &Path) -> Result<HashMap<String, Array>> {
 }
 
 fn check_safetensors_header(path: &Path) -> Result<()> {
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    check_header(path, file, file_len)
+}
+
+/// Checks a safetensors file held in memory as [`read_safetensors`] checks one on disk
+/// (`name` stands for its path in errors): the header length, the JSON, every tensor's
+/// dtype, shape and byte range, and that the tensors tile the data section.
+pub fn check_safetensors_bytes(name: &Path, bytes: &[u8]) -> Result<()> {
+    check_header(name, bytes, bytes.len() as u64)
+}
+
+fn check_header(path: &Path, mut file: impl Read, file_len: u64) -> Result<()> {
     let corrupt = |message: String| Error::Safetensors {
         path: path.to_path_buf(),
         message,
     };
-    let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
-    let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
     let mut len_bytes = [0u8; 8];
     file.read_exact(&mut len_bytes)
         .map_err(|_| corrupt(format!("file is {file_len} bytes, too short for a header")))?;
@@ -349,25 +446,80 @@ fn check_safetensors_header(path: &Path) -> Result<()> {
     let mut header = vec![0u8; header_len as usize];
     file.read_exact(&mut header)
         .map_err(|e| Error::io(path, e))?;
-    let header: HashMap<String, serde_json::Value> = serde_json::from_slice(&header)
+    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header)
         .map_err(|e| corrupt(format!("header is not a JSON object: {e}")))?;
     let data_len = file_len - 8 - header_len;
+    let mut spans = Vec::with_capacity(header.len());
     for (name, info) in &header {
         if name == "__metadata__" {
+            // MLX writes null without metadata.
+            let strings = info.is_null()
+                || info
+                    .as_object()
+                    .is_some_and(|m| m.values().all(serde_json::Value::is_string));
+            if !strings {
+                return Err(corrupt("`__metadata__` is not a map of strings".into()));
+            }
             continue;
+        }
+        let bad = |what: &str| corrupt(format!("tensor `{name}`: {what}"));
+        let dtype = info["dtype"]
+            .as_str()
+            .ok_or_else(|| bad("no dtype string"))?;
+        let size: u64 = match dtype {
+            "BOOL" | "U8" | "I8" => 1,
+            "U16" | "I16" | "F16" | "BF16" => 2,
+            "U32" | "I32" | "F32" => 4,
+            "U64" | "I64" | "F64" => 8,
+            other => return Err(bad(&format!("dtype `{other}` is not supported"))),
+        };
+        let shape = info["shape"]
+            .as_array()
+            .ok_or_else(|| bad("no shape list"))?;
+        let mut elements: u64 = 1;
+        for dim in shape {
+            let dim = dim
+                .as_u64()
+                .filter(|&d| d <= i32::MAX as u64)
+                .ok_or_else(|| bad(&format!("dimension {dim} in shape {shape:?}")))?;
+            elements = elements
+                .checked_mul(dim)
+                .ok_or_else(|| bad("the shape overflows"))?;
         }
         let offsets = info["data_offsets"]
             .as_array()
-            .and_then(|o| Some((o.first()?.as_u64()?, o.get(1)?.as_u64()?)));
-        match offsets {
-            Some((start, end)) if start <= end && end <= data_len => {}
-            Some((_, end)) => {
-                return Err(corrupt(format!(
-                    "tensor `{name}` ends at byte {end} of a {data_len}-byte data section (truncated file?)"
-                )))
-            }
-            None => return Err(corrupt(format!("tensor `{name}` has no valid data_offsets"))),
+            .filter(|o| o.len() == 2)
+            .and_then(|o| Some((o[0].as_u64()?, o[1].as_u64()?)))
+            .ok_or_else(|| bad("no valid data_offsets"))?;
+        let (start, end) = offsets;
+        if start > end || end > data_len {
+            return Err(bad(&format!(
+                "data from byte {start} to {end} of a {data_len}-byte data section (truncated file?)"
+            )));
         }
+        if elements.checked_mul(size) != Some(end - start) {
+            return Err(bad(&format!(
+                "{} bytes for {elements} {dtype} elements",
+                end - start
+            )));
+        }
+        spans.push((start, end, name));
+    }
+    // As the format requires: the tensors tile the data section, no overlaps, no holes.
+    spans.sort();
+    let mut at = 0;
+    for (start, end, name) in spans {
+        if start != at {
+            return Err(corrupt(format!(
+                "tensor `{name}` starts at byte {start}, expected {at} (overlap or hole)"
+            )));
+        }
+        at = end;
+    }
+    if at != data_len {
+        return Err(corrupt(format!(
+            "the tensors end at byte {at} of a {data_len}-byte data section"
+        )));
     }
     Ok(())
 }

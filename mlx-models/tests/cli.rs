@@ -168,3 +168,56 @@ fn bad_models_are_reported_not_panicked() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("nobody/nothing"));
     assert!(!String::from_utf8_lossy(&out.stderr).contains("panicked"));
 }
+
+#[test]
+fn convert_writes_a_directory_that_generate_loads() {
+    let tiny = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/gguf-tiny/tiny.gguf");
+    let out = tempfile::tempdir().unwrap();
+    let dir = out.path().join("tiny-q8");
+    let result = cli()
+        .args(["convert", "--model"])
+        .arg(&tiny)
+        .arg("--out")
+        .arg(&dir)
+        .args([
+            "--quantize",
+            "--bits",
+            "8",
+            "--group-size",
+            "32",
+            "--drift-tokens",
+            "4",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&result.stdout);
+    assert!(
+        result.status.success(),
+        "{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    assert!(
+        stdout.contains("8 quantized") && stdout.contains("greedy tokens equal"),
+        "{stdout}"
+    );
+    let drift: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("drift.json")).unwrap()).unwrap();
+    assert_eq!(drift["prompts"].as_array().unwrap().len(), 4);
+
+    let info = cli().args(["info", "--model"]).arg(&dir).output().unwrap();
+    let info = String::from_utf8_lossy(&info.stdout);
+    assert!(info.contains("8-bit affine, group size 32"), "{info}");
+
+    // Options MLX cannot quantize to are refused before anything is written.
+    let refused = cli()
+        .args(["convert", "--model"])
+        .arg(&tiny)
+        .arg("--out")
+        .arg(out.path().join("bad"))
+        .args(["--quantize", "--bits", "7"])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("affine"));
+    assert!(!out.path().join("bad").exists());
+}

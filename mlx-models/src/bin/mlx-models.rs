@@ -4,6 +4,7 @@
 //! mlx-models generate --prompt "What is the capital of France?" --max-tokens 24 --temp 0
 //! mlx-models chat --system "You are terse."
 //! mlx-models info --model path/to/model-dir
+//! mlx-models convert --model model.gguf --out model-q8 --quantize --bits 8 --group-size 64
 //! ```
 
 use clap::{Args, Parser, Subcommand};
@@ -32,6 +33,39 @@ enum Command {
     Chat(ChatArgs),
     /// Show a model's configuration, size and quantization.
     Info(ModelArgs),
+    /// Write a model as a Hugging Face-format directory (config.json, model.safetensors,
+    /// tokenizer files), optionally cast or quantized, and report the drift of its outputs
+    /// from the source's.
+    Convert(ConvertArgs),
+}
+
+#[derive(Args)]
+struct ConvertArgs {
+    /// The source: a model directory, a GGUF file or a Hugging Face repo id; the built-in
+    /// SmolLM2-135M-Instruct when omitted.
+    #[arg(long)]
+    model: Option<String>,
+    /// The repo revision for a Hugging Face repo id.
+    #[arg(long)]
+    revision: Option<String>,
+    /// The directory to write.
+    #[arg(long)]
+    out: std::path::PathBuf,
+    /// Cast floating-point weights (and quantization scales) to this type.
+    #[arg(long, value_parser = ["f32", "f16", "bf16"])]
+    dtype: Option<String>,
+    /// Quantize linear and embedding matrices (MLX affine).
+    #[arg(long)]
+    quantize: bool,
+    /// Bits per quantized weight.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(i32).range(2..=8))]
+    bits: i32,
+    /// Weights per quantization group.
+    #[arg(long, default_value_t = 64)]
+    group_size: i32,
+    /// Greedy tokens compared per prompt in the drift report.
+    #[arg(long, default_value_t = 16)]
+    drift_tokens: usize,
 }
 
 #[derive(Args)]
@@ -120,6 +154,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         Command::Generate(args) => generate(args),
         Command::Chat(args) => chat(args),
         Command::Info(args) => info(args),
+        Command::Convert(args) => convert(args),
     }
 }
 
@@ -314,6 +349,43 @@ fn info(args: ModelArgs) -> Result<(), Box<dyn std::error::Error>> {
         mlx_models::runtime::mlx_version(),
         mlx_models::runtime::default_device(),
         mlx_models::runtime::blas_name()
+    );
+    Ok(())
+}
+
+fn convert(args: ConvertArgs) -> Result<(), Box<dyn std::error::Error>> {
+    use mlx_models::convert::ConvertOptions;
+    let source = match &args.model {
+        Some(spec) => match ModelSource::parse(spec)? {
+            ModelSource::Hub { repo, .. } => ModelSource::Hub {
+                repo,
+                revision: args.revision.clone(),
+            },
+            other => other,
+        },
+        None => ModelSource::Default,
+    };
+    let mut options = ConvertOptions::new().drift_tokens(args.drift_tokens);
+    options = match args.dtype.as_deref() {
+        Some("f16") => options.dtype(mlx_rs::Dtype::Float16),
+        Some("bf16") => options.dtype(mlx_rs::Dtype::Bfloat16),
+        Some(_) => options.dtype(mlx_rs::Dtype::Float32),
+        None => options,
+    };
+    if args.quantize {
+        options = options.quantize(args.bits, args.group_size);
+    }
+    let report = mlx_models::convert::convert(&source, &args.out, &options)?;
+    println!(
+        "wrote {}: {} tensors ({} quantized), {:.1} MB",
+        report.out.display(),
+        report.tensors,
+        report.quantized_tensors,
+        report.bytes as f64 / 1e6
+    );
+    println!(
+        "drift from the source (also in drift.json):\n{}",
+        report.drift
     );
     Ok(())
 }

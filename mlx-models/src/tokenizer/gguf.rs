@@ -133,7 +133,7 @@ pub(super) fn build(spec: VocabSpec) -> Result<Tokenizer> {
                 })
                 .collect();
             let merges = merges(&spec, &respelled)?;
-            let model = bpe_model(&respelled, merges, false);
+            let model = bpe_model(&respelled, merges, false, None);
             let json = json!({
                 "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
                 "normalizer": null,
@@ -143,6 +143,14 @@ pub(super) fn build(spec: VocabSpec) -> Result<Tokenizer> {
                 "model": model,
             });
             (json, Some(alphabet))
+        }
+        "llama"
+            if matches!(
+                spec.architecture.as_deref(),
+                Some("gemma" | "gemma2" | "gemma3")
+            ) =>
+        {
+            (gemma_json(&spec, unk.as_deref()), None)
         }
         "llama" => {
             let (normalizer, pre_tokenizer) = match spec.architecture.as_deref() {
@@ -160,7 +168,7 @@ pub(super) fn build(spec: VocabSpec) -> Result<Tokenizer> {
                 ),
             };
             let merges = merges(&spec, &spec.tokens)?;
-            let model = bpe_model(&spec.tokens, merges, true);
+            let model = bpe_model(&spec.tokens, merges, true, None);
             let json = json!({
                 "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
                 "normalizer": normalizer,
@@ -262,15 +270,52 @@ pub(super) fn build(spec: VocabSpec) -> Result<Tokenizer> {
     })
 }
 
+/// Gemma's SentencePiece vocabulary as Transformers' GGUF loader builds it (`gemma_tokenizer`
+/// and `GemmaTokenizer`): tokens made only of spaces respelled with `▁`, merges recovered
+/// from the vocabulary in file order (Gemma's scores do not follow its merge order), spaces
+/// normalized to `▁` with no prefix, byte fallback, and no stripping when decoding.
+fn gemma_json(spec: &VocabSpec, unk: Option<&str>) -> Value {
+    let respelled: Vec<String> = spec
+        .tokens
+        .iter()
+        .map(|t| {
+            if t.contains(' ') && t.trim().is_empty() {
+                "\u{2581}".repeat(t.chars().count())
+            } else {
+                t.clone()
+            }
+        })
+        .collect();
+    let positions: Vec<f32> = (0..respelled.len()).map(|i| -(i as f32)).collect();
+    let merges = generate_merges(&respelled, Some(&positions));
+    json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"},
+        "pre_tokenizer": {"type": "Split", "pattern": {"String": " "}, "behavior": "MergedWithPrevious", "invert": false},
+        "post_processor": null,
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
+            {"type": "ByteFallback"},
+            {"type": "Fuse"},
+        ]},
+        "model": bpe_model(&respelled, merges, true, unk),
+    })
+}
+
 /// A BPE model section of tokenizer.json. As in a Python dict, a repeated token keeps its last id.
-fn bpe_model(tokens: &[String], merges: Vec<(String, String)>, sentencepiece: bool) -> Value {
+fn bpe_model(
+    tokens: &[String],
+    merges: Vec<(String, String)>,
+    sentencepiece: bool,
+    unk: Option<&str>,
+) -> Value {
     let mut vocab = serde_json::Map::new();
     for (id, token) in tokens.iter().enumerate() {
         vocab.insert(token.clone(), json!(id));
     }
     let merges: Vec<Value> = merges.into_iter().map(|(l, r)| json!([l, r])).collect();
     if sentencepiece {
-        json!({"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+        json!({"type": "BPE", "dropout": null, "unk_token": unk, "continuing_subword_prefix": null,
                "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
                "vocab": vocab, "merges": merges})
     } else {

@@ -695,7 +695,7 @@ fn gguf_unsupported_kinds_are_typed_errors() {
         ("gpt2", Some("made-up-pre"), None),
         ("t5", None, None),
         ("bert", None, None),
-        ("llama", None, Some("gemma2")),
+        ("llama", None, Some("gemma4")),
     ] {
         let spec = VocabSpec {
             pre: pre.map(str::to_owned),
