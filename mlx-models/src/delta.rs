@@ -304,19 +304,10 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn random(shape: &[i32], seed: u64) -> Array {
-        let key = mlx_rs::random::key(seed).unwrap();
-        mlx_rs::random::normal::<f32>(shape, None, None, &key).unwrap()
-    }
+    use crate::test_util::max_abs;
 
-    fn max_abs(a: &Array, b: &Array) -> f32 {
-        a.subtract(b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max(None)
-            .unwrap()
-            .item_exact::<f32>()
+    fn random(shape: &[i32], seed: u64) -> Array {
+        crate::test_util::random(shape, seed, 1.0)
     }
 
     fn inputs(len: i32, seed: u64) -> [Array; 6] {

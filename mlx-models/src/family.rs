@@ -7,8 +7,8 @@ use crate::error::Result;
 use crate::mla::{MlaCache, MlaSettings};
 use crate::model::LanguageModel;
 use crate::moe::{
-    split_fused_experts, stack_experts, ExpertActivation, MoeSettings, RouterSettings,
-    SharedExpertSettings,
+    split_fused_experts, stack_experts, ExpertActivation, ExpertGroups, GroupScore, MoeSettings,
+    RouterSettings, Scoring, SharedExpertSettings,
 };
 use crate::rope::{Rope, RopeConfig, RopeFields};
 use crate::transformer::{
@@ -45,6 +45,33 @@ pub fn load<F: DecoderFamily>(
     let settings = family.settings(config)?;
     family.sanitize(&mut weights, &settings)?;
     build(config, settings, weights)
+}
+
+/// The registry's entry for multimodal checkpoints whose language model is family `F`: the
+/// settings in `text_config` (read as `model_type`), tying from the top level when the
+/// text config does not say; the family's `sanitize` drops the other towers' weights.
+pub fn load_text_config<F: DecoderFamily>(
+    config: &ConfigFile,
+    weights: Weights,
+    model_type: &str,
+) -> Result<Box<dyn LanguageModel>> {
+    let text = config
+        .value
+        .get("text_config")
+        .filter(|t| t.is_object())
+        .ok_or_else(|| crate::error::Error::config(&config.path, "text_config", "missing"))?;
+    let mut value = text.clone();
+    value["model_type"] = serde_json::json!(model_type);
+    if value.get("tie_word_embeddings").is_none() {
+        if let Some(tie) = config.value.get("tie_word_embeddings") {
+            value["tie_word_embeddings"] = tie.clone();
+        }
+    }
+    let text_config = ConfigFile {
+        path: config.path.clone(),
+        value,
+    };
+    load::<F>(&text_config, weights)
 }
 
 /// The config.json fields every decoder family has, with Transformers' names; a family's
@@ -282,6 +309,24 @@ impl MoeConfig {
         RouterSettings {
             normalize: self.norm_topk_prob.unwrap_or(false),
             ..RouterSettings::new(self.num_experts, self.num_experts_per_tok.first())
+        }
+    }
+
+    /// DeepSeek-V3's `noaux_tc` routing (also GLM-4.5's): sigmoid scores, chosen with
+    /// `e_score_correction_bias` within the `topk_group` best of `n_group` groups (each
+    /// scored by its two best), renormalized when `norm_topk_prob`, times
+    /// `routed_scaling_factor`.
+    pub fn grouped_sigmoid_router(&self) -> RouterSettings {
+        RouterSettings {
+            scoring: Scoring::Sigmoid,
+            correction_bias: true,
+            groups: Some(ExpertGroups {
+                groups: self.n_group.unwrap_or(1),
+                top_groups: self.topk_group.unwrap_or(1),
+                score: GroupScore::TopTwoSum,
+            }),
+            scaling_factor: self.routed_scaling_factor.map(|f| f as f32),
+            ..self.router()
         }
     }
 

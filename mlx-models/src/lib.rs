@@ -27,6 +27,8 @@ pub mod runtime;
 pub mod sampling;
 pub mod ssm;
 pub mod tap;
+#[cfg(test)]
+mod test_util;
 pub mod tokenizer;
 pub mod transformer;
 pub mod weights;

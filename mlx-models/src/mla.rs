@@ -416,15 +416,7 @@ mod tests {
         mlx_rs::random::normal::<f32>(&[1, tokens, HIDDEN], None, None, &key).unwrap()
     }
 
-    fn max_abs(a: &Array, b: &Array) -> f32 {
-        a.subtract(b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max(None)
-            .unwrap()
-            .item_exact::<f32>()
-    }
+    use crate::test_util::max_abs;
 
     fn run(layer: &LatentAttention, x: &Array, splits: &[i32]) -> Array {
         let mut cache = layer.settings.new_cache();

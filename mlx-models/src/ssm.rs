@@ -367,20 +367,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn random(shape: &[i32], seed: u64, scale: f32) -> Array {
-        let key = mlx_rs::random::key(seed).unwrap();
-        mlx_rs::random::normal::<f32>(shape, None, Some(scale), &key).unwrap()
-    }
-
-    fn max_abs(a: &Array, b: &Array) -> f32 {
-        a.subtract(b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max(None)
-            .unwrap()
-            .item_exact::<f32>()
-    }
+    use crate::test_util::{max_abs, random};
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(32))]

@@ -202,6 +202,38 @@ impl DecoderSettings {
         }
     }
 
+    /// A model whose `layers` layers are each one recurrent mixer of `mixer` kind and
+    /// nothing else (Mamba, Mamba2): no attention or MLP settings are ever loaded, and the
+    /// context is unbounded. The family sets the mixer's settings on top.
+    pub fn recurrent_only(
+        model_type: &str,
+        vocab_size: i32,
+        hidden_size: i32,
+        layers: usize,
+        mixer: MixerKind,
+    ) -> DecoderSettings {
+        let layer = LayerSettings {
+            mixer,
+            feed_forward: FeedForwardKind::None,
+            ..LayerSettings::default()
+        };
+        let unused_mlp = MlpSettings {
+            intermediate_size: 1,
+            layout: MlpLayout::Gated,
+            activation: Activation::Silu,
+            bias: false,
+        };
+        DecoderSettings::new(
+            model_type,
+            vocab_size,
+            hidden_size,
+            usize::MAX,
+            AttentionSettings::new(1, 1, 1),
+            unused_mlp,
+            vec![layer; layers],
+        )
+    }
+
     /// Makes every layer's mixer the latent attention `mla`.
     pub fn with_latent_attention(mut self, mla: MlaSettings) -> Self {
         for layer in &mut self.layers {

@@ -16,7 +16,7 @@ use crate::config::ConfigFile;
 use crate::error::Result;
 use crate::family::{sanitize_moe, DecoderConfig, DecoderFamily, LayerRule, MoeConfig};
 use crate::models::qwen3_moe::QWEN_EXPERTS;
-use crate::moe::{ExpertActivation, ExpertGroups, GroupScore, RouterSettings, Scoring};
+use crate::moe::ExpertActivation;
 use crate::transformer::{AttentionSettings, DecoderSettings, MlpLayout, QkNorm};
 use crate::weights::Weights;
 use serde::Deserialize;
@@ -52,19 +52,8 @@ impl DecoderFamily for Config {
         let act = d.activation(config)?;
         let mlp = d.mlp(MlpLayout::Gated, act);
         let m = &self.moe;
-        let router = RouterSettings {
-            scoring: Scoring::Sigmoid,
-            correction_bias: true,
-            groups: Some(ExpertGroups {
-                groups: m.n_group.unwrap_or(1),
-                top_groups: m.topk_group.unwrap_or(1),
-                score: GroupScore::TopTwoSum,
-            }),
-            scaling_factor: m.routed_scaling_factor.map(|f| f as f32),
-            ..m.router()
-        };
         let moe = m.settings(
-            router,
+            m.grouped_sigmoid_router(),
             d.intermediate_size,
             ExpertActivation::Glu(act),
             false,

@@ -157,21 +157,5 @@ pub fn load_multimodal(
     config: &ConfigFile,
     weights: Weights,
 ) -> Result<Box<dyn crate::model::LanguageModel>> {
-    let text = config
-        .value
-        .get("text_config")
-        .filter(|t| t.is_object())
-        .ok_or_else(|| crate::error::Error::config(&config.path, "text_config", "missing"))?;
-    let mut value = text.clone();
-    value["model_type"] = serde_json::json!("llama4_text");
-    if value.get("tie_word_embeddings").is_none() {
-        if let Some(tie) = config.value.get("tie_word_embeddings") {
-            value["tie_word_embeddings"] = tie.clone();
-        }
-    }
-    let text_config = ConfigFile {
-        path: config.path.clone(),
-        value,
-    };
-    crate::family::load::<Config>(&text_config, weights)
+    crate::family::load_text_config::<Config>(config, weights, "llama4_text")
 }

@@ -9,13 +9,10 @@
 
 use crate::config::ConfigFile;
 use crate::error::Result;
-use crate::mlp::{Activation, MlpLayout, MlpSettings};
 use crate::model::LanguageModel;
 use crate::models::mamba2::sanitize_backbone;
 use crate::ssm::MambaSettings;
-use crate::transformer::{
-    build, AttentionSettings, DecoderSettings, FeedForwardKind, LayerSettings, MixerKind,
-};
+use crate::transformer::{build, DecoderSettings, MixerKind};
 use crate::weights::Weights;
 use serde::Deserialize;
 
@@ -78,31 +75,17 @@ impl Config {
             bcdt_rms_eps: falcon.then(|| self.mixer_rms_eps.unwrap_or(1e-6) as f32),
             bcdt_norm_eps: None,
         };
-        let layer = LayerSettings {
-            mixer: MixerKind::Mamba,
-            feed_forward: FeedForwardKind::None,
-            ..LayerSettings::default()
-        };
-        // No layer attends or has an MLP: these settings are never loaded.
-        let unused_mlp = MlpSettings {
-            intermediate_size: 1,
-            layout: MlpLayout::Gated,
-            activation: Activation::Silu,
-            bias: false,
-        };
         Ok(DecoderSettings {
             mamba: Some(mamba),
             norm_eps: self.layer_norm_epsilon,
             tie_word_embeddings: self.tie_word_embeddings,
             residual_in_f32: self.residual_in_fp32.unwrap_or(true),
-            ..DecoderSettings::new(
+            ..DecoderSettings::recurrent_only(
                 &self.model_type,
                 self.vocab_size,
                 self.hidden_size,
-                usize::MAX,
-                AttentionSettings::new(1, 1, 1),
-                unused_mlp,
-                vec![layer; self.num_hidden_layers],
+                self.num_hidden_layers,
+                MixerKind::Mamba,
             )
         })
     }

@@ -8,13 +8,9 @@
 
 use crate::config::ConfigFile;
 use crate::error::Result;
-use crate::mlp::{Activation, MlpLayout, MlpSettings};
 use crate::model::LanguageModel;
 use crate::ssm::Mamba2Settings;
-use crate::transformer::{
-    build, drop_computed_weights, AttentionSettings, DecoderSettings, FeedForwardKind,
-    LayerSettings, MixerKind,
-};
+use crate::transformer::{build, drop_computed_weights, DecoderSettings, MixerKind};
 use crate::weights::Weights;
 use serde::Deserialize;
 
@@ -96,31 +92,17 @@ impl Config {
             gated_norm: true,
             chunked_prefill: true,
         };
-        let layer = LayerSettings {
-            mixer: MixerKind::Mamba2,
-            feed_forward: FeedForwardKind::None,
-            ..LayerSettings::default()
-        };
-        // No layer attends or has an MLP: these settings are never loaded.
-        let unused_mlp = MlpSettings {
-            intermediate_size: 1,
-            layout: MlpLayout::Gated,
-            activation: Activation::Silu,
-            bias: false,
-        };
         Ok(DecoderSettings {
             mamba2: Some(mamba2),
             norm_eps: self.layer_norm_epsilon,
             tie_word_embeddings: self.tie_word_embeddings,
             residual_in_f32: self.residual_in_fp32.unwrap_or(true),
-            ..DecoderSettings::new(
+            ..DecoderSettings::recurrent_only(
                 "mamba2",
                 self.vocab_size,
                 self.hidden_size,
-                usize::MAX,
-                AttentionSettings::new(1, 1, 1),
-                unused_mlp,
-                vec![layer; self.num_hidden_layers],
+                self.num_hidden_layers,
+                MixerKind::Mamba2,
             )
         })
     }

@@ -10,9 +10,8 @@
 //!   dropped.
 
 use crate::config::ConfigFile;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::family::{DecoderConfig, DecoderFamily};
-use crate::model::LanguageModel;
 use crate::models::qwen3_next::LinearAttentionConfig;
 use crate::transformer::{drop_computed_weights, DecoderSettings};
 use crate::weights::Weights;
@@ -48,22 +47,9 @@ impl DecoderFamily for Config {
 
 /// The registry's entry for multimodal `qwen3_5` checkpoints: the language model, whose
 /// settings sit in `text_config`.
-pub fn load_multimodal(config: &ConfigFile, weights: Weights) -> Result<Box<dyn LanguageModel>> {
-    let text = config
-        .value
-        .get("text_config")
-        .filter(|t| t.is_object())
-        .ok_or_else(|| Error::config(&config.path, "text_config", "missing"))?;
-    let mut value = text.clone();
-    value["model_type"] = serde_json::json!("qwen3_5_text");
-    if value.get("tie_word_embeddings").is_none() {
-        if let Some(tie) = config.value.get("tie_word_embeddings") {
-            value["tie_word_embeddings"] = tie.clone();
-        }
-    }
-    let text_config = ConfigFile {
-        path: config.path.clone(),
-        value,
-    };
-    crate::family::load::<Config>(&text_config, weights)
+pub fn load_multimodal(
+    config: &ConfigFile,
+    weights: Weights,
+) -> Result<Box<dyn crate::model::LanguageModel>> {
+    crate::family::load_text_config::<Config>(config, weights, "qwen3_5_text")
 }
