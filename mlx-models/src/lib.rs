@@ -22,6 +22,7 @@ pub mod models;
 pub mod moe;
 pub mod nn;
 pub mod norm;
+pub mod rglru;
 pub mod rope;
 pub mod runtime;
 pub mod sampling;

@@ -24,6 +24,7 @@ use crate::model::{LanguageModel, ModelInfo};
 use crate::moe::{MoeSettings, SparseMoe};
 use crate::nn::{scale, softcap, Embedding, Linear};
 use crate::norm::{norm_opt, Norm};
+use crate::rglru::RecurrentBlock;
 use crate::rope::Rope;
 use crate::ssm::{Mamba2Mixer, Mamba2Settings, MambaMixer, MambaSettings};
 use crate::tap::Tap;
@@ -74,6 +75,9 @@ pub enum MixerKind {
     GatedDeltaNet,
     /// The Mamba (1) mixer of [`DecoderSettings::mamba`] (under `mixer`).
     Mamba,
+    /// RecurrentGemma's recurrent block of [`DecoderSettings::rg_lru`] (under
+    /// `temporal_block`).
+    RgLru,
     /// No token mixing: the layer is its feed-forward alone (Nemotron-H's MLP layers).
     None,
 }
@@ -104,7 +108,8 @@ impl LayerSettings {
                 MixerKind::Mamba2
                 | MixerKind::ShortConv
                 | MixerKind::GatedDeltaNet
-                | MixerKind::Mamba,
+                | MixerKind::Mamba
+                | MixerKind::RgLru,
                 _,
             ) => return LayerCache::Recurrent(RecurrentCache::new()),
             (MixerKind::None, _) => return LayerCache::Stateless { offset: 0 },
@@ -142,6 +147,9 @@ pub struct DecoderSettings {
     pub gated_delta_net: Option<GatedDeltaNetSettings>,
     /// The Mamba (1) mixer of the layers whose mixer is [`MixerKind::Mamba`].
     pub mamba: Option<MambaSettings>,
+    /// The RG-LRU block (width, heads, conv kernel) of the layers whose mixer is
+    /// [`MixerKind::RgLru`].
+    pub rg_lru: Option<(i32, i32, i32)>,
     pub norm: NormKind,
     pub norm_eps: f64,
     pub norm_placement: NormPlacement,
@@ -188,6 +196,7 @@ impl DecoderSettings {
             short_conv: None,
             gated_delta_net: None,
             mamba: None,
+            rg_lru: None,
             norm: NormKind::Rms,
             norm_eps: 1e-6,
             norm_placement: NormPlacement::Pre,
@@ -412,6 +421,7 @@ pub enum Mixer {
     ShortConv(ShortConv),
     GatedDeltaNet(GatedDeltaNet),
     Mamba(MambaMixer),
+    RgLru(RecurrentBlock),
     None,
 }
 
@@ -468,6 +478,20 @@ impl Mixer {
                     )))
                 }
             },
+            (MixerKind::RgLru, _, _) => match s.rg_lru {
+                Some((width, heads, kernel)) => Mixer::RgLru(RecurrentBlock::load(
+                    w,
+                    s.hidden_size,
+                    width,
+                    heads,
+                    kernel,
+                )?),
+                None => {
+                    return Err(Error::Mlx(mlx_rs::error::Exception::custom(
+                        "a recurrent block in a model without its settings",
+                    )))
+                }
+            },
             (MixerKind::None, _, _) => Mixer::None,
         })
     }
@@ -477,6 +501,7 @@ impl Mixer {
         match kind {
             MixerKind::Attention | MixerKind::LatentAttention => "self_attn",
             MixerKind::Mamba2 | MixerKind::Mamba => "mixer",
+            MixerKind::RgLru => "temporal_block",
             MixerKind::ShortConv => "conv",
             MixerKind::GatedDeltaNet => "linear_attn",
             MixerKind::None => "",
@@ -491,6 +516,7 @@ impl Mixer {
             Mixer::ShortConv(c) => c.forward(x, cache.recurrent_mut()?),
             Mixer::GatedDeltaNet(d) => d.forward(x, cache.recurrent_mut()?),
             Mixer::Mamba(m) => m.forward(x, cache.recurrent_mut()?),
+            Mixer::RgLru(r) => r.forward(x, cache.recurrent_mut()?),
             Mixer::None => {
                 if let LayerCache::Stateless { offset } = cache {
                     *offset += x.dim(1);
@@ -509,6 +535,7 @@ impl Mixer {
             Mixer::ShortConv(c) => c.in_proj.weight.quantization(),
             Mixer::GatedDeltaNet(d) => d.out_proj.weight.quantization(),
             Mixer::Mamba(m) => m.in_proj.weight.quantization(),
+            Mixer::RgLru(r) => r.linear_x.weight.quantization(),
             Mixer::None => None,
         }
     }

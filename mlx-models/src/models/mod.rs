@@ -32,6 +32,7 @@ pub mod qwen3;
 pub mod qwen3_5_text;
 pub mod qwen3_moe;
 pub mod qwen3_next;
+pub mod recurrent_gemma;
 pub mod smollm3;
 pub mod starcoder2;
 
@@ -83,6 +84,7 @@ pub const REGISTRY: &[(&str, Loader)] = &[
     ("qwen3_5_text", family::load::<qwen3_5_text::Config>),
     ("qwen3_moe", family::load::<qwen3_moe::Config>),
     ("qwen3_next", family::load::<qwen3_next::Config>),
+    ("recurrent_gemma", family::load::<recurrent_gemma::Config>),
     ("smollm3", family::load::<smollm3::Config>),
     ("starcoder2", family::load::<starcoder2::Config>),
 ];
