@@ -21,6 +21,7 @@ pub struct Weights {
     dequantize: bool,
     used: RefCell<BTreeSet<String>>,
     parameters: Cell<usize>,
+    finite_checked: bool,
 }
 
 impl Weights {
@@ -33,6 +34,7 @@ impl Weights {
             dequantize: false,
             used: RefCell::default(),
             parameters: Cell::new(0),
+            finite_checked: false,
         }
     }
 
@@ -86,7 +88,17 @@ impl Weights {
     /// built an array, so a model used from other threads must not hold pending work.
     pub fn eval(&self) -> Result<()> {
         mlx_rs::transforms::eval(self.tensors.values())?;
+        if self.finite_checked {
+            return Ok(());
+        }
         self.check_finite()
+    }
+
+    /// Says that the reader already checked every floating-point value (the GGUF reader
+    /// does as it decodes), so [`Weights::eval`] need not. Adding a tensor clears it.
+    pub(crate) fn finite_checked(mut self) -> Self {
+        self.finite_checked = true;
+        self
     }
 
     /// Fails with [`Error::NonFiniteWeight`] naming the first floating-point tensor (in name
@@ -186,6 +198,7 @@ impl Weights {
     /// Adds (or replaces) the tensor `name`: what a `sanitize` step that builds tensors
     /// (stacked experts, split projections) uses.
     pub fn insert(&mut self, name: impl Into<String>, tensor: Array) {
+        self.finite_checked = false;
         self.tensors.insert(name.into(), tensor);
     }
 

@@ -174,7 +174,8 @@ pub fn from_file(file: &GgufFile) -> Result<GgufModel> {
         ));
     }
 
-    let mut tensors = HashMap::with_capacity(file.tensors.len() * 2);
+    // Every name maps before any tensor is decoded.
+    let mut mapped_names = HashMap::with_capacity(file.tensors.len());
     for info in &file.tensors {
         let Some(mapped) = arch.hf_name(&info.name) else {
             return Err(Error::GgufTensor {
@@ -183,8 +184,19 @@ pub fn from_file(file: &GgufFile) -> Result<GgufModel> {
                 message: format!("unexpected tensor for architecture `{arch_name}`"),
             });
         };
-        let stem = mapped.strip_suffix(".weight").unwrap_or(&mapped).to_owned();
-        for (suffix, mut array) in decode(file, info, arch)? {
+        mapped_names.insert(info.name.as_str(), mapped);
+    }
+    let mut tensors = HashMap::with_capacity(file.tensors.len() * 2);
+    decode_all(file, arch, |info, decoded, finite| {
+        let mapped = &mapped_names[info.name.as_str()];
+        if !finite {
+            return Err(Error::NonFiniteWeight {
+                path: file.path().to_path_buf(),
+                name: mapped.clone(),
+            });
+        }
+        let stem = mapped.strip_suffix(".weight").unwrap_or(mapped).to_owned();
+        for (suffix, mut array) in to_arrays(info, decoded) {
             // llama.cpp stores llama's q/k rows interleaved for its pairwise RoPE; restore
             // the halves layout Transformers (and our RoPE) use. Whole rows move, so
             // packed weights, scales and biases stay valid.
@@ -218,36 +230,45 @@ pub fn from_file(file: &GgufFile) -> Result<GgufModel> {
             };
             tensors.insert(name, array);
         }
-    }
+        Ok(())
+    })?;
     Ok(GgufModel {
         config: ConfigFile {
             path: file.path().to_path_buf(),
             value: Json::Object(config),
         },
-        weights: Weights::new(tensors, file.path()),
+        // Every float was checked as it was decoded.
+        weights: Weights::new(tensors, file.path()).finite_checked(),
         vocab,
     })
 }
 
-/// The arrays of one tensor: `[(None, dense)]`, or the affine `weight`/`scales`/`biases`.
-fn decode(
-    file: &GgufFile,
-    info: &TensorInfo,
-    arch: Architecture,
-) -> Result<Vec<(Option<&'static str>, Array)>> {
+/// A tensor decoded in Rust, before it becomes MLX arrays.
+enum Decoded {
+    Affine(quants::Affine),
+    Dense(Vec<f32>),
+}
+
+impl Decoded {
+    /// Whether every float (scale, bias, value) is finite: checked here, where it costs one
+    /// pass over data already in cache, instead of by MLX after loading.
+    fn is_finite(&self) -> bool {
+        let finite = |v: &[f32]| v.iter().all(|x| x.is_finite());
+        match self {
+            Decoded::Affine(a) => finite(&a.scales) && finite(&a.biases),
+            Decoded::Dense(v) => finite(v),
+        }
+    }
+}
+
+/// Decodes one tensor's validated bytes: affine where lossless, else float32.
+fn decode_raw(file: &GgufFile, info: &TensorInfo, arch: Architecture) -> Result<Decoded> {
     let bytes = file.tensor_bytes(info)?;
-    let shape = info.shape();
     let kind = info.ggml_type;
     if info.dims.len() == 2 && info.name.ends_with(".weight") {
-        let (rows, cols) = (shape[0] as usize, shape[1] as usize);
+        let (rows, cols) = (info.dims[1] as usize, info.dims[0] as usize);
         if let Some(affine) = quants::to_affine(kind, &bytes, rows, cols) {
-            let packed = [shape[0], shape[1] * affine.bits / 32];
-            let groups = [shape[0], shape[1] / affine.group_size];
-            return Ok(vec![
-                (Some("weight"), Array::from_slice(&affine.weight, &packed)),
-                (Some("scales"), Array::from_slice(&affine.scales, &groups)),
-                (Some("biases"), Array::from_slice(&affine.biases, &groups)),
-            ]);
+            return Ok(Decoded::Affine(affine));
         }
     }
     let mut values =
@@ -262,7 +283,84 @@ fn decode(
             *v -= 1.0;
         }
     }
-    Ok(vec![(None, Array::from_slice(&values, &shape))])
+    Ok(Decoded::Dense(values))
+}
+
+/// The arrays of one decoded tensor: `[(None, dense)]`, or the affine
+/// `weight`/`scales`/`biases`.
+fn to_arrays(info: &TensorInfo, decoded: Decoded) -> Vec<(Option<&'static str>, Array)> {
+    let shape = info.shape();
+    match decoded {
+        Decoded::Affine(affine) => {
+            let packed = [shape[0], shape[1] * affine.bits / 32];
+            let groups = [shape[0], shape[1] / affine.group_size];
+            vec![
+                (Some("weight"), Array::from_slice(&affine.weight, &packed)),
+                (Some("scales"), Array::from_slice(&affine.scales, &groups)),
+                (Some("biases"), Array::from_slice(&affine.biases, &groups)),
+            ]
+        }
+        Decoded::Dense(values) => vec![(None, Array::from_slice(&values, &shape))],
+    }
+}
+
+/// Decodes every tensor, on all cores, a batch of about 256 MB of file at a time (so the
+/// decoded copies never hold much more than that beside the arrays); results in file order.
+fn decode_all(
+    file: &GgufFile,
+    arch: Architecture,
+    mut emit: impl FnMut(&TensorInfo, Decoded, bool) -> Result<()>,
+) -> Result<()> {
+    const BATCH_BYTES: u64 = 256 << 20;
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut rest = file.tensors.as_slice();
+    while !rest.is_empty() {
+        let mut bytes = 0;
+        let take = rest
+            .iter()
+            .take_while(|t| {
+                let fits = bytes == 0 || bytes + t.len <= BATCH_BYTES;
+                bytes += t.len;
+                fits
+            })
+            .count()
+            .max(1);
+        let (batch, next) = rest.split_at(take);
+        rest = next;
+        let mut results: Vec<Option<Result<(Decoded, bool)>>> =
+            (0..batch.len()).map(|_| None).collect();
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..workers.min(batch.len()))
+                .map(|w| {
+                    scope.spawn(move || {
+                        (w..batch.len())
+                            .step_by(workers)
+                            .map(|i| {
+                                let decoded = decode_raw(file, &batch[i], arch);
+                                let finite = decoded.as_ref().is_ok_and(Decoded::is_finite);
+                                (i, decoded.map(|d| (d, finite)))
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            for handle in handles {
+                // A worker only panics on a bug; surface it as one.
+                for (i, result) in handle.join().unwrap_or_default() {
+                    results[i] = Some(result);
+                }
+            }
+        });
+        for (info, result) in batch.iter().zip(results) {
+            let (decoded, finite) = result.ok_or_else(|| Error::GgufTensor {
+                path: file.path().to_path_buf(),
+                tensor: info.name.clone(),
+                message: "its decoding thread failed".into(),
+            })??;
+            emit(info, decoded, finite)?;
+        }
+    }
+    Ok(())
 }
 
 /// Undoes llama.cpp's q/k row order: per head, llama.cpp interleaves the two halves

@@ -150,7 +150,7 @@ pub(super) fn build(spec: VocabSpec) -> Result<Tokenizer> {
                 Some("gemma" | "gemma2" | "gemma3")
             ) =>
         {
-            (gemma_json(&spec, unk.as_deref()), None)
+            (gemma_json(&spec, unk.as_deref())?, None)
         }
         "llama" => {
             let (normalizer, pre_tokenizer) = match spec.architecture.as_deref() {
@@ -274,7 +274,7 @@ pub(super) fn build(spec: VocabSpec) -> Result<Tokenizer> {
 /// and `GemmaTokenizer`): tokens made only of spaces respelled with `▁`, merges recovered
 /// from the vocabulary in file order (Gemma's scores do not follow its merge order), spaces
 /// normalized to `▁` with no prefix, byte fallback, and no stripping when decoding.
-fn gemma_json(spec: &VocabSpec, unk: Option<&str>) -> Value {
+fn gemma_json(spec: &VocabSpec, unk: Option<&str>) -> Result<Value> {
     let respelled: Vec<String> = spec
         .tokens
         .iter()
@@ -286,9 +286,10 @@ fn gemma_json(spec: &VocabSpec, unk: Option<&str>) -> Value {
             }
         })
         .collect();
+    check_derivable(&respelled)?;
     let positions: Vec<f32> = (0..respelled.len()).map(|i| -(i as f32)).collect();
     let merges = generate_merges(&respelled, Some(&positions));
-    json!({
+    Ok(json!({
         "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
         "normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"},
         "pre_tokenizer": {"type": "Split", "pattern": {"String": " "}, "behavior": "MergedWithPrevious", "invert": false},
@@ -299,7 +300,7 @@ fn gemma_json(spec: &VocabSpec, unk: Option<&str>) -> Value {
             {"type": "Fuse"},
         ]},
         "model": bpe_model(&respelled, merges, true, unk),
-    })
+    }))
 }
 
 /// A BPE model section of tokenizer.json. As in a Python dict, a repeated token keeps its last id.
@@ -343,8 +344,33 @@ fn merges(spec: &VocabSpec, tokens: &[String]) -> Result<Vec<(String, String)>> 
                 }
             })
             .collect(),
-        None => Ok(generate_merges(tokens, spec.scores.as_deref())),
+        None => {
+            check_derivable(tokens)?;
+            Ok(generate_merges(tokens, spec.scores.as_deref()))
+        }
     }
+}
+
+/// Deriving merges tries every split of every token, which costs the sum of the squared
+/// token lengths: real vocabularies stay far below this bound (Gemma 3's 262144 tokens:
+/// about 1e7), a crafted one with long tokens would take hours.
+const MAX_SPLIT_WORK: u64 = 1_000_000_000;
+
+fn check_derivable(tokens: &[String]) -> Result<()> {
+    let work: u64 = tokens
+        .iter()
+        .map(|t| (t.chars().count() as u64).pow(2))
+        .fold(0u64, u64::saturating_add);
+    if work > MAX_SPLIT_WORK {
+        return Err(Error::Tokenizer {
+            path: None,
+            message: format!(
+                "the vocabulary lists no merges, and its tokens are too long to derive them \
+                 from (squared lengths sum to {work}, the limit is {MAX_SPLIT_WORK})"
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// Transformers' `generate_merges`: every split of every token into two tokens of the

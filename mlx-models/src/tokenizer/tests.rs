@@ -876,3 +876,20 @@ fn gguf_smollm2_metadata_matches_the_transformers_fixture() {
         );
     }
 }
+
+#[test]
+fn gguf_vocabularies_too_long_to_derive_merges_from_are_refused() {
+    // One crafted 40000-character token would cost 1.6e9 split lookups.
+    for architecture in [None, Some("gemma3")] {
+        let spec = VocabSpec {
+            architecture: architecture.map(str::to_owned),
+            ..VocabSpec::new("llama", vec!["a".into(), "b".repeat(40_000)])
+        };
+        match Tokenizer::from_vocab(spec) {
+            Err(Error::Tokenizer { message, .. }) => {
+                assert!(message.contains("too long"), "{message}")
+            }
+            other => panic!("{architecture:?}: expected Error::Tokenizer, got {other:?}"),
+        }
+    }
+}
