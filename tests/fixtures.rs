@@ -1509,3 +1509,54 @@ fn config_round_trips_in_both_rope_styles() {
         Ok(())
     });
 }
+
+// ---------------------------------------------------------------------------------------------
+// Models load on one thread and run on another
+// ---------------------------------------------------------------------------------------------
+
+/// A model is `Send`: one loaded on a thread that then ends must run on another and give the
+/// fixture's logits. Anything a block derives at load time (stacked experts, `-exp(A_log)`,
+/// the latent projections split from `kv_b_proj`, reshaped convolutions) must be computed
+/// before loading returns, or MLX fails on the second thread, whose stream never saw that
+/// pending work. One fixture per block kind.
+#[test]
+fn models_loaded_on_one_thread_run_on_another() {
+    for name in [
+        "mixtral/default",
+        "gpt_oss/default",
+        "deepseek_v3/default",
+        "longcat_flash/default",
+        "mamba2/default",
+        "mamba/default",
+        "jamba/default",
+        "lfm2/default",
+        "qwen3_next/default",
+        "recurrent_gemma/default",
+        "gemma/default",
+    ] {
+        let model = std::thread::spawn(move || load_model(name, None))
+            .join()
+            .unwrap_or_else(|_| panic!("{name}: the loading thread panicked"));
+        let (max_abs, tolerance) = std::thread::spawn(move || {
+            let fixture = load_fixture(name);
+            let ids = &fixture.manifest.input_ids;
+            let logits = forward(model.as_ref(), ids, &mut model.new_cache());
+            let got = to_f32_vec(&logits).expect("logits to host");
+            let want = to_f32_vec(fixture.tensor("logits").expect("fixture logits"))
+                .expect("fixture logits to host");
+            assert_eq!(got.len(), want.len(), "{name}: logits size");
+            let max_abs = got
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            (max_abs, fixture.manifest.tolerances.max_abs)
+        })
+        .join()
+        .unwrap_or_else(|_| panic!("{name}: the running thread panicked"));
+        assert!(
+            max_abs <= tolerance,
+            "{name}: logits differ by {max_abs} (tolerance {tolerance})"
+        );
+    }
+}

@@ -6,7 +6,7 @@
 
 use crate::cache::RecurrentCache;
 use crate::error::Result;
-use crate::nn::Linear;
+use crate::nn::{computed, Linear};
 use crate::weights::WeightPath;
 use mlx_rs::ops::indexing::TryIndexOp;
 use mlx_rs::{ops, Array};
@@ -34,7 +34,10 @@ impl CausalConv1d {
         };
         w.count((channels * kernel) as usize);
         let bias = bias.then(|| w.get("bias", &[channels])).transpose()?;
-        Ok(CausalConv1d { weight, bias })
+        Ok(CausalConv1d {
+            weight: computed(weight)?,
+            bias,
+        })
     }
 
     pub fn kernel(&self) -> i32 {

@@ -17,7 +17,7 @@
 use crate::cache::RecurrentCache;
 use crate::conv::CausalConv1d;
 use crate::error::Result;
-use crate::nn::Linear;
+use crate::nn::{computed, Linear};
 use crate::weights::WeightPath;
 use mlx_rs::ops::indexing::TryIndexOp;
 use mlx_rs::{ops, Array, Dtype};
@@ -189,8 +189,8 @@ impl GatedDeltaNet {
         Ok(GatedDeltaNet {
             projections,
             conv1d: CausalConv1d::load(&w.pp("conv1d"), 2 * kd + vd, s.conv_kernel, false)?,
-            dt_bias: f32(&w.get("dt_bias", &[hv])?)?,
-            a: ops::exp(&f32(&w.get("A_log", &[hv])?)?)?,
+            dt_bias: computed(f32(&w.get("dt_bias", &[hv])?)?)?,
+            a: computed(ops::exp(&f32(&w.get("A_log", &[hv])?)?)?)?,
             norm: w.pp("norm").get("weight", &[s.value_head_dim])?,
             out_proj: Linear::load(&w.pp("out_proj"), vd, hidden, false)?,
             settings: s.clone(),

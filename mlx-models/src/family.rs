@@ -44,6 +44,9 @@ pub fn load<F: DecoderFamily>(
     let family: F = config.parse_with_defaults(F::DEFAULTS)?;
     let settings = family.settings(config)?;
     family.sanitize(&mut weights, &settings)?;
+    // What sanitizing derived (stacked experts, split fused projections) is computed here,
+    // on the loading thread: the model may run on another.
+    weights.eval()?;
     build(config, settings, weights)
 }
 

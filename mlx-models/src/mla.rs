@@ -18,7 +18,7 @@
 use crate::attention::{attention_with_sinks, AttentionMask};
 use crate::cache::{KvCache, LatentCache, LayerCache};
 use crate::error::Result;
-use crate::nn::{scale, Linear};
+use crate::nn::{computed, scale, Linear};
 use crate::norm::{Norm, NormKind};
 use crate::rope::Rope;
 use crate::tap::Tap;
@@ -134,7 +134,8 @@ impl LatentAttention {
         let dense = kv_b_proj.weight.dequantized()?;
         let per_head = dense.reshape(&[h, s.qk_nope_head_dim + s.v_head_dim, s.kv_lora_rank])?;
         let parts = per_head.split_at_indices(&[s.qk_nope_head_dim], 1)?;
-        let (w_uk, w_uv_t) = (parts[0].clone(), parts[1].swap_axes(1, 2)?);
+        let w_uk = computed(parts[0].clone())?;
+        let w_uv_t = computed(parts[1].swap_axes(1, 2)?)?;
         Ok(LatentAttention {
             query,
             kv_a_proj_with_mqa: Linear::load(

@@ -211,6 +211,14 @@ impl Embedding {
     }
 }
 
+/// `x`, evaluated now. Whatever a block derives from its weights at load time goes through
+/// this: a model may run on another thread, where MLX cannot evaluate work left pending on
+/// the loading thread's stream.
+pub fn computed(x: Array) -> Result<Array> {
+    x.eval()?;
+    Ok(x)
+}
+
 /// A scalar of `x`'s dtype, so that scaling a bf16 tensor keeps it bf16.
 pub fn scalar_like(value: f32, x: &Array) -> Result<Array> {
     Ok(Array::from_f32(value).as_dtype(x.dtype())?)

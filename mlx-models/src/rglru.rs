@@ -17,7 +17,7 @@ use crate::cache::RecurrentCache;
 use crate::conv::CausalConv1d;
 use crate::error::Result;
 use crate::mlp::Activation;
-use crate::nn::Linear;
+use crate::nn::{computed, Linear};
 use crate::weights::WeightPath;
 use mlx_rs::ops::indexing::TryIndexOp;
 use mlx_rs::{ops, Array, Dtype};
@@ -61,7 +61,7 @@ impl RecurrentBlock {
             input_gate_bias: r.get("input_gate_bias", &[heads, bw])?,
             recurrent_gate_weight: r.get("recurrent_gate_weight", &[heads, bw, bw])?,
             recurrent_gate_bias: r.get("recurrent_gate_bias", &[heads, bw])?,
-            softplus_param: softplus,
+            softplus_param: computed(softplus)?,
             heads,
         })
     }

@@ -21,7 +21,7 @@
 use crate::cache::RecurrentCache;
 use crate::conv::CausalConv1d;
 use crate::error::Result;
-use crate::nn::Linear;
+use crate::nn::{computed, Linear};
 use crate::norm::{Norm, NormKind};
 use crate::tap::Tap;
 use crate::weights::WeightPath;
@@ -82,9 +82,9 @@ impl Mamba2Mixer {
         Ok(Mamba2Mixer {
             in_proj: Linear::load(&w.pp("in_proj"), hidden, inter + s.conv_dim() + h, s.bias)?,
             conv1d: CausalConv1d::load(&w.pp("conv1d"), s.conv_dim(), s.conv_kernel, s.conv_bias)?,
-            dt_bias: w.get("dt_bias", &[h])?.as_dtype(Dtype::Float32)?,
-            a: ops::exp(&a_log.as_dtype(Dtype::Float32)?)?.negative()?,
-            d: w.get("D", &[h])?.as_dtype(Dtype::Float32)?,
+            dt_bias: computed(w.get("dt_bias", &[h])?.as_dtype(Dtype::Float32)?)?,
+            a: computed(ops::exp(&a_log.as_dtype(Dtype::Float32)?)?.negative()?)?,
+            d: computed(w.get("D", &[h])?.as_dtype(Dtype::Float32)?)?,
             norm: s
                 .gated_norm
                 .then(|| w.pp("norm").get("weight", &[inter]))
@@ -191,8 +191,10 @@ impl MambaMixer {
             conv1d: CausalConv1d::load(&w.pp("conv1d"), i, s.conv_kernel, s.conv_bias)?,
             x_proj: Linear::load(&w.pp("x_proj"), i, r + 2 * n, false)?,
             dt_proj: Linear::load(&w.pp("dt_proj"), r, i, true)?,
-            a: ops::exp(&w.get("A_log", &[i, n])?.as_dtype(Dtype::Float32)?)?.negative()?,
-            d: w.get("D", &[i])?.as_dtype(Dtype::Float32)?,
+            a: computed(
+                ops::exp(&w.get("A_log", &[i, n])?.as_dtype(Dtype::Float32)?)?.negative()?,
+            )?,
+            d: computed(w.get("D", &[i])?.as_dtype(Dtype::Float32)?)?,
             out_proj: Linear::load(&w.pp("out_proj"), i, hidden, s.bias)?,
             bcdt_norms: match s.bcdt_norm_eps {
                 Some(eps) => Some([
