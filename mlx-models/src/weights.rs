@@ -536,3 +536,12 @@ fn check_header(path: &Path, mut file: impl Read, file_len: u64) -> Result<()> {
     }
     Ok(())
 }
+
+/// The decoder layer a Transformers weight name belongs to: `i` in `model.layers.{i}.…`.
+pub fn layer_index(name: &str) -> Option<usize> {
+    name.strip_prefix("model.layers.")?
+        .split('.')
+        .next()?
+        .parse()
+        .ok()
+}

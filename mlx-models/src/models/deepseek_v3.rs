@@ -20,7 +20,7 @@ use crate::family::{sanitize_moe, DecoderConfig, DecoderFamily, LayerRule, MlaCo
 use crate::models::qwen3_moe::QWEN_EXPERTS;
 use crate::moe::ExpertActivation;
 use crate::transformer::{DecoderSettings, MlpLayout};
-use crate::weights::Weights;
+use crate::weights::{layer_index, Weights};
 use serde::Deserialize;
 
 /// config.json fields, with the names of `DeepseekV3Config`; Transformers' defaults are in
@@ -78,11 +78,7 @@ pub fn sanitize(weights: &mut Weights, settings: &DecoderSettings) -> Result<()>
     }
     let layers = settings.layers.len();
     weights.rename(|name| {
-        let extra = name
-            .strip_prefix("model.layers.")
-            .and_then(|rest| rest.split('.').next())
-            .and_then(|i| i.parse::<usize>().ok())
-            .is_some_and(|i| i >= layers);
+        let extra = layer_index(name).is_some_and(|i| i >= layers);
         (!extra).then(|| name.replacen(".mlp.shared_experts.", ".mlp.shared_expert.", 1))
     });
     sanitize_moe(weights, settings, None, &QWEN_EXPERTS)

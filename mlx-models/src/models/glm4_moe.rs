@@ -14,8 +14,8 @@
 
 use crate::config::ConfigFile;
 use crate::error::Result;
-use crate::family::{sanitize_moe, DecoderConfig, DecoderFamily, LayerRule, MoeConfig};
-use crate::models::qwen3_moe::QWEN_EXPERTS;
+use crate::family::{DecoderConfig, DecoderFamily, LayerRule, MoeConfig};
+use crate::models::deepseek_v3;
 use crate::moe::ExpertActivation;
 use crate::transformer::{AttentionSettings, DecoderSettings, MlpLayout, QkNorm};
 use crate::weights::Weights;
@@ -62,16 +62,9 @@ impl DecoderFamily for Config {
             .with_moe(moe, |i| m.is_sparse(i)))
     }
 
+    /// Laid out as DeepSeek-V3's checkpoints: multi-token-prediction layers after the
+    /// decoder's, `shared_experts`, per-expert or fused experts.
     fn sanitize(&self, weights: &mut Weights, settings: &DecoderSettings) -> Result<()> {
-        let layers = settings.layers.len();
-        weights.rename(|name| {
-            let extra = name
-                .strip_prefix("model.layers.")
-                .and_then(|rest| rest.split('.').next())
-                .and_then(|i| i.parse::<usize>().ok())
-                .is_some_and(|i| i >= layers);
-            (!extra).then(|| name.replacen(".mlp.shared_experts.", ".mlp.shared_expert.", 1))
-        });
-        sanitize_moe(weights, settings, None, &QWEN_EXPERTS)
+        deepseek_v3::sanitize(weights, settings)
     }
 }

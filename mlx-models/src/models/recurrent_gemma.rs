@@ -18,7 +18,7 @@ use crate::transformer::{
     drop_computed_weights, Activation, AttentionSettings, DecoderSettings, MixerKind, MlpLayout,
     MlpSettings, NormKind,
 };
-use crate::weights::Weights;
+use crate::weights::{layer_index, Weights};
 use serde::Deserialize;
 
 /// config.json fields, with the names of `RecurrentGemmaConfig`.
@@ -99,11 +99,7 @@ impl DecoderFamily for Config {
                 .replacen(".temporal_pre_norm.", ".input_layernorm.", 1)
                 .replacen(".channel_pre_norm.", ".post_attention_layernorm.", 1)
                 .replacen(".mlp_block.", ".mlp.", 1);
-            let layer = name
-                .strip_prefix("model.layers.")
-                .and_then(|r| r.split('.').next())
-                .and_then(|i| i.parse::<usize>().ok());
-            Some(match layer {
+            Some(match layer_index(&name) {
                 Some(i) if attention.get(i) == Some(&true) => {
                     name.replacen(".temporal_block.", ".self_attn.", 1)
                 }
