@@ -512,6 +512,16 @@ pub fn sanitize_moe(
     )
 }
 
+/// The module's name for a weight of checkpoints that store experts stacked per projection
+/// (gpt-oss, Llama 4): `mlp.router` is the router (`mlp.gate`), `mlp.experts.<proj>` the
+/// stacked experts (`mlp.switch_mlp.<proj>`).
+pub fn stacked_experts_name(name: &str) -> String {
+    name.replacen(".mlp.router.", ".mlp.gate.", 1)
+        .replacen(".mlp.experts.gate_proj.", ".mlp.switch_mlp.gate_proj.", 1)
+        .replacen(".mlp.experts.up_proj.", ".mlp.switch_mlp.up_proj.", 1)
+        .replacen(".mlp.experts.down_proj.", ".mlp.switch_mlp.down_proj.", 1)
+}
+
 /// [`sanitize_moe`] for a model of `experts` experts (with weights) that
 /// `tie_word_embeddings` or not, for families not built from [`DecoderSettings`].
 pub fn sanitize_experts(

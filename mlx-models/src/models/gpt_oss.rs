@@ -14,7 +14,9 @@
 
 use crate::config::ConfigFile;
 use crate::error::{Error, Result};
-use crate::family::{sanitize_moe, DecoderConfig, DecoderFamily, LayerRule, MoeConfig};
+use crate::family::{
+    sanitize_moe, stacked_experts_name, DecoderConfig, DecoderFamily, LayerRule, MoeConfig,
+};
 use crate::moe::{ExpertActivation, RouterSettings};
 use crate::rope::RopeFields;
 use crate::transformer::{AttentionSettings, DecoderSettings, MlpLayout};
@@ -82,14 +84,7 @@ impl DecoderFamily for Config {
     }
 
     fn sanitize(&self, weights: &mut Weights, settings: &DecoderSettings) -> Result<()> {
-        weights.rename(|name| {
-            Some(
-                name.replacen(".mlp.router.", ".mlp.gate.", 1)
-                    .replacen(".mlp.experts.gate_proj.", ".mlp.switch_mlp.gate_proj.", 1)
-                    .replacen(".mlp.experts.up_proj.", ".mlp.switch_mlp.up_proj.", 1)
-                    .replacen(".mlp.experts.down_proj.", ".mlp.switch_mlp.down_proj.", 1),
-            )
-        });
+        weights.rename(|name| Some(stacked_experts_name(name)));
         let fused: Vec<String> = weights
             .names()
             .filter(|n| {

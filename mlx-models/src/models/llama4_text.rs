@@ -21,7 +21,9 @@
 use crate::attention::TemperatureTuning;
 use crate::config::ConfigFile;
 use crate::error::Result;
-use crate::family::{sanitize_moe, DecoderConfig, DecoderFamily, LayerRule, MoeConfig};
+use crate::family::{
+    sanitize_moe, stacked_experts_name, DecoderConfig, DecoderFamily, LayerRule, MoeConfig,
+};
 use crate::moe::{ExpertActivation, RouterSettings, Scoring, SharedExpertSettings};
 use crate::transformer::{
     rope_layers, AttentionSettings, DecoderSettings, LayerType, MlpLayout, QkNorm,
@@ -127,13 +129,11 @@ impl DecoderFamily for Config {
                 return None;
             }
             let name = name.strip_prefix("language_model.").unwrap_or(name);
-            Some(
-                name.replacen(".feed_forward.", ".mlp.", 1)
-                    .replacen(".mlp.router.", ".mlp.gate.", 1)
-                    .replacen(".mlp.experts.gate_proj.", ".mlp.switch_mlp.gate_proj.", 1)
-                    .replacen(".mlp.experts.up_proj.", ".mlp.switch_mlp.up_proj.", 1)
-                    .replacen(".mlp.experts.down_proj.", ".mlp.switch_mlp.down_proj.", 1),
-            )
+            Some(stacked_experts_name(&name.replacen(
+                ".feed_forward.",
+                ".mlp.",
+                1,
+            )))
         });
         // `x @ W` layouts: transpose to `[experts, out, in]` for the shared split.
         let fused: Vec<String> = weights
