@@ -354,6 +354,7 @@ impl MoeConfig {
             activation,
             expert_bias: false,
             zero_experts: 0,
+            latent_size: None,
             shared_expert: shared.filter(|&size| size > 0).map(|intermediate_size| {
                 SharedExpertSettings {
                     intermediate_size,

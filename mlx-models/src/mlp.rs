@@ -18,6 +18,8 @@ pub enum Activation {
     /// GELU with the tanh approximation: `gelu_pytorch_tanh`, `gelu_new`.
     GeluTanh,
     Relu,
+    /// `relu(x)²`: `relu2` (Nemotron-H).
+    Relu2,
 }
 
 impl Activation {
@@ -28,11 +30,12 @@ impl Activation {
             "gelu" => Activation::Gelu,
             "gelu_pytorch_tanh" | "gelu_new" | "gelu_fast" => Activation::GeluTanh,
             "relu" => Activation::Relu,
+            "relu2" => Activation::Relu2,
             other => {
                 return Err(Error::config(
                     &config.path,
                     field,
-                    format!("activation `{other}` is not supported (silu, gelu, gelu_pytorch_tanh, gelu_new, relu)"),
+                    format!("activation `{other}` is not supported (silu, gelu, gelu_pytorch_tanh, gelu_new, relu, relu2)"),
                 ))
             }
         })
@@ -59,6 +62,10 @@ impl Activation {
             Activation::Gelu => in_f32(|x| mlx_rs::nn::gelu(x)),
             Activation::GeluTanh => in_f32(|x| mlx_rs::nn::gelu_approximate(x)),
             Activation::Relu => Ok(mlx_rs::nn::relu(x)?),
+            Activation::Relu2 => {
+                let r = mlx_rs::nn::relu(x)?;
+                Ok(r.multiply(&r)?)
+            }
         }
     }
 }

@@ -111,6 +111,15 @@ pub enum ExpertActivation {
     /// gpt-oss: `(clip(up, -limit, limit) + 1) * g * sigmoid(alpha * g)` with
     /// `g = min(gate, limit)`.
     ClampedSwiglu { alpha: f32, limit: f32 },
+    /// `act(up)`, no gate projection (Nemotron-H's relu² experts).
+    Plain(Activation),
+}
+
+impl ExpertActivation {
+    /// The experts have a `gate_proj`.
+    pub fn gated(self) -> bool {
+        !matches!(self, ExpertActivation::Plain(_))
+    }
 }
 
 /// A shared expert every token goes through beside the routed ones.
@@ -134,6 +143,10 @@ pub struct MoeSettings {
     /// there passes through, times its weight (LongCat-Flash's identity experts).
     pub zero_experts: i32,
     pub shared_expert: Option<SharedExpertSettings>,
+    /// The routed experts work in a narrower space: `fc1_latent_proj` takes the input
+    /// there and `fc2_latent_proj` brings their weighted sum back (Nemotron-H's
+    /// `moe_latent_size`); the router and the shared expert see the full input.
+    pub latent_size: Option<i32>,
 }
 
 impl MoeSettings {
@@ -270,7 +283,8 @@ impl ExpertLinear {
 /// The routed experts' gated MLPs (mlx-lm's `SwitchGLU`).
 #[derive(Debug, Clone)]
 pub struct ExpertMlps {
-    pub gate_proj: ExpertLinear,
+    /// `None` for [`ExpertActivation::Plain`] experts.
+    pub gate_proj: Option<ExpertLinear>,
     pub up_proj: ExpertLinear,
     pub down_proj: ExpertLinear,
     pub activation: ExpertActivation,
@@ -280,7 +294,11 @@ impl ExpertMlps {
     pub fn load(w: &WeightPath, hidden: i32, s: &MoeSettings) -> Result<ExpertMlps> {
         let (e, inter, bias) = (s.computing_experts(), s.intermediate_size, s.expert_bias);
         Ok(ExpertMlps {
-            gate_proj: ExpertLinear::load(&w.pp("gate_proj"), e, hidden, inter, bias)?,
+            gate_proj: s
+                .activation
+                .gated()
+                .then(|| ExpertLinear::load(&w.pp("gate_proj"), e, hidden, inter, bias))
+                .transpose()?,
             up_proj: ExpertLinear::load(&w.pp("up_proj"), e, hidden, inter, bias)?,
             down_proj: ExpertLinear::load(&w.pp("down_proj"), e, inter, hidden, bias)?,
             activation: s.activation,
@@ -303,11 +321,15 @@ impl ExpertMlps {
         } else {
             (x.expand_dims_axes(&[-2, -3])?, indices.clone(), None)
         };
-        let gate = self.gate_proj.forward(&x, &idx, sort)?;
         let up = self.up_proj.forward(&x, &idx, sort)?;
-        let hidden = match self.activation {
-            ExpertActivation::Glu(act) => act.apply(&gate)?.multiply(&up)?,
-            ExpertActivation::ClampedSwiglu { alpha, limit } => {
+        let gate = match &self.gate_proj {
+            Some(gate_proj) => Some(gate_proj.forward(&x, &idx, sort)?),
+            None => None,
+        };
+        let hidden = match (self.activation, gate) {
+            (ExpertActivation::Plain(act), _) => act.apply(&up)?,
+            (ExpertActivation::Glu(act), Some(gate)) => act.apply(&gate)?.multiply(&up)?,
+            (ExpertActivation::ClampedSwiglu { alpha, limit }, Some(gate)) => {
                 let gate = ops::minimum(&gate, scalar_like(limit, &gate)?)?;
                 let up = ops::minimum(
                     ops::maximum(&up, scalar_like(-limit, &up)?)?,
@@ -316,6 +338,11 @@ impl ExpertMlps {
                 let glu =
                     gate.multiply(ops::sigmoid(gate.multiply(scalar_like(alpha, &gate)?)?)?)?;
                 up.add(scalar_like(1.0, &up)?)?.multiply(&glu)?
+            }
+            (_, None) => {
+                return Err(crate::error::Error::Mlx(mlx_rs::error::Exception::custom(
+                    "gated experts loaded without a gate_proj",
+                )))
             }
         };
         let out = self.down_proj.forward(&hidden, &idx, sort)?;
@@ -479,6 +506,8 @@ fn sparse_mixer(logits: &Array, jitter_eps: f32) -> Result<(Array, Array)> {
 #[derive(Debug, Clone)]
 pub struct SparseMoe {
     pub router: Router,
+    /// Into and out of the experts' latent space ([`MoeSettings::latent_size`]).
+    pub latent_proj: Option<(Linear, Linear)>,
     pub experts: ExpertMlps,
     pub shared_expert: Option<Mlp>,
     pub shared_expert_gate: Option<Linear>,
@@ -489,13 +518,15 @@ impl SparseMoe {
     pub fn load(w: &WeightPath, hidden: i32, s: &MoeSettings) -> Result<SparseMoe> {
         let (shared_expert, shared_expert_gate) = match &s.shared_expert {
             Some(shared) => {
+                let (layout, activation) = match s.activation {
+                    ExpertActivation::Glu(act) => (MlpLayout::Gated, act),
+                    ExpertActivation::ClampedSwiglu { .. } => (MlpLayout::Gated, Activation::Silu),
+                    ExpertActivation::Plain(act) => (MlpLayout::Plain, act),
+                };
                 let mlp = MlpSettings {
                     intermediate_size: shared.intermediate_size,
-                    layout: MlpLayout::Gated,
-                    activation: match s.activation {
-                        ExpertActivation::Glu(act) => act,
-                        ExpertActivation::ClampedSwiglu { .. } => Activation::Silu,
-                    },
+                    layout,
+                    activation,
                     bias: false,
                 };
                 (
@@ -508,9 +539,17 @@ impl SparseMoe {
             }
             None => (None, None),
         };
+        let latent_proj = match s.latent_size {
+            Some(latent) => Some((
+                Linear::load(&w.pp("fc1_latent_proj"), hidden, latent, false)?,
+                Linear::load(&w.pp("fc2_latent_proj"), latent, hidden, false)?,
+            )),
+            None => None,
+        };
         Ok(SparseMoe {
             router: Router::load(&w.pp("gate"), hidden, &s.router)?,
-            experts: ExpertMlps::load(&w.pp("switch_mlp"), hidden, s)?,
+            latent_proj,
+            experts: ExpertMlps::load(&w.pp("switch_mlp"), s.latent_size.unwrap_or(hidden), s)?,
             shared_expert,
             shared_expert_gate,
             settings: s.clone(),
@@ -523,16 +562,20 @@ impl SparseMoe {
         let flat = x.reshape(&[-1, x.dim(-1)])?;
         let (indices, weights) = self.router.route(&flat)?;
         let weights = weights.as_dtype(x.dtype())?.expand_dims(-1)?;
+        let inputs = match &self.latent_proj {
+            Some((fc1, _)) => fc1.forward(&flat)?,
+            None => flat.clone(),
+        };
         let routed = match self.settings.router.scoring {
             Scoring::SigmoidOnInput => {
-                // Each pick's weight scales the expert's input: `[tokens, k, hidden]`.
-                let scaled = flat.expand_dims(1)?.multiply(&weights)?;
+                // Each pick's weight scales the expert's input: `[tokens, k, width]`.
+                let scaled = inputs.expand_dims(1)?.multiply(&weights)?;
                 let k = indices.dim(1);
                 let out = self.experts.forward(
-                    &scaled.reshape(&[-1, flat.dim(-1)])?,
+                    &scaled.reshape(&[-1, inputs.dim(-1)])?,
                     &indices.reshape(&[-1, 1])?,
                 )?;
-                out.reshape(&[-1, k, flat.dim(-1)])?.sum_axis(1, None)?
+                out.reshape(&[-1, k, inputs.dim(-1)])?.sum_axis(1, None)?
             }
             _ if self.settings.zero_experts > 0 => {
                 // Zero-computation experts pass the token through.
@@ -540,17 +583,21 @@ impl SparseMoe {
                 let last = Array::from_int(computing - 1).as_dtype(indices.dtype())?;
                 let outputs = self
                     .experts
-                    .forward(&flat, &ops::minimum(&indices, &last)?)?;
+                    .forward(&inputs, &ops::minimum(&indices, &last)?)?;
                 let passes = indices.gt(&last)?;
-                ops::select(passes.expand_dims(-1)?, flat.expand_dims(1)?, &outputs)?
+                ops::select(passes.expand_dims(-1)?, inputs.expand_dims(1)?, &outputs)?
                     .multiply(&weights)?
                     .sum_axis(1, None)?
             }
             _ => self
                 .experts
-                .forward(&flat, &indices)?
+                .forward(&inputs, &indices)?
                 .multiply(&weights)?
                 .sum_axis(1, None)?,
+        };
+        let routed = match &self.latent_proj {
+            Some((_, fc2)) => fc2.forward(&routed)?,
+            None => routed,
         };
         let out = match &self.shared_expert {
             Some(shared) => {
@@ -570,14 +617,16 @@ impl SparseMoe {
     /// Parameters of the experts a token is not routed to.
     pub fn inactive_parameters(&self, hidden: i32) -> usize {
         let s = &self.settings;
-        let per_expert = 3 * hidden as usize * s.intermediate_size as usize;
+        let projections = if s.activation.gated() { 3 } else { 2 };
+        let width = s.latent_size.unwrap_or(hidden) as usize;
+        let per_expert = projections * width * s.intermediate_size as usize;
         let idle = (s.computing_experts() - s.router.top_k).max(0) as usize;
         per_expert * idle
     }
 
     /// The quantization of the experts, if any.
     pub fn quantization(&self) -> Option<Quantization> {
-        self.experts.gate_proj.quantization()
+        self.experts.up_proj.quantization()
     }
 }
 
@@ -759,7 +808,7 @@ mod tests {
         let ab = |k: usize| biases.as_ref().map(|bs| bs[k].1.clone());
         Experts {
             mlps: ExpertMlps {
-                gate_proj: lin(gate_a, ab(0)),
+                gate_proj: activation.gated().then(|| lin(gate_a, ab(0))),
                 up_proj: lin(up_a, ab(1)),
                 down_proj: lin(down_a, ab(2)),
                 activation,
@@ -781,6 +830,7 @@ mod tests {
                 .zip(&u)
                 .map(|(&g, &u)| match self.mlps.activation {
                     ExpertActivation::Glu(_) => silu(g) * u,
+                    ExpertActivation::Plain(_) => u.max(0.0) * u.max(0.0),
                     ExpertActivation::ClampedSwiglu { alpha, limit } => {
                         let g = g.min(limit);
                         let u = u.clamp(-limit, limit);
@@ -822,6 +872,14 @@ mod tests {
         let e = experts(ExpertActivation::Glu(Activation::Silu), false);
         e.check(5, 2); // 10 pairs: gathered in token order
         e.check(40, 3); // 120 pairs: sorted by expert first
+    }
+
+    #[test]
+    fn plain_relu2_experts_have_no_gate() {
+        let e = experts(ExpertActivation::Plain(Activation::Relu2), false);
+        assert!(e.mlps.gate_proj.is_none());
+        e.check(5, 2);
+        e.check(40, 3);
     }
 
     #[test]

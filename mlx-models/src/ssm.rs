@@ -28,6 +28,19 @@ use crate::weights::WeightPath;
 use mlx_rs::ops::indexing::TryIndexOp;
 use mlx_rs::{ops, Array, Dtype};
 
+/// What a Mamba2 mixer does with the scan's output `y` and the gate `z` before
+/// `out_proj`; the norms are RMS norms over `n_groups` equal groups with a `norm.weight`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mamba2Gate {
+    /// `y · silu(z)`, no norm (Falcon-H1 without `mamba_rms_norm`).
+    Silu,
+    /// `norm(y · silu(z))`: Transformers' `MambaRMSNormGated` (Mamba2, Granite 4,
+    /// Nemotron-H, Falcon-H1's checkpoints).
+    NormAfterGate,
+    /// `norm(y) · silu(z)` (Falcon-H1's `mamba_norm_before_gate`).
+    NormBeforeGate,
+}
+
 /// The shape of a Mamba2 mixer.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Mamba2Settings {
@@ -37,14 +50,19 @@ pub struct Mamba2Settings {
     pub n_groups: i32,
     pub conv_kernel: i32,
     pub conv_bias: bool,
-    /// Bias on `in_proj` and `out_proj`.
+    /// Bias on `in_proj`.
     pub bias: bool,
+    /// Bias on `out_proj` (Falcon-H1's `projectors_bias`; the others' `bias`).
+    pub out_bias: bool,
     pub chunk_size: i32,
-    /// `dt` is clamped to this range.
+    /// `dt` is clamped to this range in the chunked scan of a prompt.
     pub time_step_limit: (f32, f32),
+    /// Token-by-token steps clamp `dt` too (Transformers' Nemotron-H steps without the
+    /// clamp its chunked scan applies).
+    pub clamp_steps: bool,
     pub norm_eps: f64,
-    /// Apply the gated RMSNorm before `out_proj` (some hybrids have none).
-    pub gated_norm: bool,
+    /// How the scan's output is gated (and normalized) before `out_proj`.
+    pub gate: Mamba2Gate,
     /// Scan prompts in chunks (the SSD form); `false` steps token by token (for comparison).
     pub chunked_prefill: bool,
 }
@@ -85,11 +103,10 @@ impl Mamba2Mixer {
             dt_bias: computed(w.get("dt_bias", &[h])?.as_dtype(Dtype::Float32)?)?,
             a: computed(ops::exp(&a_log.as_dtype(Dtype::Float32)?)?.negative()?)?,
             d: computed(w.get("D", &[h])?.as_dtype(Dtype::Float32)?)?,
-            norm: s
-                .gated_norm
+            norm: (s.gate != Mamba2Gate::Silu)
                 .then(|| w.pp("norm").get("weight", &[inter]))
                 .transpose()?,
-            out_proj: Linear::load(&w.pp("out_proj"), inter, hidden, s.bias)?,
+            out_proj: Linear::load(&w.pp("out_proj"), inter, hidden, s.out_bias)?,
             settings: s.clone(),
         })
     }
@@ -120,13 +137,15 @@ impl Mamba2Mixer {
             };
         let (b, c) = (heads(&parts[1])?, heads(&parts[2])?);
         let dt = softplus(&f32(dt)?.add(&self.dt_bias)?)?;
-        let dt = ops::clip(&dt, (s.time_step_limit.0, s.time_step_limit.1))?;
+        let clip = |dt: &Array| ops::clip(dt, (s.time_step_limit.0, s.time_step_limit.1));
         let state = match &cache.state {
             Some(st) => st.clone(),
             None => ops::zeros::<f32>(&[batch, s.num_heads, s.head_dim, s.state_size])?,
         };
         let (y, state) = if len > 1 && s.chunked_prefill {
-            ssd_chunked(&xs, &dt, &self.a, &b, &c, &state, s.chunk_size)?
+            ssd_chunked(&xs, &clip(&dt)?, &self.a, &b, &c, &state, s.chunk_size)?
+        } else if s.clamp_steps {
+            ssd_steps(&xs, &clip(&dt)?, &self.a, &b, &c, &state)?
         } else {
             ssd_steps(&xs, &dt, &self.a, &b, &c, &state)?
         };
@@ -135,6 +154,10 @@ impl Mamba2Mixer {
             .add(&xs.multiply(self.d.reshape(&[1, 1, s.num_heads, 1])?)?)?
             .reshape(&[batch, len, inter])?;
         let y = match &self.norm {
+            Some(weight) if s.gate == Mamba2Gate::NormBeforeGate => {
+                let normed = group_rms_norm(&y, weight, s.n_groups, s.norm_eps as f32)?;
+                normed.multiply(mlx_rs::nn::silu(&f32(gate)?)?)?
+            }
             Some(weight) => gated_rms_norm(&y, gate, weight, s.n_groups, s.norm_eps as f32)?,
             None => y.multiply(mlx_rs::nn::silu(&f32(gate)?)?)?,
         };
@@ -271,6 +294,12 @@ pub fn gated_rms_norm(
     let y = y
         .as_dtype(Dtype::Float32)?
         .multiply(mlx_rs::nn::silu(&z.as_dtype(Dtype::Float32)?)?)?;
+    group_rms_norm(&y, weight, groups, eps)
+}
+
+/// `norm(y) · weight` with the RMS norm over `groups` equal groups of features, in f32.
+pub fn group_rms_norm(y: &Array, weight: &Array, groups: i32, eps: f32) -> Result<Array> {
+    let y = y.as_dtype(Dtype::Float32)?;
     let shape = y.shape().to_vec();
     let last = shape[shape.len() - 1];
     let mut grouped_shape = shape[..shape.len() - 1].to_vec();

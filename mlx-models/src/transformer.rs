@@ -163,6 +163,9 @@ pub struct DecoderSettings {
     pub logits_scale: Option<f32>,
     /// `cap * tanh(logits / cap)` (Gemma 2).
     pub final_logit_softcap: Option<f32>,
+    /// The logits are returned in f32 whatever the model's dtype (Nemotron-H's
+    /// `lm_head(h).float()`).
+    pub logits_in_f32: bool,
     pub tie_word_embeddings: bool,
     /// The output layer has a bias (Phi-3.5-MoE's `lm_head_bias`).
     pub lm_head_bias: bool,
@@ -205,6 +208,7 @@ impl DecoderSettings {
             residual_scale: None,
             logits_scale: None,
             final_logit_softcap: None,
+            logits_in_f32: false,
             tie_word_embeddings: false,
             lm_head_bias: false,
             residual_in_f32: false,
@@ -744,6 +748,11 @@ impl LanguageModel for Decoder {
             None => self.embed_tokens.as_linear(&h)?,
         };
         let logits = softcap(&scale(&logits, s.logits_scale)?, s.final_logit_softcap)?;
+        let logits = if s.logits_in_f32 {
+            logits.as_dtype(mlx_rs::Dtype::Float32)?
+        } else {
+            logits
+        };
         tap.record("logits", &logits);
         Ok(logits)
     }

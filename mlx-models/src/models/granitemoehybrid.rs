@@ -15,7 +15,7 @@ use crate::config::ConfigFile;
 use crate::error::{Error, Result};
 use crate::family::{sanitize_moe, DecoderConfig, DecoderFamily, LayerRule, MoeConfig};
 use crate::moe::{ExpertActivation, RouterSettings, SharedExpertSettings};
-use crate::ssm::Mamba2Settings;
+use crate::ssm::{Mamba2Gate, Mamba2Settings};
 use crate::transformer::{
     AttentionSettings, DecoderSettings, LayerType, MixerKind, MlpLayout, MlpSettings,
 };
@@ -110,13 +110,15 @@ impl DecoderFamily for Config {
             conv_kernel: self.mamba_d_conv,
             conv_bias: self.mamba_conv_bias,
             bias: self.mamba_proj_bias,
+            out_bias: self.mamba_proj_bias,
             chunk_size: self.mamba_chunk_size,
             time_step_limit: (
                 self.time_step_limit.0 as f32,
                 self.time_step_limit.1.min(f64::from(f32::MAX)) as f32,
             ),
+            clamp_steps: true,
             norm_eps: d.rms_norm_eps.unwrap_or(1e-6),
-            gated_norm: true,
+            gate: Mamba2Gate::NormAfterGate,
             chunked_prefill: true,
         };
         let settings = DecoderSettings {

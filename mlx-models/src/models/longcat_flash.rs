@@ -165,6 +165,7 @@ pub fn load(config: &ConfigFile, mut weights: Weights) -> Result<Box<dyn Languag
         expert_bias: false,
         zero_experts: zero,
         shared_expert: None,
+        latent_size: None,
     };
     crate::transformer::check_moe(config, &moe)?;
     let mlp = MlpSettings {

@@ -9,7 +9,7 @@
 use crate::config::ConfigFile;
 use crate::error::Result;
 use crate::model::LanguageModel;
-use crate::ssm::Mamba2Settings;
+use crate::ssm::{Mamba2Gate, Mamba2Settings};
 use crate::transformer::{build, drop_computed_weights, DecoderSettings, MixerKind};
 use crate::weights::Weights;
 use serde::Deserialize;
@@ -83,13 +83,15 @@ impl Config {
             conv_kernel: self.conv_kernel,
             conv_bias: self.use_conv_bias,
             bias: self.use_bias,
+            out_bias: self.use_bias,
             chunk_size: self.chunk_size,
             time_step_limit: (
                 self.time_step_limit.0 as f32,
                 self.time_step_limit.1.min(f64::from(f32::MAX)) as f32,
             ),
+            clamp_steps: true,
             norm_eps: self.layer_norm_epsilon,
-            gated_norm: true,
+            gate: Mamba2Gate::NormAfterGate,
             chunked_prefill: true,
         };
         Ok(DecoderSettings {

@@ -22,6 +22,7 @@ pub mod mamba;
 pub mod mamba2;
 pub mod minimax_m2;
 pub mod mixtral;
+pub mod nemotron_h;
 pub mod olmo2;
 pub mod olmoe;
 pub mod phi3;
@@ -73,6 +74,7 @@ pub const REGISTRY: &[(&str, Loader)] = &[
     ("minimax_m2", family::load::<minimax_m2::Config>),
     ("mistral", family::load::<llama::Config>),
     ("mixtral", family::load::<mixtral::Config>),
+    ("nemotron_h", nemotron_h::load),
     ("olmo2", family::load::<olmo2::Config>),
     ("olmoe", family::load::<olmoe::Config>),
     ("phi3", family::load::<phi3::Config>),
