@@ -595,22 +595,23 @@ def mamba_hub_style(config: dict) -> dict:
     return config
 
 
-def qwen3_5_hub_style(config: dict) -> dict:
+def qwen3_5_hub_style(config: dict, model_type: str = "qwen3_5", architecture: str = "Qwen3_5ForConditionalGeneration") -> dict:
     """Qwen3.5 (Qwen/Qwen3.5-*): the text model is the `text_config` of a `qwen3_5` config next to a
     `vision_config`, in Transformers-5 style (rope_parameters, with mrope_section / mrope_interleaved for the
     vision positions, layer_types and full_attention_interval both listed); AutoModelForCausalLM reads it as
-    Qwen3_5ForCausalLM, the weights under model.language_model.* (HUB_WEIGHT_PREFIXES)."""
+    Qwen3_5ForCausalLM, the weights under model.language_model.* (HUB_WEIGHT_PREFIXES). Qwen3.5-MoE the same
+    with `qwen3_5_moe`."""
     import transformers
 
     text = {key: value for key, value in config.items() if key not in ("architectures", "transformers_version")}
     interval = attention_interval(text["layer_types"])
     if interval is not None:
         text["full_attention_interval"] = interval
-    vision = transformers.AutoConfig.for_model("qwen3_5_vision").to_diff_dict()
+    vision = transformers.AutoConfig.for_model(f"{model_type}_vision").to_diff_dict()
     vision = {key: value for key, value in vision.items() if key != "transformers_version"}
     return {
-        "architectures": ["Qwen3_5ForConditionalGeneration"],
-        "model_type": "qwen3_5",
+        "architectures": [architecture],
+        "model_type": model_type,
         "text_config": text,
         "tie_word_embeddings": text["tie_word_embeddings"],
         "transformers_version": config["transformers_version"],
@@ -618,11 +619,18 @@ def qwen3_5_hub_style(config: dict) -> dict:
     }
 
 
+def qwen3_5_moe_hub_style(config: dict) -> dict:
+    return qwen3_5_hub_style(config, "qwen3_5_moe", "Qwen3_5MoeForConditionalGeneration")
+
+
 # Families whose checkpoints on the Hub nest the text model in a multimodal config (to_hub_style
 # writes that config instead) and prefix its weights: model.safetensors is renamed the same way
 # (name prefix written by save_pretrained -> the prefix on the Hub).
-HUB_COMPOSITE_CONFIGS = {"qwen3_5_text": qwen3_5_hub_style}
-HUB_WEIGHT_PREFIXES = {"qwen3_5_text": [("model.", "model.language_model.")]}
+HUB_COMPOSITE_CONFIGS = {"qwen3_5_text": qwen3_5_hub_style, "qwen3_5_moe_text": qwen3_5_moe_hub_style}
+HUB_WEIGHT_PREFIXES = {
+    "qwen3_5_text": [("model.", "model.language_model.")],
+    "qwen3_5_moe_text": [("model.", "model.language_model.")],
+}
 
 
 def rename_hub_weights(directory: Path, model_type: str) -> None:

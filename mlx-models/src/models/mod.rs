@@ -31,6 +31,7 @@ pub mod phimoe;
 pub mod qwen2;
 pub mod qwen2_moe;
 pub mod qwen3;
+pub mod qwen3_5_moe;
 pub mod qwen3_5_text;
 pub mod qwen3_moe;
 pub mod qwen3_next;
@@ -85,6 +86,8 @@ pub const REGISTRY: &[(&str, Loader)] = &[
     ("qwen2_moe", family::load::<qwen2_moe::Config>),
     ("qwen3", family::load::<qwen3::Config>),
     ("qwen3_5", qwen3_5_text::load_multimodal),
+    ("qwen3_5_moe", qwen3_5_moe::load_multimodal),
+    ("qwen3_5_moe_text", family::load::<qwen3_5_moe::Config>),
     ("qwen3_5_text", family::load::<qwen3_5_text::Config>),
     ("qwen3_moe", family::load::<qwen3_moe::Config>),
     ("qwen3_next", family::load::<qwen3_next::Config>),

@@ -12,7 +12,7 @@
 use crate::config::ConfigFile;
 use crate::error::Result;
 use crate::family::{DecoderConfig, DecoderFamily};
-use crate::models::qwen3_next::LinearAttentionConfig;
+use crate::models::qwen3_next::{unfold_mlx_lm_norms, LinearAttentionConfig};
 use crate::transformer::{drop_computed_weights, DecoderSettings};
 use crate::weights::Weights;
 use serde::Deserialize;
@@ -34,15 +34,26 @@ impl DecoderFamily for Config {
     }
 
     fn sanitize(&self, weights: &mut Weights, settings: &DecoderSettings) -> Result<()> {
+        drop_vision_and_mtp(weights);
         drop_computed_weights(weights, settings.tie_word_embeddings);
-        weights.rename(|name| {
-            if name.starts_with("mtp.") || name.starts_with("model.visual.") {
-                return None;
-            }
-            Some(name.replacen("model.language_model.", "model.", 1))
-        });
-        Ok(())
+        unfold_mlx_lm_norms(weights)
     }
+}
+
+/// Drops the vision tower and multi-token-prediction weights of a Qwen3.5 checkpoint and
+/// takes the language model's out of `model.language_model.` (Hub) or `language_model.`
+/// (mlx-lm's conversions: `language_model.model.*`, `language_model.lm_head.*`).
+pub fn drop_vision_and_mtp(weights: &mut Weights) {
+    weights.rename(|name| {
+        let vision = ["model.visual.", "vision_tower.", "mtp.", "model.mtp."];
+        if vision.iter().any(|p| name.starts_with(p)) {
+            return None;
+        }
+        Some(match name.strip_prefix("language_model.") {
+            Some(rest) => rest.to_owned(),
+            None => name.replacen("model.language_model.", "model.", 1),
+        })
+    });
 }
 
 /// The registry's entry for multimodal `qwen3_5` checkpoints: the language model, whose

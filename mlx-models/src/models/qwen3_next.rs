@@ -69,8 +69,49 @@ impl DecoderFamily for Config {
     fn sanitize(&self, weights: &mut Weights, settings: &DecoderSettings) -> Result<()> {
         // Multi-token-prediction weights are not part of the causal model.
         weights.rename(|name| (!name.starts_with("mtp.")).then(|| name.to_owned()));
+        unfold_mlx_lm_norms(weights)?;
         sanitize_moe(weights, settings, None, &QWEN_EXPERTS)
     }
+}
+
+/// The `1 + w` norms whose stored offsets mlx-lm's converter turns into the whole scale.
+const PLUS_ONE_NORMS: [&str; 5] = [
+    ".input_layernorm.weight",
+    ".post_attention_layernorm.weight",
+    "model.norm.weight",
+    ".q_norm.weight",
+    ".k_norm.weight",
+];
+
+/// Checkpoints mlx-lm converted (their conv weights `[channels, kernel, 1]`) store the
+/// `1 + w` norms with the 1 added: takes it out again, exactly (a bf16 scale near 1 less 1
+/// is a bf16 number). Qwen3-Next, Qwen3.5 and Qwen3.5-MoE.
+pub fn unfold_mlx_lm_norms(weights: &mut Weights) -> Result<()> {
+    let convs: Vec<String> = weights
+        .names()
+        .filter(|n| n.ends_with("conv1d.weight"))
+        .map(str::to_owned)
+        .collect();
+    let mut converted = false;
+    for name in convs {
+        let conv = weights.remove(&name).expect("listed above");
+        converted |= conv.ndim() == 3 && conv.dim(2) == 1 && conv.dim(1) > 1;
+        weights.insert(name, conv);
+    }
+    if !converted {
+        return Ok(());
+    }
+    let norms: Vec<String> = weights
+        .names()
+        .filter(|n| PLUS_ONE_NORMS.iter().any(|s| n.ends_with(s)))
+        .map(str::to_owned)
+        .collect();
+    for name in norms {
+        let w = weights.remove(&name).expect("listed above");
+        let offset = w.subtract(mlx_rs::Array::from_f32(1.0).as_dtype(w.dtype())?)?;
+        weights.insert(name, offset);
+    }
+    Ok(())
 }
 
 impl LinearAttentionConfig {
