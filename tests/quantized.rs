@@ -3,6 +3,7 @@
 //! MLX's quantized kernels and must equal the same model with the dequantized weights
 //! stored densely.
 
+use mlx_models::config::ConfigFile;
 use mlx_models::load::load_model_dir;
 use mlx_models::nn::Quantization;
 use mlx_models::tap::Tap;
@@ -112,6 +113,28 @@ fn write_moe_pair(
     bits: i32,
     projections: &[(&str, &str)],
 ) {
+    write_mlx_community_pair(
+        fixture,
+        quantized,
+        dense,
+        group_size,
+        bits,
+        projections,
+        true,
+    );
+}
+
+/// [`write_moe_pair`] for any model: per-expert tensors (if `experts`, there must be some)
+/// stacked, every matrix the group size fits quantized.
+fn write_mlx_community_pair(
+    fixture: &Path,
+    quantized: &Path,
+    dense: &Path,
+    group_size: i32,
+    bits: i32,
+    projections: &[(&str, &str)],
+    experts: bool,
+) {
     let weights = Array::load_safetensors(fixture.join("model.safetensors")).unwrap();
     // Stack `<prefix>.experts.<i>.<proj>.weight` into `<prefix>.switch_mlp.<new>.weight`.
     let mut stacks: HashMap<String, Vec<(usize, Array)>> = HashMap::new();
@@ -139,9 +162,10 @@ fn write_moe_pair(
         }
     }
     assert!(
-        !stacks.is_empty(),
-        "{} has no per-expert tensors",
-        fixture.display()
+        stacks.is_empty() != experts,
+        "{}: per-expert tensors found: {}",
+        fixture.display(),
+        stacks.len()
     );
     for (name, mut members) in stacks {
         members.sort_by_key(|(i, _)| *i);
@@ -168,9 +192,9 @@ fn write_moe_pair(
         quantized_count += 1;
     }
     assert!(quantized_count > 0);
-    let mut config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture.join("config.json")).unwrap())
-            .unwrap();
+    let mut config = ConfigFile::read(&fixture.join("config.json"))
+        .unwrap()
+        .value;
     for (dir, tensors) in [(quantized, &q_tensors), (dense, &d_tensors)] {
         std::fs::create_dir_all(dir).unwrap();
         Array::save_safetensors(
@@ -303,5 +327,200 @@ fn quantized_mla_checkpoints_in_the_mlx_lm_layout() {
             worst < 1e-4,
             "{bits}-bit, group {group_size}: max |Δlogits| = {worst}"
         );
+    }
+}
+
+/// A copy of `fixture` as mlx-lm's `sanitize` leaves it before quantizing: conv weights
+/// `[channels, kernel, 1]`, and `edit` applied to the tensors (with the config).
+fn mlx_lm_copy(
+    fixture: &Path,
+    out: &Path,
+    edit: impl Fn(&serde_json::Value, &mut HashMap<String, Array>),
+) {
+    let mut tensors = Array::load_safetensors(fixture.join("model.safetensors")).unwrap();
+    let config = ConfigFile::read(&fixture.join("config.json"))
+        .unwrap()
+        .value;
+    let convs: Vec<String> = tensors
+        .keys()
+        .filter(|n| n.ends_with("conv1d.weight") || n.ends_with("conv.conv.weight"))
+        .cloned()
+        .collect();
+    for name in convs {
+        let w = tensors.remove(&name).unwrap();
+        assert_eq!(w.ndim(), 3, "{name}");
+        tensors.insert(name, w.swap_axes(1, 2).unwrap());
+    }
+    edit(&config, &mut tensors);
+    std::fs::create_dir_all(out).unwrap();
+    Array::save_safetensors(
+        tensors.iter().map(|(k, v)| (k.as_str(), v)),
+        None,
+        out.join("model.safetensors"),
+    )
+    .unwrap();
+    std::fs::write(out.join("config.json"), config.to_string()).unwrap();
+}
+
+/// Falcon-H1's μP multipliers folded into the weight matrices as mlx-lm's `sanitize` does
+/// (biases and `v_proj` untouched, `key_multiplier` not applied).
+fn fold_falcon_h1_as_mlx_lm(config: &serde_json::Value, tensors: &mut HashMap<String, Array>) {
+    let f = |k: &str| config[k].as_f64().unwrap() as f32;
+    let i = |k: &str| config[k].as_i64().unwrap() as usize;
+    let m = |k: &str, j: usize| config[k][j].as_f64().unwrap() as f32;
+    let (d_ssm, bc, heads) = (
+        i("mamba_d_ssm"),
+        i("mamba_n_groups") * i("mamba_d_state"),
+        i("mamba_n_heads"),
+    );
+    let mut mup = Vec::new();
+    for (j, n) in [d_ssm, d_ssm, bc, bc, heads].into_iter().enumerate() {
+        mup.extend(std::iter::repeat_n(m("ssm_multipliers", j), n));
+    }
+    let mup = Array::from_slice(&mup, &[mup.len() as i32, 1]);
+    let names: Vec<String> = tensors.keys().cloned().collect();
+    for name in names {
+        let factor = if name.ends_with("embed_tokens.weight") {
+            Array::from_f32(f("embedding_multiplier"))
+        } else if name.ends_with("lm_head.weight") {
+            Array::from_f32(f("lm_head_multiplier"))
+        } else if name.ends_with("q_proj.weight") || name.ends_with("k_proj.weight") {
+            Array::from_f32(f("attention_in_multiplier"))
+        } else if name.ends_with("o_proj.weight") {
+            Array::from_f32(f("attention_out_multiplier"))
+        } else if name.ends_with("out_proj.weight") {
+            Array::from_f32(f("ssm_out_multiplier"))
+        } else if name.ends_with("gate_proj.weight") {
+            Array::from_f32(m("mlp_multipliers", 0))
+        } else if name.ends_with("down_proj.weight") {
+            Array::from_f32(m("mlp_multipliers", 1))
+        } else if name.ends_with("in_proj.weight") {
+            mup.multiply(Array::from_f32(f("ssm_in_multiplier")))
+                .unwrap()
+        } else {
+            continue;
+        };
+        let w = tensors.remove(&name).unwrap();
+        tensors.insert(name, w.multiply(&factor).unwrap());
+    }
+}
+
+/// Qwen3-Next's and Qwen3.5's `1 + w` norms with the 1 added, as mlx-lm's `sanitize` stores
+/// them, and multimodal Qwen3.5 names as mlx-lm writes them (`language_model.model.*`).
+fn fold_plus_one_norms_as_mlx_lm(_: &serde_json::Value, tensors: &mut HashMap<String, Array>) {
+    let norms = [
+        ".input_layernorm.weight",
+        ".post_attention_layernorm.weight",
+        ".norm.weight",
+        ".q_norm.weight",
+        ".k_norm.weight",
+    ];
+    let names: Vec<String> = tensors.keys().cloned().collect();
+    for name in names {
+        let mut w = tensors.remove(&name).unwrap();
+        if norms.iter().any(|n| name.ends_with(n)) && !name.contains("linear_attn") {
+            w = w.add(Array::from_f32(1.0)).unwrap();
+        }
+        let name = match name.strip_prefix("model.language_model.") {
+            Some(rest) => format!("language_model.model.{rest}"),
+            None if name.starts_with("lm_head.")
+                && tensors.keys().any(|k| {
+                    k.starts_with("language_model.") || k.starts_with("model.language_model.")
+                }) =>
+            {
+                format!("language_model.{name}")
+            }
+            None => name,
+        };
+        tensors.insert(name, w);
+    }
+}
+
+/// Hybrid checkpoints as mlx-lm converts them (conv weights `[channels, kernel, 1]`,
+/// Nemotron-H's experts stacked as `switch_mlp.fc1`/`fc2`, Falcon-H1's multipliers folded
+/// into the weights) give the Transformers-layout fixture's logits, and quantized (every
+/// matrix the group size fits; the conv and state parameters stay as they are) they equal
+/// their dequantized weights.
+#[test]
+fn quantized_hybrid_checkpoints_in_the_mlx_lm_layout() {
+    let nemotron = [("up_proj", "fc1"), ("down_proj", "fc2")];
+    type Edit = fn(&serde_json::Value, &mut HashMap<String, Array>);
+    /// Fixture, expert projection renames, whether it has per-expert tensors, mlx-lm's edit.
+    type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], bool, Edit);
+    let cases: [Case; 7] = [
+        ("mamba2/hub", &[], false, |_, _| {}),
+        ("qwen3_next/hub", &[], true, fold_plus_one_norms_as_mlx_lm),
+        (
+            "qwen3_5_text/default",
+            &[],
+            false,
+            fold_plus_one_norms_as_mlx_lm,
+        ),
+        (
+            "qwen3_5_moe_text/hub",
+            &[],
+            true,
+            fold_plus_one_norms_as_mlx_lm,
+        ),
+        ("lfm2/default", &[], false, |_, _| {}),
+        ("nemotron_h/hub", &nemotron, true, |_, _| {}),
+        ("falcon_h1/hub", &[], false, fold_falcon_h1_as_mlx_lm),
+    ];
+    for (fixture, projections, experts, edit) in cases {
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(fixture);
+        let tmp = tempfile::tempdir().unwrap();
+        let converted = tmp.path().join("converted");
+        mlx_lm_copy(&fixture, &converted, edit);
+        let (reference, _) = logits(&fixture);
+        let (ours, _) = logits(&converted);
+        let worst = ours
+            .iter()
+            .zip(&reference)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(
+            worst < 1e-5,
+            "{}: mlx-lm layout: max |Δlogits| = {worst}",
+            fixture.display()
+        );
+        for (group_size, bits) in [(32, 4), (64, 8)] {
+            let (q_dir, d_dir) = (tmp.path().join("q"), tmp.path().join("d"));
+            write_mlx_community_pair(
+                &converted,
+                &q_dir,
+                &d_dir,
+                group_size,
+                bits,
+                projections,
+                experts,
+            );
+            let (q, quantization) = logits(&q_dir);
+            let (d, _) = logits(&d_dir);
+            assert!(
+                quantization.is_some(),
+                "{}: not quantized",
+                fixture.display()
+            );
+            let worst = q
+                .iter()
+                .zip(&d)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f32, f32::max);
+            assert!(
+                worst < 1e-4,
+                "{}: {bits}-bit, group {group_size}: max |Δlogits| = {worst}",
+                fixture.display()
+            );
+            let moved = q
+                .iter()
+                .zip(&reference)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f32, f32::max);
+            assert!(moved > 1e-4, "{bits}-bit quantization changed nothing");
+            std::fs::remove_dir_all(&q_dir).unwrap();
+            std::fs::remove_dir_all(&d_dir).unwrap();
+        }
     }
 }
