@@ -436,6 +436,54 @@ fn fold_plus_one_norms_as_mlx_lm(_: &serde_json::Value, tensors: &mut HashMap<St
     }
 }
 
+/// A dense Granite 4 hybrid's fused `shared_mlp` split into `mlp.gate_proj`/`up_proj` and
+/// `mlp.down_proj`, as mlx-lm's `sanitize` does.
+fn split_granite_shared_mlp_as_mlx_lm(_: &serde_json::Value, tensors: &mut HashMap<String, Array>) {
+    let fused: Vec<String> = tensors
+        .keys()
+        .filter(|n| n.ends_with(".shared_mlp.input_linear.weight"))
+        .cloned()
+        .collect();
+    assert!(!fused.is_empty());
+    for name in fused {
+        let layer = name.trim_end_matches(".shared_mlp.input_linear.weight");
+        let halves = tensors.remove(&name).unwrap().split_equal(2, 0).unwrap();
+        tensors.insert(format!("{layer}.mlp.gate_proj.weight"), halves[0].clone());
+        tensors.insert(format!("{layer}.mlp.up_proj.weight"), halves[1].clone());
+        let down = tensors
+            .remove(&format!("{layer}.shared_mlp.output_linear.weight"))
+            .unwrap();
+        tensors.insert(format!("{layer}.mlp.down_proj.weight"), down);
+    }
+}
+
+/// A Granite 4 hybrid MoE's fused experts split into `block_sparse_moe.switch_mlp`, as
+/// mlx-lm's `sanitize` does (the shared MLP stays fused).
+fn split_granite_experts_as_mlx_lm(_: &serde_json::Value, tensors: &mut HashMap<String, Array>) {
+    let fused: Vec<String> = tensors
+        .keys()
+        .filter(|n| n.ends_with(".block_sparse_moe.input_linear.weight"))
+        .cloned()
+        .collect();
+    assert!(!fused.is_empty());
+    for name in fused {
+        let block = name.trim_end_matches(".input_linear.weight");
+        let halves = tensors.remove(&name).unwrap().split_equal(2, 1).unwrap();
+        tensors.insert(
+            format!("{block}.switch_mlp.gate_proj.weight"),
+            halves[0].clone(),
+        );
+        tensors.insert(
+            format!("{block}.switch_mlp.up_proj.weight"),
+            halves[1].clone(),
+        );
+        let down = tensors
+            .remove(&format!("{block}.output_linear.weight"))
+            .unwrap();
+        tensors.insert(format!("{block}.switch_mlp.down_proj.weight"), down);
+    }
+}
+
 /// Hybrid checkpoints as mlx-lm converts them (conv weights `[channels, kernel, 1]`,
 /// Nemotron-H's experts stacked as `switch_mlp.fc1`/`fc2`, Falcon-H1's multipliers folded
 /// into the weights) give the Transformers-layout fixture's logits, and quantized (every
@@ -447,8 +495,22 @@ fn quantized_hybrid_checkpoints_in_the_mlx_lm_layout() {
     type Edit = fn(&serde_json::Value, &mut HashMap<String, Array>);
     /// Fixture, expert projection renames, whether it has per-expert tensors, mlx-lm's edit.
     type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], bool, Edit);
-    let cases: [Case; 7] = [
+    let cases: [Case; 11] = [
+        (
+            "granitemoehybrid/default",
+            &[],
+            false,
+            split_granite_experts_as_mlx_lm,
+        ),
         ("mamba2/hub", &[], false, |_, _| {}),
+        ("mamba/hub", &[], false, |_, _| {}),
+        ("jamba/hub", &[], true, |_, _| {}),
+        (
+            "granitemoehybrid/hub",
+            &[],
+            false,
+            split_granite_shared_mlp_as_mlx_lm,
+        ),
         ("qwen3_next/hub", &[], true, fold_plus_one_norms_as_mlx_lm),
         (
             "qwen3_5_text/default",

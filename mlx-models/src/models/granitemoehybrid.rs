@@ -155,21 +155,24 @@ impl DecoderFamily for Config {
         } else {
             ".mlp."
         };
-        let fused: Vec<String> = weights
+        // The fused shared MLP (quantized ones too: scales and biases split like the
+        // packed weight, by rows).
+        let fused: Vec<(String, String, String)> = weights
             .names()
-            .filter(|n| n.ends_with(".shared_mlp.input_linear.weight"))
-            .map(str::to_owned)
+            .filter_map(|n| {
+                let (prefix, part) = n.split_once(".shared_mlp.input_linear.")?;
+                Some((n.to_owned(), prefix.to_owned(), part.to_owned()))
+            })
             .collect();
-        for name in fused {
+        for (name, prefix, part) in fused {
             // Gate rows, then up rows.
             let t = weights.remove(&name).expect("listed above");
             let parts = t.split_equal(2, 0)?;
-            let prefix = name.trim_end_matches(".shared_mlp.input_linear.weight");
             weights.insert(
-                format!("{prefix}{shared}gate_proj.weight"),
+                format!("{prefix}{shared}gate_proj.{part}"),
                 parts[0].clone(),
             );
-            weights.insert(format!("{prefix}{shared}up_proj.weight"), parts[1].clone());
+            weights.insert(format!("{prefix}{shared}up_proj.{part}"), parts[1].clone());
         }
         weights.rename(|name| {
             Some(
