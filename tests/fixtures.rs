@@ -21,26 +21,44 @@ use proptest::collection::vec;
 use proptest::prelude::*;
 use proptest::test_runner::{Config as ProptestConfig, TestCaseError, TestRunner};
 use serde_json::{json, Map, Value};
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------------
 
-/// The fixtures committed when this suite was written. Discovery must find at least these, so
-/// an emptied or moved fixture directory cannot make the suite pass by finding nothing.
-const COMMITTED_FIXTURES: [&str; 10] = [
-    "llama/bias",
-    "llama/default-tied",
-    "llama/dynamic",
-    "llama/linear",
-    "llama/llama3-untied",
-    "llama/longrope",
-    "llama/longrope-long",
-    "llama/mha",
-    "llama/yarn",
-    "mistral/default",
-];
+/// The fixtures the exporter's specs name (`xtask/fixtures/<model_type>.json`, one for each
+/// registered family): `model_type` to its variants. Derived, so that a family or variant added
+/// with its spec is expected here without editing this suite, and an emptied or moved fixture
+/// directory cannot make the suite pass by finding nothing.
+fn specified_fixtures() -> BTreeMap<String, BTreeSet<String>> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("xtask")
+        .join("fixtures");
+    let mut specs = BTreeMap::new();
+    for entry in std::fs::read_dir(&dir).expect("xtask/fixtures is readable") {
+        let path = entry.expect("xtask/fixtures is readable").path();
+        if path.extension().and_then(|e| e.to_str()) != Some("json") {
+            continue;
+        }
+        let spec: Value = serde_json::from_slice(&std::fs::read(&path).unwrap())
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let name = |v: &Value| {
+            v.as_str()
+                .unwrap_or_else(|| panic!("{}: a name is not a string", path.display()))
+                .to_owned()
+        };
+        let variants = spec["variants"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{}: no `variants` list", path.display()))
+            .iter()
+            .map(|v| name(&v["name"]))
+            .collect();
+        specs.insert(name(&spec["model_type"]), variants);
+    }
+    specs
+}
 
 fn fixtures_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -150,27 +168,44 @@ fn every_committed_fixture_passes() {
                 .join("/")
         })
         .collect();
-    for name in COMMITTED_FIXTURES {
-        assert!(
-            found.iter().any(|f| f == name),
-            "fixture `{name}` was not discovered under {} (found: {found:?})",
-            root.display()
-        );
-    }
-    assert!(found.len() >= COMMITTED_FIXTURES.len());
-    // Every registered family is verified: each has a fixture directory with fixtures (the
-    // multimodal `llama4` layout is checked on the `llama4_text` fixtures below).
-    for model_type in mlx_models::models::supported_model_types() {
-        if ALIASES.iter().any(|(alias, _)| *alias == model_type) {
-            continue;
+    // Every registered family (its aliases aside) has a spec, and every spec is of one.
+    let specs = specified_fixtures();
+    let registered: BTreeSet<&str> = mlx_models::models::supported_model_types()
+        .into_iter()
+        .filter(|model_type| !ALIASES.iter().any(|(alias, _)| alias == model_type))
+        .collect();
+    let specified: BTreeSet<&str> = specs.keys().map(String::as_str).collect();
+    assert_eq!(
+        specified, registered,
+        "model types with a spec in xtask/fixtures/ vs the registry"
+    );
+    // Every specified fixture is discovered, and nothing else is.
+    let expected: BTreeSet<String> = specs
+        .iter()
+        .flat_map(|(model_type, variants)| {
+            variants.iter().map(move |v| format!("{model_type}/{v}"))
+        })
+        .collect();
+    let discovered: BTreeSet<String> = found.iter().cloned().collect();
+    let missing: Vec<_> = expected.difference(&discovered).collect();
+    let unspecified: Vec<_> = discovered.difference(&expected).collect();
+    assert!(
+        missing.is_empty() && unspecified.is_empty(),
+        "under {}: specified in xtask/fixtures/*.json but not discovered: {missing:?}; \
+         discovered but not specified: {unspecified:?}",
+        root.display()
+    );
+    // A directory of a family's fixtures without fixture.json would be skipped silently.
+    for model_type in specs.keys() {
+        let family_dir = root.join(model_type);
+        for entry in std::fs::read_dir(&family_dir).expect("the family's fixture directory") {
+            let path = entry.unwrap().path();
+            assert!(
+                !path.is_dir() || dirs.contains(&path),
+                "{} is not a fixture (no fixture.json), so nothing verifies it",
+                path.display()
+            );
         }
-        assert!(
-            found
-                .iter()
-                .any(|f| f.split('/').next() == Some(model_type)),
-            "registered model_type `{model_type}` has no fixture under {}",
-            root.display()
-        );
     }
 
     let mut failures = Vec::new();

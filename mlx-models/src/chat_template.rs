@@ -339,13 +339,9 @@ fn raise_exception(message: Option<Value>) -> std::result::Result<Value, minijin
     )
 }
 
+/// Transformers' `strftime_now`: `datetime.now().strftime(format)`, the local time.
 fn strftime_now(format: &str) -> std::result::Result<Value, minijinja::Error> {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_err(|e| {
-            minijinja::Error::new(ErrorKind::InvalidOperation, format!("system clock: {e}"))
-        })?;
-    Ok(Value::from(strftime(format, now.as_secs() as i64)))
+    strftime(format, &jiff::Zoned::now()).map(Value::from)
 }
 
 /// `{{ value }}` prints like Python's `str(value)`: `None`, `True`, `2.0`, `['a', 1]`.
@@ -371,30 +367,25 @@ fn py_str(value: &Value) -> String {
     }
 }
 
-/// Python's `repr()` of a template value.
+/// Python's `repr()` of a template value. minijinja's `Debug` already prints strings,
+/// `None`, booleans and integers as Python does; its floats (`1e-5`, `1e16`) and tuples
+/// (`[1, 2]`), also inside containers, are not Python's, hence the walk.
 fn py_repr(value: &Value) -> String {
     match value.kind() {
         ValueKind::Undefined => String::new(),
-        ValueKind::None => "None".into(),
-        ValueKind::Bool => if value.is_true() { "True" } else { "False" }.into(),
         ValueKind::Number if !value.is_integer() => match f64::try_from(value.clone()) {
             Ok(x) => py_float_repr(x),
             Err(_) => value.to_string(),
         },
-        ValueKind::String => py_string_repr(value.as_str().unwrap_or_default()),
         ValueKind::Seq => {
             let items: Vec<String> = value
                 .try_iter()
                 .map(|it| it.map(|v| py_repr(&v)).collect())
                 .unwrap_or_default();
-            if value.is_tuple() {
-                if items.len() == 1 {
-                    format!("({},)", items[0])
-                } else {
-                    format!("({})", items.join(", "))
-                }
-            } else {
-                format!("[{}]", items.join(", "))
+            match (value.is_tuple(), items.as_slice()) {
+                (true, [one]) => format!("({one},)"),
+                (true, _) => format!("({})", items.join(", ")),
+                (false, _) => format!("[{}]", items.join(", ")),
             }
         }
         ValueKind::Map => {
@@ -410,41 +401,13 @@ fn py_repr(value: &Value) -> String {
                 .unwrap_or_default();
             format!("{{{}}}", items.join(", "))
         }
-        _ => value.to_string(),
+        _ => format!("{value:?}"),
     }
 }
 
-/// Python's `repr()` of a string: single quotes unless the text has one and no double quote.
-fn py_string_repr(text: &str) -> String {
-    let quote = if text.contains('\'') && !text.contains('"') {
-        '"'
-    } else {
-        '\''
-    };
-    let mut out = String::with_capacity(text.len() + 2);
-    out.push(quote);
-    for c in text.chars() {
-        match c {
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if c == quote => {
-                out.push('\\');
-                out.push(c);
-            }
-            c if (c as u32) < 0x20 || (0x7f..0xa1).contains(&(c as u32)) => {
-                let _ = write!(out, "\\x{:02x}", c as u32);
-            }
-            c => out.push(c),
-        }
-    }
-    out.push(quote);
-    out
-}
-
-/// Python's `repr()` of a float: the shortest digits that round-trip, in positional notation
-/// for exponents -4..16 and scientific (`1e-05`, `1e+16`) otherwise.
+/// Python's `repr()` of a float. Rust's `Debug` picks the same shortest round-trip digits
+/// and the same switch to scientific notation (below 1e-4, from 1e16); Python writes the
+/// exponent with a sign and two digits (`1e-05`, `1e+16`) and spells `nan` and `inf`.
 fn py_float_repr(x: f64) -> String {
     if x.is_nan() {
         return "nan".into();
@@ -452,36 +415,13 @@ fn py_float_repr(x: f64) -> String {
     if x.is_infinite() {
         return if x > 0.0 { "inf" } else { "-inf" }.into();
     }
-    let scientific = format!("{x:e}");
-    let (mantissa, exponent) = scientific.split_once('e').unwrap_or((&scientific, "0"));
-    let exponent: i32 = exponent.parse().unwrap_or(0);
-    let (sign, mantissa) = match mantissa.strip_prefix('-') {
-        Some(rest) => ("-", rest),
-        None => ("", mantissa),
-    };
-    let digits: String = mantissa.chars().filter(|c| *c != '.').collect();
-    if (-4..16).contains(&exponent) {
-        if exponent >= 0 {
-            let point = exponent as usize + 1;
-            let (int, frac) = if digits.len() > point {
-                (digits[..point].to_owned(), digits[point..].to_owned())
-            } else {
-                (format!("{digits:0<point$}"), "0".to_owned())
-            };
-            format!("{sign}{int}.{frac}")
-        } else {
-            let zeros = "0".repeat((-exponent - 1) as usize);
-            format!("{sign}0.{zeros}{digits}")
+    let debug = format!("{x:?}");
+    match debug.split_once('e') {
+        Some((mantissa, exponent)) => {
+            let exponent: i32 = exponent.parse().unwrap_or(0);
+            format!("{mantissa}e{exponent:+03}")
         }
-    } else {
-        let (first, rest) = digits.split_at(1);
-        let fraction = if rest.is_empty() {
-            String::new()
-        } else {
-            format!(".{rest}")
-        };
-        let exp_sign = if exponent < 0 { '-' } else { '+' };
-        format!("{sign}{first}{fraction}e{exp_sign}{:02}", exponent.abs())
+        None => debug,
     }
 }
 
@@ -765,134 +705,34 @@ fn parse_generation_tag(tag: &str) -> Option<(usize, &str, bool, &str)> {
     Some((consumed, open_ws, is_end, close_ws))
 }
 
-/// C's `strftime` for a UTC time, as Python's `datetime.now().strftime` prints a naive time:
-/// `%a %A %b %B %h %c %d %e %D %F %H %I %j %m %M %n %p %R %S %t %T %u %w %x %X %y %Y %%`, glibc's
-/// `%-d`-style unpadded numbers, and empty `%z`/`%Z`. Other directives are kept as written.
-pub(crate) fn strftime(format: &str, unix_seconds: i64) -> String {
-    const DAYS: [&str; 7] = [
-        "Sunday",
-        "Monday",
-        "Tuesday",
-        "Wednesday",
-        "Thursday",
-        "Friday",
-        "Saturday",
-    ];
-    const MONTHS: [&str; 12] = [
-        "January",
-        "February",
-        "March",
-        "April",
-        "May",
-        "June",
-        "July",
-        "August",
-        "September",
-        "October",
-        "November",
-        "December",
-    ];
-    let days = unix_seconds.div_euclid(86_400);
-    let second_of_day = unix_seconds.rem_euclid(86_400);
-    let (year, month, day) = civil_from_days(days);
-    let weekday = (days + 4).rem_euclid(7) as usize; // 1970-01-01 was a Thursday
-    let year_day = days - days_from_civil(year, 1, 1) + 1;
-    let (hour, minute, second) = (
-        second_of_day / 3600,
-        second_of_day / 60 % 60,
-        second_of_day % 60,
-    );
-    let hour12 = if hour % 12 == 0 { 12 } else { hour % 12 };
-
-    let mut out = String::new();
-    let mut chars = format.chars().peekable();
+/// `datetime.strftime` of a naive `datetime` (what `datetime.now()` returns) at `time`'s civil
+/// time, through jiff's `strftime`. Where jiff differs from Python it is adapted: a naive time
+/// has no zone, so `%z` and `%Z` print nothing; `%c` and `%x` print the C locale's
+/// `Thu Jan  1 00:00:00 1970` and `01/01/70` (jiff's are ISO-like); `%f` is six digits of
+/// microseconds; a trailing `%` is kept (jiff rejects it).
+fn strftime(format: &str, time: &jiff::Zoned) -> std::result::Result<String, minijinja::Error> {
+    let mut c_locale = String::with_capacity(format.len());
+    let mut chars = format.chars();
     while let Some(c) = chars.next() {
         if c != '%' {
-            out.push(c);
+            c_locale.push(c);
             continue;
         }
-        let unpadded = chars.peek() == Some(&'-');
-        if unpadded {
-            chars.next();
+        match chars.next() {
+            Some('c') => c_locale.push_str("%a %b %e %H:%M:%S %Y"),
+            Some('x') => c_locale.push_str("%m/%d/%y"),
+            Some('f') => c_locale.push_str("%6f"),
+            Some('z' | 'Z') => {}
+            Some(next) => c_locale.extend(['%', next]),
+            None => c_locale.push_str("%%"),
         }
-        let Some(directive) = chars.next() else {
-            out.push('%');
-            if unpadded {
-                out.push('-');
-            }
-            break;
-        };
-        let number = |value: i64, width: usize, pad: char| -> String {
-            if unpadded {
-                value.to_string()
-            } else if pad == ' ' {
-                format!("{value:>width$}")
-            } else {
-                format!("{value:0>width$}")
-            }
-        };
-        let text = match directive {
-            'a' => DAYS[weekday][..3].to_owned(),
-            'A' => DAYS[weekday].to_owned(),
-            'b' | 'h' => MONTHS[month as usize - 1][..3].to_owned(),
-            'B' => MONTHS[month as usize - 1].to_owned(),
-            'c' => strftime("%a %b %e %H:%M:%S %Y", unix_seconds),
-            'd' => number(day, 2, '0'),
-            'e' => number(day, 2, ' '),
-            'D' | 'x' => strftime("%m/%d/%y", unix_seconds),
-            'F' => strftime("%Y-%m-%d", unix_seconds),
-            'H' => number(hour, 2, '0'),
-            'I' => number(hour12, 2, '0'),
-            'j' => number(year_day, 3, '0'),
-            'm' => number(month, 2, '0'),
-            'M' => number(minute, 2, '0'),
-            'n' => "\n".to_owned(),
-            'p' => if hour < 12 { "AM" } else { "PM" }.to_owned(),
-            'R' => strftime("%H:%M", unix_seconds),
-            'S' => number(second, 2, '0'),
-            't' => "\t".to_owned(),
-            'T' | 'X' => strftime("%H:%M:%S", unix_seconds),
-            'u' => (if weekday == 0 { 7 } else { weekday }).to_string(),
-            'w' => weekday.to_string(),
-            'y' => number(year.rem_euclid(100), 2, '0'),
-            'Y' => year.to_string(),
-            'z' | 'Z' => String::new(),
-            '%' => "%".to_owned(),
-            other => format!("%{}{other}", if unpadded { "-" } else { "" }),
-        };
-        out.push_str(&text);
     }
-    out
-}
-
-/// (year, month, day) of a day count since 1970-01-01 in the proleptic Gregorian calendar.
-fn civil_from_days(days: i64) -> (i64, i64, i64) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let day_of_era = z.rem_euclid(146_097);
-    let year_of_era =
-        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
-    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
-    let shifted_month = (5 * day_of_year + 2) / 153;
-    let day = day_of_year - (153 * shifted_month + 2) / 5 + 1;
-    let month = if shifted_month < 10 {
-        shifted_month + 3
-    } else {
-        shifted_month - 9
-    };
-    let year = year_of_era + era * 400 + i64::from(month <= 2);
-    (year, month, day)
-}
-
-/// Days since 1970-01-01 of a proleptic Gregorian date.
-fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
-    let year = if month <= 2 { year - 1 } else { year };
-    let era = year.div_euclid(400);
-    let year_of_era = year.rem_euclid(400);
-    let shifted_month = if month > 2 { month - 3 } else { month + 9 };
-    let day_of_year = (153 * shifted_month + 2) / 5 + day - 1;
-    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
-    era * 146_097 + day_of_era - 719_468
+    jiff::fmt::strtime::format(c_locale.as_str(), time.datetime()).map_err(|e| {
+        minijinja::Error::new(
+            ErrorKind::InvalidOperation,
+            format!("strftime_now({format:?}): {e}"),
+        )
+    })
 }
 
 #[cfg(test)]
@@ -1053,11 +893,27 @@ mod tests {
         }
     }
 
+    /// minijinja's own `Debug` is Python's `repr` but for floats and tuples, also nested.
+    #[test]
+    fn values_print_like_python_where_minijinja_differs() {
+        let debug = Value::from(vec![Value::from(1e-5), Value::from(1e16)]);
+        assert_eq!(format!("{debug:?}"), "[1e-5, 1e16]");
+        assert_eq!(py_repr(&debug), "[1e-05, 1e+16]");
+        let out = render(
+            "{{ [1e-5, none, true, 'a'] }} {{ (1,) }} {{ (1, 2.5) }} {{ {'k': 1e16} }}",
+            &[],
+            &ChatTemplateOptions::new(),
+        )
+        .unwrap();
+        assert_eq!(out, "[1e-05, None, True, 'a'] (1,) (1, 2.5) {'k': 1e+16}");
+    }
+
     #[test]
     fn python_string_repr_picks_quotes_like_python() {
-        assert_eq!(py_string_repr("it's"), "\"it's\"");
-        assert_eq!(py_string_repr("a\"b'c"), "'a\"b\\'c'");
-        assert_eq!(py_string_repr("tab\there\n\u{1}"), "'tab\\there\\n\\x01'");
+        let repr = |text: &str| py_repr(&Value::from(text));
+        assert_eq!(repr("it's"), "\"it's\"");
+        assert_eq!(repr("a\"b'c"), "'a\"b\\'c'");
+        assert_eq!(repr("tab\there\n\u{1}"), "'tab\\there\\n\\x01'");
     }
 
     #[test]
@@ -1084,14 +940,51 @@ mod tests {
             &ChatTemplateOptions::new(),
         )
         .unwrap();
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs() as i64;
+        let now = jiff::Zoned::now();
         // Rendering may straddle midnight: accept the date just before or after.
-        let candidates = [strftime("%Y-%m-%d", now - 5), strftime("%Y-%m-%d", now + 5)];
+        let candidates = [-5, 5].map(|s| {
+            strftime(
+                "%Y-%m-%d",
+                &now.checked_add(jiff::SignedDuration::from_secs(s)).unwrap(),
+            )
+            .unwrap()
+        });
         assert!(candidates.contains(&out), "{out} not in {candidates:?}");
         assert!(out.starts_with("20"), "{out}");
+    }
+
+    /// Transformers formats `datetime.now()`: the local civil time, with no zone.
+    #[test]
+    fn strftime_prints_the_local_time_without_a_zone() {
+        let offset = jiff::tz::TimeZone::fixed(jiff::tz::offset(5));
+        let time = jiff::Timestamp::from_second(1_721_995_200)
+            .unwrap()
+            .to_zoned(offset);
+        assert_eq!(
+            strftime("%H:%M|%z|%Z|", &time).unwrap(),
+            "17:00|||",
+            "12:00 UTC is 17:00 at UTC+5"
+        );
+    }
+
+    /// Where jiff's own `strftime` differs from Python's, and what the adapter prints.
+    #[test]
+    fn strftime_adapts_where_jiff_differs_from_python() {
+        let time = jiff::Timestamp::from_second(0)
+            .unwrap()
+            .to_zoned(jiff::tz::TimeZone::UTC);
+        let jiff = |format: &str| jiff::fmt::strtime::format(format, &time).ok();
+        let cases = [
+            ("%c", "Thu Jan  1 00:00:00 1970"),
+            ("%x", "01/01/70"),
+            ("%f", "000000"),
+            ("%z", ""),
+            ("100%", "100%"),
+        ];
+        for (format, python) in cases {
+            assert_ne!(jiff(format).as_deref(), Some(python), "{format}");
+            assert_eq!(strftime(format, &time).unwrap(), python, "{format}");
+        }
     }
 
     fn data(name: &str) -> serde_json::Value {
@@ -1139,22 +1032,14 @@ mod tests {
         for case in data("strftime.json").as_array().unwrap() {
             let format = case["format"].as_str().unwrap();
             let timestamp = case["timestamp"].as_i64().unwrap();
+            let time = jiff::Timestamp::from_second(timestamp)
+                .unwrap()
+                .to_zoned(jiff::tz::TimeZone::UTC);
             assert_eq!(
-                strftime(format, timestamp),
+                strftime(format, &time).unwrap(),
                 case["expected"].as_str().unwrap(),
                 "{format} at {timestamp}"
             );
         }
-    }
-
-    #[test]
-    fn civil_dates_round_trip() {
-        for days in (-800_000..800_000).step_by(997) {
-            let (y, m, d) = civil_from_days(days);
-            assert_eq!(days_from_civil(y, m, d), days);
-            assert!((1..=12).contains(&m) && (1..=31).contains(&d));
-        }
-        assert_eq!(civil_from_days(0), (1970, 1, 1));
-        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
     }
 }

@@ -563,6 +563,36 @@ pub enum LayerRule {
     AlternateBelowMaxWindowLayers,
 }
 
+impl LayerRule {
+    /// The config fields the rule reads besides `sliding_window` (all [`SlidingWindowConfig`]
+    /// fields), each with what it means; `use_sliding_window` is the one boolean.
+    pub fn fields(self) -> &'static [(&'static str, &'static str)] {
+        match self {
+            LayerRule::NoSliding | LayerRule::All | LayerRule::EveryNth(_) => &[],
+            LayerRule::Pattern => &[(
+                "sliding_window_pattern",
+                "every n-th layer is full attention",
+            )],
+            LayerRule::FromMaxWindowLayers => &[
+                ("use_sliding_window", "sliding windows on"),
+                ("max_window_layers", "first sliding layer"),
+            ],
+            LayerRule::WithoutRope => &[(
+                "use_sliding_window",
+                "sliding windows on the layers without RoPE",
+            )],
+            LayerRule::AllWhenEnabled => &[("use_sliding_window", "sliding windows on")],
+            LayerRule::AlternateBelowMaxWindowLayers => &[
+                ("use_sliding_window", "sliding windows on"),
+                (
+                    "max_window_layers",
+                    "sliding layers (every other one) below it",
+                ),
+            ],
+        }
+    }
+}
+
 /// The sliding-window fields of a config.json, in any of the styles families use.
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct SlidingWindowConfig {

@@ -13,12 +13,23 @@
 //! (`model.safetensors.index.json` with every shard it lists, or else
 //! `model.safetensors`). [`OPTIONAL_FILES`] are fetched when the repository has them.
 //!
+//! hf-hub supplies the cache layout (folder names, refs, `blobs/`, `snapshots/`), the HTTP
+//! client with its token and user agent, file metadata, resumable downloads into blobs, and
+//! the repository info type. What it lacks is added here, each with a test in
+//! `tests/hub.rs`: timeouts on every request and on a stalled transfer
+//! (`a_stalled_download_times_out`), typed errors that say what to do offline or when the Hub
+//! refuses (`offline_with_missing_required_files_names_them`,
+//! `refused_and_unreachable_hubs_fail_fast_with_a_clear_error`), per-file progress and reuse
+//! of a blob another commit already has (`downloads_what_the_cache_lacks_then_works_offline`),
+//! and checks of repo ids, refs and indexes (`malformed_index_or_ref_is_a_typed_error`).
+//!
 //! Environment, read by [`HubOptions::new`] and when resolving the cache directory,
 //! with the meanings `huggingface_hub` gives them: `HF_HUB_OFFLINE`, `HF_TOKEN`,
 //! `HF_TOKEN_PATH`, `HF_ENDPOINT`, `HF_HUB_DOWNLOAD_TIMEOUT`, `HF_HUB_CACHE`, `HF_HOME`.
 
 use crate::error::{Error, Result};
 use hf_hub::api::sync::{Api, ApiBuilder, ApiError};
+use hf_hub::api::RepoInfo;
 use hf_hub::{Cache, Repo, RepoType};
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fmt;
@@ -548,19 +559,6 @@ fn read_index(ctx: &Ctx<'_>, path: &Path) -> Result<Vec<String>> {
     Ok(shards.into_iter().collect())
 }
 
-/// What the Hub's model info says about one revision.
-#[derive(serde::Deserialize)]
-struct RepoInfo {
-    sha: Option<String>,
-    #[serde(default)]
-    siblings: Vec<Sibling>,
-}
-
-#[derive(serde::Deserialize)]
-struct Sibling {
-    rfilename: String,
-}
-
 /// Downloads what the cache lacks for the revision and returns the complete snapshot.
 /// `missing` says what the local cache lacked, for errors.
 fn download_snapshot(
@@ -606,14 +604,12 @@ fn download_snapshot(
             "unexpected answer from {endpoint} to the file list request: {e}"
         ))
     })?;
-    let commit = match info.sha {
-        Some(sha) if is_commit_hash(&sha) => sha,
-        other => {
-            return Err(ctx.hub(format!(
-                "{endpoint} named no valid commit for the revision (got {other:?})"
-            )))
-        }
-    };
+    let commit = info.sha;
+    if !is_commit_hash(&commit) {
+        return Err(ctx.hub(format!(
+            "{endpoint} named no valid commit for the revision (got {commit:?})"
+        )));
+    }
     let remote: HashSet<&str> = info.siblings.iter().map(|s| s.rfilename.as_str()).collect();
     let not_in_repo = |file: &str| {
         ctx.file_missing(

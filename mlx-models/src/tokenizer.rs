@@ -560,24 +560,24 @@ fn read_text(path: &Path) -> Result<String> {
     std::fs::read_to_string(path).map_err(|e| Error::io(path, e))
 }
 
-/// Text from tokens generated one at a time.
+/// Text from tokens generated one at a time: `tokenizers`' `DecodeStream`, owning its
+/// tokenizer so that it can live in a generation stream.
 ///
 /// [`StreamDecoder::push`] returns the text each token completes. A character whose bytes are
 /// spread over several tokens is held back until its last byte arrives, so no chunk ever ends
 /// in a broken character (U+FFFD). The chunks followed by [`StreamDecoder::finish`] add up to
-/// `decode(all ids)`, SentencePiece's dropped leading space included: each step decodes a short
-/// window of recent tokens and emits what the new token added to it.
+/// `decode(all ids)`, SentencePiece's dropped leading space included. `DecodeStream` has no
+/// `finish`: that is what this type adds, with the vocabulary check of each id.
 #[derive(Clone, Debug)]
 pub struct StreamDecoder {
     tokenizer: Arc<tokenizers::Tokenizer>,
     skip_special_tokens: bool,
     ids: Vec<u32>,
-    /// `ids[window_start..]` is decoded at each step.
-    window_start: usize,
-    /// `ids[window_start..read_end]` decode to `prefix`, which was already emitted.
-    read_end: usize,
+    /// `DecodeStream`'s state: the ids it decodes, the text of `window[..prefix_index]`
+    /// (already emitted), and `prefix_index`.
+    window: Vec<u32>,
     prefix: String,
-    emitted: String,
+    prefix_index: usize,
 }
 
 impl StreamDecoder {
@@ -586,10 +586,9 @@ impl StreamDecoder {
             tokenizer,
             skip_special_tokens: false,
             ids: Vec::new(),
-            window_start: 0,
-            read_end: 0,
+            window: Vec::new(),
             prefix: String::new(),
-            emitted: String::new(),
+            prefix_index: 0,
         }
     }
 
@@ -603,47 +602,32 @@ impl StreamDecoder {
     /// (or the token adds no text).
     pub fn push(&mut self, id: u32) -> Result<Option<String>> {
         if self.tokenizer.id_to_token(id).is_none() {
-            return Err(Error::Tokenizer {
-                path: None,
-                message: format!(
-                    "token id {id} is not in the vocabulary of {} tokens",
-                    self.tokenizer.get_vocab_size(true)
-                ),
-            });
+            return Err(tokenizer_error(format!(
+                "token id {id} is not in the vocabulary of {} tokens",
+                self.tokenizer.get_vocab_size(true)
+            )));
         }
         self.ids.push(id);
-        let text = self.decode(&self.ids[self.window_start..])?;
-        if text.len() <= self.prefix.len() || text.ends_with('\u{FFFD}') {
-            return Ok(None);
-        }
-        let chunk = match text.strip_prefix(self.prefix.as_str()) {
-            Some(chunk) => chunk.to_owned(),
-            // The decoder rewrote earlier text: fall back to the whole sequence.
-            None => {
-                let full = self.decode(&self.ids)?;
-                match full.strip_prefix(self.emitted.as_str()) {
-                    Some(chunk) if !chunk.is_empty() => chunk.to_owned(),
-                    _ => return Ok(None),
-                }
-            }
-        };
-        self.window_start = self.read_end;
-        self.read_end = self.ids.len();
-        self.prefix = self.decode(&self.ids[self.window_start..self.read_end])?;
-        self.emitted.push_str(&chunk);
-        Ok(Some(chunk))
+        tokenizers::tokenizer::step_decode_stream(
+            &self.tokenizer,
+            vec![id],
+            self.skip_special_tokens,
+            &mut self.window,
+            &mut self.prefix,
+            &mut self.prefix_index,
+        )
+        .map_err(|e| tokenizer_error(e.to_string()))
     }
 
     /// The text still held back (a trailing incomplete character comes out as U+FFFD, as
     /// `decode` writes it).
     pub fn finish(self) -> Result<String> {
-        let text = self.decode(&self.ids[self.window_start..])?;
-        if let Some(rest) = text.strip_prefix(self.prefix.as_str()) {
-            return Ok(rest.to_owned());
-        }
-        let full = self.decode(&self.ids)?;
-        Ok(full
-            .strip_prefix(self.emitted.as_str())
+        let text = self
+            .tokenizer
+            .decode(&self.window, self.skip_special_tokens)
+            .map_err(|e| tokenizer_error(e.to_string()))?;
+        Ok(text
+            .strip_prefix(self.prefix.as_str())
             .unwrap_or_default()
             .to_owned())
     }
@@ -652,14 +636,12 @@ impl StreamDecoder {
     pub fn tokens(&self) -> &[u32] {
         &self.ids
     }
+}
 
-    fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.tokenizer
-            .decode(ids, self.skip_special_tokens)
-            .map_err(|e| Error::Tokenizer {
-                path: None,
-                message: e.to_string(),
-            })
+fn tokenizer_error(message: String) -> Error {
+    Error::Tokenizer {
+        path: None,
+        message,
     }
 }
 

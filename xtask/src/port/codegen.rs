@@ -1,9 +1,7 @@
 //! The model module a plan and its chosen variant make: config, how it maps onto the shared
 //! blocks, sanitize, load. Plain text here, formatted by rustfmt afterwards.
 
-use super::plan::{
-    Choice, Field, FieldType, Flag, LayerRule, PeriodSource, Plan, RopeRule, Scalar,
-};
+use super::plan::{Choice, Field, FieldType, Flag, LayerRule, Plan, RopeRule, Scalar};
 use mlx_models::transformer::{MlpLayout, NormPlacement, QkNorm};
 use serde_json::Value;
 use std::fmt::Write;
@@ -129,14 +127,7 @@ pub fn defaults_json(plan: &Plan) -> String {
 
 /// The family's `LayerRule` variant.
 pub fn layer_rule_expr(rule: &LayerRule) -> String {
-    match rule {
-        LayerRule::AllFull => "LayerRule::NoSliding".to_owned(),
-        LayerRule::All => "LayerRule::All".to_owned(),
-        LayerRule::Periodic(PeriodSource::Constant(p)) => format!("LayerRule::EveryNth({p})"),
-        LayerRule::Periodic(PeriodSource::Field(_)) => "LayerRule::Pattern".to_owned(),
-        LayerRule::FromLayer { .. } => "LayerRule::FromMaxWindowLayers".to_owned(),
-        LayerRule::NoRope { .. } => "LayerRule::WithoutRope".to_owned(),
-    }
+    format!("LayerRule::{rule:?}")
 }
 
 /// The module source for `plan` with `choice`, before rustfmt.

@@ -107,7 +107,7 @@ pub fn settings(plan: &Plan, choice: &Choice, config: &ConfigFile) -> Result<Dec
     };
     let windows = plan.sliding_window.is_some() || plan.layer_types_field;
     let rule = if windows {
-        plan.layer_rule.shared()
+        plan.layer_rule
     } else {
         LayerRule::NoSliding
     };

@@ -498,6 +498,39 @@ mod generator_tests {
         assert!(source.contains("NormKind::RmsPlusOne"));
     }
 
+    /// The port tool and the zoo share one `LayerRule`: on every family with committed facts
+    /// the plan derives (from Transformers' probes, through the zoo's own evaluation) the rule
+    /// its module passes to the layers.
+    #[test]
+    fn the_derived_layer_rule_is_the_one_each_module_uses() {
+        let root = workspace_root().join("tests/fixtures");
+        let mut checked = 0;
+        for entry in std::fs::read_dir(&root).expect("fixtures root") {
+            let dir = entry.expect("fixtures root").path();
+            if !dir.join("introspection.json").is_file() {
+                continue;
+            }
+            let mt = dir.file_name().unwrap().to_string_lossy().into_owned();
+            let plan = plan::plan(&facts(&mt), &mt);
+            let windows = plan.sliding_window.is_some() || plan.layer_types_field;
+            let expr = if windows {
+                codegen::layer_rule_expr(&plan.layer_rule)
+            } else {
+                "LayerRule::NoSliding".to_owned()
+            };
+            let module = std::fs::read_to_string(
+                workspace_root().join(format!("mlx-models/src/models/{mt}.rs")),
+            )
+            .expect("committed module");
+            assert!(
+                module.contains(&format!("d.layers({expr},")),
+                "{mt}: the plan derives {expr}"
+            );
+            checked += 1;
+        }
+        assert!(checked >= 10, "{checked} families with facts");
+    }
+
     #[test]
     fn a_parameter_no_block_takes_is_a_gap_not_a_module() {
         let mut facts = facts("qwen3");

@@ -2,6 +2,7 @@
 //! shared blocks, which config fields drive them, what is still undecided (tried against
 //! the fixtures) and what no known block can express (gaps).
 
+pub use mlx_models::family::LayerRule;
 use serde_json::Value;
 use std::collections::BTreeMap;
 
@@ -25,27 +26,6 @@ pub enum Scalar {
     InvField(String),
     /// `√hidden_size` (Gemma's embedding normalizer).
     SqrtHidden,
-}
-
-/// Which layers slide when a config has no `layer_types` (Transformers derives them).
-#[derive(Debug, Clone, PartialEq)]
-pub enum LayerRule {
-    /// No sliding layers at all.
-    AllFull,
-    /// Every layer slides when `sliding_window` is set.
-    All,
-    /// Every `period`-th layer is full (a constant or a field).
-    Periodic(PeriodSource),
-    /// Layers from `start` on slide when `enabled`.
-    FromLayer { enabled: String, start: String },
-    /// The layers without RoPE slide when `enabled`.
-    NoRope { enabled: String },
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub enum PeriodSource {
-    Constant(i32),
-    Field(String),
 }
 
 /// How many RoPE variants the layers use.
@@ -171,6 +151,7 @@ pub struct Plan {
     pub logits_scale: Scalar,
     pub sliding_window: Option<String>,
     pub layer_types_field: bool,
+    /// Which layers slide when a config has no `layer_types` (Transformers derives them).
     pub layer_rule: LayerRule,
     pub rope: Option<RopeRule>,
     pub no_rope: Option<NoRope>,
@@ -622,29 +603,15 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         );
     }
     let layer_rule = if sliding_window.is_none() {
-        LayerRule::AllFull
+        LayerRule::NoSliding
     } else {
         let rule = derive_layer_rule(&facts.layer_type_probes(), &defaults);
-        match &rule {
-            Some(LayerRule::Periodic(PeriodSource::Field(f))) => add(
-                &mut fields,
-                f,
-                FieldType::I32,
-                "every n-th layer is full attention",
-            ),
-            Some(LayerRule::FromLayer { enabled, start }) => {
-                add(&mut fields, enabled, FieldType::Bool, "sliding windows on");
-                add(&mut fields, start, FieldType::I32, "first sliding layer");
-            }
-            Some(LayerRule::NoRope { enabled }) => {
-                add(
-                    &mut fields,
-                    enabled,
-                    FieldType::Bool,
-                    "sliding windows on the layers without RoPE",
-                );
-            }
-            _ => {}
+        for (name, meaning) in rule.map_or(&[][..], LayerRule::fields) {
+            let kind = match *name {
+                "use_sliding_window" => FieldType::Bool,
+                _ => FieldType::I32,
+            };
+            add(&mut fields, name, kind, meaning);
         }
         rule.unwrap_or_else(|| {
             if layer_types_field {
@@ -900,89 +867,62 @@ fn norm_init_is_zero(facts: &Facts) -> bool {
         .is_some_and(|p| str_of(p, "init") == "zeros")
 }
 
-/// Finds the known rule that reproduces every probe, if any.
+/// Finds the zoo's rule that reproduces every probe, if any: each is evaluated by the zoo's
+/// own [`SlidingWindowConfig::layer_types`] on the probe's config over the defaults.
+///
+/// [`SlidingWindowConfig::layer_types`]: mlx_models::family::SlidingWindowConfig::layer_types
 fn derive_layer_rule(
     probes: &[(Value, Vec<String>)],
     defaults: &BTreeMap<String, Value>,
 ) -> Option<LayerRule> {
-    use mlx_models::transformer::LayerType;
+    use mlx_models::family::{NoRopeConfig, SlidingWindowConfig};
     if probes.is_empty() {
         return None;
     }
-    let mut candidates = vec![LayerRule::All, LayerRule::AllFull];
-    // A fixed period (Gemma 2: every 2nd layer full, OLMo 3: every 4th).
-    candidates.extend((2..=8).map(|p| LayerRule::Periodic(PeriodSource::Constant(p))));
-    for f in ["sliding_window_pattern", "sliding_window_period"] {
-        if defaults.contains_key(f) {
-            candidates.push(LayerRule::Periodic(PeriodSource::Field(f.to_owned())));
-        }
-    }
-    if defaults.contains_key("use_sliding_window") && defaults.contains_key("max_window_layers") {
-        candidates.push(LayerRule::FromLayer {
-            enabled: "use_sliding_window".to_owned(),
-            start: "max_window_layers".to_owned(),
-        });
-    }
-    if defaults.contains_key("use_sliding_window") && defaults.contains_key("no_rope_layers") {
-        candidates.push(LayerRule::NoRope {
-            enabled: "use_sliding_window".to_owned(),
-        });
-    }
-    let value = |config: &Value, name: &str| -> Option<Value> {
-        config
-            .get(name)
-            .cloned()
-            .or_else(|| defaults.get(name).cloned())
-    };
-    candidates.into_iter().find(|rule| {
-        probes.iter().all(|(config, expected)| {
-            let n = value(config, "num_hidden_layers")
-                .and_then(|v| v.as_u64())
-                .unwrap_or(0) as usize;
-            let window = value(config, "sliding_window")
-                .and_then(|v| v.as_i64())
-                .map(|w| w as i32);
-            let types = match rule {
-                LayerRule::All => LayerType::all(n, window),
-                LayerRule::AllFull => LayerType::all(n, None),
-                LayerRule::Periodic(PeriodSource::Constant(p)) => LayerType::periodic(n, *p),
-                LayerRule::Periodic(PeriodSource::Field(f)) => LayerType::periodic(
-                    n,
-                    value(config, f).and_then(|v| v.as_i64()).unwrap_or(0) as i32,
-                ),
-                LayerRule::FromLayer { enabled, start } => LayerType::from_layer(
-                    n,
-                    value(config, enabled)
-                        .and_then(|v| v.as_bool())
-                        .unwrap_or(false),
-                    value(config, start).and_then(|v| v.as_i64()).unwrap_or(0) as i32,
-                ),
-                LayerRule::NoRope { enabled } => LayerType::where_no_rope(
-                    &mlx_models::transformer::rope_layers(
-                        n,
-                        None,
-                        value(config, "no_rope_layer_interval")
-                            .and_then(|v| v.as_i64())
-                            .unwrap_or(0) as i32,
-                    ),
-                    value(config, enabled)
-                        .and_then(|v| v.as_bool())
-                        .unwrap_or(false),
-                ),
-            };
-            let names: Vec<String> = types
+    // A fixed period (Gemma 2: every 2nd layer full, OLMo 3: every 4th), then the rules that
+    // read fields, for the families whose configs have them.
+    let mut candidates = vec![LayerRule::All, LayerRule::NoSliding];
+    candidates.extend((2..=8).map(LayerRule::EveryNth));
+    candidates.extend(
+        [
+            LayerRule::Pattern,
+            LayerRule::FromMaxWindowLayers,
+            LayerRule::WithoutRope,
+            LayerRule::AllWhenEnabled,
+            LayerRule::AlternateBelowMaxWindowLayers,
+        ]
+        .into_iter()
+        .filter(|rule| {
+            rule.fields()
                 .iter()
-                .map(|t| match t {
-                    LayerType::FullAttention => "full_attention".to_owned(),
-                    LayerType::SlidingAttention => "sliding_attention".to_owned(),
-                    LayerType::ChunkedAttention => "chunked_attention".to_owned(),
-                    LayerType::LinearAttention => "linear_attention".to_owned(),
-                    LayerType::Mamba => "mamba".to_owned(),
-                    LayerType::Attention => "attention".to_owned(),
-                })
-                .collect();
-            &names == expected
-        })
+                .all(|(name, _)| defaults.contains_key(*name))
+                && (*rule != LayerRule::WithoutRope || defaults.contains_key("no_rope_layers"))
+        }),
+    );
+    let holds = |rule: LayerRule, config: &Value, expected: &[String]| {
+        let mut merged: serde_json::Map<String, Value> = defaults.clone().into_iter().collect();
+        if let Some(fields) = config.as_object() {
+            merged.extend(fields.clone());
+        }
+        merged.remove("layer_types");
+        let n = merged
+            .get("num_hidden_layers")
+            .and_then(Value::as_u64)
+            .unwrap_or(0) as usize;
+        let merged = Value::Object(merged);
+        let (Ok(windows), Ok(no_rope)) = (
+            serde_json::from_value::<SlidingWindowConfig>(merged.clone()),
+            serde_json::from_value::<NoRopeConfig>(merged),
+        ) else {
+            return false;
+        };
+        let types = windows.layer_types(n, rule, &no_rope.uses_rope(n));
+        serde_json::to_value(types).ok() == Some(Value::from(expected))
+    };
+    candidates.into_iter().find(|&rule| {
+        probes
+            .iter()
+            .all(|(config, expected)| holds(rule, config, expected))
     })
 }
 
@@ -1020,21 +960,6 @@ impl Plan {
                 ));
                 self.ignored.sort();
             }
-        }
-    }
-}
-
-impl LayerRule {
-    /// The rule as the generated module names it.
-    pub fn shared(&self) -> mlx_models::family::LayerRule {
-        use mlx_models::family::LayerRule as Shared;
-        match self {
-            LayerRule::AllFull => Shared::NoSliding,
-            LayerRule::All => Shared::All,
-            LayerRule::Periodic(PeriodSource::Constant(p)) => Shared::EveryNth(*p),
-            LayerRule::Periodic(PeriodSource::Field(_)) => Shared::Pattern,
-            LayerRule::FromLayer { .. } => Shared::FromMaxWindowLayers,
-            LayerRule::NoRope { .. } => Shared::WithoutRope,
         }
     }
 }
