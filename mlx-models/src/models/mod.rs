@@ -14,6 +14,7 @@ pub mod granite;
 pub mod granitemoe;
 pub mod granitemoehybrid;
 pub mod hunyuan_v1_moe;
+pub mod internlm3;
 pub mod jamba;
 pub mod lfm2;
 pub mod llama;
@@ -22,6 +23,7 @@ pub mod longcat_flash;
 pub mod mamba;
 pub mod mamba2;
 pub mod minimax_m2;
+pub mod ministral;
 pub mod mixtral;
 pub mod nemotron_h;
 pub mod olmo2;
@@ -65,6 +67,7 @@ pub const REGISTRY: &[(&str, Loader)] = &[
     ("granitemoe", family::load::<granitemoe::Config>),
     ("granitemoehybrid", family::load::<granitemoehybrid::Config>),
     ("hunyuan_v1_moe", family::load::<hunyuan_v1_moe::Config>),
+    ("internlm3", family::load::<internlm3::Config>),
     ("jamba", family::load::<jamba::Config>),
     ("kimi_k2", family::load::<deepseek_v3::Config>),
     ("lfm2", lfm2::load),
@@ -75,6 +78,7 @@ pub const REGISTRY: &[(&str, Loader)] = &[
     ("mamba", mamba::load),
     ("mamba2", mamba2::load),
     ("minimax_m2", family::load::<minimax_m2::Config>),
+    ("ministral", family::load::<ministral::Config>),
     ("mistral", family::load::<llama::Config>),
     ("mixtral", family::load::<mixtral::Config>),
     ("nemotron_h", nemotron_h::load),
