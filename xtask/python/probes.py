@@ -85,3 +85,70 @@ def norm_init(model):
     if weight is None:
         return None
     return float(weight.detach().flatten()[0])
+
+
+# Boolean fields that never change what a causal LM computes on one prompt.
+INERT_FLAGS = {
+    "use_cache",
+    "tie_word_embeddings",
+    "output_router_logits",
+    "return_dict",
+    "output_hidden_states",
+    "output_attentions",
+    "is_decoder",
+    "is_encoder_decoder",
+    "add_cross_attention",
+    "tie_encoder_decoder",
+    "torchscript",
+    "use_return_dict",
+}
+
+
+def flag_probes(architecture, small, build_config, tiny_model, model_type):
+    """What each boolean field of the tiny config does when flipped.
+
+    For every field whose tiny value is a bool: the parameters the flipped model adds
+    and removes (full names), and how far its logits move on a fixed prompt with every
+    weight the two models share copied over (`logits_max_abs`; `None` when the flipped
+    config is refused or the model cannot run). The port tool reads which flag puts a
+    bias on which projection from this, and refuses, in the module it writes, the values
+    of flags that change the computation in a way its plan does not read.
+    """
+    import torch
+
+    base_config = build_config(model_type, small)
+    base = tiny_model(architecture, base_config)
+    base_state = base.state_dict()
+    ids = torch.arange(1, 9).unsqueeze(0) % base_config.vocab_size
+    with torch.no_grad():
+        base_logits = base(input_ids=ids).logits
+    probes = []
+    resolved = base_config.to_dict()
+    for name in sorted(resolved):
+        value = resolved[name]
+        if not isinstance(value, bool) or name in INERT_FLAGS:
+            continue
+        entry = {"field": name, "value": not value}
+        try:
+            flipped_config = build_config(model_type, {**small, name: not value})
+            flipped = tiny_model(architecture, flipped_config)
+        except Exception as error:  # the class refuses the value
+            entry["error"] = f"{type(error).__name__}: {error}"[:200]
+            probes.append(entry)
+            continue
+        state = flipped.state_dict()
+        entry["added"] = sorted(set(state) - set(base_state))
+        entry["removed"] = sorted(set(base_state) - set(state))
+        shared = {
+            k: v for k, v in base_state.items() if k in state and state[k].shape == v.shape
+        }
+        flipped.load_state_dict(shared, strict=False)
+        try:
+            with torch.no_grad():
+                logits = flipped(input_ids=ids).logits
+            entry["logits_max_abs"] = float((logits - base_logits).abs().max())
+        except Exception as error:
+            entry["logits_max_abs"] = None
+            entry["error"] = f"{type(error).__name__}: {error}"[:200]
+        probes.append(entry)
+    return probes

@@ -39,6 +39,7 @@ pub mod qwen3_moe;
 pub mod qwen3_next;
 pub mod recurrent_gemma;
 pub mod smollm3;
+pub mod stablelm;
 pub mod starcoder2;
 
 use crate::config::ConfigFile;
@@ -97,6 +98,7 @@ pub const REGISTRY: &[(&str, Loader)] = &[
     ("qwen3_next", family::load::<qwen3_next::Config>),
     ("recurrent_gemma", family::load::<recurrent_gemma::Config>),
     ("smollm3", family::load::<smollm3::Config>),
+    ("stablelm", family::load::<stablelm::Config>),
     ("starcoder2", family::load::<starcoder2::Config>),
 ];
 

@@ -313,6 +313,19 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
         "fn settings(&self, config: &ConfigFile) -> Result<DecoderSettings> {{"
     );
     let _ = writeln!(w, "let d = &self.decoder;");
+    for (field, supported) in &plan.refused {
+        let value = if optional(plan, field) {
+            format!("self.{field}.unwrap_or({supported})")
+        } else {
+            format!("self.{field}")
+        };
+        let _ = writeln!(
+            w,
+            "config.ensure({}{value}, {field:?}, || {:?}.to_owned())?;",
+            if *supported { "" } else { "!" },
+            super::interpret::refusal(*supported)
+        );
+    }
     if attn.is_empty() {
         let _ = writeln!(w, "let attention = d.attention();");
     } else {

@@ -73,6 +73,9 @@ impl Reader<'_> {
 pub fn settings(plan: &Plan, choice: &Choice, config: &ConfigFile) -> Result<DecoderSettings> {
     let r = Reader { plan, config };
     let d: DecoderConfig = config.parse_with_defaults(&defaults_json(plan))?;
+    for (field, supported) in &plan.refused {
+        config.ensure(r.bool(field) == *supported, field, || refusal(*supported))?;
+    }
     let mut activation = Activation::from_config(
         config,
         &plan.act_field,
@@ -152,4 +155,12 @@ pub fn settings(plan: &Plan, choice: &Choice, config: &ConfigFile) -> Result<Dec
         final_logit_softcap: r.scalar(&plan.final_softcap)?,
         ..d.settings(attention, mlp, layers)
     })
+}
+
+/// Why a module refuses a boolean field's other value (the generated module says the same).
+pub fn refusal(supported: bool) -> String {
+    format!(
+        "only {supported} is supported: Transformers computes something else with {}, which this module does not implement",
+        !supported
+    )
 }

@@ -531,6 +531,71 @@ mod generator_tests {
         assert!(checked >= 10, "{checked} families with facts");
     }
 
+    /// The facts of qwen3 with these flag probes (each `(field, flipped value, added
+    /// parameters, logits moved)`), the bias fields of its config removed.
+    fn probed(probes: &[(&str, bool, &[&str], f64)]) -> Value {
+        let mut facts = facts("qwen3");
+        let fields = facts["config_fields"].as_object_mut().expect("an object");
+        fields.remove("attention_bias");
+        fields.remove("mlp_bias");
+        facts["flag_probes"] = probes
+            .iter()
+            .map(|(field, value, added, moved)| {
+                serde_json::json!({"field": field, "value": value, "added": added,
+                                   "removed": [], "logits_max_abs": moved})
+            })
+            .collect();
+        facts
+    }
+
+    #[test]
+    fn bias_placement_is_read_from_what_each_flag_adds() {
+        // One family's flag puts biases on q/k/v only, another's on o_proj too: the plan
+        // follows what flipping the flag added to Transformers' model, whatever its name.
+        let qkv = [
+            "model.layers.0.self_attn.q_proj.bias",
+            "model.layers.0.self_attn.k_proj.bias",
+            "model.layers.0.self_attn.v_proj.bias",
+        ];
+        let plan = plan::plan(&probed(&[("use_qkv_bias", true, &qkv, 0.0)]), "x");
+        assert_eq!(plan.qkv_bias, plan::Flag::Field("use_qkv_bias".into()));
+        assert_eq!(plan.o_bias, plan::Flag::Never);
+        let all = [qkv.as_slice(), &["model.layers.0.self_attn.o_proj.bias"]].concat();
+        let plan = plan::plan(&probed(&[("bias", true, &all, 0.0)]), "x");
+        assert_eq!(plan.qkv_bias, plan::Flag::Field("bias".into()));
+        assert_eq!(plan.o_bias, plan::Flag::Field("bias".into()));
+        let mlp = ["model.layers.0.mlp.gate_proj.bias"];
+        let plan = plan::plan(&probed(&[("ffn_bias", true, &mlp, 0.0)]), "x");
+        assert_eq!(plan.mlp_bias, plan::Flag::Field("ffn_bias".into()));
+        assert!(plan.refused.is_empty());
+    }
+
+    #[test]
+    fn a_flag_that_changes_the_model_unread_is_refused_in_the_module() {
+        // A parallel-residual switch: no parameter changes, the logits move.
+        let facts = probed(&[
+            ("use_parallel_residual", true, &[], 0.37),
+            ("quiet", true, &[], 0.0),
+        ]);
+        let mut plan = plan::plan(&facts, "x");
+        assert_eq!(
+            plan.refused,
+            vec![("use_parallel_residual".to_owned(), false)]
+        );
+        assert!(!plan.fields.iter().any(|f| f.name == "quiet"));
+        let choice = plan.choices[0].clone();
+        plan.settle(&choice);
+        let source = codegen::module_source(&plan, &choice);
+        assert!(source.contains("config.ensure(!self.use_parallel_residual"));
+        // The candidate search refuses it the same way.
+        let mut config =
+            ConfigFile::read(&workspace_root().join("tests/fixtures/qwen3/default/config.json"))
+                .expect("config");
+        config.value["use_parallel_residual"] = Value::Bool(true);
+        let err = interpret::settings(&plan, &choice, &config).expect_err("refused");
+        assert!(err.to_string().contains("use_parallel_residual"), "{err}");
+    }
+
     #[test]
     fn a_parameter_no_block_takes_is_a_gap_not_a_module() {
         let mut facts = facts("qwen3");

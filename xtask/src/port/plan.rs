@@ -163,6 +163,8 @@ pub struct Plan {
     pub gaps: Vec<String>,
     /// config fields the module does not read, with a reason.
     pub ignored: Vec<(String, String)>,
+    /// Boolean fields the module reads only to refuse all but the value given here.
+    pub refused: Vec<(String, bool)>,
     /// parameter name (layer 0 or top level) → the block that takes it.
     pub weight_map: Vec<(String, String)>,
 }
@@ -272,6 +274,70 @@ impl<'a> Facts<'a> {
 
     fn no_rope_probes(&self) -> Vec<(Value, Vec<String>)> {
         probes(self.value.get("no_rope_probes"), "no_rope_layers")
+    }
+
+    /// What flipping each boolean field did to the tiny model (empty for facts recorded
+    /// before the probes existed).
+    fn flag_probes(&self) -> Vec<FlagProbe> {
+        let names = |p: &Value, key: &str| -> Vec<String> {
+            p.get(key)
+                .and_then(Value::as_array)
+                .map(|a| {
+                    a.iter()
+                        .filter_map(Value::as_str)
+                        .map(str::to_owned)
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        self.value
+            .get("flag_probes")
+            .and_then(Value::as_array)
+            .map(|ps| {
+                ps.iter()
+                    .filter_map(|p| {
+                        Some(FlagProbe {
+                            field: p.get("field")?.as_str()?.to_owned(),
+                            value: p.get("value")?.as_bool()?,
+                            added: names(p, "added"),
+                            removed: names(p, "removed"),
+                            logits_max_abs: p.get("logits_max_abs").and_then(Value::as_f64),
+                            refused: p.get("error").is_some(),
+                        })
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+/// One boolean config field flipped on the tiny model (`introspect.py`'s flag probes).
+#[derive(Debug, Clone)]
+pub struct FlagProbe {
+    pub field: String,
+    /// The flipped value.
+    pub value: bool,
+    /// Parameters the flipped model has and the tiny one lacks, and the other way round.
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    /// How far the logits moved, the shared weights copied over.
+    pub logits_max_abs: Option<f64>,
+    /// The config class or the model refused the flipped value.
+    pub refused: bool,
+}
+
+impl FlagProbe {
+    /// Whether the flip changes what the model computes.
+    pub fn changes_the_model(&self) -> bool {
+        !self.added.is_empty()
+            || !self.removed.is_empty()
+            || self.logits_max_abs.is_some_and(|d| d > 0.0)
+    }
+
+    /// The field turns `param` on: flipping it to true adds it, or to false removes it.
+    fn switches(&self, param: &str) -> bool {
+        (self.value && self.added.iter().any(|p| p == param))
+            || (!self.value && self.removed.iter().any(|p| p == param))
     }
 }
 
@@ -387,7 +453,19 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
             .and_then(Value::as_bool)
             .unwrap_or(false)
     };
+    let flag_probes = facts.flag_probes();
+    // Which field switches `param` on, as Transformers computes it: the flag probes.
+    let probed = |param: &str| -> Option<Flag> {
+        let full = format!("model.layers.0.{param}");
+        flag_probes
+            .iter()
+            .find(|p| p.switches(&full))
+            .map(|p| Flag::Field(p.field.clone()))
+    };
     let bias_flag = |param: &str| -> Flag {
+        if let Some(flag) = probed(param) {
+            return flag;
+        }
         let present = has(param);
         match bias_field {
             // The field controls it unless the instance contradicts the field's value.
@@ -458,6 +536,7 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         MlpLayout::Plain => "mlp.c_fc.bias",
     };
     let mlp_bias = match ["mlp_bias", "use_bias"].into_iter().find(|f| has_field(f)) {
+        _ if probed(mlp_bias_param).is_some() => probed(mlp_bias_param).expect("just found"),
         Some(f) if field_value(f) == has(mlp_bias_param) => Flag::Field(f.to_owned()),
         _ if has(mlp_bias_param) => Flag::Always,
         _ => Flag::Never,
@@ -785,6 +864,52 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         }
     }
 
+    // Boolean fields that change what Transformers computes (the flag probes) but that
+    // nothing above reads: the module accepts the value the fixtures verify and refuses
+    // the other with a typed error, rather than computing something else silently.
+    let read_by_the_shared_config = [
+        "tie_word_embeddings",
+        "attention_bias",
+        "mlp_bias",
+        "use_sliding_window",
+    ];
+    let mut refused = Vec::new();
+    for p in &flag_probes {
+        let read = fields.iter().any(|f| f.name == p.field)
+            || read_by_the_shared_config.contains(&p.field.as_str())
+            || INERT.contains(&p.field.as_str());
+        if read || p.refused || !p.changes_the_model() {
+            continue;
+        }
+        add(
+            &mut fields,
+            &p.field,
+            FieldType::Bool,
+            "checked: the value the fixtures verify, the other refused",
+        );
+        decisions.push(format!(
+            "`{}` = {} changes the model ({}): refused",
+            p.field,
+            p.value,
+            if p.added.is_empty() && p.removed.is_empty() {
+                format!("logits move by {:.3e}", p.logits_max_abs.unwrap_or(0.0))
+            } else {
+                format!(
+                    "parameters added {:?}, removed {:?}",
+                    p.added
+                        .iter()
+                        .filter(|n| !n.contains("layers.1."))
+                        .collect::<Vec<_>>(),
+                    p.removed
+                        .iter()
+                        .filter(|n| !n.contains("layers.1."))
+                        .collect::<Vec<_>>()
+                )
+            }
+        ));
+        refused.push((p.field.clone(), !p.value));
+    }
+
     // Fields read vs ignored.
     let mut ignored = Vec::new();
     let rope_fields = [
@@ -852,6 +977,7 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         decisions,
         gaps,
         ignored,
+        refused,
         weight_map,
     }
 }
