@@ -79,6 +79,8 @@ pub enum MlpLayout {
     FusedGated,
     /// `c_proj(act(c_fc(x)))` (StarCoder 2).
     Plain,
+    /// `down_proj(act(up_proj(x)))`, no gate (Arcee, Nemotron).
+    UpDown,
 }
 
 /// The MLP of every layer.
@@ -109,6 +111,11 @@ pub enum Mlp {
         c_proj: Linear,
         act: Activation,
     },
+    UpDown {
+        up_proj: Linear,
+        down_proj: Linear,
+        act: Activation,
+    },
 }
 
 impl Mlp {
@@ -133,6 +140,11 @@ impl Mlp {
                 c_proj: Linear::load(&w.pp("c_proj"), inter, hidden, bias)?,
                 act,
             },
+            MlpLayout::UpDown => Mlp::UpDown {
+                up_proj: Linear::load(&w.pp("up_proj"), hidden, inter, bias)?,
+                down_proj: Linear::load(&w.pp("down_proj"), inter, hidden, bias)?,
+                act,
+            },
         })
     }
 
@@ -154,12 +166,13 @@ impl Mlp {
                 act.apply(&parts[0])?.multiply(&parts[1])?
             }
             Mlp::Plain { c_fc, act, .. } => act.apply(&c_fc.forward(x)?)?,
+            Mlp::UpDown { up_proj, act, .. } => act.apply(&up_proj.forward(x)?)?,
         };
         tap.record("mlp.hidden", &hidden);
         let out = match self {
-            Mlp::Gated { down_proj, .. } | Mlp::FusedGated { down_proj, .. } => {
-                down_proj.forward(&hidden)?
-            }
+            Mlp::Gated { down_proj, .. }
+            | Mlp::FusedGated { down_proj, .. }
+            | Mlp::UpDown { down_proj, .. } => down_proj.forward(&hidden)?,
             Mlp::Plain { c_proj, .. } => c_proj.forward(&hidden)?,
         };
         tap.record("mlp.out", &out);

@@ -521,7 +521,7 @@ impl SparseMoe {
                 let (layout, activation) = match s.activation {
                     ExpertActivation::Glu(act) => (MlpLayout::Gated, act),
                     ExpertActivation::ClampedSwiglu { .. } => (MlpLayout::Gated, Activation::Silu),
-                    ExpertActivation::Plain(act) => (MlpLayout::Plain, act),
+                    ExpertActivation::Plain(act) => (MlpLayout::UpDown, act),
                 };
                 let mlp = MlpSettings {
                     intermediate_size: shared.intermediate_size,

@@ -45,6 +45,12 @@ pub enum NormPlacement {
     /// Both: `x + post_attention_layernorm(attn(input_layernorm(x)))`, then
     /// `x + post_feedforward_layernorm(mlp(pre_feedforward_layernorm(x)))` (Gemma 2 and 3).
     Sandwich,
+    /// Attention and MLP side by side on one norm: `x + attn(h) + mlp(h)` with
+    /// `h = input_layernorm(x)` (Cohere, Phi).
+    Parallel,
+    /// Side by side on a norm each: `x + attn(input_layernorm(x)) +
+    /// mlp(post_attention_layernorm(x))` (GPT-NeoX).
+    ParallelTwoNorms,
 }
 
 /// A layer's feed-forward block.
@@ -569,17 +575,19 @@ impl DecoderLayer {
     pub fn load(w: &WeightPath, s: &DecoderSettings, layer: &LayerSettings) -> Result<Self> {
         let norm = |name: &str| Norm::load(&w.pp(name), s.norm, s.hidden_size, s.norm_eps);
         let (pre, post) = match s.norm_placement {
-            NormPlacement::Pre => (true, false),
+            NormPlacement::Pre | NormPlacement::ParallelTwoNorms => (true, false),
             NormPlacement::Post => (false, true),
             NormPlacement::Sandwich => (true, true),
+            NormPlacement::Parallel => (true, false),
         };
+        let one_norm = s.norm_placement == NormPlacement::Parallel;
         Ok(DecoderLayer {
             self_attn: Mixer::load(&w.pp(Mixer::weight_path(layer.mixer)), s, layer)?,
             mlp: FeedForward::load(&w.pp("mlp"), s, layer)?,
             input_layernorm: (pre && layer.mixer != MixerKind::None)
                 .then(|| norm("input_layernorm"))
                 .transpose()?,
-            post_attention_layernorm: (layer.feed_forward != FeedForwardKind::None)
+            post_attention_layernorm: (layer.feed_forward != FeedForwardKind::None && !one_norm)
                 .then(|| norm("post_attention_layernorm"))
                 .transpose()?,
             pre_feedforward_layernorm: (pre && post)
@@ -595,7 +603,27 @@ impl DecoderLayer {
     }
 
     pub fn forward(&self, x: &Array, cache: &mut LayerCache, tap: &mut Tap) -> Result<Array> {
+        if let NormPlacement::Parallel | NormPlacement::ParallelTwoNorms = self.placement {
+            if !matches!(self.mlp, FeedForward::None) && !matches!(self.self_attn, Mixer::None) {
+                let h = norm_opt(&self.input_layernorm, x)?;
+                let attn = self.self_attn.forward(&h, cache, tap)?;
+                let mlp_in = match &self.post_attention_layernorm {
+                    Some(n) => n.forward(x)?,
+                    None => h,
+                };
+                let out = self.mlp.forward(&mlp_in, tap)?;
+                return Ok(x
+                    .add(scale(&attn, self.residual_scale)?)?
+                    .add(scale(&out, self.residual_scale)?)?);
+            }
+        }
         let (attn_in, attn_out_norm, mlp_in_norm, mlp_out_norm) = match self.placement {
+            NormPlacement::Parallel | NormPlacement::ParallelTwoNorms => (
+                &self.input_layernorm,
+                None,
+                self.post_attention_layernorm.as_ref(),
+                None,
+            ),
             NormPlacement::Pre => (
                 &self.input_layernorm,
                 None,

@@ -205,7 +205,7 @@ impl DecoderFamily for Config {
             AttentionSettings::new(heads, self.num_key_value_heads.unwrap_or(heads), head_dim);
         let mlp = MlpSettings {
             intermediate_size: self.intermediate_size,
-            layout: MlpLayout::Plain,
+            layout: MlpLayout::UpDown,
             activation: act,
             bias: self.mlp_bias,
         };
@@ -306,11 +306,7 @@ impl DecoderFamily for Config {
             };
             Some(
                 format!("{prefix}{rest}")
-                    // The ungated MLPs under the names the plain MLP block reads.
-                    .replacen(".mlp.up_proj.", ".mlp.c_fc.", 1)
-                    .replacen(".mlp.down_proj.", ".mlp.c_proj.", 1)
-                    .replacen(".shared_experts.up_proj.", ".shared_expert.c_fc.", 1)
-                    .replacen(".shared_experts.down_proj.", ".shared_expert.c_proj.", 1)
+                    .replacen(".shared_experts.", ".shared_expert.", 1)
                     // mlx-lm's stacked experts.
                     .replacen(".switch_mlp.fc1.", ".switch_mlp.up_proj.", 1)
                     .replacen(".switch_mlp.fc2.", ".switch_mlp.down_proj.", 1),

@@ -339,6 +339,7 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
         MlpLayout::Gated => "MlpLayout::Gated",
         MlpLayout::FusedGated => "MlpLayout::FusedGated",
         MlpLayout::Plain => "MlpLayout::Plain",
+        MlpLayout::UpDown => "MlpLayout::UpDown",
     };
     if by_default(&plan.mlp_bias, "mlp_bias") {
         let _ = writeln!(w, "let mlp = d.mlp({layout}, {act});");
@@ -449,6 +450,8 @@ pub fn structure_summary(plan: &Plan, choice: &Choice) -> Vec<String> {
         NormPlacement::Pre => "Pre-norm blocks: `input_layernorm` before attention, `post_attention_layernorm` before the MLP.".to_owned(),
         NormPlacement::Post => "Post-norm blocks: `post_attention_layernorm` on the attention output, `post_feedforward_layernorm` on the MLP output, both before the residual add.".to_owned(),
         NormPlacement::Sandwich => "Sandwich norms: `input_layernorm`/`post_attention_layernorm` around attention, `pre_feedforward_layernorm`/`post_feedforward_layernorm` around the MLP.".to_owned(),
+        NormPlacement::Parallel => "Parallel blocks: attention and MLP side by side on one `input_layernorm`, both added to the residual.".to_owned(),
+        NormPlacement::ParallelTwoNorms => "Parallel blocks: attention on `input_layernorm(x)` and MLP on `post_attention_layernorm(x)`, both added to the residual.".to_owned(),
     });
     lines.push(match (&plan.layer_norm, choice.norm_plus_one) {
         (Some(_), _) => {
@@ -495,6 +498,7 @@ pub fn structure_summary(plan: &Plan, choice: &Choice) -> Vec<String> {
             "MLP: one `gate_up_proj` (gate rows first), `down_proj`.".to_owned()
         }
         MlpLayout::Plain => "MLP: `c_proj(act(c_fc(x)))`.".to_owned(),
+        MlpLayout::UpDown => "MLP: `down_proj(act(up_proj(x)))`, no gate.".to_owned(),
     });
     match (&plan.rope, &plan.no_rope) {
         (None, _) => lines.push("No RoPE.".to_owned()),

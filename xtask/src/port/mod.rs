@@ -511,6 +511,10 @@ mod generator_tests {
                 continue;
             }
             let mt = dir.file_name().unwrap().to_string_lossy().into_owned();
+            // A family the tool could not port yet has facts but no module.
+            if !mlx_models::models::supported_model_types().contains(&mt.as_str()) {
+                continue;
+            }
             let plan = plan::plan(&facts(&mt), &mt);
             let windows = plan.sliding_window.is_some() || plan.layer_types_field;
             let expr = if windows {

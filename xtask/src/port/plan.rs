@@ -526,14 +526,20 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         MlpLayout::Gated
     } else if has("mlp.c_fc.weight") {
         MlpLayout::Plain
+    } else if has("mlp.up_proj.weight") && has("mlp.down_proj.weight") {
+        MlpLayout::UpDown
     } else {
-        gaps.push("MLP has none of gate_proj/up_proj, gate_up_proj, c_fc/c_proj".to_owned());
+        gaps.push(
+            "MLP has none of gate_proj/up_proj, gate_up_proj, c_fc/c_proj, up_proj/down_proj"
+                .to_owned(),
+        );
         MlpLayout::Gated
     };
     let mlp_bias_param = match mlp_layout {
         MlpLayout::Gated => "mlp.gate_proj.bias",
         MlpLayout::FusedGated => "mlp.gate_up_proj.bias",
         MlpLayout::Plain => "mlp.c_fc.bias",
+        MlpLayout::UpDown => "mlp.up_proj.bias",
     };
     let mlp_bias = match ["mlp_bias", "use_bias"].into_iter().find(|f| has_field(f)) {
         _ if probed(mlp_bias_param).is_some() => probed(mlp_bias_param).expect("just found"),
@@ -556,7 +562,13 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         .filter(|n| has(&format!("{n}.weight")))
         .collect();
     let placements: Vec<NormPlacement> = match present.as_slice() {
-        ["input_layernorm", "post_attention_layernorm"] => vec![NormPlacement::Pre],
+        // Both norms before the residual stream's two sub-blocks: in sequence (Llama) or
+        // side by side (GPT-NeoX); the fixtures tell.
+        ["input_layernorm", "post_attention_layernorm"] => {
+            vec![NormPlacement::Pre, NormPlacement::ParallelTwoNorms]
+        }
+        // One norm per layer: attention and MLP side by side on it (Cohere, Phi).
+        ["input_layernorm"] => vec![NormPlacement::Parallel],
         ["post_attention_layernorm", "post_feedforward_layernorm"] => vec![NormPlacement::Post],
         [_, _, _, _] => vec![NormPlacement::Sandwich],
         other => {
