@@ -1,6 +1,7 @@
 //! The model zoo: one module per architecture family, and the registry from
 //! `model_type` to module.
 
+pub mod arcee;
 pub mod deepseek_v2;
 pub mod deepseek_v3;
 pub mod falcon_h1;
@@ -54,6 +55,7 @@ pub type Loader = fn(&ConfigFile, Weights) -> Result<Box<dyn LanguageModel>>;
 
 /// Every supported `model_type` and the module that implements it.
 pub const REGISTRY: &[(&str, Loader)] = &[
+    ("arcee", family::load::<arcee::Config>),
     ("deepseek_v2", family::load::<deepseek_v2::Config>),
     ("deepseek_v3", family::load::<deepseek_v3::Config>),
     ("falcon_h1", falcon_h1::load),
