@@ -166,13 +166,23 @@ fn rope_check(fixture: &Fixture, rope: Option<&Rope>, name: &str) -> Result<Opti
     // Transformers records either `[positions, dims]` (each frequency twice, halves style)
     // or one value per frequency (gpt-oss, Llama 4's complex rotations); the manifest names
     // the layout the model pairs features in (`pairs`: 2i with 2i + 1, else halves).
-    let pairs = fixture.manifest.rope_layout.as_deref() == Some("pairs");
+    // A model that rotates adjacent pairs (RoPE `traditional`) pairs its features so
+    // whatever the manifest says; Transformers' full-width tables of such a model
+    // (Cohere's `repeat_interleave`) hold each frequency twice in a row.
+    let pairs =
+        fixture.manifest.rope_layout.as_deref() == Some("pairs") || rope.config().traditional;
     let (mut cos, mut sin) = rope.cos_sin_per_frequency(positions, seq_len, pairs)?;
     if cos.len() * 2 == cos_ref.len() {
         let half = cos.len() / positions.len().max(1);
         let repeat = |v: Vec<f32>| -> Vec<f32> {
             v.chunks(half.max(1))
-                .flat_map(|row| row.iter().chain(row).copied())
+                .flat_map(|row| {
+                    if pairs {
+                        row.iter().flat_map(|&c| [c, c]).collect::<Vec<_>>()
+                    } else {
+                        row.iter().chain(row).copied().collect()
+                    }
+                })
                 .collect()
         };
         (cos, sin) = (repeat(cos), repeat(sin));

@@ -713,6 +713,7 @@ def introspect(model_type: str, config_override: dict | None, replace: bool, che
         "default_theta": jsonable(getattr(config_class, "default_theta", None)),
         "no_rope_probes": probes.no_rope_probes(config_class, fields),
         "flag_probes": probes.flag_probes(architecture, small, build_config, tiny_model, model_type),
+        "scalar_probes": probes.scalar_probes(architecture, small, build_config, tiny_model, model_type),
         "variants": spec["variants"],
     }
     return facts, spec

@@ -152,3 +152,45 @@ def flag_probes(architecture, small, build_config, tiny_model, model_type):
             entry["error"] = f"{type(error).__name__}: {error}"[:200]
         probes.append(entry)
     return probes
+
+
+def scalar_probes(architecture, small, build_config, tiny_model, model_type):
+    """Which float fields scale the logits: each set to twice its tiny value, the same
+    weights loaded; `"multiplies"` when the logits double, `"divides"` when they halve,
+    else how far they moved (`None` if the doubled value is refused)."""
+    import torch
+
+    base_config = build_config(model_type, small)
+    base = tiny_model(architecture, base_config)
+    state = base.state_dict()
+    ids = torch.arange(1, 9).unsqueeze(0) % base_config.vocab_size
+    with torch.no_grad():
+        base_logits = base(input_ids=ids).logits.double()
+    probes = []
+    resolved = base_config.to_dict()
+    for name in sorted(resolved):
+        value = resolved[name]
+        if isinstance(value, bool) or not isinstance(value, float) or value == 0.0:
+            continue
+        if "dropout" in name or name in ("initializer_range",) or "rope" in name:
+            continue
+        entry = {"field": name}
+        try:
+            probed = tiny_model(architecture, build_config(model_type, {**small, name: 2 * value}))
+            probed.load_state_dict(state)
+            with torch.no_grad():
+                logits = probed(input_ids=ids).logits.double()
+        except Exception as error:
+            entry["effect"] = None
+            entry["error"] = f"{type(error).__name__}: {error}"[:200]
+            probes.append(entry)
+            continue
+        scale = float(base_logits.abs().max())
+        if torch.allclose(logits, 2 * base_logits, atol=1e-6 * scale, rtol=1e-5):
+            entry["effect"] = "multiplies"
+        elif torch.allclose(logits, base_logits / 2, atol=1e-6 * scale, rtol=1e-5):
+            entry["effect"] = "divides"
+        else:
+            entry["effect"] = float((logits - base_logits).abs().max())
+        probes.append(entry)
+    return probes

@@ -2,6 +2,7 @@
 //! `model_type` to module.
 
 pub mod arcee;
+pub mod cohere;
 pub mod deepseek_v2;
 pub mod deepseek_v3;
 pub mod falcon_h1;
@@ -56,6 +57,7 @@ pub type Loader = fn(&ConfigFile, Weights) -> Result<Box<dyn LanguageModel>>;
 /// Every supported `model_type` and the module that implements it.
 pub const REGISTRY: &[(&str, Loader)] = &[
     ("arcee", family::load::<arcee::Config>),
+    ("cohere", family::load::<cohere::Config>),
     ("deepseek_v2", family::load::<deepseek_v2::Config>),
     ("deepseek_v3", family::load::<deepseek_v3::Config>),
     ("falcon_h1", falcon_h1::load),

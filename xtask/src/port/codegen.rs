@@ -220,7 +220,16 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
         transformer.push("NormKind");
     }
     if plan.eps_field != "rms_norm_eps" {
-        model.push(format!("norm_eps: {}", field_expr(plan, &plan.eps_field)));
+        let eps = match plan.fields.iter().find(|f| f.name == plan.eps_field) {
+            // A nullable field: Transformers' default (the interpreter's too) when null.
+            Some(f) if f.optional() => format!(
+                "self.{}.unwrap_or({})",
+                f.name,
+                float(f.default.as_f64().unwrap_or(1e-6))
+            ),
+            _ => field_expr(plan, &plan.eps_field),
+        };
+        model.push(format!("norm_eps: {eps}"));
     }
     if choice.norm_placement != NormPlacement::Pre {
         model.push(format!(

@@ -147,7 +147,14 @@ pub fn settings(plan: &Plan, choice: &Choice, config: &ConfigFile) -> Result<Dec
     };
     Ok(DecoderSettings {
         norm,
-        norm_eps: r.f64_opt(&plan.eps_field).unwrap_or(1e-6),
+        // A null epsilon is Transformers' default, as in the generated module.
+        norm_eps: r
+            .f64_opt(&plan.eps_field)
+            .or_else(|| {
+                let field = plan.fields.iter().find(|f| f.name == plan.eps_field);
+                field.and_then(|f| f.default.as_f64())
+            })
+            .unwrap_or(1e-6),
         norm_placement: choice.norm_placement,
         embedding_scale: r.scalar(&choice.embedding_scale)?,
         residual_scale: r.scalar(&plan.residual_scale)?,

@@ -276,6 +276,25 @@ impl<'a> Facts<'a> {
         probes(self.value.get("no_rope_probes"), "no_rope_layers")
     }
 
+    /// The float fields whose doubling doubled (`multiplies`) or halved (`divides`) the
+    /// tiny model's logits.
+    fn scalar_probes(&self) -> Vec<(String, String)> {
+        self.value
+            .get("scalar_probes")
+            .and_then(Value::as_array)
+            .map(|ps| {
+                ps.iter()
+                    .filter_map(|p| {
+                        Some((
+                            p.get("field")?.as_str()?.to_owned(),
+                            p.get("effect")?.as_str()?.to_owned(),
+                        ))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// What flipping each boolean field did to the tiny model (empty for facts recorded
     /// before the probes existed).
     fn flag_probes(&self) -> Vec<FlagProbe> {
@@ -661,12 +680,37 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         Scalar::Field,
         "sub-block outputs scale",
     );
-    let logits_scale = scalar(
-        &mut fields,
-        &["logits_scaling"],
-        Scalar::InvField,
-        "logits divided by it",
-    );
+    // Which field scales the logits, as Transformers computes it: doubling it doubles
+    // (or halves) them on the tiny model (the scalar probes); else Granite's name.
+    let probed_logits = facts
+        .scalar_probes()
+        .into_iter()
+        .find_map(|(field, effect)| match effect.as_str() {
+            "multiplies" => Some((
+                field,
+                Scalar::Field as fn(String) -> Scalar,
+                "logits times it",
+            )),
+            "divides" => Some((
+                field,
+                Scalar::InvField as fn(String) -> Scalar,
+                "logits divided by it",
+            )),
+            _ => None,
+        });
+    let logits_scale = match probed_logits {
+        Some((field, make, role)) => {
+            add(&mut fields, &field, FieldType::F64, role);
+            decisions.push(format!("`{field}` scales the logits ({role}): doubling it on the tiny model did the same to them"));
+            make(field)
+        }
+        None => scalar(
+            &mut fields,
+            &["logits_scaling"],
+            Scalar::InvField,
+            "logits divided by it",
+        ),
+    };
     let embedding_field = scalar(
         &mut fields,
         &["embedding_multiplier"],
