@@ -545,3 +545,24 @@ pub fn layer_index(name: &str) -> Option<usize> {
         .parse()
         .ok()
 }
+
+/// `name` with the module path under `model.layers.{i}.` renamed: each `(from, to)` is a
+/// module path under the layer (`"post_mlp_layernorm"`, `"self_attn.query_layernorm"`),
+/// and the first that matches applies, so renames may swap names. What a family whose
+/// checkpoints name a block otherwise than the shared blocks load uses in `sanitize`.
+pub fn rename_layer_module(name: &str, renames: &[(&str, &str)]) -> String {
+    let Some(rest) = name.strip_prefix("model.layers.") else {
+        return name.to_owned();
+    };
+    let Some((index, path)) = rest.split_once('.') else {
+        return name.to_owned();
+    };
+    for (from, to) in renames {
+        if let Some(tail) = path.strip_prefix(from) {
+            if tail.starts_with('.') {
+                return format!("model.layers.{index}.{to}{tail}");
+            }
+        }
+    }
+    name.to_owned()
+}

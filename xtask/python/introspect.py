@@ -714,6 +714,7 @@ def introspect(model_type: str, config_override: dict | None, replace: bool, che
         "no_rope_probes": probes.no_rope_probes(config_class, fields),
         "flag_probes": probes.flag_probes(architecture, small, build_config, tiny_model, model_type),
         "scalar_probes": probes.scalar_probes(architecture, small, build_config, tiny_model, model_type),
+        "call_trace": probes.call_trace(model, resolved.vocab_size),
         "variants": spec["variants"],
     }
     return facts, spec

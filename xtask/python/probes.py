@@ -194,3 +194,45 @@ def scalar_probes(architecture, small, build_config, tiny_model, model_type):
             entry["effect"] = float((logits - base_logits).abs().max())
         probes.append(entry)
     return probes
+
+
+def call_trace(model, vocab_size):
+    """The calls into decoder layer 0's modules during one forward pass, in order:
+    `{"event": "enter"|"exit", "module": name relative to the layer, "class": ...,
+    "input": checksum, "output": checksum}`. A checksum is the sum and the sum of squares
+    of the first floating-point tensor, enough to tell which module fed which."""
+    import torch
+
+    layers = model.model.layers
+    layer = layers[0]
+    events = []
+
+    def checksum(value):
+        if isinstance(value, (tuple, list)):
+            value = next((v for v in value if torch.is_tensor(v) and v.is_floating_point()), None)
+        if not torch.is_tensor(value) or not value.is_floating_point():
+            return None
+        v = value.detach().double()
+        return [round(float(v.sum()), 6), round(float((v * v).sum()), 6)]
+
+    handles = []
+    for name, module in layer.named_modules():
+        def enter(module, args, kwargs, name=name):
+            first = args[0] if args else next(iter(kwargs.values()), None)
+            events.append({"event": "enter", "module": name, "class": type(module).__name__,
+                           "input": checksum(first)})
+
+        def exit(module, args, kwargs, output, name=name):
+            events.append({"event": "exit", "module": name, "class": type(module).__name__,
+                           "output": checksum(output)})
+
+        handles.append(module.register_forward_pre_hook(enter, with_kwargs=True))
+        handles.append(module.register_forward_hook(exit, with_kwargs=True))
+    ids = torch.arange(1, 9).unsqueeze(0) % vocab_size
+    try:
+        with torch.no_grad():
+            model(input_ids=ids)
+    finally:
+        for h in handles:
+            h.remove()
+    return events

@@ -15,6 +15,7 @@ pub mod gpt_oss;
 pub mod granite;
 pub mod granitemoe;
 pub mod granitemoehybrid;
+pub mod hunyuan_v1_dense;
 pub mod hunyuan_v1_moe;
 pub mod internlm3;
 pub mod jamba;
@@ -71,6 +72,7 @@ pub const REGISTRY: &[(&str, Loader)] = &[
     ("granite", family::load::<granite::Config>),
     ("granitemoe", family::load::<granitemoe::Config>),
     ("granitemoehybrid", family::load::<granitemoehybrid::Config>),
+    ("hunyuan_v1_dense", family::load::<hunyuan_v1_dense::Config>),
     ("hunyuan_v1_moe", family::load::<hunyuan_v1_moe::Config>),
     ("internlm3", family::load::<internlm3::Config>),
     ("jamba", family::load::<jamba::Config>),

@@ -164,6 +164,9 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
     // What differs from the defaults of the shared settings.
     let mut family = ["DecoderConfig", "DecoderFamily", "LayerRule"];
     let mut transformer = vec!["DecoderSettings", "MlpLayout"];
+    if !plan.renames.is_empty() {
+        transformer.push("drop_computed_weights");
+    }
     let mut attn = Vec::new();
     if plan.qkv_fused {
         attn.push("qkv_layout: QkvLayout::Fused".to_owned());
@@ -281,6 +284,9 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
     let _ = writeln!(w, "use crate::error::Result;");
     let _ = writeln!(w, "use crate::family::{{{}}};", family.join(", "));
     let _ = writeln!(w, "use crate::transformer::{{{}}};", transformer.join(", "));
+    if !plan.renames.is_empty() {
+        let _ = writeln!(w, "use crate::weights::{{rename_layer_module, Weights}};");
+    }
     let _ = writeln!(w, "use serde::Deserialize;");
     let _ = writeln!(w);
 
@@ -408,7 +414,42 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
             model.join(", ")
         );
     }
-    let _ = writeln!(w, "}}\n}}");
+    let _ = writeln!(w, "}}");
+    if !plan.renames.is_empty() {
+        let _ = writeln!(w);
+        let _ = writeln!(
+            w,
+            "fn sanitize(&self, weights: &mut Weights, settings: &DecoderSettings) -> Result<()> {{"
+        );
+        let _ = writeln!(
+            w,
+            "drop_computed_weights(weights, settings.tie_word_embeddings);"
+        );
+        let _ = writeln!(
+            w,
+            "weights.rename(|name| Some(rename_layer_module(name, &RENAMES)));"
+        );
+        let _ = writeln!(w, "Ok(())\n}}");
+    }
+    let _ = writeln!(w, "}}");
+    if !plan.renames.is_empty() {
+        let _ = writeln!(w);
+        doc(
+            w,
+            "/// ",
+            "The checkpoint's names of the layer modules the shared blocks load under other \
+             names (found from what Transformers calls where).",
+        );
+        let _ = writeln!(
+            w,
+            "const RENAMES: [(&str, &str); {}] = [",
+            plan.renames.len()
+        );
+        for (from, to) in &plan.renames {
+            let _ = writeln!(w, "({from:?}, {to:?}),");
+        }
+        let _ = writeln!(w, "];");
+    }
     s
 }
 

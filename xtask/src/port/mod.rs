@@ -21,6 +21,7 @@ pub mod codegen;
 pub mod interpret;
 pub mod plan;
 pub mod report;
+pub mod trace;
 
 use crate::fixtures::{python, workspace_root};
 use anyhow::{bail, Context};
@@ -195,6 +196,7 @@ pub fn search(plan: &Plan, fixtures: &[Fixture]) -> anyhow::Result<Search> {
          -> mlx_models::Result<Box<dyn LanguageModel>> {
             let settings = interpret::settings(plan, choice, config)?;
             let mut weights = mlx_models::weights::Weights::from_dir(dir)?.with_dtype(dtype);
+            weights.rename(|name| Some(trace::rename(name, &plan.renames)));
             weights.eval()?;
             mlx_models::transformer::drop_computed_weights(
                 &mut weights,

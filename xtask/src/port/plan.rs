@@ -165,6 +165,9 @@ pub struct Plan {
     pub ignored: Vec<(String, String)>,
     /// Boolean fields the module reads only to refuse all but the value given here.
     pub refused: Vec<(String, bool)>,
+    /// Module paths under a layer the checkpoint names otherwise than the blocks load
+    /// (from the call trace): `sanitize` renames them.
+    pub renames: Vec<(String, String)>,
     /// parameter name (layer 0 or top level) → the block that takes it.
     pub weight_map: Vec<(String, String)>,
 }
@@ -389,9 +392,21 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
     use mlx_models::transformer::{MlpLayout, NormPlacement, QkNorm};
     let facts = Facts { value: facts_value };
     let defaults = facts.fields();
-    let params = facts.parameters();
+    // The norms' roles from what Transformers computes (the call trace): their names in
+    // the checkpoint may be anything; the plan reads the names the blocks load.
+    let roles = super::trace::norm_roles(&super::trace::events(facts.value));
+    let params: BTreeMap<String, Vec<i64>> = facts
+        .parameters()
+        .into_iter()
+        .map(|(name, shape)| (super::trace::rename(&name, &roles.renames), shape))
+        .collect();
     let has_field = |name: &str| defaults.contains_key(name);
     let mut decisions = Vec::new();
+    for (from, to) in &roles.renames {
+        decisions.push(format!(
+            "`{from}` does what the blocks' `{to}` does (where Transformers calls it, and on what): renamed"
+        ));
+    }
     let mut gaps = Vec::new();
     let mut fields: Vec<Field> = Vec::new();
     let add = |fields: &mut Vec<Field>, name: &str, ty: FieldType, role: &'static str| {
@@ -528,6 +543,9 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         .unwrap_or(hidden / heads.max(1));
     let qk_norm = match layer0.get("self_attn.q_norm.weight") {
         None => QkNorm::None,
+        Some(shape) if shape.as_slice() == [head_dim] && roles.qk_after_rope => {
+            QkNorm::PerHeadAfterRope
+        }
         Some(shape) if shape.as_slice() == [head_dim] => QkNorm::PerHead,
         Some(_) => QkNorm::Projection,
     };
@@ -1034,6 +1052,7 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         gaps,
         ignored,
         refused,
+        renames: roles.renames.clone(),
         weight_map,
     }
 }

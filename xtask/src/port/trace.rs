@@ -1,0 +1,278 @@
+//! What Transformers computes in decoder layer 0, read from the order of its module calls
+//! and which output fed which input (`introspect.py`'s call trace, with a checksum of each
+//! module's first input and its output): the role of every norm, whatever its name.
+//!
+//! - A norm of the layer called before attention normalizes the attention's input; one
+//!   called between attention and MLP on the attention's output normalizes that output
+//!   (sandwich and post-norm blocks), on anything else the MLP's input; one called after
+//!   the MLP on its output normalizes that output.
+//! - A norm inside attention fed `q_proj`'s output is the query norm, fed `k_proj`'s the
+//!   key norm; fed the same values rotated (equal sum of squares, another sum) it runs
+//!   after RoPE.
+//!
+//! Each role has the name the shared blocks load; the plan renames the checkpoint's norms
+//! to them and the generated module's `sanitize` does the same.
+
+use serde_json::Value;
+
+/// One module call of the trace.
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub enter: bool,
+    pub module: String,
+    pub class: String,
+    /// Sum and sum of squares of the input (enter) or output (exit).
+    pub checksum: Option<[f64; 2]>,
+}
+
+/// The trace recorded in `facts`, empty when the facts predate it.
+pub fn events(facts: &Value) -> Vec<Event> {
+    let Some(list) = facts.get("call_trace").and_then(Value::as_array) else {
+        return Vec::new();
+    };
+    list.iter()
+        .filter_map(|e| {
+            let enter = e.get("event")?.as_str()? == "enter";
+            let sum = e.get(if enter { "input" } else { "output" })?;
+            let checksum = sum
+                .as_array()
+                .and_then(|a| Some([a.first()?.as_f64()?, a.get(1)?.as_f64()?]));
+            Some(Event {
+                enter,
+                module: e.get("module")?.as_str()?.to_owned(),
+                class: e.get("class")?.as_str()?.to_owned(),
+                checksum,
+            })
+        })
+        .collect()
+}
+
+fn close(a: f64, b: f64) -> bool {
+    (a - b).abs() <= 1e-5 * a.abs().max(b.abs()).max(1.0)
+}
+
+/// What the trace says about the layer's norms.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct NormRoles {
+    /// Checkpoint name (under the layer) → the name the shared blocks load, for every norm
+    /// whose name differs.
+    pub renames: Vec<(String, String)>,
+    /// The query/key norms run after RoPE.
+    pub qk_after_rope: bool,
+}
+
+/// The norms' roles, from the calls of layer 0.
+pub fn norm_roles(events: &[Event]) -> NormRoles {
+    let position = |module: &str, enter: bool| {
+        events
+            .iter()
+            .position(|e| e.module == module && e.enter == enter)
+    };
+    let output = |module: &str| {
+        events
+            .iter()
+            .find(|e| e.module == module && !e.enter)
+            .and_then(|e| e.checksum)
+    };
+    let is_norm = |e: &Event| e.class.to_lowercase().contains("norm");
+    let mut roles = NormRoles::default();
+    let (Some(attn_in), Some(attn_out)) =
+        (position("self_attn", true), position("self_attn", false))
+    else {
+        return roles;
+    };
+    let mlp_in = position("mlp", true);
+    let mlp_out = position("mlp", false);
+    let attn_output = output("self_attn");
+    let mlp_output = output("mlp");
+    let fed_by = |input: Option<[f64; 2]>, out: Option<[f64; 2]>| match (input, out) {
+        (Some(i), Some(o)) => close(i[0], o[0]) && close(i[1], o[1]),
+        _ => false,
+    };
+    // Layer-level norms, by where they run.
+    let mut layer_norms: Vec<(String, &'static str)> = Vec::new();
+    for (i, e) in events.iter().enumerate() {
+        if !e.enter || !is_norm(e) || e.module.contains('.') || e.module.is_empty() {
+            continue;
+        }
+        let role = if i < attn_in {
+            "pre_attention"
+        } else if i > attn_out && mlp_in.is_none_or(|m| i < m) {
+            if fed_by(e.checksum, attn_output) {
+                "post_attention"
+            } else {
+                "pre_mlp"
+            }
+        } else if mlp_out.is_some_and(|m| i > m) && fed_by(e.checksum, mlp_output) {
+            "post_mlp"
+        } else {
+            continue;
+        };
+        layer_norms.push((e.module.clone(), role));
+    }
+    let has = |role: &str| layer_norms.iter().any(|(_, r)| *r == role);
+    let sandwich = has("post_attention") && has("pre_mlp");
+    for (name, role) in &layer_norms {
+        let canonical = match *role {
+            "pre_attention" => "input_layernorm",
+            "post_attention" => "post_attention_layernorm",
+            "pre_mlp" if sandwich => "pre_feedforward_layernorm",
+            "pre_mlp" => "post_attention_layernorm",
+            _ => "post_feedforward_layernorm",
+        };
+        if name != canonical {
+            roles.renames.push((name.clone(), canonical.to_owned()));
+        }
+    }
+    // Query and key norms inside attention, by what fed them.
+    let q = output("self_attn.q_proj");
+    let k = output("self_attn.k_proj");
+    for e in events.iter().filter(|e| e.enter && is_norm(e)) {
+        let Some(local) = e.module.strip_prefix("self_attn.") else {
+            continue;
+        };
+        let Some(input) = e.checksum else { continue };
+        let target = [(q, "q_norm"), (k, "k_norm")]
+            .into_iter()
+            .find(|(out, _)| out.is_some_and(|o| close(o[1], input[1])));
+        if let Some((out, canonical)) = target {
+            if !close(out.expect("found above")[0], input[0]) {
+                // The same values, rotated: RoPE ran first.
+                roles.qk_after_rope = true;
+            }
+            if local != canonical {
+                roles.renames.push((
+                    format!("self_attn.{local}"),
+                    format!("self_attn.{canonical}"),
+                ));
+            }
+        }
+    }
+    roles
+}
+
+/// `name` with the module paths under `model.layers.{i}.` renamed by `renames`: what the
+/// generated module's `sanitize` does ([`mlx_models::weights::rename_layer_module`]).
+pub fn rename(name: &str, renames: &[(String, String)]) -> String {
+    let pairs: Vec<(&str, &str)> = renames
+        .iter()
+        .map(|(a, b)| (a.as_str(), b.as_str()))
+        .collect();
+    mlx_models::weights::rename_layer_module(name, &pairs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(enter: bool, module: &str, class: &str, sum: [f64; 2]) -> Event {
+        Event {
+            enter,
+            module: module.to_owned(),
+            class: class.to_owned(),
+            checksum: Some(sum),
+        }
+    }
+
+    /// GLM-4's layer as Transformers runs it: a norm after attention on its output, one
+    /// before the MLP on the residual sum, one after the MLP on its output.
+    #[test]
+    fn glm4_norms_are_a_sandwich_under_other_names() {
+        let trace = [
+            event(true, "input_layernorm", "Glm4RMSNorm", [1.0, 2.0]),
+            event(false, "input_layernorm", "Glm4RMSNorm", [3.0, 4.0]),
+            event(true, "self_attn", "Glm4Attention", [3.0, 4.0]),
+            event(false, "self_attn", "Glm4Attention", [5.0, 6.0]),
+            event(true, "post_self_attn_layernorm", "Glm4RMSNorm", [5.0, 6.0]),
+            event(false, "post_self_attn_layernorm", "Glm4RMSNorm", [7.0, 8.0]),
+            event(true, "post_attention_layernorm", "Glm4RMSNorm", [9.0, 10.0]),
+            event(
+                false,
+                "post_attention_layernorm",
+                "Glm4RMSNorm",
+                [11.0, 12.0],
+            ),
+            event(true, "mlp", "Glm4MLP", [11.0, 12.0]),
+            event(false, "mlp", "Glm4MLP", [13.0, 14.0]),
+            event(true, "post_mlp_layernorm", "Glm4RMSNorm", [13.0, 14.0]),
+            event(false, "post_mlp_layernorm", "Glm4RMSNorm", [15.0, 16.0]),
+        ];
+        let roles = norm_roles(&trace);
+        let map: Vec<(&str, &str)> = roles
+            .renames
+            .iter()
+            .map(|(a, b)| (a.as_str(), b.as_str()))
+            .collect();
+        assert_eq!(
+            map,
+            [
+                ("post_self_attn_layernorm", "post_attention_layernorm"),
+                ("post_attention_layernorm", "pre_feedforward_layernorm"),
+                ("post_mlp_layernorm", "post_feedforward_layernorm"),
+            ]
+        );
+        // Renaming is simultaneous: one name's new name is another's old one.
+        let r = &roles.renames;
+        assert_eq!(
+            rename("model.layers.3.post_attention_layernorm.weight", r),
+            "model.layers.3.pre_feedforward_layernorm.weight"
+        );
+        assert_eq!(
+            rename("model.layers.3.post_self_attn_layernorm.weight", r),
+            "model.layers.3.post_attention_layernorm.weight"
+        );
+        assert_eq!(
+            rename("model.layers.3.input_layernorm.weight", r),
+            "model.layers.3.input_layernorm.weight"
+        );
+    }
+
+    /// Hunyuan's query/key norms: fed q_proj's and k_proj's values after RoPE (the same
+    /// sum of squares, another sum).
+    #[test]
+    fn query_and_key_norms_after_rope_are_found_by_what_fed_them() {
+        let trace = [
+            event(true, "input_layernorm", "RMSNorm", [1.0, 2.0]),
+            event(false, "input_layernorm", "RMSNorm", [3.0, 4.0]),
+            event(true, "self_attn", "Attention", [3.0, 4.0]),
+            event(false, "self_attn.q_proj", "Linear", [2.14671, 694.474843]),
+            event(false, "self_attn.k_proj", "Linear", [-6.893695, 216.566107]),
+            event(
+                true,
+                "self_attn.query_layernorm",
+                "RMSNorm",
+                [-0.742732, 694.474843],
+            ),
+            event(
+                true,
+                "self_attn.key_layernorm",
+                "RMSNorm",
+                [8.835106, 216.566113],
+            ),
+            event(false, "self_attn", "Attention", [5.0, 6.0]),
+            event(true, "post_attention_layernorm", "RMSNorm", [9.0, 10.0]),
+            event(true, "mlp", "MLP", [11.0, 12.0]),
+            event(false, "mlp", "MLP", [13.0, 14.0]),
+        ];
+        let roles = norm_roles(&trace);
+        assert!(roles.qk_after_rope);
+        assert_eq!(
+            roles.renames,
+            [
+                (
+                    "self_attn.query_layernorm".to_owned(),
+                    "self_attn.q_norm".to_owned()
+                ),
+                (
+                    "self_attn.key_layernorm".to_owned(),
+                    "self_attn.k_norm".to_owned()
+                ),
+            ]
+        );
+        // Fed before RoPE: the same sums.
+        let mut before = trace.clone();
+        before[5].checksum = Some([2.14671, 694.474843]);
+        before[6].checksum = Some([-6.893695, 216.566107]);
+        assert!(!norm_roles(&before).qk_after_rope);
+    }
+}
