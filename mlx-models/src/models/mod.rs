@@ -9,6 +9,7 @@ pub mod falcon_h1;
 pub mod gemma;
 pub mod gemma2;
 pub mod gemma3_text;
+pub mod glm4;
 pub mod glm4_moe;
 pub mod glm4_moe_lite;
 pub mod gpt_oss;
@@ -66,6 +67,7 @@ pub const REGISTRY: &[(&str, Loader)] = &[
     ("gemma", family::load::<gemma::Config>),
     ("gemma2", family::load::<gemma2::Config>),
     ("gemma3_text", family::load::<gemma3_text::Config>),
+    ("glm4", family::load::<glm4::Config>),
     ("glm4_moe", family::load::<glm4_moe::Config>),
     ("glm4_moe_lite", family::load::<glm4_moe_lite::Config>),
     ("gpt_oss", family::load::<gpt_oss::Config>),
