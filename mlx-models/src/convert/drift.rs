@@ -41,6 +41,13 @@ pub struct DriftReport {
     /// Greedy tokens equal to the source's, over all prompts.
     pub greedy_tokens_equal: usize,
     pub greedy_tokens: usize,
+    /// The dtype of each model's logits (`float32`, `bfloat16`, …).
+    pub source_dtype: String,
+    pub converted_dtype: String,
+    /// Intermediates the converted model computes in another dtype than the source
+    /// (`name: source → converted`), as scales in the wrong dtype cause; a conversion not
+    /// asked to cast has none.
+    pub dtype_changes: Vec<String>,
     /// Perplexity of each model on the fixed text (`None` when it has under two tokens).
     pub source_perplexity: Option<f64>,
     pub converted_perplexity: Option<f64>,
@@ -119,7 +126,7 @@ impl fmt::Display for DriftReport {
         write!(
             f,
             "max |Δlogit| {:.3e}, max KL {:.2e}, top-1 equal {}/{}, greedy tokens equal {}/{}, \
-             perplexity {} → {}",
+             perplexity {} → {}, logits {} → {}{}",
             self.max_abs_logit_diff,
             self.max_kl,
             self.top1_equal,
@@ -128,6 +135,13 @@ impl fmt::Display for DriftReport {
             self.greedy_tokens,
             ppl(self.source_perplexity),
             ppl(self.converted_perplexity),
+            self.source_dtype,
+            self.converted_dtype,
+            if self.dtype_changes.is_empty() {
+                String::new()
+            } else {
+                format!(", dtype changed at {}", self.dtype_changes.join(", "))
+            },
         )
     }
 }
@@ -157,8 +171,22 @@ fn run(
     ids: &[u32],
     tap: &mut Tap,
 ) -> Result<Vec<f32>> {
+    Ok(run_typed(network, cache, ids, tap)?.0)
+}
+
+/// [`run`], and the logits' dtype.
+fn run_typed(
+    network: &dyn LanguageModel,
+    cache: &mut [LayerCache],
+    ids: &[u32],
+    tap: &mut Tap,
+) -> Result<(Vec<f32>, Dtype)> {
     let logits = network.forward(&input(ids), cache, tap)?;
-    to_f32(&logits)
+    Ok((to_f32(&logits)?, logits.dtype()))
+}
+
+fn dtype_name(dtype: Dtype) -> String {
+    format!("{dtype:?}").to_lowercase()
 }
 
 fn last_row(logits: &[f32], rows: usize) -> &[f32] {
@@ -233,8 +261,10 @@ pub fn drift(
         progress(done, total);
         let (mut cache_a, mut cache_b) = (source.new_cache(), converted.new_cache());
         let (mut tap_a, mut tap_b) = (Tap::on(), Tap::on());
-        let logits_a = run(source, &mut cache_a, ids, &mut tap_a)?;
-        let logits_b = run(converted, &mut cache_b, ids, &mut tap_b)?;
+        let (logits_a, dtype_a) = run_typed(source, &mut cache_a, ids, &mut tap_a)?;
+        let (logits_b, dtype_b) = run_typed(converted, &mut cache_b, ids, &mut tap_b)?;
+        report.source_dtype = dtype_name(dtype_a);
+        report.converted_dtype = dtype_name(dtype_b);
         if logits_a.len() != logits_b.len() {
             return Err(Error::Convert {
                 message: format!(
@@ -249,6 +279,13 @@ pub fn drift(
             let Some(b) = tap_b.get(name).filter(|b| b.shape() == a.shape()) else {
                 continue;
             };
+            if a.dtype() != b.dtype() && !report.dtype_changes.iter().any(|c| c.starts_with(name)) {
+                report.dtype_changes.push(format!(
+                    "{name}: {} → {}",
+                    dtype_name(a.dtype()),
+                    dtype_name(b.dtype())
+                ));
+            }
             let (max_abs, rel_error) = errors(&to_f32(a)?, &to_f32(b)?);
             layers.push(LayerDrift {
                 name: name.clone(),

@@ -204,7 +204,8 @@ pub fn default_dtype(config: &Value) -> Option<Dtype> {
 
 /// Brings Hugging Face weights to mlx-lm's layout where its models differ in a way that
 /// decides what is written: per-expert tensors stacked into `switch_mlp` (Mixtral's
-/// `w1`/`w2`/`w3` as `gate_proj`/`down_proj`/`up_proj`), depthwise convolutions
+/// `w1`/`w2`/`w3` as `gate_proj`/`down_proj`/`up_proj`; Granite's fused `input_linear`
+/// split), depthwise convolutions
 /// (`conv1d`, `conv_1d`) from PyTorch's `[channels, 1, kernel]` to MLX's `[channels,
 /// kernel, 1]`, and what mlx-lm drops (the output layer of a model with tied embeddings,
 /// `rotary_emb.inv_freq`).
@@ -224,6 +225,7 @@ pub fn to_mlx_lm_layout(weights: &mut Weights, tie_word_embeddings: bool) -> Res
         };
         weights.insert(name, tensor);
     }
+    split_granite_experts(weights)?;
     let experts: BTreeSet<i32> = weights
         .names()
         .filter_map(|name| {
@@ -235,7 +237,26 @@ pub fn to_mlx_lm_layout(weights: &mut Weights, tie_word_embeddings: bool) -> Res
                 .ok()
         })
         .collect();
-    if let Some(&last) = experts.last() {
+    // Stacked when every expert has every projection (LongCat's zero-computation experts
+    // have none: its own loader handles them).
+    let complete = experts.last().is_some_and(|&last| {
+        let count = |proj: &str| {
+            weights
+                .names()
+                .filter(|n| n.contains(".experts.") && n.contains(&format!(".{proj}.")))
+                .count()
+        };
+        let per_proj: BTreeSet<usize> = ["w1", "w2", "w3", "gate_proj", "up_proj", "down_proj"]
+            .into_iter()
+            .map(count)
+            .filter(|&c| c > 0)
+            .collect();
+        per_proj.len() == 1
+            && per_proj
+                .first()
+                .is_some_and(|&c| c % (last as usize + 1) == 0)
+    });
+    if let (true, Some(&last)) = (complete, experts.last()) {
         stack_experts(
             weights,
             "experts",
@@ -249,6 +270,42 @@ pub fn to_mlx_lm_layout(weights: &mut Weights, tie_word_embeddings: bool) -> Res
                 ("down_proj", "down_proj"),
             ],
         )?;
+    }
+    Ok(())
+}
+
+/// Granite MoE's fused experts as mlx-lm stacks them: `block_sparse_moe.input_linear`
+/// (`[experts, 2·inter, hidden]`, gate rows first) into `switch_mlp.gate_proj` and
+/// `up_proj`, `output_linear` into `switch_mlp.down_proj`.
+fn split_granite_experts(weights: &mut Weights) -> Result<()> {
+    let fused: Vec<String> = weights
+        .names()
+        .filter(|n| n.ends_with(".block_sparse_moe.input_linear.weight"))
+        .map(str::to_owned)
+        .collect();
+    for name in fused {
+        let prefix = name.trim_end_matches(".input_linear.weight").to_owned();
+        let tensor = weights.remove(&name).expect("listed above");
+        if tensor.ndim() != 3 || tensor.dim(1) % 2 != 0 {
+            return Err(Error::WeightShape {
+                path: weights.source().to_path_buf(),
+                name,
+                expected: vec![-1, 2 * (tensor.dim(1) / 2), -1],
+                actual: tensor.shape().to_vec(),
+            });
+        }
+        let parts = tensor.split_equal(2, 1)?;
+        weights.insert(
+            format!("{prefix}.switch_mlp.gate_proj.weight"),
+            parts[0].clone(),
+        );
+        weights.insert(
+            format!("{prefix}.switch_mlp.up_proj.weight"),
+            parts[1].clone(),
+        );
+        if let Some(down) = weights.remove(&format!("{prefix}.output_linear.weight")) {
+            weights.insert(format!("{prefix}.switch_mlp.down_proj.weight"), down);
+        }
     }
     Ok(())
 }

@@ -153,21 +153,27 @@ impl DecoderFamily for Config {
         } else {
             ".mlp."
         };
-        let fused: Vec<String> = weights
+        // Gate rows, then up rows; a quantized projection's scales and biases split the
+        // same way (rows are quantized independently).
+        let fused: Vec<(String, &str)> = weights
             .names()
-            .filter(|n| n.ends_with(".shared_mlp.input_linear.weight"))
-            .map(str::to_owned)
+            .filter_map(|n| {
+                let (prefix, part) = n.rsplit_once(".shared_mlp.input_linear.")?;
+                ["weight", "scales", "biases"]
+                    .into_iter()
+                    .find(|p| *p == part)
+                    .map(|part| (prefix.to_owned(), part))
+            })
             .collect();
-        for name in fused {
-            // Gate rows, then up rows.
+        for (prefix, part) in fused {
+            let name = format!("{prefix}.shared_mlp.input_linear.{part}");
             let t = weights.remove(&name).expect("listed above");
             let parts = t.split_equal(2, 0)?;
-            let prefix = name.trim_end_matches(".shared_mlp.input_linear.weight");
             weights.insert(
-                format!("{prefix}{shared}gate_proj.weight"),
+                format!("{prefix}{shared}gate_proj.{part}"),
                 parts[0].clone(),
             );
-            weights.insert(format!("{prefix}{shared}up_proj.weight"), parts[1].clone());
+            weights.insert(format!("{prefix}{shared}up_proj.{part}"), parts[1].clone());
         }
         weights.rename(|name| {
             Some(
