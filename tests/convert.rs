@@ -155,6 +155,41 @@ fn quantized_conversion_is_mlx_quantization_of_the_exact_weights() {
 }
 
 #[test]
+fn progress_is_reported_for_every_tensor_and_byte() {
+    use mlx_models::convert::ConvertProgress;
+    use std::sync::{Arc, Mutex};
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let seen = Arc::clone(&events);
+    let out = tempfile::tempdir().unwrap();
+    let options = ConvertOptions::new()
+        .quantize(8, 32)
+        .progress(move |p| seen.lock().unwrap().push(p));
+    let report = convert(&tiny(), out.path(), &options).unwrap();
+    assert!(report.drift.is_none());
+    let events = events.lock().unwrap();
+    assert_eq!(events.first(), Some(&ConvertProgress::Reading));
+    let converted: Vec<(usize, usize)> = events
+        .iter()
+        .filter_map(|p| match p {
+            ConvertProgress::Converting { done, total, .. } => Some((*done, *total)),
+            _ => None,
+        })
+        .collect();
+    let total = converted[0].1;
+    assert_eq!(
+        converted,
+        (1..=total).map(|d| (d, total)).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        events.last(),
+        Some(&ConvertProgress::Writing {
+            done: report.bytes,
+            total: report.bytes
+        })
+    );
+}
+
+#[test]
 fn options_mlx_cannot_quantize_to_are_refused() {
     let out = tempfile::tempdir().unwrap();
     for (bits, group) in [(7, 64), (4, 16), (1, 32)] {

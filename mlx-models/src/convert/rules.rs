@@ -129,7 +129,8 @@ impl QuantizationRules {
     /// A module the family keeps at 8 bits whose rows do not divide into groups of 64 is
     /// an error, as in mlx-lm.
     pub fn quantization(&self, module: &str, weight: &Array) -> Result<Option<Quantization>> {
-        if !self.is_quantizable_module(module, weight)
+        if self.default.group_size <= 0
+            || !self.is_quantizable_module(module, weight)
             || weight.dim(-1) % self.default.group_size != 0
         {
             return Ok(None);
