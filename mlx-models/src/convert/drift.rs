@@ -279,7 +279,8 @@ pub fn drift(
             let Some(b) = tap_b.get(name).filter(|b| b.shape() == a.shape()) else {
                 continue;
             };
-            if a.dtype() != b.dtype() && !report.dtype_changes.iter().any(|c| c.starts_with(name)) {
+            let seen = |c: &String| c.split_once(':').is_some_and(|(n, _)| n == name);
+            if a.dtype() != b.dtype() && !report.dtype_changes.iter().any(seen) {
                 report.dtype_changes.push(format!(
                     "{name}: {} → {}",
                     dtype_name(a.dtype()),
