@@ -2,11 +2,12 @@
 //! committed fixtures (dense and mixture-of-experts families, 4- and 8-bit, groups of 32
 //! and 64, with and without a cast), every tensor mlx-lm 0.32.2 writes has the same name,
 //! dtype, shape and bit-identical values here, and config.json's `quantization` block is
-//! the same. The reference is `xtask/python/export_mlx_lm_convert.py`'s output, from
+//! the same; and mlx-models loads the result. The reference is `xtask/python/export_mlx_lm_convert.py`'s output, from
 //! mlx-lm's own `convert`.
 
 use mlx_models::config::ConfigFile;
 use mlx_models::convert::{convert_weights, ConvertOptions};
+use mlx_models::models::build;
 use mlx_models::weights::Weights;
 use mlx_rs::{Array, Dtype};
 use serde_json::Value;
@@ -117,10 +118,14 @@ fn converted_weights_are_bit_identical_to_mlx_lm() {
                 "{label}: {name} values"
             );
         }
-        eprintln!(
-            "{label}: {} tensors, {} quantized, equal to mlx-lm",
-            converted.tensors.len(),
-            converted.quantized.len()
-        );
+        let (tensors, quantized) = (converted.tensors.len(), converted.quantized.len());
+        // And mlx-models loads what it wrote.
+        let written = ConfigFile {
+            path: config.path.clone(),
+            value: converted.config,
+        };
+        build(&written, Weights::new(converted.tensors, dir.clone()))
+            .unwrap_or_else(|e| panic!("{label}: the conversion does not load: {e}"));
+        eprintln!("{label}: {tensors} tensors, {quantized} quantized, equal to mlx-lm, loads");
     }
 }

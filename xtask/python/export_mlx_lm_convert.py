@@ -50,6 +50,8 @@ CASES = [
     ("qwen2_moe/hub", 4, 64, None),
     ("olmoe/default", 8, 64, None),
     ("deepseek_v2/lite", 4, 64, None),
+    ("deepseek_v3/hub", 4, 64, None),
+    ("glm4_moe_lite/hub", 8, 32, "bfloat16"),
     ("jamba/default", 4, 64, None),
 ]
 

@@ -288,12 +288,7 @@ pub fn convert_weights(
     let tensors = dequantize_source(weights.into_tensors(), group_size, &config.path)?;
     let mut weights = Weights::new(tensors, source);
     let value = &config.value;
-    let text = value.get("text_config").unwrap_or(value);
-    let tied = [text, value]
-        .iter()
-        .find_map(|v| v.get("tie_word_embeddings").and_then(Value::as_bool))
-        .unwrap_or(false);
-    rules::to_mlx_lm_layout(&mut weights, tied)?;
+    rules::to_mlx_lm_layout(&mut weights, value)?;
     let model_type = config.model_type()?.to_owned();
     let dtype = options.dtype.or_else(|| rules::default_dtype(value));
     let rules = options

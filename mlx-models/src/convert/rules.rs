@@ -97,7 +97,12 @@ impl QuantizationRules {
         is_float(weight.dtype())
             && match weight.ndim() {
                 2 => !bare_router,
-                3 => module.contains(".switch_mlp."),
+                // Stacked experts; latent attention's per-head projections.
+                3 => {
+                    module.contains(".switch_mlp.")
+                        || module.ends_with(".embed_q")
+                        || module.ends_with(".unembed_out")
+                }
                 _ => false,
             }
     }
@@ -206,12 +211,39 @@ pub fn default_dtype(config: &Value) -> Option<Dtype> {
 /// Brings Hugging Face weights to mlx-lm's layout where its models differ in a way that
 /// decides what is written: per-expert tensors stacked into `switch_mlp` (Mixtral's
 /// `w1`/`w2`/`w3` as `gate_proj`/`down_proj`/`up_proj`; Granite's fused `input_linear`
-/// split), depthwise convolutions
+/// split), DeepSeek-V3's and GLM-4 MoE Lite's `kv_b_proj` split into `embed_q` and
+/// `unembed_out`, depthwise convolutions
 /// (`conv1d`, `conv_1d`) from PyTorch's `[channels, 1, kernel]` to MLX's `[channels,
 /// kernel, 1]`, and what mlx-lm drops (the output layer of a model with tied embeddings,
 /// `rotary_emb.inv_freq`).
-pub fn to_mlx_lm_layout(weights: &mut Weights, tie_word_embeddings: bool) -> Result<()> {
+pub fn to_mlx_lm_layout(weights: &mut Weights, config: &Value) -> Result<()> {
+    let text = config.get("text_config").unwrap_or(config);
+    let field = |name: &str| {
+        [text, config]
+            .iter()
+            .find_map(|v| v.get(name).and_then(Value::as_i64))
+    };
+    let tie_word_embeddings = [text, config]
+        .iter()
+        .find_map(|v| v.get("tie_word_embeddings").and_then(Value::as_bool))
+        .unwrap_or(false);
     drop_computed_weights(weights, tie_word_embeddings);
+    let model_type = config
+        .get("model_type")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    if matches!(
+        mlx_lm_model_type(model_type),
+        "deepseek_v3" | "glm4_moe_lite"
+    ) {
+        if let (Some(heads), Some(nope), Some(v)) = (
+            field("num_attention_heads"),
+            field("qk_nope_head_dim"),
+            field("v_head_dim"),
+        ) {
+            split_kv_b_proj(weights, heads as i32, nope as i32, v as i32)?;
+        }
+    }
     let convolutions: Vec<String> = weights
         .names()
         .filter(|n| n.ends_with("conv1d.weight") || n.ends_with("conv_1d.weight"))
@@ -271,6 +303,41 @@ pub fn to_mlx_lm_layout(weights: &mut Weights, tie_word_embeddings: bool) -> Res
                 ("down_proj", "down_proj"),
             ],
         )?;
+    }
+    Ok(())
+}
+
+/// Multi-head latent attention's `kv_b_proj` (`[heads·(nope + v), kv_lora_rank]`) as
+/// mlx-lm's DeepSeek-V3 and GLM-4 MoE Lite store it: per head, the key half transposed
+/// (`embed_q`, `[heads, kv_lora_rank, nope]`) and the value half (`unembed_out`, `[heads,
+/// v, kv_lora_rank]`).
+fn split_kv_b_proj(weights: &mut Weights, heads: i32, nope: i32, v: i32) -> Result<()> {
+    let names: Vec<String> = weights
+        .names()
+        .filter(|n| n.ends_with(".kv_b_proj.weight"))
+        .map(str::to_owned)
+        .collect();
+    for name in names {
+        let prefix = name.trim_end_matches(".kv_b_proj.weight").to_owned();
+        let tensor = weights.remove(&name).expect("listed above");
+        if tensor.ndim() != 2 || tensor.dim(0) != heads * (nope + v) {
+            return Err(Error::WeightShape {
+                path: weights.source().to_path_buf(),
+                name,
+                expected: vec![heads * (nope + v), -1],
+                actual: tensor.shape().to_vec(),
+            });
+        }
+        let per_head = tensor.reshape(&[heads, nope + v, -1])?;
+        let parts = per_head.split_at_indices(&[nope], 1)?;
+        weights.insert(
+            format!("{prefix}.embed_q.weight"),
+            parts[0].swap_axes(1, 2)?.contiguous()?,
+        );
+        weights.insert(
+            format!("{prefix}.unembed_out.weight"),
+            parts[1].contiguous()?,
+        );
     }
     Ok(())
 }
