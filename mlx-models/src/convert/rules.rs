@@ -23,7 +23,7 @@
 //! - Affine mode; `scales` and `biases` take the weight's floating-point type.
 
 use crate::error::{Error, Result};
-use crate::moe::stack_experts;
+use crate::moe::{split_fused_experts, stack_experts};
 use crate::nn::Quantization;
 use crate::transformer::drop_computed_weights;
 use crate::weights::{is_float, Weights};
@@ -259,6 +259,13 @@ pub fn to_mlx_lm_layout(weights: &mut Weights, config: &Value) -> Result<()> {
         weights.insert(name, tensor);
     }
     split_granite_experts(weights)?;
+    // Transformers 5's fused experts (`experts.gate_up_proj`, `[experts, 2·inter,
+    // hidden]`), which mlx-lm 0.32.2 does not read, stacked the same way so they are
+    // quantized like per-expert checkpoints. gpt-oss and Llama 4 fuse theirs differently
+    // (`[experts, hidden, 2·inter]`) and keep them.
+    if !matches!(model_type, "gpt_oss" | "llama4" | "llama4_text") {
+        split_fused_experts(weights)?;
+    }
     let experts: BTreeSet<i32> = weights
         .names()
         .filter_map(|name| {
@@ -432,6 +439,95 @@ mod tests {
         let narrow = rules(json!({"model_type": "qwen3_moe"}))
             .quantization("model.layers.0.mlp.gate", &zeros(&[4, 96]));
         assert!(matches!(narrow, Err(Error::Convert { .. })), "{narrow:?}");
+    }
+
+    fn layout(names: &[(&str, &[i32])], config: Value) -> Vec<(String, Vec<i32>)> {
+        let tensors = names
+            .iter()
+            .map(|(n, shape)| (n.to_string(), zeros(shape)))
+            .collect();
+        let mut weights = Weights::new(tensors, "test");
+        to_mlx_lm_layout(&mut weights, &config).unwrap();
+        let mut out: Vec<(String, Vec<i32>)> = weights
+            .into_tensors()
+            .into_iter()
+            .map(|(n, t)| (n, t.shape().to_vec()))
+            .collect();
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn the_layout_is_mlx_lms() {
+        let names = |v: Vec<(String, Vec<i32>)>| v.into_iter().map(|(n, _)| n).collect::<Vec<_>>();
+        // Per-expert Mixtral tensors stacked, the tied head dropped.
+        let mixtral = layout(
+            &[
+                ("m.layers.0.block_sparse_moe.experts.0.w1.weight", &[8, 64]),
+                ("m.layers.0.block_sparse_moe.experts.1.w1.weight", &[8, 64]),
+                ("lm_head.weight", &[256, 64]),
+            ],
+            json!({"model_type": "mixtral", "tie_word_embeddings": true}),
+        );
+        assert_eq!(
+            mixtral,
+            vec![(
+                "m.layers.0.block_sparse_moe.switch_mlp.gate_proj.weight".to_owned(),
+                vec![2, 8, 64]
+            )]
+        );
+        // Transformers 5's fused experts split and stacked.
+        let fused = layout(
+            &[
+                ("m.layers.0.mlp.experts.gate_up_proj", &[4, 16, 64]),
+                ("m.layers.0.mlp.experts.down_proj", &[4, 64, 8]),
+            ],
+            json!({"model_type": "mixtral"}),
+        );
+        assert_eq!(
+            names(fused),
+            [
+                "m.layers.0.mlp.switch_mlp.down_proj.weight",
+                "m.layers.0.mlp.switch_mlp.gate_proj.weight",
+                "m.layers.0.mlp.switch_mlp.up_proj.weight"
+            ]
+        );
+        // Experts without every projection are left to their family's loader.
+        let partial = layout(
+            &[
+                ("m.layers.0.mlp.experts.0.up_proj.weight", &[8, 64]),
+                ("m.layers.0.mlp.experts.1.up_proj.weight", &[8, 64]),
+                ("m.layers.0.mlp.experts.0.down_proj.weight", &[64, 8]),
+            ],
+            json!({"model_type": "longcat_flash"}),
+        );
+        assert_eq!(partial.len(), 3);
+        // Convolutions in MLX's layout; MLA's kv_b_proj split per head.
+        let mla = layout(
+            &[
+                ("m.layers.0.mamba.conv1d.weight", &[32, 1, 4]),
+                (
+                    "m.layers.0.self_attn.kv_b_proj.weight",
+                    &[2 * (16 + 12), 32],
+                ),
+            ],
+            json!({"model_type": "deepseek_v3", "num_attention_heads": 2,
+                   "qk_nope_head_dim": 16, "v_head_dim": 12}),
+        );
+        assert_eq!(
+            mla,
+            vec![
+                ("m.layers.0.mamba.conv1d.weight".to_owned(), vec![32, 4, 1]),
+                (
+                    "m.layers.0.self_attn.embed_q.weight".to_owned(),
+                    vec![2, 32, 16]
+                ),
+                (
+                    "m.layers.0.self_attn.unembed_out.weight".to_owned(),
+                    vec![2, 12, 32]
+                ),
+            ]
+        );
     }
 
     #[test]
