@@ -54,7 +54,8 @@ struct ConvertArgs {
     /// Cast floating-point weights (and quantization scales) to this type.
     #[arg(long, value_parser = ["f32", "f16", "bf16"])]
     dtype: Option<String>,
-    /// Quantize linear and embedding matrices (MLX affine).
+    /// Quantize what Python mlx-lm's converter quantizes (MLX affine; linear layers,
+    /// embeddings, experts; routers some families keep at 8 bits).
     #[arg(long)]
     quantize: bool,
     /// Bits per quantized weight.
