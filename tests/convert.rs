@@ -25,11 +25,14 @@ fn read_json(path: PathBuf) -> Value {
 #[test]
 fn a_float32_conversion_reproduces_the_source() {
     let out = tempfile::tempdir().unwrap();
-    let report = convert(&tiny(), out.path(), &ConvertOptions::new().drift_tokens(8)).unwrap();
-    eprintln!("{}", report.drift);
+    let options = ConvertOptions::new().drift_tokens(8).report(true);
+    let report = convert(&tiny(), out.path(), &options).unwrap();
+    let drift = report.drift.unwrap();
+    eprintln!("{drift}");
     for file in [
         "config.json",
         "model.safetensors",
+        "model.safetensors.index.json",
         "tokenizer.json",
         "tokenizer_config.json",
         "generation_config.json",
@@ -40,8 +43,22 @@ fn a_float32_conversion_reproduces_the_source() {
     assert_eq!(report.quantized_tensors, 0);
     // The GGUF's affine blocks are dequantized exactly: only the matmul order differs
     // (measured 1.2e-7).
-    assert!(report.drift.max_abs_logit_diff < 1e-5, "{}", report.drift);
-    assert_eq!(report.drift.greedy_tokens_equal, report.drift.greedy_tokens);
+    assert!(drift.max_abs_logit_diff < 1e-5, "{drift}");
+    assert!(drift.max_layer_rel_error() < 1e-5, "{drift}");
+    assert_eq!(drift.greedy_tokens_equal, drift.greedy_tokens);
+    assert_eq!(drift.top1_equal, drift.prompts.len());
+    let (a, b) = (
+        drift.source_perplexity.unwrap(),
+        drift.converted_perplexity.unwrap(),
+    );
+    assert!((a - b).abs() < 1e-4 * a, "perplexity {a} vs {b}");
+    // Every layer (the tiny model has one) is compared.
+    for name in ["embeddings", "layers.0", "norm", "logits"] {
+        assert!(
+            drift.layers.iter().any(|l| l.name == name),
+            "{name}: {drift}"
+        );
+    }
 
     let model = load_dir(out.path(), &LoadOptions::new()).unwrap();
     assert_eq!(model.info().quantization, None);
@@ -66,7 +83,10 @@ fn a_float32_conversion_reproduces_the_source() {
 #[test]
 fn bf16_conversion_casts_every_float() {
     let out = tempfile::tempdir().unwrap();
-    let options = ConvertOptions::new().dtype(Dtype::Bfloat16).drift_tokens(2);
+    let options = ConvertOptions::new()
+        .dtype(Dtype::Bfloat16)
+        .drift_tokens(2)
+        .report(true);
     let report = convert(&tiny(), out.path(), &options).unwrap();
     let tensors = read_safetensors(&out.path().join("model.safetensors")).unwrap();
     assert!(tensors.values().all(|t| t.dtype() == Dtype::Bfloat16));
@@ -76,26 +96,30 @@ fn bf16_conversion_casts_every_float() {
     );
     let model = load_dir(out.path(), &LoadOptions::new()).unwrap();
     assert_eq!(model.info().dtype, Dtype::Bfloat16);
-    assert!(report.drift.max_abs_logit_diff.is_finite());
+    assert!(report.drift.unwrap().max_abs_logit_diff.is_finite());
 }
 
 #[test]
 fn quantized_conversion_is_mlx_quantization_of_the_exact_weights() {
     let out = tempfile::tempdir().unwrap();
-    let options = ConvertOptions::new().quantize(4, 32).drift_tokens(4);
+    let options = ConvertOptions::new()
+        .quantize(4, 32)
+        .drift_tokens(4)
+        .report(true);
     let report = convert(&tiny(), out.path(), &options).unwrap();
-    eprintln!("{}", report.drift);
+    let drift = report.drift.unwrap();
+    eprintln!("{drift}");
     // token_embd and the seven projections.
     assert_eq!(report.quantized_tensors, 8);
     let config = read_json(out.path().join("config.json"));
     assert_eq!(
         config["quantization"],
-        serde_json::json!({"group_size": 32, "bits": 4})
+        serde_json::json!({"group_size": 32, "bits": 4, "mode": "affine"})
     );
     let model = load_dir(out.path(), &LoadOptions::new()).unwrap();
     let q = model.info().quantization.unwrap();
     assert_eq!((q.bits, q.group_size), (4, 32));
-    assert!(report.drift.max_abs_logit_diff.is_finite());
+    assert!(drift.max_abs_logit_diff.is_finite());
 
     // Each matrix is quantized once, from the source's exact float32 values (a GGUF Q4_1
     // block and an F16 one here): the same bits as MLX's quantize of those values.
@@ -131,6 +155,41 @@ fn quantized_conversion_is_mlx_quantization_of_the_exact_weights() {
 }
 
 #[test]
+fn progress_is_reported_for_every_tensor_and_byte() {
+    use mlx_models::convert::ConvertProgress;
+    use std::sync::{Arc, Mutex};
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let seen = Arc::clone(&events);
+    let out = tempfile::tempdir().unwrap();
+    let options = ConvertOptions::new()
+        .quantize(8, 32)
+        .progress(move |p| seen.lock().unwrap().push(p));
+    let report = convert(&tiny(), out.path(), &options).unwrap();
+    assert!(report.drift.is_none());
+    let events = events.lock().unwrap();
+    assert_eq!(events.first(), Some(&ConvertProgress::Reading));
+    let converted: Vec<(usize, usize)> = events
+        .iter()
+        .filter_map(|p| match p {
+            ConvertProgress::Converting { done, total, .. } => Some((*done, *total)),
+            _ => None,
+        })
+        .collect();
+    let total = converted[0].1;
+    assert_eq!(
+        converted,
+        (1..=total).map(|d| (d, total)).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        events.last(),
+        Some(&ConvertProgress::Writing {
+            done: report.bytes,
+            total: report.bytes
+        })
+    );
+}
+
+#[test]
 fn options_mlx_cannot_quantize_to_are_refused() {
     let out = tempfile::tempdir().unwrap();
     for (bits, group) in [(7, 64), (4, 16), (1, 32)] {
@@ -152,9 +211,10 @@ fn smollm2_converted_to_float32_matches_transformers() {
     let out = tempfile::tempdir().unwrap();
     let options = ConvertOptions::new()
         .drift_prompts(vec!["What is the capital of France?".into()])
-        .drift_tokens(2);
+        .drift_tokens(2)
+        .report(true);
     let report = convert(&ModelSource::Default, out.path(), &options).unwrap();
-    eprintln!("{}", report.drift);
+    eprintln!("{}", report.drift.unwrap());
     assert!(default_model::cached_path().is_some());
     let model = load_dir(out.path(), &LoadOptions::new()).unwrap();
     let reference = read_json(

@@ -185,6 +185,7 @@ fn convert_writes_a_directory_that_generate_loads() {
             "8",
             "--group-size",
             "32",
+            "--report",
             "--drift-tokens",
             "4",
         ])
@@ -203,6 +204,20 @@ fn convert_writes_a_directory_that_generate_loads() {
     let drift: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("drift.json")).unwrap()).unwrap();
     assert_eq!(drift["prompts"].as_array().unwrap().len(), 4);
+    assert!(!drift["layers"].as_array().unwrap().is_empty());
+
+    // Without --report nothing is compared.
+    let quiet = out.path().join("tiny-f32");
+    let result = cli()
+        .args(["convert", "--model"])
+        .arg(&tiny)
+        .arg("--out")
+        .arg(&quiet)
+        .output()
+        .unwrap();
+    assert!(result.status.success());
+    assert!(!String::from_utf8_lossy(&result.stdout).contains("drift"));
+    assert!(!quiet.join("drift.json").exists());
 
     let info = cli().args(["info", "--model"]).arg(&dir).output().unwrap();
     let info = String::from_utf8_lossy(&info.stdout);

@@ -14,6 +14,7 @@ pub mod checks;
 pub mod compare;
 pub mod error;
 pub mod fixture;
+pub mod quantization;
 pub mod report;
 
 pub use checks::{verify, verify_with, Builder, VerifyOptions};

@@ -1,7 +1,10 @@
-//! `cargo xtask verify <model_type | fixture dir>…`: runs the harness, prints the tables,
-//! exits non-zero on any failure.
+//! `cargo xtask verify <model_type | fixture dir>…`: runs the harness and the
+//! quantization drift check (8- and 4-bit), prints the tables, exits non-zero on any
+//! failure.
 
 use anyhow::bail;
+use mlx_models::convert::QuantFault;
+use mlx_port::quantization::{quantization_drift, BITS};
 use mlx_port::{fixture, verify, Fixture, VerifyOptions};
 use std::path::{Path, PathBuf};
 
@@ -16,28 +19,54 @@ pub struct Args {
     /// Also write each report as JSON into this directory.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Only the quantization drift check (not the layer-by-layer harness).
+    #[arg(long)]
+    quantization_only: bool,
+    /// Seed a quantizer bug, to see the drift bound catch it.
+    #[arg(long, value_parser = ["group-size", "dropped-biases", "scales-dtype"])]
+    fault: Option<String>,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let dirs = select(&args.fixtures, &args.targets)?;
     let mut failed = Vec::new();
+    let fault = args.fault.as_deref().map(|f| match f {
+        "group-size" => QuantFault::GroupSize,
+        "dropped-biases" => QuantFault::DroppedBiases,
+        _ => QuantFault::ScalesDtype,
+    });
     for dir in &dirs {
         let fixture = Fixture::load(dir)?;
-        let report = verify(&fixture, &VerifyOptions::default())?;
-        println!("{}", report.to_markdown());
-        if let Some(out) = &args.json {
-            std::fs::create_dir_all(out)?;
-            let file = out.join(format!("{}.json", report.fixture.replace('/', "-")));
-            std::fs::write(file, report.to_json())?;
+        if !args.quantization_only {
+            let report = verify(&fixture, &VerifyOptions::default())?;
+            println!("{}", report.to_markdown());
+            if let Some(out) = &args.json {
+                std::fs::create_dir_all(out)?;
+                let file = out.join(format!("{}.json", report.fixture.replace('/', "-")));
+                std::fs::write(file, report.to_json())?;
+            }
+            if !report.passed() {
+                failed.push(report.fixture.clone());
+            }
         }
-        if !report.passed() {
-            failed.push(report.fixture.clone());
+        for bits in BITS {
+            match quantization_drift(&fixture, bits, fault) {
+                Ok(drift) => {
+                    println!("{drift}");
+                    if !drift.passed() {
+                        failed.push(format!("{} ({bits}-bit drift)", drift.fixture));
+                    }
+                }
+                Err(e) => {
+                    println!("{} {bits}-bit: {e}", fixture.name());
+                    failed.push(format!("{} ({bits}-bit: {e})", fixture.name()));
+                }
+            }
         }
     }
     println!(
-        "{} fixtures verified, {} passed, {} failed",
+        "{} fixtures verified, {} checks failed",
         dirs.len(),
-        dirs.len() - failed.len(),
         failed.len()
     );
     if !failed.is_empty() {

@@ -14,7 +14,7 @@ use mlx_models::generate::{GenerateOptions, TokenStream};
 use mlx_models::hub::{self, DownloadProgress, HubOptions};
 use mlx_models::load::{load, LoadOptions, Model, ModelSource};
 use mlx_models::{default_model, Message, SamplerBuilder};
-use std::io::{BufRead, Read, Write};
+use std::io::{BufRead, IsTerminal, Read, Write};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -54,7 +54,8 @@ struct ConvertArgs {
     /// Cast floating-point weights (and quantization scales) to this type.
     #[arg(long, value_parser = ["f32", "f16", "bf16"])]
     dtype: Option<String>,
-    /// Quantize linear and embedding matrices (MLX affine).
+    /// Quantize what Python mlx-lm's converter quantizes (MLX affine; linear layers,
+    /// embeddings, experts; routers some families keep at 8 bits).
     #[arg(long)]
     quantize: bool,
     /// Bits per quantized weight.
@@ -63,6 +64,10 @@ struct ConvertArgs {
     /// Weights per quantization group.
     #[arg(long, default_value_t = 64)]
     group_size: i32,
+    /// Load the source and the result side by side and print the drift report (also
+    /// written to drift.json).
+    #[arg(long)]
+    report: bool,
     /// Greedy tokens compared per prompt in the drift report.
     #[arg(long, default_value_t = 16)]
     drift_tokens: usize,
@@ -365,7 +370,13 @@ fn convert(args: ConvertArgs) -> Result<(), Box<dyn std::error::Error>> {
         },
         None => ModelSource::Default,
     };
-    let mut options = ConvertOptions::new().drift_tokens(args.drift_tokens);
+    let mut options = ConvertOptions::new()
+        .drift_tokens(args.drift_tokens)
+        .report(args.report);
+    let bar = ProgressBar::new_spinner();
+    if std::io::stderr().is_terminal() {
+        options = options.progress(progress_bar(bar.clone())?);
+    }
     options = match args.dtype.as_deref() {
         Some("f16") => options.dtype(mlx_rs::Dtype::Float16),
         Some("bf16") => options.dtype(mlx_rs::Dtype::Bfloat16),
@@ -375,7 +386,9 @@ fn convert(args: ConvertArgs) -> Result<(), Box<dyn std::error::Error>> {
     if args.quantize {
         options = options.quantize(args.bits, args.group_size);
     }
-    let report = mlx_models::convert::convert(&source, &args.out, &options)?;
+    let report = mlx_models::convert::convert(&source, &args.out, &options);
+    bar.finish_and_clear();
+    let report = report?;
     println!(
         "wrote {}: {} tensors ({} quantized), {:.1} MB",
         report.out.display(),
@@ -383,9 +396,48 @@ fn convert(args: ConvertArgs) -> Result<(), Box<dyn std::error::Error>> {
         report.quantized_tensors,
         report.bytes as f64 / 1e6
     );
-    println!(
-        "drift from the source (also in drift.json):\n{}",
-        report.drift
-    );
+    if let Some(drift) = &report.drift {
+        println!("drift from the source (also in drift.json):\n{drift}");
+    }
     Ok(())
+}
+
+/// A progress bar on stderr for `convert`'s stages.
+fn progress_bar(
+    bar: ProgressBar,
+) -> Result<impl Fn(mlx_models::convert::ConvertProgress) + Send + Sync, Box<dyn std::error::Error>>
+{
+    use mlx_models::convert::ConvertProgress;
+    let style = ProgressStyle::with_template("{msg:<24} [{bar:32}] {pos}/{len} {wide_msg}")?
+        .progress_chars("=> ");
+    let bytes = ProgressStyle::with_template("{msg:<24} [{bar:32}] {bytes}/{total_bytes}")?
+        .progress_chars("=> ");
+    let spinner = ProgressStyle::with_template("{spinner} {msg}")?;
+    bar.enable_steady_tick(Duration::from_millis(100));
+    Ok(move |progress: ConvertProgress| match progress {
+        ConvertProgress::Reading => {
+            bar.set_style(spinner.clone());
+            bar.set_message("Reading the source…");
+        }
+        ConvertProgress::Converting { done, total, .. } => {
+            if done <= 1 {
+                bar.set_style(style.clone());
+                bar.set_message("Converting tensors");
+            }
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+        }
+        ConvertProgress::Writing { done, total } => {
+            bar.set_style(bytes.clone());
+            bar.set_message("Writing safetensors");
+            bar.set_length(total);
+            bar.set_position(done);
+        }
+        ConvertProgress::Drift { done, total } => {
+            bar.set_style(style.clone());
+            bar.set_message("Measuring drift");
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+        }
+    })
 }

@@ -1,0 +1,203 @@
+//! The quantization drift check: a fixture converted as `mlx-models convert --quantize`
+//! converts it (MLX affine, groups of 64 — mlx-lm's default) must stay within its family's
+//! drift bound, measured from the correct quantizer's noise; a broken quantizer (wrong
+//! group size, dropped biases, scales in the wrong dtype) must not.
+
+use crate::error::Result;
+use crate::fixture::Fixture;
+use mlx_models::config::ConfigFile;
+use mlx_models::convert::{convert_weights, drift, ConvertOptions, DriftInputs, QuantFault};
+use mlx_models::models::{build, LanguageModel};
+use mlx_models::weights::Weights;
+use serde::Serialize;
+use std::fmt;
+
+/// Group size of the check (mlx-lm's default).
+pub const GROUP_SIZE: i32 = 64;
+
+/// Per family (`model_type`), the largest relative error of the logits (‖Δ‖₂ / ‖source‖₂
+/// over the fixture's prompt) a correct quantizer may cause at 8 and at 4 bits.
+///
+/// Measured 2026-12-01 over every fixture in tests/fixtures (tiny random-weight models,
+/// groups of 64, `cargo xtask verify --quantization-only`); the comment on each entry is
+/// the family's largest measured value (8-bit, 4-bit). Quantization is deterministic, so
+/// this "noise" is the rounding error itself; each bound is that value × 1.25, rounded up
+/// to two digits (another BLAS rounds the matmuls differently by ~1e-6, far less). Random
+/// weights have no structure to lose: 4-bit errors of 0.2–0.75 here say nothing of real
+/// models.
+///
+/// Seeded faults (`--fault`), smallest ratio of a faulted fixture's error to its family's
+/// bound: wrong group size ×1.46 at 4 bits (qwen3_5_text/default) and ×6.3 at 8 bits
+/// (phimoe/default); dropped biases ×1.5 at 4 bits and ×6.05 at 8 bits (phimoe/hub).
+/// Scales in bfloat16 change the logits by less than 4-bit rounding (×0.14–3.7 of the
+/// correct error, either side), so no error bound can see them without failing correct
+/// conversions; the check sees them in the dtype of the converted model's intermediates
+/// (dequantized embeddings come out in the scales' dtype).
+pub const BOUNDS: &[(&str, f32, f32)] = &[
+    ("deepseek_v2", 0.059, 0.95),      // measured 0.0469, 0.755
+    ("deepseek_v3", 0.069, 0.7),       // measured 0.0551, 0.557
+    ("falcon_mamba", 0.018, 0.3),      // measured 0.014, 0.24
+    ("gemma", 0.029, 0.43),            // measured 0.0228, 0.337
+    ("gemma2", 0.025, 0.44),           // measured 0.0198, 0.347
+    ("gemma3_text", 0.024, 0.38),      // measured 0.0188, 0.302
+    ("glm4_moe", 0.027, 0.84),         // measured 0.021, 0.671
+    ("glm4_moe_lite", 0.025, 0.51),    // measured 0.0198, 0.403
+    ("gpt_oss", 0.035, 0.61),          // measured 0.0277, 0.483
+    ("granite", 0.064, 0.78),          // measured 0.0507, 0.622
+    ("granitemoe", 0.042, 0.53),       // measured 0.0332, 0.423
+    ("granitemoehybrid", 0.041, 0.66), // measured 0.0325, 0.521
+    ("hunyuan_v1_moe", 0.032, 0.51),   // measured 0.0256, 0.404
+    ("jamba", 0.059, 0.79),            // measured 0.0466, 0.631
+    ("lfm2", 0.044, 0.59),             // measured 0.0352, 0.472
+    ("llama", 0.045, 0.71),            // measured 0.036, 0.562
+    ("llama4_text", 0.029, 0.46),      // measured 0.0228, 0.366
+    ("longcat_flash", 0.032, 0.63),    // measured 0.0251, 0.5
+    ("mamba", 0.018, 0.29),            // measured 0.0142, 0.23
+    ("mamba2", 0.024, 0.39),           // measured 0.0188, 0.311
+    ("minimax_m2", 0.043, 0.43),       // measured 0.034, 0.338
+    ("mistral", 0.028, 0.5),           // measured 0.0224, 0.395
+    ("mixtral", 0.025, 0.43),          // measured 0.0199, 0.338
+    ("olmo2", 0.033, 0.49),            // measured 0.026, 0.39
+    ("olmoe", 0.024, 0.4),             // measured 0.0188, 0.313
+    ("phi3", 0.044, 0.7),              // measured 0.0349, 0.554
+    ("phimoe", 0.2, 0.59),             // measured 0.154, 0.467
+    ("qwen2", 0.046, 0.66),            // measured 0.0362, 0.521
+    ("qwen2_moe", 0.032, 0.43),        // measured 0.025, 0.338
+    ("qwen3", 0.035, 0.56),            // measured 0.0273, 0.444
+    ("qwen3_5_text", 0.17, 0.95),      // measured 0.133, 0.753
+    ("qwen3_moe", 0.026, 0.4),         // measured 0.0206, 0.317
+    ("qwen3_next", 0.048, 0.86),       // measured 0.0384, 0.687
+    ("recurrent_gemma", 0.015, 0.24),  // measured 0.012, 0.191
+    ("smollm3", 0.047, 0.67),          // measured 0.0374, 0.529
+    ("starcoder2", 0.026, 0.41),       // measured 0.0201, 0.328
+];
+
+/// The bit widths the check runs.
+pub const BITS: [i32; 2] = [8, 4];
+
+/// The bound of `model_type` at `bits`.
+pub fn bound(model_type: &str, bits: i32) -> Option<f32> {
+    let (_, b8, b4) = BOUNDS.iter().find(|(name, _, _)| *name == model_type)?;
+    match bits {
+        8 => Some(*b8),
+        4 => Some(*b4),
+        _ => None,
+    }
+}
+
+/// One fixture's quantization drift at one bit width.
+#[derive(Debug, Clone, Serialize)]
+pub struct QuantizationDrift {
+    pub fixture: String,
+    pub bits: i32,
+    pub group_size: i32,
+    pub quantized_modules: usize,
+    /// ‖Δlogits‖₂ / ‖logits‖₂ over the prompt (what the bound applies to).
+    pub logits_rel_error: f32,
+    /// The largest relative error of any tapped intermediate.
+    pub max_layer_rel_error: f32,
+    pub max_abs_logit_diff: f32,
+    pub kl: f64,
+    pub same_top1: bool,
+    pub source_perplexity: Option<f64>,
+    pub converted_perplexity: Option<f64>,
+    /// Intermediates computed in another dtype than the source's (`name: from → to`): a
+    /// conversion without a cast must have none.
+    pub dtype_changes: Vec<String>,
+    /// The family's bound (`None`: the family has none, which fails).
+    pub bound: Option<f32>,
+}
+
+impl QuantizationDrift {
+    /// Within the family's bound, and computing in the source's dtype.
+    pub fn passed(&self) -> bool {
+        self.bound.is_some_and(|b| self.logits_rel_error <= b) && self.dtype_changes.is_empty()
+    }
+}
+
+impl fmt::Display for QuantizationDrift {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ppl = |p: Option<f64>| p.map_or("-".to_owned(), |p| format!("{p:.3}"));
+        write!(
+            f,
+            "{:<32} {}-bit g{}: {:>3} quantized, logits rel {:.2e} (bound {}) {}, layers \
+             rel ≤ {:.2e}, max |Δlogit| {:.2e}, KL {:.1e}, top-1 {}, perplexity {} → {}{}",
+            self.fixture,
+            self.bits,
+            self.group_size,
+            self.quantized_modules,
+            self.logits_rel_error,
+            self.bound.map_or("none".to_owned(), |b| format!("{b:.2e}")),
+            if self.passed() { "ok" } else { "FAIL" },
+            self.max_layer_rel_error,
+            self.max_abs_logit_diff,
+            self.kl,
+            if self.same_top1 { "same" } else { "DIFF" },
+            ppl(self.source_perplexity),
+            ppl(self.converted_perplexity),
+            if self.dtype_changes.is_empty() {
+                String::new()
+            } else {
+                format!(", dtype changed: {}", self.dtype_changes.join(", "))
+            },
+        )
+    }
+}
+
+/// Converts `fixture`'s model to `bits` (seeding `fault` if given), builds both models
+/// and measures the drift on the fixture's prompt.
+pub fn quantization_drift(
+    fixture: &Fixture,
+    bits: i32,
+    fault: Option<QuantFault>,
+) -> Result<QuantizationDrift> {
+    let config = ConfigFile::read(&fixture.dir.join("config.json"))?;
+    let source = build(&config, Weights::from_dir(&fixture.dir)?)?;
+    let mut options = ConvertOptions::new().quantize(bits, GROUP_SIZE);
+    if let Some(fault) = fault {
+        options = options.inject_fault(fault);
+    }
+    let converted = convert_weights(&config, Weights::from_dir(&fixture.dir)?, None, &options)?;
+    let quantized_modules = converted.quantized.len();
+    let converted_config = ConfigFile {
+        path: config.path.clone(),
+        value: converted.config,
+    };
+    let model = build(
+        &converted_config,
+        Weights::new(converted.tensors, fixture.dir.clone()),
+    )?;
+    let ids: Vec<u32> = fixture
+        .manifest
+        .input_ids
+        .iter()
+        .map(|&i| i as u32)
+        .collect();
+    let inputs = DriftInputs {
+        prompts: vec![("prompt".into(), ids.clone())],
+        greedy_steps: 0,
+        perplexity_ids: ids,
+    };
+    let report = drift(
+        source.as_ref(),
+        model.as_ref() as &dyn LanguageModel,
+        &inputs,
+        |_, _| {},
+    )?;
+    let logits = report.layers.iter().find(|l| l.name == "logits");
+    Ok(QuantizationDrift {
+        fixture: fixture.name(),
+        bits,
+        group_size: GROUP_SIZE,
+        quantized_modules,
+        logits_rel_error: logits.map_or(f32::INFINITY, |l| l.rel_error),
+        max_layer_rel_error: report.max_layer_rel_error(),
+        max_abs_logit_diff: report.max_abs_logit_diff,
+        kl: report.max_kl,
+        same_top1: report.top1_equal == report.prompts.len(),
+        source_perplexity: report.source_perplexity,
+        converted_perplexity: report.converted_perplexity,
+        dtype_changes: report.dtype_changes,
+        bound: bound(&fixture.manifest.model_type, bits),
+    })
+}
