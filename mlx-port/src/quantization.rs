@@ -34,19 +34,25 @@ pub const GROUP_SIZE: i32 = 64;
 /// conversions; the check sees them in the dtype of the converted model's intermediates
 /// (dequantized embeddings come out in the scales' dtype).
 pub const BOUNDS: &[(&str, f32, f32)] = &[
+    ("arcee", 0.032, 0.47),            // measured 0.025, 0.371
+    ("cohere", 0.023, 0.38),           // measured 0.0184, 0.301
     ("deepseek_v2", 0.059, 0.95),      // measured 0.0469, 0.755
     ("deepseek_v3", 0.069, 0.7),       // measured 0.0551, 0.557
+    ("falcon_h1", 0.023, 0.42),        // measured 0.0184, 0.332
     ("falcon_mamba", 0.018, 0.3),      // measured 0.014, 0.24
     ("gemma", 0.029, 0.43),            // measured 0.0228, 0.337
     ("gemma2", 0.025, 0.44),           // measured 0.0198, 0.347
     ("gemma3_text", 0.024, 0.38),      // measured 0.0188, 0.302
+    ("glm4", 0.034, 0.51),             // measured 0.0269, 0.403
     ("glm4_moe", 0.027, 0.84),         // measured 0.021, 0.671
     ("glm4_moe_lite", 0.025, 0.51),    // measured 0.0198, 0.403
     ("gpt_oss", 0.035, 0.61),          // measured 0.0277, 0.483
     ("granite", 0.064, 0.78),          // measured 0.0507, 0.622
     ("granitemoe", 0.042, 0.53),       // measured 0.0332, 0.423
     ("granitemoehybrid", 0.041, 0.66), // measured 0.0325, 0.521
+    ("hunyuan_v1_dense", 0.041, 0.65), // measured 0.0327, 0.517
     ("hunyuan_v1_moe", 0.032, 0.51),   // measured 0.0256, 0.404
+    ("internlm3", 0.042, 0.59),        // measured 0.0334, 0.465
     ("jamba", 0.059, 0.79),            // measured 0.0466, 0.631
     ("lfm2", 0.044, 0.59),             // measured 0.0352, 0.472
     ("llama", 0.045, 0.71),            // measured 0.036, 0.562
@@ -55,8 +61,10 @@ pub const BOUNDS: &[(&str, f32, f32)] = &[
     ("mamba", 0.018, 0.29),            // measured 0.0142, 0.23
     ("mamba2", 0.024, 0.39),           // measured 0.0188, 0.311
     ("minimax_m2", 0.043, 0.43),       // measured 0.034, 0.338
+    ("ministral", 0.042, 0.57),        // measured 0.0334, 0.453
     ("mistral", 0.028, 0.5),           // measured 0.0224, 0.395
     ("mixtral", 0.025, 0.43),          // measured 0.0199, 0.338
+    ("nemotron_h", 0.02, 0.38),        // measured 0.0154, 0.298
     ("olmo2", 0.033, 0.49),            // measured 0.026, 0.39
     ("olmoe", 0.024, 0.4),             // measured 0.0188, 0.313
     ("phi3", 0.044, 0.7),              // measured 0.0349, 0.554
@@ -64,11 +72,13 @@ pub const BOUNDS: &[(&str, f32, f32)] = &[
     ("qwen2", 0.046, 0.66),            // measured 0.0362, 0.521
     ("qwen2_moe", 0.032, 0.43),        // measured 0.025, 0.338
     ("qwen3", 0.035, 0.56),            // measured 0.0273, 0.444
+    ("qwen3_5_moe_text", 0.043, 0.87), // measured 0.0342, 0.695
     ("qwen3_5_text", 0.17, 0.95),      // measured 0.133, 0.753
     ("qwen3_moe", 0.026, 0.4),         // measured 0.0206, 0.317
     ("qwen3_next", 0.048, 0.86),       // measured 0.0384, 0.687
     ("recurrent_gemma", 0.015, 0.24),  // measured 0.012, 0.191
     ("smollm3", 0.047, 0.67),          // measured 0.0374, 0.529
+    ("stablelm", 0.043, 0.61),         // measured 0.034, 0.482
     ("starcoder2", 0.026, 0.41),       // measured 0.0201, 0.328
 ];
 

@@ -249,14 +249,34 @@ pub fn to_mlx_lm_layout(weights: &mut Weights, config: &Value) -> Result<()> {
         .filter(|n| n.ends_with("conv1d.weight") || n.ends_with("conv_1d.weight"))
         .map(str::to_owned)
         .collect();
+    let mut transposed = false;
     for name in convolutions {
         let tensor = weights.remove(&name).expect("listed above");
         let tensor = if tensor.ndim() == 3 && tensor.dim(-1) != 1 {
+            transposed = true;
             tensor.swap_axes(1, 2)?
         } else {
             tensor
         };
         weights.insert(name, tensor);
+    }
+    // What else mlx-lm's sanitize does along with the conv transposition, and what the
+    // loaders expect of weights in that layout: Qwen3-Next's and Qwen3.5's `1 + w` norms
+    // stored with the 1 added, Falcon-H1's multipliers folded into the weight matrices.
+    if transposed {
+        match model_type {
+            "qwen3_next" | "qwen3_5" | "qwen3_5_text" | "qwen3_5_moe" | "qwen3_5_moe_text" => {
+                crate::models::qwen3_next::fold_mlx_lm_norms(weights)?
+            }
+            "falcon_h1" => {
+                let file = crate::config::ConfigFile {
+                    path: weights.source().join("config.json"),
+                    value: config.clone(),
+                };
+                crate::models::falcon_h1::fold_as_mlx_lm(weights, &file)?
+            }
+            _ => {}
+        }
     }
     split_granite_experts(weights)?;
     // Transformers 5's fused experts (`experts.gate_up_proj`, `[experts, 2·inter,

@@ -395,6 +395,46 @@ fn fold_multipliers(weights: &mut Weights, c: &Config, mamba2: &Mamba2Settings) 
     Ok(())
 }
 
+/// What mlx-lm's converter does to a Falcon-H1 checkpoint's weights (and so what the
+/// loader expects of one whose conv weights are `[channels, kernel, 1]`): the weight
+/// matrices of `embed_tokens`, `lm_head`, `q_proj`/`k_proj`, `o_proj`, `in_proj`,
+/// `out_proj`, `gate_proj` and `down_proj` times their multipliers; biases and `v_proj`
+/// as they are.
+pub fn fold_as_mlx_lm(weights: &mut Weights, config: &ConfigFile) -> Result<()> {
+    let c: Config = config.parse_with_defaults(DEFAULTS)?;
+    let mamba2 = c.mamba2(config)?;
+    let [gate, down] = c.mlp_multipliers.unwrap_or([1.0, 1.0]);
+    let scalar = |m: f64| Array::from_f32(m as f32);
+    let in_proj = c
+        .mup_vector(&mamba2)
+        .multiply(scalar(c.ssm_in_multiplier))?
+        .expand_dims(-1)?;
+    let names: Vec<String> = weights.names().map(str::to_owned).collect();
+    for name in names {
+        let factor = if name.ends_with("embed_tokens.weight") {
+            scalar(c.embedding_multiplier)
+        } else if name.ends_with("lm_head.weight") {
+            scalar(c.lm_head_multiplier)
+        } else if name.ends_with("q_proj.weight") || name.ends_with("k_proj.weight") {
+            scalar(c.attention_in_multiplier)
+        } else if name.ends_with("o_proj.weight") {
+            scalar(c.attention_out_multiplier)
+        } else if name.ends_with("out_proj.weight") {
+            scalar(c.ssm_out_multiplier)
+        } else if name.ends_with("gate_proj.weight") {
+            scalar(gate)
+        } else if name.ends_with("down_proj.weight") {
+            scalar(down)
+        } else if name.ends_with("in_proj.weight") {
+            in_proj.clone()
+        } else {
+            continue;
+        };
+        multiply(weights, &name, &factor)?;
+    }
+    Ok(())
+}
+
 /// How one projection (or table) takes a multiplier.
 enum Fold {
     /// On its input (or, for a table, its output rows): the weight only.

@@ -87,6 +87,18 @@ const PLUS_ONE_NORMS: [&str; 5] = [
 /// `1 + w` norms with the 1 added: takes it out again, exactly (a bf16 scale near 1 less 1
 /// is a bf16 number). Qwen3-Next, Qwen3.5 and Qwen3.5-MoE.
 pub fn unfold_mlx_lm_norms(weights: &mut Weights) -> Result<()> {
+    shift_plus_one_norms(weights, -1.0)
+}
+
+/// What mlx-lm's converter does to these norms (the converse of
+/// [`unfold_mlx_lm_norms`]): adds the 1.
+pub fn fold_mlx_lm_norms(weights: &mut Weights) -> Result<()> {
+    shift_plus_one_norms(weights, 1.0)
+}
+
+/// Adds `shift` to the `1 + w` norms of a checkpoint whose conv weights are in MLX's
+/// layout (the conversions mlx-lm writes); nothing otherwise.
+fn shift_plus_one_norms(weights: &mut Weights, shift: f32) -> Result<()> {
     let convs: Vec<String> = weights
         .names()
         .filter(|n| n.ends_with("conv1d.weight"))
@@ -108,8 +120,8 @@ pub fn unfold_mlx_lm_norms(weights: &mut Weights) -> Result<()> {
         .collect();
     for name in norms {
         let w = weights.remove(&name).expect("listed above");
-        let offset = w.subtract(mlx_rs::Array::from_f32(1.0).as_dtype(w.dtype())?)?;
-        weights.insert(name, offset);
+        let shifted = w.add(mlx_rs::Array::from_f32(shift).as_dtype(w.dtype())?)?;
+        weights.insert(name, shifted);
     }
     Ok(())
 }
