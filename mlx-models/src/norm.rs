@@ -14,6 +14,9 @@ pub enum NormKind {
     RmsPlusOne,
     /// `(x - mean) / std * w + b`, with or without the bias `b`.
     Layer { bias: bool },
+    /// `(x - mean) / std * (1 + w) + b`: a LayerNorm whose weight is stored as an offset
+    /// from one (Nemotron's `LayerNorm1P`).
+    LayerPlusOne { bias: bool },
 }
 
 /// A loaded norm layer.
@@ -29,35 +32,30 @@ impl Norm {
     /// Loads `weight` (and `bias`) of a norm over the last `dim` features.
     pub fn load(w: &WeightPath, kind: NormKind, dim: i32, eps: f64) -> Result<Norm> {
         let weight = w.get("weight", &[dim])?;
+        let plus_one = |weight: Array| -> Result<Array> {
+            // Transformers adds the one in f32, then works in the activation dtype.
+            let dtype = weight.dtype();
+            let weight = weight
+                .as_dtype(Dtype::Float32)?
+                .add(Array::from_f32(1.0))?
+                .as_dtype(dtype)?;
+            // Computed now: a model may run on another thread, where MLX cannot evaluate
+            // work pending on this thread's stream.
+            weight.eval()?;
+            Ok(weight)
+        };
+        let layer_bias = |bias: bool| bias.then(|| w.get("bias", &[dim])).transpose();
         let (weight, bias) = match kind {
             NormKind::Rms => (weight, None),
-            NormKind::RmsPlusOne => {
-                // Transformers adds the one in f32, then works in the activation dtype.
-                let one = Array::from_f32(1.0);
-                let dtype = weight.dtype();
-                let weight = weight
-                    .as_dtype(Dtype::Float32)?
-                    .add(&one)?
-                    .as_dtype(dtype)?;
-                // Computed now: a model may run on another thread, where MLX cannot
-                // evaluate work pending on this thread's stream.
-                weight.eval()?;
-                (weight, None)
-            }
-            NormKind::Layer { bias } => {
-                let bias = if bias {
-                    Some(w.get("bias", &[dim])?)
-                } else {
-                    None
-                };
-                (weight, bias)
-            }
+            NormKind::RmsPlusOne => (plus_one(weight)?, None),
+            NormKind::Layer { bias } => (weight, layer_bias(bias)?),
+            NormKind::LayerPlusOne { bias } => (plus_one(weight)?, layer_bias(bias)?),
         };
         Ok(Norm {
             weight,
             bias,
             eps: eps as f32,
-            layer_norm: matches!(kind, NormKind::Layer { .. }),
+            layer_norm: matches!(kind, NormKind::Layer { .. } | NormKind::LayerPlusOne { .. }),
         })
     }
 

@@ -3,12 +3,14 @@
 
 pub mod arcee;
 pub mod cohere;
+pub mod cohere2;
 pub mod deepseek_v2;
 pub mod deepseek_v3;
 pub mod falcon_h1;
 pub mod gemma;
 pub mod gemma2;
 pub mod gemma3_text;
+pub mod glm;
 pub mod glm4;
 pub mod glm4_moe;
 pub mod glm4_moe_lite;
@@ -60,6 +62,7 @@ pub type Loader = fn(&ConfigFile, Weights) -> Result<Box<dyn LanguageModel>>;
 pub const REGISTRY: &[(&str, Loader)] = &[
     ("arcee", family::load::<arcee::Config>),
     ("cohere", family::load::<cohere::Config>),
+    ("cohere2", family::load::<cohere2::Config>),
     ("deepseek_v2", family::load::<deepseek_v2::Config>),
     ("deepseek_v3", family::load::<deepseek_v3::Config>),
     ("falcon_h1", falcon_h1::load),
@@ -67,6 +70,7 @@ pub const REGISTRY: &[(&str, Loader)] = &[
     ("gemma", family::load::<gemma::Config>),
     ("gemma2", family::load::<gemma2::Config>),
     ("gemma3_text", family::load::<gemma3_text::Config>),
+    ("glm", family::load::<glm::Config>),
     ("glm4", family::load::<glm4::Config>),
     ("glm4_moe", family::load::<glm4_moe::Config>),
     ("glm4_moe_lite", family::load::<glm4_moe_lite::Config>),

@@ -185,6 +185,9 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
         attn.push(format!("o_bias: {}", flag(plan, &plan.o_bias)));
     }
     let norm = match &plan.layer_norm {
+        Some(bias) if choice.norm_plus_one => {
+            format!("NormKind::LayerPlusOne {{ bias: {} }}", flag(plan, bias))
+        }
         Some(bias) => format!("NormKind::Layer {{ bias: {} }}", flag(plan, bias)),
         None if choice.norm_plus_one => "NormKind::RmsPlusOne".to_owned(),
         None => "NormKind::Rms".to_owned(),
@@ -401,9 +404,17 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
     };
     let _ = writeln!(
         w,
-        "let layers = d.layers({rule}, {rope}, {local_rope}, {});",
+        "let {}layers = d.layers({rule}, {rope}, {local_rope}, {});",
+        if choice.rope_sliding_only { "mut " } else { "" },
         plan.no_rope.is_some()
     );
+    if choice.rope_sliding_only {
+        let _ = writeln!(w, "// RoPE on the sliding-window layers only.");
+        let _ = writeln!(
+            w,
+            "for layer in layers.iter_mut().filter(|l| l.sliding_window.is_none()) {{ layer.rope = None; }}"
+        );
+    }
     let base = "d.settings(attention, mlp, layers)";
     if model.is_empty() {
         let _ = writeln!(w, "Ok({base})");
@@ -504,7 +515,12 @@ pub fn structure_summary(plan: &Plan, choice: &Choice) -> Vec<String> {
         NormPlacement::ParallelTwoNorms => "Parallel blocks: attention on `input_layernorm(x)` and MLP on `post_attention_layernorm(x)`, both added to the residual.".to_owned(),
     });
     lines.push(match (&plan.layer_norm, choice.norm_plus_one) {
-        (Some(_), _) => {
+        (Some(_), true) => {
+            "LayerNorm scaling by `1 + weight` (weights stored as offsets from one), \
+             with bias where the config says so."
+                .to_owned()
+        }
+        (Some(_), false) => {
             "LayerNorm (mean and variance), with bias where the config says so.".to_owned()
         }
         (None, true) => {
@@ -563,6 +579,12 @@ pub fn structure_summary(plan: &Plan, choice: &Choice) -> Vec<String> {
     }
     if plan.sliding_window.is_some() {
         lines.push("Sliding-window attention on the layers `layer_types` (or the family's rule) marks, with a rotating KV cache.".to_owned());
+    }
+    if choice.rope_sliding_only {
+        lines.push(
+            "RoPE on the sliding-window layers only; the full-attention layers have none."
+                .to_owned(),
+        );
     }
     for (what, s) in [
         ("Embeddings scaled by", &choice.embedding_scale),

@@ -85,6 +85,7 @@ pub fn settings(plan: &Plan, choice: &Choice, config: &ConfigFile) -> Result<Dec
         activation = activation.gelu_as_tanh();
     }
     let norm = match &plan.layer_norm {
+        Some(bias) if choice.norm_plus_one => NormKind::LayerPlusOne { bias: r.flag(bias) },
         Some(bias) => NormKind::Layer { bias: r.flag(bias) },
         None if choice.norm_plus_one => NormKind::RmsPlusOne,
         None => NormKind::Rms,
@@ -114,12 +115,17 @@ pub fn settings(plan: &Plan, choice: &Choice, config: &ConfigFile) -> Result<Dec
     } else {
         LayerRule::NoSliding
     };
-    let layers = d.layers(
+    let mut layers = d.layers(
         rule,
         rope.as_ref(),
         local_rope.as_ref(),
         plan.no_rope.is_some(),
     );
+    if choice.rope_sliding_only {
+        for layer in layers.iter_mut().filter(|l| l.sliding_window.is_none()) {
+            layer.rope = None;
+        }
+    }
 
     let attention = AttentionSettings {
         qkv_layout: if plan.qkv_fused {

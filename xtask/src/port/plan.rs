@@ -49,6 +49,8 @@ pub struct NoRope {
 pub struct Choice {
     /// RMSNorm weights stored as an offset from one.
     pub norm_plus_one: bool,
+    /// RoPE on the sliding-window layers only (Cohere 2); the full ones have none.
+    pub rope_sliding_only: bool,
     pub embedding_scale: Scalar,
     pub rope_traditional: bool,
     pub norm_placement: mlx_models::transformer::NormPlacement,
@@ -62,7 +64,7 @@ pub struct Choice {
 impl Choice {
     pub fn describe(&self) -> String {
         format!(
-            "norm {}, embedding scale {}, RoPE {}, norms {:?}{}{}",
+            "norm {}, embedding scale {}, RoPE {}{}, norms {:?}{}{}",
             if self.norm_plus_one {
                 "x·(1+w)"
             } else {
@@ -77,6 +79,11 @@ impl Choice {
                 "interleaved pairs"
             } else {
                 "halves"
+            },
+            if self.rope_sliding_only {
+                " on sliding layers only"
+            } else {
+                ""
             },
             self.norm_placement,
             if self.gelu_as_tanh {
@@ -850,7 +857,7 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
     } else {
         vec![Scalar::None, Scalar::SqrtHidden]
     };
-    let offset_candidates = if layer_norm.is_some() {
+    let offset_candidates = if layer_norm.is_some() && !norm_init_is_zero(&facts) {
         vec![false]
     } else if norm_init_is_zero(&facts) {
         vec![true, false]
@@ -873,15 +880,25 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
     } else {
         vec![true, false]
     };
+    // Where some layers slide, RoPE may be theirs alone.
+    let sliding_rope_candidates = if sliding_window.is_some() {
+        vec![false, true]
+    } else {
+        vec![false]
+    };
     let mut choices = Vec::new();
     for &placement in &placements {
         for embedding in &embedding_candidates {
             for &plus_one in &offset_candidates {
                 for &softcap in &softcap_candidates {
                     for &gelu_as_tanh in &gelu_candidates {
-                        for traditional in [false, true] {
+                        for (traditional, sliding_only) in [false, true]
+                            .into_iter()
+                            .flat_map(|t| sliding_rope_candidates.iter().map(move |&s| (t, s)))
+                        {
                             choices.push(Choice {
                                 norm_plus_one: plus_one,
+                                rope_sliding_only: sliding_only,
                                 embedding_scale: embedding.clone(),
                                 rope_traditional: traditional,
                                 norm_placement: placement,
