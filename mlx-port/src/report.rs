@@ -69,7 +69,12 @@ impl Report {
 
     /// The first tensor, in forward order, that is off: where a port goes wrong.
     pub fn first_bad(&self) -> Option<&str> {
-        self.rows.iter().find(|r| !r.pass).map(|r| r.name.as_str())
+        self.first_bad_row().map(|r| r.name.as_str())
+    }
+
+    /// The first row that fails, with its numbers.
+    pub fn first_bad_row(&self) -> Option<&Row> {
+        self.rows.iter().find(|r| !r.pass)
     }
 
     /// The failed checks' names.

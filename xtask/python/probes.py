@@ -236,3 +236,27 @@ def call_trace(model, vocab_size):
         for h in handles:
             h.remove()
     return events
+
+
+def norm_scales_by_one_plus_weight(model):
+    """Whether the final norm scales by `1 + weight` (the weight an offset from one): run it
+    with its weight (and bias) zeroed on random input; a norm that scales by the weight
+    gives zeros. `None` when the model has no such norm."""
+    import torch
+
+    norm = getattr(getattr(model, "model", model), "norm", None)
+    weight = getattr(norm, "weight", None)
+    if norm is None or weight is None:
+        return None
+    saved = {name: p.detach().clone() for name, p in norm.named_parameters()}
+    try:
+        with torch.no_grad():
+            for p in norm.parameters():
+                p.zero_()
+            x = torch.randn(2, 3, weight.shape[-1], generator=torch.Generator().manual_seed(0))
+            out = norm(x)
+        return bool(out.abs().max() > 1e-3)
+    finally:
+        with torch.no_grad():
+            for name, p in norm.named_parameters():
+                p.copy_(saved[name])

@@ -31,6 +31,7 @@ pub mod mamba2;
 pub mod minimax_m2;
 pub mod ministral;
 pub mod mixtral;
+pub mod nemotron;
 pub mod nemotron_h;
 pub mod olmo2;
 pub mod olmoe;
@@ -94,6 +95,7 @@ pub const REGISTRY: &[(&str, Loader)] = &[
     ("ministral", family::load::<ministral::Config>),
     ("mistral", family::load::<llama::Config>),
     ("mixtral", family::load::<mixtral::Config>),
+    ("nemotron", family::load::<nemotron::Config>),
     ("nemotron_h", nemotron_h::load),
     ("olmo2", family::load::<olmo2::Config>),
     ("olmoe", family::load::<olmoe::Config>),

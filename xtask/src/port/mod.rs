@@ -212,8 +212,11 @@ pub fn search(plan: &Plan, fixtures: &[Fixture]) -> anyhow::Result<Search> {
                     "{}: {}",
                     report.fixture,
                     report
-                        .first_bad()
-                        .map(|r| format!("first bad tensor `{r}`"))
+                        .first_bad_row()
+                        .map(|r| format!(
+                            "first bad tensor `{}` (max-abs {:.2e}, cosine {:.7})",
+                            r.name, r.diff.max_abs, r.diff.cosine
+                        ))
                         .unwrap_or_else(|| format!("checks {:?} failed", report.failed_checks()))
                 )),
                 Err(e) => failures.push(format!("{}: {e}", fixture.name())),

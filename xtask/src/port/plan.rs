@@ -305,6 +305,26 @@ impl<'a> Facts<'a> {
             .unwrap_or_default()
     }
 
+    /// Per probed float field, whether doubling it changed the logits at all.
+    fn scalar_probes_all(&self) -> BTreeMap<String, bool> {
+        self.value
+            .get("scalar_probes")
+            .and_then(Value::as_array)
+            .map(|ps| {
+                ps.iter()
+                    .filter_map(|p| {
+                        let moved = match p.get("effect")? {
+                            Value::String(_) => true,
+                            Value::Number(n) => n.as_f64()? > 0.0,
+                            _ => return None,
+                        };
+                        Some((p.get("field")?.as_str()?.to_owned(), moved))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// What flipping each boolean field did to the tiny model (empty for facts recorded
     /// before the probes existed).
     fn flag_probes(&self) -> Vec<FlagProbe> {
@@ -640,9 +660,16 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
             "RMSNorm"
         }
     ));
-    let eps_field = ["rms_norm_eps", "layer_norm_eps", "norm_epsilon", "norm_eps"]
+    // The epsilon field the tiny model's config has a value for (Nemotron declares a
+    // `layer_norm_eps` it leaves null and reads `norm_eps`); the scalar probes say which
+    // one moves the logits where both have values.
+    let eps_names = ["rms_norm_eps", "layer_norm_eps", "norm_epsilon", "norm_eps"];
+    let probes = facts.scalar_probes_all();
+    let eps_field = eps_names
         .into_iter()
-        .find(|f| has_field(f))
+        .filter(|f| has_field(f) && facts.resolved(f).is_some())
+        .find(|f| probes.get(*f).is_none_or(|moved| *moved))
+        .or_else(|| eps_names.into_iter().find(|f| has_field(f)))
         .unwrap_or("rms_norm_eps")
         .to_owned();
     add(&mut fields, &eps_field, FieldType::F64, "norm epsilon");
@@ -857,7 +884,17 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
     } else {
         vec![Scalar::None, Scalar::SqrtHidden]
     };
-    let offset_candidates = if layer_norm.is_some() && !norm_init_is_zero(&facts) {
+    // The norm's formula as Transformers computes it (zero weights give zeros, or not),
+    // where the facts have the probe; else guessed from the initial weights.
+    let probed_offset = facts.value.get("norm_plus_one").and_then(Value::as_bool);
+    let offset_candidates = if let Some(plus_one) = probed_offset {
+        decisions.push(format!(
+            "norms scale by {} (zeroed weights {} the output)",
+            if plus_one { "1 + weight" } else { "weight" },
+            if plus_one { "keep" } else { "zero" }
+        ));
+        vec![plus_one]
+    } else if layer_norm.is_some() && !norm_init_is_zero(&facts) {
         vec![false]
     } else if norm_init_is_zero(&facts) {
         vec![true, false]
