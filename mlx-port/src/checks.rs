@@ -166,15 +166,20 @@ fn rope_check(fixture: &Fixture, rope: Option<&Rope>, name: &str) -> Result<Opti
     // Transformers records either `[positions, dims]` (each frequency twice, halves style)
     // or one value per frequency (gpt-oss, Llama 4's complex rotations); the manifest names
     // the layout the model pairs features in (`pairs`: 2i with 2i + 1, else halves).
-    // A model that rotates adjacent pairs (RoPE `traditional`) pairs its features so
-    // whatever the manifest says. Transformers' full-width tables hold each frequency
-    // twice, one half after the other (Llama, and GLM-4, which interleaves later) or twice
-    // in a row (Cohere's `repeat_interleave`): a pairing model's table is read both ways
-    // and the closer one reported.
-    let pairs =
-        fixture.manifest.rope_layout.as_deref() == Some("pairs") || rope.config().traditional;
+    // Transformers' full-width tables hold each frequency twice: one half after the other
+    // (Llama; GLM-4, which pairs adjacent features all the same) or twice in a row
+    // (Cohere's `repeat_interleave`); the recorded table says which.
+    let pairs = fixture.manifest.rope_layout.as_deref() == Some("pairs");
     let (cos, sin) = rope.cos_sin_per_frequency(positions, seq_len, pairs)?;
-    let repeat = |v: &[f32], in_a_row: bool| -> Vec<f32> {
+    let width_ref = cos_ref.len() / positions.len().max(1);
+    let in_a_row = width_ref >= 4
+        && cos_ref
+            .chunks(width_ref)
+            .all(|row| row.chunks(2).all(|p| p[0] == p[1]))
+        && cos_ref
+            .chunks(width_ref)
+            .any(|row| row[..width_ref / 2] != row[width_ref / 2..]);
+    let repeat = |v: &[f32]| -> Vec<f32> {
         let half = v.len() / positions.len().max(1);
         v.chunks(half.max(1))
             .flat_map(|row| {
@@ -187,11 +192,7 @@ fn rope_check(fixture: &Fixture, rope: Option<&Rope>, name: &str) -> Result<Opti
             .collect()
     };
     let layouts: Vec<(Vec<f32>, Vec<f32>)> = if cos.len() * 2 == cos_ref.len() {
-        let mut both = vec![(repeat(&cos, false), repeat(&sin, false))];
-        if pairs {
-            both.push((repeat(&cos, true), repeat(&sin, true)));
-        }
-        both
+        vec![(repeat(&cos), repeat(&sin))]
     } else {
         vec![(cos, sin)]
     };

@@ -36,6 +36,7 @@ pub const GROUP_SIZE: i32 = 64;
 pub const BOUNDS: &[(&str, f32, f32)] = &[
     ("arcee", 0.032, 0.47),            // measured 0.025, 0.371
     ("cohere", 0.023, 0.38),           // measured 0.0184, 0.301
+    ("cohere2", 0.028, 0.44),          // measured 0.0219, 0.349
     ("deepseek_v2", 0.059, 0.95),      // measured 0.0469, 0.755
     ("deepseek_v3", 0.069, 0.7),       // measured 0.0551, 0.557
     ("falcon_h1", 0.023, 0.42),        // measured 0.0184, 0.332
@@ -43,6 +44,7 @@ pub const BOUNDS: &[(&str, f32, f32)] = &[
     ("gemma", 0.029, 0.43),            // measured 0.0228, 0.337
     ("gemma2", 0.025, 0.44),           // measured 0.0198, 0.347
     ("gemma3_text", 0.024, 0.38),      // measured 0.0188, 0.302
+    ("glm", 0.036, 0.65),              // measured 0.0288, 0.519
     ("glm4", 0.034, 0.51),             // measured 0.0269, 0.403
     ("glm4_moe", 0.027, 0.84),         // measured 0.021, 0.671
     ("glm4_moe_lite", 0.025, 0.51),    // measured 0.0198, 0.403
@@ -64,6 +66,7 @@ pub const BOUNDS: &[(&str, f32, f32)] = &[
     ("ministral", 0.042, 0.57),        // measured 0.0334, 0.453
     ("mistral", 0.028, 0.5),           // measured 0.0224, 0.395
     ("mixtral", 0.025, 0.43),          // measured 0.0199, 0.338
+    ("nemotron", 0.03, 0.51),          // measured 0.024, 0.402
     ("nemotron_h", 0.02, 0.38),        // measured 0.0154, 0.298
     ("olmo2", 0.033, 0.49),            // measured 0.026, 0.39
     ("olmoe", 0.024, 0.4),             // measured 0.0188, 0.313

@@ -1013,6 +1013,34 @@ def rotates_pairs(rotary, config) -> bool:
     return isinstance(result, torch.Tensor) and result.is_complex()
 
 
+def applies_rope_to_pairs(reference) -> bool:
+    """Whether the family's own `apply_rotary_pos_emb` rotates feature 0 with feature 1 (adjacent pairs:
+    Cohere, GLM, GLM-4) rather than with the other half: probed on a unit query with the cos/sin the model's
+    rotary module gives at position 1. False where the family has no such function or it cannot be called
+    this way."""
+    import sys
+
+    import torch
+
+    module = sys.modules.get(type(reference).__module__)
+    apply = getattr(module, "apply_rotary_pos_emb", None)
+    rotary = decoder_parts(reference)[2]
+    config = reference.config
+    if apply is None or rotary is None or rope_layer_types(rotary) is not None:
+        return False
+    try:
+        with torch.no_grad():
+            cos, sin = rotary(torch.zeros(1, 1, config.hidden_size), torch.ones(1, 1, dtype=torch.int64))
+            head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+            q = torch.zeros(1, 1, 1, head_dim)
+            q[..., 0] = 1.0
+            rotated, _ = apply(q, q.clone(), cos, sin)
+    except Exception:
+        return False
+    moved = rotated.flatten().abs()
+    return bool(moved[1] > 1e-6) and head_dim > 2
+
+
 def interleaved_rope(config) -> bool:
     """Whether the family's attention applies halves-layout cos/sin to interleaved pairs (INTERLEAVED_ROPE_FLAG)."""
     if config.model_type not in INTERLEAVED_ROPE_FLAG:
@@ -1865,7 +1893,7 @@ def export_variant(spec: dict, variant: dict, out_root: Path) -> None:
         note = rope_note(reference.config, rotary)
         if note is not None:
             manifest["rope_note"] = note
-        if rotary is not None and rotates_pairs(rotary, reference.config):
+        if rotary is not None and (rotates_pairs(rotary, reference.config) or applies_rope_to_pairs(reference)):
             manifest["rope_layout"] = "pairs"
         manifest.update(mla_notes(reference))
         if recurrent is not None:
