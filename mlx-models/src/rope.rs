@@ -39,11 +39,17 @@ impl RopeFields {
                 ..self.clone()
             };
         }
+        // Legacy configs: `rope_scaling` is the full-attention layers' (Gemma 3, OLMo 3
+        // move it there); sliding layers rotate plainly, at their own base if they have one.
         match (layer_type, local_base) {
             ("sliding_attention", Some(base)) => RopeFields {
                 rope_theta: Some(base),
                 rope_scaling: None,
                 rope_parameters: None,
+                ..self.clone()
+            },
+            ("sliding_attention", None) => RopeFields {
+                rope_scaling: None,
                 ..self.clone()
             },
             _ => self.clone(),

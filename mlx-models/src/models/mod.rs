@@ -34,6 +34,7 @@ pub mod mixtral;
 pub mod nemotron;
 pub mod nemotron_h;
 pub mod olmo2;
+pub mod olmo3;
 pub mod olmoe;
 pub mod phi3;
 pub mod phimoe;
@@ -98,6 +99,7 @@ pub const REGISTRY: &[(&str, Loader)] = &[
     ("nemotron", family::load::<nemotron::Config>),
     ("nemotron_h", nemotron_h::load),
     ("olmo2", family::load::<olmo2::Config>),
+    ("olmo3", family::load::<olmo3::Config>),
     ("olmoe", family::load::<olmoe::Config>),
     ("phi3", family::load::<phi3::Config>),
     ("phimoe", family::load::<phimoe::Config>),
