@@ -692,6 +692,8 @@ pub struct Decoder {
     layers: Vec<DecoderLayer>,
     norm: Norm,
     lm_head: Option<Linear>,
+    /// The bias of an output layer tied to the embeddings.
+    tied_lm_head_bias: Option<Array>,
     settings: DecoderSettings,
     info: ModelInfo,
 }
@@ -719,6 +721,9 @@ impl Decoder {
                 s.lm_head_bias,
             )?)
         };
+        let tied_lm_head_bias = (s.tie_word_embeddings && s.lm_head_bias)
+            .then(|| weights.path("lm_head").get("bias", &[s.vocab_size]))
+            .transpose()?;
         let quantization = layers
             .first()
             .and_then(|l| l.self_attn.quantization())
@@ -746,6 +751,7 @@ impl Decoder {
             layers,
             norm,
             lm_head,
+            tied_lm_head_bias,
             settings,
             info,
         })
@@ -774,6 +780,10 @@ impl LanguageModel for Decoder {
         let logits = match &self.lm_head {
             Some(head) => head.forward(&h)?,
             None => self.embed_tokens.as_linear(&h)?,
+        };
+        let logits = match &self.tied_lm_head_bias {
+            Some(bias) => logits.add(bias)?,
+            None => logits,
         };
         let logits = softcap(&scale(&logits, s.logits_scale)?, s.final_logit_softcap)?;
         let logits = if s.logits_in_f32 {
@@ -829,8 +839,9 @@ pub fn check_cache_len(caches: usize, layers: usize) -> Result<()> {
 /// tied checkpoints that store it anyway.
 pub fn drop_computed_weights(weights: &mut Weights, tie_word_embeddings: bool) {
     weights.rename(|name| {
+        // A tied output layer may still have a bias of its own (Phi).
         let drop = name.contains("rotary_emb.inv_freq")
-            || (tie_word_embeddings && name.starts_with("lm_head."));
+            || (tie_word_embeddings && name.starts_with("lm_head.") && name != "lm_head.bias");
         (!drop).then(|| name.to_owned())
     });
 }

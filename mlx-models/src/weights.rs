@@ -548,9 +548,21 @@ pub fn layer_index(name: &str) -> Option<usize> {
 
 /// `name` with the module path under `model.layers.{i}.` renamed: each `(from, to)` is a
 /// module path under the layer (`"post_mlp_layernorm"`, `"self_attn.query_layernorm"`),
-/// and the first that matches applies, so renames may swap names. What a family whose
+/// or from the root where it starts with `model.` (`"model.final_layernorm"`); the first
+/// that matches applies, so renames may swap names. What a family whose
 /// checkpoints name a block otherwise than the shared blocks load uses in `sanitize`.
 pub fn rename_layer_module(name: &str, renames: &[(&str, &str)]) -> String {
+    // Paths from the root (`model.final_layernorm`) rename as they are.
+    for (from, to) in renames
+        .iter()
+        .filter(|(from, _)| from.starts_with("model."))
+    {
+        if let Some(tail) = name.strip_prefix(from) {
+            if tail.starts_with('.') {
+                return format!("{to}{tail}");
+            }
+        }
+    }
     let Some(rest) = name.strip_prefix("model.layers.") else {
         return name.to_owned();
     };

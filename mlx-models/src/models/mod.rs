@@ -36,6 +36,7 @@ pub mod nemotron_h;
 pub mod olmo2;
 pub mod olmo3;
 pub mod olmoe;
+pub mod phi;
 pub mod phi3;
 pub mod phimoe;
 pub mod qwen2;
@@ -101,6 +102,7 @@ pub const REGISTRY: &[(&str, Loader)] = &[
     ("olmo2", family::load::<olmo2::Config>),
     ("olmo3", family::load::<olmo3::Config>),
     ("olmoe", family::load::<olmoe::Config>),
+    ("phi", family::load::<phi::Config>),
     ("phi3", family::load::<phi3::Config>),
     ("phimoe", family::load::<phimoe::Config>),
     ("qwen2", family::load::<qwen2::Config>),

@@ -225,6 +225,9 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
     if norm != "NormKind::Rms" {
         transformer.push("NormKind");
     }
+    if plan.lm_head_bias {
+        model.push("lm_head_bias: true".to_owned());
+    }
     if plan.eps_field != "rms_norm_eps" {
         let eps = match plan.fields.iter().find(|f| f.name == plan.eps_field) {
             // A nullable field: Transformers' default (the interpreter's too) when null.

@@ -162,6 +162,7 @@ pub fn settings(plan: &Plan, choice: &Choice, config: &ConfigFile) -> Result<Dec
             })
             .unwrap_or(1e-6),
         norm_placement: choice.norm_placement,
+        lm_head_bias: plan.lm_head_bias,
         embedding_scale: r.scalar(&choice.embedding_scale)?,
         residual_scale: r.scalar(&plan.residual_scale)?,
         logits_scale: r.scalar(&plan.logits_scale)?,

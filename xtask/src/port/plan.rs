@@ -172,6 +172,8 @@ pub struct Plan {
     pub ignored: Vec<(String, String)>,
     /// Boolean fields the module reads only to refuse all but the value given here.
     pub refused: Vec<(String, bool)>,
+    /// The output layer has a bias (Phi).
+    pub lm_head_bias: bool,
     /// Module paths under a layer the checkpoint names otherwise than the blocks load
     /// (from the call trace): `sanitize` renames them.
     pub renames: Vec<(String, String)>,
@@ -421,7 +423,10 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
     let defaults = facts.fields();
     // The norms' roles from what Transformers computes (the call trace): their names in
     // the checkpoint may be anything; the plan reads the names the blocks load.
-    let roles = super::trace::norm_roles(&super::trace::events(facts.value));
+    let mut roles = super::trace::norm_roles(&super::trace::events(facts.value));
+    roles
+        .renames
+        .extend(super::trace::final_norm_rename(facts.value));
     let params: BTreeMap<String, Vec<i64>> = facts
         .parameters()
         .into_iter()
@@ -983,6 +988,7 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
                 "model.embed_tokens.weight" => Some("Embedding".to_owned()),
                 "model.norm.weight" | "model.norm.bias" => Some("final norm".to_owned()),
                 "lm_head.weight" => Some("output layer (absent when tied)".to_owned()),
+                "lm_head.bias" => Some("output layer bias".to_owned()),
                 _ => None,
             }
         };
@@ -1107,6 +1113,7 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         ignored,
         refused,
         renames: roles.renames.clone(),
+        lm_head_bias: params.contains_key("lm_head.bias"),
         weight_map,
     }
 }

@@ -148,7 +148,53 @@ pub fn norm_roles(events: &[Event]) -> NormRoles {
             }
         }
     }
+    linear_roles(events, &mut roles.renames);
     roles
+}
+
+/// The projections whose names the blocks do not know, by the order Transformers calls
+/// them: the last linear layer of attention is its output projection; an MLP of two
+/// linear layers is up (first) and down (second).
+fn linear_roles(events: &[Event], renames: &mut Vec<(String, String)>) {
+    let linears = |block: &str| -> Vec<String> {
+        let prefix = format!("{block}.");
+        events
+            .iter()
+            .filter(|e| e.enter && e.class == "Linear")
+            .filter_map(|e| e.module.strip_prefix(&prefix).map(str::to_owned))
+            .collect()
+    };
+    let attention = linears("self_attn");
+    let known_attention = ["q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj"];
+    if let Some(last) = attention.last() {
+        if !known_attention.contains(&last.as_str()) && attention.len() >= 2 {
+            renames.push((format!("self_attn.{last}"), "self_attn.o_proj".to_owned()));
+        }
+    }
+    let mlp = linears("mlp");
+    let known_pairs = [["up_proj", "down_proj"], ["c_fc", "c_proj"]];
+    if let [first, second] = mlp.as_slice() {
+        if !known_pairs
+            .iter()
+            .any(|p| p == &[first.as_str(), second.as_str()])
+        {
+            renames.push((format!("mlp.{first}"), "mlp.up_proj".to_owned()));
+            renames.push((format!("mlp.{second}"), "mlp.down_proj".to_owned()));
+        }
+    }
+}
+
+/// The model's final norm when it is not named `model.norm`: the norm module directly
+/// under `model.` (the facts' module list).
+pub fn final_norm_rename(facts: &Value) -> Option<(String, String)> {
+    let modules = facts.get("modules")?.as_array()?;
+    modules.iter().find_map(|m| {
+        let name = m.get("name")?.as_str()?;
+        let class = m.get("class")?.as_str()?;
+        let local = name.strip_prefix("model.")?;
+        (!local.contains('.') && local != "norm" && class.to_lowercase().contains("norm"))
+            .then(|| (name.to_owned(), "model.norm".to_owned()))
+    })
 }
 
 /// `name` with the module paths under `model.layers.{i}.` renamed by `renames`: what the
@@ -224,6 +270,47 @@ mod tests {
         assert_eq!(
             rename("model.layers.3.input_layernorm.weight", r),
             "model.layers.3.input_layernorm.weight"
+        );
+    }
+
+    /// Phi's projections: attention's last linear layer (`dense`) is its output, the MLP's
+    /// two (`fc1`, `fc2`) are up and down; StarCoder 2's `c_fc`/`c_proj` stay.
+    #[test]
+    fn projections_are_named_by_the_order_transformers_calls_them() {
+        let call = |m: &str, class: &str| event(true, m, class, [0.0, 0.0]);
+        let trace = [
+            call("input_layernorm", "LayerNorm"),
+            call("self_attn", "PhiAttention"),
+            call("self_attn.q_proj", "Linear"),
+            call("self_attn.k_proj", "Linear"),
+            call("self_attn.v_proj", "Linear"),
+            call("self_attn.dense", "Linear"),
+            event(false, "self_attn", "PhiAttention", [1.0, 1.0]),
+            call("mlp", "PhiMLP"),
+            call("mlp.fc1", "Linear"),
+            call("mlp.fc2", "Linear"),
+            event(false, "mlp", "PhiMLP", [2.0, 2.0]),
+        ];
+        let pairs = |r: &NormRoles| -> Vec<(String, String)> { r.renames.clone() };
+        assert_eq!(
+            pairs(&norm_roles(&trace)),
+            [
+                ("self_attn.dense".to_owned(), "self_attn.o_proj".to_owned()),
+                ("mlp.fc1".to_owned(), "mlp.up_proj".to_owned()),
+                ("mlp.fc2".to_owned(), "mlp.down_proj".to_owned()),
+            ]
+        );
+        let mut starcoder = trace.clone();
+        starcoder[5].module = "self_attn.o_proj".to_owned();
+        starcoder[8].module = "mlp.c_fc".to_owned();
+        starcoder[9].module = "mlp.c_proj".to_owned();
+        assert!(norm_roles(&starcoder).renames.is_empty());
+        assert_eq!(
+            rename(
+                "model.final_layernorm.bias",
+                &[("model.final_layernorm".to_owned(), "model.norm".to_owned())]
+            ),
+            "model.norm.bias"
         );
     }
 
