@@ -135,6 +135,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             ));
         }
     }
+    if search.chosen.is_none() {
+        write_scaffold(&root, mt, &plan, &search)?;
+    }
     let text = report::render(&plan, &search, &reports, hand_edits.as_deref(), &fixtures);
     std::fs::write(fixtures_dir.join("PORT_REPORT.md"), text)?;
     let passed = plan.gaps.is_empty()
@@ -149,6 +152,39 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if !passed {
         bail!("{mt} is not ported yet: see its PORT_REPORT.md");
     }
+    Ok(())
+}
+
+/// Where no candidate verifies: the generated module of the one that got furthest, in
+/// `target/port/<type>/scaffold.rs`, with what failed at its head, for a hand-written
+/// module to start from (the report's "Where it diverges" section says where).
+fn write_scaffold(root: &Path, mt: &str, plan: &Plan, search: &Search) -> anyhow::Result<()> {
+    let Some((best, (desc, failures))) = search
+        .tried
+        .iter()
+        .enumerate()
+        .max_by_key(|(i, (_, f))| (report::progress(f), std::cmp::Reverse(*i)))
+    else {
+        return Ok(());
+    };
+    let Some(choice) = plan.choices.get(best) else {
+        return Ok(());
+    };
+    let mut settled = plan.clone();
+    settled.settle(choice);
+    let source = codegen::module_source(&settled, choice);
+    let source = rustfmt(&source).unwrap_or(source);
+    let header = format!(
+        "// Scaffold written by `cargo xtask port {mt}`: candidate {} ({desc}), the one that got\n\
+         // furthest, which does NOT verify: {}.\n\
+         // See tests/fixtures/{mt}/PORT_REPORT.md, \"Where it diverges\", for the first module\n\
+         // Transformers calls that no shared block accounts for.\n\n",
+        best + 1,
+        failures.first().map(String::as_str).unwrap_or("-")
+    );
+    let dir = root.join("target/port").join(mt);
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("scaffold.rs"), header + &source)?;
     Ok(())
 }
 

@@ -174,6 +174,9 @@ pub struct Plan {
     pub refused: Vec<(String, bool)>,
     /// The output layer has a bias (Phi).
     pub lm_head_bias: bool,
+    /// Transformers' module calls in decoder layer 0, in order (name under the layer,
+    /// class), from the call trace.
+    pub layer_calls: Vec<(String, String)>,
     /// Module paths under a layer the checkpoint names otherwise than the blocks load
     /// (from the call trace): `sanitize` renames them.
     pub renames: Vec<(String, String)>,
@@ -1114,6 +1117,16 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         refused,
         renames: roles.renames.clone(),
         lm_head_bias: params.contains_key("lm_head.bias"),
+        layer_calls: super::trace::events(facts.value)
+            .into_iter()
+            .filter(|e| e.enter && !e.module.is_empty())
+            .map(|e| {
+                let path = format!("model.layers.0.{}.", e.module);
+                let renamed = super::trace::rename(&path, &roles.renames);
+                let name = renamed["model.layers.0.".len()..].trim_end_matches('.');
+                (name.to_owned(), e.class)
+            })
+            .collect(),
         weight_map,
     }
 }

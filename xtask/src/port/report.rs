@@ -149,6 +149,10 @@ pub fn render(
         }
     }
 
+    if search.chosen.is_none() && !search.tried.is_empty() {
+        divergence(w, plan, search);
+    }
+
     let _ = writeln!(w, "## Gaps\n");
     if plan.gaps.is_empty() && search.chosen.is_some() {
         let _ = writeln!(
@@ -181,4 +185,108 @@ pub fn render(
         }
     }
     md
+}
+
+/// How far a candidate got: the rank of its first failure (`embeddings` 0, `layers.N`
+/// N + 1, then `norm`, `logits`, and checks after every tensor).
+pub fn progress(failures: &[String]) -> usize {
+    let Some(first) = failures.first() else {
+        return usize::MAX;
+    };
+    let tensor = first
+        .split("first bad tensor `")
+        .nth(1)
+        .and_then(|rest| rest.split('`').next());
+    match tensor {
+        Some("embeddings") => 0,
+        Some(t) if t.starts_with("layers.") => {
+            t["layers.".len()..].parse::<usize>().map_or(1, |i| i + 1)
+        }
+        Some("norm") => 10_000,
+        Some("logits") => 10_001,
+        Some(_) => 1,
+        // A check after every tensor passed, or a load error (0).
+        None if first.contains("checks") => 10_002,
+        None => 0,
+    }
+}
+
+/// The candidate that got furthest, where it and Transformers part, and Transformers'
+/// layer side by side with what the plan accounts for.
+fn divergence(w: &mut String, plan: &Plan, search: &Search) {
+    let Some((best, (desc, failures))) = search
+        .tried
+        .iter()
+        .enumerate()
+        .max_by_key(|(i, (_, f))| (progress(f), std::cmp::Reverse(*i)))
+    else {
+        return;
+    };
+    let _ = writeln!(w, "## Where it diverges\n");
+    let _ = writeln!(
+        w,
+        "The candidate that got furthest is #{} ({desc}): {}.\n",
+        best + 1,
+        failures
+            .first()
+            .map(String::as_str)
+            .unwrap_or("no failure recorded")
+    );
+    if plan.layer_calls.is_empty() {
+        return;
+    }
+    let uncovered: Vec<&(String, String)> = plan
+        .layer_calls
+        .iter()
+        .filter(|(name, class)| !super::trace::covered(name, class))
+        .collect();
+    match uncovered.first() {
+        Some((name, class)) => {
+            let _ = writeln!(
+                w,
+                "The first module Transformers calls in layer 0 that no shared block accounts \
+                 for: `{name}` (`{class}`). A hand-written block starts there; \
+                 `target/port/{}/scaffold.rs` holds the generated module of this candidate to \
+                 start from.\n",
+                plan.model_type
+            );
+        }
+        None => {
+            let _ = writeln!(
+                w,
+                "Every module Transformers calls in layer 0 maps onto a shared block: the \
+                 difference is in how a block computes (a formula, a scale, an order), between \
+                 the last tensor that matches and the first that does not.\n"
+            );
+        }
+    }
+    let _ = writeln!(w, "| # | Transformers (layer 0) | class | blocks |");
+    let _ = writeln!(w, "|---|---|---|---|");
+    for (i, (name, class)) in plan.layer_calls.iter().enumerate() {
+        let mark = if super::trace::covered(name, class) {
+            "shared block"
+        } else {
+            "**none**"
+        };
+        let _ = writeln!(w, "| {} | `{name}` | `{class}` | {mark} |", i + 1);
+    }
+    let _ = writeln!(w);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::progress;
+
+    #[test]
+    fn candidates_rank_by_how_far_they_got() {
+        let at = |t: &str| vec![format!("f/default: first bad tensor `{t}` (max-abs 1e0)")];
+        assert!(progress(&at("embeddings")) < progress(&at("layers.0")));
+        assert!(progress(&at("layers.0")) < progress(&at("layers.3")));
+        assert!(progress(&at("layers.3")) < progress(&at("logits")));
+        assert!(
+            progress(&at("logits")) < progress(&["f/default: checks [\"rope\"] failed".to_owned()])
+        );
+        assert_eq!(progress(&["f/default: missing weight `x`".to_owned()]), 0);
+        assert_eq!(progress(&[]), usize::MAX);
+    }
 }

@@ -184,6 +184,48 @@ fn linear_roles(events: &[Event], renames: &mut Vec<(String, String)>) {
     }
 }
 
+/// Whether the shared blocks account for the module `name` (under a layer, after the
+/// plan's renames) of class `class`: the norms, projections and q/k norms they load, the
+/// activations they compute, and modules that compute nothing at inference (dropout).
+pub fn covered(name: &str, class: &str) -> bool {
+    const BLOCKS: [&str; 18] = [
+        "input_layernorm",
+        "post_attention_layernorm",
+        "pre_feedforward_layernorm",
+        "post_feedforward_layernorm",
+        "self_attn",
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.qkv_proj",
+        "self_attn.o_proj",
+        "self_attn.q_norm",
+        "self_attn.k_norm",
+        "mlp",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+        "mlp.gate_up_proj",
+        "mlp.c_fc",
+    ];
+    const ACTIVATIONS: [&str; 8] = [
+        "SiLU",
+        "SiLUActivation",
+        "GELUActivation",
+        "NewGELUActivation",
+        "GELUTanh",
+        "PytorchGELUTanh",
+        "ReLU",
+        "ReLUSquaredActivation",
+    ];
+    BLOCKS.contains(&name)
+        || name == "mlp.c_proj"
+        || class.contains("Dropout")
+        || class.contains("Rotary")
+        || (ACTIVATIONS.contains(&class)
+            && (name.starts_with("mlp.") || name.starts_with("self_attn.")))
+}
+
 /// The model's final norm when it is not named `model.norm`: the norm module directly
 /// under `model.` (the facts' module list).
 pub fn final_norm_rename(facts: &Value) -> Option<(String, String)> {
@@ -312,6 +354,18 @@ mod tests {
             ),
             "model.norm.bias"
         );
+    }
+
+    #[test]
+    fn what_the_blocks_account_for() {
+        assert!(covered("mlp.act_fn", "SiLUActivation"));
+        assert!(covered("resid_dropout", "Dropout"));
+        assert!(covered("self_attn.q_norm", "Qwen3RMSNorm"));
+        assert!(!covered("mlp.act_fn", "XIELUActivation"));
+        assert!(!covered(
+            "self_attn.q_layernorm",
+            "StableLmLayerNormPerHead"
+        ));
     }
 
     /// Hunyuan's query/key norms: fed q_proj's and k_proj's values after RoPE (the same
