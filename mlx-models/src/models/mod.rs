@@ -6,6 +6,7 @@ pub mod cohere;
 pub mod cohere2;
 pub mod deepseek_v2;
 pub mod deepseek_v3;
+pub mod ernie4_5;
 pub mod falcon_h1;
 pub mod gemma;
 pub mod gemma2;
@@ -68,6 +69,7 @@ pub const REGISTRY: &[(&str, Loader)] = &[
     ("cohere2", family::load::<cohere2::Config>),
     ("deepseek_v2", family::load::<deepseek_v2::Config>),
     ("deepseek_v3", family::load::<deepseek_v3::Config>),
+    ("ernie4_5", family::load::<ernie4_5::Config>),
     ("falcon_h1", falcon_h1::load),
     ("falcon_mamba", mamba::load),
     ("gemma", family::load::<gemma::Config>),

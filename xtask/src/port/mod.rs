@@ -36,7 +36,15 @@ use std::process::Command;
 #[derive(clap::Args)]
 pub struct Args {
     /// The Transformers `model_type` to port, e.g. `qwen3`.
-    model_type: String,
+    #[arg(required_unless_present = "all_missing")]
+    model_type: Option<String>,
+    /// Try every causal-LM `model_type` of Transformers the zoo lacks, one line each
+    /// (verified, or where it stops); what does not verify is taken out again.
+    #[arg(long, conflicts_with = "model_type")]
+    all_missing: bool,
+    /// With `--all-missing`: at most this many families, in Transformers' order.
+    #[arg(long, value_name = "N")]
+    limit: Option<usize>,
     /// A tiny config (JSON) for the fixtures instead of the derived one.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -59,8 +67,99 @@ pub struct Search {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    if args.all_missing {
+        return all_missing(&args);
+    }
+    let mt = args.model_type.clone().expect("clap requires it");
+    let outcome = port(&args, &mt)?;
+    if !outcome.verified {
+        bail!("{mt} is not ported yet: see its PORT_REPORT.md");
+    }
+    Ok(())
+}
+
+/// What one port run came to, in a line.
+pub struct Outcome {
+    pub verified: bool,
+    pub summary: String,
+}
+
+/// `--all-missing`: every Transformers causal-LM type the registry lacks, ported in turn.
+fn all_missing(args: &Args) -> anyhow::Result<()> {
     let root = workspace_root();
-    let mt = args.model_type.as_str();
+    let out = Command::new(python()?)
+        .args([
+            "-c",
+            "from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as m\n\
+             print('\\n'.join(m))",
+        ])
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "listing Transformers' causal-LM model types failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let registered = mlx_models::models::supported_model_types();
+    let missing: Vec<String> = String::from_utf8(out.stdout)?
+        .lines()
+        .map(str::trim)
+        .filter(|t| !t.is_empty() && !registered.contains(t))
+        .map(str::to_owned)
+        .take(args.limit.unwrap_or(usize::MAX))
+        .collect();
+    eprintln!("port --all-missing: {} model types to try", missing.len());
+    let (mut verified, mut total) = (0, 0);
+    for mt in &missing {
+        let fixtures = root.join("tests/fixtures").join(mt);
+        let spec = root.join(format!("xtask/fixtures/{mt}.json"));
+        let existed = (fixtures.exists(), spec.exists());
+        let registry = root.join("mlx-models/src/models/mod.rs");
+        let registry_before = std::fs::read_to_string(&registry)?;
+        let module = root.join(format!(
+            "mlx-models/src/models/{}.rs",
+            mt.replace(|c: char| !c.is_ascii_alphanumeric(), "_")
+        ));
+        let module_existed = module.exists();
+        let outcome = port(args, mt).unwrap_or_else(|e| Outcome {
+            verified: false,
+            summary: format!("{e:#}")
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .to_owned(),
+        });
+        total += 1;
+        if outcome.verified {
+            verified += 1;
+        } else {
+            // Leave the tree as it was: a family that does not verify is not part of it.
+            if !existed.0 {
+                let _ = std::fs::remove_dir_all(&fixtures);
+            }
+            if !existed.1 {
+                let _ = std::fs::remove_file(&spec);
+            }
+            if !module_existed {
+                let _ = std::fs::remove_file(&module);
+            }
+            std::fs::write(&registry, &registry_before)?;
+        }
+        println!(
+            "{mt}: {}",
+            if outcome.verified {
+                "verified".to_owned()
+            } else {
+                format!("not verified — {}", outcome.summary)
+            }
+        );
+    }
+    println!("{verified} of {total} verified");
+    Ok(())
+}
+
+fn port(args: &Args, mt: &str) -> anyhow::Result<Outcome> {
+    let root = workspace_root();
     let module = args
         .name
         .clone()
@@ -149,10 +248,30 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         if passed { "verified" } else { "NOT verified" },
         fixtures_dir.join("PORT_REPORT.md").display()
     );
-    if !passed {
-        bail!("{mt} is not ported yet: see its PORT_REPORT.md");
-    }
-    Ok(())
+    let summary = if passed {
+        "verified".to_owned()
+    } else if let Some(gap) = plan
+        .gaps
+        .iter()
+        .find(|g| !g.starts_with("no candidate passes"))
+    {
+        format!("gap: {gap}")
+    } else if let Some((name, class)) = plan.layer_calls.iter().find(|(n, c)| !trace::covered(n, c))
+    {
+        format!("no shared block for `{name}` (`{class}`) in layer 0")
+    } else {
+        let furthest = search
+            .tried
+            .iter()
+            .max_by_key(|(_, f)| report::progress(f))
+            .and_then(|(_, f)| f.first().cloned())
+            .unwrap_or_default();
+        format!("diverges: {furthest}")
+    };
+    Ok(Outcome {
+        verified: passed,
+        summary,
+    })
 }
 
 /// Where no candidate verifies: the generated module of the one that got furthest, in
@@ -188,6 +307,25 @@ fn write_scaffold(root: &Path, mt: &str, plan: &Plan, search: &Search) -> anyhow
     Ok(())
 }
 
+/// Runs a Python step with its output passed through; returns whether it succeeded and
+/// the last line it wrote to stderr (the exception, when it failed).
+fn run_python(cmd: &mut Command) -> anyhow::Result<(bool, String)> {
+    let out = cmd
+        .stdout(std::process::Stdio::inherit())
+        .stderr(std::process::Stdio::piped())
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprint!("{stderr}");
+    let last = stderr
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
+    Ok((out.status.success(), last))
+}
+
 /// Runs the introspection, which also writes the fixture variants spec.
 fn introspect(root: &Path, mt: &str, config: Option<&Path>, out: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(out.parent().expect("a file in a directory"))?;
@@ -201,23 +339,23 @@ fn introspect(root: &Path, mt: &str, config: Option<&Path>, out: &Path) -> anyho
     if let Some(c) = config {
         cmd.arg("--config").arg(c);
     }
-    let status = cmd.status()?;
-    if !status.success() {
-        bail!("introspect.py failed for {mt}");
+    let (ok, last) = run_python(&mut cmd)?;
+    if !ok {
+        bail!("introspect.py failed for {mt}: {last}");
     }
     Ok(())
 }
 
 fn export(root: &Path, mt: &str) -> anyhow::Result<()> {
-    let status = Command::new(python()?)
-        .current_dir(root)
+    let mut cmd = Command::new(python()?);
+    cmd.current_dir(root)
         .arg("xtask/python/export_fixtures.py")
         .arg("--spec")
         .arg(format!("xtask/fixtures/{mt}.json"))
-        .args(["--out", "tests/fixtures"])
-        .status()?;
-    if !status.success() {
-        bail!("exporting the {mt} fixtures failed");
+        .args(["--out", "tests/fixtures"]);
+    let (ok, last) = run_python(&mut cmd)?;
+    if !ok {
+        bail!("exporting the {mt} fixtures failed: {last}");
     }
     Ok(())
 }
