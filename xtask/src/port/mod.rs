@@ -45,6 +45,9 @@ pub struct Args {
     /// With `--all-missing`: at most this many families, in Transformers' order.
     #[arg(long, value_name = "N")]
     limit: Option<usize>,
+    /// With `--all-missing`: start after this model type (to resume a survey).
+    #[arg(long, value_name = "TYPE")]
+    after: Option<String>,
     /// A tiny config (JSON) for the fixtures instead of the derived one.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -105,6 +108,7 @@ fn all_missing(args: &Args) -> anyhow::Result<()> {
         .lines()
         .map(str::trim)
         .filter(|t| !t.is_empty() && !registered.contains(t))
+        .skip_while(|t| args.after.as_deref().is_some_and(|a| *t <= a))
         .map(str::to_owned)
         .take(args.limit.unwrap_or(usize::MAX))
         .collect();
