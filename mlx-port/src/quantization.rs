@@ -40,6 +40,7 @@ pub const BOUNDS: &[(&str, f32, f32)] = &[
     ("deepseek_v2", 0.059, 0.95),      // measured 0.0469, 0.755
     ("deepseek_v3", 0.069, 0.7),       // measured 0.0551, 0.557
     ("ernie4_5", 0.041, 0.63),         // measured 0.0325, 0.504
+    ("exaone4", 0.034, 0.59),          // measured 0.0266, 0.464
     ("falcon_h1", 0.023, 0.42),        // measured 0.0184, 0.332
     ("falcon_mamba", 0.018, 0.3),      // measured 0.014, 0.24
     ("gemma", 0.029, 0.43),            // measured 0.0228, 0.337
@@ -55,7 +56,10 @@ pub const BOUNDS: &[(&str, f32, f32)] = &[
     ("granitemoehybrid", 0.041, 0.66), // measured 0.0325, 0.521
     ("hunyuan_v1_dense", 0.041, 0.65), // measured 0.0327, 0.517
     ("hunyuan_v1_moe", 0.032, 0.51),   // measured 0.0256, 0.404
+    ("hyperclovax", 0.039, 0.52),      // measured 0.0307, 0.411
     ("internlm3", 0.042, 0.59),        // measured 0.0334, 0.465
+    ("iquestcoder", 0.042, 0.59),      // measured 0.0334, 0.465
+    ("jais2", 0.028, 0.43),            // measured 0.0217, 0.341
     ("jamba", 0.059, 0.79),            // measured 0.0466, 0.631
     ("lfm2", 0.044, 0.59),             // measured 0.0352, 0.472
     ("llama", 0.045, 0.71),            // measured 0.036, 0.562

@@ -7,6 +7,7 @@ pub mod cohere2;
 pub mod deepseek_v2;
 pub mod deepseek_v3;
 pub mod ernie4_5;
+pub mod exaone4;
 pub mod falcon_h1;
 pub mod gemma;
 pub mod gemma2;
@@ -21,7 +22,10 @@ pub mod granitemoe;
 pub mod granitemoehybrid;
 pub mod hunyuan_v1_dense;
 pub mod hunyuan_v1_moe;
+pub mod hyperclovax;
 pub mod internlm3;
+pub mod iquestcoder;
+pub mod jais2;
 pub mod jamba;
 pub mod lfm2;
 pub mod llama;
@@ -70,6 +74,7 @@ pub const REGISTRY: &[(&str, Loader)] = &[
     ("deepseek_v2", family::load::<deepseek_v2::Config>),
     ("deepseek_v3", family::load::<deepseek_v3::Config>),
     ("ernie4_5", family::load::<ernie4_5::Config>),
+    ("exaone4", family::load::<exaone4::Config>),
     ("falcon_h1", falcon_h1::load),
     ("falcon_mamba", mamba::load),
     ("gemma", family::load::<gemma::Config>),
@@ -85,7 +90,10 @@ pub const REGISTRY: &[(&str, Loader)] = &[
     ("granitemoehybrid", family::load::<granitemoehybrid::Config>),
     ("hunyuan_v1_dense", family::load::<hunyuan_v1_dense::Config>),
     ("hunyuan_v1_moe", family::load::<hunyuan_v1_moe::Config>),
+    ("hyperclovax", family::load::<hyperclovax::Config>),
     ("internlm3", family::load::<internlm3::Config>),
+    ("iquestcoder", family::load::<iquestcoder::Config>),
+    ("jais2", family::load::<jais2::Config>),
     ("jamba", family::load::<jamba::Config>),
     ("kimi_k2", family::load::<deepseek_v3::Config>),
     ("lfm2", lfm2::load),
