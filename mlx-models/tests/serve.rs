@@ -845,3 +845,61 @@ async fn a_shared_prefix_is_reused() {
     with.stop().await;
     without.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_requests_wait_for_the_model_then_models_lists_the_cache() {
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let engine = mlx_models::serve::Engine::spawn(
+        move || {
+            let _ = released.recv();
+            tiny()
+        },
+        EngineOptions::new(),
+    )
+    .unwrap();
+    let hf = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(hf.path().join("models--org--cached-model/snapshots/abc")).unwrap();
+    std::fs::create_dir_all(hf.path().join("datasets--org--data/snapshots/abc")).unwrap();
+    let options = ServeOptions::new("tiny").hf_cache(Some(hf.path().to_owned()));
+    let server = Server::bind(engine, options.port(0)).await.unwrap();
+    let addr = server.local_addr();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(server.run(async {
+        let _ = stopped.await;
+    }));
+    let (status, health) = get(addr, "/health");
+    assert_eq!((status, health["status"].as_str()), (503, Some("loading")));
+    let body = r#"{"messages": [{"role": "user", "content": "the"}], "max_tokens": 2}"#;
+    let (status, response) = post(addr, "/v1/chat/completions", body, "");
+    assert_eq!(error_of(status, &response, 503)["code"], "model_loading");
+    release.send(()).unwrap();
+    let mut ready = false;
+    for _ in 0..200 {
+        if get(addr, "/health").0 == 200 {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(ready, "never became healthy");
+    assert_eq!(post(addr, "/v1/chat/completions", body, "").0, 200);
+    let (status, models) = get(addr, "/v1/models");
+    assert_eq!(status, 200);
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["tiny", "org/cached-model"]);
+    stop.send(()).unwrap();
+    task.await.unwrap().unwrap();
+
+    // A cache directory that does not exist lists the served model alone.
+    let missing = ServeOptions::new("tiny").hf_cache(Some(hf.path().join("nothing")));
+    let server = start(tiny, missing, EngineOptions::new()).await;
+    let (status, models) = get(server.addr, "/v1/models");
+    assert_eq!(status, 200);
+    assert_eq!(models["data"].as_array().unwrap().len(), 1);
+    server.stop().await;
+}
