@@ -1,3 +1,4 @@
+#![cfg(feature = "serve")]
 //! `mlx_models::serve` end to end: a server on a free loopback port, driven by a real
 //! OpenAI client (`async-openai`) and by raw HTTP for malformed requests.
 //!
