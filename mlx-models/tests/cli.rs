@@ -235,8 +235,15 @@ fn serve_answers_and_exits_cleanly_on_sigterm() {
         .spawn()
         .unwrap();
     let mut stderr = BufReader::new(server.stderr.take().unwrap());
+    // It listens at once and says when the model is loaded.
     let mut line = String::new();
-    stderr.read_line(&mut line).unwrap();
+    while !line.contains("serving") {
+        line.clear();
+        assert!(
+            stderr.read_line(&mut line).unwrap() > 0,
+            "no `serving` line"
+        );
+    }
     let address = line
         .trim()
         .rsplit("http://")

@@ -234,11 +234,23 @@ fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
     runtime.block_on(async move {
         let engine = Engine::spawn(move || load(&source, &load_options), engine_options)?;
         let server = Server::bind(engine, options).await?;
-        eprintln!(
-            "mlx-models: serving `{model_id}` on http://{}",
-            server.local_addr()
-        );
-        server.run(serve::shutdown_signal()).await?;
+        let address = server.local_addr();
+        eprintln!("mlx-models: loading `{model_id}`; /health answers on http://{address}");
+        let ready = server.ready();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let running = tokio::spawn(server.run(async move {
+            tokio::select! {
+                _ = serve::shutdown_signal() => {},
+                _ = stopped => {},
+            }
+        }));
+        if let Err(message) = ready.await {
+            let _ = stop.send(());
+            running.await??;
+            return Err(format!("the model failed to load: {message}").into());
+        }
+        eprintln!("mlx-models: serving `{model_id}` on http://{address}");
+        running.await??;
         eprintln!("mlx-models: stopped");
         Ok(())
     })

@@ -240,17 +240,15 @@ impl Engine {
 
     /// Waits until the model is loaded (or failed to load).
     pub async fn ready(&self) -> std::result::Result<Arc<ModelCard>, String> {
-        let mut state = self.state.clone();
-        loop {
-            match &*state.borrow_and_update() {
-                LoadState::Ready(card) => return Ok(card.clone()),
-                LoadState::Failed(message) => return Err(message.clone()),
-                LoadState::Loading => {}
-            }
-            if state.changed().await.is_err() {
-                return Err("the engine thread ended while loading".into());
-            }
-        }
+        wait_ready(self.state.clone()).await
+    }
+
+    /// [`Engine::ready`] as a future that does not borrow the engine.
+    pub fn ready_owned(
+        &self,
+    ) -> impl std::future::Future<Output = std::result::Result<Arc<ModelCard>, String>> + Send + 'static
+    {
+        wait_ready(self.state.clone())
     }
 
     /// Live counts.
@@ -289,6 +287,22 @@ impl Drop for Engine {
         // Closing the queue ends the thread once its requests are done; it is not joined
         // here, so dropping never blocks an async runtime.
         self.jobs = None;
+    }
+}
+
+async fn wait_ready(
+    mut state: watch::Receiver<LoadState>,
+) -> std::result::Result<Arc<ModelCard>, String> {
+    loop {
+        let current = state.borrow_and_update().clone();
+        match current {
+            LoadState::Ready(card) => return Ok(card),
+            LoadState::Failed(message) => return Err(message),
+            LoadState::Loading => {}
+        }
+        if state.changed().await.is_err() {
+            return Err("the engine thread ended while loading".into());
+        }
     }
 }
 
@@ -508,10 +522,12 @@ impl Worker {
     fn join(&mut self, mut seq: Sequence) -> Result<()> {
         if self.batched {
             let own = seq.cache.take().unwrap_or_default();
-            self.batch = Some(match self.batch.take() {
+            // On failure the running batch stays as it was.
+            let merged = match &self.batch {
                 None => own,
-                Some(batch) => merge(&batch, &own)?,
-            });
+                Some(batch) => merge(batch, &own)?,
+            };
+            self.batch = Some(merged);
         }
         self.active.push(seq);
         Ok(())
@@ -527,7 +543,9 @@ impl Worker {
             let ids: Vec<i32> = self.active.iter().map(|s| s.next as i32).collect();
             let input = Array::from_slice(&ids, &[ids.len() as i32, 1]);
             let Some(cache) = self.batch.as_mut() else {
-                return Ok(());
+                return Err(Error::Mlx(mlx_rs::error::Exception::custom(
+                    "the running requests lost their batch cache",
+                )));
             };
             let out = self
                 .model
@@ -580,20 +598,15 @@ impl Worker {
             });
         }
         let id = seq.sampler.sample(logits, &seq.history)?;
+        // The end-of-sequence token is not part of the reply (nor of its log-probabilities).
+        if self.eos.binary_search(&id).is_ok() {
+            self.finish(seq, FinishReason::EndOfSequence);
+            return Ok(());
+        }
         let logprob = match seq.logprobs {
             Some(top) => Some(token_logprob(self.model.tokenizer(), logits, id, top)?),
             None => None,
         };
-        if self.eos.binary_search(&id).is_ok() {
-            if let Some(logprob) = logprob {
-                let _ = seq.events.send(Event::Token {
-                    text: String::new(),
-                    logprob: Some(logprob),
-                });
-            }
-            self.finish(seq, FinishReason::EndOfSequence);
-            return Ok(());
-        }
         seq.generated += 1;
         seq.history.push(id);
         seq.next = id;

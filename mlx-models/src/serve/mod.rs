@@ -188,6 +188,14 @@ impl Server {
             .expect("a bound listener has an address")
     }
 
+    /// Completes once the model is loaded (`Err` with the message if loading failed); it
+    /// does not borrow the server, so it can be awaited while [`Server::run`] serves.
+    pub fn ready(
+        &self,
+    ) -> impl Future<Output = std::result::Result<Arc<ModelCard>, String>> + Send + 'static {
+        self.state.engine.ready_owned()
+    }
+
     /// The engine's live counts.
     pub fn stats(&self) -> Arc<EngineStats> {
         self.state.engine.stats().clone()
