@@ -347,9 +347,12 @@ impl Attention {
         tap.record("self_attn.v", &v);
 
         let offset = cache.offset();
-        let (mut q, mut k) = match &self.rope {
-            Some(rope) => (rope.apply(&q, offset)?, rope.apply(&k, offset)?),
-            None => (q, k),
+        // Rows of a batch of sequences of different lengths each have their own position.
+        let rows = cache.row_offsets();
+        let (mut q, mut k) = match (&self.rope, &rows) {
+            (Some(rope), Some(rows)) => (rope.apply_rows(&q, rows)?, rope.apply_rows(&k, rows)?),
+            (Some(rope), None) => (rope.apply(&q, offset)?, rope.apply(&k, offset)?),
+            (None, _) => (q, k),
         };
         if s.qk_norm == QkNorm::PerHeadAfterRope {
             q = norm_opt(&self.q_norm, &q)?;
@@ -360,7 +363,17 @@ impl Attention {
             k = mlx_rs::fast::rms_norm(&k, None, s.qk_norm_eps)?;
         }
         if let (Some(t), None) = (s.temperature_tuning, &self.rope) {
-            q = q.multiply(temperature(t, offset, len)?.as_dtype(q.dtype())?)?;
+            let scales = match &rows {
+                Some(rows) => {
+                    let per_row = rows
+                        .iter()
+                        .map(|&o| temperature(t, o, len))
+                        .collect::<Result<Vec<_>>>()?;
+                    ops::stack(&per_row, 0)?.expand_dims(1)?
+                }
+                None => temperature(t, offset, len)?,
+            };
+            q = q.multiply(scales.as_dtype(q.dtype())?)?;
         }
         tap.record("self_attn.rope_q", &q);
         tap.record("self_attn.rope_k", &k);

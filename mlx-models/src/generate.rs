@@ -359,13 +359,13 @@ impl Iterator for TokenStream<'_> {
 
 /// Holds back text that may be the start of a stop string.
 #[derive(Debug, Default)]
-struct StopStrings {
+pub(crate) struct StopStrings {
     stops: Vec<String>,
     held: String,
 }
 
 impl StopStrings {
-    fn new(stops: Vec<String>) -> Self {
+    pub(crate) fn new(stops: Vec<String>) -> Self {
         StopStrings {
             stops,
             held: String::new(),
@@ -373,7 +373,7 @@ impl StopStrings {
     }
 
     /// Adds text; returns what can be shown and the stop string hit, if any.
-    fn push(&mut self, chunk: &str) -> (String, Option<String>) {
+    pub(crate) fn push(&mut self, chunk: &str) -> (String, Option<String>) {
         self.held.push_str(chunk);
         if let Some((at, stop)) = self
             .stops
@@ -404,7 +404,7 @@ impl StopStrings {
         (shown, None)
     }
 
-    fn flush(&mut self) -> String {
+    pub(crate) fn flush(&mut self) -> String {
         std::mem::take(&mut self.held)
     }
 }

@@ -26,6 +26,8 @@ pub mod rglru;
 pub mod rope;
 pub mod runtime;
 pub mod sampling;
+#[cfg(feature = "serve")]
+pub mod serve;
 pub mod ssm;
 pub mod tap;
 #[cfg(test)]

@@ -458,6 +458,51 @@ impl Rope {
         )?)
     }
 
+    /// Whether [`Rope::apply_rows`] works: the frequencies and scale do not depend on the
+    /// sequence length (they do for dynamic NTK and LongRoPE), so rows of a batch at
+    /// different positions rotate exactly as each would alone.
+    pub fn supports_row_offsets(&self) -> bool {
+        self.fixed_freqs.is_some()
+            && !matches!(self.config.scaling, RopeScaling::ShortFactorLongRope { .. })
+    }
+
+    /// Rotates `x` (`[batch, heads, seq, head_dim]`) whose rows start at positions of their
+    /// own, `offsets[b]` for row `b` (a batch of sequences of different lengths). An error
+    /// where [`Rope::supports_row_offsets`] is false.
+    pub fn apply_rows(&self, x: &Array, offsets: &[i32]) -> Result<Array> {
+        let (Some(freqs), true) = (&self.fixed_freqs, self.supports_row_offsets()) else {
+            return Err(mlx_rs::error::Exception::custom(
+                "this RoPE's frequencies depend on the sequence length: rows at different \
+                 positions cannot share a batch",
+            )
+            .into());
+        };
+        if offsets.len() as i32 != x.dim(0) {
+            return Err(mlx_rs::error::Exception::custom(format!(
+                "{} row offsets for a batch of {}",
+                offsets.len(),
+                x.dim(0)
+            ))
+            .into());
+        }
+        let factor = self.config.attention_factor_at(0);
+        let x = if factor != 1.0 {
+            self.scale_rotated(x, factor)?
+        } else {
+            x.clone()
+        };
+        let offsets = Array::from_slice(offsets, &[offsets.len() as i32]);
+        Ok(mlx_rs::fast::rope_dynamic(
+            &x,
+            self.config.dims,
+            self.config.traditional,
+            None,
+            1.0,
+            &offsets,
+            freqs,
+        )?)
+    }
+
     /// Multiplies the rotated features by `factor` (Transformers scales cos and sin).
     fn scale_rotated(&self, x: &Array, factor: f32) -> Result<Array> {
         let head_dim = x.dim(-1);

@@ -236,3 +236,62 @@ fn convert_writes_a_directory_that_generate_loads() {
     assert!(String::from_utf8_lossy(&refused.stderr).contains("affine"));
     assert!(!out.path().join("bad").exists());
 }
+
+/// `mlx-models serve` on a free port: it answers, and SIGTERM drains it to a clean exit.
+#[cfg(unix)]
+#[test]
+fn serve_answers_and_exits_cleanly_on_sigterm() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let tiny = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/gguf-tiny/tiny.gguf");
+    let mut server = cli()
+        .args(["serve", "--port", "0", "--model"])
+        .arg(&tiny)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(server.stderr.take().unwrap());
+    // It listens at once and says when the model is loaded.
+    let mut line = String::new();
+    while !line.contains("serving") {
+        line.clear();
+        assert!(
+            stderr.read_line(&mut line).unwrap() > 0,
+            "no `serving` line"
+        );
+    }
+    let address = line
+        .trim()
+        .rsplit("http://")
+        .next()
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+        .to_owned();
+    assert!(line.contains("serving `tiny`"), "{line}");
+    let body = r#"{"model": "tiny", "prompt": "the thing", "max_tokens": 20, "stream": true}"#;
+    let mut stream = std::net::TcpStream::connect(&address).unwrap();
+    write!(
+        stream,
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut head = [0u8; 12];
+    stream.read_exact(&mut head).unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200");
+    // SIGTERM while the stream is open: it still ends with [DONE], then the server exits.
+    let pid = i32::try_from(server.id()).unwrap();
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let mut rest = String::new();
+    let mut buf = [0u8; 4096];
+    while !rest.contains("data: [DONE]") {
+        let n = stream.read(&mut buf).unwrap();
+        assert!(n > 0, "the stream ended without [DONE]: {rest}");
+        rest.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    assert!(rest.contains("\"finish_reason\":\"length\""), "{rest}");
+    drop(stream);
+    let status = server.wait().unwrap();
+    let mut log = String::new();
+    stderr.read_to_string(&mut log).unwrap();
+    assert!(status.success(), "{status}: {log}");
+    assert!(log.contains("stopped"), "{log}");
+}

@@ -57,6 +57,23 @@ enum Bench {
         #[arg(long, default_value_t = 4)]
         layers: usize,
     },
+    /// `mlx-models serve` on the default model (f32, dequantized) under 1, 4 and 8
+    /// concurrent streaming clients, without and with a shared prompt prefix: aggregate
+    /// decode tok/s and time to first token (p50/p95), JSON lines (use --release).
+    Serve {
+        /// Concurrent streams, one round each.
+        #[arg(long, value_delimiter = ',', default_values_t = [1, 4, 8])]
+        streams: Vec<usize>,
+        /// Tokens per request (end of sequence is banned, so every request makes them all).
+        #[arg(long, default_value_t = 64)]
+        max_tokens: usize,
+        /// Length of the shared system prompt of the shared-prefix rounds, in tokens.
+        #[arg(long, default_value_t = 256)]
+        prefix_tokens: usize,
+        /// Keep the GGUF's 4-bit weights instead of dequantizing to f32.
+        #[arg(long)]
+        quantized: bool,
+    },
     /// Decode speed of a random-weight mixture-of-experts model (Qwen3-MoE shape) next to
     /// a dense model with the same active parameters per token, in one run (use --release).
     Moe {
@@ -86,6 +103,12 @@ enum Bench {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     match args.what {
+        Bench::Serve {
+            streams,
+            max_tokens,
+            prefix_tokens,
+            quantized,
+        } => crate::bench_serve::run(&streams, max_tokens, prefix_tokens, quantized),
         Bench::Matmul { n, min_ratio } => matmul(n, min_ratio),
         Bench::Generate {
             prompt_tokens,

@@ -1,6 +1,7 @@
 //! `cargo xtask …`: the project's own tasks.
 
 mod bench;
+mod bench_serve;
 mod fixtures;
 mod port;
 mod verify;

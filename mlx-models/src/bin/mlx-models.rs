@@ -5,6 +5,7 @@
 //! mlx-models chat --system "You are terse."
 //! mlx-models info --model path/to/model-dir
 //! mlx-models convert --model model.gguf --out model-q8 --quantize --bits 8 --group-size 64
+//! mlx-models serve --port 8080
 //! ```
 
 use clap::{Args, Parser, Subcommand};
@@ -37,6 +38,42 @@ enum Command {
     /// tokenizer files), optionally cast or quantized, and report the drift of its outputs
     /// from the source's.
     Convert(ConvertArgs),
+    /// Serve the model over HTTP with OpenAI's API (chat completions, completions, models),
+    /// with continuous batching and prompt-prefix reuse; SIGTERM or Ctrl-C drains and exits.
+    Serve(ServeArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The address to listen on (127.0.0.1: this machine only).
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// The port (0: any free one; the address is printed).
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// Require `Authorization: Bearer <key>` (also read from $MLX_MODELS_API_KEY).
+    #[arg(long)]
+    api_key: Option<String>,
+    /// The model name clients use (default: the repo id, or the file or directory name).
+    #[arg(long)]
+    served_model_name: Option<String>,
+    /// Requests decoding together in one batch.
+    #[arg(long, default_value_t = 16)]
+    max_batch: usize,
+    /// Requests running or waiting at once; more get HTTP 429.
+    #[arg(long, default_value_t = 64)]
+    max_requests: usize,
+    /// Tokens per reply when a request sets no max_tokens.
+    #[arg(long, default_value_t = 512)]
+    default_max_tokens: usize,
+    /// Memory for the caches of earlier requests (prompt-prefix reuse), in MiB.
+    #[arg(long, default_value_t = 512)]
+    prefix_cache_mb: usize,
+    /// Run concurrent requests in turns instead of batched forward passes.
+    #[arg(long)]
+    no_batching: bool,
 }
 
 #[derive(Args)]
@@ -160,10 +197,83 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         Command::Chat(args) => chat(args),
         Command::Info(args) => info(args),
         Command::Convert(args) => convert(args),
+        Command::Serve(args) => serve(args),
     }
 }
 
+fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
+    use mlx_models::serve::{self, Engine, EngineOptions, ServeOptions, Server};
+    // Downloads happen here, with progress; the engine thread only loads.
+    let source = resolve_source(&args.model)?;
+    let model_id = match (&args.served_model_name, &source) {
+        (Some(name), _) => name.clone(),
+        (None, ModelSource::Hub { repo, .. }) => repo.clone(),
+        (None, _) if args.model.model.is_none() => "SmolLM2-135M-Instruct".to_owned(),
+        (None, ModelSource::Dir(path) | ModelSource::Gguf(path)) => path
+            .file_stem()
+            .map_or_else(|| "model".to_owned(), |s| s.to_string_lossy().into_owned()),
+        (None, ModelSource::Default) => "SmolLM2-135M-Instruct".to_owned(),
+    };
+    let mut options = ServeOptions::new(model_id.clone())
+        .host(args.host.clone())
+        .port(args.port)
+        .api_key(
+            args.api_key
+                .clone()
+                .or_else(|| std::env::var(serve::API_KEY_ENV).ok()),
+        )
+        .max_requests(args.max_requests)
+        .default_max_tokens(args.default_max_tokens);
+    if let Some(spec) = &args.model.model {
+        options = options.alias(spec.clone());
+    }
+    let engine_options = EngineOptions::new()
+        .max_batch(args.max_batch)
+        .prefix_cache_bytes(args.prefix_cache_mb << 20)
+        .batching(!args.no_batching);
+    let load_options = LoadOptions::new().dequantize(args.model.dequantize);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let engine = Engine::spawn(move || load(&source, &load_options), engine_options)?;
+        let server = Server::bind(engine, options).await?;
+        let address = server.local_addr();
+        eprintln!("mlx-models: loading `{model_id}`; /health answers on http://{address}");
+        let ready = server.ready();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let running = tokio::spawn(server.run(async move {
+            tokio::select! {
+                _ = serve::shutdown_signal() => {},
+                _ = stopped => {},
+            }
+        }));
+        if let Err(message) = ready.await {
+            let _ = stop.send(());
+            running.await??;
+            return Err(format!("the model failed to load: {message}").into());
+        }
+        eprintln!("mlx-models: serving `{model_id}` on http://{address}");
+        running.await??;
+        eprintln!("mlx-models: stopped");
+        Ok(())
+    })
+}
+
 fn load_model(args: &ModelArgs) -> Result<Model, Box<dyn std::error::Error>> {
+    let source = resolve_source(args)?;
+    let spinner =
+        ProgressBar::new_spinner().with_style(ProgressStyle::with_template("{spinner} {msg}")?);
+    spinner.enable_steady_tick(Duration::from_millis(100));
+    spinner.set_message("Loading the model…");
+    let model = load(&source, &LoadOptions::new().dequantize(args.dequantize))?;
+    spinner.finish_and_clear();
+    Ok(model)
+}
+
+/// Where `--model` points, downloaded or fetched first if need be.
+fn resolve_source(args: &ModelArgs) -> Result<ModelSource, Box<dyn std::error::Error>> {
     let spinner =
         ProgressBar::new_spinner().with_style(ProgressStyle::with_template("{spinner} {msg}")?);
     spinner.enable_steady_tick(Duration::from_millis(100));
@@ -198,10 +308,8 @@ fn load_model(args: &ModelArgs) -> Result<Model, Box<dyn std::error::Error>> {
             ModelSource::Gguf(path)
         }
     };
-    spinner.set_message("Loading the model…");
-    let model = load(&source, &LoadOptions::new().dequantize(args.dequantize))?;
     spinner.finish_and_clear();
-    Ok(model)
+    Ok(source)
 }
 
 fn options(model: &Model, args: &SamplingArgs) -> GenerateOptions {

@@ -54,6 +54,10 @@ pub struct KvCache {
     /// `len == window` the buffer is a full ring of `window` slots: the oldest token sits in
     /// slot `start`, which is also where the next single token is written.
     start: i32,
+    /// Unbounded only: in a batch of sequences of different lengths ([`KvCache::merge_rows`]),
+    /// how many zero slots sit before each row's first token. Row `b`'s next token is at
+    /// position `offset - padding[b]`, and its queries never see the padding.
+    padding: Option<Vec<i32>>,
 }
 
 impl KvCache {
@@ -181,6 +185,12 @@ impl KvCache {
             self.reset();
             return Ok(true);
         }
+        // The rows of a padded batch end at different positions: take one out with
+        // [`KvCache::row`] first.
+        if self.padding.is_some() {
+            self.reset();
+            return Ok(false);
+        }
         // Position of the oldest stored token.
         let first = self.offset - self.len;
         // The next query, at position `len`, sees itself and positions `from..len`.
@@ -250,10 +260,10 @@ impl KvCache {
         self.len = keys.dim(2);
         self.keys = Some(keys.clone());
         self.values = Some(values.clone());
-        let mask = if new == 1 {
-            AttentionMask::None
-        } else {
-            AttentionMask::Causal
+        let mask = match &self.padding {
+            Some(padding) => padded_mask(padding, new, self.offset, keys.dtype())?,
+            None if new == 1 => AttentionMask::None,
+            None => AttentionMask::Causal,
         };
         Ok((keys, values, mask))
     }
@@ -439,6 +449,134 @@ fn check_shapes(keys: &Array, values: &Array) -> Result<()> {
         ))));
     }
     Ok(())
+}
+
+/// Batches of sequences of different lengths, for continuous batching: rows are aligned at
+/// their last token (left-padded with zero slots that no query sees), and each row's RoPE
+/// position is its own ([`KvCache::row_offsets`]). Only unbounded caches batch this way.
+impl KvCache {
+    /// The position of each row's next token, where the rows of a batch differ
+    /// ([`KvCache::merge_rows`]); `None` when every row's next token is at
+    /// [`KvCache::offset`].
+    pub fn row_offsets(&self) -> Option<Vec<i32>> {
+        self.padding
+            .as_ref()
+            .map(|padding| padding.iter().map(|p| self.offset - p).collect())
+    }
+
+    /// The rows of `caches`, in order, as one batch: each cache is left-padded to the
+    /// longest one, so that new tokens of every row can go through the model together.
+    /// Every cache must be unbounded and hold at least one token.
+    pub fn merge_rows(caches: &[&KvCache]) -> Result<KvCache> {
+        let bad = |message: String| Error::Mlx(Exception::custom(message));
+        let offset = caches.iter().map(|c| c.offset).max().unwrap_or(0);
+        let (mut keys, mut values, mut padding) = (Vec::new(), Vec::new(), Vec::new());
+        for cache in caches {
+            if cache.window.is_some() || cache.chunk.is_some() {
+                return Err(bad(
+                    "only unbounded KV caches can be batched (sliding-window and chunked \
+                     caches cannot)"
+                        .into(),
+                ));
+            }
+            let (Some(k), Some(v)) = (&cache.keys, &cache.values) else {
+                return Err(bad("an empty KV cache cannot join a batch".into()));
+            };
+            let extra = offset - cache.offset;
+            let rows = k.dim(0) as usize;
+            let own = cache.padding.clone().unwrap_or_else(|| vec![0; rows]);
+            padding.extend(own.iter().map(|p| p + extra));
+            keys.push(pad_left(k, extra)?);
+            values.push(pad_left(v, extra)?);
+        }
+        let keys = ops::concatenate(&keys, 0)?;
+        let values = ops::concatenate(&values, 0)?;
+        Ok(KvCache {
+            len: keys.dim(2),
+            keys: Some(keys),
+            values: Some(values),
+            offset,
+            padding: padding.iter().any(|&p| p > 0).then_some(padding),
+            ..KvCache::default()
+        })
+    }
+
+    /// The batch of the given rows only, in that order, without the padding they all share.
+    pub fn select_rows(&self, rows: &[usize]) -> Result<KvCache> {
+        let (Some(k), Some(v)) = (&self.keys, &self.values) else {
+            return Ok(self.clone());
+        };
+        let batch = k.dim(0) as usize;
+        if let Some(&bad) = rows.iter().find(|&&r| r >= batch) {
+            return Err(Error::Mlx(Exception::custom(format!(
+                "row {bad} of a batch of {batch}"
+            ))));
+        }
+        let padding: Vec<i32> = match &self.padding {
+            Some(p) => rows.iter().map(|&r| p[r]).collect(),
+            None => vec![0; rows.len()],
+        };
+        let shared = padding.iter().copied().min().unwrap_or(0);
+        let index = Array::from_slice(
+            &rows.iter().map(|&r| r as i32).collect::<Vec<_>>(),
+            &[rows.len() as i32],
+        );
+        let cut = |a: &Array| -> Result<Array> {
+            let a = a.take_axis(&index, 0)?;
+            Ok(if shared > 0 {
+                a.try_index((.., .., shared..))?
+            } else {
+                a
+            })
+        };
+        let padding: Vec<i32> = padding.iter().map(|p| p - shared).collect();
+        let (keys, values) = (cut(k)?, cut(v)?);
+        Ok(KvCache {
+            len: keys.dim(2),
+            keys: Some(keys),
+            values: Some(values),
+            offset: self.offset - shared,
+            padding: padding.iter().any(|&p| p > 0).then_some(padding),
+            ..KvCache::default()
+        })
+    }
+
+    /// One row of a batch as a cache of its own (batch 1, no padding).
+    pub fn row(&self, row: usize) -> Result<KvCache> {
+        self.select_rows(&[row])
+    }
+}
+
+/// `a` (`[batch, heads, tokens, dim]`) with `extra` zero token slots before its tokens.
+fn pad_left(a: &Array, extra: i32) -> Result<Array> {
+    if extra == 0 {
+        return Ok(a.clone());
+    }
+    let zeros = ops::zeros_dtype(&[a.dim(0), a.dim(1), extra, a.dim(3)], a.dtype())?;
+    Ok(ops::concatenate(&[&zeros, a], 2)?)
+}
+
+/// The additive mask `[batch, 1, len, keys]` of `len` new queries over `keys` slots of a
+/// left-padded batch: causal (aligned to the last key) and blind to each row's padding.
+/// A query always sees its own key, so no row of the softmax is empty.
+fn padded_mask(
+    padding: &[i32],
+    len: i32,
+    keys: i32,
+    dtype: mlx_rs::Dtype,
+) -> Result<AttentionMask> {
+    let first_query = keys - len;
+    let mut data = Vec::with_capacity(padding.len() * (len * keys) as usize);
+    for &pad in padding {
+        for q in first_query..keys {
+            for k in 0..keys {
+                let visible = k == q || (k >= pad && k <= q);
+                data.push(if visible { 0.0f32 } else { f32::NEG_INFINITY });
+            }
+        }
+    }
+    let mask = Array::from_slice(&data, &[padding.len() as i32, 1, len, keys]).as_dtype(dtype)?;
+    Ok(AttentionMask::Additive(mask))
 }
 
 /// A buffer of zero tokens shaped like `a` (`[batch, heads, 0, dim]`), to grow from.

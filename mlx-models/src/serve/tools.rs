@@ -1,0 +1,286 @@
+//! Tool calls in a model's output, in the common formats:
+//!
+//! - Hermes / Qwen: `<tool_call>{"name": …, "arguments": {…}}</tool_call>`, any number,
+//!   possibly after some text;
+//! - Llama 3: the whole reply is `{"name": …, "parameters": {…}}` (optionally after
+//!   `<|python_tag|>`), several separated by `;`;
+//! - Mistral: `[TOOL_CALLS][{"name": …, "arguments": {…}}, …]`, or the newer
+//!   `[TOOL_CALLS]name[ARGS]{…}` repeated.
+//!
+//! [`parse_tool_calls`] reads a finished reply; [`ToolCallStream`] holds back streamed
+//! text from the point where a tool call may begin.
+
+use serde_json::Value;
+
+const HERMES_OPEN: &str = "<tool_call>";
+const HERMES_CLOSE: &str = "</tool_call>";
+const MISTRAL: &str = "[TOOL_CALLS]";
+const MISTRAL_ARGS: &str = "[ARGS]";
+const PYTHON_TAG: &str = "<|python_tag|>";
+const MARKERS: [&str; 3] = [HERMES_OPEN, MISTRAL, PYTHON_TAG];
+
+/// One function call: its name and its arguments as JSON text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ToolCall {
+    pub name: String,
+    pub arguments: String,
+}
+
+/// The tokens whose text marks a tool call; a tokenizer that has them as special tokens
+/// would otherwise leave them out of the decoded text.
+pub fn marker_tokens() -> &'static [&'static str] {
+    &[HERMES_OPEN, HERMES_CLOSE, MISTRAL, MISTRAL_ARGS, PYTHON_TAG]
+}
+
+/// The text around the tool calls and the calls themselves, when `text` holds any in one
+/// of the formats; `None` when it holds none (or they are not valid JSON calls).
+pub fn parse_tool_calls(text: &str) -> Option<(String, Vec<ToolCall>)> {
+    if let Some(at) = text.find(HERMES_OPEN) {
+        return parse_hermes(text, at);
+    }
+    if let Some(at) = text.find(MISTRAL) {
+        let calls = parse_mistral(text[at + MISTRAL.len()..].trim())?;
+        return Some((text[..at].trim().to_owned(), calls));
+    }
+    let body = text.trim();
+    let body = body.strip_prefix(PYTHON_TAG).unwrap_or(body).trim();
+    if body.starts_with('{') {
+        let calls = body
+            .split(';')
+            .map(|part| call_from_json(&serde_json::from_str(part.trim()).ok()?))
+            .collect::<Option<Vec<_>>>()?;
+        return Some((String::new(), calls));
+    }
+    None
+}
+
+fn parse_hermes(text: &str, first: usize) -> Option<(String, Vec<ToolCall>)> {
+    let mut content = text[..first].to_owned();
+    let mut calls = Vec::new();
+    let mut rest = &text[first..];
+    while let Some(at) = rest.find(HERMES_OPEN) {
+        content.push_str(&rest[..at]);
+        let body = &rest[at + HERMES_OPEN.len()..];
+        // The closing tag may be missing when generation ended right after the JSON.
+        let (json, after) = match body.find(HERMES_CLOSE) {
+            Some(end) => (&body[..end], &body[end + HERMES_CLOSE.len()..]),
+            None => (body, ""),
+        };
+        calls.push(call_from_json(&serde_json::from_str(json.trim()).ok()?)?);
+        rest = after;
+    }
+    content.push_str(rest);
+    Some((content.trim().to_owned(), calls))
+}
+
+fn parse_mistral(body: &str) -> Option<Vec<ToolCall>> {
+    if body.starts_with('[') {
+        let list: Vec<Value> = serde_json::from_str(body).ok()?;
+        return list.iter().map(call_from_json).collect();
+    }
+    // name[ARGS]{…}name[ARGS]{…}…
+    let mut calls = Vec::new();
+    let mut rest = body.trim_start_matches(MISTRAL).trim();
+    while !rest.is_empty() {
+        let at = rest.find(MISTRAL_ARGS)?;
+        let name = rest[..at].trim();
+        let mut stream =
+            serde_json::Deserializer::from_str(&rest[at + MISTRAL_ARGS.len()..]).into_iter();
+        let arguments: Value = stream.next()?.ok()?;
+        let used = stream.byte_offset();
+        if name.is_empty() || !arguments.is_object() {
+            return None;
+        }
+        calls.push(ToolCall {
+            name: name.to_owned(),
+            arguments: arguments.to_string(),
+        });
+        rest = rest[at + MISTRAL_ARGS.len() + used..]
+            .trim()
+            .trim_start_matches(MISTRAL)
+            .trim();
+    }
+    (!calls.is_empty()).then_some(calls)
+}
+
+/// `{"name": …, "arguments" | "parameters": {…} or "…"}`.
+fn call_from_json(value: &Value) -> Option<ToolCall> {
+    let name = value.get("name")?.as_str()?.to_owned();
+    let arguments = match value.get("arguments").or_else(|| value.get("parameters")) {
+        None | Some(Value::Null) => "{}".to_owned(),
+        Some(Value::String(s)) => s.clone(),
+        Some(v) => v.to_string(),
+    };
+    Some(ToolCall { name, arguments })
+}
+
+/// Streamed text with tool calls held back: [`ToolCallStream::push`] returns the text that
+/// is certainly content, [`ToolCallStream::finish`] the rest and the calls.
+#[derive(Debug, Default)]
+pub struct ToolCallStream {
+    held: String,
+    mode: Mode,
+}
+
+#[derive(Debug, Default, PartialEq)]
+enum Mode {
+    /// Nothing but white space yet.
+    #[default]
+    Start,
+    /// Content; a tool call may still begin.
+    Content,
+    /// From a tool-call marker (or a leading `{`) on, everything is held.
+    Calls,
+}
+
+impl ToolCallStream {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds generated text; returns what can be shown as content now.
+    pub fn push(&mut self, chunk: &str) -> String {
+        self.held.push_str(chunk);
+        if self.mode == Mode::Calls {
+            return String::new();
+        }
+        if let Some(at) = MARKERS.iter().filter_map(|m| self.held.find(m)).min() {
+            self.mode = Mode::Calls;
+            let shown: String = self.held.drain(..at).collect();
+            return shown;
+        }
+        if self.mode == Mode::Start {
+            let start = self.held.trim_start();
+            if start.is_empty() {
+                return String::new();
+            }
+            if start.starts_with('{') {
+                self.mode = Mode::Calls;
+                return String::new();
+            }
+            self.mode = Mode::Content;
+        }
+        // Keep a tail that may be the start of a marker.
+        let keep = MARKERS
+            .iter()
+            .flat_map(|m| (1..m.len()).map(move |n| &m[..n]))
+            .filter(|prefix| self.held.ends_with(prefix))
+            .map(str::len)
+            .max()
+            .unwrap_or(0);
+        let split = self.held.len() - keep;
+        self.held.drain(..split).collect()
+    }
+
+    /// The content still held and the tool calls, once generation has ended. Held text
+    /// that is not a valid tool call is content after all.
+    pub fn finish(self) -> (String, Vec<ToolCall>) {
+        if self.mode == Mode::Calls {
+            if let Some((content, calls)) = parse_tool_calls(&self.held) {
+                if !calls.is_empty() {
+                    return (content, calls);
+                }
+            }
+        }
+        (self.held, Vec::new())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn call(name: &str, arguments: &str) -> ToolCall {
+        ToolCall {
+            name: name.into(),
+            arguments: arguments.into(),
+        }
+    }
+
+    #[test]
+    fn hermes_calls_with_text_around_them() {
+        let text = "Let me check.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": \
+                    {\"city\": \"Paris\"}}\n</tool_call>\n<tool_call>{\"name\": \"now\", \
+                    \"arguments\": {}}</tool_call>";
+        let (content, calls) = parse_tool_calls(text).unwrap();
+        assert_eq!(content, "Let me check.");
+        assert_eq!(
+            calls,
+            vec![
+                call("get_weather", r#"{"city":"Paris"}"#),
+                call("now", "{}")
+            ]
+        );
+        // Generation may stop before the closing tag.
+        let (_, calls) =
+            parse_tool_calls("<tool_call>{\"name\": \"f\", \"arguments\": {}}").unwrap();
+        assert_eq!(calls, vec![call("f", "{}")]);
+        assert!(parse_tool_calls("<tool_call>{not json}</tool_call>").is_none());
+    }
+
+    #[test]
+    fn llama3_json_calls() {
+        let text =
+            "<|python_tag|>{\"name\": \"a\", \"parameters\": {\"x\": 1}}; {\"name\": \"b\", \
+                    \"parameters\": {}}";
+        let (content, calls) = parse_tool_calls(text).unwrap();
+        assert_eq!(content, "");
+        assert_eq!(calls, vec![call("a", r#"{"x":1}"#), call("b", "{}")]);
+        assert_eq!(
+            parse_tool_calls("  {\"name\": \"a\", \"arguments\": \"{\\\"x\\\": 2}\"}")
+                .unwrap()
+                .1,
+            vec![call("a", r#"{"x": 2}"#)]
+        );
+        assert!(parse_tool_calls("{\"no_name\": 1}").is_none());
+        assert!(parse_tool_calls("The answer is 4.").is_none());
+    }
+
+    #[test]
+    fn mistral_calls_both_forms() {
+        let text = "[TOOL_CALLS][{\"name\": \"add\", \"arguments\": {\"a\": 1, \"b\": 2}}]";
+        assert_eq!(
+            parse_tool_calls(text).unwrap().1,
+            vec![call("add", r#"{"a":1,"b":2}"#)]
+        );
+        let text = "[TOOL_CALLS]add[ARGS]{\"a\": 1}[TOOL_CALLS]neg[ARGS]{\"x\": 3}";
+        assert_eq!(
+            parse_tool_calls(text).unwrap().1,
+            vec![call("add", r#"{"a":1}"#), call("neg", r#"{"x":3}"#)]
+        );
+        assert!(parse_tool_calls("[TOOL_CALLS]add[ARGS]not json").is_none());
+    }
+
+    #[test]
+    fn streaming_holds_back_from_the_marker_on() {
+        let mut s = ToolCallStream::new();
+        let mut shown = String::new();
+        for chunk in [
+            "Sure",
+            ". <tool",
+            "_call>{\"name\": \"f\", ",
+            "\"arguments\": {\"q\": 1}}",
+            "</tool_call>",
+        ] {
+            shown.push_str(&s.push(chunk));
+        }
+        assert_eq!(shown, "Sure. ");
+        let (content, calls) = s.finish();
+        assert_eq!(content, "");
+        assert_eq!(calls, vec![call("f", r#"{"q":1}"#)]);
+    }
+
+    #[test]
+    fn streaming_plain_text_passes_and_a_false_start_is_content() {
+        let mut s = ToolCallStream::new();
+        assert_eq!(s.push("Hello <b>"), "Hello <b>");
+        assert_eq!(s.push(" world <"), " world ");
+        assert_eq!(s.push("3"), "<3");
+        assert_eq!(s.finish(), (String::new(), vec![]));
+
+        let mut s = ToolCallStream::new();
+        assert_eq!(s.push(" {"), "");
+        assert_eq!(s.push("not a call}"), "");
+        assert_eq!(s.finish(), (" {not a call}".to_owned(), vec![]));
+    }
+}
