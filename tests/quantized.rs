@@ -55,6 +55,14 @@ fn write_pair(quantized: &Path, dense: &Path, group_size: i32, bits: i32) {
     std::fs::write(quantized.join("config.json"), config.to_string()).unwrap();
 }
 
+/// The largest elementwise |a - b|.
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max)
+}
+
 fn logits(dir: &Path) -> (Vec<f32>, Option<Quantization>) {
     let model = load_model_dir(dir, None).unwrap();
     let ids: Vec<i32> = (0..12).map(|i| (i * 37 + 5) % 256).collect();
@@ -78,22 +86,14 @@ fn quantized_checkpoints_match_their_dequantized_weights() {
         let (d, dense) = logits(&d_dir);
         assert_eq!(quantization, Some(Quantization { bits, group_size }));
         assert_eq!(dense, None);
-        let worst = q
-            .iter()
-            .zip(&d)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0f32, f32::max);
+        let worst = max_abs_diff(&q, &d);
         assert!(
             worst < 1e-4,
             "{bits}-bit, group {group_size}: max |Δlogits| = {worst}"
         );
         // And the quantization is real: the logits moved away from the f32 model's.
         let (f32_logits, _) = logits(Path::new(FIXTURE));
-        let moved = q
-            .iter()
-            .zip(&f32_logits)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0f32, f32::max);
+        let moved = max_abs_diff(&q, &f32_logits);
         assert!(
             moved > 1e-4,
             "{bits}-bit quantization changed nothing (max |Δ| = {moved})"
@@ -231,22 +231,14 @@ fn quantized_moe_checkpoints_match_their_dequantized_weights() {
                 fixture.display()
             );
             assert_eq!(dense, None);
-            let worst = q
-                .iter()
-                .zip(&d)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0.0f32, f32::max);
+            let worst = max_abs_diff(&q, &d);
             assert!(
                 worst < 1e-4,
                 "{}: {bits}-bit, group {group_size}: max |Δlogits| = {worst}",
                 fixture.display()
             );
             let (f32_logits, _) = logits(&fixture);
-            let moved = q
-                .iter()
-                .zip(&f32_logits)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0.0f32, f32::max);
+            let moved = max_abs_diff(&q, &f32_logits);
             assert!(moved > 1e-4, "{bits}-bit quantization changed nothing");
         }
     }
@@ -304,11 +296,7 @@ fn quantized_mla_checkpoints_in_the_mlx_lm_layout() {
     // The split layout alone changes nothing.
     let (split_logits, _) = logits(split.path());
     let (reference, _) = logits(&fixture);
-    let worst = split_logits
-        .iter()
-        .zip(&reference)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0f32, f32::max);
+    let worst = max_abs_diff(&split_logits, &reference);
     assert!(worst < 1e-5, "split kv_b_proj: max |Δlogits| = {worst}");
     // Quantized, it equals its dequantized weights.
     for (group_size, bits) in [(32, 4), (64, 8)] {
@@ -318,11 +306,7 @@ fn quantized_mla_checkpoints_in_the_mlx_lm_layout() {
         let (q, quantization) = logits(&q_dir);
         let (d, _) = logits(&d_dir);
         assert!(quantization.is_some());
-        let worst = q
-            .iter()
-            .zip(&d)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0f32, f32::max);
+        let worst = max_abs_diff(&q, &d);
         assert!(
             worst < 1e-4,
             "{bits}-bit, group {group_size}: max |Δlogits| = {worst}"
@@ -537,11 +521,7 @@ fn quantized_hybrid_checkpoints_in_the_mlx_lm_layout() {
         mlx_lm_copy(&fixture, &converted, edit);
         let (reference, _) = logits(&fixture);
         let (ours, _) = logits(&converted);
-        let worst = ours
-            .iter()
-            .zip(&reference)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0f32, f32::max);
+        let worst = max_abs_diff(&ours, &reference);
         assert!(
             worst < 1e-5,
             "{}: mlx-lm layout: max |Δlogits| = {worst}",
@@ -565,21 +545,13 @@ fn quantized_hybrid_checkpoints_in_the_mlx_lm_layout() {
                 "{}: not quantized",
                 fixture.display()
             );
-            let worst = q
-                .iter()
-                .zip(&d)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0.0f32, f32::max);
+            let worst = max_abs_diff(&q, &d);
             assert!(
                 worst < 1e-4,
                 "{}: {bits}-bit, group {group_size}: max |Δlogits| = {worst}",
                 fixture.display()
             );
-            let moved = q
-                .iter()
-                .zip(&reference)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0.0f32, f32::max);
+            let moved = max_abs_diff(&q, &reference);
             assert!(moved > 1e-4, "{bits}-bit quantization changed nothing");
             std::fs::remove_dir_all(&q_dir).unwrap();
             std::fs::remove_dir_all(&d_dir).unwrap();
