@@ -420,52 +420,43 @@ fn fold_plus_one_norms_as_mlx_lm(_: &serde_json::Value, tensors: &mut HashMap<St
     }
 }
 
-/// A dense Granite 4 hybrid's fused `shared_mlp` split into `mlp.gate_proj`/`up_proj` and
-/// `mlp.down_proj`, as mlx-lm's `sanitize` does.
-fn split_granite_shared_mlp_as_mlx_lm(_: &serde_json::Value, tensors: &mut HashMap<String, Array>) {
-    let fused: Vec<String> = tensors
+/// Granite 4's fused tensors `<prefix>.<fused>.input_linear.weight` (gate rows, then up
+/// rows, along `axis`) and `<prefix>.<fused>.output_linear.weight` renamed to
+/// `<prefix>.<to>.{gate,up,down}_proj.weight`, as mlx-lm's `sanitize` does.
+fn split_granite_as_mlx_lm(tensors: &mut HashMap<String, Array>, fused: &str, axis: i32, to: &str) {
+    let input = format!(".{fused}.input_linear.weight");
+    let names: Vec<String> = tensors
         .keys()
-        .filter(|n| n.ends_with(".shared_mlp.input_linear.weight"))
+        .filter(|n| n.ends_with(&input))
         .cloned()
         .collect();
-    assert!(!fused.is_empty());
-    for name in fused {
-        let layer = name.trim_end_matches(".shared_mlp.input_linear.weight");
-        let halves = tensors.remove(&name).unwrap().split_equal(2, 0).unwrap();
-        tensors.insert(format!("{layer}.mlp.gate_proj.weight"), halves[0].clone());
-        tensors.insert(format!("{layer}.mlp.up_proj.weight"), halves[1].clone());
+    assert!(!names.is_empty(), "no {input}");
+    for name in names {
+        let prefix = name.trim_end_matches(&input).to_owned();
+        let halves = tensors.remove(&name).unwrap().split_equal(2, axis).unwrap();
+        tensors.insert(format!("{prefix}.{to}.gate_proj.weight"), halves[0].clone());
+        tensors.insert(format!("{prefix}.{to}.up_proj.weight"), halves[1].clone());
         let down = tensors
-            .remove(&format!("{layer}.shared_mlp.output_linear.weight"))
+            .remove(&format!("{prefix}.{fused}.output_linear.weight"))
             .unwrap();
-        tensors.insert(format!("{layer}.mlp.down_proj.weight"), down);
+        tensors.insert(format!("{prefix}.{to}.down_proj.weight"), down);
     }
 }
 
-/// A Granite 4 hybrid MoE's fused experts split into `block_sparse_moe.switch_mlp`, as
-/// mlx-lm's `sanitize` does (the shared MLP stays fused).
+/// A dense Granite 4 hybrid: the fused `shared_mlp` becomes `mlp.*`.
+fn split_granite_shared_mlp_as_mlx_lm(_: &serde_json::Value, tensors: &mut HashMap<String, Array>) {
+    split_granite_as_mlx_lm(tensors, "shared_mlp", 0, "mlp");
+}
+
+/// A Granite 4 hybrid MoE: the fused experts become `block_sparse_moe.switch_mlp` (the
+/// shared MLP stays fused).
 fn split_granite_experts_as_mlx_lm(_: &serde_json::Value, tensors: &mut HashMap<String, Array>) {
-    let fused: Vec<String> = tensors
-        .keys()
-        .filter(|n| n.ends_with(".block_sparse_moe.input_linear.weight"))
-        .cloned()
-        .collect();
-    assert!(!fused.is_empty());
-    for name in fused {
-        let block = name.trim_end_matches(".input_linear.weight");
-        let halves = tensors.remove(&name).unwrap().split_equal(2, 1).unwrap();
-        tensors.insert(
-            format!("{block}.switch_mlp.gate_proj.weight"),
-            halves[0].clone(),
-        );
-        tensors.insert(
-            format!("{block}.switch_mlp.up_proj.weight"),
-            halves[1].clone(),
-        );
-        let down = tensors
-            .remove(&format!("{block}.output_linear.weight"))
-            .unwrap();
-        tensors.insert(format!("{block}.switch_mlp.down_proj.weight"), down);
-    }
+    split_granite_as_mlx_lm(
+        tensors,
+        "block_sparse_moe",
+        1,
+        "block_sparse_moe.switch_mlp",
+    );
 }
 
 /// Hybrid checkpoints as mlx-lm converts them (conv weights `[channels, kernel, 1]`,
