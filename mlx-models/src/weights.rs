@@ -202,6 +202,24 @@ impl Weights {
         self.tensors.insert(name.into(), tensor);
     }
 
+    /// The shape of the tensor `name`, without taking it.
+    pub fn shape_of(&self, name: &str) -> Option<&[i32]> {
+        self.tensors.get(name).map(Array::shape)
+    }
+
+    /// Whether mlx-lm's converter wrote this checkpoint, as its depthwise convolutions
+    /// tell: MLX's `[channels, kernel, 1]` where PyTorch stores `[channels, 1, kernel]`.
+    /// What else its `sanitize` did to such a checkpoint (folded constants, shifted norms)
+    /// is the family's to undo or to expect.
+    pub fn converted_by_mlx_lm(&self) -> bool {
+        self.tensors.iter().any(|(name, t)| {
+            name.ends_with("conv1d.weight") && {
+                let s = t.shape();
+                s.len() == 3 && s[2] == 1 && s[1] > 1
+            }
+        })
+    }
+
     /// Takes the tensor `name` out of the checkpoint (for a `sanitize` step that turns it
     /// into others).
     pub fn remove(&mut self, name: &str) -> Option<Array> {

@@ -256,7 +256,13 @@ pub fn load(config: &ConfigFile, mut weights: Weights) -> Result<Box<dyn Languag
     };
     drop_computed_weights(&mut weights, c.tie_word_embeddings);
     weights.rename(|name| (!name.ends_with(".mup_vector")).then(|| name.to_owned()));
-    fold_multipliers(&mut weights, &c, &mamba2)?;
+    // The μP multipliers folded into the weights that follow or precede them, as mlx-lm's
+    // converter does (a checkpoint it converted has that done already), and what it
+    // leaves out.
+    if !weights.converted_by_mlx_lm() {
+        fold_matrices(&mut weights, &c, &mamba2)?;
+    }
+    fold_what_mlx_lm_leaves(&mut weights, &c, &mamba2)?;
     weights.eval()?;
 
     let w = weights.path("model");
@@ -322,91 +328,21 @@ pub fn load(config: &ConfigFile, mut weights: Weights) -> Result<Box<dyn Languag
     }))
 }
 
-/// Folds the μP multipliers into the weights that follow or precede them. Checkpoints
-/// mlx-lm converted carry its folding (their conv weights in MLX's `[channels, kernel, 1]`
-/// layout tell them): it scaled the weight matrices of `embed_tokens`, `lm_head`,
-/// `q_proj`/`k_proj`, `o_proj`, `in_proj`, `out_proj`, `gate_proj` and `down_proj`, but
-/// not their biases, nor `v_proj`.
-fn fold_multipliers(weights: &mut Weights, c: &Config, mamba2: &Mamba2Settings) -> Result<()> {
-    let conv_name = weights
-        .names()
-        .find(|n| n.ends_with(".mamba.conv1d.weight"))
-        .map(str::to_owned);
-    let converted = match conv_name {
-        Some(name) => {
-            let conv = weights.remove(&name).expect("listed above");
-            let mlx_layout = conv.ndim() == 3 && conv.dim(2) == 1 && conv.dim(1) > 1;
-            weights.insert(name, conv);
-            mlx_layout
-        }
-        None => false,
-    };
-    // What is left to fold into a weight matrix.
-    let matrix = |m: f64| if converted { 1.0 } else { m as f32 };
-    let [gate, down] = c.mlp_multipliers.unwrap_or([1.0, 1.0]);
-    let mup = c.mup_vector(mamba2);
-    let mut folds: Vec<(String, Fold)> = vec![(
-        "model.embed_tokens".to_owned(),
-        Fold::Input(matrix(c.embedding_multiplier)),
-    )];
-    if !c.tie_word_embeddings {
-        folds.push((
-            "lm_head".to_owned(),
-            Fold::Input(matrix(c.lm_head_multiplier)),
-        ));
-    }
-    for i in 0..c.num_hidden_layers {
-        let l = format!("model.layers.{i}");
-        for proj in ["q_proj", "k_proj"] {
-            let fold = Fold::Input(matrix(c.attention_in_multiplier));
-            folds.push((format!("{l}.self_attn.{proj}"), fold));
-        }
-        let fold = Fold::Input(c.attention_in_multiplier as f32);
-        folds.push((format!("{l}.self_attn.v_proj"), fold));
-        for (path, m) in [
-            (format!("{l}.self_attn.o_proj"), c.attention_out_multiplier),
-            (format!("{l}.mamba.out_proj"), c.ssm_out_multiplier),
-            (format!("{l}.feed_forward.gate_proj"), gate),
-            (format!("{l}.feed_forward.down_proj"), down),
-        ] {
-            folds.push((
-                path,
-                Fold::Output {
-                    weight: matrix(m),
-                    bias: m as f32,
-                },
-            ));
-        }
-        let rows = if converted {
-            Array::from_f32(1.0)
-        } else {
-            mup.multiply(Array::from_f32(c.ssm_in_multiplier as f32))?
-                .expand_dims(-1)?
-        };
-        let fold = Fold::InProj {
-            rows,
-            bias: mup.clone(),
-        };
-        folds.push((format!("{l}.mamba.in_proj"), fold));
-    }
-    for (path, fold) in folds {
-        fold.apply(weights, &path)?;
-    }
-    Ok(())
-}
-
 /// What mlx-lm's converter does to a Falcon-H1 checkpoint's weights (and so what the
-/// loader expects of one whose conv weights are `[channels, kernel, 1]`): the weight
-/// matrices of `embed_tokens`, `lm_head`, `q_proj`/`k_proj`, `o_proj`, `in_proj`,
-/// `out_proj`, `gate_proj` and `down_proj` times their multipliers; biases and `v_proj`
-/// as they are.
+/// loader expects of one it converted): the weight matrices of `embed_tokens`, `lm_head`,
+/// `q_proj`/`k_proj`, `o_proj`, `in_proj`, `out_proj`, `gate_proj` and `down_proj` times
+/// their multipliers; biases and `v_proj` as they are.
 pub fn fold_as_mlx_lm(weights: &mut Weights, config: &ConfigFile) -> Result<()> {
     let c: Config = config.parse_with_defaults(DEFAULTS)?;
     let mamba2 = c.mamba2(config)?;
+    fold_matrices(weights, &c, &mamba2)
+}
+
+fn fold_matrices(weights: &mut Weights, c: &Config, mamba2: &Mamba2Settings) -> Result<()> {
     let [gate, down] = c.mlp_multipliers.unwrap_or([1.0, 1.0]);
     let scalar = |m: f64| Array::from_f32(m as f32);
     let in_proj = c
-        .mup_vector(&mamba2)
+        .mup_vector(mamba2)
         .multiply(scalar(c.ssm_in_multiplier))?
         .expand_dims(-1)?;
     let names: Vec<String> = weights.names().map(str::to_owned).collect();
@@ -435,39 +371,45 @@ pub fn fold_as_mlx_lm(weights: &mut Weights, config: &ConfigFile) -> Result<()> 
     Ok(())
 }
 
-/// How one projection (or table) takes a multiplier.
-enum Fold {
-    /// On its input (or, for a table, its output rows): the weight only.
-    Input(f32),
-    /// On its output: the weight by `weight`, the bias by `bias`.
-    Output { weight: f32, bias: f32 },
-    /// `in_proj`: the weight by `rows` (`[out, 1]` or a scalar), the bias by `bias`.
-    InProj { rows: Array, bias: Array },
-}
-
-impl Fold {
-    fn apply(&self, weights: &mut Weights, path: &str) -> Result<()> {
-        let (matrix, bias) = match self {
-            Fold::Input(m) => (Array::from_f32(*m), None),
-            Fold::Output { weight, bias } => {
-                (Array::from_f32(*weight), Some(Array::from_f32(*bias)))
+/// The multipliers mlx-lm's folding leaves out, which Transformers applies: `v_proj`'s
+/// share of `attention_in_multiplier` (its matrix, quantized or not) and the biases of the
+/// projections whose output a multiplier scales (`in_proj`'s by the μP vector).
+fn fold_what_mlx_lm_leaves(
+    weights: &mut Weights,
+    c: &Config,
+    mamba2: &Mamba2Settings,
+) -> Result<()> {
+    let [gate, down] = c.mlp_multipliers.unwrap_or([1.0, 1.0]);
+    let scalar = |m: f64| Array::from_f32(m as f32);
+    let mup = c.mup_vector(mamba2);
+    let names: Vec<String> = weights.names().map(str::to_owned).collect();
+    for name in names {
+        let factor = if let Some(path) = name.strip_suffix("v_proj.weight") {
+            // An affine-quantized matrix is `scales · q + biases`: scaling both scales it.
+            let path = format!("{path}v_proj");
+            if weights.contains(&format!("{path}.scales")) {
+                let m = scalar(c.attention_in_multiplier);
+                multiply(weights, &format!("{path}.scales"), &m)?;
+                multiply(weights, &format!("{path}.biases"), &m)?;
+                continue;
             }
-            Fold::InProj { rows, bias } => (rows.clone(), Some(bias.clone())),
-        };
-        // An affine-quantized matrix is `scales · q + biases`: scaling both scales it.
-        let parts: &[&str] = if weights.contains(&format!("{path}.scales")) {
-            &["scales", "biases"]
+            scalar(c.attention_in_multiplier)
+        } else if name.ends_with("o_proj.bias") {
+            scalar(c.attention_out_multiplier)
+        } else if name.ends_with("out_proj.bias") {
+            scalar(c.ssm_out_multiplier)
+        } else if name.ends_with("gate_proj.bias") {
+            scalar(gate)
+        } else if name.ends_with("down_proj.bias") {
+            scalar(down)
+        } else if name.ends_with("in_proj.bias") {
+            mup.clone()
         } else {
-            &["weight"]
+            continue;
         };
-        for part in parts {
-            multiply(weights, &format!("{path}.{part}"), &matrix)?;
-        }
-        if let Some(bias) = bias {
-            multiply(weights, &format!("{path}.bias"), &bias)?;
-        }
-        Ok(())
+        multiply(weights, &name, &factor)?;
     }
+    Ok(())
 }
 
 /// `weights[name] *= factor` in f32, kept in the tensor's dtype; nothing when absent.

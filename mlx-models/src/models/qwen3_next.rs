@@ -99,18 +99,7 @@ pub fn fold_mlx_lm_norms(weights: &mut Weights) -> Result<()> {
 /// Adds `shift` to the `1 + w` norms of a checkpoint whose conv weights are in MLX's
 /// layout (the conversions mlx-lm writes); nothing otherwise.
 fn shift_plus_one_norms(weights: &mut Weights, shift: f32) -> Result<()> {
-    let convs: Vec<String> = weights
-        .names()
-        .filter(|n| n.ends_with("conv1d.weight"))
-        .map(str::to_owned)
-        .collect();
-    let mut converted = false;
-    for name in convs {
-        let conv = weights.remove(&name).expect("listed above");
-        converted |= conv.ndim() == 3 && conv.dim(2) == 1 && conv.dim(1) > 1;
-        weights.insert(name, conv);
-    }
-    if !converted {
+    if !weights.converted_by_mlx_lm() {
         return Ok(());
     }
     let norms: Vec<String> = weights
