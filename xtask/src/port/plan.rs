@@ -291,9 +291,9 @@ impl<'a> Facts<'a> {
         probes(self.value.get("no_rope_probes"), "no_rope_layers")
     }
 
-    /// The float fields whose doubling doubled (`multiplies`) or halved (`divides`) the
-    /// tiny model's logits.
-    fn scalar_probes(&self) -> Vec<(String, String)> {
+    /// What doubling each float field did to the tiny model's logits (`scalar_probes`):
+    /// the effect `multiplies` or `divides`, else how far they moved (as text).
+    fn scalar_probes(&self) -> Vec<(String, Value)> {
         self.value
             .get("scalar_probes")
             .and_then(Value::as_array)
@@ -302,28 +302,8 @@ impl<'a> Facts<'a> {
                     .filter_map(|p| {
                         Some((
                             p.get("field")?.as_str()?.to_owned(),
-                            p.get("effect")?.as_str()?.to_owned(),
+                            p.get("effect")?.clone(),
                         ))
-                    })
-                    .collect()
-            })
-            .unwrap_or_default()
-    }
-
-    /// Per probed float field, whether doubling it changed the logits at all.
-    fn scalar_probes_all(&self) -> BTreeMap<String, bool> {
-        self.value
-            .get("scalar_probes")
-            .and_then(Value::as_array)
-            .map(|ps| {
-                ps.iter()
-                    .filter_map(|p| {
-                        let moved = match p.get("effect")? {
-                            Value::String(_) => true,
-                            Value::Number(n) => n.as_f64()? > 0.0,
-                            _ => return None,
-                        };
-                        Some((p.get("field")?.as_str()?.to_owned(), moved))
                     })
                     .collect()
             })
@@ -672,7 +652,15 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
     // `layer_norm_eps` it leaves null and reads `norm_eps`); the scalar probes say which
     // one moves the logits where both have values.
     let eps_names = ["rms_norm_eps", "layer_norm_eps", "norm_epsilon", "norm_eps"];
-    let probes = facts.scalar_probes_all();
+    // A field moves the logits if doubling it scaled them or moved them at all.
+    let probes: BTreeMap<String, bool> = facts
+        .scalar_probes()
+        .into_iter()
+        .filter_map(|(field, effect)| {
+            let moved = effect.is_string() || effect.as_f64()? > 0.0;
+            Some((field, moved))
+        })
+        .collect();
     let eps_field = eps_names
         .into_iter()
         .filter(|f| has_field(f) && facts.resolved(f).is_some())
@@ -745,7 +733,7 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
     let probed_logits = facts
         .scalar_probes()
         .into_iter()
-        .find_map(|(field, effect)| match effect.as_str() {
+        .find_map(|(field, effect)| match effect.as_str()? {
             "multiplies" => Some((
                 field,
                 Scalar::Field as fn(String) -> Scalar,
