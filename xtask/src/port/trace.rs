@@ -172,12 +172,17 @@ fn linear_roles(events: &[Event], renames: &mut Vec<(String, String)>) {
         }
     }
     let mlp = linears("mlp");
-    let known_pairs = [["up_proj", "down_proj"], ["c_fc", "c_proj"]];
+    // Names the MLP blocks read already (GLM-4's fused `gate_up_proj` is two linears too).
+    let known_mlp = [
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+        "gate_up_proj",
+        "c_fc",
+        "c_proj",
+    ];
     if let [first, second] = mlp.as_slice() {
-        if !known_pairs
-            .iter()
-            .any(|p| p == &[first.as_str(), second.as_str()])
-        {
+        if !mlp.iter().any(|n| known_mlp.contains(&n.as_str())) {
             renames.push((format!("mlp.{first}"), "mlp.up_proj".to_owned()));
             renames.push((format!("mlp.{second}"), "mlp.down_proj".to_owned()));
         }
@@ -347,6 +352,11 @@ mod tests {
         starcoder[8].module = "mlp.c_fc".to_owned();
         starcoder[9].module = "mlp.c_proj".to_owned();
         assert!(norm_roles(&starcoder).renames.is_empty());
+        // GLM-4's fused gated MLP is two linears under names the blocks know.
+        let mut glm4 = starcoder.clone();
+        glm4[8].module = "mlp.gate_up_proj".to_owned();
+        glm4[9].module = "mlp.down_proj".to_owned();
+        assert!(norm_roles(&glm4).renames.is_empty());
         assert_eq!(
             rename(
                 "model.final_layernorm.bias",
