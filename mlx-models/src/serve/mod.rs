@@ -1145,36 +1145,30 @@ impl Frames {
     }
 
     fn chat_chunk(&self, delta: Value, logprobs: Option<Value>, finish: Option<&str>) -> Value {
-        let mut chunk = json!({
-            "id": self.id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.state.options.model_id,
-            "choices": [{
-                "index": 0,
-                "delta": delta,
-                "logprobs": logprobs,
-                "finish_reason": finish,
-            }],
-        });
-        if self.include_usage {
-            chunk["usage"] = Value::Null;
-        }
-        chunk
+        self.chunk("chat.completion.chunk", "delta", delta, logprobs, finish)
     }
 
     fn completion_chunk(&self, text: &str, logprobs: Option<Value>, finish: Option<&str>) -> Value {
+        self.chunk("text_completion", "text", json!(text), logprobs, finish)
+    }
+
+    /// One streamed chunk of `object` whose single choice carries `content` under `key`.
+    fn chunk(
+        &self,
+        object: &str,
+        key: &str,
+        content: Value,
+        logprobs: Option<Value>,
+        finish: Option<&str>,
+    ) -> Value {
+        let mut choice = json!({"index": 0, "logprobs": logprobs, "finish_reason": finish});
+        choice[key] = content;
         let mut chunk = json!({
             "id": self.id,
-            "object": "text_completion",
+            "object": object,
             "created": self.created,
             "model": self.state.options.model_id,
-            "choices": [{
-                "index": 0,
-                "text": text,
-                "logprobs": logprobs,
-                "finish_reason": finish,
-            }],
+            "choices": [choice],
         });
         if self.include_usage {
             chunk["usage"] = Value::Null;
