@@ -120,10 +120,7 @@ fn all_missing(args: &Args) -> anyhow::Result<()> {
         let existed = (fixtures.exists(), spec.exists());
         let registry = root.join("mlx-models/src/models/mod.rs");
         let registry_before = std::fs::read_to_string(&registry)?;
-        let module = root.join(format!(
-            "mlx-models/src/models/{}.rs",
-            mt.replace(|c: char| !c.is_ascii_alphanumeric(), "_")
-        ));
+        let module = root.join(format!("mlx-models/src/models/{}.rs", module_name(mt)));
         let module_existed = module.exists();
         let outcome = port(args, mt).unwrap_or_else(|e| Outcome {
             verified: false,
@@ -162,12 +159,14 @@ fn all_missing(args: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The default module name of a model type: the type made an identifier.
+fn module_name(mt: &str) -> String {
+    mt.replace(|c: char| !c.is_ascii_alphanumeric(), "_")
+}
+
 fn port(args: &Args, mt: &str) -> anyhow::Result<Outcome> {
     let root = workspace_root();
-    let module = args
-        .name
-        .clone()
-        .unwrap_or_else(|| mt.replace(|c: char| !c.is_ascii_alphanumeric(), "_"));
+    let module = args.name.clone().unwrap_or_else(|| module_name(mt));
     let fixtures_dir = root.join("tests/fixtures").join(mt);
     let facts_path = fixtures_dir.join("introspection.json");
     if !args.offline {
