@@ -3,14 +3,15 @@
 //! output projection), in the variants the families use.
 
 use crate::cache::KvCache;
-use crate::error::Result;
-use crate::nn::{scalar_like, softcap, Linear};
+use crate::error::{Error, Result};
+use crate::nn::{scalar_like, softcap, Linear, Split};
 use crate::norm::{norm_opt, Norm, NormKind};
 use crate::rope::Rope;
 use crate::tap::Tap;
-use crate::weights::WeightPath;
+use crate::weights::{Part, WeightPath};
 use mlx_rs::fast::ScaledDotProductAttentionMask;
 use mlx_rs::{ops, Array, Dtype};
+use std::ops::Range;
 
 /// Which keys each query may see.
 #[derive(Debug, Clone)]
@@ -192,6 +193,52 @@ impl AttentionSettings {
     }
 }
 
+/// The heads one rank of a tensor-parallel group computes: an equal share of the query
+/// heads, and of the key/value heads — or, when there are fewer key/value heads than ranks,
+/// the one key/value head its query heads read (held by several ranks).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeadShare {
+    pub heads: Range<i32>,
+    pub kv_heads: Range<i32>,
+}
+
+impl HeadShare {
+    /// The share of rank `rank` of `ranks` (a typed error when the heads do not divide).
+    pub fn new(num_heads: i32, num_kv_heads: i32, rank: i32, ranks: i32) -> Result<HeadShare> {
+        let refuse = |what: &str, message: String| Error::TensorParallel {
+            ranks,
+            what: what.to_owned(),
+            message,
+        };
+        if num_heads % ranks != 0 {
+            return Err(refuse(
+                "num_attention_heads",
+                format!("{num_heads} query heads do not divide over {ranks} ranks"),
+            ));
+        }
+        if num_kv_heads % ranks != 0 && ranks % num_kv_heads != 0 {
+            return Err(refuse(
+                "num_key_value_heads",
+                format!(
+                    "{num_kv_heads} key/value heads neither divide over {ranks} ranks nor \
+                     divide them"
+                ),
+            ));
+        }
+        let per_rank = num_heads / ranks;
+        let kv_per_rank = (num_kv_heads / ranks).max(1);
+        let first_kv = rank * num_kv_heads / ranks;
+        Ok(HeadShare {
+            heads: rank * per_rank..(rank + 1) * per_rank,
+            kv_heads: first_kv..first_kv + kv_per_rank,
+        })
+    }
+}
+
+fn scaled(r: &Range<i32>, by: i32, offset: i32) -> Range<i32> {
+    offset + r.start * by..offset + r.end * by
+}
+
 /// The q/k/v projections as the checkpoint stores them.
 #[derive(Debug, Clone)]
 pub enum Qkv {
@@ -243,19 +290,69 @@ impl Attention {
     ) -> Result<Self> {
         let kind = s.qk_norm_kind.unwrap_or(qk_norm);
         let (q_dim, kv_dim) = (s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim);
+        let q_rows = if s.output_gate { 2 * q_dim } else { q_dim };
+        // Under tensor parallelism: this rank's heads, and how each projection is split.
+        let share = match w.tensor_parallel() {
+            Some(g) => Some((
+                g,
+                HeadShare::new(s.num_heads, s.num_kv_heads, g.rank(), g.size())?,
+            )),
+            None => None,
+        };
+        if let (Some((g, _)), QkNorm::Projection) = (&share, s.qk_norm) {
+            return Err(Error::TensorParallel {
+                ranks: g.size(),
+                what: w.full_name("q_norm"),
+                message: "a q/k norm over the whole projection cannot be split by heads".into(),
+            });
+        }
+        let hd = s.head_dim;
+        let per_head_q = if s.output_gate { 2 * hd } else { hd };
+        let outputs = |ranges: Vec<Range<i32>>| match &share {
+            Some(_) => Split::Outputs(ranges),
+            None => Split::Whole,
+        };
+        let (q_split, kv_split, fused_split, o_split, local) = match &share {
+            None => (
+                Split::Whole,
+                Split::Whole,
+                Split::Whole,
+                Split::Whole,
+                s.clone(),
+            ),
+            Some((g, share)) => {
+                let q = scaled(&share.heads, per_head_q, 0);
+                let kv = scaled(&share.kv_heads, hd, 0);
+                let mut local = s.clone();
+                local.num_heads = share.heads.len() as i32;
+                local.num_kv_heads = share.kv_heads.len() as i32;
+                (
+                    outputs(vec![q.clone()]),
+                    outputs(vec![kv.clone()]),
+                    outputs(vec![
+                        q,
+                        scaled(&share.kv_heads, hd, q_dim),
+                        scaled(&share.kv_heads, hd, q_dim + kv_dim),
+                    ]),
+                    Split::Inputs(vec![scaled(&share.heads, hd, 0)], (*g).clone()),
+                    local,
+                )
+            }
+        };
         let qkv = match s.qkv_layout {
             QkvLayout::Separate => Qkv::Separate {
-                q_proj: Linear::load(
-                    &w.pp("q_proj"),
-                    hidden,
-                    if s.output_gate { 2 * q_dim } else { q_dim },
-                    s.qkv_bias,
-                )?,
-                k_proj: Linear::load(&w.pp("k_proj"), hidden, kv_dim, s.qkv_bias)?,
-                v_proj: Linear::load(&w.pp("v_proj"), hidden, kv_dim, s.qkv_bias)?,
+                q_proj: Linear::load_split(&w.pp("q_proj"), hidden, q_rows, s.qkv_bias, &q_split)?,
+                k_proj: Linear::load_split(&w.pp("k_proj"), hidden, kv_dim, s.qkv_bias, &kv_split)?,
+                v_proj: Linear::load_split(&w.pp("v_proj"), hidden, kv_dim, s.qkv_bias, &kv_split)?,
             },
             QkvLayout::Fused => Qkv::Fused {
-                qkv_proj: Linear::load(&w.pp("qkv_proj"), hidden, q_dim + 2 * kv_dim, s.qkv_bias)?,
+                qkv_proj: Linear::load_split(
+                    &w.pp("qkv_proj"),
+                    hidden,
+                    q_dim + 2 * kv_dim,
+                    s.qkv_bias,
+                    &fused_split,
+                )?,
             },
         };
         let (q_norm_dim, k_norm_dim) = match s.qk_norm {
@@ -267,17 +364,21 @@ impl Attention {
             dim.map(|d| Norm::load(&w.pp(name), kind, d, eps))
                 .transpose()
         };
+        let sinks = match (&share, s.sinks) {
+            (_, false) => None,
+            (None, true) => Some(w.get("sinks", &[s.num_heads])?),
+            (Some((_, share)), true) => {
+                Some(w.get_part("sinks", &[s.num_heads], &Part::new(0, share.heads.clone()))?)
+            }
+        };
         Ok(Attention {
             qkv,
-            o_proj: Linear::load(&w.pp("o_proj"), q_dim, hidden, s.o_bias)?,
+            o_proj: Linear::load_split(&w.pp("o_proj"), q_dim, hidden, s.o_bias, &o_split)?,
             q_norm: norm("q_norm", q_norm_dim)?,
             k_norm: norm("k_norm", k_norm_dim)?,
-            sinks: s
-                .sinks
-                .then(|| w.get("sinks", &[s.num_heads]))
-                .transpose()?,
+            sinks,
             rope,
-            settings: s.clone(),
+            settings: local,
         })
     }
 

@@ -217,6 +217,29 @@ pub enum Error {
     /// A conversion cannot be done as asked.
     #[error("convert: {message}")]
     Convert { message: String },
+
+    /// An environment variable of MLX's distributed setup (`MLX_RANK`, `MLX_HOSTFILE`, …)
+    /// has a value that cannot be used.
+    #[error("${variable}: {message}")]
+    DistributedEnv { variable: String, message: String },
+
+    /// An MLX hostfile (the ranks' addresses) is unreadable or malformed.
+    #[error("hostfile {path}: {message}")]
+    Hostfile { path: PathBuf, message: String },
+
+    /// MLX's distributed layer failed (a backend that will not start, a peer that does not
+    /// answer, an operation the backend lacks).
+    #[error("distributed: {message}")]
+    Distributed { message: String },
+
+    /// The model cannot be split across `ranks` processes as asked (heads or widths that do
+    /// not divide, a block without a tensor-parallel form); `what` names the culprit.
+    #[error("tensor parallelism over {ranks} ranks: {what}: {message}")]
+    TensorParallel {
+        ranks: i32,
+        what: String,
+        message: String,
+    },
 }
 
 impl Error {

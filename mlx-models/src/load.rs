@@ -2,6 +2,7 @@
 //! Face-format directory, a GGUF file, or the default model.
 
 use crate::config::ConfigFile;
+use crate::distributed::Group;
 use crate::error::{Error, Result};
 use crate::hub::{self, HubOptions};
 use crate::models::{self, LanguageModel, ModelInfo};
@@ -63,6 +64,7 @@ impl ModelSource {
 pub struct LoadOptions {
     dtype: Option<Dtype>,
     dequantize: bool,
+    group: Option<Group>,
 }
 
 impl LoadOptions {
@@ -81,6 +83,16 @@ impl LoadOptions {
     /// quantized kernels, at 4–8× the memory.
     pub fn dequantize(mut self, yes: bool) -> Self {
         self.dequantize = yes;
+        self
+    }
+
+    /// Splits the model over the ranks of `group` (tensor parallelism): each rank loads
+    /// only its share of the attention heads, MLP features, experts and vocabulary, reading
+    /// just that from safetensors files, and the ranks compute each forward pass together.
+    /// Every rank must load the same model with the same options. A group of one process
+    /// changes nothing.
+    pub fn tensor_parallel(mut self, group: Group) -> Self {
+        self.group = Some(group);
         self
     }
 }
@@ -206,7 +218,8 @@ pub fn load_gguf_file(file: &gguf::GgufFile, options: &LoadOptions) -> Result<Mo
         &config,
         weights
             .with_dtype(options.dtype)
-            .dequantize(options.dequantize),
+            .dequantize(options.dequantize)
+            .tensor_parallel(options.group.clone()),
     )?;
     let generation_config = GenerationConfig {
         eos_token_id: eos.map(TokenIds::One),
@@ -233,7 +246,8 @@ pub fn load_network(dir: &Path, options: &LoadOptions) -> Result<Box<dyn Languag
     models::loader(&config)?;
     let weights = Weights::from_dir(dir)?
         .with_dtype(options.dtype)
-        .dequantize(options.dequantize);
+        .dequantize(options.dequantize)
+        .tensor_parallel(options.group.clone());
     check_layer_count(&config, &weights)?;
     models::build(&config, weights)
 }
@@ -263,7 +277,7 @@ fn check_layer_count(config: &ConfigFile, weights: &Weights) -> Result<()> {
 pub fn load_model_dir(dir: &Path, dtype: Option<Dtype>) -> Result<Box<dyn LanguageModel>> {
     let options = LoadOptions {
         dtype,
-        dequantize: false,
+        ..LoadOptions::default()
     };
     load_network(dir, &options)
 }

@@ -3,7 +3,7 @@
 
 use crate::config::ConfigFile;
 use crate::error::{Error, Result};
-use crate::nn::Linear;
+use crate::nn::{even_part, Linear, Split};
 use crate::tap::Tap;
 use crate::weights::WeightPath;
 use mlx_rs::{Array, Dtype};
@@ -120,29 +120,50 @@ pub enum Mlp {
 
 impl Mlp {
     /// Loads the projections under `w` of an MLP from `hidden` features to
-    /// `s.intermediate_size` and back.
+    /// `s.intermediate_size` and back. Under tensor parallelism each rank holds an equal
+    /// share of the intermediate features: the projections into them split by rows, the
+    /// one out of them by columns, its partial outputs summed over the ranks.
     pub fn load(w: &WeightPath, s: &MlpSettings, hidden: i32) -> Result<Self> {
         let (inter, bias, act) = (s.intermediate_size, s.bias, s.activation);
+        let (into, fused, out) = match w.tensor_parallel() {
+            None => (Split::Whole, Split::Whole, Split::Whole),
+            Some(g) => {
+                let mine = even_part(
+                    inter,
+                    g,
+                    &format!("{} (intermediate size)", w.full_name("")),
+                )?;
+                let gate_up = vec![mine.clone(), inter + mine.start..inter + mine.end];
+                (
+                    Split::Outputs(vec![mine.clone()]),
+                    Split::Outputs(gate_up),
+                    Split::Inputs(vec![mine], g.clone()),
+                )
+            }
+        };
+        let linear = |name: &str, i: i32, o: i32, split: &Split| {
+            Linear::load_split(&w.pp(name), i, o, bias, split)
+        };
         Ok(match s.layout {
             MlpLayout::Gated => Mlp::Gated {
-                gate_proj: Linear::load(&w.pp("gate_proj"), hidden, inter, bias)?,
-                up_proj: Linear::load(&w.pp("up_proj"), hidden, inter, bias)?,
-                down_proj: Linear::load(&w.pp("down_proj"), inter, hidden, bias)?,
+                gate_proj: linear("gate_proj", hidden, inter, &into)?,
+                up_proj: linear("up_proj", hidden, inter, &into)?,
+                down_proj: linear("down_proj", inter, hidden, &out)?,
                 act,
             },
             MlpLayout::FusedGated => Mlp::FusedGated {
-                gate_up_proj: Linear::load(&w.pp("gate_up_proj"), hidden, 2 * inter, bias)?,
-                down_proj: Linear::load(&w.pp("down_proj"), inter, hidden, bias)?,
+                gate_up_proj: linear("gate_up_proj", hidden, 2 * inter, &fused)?,
+                down_proj: linear("down_proj", inter, hidden, &out)?,
                 act,
             },
             MlpLayout::Plain => Mlp::Plain {
-                c_fc: Linear::load(&w.pp("c_fc"), hidden, inter, bias)?,
-                c_proj: Linear::load(&w.pp("c_proj"), inter, hidden, bias)?,
+                c_fc: linear("c_fc", hidden, inter, &into)?,
+                c_proj: linear("c_proj", inter, hidden, &out)?,
                 act,
             },
             MlpLayout::UpDown => Mlp::UpDown {
-                up_proj: Linear::load(&w.pp("up_proj"), hidden, inter, bias)?,
-                down_proj: Linear::load(&w.pp("down_proj"), inter, hidden, bias)?,
+                up_proj: linear("up_proj", hidden, inter, &into)?,
+                down_proj: linear("down_proj", inter, hidden, &out)?,
                 act,
             },
         })

@@ -17,15 +17,17 @@
 //!   biases;
 //! - `shared_expert.*` (a dense gated MLP) and `shared_expert_gate.weight`.
 
+use crate::distributed::Group;
 use crate::error::{Error, Result};
 use crate::mlp::{Activation, Mlp, MlpLayout, MlpSettings};
-use crate::nn::{scalar_like, Linear, Quantization};
+use crate::nn::{even_part, scalar_like, Linear, Quantization};
 use crate::tap::Tap;
-use crate::weights::{WeightPath, Weights};
+use crate::weights::{Part, WeightPath, Weights};
 use mlx_rs::ops::argpartition_axis;
 use mlx_rs::ops::indexing::{take_along_axis, IndexOp};
 use mlx_rs::{ops, Array, Dtype};
 use std::collections::BTreeMap;
+use std::ops::Range;
 
 /// Above this many (token, expert) pairs the pairs are sorted by expert before the
 /// gathered matrix products (mlx-lm's threshold).
@@ -186,18 +188,37 @@ impl ExpertLinear {
         out_dim: i32,
         bias: bool,
     ) -> Result<ExpertLinear> {
+        ExpertLinear::load_experts(w, experts, in_dim, out_dim, bias, None)
+    }
+
+    /// [`ExpertLinear::load`] of only the experts `mine` (a tensor-parallel rank's share),
+    /// or of all of them when `None`.
+    pub fn load_experts(
+        w: &WeightPath,
+        experts: i32,
+        in_dim: i32,
+        out_dim: i32,
+        bias: bool,
+        mine: Option<Range<i32>>,
+    ) -> Result<ExpertLinear> {
+        let part = mine.map(|r| Part::new(0, r));
+        let take = |name: &str| match &part {
+            None => w.get_any_shape(name),
+            Some(p) => w.get_part_any_shape(name, p),
+        };
         let weight = if !w.contains("scales") {
-            ExpertMatrix::Dense(w.get("weight", &[experts, out_dim, in_dim])?)
+            let shape = [experts, out_dim, in_dim];
+            ExpertMatrix::Dense(match &part {
+                None => w.get("weight", &shape)?,
+                Some(p) => w.get_part("weight", &shape, p)?,
+            })
         } else {
-            let weight = w.get_any_shape("weight")?;
-            let scales = w.get_any_shape("scales")?;
-            w.check_affine("weight", &scales)?;
-            let biases = w.get_any_shape("biases")?;
-            let (packed, groups) = (weight.shape().to_vec(), scales.shape().to_vec());
+            let (packed, groups) = (w.shape_of("weight")?, w.shape_of("scales")?);
+            w.check_affine_dtype("weight", w.dtype_of("scales")?)?;
             let fits = packed.len() == 3
                 && packed[..2] == [experts, out_dim]
                 && (packed[2] * 32) % in_dim == 0
-                && weight.dtype() == Dtype::Uint32
+                && w.dtype_of("weight")? == Dtype::Uint32
                 && groups.len() == 3
                 && groups[..2] == [experts, out_dim]
                 && groups[2] > 0
@@ -205,9 +226,11 @@ impl ExpertLinear {
             if !fits {
                 return Err(w.shape_error("weight", &[experts, out_dim, in_dim], &packed));
             }
-            if biases.shape() != scales.shape() {
-                return Err(w.shape_error("biases", &groups, biases.shape()));
+            let biases_shape = w.shape_of("biases")?;
+            if biases_shape != groups {
+                return Err(w.shape_error("biases", &groups, &biases_shape));
             }
+            let (weight, scales, biases) = (take("weight")?, take("scales")?, take("biases")?);
             let quantization = Quantization {
                 bits: packed[2] * 32 / in_dim,
                 group_size: in_dim / groups[2],
@@ -234,9 +257,11 @@ impl ExpertLinear {
                 },
             }
         };
-        let bias = bias
-            .then(|| w.get("bias", &[experts, out_dim]))
-            .transpose()?;
+        let bias = match (bias, &part) {
+            (false, _) => None,
+            (true, None) => Some(w.get("bias", &[experts, out_dim])?),
+            (true, Some(p)) => Some(w.get_part("bias", &[experts, out_dim], p)?),
+        };
         Ok(ExpertLinear { weight, bias })
     }
 
@@ -288,26 +313,57 @@ pub struct ExpertMlps {
     pub up_proj: ExpertLinear,
     pub down_proj: ExpertLinear,
     pub activation: ExpertActivation,
+    /// Under tensor parallelism, the experts this rank holds (the others' outputs are
+    /// zero here, and come from their ranks in the sum over the group).
+    pub experts: Option<Range<i32>>,
 }
 
 impl ExpertMlps {
+    /// Loads the experts; under tensor parallelism, this rank's equal share of them.
     pub fn load(w: &WeightPath, hidden: i32, s: &MoeSettings) -> Result<ExpertMlps> {
         let (e, inter, bias) = (s.computing_experts(), s.intermediate_size, s.expert_bias);
+        let mine = match w.tensor_parallel() {
+            Some(g) => Some(even_part(e, g, &format!("{} (experts)", w.full_name("")))?),
+            None => None,
+        };
+        let linear = |name: &str, i: i32, o: i32| {
+            ExpertLinear::load_experts(&w.pp(name), e, i, o, bias, mine.clone())
+        };
         Ok(ExpertMlps {
             gate_proj: s
                 .activation
                 .gated()
-                .then(|| ExpertLinear::load(&w.pp("gate_proj"), e, hidden, inter, bias))
+                .then(|| linear("gate_proj", hidden, inter))
                 .transpose()?,
-            up_proj: ExpertLinear::load(&w.pp("up_proj"), e, hidden, inter, bias)?,
-            down_proj: ExpertLinear::load(&w.pp("down_proj"), e, inter, hidden, bias)?,
+            up_proj: linear("up_proj", hidden, inter)?,
+            down_proj: linear("down_proj", inter, hidden)?,
             activation: s.activation,
+            experts: mine,
         })
     }
 
     /// The outputs of experts `indices` (`[tokens, k]`) for `x` (`[tokens, hidden]`):
-    /// `[tokens, k, hidden]`.
+    /// `[tokens, k, hidden]`; with a share of the experts, zeros for the others.
     pub fn forward(&self, x: &Array, indices: &Array) -> Result<Array> {
+        let Some(mine) = &self.experts else {
+            return self.forward_held(x, indices);
+        };
+        let first = Array::from_int(mine.start).as_dtype(indices.dtype())?;
+        let last = Array::from_int(mine.end - mine.start - 1).as_dtype(indices.dtype())?;
+        let zero = Array::from_int(0).as_dtype(indices.dtype())?;
+        let local = indices.subtract(&first)?;
+        let held = local.ge(&zero)?.logical_and(&local.le(&last)?)?;
+        let clamped = ops::minimum(ops::maximum(&local, &zero)?, &last)?;
+        let out = self.forward_held(x, &clamped)?;
+        Ok(ops::r#where(
+            &held.expand_dims(-1)?,
+            &out,
+            &ops::zeros_like(&out)?,
+        )?)
+    }
+
+    /// [`ExpertMlps::forward`] for indices among the experts held.
+    fn forward_held(&self, x: &Array, indices: &Array) -> Result<Array> {
         let (tokens, k) = (indices.dim(0), indices.dim(1));
         let sort = tokens * k >= SORT_THRESHOLD;
         // Each (token, expert) pair is one row `[1, hidden]`.
@@ -506,6 +562,9 @@ fn sparse_mixer(logits: &Array, jitter_eps: f32) -> Result<(Array, Array)> {
 #[derive(Debug, Clone)]
 pub struct SparseMoe {
     pub router: Router,
+    /// Under tensor parallelism, the group over which the ranks' shares of the routed
+    /// experts' output are summed.
+    pub all_sum: Option<Group>,
     /// Into and out of the experts' latent space ([`MoeSettings::latent_size`]).
     pub latent_proj: Option<(Linear, Linear)>,
     pub experts: ExpertMlps,
@@ -546,7 +605,16 @@ impl SparseMoe {
             )),
             None => None,
         };
+        let all_sum = w.tensor_parallel().cloned();
+        if let (Some(g), true) = (&all_sum, s.zero_experts > 0) {
+            return Err(Error::TensorParallel {
+                ranks: g.size(),
+                what: w.full_name("gate"),
+                message: "zero-computation experts have no tensor-parallel form".into(),
+            });
+        }
         Ok(SparseMoe {
+            all_sum,
             router: Router::load(&w.pp("gate"), hidden, &s.router)?,
             latent_proj,
             experts: ExpertMlps::load(&w.pp("switch_mlp"), s.latent_size.unwrap_or(hidden), s)?,
@@ -594,6 +662,10 @@ impl SparseMoe {
                 .forward(&inputs, &indices)?
                 .multiply(&weights)?
                 .sum_axis(1, None)?,
+        };
+        let routed = match &self.all_sum {
+            Some(g) => g.all_sum(&routed)?,
+            None => routed,
         };
         let routed = match &self.latent_proj {
             Some((_, fc2)) => fc2.forward(&routed)?,
@@ -666,13 +738,13 @@ pub fn stack_experts(
             .insert(index, name.to_owned());
     }
     for ((prefix, proj, rest), members) in groups {
-        let mut arrays = Vec::with_capacity(members.len());
+        let mut names = Vec::with_capacity(members.len());
         for index in 0..num_experts {
             let name = members.get(&index).ok_or_else(|| Error::MissingWeight {
                 path: weights.source().to_path_buf(),
                 name: format!("{prefix}.{experts}.{index}.<{proj}>.{rest}"),
             })?;
-            arrays.push(weights.remove(name).expect("listed above"));
+            names.push(name.clone());
         }
         if let Some((&index, name)) = members.range(num_experts..).next() {
             return Err(Error::UnexpectedWeights {
@@ -680,10 +752,7 @@ pub fn stack_experts(
                 names: vec![format!("{name} (expert {index} of {num_experts})")],
             });
         }
-        weights.insert(
-            format!("{prefix}.switch_mlp.{proj}.{rest}"),
-            ops::stack(&arrays, 0)?,
-        );
+        weights.stack(format!("{prefix}.switch_mlp.{proj}.{rest}"), &names)?;
     }
     Ok(())
 }
@@ -812,6 +881,7 @@ mod tests {
                 up_proj: lin(up_a, ab(1)),
                 down_proj: lin(down_a, ab(2)),
                 activation,
+                experts: None,
             },
             gate,
             up,
@@ -929,6 +999,7 @@ mod tests {
             gate: Linear {
                 weight: crate::nn::Matrix::Dense(weight.clone()),
                 bias: None,
+                combine: crate::nn::Combine::None,
             },
             correction_bias: None,
             settings: RouterSettings {

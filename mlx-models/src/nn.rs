@@ -5,9 +5,11 @@
 //! and group size follow from the shapes, so the same model code serves f32, bf16 and
 //! 4/8-bit checkpoints.
 
-use crate::error::Result;
-use crate::weights::WeightPath;
+use crate::distributed::Group;
+use crate::error::{Error, Result};
+use crate::weights::{Part, WeightPath};
 use mlx_rs::{ops, Array, Dtype};
+use std::ops::Range;
 
 /// Affine quantization parameters of one tensor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,20 +33,32 @@ pub enum Matrix {
 impl Matrix {
     /// Loads `weight` (and `scales`/`biases` when quantized) for an `[out, in]` matrix.
     pub fn load(w: &WeightPath, out_dim: i32, in_dim: i32) -> Result<Matrix> {
+        Matrix::load_part(w, out_dim, in_dim, None)
+    }
+
+    /// Loads the part `part` of an `[out, in]` matrix: rows (axis 0) or columns (axis 1),
+    /// counted in the matrix's logical elements; a quantized matrix's packed weight, scales
+    /// and biases are cut to match (columns only at whole groups).
+    pub fn load_part(
+        w: &WeightPath,
+        out_dim: i32,
+        in_dim: i32,
+        part: Option<&Part>,
+    ) -> Result<Matrix> {
         if !w.contains("scales") {
-            return Ok(Matrix::Dense(w.get("weight", &[out_dim, in_dim])?));
+            return Ok(Matrix::Dense(match part {
+                None => w.get("weight", &[out_dim, in_dim])?,
+                Some(p) => w.get_part("weight", &[out_dim, in_dim], p)?,
+            }));
         }
-        let weight = w.get_any_shape("weight")?;
-        let scales = w.get_any_shape("scales")?;
-        w.check_affine("weight", &scales)?;
-        let biases = w.get_any_shape("biases")?;
-        let packed = weight.shape().to_vec();
-        let groups = scales.shape().to_vec();
+        let packed = w.shape_of("weight")?;
+        let groups = w.shape_of("scales")?;
+        w.check_affine_dtype("weight", w.dtype_of("scales")?)?;
         let fits = packed.len() == 2
             && in_dim > 0
             && packed[0] == out_dim
             && (i64::from(packed[1]) * 32) % i64::from(in_dim) == 0
-            && weight.dtype() == Dtype::Uint32
+            && w.dtype_of("weight")? == Dtype::Uint32
             && groups.len() == 2
             && groups[0] == out_dim
             && groups[1] > 0
@@ -61,10 +75,26 @@ impl Matrix {
         {
             return Err(w.shape_error("weight", &[out_dim, in_dim], &packed));
         }
-        w.count(weight.size() * 32 / quantization.bits as usize);
-        if biases.shape() != scales.shape() {
-            return Err(w.shape_error("biases", &groups, biases.shape()));
+        w.count(out_dim as usize * in_dim as usize);
+        let biases_shape = w.shape_of("biases")?;
+        if biases_shape != groups {
+            return Err(w.shape_error("biases", &groups, &biases_shape));
         }
+        let (weight, scales, biases) = match part {
+            None => (
+                w.get_any_shape("weight")?,
+                w.get_any_shape("scales")?,
+                w.get_any_shape("biases")?,
+            ),
+            Some(p) => {
+                let (packed_part, group_part) = quantized_parts(w, p, quantization)?;
+                (
+                    w.get_part_any_shape("weight", &packed_part)?,
+                    w.get_part_any_shape("scales", &group_part)?,
+                    w.get_part_any_shape("biases", &group_part)?,
+                )
+            }
+        };
         if let Some(dtype) = w.dequantize_to() {
             let dense = ops::dequantize(
                 &weight,
@@ -160,54 +190,228 @@ impl Matrix {
     }
 }
 
+/// The part of a quantized matrix's packed weight and of its scales/biases that hold the
+/// logical part `p`.
+fn quantized_parts(w: &WeightPath, p: &Part, q: Quantization) -> Result<(Part, Part)> {
+    if p.axis == 0 {
+        return Ok((p.clone(), p.clone()));
+    }
+    let per_word = 32 / q.bits;
+    let whole = |r: &Range<i32>| {
+        r.start % q.group_size == 0 && r.end % q.group_size == 0 && 32 % q.bits == 0
+    };
+    if let Some(r) = p.ranges.iter().find(|r| !whole(r)) {
+        return Err(Error::TensorParallel {
+            ranks: w.tensor_parallel().map_or(1, Group::size),
+            what: w.full_name("weight"),
+            message: format!(
+                "columns {r:?} do not fall on whole groups of {} ({}-bit)",
+                q.group_size, q.bits
+            ),
+        });
+    }
+    let scale = |div: i32| Part {
+        axis: 1,
+        ranges: p
+            .ranges
+            .iter()
+            .map(|r| r.start / div..r.end / div)
+            .collect(),
+    };
+    Ok((scale(per_word), scale(q.group_size)))
+}
+
+/// How a layer is divided over the ranks of a tensor-parallel group.
+#[derive(Debug, Clone)]
+pub enum Split {
+    /// Every rank holds all of it.
+    Whole,
+    /// Each rank holds the output features `ranges` (rows of `[out, in]`, with their
+    /// biases) and gives only those.
+    Outputs(Vec<Range<i32>>),
+    /// As [`Split::Outputs`], and the ranks' outputs are then gathered (in rank order) so
+    /// that each has all of them: an output layer split over the vocabulary.
+    OutputsGathered(Vec<Range<i32>>, Group),
+    /// Each rank holds the input features `ranges` (columns) and computes a partial
+    /// product; the partial products are summed over the group and the bias added once.
+    Inputs(Vec<Range<i32>>, Group),
+}
+
+/// What a split layer does with its rank's output.
+#[derive(Debug, Clone)]
+pub enum Combine {
+    /// Nothing: the output is this rank's part.
+    None,
+    /// Sums the partial outputs over the group (before the bias).
+    Sum(Group),
+    /// Gathers the ranks' output features along the last axis.
+    Gather(Group),
+}
+
 /// `y = x Wᵀ + b`.
 #[derive(Debug, Clone)]
 pub struct Linear {
     pub weight: Matrix,
     pub bias: Option<Array>,
+    /// How a tensor-parallel rank's output becomes the layer's.
+    pub combine: Combine,
 }
 
 impl Linear {
     /// Loads an `in_dim → out_dim` layer; `bias` says whether the config expects one.
     pub fn load(w: &WeightPath, in_dim: i32, out_dim: i32, bias: bool) -> Result<Linear> {
-        let weight = Matrix::load(w, out_dim, in_dim)?;
-        let bias = if bias {
-            Some(w.get("bias", &[out_dim])?)
-        } else {
-            None
+        Linear::load_split(w, in_dim, out_dim, bias, &Split::Whole)
+    }
+
+    /// Loads this rank's part of an `in_dim → out_dim` layer split as `split` says.
+    pub fn load_split(
+        w: &WeightPath,
+        in_dim: i32,
+        out_dim: i32,
+        bias: bool,
+        split: &Split,
+    ) -> Result<Linear> {
+        let (weight_part, bias_part, combine) = match split {
+            Split::Whole => (None, None, Combine::None),
+            Split::Outputs(r) => {
+                let p = Part {
+                    axis: 0,
+                    ranges: r.clone(),
+                };
+                (Some(p.clone()), Some(p), Combine::None)
+            }
+            Split::OutputsGathered(r, g) => {
+                let p = Part {
+                    axis: 0,
+                    ranges: r.clone(),
+                };
+                (Some(p.clone()), Some(p), Combine::Gather(g.clone()))
+            }
+            Split::Inputs(r, g) => {
+                let p = Part {
+                    axis: 1,
+                    ranges: r.clone(),
+                };
+                (Some(p), None, Combine::Sum(g.clone()))
+            }
         };
-        Ok(Linear { weight, bias })
+        let weight = Matrix::load_part(w, out_dim, in_dim, weight_part.as_ref())?;
+        let bias = match (bias, bias_part) {
+            (false, _) => None,
+            (true, None) => Some(w.get("bias", &[out_dim])?),
+            (true, Some(p)) => Some(w.get_part("bias", &[out_dim], &p)?),
+        };
+        Ok(Linear {
+            weight,
+            bias,
+            combine,
+        })
     }
 
     pub fn forward(&self, x: &Array) -> Result<Array> {
         let y = self.weight.matmul_t(x)?;
-        Ok(match &self.bias {
+        let y = match &self.combine {
+            Combine::Sum(g) => g.all_sum(&y)?,
+            Combine::None | Combine::Gather(_) => y,
+        };
+        let y = match &self.bias {
             Some(b) => y.add(b)?,
             None => y,
-        })
+        };
+        match &self.combine {
+            Combine::Gather(g) => gather_last_axis(g, &y),
+            Combine::None | Combine::Sum(_) => Ok(y),
+        }
     }
+}
+
+/// Every rank's `x` (`[…, n]`) side by side along the last axis, in rank order: `[…, ranks·n]`.
+pub fn gather_last_axis(group: &Group, x: &Array) -> Result<Array> {
+    let gathered = group.all_gather(&x.expand_dims(0)?)?;
+    let last = x.ndim() as i32;
+    // [ranks, …, n] → […, ranks, n] → […, ranks·n].
+    let moved = gathered.move_axis(0, last - 1)?;
+    let mut shape = x.shape().to_vec();
+    if let Some(n) = shape.last_mut() {
+        *n *= group.size();
+    }
+    Ok(moved.reshape(&shape)?)
+}
+
+/// The range of `0..dim` that rank `rank` of `ranks` holds when `dim` is divided evenly;
+/// `what` names the dimension in the error when it does not divide.
+pub fn even_part(dim: i32, group: &Group, what: &str) -> Result<Range<i32>> {
+    let n = group.size();
+    if dim % n != 0 {
+        return Err(Error::TensorParallel {
+            ranks: n,
+            what: what.to_owned(),
+            message: format!("{dim} does not divide into {n} equal parts"),
+        });
+    }
+    let len = dim / n;
+    Ok(group.rank() * len..(group.rank() + 1) * len)
 }
 
 /// Token embeddings `[vocab, hidden]`, usable as the output layer when tied.
 #[derive(Debug, Clone)]
 pub struct Embedding {
     pub weight: Matrix,
+    /// Under tensor parallelism, the first token id of this rank's rows, and the group:
+    /// each rank holds an equal share of the vocabulary.
+    pub vocab_part: Option<(i32, Group)>,
 }
 
 impl Embedding {
+    /// Loads the table; under tensor parallelism (a vocabulary that divides over the ranks)
+    /// each rank takes its share of the rows, else the whole table.
     pub fn load(w: &WeightPath, vocab_size: i32, hidden_size: i32) -> Result<Embedding> {
+        let group = w.tensor_parallel().filter(|g| vocab_size % g.size() == 0);
+        let Some(group) = group else {
+            return Ok(Embedding {
+                weight: Matrix::load(w, vocab_size, hidden_size)?,
+                vocab_part: None,
+            });
+        };
+        let rows = even_part(vocab_size, group, "vocab_size")?;
         Ok(Embedding {
-            weight: Matrix::load(w, vocab_size, hidden_size)?,
+            weight: Matrix::load_part(
+                w,
+                vocab_size,
+                hidden_size,
+                Some(&Part::new(0, rows.clone())),
+            )?,
+            vocab_part: Some((rows.start, group.clone())),
         })
     }
 
     pub fn forward(&self, ids: &Array) -> Result<Array> {
-        self.weight.rows(ids)
+        let Some((first, group)) = &self.vocab_part else {
+            return self.weight.rows(ids);
+        };
+        // This rank's rows for its own ids, zeros for the others; the sum over the ranks
+        // is every id's row.
+        let rows = match &self.weight {
+            Matrix::Dense(w) => w.dim(0),
+            Matrix::Quantized { weight, .. } => weight.dim(0),
+        };
+        let local = ids.subtract(Array::from_int(*first).as_dtype(ids.dtype())?)?;
+        let zero = Array::from_int(0).as_dtype(ids.dtype())?;
+        let last = Array::from_int(rows - 1).as_dtype(ids.dtype())?;
+        let mine = local.ge(&zero)?.logical_and(&local.le(&last)?)?;
+        let clamped = ops::minimum(ops::maximum(&local, &zero)?, &last)?;
+        let found = self.weight.rows(&clamped)?;
+        let found = ops::r#where(&mine.expand_dims(-1)?, &found, &ops::zeros_like(&found)?)?;
+        group.all_sum(&found)
     }
 
     /// Logits against the embedding matrix (tied output layer).
     pub fn as_linear(&self, x: &Array) -> Result<Array> {
-        self.weight.matmul_t(x)
+        let logits = self.weight.matmul_t(x)?;
+        match &self.vocab_part {
+            Some((_, group)) => gather_last_axis(group, &logits),
+            None => Ok(logits),
+        }
     }
 }
 

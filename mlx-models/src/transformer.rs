@@ -22,7 +22,7 @@ use crate::mla::{LatentAttention, MlaSettings};
 use crate::mlp::Mlp;
 use crate::model::{LanguageModel, ModelInfo};
 use crate::moe::{MoeSettings, SparseMoe};
-use crate::nn::{scale, softcap, Embedding, Linear};
+use crate::nn::{even_part, scale, softcap, Embedding, Linear, Split};
 use crate::norm::{norm_opt, Norm};
 use crate::rglru::RecurrentBlock;
 use crate::rope::Rope;
@@ -437,6 +437,18 @@ pub enum Mixer {
 
 impl Mixer {
     pub fn load(w: &WeightPath, s: &DecoderSettings, layer: &LayerSettings) -> Result<Self> {
+        if let Some(g) = w.tensor_parallel() {
+            if !matches!(layer.mixer, MixerKind::Attention | MixerKind::None) {
+                return Err(Error::TensorParallel {
+                    ranks: g.size(),
+                    what: w.full_name(""),
+                    message: format!(
+                        "{:?} layers have no tensor-parallel form yet (attention only)",
+                        layer.mixer
+                    ),
+                });
+            }
+        }
         Ok(match (layer.mixer, &s.latent_attention, &layer.rope) {
             (MixerKind::Attention, _, _) => Mixer::Attention(Attention::load(
                 w,
@@ -711,14 +723,24 @@ impl Decoder {
             .map(|(i, layer)| DecoderLayer::load(&w.pp(&format!("layers.{i}")), s, layer))
             .collect::<Result<Vec<_>>>()?;
         let norm = Norm::load(&w.pp("norm"), s.norm, s.hidden_size, s.norm_eps)?;
+        // Under tensor parallelism the output layer is split over the vocabulary (when it
+        // divides), each rank's logits gathered.
+        let head_split = match weights.root().tensor_parallel() {
+            Some(g) if s.vocab_size % g.size() == 0 => {
+                let mine = even_part(s.vocab_size, g, "vocab_size")?;
+                Split::OutputsGathered(vec![mine], g.clone())
+            }
+            _ => Split::Whole,
+        };
         let lm_head = if s.tie_word_embeddings {
             None
         } else {
-            Some(Linear::load(
+            Some(Linear::load_split(
                 &weights.path("lm_head"),
                 s.hidden_size,
                 s.vocab_size,
                 s.lm_head_bias,
+                &head_split,
             )?)
         };
         let tied_lm_head_bias = (s.tie_word_embeddings && s.lm_head_bias)

@@ -99,6 +99,23 @@ enum Bench {
         #[arg(long, default_value_t = 64)]
         max_tokens: usize,
     },
+    /// `mlx-models generate` on a random-weight Llama-shaped model as one process and as
+    /// `mlx-models launch -n 2` (tensor parallelism over the ring backend on this machine):
+    /// prefill and decode tok/s and each rank's memory, JSON lines (use --release).
+    Distributed {
+        /// Hidden size.
+        #[arg(long, default_value_t = 1024)]
+        hidden: i32,
+        /// Decoder layers.
+        #[arg(long, default_value_t = 4)]
+        layers: usize,
+        /// Prompt length in tokens.
+        #[arg(long, default_value_t = 128)]
+        prompt_tokens: usize,
+        /// Tokens to generate.
+        #[arg(long, default_value_t = 64)]
+        max_tokens: usize,
+    },
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -120,6 +137,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             layers,
         } => mla(context, max_tokens, layers),
         Bench::Hybrid { prompts, layers } => hybrid(&prompts, layers),
+        Bench::Distributed {
+            hidden,
+            layers,
+            prompt_tokens,
+            max_tokens,
+        } => distributed(hidden, layers, prompt_tokens, max_tokens),
         Bench::Moe {
             hidden,
             layers,
@@ -574,6 +597,179 @@ fn matmul(n: u32, min_ratio: f64) -> anyhow::Result<()> {
         bail!("matmul speed-up over the reference BLAS is {ratio:.1}x, below {min_ratio}x");
     }
     Ok(())
+}
+
+fn distributed(
+    hidden: i32,
+    layers: usize,
+    prompt_tokens: usize,
+    max_tokens: usize,
+) -> anyhow::Result<()> {
+    let (heads, vocab, inter) = (16, 8192, hidden * 11 / 4);
+    let dir = std::env::temp_dir().join(format!(
+        "mlx-models-bench-distributed-{}",
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&dir)?;
+    let result = (|| -> anyhow::Result<()> {
+        // A Llama-shaped model of random weights, and a tokenizer whose token i is `t{i}`.
+        let mut key = 0u64;
+        let mut random = |shape: &[i32]| -> anyhow::Result<mlx_rs::Array> {
+            key += 1;
+            let k = mlx_rs::random::key(key)?;
+            let std = (shape[shape.len() - 1] as f32).powf(-0.5);
+            Ok(mlx_rs::random::normal::<f32>(shape, None, Some(std), &k)?)
+        };
+        let mut tensors: Vec<(String, mlx_rs::Array)> = vec![
+            (
+                "model.embed_tokens.weight".into(),
+                random(&[vocab, hidden])?,
+            ),
+            ("lm_head.weight".into(), random(&[vocab, hidden])?),
+            (
+                "model.norm.weight".into(),
+                mlx_rs::ops::ones::<f32>(&[hidden])?,
+            ),
+        ];
+        for i in 0..layers {
+            let p = format!("model.layers.{i}");
+            for n in ["input_layernorm", "post_attention_layernorm"] {
+                tensors.push((
+                    format!("{p}.{n}.weight"),
+                    mlx_rs::ops::ones::<f32>(&[hidden])?,
+                ));
+            }
+            for n in ["q_proj", "k_proj", "v_proj", "o_proj"] {
+                tensors.push((
+                    format!("{p}.self_attn.{n}.weight"),
+                    random(&[hidden, hidden])?,
+                ));
+            }
+            for n in ["gate_proj", "up_proj"] {
+                tensors.push((format!("{p}.mlp.{n}.weight"), random(&[inter, hidden])?));
+            }
+            tensors.push((
+                format!("{p}.mlp.down_proj.weight"),
+                random(&[hidden, inter])?,
+            ));
+        }
+        mlx_rs::Array::save_safetensors(
+            tensors.iter().map(|(k, v)| (k.as_str(), v)),
+            None,
+            dir.join("model.safetensors"),
+        )?;
+        let config = serde_json::json!({
+            "model_type": "llama",
+            "vocab_size": vocab,
+            "hidden_size": hidden,
+            "intermediate_size": inter,
+            "num_hidden_layers": layers,
+            "num_attention_heads": heads,
+            "num_key_value_heads": heads / 2,
+            "max_position_embeddings": 4096,
+            "tie_word_embeddings": false,
+        });
+        std::fs::write(dir.join("config.json"), config.to_string())?;
+        let words: serde_json::Map<String, serde_json::Value> = (0..vocab)
+            .map(|i| (format!("t{i}"), serde_json::json!(i)))
+            .collect();
+        let tokenizer = serde_json::json!({
+            "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+            "normalizer": null, "pre_tokenizer": {"type": "WhitespaceSplit"},
+            "post_processor": null,
+            "decoder": {"type": "WordPiece", "prefix": "##", "cleanup": false},
+            "model": {"type": "WordLevel", "vocab": words, "unk_token": "t0"},
+        });
+        std::fs::write(dir.join("tokenizer.json"), tokenizer.to_string())?;
+        let prompt: Vec<String> = (0..prompt_tokens)
+            .map(|t| format!("t{}", (t * 7919) % vocab as usize))
+            .collect();
+        let exe = build_cli()?;
+        for ranks in [1, 2] {
+            let mut command = Command::new(&exe);
+            if ranks > 1 {
+                command.args(["launch", "-n", &ranks.to_string()]);
+            }
+            let output = command
+                .arg("generate")
+                .arg("--model")
+                .arg(&dir)
+                .args(["--prompt", &prompt.join(" "), "--ignore-chat-template"])
+                .args(["--temp", "0", "--max-tokens", &max_tokens.to_string()])
+                .output()
+                .with_context(|| format!("running {}", exe.display()))?;
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            if !output.status.success() {
+                bail!("{ranks} rank(s): {stderr}");
+            }
+            let number = |line: &str, nth: usize| -> Option<f64> {
+                line.split(|c: char| !(c.is_ascii_digit() || c == '.'))
+                    .filter_map(|n| n.parse().ok())
+                    .nth(nth)
+            };
+            let find = |prefix: &str, nth: usize| {
+                stderr
+                    .lines()
+                    .find(|l| l.starts_with(prefix))
+                    .and_then(|l| number(l, nth))
+            };
+            let memory: Vec<serde_json::Value> = stderr
+                .lines()
+                .filter(|l| l.starts_with("Memory of rank "))
+                .map(|l| {
+                    serde_json::json!({
+                        "rank": number(l, 0),
+                        "after_load_mb": number(l, 1),
+                        "peak_load_mb": number(l, 2),
+                    })
+                })
+                .collect();
+            println!(
+                "{}",
+                serde_json::json!({
+                    "bench": "distributed",
+                    "model": format!("llama, random f32, hidden {hidden}, {layers} layers, vocab {vocab}"),
+                    "processes": ranks,
+                    "backend": if ranks > 1 { "ring (localhost)" } else { "none" },
+                    "prompt_tokens": find("Prompt:", 0),
+                    "prefill_tok_s": find("Prompt:", 1),
+                    "generated_tokens": find("Generation:", 0),
+                    "decode_tok_s": find("Generation:", 1),
+                    "memory_per_rank": memory,
+                })
+            );
+        }
+        Ok(())
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+/// Builds the `mlx-models` command line in the profile xtask itself was built in.
+fn build_cli() -> anyhow::Result<PathBuf> {
+    let release = std::env::current_exe()?
+        .components()
+        .any(|c| c.as_os_str() == "release");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut command = Command::new(cargo);
+    command.args([
+        "build",
+        "--quiet",
+        "-p",
+        "mlx-models",
+        "--bin",
+        "mlx-models",
+    ]);
+    if release {
+        command.arg("--release");
+    }
+    if !command.status().context("running cargo build")?.success() {
+        bail!("building mlx-models failed");
+    }
+    let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
+    Ok(PathBuf::from(target)
+        .join(if release { "release" } else { "debug" })
+        .join("mlx-models"))
 }
 
 /// Builds an example of the workspace in release mode and returns its path.

@@ -6,11 +6,13 @@
 //! mlx-models info --model path/to/model-dir
 //! mlx-models convert --model model.gguf --out model-q8 --quantize --bits 8 --group-size 64
 //! mlx-models serve --port 8080
+//! mlx-models launch -n 2 generate --model path/to/model-dir --prompt "Hello"
 //! ```
 
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use mlx_models::chat::ChatSession;
+use mlx_models::distributed::{self, Backend, Group, Hostfile};
 use mlx_models::generate::{GenerateOptions, TokenStream};
 use mlx_models::hub::{self, DownloadProgress, HubOptions};
 use mlx_models::load::{load, LoadOptions, Model, ModelSource};
@@ -41,6 +43,29 @@ enum Command {
     /// Serve the model over HTTP with OpenAI's API (chat completions, completions, models),
     /// with continuous batching and prompt-prefix reuse; SIGTERM or Ctrl-C drains and exits.
     Serve(ServeArgs),
+    /// Run `generate` or `info` as N processes sharing one model (tensor parallelism over
+    /// MLX's ring backend): on this machine by default, or the ranks of a hostfile that
+    /// this machine holds. The output appears once, as from one process.
+    Launch(LaunchArgs),
+}
+
+#[derive(Args)]
+struct LaunchArgs {
+    /// How many local processes (ranks) to start.
+    #[arg(short = 'n', long)]
+    num_processes: Option<usize>,
+    /// An MLX ring hostfile (`[["host:port"], ["host:port"], …]`, one list per rank, in rank
+    /// order) for several machines: run the same command on each machine, and each starts
+    /// the ranks whose address is its own.
+    #[arg(long)]
+    hostfile: Option<std::path::PathBuf>,
+    /// Which ranks of the hostfile to start here (comma-separated), instead of those whose
+    /// address is this machine's.
+    #[arg(long, value_delimiter = ',')]
+    ranks: Vec<usize>,
+    /// The subcommand and its flags, e.g. `generate --model DIR --prompt "Hello"`.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+    command: Vec<String>,
 }
 
 #[derive(Args)]
@@ -198,6 +223,171 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         Command::Info(args) => info(args),
         Command::Convert(args) => convert(args),
         Command::Serve(args) => serve(args),
+        Command::Launch(args) => launch(args),
+    }
+}
+
+/// The group this process is a rank of: the ring MLX's environment describes when it was
+/// started by `launch` (or by hand with MLX_RANK/MLX_HOSTFILE), else none.
+fn group() -> Result<Option<Group>, Box<dyn std::error::Error>> {
+    if !distributed::launched() {
+        return Ok(None);
+    }
+    Ok(Some(Group::init(Backend::Ring)?))
+}
+
+fn launch(args: LaunchArgs) -> Result<(), Box<dyn std::error::Error>> {
+    use std::process::{Child, Stdio};
+    let subcommand = args.command[0].as_str();
+    if !["generate", "info"].contains(&subcommand) {
+        return Err(format!(
+            "launch runs `generate` or `info` across processes, not `{subcommand}`"
+        )
+        .into());
+    }
+    // The ranks' addresses, and which of them this machine starts.
+    let (hostfile, path, temporary) = match &args.hostfile {
+        Some(path) => {
+            let hosts = Hostfile::read(path)?;
+            if let Some(n) = args.num_processes.filter(|&n| n != hosts.ranks.len()) {
+                return Err(format!(
+                    "-n {n} but {} lists {} ranks",
+                    path.display(),
+                    hosts.ranks.len()
+                )
+                .into());
+            }
+            (hosts, std::fs::canonicalize(path)?, false)
+        }
+        None => {
+            let n = args.num_processes.unwrap_or(2);
+            if n < 2 {
+                return Err(format!("-n {n}: launch needs at least 2 processes").into());
+            }
+            let hosts = distributed::local_hostfile(n)?;
+            let path = std::env::temp_dir().join(format!(
+                "mlx-models-hosts-{}-{}.json",
+                std::process::id(),
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)?
+                    .as_nanos()
+            ));
+            std::fs::write(&path, hosts.to_json())?;
+            (hosts, path, true)
+        }
+    };
+    let size = hostfile.ranks.len();
+    let local: Vec<usize> = if !args.ranks.is_empty() {
+        if let Some(r) = args.ranks.iter().find(|&&r| r >= size) {
+            return Err(format!("--ranks {r}: the hostfile has ranks 0 to {}", size - 1).into());
+        }
+        args.ranks.clone()
+    } else if temporary {
+        (0..size).collect()
+    } else {
+        (0..size)
+            .filter(|&r| hostfile.ranks[r].iter().all(|a| is_local_address(a)))
+            .collect()
+    };
+    if local.is_empty() {
+        return Err(format!(
+            "none of the {size} ranks of {} has an address of this machine (use --ranks)",
+            path.display()
+        )
+        .into());
+    }
+    // Input read once (a piped prompt) goes to every rank alike.
+    let mut input = Vec::new();
+    if !std::io::stdin().is_terminal() {
+        std::io::stdin().read_to_end(&mut input)?;
+    }
+    let exe = std::env::current_exe()?;
+    let mut children: Vec<(usize, Child)> = Vec::new();
+    let mut errors: Vec<(usize, std::thread::JoinHandle<Vec<u8>>)> = Vec::new();
+    let result = (|| -> Result<(), Box<dyn std::error::Error>> {
+        for &rank in &local {
+            let shown = rank == 0;
+            let mut child = std::process::Command::new(&exe)
+                .args(&args.command)
+                .envs(distributed::ring_env(rank as i32, &path))
+                .stdin(Stdio::piped())
+                .stdout(if shown {
+                    Stdio::inherit()
+                } else {
+                    Stdio::null()
+                })
+                .stderr(if shown {
+                    Stdio::inherit()
+                } else {
+                    Stdio::piped()
+                })
+                .spawn()?;
+            if let Some(mut stdin) = child.stdin.take() {
+                let _ = stdin.write_all(&input);
+            }
+            if let Some(mut stderr) = child.stderr.take() {
+                errors.push((
+                    rank,
+                    std::thread::spawn(move || {
+                        let mut buffer = Vec::new();
+                        let _ = stderr.read_to_end(&mut buffer);
+                        buffer
+                    }),
+                ));
+            }
+            children.push((rank, child));
+        }
+        // Wait for all; the first rank to fail stops the others (they would wait on it).
+        let mut running = children.len();
+        while running > 0 {
+            running = 0;
+            for (rank, child) in &mut children {
+                match child.try_wait()? {
+                    None => running += 1,
+                    Some(status) if status.success() => {}
+                    Some(status) => {
+                        let rank = *rank;
+                        return Err(format!("rank {rank} of {size} failed ({status})").into());
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    })();
+    for (_, child) in &mut children {
+        if matches!(child.try_wait(), Ok(None)) {
+            let _ = child.kill();
+        }
+        let _ = child.wait();
+    }
+    if temporary {
+        let _ = std::fs::remove_file(&path);
+    }
+    if result.is_err() {
+        // What the failed (unshown) ranks said.
+        for (rank, stderr) in errors {
+            let text = stderr.join().unwrap_or_default();
+            let text = String::from_utf8_lossy(&text);
+            for line in text.lines().filter(|l| l.starts_with("error")) {
+                eprintln!("rank {rank}: {line}");
+            }
+        }
+    }
+    result
+}
+
+/// Whether `address` (`host:port`) is one of this machine's: a loopback host, or one
+/// whose address this machine can listen on.
+fn is_local_address(address: &str) -> bool {
+    let host = address.rsplit_once(':').map_or(address, |(h, _)| h);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host == "localhost" {
+        return true;
+    }
+    match host.parse::<std::net::IpAddr>() {
+        Ok(ip) => ip.is_loopback() || std::net::TcpListener::bind((ip, 0)).is_ok(),
+        Err(_) => false,
     }
 }
 
@@ -262,14 +452,72 @@ fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
 }
 
 fn load_model(args: &ModelArgs) -> Result<Model, Box<dyn std::error::Error>> {
+    load_model_on(args, None)
+}
+
+/// Loads the model, split over `group` when there is one.
+fn load_model_on(
+    args: &ModelArgs,
+    group: Option<&Group>,
+) -> Result<Model, Box<dyn std::error::Error>> {
     let source = resolve_source(args)?;
     let spinner =
         ProgressBar::new_spinner().with_style(ProgressStyle::with_template("{spinner} {msg}")?);
     spinner.enable_steady_tick(Duration::from_millis(100));
     spinner.set_message("Loading the model…");
-    let model = load(&source, &LoadOptions::new().dequantize(args.dequantize))?;
+    let mut options = LoadOptions::new().dequantize(args.dequantize);
+    if let Some(g) = group {
+        options = options.tensor_parallel(g.clone());
+    }
+    let model = load(&source, &options)?;
     spinner.finish_and_clear();
     Ok(model)
+}
+
+/// MLX memory after loading, per rank: what the model holds, and the peak while loading.
+struct LoadMemory {
+    resident: usize,
+    peak: usize,
+}
+
+fn load_memory() -> Result<LoadMemory, Box<dyn std::error::Error>> {
+    Ok(LoadMemory {
+        resident: mlx_rs::memory::active_memory()?,
+        peak: mlx_rs::memory::peak_memory()?,
+    })
+}
+
+/// One line per rank (gathered to every rank) of what `memory` says.
+fn memory_report(
+    memory: &LoadMemory,
+    group: Option<&Group>,
+) -> Result<String, Box<dyn std::error::Error>> {
+    let mine = [memory.resident as f64, memory.peak as f64];
+    let all: Vec<f64> = match group {
+        Some(g) => {
+            let local = mlx_rs::Array::from_slice(&mine.map(|b| b as f32), &[1, 2]);
+            let gathered = g.all_gather(&local)?;
+            gathered.eval()?;
+            gathered
+                .as_slice::<f32>()
+                .iter()
+                .map(|&b| f64::from(b))
+                .collect()
+        }
+        None => mine.to_vec(),
+    };
+    let mb = |b: f64| b / 1e6;
+    Ok(all
+        .chunks(2)
+        .enumerate()
+        .map(|(rank, m)| {
+            format!(
+                "Memory of rank {rank}: {:.3} MB after loading, {:.3} MB peak while loading\n",
+                mb(m[0]),
+                mb(m[1])
+            )
+        })
+        .collect())
 }
 
 /// Where `--model` points, downloaded or fetched first if need be.
@@ -313,6 +561,10 @@ fn resolve_source(args: &ModelArgs) -> Result<ModelSource, Box<dyn std::error::E
 }
 
 fn options(model: &Model, args: &SamplingArgs) -> GenerateOptions {
+    options_seeded(model, args, args.seed)
+}
+
+fn options_seeded(model: &Model, args: &SamplingArgs, seed: Option<u64>) -> GenerateOptions {
     let mut sampler = SamplerBuilder::from_generation_config(model.generation_config());
     if let Some(t) = args.temp {
         sampler = sampler.temperature(t);
@@ -329,7 +581,7 @@ fn options(model: &Model, args: &SamplingArgs) -> GenerateOptions {
     if let Some(r) = args.repetition_penalty {
         sampler = sampler.repetition_penalty(r);
     }
-    if let Some(s) = args.seed {
+    if let Some(s) = seed {
         sampler = sampler.seed(s);
     }
     let mut options = GenerateOptions::new()
@@ -355,7 +607,10 @@ fn print_stream(
 }
 
 fn generate(args: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
-    let model = load_model(&args.model)?;
+    let group = group()?;
+    mlx_rs::memory::reset_peak_memory()?;
+    let model = load_model_on(&args.model, group.as_ref())?;
+    let memory = memory_report(&load_memory()?, group.as_ref())?;
     let mut prompt = args.prompt.clone();
     if prompt == "-" {
         prompt.clear();
@@ -374,11 +629,40 @@ fn generate(args: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
     if !args.quiet {
         eprintln!("==========");
     }
-    let stream = print_stream(model.generate(&ids, options(&model, &args.sampling))?)?;
+    // Every rank must draw the same tokens: without --seed, rank 0's seed for all.
+    let seed = match (&group, args.sampling.seed) {
+        (Some(g), None) => Some(shared_seed(g)?),
+        (_, seed) => seed,
+    };
+    let options = options_seeded(&model, &args.sampling, seed);
+    let stream = print_stream(model.generate(&ids, options)?)?;
     if !args.quiet {
         eprintln!("==========\n{}", stream.stats());
+        if let Some(g) = &group {
+            eprintln!(
+                "Ranks: {} (tensor parallel, {} backend)",
+                g.size(),
+                g.backend().name()
+            );
+        }
+        eprint!("{memory}");
     }
     Ok(())
+}
+
+/// A seed drawn on rank 0 and given to every rank.
+fn shared_seed(group: &Group) -> Result<u64, Box<dyn std::error::Error>> {
+    let drawn = if group.rank() == 0 {
+        (std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .subsec_nanos()
+            & 0x7fff_ffff) as i32
+    } else {
+        0
+    };
+    let seed = group.all_sum(&mlx_rs::Array::from_slice(&[drawn], &[1]))?;
+    seed.eval()?;
+    Ok(seed.as_slice::<i32>()[0] as u64)
 }
 
 fn chat(args: ChatArgs) -> Result<(), Box<dyn std::error::Error>> {
@@ -428,7 +712,10 @@ fn chat(args: ChatArgs) -> Result<(), Box<dyn std::error::Error>> {
 }
 
 fn info(args: ModelArgs) -> Result<(), Box<dyn std::error::Error>> {
-    let model = load_model(&args)?;
+    let group = group()?;
+    mlx_rs::memory::reset_peak_memory()?;
+    let model = load_model_on(&args, group.as_ref())?;
+    let memory = memory_report(&load_memory()?, group.as_ref())?;
     let info = model.info();
     println!("source:           {}", model.source());
     println!("model_type:       {}", info.model_type);
@@ -463,6 +750,14 @@ fn info(args: ModelArgs) -> Result<(), Box<dyn std::error::Error>> {
         mlx_models::runtime::default_device(),
         mlx_models::runtime::blas_name()
     );
+    if let Some(g) = &group {
+        println!(
+            "ranks:            {} (tensor parallel, {} backend)",
+            g.size(),
+            g.backend().name()
+        );
+    }
+    print!("{memory}");
     Ok(())
 }
 

@@ -217,6 +217,13 @@ pub struct FalconH1 {
 
 /// The registry's entry point.
 pub fn load(config: &ConfigFile, mut weights: Weights) -> Result<Box<dyn LanguageModel>> {
+    if let Some(g) = weights.root().tensor_parallel() {
+        return Err(crate::error::Error::TensorParallel {
+            ranks: g.size(),
+            what: config.path.display().to_string(),
+            message: "Falcon-H1 models have no tensor-parallel form yet".into(),
+        });
+    }
     let c: Config = config.parse_with_defaults(DEFAULTS)?;
     let h = c.hidden_size;
     for (field, value) in [("hidden_size", h), ("vocab_size", c.vocab_size)] {

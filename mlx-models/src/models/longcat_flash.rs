@@ -117,6 +117,13 @@ pub struct LongcatFlash {
 
 /// The registry's entry point.
 pub fn load(config: &ConfigFile, mut weights: Weights) -> Result<Box<dyn LanguageModel>> {
+    if let Some(g) = weights.root().tensor_parallel() {
+        return Err(crate::error::Error::TensorParallel {
+            ranks: g.size(),
+            what: config.path.display().to_string(),
+            message: "LongCat-Flash models have no tensor-parallel form yet".into(),
+        });
+    }
     let c: Config = config.parse_with_defaults(DEFAULTS)?;
     let h = c.hidden_size;
     let field_positive = |field: &str, v: i32| {
