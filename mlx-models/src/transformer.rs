@@ -387,7 +387,7 @@ pub fn layers_by_type(
 /// A layer's feed-forward block, as loaded.
 #[derive(Debug, Clone)]
 pub enum FeedForward {
-    Dense(Mlp),
+    Dense(Box<Mlp>),
     Sparse(Box<SparseMoe>),
     None,
 }
@@ -396,7 +396,9 @@ impl FeedForward {
     /// Loads the block `layer` names from `w`, with the model's MLP or MoE settings.
     pub fn load(w: &WeightPath, s: &DecoderSettings, layer: &LayerSettings) -> Result<Self> {
         Ok(match (layer.feed_forward, &s.moe) {
-            (FeedForwardKind::Dense, _) => FeedForward::Dense(Mlp::load(w, &s.mlp, s.hidden_size)?),
+            (FeedForwardKind::Dense, _) => {
+                FeedForward::Dense(Box::new(Mlp::load(w, &s.mlp, s.hidden_size)?))
+            }
             (FeedForwardKind::Sparse, Some(moe)) => {
                 let mut moe = moe.clone();
                 if let Some(k) = layer.top_k {

@@ -463,7 +463,7 @@ impl<'a> WeightPath<'a> {
                 let tensor = self.weights.tensors.get(&full).expect("shape_of found it");
                 let index: Vec<i32> = part.ranges.iter().flat_map(Range::clone).collect();
                 tensor.take_axis(
-                    &Array::from_slice(&index, &[index.len() as i32]),
+                    Array::from_slice(&index, &[index.len() as i32]),
                     part.axis as i32,
                 )?
             }
@@ -488,7 +488,7 @@ impl<'a> WeightPath<'a> {
         }
         if self.weights.group.is_some() && is_float(tensor.dtype()) {
             let finite = tensor.is_finite()?.all(None)?;
-            if !finite.item::<bool>() {
+            if !finite.item_exact::<bool>() {
                 return Err(Error::NonFiniteWeight {
                     path: self.weights.source.clone(),
                     name: full.to_owned(),
@@ -1006,23 +1006,19 @@ mod tests {
             let index: Vec<i32> = part.ranges.iter().flat_map(Range::clone).collect();
             let want = whole(name)
                 .take_axis(
-                    &Array::from_slice(&index, &[index.len() as i32]),
+                    Array::from_slice(&index, &[index.len() as i32]),
                     part.axis as i32,
                 )
                 .unwrap();
             assert_eq!(got.shape(), want.shape(), "{name} {part:?}");
             assert_eq!(got.dtype(), want.dtype(), "{name} {part:?}");
-            let equal = got.array_eq(&want, None).unwrap();
-            assert!(equal.item::<bool>(), "{name} {part:?}");
+            assert!(got.eq_values(&want).unwrap(), "{name} {part:?}");
         }
         // Out-of-bounds parts are errors, not reads past the tensor.
         assert!(root.get_part_any_shape("a", &Part::new(0, 5..7)).is_err());
         assert!(root.get_part_any_shape("a", &Part::new(2, 0..1)).is_err());
         // The stacked tensor still reads whole as the stack.
         let stacked = root.get_any_shape("stacked").unwrap();
-        assert!(stacked
-            .array_eq(&whole("stacked"), None)
-            .unwrap()
-            .item::<bool>());
+        assert!(stacked.eq_values(whole("stacked")).unwrap());
     }
 }
