@@ -355,7 +355,7 @@ impl ExpertMlps {
         let held = local.ge(&zero)?.logical_and(&local.le(&last)?)?;
         let clamped = ops::minimum(ops::maximum(&local, &zero)?, &last)?;
         let out = self.forward_held(x, &clamped)?;
-        Ok(ops::r#where(
+        Ok(ops::select(
             &held.expand_dims(-1)?,
             &out,
             &ops::zeros_like(&out)?,

@@ -401,7 +401,7 @@ impl Embedding {
         let mine = local.ge(&zero)?.logical_and(&local.le(&last)?)?;
         let clamped = ops::minimum(ops::maximum(&local, &zero)?, &last)?;
         let found = self.weight.rows(&clamped)?;
-        let found = ops::r#where(&mine.expand_dims(-1)?, &found, &ops::zeros_like(&found)?)?;
+        let found = ops::select(&mine.expand_dims(-1)?, &found, &ops::zeros_like(&found)?)?;
         group.all_sum(&found)
     }
 

@@ -639,10 +639,16 @@ fn distributed(
                     mlx_rs::ops::ones::<f32>(&[hidden])?,
                 ));
             }
-            for n in ["q_proj", "k_proj", "v_proj", "o_proj"] {
+            let kv = hidden / 2;
+            for (n, rows) in [
+                ("q_proj", hidden),
+                ("k_proj", kv),
+                ("v_proj", kv),
+                ("o_proj", hidden),
+            ] {
                 tensors.push((
                     format!("{p}.self_attn.{n}.weight"),
-                    random(&[hidden, hidden])?,
+                    random(&[rows, hidden])?,
                 ));
             }
             for n in ["gate_proj", "up_proj"] {
@@ -718,7 +724,7 @@ fn distributed(
                 .filter(|l| l.starts_with("Memory of rank "))
                 .map(|l| {
                     serde_json::json!({
-                        "rank": number(l, 0),
+                        "rank": number(l, 0).map(|r| r as u64),
                         "after_load_mb": number(l, 1),
                         "peak_load_mb": number(l, 2),
                     })
@@ -731,9 +737,9 @@ fn distributed(
                     "model": format!("llama, random f32, hidden {hidden}, {layers} layers, vocab {vocab}"),
                     "processes": ranks,
                     "backend": if ranks > 1 { "ring (localhost)" } else { "none" },
-                    "prompt_tokens": find("Prompt:", 0),
+                    "prompt_tokens": find("Prompt:", 0).map(|n| n as u64),
                     "prefill_tok_s": find("Prompt:", 1),
-                    "generated_tokens": find("Generation:", 0),
+                    "generated_tokens": find("Generation:", 0).map(|n| n as u64),
                     "decode_tok_s": find("Generation:", 1),
                     "memory_per_rank": memory,
                 })
