@@ -436,3 +436,49 @@ fn collectives_match_closed_forms() {
         );
     }
 }
+
+/// Two machines, played by two launchers sharing one hostfile, each starting its own rank
+/// (`--ranks`): rank 0's launcher shows the output, the same as one process's.
+#[test]
+fn one_launcher_per_machine_with_a_hostfile() {
+    let name = "llama/llama3-untied";
+    let dir = model_dir(name);
+    let (prompt, greedy) = prompt_and_greedy(name);
+    let prompt: Vec<String> = prompt.iter().map(|i| format!("t{i}")).collect();
+    let hosts = tempfile::NamedTempFile::new().unwrap();
+    let ranks = mlx_models::distributed::local_hostfile(2).unwrap();
+    std::fs::write(hosts.path(), ranks.to_json()).unwrap();
+    let machine = |rank: &str| {
+        let mut command = cli();
+        command
+            .args(["launch", "--hostfile"])
+            .arg(hosts.path())
+            .args(["--ranks", rank, "generate", "--model"])
+            .arg(dir.path())
+            .args(["--prompt", &prompt.join(" "), "--ignore-chat-template"])
+            .args(["--temp", "0", "--max-tokens", &greedy.len().to_string()]);
+        command
+    };
+    let other = std::thread::spawn({
+        let command = machine("1");
+        move || run(command, Duration::from_secs(60))
+    });
+    let first = run(machine("0"), Duration::from_secs(60));
+    let other = other.join().unwrap();
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    assert!(
+        other.status.success(),
+        "{}",
+        String::from_utf8_lossy(&other.stderr)
+    );
+    let tokens: Vec<i64> = String::from_utf8_lossy(&first.stdout)
+        .split_whitespace()
+        .map(|t| t.strip_prefix('t').unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(tokens, greedy);
+    assert!(other.stdout.is_empty(), "only rank 0's machine prints");
+}
