@@ -482,3 +482,55 @@ fn one_launcher_per_machine_with_a_hostfile() {
     assert_eq!(tokens, greedy);
     assert!(other.stdout.is_empty(), "only rank 0's machine prints");
 }
+
+/// A quantized checkpoint (8-bit, groups of 32, as `convert` writes it) splits too:
+/// packed weights, scales and biases cut at whole groups give one process's tokens.
+#[test]
+fn a_quantized_model_on_two_ranks_matches_one_process() {
+    let source = model_dir("llama/llama3-untied");
+    let quantized = tempfile::tempdir().unwrap();
+    let out = quantized.path().join("q8");
+    let mut command = cli();
+    command
+        .args(["convert", "--model"])
+        .arg(source.path())
+        .arg("--out")
+        .arg(&out)
+        .args(["--quantize", "--bits", "8", "--group-size", "32"]);
+    assert!(run(command, Duration::from_secs(60)).status.success());
+    std::fs::copy(
+        source.path().join("tokenizer.json"),
+        out.join("tokenizer.json"),
+    )
+    .unwrap();
+    let generate = |ranks: Option<&str>| {
+        let mut command = cli();
+        if let Some(n) = ranks {
+            command.args(["launch", "-n", n]);
+        }
+        command
+            .args(["generate", "--model"])
+            .arg(&out)
+            .args([
+                "--prompt",
+                "t103 t193 t251 t174 t120 t168",
+                "--ignore-chat-template",
+            ])
+            .args(["--temp", "0", "--max-tokens", "16"]);
+        let out = run(command, Duration::from_secs(60));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (one, _) = generate(None);
+    let (two, stderr) = generate(Some("2"));
+    assert_eq!(one.split_whitespace().count(), 16);
+    assert_eq!(one, two);
+    assert_eq!(stderr.matches("Memory of rank").count(), 2, "{stderr}");
+}
