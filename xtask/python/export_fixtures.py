@@ -839,7 +839,12 @@ def activation_hooks(model):
 
     handles = [layers[0].register_forward_pre_hook(on_first_layer_input, with_kwargs=True)]
     handles += [layer.register_forward_hook(on_layer_output(i)) for i, layer in enumerate(layers)]
-    handles.append(norm.register_forward_hook(lambda _module, _args, output: keep("norm", output)))
+    def on_norm_output(_module, _args, output):
+        # The final norm may also run before the layers (NanoChat normalizes the embeddings
+        # with the same module): its record is the last call, the one after the last layer.
+        captured["norm"] = output.detach().clone()
+
+    handles.append(norm.register_forward_hook(on_norm_output))
     handles += [router.register_forward_hook(on_router_output(i)) for i, router in routers(model).items()]
     try:
         yield captured
@@ -1041,6 +1046,36 @@ def applies_rope_to_pairs(reference) -> bool:
     return bool(moved[1] > 1e-6) and head_dim > 2
 
 
+def applies_rope_reversed(reference) -> bool:
+    """Whether the family's own `apply_rotary_pos_emb` rotates by -θ the angles its rotary module gives
+    (NanoChat's `rotate_half` returns (x2, -x1)): probed like applies_rope_to_pairs, on a unit query at
+    position 1, where the partner feature gets sin(-θ) < 0 instead of sin(θ) > 0. False where the family
+    has no such function or it cannot be called this way."""
+    import sys
+
+    import torch
+
+    module = sys.modules.get(type(reference).__module__)
+    apply = getattr(module, "apply_rotary_pos_emb", None)
+    rotary = decoder_parts(reference)[2]
+    config = reference.config
+    if apply is None or rotary is None or rope_layer_types(rotary) is not None:
+        return False
+    try:
+        with torch.no_grad():
+            cos, sin = rotary(torch.zeros(1, 1, config.hidden_size), torch.ones(1, 1, dtype=torch.int64))
+            head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+            q = torch.zeros(1, 1, 1, head_dim)
+            q[..., 0] = 1.0
+            rotated, _ = apply(q, q.clone(), cos, sin)
+    except Exception:
+        return False
+    partner = 1 if applies_rope_to_pairs(reference) else sin.shape[-1] // 2
+    if sin.is_complex() or partner >= head_dim or float(sin.flatten()[partner]) <= 1e-6:
+        return False
+    return bool(rotated.flatten()[partner] < -1e-6)
+
+
 def interleaved_rope(config) -> bool:
     """Whether the family's attention applies halves-layout cos/sin to interleaved pairs (INTERLEAVED_ROPE_FLAG)."""
     if config.model_type not in INTERLEAVED_ROPE_FLAG:
@@ -1088,10 +1123,14 @@ def float64_angle_deviation(rope: dict, attention_scaling: float, prefix: str = 
 
 
 def unscaled_rope_parameters(rope: dict) -> dict:
-    """Unscaled RoPE with the theta (and partial rotary factor) of `rope`."""
-    unscaled = {"rope_type": "default", "rope_theta": rope["rope_theta"]}
-    if "partial_rotary_factor" in rope:
-        unscaled["partial_rotary_factor"] = rope["partial_rotary_factor"]
+    """Unscaled RoPE with the theta (and partial rotary factor) of `rope`.
+
+    The other keys stay: default RoPE ignores them, and a family's own code may read
+    them whatever the RoPE type (Ministral 3's query scaling reads
+    llama_4_scaling_beta and original_max_position_embeddings).
+    """
+    unscaled = {key: value for key, value in rope.items() if key != "type"}
+    unscaled["rope_type"] = "default"
     return unscaled
 
 
@@ -1798,8 +1837,9 @@ def export_variant(spec: dict, variant: dict, out_root: Path) -> None:
             write_json(config_path, to_hub_style(json.loads(config_path.read_text(encoding="utf-8"))))
             rename_hub_weights(staging, spec["model_type"])
             from_hub = load_model(staging, torch.float32)
-            if without_legacy_type(getattr(from_hub.config, "rope_parameters", None)) != getattr(
-                reference.config, "rope_parameters", None
+            # Either side may keep the legacy `type` (Ministral 3's own default carries it).
+            if without_legacy_type(getattr(from_hub.config, "rope_parameters", None)) != without_legacy_type(
+                getattr(reference.config, "rope_parameters", None)
             ):
                 raise SystemExit(
                     f"hub-style config loads as {from_hub.config.rope_parameters}, "
@@ -1895,6 +1935,8 @@ def export_variant(spec: dict, variant: dict, out_root: Path) -> None:
             manifest["rope_note"] = note
         if rotary is not None and (rotates_pairs(rotary, reference.config) or applies_rope_to_pairs(reference)):
             manifest["rope_layout"] = "pairs"
+        if rotary is not None and applies_rope_reversed(reference):
+            manifest["rope_direction"] = "reversed"
         manifest.update(mla_notes(reference))
         if recurrent is not None:
             manifest["recurrent"] = recurrent

@@ -538,6 +538,13 @@ def propose_variants(model_type: str, fields: dict, small: dict, resolved, rotar
 
     if "rope_parameters" in fields and rope:
         supported = rotary["supported_rope_types"]
+        # Keys of the family's own in its rope_parameters, which its code reads whatever the
+        # RoPE type (Ministral 3's llama_4_scaling_beta): each scaled variant keeps them.
+        own_keys = {
+            key: rope[key]
+            for key in sorted(getattr(type(resolved), "ignore_keys_at_rope_validation", ()) or ())
+            if key in rope and key != "max_position_embeddings" and not per_layer_type
+        }
         if per_layer_type:
             scaled = {}
             for layer_type, params in rope.items():
@@ -565,6 +572,7 @@ def propose_variants(model_type: str, fields: dict, small: dict, resolved, rotar
                     "long_factor": LONGROPE_LONG_FACTOR[:count],
                 }
             }
+            overrides["rope_parameters"].update(own_keys)
             if "original_max_position_embeddings" in fields:
                 overrides["original_max_position_embeddings"] = LONGROPE_ORIGINAL_MAX_POSITION_EMBEDDINGS
             else:
@@ -597,6 +605,7 @@ def propose_variants(model_type: str, fields: dict, small: dict, resolved, rotar
                 name = "linear"
             if "partial_rotary_factor" in rope:
                 overrides["rope_parameters"]["partial_rotary_factor"] = rope["partial_rotary_factor"]
+            overrides["rope_parameters"].update(own_keys)
             add(name, summary, overrides, "hub")
 
     add("hub", "As default, with the config.json the family's checkpoints on the Hub carry (see to_hub_style in "
