@@ -163,6 +163,9 @@ pub struct DecoderSettings {
     pub layers: Vec<LayerSettings>,
     /// Multiplies the embeddings, rounded to their dtype first (Gemma's `√hidden`, Granite).
     pub embedding_scale: Option<f32>,
+    /// The final norm also normalizes the embeddings, before the first layer (NanoChat
+    /// calls its one `norm` module twice).
+    pub embedding_norm: bool,
     /// Multiplies each sub-block's output before the residual add (Granite).
     pub residual_scale: Option<f32>,
     /// Multiplies the logits (Granite's `1 / logits_scaling`).
@@ -211,6 +214,7 @@ impl DecoderSettings {
             norm_placement: NormPlacement::Pre,
             layers,
             embedding_scale: None,
+            embedding_norm: false,
             residual_scale: None,
             logits_scale: None,
             final_logit_softcap: None,
@@ -646,7 +650,10 @@ impl DecoderLayer {
         // Layers of one sub-block: a mixer alone (Mamba2) or a feed-forward alone.
         if let FeedForward::None = self.mlp {
             let input = match attn_in {
-                Some(n) => n.forward(&x.as_dtype(n.dtype())?)?,
+                Some(n) => match n.dtype() {
+                    Some(dtype) => n.forward(&x.as_dtype(dtype)?)?,
+                    None => n.forward(x)?,
+                },
                 None => x.clone(),
             };
             let out = self.self_attn.forward(&input, cache, tap)?;
@@ -741,7 +748,7 @@ impl Decoder {
             hidden_size: s.hidden_size,
             num_layers: layers.len(),
             max_position_embeddings: s.max_position_embeddings,
-            dtype: norm.dtype(),
+            dtype: norm.dtype().unwrap_or(embed_tokens.weight.dtype()),
             quantization,
             num_parameters: weights.num_parameters(),
             num_active_parameters: weights.num_parameters().saturating_sub(inactive),
@@ -768,6 +775,9 @@ impl LanguageModel for Decoder {
         let s = &self.settings;
         let h = self.embed_tokens.forward(tokens)?;
         let mut h = scale(&h, s.embedding_scale)?;
+        if s.embedding_norm {
+            h = self.norm.forward(&h)?;
+        }
         tap.record("embeddings", &h);
         for (i, (layer, cache)) in self.layers.iter().zip(cache.iter_mut()).enumerate() {
             tap.scope(|| format!("layers.{i}."));

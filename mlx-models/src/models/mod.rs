@@ -1,6 +1,7 @@
 //! The model zoo: one module per architecture family, and the registry from
 //! `model_type` to module.
 
+pub mod apertus;
 pub mod arcee;
 pub mod cohere;
 pub mod cohere2;
@@ -35,9 +36,12 @@ pub mod mamba;
 pub mod mamba2;
 pub mod minimax_m2;
 pub mod ministral;
+pub mod ministral3;
 pub mod mixtral;
+pub mod nanochat;
 pub mod nemotron;
 pub mod nemotron_h;
+pub mod olmo;
 pub mod olmo2;
 pub mod olmo3;
 pub mod olmoe;
@@ -68,6 +72,7 @@ pub type Loader = fn(&ConfigFile, Weights) -> Result<Box<dyn LanguageModel>>;
 
 /// Every supported `model_type` and the module that implements it.
 pub const REGISTRY: &[(&str, Loader)] = &[
+    ("apertus", family::load::<apertus::Config>),
     ("arcee", family::load::<arcee::Config>),
     ("cohere", family::load::<cohere::Config>),
     ("cohere2", family::load::<cohere2::Config>),
@@ -105,10 +110,13 @@ pub const REGISTRY: &[(&str, Loader)] = &[
     ("mamba2", mamba2::load),
     ("minimax_m2", family::load::<minimax_m2::Config>),
     ("ministral", family::load::<ministral::Config>),
+    ("ministral3", family::load::<ministral3::Config>),
     ("mistral", family::load::<llama::Config>),
     ("mixtral", family::load::<mixtral::Config>),
+    ("nanochat", family::load::<nanochat::Config>),
     ("nemotron", family::load::<nemotron::Config>),
     ("nemotron_h", nemotron_h::load),
+    ("olmo", family::load::<olmo::Config>),
     ("olmo2", family::load::<olmo2::Config>),
     ("olmo3", family::load::<olmo3::Config>),
     ("olmoe", family::load::<olmoe::Config>),
