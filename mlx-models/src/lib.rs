@@ -35,6 +35,7 @@ mod test_util;
 pub mod tokenizer;
 pub mod transformer;
 pub mod weights;
+pub mod xielu;
 
 pub use chat_template::{ChatTemplate, ChatTemplateOptions, Content, ContentPart, Message};
 pub use error::{Error, Result};

@@ -1,11 +1,13 @@
 //! Dense feed-forward blocks: the gated (SwiGLU/GeGLU) MLP with separate or fused gate/up
-//! projections, and the plain two-layer MLP, with the activations Transformers names.
+//! projections, and the plain two-layer MLP, with the activations Transformers names (xIELU's
+//! learned parameters loaded with the MLP).
 
 use crate::config::ConfigFile;
 use crate::error::{Error, Result};
 use crate::nn::Linear;
 use crate::tap::Tap;
 use crate::weights::WeightPath;
+use crate::xielu::Xielu;
 use mlx_rs::{Array, Dtype};
 
 /// The MLP nonlinearity, by the names Transformers' `ACT2FN` uses.
@@ -20,6 +22,9 @@ pub enum Activation {
     Relu,
     /// `relu(x)²`: `relu2` (Nemotron-H).
     Relu2,
+    /// `xielu` (Apertus): learned parameters under the MLP's `act_fn`, so only a dense
+    /// [`Mlp`] applies it.
+    Xielu,
 }
 
 impl Activation {
@@ -31,11 +36,12 @@ impl Activation {
             "gelu_pytorch_tanh" | "gelu_new" | "gelu_fast" => Activation::GeluTanh,
             "relu" => Activation::Relu,
             "relu2" => Activation::Relu2,
+            "xielu" => Activation::Xielu,
             other => {
                 return Err(Error::config(
                     &config.path,
                     field,
-                    format!("activation `{other}` is not supported (silu, gelu, gelu_pytorch_tanh, gelu_new, relu, relu2)"),
+                    format!("activation `{other}` is not supported (silu, gelu, gelu_pytorch_tanh, gelu_new, relu, relu2, xielu)"),
                 ))
             }
         })
@@ -66,6 +72,33 @@ impl Activation {
                 let r = mlx_rs::nn::relu(x)?;
                 Ok(r.multiply(&r)?)
             }
+            Activation::Xielu => Err(Error::Mlx(mlx_rs::error::Exception::custom(
+                "xIELU has learned parameters: only a dense MLP (which loads them) applies it",
+            ))),
+        }
+    }
+}
+
+/// An MLP's activation as loaded: a fixed function, or xIELU with its parameters.
+#[derive(Debug, Clone)]
+pub enum ActFn {
+    Fixed(Activation),
+    Xielu(Xielu),
+}
+
+impl ActFn {
+    /// `act`, with its parameters from `w`'s `act_fn` where it has some.
+    pub fn load(w: &WeightPath, act: Activation) -> Result<ActFn> {
+        Ok(match act {
+            Activation::Xielu => ActFn::Xielu(Xielu::load(&w.pp("act_fn"))?),
+            fixed => ActFn::Fixed(fixed),
+        })
+    }
+
+    pub fn apply(&self, x: &Array) -> Result<Array> {
+        match self {
+            ActFn::Fixed(act) => act.apply(x),
+            ActFn::Xielu(act) => act.apply(x),
         }
     }
 }
@@ -99,22 +132,22 @@ pub enum Mlp {
         gate_proj: Linear,
         up_proj: Linear,
         down_proj: Linear,
-        act: Activation,
+        act: ActFn,
     },
     FusedGated {
         gate_up_proj: Linear,
         down_proj: Linear,
-        act: Activation,
+        act: ActFn,
     },
     Plain {
         c_fc: Linear,
         c_proj: Linear,
-        act: Activation,
+        act: ActFn,
     },
     UpDown {
         up_proj: Linear,
         down_proj: Linear,
-        act: Activation,
+        act: ActFn,
     },
 }
 
@@ -122,7 +155,8 @@ impl Mlp {
     /// Loads the projections under `w` of an MLP from `hidden` features to
     /// `s.intermediate_size` and back.
     pub fn load(w: &WeightPath, s: &MlpSettings, hidden: i32) -> Result<Self> {
-        let (inter, bias, act) = (s.intermediate_size, s.bias, s.activation);
+        let (inter, bias) = (s.intermediate_size, s.bias);
+        let act = ActFn::load(w, s.activation)?;
         Ok(match s.layout {
             MlpLayout::Gated => Mlp::Gated {
                 gate_proj: Linear::load(&w.pp("gate_proj"), hidden, inter, bias)?,
