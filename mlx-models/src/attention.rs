@@ -128,12 +128,18 @@ pub enum QkNorm {
     L2AfterRope,
 }
 
-/// Llama 4's attention temperature on the layers without RoPE: queries at position `p` are
-/// scaled by `log(1 + floor((p + 1) / floor_scale)) · attn_scale + 1`.
+/// An attention temperature that grows with the position: queries at position `p` are
+/// scaled by `log(1 + floor((p + position_offset) / floor_scale)) · attn_scale + 1`, after
+/// RoPE. Llama 4 scales the layers without RoPE, counting from 1 (`position_offset` 1);
+/// Ministral 3 every layer, from 0 (`llama_4_scaling_beta` as `attn_scale`, the RoPE's
+/// `original_max_position_embeddings` as `floor_scale`).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct TemperatureTuning {
     pub floor_scale: f32,
     pub attn_scale: f32,
+    pub position_offset: f32,
+    /// Also on the layers with RoPE (else only on those without).
+    pub all_layers: bool,
 }
 
 /// The attention block of every layer.
@@ -362,7 +368,10 @@ impl Attention {
             q = mlx_rs::fast::rms_norm(&q, None, s.qk_norm_eps)?;
             k = mlx_rs::fast::rms_norm(&k, None, s.qk_norm_eps)?;
         }
-        if let (Some(t), None) = (s.temperature_tuning, &self.rope) {
+        if let Some(t) = s
+            .temperature_tuning
+            .filter(|t| t.all_layers || self.rope.is_none())
+        {
             let scales = match &rows {
                 Some(rows) => {
                     let per_row = rows
@@ -401,7 +410,13 @@ impl Attention {
 /// `[len, 1]` to broadcast over `[batch, heads, len, head_dim]`.
 fn temperature(t: TemperatureTuning, offset: i32, len: i32) -> Result<Array> {
     let scales: Vec<f32> = (offset..offset + len)
-        .map(|p| ((p as f32 + 1.0) / t.floor_scale).floor().ln_1p() * t.attn_scale + 1.0)
+        .map(|p| {
+            ((p as f32 + t.position_offset) / t.floor_scale)
+                .floor()
+                .ln_1p()
+                * t.attn_scale
+                + 1.0
+        })
         .collect();
     Ok(Array::from_slice(&scales, &[len, 1]))
 }
