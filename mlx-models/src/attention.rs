@@ -473,3 +473,33 @@ fn additive_mask(mask: &AttentionMask, len: i32, keys: i32, dtype: Dtype) -> Res
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The temperatures against Transformers' two formulas: Ministral 3's
+    /// `1 + β·log(1 + floor(p / n))` (offset 0) and Llama 4's
+    /// `log1p(floor((p + 1) / n))·s + 1` (offset 1).
+    #[test]
+    fn temperatures_follow_both_position_conventions() -> Result<()> {
+        for offset in [0.0f32, 1.0] {
+            let t = TemperatureTuning {
+                floor_scale: 4.0,
+                attn_scale: 0.5,
+                position_offset: offset,
+                all_layers: offset == 0.0,
+            };
+            let scales = temperature(t, 2, 12)?;
+            for (i, got) in scales.as_slice::<f32>().iter().enumerate() {
+                let p = 2.0 + i as f32;
+                let want = 1.0 + 0.5 * (1.0 + ((p + offset) / 4.0).floor()).ln();
+                assert!(
+                    (got - want).abs() < 1e-6,
+                    "offset {offset}, p {p}: {got} vs {want}"
+                );
+            }
+        }
+        Ok(())
+    }
+}

@@ -93,3 +93,39 @@ pub fn norm_opt(norm: &Option<Norm>, x: &Array) -> Result<Array> {
         None => Ok(x.clone()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::weights::Weights;
+    use std::collections::HashMap;
+
+    /// The norms without weight against their closed forms, on a row whose mean and
+    /// spread are far from 0 and 1; neither reads a tensor.
+    #[test]
+    fn weightless_norms_match_their_closed_forms() -> Result<()> {
+        let weights = Weights::new(HashMap::new(), "none");
+        let xs = [1.0f32, 2.0, 4.0, 9.0];
+        let x = Array::from_slice(&xs, &[1, 4]);
+        let n = xs.len() as f32;
+        let eps = 1e-5;
+        let mean = xs.iter().sum::<f32>() / n;
+        let var = xs.iter().map(|v| (v - mean).powi(2)).sum::<f32>() / n;
+        let ms = xs.iter().map(|v| v * v).sum::<f32>() / n;
+        for (kind, expected) in [
+            (
+                NormKind::LayerNoWeight,
+                xs.map(|v| (v - mean) / (var + eps).sqrt()),
+            ),
+            (NormKind::RmsNoWeight, xs.map(|v| v / (ms + eps).sqrt())),
+        ] {
+            let norm = Norm::load(&weights.root(), kind, 4, f64::from(eps))?;
+            assert_eq!(norm.dtype(), None);
+            let y = norm.forward(&x)?;
+            for (got, want) in y.as_slice::<f32>().iter().zip(expected) {
+                assert!((got - want).abs() < 1e-6, "{kind:?}: {got} vs {want}");
+            }
+        }
+        weights.check_all_used()
+    }
+}

@@ -693,3 +693,35 @@ impl Params<'_> {
             .ok_or_else(|| self.error(field, "expected a list of numbers"))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A reversed RoPE rotates by -θ: a unit vector on feature 0 at position `p` becomes
+    /// `cos(p·ω₀)` there and `-sin(p·ω₀)` on its partner in the other half, where the usual
+    /// RoPE puts `+sin`.
+    #[test]
+    fn reversed_rope_rotates_the_other_way() -> Result<()> {
+        let config = RopeConfig {
+            theta: 10000.0,
+            dims: 4,
+            traditional: false,
+            scaling: RopeScaling::Default,
+        };
+        let x = Array::from_slice(&[1.0f32, 0.0, 0.0, 0.0], &[1, 1, 1, 4]);
+        for (rope, sign) in [
+            (Rope::new(config.clone())?, 1.0f32),
+            (Rope::new(config)?.reversed(), -1.0),
+        ] {
+            let p = 3;
+            let y = rope.apply(&x, p)?;
+            let y = y.as_slice::<f32>();
+            let angle = p as f32; // ω₀ = 1
+            assert!((y[0] - angle.cos()).abs() < 1e-6);
+            assert!((y[2] - sign * angle.sin()).abs() < 1e-6, "{y:?}");
+            assert_eq!(rope.is_reversed(), sign < 0.0);
+        }
+        Ok(())
+    }
+}
