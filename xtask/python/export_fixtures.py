@@ -220,7 +220,7 @@ BUFFER_SEED_OFFSET = 2000
 # Transformers' fused experts back into the layout of the family's checkpoints on the
 # Hub (per-expert tensors for most families); "transformers5" keeps the fused in-memory
 # layout (save_original_format=False).
-WEIGHTS_LAYOUTS = ("hub", "transformers5")
+WEIGHTS_LAYOUTS = ("hub", "transformers5", "bitnet-packed")
 
 # The final norm of the decoder stack, by its attribute name on the base model: `norm` for
 # most families, `norm_f` (Mamba, Mamba2, FalconMamba, Nemotron-H), `embedding_norm` (LFM2,
@@ -301,7 +301,72 @@ def build_model(spec: dict, variant: dict):
     randomize_parameters(model, variant["seed"], spec.get("initializer_range") or config.initializer_range)
     if router_class(model) is not None:
         randomize_weight_buffers(model, variant["seed"] + BUFFER_SEED_OFFSET, config.initializer_range)
+    if variant.get("weights_layout") == "bitnet-packed":
+        make_ternary(model)
     return model
+
+
+def ternary_linears(model) -> dict:
+    """The decoder layers' linear layers, which BitNet checkpoints ship ternary ({name: module})."""
+    import torch
+
+    layers = decoder_parts(model)[0]
+    return {
+        f"model.layers.{i}.{name}": module
+        for i, layer in enumerate(layers)
+        for name, module in layer.named_modules()
+        if isinstance(module, torch.nn.Linear)
+    }
+
+
+def make_ternary(model) -> None:
+    """Gives every decoder-layer linear weight the values BitNet's offline quantization leaves:
+    scale = 1 / mean|W|, W = clamp(round(W·scale), -1, 1) / scale, so that the float model computes
+    exactly what the packed checkpoint (write_bitnet_packed) stores."""
+    import torch
+
+    with torch.no_grad():
+        for module in ternary_linears(model).values():
+            scale = 1.0 / module.weight.abs().mean().clamp(min=1e-5)
+            module.weight.copy_((module.weight * scale).round().clamp(-1, 1) / scale)
+            module.bitnet_weight_scale = scale
+
+
+def write_bitnet_packed(directory: Path, model) -> None:
+    """Rewrites model.safetensors in the layout of BitNet's Hub checkpoints (Transformers'
+    integrations/bitnet.py `pack_weights`): each ternary weight [out, in] as uint8 [out / 4, in], row
+    r of block i (rows i·out/4 + r) in bits 2i..2i+1 as value + 1, with its `weight_scale` [1]; and
+    config.json gets the `quantization_config` those checkpoints carry. The reference keeps the float
+    model (no activation quantization), as mlx-lm's BitLinear computes."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = directory / "model.safetensors"
+    with safe_open(path, "pt") as handle:
+        metadata = handle.metadata()
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    for name, module in ternary_linears(model).items():
+        weight = tensors.pop(f"{name}.weight")
+        scale = module.bitnet_weight_scale
+        ternary = (weight * scale).round().to(torch.int64)
+        if not torch.equal(ternary / scale, weight) or ternary.shape[0] % 4:
+            raise SystemExit(f"{name}: the weight is not ternary times a scale in 4-row blocks")
+        rows = ternary.shape[0] // 4
+        packed = torch.zeros((rows, ternary.shape[1]), dtype=torch.uint8)
+        for i in range(4):
+            packed |= (ternary[i * rows : (i + 1) * rows] + 1).to(torch.uint8) << (2 * i)
+        tensors[f"{name}.weight"] = packed
+        tensors[f"{name}.weight_scale"] = scale.reshape(1).to(weight.dtype)
+    save_file(tensors, path, metadata=metadata)
+    config_path = directory / "config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["quantization_config"] = {
+        "linear_class": "bitlinear",
+        "quant_method": "bitnet",
+        "quantization_mode": "offline",
+    }
+    write_json(config_path, config)
 
 
 def set_base_values(model, base_values: dict) -> None:
@@ -1823,7 +1888,7 @@ def export_variant(spec: dict, variant: dict, out_root: Path) -> None:
 
     with tempfile.TemporaryDirectory() as temporary:
         staging = Path(temporary) / name
-        if layout == "hub":
+        if layout in ("hub", "bitnet-packed"):
             model.save_pretrained(staging, safe_serialization=True)
         else:
             model.save_pretrained(staging, safe_serialization=True, save_original_format=False)
@@ -1940,6 +2005,8 @@ def export_variant(spec: dict, variant: dict, out_root: Path) -> None:
         manifest.update(mla_notes(reference))
         if recurrent is not None:
             manifest["recurrent"] = recurrent
+        if layout == "bitnet-packed":
+            write_bitnet_packed(staging, model)
         write_json(staging / "fixture.json", manifest)
 
         target = out_root / spec["model_type"] / name
