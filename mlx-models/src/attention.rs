@@ -231,6 +231,8 @@ pub struct Attention {
     pub k_norm: Option<Norm>,
     /// Per-head sink logits (`sinks`, gpt-oss).
     pub sinks: Option<Array>,
+    /// A norm of the attention output before `o_proj` (BitNet's `attn_sub_norm`).
+    pub sub_norm: Option<Norm>,
     pub rope: Option<Rope>,
     pub settings: AttentionSettings,
 }
@@ -282,6 +284,7 @@ impl Attention {
                 .sinks
                 .then(|| w.get("sinks", &[s.num_heads]))
                 .transpose()?,
+            sub_norm: None,
             rope,
             settings: s.clone(),
         })
@@ -398,6 +401,7 @@ impl Attention {
             Some(g) => out.multiply(ops::sigmoid(g)?)?,
             None => out,
         };
+        let out = norm_opt(&self.sub_norm, &out)?;
         let out = self.o_proj.forward(&out)?;
         tap.record("self_attn.o_proj", &out);
         Ok(out)

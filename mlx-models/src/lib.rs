@@ -30,6 +30,7 @@ pub mod sampling;
 pub mod serve;
 pub mod ssm;
 pub mod tap;
+pub mod ternary;
 #[cfg(test)]
 mod test_util;
 pub mod tokenizer;

@@ -5,6 +5,7 @@
 use crate::config::ConfigFile;
 use crate::error::{Error, Result};
 use crate::nn::Linear;
+use crate::norm::{norm_opt, Norm};
 use crate::tap::Tap;
 use crate::weights::WeightPath;
 use crate::xielu::Xielu;
@@ -125,9 +126,17 @@ pub struct MlpSettings {
     pub bias: bool,
 }
 
-/// A dense MLP, in one of the [`MlpLayout`]s, with its checkpoint's projection names.
+/// A dense MLP: its projections, and an optional norm of the hidden features before the
+/// output projection (BitNet's `ffn_sub_norm`).
 #[derive(Debug, Clone)]
-pub enum Mlp {
+pub struct Mlp {
+    pub projections: MlpProjections,
+    pub sub_norm: Option<Norm>,
+}
+
+/// An MLP's projections, in one of the [`MlpLayout`]s, with its checkpoint's names.
+#[derive(Debug, Clone)]
+pub enum MlpProjections {
     Gated {
         gate_proj: Linear,
         up_proj: Linear,
@@ -157,35 +166,47 @@ impl Mlp {
     pub fn load(w: &WeightPath, s: &MlpSettings, hidden: i32) -> Result<Self> {
         let (inter, bias) = (s.intermediate_size, s.bias);
         let act = ActFn::load(w, s.activation)?;
-        Ok(match s.layout {
-            MlpLayout::Gated => Mlp::Gated {
+        let projections = match s.layout {
+            MlpLayout::Gated => MlpProjections::Gated {
                 gate_proj: Linear::load(&w.pp("gate_proj"), hidden, inter, bias)?,
                 up_proj: Linear::load(&w.pp("up_proj"), hidden, inter, bias)?,
                 down_proj: Linear::load(&w.pp("down_proj"), inter, hidden, bias)?,
                 act,
             },
-            MlpLayout::FusedGated => Mlp::FusedGated {
+            MlpLayout::FusedGated => MlpProjections::FusedGated {
                 gate_up_proj: Linear::load(&w.pp("gate_up_proj"), hidden, 2 * inter, bias)?,
                 down_proj: Linear::load(&w.pp("down_proj"), inter, hidden, bias)?,
                 act,
             },
-            MlpLayout::Plain => Mlp::Plain {
+            MlpLayout::Plain => MlpProjections::Plain {
                 c_fc: Linear::load(&w.pp("c_fc"), hidden, inter, bias)?,
                 c_proj: Linear::load(&w.pp("c_proj"), inter, hidden, bias)?,
                 act,
             },
-            MlpLayout::UpDown => Mlp::UpDown {
+            MlpLayout::UpDown => MlpProjections::UpDown {
                 up_proj: Linear::load(&w.pp("up_proj"), hidden, inter, bias)?,
                 down_proj: Linear::load(&w.pp("down_proj"), inter, hidden, bias)?,
                 act,
             },
+        };
+        Ok(Mlp {
+            projections,
+            sub_norm: None,
         })
+    }
+
+    /// The same MLP with `norm` on its hidden features, before the output projection.
+    pub fn with_sub_norm(self, norm: Norm) -> Mlp {
+        Mlp {
+            sub_norm: Some(norm),
+            ..self
+        }
     }
 
     /// The MLP of `x` (`[..., hidden]`); records `mlp.hidden` and `mlp.out`.
     pub fn forward(&self, x: &Array, tap: &mut Tap) -> Result<Array> {
-        let hidden = match self {
-            Mlp::Gated {
+        let hidden = match &self.projections {
+            MlpProjections::Gated {
                 gate_proj,
                 up_proj,
                 act,
@@ -193,21 +214,22 @@ impl Mlp {
             } => act
                 .apply(&gate_proj.forward(x)?)?
                 .multiply(up_proj.forward(x)?)?,
-            Mlp::FusedGated {
+            MlpProjections::FusedGated {
                 gate_up_proj, act, ..
             } => {
                 let parts = gate_up_proj.forward(x)?.split_equal(2, -1)?;
                 act.apply(&parts[0])?.multiply(&parts[1])?
             }
-            Mlp::Plain { c_fc, act, .. } => act.apply(&c_fc.forward(x)?)?,
-            Mlp::UpDown { up_proj, act, .. } => act.apply(&up_proj.forward(x)?)?,
+            MlpProjections::Plain { c_fc, act, .. } => act.apply(&c_fc.forward(x)?)?,
+            MlpProjections::UpDown { up_proj, act, .. } => act.apply(&up_proj.forward(x)?)?,
         };
+        let hidden = norm_opt(&self.sub_norm, &hidden)?;
         tap.record("mlp.hidden", &hidden);
-        let out = match self {
-            Mlp::Gated { down_proj, .. }
-            | Mlp::FusedGated { down_proj, .. }
-            | Mlp::UpDown { down_proj, .. } => down_proj.forward(&hidden)?,
-            Mlp::Plain { c_proj, .. } => c_proj.forward(&hidden)?,
+        let out = match &self.projections {
+            MlpProjections::Gated { down_proj, .. }
+            | MlpProjections::FusedGated { down_proj, .. }
+            | MlpProjections::UpDown { down_proj, .. } => down_proj.forward(&hidden)?,
+            MlpProjections::Plain { c_proj, .. } => c_proj.forward(&hidden)?,
         };
         tap.record("mlp.out", &out);
         Ok(out)

@@ -166,6 +166,9 @@ pub struct DecoderSettings {
     /// The final norm also normalizes the embeddings, before the first layer (NanoChat
     /// calls its one `norm` module twice).
     pub embedding_norm: bool,
+    /// A norm before each output projection: `self_attn.attn_sub_norm` on the attention
+    /// output (before `o_proj`), `mlp.ffn_sub_norm` on the MLP's hidden features (BitNet).
+    pub sub_norms: bool,
     /// Multiplies each sub-block's output before the residual add (Granite).
     pub residual_scale: Option<f32>,
     /// Multiplies the logits (Granite's `1 / logits_scaling`).
@@ -215,6 +218,7 @@ impl DecoderSettings {
             layers,
             embedding_scale: None,
             embedding_norm: false,
+            sub_norms: false,
             residual_scale: None,
             logits_scale: None,
             final_logit_softcap: None,
@@ -400,7 +404,20 @@ impl FeedForward {
     /// Loads the block `layer` names from `w`, with the model's MLP or MoE settings.
     pub fn load(w: &WeightPath, s: &DecoderSettings, layer: &LayerSettings) -> Result<Self> {
         Ok(match (layer.feed_forward, &s.moe) {
-            (FeedForwardKind::Dense, _) => FeedForward::Dense(Mlp::load(w, &s.mlp, s.hidden_size)?),
+            (FeedForwardKind::Dense, _) => {
+                let mlp = Mlp::load(w, &s.mlp, s.hidden_size)?;
+                FeedForward::Dense(if s.sub_norms {
+                    let width = s.mlp.intermediate_size;
+                    mlp.with_sub_norm(Norm::load(
+                        &w.pp("ffn_sub_norm"),
+                        s.norm,
+                        width,
+                        s.norm_eps,
+                    )?)
+                } else {
+                    mlp
+                })
+            }
             (FeedForwardKind::Sparse, Some(moe)) => {
                 let mut moe = moe.clone();
                 if let Some(k) = layer.top_k {
@@ -442,14 +459,23 @@ pub enum Mixer {
 impl Mixer {
     pub fn load(w: &WeightPath, s: &DecoderSettings, layer: &LayerSettings) -> Result<Self> {
         Ok(match (layer.mixer, &s.latent_attention, &layer.rope) {
-            (MixerKind::Attention, _, _) => Mixer::Attention(Attention::load(
-                w,
-                s.hidden_size,
-                &s.attention,
-                s.norm,
-                s.norm_eps,
-                layer.rope.clone(),
-            )?),
+            (MixerKind::Attention, _, _) => {
+                let mut attention = Attention::load(
+                    w,
+                    s.hidden_size,
+                    &s.attention,
+                    s.norm,
+                    s.norm_eps,
+                    layer.rope.clone(),
+                )?;
+                if s.sub_norms {
+                    let a = &s.attention;
+                    let width = a.num_heads * a.head_dim;
+                    let norm = Norm::load(&w.pp("attn_sub_norm"), s.norm, width, s.norm_eps)?;
+                    attention.sub_norm = Some(norm);
+                }
+                Mixer::Attention(attention)
+            }
             (MixerKind::LatentAttention, Some(mla), Some(rope)) => {
                 Mixer::LatentAttention(LatentAttention::load(w, s.hidden_size, mla, rope.clone())?)
             }

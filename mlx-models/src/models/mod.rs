@@ -3,6 +3,7 @@
 
 pub mod apertus;
 pub mod arcee;
+pub mod bitnet;
 pub mod cohere;
 pub mod cohere2;
 pub mod deepseek_v2;
@@ -74,6 +75,7 @@ pub type Loader = fn(&ConfigFile, Weights) -> Result<Box<dyn LanguageModel>>;
 pub const REGISTRY: &[(&str, Loader)] = &[
     ("apertus", family::load::<apertus::Config>),
     ("arcee", family::load::<arcee::Config>),
+    ("bitnet", family::load::<bitnet::Config>),
     ("cohere", family::load::<cohere::Config>),
     ("cohere2", family::load::<cohere2::Config>),
     ("deepseek_v2", family::load::<deepseek_v2::Config>),
