@@ -5,7 +5,7 @@
 use crate::config::ConfigFile;
 use crate::error::{Error, Result};
 use crate::nn::Linear;
-use crate::norm::{norm_opt, Norm};
+use crate::norm::Norm;
 use crate::tap::Tap;
 use crate::weights::WeightPath;
 use crate::xielu::Xielu;
@@ -223,7 +223,10 @@ impl Mlp {
             MlpProjections::Plain { c_fc, act, .. } => act.apply(&c_fc.forward(x)?)?,
             MlpProjections::UpDown { up_proj, act, .. } => act.apply(&up_proj.forward(x)?)?,
         };
-        let hidden = norm_opt(&self.sub_norm, &hidden)?;
+        let hidden = match &self.sub_norm {
+            Some(norm) => norm.forward(&hidden)?,
+            None => hidden,
+        };
         tap.record("mlp.hidden", &hidden);
         let out = match &self.projections {
             MlpProjections::Gated { down_proj, .. }

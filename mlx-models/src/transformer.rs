@@ -395,7 +395,7 @@ pub fn layers_by_type(
 /// A layer's feed-forward block, as loaded.
 #[derive(Debug, Clone)]
 pub enum FeedForward {
-    Dense(Mlp),
+    Dense(Box<Mlp>),
     Sparse(Box<SparseMoe>),
     None,
 }
@@ -405,18 +405,13 @@ impl FeedForward {
     pub fn load(w: &WeightPath, s: &DecoderSettings, layer: &LayerSettings) -> Result<Self> {
         Ok(match (layer.feed_forward, &s.moe) {
             (FeedForwardKind::Dense, _) => {
-                let mlp = Mlp::load(w, &s.mlp, s.hidden_size)?;
-                FeedForward::Dense(if s.sub_norms {
+                let mut mlp = Mlp::load(w, &s.mlp, s.hidden_size)?;
+                if s.sub_norms {
                     let width = s.mlp.intermediate_size;
-                    mlp.with_sub_norm(Norm::load(
-                        &w.pp("ffn_sub_norm"),
-                        s.norm,
-                        width,
-                        s.norm_eps,
-                    )?)
-                } else {
-                    mlp
-                })
+                    let norm = Norm::load(&w.pp("ffn_sub_norm"), s.norm, width, s.norm_eps)?;
+                    mlp = mlp.with_sub_norm(norm);
+                }
+                FeedForward::Dense(Box::new(mlp))
             }
             (FeedForwardKind::Sparse, Some(moe)) => {
                 let mut moe = moe.clone();
