@@ -56,7 +56,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
-use tools::{ToolCall, ToolCallStream};
+use tools::{ToolCall, ToolCallStream, ToolChoice};
 
 /// The environment variable `mlx-models serve` reads the API key from.
 pub const API_KEY_ENV: &str = "MLX_MODELS_API_KEY";
@@ -413,6 +413,9 @@ struct Prepared {
     stream: bool,
     include_usage: bool,
     tools: bool,
+    /// The start of a tool call put after the prompt (`tool_choice` `required` or a
+    /// named function): the reply's text is read as following it.
+    forced: Option<String>,
     echo: Option<String>,
 }
 
@@ -642,22 +645,59 @@ async fn prepare_chat(
         }
         normalize_tool_calls(message);
     }
-    let tools = match (&request.tool_choice, request.tools) {
-        (_, None) => None,
-        (Some(Value::String(choice)), Some(_)) if choice == "none" => None,
-        (Some(Value::String(choice)), Some(tools)) if choice == "auto" || choice == "required" => {
-            Some(tools)
-        }
-        (Some(Value::Object(choice)), Some(tools))
-            if choice.get("type").and_then(Value::as_str) == Some("function") =>
-        {
-            Some(tools)
-        }
-        (None, Some(tools)) => Some(tools),
-        (Some(_), Some(_)) => return Err(ApiError::invalid(
-            "tool_choice must be \"none\", \"auto\", \"required\" or {\"type\": \"function\", …}",
+    let bad_choice = || {
+        ApiError::invalid(
+            "tool_choice must be \"none\", \"auto\", \"required\", \
+             {\"type\": \"function\", \"function\": {\"name\": …}} or \
+             {\"type\": \"allowed_tools\", \"allowed_tools\": {\"mode\": …, \"tools\": […]}}",
         )
-        .param("tool_choice")),
+        .param("tool_choice")
+    };
+    let function_name = |tool: &Value| {
+        tool.get("function")
+            .and_then(|f| f.get("name"))
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+    };
+    // What is asked, and the names of the tools the model may be shown (all where `None`).
+    let (choice, allowed) = match &request.tool_choice {
+        None => (Some(ToolChoice::Auto), None),
+        Some(Value::String(choice)) => match choice.as_str() {
+            "none" => (None, None),
+            "auto" => (Some(ToolChoice::Auto), None),
+            "required" => (Some(ToolChoice::Required), None),
+            _ => return Err(bad_choice()),
+        },
+        Some(choice) => match choice.get("type").and_then(Value::as_str) {
+            Some("function") => {
+                let name = function_name(choice).ok_or_else(bad_choice)?;
+                (Some(ToolChoice::Function(name.clone())), Some(vec![name]))
+            }
+            Some("allowed_tools") => {
+                let allowed = &choice["allowed_tools"];
+                let mode = match allowed.get("mode").and_then(Value::as_str) {
+                    Some("auto") => ToolChoice::Auto,
+                    Some("required") => ToolChoice::Required,
+                    _ => return Err(bad_choice()),
+                };
+                let names = allowed
+                    .get("tools")
+                    .and_then(Value::as_array)
+                    .ok_or_else(bad_choice)?
+                    .iter()
+                    .map(|t| function_name(t).ok_or_else(bad_choice))
+                    .collect::<std::result::Result<Vec<_>, _>>()?;
+                (Some(mode), Some(names))
+            }
+            _ => return Err(bad_choice()),
+        },
+    };
+    let (tools, choice) = match (choice, request.tools) {
+        (Some(choice), Some(tools)) => (Some(tools), choice),
+        (Some(ToolChoice::Auto), None) | (None, _) => (None, ToolChoice::Auto),
+        (Some(_), None) => {
+            return Err(ApiError::invalid("tool_choice needs tools").param("tool_choice"))
+        }
     };
     if let Some(tools) = &tools {
         if let Some(i) = tools.iter().position(|t| !t.is_object()) {
@@ -666,14 +706,43 @@ async fn prepare_chat(
             );
         }
     }
+    // A named function, or the allowed ones, are all the model is shown.
+    let tools = match (allowed, tools) {
+        (Some(names), Some(tools)) => {
+            if let Some(missing) = names
+                .iter()
+                .find(|&n| !tools.iter().any(|t| function_name(t).as_ref() == Some(n)))
+            {
+                return Err(ApiError::invalid(format!(
+                    "tool_choice names `{missing}`, which is not in tools"
+                ))
+                .param("tool_choice"));
+            }
+            Some(
+                tools
+                    .into_iter()
+                    .filter(|t| function_name(t).is_some_and(|n| names.contains(&n)))
+                    .collect::<Vec<_>>(),
+            )
+        }
+        (_, tools) => tools,
+    };
+    if choice == ToolChoice::Required && tools.as_ref().is_none_or(Vec::is_empty) {
+        return Err(ApiError::invalid("tool_choice \"required\" needs tools").param("tools"));
+    }
     let has_tools = tools.as_ref().is_some_and(|t| !t.is_empty());
+    // `required` and a named function: the reply starts as a call in the template's format.
+    let forced = has_tools
+        .then(|| tools::forced_opening(card.tokenizer.chat_template().unwrap_or(""), &choice))
+        .flatten();
     let tokenizer = card.tokenizer.clone();
+    let opening = forced.clone().unwrap_or_default();
     let prompt = tokio::task::spawn_blocking(move || -> Result<Vec<u32>> {
         let mut options = ChatTemplateOptions::new().add_generation_prompt(true);
         if let Some(tools) = tools.filter(|t| !t.is_empty()) {
             options = options.tools(tools);
         }
-        let text = tokenizer.apply_chat_template(&messages, &options)?;
+        let text = tokenizer.apply_chat_template(&messages, &options)? + &opening;
         tokenizer.encode(&text, false)
     })
     .await
@@ -703,6 +772,7 @@ async fn prepare_chat(
         stream,
         include_usage,
         tools: has_tools,
+        forced,
         echo: None,
     })
 }
@@ -791,6 +861,7 @@ async fn prepare_completion(
         stream,
         include_usage,
         tools: false,
+        forced: None,
         echo: echo.then_some(text),
     })
 }
@@ -911,7 +982,14 @@ async fn respond(state: AppState, prepared: Prepared, kind: Kind) -> Response {
             id,
             created: now(),
             events,
-            tools: prepared.tools.then(ToolCallStream::new),
+            tools: prepared.tools.then(|| {
+                let mut tools = ToolCallStream::new();
+                if let Some(opening) = &prepared.forced {
+                    // Held from the start: the reply continues a tool call.
+                    tools.push(opening);
+                }
+                tools
+            }),
             include_usage: prepared.include_usage,
             logprobs: prepared.request.logprobs.is_some(),
             sent_role: false,
@@ -968,6 +1046,10 @@ fn whole_response(
     let want_logprobs = prepared.request.logprobs.is_some();
     match kind {
         Kind::Chat => {
+            let text = match &prepared.forced {
+                Some(opening) => format!("{opening}{text}"),
+                None => text,
+            };
             let parsed = if prepared.tools {
                 tools::parse_tool_calls(&text).filter(|(_, calls)| !calls.is_empty())
             } else {

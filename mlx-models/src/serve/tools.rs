@@ -114,6 +114,46 @@ fn call_from_json(value: &Value) -> Option<ToolCall> {
     Some(ToolCall { name, arguments })
 }
 
+/// What a request's `tool_choice` asks of the reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ToolChoice {
+    /// The model decides (`"auto"`, or no `tool_choice`).
+    Auto,
+    /// The reply must call some tool (`"required"`).
+    Required,
+    /// The reply must call this function (`{"type": "function", "function": {"name": …}}`).
+    Function(String),
+}
+
+/// The text the reply is made to start with so that it calls a tool ([`ToolChoice::Required`])
+/// or the named one ([`ToolChoice::Function`]), in the format the chat template teaches
+/// the model: Hermes `<tool_call>` JSON, Mistral `[TOOL_CALLS]` (a JSON list, or
+/// `name[ARGS]{…}` where the template knows `[ARGS]`), otherwise Llama 3's bare JSON.
+/// `None` for [`ToolChoice::Auto`].
+pub fn forced_opening(template: &str, choice: &ToolChoice) -> Option<String> {
+    let name = match choice {
+        ToolChoice::Auto => return None,
+        ToolChoice::Required => None,
+        ToolChoice::Function(name) => Some(Value::String(name.clone()).to_string()),
+    };
+    let json = |arguments: &str| match &name {
+        Some(name) => format!("{{\"name\": {name}, \"{arguments}\": "),
+        None => "{\"name\": \"".to_owned(),
+    };
+    Some(if template.contains(HERMES_OPEN) {
+        format!("{HERMES_OPEN}\n{}", json("arguments"))
+    } else if template.contains(MISTRAL) && template.contains(MISTRAL_ARGS) {
+        match choice {
+            ToolChoice::Function(name) => format!("{MISTRAL}{name}{MISTRAL_ARGS}"),
+            _ => MISTRAL.to_owned(),
+        }
+    } else if template.contains(MISTRAL) {
+        format!("{MISTRAL}[{}", json("arguments"))
+    } else {
+        json("parameters")
+    })
+}
+
 /// Streamed text with tool calls held back: [`ToolCallStream::push`] returns the text that
 /// is certainly content, [`ToolCallStream::finish`] the rest and the calls.
 #[derive(Debug, Default)]
@@ -249,6 +289,52 @@ mod tests {
             vec![call("add", r#"{"a":1}"#), call("neg", r#"{"x":3}"#)]
         );
         assert!(parse_tool_calls("[TOOL_CALLS]add[ARGS]not json").is_none());
+    }
+
+    #[test]
+    fn a_forced_opening_leads_to_a_call_in_the_template_s_format() {
+        let weather = ToolChoice::Function("get_weather".into());
+        let cases = [
+            (
+                "Call tools as <tool_call>{…}</tool_call>",
+                "{\"city\": \"Paris\"}}</tool_call>",
+            ),
+            (
+                "[AVAILABLE_TOOLS] … [TOOL_CALLS]",
+                "{\"city\": \"Paris\"}}]",
+            ),
+            (
+                "[TOOL_CALLS]{{ name }}[ARGS]{{ args }}",
+                "{\"city\": \"Paris\"}",
+            ),
+            (
+                "Respond with {\"name\": …, \"parameters\": …}",
+                "{\"city\": \"Paris\"}}",
+            ),
+        ];
+        for (template, rest) in cases {
+            let opening = forced_opening(template, &weather).unwrap();
+            let (_, calls) = parse_tool_calls(&format!("{opening}{rest}"))
+                .unwrap_or_else(|| panic!("{template}: {opening}{rest}"));
+            assert_eq!(
+                calls,
+                vec![call("get_weather", r#"{"city":"Paris"}"#)],
+                "{template}"
+            );
+            // A streamed reply is held from the opening on.
+            let mut stream = ToolCallStream::new();
+            assert_eq!(stream.push(&opening), "", "{template}");
+            assert_eq!(stream.push(rest), "", "{template}");
+            assert_eq!(stream.finish().1.len(), 1, "{template}");
+        }
+        // `required` leaves the name to the model; `auto` forces nothing.
+        let opening = forced_opening("<tool_call>", &ToolChoice::Required).unwrap();
+        let text = format!("{opening}now\", \"arguments\": {{}}}}");
+        assert_eq!(parse_tool_calls(&text).unwrap().1, vec![call("now", "{}")]);
+        assert_eq!(forced_opening("<tool_call>", &ToolChoice::Auto), None);
+        // Names are JSON-escaped.
+        let odd = ToolChoice::Function("a\"b".into());
+        assert!(forced_opening("", &odd).unwrap().contains(r#""a\"b""#));
     }
 
     #[test]
