@@ -662,17 +662,23 @@ async fn tool_calls_come_back_parsed_whole_and_streamed() {
     let mut stream = client.chat().create_stream(request(true)).await.unwrap();
     let (mut content, mut name, mut arguments, mut finish) =
         (String::new(), String::new(), String::new(), None);
+    let mut pieces = 0;
     while let Some(chunk) = stream.next().await {
         for c in chunk.unwrap().choices {
             content.push_str(c.delta.content.as_deref().unwrap_or(""));
             for t in c.delta.tool_calls.unwrap_or_default() {
+                assert_eq!(t.index, 0);
                 let f = t.function.unwrap();
                 name.push_str(&f.name.unwrap_or_default());
-                arguments.push_str(&f.arguments.unwrap_or_default());
+                let piece = f.arguments.unwrap_or_default();
+                pieces += usize::from(!piece.is_empty());
+                arguments.push_str(&piece);
             }
             finish = finish.or(c.finish_reason);
         }
     }
+    // The arguments streamed as the model wrote them, a few tokens at a time.
+    assert!(pieces > 3, "{pieces} pieces");
     assert_eq!(content, "I will look.");
     assert_eq!(name, "get_weather");
     assert_eq!(

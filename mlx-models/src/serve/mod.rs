@@ -56,7 +56,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
-use tools::{ToolCall, ToolCallStream, ToolChoice};
+use tools::{ToolCall, ToolCallDelta, ToolCallStream, ToolChoice};
 
 /// The environment variable `mlx-models serve` reads the API key from.
 pub const API_KEY_ENV: &str = "MLX_MODELS_API_KEY";
@@ -903,21 +903,16 @@ fn usage(done: &Completion) -> Value {
     })
 }
 
-fn tool_calls_json(state: &AppState, calls: &[ToolCall], streaming: bool) -> Value {
+fn tool_calls_json(state: &AppState, calls: &[ToolCall]) -> Value {
     Value::Array(
         calls
             .iter()
-            .enumerate()
-            .map(|(i, call)| {
-                let mut v = json!({
+            .map(|call| {
+                json!({
                     "id": new_id(state, "call_"),
                     "type": "function",
                     "function": {"name": call.name, "arguments": call.arguments},
-                });
-                if streaming {
-                    v["index"] = json!(i);
-                }
-                v
+                })
             })
             .collect(),
     )
@@ -990,6 +985,7 @@ async fn respond(state: AppState, prepared: Prepared, kind: Kind) -> Response {
                 }
                 tools
             }),
+            call_ids: Vec::new(),
             include_usage: prepared.include_usage,
             logprobs: prepared.request.logprobs.is_some(),
             sent_role: false,
@@ -1064,7 +1060,7 @@ fn whole_response(
                 if message["content"] == "" {
                     message["content"] = Value::Null;
                 }
-                message["tool_calls"] = tool_calls_json(state, &calls, false);
+                message["tool_calls"] = tool_calls_json(state, &calls);
             }
             let logprobs = want_logprobs
                 .then(|| json!({"content": logprobs.iter().map(chat_logprob).collect::<Vec<_>>()}));
@@ -1111,6 +1107,8 @@ struct Frames {
     created: u64,
     events: tokio::sync::mpsc::UnboundedReceiver<Event>,
     tools: Option<ToolCallStream>,
+    /// The ids of the tool calls streamed so far.
+    call_ids: Vec<String>,
     include_usage: bool,
     logprobs: bool,
     sent_role: bool,
@@ -1153,10 +1151,21 @@ impl Frames {
         }
         match self.events.recv().await {
             Some(Event::Token { text, logprob }) => {
-                let text = match &mut self.tools {
-                    Some(tools) => tools.push(&text),
-                    None => text,
+                let (text, calls) = match &mut self.tools {
+                    Some(tools) => {
+                        let text = tools.push(&text);
+                        (text, tools.deltas())
+                    }
+                    None => (text, Vec::new()),
                 };
+                if !calls.is_empty() {
+                    let calls = self.tool_call_deltas(&calls);
+                    out.push(data(self.chat_chunk(
+                        json!({"tool_calls": calls}),
+                        None,
+                        None,
+                    )));
+                }
                 if text.is_empty() && logprob.is_none() {
                     return out;
                 }
@@ -1178,23 +1187,21 @@ impl Frames {
                 out.push(data(chunk));
             }
             Some(Event::Done(done)) => {
-                let mut calls = Vec::new();
                 if let Some(tools) = self.tools.take() {
-                    let (rest, found) = tools.finish();
+                    let (rest, calls) = tools.finish_deltas();
                     if !rest.is_empty() {
                         out.push(data(self.chat_chunk(json!({"content": rest}), None, None)));
                     }
-                    calls = found;
+                    if !calls.is_empty() {
+                        let calls = self.tool_call_deltas(&calls);
+                        out.push(data(self.chat_chunk(
+                            json!({"tool_calls": calls}),
+                            None,
+                            None,
+                        )));
+                    }
                 }
-                if !calls.is_empty() {
-                    let calls_json = tool_calls_json(&self.state, &calls, true);
-                    out.push(data(self.chat_chunk(
-                        json!({"tool_calls": calls_json}),
-                        None,
-                        None,
-                    )));
-                }
-                let reason = finish_reason(&done.finish_reason, !calls.is_empty());
+                let reason = finish_reason(&done.finish_reason, !self.call_ids.is_empty());
                 out.push(data(match self.kind {
                     Kind::Chat => self.chat_chunk(json!({}), None, Some(reason)),
                     Kind::Completion => self.completion_chunk("", None, Some(reason)),
@@ -1224,6 +1231,26 @@ impl Frames {
             }
         }
         out
+    }
+
+    /// Streamed tool-call pieces as OpenAI's `delta.tool_calls`: a call's first piece has
+    /// its id, type and name, later ones more of its arguments.
+    fn tool_call_deltas(&mut self, deltas: &[ToolCallDelta]) -> Value {
+        let calls = deltas
+            .iter()
+            .map(|delta| match delta {
+                ToolCallDelta::Start { index, name } => {
+                    let id = new_id(&self.state, "call_");
+                    self.call_ids.push(id.clone());
+                    json!({"index": index, "id": id, "type": "function",
+                        "function": {"name": name, "arguments": ""}})
+                }
+                ToolCallDelta::Arguments { index, text } => {
+                    json!({"index": index, "function": {"arguments": text}})
+                }
+            })
+            .collect();
+        Value::Array(calls)
     }
 
     fn chat_chunk(&self, delta: Value, logprobs: Option<Value>, finish: Option<&str>) -> Value {
