@@ -24,6 +24,7 @@ use crate::model::{LanguageModel, ModelInfo};
 use crate::moe::{MoeSettings, SparseMoe};
 use crate::nn::{scale, softcap, Embedding, Linear};
 use crate::norm::{norm_opt, Norm};
+use crate::positions::LearnedPositions;
 use crate::rglru::RecurrentBlock;
 use crate::rope::Rope;
 use crate::ssm::{Mamba2Mixer, Mamba2Settings, MambaMixer, MambaSettings};
@@ -163,6 +164,9 @@ pub struct DecoderSettings {
     pub layers: Vec<LayerSettings>,
     /// Multiplies the embeddings, rounded to their dtype first (Gemma's `√hidden`, Granite).
     pub embedding_scale: Option<f32>,
+    /// Learned absolute positions added to the embeddings (`model.embed_positions`, a row
+    /// per position up to `max_position_embeddings`: GPT-2, GPT-BigCode).
+    pub learned_positions: bool,
     /// Multiplies each sub-block's output before the residual add (Granite).
     pub residual_scale: Option<f32>,
     /// Multiplies the logits (Granite's `1 / logits_scaling`).
@@ -211,6 +215,7 @@ impl DecoderSettings {
             norm_placement: NormPlacement::Pre,
             layers,
             embedding_scale: None,
+            learned_positions: false,
             residual_scale: None,
             logits_scale: None,
             final_logit_softcap: None,
@@ -689,6 +694,7 @@ impl DecoderLayer {
 /// and `lm_head.` as Transformers names them.
 pub struct Decoder {
     embed_tokens: Embedding,
+    embed_positions: Option<LearnedPositions>,
     layers: Vec<DecoderLayer>,
     norm: Norm,
     lm_head: Option<Linear>,
@@ -704,6 +710,21 @@ impl Decoder {
         let s = &settings;
         let w = weights.path("model");
         let embed_tokens = Embedding::load(&w.pp("embed_tokens"), s.vocab_size, s.hidden_size)?;
+        let embed_positions = if s.learned_positions {
+            let positions = i32::try_from(s.max_position_embeddings).map_err(|_| {
+                Error::Mlx(mlx_rs::error::Exception::custom(format!(
+                    "{} learned positions do not fit a table",
+                    s.max_position_embeddings
+                )))
+            })?;
+            Some(LearnedPositions::load(
+                &w.pp("embed_positions"),
+                positions,
+                s.hidden_size,
+            )?)
+        } else {
+            None
+        };
         let layers = s
             .layers
             .iter()
@@ -748,6 +769,7 @@ impl Decoder {
         };
         Ok(Decoder {
             embed_tokens,
+            embed_positions,
             layers,
             norm,
             lm_head,
@@ -768,6 +790,9 @@ impl LanguageModel for Decoder {
         let s = &self.settings;
         let h = self.embed_tokens.forward(tokens)?;
         let mut h = scale(&h, s.embedding_scale)?;
+        if let Some(positions) = &self.embed_positions {
+            h = positions.forward(&h, LayerCache::offset_of(cache)?)?;
+        }
         tap.record("embeddings", &h);
         for (i, (layer, cache)) in self.layers.iter().zip(cache.iter_mut()).enumerate() {
             tap.scope(|| format!("layers.{i}."));
