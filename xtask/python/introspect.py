@@ -44,6 +44,8 @@ facts.json (sorted keys, 2-space indent, final newline):
                      (model.layers, transformer.h, gpt_neox.layers), the final norm, the
                      rotary module (null without RoPE) and the output layer, found by
                      structure (fixture_common.decoder_stack), not by fixed names
+    saved_names      {written: loaded}: the names save_pretrained writes where they are not
+                     the model's own (GPT-NeoX's embed_out.weight for lm_head.weight)
     layer_types      the tiny config's layer_types, or null
     rotary           {class, per_layer_type, rope_types, supported_rope_types} (class null
                      and the rest empty for a model without RoPE):
@@ -482,6 +484,35 @@ def structure(model) -> dict:
     }
 
 
+def saved_names(model) -> dict:
+    """The names save_pretrained writes where they differ from the model's own:
+    {written: loaded}. Transformers 5 writes some checkpoints in their original layout
+    (GPT-NeoX's `lm_head` as `embed_out`); a port must read those names. Matched by
+    value: each written tensor is the parameter it equals."""
+    import tempfile
+
+    import torch
+    from safetensors.torch import load_file
+
+    state = model.state_dict()
+    renamed = {}
+    with tempfile.TemporaryDirectory() as directory:
+        model.save_pretrained(directory, safe_serialization=True)
+        written = {}
+        for path in sorted(Path(directory).glob("*.safetensors")):
+            written.update(load_file(path))
+    for name, tensor in sorted(written.items()):
+        if name in state and torch.equal(state[name], tensor):
+            continue
+        match = next(
+            (own for own, value in state.items() if value.shape == tensor.shape and torch.equal(value, tensor)),
+            None,
+        )
+        if match is not None and match != name:
+            renamed[name] = match
+    return renamed
+
+
 def learned_positions_size(architecture: str, model_type: str, small: dict, attribute_map: dict) -> dict:
     """The tiny config with LEARNED_POSITIONS positions when the model learns a row per
     position (GPT-2's wpe: 131072 rows would not fit a fixture, and GPT-BigCode keeps a
@@ -782,6 +813,7 @@ def introspect(model_type: str, config_override: dict | None, replace: bool, che
         "parameters": parameters(model),
         "modules": modules(model),
         "structure": structure(model),
+        "saved_names": saved_names(model),
         "layer_types": jsonable(getattr(resolved, "layer_types", None)),
         "rotary": rotary,
         "layer_type_probes": probes.layer_type_probes(config_class, fields),
