@@ -303,7 +303,10 @@ def build_model(spec: dict, variant: dict):
     # initializer_range, or the spec's own where the config class has none (RecurrentGemma).
     randomize_parameters(model, variant["seed"], spec.get("initializer_range") or config.initializer_range)
     if router_class(model) is not None:
-        randomize_weight_buffers(model, variant["seed"] + BUFFER_SEED_OFFSET, config.initializer_range)
+        randomize_weight_buffers(
+            model, variant["seed"] + BUFFER_SEED_OFFSET,
+            getattr(config, "initializer_range", None) or spec.get("initializer_range"),
+        )
     return model
 
 

@@ -78,15 +78,16 @@ def decoder_stack(model) -> dict:
     `base`: the module that holds the decoder layers, the shallowest `nn.ModuleList` of
     `config.num_hidden_layers` modules in Transformers' `base_model` (`model.model` for
     Llama, `transformer` for GPT-2, `gpt_neox`, `backbone` for Mamba, OPT's
-    `model.decoder`); `layers_name` its child that is that list (`layers`, GPT-2's `h`). `norm_name`: the final norm,
-    the first of FINAL_NORM_NAMES the base has, else the last child registered after the
-    layers whose class is a norm (GPT-2's `ln_f`, GPT-NeoX's `final_layer_norm`). `rotary`:
+    `model.decoder`); `layers_name` its child that is that list (`layers`, GPT-2's `h`).
+    `norm_name`: the final norm, the first of FINAL_NORM_NAMES the base has, else the last
+    child registered after the layers whose class is a norm (GPT-2's `ln_f`, GPT-NeoX's
+    `final_layer_norm`), else its only norm child (OPT's, registered first). `rotary`:
     the base model's rotary module (`rotary_emb`, else its child whose class ends in
     RotaryEmbedding, else
     the first inside the layers, as RecurrentGemma builds one per attention layer), or None
     for a model without RoPE (GPT-2's learned positions, Mamba). `embed_name`: the base
     model's child that is the input embedding (`get_input_embeddings`). Each name is
-    relative to `base`; `prefix` is the base model's own name in the causal LM.
+    relative to `base`; `prefix` is its full name in the causal LM.
     """
     import torch
 
@@ -109,8 +110,11 @@ def decoder_stack(model) -> dict:
     after = names[names.index(layers_name) + 1 :]
     norm_name = next((name for name in FINAL_NORM_NAMES if getattr(owner, name, None) is not None), None)
     if norm_name is None:
-        norms = [name for name in after if "norm" in type(getattr(owner, name)).__name__.lower()]
-        norm_name = norms[-1] if norms else None
+        norms = [name for name in names if "norm" in type(getattr(owner, name)).__name__.lower()]
+        # The last registered after the layers, else the only one (OPT registers its
+        # final_layer_norm before the layers).
+        later = [name for name in norms if name in after]
+        norm_name = later[-1] if later else (norms[0] if len(norms) == 1 else None)
     rotary = getattr(base, "rotary_emb", None)
     if rotary is None:
         rotary = next((child for _, child in children if type(child).__name__.endswith("RotaryEmbedding")), None)

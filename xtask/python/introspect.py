@@ -799,6 +799,9 @@ def introspect(model_type: str, config_override: dict | None, replace: bool, che
         "base_config": small,
         "variants": propose_variants(model_type, fields, small, resolved, rotary),
     }
+    if "initializer_range" not in fields:
+        # OPT and XGLM name theirs init_std: the exporter's noise needs a width all the same.
+        spec["initializer_range"] = SMALL_SIZES["initializer_range"]
     assign_seeds(spec, check_seeds)
 
     facts = {
