@@ -92,7 +92,9 @@ def decoder_stack(model) -> dict:
     import torch
 
     base = model.base_model
-    expected = getattr(model.config, "num_hidden_layers", None)
+    # A multimodal model's (Gemma 3's) layer count is its text config's.
+    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    expected = getattr(text_config, "num_hidden_layers", None)
     # The shallowest ModuleList of the decoder layers, and the module that holds it (the
     # base model itself, or OPT's `model.decoder`).
     lists = [
