@@ -24,6 +24,7 @@ use crate::model::{LanguageModel, ModelInfo};
 use crate::moe::{MoeSettings, SparseMoe};
 use crate::nn::{scale, softcap, Embedding, Linear};
 use crate::norm::{norm_opt, Norm};
+use crate::positions::LearnedPositions;
 use crate::rglru::RecurrentBlock;
 use crate::rope::Rope;
 use crate::ssm::{Mamba2Mixer, Mamba2Settings, MambaMixer, MambaSettings};
@@ -169,6 +170,9 @@ pub struct DecoderSettings {
     /// A norm before each output projection: `self_attn.attn_sub_norm` on the attention
     /// output (before `o_proj`), `mlp.ffn_sub_norm` on the MLP's hidden features (BitNet).
     pub sub_norms: bool,
+    /// Learned absolute positions added to the embeddings (`model.embed_positions`, a row
+    /// per position up to `max_position_embeddings`: GPT-2, GPT-BigCode).
+    pub learned_positions: bool,
     /// Multiplies each sub-block's output before the residual add (Granite).
     pub residual_scale: Option<f32>,
     /// Multiplies the logits (Granite's `1 / logits_scaling`).
@@ -219,6 +223,7 @@ impl DecoderSettings {
             embedding_scale: None,
             embedding_norm: false,
             sub_norms: false,
+            learned_positions: false,
             residual_scale: None,
             logits_scale: None,
             final_logit_softcap: None,
@@ -717,6 +722,7 @@ impl DecoderLayer {
 /// and `lm_head.` as Transformers names them.
 pub struct Decoder {
     embed_tokens: Embedding,
+    embed_positions: Option<LearnedPositions>,
     layers: Vec<DecoderLayer>,
     norm: Norm,
     lm_head: Option<Linear>,
@@ -732,6 +738,21 @@ impl Decoder {
         let s = &settings;
         let w = weights.path("model");
         let embed_tokens = Embedding::load(&w.pp("embed_tokens"), s.vocab_size, s.hidden_size)?;
+        let embed_positions = if s.learned_positions {
+            let positions = i32::try_from(s.max_position_embeddings).map_err(|_| {
+                Error::Mlx(mlx_rs::error::Exception::custom(format!(
+                    "{} learned positions do not fit a table",
+                    s.max_position_embeddings
+                )))
+            })?;
+            Some(LearnedPositions::load(
+                &w.pp("embed_positions"),
+                positions,
+                s.hidden_size,
+            )?)
+        } else {
+            None
+        };
         let layers = s
             .layers
             .iter()
@@ -776,6 +797,7 @@ impl Decoder {
         };
         Ok(Decoder {
             embed_tokens,
+            embed_positions,
             layers,
             norm,
             lm_head,
@@ -796,6 +818,9 @@ impl LanguageModel for Decoder {
         let s = &self.settings;
         let h = self.embed_tokens.forward(tokens)?;
         let mut h = scale(&h, s.embedding_scale)?;
+        if let Some(positions) = &self.embed_positions {
+            h = positions.forward(&h, LayerCache::offset_of(cache)?)?;
+        }
         if s.embedding_norm {
             h = self.norm.forward(&h)?;
         }

@@ -67,7 +67,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from fixture_common import check_fixture_size, configure_determinism, versions, write_json
+from fixture_common import check_fixture_size, configure_determinism, decoder_stack, versions, write_json
 
 # Bumped whenever the layout of a fixture directory or manifest changes.
 FORMAT_VERSION = 1
@@ -156,7 +156,11 @@ HUB_DERIVED_FIELDS = {
 }
 # Fields that Transformers writes under another name than the family's Hub configs
 # (through the config's attribute_map): (name written, name on the Hub).
-HUB_RENAMED_FIELDS = {"qwen3_moe": [("num_local_experts", "num_experts")]}
+HUB_RENAMED_FIELDS = {
+    "qwen3_moe": [("num_local_experts", "num_experts")],
+    # Pythia and GPT-NeoX-20B: the RoPE base and the rotated share of each head by their old names.
+    "gpt_neox": [("rope_theta", "rotary_emb_base"), ("partial_rotary_factor", "rotary_pct")],
+}
 # Constant fields that the family's Hub configs carry and Transformers does not read:
 # the variant Transformers implements (MiniMax-M2: per-layer q/k norm over all heads,
 # sigmoid router with a routing bias; Hunyuan-A13B: q/k norm, shared MLP next to the experts).
@@ -226,7 +230,6 @@ WEIGHTS_LAYOUTS = ("hub", "transformers5", "bitnet-packed")
 # most families, `norm_f` (Mamba, Mamba2, FalconMamba, Nemotron-H), `embedding_norm` (LFM2,
 # applied after the last layer despite its name), `final_layernorm` (Jamba, Falcon-H1),
 # `final_norm` (RecurrentGemma).
-FINAL_NORM_NAMES = ("norm", "norm_f", "embedding_norm", "final_layernorm", "final_norm")
 
 # Recurrent (hybrid) families: a model whose DynamicCache, built from its config, holds a
 # LinearAttentionLayer (conv and recurrent states instead of keys and values) for some layer.
@@ -300,7 +303,10 @@ def build_model(spec: dict, variant: dict):
     # initializer_range, or the spec's own where the config class has none (RecurrentGemma).
     randomize_parameters(model, variant["seed"], spec.get("initializer_range") or config.initializer_range)
     if router_class(model) is not None:
-        randomize_weight_buffers(model, variant["seed"] + BUFFER_SEED_OFFSET, config.initializer_range)
+        randomize_weight_buffers(
+            model, variant["seed"] + BUFFER_SEED_OFFSET,
+            getattr(config, "initializer_range", None) or spec.get("initializer_range"),
+        )
     if variant.get("weights_layout") == "bitnet-packed":
         make_ternary(model)
     return model
@@ -695,6 +701,10 @@ HUB_COMPOSITE_CONFIGS = {"qwen3_5_text": qwen3_5_hub_style, "qwen3_5_moe_text": 
 HUB_WEIGHT_PREFIXES = {
     "qwen3_5_text": [("model.", "model.language_model.")],
     "qwen3_5_moe_text": [("model.", "model.language_model.")],
+    # GPT-NeoX checkpoints name the output layer embed_out (Transformers 5 renames it on load).
+    "gpt_neox": [("lm_head.", "embed_out.")],
+    # openai-community/gpt2 and its fine-tunes are saved from the base GPT2Model: no prefix.
+    "gpt2": [("transformer.", "")],
 }
 
 
@@ -786,24 +796,16 @@ def assert_same_config(expected, actual, ignored=()) -> None:
 
 
 def decoder_parts(model):
-    """The decoder layers, final norm and rotary module of a decoder-only model.
-
-    The base model is `model.model`, or `model.backbone` for the Mamba families; the final
-    norm is the first of FINAL_NORM_NAMES it has. The rotary module is the base model's
-    `rotary_emb`, or else the first rotary module inside the layers (RecurrentGemma builds
-    one per attention layer, all alike); None for models without RoPE (Mamba, Jamba,
-    Nemotron-H, Granite-4.0-H with position_embedding_type "nope").
+    """The decoder layers, final norm and rotary module of a decoder-only model, found by
+    structure (fixture_common.decoder_stack): `model.model.layers` for most families,
+    GPT-2's `transformer.h`, GPT-NeoX's `gpt_neox.layers`, Mamba's `backbone.layers`. The
+    rotary module is None for models without RoPE (GPT-2, Mamba, Jamba, Nemotron-H,
+    Granite-4.0-H with position_embedding_type "nope").
     """
-    base = model.backbone if hasattr(model, "backbone") else model.model
-    norm = next(getattr(base, name) for name in FINAL_NORM_NAMES if getattr(base, name, None) is not None)
-    return base.layers, norm, rotary_module(base)
-
-
-def rotary_module(base):
-    """The rotary module of a base model (see decoder_parts), or None."""
-    if hasattr(base, "rotary_emb"):
-        return base.rotary_emb
-    return next((module for module in base.modules() if type(module).__name__.endswith("RotaryEmbedding")), None)
+    stack = decoder_stack(model)
+    if stack["norm"] is None:
+        raise SystemExit(f"{type(stack['base']).__name__}: no final norm found after its decoder layers")
+    return stack["layers"], stack["norm"], stack["rotary"]
 
 
 def router_class(model):

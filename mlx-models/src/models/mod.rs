@@ -18,6 +18,9 @@ pub mod glm;
 pub mod glm4;
 pub mod glm4_moe;
 pub mod glm4_moe_lite;
+pub mod gpt2;
+pub mod gpt_bigcode;
+pub mod gpt_neox;
 pub mod gpt_oss;
 pub mod granite;
 pub mod granitemoe;
@@ -91,6 +94,9 @@ pub const REGISTRY: &[(&str, Loader)] = &[
     ("glm4", family::load::<glm4::Config>),
     ("glm4_moe", family::load::<glm4_moe::Config>),
     ("glm4_moe_lite", family::load::<glm4_moe_lite::Config>),
+    ("gpt2", family::load::<gpt2::Config>),
+    ("gpt_bigcode", family::load::<gpt_bigcode::Config>),
+    ("gpt_neox", family::load::<gpt_neox::Config>),
     ("gpt_oss", family::load::<gpt_oss::Config>),
     ("granite", family::load::<granite::Config>),
     ("granitemoe", family::load::<granitemoe::Config>),
