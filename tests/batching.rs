@@ -182,6 +182,68 @@ fn batched_rows_match_each_sequence_alone() {
     }
 }
 
+/// Prompts of different lengths prefilled as one left-padded batch, then decoded
+/// together: each row's logits at every step are those of its prompt alone.
+#[test]
+fn prompts_prefilled_together_match_each_alone() {
+    let fixtures = [
+        "llama/default-tied",
+        "llama/yarn",
+        "qwen3/default",
+        "gemma/default",
+        "mixtral/default",
+    ];
+    let steps = 4;
+    for name in fixtures {
+        let model = load(name);
+        let prompts = prompts(model.info().vocab_size);
+        let longest = prompts.iter().map(Vec::len).max().unwrap();
+        let padding: Vec<i32> = prompts.iter().map(|p| (longest - p.len()) as i32).collect();
+        let padded: Vec<Vec<i32>> = prompts
+            .iter()
+            .map(|p| {
+                // The filler token is arbitrary: no real query sees it.
+                let mut row = vec![3; longest - p.len()];
+                row.extend(p);
+                row
+            })
+            .collect();
+        let mut cache = LayerCache::left_padded_batch(model.new_cache(), &padding).unwrap();
+        let mut logits = forward(model.as_ref(), &padded, &mut cache);
+        let mut together = vec![logits.clone()];
+        for _ in 1..steps {
+            let next: Vec<Vec<i32>> = logits.iter().map(|row| vec![argmax(row)]).collect();
+            logits = forward(model.as_ref(), &next, &mut cache);
+            together.push(logits.clone());
+        }
+        let mut worst = 0.0f32;
+        for (i, prompt) in prompts.iter().enumerate() {
+            let single = alone(model.as_ref(), prompt, steps);
+            for (step, a) in single.iter().enumerate() {
+                let b = &together[step][i];
+                let diff = a
+                    .iter()
+                    .zip(b)
+                    .map(|(x, y)| (x - y).abs())
+                    .fold(0.0f32, f32::max);
+                worst = worst.max(diff);
+                assert!(
+                    diff < 1e-4,
+                    "{name}: prompt {i}, step {step}: |Δlogit| {diff}"
+                );
+                assert_eq!(argmax(a), argmax(b), "{name}: prompt {i}, step {step}");
+            }
+        }
+        eprintln!("{name}: prefilled together vs alone, max |Δlogit| {worst:.2e}");
+    }
+    // Only fresh unbounded caches can.
+    let model = load("llama/default-tied");
+    let mut used = model.new_cache();
+    forward(model.as_ref(), &[vec![1, 2]], &mut used);
+    assert!(LayerCache::left_padded_batch(used, &[0]).is_err());
+    assert!(LayerCache::left_padded_batch(model.new_cache(), &[-1]).is_err());
+}
+
 #[test]
 fn models_whose_caches_cannot_batch_are_told_apart() {
     for name in [

@@ -153,13 +153,26 @@ fn key_value_heads_that_do_not_divide_the_heads_are_refused() {
 
 #[test]
 fn unsupported_activation_is_refused() {
-    // `gelu` is a valid Llama activation in Transformers (ACT2FN); `xielu` has no block here.
+    // `quick_gelu` is a valid activation in Transformers (ACT2FN) that has no block here.
+    let dir = copy_fixture("llama/default-tied");
+    edit_config(dir.path(), |c| {
+        c.insert("hidden_act".into(), json!("quick_gelu"));
+    });
+    let message = assert_config_error(load_error(dir.path()), dir.path(), "hidden_act");
+    assert!(message.contains("quick_gelu"), "{message}");
+}
+
+#[test]
+fn xielu_without_its_parameters_names_the_missing_weight() {
+    // A Llama checkpoint told to use xIELU lacks the activation's learned parameters.
     let dir = copy_fixture("llama/default-tied");
     edit_config(dir.path(), |c| {
         c.insert("hidden_act".into(), json!("xielu"));
     });
-    let message = assert_config_error(load_error(dir.path()), dir.path(), "hidden_act");
-    assert!(message.contains("xielu"), "{message}");
+    match load_error(dir.path()) {
+        Error::MissingWeight { name, .. } => assert!(name.contains("mlp.act_fn."), "{name}"),
+        other => panic!("expected a missing xIELU parameter, got {other:?}"),
+    }
 }
 
 #[test]

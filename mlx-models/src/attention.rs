@@ -129,12 +129,18 @@ pub enum QkNorm {
     L2AfterRope,
 }
 
-/// Llama 4's attention temperature on the layers without RoPE: queries at position `p` are
-/// scaled by `log(1 + floor((p + 1) / floor_scale)) · attn_scale + 1`.
+/// An attention temperature that grows with the position: queries at position `p` are
+/// scaled by `log(1 + floor((p + position_offset) / floor_scale)) · attn_scale + 1`, after
+/// RoPE. Llama 4 scales the layers without RoPE, counting from 1 (`position_offset` 1);
+/// Ministral 3 every layer, from 0 (`llama_4_scaling_beta` as `attn_scale`, the RoPE's
+/// `original_max_position_embeddings` as `floor_scale`).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct TemperatureTuning {
     pub floor_scale: f32,
     pub attn_scale: f32,
+    pub position_offset: f32,
+    /// Also on the layers with RoPE (else only on those without).
+    pub all_layers: bool,
 }
 
 /// The attention block of every layer.
@@ -272,6 +278,8 @@ pub struct Attention {
     pub k_norm: Option<Norm>,
     /// Per-head sink logits (`sinks`, gpt-oss).
     pub sinks: Option<Array>,
+    /// A norm of the attention output before `o_proj` (BitNet's `attn_sub_norm`).
+    pub sub_norm: Option<Norm>,
     pub rope: Option<Rope>,
     pub settings: AttentionSettings,
 }
@@ -377,6 +385,7 @@ impl Attention {
             q_norm: norm("q_norm", q_norm_dim)?,
             k_norm: norm("k_norm", k_norm_dim)?,
             sinks,
+            sub_norm: None,
             rope,
             settings: local,
         })
@@ -463,7 +472,10 @@ impl Attention {
             q = mlx_rs::fast::rms_norm(&q, None, s.qk_norm_eps)?;
             k = mlx_rs::fast::rms_norm(&k, None, s.qk_norm_eps)?;
         }
-        if let (Some(t), None) = (s.temperature_tuning, &self.rope) {
+        if let Some(t) = s
+            .temperature_tuning
+            .filter(|t| t.all_layers || self.rope.is_none())
+        {
             let scales = match &rows {
                 Some(rows) => {
                     let per_row = rows
@@ -490,6 +502,7 @@ impl Attention {
             Some(g) => out.multiply(ops::sigmoid(g)?)?,
             None => out,
         };
+        let out = norm_opt(&self.sub_norm, &out)?;
         let out = self.o_proj.forward(&out)?;
         tap.record("self_attn.o_proj", &out);
         Ok(out)
@@ -502,7 +515,13 @@ impl Attention {
 /// `[len, 1]` to broadcast over `[batch, heads, len, head_dim]`.
 fn temperature(t: TemperatureTuning, offset: i32, len: i32) -> Result<Array> {
     let scales: Vec<f32> = (offset..offset + len)
-        .map(|p| ((p as f32 + 1.0) / t.floor_scale).floor().ln_1p() * t.attn_scale + 1.0)
+        .map(|p| {
+            ((p as f32 + t.position_offset) / t.floor_scale)
+                .floor()
+                .ln_1p()
+                * t.attn_scale
+                + 1.0
+        })
         .collect();
     Ok(Array::from_slice(&scales, &[len, 1]))
 }
@@ -557,5 +576,35 @@ fn additive_mask(mask: &AttentionMask, len: i32, keys: i32, dtype: Dtype) -> Res
                 Array::from_slice(&data, &[len, keys]).as_dtype(dtype)?,
             ))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The temperatures against Transformers' two formulas: Ministral 3's
+    /// `1 + β·log(1 + floor(p / n))` (offset 0) and Llama 4's
+    /// `log1p(floor((p + 1) / n))·s + 1` (offset 1).
+    #[test]
+    fn temperatures_follow_both_position_conventions() -> Result<()> {
+        for offset in [0.0f32, 1.0] {
+            let t = TemperatureTuning {
+                floor_scale: 4.0,
+                attn_scale: 0.5,
+                position_offset: offset,
+                all_layers: offset == 0.0,
+            };
+            let scales = temperature(t, 2, 12)?;
+            for (i, got) in scales.as_slice::<f32>().iter().enumerate() {
+                let p = 2.0 + i as f32;
+                let want = 1.0 + 0.5 * (1.0 + ((p + offset) / 4.0).floor()).ln();
+                assert!(
+                    (got - want).abs() < 1e-6,
+                    "offset {offset}, p {p}: {got} vs {want}"
+                );
+            }
+        }
+        Ok(())
     }
 }

@@ -1,11 +1,14 @@
 //! Dense feed-forward blocks: the gated (SwiGLU/GeGLU) MLP with separate or fused gate/up
-//! projections, and the plain two-layer MLP, with the activations Transformers names.
+//! projections, and the plain two-layer MLP, with the activations Transformers names (xIELU's
+//! learned parameters loaded with the MLP).
 
 use crate::config::ConfigFile;
 use crate::error::{Error, Result};
 use crate::nn::{even_part, Linear, Split};
+use crate::norm::Norm;
 use crate::tap::Tap;
 use crate::weights::WeightPath;
+use crate::xielu::Xielu;
 use mlx_rs::{Array, Dtype};
 
 /// The MLP nonlinearity, by the names Transformers' `ACT2FN` uses.
@@ -20,6 +23,9 @@ pub enum Activation {
     Relu,
     /// `relu(x)²`: `relu2` (Nemotron-H).
     Relu2,
+    /// `xielu` (Apertus): learned parameters under the MLP's `act_fn`, so only a dense
+    /// [`Mlp`] applies it.
+    Xielu,
 }
 
 impl Activation {
@@ -31,11 +37,12 @@ impl Activation {
             "gelu_pytorch_tanh" | "gelu_new" | "gelu_fast" => Activation::GeluTanh,
             "relu" => Activation::Relu,
             "relu2" => Activation::Relu2,
+            "xielu" => Activation::Xielu,
             other => {
                 return Err(Error::config(
                     &config.path,
                     field,
-                    format!("activation `{other}` is not supported (silu, gelu, gelu_pytorch_tanh, gelu_new, relu, relu2)"),
+                    format!("activation `{other}` is not supported (silu, gelu, gelu_pytorch_tanh, gelu_new, relu, relu2, xielu)"),
                 ))
             }
         })
@@ -66,6 +73,33 @@ impl Activation {
                 let r = mlx_rs::nn::relu(x)?;
                 Ok(r.multiply(&r)?)
             }
+            Activation::Xielu => Err(Error::Mlx(mlx_rs::error::Exception::custom(
+                "xIELU has learned parameters: only a dense MLP (which loads them) applies it",
+            ))),
+        }
+    }
+}
+
+/// An MLP's activation as loaded: a fixed function, or xIELU with its parameters.
+#[derive(Debug, Clone)]
+pub enum ActFn {
+    Fixed(Activation),
+    Xielu(Xielu),
+}
+
+impl ActFn {
+    /// `act`, with its parameters from `w`'s `act_fn` where it has some.
+    pub fn load(w: &WeightPath, act: Activation) -> Result<ActFn> {
+        Ok(match act {
+            Activation::Xielu => ActFn::Xielu(Xielu::load(&w.pp("act_fn"))?),
+            fixed => ActFn::Fixed(fixed),
+        })
+    }
+
+    pub fn apply(&self, x: &Array) -> Result<Array> {
+        match self {
+            ActFn::Fixed(act) => act.apply(x),
+            ActFn::Xielu(act) => act.apply(x),
         }
     }
 }
@@ -92,29 +126,37 @@ pub struct MlpSettings {
     pub bias: bool,
 }
 
-/// A dense MLP, in one of the [`MlpLayout`]s, with its checkpoint's projection names.
+/// A dense MLP: its projections, and an optional norm of the hidden features before the
+/// output projection (BitNet's `ffn_sub_norm`).
 #[derive(Debug, Clone)]
-pub enum Mlp {
+pub struct Mlp {
+    pub projections: MlpProjections,
+    pub sub_norm: Option<Norm>,
+}
+
+/// An MLP's projections, in one of the [`MlpLayout`]s, with its checkpoint's names.
+#[derive(Debug, Clone)]
+pub enum MlpProjections {
     Gated {
         gate_proj: Linear,
         up_proj: Linear,
         down_proj: Linear,
-        act: Activation,
+        act: ActFn,
     },
     FusedGated {
         gate_up_proj: Linear,
         down_proj: Linear,
-        act: Activation,
+        act: ActFn,
     },
     Plain {
         c_fc: Linear,
         c_proj: Linear,
-        act: Activation,
+        act: ActFn,
     },
     UpDown {
         up_proj: Linear,
         down_proj: Linear,
-        act: Activation,
+        act: ActFn,
     },
 }
 
@@ -124,7 +166,8 @@ impl Mlp {
     /// share of the intermediate features: the projections into them split by rows, the
     /// one out of them by columns, its partial outputs summed over the ranks.
     pub fn load(w: &WeightPath, s: &MlpSettings, hidden: i32) -> Result<Self> {
-        let (inter, bias, act) = (s.intermediate_size, s.bias, s.activation);
+        let (inter, bias) = (s.intermediate_size, s.bias);
+        let act = ActFn::load(w, s.activation)?;
         let (into, fused, out) = match w.tensor_parallel() {
             None => (Split::Whole, Split::Whole, Split::Whole),
             Some(g) => {
@@ -144,35 +187,47 @@ impl Mlp {
         let linear = |name: &str, i: i32, o: i32, split: &Split| {
             Linear::load_split(&w.pp(name), i, o, bias, split)
         };
-        Ok(match s.layout {
-            MlpLayout::Gated => Mlp::Gated {
+        let projections = match s.layout {
+            MlpLayout::Gated => MlpProjections::Gated {
                 gate_proj: linear("gate_proj", hidden, inter, &into)?,
                 up_proj: linear("up_proj", hidden, inter, &into)?,
                 down_proj: linear("down_proj", inter, hidden, &out)?,
                 act,
             },
-            MlpLayout::FusedGated => Mlp::FusedGated {
+            MlpLayout::FusedGated => MlpProjections::FusedGated {
                 gate_up_proj: linear("gate_up_proj", hidden, 2 * inter, &fused)?,
                 down_proj: linear("down_proj", inter, hidden, &out)?,
                 act,
             },
-            MlpLayout::Plain => Mlp::Plain {
+            MlpLayout::Plain => MlpProjections::Plain {
                 c_fc: linear("c_fc", hidden, inter, &into)?,
                 c_proj: linear("c_proj", inter, hidden, &out)?,
                 act,
             },
-            MlpLayout::UpDown => Mlp::UpDown {
+            MlpLayout::UpDown => MlpProjections::UpDown {
                 up_proj: linear("up_proj", hidden, inter, &into)?,
                 down_proj: linear("down_proj", inter, hidden, &out)?,
                 act,
             },
+        };
+        Ok(Mlp {
+            projections,
+            sub_norm: None,
         })
+    }
+
+    /// The same MLP with `norm` on its hidden features, before the output projection.
+    pub fn with_sub_norm(self, norm: Norm) -> Mlp {
+        Mlp {
+            sub_norm: Some(norm),
+            ..self
+        }
     }
 
     /// The MLP of `x` (`[..., hidden]`); records `mlp.hidden` and `mlp.out`.
     pub fn forward(&self, x: &Array, tap: &mut Tap) -> Result<Array> {
-        let hidden = match self {
-            Mlp::Gated {
+        let hidden = match &self.projections {
+            MlpProjections::Gated {
                 gate_proj,
                 up_proj,
                 act,
@@ -180,21 +235,25 @@ impl Mlp {
             } => act
                 .apply(&gate_proj.forward(x)?)?
                 .multiply(up_proj.forward(x)?)?,
-            Mlp::FusedGated {
+            MlpProjections::FusedGated {
                 gate_up_proj, act, ..
             } => {
                 let parts = gate_up_proj.forward(x)?.split_equal(2, -1)?;
                 act.apply(&parts[0])?.multiply(&parts[1])?
             }
-            Mlp::Plain { c_fc, act, .. } => act.apply(&c_fc.forward(x)?)?,
-            Mlp::UpDown { up_proj, act, .. } => act.apply(&up_proj.forward(x)?)?,
+            MlpProjections::Plain { c_fc, act, .. } => act.apply(&c_fc.forward(x)?)?,
+            MlpProjections::UpDown { up_proj, act, .. } => act.apply(&up_proj.forward(x)?)?,
+        };
+        let hidden = match &self.sub_norm {
+            Some(norm) => norm.forward(&hidden)?,
+            None => hidden,
         };
         tap.record("mlp.hidden", &hidden);
-        let out = match self {
-            Mlp::Gated { down_proj, .. }
-            | Mlp::FusedGated { down_proj, .. }
-            | Mlp::UpDown { down_proj, .. } => down_proj.forward(&hidden)?,
-            Mlp::Plain { c_proj, .. } => c_proj.forward(&hidden)?,
+        let out = match &self.projections {
+            MlpProjections::Gated { down_proj, .. }
+            | MlpProjections::FusedGated { down_proj, .. }
+            | MlpProjections::UpDown { down_proj, .. } => down_proj.forward(&hidden)?,
+            MlpProjections::Plain { c_proj, .. } => c_proj.forward(&hidden)?,
         };
         tap.record("mlp.out", &out);
         Ok(out)

@@ -1,5 +1,6 @@
 //! Norm layers: RMSNorm (scaling by `w` or, for weights stored as offsets from one, by
-//! `1 + w`) and LayerNorm with or without bias, as Transformers computes them.
+//! `1 + w`) and LayerNorm with or without bias, as Transformers computes them; either may
+//! also come without any learned parameter.
 
 use crate::error::Result;
 use crate::weights::WeightPath;
@@ -17,21 +18,31 @@ pub enum NormKind {
     /// `(x - mean) / std * (1 + w) + b`: a LayerNorm whose weight is stored as an offset
     /// from one (Nemotron's `LayerNorm1P`).
     LayerPlusOne { bias: bool },
+    /// `x / rms(x)`: no learned weight (NanoChat).
+    RmsNoWeight,
+    /// `(x - mean) / std`: no learned weight or bias (OLMo).
+    LayerNoWeight,
 }
 
 /// A loaded norm layer.
 #[derive(Debug, Clone)]
 pub struct Norm {
-    weight: Array,
+    /// `None`: the norm has no learned scale.
+    weight: Option<Array>,
     bias: Option<Array>,
     eps: f32,
     layer_norm: bool,
 }
 
 impl Norm {
-    /// Loads `weight` (and `bias`) of a norm over the last `dim` features.
+    /// Loads `weight` (and `bias`) of a norm over the last `dim` features; a norm without
+    /// learned parameters loads nothing.
     pub fn load(w: &WeightPath, kind: NormKind, dim: i32, eps: f64) -> Result<Norm> {
-        let weight = w.get("weight", &[dim])?;
+        let layer_norm = matches!(
+            kind,
+            NormKind::Layer { .. } | NormKind::LayerPlusOne { .. } | NormKind::LayerNoWeight
+        );
+        let weight = || w.get("weight", &[dim]);
         let plus_one = |weight: Array| -> Result<Array> {
             // Transformers adds the one in f32, then works in the activation dtype.
             let dtype = weight.dtype();
@@ -46,29 +57,32 @@ impl Norm {
         };
         let layer_bias = |bias: bool| bias.then(|| w.get("bias", &[dim])).transpose();
         let (weight, bias) = match kind {
-            NormKind::Rms => (weight, None),
-            NormKind::RmsPlusOne => (plus_one(weight)?, None),
-            NormKind::Layer { bias } => (weight, layer_bias(bias)?),
-            NormKind::LayerPlusOne { bias } => (plus_one(weight)?, layer_bias(bias)?),
+            NormKind::Rms => (Some(weight()?), None),
+            NormKind::RmsPlusOne => (Some(plus_one(weight()?)?), None),
+            NormKind::Layer { bias } => (Some(weight()?), layer_bias(bias)?),
+            NormKind::LayerPlusOne { bias } => (Some(plus_one(weight()?)?), layer_bias(bias)?),
+            NormKind::RmsNoWeight | NormKind::LayerNoWeight => (None, None),
         };
         Ok(Norm {
             weight,
             bias,
             eps: eps as f32,
-            layer_norm: matches!(kind, NormKind::Layer { .. } | NormKind::LayerPlusOne { .. }),
+            layer_norm,
         })
     }
 
     pub fn forward(&self, x: &Array) -> Result<Array> {
         Ok(if self.layer_norm {
-            mlx_rs::fast::layer_norm(x, Some(&self.weight), self.bias.as_ref(), self.eps)?
+            mlx_rs::fast::layer_norm(x, self.weight.as_ref(), self.bias.as_ref(), self.eps)?
         } else {
-            mlx_rs::fast::rms_norm(x, Some(&self.weight), self.eps)?
+            mlx_rs::fast::rms_norm(x, self.weight.as_ref(), self.eps)?
         })
     }
 
-    pub fn dtype(&self) -> Dtype {
-        self.weight.dtype()
+    /// The dtype of the norm's weight; `None` for a norm without one, which keeps its
+    /// input's dtype.
+    pub fn dtype(&self) -> Option<Dtype> {
+        self.weight.as_ref().map(Array::dtype)
     }
 }
 
@@ -77,5 +91,41 @@ pub fn norm_opt(norm: &Option<Norm>, x: &Array) -> Result<Array> {
     match norm {
         Some(n) => n.forward(x),
         None => Ok(x.clone()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::weights::Weights;
+    use std::collections::HashMap;
+
+    /// The norms without weight against their closed forms, on a row whose mean and
+    /// spread are far from 0 and 1; neither reads a tensor.
+    #[test]
+    fn weightless_norms_match_their_closed_forms() -> Result<()> {
+        let weights = Weights::new(HashMap::new(), "none");
+        let xs = [1.0f32, 2.0, 4.0, 9.0];
+        let x = Array::from_slice(&xs, &[1, 4]);
+        let n = xs.len() as f32;
+        let eps = 1e-5;
+        let mean = xs.iter().sum::<f32>() / n;
+        let var = xs.iter().map(|v| (v - mean).powi(2)).sum::<f32>() / n;
+        let ms = xs.iter().map(|v| v * v).sum::<f32>() / n;
+        for (kind, expected) in [
+            (
+                NormKind::LayerNoWeight,
+                xs.map(|v| (v - mean) / (var + eps).sqrt()),
+            ),
+            (NormKind::RmsNoWeight, xs.map(|v| v / (ms + eps).sqrt())),
+        ] {
+            let norm = Norm::load(&weights.root(), kind, 4, f64::from(eps))?;
+            assert_eq!(norm.dtype(), None);
+            let y = norm.forward(&x)?;
+            for (got, want) in y.as_slice::<f32>().iter().zip(expected) {
+                assert!((got - want).abs() < 1e-6, "{kind:?}: {got} vs {want}");
+            }
+        }
+        weights.check_all_used()
     }
 }

@@ -411,6 +411,8 @@ pub struct Rope {
     config: RopeConfig,
     /// MLX's `freqs` argument (wavelength per pair) when fixed.
     fixed_freqs: Option<Array>,
+    /// 1, or -1 for a rotation by `-θ` ([`Rope::reversed`]).
+    direction: f32,
 }
 
 impl Rope {
@@ -423,7 +425,22 @@ impl Rope {
         Ok(Rope {
             config,
             fixed_freqs,
+            direction: 1.0,
         })
+    }
+
+    /// The same RoPE rotating by `-θ` instead of `θ`: NanoChat's `rotate_half` returns
+    /// `(x₂, −x₁)` where Llama's returns `(−x₂, x₁)`.
+    pub fn reversed(self) -> Rope {
+        Rope {
+            direction: -self.direction,
+            ..self
+        }
+    }
+
+    /// Whether the rotation is by `-θ` ([`Rope::reversed`]).
+    pub fn is_reversed(&self) -> bool {
+        self.direction < 0.0
     }
 
     pub fn config(&self) -> &RopeConfig {
@@ -452,7 +469,7 @@ impl Rope {
             self.config.dims,
             self.config.traditional,
             None,
-            1.0,
+            self.direction,
             offset,
             freqs,
         )?)
@@ -497,7 +514,7 @@ impl Rope {
             self.config.dims,
             self.config.traditional,
             None,
-            1.0,
+            self.direction,
             &offsets,
             freqs,
         )?)
@@ -563,7 +580,15 @@ impl Rope {
         let mut cos = Vec::with_capacity(positions.len() * half as usize);
         let mut sin = Vec::with_capacity(positions.len() * half as usize);
         for &p in positions {
-            let r = mlx_rs::fast::rope(&x, dims, self.config.traditional, None, 1.0, p, &freqs)?;
+            let r = mlx_rs::fast::rope(
+                &x,
+                dims,
+                self.config.traditional,
+                None,
+                self.direction,
+                p,
+                &freqs,
+            )?;
             let r = r.as_slice::<f32>();
             cos.extend((0..half).map(|i| r[(i * dims + first(i)) as usize] * factor));
             sin.extend((0..half).map(|i| r[(i * dims + second(i)) as usize] * factor));
@@ -666,5 +691,37 @@ impl Params<'_> {
         list.as_array()
             .and_then(|items| items.iter().map(Value::as_f64).collect::<Option<Vec<_>>>())
             .ok_or_else(|| self.error(field, "expected a list of numbers"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A reversed RoPE rotates by -θ: a unit vector on feature 0 at position `p` becomes
+    /// `cos(p·ω₀)` there and `-sin(p·ω₀)` on its partner in the other half, where the usual
+    /// RoPE puts `+sin`.
+    #[test]
+    fn reversed_rope_rotates_the_other_way() -> Result<()> {
+        let config = RopeConfig {
+            theta: 10000.0,
+            dims: 4,
+            traditional: false,
+            scaling: RopeScaling::Default,
+        };
+        let x = Array::from_slice(&[1.0f32, 0.0, 0.0, 0.0], &[1, 1, 1, 4]);
+        for (rope, sign) in [
+            (Rope::new(config.clone())?, 1.0f32),
+            (Rope::new(config)?.reversed(), -1.0),
+        ] {
+            let p = 3;
+            let y = rope.apply(&x, p)?;
+            let y = y.as_slice::<f32>();
+            let angle = p as f32; // ω₀ = 1
+            assert!((y[0] - angle.cos()).abs() < 1e-6);
+            assert!((y[2] - sign * angle.sin()).abs() < 1e-6, "{y:?}");
+            assert_eq!(rope.is_reversed(), sign < 0.0);
+        }
+        Ok(())
     }
 }

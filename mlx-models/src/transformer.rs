@@ -24,6 +24,7 @@ use crate::model::{LanguageModel, ModelInfo};
 use crate::moe::{MoeSettings, SparseMoe};
 use crate::nn::{even_part, scale, softcap, Embedding, Linear, Split};
 use crate::norm::{norm_opt, Norm};
+use crate::positions::LearnedPositions;
 use crate::rglru::RecurrentBlock;
 use crate::rope::Rope;
 use crate::ssm::{Mamba2Mixer, Mamba2Settings, MambaMixer, MambaSettings};
@@ -163,6 +164,15 @@ pub struct DecoderSettings {
     pub layers: Vec<LayerSettings>,
     /// Multiplies the embeddings, rounded to their dtype first (Gemma's `√hidden`, Granite).
     pub embedding_scale: Option<f32>,
+    /// The final norm also normalizes the embeddings, before the first layer (NanoChat
+    /// calls its one `norm` module twice).
+    pub embedding_norm: bool,
+    /// A norm before each output projection: `self_attn.attn_sub_norm` on the attention
+    /// output (before `o_proj`), `mlp.ffn_sub_norm` on the MLP's hidden features (BitNet).
+    pub sub_norms: bool,
+    /// Learned absolute positions added to the embeddings (`model.embed_positions`, a row
+    /// per position up to `max_position_embeddings`: GPT-2, GPT-BigCode).
+    pub learned_positions: bool,
     /// Multiplies each sub-block's output before the residual add (Granite).
     pub residual_scale: Option<f32>,
     /// Multiplies the logits (Granite's `1 / logits_scaling`).
@@ -211,6 +221,9 @@ impl DecoderSettings {
             norm_placement: NormPlacement::Pre,
             layers,
             embedding_scale: None,
+            embedding_norm: false,
+            sub_norms: false,
+            learned_positions: false,
             residual_scale: None,
             logits_scale: None,
             final_logit_softcap: None,
@@ -397,7 +410,13 @@ impl FeedForward {
     pub fn load(w: &WeightPath, s: &DecoderSettings, layer: &LayerSettings) -> Result<Self> {
         Ok(match (layer.feed_forward, &s.moe) {
             (FeedForwardKind::Dense, _) => {
-                FeedForward::Dense(Box::new(Mlp::load(w, &s.mlp, s.hidden_size)?))
+                let mut mlp = Mlp::load(w, &s.mlp, s.hidden_size)?;
+                if s.sub_norms {
+                    let width = s.mlp.intermediate_size;
+                    let norm = Norm::load(&w.pp("ffn_sub_norm"), s.norm, width, s.norm_eps)?;
+                    mlp = mlp.with_sub_norm(norm);
+                }
+                FeedForward::Dense(Box::new(mlp))
             }
             (FeedForwardKind::Sparse, Some(moe)) => {
                 let mut moe = moe.clone();
@@ -450,16 +469,36 @@ impl Mixer {
                     ),
                 });
             }
+            if s.sub_norms {
+                // BitNet's norms run over the whole attention output and MLP features,
+                // which the ranks hold in parts.
+                return Err(Error::TensorParallel {
+                    ranks: g.size(),
+                    what: w.full_name("self_attn.attn_sub_norm"),
+                    message: "a norm over features split across ranks has no tensor-parallel \
+                              form"
+                        .into(),
+                });
+            }
         }
         Ok(match (layer.mixer, &s.latent_attention, &layer.rope) {
-            (MixerKind::Attention, _, _) => Mixer::Attention(Attention::load(
-                w,
-                s.hidden_size,
-                &s.attention,
-                s.norm,
-                s.norm_eps,
-                layer.rope.clone(),
-            )?),
+            (MixerKind::Attention, _, _) => {
+                let mut attention = Attention::load(
+                    w,
+                    s.hidden_size,
+                    &s.attention,
+                    s.norm,
+                    s.norm_eps,
+                    layer.rope.clone(),
+                )?;
+                if s.sub_norms {
+                    let a = &s.attention;
+                    let width = a.num_heads * a.head_dim;
+                    let norm = Norm::load(&w.pp("attn_sub_norm"), s.norm, width, s.norm_eps)?;
+                    attention.sub_norm = Some(norm);
+                }
+                Mixer::Attention(attention)
+            }
             (MixerKind::LatentAttention, Some(mla), Some(rope)) => {
                 Mixer::LatentAttention(LatentAttention::load(w, s.hidden_size, mla, rope.clone())?)
             }
@@ -660,7 +699,10 @@ impl DecoderLayer {
         // Layers of one sub-block: a mixer alone (Mamba2) or a feed-forward alone.
         if let FeedForward::None = self.mlp {
             let input = match attn_in {
-                Some(n) => n.forward(&x.as_dtype(n.dtype())?)?,
+                Some(n) => match n.dtype() {
+                    Some(dtype) => n.forward(&x.as_dtype(dtype)?)?,
+                    None => n.forward(x)?,
+                },
                 None => x.clone(),
             };
             let out = self.self_attn.forward(&input, cache, tap)?;
@@ -703,6 +745,7 @@ impl DecoderLayer {
 /// and `lm_head.` as Transformers names them.
 pub struct Decoder {
     embed_tokens: Embedding,
+    embed_positions: Option<LearnedPositions>,
     layers: Vec<DecoderLayer>,
     norm: Norm,
     lm_head: Option<Linear>,
@@ -718,6 +761,21 @@ impl Decoder {
         let s = &settings;
         let w = weights.path("model");
         let embed_tokens = Embedding::load(&w.pp("embed_tokens"), s.vocab_size, s.hidden_size)?;
+        let embed_positions = if s.learned_positions {
+            let positions = i32::try_from(s.max_position_embeddings).map_err(|_| {
+                Error::Mlx(mlx_rs::error::Exception::custom(format!(
+                    "{} learned positions do not fit a table",
+                    s.max_position_embeddings
+                )))
+            })?;
+            Some(LearnedPositions::load(
+                &w.pp("embed_positions"),
+                positions,
+                s.hidden_size,
+            )?)
+        } else {
+            None
+        };
         let layers = s
             .layers
             .iter()
@@ -765,13 +823,14 @@ impl Decoder {
             hidden_size: s.hidden_size,
             num_layers: layers.len(),
             max_position_embeddings: s.max_position_embeddings,
-            dtype: norm.dtype(),
+            dtype: norm.dtype().unwrap_or(embed_tokens.weight.dtype()),
             quantization,
             num_parameters: weights.num_parameters(),
             num_active_parameters: weights.num_parameters().saturating_sub(inactive),
         };
         Ok(Decoder {
             embed_tokens,
+            embed_positions,
             layers,
             norm,
             lm_head,
@@ -792,6 +851,12 @@ impl LanguageModel for Decoder {
         let s = &self.settings;
         let h = self.embed_tokens.forward(tokens)?;
         let mut h = scale(&h, s.embedding_scale)?;
+        if let Some(positions) = &self.embed_positions {
+            h = positions.forward(&h, LayerCache::offset_of(cache)?)?;
+        }
+        if s.embedding_norm {
+            h = self.norm.forward(&h)?;
+        }
         tap.record("embeddings", &h);
         for (i, (layer, cache)) in self.layers.iter().zip(cache.iter_mut()).enumerate() {
             tap.scope(|| format!("layers.{i}."));

@@ -910,6 +910,29 @@ pub fn layer_index(name: &str) -> Option<usize> {
         .ok()
 }
 
+/// `name` with its leading module path renamed by the first `(from, to)` that matches
+/// whole path segments (`"transformer.h"` matches `transformer.h.0.ln_1.weight`, not
+/// `transformer.head.weight`): what a family whose checkpoints keep the decoder under other
+/// names (GPT-2's `transformer.h`, `transformer.wte`, `transformer.ln_f`) uses in
+/// `sanitize` to bring them to `model.layers`, `model.embed_tokens`, `model.norm`.
+///
+/// ```
+/// use mlx_models::weights::rename_prefix;
+/// let renames = [("transformer.h", "model.layers"), ("transformer.wte", "model.embed_tokens")];
+/// assert_eq!(rename_prefix("transformer.h.3.ln_1.weight", &renames), "model.layers.3.ln_1.weight");
+/// assert_eq!(rename_prefix("transformer.hx.weight", &renames), "transformer.hx.weight");
+/// ```
+pub fn rename_prefix(name: &str, renames: &[(&str, &str)]) -> String {
+    for (from, to) in renames {
+        if let Some(tail) = name.strip_prefix(from) {
+            if tail.is_empty() || tail.starts_with('.') {
+                return format!("{to}{tail}");
+            }
+        }
+    }
+    name.to_owned()
+}
+
 /// `name` with the module path under `model.layers.{i}.` renamed: each `(from, to)` is a
 /// module path under the layer (`"post_mlp_layernorm"`, `"self_attn.query_layernorm"`),
 /// or from the root where it starts with `model.` (`"model.final_layernorm"`); the first

@@ -10,9 +10,10 @@
 
 use async_openai::config::OpenAIConfig;
 use async_openai::types::chat::{
-    ChatCompletionRequestMessage, ChatCompletionRequestUserMessageArgs, ChatCompletionTool,
+    ChatCompletionNamedToolChoice, ChatCompletionRequestMessage,
+    ChatCompletionRequestUserMessageArgs, ChatCompletionTool, ChatCompletionToolChoiceOption,
     ChatCompletionTools, CreateChatCompletionRequest, CreateChatCompletionRequestArgs,
-    FinishReason, FunctionObjectArgs,
+    FinishReason, FunctionName, FunctionObjectArgs,
 };
 use async_openai::types::completions::CreateCompletionRequestArgs;
 use async_openai::Client;
@@ -551,7 +552,8 @@ impl LanguageModel for Scripted {
     }
 }
 
-const TOOL_TEMPLATE: &str = "{% if tools %}<tools>{{ tools | tojson }}</tools>\n{% endif %}\
+const TOOL_TEMPLATE: &str = "{% if tools %}<tools>{{ tools | tojson }}</tools>\n\
+Call a tool as <tool_call>{\"name\": …, \"arguments\": …}</tool_call>\n{% endif %}\
 {% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}\
 {% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
 
@@ -660,17 +662,23 @@ async fn tool_calls_come_back_parsed_whole_and_streamed() {
     let mut stream = client.chat().create_stream(request(true)).await.unwrap();
     let (mut content, mut name, mut arguments, mut finish) =
         (String::new(), String::new(), String::new(), None);
+    let mut pieces = 0;
     while let Some(chunk) = stream.next().await {
         for c in chunk.unwrap().choices {
             content.push_str(c.delta.content.as_deref().unwrap_or(""));
             for t in c.delta.tool_calls.unwrap_or_default() {
+                assert_eq!(t.index, 0);
                 let f = t.function.unwrap();
                 name.push_str(&f.name.unwrap_or_default());
-                arguments.push_str(&f.arguments.unwrap_or_default());
+                let piece = f.arguments.unwrap_or_default();
+                pieces += usize::from(!piece.is_empty());
+                arguments.push_str(&piece);
             }
             finish = finish.or(c.finish_reason);
         }
     }
+    // The arguments streamed as the model wrote them, a few tokens at a time.
+    assert!(pieces > 3, "{pieces} pieces");
     assert_eq!(content, "I will look.");
     assert_eq!(name, "get_weather");
     assert_eq!(
@@ -690,6 +698,139 @@ async fn tool_calls_come_back_parsed_whole_and_streamed() {
             {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]});
     let (status, body) = post(server.addr, "/v1/chat/completions", &body.to_string(), "");
     assert_eq!(status, 200, "{body}");
+    server.stop().await;
+}
+
+/// `tool_choice` `required`, a named function or `allowed_tools` in `required` mode start
+/// the reply as a call in the template's format (here Hermes `<tool_call>`), so that the
+/// model only completes it; `auto` leaves the reply to the model.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tool_choice_required_or_named_makes_the_reply_a_call() {
+    // Each scripted model only finishes what the forced opening starts.
+    let arguments = "{\"city\": \"Paris\"}}\n</tool_call>";
+    let with_name = "get_weather\", \"arguments\": {\"city\": \"Paris\"}}</tool_call>";
+    let tools = json!([
+        {"type": "function", "function": {"name": "get_time", "parameters": {}}},
+        {"type": "function", "function": {"name": "get_weather", "parameters": {}}}]);
+    let body = |choice: Value| {
+        json!({"model": "scripted", "tools": tools, "tool_choice": choice,
+            "messages": [{"role": "user", "content": "Weather in Paris?"}]})
+        .to_string()
+    };
+    let named = json!({"type": "function", "function": {"name": "get_weather"}});
+    let expect_call = |status: u16, body: &str| {
+        assert_eq!(status, 200, "{body}");
+        let v: Value = serde_json::from_str(body).unwrap();
+        let choice = &v["choices"][0];
+        assert_eq!(choice["finish_reason"], "tool_calls", "{v}");
+        let call = &choice["message"]["tool_calls"][0]["function"];
+        assert_eq!(call["name"], "get_weather", "{v}");
+        let arguments: Value = serde_json::from_str(call["arguments"].as_str().unwrap()).unwrap();
+        assert_eq!(arguments, json!({"city": "Paris"}));
+        v["usage"]["prompt_tokens"].as_u64().unwrap()
+    };
+
+    let options = || EngineOptions::new().prefix_cache_bytes(0);
+    let server = start(
+        scripted(arguments, Duration::ZERO),
+        ServeOptions::new("scripted"),
+        options(),
+    )
+    .await;
+    let (status, text) = post(
+        server.addr,
+        "/v1/chat/completions",
+        &body(named.clone()),
+        "",
+    );
+    let forced = expect_call(status, &text);
+    // Streamed, through a real client.
+    let request = CreateChatCompletionRequestArgs::default()
+        .model("scripted")
+        .messages([user("Weather in Paris?")])
+        .tools(vec![weather_tool()])
+        .tool_choice(ChatCompletionToolChoiceOption::Function(
+            ChatCompletionNamedToolChoice {
+                function: FunctionName {
+                    name: "get_weather".into(),
+                },
+            },
+        ))
+        .stream(true)
+        .build()
+        .unwrap();
+    let mut stream = server.client().chat().create_stream(request).await.unwrap();
+    let (mut content, mut name, mut streamed, mut finish) =
+        (String::new(), String::new(), String::new(), None);
+    while let Some(chunk) = stream.next().await {
+        for c in chunk.unwrap().choices {
+            content.push_str(c.delta.content.as_deref().unwrap_or(""));
+            for t in c.delta.tool_calls.unwrap_or_default() {
+                let f = t.function.unwrap();
+                name.push_str(&f.name.unwrap_or_default());
+                streamed.push_str(&f.arguments.unwrap_or_default());
+            }
+            finish = finish.or(c.finish_reason);
+        }
+    }
+    assert_eq!((content.as_str(), name.as_str()), ("", "get_weather"));
+    assert_eq!(
+        serde_json::from_str::<Value>(&streamed).unwrap(),
+        json!({"city": "Paris"})
+    );
+    assert_eq!(finish, Some(FinishReason::ToolCalls));
+    // `auto`: the same reply is plain text, and the prompt is the same but for the
+    // opening and the one tool shown.
+    let (status, text) = post(
+        server.addr,
+        "/v1/chat/completions",
+        &body(json!("auto")),
+        "",
+    );
+    assert_eq!(status, 200, "{text}");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["choices"][0]["message"]["content"], arguments);
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    assert_ne!(v["usage"]["prompt_tokens"].as_u64().unwrap(), forced);
+    // Bad choices.
+    for (choice, param) in [
+        (
+            json!({"type": "function", "function": {"name": "nope"}}),
+            "tool_choice",
+        ),
+        (json!({"type": "function"}), "tool_choice"),
+        (
+            json!({"type": "allowed_tools", "allowed_tools": {"mode": "sometimes", "tools": []}}),
+            "tool_choice",
+        ),
+    ] {
+        let (status, text) = post(server.addr, "/v1/chat/completions", &body(choice), "");
+        assert_eq!(error_of(status, &text, 400)["param"], param);
+    }
+    let no_tools = json!({"model": "scripted", "tool_choice": "required",
+        "messages": [{"role": "user", "content": "Hi"}]});
+    let (status, text) = post(
+        server.addr,
+        "/v1/chat/completions",
+        &no_tools.to_string(),
+        "",
+    );
+    error_of(status, &text, 400);
+    server.stop().await;
+
+    // `required` and `allowed_tools` leave the name to the model.
+    let server = start(
+        scripted(with_name, Duration::ZERO),
+        ServeOptions::new("scripted"),
+        options(),
+    )
+    .await;
+    let allowed = json!({"type": "allowed_tools",
+        "allowed_tools": {"mode": "required", "tools": [named]}});
+    for choice in [json!("required"), allowed] {
+        let (status, text) = post(server.addr, "/v1/chat/completions", &body(choice), "");
+        expect_call(status, &text);
+    }
     server.stop().await;
 }
 

@@ -170,7 +170,12 @@ fn rope_check(fixture: &Fixture, rope: Option<&Rope>, name: &str) -> Result<Opti
     // (Llama; GLM-4, which pairs adjacent features all the same) or twice in a row
     // (Cohere's `repeat_interleave`); the recorded table says which.
     let pairs = fixture.manifest.rope_layout.as_deref() == Some("pairs");
-    let (cos, sin) = rope.cos_sin_per_frequency(positions, seq_len, pairs)?;
+    let (cos, mut sin) = rope.cos_sin_per_frequency(positions, seq_len, pairs)?;
+    // The tables hold the angles θ; a reference that rotates by -θ is matched by a RoPE
+    // that reads back as -θ, and only by one.
+    if fixture.manifest.rope_direction.as_deref() == Some("reversed") {
+        sin.iter_mut().for_each(|s| *s = -*s);
+    }
     let width_ref = cos_ref.len() / positions.len().max(1);
     let in_a_row = width_ref >= 4
         && cos_ref

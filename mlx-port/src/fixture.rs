@@ -39,6 +39,10 @@ pub struct Manifest {
     /// `i + dims/2`) or `pairs` (`2i` with `2i + 1`, Llama 4).
     #[serde(default)]
     pub rope_layout: Option<String>,
+    /// `reversed` where the reference rotates by `-θ` the angles its tables hold
+    /// (NanoChat's `rotate_half`); absent for the usual `θ`.
+    #[serde(default)]
+    pub rope_direction: Option<String>,
     /// Measurements of Transformers itself made at export, e.g.
     /// `cache_vs_full_logits_max_abs`: how far its own cached run is from its full pass
     /// (non-zero for RoPE schemes that pick frequencies from the sequence length).

@@ -34,7 +34,9 @@ pub const GROUP_SIZE: i32 = 64;
 /// conversions; the check sees them in the dtype of the converted model's intermediates
 /// (dequantized embeddings come out in the scales' dtype).
 pub const BOUNDS: &[(&str, f32, f32)] = &[
+    ("apertus", 0.027, 0.5),           // measured 0.0215, 0.398
     ("arcee", 0.032, 0.47),            // measured 0.025, 0.371
+    ("bitnet", 0.038, 0.63),           // measured 0.0303, 0.499
     ("cohere", 0.023, 0.38),           // measured 0.0184, 0.301
     ("cohere2", 0.028, 0.44),          // measured 0.0219, 0.349
     ("deepseek_v2", 0.059, 0.95),      // measured 0.0469, 0.755
@@ -50,6 +52,9 @@ pub const BOUNDS: &[(&str, f32, f32)] = &[
     ("glm4", 0.034, 0.51),             // measured 0.0269, 0.403
     ("glm4_moe", 0.027, 0.84),         // measured 0.021, 0.671
     ("glm4_moe_lite", 0.025, 0.51),    // measured 0.0198, 0.403
+    ("gpt2", 0.039, 0.42),             // measured 0.031, 0.331
+    ("gpt_bigcode", 0.031, 0.43),      // measured 0.0242, 0.337
+    ("gpt_neox", 0.022, 0.34),         // measured 0.0171, 0.269
     ("gpt_oss", 0.035, 0.61),          // measured 0.0277, 0.483
     ("granite", 0.064, 0.78),          // measured 0.0507, 0.622
     ("granitemoe", 0.042, 0.53),       // measured 0.0332, 0.423
@@ -69,10 +74,13 @@ pub const BOUNDS: &[(&str, f32, f32)] = &[
     ("mamba2", 0.024, 0.39),           // measured 0.0188, 0.311
     ("minimax_m2", 0.043, 0.43),       // measured 0.034, 0.338
     ("ministral", 0.042, 0.57),        // measured 0.0334, 0.453
+    ("ministral3", 0.038, 0.62),       // measured 0.0298, 0.493
     ("mistral", 0.028, 0.5),           // measured 0.0224, 0.395
     ("mixtral", 0.025, 0.43),          // measured 0.0199, 0.338
+    ("nanochat", 0.024, 0.42),         // measured 0.0192, 0.333
     ("nemotron", 0.03, 0.51),          // measured 0.024, 0.402
     ("nemotron_h", 0.02, 0.38),        // measured 0.0154, 0.298
+    ("olmo", 0.031, 0.52),             // measured 0.0243, 0.414
     ("olmo2", 0.033, 0.49),            // measured 0.026, 0.39
     ("olmo3", 0.031, 0.53),            // measured 0.0244, 0.419
     ("olmoe", 0.024, 0.4),             // measured 0.0188, 0.313

@@ -67,7 +67,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from fixture_common import check_fixture_size, configure_determinism, versions, write_json
+from fixture_common import check_fixture_size, configure_determinism, decoder_stack, versions, write_json
 
 # Bumped whenever the layout of a fixture directory or manifest changes.
 FORMAT_VERSION = 1
@@ -156,7 +156,11 @@ HUB_DERIVED_FIELDS = {
 }
 # Fields that Transformers writes under another name than the family's Hub configs
 # (through the config's attribute_map): (name written, name on the Hub).
-HUB_RENAMED_FIELDS = {"qwen3_moe": [("num_local_experts", "num_experts")]}
+HUB_RENAMED_FIELDS = {
+    "qwen3_moe": [("num_local_experts", "num_experts")],
+    # Pythia and GPT-NeoX-20B: the RoPE base and the rotated share of each head by their old names.
+    "gpt_neox": [("rope_theta", "rotary_emb_base"), ("partial_rotary_factor", "rotary_pct")],
+}
 # Constant fields that the family's Hub configs carry and Transformers does not read:
 # the variant Transformers implements (MiniMax-M2: per-layer q/k norm over all heads,
 # sigmoid router with a routing bias; Hunyuan-A13B: q/k norm, shared MLP next to the experts).
@@ -220,13 +224,12 @@ BUFFER_SEED_OFFSET = 2000
 # Transformers' fused experts back into the layout of the family's checkpoints on the
 # Hub (per-expert tensors for most families); "transformers5" keeps the fused in-memory
 # layout (save_original_format=False).
-WEIGHTS_LAYOUTS = ("hub", "transformers5")
+WEIGHTS_LAYOUTS = ("hub", "transformers5", "bitnet-packed")
 
 # The final norm of the decoder stack, by its attribute name on the base model: `norm` for
 # most families, `norm_f` (Mamba, Mamba2, FalconMamba, Nemotron-H), `embedding_norm` (LFM2,
 # applied after the last layer despite its name), `final_layernorm` (Jamba, Falcon-H1),
 # `final_norm` (RecurrentGemma).
-FINAL_NORM_NAMES = ("norm", "norm_f", "embedding_norm", "final_layernorm", "final_norm")
 
 # Recurrent (hybrid) families: a model whose DynamicCache, built from its config, holds a
 # LinearAttentionLayer (conv and recurrent states instead of keys and values) for some layer.
@@ -300,8 +303,76 @@ def build_model(spec: dict, variant: dict):
     # initializer_range, or the spec's own where the config class has none (RecurrentGemma).
     randomize_parameters(model, variant["seed"], spec.get("initializer_range") or config.initializer_range)
     if router_class(model) is not None:
-        randomize_weight_buffers(model, variant["seed"] + BUFFER_SEED_OFFSET, config.initializer_range)
+        randomize_weight_buffers(
+            model, variant["seed"] + BUFFER_SEED_OFFSET,
+            getattr(config, "initializer_range", None) or spec.get("initializer_range"),
+        )
+    if variant.get("weights_layout") == "bitnet-packed":
+        make_ternary(model)
     return model
+
+
+def ternary_linears(model) -> dict:
+    """The decoder layers' linear layers, which BitNet checkpoints ship ternary ({name: module})."""
+    import torch
+
+    layers = decoder_parts(model)[0]
+    return {
+        f"model.layers.{i}.{name}": module
+        for i, layer in enumerate(layers)
+        for name, module in layer.named_modules()
+        if isinstance(module, torch.nn.Linear)
+    }
+
+
+def make_ternary(model) -> None:
+    """Gives every decoder-layer linear weight the values BitNet's offline quantization leaves:
+    scale = 1 / mean|W|, W = clamp(round(W·scale), -1, 1) / scale, so that the float model computes
+    exactly what the packed checkpoint (write_bitnet_packed) stores."""
+    import torch
+
+    with torch.no_grad():
+        for module in ternary_linears(model).values():
+            scale = 1.0 / module.weight.abs().mean().clamp(min=1e-5)
+            module.weight.copy_((module.weight * scale).round().clamp(-1, 1) / scale)
+            module.bitnet_weight_scale = scale
+
+
+def write_bitnet_packed(directory: Path, model) -> None:
+    """Rewrites model.safetensors in the layout of BitNet's Hub checkpoints (Transformers'
+    integrations/bitnet.py `pack_weights`): each ternary weight [out, in] as uint8 [out / 4, in], row
+    r of block i (rows i·out/4 + r) in bits 2i..2i+1 as value + 1, with its `weight_scale` [1]; and
+    config.json gets the `quantization_config` those checkpoints carry. The reference keeps the float
+    model (no activation quantization), as mlx-lm's BitLinear computes."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = directory / "model.safetensors"
+    with safe_open(path, "pt") as handle:
+        metadata = handle.metadata()
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    for name, module in ternary_linears(model).items():
+        weight = tensors.pop(f"{name}.weight")
+        scale = module.bitnet_weight_scale
+        ternary = (weight * scale).round().to(torch.int64)
+        if not torch.equal(ternary / scale, weight) or ternary.shape[0] % 4:
+            raise SystemExit(f"{name}: the weight is not ternary times a scale in 4-row blocks")
+        rows = ternary.shape[0] // 4
+        packed = torch.zeros((rows, ternary.shape[1]), dtype=torch.uint8)
+        for i in range(4):
+            packed |= (ternary[i * rows : (i + 1) * rows] + 1).to(torch.uint8) << (2 * i)
+        tensors[f"{name}.weight"] = packed
+        tensors[f"{name}.weight_scale"] = scale.reshape(1).to(weight.dtype)
+    save_file(tensors, path, metadata=metadata)
+    config_path = directory / "config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["quantization_config"] = {
+        "linear_class": "bitlinear",
+        "quant_method": "bitnet",
+        "quantization_mode": "offline",
+    }
+    write_json(config_path, config)
 
 
 def set_base_values(model, base_values: dict) -> None:
@@ -630,6 +701,10 @@ HUB_COMPOSITE_CONFIGS = {"qwen3_5_text": qwen3_5_hub_style, "qwen3_5_moe_text": 
 HUB_WEIGHT_PREFIXES = {
     "qwen3_5_text": [("model.", "model.language_model.")],
     "qwen3_5_moe_text": [("model.", "model.language_model.")],
+    # GPT-NeoX checkpoints name the output layer embed_out (Transformers 5 renames it on load).
+    "gpt_neox": [("lm_head.", "embed_out.")],
+    # openai-community/gpt2 and its fine-tunes are saved from the base GPT2Model: no prefix.
+    "gpt2": [("transformer.", "")],
 }
 
 
@@ -721,24 +796,16 @@ def assert_same_config(expected, actual, ignored=()) -> None:
 
 
 def decoder_parts(model):
-    """The decoder layers, final norm and rotary module of a decoder-only model.
-
-    The base model is `model.model`, or `model.backbone` for the Mamba families; the final
-    norm is the first of FINAL_NORM_NAMES it has. The rotary module is the base model's
-    `rotary_emb`, or else the first rotary module inside the layers (RecurrentGemma builds
-    one per attention layer, all alike); None for models without RoPE (Mamba, Jamba,
-    Nemotron-H, Granite-4.0-H with position_embedding_type "nope").
+    """The decoder layers, final norm and rotary module of a decoder-only model, found by
+    structure (fixture_common.decoder_stack): `model.model.layers` for most families,
+    GPT-2's `transformer.h`, GPT-NeoX's `gpt_neox.layers`, Mamba's `backbone.layers`. The
+    rotary module is None for models without RoPE (GPT-2, Mamba, Jamba, Nemotron-H,
+    Granite-4.0-H with position_embedding_type "nope").
     """
-    base = model.backbone if hasattr(model, "backbone") else model.model
-    norm = next(getattr(base, name) for name in FINAL_NORM_NAMES if getattr(base, name, None) is not None)
-    return base.layers, norm, rotary_module(base)
-
-
-def rotary_module(base):
-    """The rotary module of a base model (see decoder_parts), or None."""
-    if hasattr(base, "rotary_emb"):
-        return base.rotary_emb
-    return next((module for module in base.modules() if type(module).__name__.endswith("RotaryEmbedding")), None)
+    stack = decoder_stack(model)
+    if stack["norm"] is None:
+        raise SystemExit(f"{type(stack['base']).__name__}: no final norm found after its decoder layers")
+    return stack["layers"], stack["norm"], stack["rotary"]
 
 
 def router_class(model):
@@ -839,7 +906,12 @@ def activation_hooks(model):
 
     handles = [layers[0].register_forward_pre_hook(on_first_layer_input, with_kwargs=True)]
     handles += [layer.register_forward_hook(on_layer_output(i)) for i, layer in enumerate(layers)]
-    handles.append(norm.register_forward_hook(lambda _module, _args, output: keep("norm", output)))
+    def on_norm_output(_module, _args, output):
+        # The final norm may also run before the layers (NanoChat normalizes the embeddings
+        # with the same module): its record is the last call, the one after the last layer.
+        captured["norm"] = output.detach().clone()
+
+    handles.append(norm.register_forward_hook(on_norm_output))
     handles += [router.register_forward_hook(on_router_output(i)) for i, router in routers(model).items()]
     try:
         yield captured
@@ -1041,6 +1113,36 @@ def applies_rope_to_pairs(reference) -> bool:
     return bool(moved[1] > 1e-6) and head_dim > 2
 
 
+def applies_rope_reversed(reference) -> bool:
+    """Whether the family's own `apply_rotary_pos_emb` rotates by -θ the angles its rotary module gives
+    (NanoChat's `rotate_half` returns (x2, -x1)): probed like applies_rope_to_pairs, on a unit query at
+    position 1, where the partner feature gets sin(-θ) < 0 instead of sin(θ) > 0. False where the family
+    has no such function or it cannot be called this way."""
+    import sys
+
+    import torch
+
+    module = sys.modules.get(type(reference).__module__)
+    apply = getattr(module, "apply_rotary_pos_emb", None)
+    rotary = decoder_parts(reference)[2]
+    config = reference.config
+    if apply is None or rotary is None or rope_layer_types(rotary) is not None:
+        return False
+    try:
+        with torch.no_grad():
+            cos, sin = rotary(torch.zeros(1, 1, config.hidden_size), torch.ones(1, 1, dtype=torch.int64))
+            head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+            q = torch.zeros(1, 1, 1, head_dim)
+            q[..., 0] = 1.0
+            rotated, _ = apply(q, q.clone(), cos, sin)
+    except Exception:
+        return False
+    partner = 1 if applies_rope_to_pairs(reference) else sin.shape[-1] // 2
+    if sin.is_complex() or partner >= head_dim or float(sin.flatten()[partner]) <= 1e-6:
+        return False
+    return bool(rotated.flatten()[partner] < -1e-6)
+
+
 def interleaved_rope(config) -> bool:
     """Whether the family's attention applies halves-layout cos/sin to interleaved pairs (INTERLEAVED_ROPE_FLAG)."""
     if config.model_type not in INTERLEAVED_ROPE_FLAG:
@@ -1088,10 +1190,14 @@ def float64_angle_deviation(rope: dict, attention_scaling: float, prefix: str = 
 
 
 def unscaled_rope_parameters(rope: dict) -> dict:
-    """Unscaled RoPE with the theta (and partial rotary factor) of `rope`."""
-    unscaled = {"rope_type": "default", "rope_theta": rope["rope_theta"]}
-    if "partial_rotary_factor" in rope:
-        unscaled["partial_rotary_factor"] = rope["partial_rotary_factor"]
+    """Unscaled RoPE with the theta (and partial rotary factor) of `rope`.
+
+    The other keys stay: default RoPE ignores them, and a family's own code may read
+    them whatever the RoPE type (Ministral 3's query scaling reads
+    llama_4_scaling_beta and original_max_position_embeddings).
+    """
+    unscaled = {key: value for key, value in rope.items() if key != "type"}
+    unscaled["rope_type"] = "default"
     return unscaled
 
 
@@ -1784,7 +1890,7 @@ def export_variant(spec: dict, variant: dict, out_root: Path) -> None:
 
     with tempfile.TemporaryDirectory() as temporary:
         staging = Path(temporary) / name
-        if layout == "hub":
+        if layout in ("hub", "bitnet-packed"):
             model.save_pretrained(staging, safe_serialization=True)
         else:
             model.save_pretrained(staging, safe_serialization=True, save_original_format=False)
@@ -1798,8 +1904,9 @@ def export_variant(spec: dict, variant: dict, out_root: Path) -> None:
             write_json(config_path, to_hub_style(json.loads(config_path.read_text(encoding="utf-8"))))
             rename_hub_weights(staging, spec["model_type"])
             from_hub = load_model(staging, torch.float32)
-            if without_legacy_type(getattr(from_hub.config, "rope_parameters", None)) != getattr(
-                reference.config, "rope_parameters", None
+            # Either side may keep the legacy `type` (Ministral 3's own default carries it).
+            if without_legacy_type(getattr(from_hub.config, "rope_parameters", None)) != without_legacy_type(
+                getattr(reference.config, "rope_parameters", None)
             ):
                 raise SystemExit(
                     f"hub-style config loads as {from_hub.config.rope_parameters}, "
@@ -1895,9 +2002,13 @@ def export_variant(spec: dict, variant: dict, out_root: Path) -> None:
             manifest["rope_note"] = note
         if rotary is not None and (rotates_pairs(rotary, reference.config) or applies_rope_to_pairs(reference)):
             manifest["rope_layout"] = "pairs"
+        if rotary is not None and applies_rope_reversed(reference):
+            manifest["rope_direction"] = "reversed"
         manifest.update(mla_notes(reference))
         if recurrent is not None:
             manifest["recurrent"] = recurrent
+        if layout == "bitnet-packed":
+            write_bitnet_packed(staging, model)
         write_json(staging / "fixture.json", manifest)
 
         target = out_root / spec["model_type"] / name

@@ -38,8 +38,17 @@ facts.json (sorted keys, 2-space indent, final newline):
                      null, and lists/dicts of them) and, for parameter-less child
                      modules such as act_fn, the child's class name; buffers:
                      {name: {shape, dtype, persistent}}
+    structure        {embeddings, positions, layers, norm, rotary, lm_head}: the full module
+                     names of the input embedding, learned absolute position embeddings
+                     (GPT-2's transformer.wpe, else null), the decoder layers' ModuleList
+                     (model.layers, transformer.h, gpt_neox.layers), the final norm, the
+                     rotary module (null without RoPE) and the output layer, found by
+                     structure (fixture_common.decoder_stack), not by fixed names
+    saved_names      {written: loaded}: the names save_pretrained writes where they are not
+                     the model's own (GPT-NeoX's embed_out.weight for lm_head.weight)
     layer_types      the tiny config's layer_types, or null
-    rotary           {class, per_layer_type, rope_types, supported_rope_types}:
+    rotary           {class, per_layer_type, rope_types, supported_rope_types} (class null
+                     and the rest empty for a model without RoPE):
                      per_layer_type is true when the rotary module computes one
                      RoPE per attention layer type (forward takes a layer type);
                      rope_types maps layer type -> rope_type ("all" when not per
@@ -94,7 +103,7 @@ import types
 import typing
 from pathlib import Path
 
-from fixture_common import configure_determinism, write_json
+from fixture_common import configure_determinism, decoder_stack, write_json
 import probes
 
 # The tiny config: these fields are overridden wherever the config class has them.
@@ -115,8 +124,13 @@ SMALL_SIZES = {
     # from head_dim (16) as Gemma 2 27B does (144 vs 128), so that a port that scales
     # by head_dim fails.
     "query_pre_attn_scalar": 32,
+    # GPT-J and CodeGen rotate the first rotary_dim features of each 16-wide head (64 by default).
+    "rotary_dim": 8,
 }
 HEAD_DIM = SMALL_SIZES["hidden_size"] // SMALL_SIZES["num_attention_heads"]
+# Families with learned absolute positions (GPT-2's wpe) get this many, enough for the
+# fixtures' prompt and greedy run.
+LEARNED_POSITIONS = 64
 # Variants with sliding-window layers: the window is smaller than the 16-token prompt.
 SLIDING_WINDOW = 5
 # Variants that mix layer types use 3 layers and a narrower MLP to stay below ~510 KB.
@@ -164,7 +178,6 @@ ROPE_PROBES = {
     },
 }
 SIMPLE_TYPES = (bool, int, float, str, type(None))
-LAYER_INDEX = re.compile(r"\.layers\.(\d+)(\.|$)")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -285,7 +298,7 @@ def build_config(model_type: str, config: dict):
     return transformers.AutoConfig.for_model(model_type, **copy.deepcopy(config))
 
 
-def small_config(model_type: str, fields: dict) -> dict:
+def small_config(model_type: str, fields: dict, attribute_map: dict) -> dict:
     """The tiny config: SMALL_SIZES where the class has the field, tie_word_embeddings as the family's default.
 
     Special token ids beyond the tiny vocabulary are set to its last id.
@@ -295,6 +308,12 @@ def small_config(model_type: str, fields: dict) -> dict:
     them (Gemma 3 then has a full-attention layer, and both of its RoPEs).
     """
     config = {name: value for name, value in SMALL_SIZES.items() if name in fields}
+    # Fields a class declares under its own name with the common one as an alias (GPT-2's
+    # n_embd, n_layer, n_head, n_positions) get the common one's size.
+    for name, value in SMALL_SIZES.items():
+        own = attribute_map.get(name)
+        if name not in fields and own in fields:
+            config[own] = value
     if "head_dim" not in fields:
         config.pop("head_dim", None)
     if "tie_word_embeddings" in fields:
@@ -405,9 +424,12 @@ def module_attrs(module) -> dict:
 
 def modules(model) -> list:
     """Non-layer modules and those of decoder layers 0 and 1, in named_modules order."""
+    stack = decoder_stack(model)
+    layers = f"{stack['prefix']}.{stack['layers_name']}"
+    layer_index = re.compile(re.escape(layers) + r"\.(\d+)(\.|$)")
     entries = []
     for name, module in model.named_modules():
-        match = LAYER_INDEX.search(name)
+        match = layer_index.match(name)
         if match and int(match.group(1)) >= 2:
             continue
         entry = {"name": name, "class": type(module).__name__, "attrs": module_attrs(module)}
@@ -426,8 +448,90 @@ def modules(model) -> list:
     return entries
 
 
+def structure(model) -> dict:
+    """Where the causal LM keeps its parts (fixture_common.decoder_stack), as full module
+    names: `embeddings` (the input embedding), `positions` (learned absolute position
+    embeddings, GPT-2's `wpe`: another Embedding of the base model with a row per
+    position, or null), `layers` (the ModuleList of decoder layers), `norm` (the final
+    norm, or null), `rotary` (or null), `lm_head` (the output embedding)."""
+    import torch
+
+    stack = decoder_stack(model)
+    base, prefix = stack["base"], stack["prefix"]
+    max_positions = getattr(model.config, "max_position_embeddings", None)
+    positions = next(
+        (
+            name for name, child in base.named_children()
+            # A row per position, and OPT's two more (its positions start at 2).
+            if isinstance(child, torch.nn.Embedding) and name != stack["embed_name"]
+            and max_positions is not None and max_positions <= child.num_embeddings <= max_positions + 2
+        ),
+        None,
+    )
+    full = {module: name for name, module in model.named_modules()}
+    output = model.get_output_embeddings()
+
+    def named(child):
+        return None if child is None else f"{prefix}.{child}"
+
+    return {
+        "embeddings": named(stack["embed_name"]),
+        "positions": named(positions),
+        "layers": named(stack["layers_name"]),
+        "norm": named(stack["norm_name"]),
+        "rotary": full.get(stack["rotary"]) if stack["rotary"] is not None else None,
+        "lm_head": full.get(output) if output is not None else None,
+    }
+
+
+def saved_names(model) -> dict:
+    """The names save_pretrained writes where they differ from the model's own:
+    {written: loaded}. Transformers 5 writes some checkpoints in their original layout
+    (GPT-NeoX's `lm_head` as `embed_out`); a port must read those names. Matched by
+    value: each written tensor is the parameter it equals."""
+    import tempfile
+
+    import torch
+    from safetensors.torch import load_file
+
+    state = model.state_dict()
+    renamed = {}
+    with tempfile.TemporaryDirectory() as directory:
+        model.save_pretrained(directory, safe_serialization=True)
+        written = {}
+        for path in sorted(Path(directory).glob("*.safetensors")):
+            written.update(load_file(path))
+    for name, tensor in sorted(written.items()):
+        if name in state and torch.equal(state[name], tensor):
+            continue
+        match = next(
+            (own for own, value in state.items() if value.shape == tensor.shape and torch.equal(value, tensor)),
+            None,
+        )
+        if match is not None and match != name:
+            renamed[name] = match
+    return renamed
+
+
+def learned_positions_size(architecture: str, model_type: str, small: dict, attribute_map: dict) -> dict:
+    """The tiny config with LEARNED_POSITIONS positions when the model learns a row per
+    position (GPT-2's wpe: 131072 rows would not fit a fixture, and GPT-BigCode keeps a
+    positions x positions mask); RoPE families keep theirs. Decided on a model built with
+    LEARNED_POSITIONS positions, which is small whatever the family."""
+    field = attribute_map.get("max_position_embeddings", "max_position_embeddings")
+    if field not in small:
+        return small
+    probe = {**small, field: LEARNED_POSITIONS}
+    if structure(tiny_model(architecture, build_config(model_type, probe)))["positions"] is None:
+        return small
+    return probe
+
+
 def rotary_facts(model, model_type: str, config: dict) -> dict:
-    rotary = model.model.rotary_emb
+    """The rotary module's class and RoPE types; all empty for a model without RoPE (GPT-2)."""
+    rotary = decoder_stack(model)["rotary"]
+    if rotary is None:
+        return {"class": None, "per_layer_type": False, "rope_types": {}, "supported_rope_types": []}
     rope_type = getattr(rotary, "rope_type", None)
     per_layer_type = isinstance(rope_type, dict)
     return {
@@ -467,7 +571,7 @@ def propose_variants(model_type: str, fields: dict, small: dict, resolved, rotar
     """The fixture variants, from which config fields exist (seeds assigned later)."""
     variants = []
     tied_default = bool(small.get("tie_word_embeddings", False))
-    rope = resolved.rope_parameters or {}
+    rope = getattr(resolved, "rope_parameters", None) or {}
     per_layer_type = rotary["per_layer_type"]
 
     def add(name, description, overrides, style="transformers5"):
@@ -475,9 +579,10 @@ def propose_variants(model_type: str, fields: dict, small: dict, resolved, rotar
             {"name": name, "description": description, "config_style": style, "config_overrides": overrides}
         )
 
+    kv_heads = getattr(resolved, "num_key_value_heads", None) or resolved.num_attention_heads
     base = (
-        f"{small.get('num_hidden_layers')} layers, {small.get('num_attention_heads')} query heads, "
-        f"{resolved.num_key_value_heads} kv head{'s' if resolved.num_key_value_heads != 1 else ''}, "
+        f"{resolved.num_hidden_layers} layers, {resolved.num_attention_heads} query heads, "
+        f"{kv_heads} kv head{'s' if kv_heads != 1 else ''}, "
         f"lm_head {'tied' if tied_default else 'untied'}"
     )
     if getattr(resolved, "layer_types", None) is not None:
@@ -538,6 +643,13 @@ def propose_variants(model_type: str, fields: dict, small: dict, resolved, rotar
 
     if "rope_parameters" in fields and rope:
         supported = rotary["supported_rope_types"]
+        # Keys of the family's own in its rope_parameters, which its code reads whatever the
+        # RoPE type (Ministral 3's llama_4_scaling_beta): each scaled variant keeps them.
+        own_keys = {
+            key: rope[key]
+            for key in sorted(getattr(type(resolved), "ignore_keys_at_rope_validation", ()) or ())
+            if key in rope and key != "max_position_embeddings" and not per_layer_type
+        }
         if per_layer_type:
             scaled = {}
             for layer_type, params in rope.items():
@@ -565,6 +677,7 @@ def propose_variants(model_type: str, fields: dict, small: dict, resolved, rotar
                     "long_factor": LONGROPE_LONG_FACTOR[:count],
                 }
             }
+            overrides["rope_parameters"].update(own_keys)
             if "original_max_position_embeddings" in fields:
                 overrides["original_max_position_embeddings"] = LONGROPE_ORIGINAL_MAX_POSITION_EMBEDDINGS
             else:
@@ -597,6 +710,7 @@ def propose_variants(model_type: str, fields: dict, small: dict, resolved, rotar
                 name = "linear"
             if "partial_rotary_factor" in rope:
                 overrides["rope_parameters"]["partial_rotary_factor"] = rope["partial_rotary_factor"]
+            overrides["rope_parameters"].update(own_keys)
             add(name, summary, overrides, "hub")
 
     add("hub", "As default, with the config.json the family's checkpoints on the Hub carry (see to_hub_style in "
@@ -672,9 +786,10 @@ def introspect(model_type: str, config_override: dict | None, replace: bool, che
     config_class = getattr(transformers, CONFIG_MAPPING_NAMES[model_type])
     fields = config_fields(config_class)
 
-    small = small_config(model_type, fields)
+    small = small_config(model_type, fields, dict(config_class.attribute_map))
     if config_override is not None:
         small = dict(config_override) if replace else {**small, **config_override}
+    small = learned_positions_size(architecture, model_type, small, dict(config_class.attribute_map))
     small = dict(sorted(small.items()))
     resolved = build_config(model_type, small)
     model = tiny_model(architecture, resolved)
@@ -693,6 +808,9 @@ def introspect(model_type: str, config_override: dict | None, replace: bool, che
         "base_config": small,
         "variants": propose_variants(model_type, fields, small, resolved, rotary),
     }
+    if "initializer_range" not in fields:
+        # OPT and XGLM name theirs init_std: the exporter's noise needs a width all the same.
+        spec["initializer_range"] = SMALL_SIZES["initializer_range"]
     assign_seeds(spec, check_seeds)
 
     facts = {
@@ -706,6 +824,8 @@ def introspect(model_type: str, config_override: dict | None, replace: bool, che
         "resolved_config": jsonable(resolved.to_dict()),
         "parameters": parameters(model),
         "modules": modules(model),
+        "structure": structure(model),
+        "saved_names": saved_names(model),
         "layer_types": jsonable(getattr(resolved, "layer_types", None)),
         "rotary": rotary,
         "layer_type_probes": probes.layer_type_probes(config_class, fields),

@@ -80,7 +80,9 @@ def no_rope_probes(config_class, fields):
 def norm_init(model):
     """The value Transformers initializes the final norm's weight to (1.0, or 0.0 for
     families that store RMSNorm weights as offsets from one)."""
-    norm = getattr(getattr(model, "model", model), "norm", None)
+    from fixture_common import decoder_stack
+
+    norm = decoder_stack(model)["norm"]
     weight = getattr(norm, "weight", None)
     if weight is None:
         return None
@@ -203,8 +205,9 @@ def call_trace(model, vocab_size):
     of the first floating-point tensor, enough to tell which module fed which."""
     import torch
 
-    layers = model.model.layers
-    layer = layers[0]
+    from fixture_common import decoder_stack
+
+    layer = decoder_stack(model)["layers"][0]
     events = []
 
     def checksum(value):
@@ -244,7 +247,9 @@ def norm_scales_by_one_plus_weight(model):
     gives zeros. `None` when the model has no such norm."""
     import torch
 
-    norm = getattr(getattr(model, "model", model), "norm", None)
+    from fixture_common import decoder_stack
+
+    norm = decoder_stack(model)["norm"]
     weight = getattr(norm, "weight", None)
     if norm is None or weight is None:
         return None

@@ -73,6 +73,11 @@ enum Bench {
         /// Keep the GGUF's 4-bit weights instead of dequantizing to f32.
         #[arg(long)]
         quantized: bool,
+        /// Also drive another OpenAI-compatible server already serving the same weights
+        /// (e.g. Python mlx-lm's `mlx_lm.server`), `NAME=HOST:PORT`, with the same load
+        /// right after ours, so that both are measured in one run.
+        #[arg(long, value_name = "NAME=HOST:PORT")]
+        against: Option<String>,
     },
     /// Decode speed of a random-weight mixture-of-experts model (Qwen3-MoE shape) next to
     /// a dense model with the same active parameters per token, in one run (use --release).
@@ -125,7 +130,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             max_tokens,
             prefix_tokens,
             quantized,
-        } => crate::bench_serve::run(&streams, max_tokens, prefix_tokens, quantized),
+            against,
+        } => crate::bench_serve::run(
+            &streams,
+            max_tokens,
+            prefix_tokens,
+            quantized,
+            against.as_deref(),
+        ),
         Bench::Matmul { n, min_ratio } => matmul(n, min_ratio),
         Bench::Generate {
             prompt_tokens,

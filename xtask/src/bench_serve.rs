@@ -1,5 +1,6 @@
 //! `cargo xtask bench serve`: the OpenAI-compatible server under concurrent streaming
-//! clients on the default model, over loopback HTTP as a client sees it.
+//! clients on the default model, over loopback HTTP as a client sees it; with `--against`,
+//! another server on the same weights under the same load, in the same run.
 
 use anyhow::{bail, Context};
 use mlx_models::load::{load, LoadOptions, ModelSource};
@@ -19,25 +20,55 @@ struct Sample {
     cached_tokens: u64,
 }
 
+/// The load both servers get.
+struct Workload<'a> {
+    streams: &'a [usize],
+    max_tokens: usize,
+    prefix_tokens: usize,
+    weights: &'static str,
+}
+
 pub fn run(
     streams: &[usize],
     max_tokens: usize,
     prefix_tokens: usize,
     quantized: bool,
+    against: Option<&str>,
 ) -> anyhow::Result<()> {
+    let against = against
+        .map(|spec| -> anyhow::Result<(String, SocketAddr)> {
+            let (name, addr) = spec
+                .split_once('=')
+                .with_context(|| format!("--against {spec}: expected NAME=HOST:PORT"))?;
+            let addr = addr
+                .parse()
+                .with_context(|| format!("--against {spec}: {addr} is not HOST:PORT"))?;
+            Ok((name.to_owned(), addr))
+        })
+        .transpose()?;
+    let workload = Workload {
+        streams,
+        max_tokens,
+        prefix_tokens,
+        weights: if quantized {
+            "4-bit (as stored)"
+        } else {
+            "f32 (dequantized)"
+        },
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
-    runtime.block_on(serve_bench(streams, max_tokens, prefix_tokens, quantized))
+    runtime.block_on(serve_bench(&workload, quantized, against))
 }
 
 async fn serve_bench(
-    streams: &[usize],
-    max_tokens: usize,
-    prefix_tokens: usize,
+    workload: &Workload<'_>,
     quantized: bool,
+    against: Option<(String, SocketAddr)>,
 ) -> anyhow::Result<()> {
+    let streams = workload.streams;
     let options = LoadOptions::new().dequantize(!quantized);
     let engine = Engine::spawn(
         move || load(&ModelSource::Default, &options),
@@ -55,17 +86,62 @@ async fn serve_bench(
     // A system prompt of about `prefix_tokens` tokens, shared by the shared-prefix rounds.
     let sentence = "You are a careful assistant who answers in plain words and checks facts. ";
     let per = card.tokenizer.encode(sentence, false)?.len().max(1);
-    let system = sentence.repeat(prefix_tokens.div_ceil(per));
+    let system = sentence.repeat(workload.prefix_tokens.div_ceil(per));
+    let ours = Target {
+        name: "mlx-models".into(),
+        addr,
+        model: "default".into(),
+        batched: Some(card.batched),
+    };
+    let result = measure(&ours, workload, &system, &eos).await;
+    let _ = stop.send(());
+    task.await??;
+    result?;
+    if let Some((name, addr)) = against {
+        // mlx-lm's server answers "default_model" with the model it was started with.
+        let other = Target {
+            name,
+            addr,
+            model: "default_model".into(),
+            batched: None,
+        };
+        measure(&other, workload, &system, &eos).await?;
+    }
+    Ok(())
+}
+
+/// A server under test.
+struct Target {
+    name: String,
+    addr: SocketAddr,
+    /// The `model` field its requests carry.
+    model: String,
+    /// Whether it batches (known for ours only).
+    batched: Option<bool>,
+}
+
+/// Every round of the load against one server, a JSON line each, then the speedup of the
+/// most streams over one.
+async fn measure(
+    target: &Target,
+    workload: &Workload<'_>,
+    system: &str,
+    eos: &[u32],
+) -> anyhow::Result<()> {
+    let addr = target.addr;
+    let body = |system: Option<&str>, question: &str, max_tokens: usize| {
+        body(&target.model, system, question, max_tokens, eos)
+    };
     // Warm-up (not measured): the first forward passes allocate and JIT.
-    request(addr, &body(None, "Hello.", 8, &eos)).await?;
+    request(addr, &body(None, "Hello.", 8)).await?;
 
     let mut aggregate = Vec::new();
     for shared in [false, true] {
         if shared {
             // Puts the shared prefix into the cache, as an earlier conversation would.
-            request(addr, &body(Some(&system), "Say hi.", 1, &eos)).await?;
+            request(addr, &body(Some(system), "Say hi.", 1)).await?;
         }
-        for (turn, &n) in streams.iter().enumerate() {
+        for (turn, &n) in workload.streams.iter().enumerate() {
             let started = Instant::now();
             let requests = (0..n).map(|i| {
                 // Different questions, so that only the system prompt is shared.
@@ -73,12 +149,7 @@ async fn serve_bench(
                     "Question {turn}-{i}: write a short story about the number {}.",
                     i * 7 + turn
                 );
-                let body = body(
-                    shared.then_some(system.as_str()),
-                    &question,
-                    max_tokens,
-                    &eos,
-                );
+                let body = body(shared.then_some(system), &question, workload.max_tokens);
                 async move { request(addr, &body).await }
             });
             let samples = futures_all(requests).await?;
@@ -99,12 +170,13 @@ async fn serve_bench(
                 "{}",
                 json!({
                     "bench": "serve",
+                    "server": target.name,
                     "model": mlx_models::default_model::NAME,
-                    "weights": if quantized { "4-bit (as stored)" } else { "f32 (dequantized)" },
-                    "batched": card.batched,
+                    "weights": workload.weights,
+                    "batched": target.batched,
                     "streams": n,
-                    "shared_prefix_tokens": if shared { prefix_tokens } else { 0 },
-                    "max_tokens": max_tokens,
+                    "shared_prefix_tokens": if shared { workload.prefix_tokens } else { 0 },
+                    "max_tokens": workload.max_tokens,
                     "completion_tokens": tokens,
                     "aggregate_tok_s": round(rate),
                     "per_stream_decode_tok_s_mean": round(per_stream.iter().sum::<f64>() / n as f64),
@@ -130,13 +202,12 @@ async fn serve_bench(
             "{}",
             json!({
                 "bench": "serve",
+                "server": target.name,
                 "summary": format!("{n} streams vs 1"),
                 "aggregate_speedup": round(rate / one),
             })
         );
     }
-    let _ = stop.send(());
-    task.await??;
     Ok(())
 }
 
@@ -153,7 +224,13 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 /// A streamed greedy chat request that cannot end early (end of sequence banned).
-fn body(system: Option<&str>, question: &str, max_tokens: usize, eos: &[u32]) -> String {
+fn body(
+    model: &str,
+    system: Option<&str>,
+    question: &str,
+    max_tokens: usize,
+    eos: &[u32],
+) -> String {
     let mut messages = Vec::new();
     if let Some(system) = system {
         messages.push(json!({"role": "system", "content": system}));
@@ -162,7 +239,7 @@ fn body(system: Option<&str>, question: &str, max_tokens: usize, eos: &[u32]) ->
     let bias: serde_json::Map<String, Value> =
         eos.iter().map(|id| (id.to_string(), json!(-100))).collect();
     json!({
-        "model": "default",
+        "model": model,
         "messages": messages,
         "max_tokens": max_tokens,
         "temperature": 0,

@@ -501,6 +501,23 @@ impl KvCache {
         })
     }
 
+    /// An empty unbounded cache for a batch of prompts of different lengths prefilled
+    /// together, each left-padded to the longest: row `b` starts with `padding[b]` filler
+    /// tokens, which sit at negative positions and which no query of the row sees, so its
+    /// first real token is at position 0. After the prefill the cache is a batch as
+    /// [`KvCache::merge_rows`] makes one.
+    pub fn left_padded(padding: &[i32]) -> Result<KvCache> {
+        if let Some(&bad) = padding.iter().find(|&&p| p < 0) {
+            return Err(Error::Mlx(Exception::custom(format!(
+                "a batch row cannot have {bad} padding tokens"
+            ))));
+        }
+        Ok(KvCache {
+            padding: padding.iter().any(|&p| p > 0).then(|| padding.to_vec()),
+            ..KvCache::default()
+        })
+    }
+
     /// The batch of the given rows only, in that order, without the padding they all share.
     pub fn select_rows(&self, rows: &[usize]) -> Result<KvCache> {
         let (Some(k), Some(v)) = (&self.keys, &self.values) else {

@@ -160,6 +160,33 @@ impl LayerCache {
         Ok(kept)
     }
 
+    /// A model's empty cache (its `new_cache()`) made ready for prompts of different
+    /// lengths prefilled as one batch, row `b` left-padded by `padding[b]` filler tokens
+    /// ([`KvCache::left_padded`]). Only unbounded KV layers and layers without state
+    /// can; any other kind (or a cache already used) is an error.
+    pub fn left_padded_batch(cache: Vec<LayerCache>, padding: &[i32]) -> Result<Vec<LayerCache>> {
+        cache
+            .into_iter()
+            .map(|layer| match layer {
+                LayerCache::Kv(kv)
+                    if kv.window().is_none() && kv.chunk().is_none() && kv.offset() == 0 =>
+                {
+                    Ok(LayerCache::Kv(KvCache::left_padded(padding)?))
+                }
+                LayerCache::Stateless { offset: 0 } => Ok(layer),
+                other => Err(Error::Mlx(Exception::custom(format!(
+                    "only empty unbounded KV caches can prefill a padded batch, not {}",
+                    match other {
+                        LayerCache::Kv(_) => "a sliding-window, chunked or used KV cache",
+                        LayerCache::Latent(_) => "a latent cache",
+                        LayerCache::Recurrent(_) => "a recurrent cache",
+                        LayerCache::Stateless { .. } => "a used cache",
+                    }
+                )))),
+            })
+            .collect()
+    }
+
     /// The position of the next token of a whole model's cache, checking that every
     /// layer agrees.
     pub fn offset_of(cache: &[LayerCache]) -> Result<i32> {

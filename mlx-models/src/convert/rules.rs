@@ -278,6 +278,10 @@ pub fn to_mlx_lm_layout(weights: &mut Weights, config: &Value) -> Result<()> {
             _ => {}
         }
     }
+    if model_type == "gpt2" {
+        // mlx-lm's GPT-2: linear layers where the checkpoint has Conv1D, names under `model.`.
+        crate::models::gpt2::to_mlx_lm_layout(weights)?;
+    }
     split_granite_experts(weights)?;
     // Transformers 5's fused experts (`experts.gate_up_proj`, `[experts, 2·inter,
     // hidden]`), which mlx-lm 0.32.2 does not read, stacked the same way so they are

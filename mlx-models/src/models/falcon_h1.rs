@@ -314,7 +314,7 @@ pub fn load(config: &ConfigFile, mut weights: Weights) -> Result<Box<dyn Languag
         hidden_size: h,
         num_layers: c.num_hidden_layers,
         max_position_embeddings: c.max_position_embeddings,
-        dtype: final_layernorm.dtype(),
+        dtype: final_layernorm.dtype().unwrap_or(mlx_rs::Dtype::Float32),
         quantization: layers
             .first()
             .and_then(|l| l.self_attn.qkv.first().weight.quantization()),

@@ -68,6 +68,8 @@ impl DecoderFamily for Config {
             temperature_tuning: self.attn_temperature_tuning.then_some(TemperatureTuning {
                 floor_scale: self.floor_scale as f32,
                 attn_scale: self.attn_scale as f32,
+                position_offset: 1.0,
+                all_layers: false,
             }),
             ..d.attention()
         };

@@ -224,7 +224,7 @@ pub fn load(config: &ConfigFile, mut weights: Weights) -> Result<Box<dyn Languag
         hidden_size: h,
         num_layers: c.num_layers,
         max_position_embeddings: c.max_position_embeddings,
-        dtype: final_norm.dtype(),
+        dtype: final_norm.dtype().unwrap_or(mlx_rs::Dtype::Float32),
         quantization: layers.first().and_then(|l| l.self_attn[0].quantization()),
         num_parameters: weights.num_parameters(),
         num_active_parameters: weights.num_parameters().saturating_sub(inactive),

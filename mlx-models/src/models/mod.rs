@@ -1,7 +1,9 @@
 //! The model zoo: one module per architecture family, and the registry from
 //! `model_type` to module.
 
+pub mod apertus;
 pub mod arcee;
+pub mod bitnet;
 pub mod cohere;
 pub mod cohere2;
 pub mod deepseek_v2;
@@ -16,6 +18,9 @@ pub mod glm;
 pub mod glm4;
 pub mod glm4_moe;
 pub mod glm4_moe_lite;
+pub mod gpt2;
+pub mod gpt_bigcode;
+pub mod gpt_neox;
 pub mod gpt_oss;
 pub mod granite;
 pub mod granitemoe;
@@ -35,9 +40,12 @@ pub mod mamba;
 pub mod mamba2;
 pub mod minimax_m2;
 pub mod ministral;
+pub mod ministral3;
 pub mod mixtral;
+pub mod nanochat;
 pub mod nemotron;
 pub mod nemotron_h;
+pub mod olmo;
 pub mod olmo2;
 pub mod olmo3;
 pub mod olmoe;
@@ -68,7 +76,9 @@ pub type Loader = fn(&ConfigFile, Weights) -> Result<Box<dyn LanguageModel>>;
 
 /// Every supported `model_type` and the module that implements it.
 pub const REGISTRY: &[(&str, Loader)] = &[
+    ("apertus", family::load::<apertus::Config>),
     ("arcee", family::load::<arcee::Config>),
+    ("bitnet", family::load::<bitnet::Config>),
     ("cohere", family::load::<cohere::Config>),
     ("cohere2", family::load::<cohere2::Config>),
     ("deepseek_v2", family::load::<deepseek_v2::Config>),
@@ -84,6 +94,9 @@ pub const REGISTRY: &[(&str, Loader)] = &[
     ("glm4", family::load::<glm4::Config>),
     ("glm4_moe", family::load::<glm4_moe::Config>),
     ("glm4_moe_lite", family::load::<glm4_moe_lite::Config>),
+    ("gpt2", family::load::<gpt2::Config>),
+    ("gpt_bigcode", family::load::<gpt_bigcode::Config>),
+    ("gpt_neox", family::load::<gpt_neox::Config>),
     ("gpt_oss", family::load::<gpt_oss::Config>),
     ("granite", family::load::<granite::Config>),
     ("granitemoe", family::load::<granitemoe::Config>),
@@ -105,10 +118,13 @@ pub const REGISTRY: &[(&str, Loader)] = &[
     ("mamba2", mamba2::load),
     ("minimax_m2", family::load::<minimax_m2::Config>),
     ("ministral", family::load::<ministral::Config>),
+    ("ministral3", family::load::<ministral3::Config>),
     ("mistral", family::load::<llama::Config>),
     ("mixtral", family::load::<mixtral::Config>),
+    ("nanochat", family::load::<nanochat::Config>),
     ("nemotron", family::load::<nemotron::Config>),
     ("nemotron_h", nemotron_h::load),
+    ("olmo", family::load::<olmo::Config>),
     ("olmo2", family::load::<olmo2::Config>),
     ("olmo3", family::load::<olmo3::Config>),
     ("olmoe", family::load::<olmoe::Config>),

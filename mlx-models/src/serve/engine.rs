@@ -1,8 +1,9 @@
 //! The generation engine behind the server: one thread owns the model and runs every
 //! request, with continuous batching.
 //!
-//! A request is prefilled on its own (reusing the longest cached prefix of an earlier
-//! request, see [`PrefixCache`]), then joins the running batch between two decode steps:
+//! A request is prefilled reusing the longest cached prefix of an earlier request (see
+//! [`PrefixCache`]); requests that arrive together without one are prefilled together, as
+//! one left-padded batch. Each then joins the running batch between two decode steps:
 //! every running request's next token goes through the model in one batched forward pass,
 //! rows left-padded to a common length with their own RoPE positions and masks (see
 //! [`KvCache::merge_rows`]). Each request keeps its own sampler, stop strings and limits,
@@ -29,6 +30,10 @@ use tokio::sync::{mpsc as tokio_mpsc, watch};
 
 /// Prompts are fed to the model in chunks of this many tokens.
 const PREFILL_CHUNK: usize = 512;
+
+/// Prompts prefilled together as one padded batch hold at most this many tokens in all,
+/// padding included.
+const PREFILL_BATCH_TOKENS: usize = 2048;
 
 /// How the engine runs.
 #[derive(Debug, Clone)]
@@ -338,6 +343,33 @@ impl Sequence {
     }
 }
 
+/// A checked request, with the cache of its longest cached prefix (if any).
+struct Prepared {
+    request: GenerationRequest,
+    events: tokio_mpsc::UnboundedSender<Event>,
+    sampler: Sampler,
+    cache: Option<Vec<LayerCache>>,
+    /// Prompt tokens that cache holds.
+    cached: usize,
+}
+
+/// Requests without a cached prefix, in groups to prefill together: shortest prompts
+/// first, each group padded to at most [`PREFILL_BATCH_TOKENS`] tokens in all, so that
+/// neither padding nor the batch's attention grows without bound.
+fn prefill_groups(mut fresh: Vec<Prepared>) -> Vec<Vec<Prepared>> {
+    fresh.sort_by_key(|p| p.request.prompt.len());
+    let mut groups: Vec<Vec<Prepared>> = Vec::new();
+    for prepared in fresh {
+        let len = prepared.request.prompt.len();
+        match groups.last_mut() {
+            // Sorted, so this prompt is the group's longest.
+            Some(group) if (group.len() + 1) * len <= PREFILL_BATCH_TOKENS => group.push(prepared),
+            _ => groups.push(vec![prepared]),
+        }
+    }
+    groups
+}
+
 struct Worker {
     model: Model,
     eos: Vec<u32>,
@@ -382,22 +414,24 @@ impl Worker {
     fn run(&mut self, jobs: mpsc::Receiver<Job>) {
         let mut open = true;
         loop {
+            let mut arrived = Vec::new();
             if self.active.is_empty() {
                 if !open {
                     return;
                 }
                 match jobs.recv() {
-                    Ok(job) => self.admit(job),
+                    Ok(job) => arrived.push(job),
                     Err(_) => return,
                 }
             }
-            while open && self.active.len() < self.max_batch {
+            while open && self.active.len() + arrived.len() < self.max_batch {
                 match jobs.try_recv() {
-                    Ok(job) => self.admit(job),
+                    Ok(job) => arrived.push(job),
                     Err(mpsc::TryRecvError::Empty) => break,
                     Err(mpsc::TryRecvError::Disconnected) => open = false,
                 }
             }
+            self.admit(arrived);
             if let Err(e) = self.step() {
                 // A failed batched step fails every request in it.
                 for seq in self.active.drain(..) {
@@ -415,35 +449,60 @@ impl Worker {
         }
     }
 
-    /// Prefills a new request (from the longest cached prefix) and samples its first
-    /// token; it then joins the running ones.
-    fn admit(&mut self, job: Job) {
-        self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
-        if job.events.is_closed() {
-            self.stats.cancelled.fetch_add(1, Ordering::SeqCst);
-            return;
-        }
-        self.stats
-            .running
-            .store(self.active.len() + 1, Ordering::SeqCst);
-        let events = job.events.clone();
-        match self.start(job) {
-            Ok(Some(seq)) => {
-                if let Err(e) = self.join(seq) {
+    /// Prefills the requests that arrived (each from the longest cached prefix; those
+    /// without one together, as one padded batch where the model batches) and samples
+    /// their first tokens; they then join the running ones.
+    fn admit(&mut self, jobs: Vec<Job>) {
+        let mut fresh = Vec::new();
+        for job in jobs {
+            self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
+            if job.events.is_closed() {
+                self.stats.cancelled.fetch_add(1, Ordering::SeqCst);
+                continue;
+            }
+            self.stats.running.fetch_add(1, Ordering::SeqCst);
+            let events = job.events.clone();
+            match self.prepare(job) {
+                Ok(prepared) if self.batched && prepared.cached == 0 => fresh.push(prepared),
+                Ok(prepared) => {
+                    let result = self
+                        .prefill_alone(prepared)
+                        .and_then(|seq| seq.map_or(Ok(()), |seq| self.join(seq)));
+                    if let Err(e) = result {
+                        let _ = events.send(Event::Error(e));
+                    }
+                }
+                Err(e) => {
                     let _ = events.send(Event::Error(e));
                 }
             }
-            Ok(None) => {}
-            Err(e) => {
-                let _ = events.send(Event::Error(e));
+        }
+        for group in prefill_groups(fresh) {
+            if let [_] = group.as_slice() {
+                let prepared = group.into_iter().next().expect("a group of one");
+                let events = prepared.events.clone();
+                let result = self
+                    .prefill_alone(prepared)
+                    .and_then(|seq| seq.map_or(Ok(()), |seq| self.join(seq)));
+                if let Err(e) = result {
+                    let _ = events.send(Event::Error(e));
+                }
+                continue;
+            }
+            let senders: Vec<_> = group.iter().map(|p| p.events.clone()).collect();
+            if let Err(e) = self.prefill_together(group) {
+                for events in senders {
+                    let _ = events.send(Event::Error(e_clone(&e)));
+                }
             }
         }
     }
 
-    fn start(&mut self, job: Job) -> Result<Option<Sequence>> {
+    /// Checks a request and finds the longest cached prefix of its prompt.
+    fn prepare(&mut self, job: Job) -> Result<Prepared> {
         let Job { request, events } = job;
         let info = self.model.info();
-        let prompt = request.prompt;
+        let prompt = &request.prompt;
         if prompt.is_empty() {
             return Err(Error::EmptyPrompt);
         }
@@ -461,15 +520,31 @@ impl Worker {
                 message: format!("prompt token {bad} is outside the model's vocabulary of {vocab}"),
             });
         }
-        let sampler = request.sampler.build()?;
-        let (mut cache, cached) = match self.prefix.lookup(&prompt)? {
-            Some(reuse) => (reuse.cache, reuse.reused),
-            None => (self.model.network().new_cache(), 0),
+        let sampler = request.sampler.clone().build()?;
+        let (cache, cached) = match self.prefix.lookup(prompt)? {
+            Some(reuse) => (Some(reuse.cache), reuse.reused),
+            None => (None, 0),
         };
         self.stats.reused_tokens.fetch_add(cached, Ordering::SeqCst);
+        Ok(Prepared {
+            request,
+            events,
+            sampler,
+            cache,
+            cached,
+        })
+    }
+
+    /// Prefills one request with a cache of its own.
+    fn prefill_alone(&mut self, mut prepared: Prepared) -> Result<Option<Sequence>> {
+        let mut cache = match prepared.cache.take() {
+            Some(cache) => cache,
+            None => self.model.network().new_cache(),
+        };
+        let prompt = &prepared.request.prompt;
         let mut logits = None;
-        for chunk in prompt[cached..].chunks(PREFILL_CHUNK) {
-            if events.is_closed() {
+        for chunk in prompt[prepared.cached..].chunks(PREFILL_CHUNK) {
+            if prepared.events.is_closed() {
                 self.stats.cancelled.fetch_add(1, Ordering::SeqCst);
                 return Ok(None);
             }
@@ -485,10 +560,106 @@ impl Worker {
             logits = Some(last);
         }
         let logits = logits.ok_or(Error::EmptyPrompt)?;
-        let mut seq = Sequence {
+        let mut seq = self.sequence(prepared);
+        seq.cache = Some(cache);
+        self.begin(&mut seq, logits.as_slice::<f32>())?;
+        if seq.finish.is_some() {
+            let cache = seq.cache.take();
+            keep_cache(&mut self.prefix, &seq, cache);
+            return Ok(None);
+        }
+        Ok(Some(seq))
+    }
+
+    /// Prefills requests without a cached prefix as one batch, each prompt left-padded to
+    /// the longest ([`LayerCache::left_padded_batch`]), and adds them to the running batch.
+    fn prefill_together(&mut self, group: Vec<Prepared>) -> Result<()> {
+        let longest = group
+            .iter()
+            .map(|p| p.request.prompt.len())
+            .max()
+            .unwrap_or(0);
+        let padding: Vec<i32> = group
+            .iter()
+            .map(|p| (longest - p.request.prompt.len()) as i32)
+            .collect();
+        // The filler is never seen by a real query; any valid token will do.
+        let rows: Vec<Vec<i32>> = group
+            .iter()
+            .map(|p| {
+                let mut row = vec![0; longest - p.request.prompt.len()];
+                row.extend(p.request.prompt.iter().map(|&t| t as i32));
+                row
+            })
+            .collect();
+        let mut cache = LayerCache::left_padded_batch(self.model.network().new_cache(), &padding)?;
+        let mut logits = None;
+        for start in (0..longest).step_by(PREFILL_CHUNK) {
+            if group.iter().all(|p| p.events.is_closed()) {
+                self.stats
+                    .cancelled
+                    .fetch_add(group.len(), Ordering::SeqCst);
+                return Ok(());
+            }
+            let end = (start + PREFILL_CHUNK).min(longest);
+            let ids: Vec<i32> = rows.iter().flat_map(|r| &r[start..end]).copied().collect();
+            let input = Array::from_slice(&ids, &[rows.len() as i32, (end - start) as i32]);
+            let out = self
+                .model
+                .network()
+                .forward(&input, &mut cache, &mut Tap::off())?;
+            let last = out.take_axis(Array::from_int(out.dim(1) - 1), 1)?;
+            let last = last.as_dtype(Dtype::Float32)?;
+            last.eval()?;
+            logits = Some(last);
+        }
+        let logits = logits.ok_or(Error::EmptyPrompt)?;
+        let vocab = logits.dim(-1) as usize;
+        let rows = logits.as_slice::<f32>();
+        let mut started = Vec::new();
+        let mut keep = Vec::new();
+        for (i, prepared) in group.into_iter().enumerate() {
+            let mut seq = self.sequence(prepared);
+            if let Err(e) = self.begin(&mut seq, &rows[i * vocab..(i + 1) * vocab]) {
+                let _ = seq.events.send(Event::Error(e));
+                continue;
+            }
+            if seq.finish.is_some() {
+                keep_cache(&mut self.prefix, &seq, row_of(&cache, i).ok());
+                continue;
+            }
+            keep.push(i);
+            started.push(seq);
+        }
+        if started.is_empty() {
+            return Ok(());
+        }
+        let cache = if keep.len() < rows.len() / vocab {
+            select_rows(&cache, &keep)?
+        } else {
+            cache
+        };
+        self.batch = Some(match &self.batch {
+            None => cache,
+            Some(batch) => merge(batch, &cache)?,
+        });
+        self.active.extend(started);
+        Ok(())
+    }
+
+    /// The sequence of a prefilled request, before its first token.
+    fn sequence(&self, prepared: Prepared) -> Sequence {
+        let Prepared {
+            request,
             events,
-            prompt_tokens: prompt.len(),
-            history: prompt,
+            sampler,
+            cached,
+            ..
+        } = prepared;
+        Sequence {
+            events,
+            prompt_tokens: request.prompt.len(),
+            history: request.prompt,
             cached_tokens: cached,
             generated: 0,
             max_tokens: request.max_tokens,
@@ -502,20 +673,19 @@ impl Worker {
             logprobs: request.logprobs,
             literal_tokens: request.literal_tokens,
             next: 0,
-            cache: Some(cache),
+            cache: None,
             finish: None,
-        };
+        }
+    }
+
+    /// Samples a prefilled sequence's first token (or ends it at once for `max_tokens: 0`).
+    fn begin(&self, seq: &mut Sequence, logits: &[f32]) -> Result<()> {
         if seq.max_tokens == 0 {
-            self.finish(&mut seq, FinishReason::Length);
+            self.finish(seq, FinishReason::Length);
+            Ok(())
         } else {
-            self.advance(&mut seq, logits.as_slice::<f32>())?;
+            self.advance(seq, logits)
         }
-        if seq.finish.is_some() {
-            let cache = seq.cache.take();
-            keep_cache(&mut self.prefix, &seq, cache);
-            return Ok(None);
-        }
-        Ok(Some(seq))
     }
 
     /// Adds a prefilled sequence to the running ones (to the batch when batched).

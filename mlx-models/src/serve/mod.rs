@@ -56,7 +56,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
-use tools::{ToolCall, ToolCallStream};
+use tools::{ToolCall, ToolCallDelta, ToolCallStream, ToolChoice};
 
 /// The environment variable `mlx-models serve` reads the API key from.
 pub const API_KEY_ENV: &str = "MLX_MODELS_API_KEY";
@@ -413,6 +413,9 @@ struct Prepared {
     stream: bool,
     include_usage: bool,
     tools: bool,
+    /// The start of a tool call put after the prompt (`tool_choice` `required` or a
+    /// named function): the reply's text is read as following it.
+    forced: Option<String>,
     echo: Option<String>,
 }
 
@@ -642,22 +645,59 @@ async fn prepare_chat(
         }
         normalize_tool_calls(message);
     }
-    let tools = match (&request.tool_choice, request.tools) {
-        (_, None) => None,
-        (Some(Value::String(choice)), Some(_)) if choice == "none" => None,
-        (Some(Value::String(choice)), Some(tools)) if choice == "auto" || choice == "required" => {
-            Some(tools)
-        }
-        (Some(Value::Object(choice)), Some(tools))
-            if choice.get("type").and_then(Value::as_str) == Some("function") =>
-        {
-            Some(tools)
-        }
-        (None, Some(tools)) => Some(tools),
-        (Some(_), Some(_)) => return Err(ApiError::invalid(
-            "tool_choice must be \"none\", \"auto\", \"required\" or {\"type\": \"function\", …}",
+    let bad_choice = || {
+        ApiError::invalid(
+            "tool_choice must be \"none\", \"auto\", \"required\", \
+             {\"type\": \"function\", \"function\": {\"name\": …}} or \
+             {\"type\": \"allowed_tools\", \"allowed_tools\": {\"mode\": …, \"tools\": […]}}",
         )
-        .param("tool_choice")),
+        .param("tool_choice")
+    };
+    let function_name = |tool: &Value| {
+        tool.get("function")
+            .and_then(|f| f.get("name"))
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+    };
+    // What is asked, and the names of the tools the model may be shown (all where `None`).
+    let (choice, allowed) = match &request.tool_choice {
+        None => (Some(ToolChoice::Auto), None),
+        Some(Value::String(choice)) => match choice.as_str() {
+            "none" => (None, None),
+            "auto" => (Some(ToolChoice::Auto), None),
+            "required" => (Some(ToolChoice::Required), None),
+            _ => return Err(bad_choice()),
+        },
+        Some(choice) => match choice.get("type").and_then(Value::as_str) {
+            Some("function") => {
+                let name = function_name(choice).ok_or_else(bad_choice)?;
+                (Some(ToolChoice::Function(name.clone())), Some(vec![name]))
+            }
+            Some("allowed_tools") => {
+                let allowed = &choice["allowed_tools"];
+                let mode = match allowed.get("mode").and_then(Value::as_str) {
+                    Some("auto") => ToolChoice::Auto,
+                    Some("required") => ToolChoice::Required,
+                    _ => return Err(bad_choice()),
+                };
+                let names = allowed
+                    .get("tools")
+                    .and_then(Value::as_array)
+                    .ok_or_else(bad_choice)?
+                    .iter()
+                    .map(|t| function_name(t).ok_or_else(bad_choice))
+                    .collect::<std::result::Result<Vec<_>, _>>()?;
+                (Some(mode), Some(names))
+            }
+            _ => return Err(bad_choice()),
+        },
+    };
+    let (tools, choice) = match (choice, request.tools) {
+        (Some(choice), Some(tools)) => (Some(tools), choice),
+        (Some(ToolChoice::Auto), None) | (None, _) => (None, ToolChoice::Auto),
+        (Some(_), None) => {
+            return Err(ApiError::invalid("tool_choice needs tools").param("tool_choice"))
+        }
     };
     if let Some(tools) = &tools {
         if let Some(i) = tools.iter().position(|t| !t.is_object()) {
@@ -666,14 +706,43 @@ async fn prepare_chat(
             );
         }
     }
+    // A named function, or the allowed ones, are all the model is shown.
+    let tools = match (allowed, tools) {
+        (Some(names), Some(tools)) => {
+            if let Some(missing) = names
+                .iter()
+                .find(|&n| !tools.iter().any(|t| function_name(t).as_ref() == Some(n)))
+            {
+                return Err(ApiError::invalid(format!(
+                    "tool_choice names `{missing}`, which is not in tools"
+                ))
+                .param("tool_choice"));
+            }
+            Some(
+                tools
+                    .into_iter()
+                    .filter(|t| function_name(t).is_some_and(|n| names.contains(&n)))
+                    .collect::<Vec<_>>(),
+            )
+        }
+        (_, tools) => tools,
+    };
+    if choice == ToolChoice::Required && tools.as_ref().is_none_or(Vec::is_empty) {
+        return Err(ApiError::invalid("tool_choice \"required\" needs tools").param("tools"));
+    }
     let has_tools = tools.as_ref().is_some_and(|t| !t.is_empty());
+    // `required` and a named function: the reply starts as a call in the template's format.
+    let forced = has_tools
+        .then(|| tools::forced_opening(card.tokenizer.chat_template().unwrap_or(""), &choice))
+        .flatten();
     let tokenizer = card.tokenizer.clone();
+    let opening = forced.clone().unwrap_or_default();
     let prompt = tokio::task::spawn_blocking(move || -> Result<Vec<u32>> {
         let mut options = ChatTemplateOptions::new().add_generation_prompt(true);
         if let Some(tools) = tools.filter(|t| !t.is_empty()) {
             options = options.tools(tools);
         }
-        let text = tokenizer.apply_chat_template(&messages, &options)?;
+        let text = tokenizer.apply_chat_template(&messages, &options)? + &opening;
         tokenizer.encode(&text, false)
     })
     .await
@@ -703,6 +772,7 @@ async fn prepare_chat(
         stream,
         include_usage,
         tools: has_tools,
+        forced,
         echo: None,
     })
 }
@@ -791,6 +861,7 @@ async fn prepare_completion(
         stream,
         include_usage,
         tools: false,
+        forced: None,
         echo: echo.then_some(text),
     })
 }
@@ -832,21 +903,16 @@ fn usage(done: &Completion) -> Value {
     })
 }
 
-fn tool_calls_json(state: &AppState, calls: &[ToolCall], streaming: bool) -> Value {
+fn tool_calls_json(state: &AppState, calls: &[ToolCall]) -> Value {
     Value::Array(
         calls
             .iter()
-            .enumerate()
-            .map(|(i, call)| {
-                let mut v = json!({
+            .map(|call| {
+                json!({
                     "id": new_id(state, "call_"),
                     "type": "function",
                     "function": {"name": call.name, "arguments": call.arguments},
-                });
-                if streaming {
-                    v["index"] = json!(i);
-                }
-                v
+                })
             })
             .collect(),
     )
@@ -911,7 +977,15 @@ async fn respond(state: AppState, prepared: Prepared, kind: Kind) -> Response {
             id,
             created: now(),
             events,
-            tools: prepared.tools.then(ToolCallStream::new),
+            tools: prepared.tools.then(|| {
+                let mut tools = ToolCallStream::new();
+                if let Some(opening) = &prepared.forced {
+                    // Held from the start: the reply continues a tool call.
+                    tools.push(opening);
+                }
+                tools
+            }),
+            call_ids: Vec::new(),
             include_usage: prepared.include_usage,
             logprobs: prepared.request.logprobs.is_some(),
             sent_role: false,
@@ -968,6 +1042,10 @@ fn whole_response(
     let want_logprobs = prepared.request.logprobs.is_some();
     match kind {
         Kind::Chat => {
+            let text = match &prepared.forced {
+                Some(opening) => format!("{opening}{text}"),
+                None => text,
+            };
             let parsed = if prepared.tools {
                 tools::parse_tool_calls(&text).filter(|(_, calls)| !calls.is_empty())
             } else {
@@ -982,7 +1060,7 @@ fn whole_response(
                 if message["content"] == "" {
                     message["content"] = Value::Null;
                 }
-                message["tool_calls"] = tool_calls_json(state, &calls, false);
+                message["tool_calls"] = tool_calls_json(state, &calls);
             }
             let logprobs = want_logprobs
                 .then(|| json!({"content": logprobs.iter().map(chat_logprob).collect::<Vec<_>>()}));
@@ -1029,6 +1107,8 @@ struct Frames {
     created: u64,
     events: tokio::sync::mpsc::UnboundedReceiver<Event>,
     tools: Option<ToolCallStream>,
+    /// The ids of the tool calls streamed so far.
+    call_ids: Vec<String>,
     include_usage: bool,
     logprobs: bool,
     sent_role: bool,
@@ -1071,10 +1151,21 @@ impl Frames {
         }
         match self.events.recv().await {
             Some(Event::Token { text, logprob }) => {
-                let text = match &mut self.tools {
-                    Some(tools) => tools.push(&text),
-                    None => text,
+                let (text, calls) = match &mut self.tools {
+                    Some(tools) => {
+                        let text = tools.push(&text);
+                        (text, tools.deltas())
+                    }
+                    None => (text, Vec::new()),
                 };
+                if !calls.is_empty() {
+                    let calls = self.tool_call_deltas(&calls);
+                    out.push(data(self.chat_chunk(
+                        json!({"tool_calls": calls}),
+                        None,
+                        None,
+                    )));
+                }
                 if text.is_empty() && logprob.is_none() {
                     return out;
                 }
@@ -1096,23 +1187,21 @@ impl Frames {
                 out.push(data(chunk));
             }
             Some(Event::Done(done)) => {
-                let mut calls = Vec::new();
                 if let Some(tools) = self.tools.take() {
-                    let (rest, found) = tools.finish();
+                    let (rest, calls) = tools.finish_deltas();
                     if !rest.is_empty() {
                         out.push(data(self.chat_chunk(json!({"content": rest}), None, None)));
                     }
-                    calls = found;
+                    if !calls.is_empty() {
+                        let calls = self.tool_call_deltas(&calls);
+                        out.push(data(self.chat_chunk(
+                            json!({"tool_calls": calls}),
+                            None,
+                            None,
+                        )));
+                    }
                 }
-                if !calls.is_empty() {
-                    let calls_json = tool_calls_json(&self.state, &calls, true);
-                    out.push(data(self.chat_chunk(
-                        json!({"tool_calls": calls_json}),
-                        None,
-                        None,
-                    )));
-                }
-                let reason = finish_reason(&done.finish_reason, !calls.is_empty());
+                let reason = finish_reason(&done.finish_reason, !self.call_ids.is_empty());
                 out.push(data(match self.kind {
                     Kind::Chat => self.chat_chunk(json!({}), None, Some(reason)),
                     Kind::Completion => self.completion_chunk("", None, Some(reason)),
@@ -1142,6 +1231,26 @@ impl Frames {
             }
         }
         out
+    }
+
+    /// Streamed tool-call pieces as OpenAI's `delta.tool_calls`: a call's first piece has
+    /// its id, type and name, later ones more of its arguments.
+    fn tool_call_deltas(&mut self, deltas: &[ToolCallDelta]) -> Value {
+        let calls = deltas
+            .iter()
+            .map(|delta| match delta {
+                ToolCallDelta::Start { index, name } => {
+                    let id = new_id(&self.state, "call_");
+                    self.call_ids.push(id.clone());
+                    json!({"index": index, "id": id, "type": "function",
+                        "function": {"name": name, "arguments": ""}})
+                }
+                ToolCallDelta::Arguments { index, text } => {
+                    json!({"index": index, "function": {"arguments": text}})
+                }
+            })
+            .collect();
+        Value::Array(calls)
     }
 
     fn chat_chunk(&self, delta: Value, logprobs: Option<Value>, finish: Option<&str>) -> Value {

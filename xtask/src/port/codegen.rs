@@ -164,7 +164,8 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
     // What differs from the defaults of the shared settings.
     let mut family = ["DecoderConfig", "DecoderFamily", "LayerRule"];
     let mut transformer = vec!["DecoderSettings", "MlpLayout"];
-    if !plan.renames.is_empty() {
+    let sanitizes = !plan.renames.is_empty() || !plan.prefix_renames.is_empty();
+    if sanitizes {
         transformer.push("drop_computed_weights");
     }
     let mut attn = Vec::new();
@@ -290,8 +291,17 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
     let _ = writeln!(w, "use crate::error::Result;");
     let _ = writeln!(w, "use crate::family::{{{}}};", family.join(", "));
     let _ = writeln!(w, "use crate::transformer::{{{}}};", transformer.join(", "));
-    if !plan.renames.is_empty() {
-        let _ = writeln!(w, "use crate::weights::{{rename_layer_module, Weights}};");
+    match (plan.prefix_renames.is_empty(), plan.renames.is_empty()) {
+        (true, true) => {}
+        (true, false) => {
+            let _ = writeln!(w, "use crate::weights::{{rename_layer_module, Weights}};");
+        }
+        (false, _) => {
+            let _ = writeln!(
+                w,
+                "use crate::weights::{{rename_layer_module, rename_prefix, Weights}};"
+            );
+        }
     }
     let _ = writeln!(w, "use serde::Deserialize;");
     let _ = writeln!(w);
@@ -429,24 +439,54 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
         );
     }
     let _ = writeln!(w, "}}");
-    if !plan.renames.is_empty() {
+    if sanitizes {
         let _ = writeln!(w);
         let _ = writeln!(
             w,
             "fn sanitize(&self, weights: &mut Weights, settings: &DecoderSettings) -> Result<()> {{"
         );
-        let _ = writeln!(
-            w,
-            "drop_computed_weights(weights, settings.tie_word_embeddings);"
-        );
-        let _ = writeln!(
-            w,
-            "weights.rename(|name| Some(rename_layer_module(name, &RENAMES)));"
-        );
+        if plan.prefix_renames.is_empty() {
+            let _ = writeln!(
+                w,
+                "drop_computed_weights(weights, settings.tie_word_embeddings);"
+            );
+            let _ = writeln!(
+                w,
+                "weights.rename(|name| Some(rename_layer_module(name, &RENAMES)));"
+            );
+        } else {
+            // The root renames first: the tied output layer is only known as `lm_head` after.
+            let _ = writeln!(
+                w,
+                "weights.rename(|name| Some(rename_layer_module(&rename_prefix(name, &PREFIXES), &RENAMES)));"
+            );
+            let _ = writeln!(
+                w,
+                "drop_computed_weights(weights, settings.tie_word_embeddings);"
+            );
+        }
         let _ = writeln!(w, "Ok(())\n}}");
     }
     let _ = writeln!(w, "}}");
-    if !plan.renames.is_empty() {
+    if !plan.prefix_renames.is_empty() {
+        let _ = writeln!(w);
+        doc(
+            w,
+            "/// ",
+            "Where the checkpoint keeps the embedding, the decoder layers and the final norm, \
+             and the names the shared blocks load them under (found by structure).",
+        );
+        let _ = writeln!(
+            w,
+            "const PREFIXES: [(&str, &str); {}] = [",
+            plan.prefix_renames.len()
+        );
+        for (from, to) in &plan.prefix_renames {
+            let _ = writeln!(w, "({from:?}, {to:?}),");
+        }
+        let _ = writeln!(w, "];");
+    }
+    if sanitizes {
         let _ = writeln!(w);
         doc(
             w,

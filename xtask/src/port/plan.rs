@@ -182,6 +182,88 @@ pub struct Plan {
     pub renames: Vec<(String, String)>,
     /// parameter name (layer 0 or top level) → the block that takes it.
     pub weight_map: Vec<(String, String)>,
+    /// Module paths from the root that a model whose base is not `model` keeps the decoder
+    /// under (GPT-2's `transformer.h` → `model.layers`): `sanitize` renames them first.
+    pub prefix_renames: Vec<(String, String)>,
+}
+
+/// The root renames that bring a model whose base model is not `model.` to the names the
+/// blocks load, from the facts' `structure` (introspect.py finds the embedding, the
+/// decoder layers and the final norm by structure): GPT-2's `transformer.wte`,
+/// `transformer.h`, `transformer.ln_f`; GPT-NeoX's `gpt_neox.embed_in`, ... Nothing for a
+/// model under `model.` (whose other names the call trace decides).
+pub fn structure_renames(facts: &Value) -> Vec<(String, String)> {
+    let Some(structure) = facts.get("structure") else {
+        return Vec::new();
+    };
+    let mut renames = Vec::new();
+    // Modules save_pretrained writes under their original names (GPT-NeoX's `embed_out`
+    // for `lm_head`): the checkpoint's names are those.
+    for (written, loaded) in facts
+        .get("saved_names")
+        .and_then(Value::as_object)
+        .into_iter()
+        .flatten()
+    {
+        let Some(loaded) = loaded.as_str() else {
+            continue;
+        };
+        let (Some((from, leaf)), Some((to, same))) =
+            (written.rsplit_once('.'), loaded.rsplit_once('.'))
+        else {
+            continue;
+        };
+        let pair = (from.to_owned(), to.to_owned());
+        if leaf == same && from != to && !renames.contains(&pair) {
+            renames.push(pair);
+        }
+    }
+    for (part, canonical) in [
+        ("embeddings", "model.embed_tokens"),
+        ("positions", "model.embed_positions"),
+        ("layers", "model.layers"),
+        ("norm", "model.norm"),
+    ] {
+        let Some(name) = structure.get(part).and_then(Value::as_str) else {
+            continue;
+        };
+        if !name.starts_with("model.") && name != canonical {
+            renames.push((name.to_owned(), canonical.to_owned()));
+        }
+    }
+    renames
+}
+
+/// What the structure holds that no generated module reads: learned absolute positions
+/// (GPT-2's `wpe`) and `Conv1D` projections (weights `[in, out]`), each with the public
+/// piece a hand-written module uses for it.
+pub fn structure_gaps(facts: &Value) -> Vec<String> {
+    let mut gaps = Vec::new();
+    if let Some(name) = facts
+        .pointer("/structure/positions")
+        .and_then(Value::as_str)
+    {
+        gaps.push(format!(
+            "learned absolute positions `{name}`: the generator does not emit them \
+             (by hand: `DecoderSettings::learned_positions`, `positions::LearnedPositions`; see `models/gpt2.rs`)"
+        ));
+    }
+    let conv: Vec<&str> = facts
+        .get("modules")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter(|m| m.get("class").and_then(Value::as_str) == Some("Conv1D"))
+        .filter_map(|m| m.get("name").and_then(Value::as_str))
+        .collect();
+    if let Some(first) = conv.first() {
+        gaps.push(format!(
+            "{} `Conv1D` projections (`{first}`, ...) store their weights as [in, out]: the generator \
+             does not emit the transpose (by hand: `fused_qkv::conv1d_to_linear` in `sanitize`)",
+            conv.len()
+        ));
+    }
+    gaps
 }
 
 /// Fields that never change the forward pass of one sequence.
@@ -410,13 +492,27 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
     roles
         .renames
         .extend(super::trace::final_norm_rename(facts.value));
+    let prefix_renames = structure_renames(facts.value);
+    let prefixes: Vec<(&str, &str)> = prefix_renames
+        .iter()
+        .map(|(a, b)| (a.as_str(), b.as_str()))
+        .collect();
     let params: BTreeMap<String, Vec<i64>> = facts
         .parameters()
         .into_iter()
-        .map(|(name, shape)| (super::trace::rename(&name, &roles.renames), shape))
+        .map(|(name, shape)| {
+            let name = mlx_models::weights::rename_prefix(&name, &prefixes);
+            (super::trace::rename(&name, &roles.renames), shape)
+        })
         .collect();
     let has_field = |name: &str| defaults.contains_key(name);
     let mut decisions = Vec::new();
+    for (from, to) in &prefix_renames {
+        decisions.push(format!(
+            "`{from}` is the model's `{to}` (found by structure: the embedding, the ModuleList of \
+             decoder layers, the final norm): renamed"
+        ));
+    }
     for (from, to) in &roles.renames {
         decisions.push(format!(
             "`{from}` does what the blocks' `{to}` does (where Transformers calls it, and on what): renamed"
@@ -443,6 +539,7 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
             gaps.push(format!("no `{required}`: not a Llama-shaped decoder"));
         }
     }
+    gaps.extend(structure_gaps(facts.value));
     let layer0: BTreeMap<&str, &Vec<i64>> = params
         .iter()
         .filter_map(|(n, s)| n.strip_prefix("model.layers.0.").map(|n| (n, s)))
@@ -474,6 +571,15 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
     ] {
         if has_field(name) || name == "tie_word_embeddings" {
             add(&mut fields, name, ty, role);
+        } else if let Some(own) = facts
+            .value
+            .pointer(&format!("/attribute_map/{name}"))
+            .and_then(Value::as_str)
+        {
+            gaps.push(format!(
+                "config class names `{name}` `{own}` (its attribute_map): the generated Config \
+                 reads the common names only"
+            ));
         } else if !matches!(name, "head_dim" | "num_key_value_heads") {
             gaps.push(format!("config class has no `{name}`"));
         }
@@ -1104,6 +1210,7 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         ignored,
         refused,
         renames: roles.renames.clone(),
+        prefix_renames,
         lm_head_bias: params.contains_key("lm_head.bias"),
         layer_calls: super::trace::events(facts.value)
             .into_iter()

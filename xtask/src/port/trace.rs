@@ -61,8 +61,43 @@ pub struct NormRoles {
     pub qk_after_rope: bool,
 }
 
-/// The norms' roles, from the calls of layer 0.
+/// The layer's attention block when it is not called `self_attn`: the first module
+/// directly under the layer whose class is an attention (GPT-2's `attn`, GPT-NeoX's
+/// `attention`).
+pub fn attention_block(events: &[Event]) -> Option<String> {
+    events
+        .iter()
+        .find(|e| e.enter && !e.module.contains('.') && e.class.contains("Attention"))
+        .map(|e| e.module.clone())
+        .filter(|m| !m.is_empty() && m != "self_attn")
+}
+
+/// The norms' roles (and the projections' and the attention block's names), from the
+/// calls of layer 0. An attention block under another name is read as `self_attn` and
+/// renamed last, after the renames of the modules inside it.
 pub fn norm_roles(events: &[Event]) -> NormRoles {
+    let Some(block) = attention_block(events) else {
+        return block_roles(events);
+    };
+    let renamed: Vec<Event> = events
+        .iter()
+        .map(|e| Event {
+            module: mlx_models::weights::rename_prefix(&e.module, &[(&block, "self_attn")]),
+            ..e.clone()
+        })
+        .collect();
+    let mut roles = block_roles(&renamed);
+    for (from, _) in &mut roles.renames {
+        if let Some(tail) = from.strip_prefix("self_attn.") {
+            *from = format!("{block}.{tail}");
+        }
+    }
+    roles.renames.push((block, "self_attn".to_owned()));
+    roles
+}
+
+/// [`norm_roles`] of a layer whose attention block is `self_attn`.
+fn block_roles(events: &[Event]) -> NormRoles {
     let position = |module: &str, enter: bool| {
         events
             .iter()
@@ -152,20 +187,33 @@ pub fn norm_roles(events: &[Event]) -> NormRoles {
     roles
 }
 
+/// The classes of projections: `nn.Linear`, and GPT-2's `Conv1D` (the same with its weight
+/// transposed).
+pub const PROJECTIONS: [&str; 2] = ["Linear", "Conv1D"];
+
 /// The projections whose names the blocks do not know, by the order Transformers calls
-/// them: the last linear layer of attention is its output projection; an MLP of two
-/// linear layers is up (first) and down (second).
+/// them: the last linear layer of attention is its output projection, and when there is
+/// one other, it is the fused q/k/v projection (GPT-2's `c_attn`, GPT-NeoX's
+/// `query_key_value`); an MLP of two linear layers is up (first) and down (second).
 fn linear_roles(events: &[Event], renames: &mut Vec<(String, String)>) {
     let linears = |block: &str| -> Vec<String> {
         let prefix = format!("{block}.");
         events
             .iter()
-            .filter(|e| e.enter && e.class == "Linear")
+            .filter(|e| e.enter && PROJECTIONS.contains(&e.class.as_str()))
             .filter_map(|e| e.module.strip_prefix(&prefix).map(str::to_owned))
             .collect()
     };
     let attention = linears("self_attn");
     let known_attention = ["q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj"];
+    if let [first, _] = attention.as_slice() {
+        if !known_attention.contains(&first.as_str()) {
+            renames.push((
+                format!("self_attn.{first}"),
+                "self_attn.qkv_proj".to_owned(),
+            ));
+        }
+    }
     if let Some(last) = attention.last() {
         if !known_attention.contains(&last.as_str()) && attention.len() >= 2 {
             renames.push((format!("self_attn.{last}"), "self_attn.o_proj".to_owned()));
