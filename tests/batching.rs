@@ -255,6 +255,9 @@ fn models_whose_caches_cannot_batch_are_told_apart() {
         "llama4_text/chunked-nope",
         "llama/dynamic",
         "phi3/longrope",
+        // Learned absolute positions: one position per step for the whole batch.
+        "gpt2/default",
+        "gpt_bigcode/default",
     ] {
         assert!(!can_batch(load(name).as_ref()), "{name} must not batch");
     }

@@ -885,9 +885,11 @@ fn keep_cache(prefix: &mut PrefixCache, seq: &Sequence, cache: Option<Vec<LayerC
 }
 
 /// Whether a model's requests can share batched forward passes at different positions:
-/// unbounded KV caches (or none) on every layer, and RoPEs that rotate each row at its own
-/// position ([`crate::rope::Rope::supports_row_offsets`]). Sliding-window, chunked, latent
-/// and recurrent caches cannot.
+/// unbounded KV caches (or none) on every layer, and positions that come from RoPEs
+/// rotating each row at its own position ([`crate::rope::Rope::supports_row_offsets`]).
+/// Sliding-window, chunked, latent and recurrent caches cannot, nor a model without RoPE,
+/// whose positions may come from elsewhere (GPT-2's learned table) with one offset for the
+/// whole batch.
 pub fn can_batch(network: &dyn LanguageModel) -> bool {
     let cache = network.new_cache();
     let kinds = cache.iter().all(|layer| match layer {
@@ -896,10 +898,11 @@ pub fn can_batch(network: &dyn LanguageModel) -> bool {
         _ => false,
     });
     let has_kv = cache.iter().any(|layer| matches!(layer, LayerCache::Kv(_)));
-    let ropes = [network.rope(), network.local_rope()]
-        .into_iter()
-        .flatten()
-        .all(|rope| rope.supports_row_offsets());
+    let ropes = network.rope().is_some()
+        && [network.rope(), network.local_rope()]
+            .into_iter()
+            .flatten()
+            .all(|rope| rope.supports_row_offsets());
     kinds && has_kv && ropes
 }
 
