@@ -60,6 +60,12 @@ pub struct Args {
     /// Replace a module that differs from what the generator writes (hand edits are lost).
     #[arg(long)]
     overwrite: bool,
+    /// Write the introspection, the generated module and the report under DIR, and verify
+    /// the candidates on the committed fixtures: no fixture exported, no module written or
+    /// registered in the tree (for checking the generator on a family the zoo has). The
+    /// tiny config is the committed fixture spec's `base_config` unless `--config` says.
+    #[arg(long, value_name = "DIR", conflicts_with = "all_missing")]
+    out: Option<PathBuf>,
 }
 
 /// The outcome of trying the candidates.
@@ -168,9 +174,32 @@ fn port(args: &Args, mt: &str) -> anyhow::Result<Outcome> {
     let root = workspace_root();
     let module = args.name.clone().unwrap_or_else(|| module_name(mt));
     let fixtures_dir = root.join("tests/fixtures").join(mt);
-    let facts_path = fixtures_dir.join("introspection.json");
-    if !args.offline {
-        introspect(&root, mt, args.config.as_deref(), &facts_path)?;
+    let scratch = args.out.as_deref();
+    // `--offline` reads the committed facts, wherever the rest goes.
+    let facts_path = match scratch {
+        Some(dir) if !args.offline => dir,
+        _ => &fixtures_dir,
+    }
+    .join("introspection.json");
+    if let (Some(dir), false) = (scratch, args.offline) {
+        std::fs::create_dir_all(dir)?;
+        let committed_spec = root.join(format!("xtask/fixtures/{mt}.json"));
+        let config = match (&args.config, std::fs::read_to_string(&committed_spec)) {
+            (Some(c), _) => Some(c.clone()),
+            (None, Ok(text)) => {
+                let spec: Value = serde_json::from_str(&text)
+                    .with_context(|| format!("reading {}", committed_spec.display()))?;
+                let path = dir.join("base_config.json");
+                std::fs::write(&path, spec["base_config"].to_string())?;
+                Some(path)
+            }
+            (None, Err(_)) => None,
+        };
+        let spec = dir.join(format!("{mt}.json"));
+        introspect(&root, mt, config.as_deref(), &facts_path, &spec, false)?;
+    } else if !args.offline {
+        let spec = root.join(format!("xtask/fixtures/{mt}.json"));
+        introspect(&root, mt, args.config.as_deref(), &facts_path, &spec, true)?;
         export(&root, mt)?;
     }
     let facts: Value = serde_json::from_str(
@@ -198,7 +227,15 @@ fn port(args: &Args, mt: &str) -> anyhow::Result<Outcome> {
     let module_path = root.join(format!("mlx-models/src/models/{module}.rs"));
     let mut hand_edits = None;
     let mut reports = Vec::new();
-    if let (Some(choice), true) = (&search.chosen, plan.gaps.is_empty()) {
+    if let (Some(dir), Some(choice), true) = (scratch, &search.chosen, plan.gaps.is_empty()) {
+        let generated = rustfmt(&codegen::module_source(&plan, choice))?;
+        std::fs::write(dir.join(format!("{module}.rs")), &generated)?;
+        if let Ok(existing) = std::fs::read_to_string(&module_path) {
+            if existing != generated {
+                hand_edits = Some(diff(&generated, &existing)?);
+            }
+        }
+    } else if let (Some(choice), true) = (&search.chosen, plan.gaps.is_empty()) {
         let generated = rustfmt(&codegen::module_source(&plan, choice))?;
         let draft = root.join("target/port").join(mt);
         std::fs::create_dir_all(&draft)?;
@@ -241,15 +278,25 @@ fn port(args: &Args, mt: &str) -> anyhow::Result<Outcome> {
         write_scaffold(&root, mt, &plan, &search)?;
     }
     let text = report::render(&plan, &search, &reports, hand_edits.as_deref(), &fixtures);
-    std::fs::write(fixtures_dir.join("PORT_REPORT.md"), text)?;
+    let report_path = scratch.unwrap_or(&fixtures_dir).join("PORT_REPORT.md");
+    std::fs::write(&report_path, text)?;
+    // In a scratch run the candidates' verification on every committed fixture is the
+    // verification (the module is not compiled into the zoo).
     let passed = plan.gaps.is_empty()
         && search.chosen.is_some()
-        && !reports.is_empty()
-        && reports.iter().all(Report::passed);
+        && (scratch.is_some() || !reports.is_empty() && reports.iter().all(Report::passed));
+    if let (Some(dir), Some(choice), true) = (scratch, &search.chosen, passed) {
+        eprintln!(
+            "port {mt}: candidate \"{}\" passes all {} committed fixtures; module in {}",
+            choice.describe(),
+            fixtures.len(),
+            dir.join(format!("{module}.rs")).display()
+        );
+    }
     eprintln!(
         "port {mt}: {} — report in {}",
         if passed { "verified" } else { "NOT verified" },
-        fixtures_dir.join("PORT_REPORT.md").display()
+        report_path.display()
     );
     let summary = if passed {
         "verified".to_owned()
@@ -330,7 +377,16 @@ fn run_python(cmd: &mut Command) -> anyhow::Result<(bool, String)> {
 }
 
 /// Runs the introspection, which also writes the fixture variants spec.
-fn introspect(root: &Path, mt: &str, config: Option<&Path>, out: &Path) -> anyhow::Result<()> {
+/// `seed_check`: the exporter's seed check of the proposed variants (not needed when they
+/// are not exported).
+fn introspect(
+    root: &Path,
+    mt: &str,
+    config: Option<&Path>,
+    out: &Path,
+    spec: &Path,
+    seed_check: bool,
+) -> anyhow::Result<()> {
     std::fs::create_dir_all(out.parent().expect("a file in a directory"))?;
     let mut cmd = Command::new(python()?);
     cmd.current_dir(root)
@@ -338,7 +394,10 @@ fn introspect(root: &Path, mt: &str, config: Option<&Path>, out: &Path) -> anyho
         .args(["--model-type", mt, "--out"])
         .arg(out)
         .arg("--spec-out")
-        .arg(root.join(format!("xtask/fixtures/{mt}.json")));
+        .arg(spec);
+    if !seed_check {
+        cmd.arg("--no-seed-check");
+    }
     if let Some(c) = config {
         cmd.arg("--config").arg(c);
     }
@@ -375,10 +434,26 @@ pub fn search(plan: &Plan, fixtures: &[Fixture]) -> anyhow::Result<Search> {
             let mut weights = mlx_models::weights::Weights::from_dir(dir)?.with_dtype(dtype);
             weights.rename(|name| Some(trace::rename(name, &plan.renames)));
             weights.eval()?;
-            mlx_models::transformer::drop_computed_weights(
-                &mut weights,
-                settings.tie_word_embeddings,
-            );
+            match &plan.moe {
+                // Per-expert checkpoints stacked, fused ones split, as the module's sanitize.
+                Some(moe) => {
+                    let projections: Vec<(&str, &str)> = moe
+                        .projections
+                        .iter()
+                        .map(|(a, b)| (a.as_str(), b.as_str()))
+                        .collect();
+                    mlx_models::family::sanitize_moe(
+                        &mut weights,
+                        &settings,
+                        moe.hub_block.as_deref(),
+                        &projections,
+                    )?;
+                }
+                None => mlx_models::transformer::drop_computed_weights(
+                    &mut weights,
+                    settings.tie_word_embeddings,
+                ),
+            }
             mlx_models::transformer::build(config, settings, weights)
         };
         let mut failures = Vec::new();
