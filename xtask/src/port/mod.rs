@@ -786,7 +786,13 @@ mod generator_tests {
             // rustfmt may break the call over lines.
             let compact: String = module.split_whitespace().collect();
             let call: String = format!("d.layers({expr},").split_whitespace().collect();
-            assert!(compact.contains(&call), "{mt}: the plan derives {expr}");
+            // or through a variable (Qwen2-MoE's `let rule = …;`)
+            let named = format!("letrule={expr};");
+            assert!(
+                compact.contains(&call)
+                    || compact.contains(&named) && compact.contains("d.layers(rule,"),
+                "{mt}: the plan derives {expr}"
+            );
             checked += 1;
         }
         assert!(checked >= 10, "{checked} families with facts");
@@ -868,6 +874,128 @@ mod generator_tests {
         assert_eq!(
             plan.gaps,
             vec!["parameter `model.layers.0.mlp.router.weight` is taken by no known block"]
+        );
+    }
+
+    /// The mixture-of-experts decisions on the recorded facts of four families the zoo
+    /// wrote by hand: the structure each hand-written module has.
+    #[test]
+    fn mixtures_of_experts_are_read_from_the_recorded_facts() {
+        use mlx_models::family::LayerRule;
+        let moe = |mt: &str| {
+            let plan = plan::plan(&facts(mt), mt);
+            assert!(plan.gaps.is_empty(), "{mt}: gaps {:?}", plan.gaps);
+            (plan.moe.clone().expect("a mixture of experts"), plan)
+        };
+        // Mixtral: Hub checkpoints' `block_sparse_moe.experts.<i>.w1/w3/w2`, from
+        // Transformers' checkpoint conversion; no renormalization field.
+        let (m, plan) = moe("mixtral");
+        assert_eq!(m.hub_block.as_deref(), Some("block_sparse_moe"));
+        let names: Vec<(&str, &str)> = m
+            .projections
+            .iter()
+            .map(|(a, b)| (a.as_str(), b.as_str()))
+            .collect();
+        assert_eq!(
+            names,
+            [("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")]
+        );
+        assert_eq!(
+            (m.normalize_field, m.shared_expert, m.dense_layers),
+            (None, None, false)
+        );
+        assert!(plan.choices.iter().any(|c| c.moe_normalize));
+        assert!(plan.choices.iter().any(|c| !c.moe_normalize));
+        // Qwen2-MoE: a shared expert gated by `shared_expert_gate`, dense layers by config.
+        let (m, _) = moe("qwen2_moe");
+        assert_eq!(m.shared_expert, Some(true));
+        assert_eq!(m.normalize_field.as_deref(), Some("norm_topk_prob"));
+        assert!(m.dense_layers && m.hub_block.is_none());
+        assert_eq!(m.projections[0], ("gate_proj".into(), "gate_proj".into()));
+        // Qwen3-MoE: the class drops the window unless `use_sliding_window`.
+        let (m, plan) = moe("qwen3_moe");
+        assert_eq!((m.shared_expert, m.dense_layers), (None, true));
+        assert_eq!(plan.layer_rule, LayerRule::AllWhenEnabled);
+        assert!(plan.choices.iter().all(|c| !c.moe_normalize));
+        // OLMoE: q/k norms over the whole projections, `clip_qkv`.
+        let (m, plan) = moe("olmoe");
+        assert!(!m.dense_layers && m.shared_expert.is_none());
+        assert_eq!(plan.qk_norm, mlx_models::transformer::QkNorm::Projection);
+        assert_eq!(plan.clip_qkv, plan::Scalar::Field("clip_qkv".into()));
+    }
+
+    #[test]
+    fn mixtral_renormalizes_as_its_fixtures_say_and_the_other_choice_fails_at_layer_0() {
+        let mut plan = plan::plan(&facts("mixtral"), "mixtral");
+        let fixtures = fixtures("mixtral");
+        let found = search(&plan, &fixtures).expect("search runs");
+        let choice = found.chosen.expect("a candidate passes every fixture");
+        assert!(choice.moe_normalize);
+        let source = codegen::module_source(&plan, &choice);
+        assert!(source.contains("normalize: true"), "{source}");
+        assert!(source
+            .contains("sanitize_moe(weights, settings, Some(\"block_sparse_moe\"), &EXPERTS)"));
+        assert!(source.contains("(\"w1\", \"gate_proj\")"));
+        // The seeded fault: the same candidate without renormalization.
+        plan.choices = vec![plan::Choice {
+            moe_normalize: false,
+            ..choice
+        }];
+        let failed = search(&plan, &fixtures).expect("search runs");
+        assert!(failed.chosen.is_none());
+        let failures = &failed.tried[0].1;
+        assert!(
+            failures[0].contains("first bad tensor `layers.0`"),
+            "{failures:?}"
+        );
+    }
+
+    #[test]
+    fn qwen2_moe_verifies_with_its_gated_shared_expert_and_dense_layers() {
+        let plan = plan::plan(&facts("qwen2_moe"), "qwen2_moe");
+        let fixtures = fixtures("qwen2_moe");
+        assert!(fixtures.iter().any(|f| f.name().contains("dense-layers")));
+        let found = search(&plan, &fixtures).expect("search runs");
+        let choice = found.chosen.expect("a candidate passes every fixture");
+        let source = codegen::module_source(&plan, &choice);
+        assert!(
+            source.contains("ExpertActivation::Glu(act), true)"),
+            "{source}"
+        );
+        assert!(source.contains("|i| self.moe.is_sparse(i)"));
+        // Read as an ungated shared expert, the checkpoint's gate is a weight no block
+        // takes: refused, not ignored.
+        let mut ungated = plan.clone();
+        ungated.moe.as_mut().expect("moe").shared_expert = Some(false);
+        ungated.choices = vec![choice];
+        let failed = search(&ungated, &fixtures).expect("search runs");
+        assert!(failed.chosen.is_none());
+        assert!(
+            failed.tried[0].1[0].contains("unexpected weights")
+                && failed.tried[0].1[0].contains("mlp.shared_expert_gate.weight"),
+            "{:?}",
+            failed.tried
+        );
+    }
+
+    #[test]
+    fn routing_the_blocks_do_not_generate_is_a_gap() {
+        let mut facts = facts("qwen2_moe");
+        facts["config_fields"]["n_group"] = serde_json::json!({"default": 8, "kind": "int"});
+        let plan = plan::plan(&facts, "x");
+        assert!(
+            plan.gaps.iter().any(|g| g.contains("`n_group`")),
+            "{:?}",
+            plan.gaps
+        );
+        let mut facts = self::facts("qwen2_moe");
+        let params = facts["parameters"].as_array_mut().expect("a list");
+        params.retain(|p| p["name"] != "model.layers.0.mlp.gate.weight");
+        let plan = plan::plan(&facts, "x");
+        assert!(
+            plan.gaps.iter().any(|g| g.contains("without a router")),
+            "{:?}",
+            plan.gaps
         );
     }
 
