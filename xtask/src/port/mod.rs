@@ -181,8 +181,10 @@ fn port(args: &Args, mt: &str) -> anyhow::Result<Outcome> {
         _ => &fixtures_dir,
     }
     .join("introspection.json");
-    if let (Some(dir), false) = (scratch, args.offline) {
+    if let Some(dir) = scratch {
         std::fs::create_dir_all(dir)?;
+    }
+    if let (Some(dir), false) = (scratch, args.offline) {
         let committed_spec = root.join(format!("xtask/fixtures/{mt}.json"));
         let config = match (&args.config, std::fs::read_to_string(&committed_spec)) {
             (Some(c), _) => Some(c.clone()),
