@@ -293,6 +293,7 @@ def checkpoint_conversions(model_type: str) -> dict:
                 experts["down_proj"] = names[0]
                 continue
         if type(conversion).__name__ == "WeightRenaming" and len(sources) == 1 and len(targets) == 1:
-            if re.fullmatch(r"[\w.]+", sources[0]) and re.fullmatch(r"[\w.]+", targets[0]):
-                renamings.append([sources[0], targets[0]])
+            # Plain names only (escaped dots allowed): no anchors, groups or lookbehinds.
+            if re.fullmatch(r"(?:\w|\\\.|\.)+", sources[0]) and re.fullmatch(r"[\w.]+", targets[0]):
+                renamings.append([sources[0].replace("\\.", "."), targets[0]])
     return {"renamings": renamings, "experts": experts}

@@ -493,17 +493,23 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
             w,
             "fn sanitize(&self, weights: &mut Weights, settings: &DecoderSettings) -> Result<()> {{"
         );
+        if !moe.checkpoint_renames.is_empty() {
+            let _ = writeln!(
+                w,
+                "// Hub checkpoints' names as Transformers converts them."
+            );
+            let _ = writeln!(
+                w,
+                "weights.rename(|name| Some(CHECKPOINT_NAMES.iter().fold(name.to_owned(), |n, (from, to)| n.replacen(from, to, 1))));"
+            );
+        }
         if !plan.renames.is_empty() {
             let _ = writeln!(
                 w,
                 "weights.rename(|name| Some(rename_layer_module(name, &RENAMES)));"
             );
         }
-        let _ = writeln!(
-            w,
-            "sanitize_moe(weights, settings, {:?}, &EXPERTS)",
-            moe.hub_block.as_deref()
-        );
+        let _ = writeln!(w, "sanitize_moe(weights, settings, None, &EXPERTS)");
         let _ = writeln!(w, "}}");
     } else if !plan.renames.is_empty() {
         let _ = writeln!(w);
@@ -542,6 +548,23 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
     }
     if let Some(moe) = &plan.moe {
         let _ = writeln!(w);
+        if !moe.checkpoint_renames.is_empty() {
+            doc(
+                w,
+                "/// ",
+                "Hub checkpoints' names → Transformers' (substrings, in order), as its checkpoint \
+                 conversion renames them on load.",
+            );
+            let _ = writeln!(
+                w,
+                "const CHECKPOINT_NAMES: [(&str, &str); {}] = [",
+                moe.checkpoint_renames.len()
+            );
+            for (from, to) in &moe.checkpoint_renames {
+                let _ = writeln!(w, "({from:?}, {to:?}),");
+            }
+            let _ = writeln!(w, "];\n");
+        }
         doc(
             w,
             "/// ",
@@ -679,7 +702,7 @@ pub fn structure_summary(plan: &Plan, choice: &Choice) -> Vec<String> {
         ));
         lines.push(format!(
             "Checkpoints: {}per-expert `experts.<i>.{}/{}/{}`, Transformers 5's fused experts and stacked `switch_mlp` all load.",
-            moe.hub_block.as_ref().map(|b| format!("`{b}` read as `mlp`; ")).unwrap_or_default(),
+            if moe.checkpoint_renames.is_empty() { "" } else { "Hub names converted as Transformers does; " },
             moe.projections[0].0, moe.projections[1].0, moe.projections[2].0
         ));
     }

@@ -434,6 +434,9 @@ pub fn search(plan: &Plan, fixtures: &[Fixture]) -> anyhow::Result<Search> {
          -> mlx_models::Result<Box<dyn LanguageModel>> {
             let settings = interpret::settings(plan, choice, config)?;
             let mut weights = mlx_models::weights::Weights::from_dir(dir)?.with_dtype(dtype);
+            if let Some(moe) = &plan.moe {
+                weights.rename(|name| Some(plan::checkpoint_name(name, &moe.checkpoint_renames)));
+            }
             weights.rename(|name| Some(trace::rename(name, &plan.renames)));
             weights.eval()?;
             match &plan.moe {
@@ -444,12 +447,7 @@ pub fn search(plan: &Plan, fixtures: &[Fixture]) -> anyhow::Result<Search> {
                         .iter()
                         .map(|(a, b)| (a.as_str(), b.as_str()))
                         .collect();
-                    mlx_models::family::sanitize_moe(
-                        &mut weights,
-                        &settings,
-                        moe.hub_block.as_deref(),
-                        &projections,
-                    )?;
+                    mlx_models::family::sanitize_moe(&mut weights, &settings, None, &projections)?;
                 }
                 None => mlx_models::transformer::drop_computed_weights(
                     &mut weights,
@@ -892,7 +890,10 @@ mod generator_tests {
         // Mixtral: Hub checkpoints' `block_sparse_moe.experts.<i>.w1/w3/w2`, from
         // Transformers' checkpoint conversion; no renormalization field.
         let (m, plan) = moe("mixtral");
-        assert_eq!(m.hub_block.as_deref(), Some("block_sparse_moe"));
+        assert_eq!(
+            m.checkpoint_renames,
+            [(".block_sparse_moe.".to_owned(), ".mlp.".to_owned())]
+        );
         let names: Vec<(&str, &str)> = m
             .projections
             .iter()
@@ -912,13 +913,41 @@ mod generator_tests {
         let (m, _) = moe("qwen2_moe");
         assert_eq!(m.shared_expert, Some(true));
         assert_eq!(m.normalize_field.as_deref(), Some("norm_topk_prob"));
-        assert!(m.dense_layers && m.hub_block.is_none());
+        assert!(m.dense_layers && m.checkpoint_renames.is_empty());
         assert_eq!(m.projections[0], ("gate_proj".into(), "gate_proj".into()));
         // Qwen3-MoE: the class drops the window unless `use_sliding_window`.
         let (m, plan) = moe("qwen3_moe");
         assert_eq!((m.shared_expert, m.dense_layers), (None, true));
         assert_eq!(plan.layer_rule, LayerRule::AllWhenEnabled);
         assert!(plan.choices.iter().all(|c| !c.moe_normalize));
+        // GraniteMoE: Transformers' own block is `block_sparse_moe` with a `router`; its
+        // Hub checkpoints' `input_linear`/`output_linear`/`router.layer` are converted
+        // module-wise (quantized `scales` follow), bare expert weights last.
+        let (m, plan) = moe("granitemoe");
+        assert_eq!(
+            plan.renames[plan.renames.len() - 2..],
+            [
+                ("block_sparse_moe.router".to_owned(), "mlp.gate".to_owned()),
+                ("block_sparse_moe".to_owned(), "mlp".to_owned())
+            ]
+        );
+        assert!(m.checkpoint_renames.contains(&(
+            "block_sparse_moe.router.layer.".to_owned(),
+            "block_sparse_moe.router.".to_owned()
+        )));
+        assert_eq!(
+            m.checkpoint_renames
+                .last()
+                .map(|(a, b)| (a.as_str(), b.as_str())),
+            Some((
+                "block_sparse_moe.experts.down_proj.weight",
+                "block_sparse_moe.experts.down_proj"
+            ))
+        );
+        assert_eq!(
+            plan.residual_scale,
+            plan::Scalar::Field("residual_multiplier".into())
+        );
         // OLMoE: q/k norms over the whole projections, `clip_qkv`.
         let (m, plan) = moe("olmoe");
         assert!(!m.dense_layers && m.shared_expert.is_none());
@@ -935,8 +964,8 @@ mod generator_tests {
         assert!(choice.moe_normalize);
         let source = codegen::module_source(&plan, &choice);
         assert!(source.contains("normalize: true"), "{source}");
-        assert!(source
-            .contains("sanitize_moe(weights, settings, Some(\"block_sparse_moe\"), &EXPERTS)"));
+        assert!(source.contains("(\".block_sparse_moe.\", \".mlp.\")"));
+        assert!(source.contains("sanitize_moe(weights, settings, None, &EXPERTS)"));
         assert!(source.contains("(\"w1\", \"gate_proj\")"));
         // The seeded fault: the same candidate without renormalization.
         plan.choices = vec![plan::Choice {

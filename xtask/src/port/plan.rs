@@ -112,9 +112,10 @@ impl Choice {
 /// one module per expert), softmax top-k, maybe a shared expert.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MoePlan {
-    /// What Hub checkpoints call the block where Transformers renames it to `mlp` on load
-    /// (Mixtral's `block_sparse_moe`).
-    pub hub_block: Option<String>,
+    /// Hub checkpoints' names → Transformers' (substrings, in order), from Transformers'
+    /// checkpoint conversion (Mixtral's `.block_sparse_moe.` → `.mlp.`, GraniteMoE's
+    /// `block_sparse_moe.input_linear.weight` → `block_sparse_moe.experts.gate_up_proj`).
+    pub checkpoint_renames: Vec<(String, String)>,
     /// The Hub checkpoints' name of each expert projection → the name the blocks load
     /// (`w1` → `gate_proj`), from Transformers' checkpoint conversion.
     pub projections: Vec<(String, String)>,
@@ -464,6 +465,7 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
     roles
         .renames
         .extend(super::trace::final_norm_rename(facts.value));
+    roles.renames.extend(expert_block_renames(&facts));
     let params: BTreeMap<String, Vec<i64>> = facts
         .parameters()
         .into_iter()
@@ -687,9 +689,10 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
                 Some(false) => ", a shared expert",
                 None => "",
             },
-            match &m.hub_block {
-                Some(b) => format!(", Hub checkpoints' `{b}` read as `mlp`"),
-                None => String::new(),
+            if m.checkpoint_renames.is_empty() {
+                String::new()
+            } else {
+                format!(", Hub checkpoints' names converted as Transformers does: {:?}", m.checkpoint_renames)
             },
             match &m.normalize_field {
                 Some(f) => format!("renormalized when `{f}`"),
@@ -1370,14 +1373,34 @@ fn moe_plan(
         gaps.push("a shared expert without `shared_expert_intermediate_size`".to_owned());
     }
     let conversions = facts.value.get("checkpoint_conversions");
-    let hub_block = conversions
+    let pairs: Vec<(String, String)> = conversions
         .and_then(|c| c.get("renamings"))
         .and_then(Value::as_array)
         .into_iter()
         .flatten()
-        .filter_map(|r| Some((r.get(0)?.as_str()?, r.get(1)?.as_str()?)))
-        .find(|(_, to)| *to == ".mlp.")
-        .map(|(from, _)| from.trim_matches('.').to_owned());
+        .filter_map(|r| {
+            Some((
+                r.get(0)?.as_str()?.to_owned(),
+                r.get(1)?.as_str()?.to_owned(),
+            ))
+        })
+        .collect();
+    // A weight renamed is its module renamed, so that quantized checkpoints' `scales` and
+    // `biases` follow; a module's weight renamed to a bare parameter (GraniteMoE's
+    // `input_linear.weight` → `experts.gate_up_proj`) keeps `gate_up_proj.scales` beside it.
+    let mut checkpoint_renames = Vec::new();
+    let mut bare = Vec::new();
+    for (from, to) in pairs {
+        match (from.strip_suffix(".weight"), to.strip_suffix(".weight")) {
+            (Some(f), Some(t)) => checkpoint_renames.push((format!("{f}."), format!("{t}."))),
+            (Some(f), None) => {
+                checkpoint_renames.push((format!("{f}."), format!("{to}.")));
+                bare.push((format!("{to}.weight"), to));
+            }
+            _ => checkpoint_renames.push((from, to)),
+        }
+    }
+    checkpoint_renames.extend(bare);
     let names = conversions.and_then(|c| c.get("experts"));
     let projections = ["gate_proj", "up_proj", "down_proj"]
         .into_iter()
@@ -1390,7 +1413,7 @@ fn moe_plan(
         })
         .collect();
     Some(MoePlan {
-        hub_block,
+        checkpoint_renames,
         projections,
         shared_expert,
         normalize_field: has_field("norm_topk_prob").then(|| "norm_topk_prob".to_owned()),
@@ -1402,6 +1425,36 @@ fn moe_plan(
         .iter()
         .any(|f| has_field(f)),
     })
+}
+
+/// The expert block's module names where they are not the ones the blocks load: the block
+/// (the module holding `experts`, GraniteMoE's `block_sparse_moe`) is `mlp`, its `router`
+/// linear layer `mlp.gate`; the router first (the first rename that matches applies).
+fn expert_block_renames(facts: &Facts) -> Vec<(String, String)> {
+    let params = facts.parameters();
+    let Some(block) = params.keys().find_map(|name| {
+        let path = name.strip_prefix("model.layers.")?.split_once('.')?.1;
+        let (block, _) = path.split_once(".experts")?;
+        (!block.contains('.')).then(|| block.to_owned())
+    }) else {
+        return Vec::new();
+    };
+    let mut renames = Vec::new();
+    let router = format!(".{block}.router.weight");
+    if params.keys().any(|n| n.ends_with(&router)) {
+        renames.push((format!("{block}.router"), "mlp.gate".to_owned()));
+    }
+    if block != "mlp" {
+        renames.push((block, "mlp".to_owned()));
+    }
+    renames
+}
+
+/// Hub checkpoints' names converted to Transformers' (substring renames, in order).
+pub fn checkpoint_name(name: &str, renames: &[(String, String)]) -> String {
+    renames
+        .iter()
+        .fold(name.to_owned(), |n, (from, to)| n.replacen(from, to, 1))
 }
 
 /// Whether the final norm's weight starts at zero in Transformers' init (the `1 + w`
