@@ -1010,6 +1010,31 @@ mod generator_tests {
     }
 
     #[test]
+    fn experts_after_dense_first_layers_are_found_and_their_parameters_checked() {
+        // Qwen2-MoE's facts with layer 0 dense (DeepSeek's `first_k_dense_replace`) and a
+        // router bias on layer 1 that no block takes.
+        let mut facts = facts("qwen2_moe");
+        let params = facts["parameters"].as_array_mut().expect("a list");
+        params.retain(|p| {
+            !p["name"]
+                .as_str()
+                .unwrap()
+                .starts_with("model.layers.0.mlp.")
+        });
+        for proj in ["gate_proj", "up_proj", "down_proj"] {
+            params.push(serde_json::json!({"name": format!("model.layers.0.mlp.{proj}.weight"), "shape": [32, 64]}));
+        }
+        params.push(serde_json::json!({"name": "model.layers.1.mlp.gate.e_score_correction_bias", "shape": [4]}));
+        let plan = plan::plan(&facts, "x");
+        let moe = plan.moe.expect("the experts of layer 1");
+        assert_eq!(moe.shared_expert, Some(true));
+        assert_eq!(
+            plan.gaps,
+            ["parameter `model.layers.1.mlp.gate.e_score_correction_bias` is taken by no known block"]
+        );
+    }
+
+    #[test]
     fn routing_the_blocks_do_not_generate_is_a_gap() {
         let mut facts = facts("qwen2_moe");
         facts["config_fields"]["n_group"] = serde_json::json!({"default": 8, "kind": "int"});

@@ -628,7 +628,53 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
     }
 
     // A mixture of experts in place of the MLP.
-    let moe = moe_plan(&facts, &layer0, &defaults, &mut gaps);
+    // The first layer with experts (DeepSeek-style families keep the first ones dense).
+    let sparse_layer: BTreeMap<&str, &Vec<i64>> = params
+        .keys()
+        .filter_map(|n| {
+            let (index, path) = n.strip_prefix("model.layers.")?.split_once('.')?;
+            path.starts_with("mlp.experts").then_some(index)
+        })
+        .min_by_key(|i| i.parse::<usize>().unwrap_or(usize::MAX))
+        .inspect(|&index| {
+            // Layer 0's parameters are checked below; a later sparse layer's here.
+            if index == "0" {
+                return;
+            }
+            let prefix = format!("model.layers.{index}.mlp.");
+            let taken = |rest: &str| {
+                matches!(
+                    rest,
+                    "gate.weight"
+                        | "experts.gate_up_proj"
+                        | "experts.down_proj"
+                        | "shared_expert.gate_proj.weight"
+                        | "shared_expert.up_proj.weight"
+                        | "shared_expert.down_proj.weight"
+                        | "shared_expert_gate.weight"
+                ) || rest.strip_prefix("experts.").is_some_and(|r| {
+                    r.split_once('.').is_some_and(|(i, p)| {
+                        i.parse::<usize>().is_ok()
+                            && ["gate_proj.weight", "up_proj.weight", "down_proj.weight"]
+                                .contains(&p)
+                    })
+                })
+            };
+            for name in params.keys() {
+                if name.strip_prefix(&prefix).is_some_and(|rest| !taken(rest)) {
+                    gaps.push(format!("parameter `{name}` is taken by no known block"));
+                }
+            }
+        })
+        .map(|index| {
+            let prefix = format!("model.layers.{index}.");
+            params
+                .iter()
+                .filter_map(|(n, s)| n.strip_prefix(&prefix).map(|n| (n, s)))
+                .collect()
+        })
+        .unwrap_or_default();
+    let moe = moe_plan(&facts, &sparse_layer, &defaults, &mut gaps);
     if let Some(m) = &moe {
         let width = |name: &str| defaults.contains_key(name) || facts.resolved(name).is_some();
         for (names, ty, role) in [
@@ -679,7 +725,7 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         }
         decisions.push(format!(
             "feed-forward: a mixture of experts (router `mlp.gate`, {} experts{}{}), softmax top-k, {}{}",
-            if layer0.contains_key("mlp.experts.gate_up_proj") {
+            if sparse_layer.contains_key("mlp.experts.gate_up_proj") {
                 "stacked"
             } else {
                 "per-expert"
@@ -1296,16 +1342,16 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
     }
 }
 
-/// The mixture of experts layer 0 has in place of an MLP, if any: a router `mlp.gate` of
-/// `[experts, hidden]` and experts stacked (`mlp.experts.gate_up_proj`, `down_proj`) or one
-/// module each; what no block expresses is a gap.
+/// The mixture of experts of the first sparse layer (`layer`), if any: a router `mlp.gate`
+/// of `[experts, hidden]` and experts stacked (`mlp.experts.gate_up_proj`, `down_proj`) or
+/// one module each; what no block expresses is a gap.
 fn moe_plan(
     facts: &Facts,
-    layer0: &BTreeMap<&str, &Vec<i64>>,
+    layer: &BTreeMap<&str, &Vec<i64>>,
     defaults: &BTreeMap<String, Value>,
     gaps: &mut Vec<String>,
 ) -> Option<MoePlan> {
-    let expert_params: Vec<&str> = layer0
+    let expert_params: Vec<&str> = layer
         .keys()
         .copied()
         .filter(|n| n.starts_with("mlp.experts"))
@@ -1321,7 +1367,7 @@ fn moe_plan(
     };
     let experts = resolved_i64(&["num_experts", "num_local_experts", "n_routed_experts"]);
     let hidden = facts.resolved("hidden_size").and_then(Value::as_i64);
-    match layer0.get("mlp.gate.weight") {
+    match layer.get("mlp.gate.weight") {
         Some(shape) if Some(shape.as_slice()) == experts.zip(hidden).map(|(e, h)| [e, h]).as_ref().map(|a| &a[..]) => {}
         Some(shape) => gaps.push(format!(
             "the router `mlp.gate.weight` is {shape:?}, not [experts {experts:?}, hidden {hidden:?}]"
@@ -1334,15 +1380,15 @@ fn moe_plan(
     let stacked = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"];
     let per_expert = ["gate_proj", "up_proj", "down_proj"]
         .iter()
-        .all(|p| layer0.contains_key(format!("mlp.experts.0.{p}.weight").as_str()));
-    if !(stacked.iter().all(|p| layer0.contains_key(p)) && expert_params.len() == 2 || per_expert) {
+        .all(|p| layer.contains_key(format!("mlp.experts.0.{p}.weight").as_str()));
+    if !(stacked.iter().all(|p| layer.contains_key(p)) && expert_params.len() == 2 || per_expert) {
         gaps.push(format!(
             "experts {expert_params:?} are neither stacked gate_up_proj/down_proj nor per-expert gate/up/down projections"
         ));
     }
     // The experts' width: `moe_intermediate_size`, else `intermediate_size`.
     let width = resolved_i64(&["moe_intermediate_size"]).or(resolved_i64(&["intermediate_size"]));
-    if let (Some(down), Some(width)) = (layer0.get("mlp.experts.down_proj"), width) {
+    if let (Some(down), Some(width)) = (layer.get("mlp.experts.down_proj"), width) {
         if down.last() != Some(&width) {
             gaps.push(format!(
                 "the experts' `down_proj` is {down:?}: its width is not `moe_intermediate_size`/`intermediate_size` ({width})"
@@ -1363,9 +1409,9 @@ fn moe_plan(
             ));
         }
     }
-    let shared_expert = layer0
+    let shared_expert = layer
         .contains_key("mlp.shared_expert.gate_proj.weight")
-        .then(|| layer0.contains_key("mlp.shared_expert_gate.weight"));
+        .then(|| layer.contains_key("mlp.shared_expert_gate.weight"));
     if shared_expert.is_some()
         && !has_field("shared_expert_intermediate_size")
         && !has_field("n_shared_experts")
