@@ -835,6 +835,7 @@ def introspect(model_type: str, config_override: dict | None, replace: bool, che
         "flag_probes": probes.flag_probes(architecture, small, build_config, tiny_model, model_type),
         "scalar_probes": probes.scalar_probes(architecture, small, build_config, tiny_model, model_type),
         "call_trace": probes.call_trace(model, resolved.vocab_size),
+        "checkpoint_conversions": probes.checkpoint_conversions(model_type),
         "norm_plus_one": probes.norm_scales_by_one_plus_weight(model),
         "variants": spec["variants"],
     }

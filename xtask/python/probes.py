@@ -265,3 +265,40 @@ def norm_scales_by_one_plus_weight(model):
         with torch.no_grad():
             for name, p in norm.named_parameters():
                 p.copy_(saved[name])
+
+
+def checkpoint_conversions(model_type: str) -> dict:
+    """How Transformers converts the family's Hub checkpoints to its own module names.
+
+    renamings: [[from, to]] substrings Transformers renames on load (Mixtral's
+    `.block_sparse_moe.` -> `.mlp.`); experts: the Hub name of each expert projection
+    Transformers stacks into its fused `experts.gate_up_proj` (gate first, then up) and
+    `experts.down_proj` ({"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}), read
+    from the source patterns `...experts.*.<name>.weight`. Empty when the family has no
+    conversion mapping.
+    """
+    import re
+
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    except ImportError:
+        return {"renamings": [], "experts": {}}
+    renamings, experts = [], {}
+    for conversion in get_checkpoint_conversion_mapping(model_type) or []:
+        sources = conversion.source_patterns
+        sources = [sources] if isinstance(sources, str) else list(sources)
+        targets = conversion.target_patterns
+        targets = [targets] if isinstance(targets, str) else list(targets)
+        names = [m.group(1) for m in (re.search(r"experts\.\*\.(\w+)\.weight$", s) for s in sources) if m]
+        if len(targets) == 1 and names and len(names) == len(sources):
+            if targets[0].endswith("experts.gate_up_proj") and len(names) == 2:
+                experts.update(gate_proj=names[0], up_proj=names[1])
+                continue
+            if targets[0].endswith("experts.down_proj") and len(names) == 1:
+                experts["down_proj"] = names[0]
+                continue
+        if type(conversion).__name__ == "WeightRenaming" and len(sources) == 1 and len(targets) == 1:
+            # Plain names only (escaped dots allowed): no anchors, groups or lookbehinds.
+            if re.fullmatch(r"(?:\w|\\\.|\.)+", sources[0]) and re.fullmatch(r"[\w.]+", targets[0]):
+                renamings.append([sources[0].replace("\\.", "."), targets[0]])
+    return {"renamings": renamings, "experts": experts}

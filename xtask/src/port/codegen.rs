@@ -1,7 +1,7 @@
 //! The model module a plan and its chosen variant make: config, how it maps onto the shared
 //! blocks, sanitize, load. Plain text here, formatted by rustfmt afterwards.
 
-use super::plan::{Choice, Field, FieldType, Flag, LayerRule, Plan, RopeRule, Scalar};
+use super::plan::{Choice, Field, FieldType, Flag, LayerRule, Plan, RopeRule, Scalar, MOE_FIELDS};
 use mlx_models::transformer::{MlpLayout, NormPlacement, QkNorm};
 use serde_json::Value;
 use std::fmt::Write;
@@ -110,8 +110,11 @@ pub const WINDOW_FIELDS: &[&str] = &[
 /// [`mlx_models::family::NoRopeConfig`].
 pub const NO_ROPE_FIELDS: &[&str] = &["no_rope_layers", "no_rope_layer_interval"];
 
-fn shared(name: &str) -> bool {
-    CORE_FIELDS.contains(&name) || WINDOW_FIELDS.contains(&name) || NO_ROPE_FIELDS.contains(&name)
+fn shared(plan: &Plan, name: &str) -> bool {
+    CORE_FIELDS.contains(&name)
+        || WINDOW_FIELDS.contains(&name)
+        || NO_ROPE_FIELDS.contains(&name)
+        || (plan.moe.is_some() && MOE_FIELDS.contains(&name))
 }
 
 /// Transformers' defaults of the fields the module reads, as one line of JSON.
@@ -159,13 +162,20 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
     let _ = writeln!(w);
 
     let windows = plan.sliding_window.is_some() || plan.layer_types_field;
-    let own: Vec<&Field> = plan.fields.iter().filter(|f| !shared(&f.name)).collect();
+    let own: Vec<&Field> = plan
+        .fields
+        .iter()
+        .filter(|f| !shared(plan, &f.name))
+        .collect();
 
     // What differs from the defaults of the shared settings.
-    let mut family = ["DecoderConfig", "DecoderFamily", "LayerRule"];
+    let mut family = vec!["DecoderConfig", "DecoderFamily", "LayerRule"];
+    if plan.moe.is_some() {
+        family.extend(["MoeConfig", "sanitize_moe"]);
+    }
     let mut transformer = vec!["DecoderSettings", "MlpLayout"];
     let sanitizes = !plan.renames.is_empty() || !plan.prefix_renames.is_empty();
-    if sanitizes {
+    if sanitizes && plan.moe.is_none() {
         transformer.push("drop_computed_weights");
     }
     let mut attn = Vec::new();
@@ -209,6 +219,9 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
                 _ => format!("scale: {value}.unwrap_or((d.head_dim() as f32).powf(-0.5))"),
             })
         }
+    }
+    if plan.clip_qkv != Scalar::None {
+        attn.push(format!("clip_qkv: {}", scalar(plan, &plan.clip_qkv)));
     }
     if plan.attention_softcap != Scalar::None {
         attn.push(format!(
@@ -291,17 +304,29 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
     let _ = writeln!(w, "use crate::error::Result;");
     let _ = writeln!(w, "use crate::family::{{{}}};", family.join(", "));
     let _ = writeln!(w, "use crate::transformer::{{{}}};", transformer.join(", "));
-    match (plan.prefix_renames.is_empty(), plan.renames.is_empty()) {
-        (true, true) => {}
-        (true, false) => {
-            let _ = writeln!(w, "use crate::weights::{{rename_layer_module, Weights}};");
-        }
-        (false, _) => {
-            let _ = writeln!(
-                w,
-                "use crate::weights::{{rename_layer_module, rename_prefix, Weights}};"
-            );
-        }
+    if let Some(moe) = &plan.moe {
+        let _ = writeln!(
+            w,
+            "use crate::moe::{{ExpertActivation{}}};",
+            if moe.normalize_field.is_none() && choice.moe_normalize {
+                ", RouterSettings"
+            } else {
+                ""
+            }
+        );
+    }
+    let mut weights_uses = Vec::new();
+    if !plan.renames.is_empty() || (!plan.prefix_renames.is_empty() && plan.moe.is_none()) {
+        weights_uses.push("rename_layer_module");
+    }
+    if !plan.prefix_renames.is_empty() {
+        weights_uses.push("rename_prefix");
+    }
+    if sanitizes || plan.moe.is_some() {
+        weights_uses.push("Weights");
+    }
+    if !weights_uses.is_empty() {
+        let _ = writeln!(w, "use crate::weights::{{{}}};", weights_uses.join(", "));
     }
     let _ = writeln!(w, "use serde::Deserialize;");
     let _ = writeln!(w);
@@ -321,6 +346,9 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
         "#[derive(Debug, Clone, Deserialize)]\npub struct Config {{"
     );
     let _ = writeln!(w, "#[serde(flatten)]\npub decoder: DecoderConfig,");
+    if plan.moe.is_some() {
+        let _ = writeln!(w, "#[serde(flatten)]\npub moe: MoeConfig,");
+    }
     for f in &own {
         let _ = writeln!(
             w,
@@ -371,6 +399,13 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
         MlpLayout::FusedGated => "MlpLayout::FusedGated",
         MlpLayout::Plain => "MlpLayout::Plain",
         MlpLayout::UpDown => "MlpLayout::UpDown",
+    };
+    let act = if plan.moe.is_some() {
+        // The dense MLP and the experts share it.
+        let _ = writeln!(w, "let act = {act};");
+        "act".to_owned()
+    } else {
+        act
     };
     if by_default(&plan.mlp_bias, "mlp_bias") {
         let _ = writeln!(w, "let mlp = d.mlp({layout}, {act});");
@@ -429,17 +464,69 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
         );
     }
     let base = "d.settings(attention, mlp, layers)";
-    if model.is_empty() {
-        let _ = writeln!(w, "Ok({base})");
+    let settings = if model.is_empty() {
+        base.to_owned()
     } else {
-        let _ = writeln!(
-            w,
-            "Ok(DecoderSettings {{ {}, ..{base} }})",
-            model.join(", ")
-        );
+        format!("DecoderSettings {{ {}, ..{base} }}", model.join(", "))
+    };
+    match &plan.moe {
+        None => {
+            let _ = writeln!(w, "Ok({settings})");
+        }
+        Some(moe) => {
+            let router = if moe.normalize_field.is_none() && choice.moe_normalize {
+                "RouterSettings { normalize: true, ..self.moe.router() }"
+            } else {
+                "self.moe.router()"
+            };
+            let _ = writeln!(
+                w,
+                "let moe = self.moe.settings({router}, d.intermediate_size, ExpertActivation::Glu(act), {});",
+                moe.shared_expert.unwrap_or(false)
+            );
+            let _ = writeln!(
+                w,
+                "Ok({settings}.with_moe(moe, {}))",
+                if moe.dense_layers {
+                    "|i| self.moe.is_sparse(i)"
+                } else {
+                    "|_| true"
+                }
+            );
+        }
     }
     let _ = writeln!(w, "}}");
-    if sanitizes {
+    if let Some(moe) = &plan.moe {
+        let _ = writeln!(w);
+        let _ = writeln!(
+            w,
+            "fn sanitize(&self, weights: &mut Weights, settings: &DecoderSettings) -> Result<()> {{"
+        );
+        if !plan.prefix_renames.is_empty() {
+            let _ = writeln!(
+                w,
+                "weights.rename(|name| Some(rename_prefix(name, &PREFIXES)));"
+            );
+        }
+        if !moe.checkpoint_renames.is_empty() {
+            let _ = writeln!(
+                w,
+                "// Hub checkpoints' names as Transformers converts them."
+            );
+            let _ = writeln!(
+                w,
+                "weights.rename(|name| Some(CHECKPOINT_NAMES.iter().fold(name.to_owned(), |n, (from, to)| n.replacen(from, to, 1))));"
+            );
+        }
+        if !plan.renames.is_empty() {
+            let _ = writeln!(
+                w,
+                "weights.rename(|name| Some(rename_layer_module(name, &RENAMES)));"
+            );
+        }
+        let _ = writeln!(w, "sanitize_moe(weights, settings, None, &EXPERTS)");
+        let _ = writeln!(w, "}}");
+    } else if sanitizes {
         let _ = writeln!(w);
         let _ = writeln!(
             w,
@@ -500,6 +587,37 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
             plan.renames.len()
         );
         for (from, to) in &plan.renames {
+            let _ = writeln!(w, "({from:?}, {to:?}),");
+        }
+        let _ = writeln!(w, "];");
+    }
+    if let Some(moe) = &plan.moe {
+        let _ = writeln!(w);
+        if !moe.checkpoint_renames.is_empty() {
+            doc(
+                w,
+                "/// ",
+                "Hub checkpoints' names → Transformers' (substrings, in order), as its checkpoint \
+                 conversion renames them on load.",
+            );
+            let _ = writeln!(
+                w,
+                "const CHECKPOINT_NAMES: [(&str, &str); {}] = [",
+                moe.checkpoint_renames.len()
+            );
+            for (from, to) in &moe.checkpoint_renames {
+                let _ = writeln!(w, "({from:?}, {to:?}),");
+            }
+            let _ = writeln!(w, "];\n");
+        }
+        doc(
+            w,
+            "/// ",
+            "The Hub checkpoints' names of the expert projections → the names the blocks \
+             load (per-expert tensors are stacked, Transformers 5's fused ones split).",
+        );
+        let _ = writeln!(w, "const EXPERTS: [(&str, &str); 3] = [");
+        for (from, to) in &moe.projections {
             let _ = writeln!(w, "({from:?}, {to:?}),");
         }
         let _ = writeln!(w, "];");
@@ -571,34 +689,66 @@ pub fn structure_summary(plan: &Plan, choice: &Choice) -> Vec<String> {
         }
         (None, false) => "RMSNorm scaling by `weight`.".to_owned(),
     });
-    lines.push(format!(
-        "Attention: {}{}{}{}.",
-        if plan.qkv_fused {
-            "one fused `qkv_proj`"
-        } else {
-            "`q_proj`/`k_proj`/`v_proj`"
-        },
-        match plan.qk_norm {
-            QkNorm::None => "",
-            QkNorm::PerHead => ", RMSNorm of each query/key head before RoPE",
-            QkNorm::Projection => ", RMSNorm over the whole query/key projections",
-            QkNorm::PerHeadAfterRope => ", RMSNorm of each query/key head after RoPE",
-            QkNorm::L2AfterRope => ", unweighted RMS norm of each query/key head after RoPE",
-        },
-        match &plan.attention_scale {
-            Scalar::InvSqrtField(f) => format!(", scores scaled by `{f}^-0.5`"),
-            Scalar::Field(f) => format!(", scores scaled by `{f}`"),
+    lines.push(
+        format!(
+            "Attention: {}{}{}{}.",
+            if plan.qkv_fused {
+                "one fused `qkv_proj`"
+            } else {
+                "`q_proj`/`k_proj`/`v_proj`"
+            },
+            match plan.qk_norm {
+                QkNorm::None => "",
+                QkNorm::PerHead => ", RMSNorm of each query/key head before RoPE",
+                QkNorm::Projection => ", RMSNorm over the whole query/key projections",
+                QkNorm::PerHeadAfterRope => ", RMSNorm of each query/key head after RoPE",
+                QkNorm::L2AfterRope => ", unweighted RMS norm of each query/key head after RoPE",
+            },
+            match &plan.attention_scale {
+                Scalar::InvSqrtField(f) => format!(", scores scaled by `{f}^-0.5`"),
+                Scalar::Field(f) => format!(", scores scaled by `{f}`"),
+                _ => String::new(),
+            },
+            match &plan.attention_softcap {
+                Scalar::Field(f) => format!(", scores soft-capped by `{f}`"),
+                _ => String::new(),
+            }
+        ) + &match &plan.clip_qkv {
+            Scalar::Field(f) => format!(" q, k and v clamped to `[-{f}, {f}]` when set."),
             _ => String::new(),
         },
-        match &plan.attention_softcap {
-            Scalar::Field(f) => format!(", scores soft-capped by `{f}`"),
-            _ => String::new(),
-        }
-    ));
+    );
     if choice.gelu_as_tanh {
         lines.push(format!(
             "A config's `{}: \"gelu\"` means the tanh approximation, as Transformers reads it.",
             plan.act_field
+        ));
+    }
+    if let Some(moe) = &plan.moe {
+        lines.push(format!(
+            "Feed-forward: a softmax router (`gate`) picks `num_experts_per_tok` gated experts{}{}{}.",
+            if moe.normalize_field.is_some() {
+                ", renormalized when `norm_topk_prob`"
+            } else if choice.moe_normalize {
+                ", their weights renormalized to sum to one"
+            } else {
+                ""
+            },
+            match moe.shared_expert {
+                Some(true) => ", plus a shared expert scaled by `sigmoid(shared_expert_gate(x))`",
+                Some(false) => ", plus a shared expert",
+                None => "",
+            },
+            if moe.dense_layers {
+                "; the layers the config keeps dense have the MLP below"
+            } else {
+                ""
+            }
+        ));
+        lines.push(format!(
+            "Checkpoints: {}per-expert `experts.<i>.{}/{}/{}`, Transformers 5's fused experts and stacked `switch_mlp` all load.",
+            if moe.checkpoint_renames.is_empty() { "" } else { "Hub names converted as Transformers does; " },
+            moe.projections[0].0, moe.projections[1].0, moe.projections[2].0
         ));
     }
     lines.push(match plan.mlp_layout {

@@ -5,7 +5,8 @@
 use super::codegen::defaults_json;
 use super::plan::{Choice, Flag, Plan, RopeRule, Scalar};
 use mlx_models::config::ConfigFile;
-use mlx_models::family::{DecoderConfig, LayerRule};
+use mlx_models::family::{DecoderConfig, LayerRule, MoeConfig};
+use mlx_models::moe::{ExpertActivation, RouterSettings};
 use mlx_models::rope::Rope;
 use mlx_models::transformer::{
     Activation, AttentionSettings, DecoderSettings, MlpSettings, NormKind, QkvLayout,
@@ -140,6 +141,7 @@ pub fn settings(plan: &Plan, choice: &Choice, config: &ConfigFile) -> Result<Dec
         scale: r
             .scalar(&plan.attention_scale)?
             .unwrap_or((d.head_dim() as f32).powf(-0.5)),
+        clip_qkv: r.scalar(&plan.clip_qkv)?,
         logit_softcap: if choice.attention_softcap {
             r.scalar(&plan.attention_softcap)?
         } else {
@@ -151,7 +153,7 @@ pub fn settings(plan: &Plan, choice: &Choice, config: &ConfigFile) -> Result<Dec
         bias: r.flag(&plan.mlp_bias),
         ..d.mlp(plan.mlp_layout, activation)
     };
-    Ok(DecoderSettings {
+    let settings = DecoderSettings {
         norm,
         // A null epsilon is Transformers' default, as in the generated module.
         norm_eps: r
@@ -168,6 +170,29 @@ pub fn settings(plan: &Plan, choice: &Choice, config: &ConfigFile) -> Result<Dec
         logits_scale: r.scalar(&plan.logits_scale)?,
         final_logit_softcap: r.scalar(&plan.final_softcap)?,
         ..d.settings(attention, mlp, layers)
+    };
+    let Some(moe) = &plan.moe else {
+        return Ok(settings);
+    };
+    // The mixture of experts, read by the same `MoeConfig` a generated module flattens.
+    let m: MoeConfig = config.parse_with_defaults(&defaults_json(plan))?;
+    let router = RouterSettings {
+        normalize: match &moe.normalize_field {
+            Some(field) => r.bool(field),
+            None => choice.moe_normalize,
+        },
+        ..m.router()
+    };
+    let block = m.settings(
+        router,
+        d.intermediate_size,
+        ExpertActivation::Glu(activation),
+        moe.shared_expert.unwrap_or(false),
+    );
+    Ok(if moe.dense_layers {
+        settings.with_moe(block, |i| m.is_sparse(i))
+    } else {
+        settings.with_moe(block, |_| true)
     })
 }
 

@@ -60,6 +60,12 @@ pub struct Args {
     /// Replace a module that differs from what the generator writes (hand edits are lost).
     #[arg(long)]
     overwrite: bool,
+    /// Write the introspection, the generated module and the report under DIR, and verify
+    /// the candidates on the committed fixtures: no fixture exported, no module written or
+    /// registered in the tree (for checking the generator on a family the zoo has). The
+    /// tiny config is the committed fixture spec's `base_config` unless `--config` says.
+    #[arg(long, value_name = "DIR", conflicts_with = "all_missing")]
+    out: Option<PathBuf>,
 }
 
 /// The outcome of trying the candidates.
@@ -168,9 +174,34 @@ fn port(args: &Args, mt: &str) -> anyhow::Result<Outcome> {
     let root = workspace_root();
     let module = args.name.clone().unwrap_or_else(|| module_name(mt));
     let fixtures_dir = root.join("tests/fixtures").join(mt);
-    let facts_path = fixtures_dir.join("introspection.json");
-    if !args.offline {
-        introspect(&root, mt, args.config.as_deref(), &facts_path)?;
+    let scratch = args.out.as_deref();
+    // `--offline` reads the committed facts, wherever the rest goes.
+    let facts_path = match scratch {
+        Some(dir) if !args.offline => dir,
+        _ => &fixtures_dir,
+    }
+    .join("introspection.json");
+    if let Some(dir) = scratch {
+        std::fs::create_dir_all(dir)?;
+    }
+    if let (Some(dir), false) = (scratch, args.offline) {
+        let committed_spec = root.join(format!("xtask/fixtures/{mt}.json"));
+        let config = match (&args.config, std::fs::read_to_string(&committed_spec)) {
+            (Some(c), _) => Some(c.clone()),
+            (None, Ok(text)) => {
+                let spec: Value = serde_json::from_str(&text)
+                    .with_context(|| format!("reading {}", committed_spec.display()))?;
+                let path = dir.join("base_config.json");
+                std::fs::write(&path, spec["base_config"].to_string())?;
+                Some(path)
+            }
+            (None, Err(_)) => None,
+        };
+        let spec = dir.join(format!("{mt}.json"));
+        introspect(&root, mt, config.as_deref(), &facts_path, &spec, false)?;
+    } else if !args.offline {
+        let spec = root.join(format!("xtask/fixtures/{mt}.json"));
+        introspect(&root, mt, args.config.as_deref(), &facts_path, &spec, true)?;
         export(&root, mt)?;
     }
     let facts: Value = serde_json::from_str(
@@ -198,7 +229,15 @@ fn port(args: &Args, mt: &str) -> anyhow::Result<Outcome> {
     let module_path = root.join(format!("mlx-models/src/models/{module}.rs"));
     let mut hand_edits = None;
     let mut reports = Vec::new();
-    if let (Some(choice), true) = (&search.chosen, plan.gaps.is_empty()) {
+    if let (Some(dir), Some(choice), true) = (scratch, &search.chosen, plan.gaps.is_empty()) {
+        let generated = rustfmt(&codegen::module_source(&plan, choice))?;
+        std::fs::write(dir.join(format!("{module}.rs")), &generated)?;
+        if let Ok(existing) = std::fs::read_to_string(&module_path) {
+            if existing != generated {
+                hand_edits = Some(diff(&generated, &existing)?);
+            }
+        }
+    } else if let (Some(choice), true) = (&search.chosen, plan.gaps.is_empty()) {
         let generated = rustfmt(&codegen::module_source(&plan, choice))?;
         let draft = root.join("target/port").join(mt);
         std::fs::create_dir_all(&draft)?;
@@ -243,10 +282,14 @@ fn port(args: &Args, mt: &str) -> anyhow::Result<Outcome> {
         None
     };
     // No module generated, but one written by hand is registered: verify that one, and
-    // show it against the scaffold it could have started from.
+    // show it against the scaffold it could have started from (not in a scratch run).
     let generated = search.chosen.is_some() && plan.gaps.is_empty();
     let by_hand = match std::fs::read_to_string(&module_path) {
-        Ok(existing) if !generated && mlx_models::models::supported_model_types().contains(&mt) => {
+        Ok(existing)
+            if scratch.is_none()
+                && !generated
+                && mlx_models::models::supported_model_types().contains(&mt) =>
+        {
             let (hand_reports, _) = verify_generated(&root, mt)?;
             reports = hand_reports;
             Some(diff(scaffold.as_deref().unwrap_or(""), &existing)?)
@@ -258,14 +301,29 @@ fn port(args: &Args, mt: &str) -> anyhow::Result<Outcome> {
         None => report::Edits::Generated(hand_edits.as_deref()),
     };
     let text = report::render(&plan, &search, &reports, edits, &fixtures);
-    std::fs::write(fixtures_dir.join("PORT_REPORT.md"), text)?;
-    let passed = (generated || by_hand.is_some())
-        && !reports.is_empty()
-        && reports.iter().all(Report::passed);
+    let report_path = scratch.unwrap_or(&fixtures_dir).join("PORT_REPORT.md");
+    std::fs::write(&report_path, text)?;
+    // In a scratch run the candidates' verification on every committed fixture is the
+    // verification (the module is not compiled into the zoo).
+    let passed = if scratch.is_some() {
+        generated
+    } else {
+        (generated || by_hand.is_some())
+            && !reports.is_empty()
+            && reports.iter().all(Report::passed)
+    };
+    if let (Some(dir), Some(choice), true) = (scratch, &search.chosen, passed) {
+        eprintln!(
+            "port {mt}: candidate \"{}\" passes all {} committed fixtures; module in {}",
+            choice.describe(),
+            fixtures.len(),
+            dir.join(format!("{module}.rs")).display()
+        );
+    }
     eprintln!(
         "port {mt}: {} — report in {}",
         if passed { "verified" } else { "NOT verified" },
-        fixtures_dir.join("PORT_REPORT.md").display()
+        report_path.display()
     );
     let summary = if passed && by_hand.is_some() {
         "verified (written by hand; the generator stops at a gap)".to_owned()
@@ -353,7 +411,16 @@ fn run_python(cmd: &mut Command) -> anyhow::Result<(bool, String)> {
 }
 
 /// Runs the introspection, which also writes the fixture variants spec.
-fn introspect(root: &Path, mt: &str, config: Option<&Path>, out: &Path) -> anyhow::Result<()> {
+/// `seed_check`: the exporter's seed check of the proposed variants (not needed when they
+/// are not exported).
+fn introspect(
+    root: &Path,
+    mt: &str,
+    config: Option<&Path>,
+    out: &Path,
+    spec: &Path,
+    seed_check: bool,
+) -> anyhow::Result<()> {
     std::fs::create_dir_all(out.parent().expect("a file in a directory"))?;
     let mut cmd = Command::new(python()?);
     cmd.current_dir(root)
@@ -361,7 +428,10 @@ fn introspect(root: &Path, mt: &str, config: Option<&Path>, out: &Path) -> anyho
         .args(["--model-type", mt, "--out"])
         .arg(out)
         .arg("--spec-out")
-        .arg(root.join(format!("xtask/fixtures/{mt}.json")));
+        .arg(spec);
+    if !seed_check {
+        cmd.arg("--no-seed-check");
+    }
     if let Some(c) = config {
         cmd.arg("--config").arg(c);
     }
@@ -401,15 +471,27 @@ pub fn search(plan: &Plan, fixtures: &[Fixture]) -> anyhow::Result<Search> {
                 .iter()
                 .map(|(a, b)| (a.as_str(), b.as_str()))
                 .collect();
-            weights.rename(|name| {
-                let name = mlx_models::weights::rename_prefix(name, &prefixes);
-                Some(trace::rename(&name, &plan.renames))
-            });
+            weights.rename(|name| Some(mlx_models::weights::rename_prefix(name, &prefixes)));
+            if let Some(moe) = &plan.moe {
+                weights.rename(|name| Some(plan::checkpoint_name(name, &moe.checkpoint_renames)));
+            }
+            weights.rename(|name| Some(trace::rename(name, &plan.renames)));
             weights.eval()?;
-            mlx_models::transformer::drop_computed_weights(
-                &mut weights,
-                settings.tie_word_embeddings,
-            );
+            match &plan.moe {
+                // Per-expert checkpoints stacked, fused ones split, as the module's sanitize.
+                Some(moe) => {
+                    let projections: Vec<(&str, &str)> = moe
+                        .projections
+                        .iter()
+                        .map(|(a, b)| (a.as_str(), b.as_str()))
+                        .collect();
+                    mlx_models::family::sanitize_moe(&mut weights, &settings, None, &projections)?;
+                }
+                None => mlx_models::transformer::drop_computed_weights(
+                    &mut weights,
+                    settings.tie_word_embeddings,
+                ),
+            }
             mlx_models::transformer::build(config, settings, weights)
         };
         let mut failures = Vec::new();
@@ -747,7 +829,13 @@ mod generator_tests {
             // rustfmt may break the call over lines.
             let compact: String = module.split_whitespace().collect();
             let call: String = format!("d.layers({expr},").split_whitespace().collect();
-            assert!(compact.contains(&call), "{mt}: the plan derives {expr}");
+            // or through a variable (Qwen2-MoE's `let rule = …;`)
+            let named = format!("letrule={expr};");
+            assert!(
+                compact.contains(&call)
+                    || compact.contains(&named) && compact.contains("d.layers(rule,"),
+                "{mt}: the plan derives {expr}"
+            );
             checked += 1;
         }
         assert!(checked >= 10, "{checked} families with facts");
@@ -900,6 +988,184 @@ mod generator_tests {
         assert_eq!(
             plan.gaps,
             vec!["parameter `model.layers.0.mlp.router.weight` is taken by no known block"]
+        );
+    }
+
+    /// The mixture-of-experts decisions on the recorded facts of four families the zoo
+    /// wrote by hand: the structure each hand-written module has.
+    #[test]
+    fn mixtures_of_experts_are_read_from_the_recorded_facts() {
+        use mlx_models::family::LayerRule;
+        let moe = |mt: &str| {
+            let plan = plan::plan(&facts(mt), mt);
+            assert!(plan.gaps.is_empty(), "{mt}: gaps {:?}", plan.gaps);
+            (plan.moe.clone().expect("a mixture of experts"), plan)
+        };
+        // Mixtral: Hub checkpoints' `block_sparse_moe.experts.<i>.w1/w3/w2`, from
+        // Transformers' checkpoint conversion; no renormalization field.
+        let (m, plan) = moe("mixtral");
+        assert_eq!(
+            m.checkpoint_renames,
+            [(".block_sparse_moe.".to_owned(), ".mlp.".to_owned())]
+        );
+        let names: Vec<(&str, &str)> = m
+            .projections
+            .iter()
+            .map(|(a, b)| (a.as_str(), b.as_str()))
+            .collect();
+        assert_eq!(
+            names,
+            [("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")]
+        );
+        assert_eq!(
+            (m.normalize_field, m.shared_expert, m.dense_layers),
+            (None, None, false)
+        );
+        assert!(plan.choices.iter().any(|c| c.moe_normalize));
+        assert!(plan.choices.iter().any(|c| !c.moe_normalize));
+        // Qwen2-MoE: a shared expert gated by `shared_expert_gate`, dense layers by config.
+        let (m, _) = moe("qwen2_moe");
+        assert_eq!(m.shared_expert, Some(true));
+        assert_eq!(m.normalize_field.as_deref(), Some("norm_topk_prob"));
+        assert!(m.dense_layers && m.checkpoint_renames.is_empty());
+        assert_eq!(m.projections[0], ("gate_proj".into(), "gate_proj".into()));
+        // Qwen3-MoE: the class drops the window unless `use_sliding_window`.
+        let (m, plan) = moe("qwen3_moe");
+        assert_eq!((m.shared_expert, m.dense_layers), (None, true));
+        assert_eq!(plan.layer_rule, LayerRule::AllWhenEnabled);
+        assert!(plan.choices.iter().all(|c| !c.moe_normalize));
+        // GraniteMoE: Transformers' own block is `block_sparse_moe` with a `router`; its
+        // Hub checkpoints' `input_linear`/`output_linear`/`router.layer` are converted
+        // module-wise (quantized `scales` follow), bare expert weights last.
+        let (m, plan) = moe("granitemoe");
+        assert_eq!(
+            plan.renames[plan.renames.len() - 2..],
+            [
+                ("block_sparse_moe.router".to_owned(), "mlp.gate".to_owned()),
+                ("block_sparse_moe".to_owned(), "mlp".to_owned())
+            ]
+        );
+        assert!(m.checkpoint_renames.contains(&(
+            "block_sparse_moe.router.layer.".to_owned(),
+            "block_sparse_moe.router.".to_owned()
+        )));
+        assert_eq!(
+            m.checkpoint_renames
+                .last()
+                .map(|(a, b)| (a.as_str(), b.as_str())),
+            Some((
+                "block_sparse_moe.experts.down_proj.weight",
+                "block_sparse_moe.experts.down_proj"
+            ))
+        );
+        assert_eq!(
+            plan.residual_scale,
+            plan::Scalar::Field("residual_multiplier".into())
+        );
+        // OLMoE: q/k norms over the whole projections, `clip_qkv`.
+        let (m, plan) = moe("olmoe");
+        assert!(!m.dense_layers && m.shared_expert.is_none());
+        assert_eq!(plan.qk_norm, mlx_models::transformer::QkNorm::Projection);
+        assert_eq!(plan.clip_qkv, plan::Scalar::Field("clip_qkv".into()));
+    }
+
+    #[test]
+    fn mixtral_renormalizes_as_its_fixtures_say_and_the_other_choice_fails_at_layer_0() {
+        let mut plan = plan::plan(&facts("mixtral"), "mixtral");
+        let fixtures = fixtures("mixtral");
+        let found = search(&plan, &fixtures).expect("search runs");
+        let choice = found.chosen.expect("a candidate passes every fixture");
+        assert!(choice.moe_normalize);
+        let source = codegen::module_source(&plan, &choice);
+        assert!(source.contains("normalize: true"), "{source}");
+        assert!(source.contains("(\".block_sparse_moe.\", \".mlp.\")"));
+        assert!(source.contains("sanitize_moe(weights, settings, None, &EXPERTS)"));
+        assert!(source.contains("(\"w1\", \"gate_proj\")"));
+        // The seeded fault: the same candidate without renormalization.
+        plan.choices = vec![plan::Choice {
+            moe_normalize: false,
+            ..choice
+        }];
+        let failed = search(&plan, &fixtures).expect("search runs");
+        assert!(failed.chosen.is_none());
+        let failures = &failed.tried[0].1;
+        assert!(
+            failures[0].contains("first bad tensor `layers.0`"),
+            "{failures:?}"
+        );
+    }
+
+    #[test]
+    fn qwen2_moe_verifies_with_its_gated_shared_expert_and_dense_layers() {
+        let plan = plan::plan(&facts("qwen2_moe"), "qwen2_moe");
+        let fixtures = fixtures("qwen2_moe");
+        assert!(fixtures.iter().any(|f| f.name().contains("dense-layers")));
+        let found = search(&plan, &fixtures).expect("search runs");
+        let choice = found.chosen.expect("a candidate passes every fixture");
+        let source = codegen::module_source(&plan, &choice);
+        assert!(
+            source.contains("ExpertActivation::Glu(act), true)"),
+            "{source}"
+        );
+        assert!(source.contains("|i| self.moe.is_sparse(i)"));
+        // Read as an ungated shared expert, the checkpoint's gate is a weight no block
+        // takes: refused, not ignored.
+        let mut ungated = plan.clone();
+        ungated.moe.as_mut().expect("moe").shared_expert = Some(false);
+        ungated.choices = vec![choice];
+        let failed = search(&ungated, &fixtures).expect("search runs");
+        assert!(failed.chosen.is_none());
+        assert!(
+            failed.tried[0].1[0].contains("unexpected weights")
+                && failed.tried[0].1[0].contains("mlp.shared_expert_gate.weight"),
+            "{:?}",
+            failed.tried
+        );
+    }
+
+    #[test]
+    fn experts_after_dense_first_layers_are_found_and_their_parameters_checked() {
+        // Qwen2-MoE's facts with layer 0 dense (DeepSeek's `first_k_dense_replace`) and a
+        // router bias on layer 1 that no block takes.
+        let mut facts = facts("qwen2_moe");
+        let params = facts["parameters"].as_array_mut().expect("a list");
+        params.retain(|p| {
+            !p["name"]
+                .as_str()
+                .unwrap()
+                .starts_with("model.layers.0.mlp.")
+        });
+        for proj in ["gate_proj", "up_proj", "down_proj"] {
+            params.push(serde_json::json!({"name": format!("model.layers.0.mlp.{proj}.weight"), "shape": [32, 64]}));
+        }
+        params.push(serde_json::json!({"name": "model.layers.1.mlp.gate.e_score_correction_bias", "shape": [4]}));
+        let plan = plan::plan(&facts, "x");
+        let moe = plan.moe.expect("the experts of layer 1");
+        assert_eq!(moe.shared_expert, Some(true));
+        assert_eq!(
+            plan.gaps,
+            ["parameter `model.layers.1.mlp.gate.e_score_correction_bias` is taken by no known block"]
+        );
+    }
+
+    #[test]
+    fn routing_the_blocks_do_not_generate_is_a_gap() {
+        let mut facts = facts("qwen2_moe");
+        facts["config_fields"]["n_group"] = serde_json::json!({"default": 8, "kind": "int"});
+        let plan = plan::plan(&facts, "x");
+        assert!(
+            plan.gaps.iter().any(|g| g.contains("`n_group`")),
+            "{:?}",
+            plan.gaps
+        );
+        let mut facts = self::facts("qwen2_moe");
+        let params = facts["parameters"].as_array_mut().expect("a list");
+        params.retain(|p| p["name"] != "model.layers.0.mlp.gate.weight");
+        let plan = plan::plan(&facts, "x");
+        assert!(
+            plan.gaps.iter().any(|g| g.contains("without a router")),
+            "{:?}",
+            plan.gaps
         );
     }
 

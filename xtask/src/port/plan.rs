@@ -59,6 +59,9 @@ pub struct Choice {
     /// Apply the attention soft cap the config names (some families declare it and
     /// never apply it).
     pub attention_softcap: bool,
+    /// Renormalize the chosen experts' weights to sum to one, where no config field says
+    /// (a mixture of experts without `norm_topk_prob`).
+    pub moe_normalize: bool,
 }
 
 impl Choice {
@@ -96,9 +99,55 @@ impl Choice {
             } else {
                 ""
             }
-        )
+        ) + if self.moe_normalize {
+            ", experts' weights renormalized"
+        } else {
+            ""
+        }
     }
 }
+
+/// A sparse mixture-of-experts feed-forward ([`mlx_models::moe::SparseMoe`]): a router
+/// linear layer `mlp.gate` over stacked experts (`mlp.experts.gate_up_proj`/`down_proj`, or
+/// one module per expert), softmax top-k, maybe a shared expert.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MoePlan {
+    /// Hub checkpoints' names → Transformers' (substrings, in order), from Transformers'
+    /// checkpoint conversion (Mixtral's `.block_sparse_moe.` → `.mlp.`, GraniteMoE's
+    /// `block_sparse_moe.input_linear.weight` → `block_sparse_moe.experts.gate_up_proj`).
+    pub checkpoint_renames: Vec<(String, String)>,
+    /// The Hub checkpoints' name of each expert projection → the name the blocks load
+    /// (`w1` → `gate_proj`), from Transformers' checkpoint conversion.
+    pub projections: Vec<(String, String)>,
+    /// A shared expert beside the routed ones: `Some(gated)`, gated when its output is
+    /// scaled by `sigmoid(shared_expert_gate(x))`.
+    pub shared_expert: Option<bool>,
+    /// The config field that renormalizes the chosen experts' weights (`norm_topk_prob`);
+    /// without one, the fixtures decide ([`Choice::moe_normalize`]).
+    pub normalize_field: Option<String>,
+    /// The config has fields that keep some layers dense (`decoder_sparse_step`,
+    /// `mlp_only_layers`, `first_k_dense_replace`).
+    pub dense_layers: bool,
+}
+
+/// The config fields [`mlx_models::family::MoeConfig`] reads (aliases included).
+pub const MOE_FIELDS: &[&str] = &[
+    "num_experts",
+    "num_local_experts",
+    "n_routed_experts",
+    "num_experts_per_tok",
+    "moe_topk",
+    "moe_intermediate_size",
+    "norm_topk_prob",
+    "decoder_sparse_step",
+    "mlp_only_layers",
+    "first_k_dense_replace",
+    "shared_expert_intermediate_size",
+    "n_shared_experts",
+    "routed_scaling_factor",
+    "n_group",
+    "topk_group",
+];
 
 /// A config field the module reads, with its Rust type and Transformers' default.
 #[derive(Debug, Clone, PartialEq)]
@@ -147,12 +196,16 @@ pub struct Plan {
     pub qk_norm: mlx_models::transformer::QkNorm,
     pub mlp_layout: mlx_models::transformer::MlpLayout,
     pub mlp_bias: Flag,
+    /// The feed-forward of (the sparse) layers is a mixture of experts.
+    pub moe: Option<MoePlan>,
     /// `Some(bias)` for LayerNorm, `None` for RMSNorm.
     pub layer_norm: Option<Flag>,
     pub eps_field: String,
     pub act_field: String,
     pub attention_scale: Scalar,
     pub attention_softcap: Scalar,
+    /// q, k and v clamped to `[-c, c]` (OLMo's `clip_qkv`).
+    pub clip_qkv: Scalar,
     pub final_softcap: Scalar,
     pub residual_scale: Scalar,
     pub logits_scale: Scalar,
@@ -287,6 +340,8 @@ const INERT: &[&str] = &[
     "embd_pdrop",
     "attention_probs_dropout_prob",
     "output_router_logits",
+    "router_aux_loss_coef",
+    "router_jitter_noise",
     "cache_implementation",
     "tie_word_embeddings",
 ];
@@ -492,6 +547,7 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
     roles
         .renames
         .extend(super::trace::final_norm_rename(facts.value));
+    roles.renames.extend(expert_block_renames(&facts));
     let prefix_renames = structure_renames(facts.value);
     let prefixes: Vec<(&str, &str)> = prefix_renames
         .iter()
@@ -677,8 +733,138 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         ));
     }
 
+    // A mixture of experts in place of the MLP.
+    // The first layer with experts (DeepSeek-style families keep the first ones dense).
+    let sparse_layer: BTreeMap<&str, &Vec<i64>> = params
+        .keys()
+        .filter_map(|n| {
+            let (index, path) = n.strip_prefix("model.layers.")?.split_once('.')?;
+            path.starts_with("mlp.experts").then_some(index)
+        })
+        .min_by_key(|i| i.parse::<usize>().unwrap_or(usize::MAX))
+        .inspect(|&index| {
+            // Layer 0's parameters are checked below; a later sparse layer's here.
+            if index == "0" {
+                return;
+            }
+            let prefix = format!("model.layers.{index}.mlp.");
+            let taken = |rest: &str| {
+                matches!(
+                    rest,
+                    "gate.weight"
+                        | "experts.gate_up_proj"
+                        | "experts.down_proj"
+                        | "shared_expert.gate_proj.weight"
+                        | "shared_expert.up_proj.weight"
+                        | "shared_expert.down_proj.weight"
+                        | "shared_expert_gate.weight"
+                ) || rest.strip_prefix("experts.").is_some_and(|r| {
+                    r.split_once('.').is_some_and(|(i, p)| {
+                        i.parse::<usize>().is_ok()
+                            && ["gate_proj.weight", "up_proj.weight", "down_proj.weight"]
+                                .contains(&p)
+                    })
+                })
+            };
+            for name in params.keys() {
+                if name.strip_prefix(&prefix).is_some_and(|rest| !taken(rest)) {
+                    gaps.push(format!("parameter `{name}` is taken by no known block"));
+                }
+            }
+        })
+        .map(|index| {
+            let prefix = format!("model.layers.{index}.");
+            params
+                .iter()
+                .filter_map(|(n, s)| n.strip_prefix(&prefix).map(|n| (n, s)))
+                .collect()
+        })
+        .unwrap_or_default();
+    let moe = moe_plan(&facts, &sparse_layer, &defaults, &mut gaps);
+    if let Some(m) = &moe {
+        let width = |name: &str| defaults.contains_key(name) || facts.resolved(name).is_some();
+        for (names, ty, role) in [
+            (
+                &["num_experts", "num_local_experts", "n_routed_experts"][..],
+                FieldType::I32,
+                "routed experts",
+            ),
+            (
+                &["num_experts_per_tok", "moe_topk"],
+                FieldType::I32,
+                "experts per token",
+            ),
+            (
+                &["moe_intermediate_size"],
+                FieldType::I32,
+                "width of each expert",
+            ),
+            (
+                &["shared_expert_intermediate_size", "n_shared_experts"],
+                FieldType::I32,
+                "shared expert width",
+            ),
+            (
+                &["norm_topk_prob"],
+                FieldType::Bool,
+                "renormalize the chosen experts' weights",
+            ),
+            (
+                &["decoder_sparse_step"],
+                FieldType::I32,
+                "every n-th layer sparse",
+            ),
+            (
+                &["mlp_only_layers"],
+                FieldType::IntList,
+                "layers with a dense MLP",
+            ),
+            (
+                &["first_k_dense_replace"],
+                FieldType::I32,
+                "the first layers with a dense MLP",
+            ),
+        ] {
+            if let Some(name) = names.iter().find(|n| width(n)) {
+                add(&mut fields, name, ty, role);
+            }
+        }
+        decisions.push(format!(
+            "feed-forward: a mixture of experts (router `mlp.gate`, {} experts{}{}), softmax top-k, {}{}",
+            if sparse_layer.contains_key("mlp.experts.gate_up_proj") {
+                "stacked"
+            } else {
+                "per-expert"
+            },
+            match m.shared_expert {
+                Some(true) => ", a shared expert gated by `shared_expert_gate`",
+                Some(false) => ", a shared expert",
+                None => "",
+            },
+            if m.checkpoint_renames.is_empty() {
+                String::new()
+            } else {
+                format!(", Hub checkpoints' names converted as Transformers does: {:?}", m.checkpoint_renames)
+            },
+            match &m.normalize_field {
+                Some(f) => format!("renormalized when `{f}`"),
+                None => "renormalization decided by the fixtures".to_owned(),
+            },
+            if m.dense_layers {
+                "; the config's dense layers keep a gated MLP of `intermediate_size`"
+            } else {
+                ""
+            }
+        ));
+    }
+
     // MLP.
-    let mlp_layout = if has("mlp.gate_up_proj.weight") {
+    let mlp_layout = if moe.is_some() {
+        // The dense layers of a mixture-of-experts family (the tiny model's layer 0 is
+        // sparse): a gated MLP, as every such family in the zoo; the dense-layer fixtures
+        // verify it.
+        MlpLayout::Gated
+    } else if has("mlp.gate_up_proj.weight") {
         MlpLayout::FusedGated
     } else if has("mlp.gate_proj.weight") {
         MlpLayout::Gated
@@ -822,6 +1008,12 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         Scalar::Field,
         "attention scores soft cap",
     );
+    let clip_qkv = scalar(
+        &mut fields,
+        &["clip_qkv"],
+        Scalar::Field,
+        "clamps q, k and v to plus or minus it",
+    );
     let final_softcap = scalar(
         &mut fields,
         &["final_logit_softcapping"],
@@ -894,7 +1086,16 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
     let layer_rule = if sliding_window.is_none() {
         LayerRule::NoSliding
     } else {
-        let rule = derive_layer_rule(&facts.layer_type_probes(), &defaults);
+        let rule = derive_layer_rule(&facts.layer_type_probes(), &defaults).or_else(|| {
+            window_needs_enabling(&facts, &defaults).then(|| {
+                decisions.push(
+                    "the config class drops `sliding_window` unless `use_sliding_window` (the tiny \
+                     config without it resolves to no window): every layer slides when enabled"
+                        .to_owned(),
+                );
+                LayerRule::AllWhenEnabled
+            })
+        });
         for (name, meaning) in rule.map_or(&[][..], LayerRule::fields) {
             let kind = match *name {
                 "use_sliding_window" => FieldType::Bool,
@@ -1014,6 +1215,10 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
     } else {
         vec![false]
     };
+    let normalize_candidates = match &moe {
+        Some(m) if m.normalize_field.is_none() => vec![true, false],
+        _ => vec![false],
+    };
     let softcap_candidates = if attention_softcap == Scalar::None {
         vec![false]
     } else {
@@ -1035,15 +1240,18 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
                             .into_iter()
                             .flat_map(|t| sliding_rope_candidates.iter().map(move |&s| (t, s)))
                         {
-                            choices.push(Choice {
-                                norm_plus_one: plus_one,
-                                rope_sliding_only: sliding_only,
-                                embedding_scale: embedding.clone(),
-                                rope_traditional: traditional,
-                                norm_placement: placement,
-                                gelu_as_tanh,
-                                attention_softcap: softcap,
-                            });
+                            for &moe_normalize in &normalize_candidates {
+                                choices.push(Choice {
+                                    norm_plus_one: plus_one,
+                                    rope_sliding_only: sliding_only,
+                                    embedding_scale: embedding.clone(),
+                                    rope_traditional: traditional,
+                                    norm_placement: placement,
+                                    gelu_as_tanh,
+                                    attention_softcap: softcap,
+                                    moe_normalize,
+                                });
+                            }
                         }
                     }
                 }
@@ -1071,12 +1279,25 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         "pre_feedforward_layernorm.",
         "post_feedforward_layernorm.",
     ];
+    let moe_known = [
+        "mlp.gate.",
+        "mlp.experts.",
+        "mlp.shared_expert.",
+        "mlp.shared_expert_gate.",
+    ];
+    let known: Vec<&str> = if moe.is_some() {
+        known.iter().chain(&moe_known).copied().collect()
+    } else {
+        known.to_vec()
+    };
     let mut weight_map = Vec::new();
     for name in params.keys() {
         let block = if let Some(rest) = name.strip_prefix("model.layers.0.") {
             known
                 .iter()
-                .find(|k| rest.starts_with(*k))
+                .find(|k| {
+                    rest.starts_with(*k) || **k == "mlp.experts." && rest.starts_with("mlp.experts")
+                })
                 .map(|k| k.trim_end_matches('.').to_owned())
         } else if name.starts_with("model.layers.") {
             continue;
@@ -1191,11 +1412,13 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         qk_norm,
         mlp_layout,
         mlp_bias,
+        moe,
         layer_norm,
         eps_field,
         act_field,
         attention_scale,
         attention_softcap,
+        clip_qkv,
         final_softcap,
         residual_scale,
         logits_scale,
@@ -1226,6 +1449,167 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
     }
 }
 
+/// The mixture of experts of the first sparse layer (`layer`), if any: a router `mlp.gate`
+/// of `[experts, hidden]` and experts stacked (`mlp.experts.gate_up_proj`, `down_proj`) or
+/// one module each; what no block expresses is a gap.
+fn moe_plan(
+    facts: &Facts,
+    layer: &BTreeMap<&str, &Vec<i64>>,
+    defaults: &BTreeMap<String, Value>,
+    gaps: &mut Vec<String>,
+) -> Option<MoePlan> {
+    let expert_params: Vec<&str> = layer
+        .keys()
+        .copied()
+        .filter(|n| n.starts_with("mlp.experts"))
+        .collect();
+    if expert_params.is_empty() {
+        return None;
+    }
+    let has_field = |n: &str| defaults.contains_key(n);
+    let resolved_i64 = |names: &[&str]| {
+        names
+            .iter()
+            .find_map(|n| facts.resolved(n).and_then(Value::as_i64))
+    };
+    let experts = resolved_i64(&["num_experts", "num_local_experts", "n_routed_experts"]);
+    let hidden = facts.resolved("hidden_size").and_then(Value::as_i64);
+    match layer.get("mlp.gate.weight") {
+        Some(shape) if Some(shape.as_slice()) == experts.zip(hidden).map(|(e, h)| [e, h]).as_ref().map(|a| &a[..]) => {}
+        Some(shape) => gaps.push(format!(
+            "the router `mlp.gate.weight` is {shape:?}, not [experts {experts:?}, hidden {hidden:?}]"
+        )),
+        None => gaps.push("experts without a router `mlp.gate`".to_owned()),
+    }
+    if resolved_i64(&["num_experts_per_tok", "moe_topk"]).is_none() {
+        gaps.push("a mixture of experts without `num_experts_per_tok`".to_owned());
+    }
+    let stacked = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"];
+    let per_expert = ["gate_proj", "up_proj", "down_proj"]
+        .iter()
+        .all(|p| layer.contains_key(format!("mlp.experts.0.{p}.weight").as_str()));
+    if !(stacked.iter().all(|p| layer.contains_key(p)) && expert_params.len() == 2 || per_expert) {
+        gaps.push(format!(
+            "experts {expert_params:?} are neither stacked gate_up_proj/down_proj nor per-expert gate/up/down projections"
+        ));
+    }
+    // The experts' width: `moe_intermediate_size`, else `intermediate_size`.
+    let width = resolved_i64(&["moe_intermediate_size"]).or(resolved_i64(&["intermediate_size"]));
+    if let (Some(down), Some(width)) = (layer.get("mlp.experts.down_proj"), width) {
+        if down.last() != Some(&width) {
+            gaps.push(format!(
+                "the experts' `down_proj` is {down:?}: its width is not `moe_intermediate_size`/`intermediate_size` ({width})"
+            ));
+        }
+    }
+    // Routing the blocks do not compute for these fields.
+    for field in [
+        "n_group",
+        "topk_group",
+        "routed_scaling_factor",
+        "scoring_func",
+        "topk_method",
+    ] {
+        if has_field(field) {
+            gaps.push(format!(
+                "the router reads `{field}`: grouped or scaled routing is not generated yet"
+            ));
+        }
+    }
+    let shared_expert = layer
+        .contains_key("mlp.shared_expert.gate_proj.weight")
+        .then(|| layer.contains_key("mlp.shared_expert_gate.weight"));
+    if shared_expert.is_some()
+        && !has_field("shared_expert_intermediate_size")
+        && !has_field("n_shared_experts")
+    {
+        gaps.push("a shared expert without `shared_expert_intermediate_size`".to_owned());
+    }
+    let conversions = facts.value.get("checkpoint_conversions");
+    let pairs: Vec<(String, String)> = conversions
+        .and_then(|c| c.get("renamings"))
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|r| {
+            Some((
+                r.get(0)?.as_str()?.to_owned(),
+                r.get(1)?.as_str()?.to_owned(),
+            ))
+        })
+        .collect();
+    // A weight renamed is its module renamed, so that quantized checkpoints' `scales` and
+    // `biases` follow; a module's weight renamed to a bare parameter (GraniteMoE's
+    // `input_linear.weight` → `experts.gate_up_proj`) keeps `gate_up_proj.scales` beside it.
+    let mut checkpoint_renames = Vec::new();
+    let mut bare = Vec::new();
+    for (from, to) in pairs {
+        match (from.strip_suffix(".weight"), to.strip_suffix(".weight")) {
+            (Some(f), Some(t)) => checkpoint_renames.push((format!("{f}."), format!("{t}."))),
+            (Some(f), None) => {
+                checkpoint_renames.push((format!("{f}."), format!("{to}.")));
+                bare.push((format!("{to}.weight"), to));
+            }
+            _ => checkpoint_renames.push((from, to)),
+        }
+    }
+    checkpoint_renames.extend(bare);
+    let names = conversions.and_then(|c| c.get("experts"));
+    let projections = ["gate_proj", "up_proj", "down_proj"]
+        .into_iter()
+        .map(|p| {
+            let hub = names
+                .and_then(|n| n.get(p))
+                .and_then(Value::as_str)
+                .unwrap_or(p);
+            (hub.to_owned(), p.to_owned())
+        })
+        .collect();
+    Some(MoePlan {
+        checkpoint_renames,
+        projections,
+        shared_expert,
+        normalize_field: has_field("norm_topk_prob").then(|| "norm_topk_prob".to_owned()),
+        dense_layers: [
+            "decoder_sparse_step",
+            "mlp_only_layers",
+            "first_k_dense_replace",
+        ]
+        .iter()
+        .any(|f| has_field(f)),
+    })
+}
+
+/// The expert block's module names where they are not the ones the blocks load: the block
+/// (the module holding `experts`, GraniteMoE's `block_sparse_moe`) is `mlp`, its `router`
+/// linear layer `mlp.gate`; the router first (the first rename that matches applies).
+fn expert_block_renames(facts: &Facts) -> Vec<(String, String)> {
+    let params = facts.parameters();
+    let Some(block) = params.keys().find_map(|name| {
+        let path = name.strip_prefix("model.layers.")?.split_once('.')?.1;
+        let (block, _) = path.split_once(".experts")?;
+        (!block.contains('.')).then(|| block.to_owned())
+    }) else {
+        return Vec::new();
+    };
+    let mut renames = Vec::new();
+    let router = format!(".{block}.router.weight");
+    if params.keys().any(|n| n.ends_with(&router)) {
+        renames.push((format!("{block}.router"), "mlp.gate".to_owned()));
+    }
+    if block != "mlp" {
+        renames.push((block, "mlp".to_owned()));
+    }
+    renames
+}
+
+/// Hub checkpoints' names converted to Transformers' (substring renames, in order).
+pub fn checkpoint_name(name: &str, renames: &[(String, String)]) -> String {
+    renames
+        .iter()
+        .fold(name.to_owned(), |n, (from, to)| n.replacen(from, to, 1))
+}
+
 /// Whether the final norm's weight starts at zero in Transformers' init (the `1 + w`
 /// convention).
 fn norm_init_is_zero(facts: &Facts) -> bool {
@@ -1235,6 +1619,22 @@ fn norm_init_is_zero(facts: &Facts) -> bool {
         .and_then(Value::as_array)
         .and_then(|ps| ps.iter().find(|p| str_of(p, "name") == "model.norm.weight"))
         .is_some_and(|p| str_of(p, "init") == "zeros")
+}
+
+/// Whether Transformers keeps the window only when `use_sliding_window` (Qwen3-MoE's config
+/// class sets `sliding_window` to None otherwise): a class without `layer_types` whose
+/// default window is set, resolved for a tiny config that sets neither field, to none.
+fn window_needs_enabling(facts: &Facts, defaults: &BTreeMap<String, Value>) -> bool {
+    let small = facts.value.get("small_config");
+    let unset = |name: &str| small.and_then(|c| c.get(name)).is_none();
+    !defaults.contains_key("layer_types")
+        && defaults
+            .get("use_sliding_window")
+            .is_some_and(|v| v == &Value::Bool(false))
+        && defaults.get("sliding_window").is_some_and(|v| !v.is_null())
+        && unset("sliding_window")
+        && unset("use_sliding_window")
+        && facts.resolved("sliding_window").is_none()
 }
 
 /// Finds the zoo's rule that reproduces every probe, if any: each is evaluated by the zoo's

@@ -271,7 +271,18 @@ pub fn covered(name: &str, class: &str) -> bool {
         "ReLU",
         "ReLUSquaredActivation",
     ];
+    // A mixture of experts ([`mlx_models::moe::SparseMoe`]): router, experts, shared expert.
+    const EXPERTS: [&str; 7] = [
+        "mlp.gate",
+        "mlp.experts",
+        "mlp.shared_expert",
+        "mlp.shared_expert.gate_proj",
+        "mlp.shared_expert.up_proj",
+        "mlp.shared_expert.down_proj",
+        "mlp.shared_expert_gate",
+    ];
     BLOCKS.contains(&name)
+        || EXPERTS.contains(&name)
         || name == "mlp.c_proj"
         || class.contains("Dropout")
         || class.contains("Rotary")
