@@ -39,6 +39,13 @@ fn forward(model: &dyn LanguageModel, ids: &[Vec<i32>], cache: &mut [LayerCache]
         .collect()
 }
 
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0f32, f32::max)
+}
+
 fn argmax(row: &[f32]) -> i32 {
     row.iter()
         .enumerate()
@@ -165,11 +172,7 @@ fn batched_rows_match_each_sequence_alone() {
         for (i, prompt) in prompts.iter().enumerate() {
             let single = alone(model.as_ref(), prompt, steps);
             for (step, (a, b)) in single.iter().zip(&together[i]).enumerate() {
-                let diff = a
-                    .iter()
-                    .zip(b)
-                    .map(|(x, y)| (x - y).abs())
-                    .fold(0.0f32, f32::max);
+                let diff = max_abs_diff(a, b);
                 worst = worst.max(diff);
                 assert!(
                     diff < 1e-4,
@@ -221,11 +224,7 @@ fn prompts_prefilled_together_match_each_alone() {
             let single = alone(model.as_ref(), prompt, steps);
             for (step, a) in single.iter().enumerate() {
                 let b = &together[step][i];
-                let diff = a
-                    .iter()
-                    .zip(b)
-                    .map(|(x, y)| (x - y).abs())
-                    .fold(0.0f32, f32::max);
+                let diff = max_abs_diff(a, b);
                 worst = worst.max(diff);
                 assert!(
                     diff < 1e-4,

@@ -549,15 +549,7 @@ impl Worker {
                 return Ok(None);
             }
             let ids: Vec<i32> = chunk.iter().map(|&t| t as i32).collect();
-            let input = Array::from_slice(&ids, &[1, ids.len() as i32]);
-            let out = self
-                .model
-                .network()
-                .forward(&input, &mut cache, &mut Tap::off())?;
-            let last = out.take_axis(Array::from_int(out.dim(1) - 1), 1)?;
-            let last = last.as_dtype(Dtype::Float32)?;
-            last.eval()?;
-            logits = Some(last);
+            logits = Some(self.feed(&ids, 1, &mut cache)?);
         }
         let logits = logits.ok_or(Error::EmptyPrompt)?;
         let mut seq = self.sequence(prepared);
@@ -603,15 +595,7 @@ impl Worker {
             }
             let end = (start + PREFILL_CHUNK).min(longest);
             let ids: Vec<i32> = rows.iter().flat_map(|r| &r[start..end]).copied().collect();
-            let input = Array::from_slice(&ids, &[rows.len() as i32, (end - start) as i32]);
-            let out = self
-                .model
-                .network()
-                .forward(&input, &mut cache, &mut Tap::off())?;
-            let last = out.take_axis(Array::from_int(out.dim(1) - 1), 1)?;
-            let last = last.as_dtype(Dtype::Float32)?;
-            last.eval()?;
-            logits = Some(last);
+            logits = Some(self.feed(&ids, rows.len(), &mut cache)?);
         }
         let logits = logits.ok_or(Error::EmptyPrompt)?;
         let vocab = logits.dim(-1) as usize;
@@ -645,6 +629,22 @@ impl Worker {
         });
         self.active.extend(started);
         Ok(())
+    }
+
+    /// Feeds `ids`, `batch` rows of equal length one after the other, and returns the
+    /// logits of each row's last position in f32 (`[batch, vocab]`), evaluated so that long
+    /// prompts do not build one huge graph.
+    fn feed(&self, ids: &[i32], batch: usize, cache: &mut [LayerCache]) -> Result<Array> {
+        let input = Array::from_slice(ids, &[batch as i32, (ids.len() / batch) as i32]);
+        let out = self
+            .model
+            .network()
+            .forward(&input, cache, &mut Tap::off())?;
+        let last = out
+            .take_axis(Array::from_int(out.dim(1) - 1), 1)?
+            .as_dtype(Dtype::Float32)?;
+        last.eval()?;
+        Ok(last)
     }
 
     /// The sequence of a prefilled request, before its first token.

@@ -1159,12 +1159,7 @@ impl Frames {
                     None => (text, Vec::new()),
                 };
                 if !calls.is_empty() {
-                    let calls = self.tool_call_deltas(&calls);
-                    out.push(data(self.chat_chunk(
-                        json!({"tool_calls": calls}),
-                        None,
-                        None,
-                    )));
+                    out.push(data(self.tool_calls_chunk(&calls)));
                 }
                 if text.is_empty() && logprob.is_none() {
                     return out;
@@ -1193,12 +1188,7 @@ impl Frames {
                         out.push(data(self.chat_chunk(json!({"content": rest}), None, None)));
                     }
                     if !calls.is_empty() {
-                        let calls = self.tool_call_deltas(&calls);
-                        out.push(data(self.chat_chunk(
-                            json!({"tool_calls": calls}),
-                            None,
-                            None,
-                        )));
+                        out.push(data(self.tool_calls_chunk(&calls)));
                     }
                 }
                 let reason = finish_reason(&done.finish_reason, !self.call_ids.is_empty());
@@ -1233,9 +1223,9 @@ impl Frames {
         out
     }
 
-    /// Streamed tool-call pieces as OpenAI's `delta.tool_calls`: a call's first piece has
-    /// its id, type and name, later ones more of its arguments.
-    fn tool_call_deltas(&mut self, deltas: &[ToolCallDelta]) -> Value {
+    /// A chunk of streamed tool-call pieces, as OpenAI's `delta.tool_calls`: a call's first
+    /// piece has its id, type and name, later ones more of its arguments.
+    fn tool_calls_chunk(&mut self, deltas: &[ToolCallDelta]) -> Value {
         let calls = deltas
             .iter()
             .map(|delta| match delta {
@@ -1249,8 +1239,8 @@ impl Frames {
                     json!({"index": index, "function": {"arguments": text}})
                 }
             })
-            .collect();
-        Value::Array(calls)
+            .collect::<Vec<_>>();
+        self.chat_chunk(json!({"tool_calls": calls}), None, None)
     }
 
     fn chat_chunk(&self, delta: Value, logprobs: Option<Value>, finish: Option<&str>) -> Value {
