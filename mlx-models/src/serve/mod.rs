@@ -645,91 +645,7 @@ async fn prepare_chat(
         }
         normalize_tool_calls(message);
     }
-    let bad_choice = || {
-        ApiError::invalid(
-            "tool_choice must be \"none\", \"auto\", \"required\", \
-             {\"type\": \"function\", \"function\": {\"name\": …}} or \
-             {\"type\": \"allowed_tools\", \"allowed_tools\": {\"mode\": …, \"tools\": […]}}",
-        )
-        .param("tool_choice")
-    };
-    let function_name = |tool: &Value| {
-        tool.get("function")
-            .and_then(|f| f.get("name"))
-            .and_then(Value::as_str)
-            .map(str::to_owned)
-    };
-    // What is asked, and the names of the tools the model may be shown (all where `None`).
-    let (choice, allowed) = match &request.tool_choice {
-        None => (Some(ToolChoice::Auto), None),
-        Some(Value::String(choice)) => match choice.as_str() {
-            "none" => (None, None),
-            "auto" => (Some(ToolChoice::Auto), None),
-            "required" => (Some(ToolChoice::Required), None),
-            _ => return Err(bad_choice()),
-        },
-        Some(choice) => match choice.get("type").and_then(Value::as_str) {
-            Some("function") => {
-                let name = function_name(choice).ok_or_else(bad_choice)?;
-                (Some(ToolChoice::Function(name.clone())), Some(vec![name]))
-            }
-            Some("allowed_tools") => {
-                let allowed = &choice["allowed_tools"];
-                let mode = match allowed.get("mode").and_then(Value::as_str) {
-                    Some("auto") => ToolChoice::Auto,
-                    Some("required") => ToolChoice::Required,
-                    _ => return Err(bad_choice()),
-                };
-                let names = allowed
-                    .get("tools")
-                    .and_then(Value::as_array)
-                    .ok_or_else(bad_choice)?
-                    .iter()
-                    .map(|t| function_name(t).ok_or_else(bad_choice))
-                    .collect::<std::result::Result<Vec<_>, _>>()?;
-                (Some(mode), Some(names))
-            }
-            _ => return Err(bad_choice()),
-        },
-    };
-    let (tools, choice) = match (choice, request.tools) {
-        (Some(choice), Some(tools)) => (Some(tools), choice),
-        (Some(ToolChoice::Auto), None) | (None, _) => (None, ToolChoice::Auto),
-        (Some(_), None) => {
-            return Err(ApiError::invalid("tool_choice needs tools").param("tool_choice"))
-        }
-    };
-    if let Some(tools) = &tools {
-        if let Some(i) = tools.iter().position(|t| !t.is_object()) {
-            return Err(
-                ApiError::invalid("each tool must be an object").param(format!("tools[{i}]"))
-            );
-        }
-    }
-    // A named function, or the allowed ones, are all the model is shown.
-    let tools = match (allowed, tools) {
-        (Some(names), Some(tools)) => {
-            if let Some(missing) = names
-                .iter()
-                .find(|&n| !tools.iter().any(|t| function_name(t).as_ref() == Some(n)))
-            {
-                return Err(ApiError::invalid(format!(
-                    "tool_choice names `{missing}`, which is not in tools"
-                ))
-                .param("tool_choice"));
-            }
-            Some(
-                tools
-                    .into_iter()
-                    .filter(|t| function_name(t).is_some_and(|n| names.contains(&n)))
-                    .collect::<Vec<_>>(),
-            )
-        }
-        (_, tools) => tools,
-    };
-    if choice == ToolChoice::Required && tools.as_ref().is_none_or(Vec::is_empty) {
-        return Err(ApiError::invalid("tool_choice \"required\" needs tools").param("tools"));
-    }
+    let (tools, choice) = tools_to_show(request.tool_choice.as_ref(), request.tools)?;
     let has_tools = tools.as_ref().is_some_and(|t| !t.is_empty());
     // `required` and a named function: the reply starts as a call in the template's format.
     let forced = has_tools
@@ -775,6 +691,101 @@ async fn prepare_chat(
         forced,
         echo: None,
     })
+}
+
+/// The tools the model is shown and what `tool_choice` asks of the reply: `"none"` shows
+/// none, a named function or `allowed_tools` only those; an unknown name, a malformed
+/// choice or `required` without tools is a 400 naming the field.
+fn tools_to_show(
+    tool_choice: Option<&Value>,
+    tools: Option<Vec<Value>>,
+) -> std::result::Result<(Option<Vec<Value>>, ToolChoice), ApiError> {
+    let bad_choice = || {
+        ApiError::invalid(
+            "tool_choice must be \"none\", \"auto\", \"required\", \
+             {\"type\": \"function\", \"function\": {\"name\": …}} or \
+             {\"type\": \"allowed_tools\", \"allowed_tools\": {\"mode\": …, \"tools\": […]}}",
+        )
+        .param("tool_choice")
+    };
+    let function_name = |tool: &Value| {
+        tool.get("function")
+            .and_then(|f| f.get("name"))
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+    };
+    // What is asked, and the names of the tools the model may be shown (all where `None`).
+    let (choice, allowed) = match tool_choice {
+        None => (Some(ToolChoice::Auto), None),
+        Some(Value::String(choice)) => match choice.as_str() {
+            "none" => (None, None),
+            "auto" => (Some(ToolChoice::Auto), None),
+            "required" => (Some(ToolChoice::Required), None),
+            _ => return Err(bad_choice()),
+        },
+        Some(choice) => match choice.get("type").and_then(Value::as_str) {
+            Some("function") => {
+                let name = function_name(choice).ok_or_else(bad_choice)?;
+                (Some(ToolChoice::Function(name.clone())), Some(vec![name]))
+            }
+            Some("allowed_tools") => {
+                let allowed = &choice["allowed_tools"];
+                let mode = match allowed.get("mode").and_then(Value::as_str) {
+                    Some("auto") => ToolChoice::Auto,
+                    Some("required") => ToolChoice::Required,
+                    _ => return Err(bad_choice()),
+                };
+                let names = allowed
+                    .get("tools")
+                    .and_then(Value::as_array)
+                    .ok_or_else(bad_choice)?
+                    .iter()
+                    .map(|t| function_name(t).ok_or_else(bad_choice))
+                    .collect::<std::result::Result<Vec<_>, _>>()?;
+                (Some(mode), Some(names))
+            }
+            _ => return Err(bad_choice()),
+        },
+    };
+    let (tools, choice) = match (choice, tools) {
+        (Some(choice), Some(tools)) => (Some(tools), choice),
+        (Some(ToolChoice::Auto), None) | (None, _) => (None, ToolChoice::Auto),
+        (Some(_), None) => {
+            return Err(ApiError::invalid("tool_choice needs tools").param("tool_choice"))
+        }
+    };
+    if let Some(tools) = &tools {
+        if let Some(i) = tools.iter().position(|t| !t.is_object()) {
+            return Err(
+                ApiError::invalid("each tool must be an object").param(format!("tools[{i}]"))
+            );
+        }
+    }
+    // A named function, or the allowed ones, are all the model is shown.
+    let tools = match (allowed, tools) {
+        (Some(names), Some(tools)) => {
+            if let Some(missing) = names
+                .iter()
+                .find(|&n| !tools.iter().any(|t| function_name(t).as_ref() == Some(n)))
+            {
+                return Err(ApiError::invalid(format!(
+                    "tool_choice names `{missing}`, which is not in tools"
+                ))
+                .param("tool_choice"));
+            }
+            Some(
+                tools
+                    .into_iter()
+                    .filter(|t| function_name(t).is_some_and(|n| names.contains(&n)))
+                    .collect::<Vec<_>>(),
+            )
+        }
+        (_, tools) => tools,
+    };
+    if choice == ToolChoice::Required && tools.as_ref().is_none_or(Vec::is_empty) {
+        return Err(ApiError::invalid("tool_choice \"required\" needs tools").param("tools"));
+    }
+    Ok((tools, choice))
 }
 
 /// Chat templates read a tool call's `arguments` as an object; OpenAI clients send it as
