@@ -1085,11 +1085,10 @@ def rotates_pairs(rotary, config) -> bool:
     return isinstance(result, torch.Tensor) and result.is_complex()
 
 
-def applies_rope_to_pairs(reference) -> bool:
-    """Whether the family's own `apply_rotary_pos_emb` rotates feature 0 with feature 1 (adjacent pairs:
-    Cohere, GLM, GLM-4) rather than with the other half: probed on a unit query with the cos/sin the model's
-    rotary module gives at position 1. False where the family has no such function or it cannot be called
-    this way."""
+def rotated_unit_query(reference):
+    """The family's own `apply_rotary_pos_emb` applied to a unit query (feature 0) with the cos/sin its
+    rotary module gives at position 1: `(rotated, sin, head_dim)`, or None where the family has no such
+    function or it cannot be called this way."""
     import sys
 
     import torch
@@ -1099,7 +1098,7 @@ def applies_rope_to_pairs(reference) -> bool:
     rotary = decoder_parts(reference)[2]
     config = reference.config
     if apply is None or rotary is None or rope_layer_types(rotary) is not None:
-        return False
+        return None
     try:
         with torch.no_grad():
             cos, sin = rotary(torch.zeros(1, 1, config.hidden_size), torch.ones(1, 1, dtype=torch.int64))
@@ -1108,7 +1107,19 @@ def applies_rope_to_pairs(reference) -> bool:
             q[..., 0] = 1.0
             rotated, _ = apply(q, q.clone(), cos, sin)
     except Exception:
+        return None
+    return rotated, sin, head_dim
+
+
+def applies_rope_to_pairs(reference) -> bool:
+    """Whether the family's own `apply_rotary_pos_emb` rotates feature 0 with feature 1 (adjacent pairs:
+    Cohere, GLM, GLM-4) rather than with the other half: probed on a unit query with the cos/sin the model's
+    rotary module gives at position 1. False where the family has no such function or it cannot be called
+    this way."""
+    probe = rotated_unit_query(reference)
+    if probe is None:
         return False
+    rotated, _, head_dim = probe
     moved = rotated.flatten().abs()
     return bool(moved[1] > 1e-6) and head_dim > 2
 
@@ -1118,25 +1129,10 @@ def applies_rope_reversed(reference) -> bool:
     (NanoChat's `rotate_half` returns (x2, -x1)): probed like applies_rope_to_pairs, on a unit query at
     position 1, where the partner feature gets sin(-θ) < 0 instead of sin(θ) > 0. False where the family
     has no such function or it cannot be called this way."""
-    import sys
-
-    import torch
-
-    module = sys.modules.get(type(reference).__module__)
-    apply = getattr(module, "apply_rotary_pos_emb", None)
-    rotary = decoder_parts(reference)[2]
-    config = reference.config
-    if apply is None or rotary is None or rope_layer_types(rotary) is not None:
+    probe = rotated_unit_query(reference)
+    if probe is None:
         return False
-    try:
-        with torch.no_grad():
-            cos, sin = rotary(torch.zeros(1, 1, config.hidden_size), torch.ones(1, 1, dtype=torch.int64))
-            head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-            q = torch.zeros(1, 1, 1, head_dim)
-            q[..., 0] = 1.0
-            rotated, _ = apply(q, q.clone(), cos, sin)
-    except Exception:
-        return False
+    rotated, sin, head_dim = probe
     partner = 1 if applies_rope_to_pairs(reference) else sin.shape[-1] // 2
     if sin.is_complex() or partner >= head_dim or float(sin.flatten()[partner]) <= 1e-6:
         return False
