@@ -464,14 +464,7 @@ impl Worker {
             let events = job.events.clone();
             match self.prepare(job) {
                 Ok(prepared) if self.batched && prepared.cached == 0 => fresh.push(prepared),
-                Ok(prepared) => {
-                    let result = self
-                        .prefill_alone(prepared)
-                        .and_then(|seq| seq.map_or(Ok(()), |seq| self.join(seq)));
-                    if let Err(e) = result {
-                        let _ = events.send(Event::Error(e));
-                    }
-                }
+                Ok(prepared) => self.start_alone(prepared),
                 Err(e) => {
                     let _ = events.send(Event::Error(e));
                 }
@@ -480,13 +473,7 @@ impl Worker {
         for group in prefill_groups(fresh) {
             if let [_] = group.as_slice() {
                 let prepared = group.into_iter().next().expect("a group of one");
-                let events = prepared.events.clone();
-                let result = self
-                    .prefill_alone(prepared)
-                    .and_then(|seq| seq.map_or(Ok(()), |seq| self.join(seq)));
-                if let Err(e) = result {
-                    let _ = events.send(Event::Error(e));
-                }
+                self.start_alone(prepared);
                 continue;
             }
             let senders: Vec<_> = group.iter().map(|p| p.events.clone()).collect();
@@ -495,6 +482,18 @@ impl Worker {
                     let _ = events.send(Event::Error(e_clone(&e)));
                 }
             }
+        }
+    }
+
+    /// Prefills one request on its own and adds it to the running ones; a failure goes to
+    /// its client.
+    fn start_alone(&mut self, prepared: Prepared) {
+        let events = prepared.events.clone();
+        let result = self
+            .prefill_alone(prepared)
+            .and_then(|seq| seq.map_or(Ok(()), |seq| self.join(seq)));
+        if let Err(e) = result {
+            let _ = events.send(Event::Error(e));
         }
     }
 
