@@ -8,6 +8,7 @@
 use crate::distributed::Group;
 use crate::error::{Error, Result};
 use crate::weights::{Part, WeightPath};
+use mlx_rs::ops::indexing::TryIndexOp;
 use mlx_rs::{ops, Array, Dtype};
 use std::ops::Range;
 
@@ -16,6 +17,29 @@ use std::ops::Range;
 pub struct Quantization {
     pub bits: i32,
     pub group_size: i32,
+}
+
+/// Rows of a tall f32 matrix multiplied at a time in [`Matrix::matmul_t`] on a few input
+/// rows on the CPU (see [`split_for_cpu_decode`]).
+const DECODE_ROW_BLOCK: i32 = 2048;
+
+/// Whether `x @ wᵀ` goes block by block of [`DECODE_ROW_BLOCK`] rows of `w`: an f32 matrix
+/// of at least 16384 rows (an output layer over a vocabulary) against at most 64 input rows
+/// (decode steps), on the CPU. MLX hands every CPU matmul to BLAS `sgemm`, which for so few
+/// input rows spends most of its time packing the tall matrix; OpenBLAS does that several
+/// times faster on blocks of a few MB than on the whole matrix (SmolLM2's 49152×576 output
+/// layer: `cargo xtask bench serve`). The blocks are views (no copy); each output is the
+/// same dot product, up to the rounding of whichever BLAS kernel computes it.
+fn split_for_cpu_decode(w: &Array, x: &Array) -> bool {
+    let input_rows = x.size() / (x.dim(-1).max(1) as usize);
+    w.dtype() == Dtype::Float32
+        && w.ndim() == 2
+        && w.dim(0) >= 8 * DECODE_ROW_BLOCK
+        && input_rows <= 64
+        && matches!(
+            mlx_rs::Device::try_default().and_then(|d| d.get_type()),
+            Ok(mlx_rs::DeviceType::Cpu)
+        )
 }
 
 /// A weight matrix `[out, in]`, dense or quantized.
@@ -118,6 +142,17 @@ impl Matrix {
     /// `x @ selfᵀ`.
     pub fn matmul_t(&self, x: &Array) -> Result<Array> {
         Ok(match self {
+            Matrix::Dense(w) if split_for_cpu_decode(w, x) => {
+                let rows = w.dim(0);
+                let parts = (0..rows)
+                    .step_by(DECODE_ROW_BLOCK as usize)
+                    .map(|start| {
+                        let block = w.try_index(start..(start + DECODE_ROW_BLOCK).min(rows))?;
+                        Ok(ops::matmul(x, block.t())?)
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                ops::concatenate(&parts, x.ndim() as i32 - 1)?
+            }
             Matrix::Dense(w) => ops::matmul(x, w.t())?,
             Matrix::Quantized {
                 weight,
@@ -444,5 +479,57 @@ pub fn softcap(x: &Array, cap: Option<f32>) -> Result<Array> {
             Ok(ops::tanh(&x.divide(&c)?)?.multiply(&c)?)
         }
         None => Ok(x.clone()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A matrix of `rows × cols` f32 values from a small closed form.
+    fn matrix(rows: i32, cols: i32, phase: f32) -> Array {
+        let data: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i as f32) * 0.618 + phase).sin())
+            .collect();
+        Array::from_slice(&data, &[rows, cols])
+    }
+
+    #[test]
+    fn a_tall_output_layer_gives_the_same_logits_block_by_block() {
+        // 8 blocks and a partial one.
+        let (rows, cols) = (8 * DECODE_ROW_BLOCK + 1000, 24);
+        let w = Matrix::Dense(matrix(rows, cols, 0.0));
+        let Matrix::Dense(dense) = &w else {
+            unreachable!()
+        };
+        let wv: Vec<f32> = dense.as_slice::<f32>().to_vec();
+        for input_rows in [1, 3] {
+            let x = matrix(input_rows, cols, 1.0)
+                .reshape(&[1, input_rows, cols])
+                .unwrap();
+            assert!(split_for_cpu_decode(dense, &x));
+            let y = w.matmul_t(&x).unwrap();
+            assert_eq!(y.shape(), &[1, input_rows, rows]);
+            let (xv, yv) = (x.as_slice::<f32>(), y.as_slice::<f32>());
+            // Against the sums in f64, within the rounding bound of an f32 dot product:
+            // cols·ε·Σ|w·x|.
+            for r in 0..input_rows as usize {
+                for o in 0..rows as usize {
+                    let terms = (0..cols as usize).map(|k| {
+                        wv[o * cols as usize + k] as f64 * xv[r * cols as usize + k] as f64
+                    });
+                    let (exact, magnitude) =
+                        terms.fold((0.0, 0.0), |(s, m), t| (s + t, m + t.abs()));
+                    let bound = cols as f64 * f32::EPSILON as f64 * magnitude;
+                    let got = yv[r * rows as usize + o] as f64;
+                    assert!(
+                        (got - exact).abs() <= bound,
+                        "row {r}, output {o}: {got} vs {exact} (bound {bound:e})"
+                    );
+                }
+            }
+        }
+        // Prefill-sized inputs go through one matmul.
+        assert!(!split_for_cpu_decode(dense, &matrix(65, cols, 1.0)));
     }
 }
