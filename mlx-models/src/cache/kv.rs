@@ -23,8 +23,8 @@ use mlx_rs::error::Exception;
 use mlx_rs::ops::indexing::{TryIndexMutOp, TryIndexOp};
 use mlx_rs::{ops, Array};
 
-/// How many token slots a rotating cache's buffer grows by at a time before it reaches its
-/// window (mlx-lm's `step`).
+/// How many token slots a cache's buffer grows by at a time (a rotating cache's only until
+/// it reaches its window; mlx-lm's `step`).
 const GROWTH_STEP: i32 = 256;
 
 /// The keys and values of one attention layer (`[batch, kv_heads, tokens, head_dim]`):
@@ -36,8 +36,9 @@ const GROWTH_STEP: i32 = 256;
 /// its window.
 #[derive(Debug, Clone, Default)]
 pub struct KvCache {
-    /// Unbounded: the stored keys, exactly `len` tokens. Rotating: a buffer of at most
-    /// `window` slots, in the layout described at `start`.
+    /// Unbounded: a buffer whose first `len` slots hold the stored keys in order (the rest
+    /// are spare). Rotating: a buffer of at most `window` slots, in the layout described at
+    /// `start`.
     keys: Option<Array>,
     /// Like `keys`, for the values.
     values: Option<Array>,
@@ -221,7 +222,17 @@ impl KvCache {
         Ok(true)
     }
 
-    /// The cached arrays (for a rotating cache its whole buffer), for evaluation alongside
+    /// The stored keys and values, `[batch, kv_heads, len, head_dim]`: for an unbounded
+    /// cache the tokens in order (without the buffer's spare slots), for a rotating cache
+    /// its buffer as stored (in ring order once full); `None` when empty.
+    pub fn stored(&self) -> Result<Option<(Array, Array)>> {
+        if self.window.is_some() {
+            return Ok(self.keys.clone().zip(self.values.clone()));
+        }
+        self.temporal()
+    }
+
+    /// The cached arrays (whole buffers, spare slots included), for evaluation alongside
     /// the logits.
     pub fn arrays(&self) -> impl Iterator<Item = &Array> {
         self.keys.iter().chain(self.values.iter())
@@ -242,24 +253,45 @@ impl KvCache {
         };
     }
 
-    /// The unbounded cache: concatenation.
+    /// The unbounded cache: the new tokens are written into a buffer with room to spare,
+    /// which grows [`GROWTH_STEP`] slots at a time as mlx-lm's `KVCache` does, so a decode
+    /// step writes one slot instead of copying every stored token. The first tokens are
+    /// kept as they come (a prompt is often all there is).
     fn attend_unbounded(
         &mut self,
         keys: Array,
         values: Array,
     ) -> Result<(Array, Array, AttentionMask)> {
         let new = keys.dim(2);
-        let (keys, values) = match (&self.keys, &self.values) {
-            (Some(k), Some(v)) => (
-                ops::concatenate(&[k, &keys], 2)?,
-                ops::concatenate(&[v, &values], 2)?,
-            ),
+        let (stored, len) = (self.len, self.len + new);
+        let (kbuf, vbuf) = match (&self.keys, &self.values) {
+            (Some(k), Some(v)) if stored > 0 => {
+                // Clones share the buffers; `self` changes only once everything succeeded.
+                let (mut kbuf, mut vbuf) = (k.clone(), v.clone());
+                if kbuf.dim(2) < len {
+                    let extra = (len + GROWTH_STEP - 1) / GROWTH_STEP * GROWTH_STEP - kbuf.dim(2);
+                    kbuf = grow(&kbuf, extra)?;
+                    vbuf = grow(&vbuf, extra)?;
+                }
+                kbuf.try_index_mut((.., .., stored..len), &keys)?;
+                vbuf.try_index_mut((.., .., stored..len), &values)?;
+                (kbuf, vbuf)
+            }
             _ => (keys, values),
         };
+        let (keys, values) = if len < kbuf.dim(2) {
+            (
+                kbuf.try_index((.., .., ..len))?,
+                vbuf.try_index((.., .., ..len))?,
+            )
+        } else {
+            (kbuf.clone(), vbuf.clone())
+        };
+        // Replacing the old buffers leaves them to the update alone, so MLX can write in place.
+        self.keys = Some(kbuf);
+        self.values = Some(vbuf);
         self.offset += new;
-        self.len = keys.dim(2);
-        self.keys = Some(keys.clone());
-        self.values = Some(values.clone());
+        self.len = len;
         let mask = match &self.padding {
             Some(padding) => padded_mask(padding, new, self.offset, keys.dtype())?,
             None if new == 1 => AttentionMask::None,
@@ -479,15 +511,15 @@ impl KvCache {
                         .into(),
                 ));
             }
-            let (Some(k), Some(v)) = (&cache.keys, &cache.values) else {
+            let Some((k, v)) = cache.temporal()? else {
                 return Err(bad("an empty KV cache cannot join a batch".into()));
             };
             let extra = offset - cache.offset;
             let rows = k.dim(0) as usize;
             let own = cache.padding.clone().unwrap_or_else(|| vec![0; rows]);
             padding.extend(own.iter().map(|p| p + extra));
-            keys.push(pad_left(k, extra)?);
-            values.push(pad_left(v, extra)?);
+            keys.push(pad_left(&k, extra)?);
+            values.push(pad_left(&v, extra)?);
         }
         let keys = ops::concatenate(&keys, 0)?;
         let values = ops::concatenate(&values, 0)?;
@@ -520,7 +552,7 @@ impl KvCache {
 
     /// The batch of the given rows only, in that order, without the padding they all share.
     pub fn select_rows(&self, rows: &[usize]) -> Result<KvCache> {
-        let (Some(k), Some(v)) = (&self.keys, &self.values) else {
+        let Some((k, v)) = self.temporal()? else {
             return Ok(self.clone());
         };
         let batch = k.dim(0) as usize;
@@ -547,7 +579,7 @@ impl KvCache {
             })
         };
         let padding: Vec<i32> = padding.iter().map(|p| p - shared).collect();
-        let (keys, values) = (cut(k)?, cut(v)?);
+        let (keys, values) = (cut(&k)?, cut(&v)?);
         Ok(KvCache {
             len: keys.dim(2),
             keys: Some(keys),
@@ -942,6 +974,26 @@ mod tests {
         let (k, v) = cache.update(numbers.array(1), numbers.array(1)).unwrap();
         assert_eq!((k.dim(2), v.dim(2)), (4, 4));
         assert_eq!(cache.offset(), 4);
+    }
+
+    #[test]
+    fn an_unbounded_cache_writes_decode_steps_into_spare_slots() {
+        let mut h = Harness::new(KvCache::new(), 7);
+        // A prompt is stored as it comes; the first step after it grows the buffer to a
+        // whole number of growth steps, which later steps fill in place.
+        h.check(5).unwrap();
+        assert!(h.cache.arrays().all(|a| a.dim(2) == 5));
+        for _ in 0..GROWTH_STEP - 5 {
+            h.check(1).unwrap();
+        }
+        assert!(h.cache.arrays().all(|a| a.dim(2) == GROWTH_STEP));
+        h.check(3).unwrap();
+        assert!(h.cache.arrays().all(|a| a.dim(2) == 2 * GROWTH_STEP));
+        // What is saved or batched is the stored tokens only, in order.
+        let (k, v) = h.cache.stored().unwrap().unwrap();
+        assert_eq!((k.dim(2), v.dim(2)), (GROWTH_STEP + 3, GROWTH_STEP + 3));
+        let merged = KvCache::merge_rows(&[&h.cache, &h.cache]).unwrap();
+        assert!(merged.arrays().all(|a| a.dim(2) == GROWTH_STEP + 3));
     }
 
     #[test]

@@ -77,11 +77,10 @@ impl LayerCache {
     pub fn state(&self) -> Result<Vec<(&'static str, Array)>> {
         Ok(match self {
             LayerCache::Kv(kv) => {
-                let mut arrays = kv.arrays();
                 let mut state = Vec::new();
-                if let (Some(k), Some(v)) = (arrays.next(), arrays.next()) {
-                    state.push(("keys", k.clone()));
-                    state.push(("values", v.clone()));
+                if let Some((k, v)) = kv.stored()? {
+                    state.push(("keys", k));
+                    state.push(("values", v));
                 }
                 state
             }
