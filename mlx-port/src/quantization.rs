@@ -98,6 +98,7 @@ pub const BOUNDS: &[(&str, f32, f32)] = &[
     ("smollm3", 0.047, 0.67),          // measured 0.0374, 0.529
     ("stablelm", 0.043, 0.61),         // measured 0.034, 0.482
     ("starcoder2", 0.026, 0.41),       // measured 0.0201, 0.328
+    ("youtu", 0.028, 0.54),            // measured 0.0223, 0.425
 ];
 
 /// The bit widths the check runs.

@@ -63,6 +63,7 @@ pub mod recurrent_gemma;
 pub mod smollm3;
 pub mod stablelm;
 pub mod starcoder2;
+pub mod youtu;
 
 use crate::config::ConfigFile;
 use crate::error::{Error, Result};
@@ -144,6 +145,7 @@ pub const REGISTRY: &[(&str, Loader)] = &[
     ("smollm3", family::load::<smollm3::Config>),
     ("stablelm", family::load::<stablelm::Config>),
     ("starcoder2", family::load::<starcoder2::Config>),
+    ("youtu", family::load::<youtu::Config>),
 ];
 
 /// The supported `model_type` values.
