@@ -642,8 +642,12 @@ def propose_variants(model_type: str, fields: dict, small: dict, resolved, rotar
                 {name: True for name in bias_fields})
 
     if "q_lora_rank" in fields and small.get("q_lora_rank") is not None:
-        add("no-q-lora", "As default, with a plain q_proj (q_lora_rank null, DeepSeek-V2-Lite style).",
-            {"q_lora_rank": None})
+        overrides, summary = {"q_lora_rank": None}, "q_lora_rank null, DeepSeek-V2-Lite style"
+        if fields.get("v_head_dim", {}).get("default", 0) is None:
+            # The class derives a null v_head_dim (MiniCPM3: hidden_size // num_attention_heads).
+            overrides["v_head_dim"] = None
+            summary += "; v_head_dim null, derived by the config class"
+        add("no-q-lora", f"As default, with a plain q_proj ({summary}).", overrides)
 
     if "sliding_window" in fields:
         overrides = {"sliding_window": SLIDING_WINDOW}

@@ -38,6 +38,7 @@ pub mod llama4_text;
 pub mod longcat_flash;
 pub mod mamba;
 pub mod mamba2;
+pub mod minicpm3;
 pub mod minimax_m2;
 pub mod ministral;
 pub mod ministral3;
@@ -117,6 +118,7 @@ pub const REGISTRY: &[(&str, Loader)] = &[
     ("longcat_flash", longcat_flash::load),
     ("mamba", mamba::load),
     ("mamba2", mamba2::load),
+    ("minicpm3", family::load::<minicpm3::Config>),
     ("minimax_m2", family::load::<minimax_m2::Config>),
     ("ministral", family::load::<ministral::Config>),
     ("ministral3", family::load::<ministral3::Config>),

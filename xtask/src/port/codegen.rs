@@ -80,6 +80,10 @@ fn scalar(plan: &Plan, s: &Scalar) -> String {
         Scalar::InvSqrtField(n) => wrap(n, "v.powf(-0.5) as f32"),
         Scalar::InvField(n) => wrap(n, "(1.0 / v) as f32"),
         Scalar::SqrtHidden => "Some(f64::from(d.hidden_size).sqrt() as f32)".to_owned(),
+        Scalar::FieldOverSqrtLayers(n) => {
+            wrap(n, "(v / (d.num_hidden_layers as f64).sqrt()) as f32")
+        }
+        Scalar::FieldOverHidden(n) => wrap(n, "(v / f64::from(d.hidden_size)) as f32"),
     }
 }
 
@@ -850,6 +854,10 @@ pub fn structure_summary(plan: &Plan, choice: &Choice) -> Vec<String> {
             Scalar::Field(f) => lines.push(format!("{what} `{f}`.")),
             Scalar::InvField(f) => lines.push(format!("{what} `1 / {f}`.")),
             Scalar::InvSqrtField(f) => lines.push(format!("{what} `{f}^-0.5`.")),
+            Scalar::FieldOverSqrtLayers(f) => {
+                lines.push(format!("{what} `{f} / √num_hidden_layers`."))
+            }
+            Scalar::FieldOverHidden(f) => lines.push(format!("{what} `{f} / hidden_size`.")),
         }
     }
     lines

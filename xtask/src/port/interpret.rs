@@ -65,6 +65,14 @@ impl Reader<'_> {
             Scalar::InvSqrtField(f) => self.f64_opt(f).map(|v| v.powf(-0.5) as f32),
             Scalar::InvField(f) => self.f64_opt(f).map(|v| (1.0 / v) as f32),
             Scalar::SqrtHidden => Some((f64::from(self.i32("hidden_size")?)).sqrt() as f32),
+            Scalar::FieldOverSqrtLayers(f) => {
+                let layers = f64::from(self.i32("num_hidden_layers")?);
+                self.f64_opt(f).map(|v| (v / layers.sqrt()) as f32)
+            }
+            Scalar::FieldOverHidden(f) => {
+                let hidden = f64::from(self.i32("hidden_size")?);
+                self.f64_opt(f).map(|v| (v / hidden) as f32)
+            }
         })
     }
 }

@@ -26,6 +26,10 @@ pub enum Scalar {
     InvField(String),
     /// `√hidden_size` (Gemma's embedding normalizer).
     SqrtHidden,
+    /// `field / √num_hidden_layers` (MiniCPM's depth-scaled residual branches, `scale_depth`).
+    FieldOverSqrtLayers(String),
+    /// `field / hidden_size` (MiniCPM's width-scaled logits, `dim_model_base`).
+    FieldOverHidden(String),
 }
 
 /// How many RoPE variants the layers use.
@@ -1067,12 +1071,21 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         Scalar::Field,
         "logits soft cap",
     );
-    let residual_scale = scalar(
+    let mut residual_scale = scalar(
         &mut fields,
         &["residual_multiplier"],
         Scalar::Field,
         "sub-block outputs scale",
     );
+    if residual_scale == Scalar::None {
+        // Depth-scaled residual branches (muP): the fixtures verify the formula.
+        residual_scale = scalar(
+            &mut fields,
+            &["scale_depth"],
+            Scalar::FieldOverSqrtLayers,
+            "sub-block outputs scaled by it over √num_hidden_layers",
+        );
+    }
     // Which field scales the logits, as Transformers computes it: doubling it doubles
     // (or halves) them on the tiny model (the scalar probes); else Granite's name.
     let probed_logits = facts
@@ -1097,16 +1110,25 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
             decisions.push(format!("`{field}` scales the logits ({role}): doubling it on the tiny model did the same to them"));
             make(field)
         }
-        None => scalar(
+        None => match scalar(
             &mut fields,
             &["logits_scaling"],
             Scalar::InvField,
             "logits divided by it",
-        ),
+        ) {
+            // Width-scaled logits (muP): the fixtures verify the formula.
+            Scalar::None => scalar(
+                &mut fields,
+                &["dim_model_base"],
+                Scalar::FieldOverHidden,
+                "logits scaled by it over hidden_size",
+            ),
+            found => found,
+        },
     };
     let embedding_field = scalar(
         &mut fields,
-        &["embedding_multiplier"],
+        &["embedding_multiplier", "scale_emb"],
         Scalar::Field,
         "embeddings scale",
     );
