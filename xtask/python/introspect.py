@@ -641,7 +641,7 @@ def propose_variants(model_type: str, fields: dict, small: dict, resolved, rotar
             add("bias", f"As default, with random biases ({', '.join(bias_fields)} true).",
                 {name: True for name in bias_fields})
 
-    if "q_lora_rank" in fields and small.get("q_lora_rank") is not None:
+    if "q_lora_rank" in fields and fields["q_lora_rank"].get("nullable") and small.get("q_lora_rank") is not None:
         overrides, summary = {"q_lora_rank": None}, "q_lora_rank null, DeepSeek-V2-Lite style"
         if fields.get("v_head_dim", {}).get("default", 0) is None:
             # The class derives a null v_head_dim (MiniCPM3: hidden_size // num_attention_heads).

@@ -1743,7 +1743,7 @@ fn mla_plan(
         ];
         let all = taken
             .iter()
-            .all(|t| bias.iter().any(|b| b == t) || !q_rank.is_some() && t.contains("q_a"));
+            .all(|t| bias.iter().any(|b| b == t) || q_rank.is_none() && t.contains("q_a"));
         if probe.field != "attention_bias"
             || !all
             || bias.iter().any(|b| !taken.contains(&b.as_str()))
