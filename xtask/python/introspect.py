@@ -355,16 +355,25 @@ def runnable_kv_heads(architecture: str, model_type: str, small: dict) -> dict:
     heads = small.get("num_attention_heads")
     if heads is None or small.get("num_key_value_heads", heads) == heads:
         return small
-    model = tiny_model(architecture, build_config(model_type, small))
     ids = torch.arange(1, 5).unsqueeze(0) % small.get("vocab_size", SMALL_SIZES["vocab_size"])
-    try:
-        with torch.no_grad():
-            model(input_ids=ids)
+
+    def runs(config: dict):
+        try:
+            with torch.no_grad():
+                tiny_model(architecture, build_config(model_type, config))(input_ids=ids)
+            return None
+        except Exception as error:  # noqa: BLE001 - any failure: the config does not run
+            return error
+
+    error = runs(small)
+    if error is None:
         return small
-    except RuntimeError as error:
-        print(f"{model_type}: the tiny model does not run with fewer key/value heads ({error}); "
-              f"num_key_value_heads {heads}", file=sys.stderr, flush=True)
-        return {**small, "num_key_value_heads": heads}
+    equal = {**small, "num_key_value_heads": heads}
+    if runs(equal) is not None:
+        return small  # Not the heads: whatever fails is reported where it fails.
+    print(f"{model_type}: the tiny model does not run with fewer key/value heads ({error}); "
+          f"num_key_value_heads {heads}", file=sys.stderr, flush=True)
+    return equal
 
 
 def supported_rope_types(model_type: str, config: dict) -> list:
