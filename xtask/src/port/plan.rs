@@ -653,6 +653,9 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
     ] {
         if has_field(name) || name == "tie_word_embeddings" {
             add(&mut fields, name, ty, role);
+        } else if name == "head_dim" && has("self_attn.kv_a_proj_with_mqa.weight") {
+            // Latent attention reads its widths from `MlaConfig` (GLM-4.7-Flash maps
+            // `head_dim` onto `qk_rope_head_dim`, which the latent block reads as such).
         } else if let Some(own) = facts
             .value
             .pointer(&format!("/attribute_map/{name}"))
