@@ -834,6 +834,29 @@ mod generator_tests {
         );
     }
 
+    /// DeepSeek-V2: latent attention with a plain `q_proj` (its fixtures' `q_lora_rank` is
+    /// null) and `shared_experts` read as the block's shared expert; its grouped, scaled
+    /// routing is what stops the generator.
+    #[test]
+    fn deepseek_v2_latent_attention_and_shared_experts_are_read_and_routing_is_the_gap() {
+        let facts = facts("deepseek_v2");
+        let plan = plan::plan(&facts, "deepseek_v2");
+        assert!(plan.mla.is_some());
+        assert!(plan.renames.contains(&(
+            "mlp.shared_experts".to_owned(),
+            "mlp.shared_expert".to_owned()
+        )));
+        assert_eq!(plan.moe.as_ref().and_then(|m| m.shared_expert), Some(false));
+        assert!(!plan.gaps.is_empty());
+        assert!(
+            plan.gaps
+                .iter()
+                .all(|g| g.contains("grouped or scaled routing")),
+            "{:?}",
+            plan.gaps
+        );
+    }
+
     #[test]
     fn latent_attention_that_the_block_cannot_load_is_a_gap() {
         // A kv_b_proj one row short: the latent block would load another shape.

@@ -1780,6 +1780,15 @@ fn expert_block_renames(facts: &Facts) -> Vec<(String, String)> {
     if params.keys().any(|n| n.ends_with(&router)) {
         renames.push((format!("{block}.router"), "mlp.gate".to_owned()));
     }
+    // DeepSeek's `shared_experts` (one MLP of `n_shared_experts` experts' width) is the
+    // block's shared expert.
+    let shared = format!(".{block}.shared_experts.");
+    if params.keys().any(|n| n.contains(&shared)) {
+        renames.push((
+            format!("{block}.shared_experts"),
+            "mlp.shared_expert".to_owned(),
+        ));
+    }
     if block != "mlp" {
         renames.push((block, "mlp".to_owned()));
     }
