@@ -374,7 +374,9 @@ pub struct MlaConfig {
     pub q_lora_rank: Option<i32>,
     pub qk_nope_head_dim: i32,
     pub qk_rope_head_dim: i32,
-    pub v_head_dim: i32,
+    /// `null` or absent: `hidden_size / num_attention_heads` (MiniCPM3's configs).
+    #[serde(default)]
+    pub v_head_dim: Option<i32>,
     /// RoPE on adjacent pairs of the rope part (DeepSeek-V3's default).
     #[serde(default)]
     pub rope_interleave: Option<bool>,
@@ -385,11 +387,12 @@ impl MlaConfig {
     /// scaled by `(nope + rope)^-0.5`, times `mscale²` when a scaled RoPE names
     /// `mscale_all_dim` (YaRN as DeepSeek ships it).
     pub fn settings(&self, d: &DecoderConfig, config: &ConfigFile) -> Result<MlaSettings> {
+        let v_head_dim = self.v_head_dim(d);
         for (field, value) in [
             ("kv_lora_rank", self.kv_lora_rank),
             ("qk_nope_head_dim", self.qk_nope_head_dim),
             ("qk_rope_head_dim", self.qk_rope_head_dim),
-            ("v_head_dim", self.v_head_dim),
+            ("v_head_dim", v_head_dim),
             ("num_attention_heads", d.num_attention_heads),
         ] {
             config.ensure(value > 0, field, || {
@@ -415,7 +418,7 @@ impl MlaConfig {
             kv_lora_rank: self.kv_lora_rank,
             qk_nope_head_dim: self.qk_nope_head_dim,
             qk_rope_head_dim: self.qk_rope_head_dim,
-            v_head_dim: self.v_head_dim,
+            v_head_dim,
             scale: (qk.powf(-0.5) * mscale * mscale) as f32,
             bias: d.attention_bias.unwrap_or(false),
             lora_norm_eps: 1e-6,
@@ -423,6 +426,13 @@ impl MlaConfig {
             latent_scale: None,
             cache: MlaCache::Latent,
         })
+    }
+
+    /// The width of each head's value: `v_head_dim`, else `hidden_size / num_attention_heads`
+    /// as Transformers derives it.
+    pub fn v_head_dim(&self, d: &DecoderConfig) -> i32 {
+        self.v_head_dim
+            .unwrap_or_else(|| d.hidden_size / d.num_attention_heads.max(1))
     }
 
     /// The RoPE of the rope part of each head (`qk_rope_head_dim` features; adjacent pairs
@@ -673,5 +683,43 @@ pub fn drop_rope(layers: &mut [LayerSettings], uses_rope: &[bool]) {
         if !uses {
             layer.rope = None;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(value: serde_json::Value) -> ConfigFile {
+        ConfigFile {
+            path: "config.json".into(),
+            value,
+        }
+    }
+
+    /// MiniCPM3's config class derives a null `v_head_dim` as `hidden_size /
+    /// num_attention_heads`; a given one is taken as it is.
+    #[test]
+    fn latent_value_width_is_derived_where_the_config_leaves_it_out() {
+        let base = serde_json::json!({
+            "model_type": "minicpm3", "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "rms_norm_eps": 1e-5,
+            "max_position_embeddings": 4096, "tie_word_embeddings": false, "hidden_act": "silu",
+            "kv_lora_rank": 16, "q_lora_rank": null, "qk_nope_head_dim": 16,
+            "qk_rope_head_dim": 8,
+        });
+        let width = |value: serde_json::Value| {
+            let file = config(value);
+            let d: DecoderConfig = file.parse().expect("decoder fields");
+            let mla: MlaConfig = file.parse().expect("latent fields");
+            mla.settings(&d, &file).expect("settings").v_head_dim
+        };
+        assert_eq!(width(base.clone()), 16);
+        let mut null = base.clone();
+        null["v_head_dim"] = serde_json::Value::Null;
+        assert_eq!(width(null), 16);
+        let mut given = base;
+        given["v_head_dim"] = 12.into();
+        assert_eq!(width(given), 12);
     }
 }

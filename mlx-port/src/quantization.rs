@@ -72,6 +72,7 @@ pub const BOUNDS: &[(&str, f32, f32)] = &[
     ("longcat_flash", 0.032, 0.63),    // measured 0.0251, 0.5
     ("mamba", 0.018, 0.29),            // measured 0.0142, 0.23
     ("mamba2", 0.024, 0.39),           // measured 0.0188, 0.311
+    ("minicpm3", 0.016, 0.26),         // measured 0.0125, 0.206
     ("minimax_m2", 0.043, 0.43),       // measured 0.034, 0.338
     ("ministral", 0.042, 0.57),        // measured 0.0334, 0.453
     ("ministral3", 0.038, 0.62),       // measured 0.0298, 0.493
@@ -98,6 +99,7 @@ pub const BOUNDS: &[(&str, f32, f32)] = &[
     ("smollm3", 0.047, 0.67),          // measured 0.0374, 0.529
     ("stablelm", 0.043, 0.61),         // measured 0.034, 0.482
     ("starcoder2", 0.026, 0.41),       // measured 0.0201, 0.328
+    ("youtu", 0.028, 0.54),            // measured 0.0223, 0.425
 ];
 
 /// The bit widths the check runs.

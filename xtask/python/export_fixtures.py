@@ -1142,7 +1142,8 @@ def applies_rope_reversed(reference) -> bool:
 def interleaved_rope(config) -> bool:
     """Whether the family's attention applies halves-layout cos/sin to interleaved pairs (INTERLEAVED_ROPE_FLAG)."""
     if config.model_type not in INTERLEAVED_ROPE_FLAG:
-        return False
+        # Latent attention families name it in their config (YouTu's `rope_interleave`).
+        return getattr(config, "kv_lora_rank", None) is not None and getattr(config, "rope_interleave", None) is True
     flag = INTERLEAVED_ROPE_FLAG[config.model_type]
     return flag is None or bool(getattr(config, flag))
 

@@ -126,6 +126,13 @@ SMALL_SIZES = {
     "query_pre_attn_scalar": 32,
     # GPT-J and CodeGen rotate the first rotary_dim features of each 16-wide head (64 by default).
     "rotary_dim": 8,
+    # Multi-head latent attention (DeepSeek-V2/V3, MiniCPM3): every width apart from the
+    # others, so that a port that mixes two of them up fails on shapes.
+    "kv_lora_rank": 16,
+    "q_lora_rank": 24,
+    "qk_nope_head_dim": 16,
+    "qk_rope_head_dim": 8,
+    "v_head_dim": 12,
 }
 HEAD_DIM = SMALL_SIZES["hidden_size"] // SMALL_SIZES["num_attention_heads"]
 # Families with learned absolute positions (GPT-2's wpe) get this many, enough for the
@@ -334,6 +341,39 @@ def small_config(model_type: str, fields: dict, attribute_map: dict) -> dict:
         if len(kinds) > 1 and len(set(tiny)) < len(kinds):
             config["layer_types"] = [kinds[i % len(kinds)] for i in range(config["num_hidden_layers"])]
     return config
+
+
+def runnable_kv_heads(architecture: str, model_type: str, small: dict) -> dict:
+    """The tiny config with as many key/value heads as query heads where the tiny model cannot run with fewer.
+
+    Latent attention expands its keys and values to every query head before Transformers
+    repeats them by `num_attention_heads // num_key_value_heads`: such a model runs only
+    with the two equal (DeepSeek-V2's configs set them so).
+    """
+    import torch
+
+    heads = small.get("num_attention_heads")
+    if heads is None or small.get("num_key_value_heads", heads) == heads:
+        return small
+    ids = torch.arange(1, 5).unsqueeze(0) % small.get("vocab_size", SMALL_SIZES["vocab_size"])
+
+    def runs(config: dict):
+        try:
+            with torch.no_grad():
+                tiny_model(architecture, build_config(model_type, config))(input_ids=ids)
+            return None
+        except Exception as error:  # noqa: BLE001 - any failure: the config does not run
+            return error
+
+    error = runs(small)
+    if error is None:
+        return small
+    equal = {**small, "num_key_value_heads": heads}
+    if runs(equal) is not None:
+        return small  # Not the heads: whatever fails is reported where it fails.
+    print(f"{model_type}: the tiny model does not run with fewer key/value heads ({error}); "
+          f"num_key_value_heads {heads}", file=sys.stderr, flush=True)
+    return equal
 
 
 def supported_rope_types(model_type: str, config: dict) -> list:
@@ -610,6 +650,14 @@ def propose_variants(model_type: str, fields: dict, small: dict, resolved, rotar
             add("bias", f"As default, with random biases ({', '.join(bias_fields)} true).",
                 {name: True for name in bias_fields})
 
+    if "q_lora_rank" in fields and fields["q_lora_rank"].get("nullable") and small.get("q_lora_rank") is not None:
+        overrides, summary = {"q_lora_rank": None}, "q_lora_rank null, DeepSeek-V2-Lite style"
+        if fields.get("v_head_dim", {}).get("default", 0) is None:
+            # The class derives a null v_head_dim (MiniCPM3: hidden_size // num_attention_heads).
+            overrides["v_head_dim"] = None
+            summary += "; v_head_dim null, derived by the config class"
+        add("no-q-lora", f"As default, with a plain q_proj ({summary}).", overrides)
+
     if "sliding_window" in fields:
         overrides = {"sliding_window": SLIDING_WINDOW}
         if "use_sliding_window" in fields:
@@ -791,6 +839,7 @@ def introspect(model_type: str, config_override: dict | None, replace: bool, che
         small = dict(config_override) if replace else {**small, **config_override}
     small = learned_positions_size(architecture, model_type, small, dict(config_class.attribute_map))
     small = dict(sorted(small.items()))
+    small = runnable_kv_heads(architecture, model_type, small)
     resolved = build_config(model_type, small)
     model = tiny_model(architecture, resolved)
     rotary = rotary_facts(model, model_type, small)

@@ -150,7 +150,10 @@ pub fn load(config: &ConfigFile, mut weights: Weights) -> Result<Box<dyn Languag
         kv_lora_rank: c.mla.kv_lora_rank,
         qk_nope_head_dim: c.mla.qk_nope_head_dim,
         qk_rope_head_dim: c.mla.qk_rope_head_dim,
-        v_head_dim: c.mla.v_head_dim,
+        v_head_dim: c
+            .mla
+            .v_head_dim
+            .unwrap_or(c.hidden_size / c.num_attention_heads.max(1)),
         scale: qk.powf(-0.5) as f32,
         bias: c.attention_bias,
         lora_norm_eps: 1e-6,

@@ -38,6 +38,7 @@ pub mod llama4_text;
 pub mod longcat_flash;
 pub mod mamba;
 pub mod mamba2;
+pub mod minicpm3;
 pub mod minimax_m2;
 pub mod ministral;
 pub mod ministral3;
@@ -63,6 +64,7 @@ pub mod recurrent_gemma;
 pub mod smollm3;
 pub mod stablelm;
 pub mod starcoder2;
+pub mod youtu;
 
 use crate::config::ConfigFile;
 use crate::error::{Error, Result};
@@ -116,6 +118,7 @@ pub const REGISTRY: &[(&str, Loader)] = &[
     ("longcat_flash", longcat_flash::load),
     ("mamba", mamba::load),
     ("mamba2", mamba2::load),
+    ("minicpm3", family::load::<minicpm3::Config>),
     ("minimax_m2", family::load::<minimax_m2::Config>),
     ("ministral", family::load::<ministral::Config>),
     ("ministral3", family::load::<ministral3::Config>),
@@ -144,6 +147,7 @@ pub const REGISTRY: &[(&str, Loader)] = &[
     ("smollm3", family::load::<smollm3::Config>),
     ("stablelm", family::load::<stablelm::Config>),
     ("starcoder2", family::load::<starcoder2::Config>),
+    ("youtu", family::load::<youtu::Config>),
 ];
 
 /// The supported `model_type` values.

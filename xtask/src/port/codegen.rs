@@ -1,7 +1,9 @@
 //! The model module a plan and its chosen variant make: config, how it maps onto the shared
 //! blocks, sanitize, load. Plain text here, formatted by rustfmt afterwards.
 
-use super::plan::{Choice, Field, FieldType, Flag, LayerRule, Plan, RopeRule, Scalar, MOE_FIELDS};
+use super::plan::{
+    Choice, Field, FieldType, Flag, LayerRule, Plan, RopeRule, Scalar, MLA_FIELDS, MOE_FIELDS,
+};
 use mlx_models::transformer::{MlpLayout, NormPlacement, QkNorm};
 use serde_json::Value;
 use std::fmt::Write;
@@ -78,6 +80,10 @@ fn scalar(plan: &Plan, s: &Scalar) -> String {
         Scalar::InvSqrtField(n) => wrap(n, "v.powf(-0.5) as f32"),
         Scalar::InvField(n) => wrap(n, "(1.0 / v) as f32"),
         Scalar::SqrtHidden => "Some(f64::from(d.hidden_size).sqrt() as f32)".to_owned(),
+        Scalar::FieldOverSqrtLayers(n) => {
+            wrap(n, "(v / (d.num_hidden_layers as f64).sqrt()) as f32")
+        }
+        Scalar::FieldOverHidden(n) => wrap(n, "(v / f64::from(d.hidden_size)) as f32"),
     }
 }
 
@@ -115,7 +121,13 @@ fn shared(plan: &Plan, name: &str) -> bool {
         || WINDOW_FIELDS.contains(&name)
         || NO_ROPE_FIELDS.contains(&name)
         || (plan.moe.is_some() && MOE_FIELDS.contains(&name))
+        || (plan.mla.is_some() && MLA_FIELDS.contains(&name))
 }
+
+/// Merges mlx-lm's split `kv_b_proj` back, first thing in a latent attention module's
+/// `sanitize`.
+const MERGE_KV_B: &str = "// mlx-lm's split `kv_b_proj` (`embed_q`/`unembed_out`) merged back.\n\
+    if let Some(mla) = &settings.latent_attention { merge_split_kv_b(weights, mla)?; }";
 
 /// Transformers' defaults of the fields the module reads, as one line of JSON.
 pub fn defaults_json(plan: &Plan) -> String {
@@ -173,8 +185,12 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
     if plan.moe.is_some() {
         family.extend(["MoeConfig", "sanitize_moe"]);
     }
+    if plan.mla.is_some() {
+        family.push("MlaConfig");
+    }
     let mut transformer = vec!["DecoderSettings", "MlpLayout"];
-    let sanitizes = !plan.renames.is_empty() || !plan.prefix_renames.is_empty();
+    let renames = !plan.renames.is_empty() || !plan.prefix_renames.is_empty();
+    let sanitizes = renames || plan.mla.is_some();
     if sanitizes && plan.moe.is_none() {
         transformer.push("drop_computed_weights");
     }
@@ -315,6 +331,9 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
             }
         );
     }
+    if plan.mla.is_some() {
+        let _ = writeln!(w, "use crate::mla::merge_split_kv_b;");
+    }
     let mut weights_uses = Vec::new();
     if !plan.renames.is_empty() || (!plan.prefix_renames.is_empty() && plan.moe.is_none()) {
         weights_uses.push("rename_layer_module");
@@ -348,6 +367,9 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
     let _ = writeln!(w, "#[serde(flatten)]\npub decoder: DecoderConfig,");
     if plan.moe.is_some() {
         let _ = writeln!(w, "#[serde(flatten)]\npub moe: MoeConfig,");
+    }
+    if plan.mla.is_some() {
+        let _ = writeln!(w, "#[serde(flatten)]\npub mla: MlaConfig,");
     }
     for f in &own {
         let _ = writeln!(
@@ -422,7 +444,12 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
         Some(RopeRule::Uniform) => {
             let _ = writeln!(
                 w,
-                "let rope = d.rope({theta}, {}, config)?;",
+                "let rope = {}{theta}, {}, config)?;",
+                if plan.mla.is_some() {
+                    "self.mla.rope(d, "
+                } else {
+                    "d.rope("
+                },
                 choice.rope_traditional
             );
             ("Some(&rope)", "None")
@@ -468,6 +495,11 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
         base.to_owned()
     } else {
         format!("DecoderSettings {{ {}, ..{base} }}", model.join(", "))
+    };
+    let settings = if plan.mla.is_some() {
+        format!("{settings}.with_latent_attention(self.mla.settings(d, config)?)")
+    } else {
+        settings
     };
     match &plan.moe {
         None => {
@@ -524,6 +556,9 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
                 "weights.rename(|name| Some(rename_layer_module(name, &RENAMES)));"
             );
         }
+        if plan.mla.is_some() {
+            let _ = writeln!(w, "{MERGE_KV_B}");
+        }
         let _ = writeln!(w, "sanitize_moe(weights, settings, None, &EXPERTS)");
         let _ = writeln!(w, "}}");
     } else if sanitizes {
@@ -532,7 +567,15 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
             w,
             "fn sanitize(&self, weights: &mut Weights, settings: &DecoderSettings) -> Result<()> {{"
         );
-        if plan.prefix_renames.is_empty() {
+        if plan.mla.is_some() {
+            let _ = writeln!(w, "{MERGE_KV_B}");
+        }
+        if !renames {
+            let _ = writeln!(
+                w,
+                "drop_computed_weights(weights, settings.tie_word_embeddings);"
+            );
+        } else if plan.prefix_renames.is_empty() {
             let _ = writeln!(
                 w,
                 "drop_computed_weights(weights, settings.tie_word_embeddings);"
@@ -573,7 +616,7 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
         }
         let _ = writeln!(w, "];");
     }
-    if sanitizes {
+    if renames {
         let _ = writeln!(w);
         doc(
             w,
@@ -689,35 +732,51 @@ pub fn structure_summary(plan: &Plan, choice: &Choice) -> Vec<String> {
         }
         (None, false) => "RMSNorm scaling by `weight`.".to_owned(),
     });
-    lines.push(
-        format!(
-            "Attention: {}{}{}{}.",
-            if plan.qkv_fused {
-                "one fused `qkv_proj`"
-            } else {
-                "`q_proj`/`k_proj`/`v_proj`"
-            },
-            match plan.qk_norm {
-                QkNorm::None => "",
-                QkNorm::PerHead => ", RMSNorm of each query/key head before RoPE",
-                QkNorm::Projection => ", RMSNorm over the whole query/key projections",
-                QkNorm::PerHeadAfterRope => ", RMSNorm of each query/key head after RoPE",
-                QkNorm::L2AfterRope => ", unweighted RMS norm of each query/key head after RoPE",
-            },
-            match &plan.attention_scale {
-                Scalar::InvSqrtField(f) => format!(", scores scaled by `{f}^-0.5`"),
-                Scalar::Field(f) => format!(", scores scaled by `{f}`"),
-                _ => String::new(),
-            },
-            match &plan.attention_softcap {
-                Scalar::Field(f) => format!(", scores soft-capped by `{f}`"),
-                _ => String::new(),
+    if let Some(mla) = &plan.mla {
+        lines.push(format!(
+            "Multi-head latent attention ([`crate::mla`]): low-rank queries (`q_a_proj`, \
+             `q_a_layernorm`, `q_b_proj`; `q_proj` when `q_lora_rank` is null), one compressed \
+             latent and RoPE key per token (`kv_a_proj_with_mqa`, `kv_a_layernorm`) expanded by \
+             `kv_b_proj`; RoPE on {} of the rope part; scores scaled by \
+             `(qk_nope_head_dim + qk_rope_head_dim)^-0.5`.",
+            match (mla.interleave_field, choice.rope_traditional) {
+                (true, _) => "adjacent pairs (`rope_interleave`) or halves",
+                (false, true) => "adjacent pairs",
+                (false, false) => "the two halves",
             }
-        ) + &match &plan.clip_qkv {
-            Scalar::Field(f) => format!(" q, k and v clamped to `[-{f}, {f}]` when set."),
-            _ => String::new(),
-        },
-    );
+        ));
+    } else {
+        lines.push(
+            format!(
+                "Attention: {}{}{}{}.",
+                if plan.qkv_fused {
+                    "one fused `qkv_proj`"
+                } else {
+                    "`q_proj`/`k_proj`/`v_proj`"
+                },
+                match plan.qk_norm {
+                    QkNorm::None => "",
+                    QkNorm::PerHead => ", RMSNorm of each query/key head before RoPE",
+                    QkNorm::Projection => ", RMSNorm over the whole query/key projections",
+                    QkNorm::PerHeadAfterRope => ", RMSNorm of each query/key head after RoPE",
+                    QkNorm::L2AfterRope =>
+                        ", unweighted RMS norm of each query/key head after RoPE",
+                },
+                match &plan.attention_scale {
+                    Scalar::InvSqrtField(f) => format!(", scores scaled by `{f}^-0.5`"),
+                    Scalar::Field(f) => format!(", scores scaled by `{f}`"),
+                    _ => String::new(),
+                },
+                match &plan.attention_softcap {
+                    Scalar::Field(f) => format!(", scores soft-capped by `{f}`"),
+                    _ => String::new(),
+                }
+            ) + &match &plan.clip_qkv {
+                Scalar::Field(f) => format!(" q, k and v clamped to `[-{f}, {f}]` when set."),
+                _ => String::new(),
+            },
+        );
+    }
     if choice.gelu_as_tanh {
         lines.push(format!(
             "A config's `{}: \"gelu\"` means the tanh approximation, as Transformers reads it.",
@@ -761,6 +820,10 @@ pub fn structure_summary(plan: &Plan, choice: &Choice) -> Vec<String> {
     });
     match (&plan.rope, &plan.no_rope) {
         (None, _) => lines.push("No RoPE.".to_owned()),
+        (Some(RopeRule::Uniform), None) if plan.mla.is_some() => lines.push(
+            "RoPE on the rope part of each head (all scaling types of `rope_parameters`/`rope_scaling`; YaRN's `mscale_all_dim` scales the scores)."
+                .to_owned(),
+        ),
         (Some(RopeRule::Uniform), None) => lines.push(format!(
             "RoPE on {} (all scaling types of `rope_parameters`/`rope_scaling`).",
             if choice.rope_traditional { "interleaved pairs" } else { "the two halves of each head" }
@@ -791,6 +854,10 @@ pub fn structure_summary(plan: &Plan, choice: &Choice) -> Vec<String> {
             Scalar::Field(f) => lines.push(format!("{what} `{f}`.")),
             Scalar::InvField(f) => lines.push(format!("{what} `1 / {f}`.")),
             Scalar::InvSqrtField(f) => lines.push(format!("{what} `{f}^-0.5`.")),
+            Scalar::FieldOverSqrtLayers(f) => {
+                lines.push(format!("{what} `{f} / √num_hidden_layers`."))
+            }
+            Scalar::FieldOverHidden(f) => lines.push(format!("{what} `{f} / hidden_size`.")),
         }
     }
     lines

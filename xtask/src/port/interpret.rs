@@ -5,7 +5,7 @@
 use super::codegen::defaults_json;
 use super::plan::{Choice, Flag, Plan, RopeRule, Scalar};
 use mlx_models::config::ConfigFile;
-use mlx_models::family::{DecoderConfig, LayerRule, MoeConfig};
+use mlx_models::family::{DecoderConfig, LayerRule, MlaConfig, MoeConfig};
 use mlx_models::moe::{ExpertActivation, RouterSettings};
 use mlx_models::rope::Rope;
 use mlx_models::transformer::{
@@ -65,6 +65,14 @@ impl Reader<'_> {
             Scalar::InvSqrtField(f) => self.f64_opt(f).map(|v| v.powf(-0.5) as f32),
             Scalar::InvField(f) => self.f64_opt(f).map(|v| (1.0 / v) as f32),
             Scalar::SqrtHidden => Some((f64::from(self.i32("hidden_size")?)).sqrt() as f32),
+            Scalar::FieldOverSqrtLayers(f) => {
+                let layers = f64::from(self.i32("num_hidden_layers")?);
+                self.f64_opt(f).map(|v| (v / layers.sqrt()) as f32)
+            }
+            Scalar::FieldOverHidden(f) => {
+                let hidden = f64::from(self.i32("hidden_size")?);
+                self.f64_opt(f).map(|v| (v / hidden) as f32)
+            }
         })
     }
 }
@@ -94,6 +102,16 @@ pub fn settings(plan: &Plan, choice: &Choice, config: &ConfigFile) -> Result<Dec
 
     let (rope, local_rope) = match &plan.rope {
         None => (None, None),
+        // Latent attention rotates its rope part only.
+        Some(RopeRule::Uniform) if plan.mla.is_some() => (
+            Some(mla_config(plan, config)?.rope(
+                &d,
+                plan.default_theta,
+                choice.rope_traditional,
+                config,
+            )?),
+            None,
+        ),
         Some(RopeRule::Uniform) => (
             Some(d.rope(plan.default_theta, choice.rope_traditional, config)?),
             None,
@@ -171,6 +189,10 @@ pub fn settings(plan: &Plan, choice: &Choice, config: &ConfigFile) -> Result<Dec
         final_logit_softcap: r.scalar(&plan.final_softcap)?,
         ..d.settings(attention, mlp, layers)
     };
+    let settings = match &plan.mla {
+        Some(_) => settings.with_latent_attention(mla_config(plan, config)?.settings(&d, config)?),
+        None => settings,
+    };
     let Some(moe) = &plan.moe else {
         return Ok(settings);
     };
@@ -194,6 +216,11 @@ pub fn settings(plan: &Plan, choice: &Choice, config: &ConfigFile) -> Result<Dec
     } else {
         settings.with_moe(block, |_| true)
     })
+}
+
+/// The latent attention fields, read by the same `MlaConfig` a generated module flattens.
+fn mla_config(plan: &Plan, config: &ConfigFile) -> Result<MlaConfig> {
+    config.parse_with_defaults(&defaults_json(plan))
 }
 
 /// Why a module refuses a boolean field's other value (the generated module says the same).

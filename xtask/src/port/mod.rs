@@ -793,6 +793,106 @@ mod generator_tests {
         assert!(source.contains("NormKind::RmsPlusOne"));
     }
 
+    #[test]
+    fn latent_attention_is_read_from_its_projections_and_youtu_regenerates_exactly() {
+        let (plan, _, source) = regenerate("youtu");
+        assert_eq!(
+            plan.mla,
+            Some(plan::MlaPlan {
+                interleave_field: true
+            })
+        );
+        assert!(source.contains("pub mla: MlaConfig"));
+        assert!(source.contains(".with_latent_attention(self.mla.settings(d, config)?)"));
+        assert!(source.contains("self.mla.rope(d, "));
+        // The latent fields are MlaConfig's, not the module's own.
+        assert!(!source.contains("pub kv_lora_rank"));
+    }
+
+    #[test]
+    fn minicpm3_regenerates_exactly_with_latent_attention_and_mup_scales() {
+        let (plan, choice, _) = regenerate("minicpm3");
+        assert_eq!(
+            plan.mla,
+            Some(plan::MlaPlan {
+                interleave_field: false
+            })
+        );
+        // No `rope_interleave`: the fixtures chose halves.
+        assert!(!choice.rope_traditional);
+        assert_eq!(
+            choice.embedding_scale,
+            plan::Scalar::Field("scale_emb".into())
+        );
+        assert_eq!(
+            plan.residual_scale,
+            plan::Scalar::FieldOverSqrtLayers("scale_depth".into())
+        );
+        assert_eq!(
+            plan.logits_scale,
+            plan::Scalar::FieldOverHidden("dim_model_base".into())
+        );
+    }
+
+    /// DeepSeek-V2: latent attention with a plain `q_proj` (its fixtures' `q_lora_rank` is
+    /// null) and `shared_experts` read as the block's shared expert; its grouped, scaled
+    /// routing is what stops the generator.
+    #[test]
+    fn deepseek_v2_latent_attention_and_shared_experts_are_read_and_routing_is_the_gap() {
+        let facts = facts("deepseek_v2");
+        let plan = plan::plan(&facts, "deepseek_v2");
+        assert!(plan.mla.is_some());
+        assert!(plan.renames.contains(&(
+            "mlp.shared_experts".to_owned(),
+            "mlp.shared_expert".to_owned()
+        )));
+        assert_eq!(plan.moe.as_ref().and_then(|m| m.shared_expert), Some(false));
+        assert!(!plan.gaps.is_empty());
+        assert!(
+            plan.gaps
+                .iter()
+                .all(|g| g.contains("grouped or scaled routing")),
+            "{:?}",
+            plan.gaps
+        );
+    }
+
+    #[test]
+    fn latent_attention_that_the_block_cannot_load_is_a_gap() {
+        // A kv_b_proj one row short: the latent block would load another shape.
+        let mut facts = facts("youtu");
+        for p in facts["parameters"].as_array_mut().expect("parameters") {
+            if p["name"] == "model.layers.0.self_attn.kv_b_proj.weight" {
+                let rows = p["shape"][0].as_i64().expect("rows");
+                p["shape"][0] = Value::from(rows - 1);
+            }
+        }
+        let plan = plan::plan(&facts, "youtu");
+        assert!(
+            plan.gaps
+                .iter()
+                .any(|g| g.contains("`self_attn.kv_b_proj.weight`")),
+            "{:?}",
+            plan.gaps
+        );
+        // A flag that puts a bias on kv_b_proj, which the latent block never has.
+        let mut facts = self::facts("youtu");
+        for p in facts["flag_probes"].as_array_mut().expect("probes") {
+            if p["field"] == "attention_bias" {
+                p["added"]
+                    .as_array_mut()
+                    .expect("added")
+                    .push(Value::from("model.layers.0.self_attn.kv_b_proj.bias"));
+            }
+        }
+        let plan = plan::plan(&facts, "youtu");
+        assert!(
+            plan.gaps.iter().any(|g| g.contains("switches the biases")),
+            "{:?}",
+            plan.gaps
+        );
+    }
+
     /// The port tool and the zoo share one `LayerRule`: on every family with committed facts
     /// the plan derives (from Transformers' probes, through the zoo's own evaluation) the rule
     /// its module passes to the layers.

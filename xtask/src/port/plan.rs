@@ -26,6 +26,10 @@ pub enum Scalar {
     InvField(String),
     /// `√hidden_size` (Gemma's embedding normalizer).
     SqrtHidden,
+    /// `field / √num_hidden_layers` (MiniCPM's depth-scaled residual branches, `scale_depth`).
+    FieldOverSqrtLayers(String),
+    /// `field / hidden_size` (MiniCPM's width-scaled logits, `dim_model_base`).
+    FieldOverHidden(String),
 }
 
 /// How many RoPE variants the layers use.
@@ -149,6 +153,26 @@ pub const MOE_FIELDS: &[&str] = &[
     "topk_group",
 ];
 
+/// Multi-head latent attention ([`mlx_models::mla::LatentAttention`]): a low-rank query
+/// (`q_a_proj`, `q_a_layernorm`, `q_b_proj`; or `q_proj`), one compressed latent and RoPE key
+/// per token (`kv_a_proj_with_mqa`, `kv_a_layernorm`), expanded per head by `kv_b_proj`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MlaPlan {
+    /// The config names whether RoPE rotates adjacent pairs (`rope_interleave`); without
+    /// it the fixtures decide ([`Choice::rope_traditional`]).
+    pub interleave_field: bool,
+}
+
+/// The config fields [`mlx_models::family::MlaConfig`] reads.
+pub const MLA_FIELDS: &[&str] = &[
+    "kv_lora_rank",
+    "q_lora_rank",
+    "qk_nope_head_dim",
+    "qk_rope_head_dim",
+    "v_head_dim",
+    "rope_interleave",
+];
+
 /// A config field the module reads, with its Rust type and Transformers' default.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Field {
@@ -198,6 +222,8 @@ pub struct Plan {
     pub mlp_bias: Flag,
     /// The feed-forward of (the sparse) layers is a mixture of experts.
     pub moe: Option<MoePlan>,
+    /// The attention is multi-head latent attention.
+    pub mla: Option<MlaPlan>,
     /// `Some(bias)` for LayerNorm, `None` for RMSNorm.
     pub layer_norm: Option<Flag>,
     pub eps_field: String,
@@ -627,6 +653,9 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
     ] {
         if has_field(name) || name == "tie_word_embeddings" {
             add(&mut fields, name, ty, role);
+        } else if name == "head_dim" && has("self_attn.kv_a_proj_with_mqa.weight") {
+            // Latent attention reads its widths from `MlaConfig` (GLM-4.7-Flash maps
+            // `head_dim` onto `qk_rope_head_dim`, which the latent block reads as such).
         } else if let Some(own) = facts
             .value
             .pointer(&format!("/attribute_map/{name}"))
@@ -651,7 +680,32 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
 
     // Attention projections.
     let qkv_fused = has("self_attn.qkv_proj.weight");
-    if !(qkv_fused || has("self_attn.q_proj.weight") && has("self_attn.k_proj.weight")) {
+    let mla = mla_plan(&facts, &layer0, &defaults, &mut gaps);
+    if let Some(m) = &mla {
+        for name in MLA_FIELDS {
+            let ty = match *name {
+                "rope_interleave" => FieldType::Bool,
+                _ => FieldType::I32,
+            };
+            if has_field(name) {
+                add(&mut fields, name, ty, "latent attention");
+            }
+        }
+        decisions.push(format!(
+            "attention: multi-head latent attention ({} query, `kv_a_proj_with_mqa` → `kv_a_layernorm` → \
+             `kv_b_proj`), scores scaled by `(qk_nope_head_dim + qk_rope_head_dim)^-0.5`; RoPE pairs {}",
+            if has("self_attn.q_a_proj.weight") {
+                "low-rank `q_a_proj` → `q_a_layernorm` → `q_b_proj`"
+            } else {
+                "`q_proj`"
+            },
+            if m.interleave_field {
+                "when `rope_interleave`"
+            } else {
+                "decided by the fixtures"
+            }
+        ));
+    } else if !(qkv_fused || has("self_attn.q_proj.weight") && has("self_attn.k_proj.weight")) {
         gaps.push("attention has neither q/k/v_proj nor qkv_proj".to_owned());
     }
     let bias_field = ["attention_bias", "use_bias", "bias"]
@@ -1020,12 +1074,21 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         Scalar::Field,
         "logits soft cap",
     );
-    let residual_scale = scalar(
+    let mut residual_scale = scalar(
         &mut fields,
         &["residual_multiplier"],
         Scalar::Field,
         "sub-block outputs scale",
     );
+    if residual_scale == Scalar::None {
+        // Depth-scaled residual branches (muP): the fixtures verify the formula.
+        residual_scale = scalar(
+            &mut fields,
+            &["scale_depth"],
+            Scalar::FieldOverSqrtLayers,
+            "sub-block outputs scaled by it over √num_hidden_layers",
+        );
+    }
     // Which field scales the logits, as Transformers computes it: doubling it doubles
     // (or halves) them on the tiny model (the scalar probes); else Granite's name.
     let probed_logits = facts
@@ -1050,16 +1113,25 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
             decisions.push(format!("`{field}` scales the logits ({role}): doubling it on the tiny model did the same to them"));
             make(field)
         }
-        None => scalar(
+        None => match scalar(
             &mut fields,
             &["logits_scaling"],
             Scalar::InvField,
             "logits divided by it",
-        ),
+        ) {
+            // Width-scaled logits (muP): the fixtures verify the formula.
+            Scalar::None => scalar(
+                &mut fields,
+                &["dim_model_base"],
+                Scalar::FieldOverHidden,
+                "logits scaled by it over hidden_size",
+            ),
+            found => found,
+        },
     };
     let embedding_field = scalar(
         &mut fields,
-        &["embedding_multiplier"],
+        &["embedding_multiplier", "scale_emb"],
         Scalar::Field,
         "embeddings scale",
     );
@@ -1181,6 +1253,12 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         }
     ));
 
+    if mla.is_some() && !matches!(rope, Some(RopeRule::Uniform)) {
+        gaps.push(format!(
+            "latent attention with RoPE {rope:?}: the latent block takes one RoPE for every layer"
+        ));
+    }
+
     // What the structure cannot decide, to be tried against the fixtures.
     let embedding_candidates = if embedding_field != Scalar::None {
         vec![embedding_field]
@@ -1285,11 +1363,22 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         "mlp.shared_expert.",
         "mlp.shared_expert_gate.",
     ];
-    let known: Vec<&str> = if moe.is_some() {
+    let mla_known = [
+        "self_attn.q_a_proj.",
+        "self_attn.q_a_layernorm.",
+        "self_attn.q_b_proj.",
+        "self_attn.kv_a_proj_with_mqa.",
+        "self_attn.kv_a_layernorm.",
+        "self_attn.kv_b_proj.",
+    ];
+    let mut known: Vec<&str> = if moe.is_some() {
         known.iter().chain(&moe_known).copied().collect()
     } else {
         known.to_vec()
     };
+    if mla.is_some() {
+        known.extend(mla_known);
+    }
     let mut weight_map = Vec::new();
     for name in params.keys() {
         let block = if let Some(rest) = name.strip_prefix("model.layers.0.") {
@@ -1413,6 +1502,7 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         mlp_layout,
         mlp_bias,
         moe,
+        mla,
         layer_norm,
         eps_field,
         act_field,
@@ -1580,6 +1670,99 @@ fn moe_plan(
     })
 }
 
+/// Multi-head latent attention in layer 0, if its attention has the latent projections:
+/// every width checked against the config fields [`mlx_models::family::MlaConfig`] reads,
+/// and the bias switch against the one [`mlx_models::mla::MlaSettings::bias`] follows
+/// (`attention_bias` on `q_a_proj`, `kv_a_proj_with_mqa` and `o_proj`, as the flag probes
+/// say); what differs is a gap.
+fn mla_plan(
+    facts: &Facts,
+    layer: &BTreeMap<&str, &Vec<i64>>,
+    defaults: &BTreeMap<String, Value>,
+    gaps: &mut Vec<String>,
+) -> Option<MlaPlan> {
+    if !layer.contains_key("self_attn.kv_a_proj_with_mqa.weight") {
+        return None;
+    }
+    for name in &MLA_FIELDS[..5] {
+        if !defaults.contains_key(*name) {
+            gaps.push(format!(
+                "latent attention without the config field `{name}` the latent block reads"
+            ));
+        }
+    }
+    let get = |name: &str| facts.resolved(name).and_then(Value::as_i64).unwrap_or(0);
+    let (hidden, heads) = (get("hidden_size"), get("num_attention_heads"));
+    let (rank, nope, rope, v) = (
+        get("kv_lora_rank"),
+        get("qk_nope_head_dim"),
+        get("qk_rope_head_dim"),
+        get("v_head_dim"),
+    );
+    let q_rank = facts.resolved("q_lora_rank").and_then(Value::as_i64);
+    let mut expected = vec![
+        (
+            "self_attn.kv_a_proj_with_mqa.weight",
+            vec![rank + rope, hidden],
+        ),
+        ("self_attn.kv_a_layernorm.weight", vec![rank]),
+        ("self_attn.kv_b_proj.weight", vec![heads * (nope + v), rank]),
+        ("self_attn.o_proj.weight", vec![hidden, heads * v]),
+    ];
+    match q_rank {
+        Some(q) => expected.extend([
+            ("self_attn.q_a_proj.weight", vec![q, hidden]),
+            ("self_attn.q_a_layernorm.weight", vec![q]),
+            ("self_attn.q_b_proj.weight", vec![heads * (nope + rope), q]),
+        ]),
+        None => expected.push((
+            "self_attn.q_proj.weight",
+            vec![heads * (nope + rope), hidden],
+        )),
+    }
+    for (name, shape) in expected {
+        match layer.get(name) {
+            Some(found) if **found == shape => {}
+            found => gaps.push(format!(
+                "latent attention: `{name}` is {found:?}, the latent block loads {shape:?}"
+            )),
+        }
+    }
+    // Which flag puts a bias where: the latent block follows `attention_bias`.
+    for probe in facts.flag_probes() {
+        let bias: Vec<&String> = probe
+            .added
+            .iter()
+            .chain(&probe.removed)
+            .filter(|n| n.starts_with("model.layers.0.self_attn.") && n.ends_with(".bias"))
+            .collect();
+        if bias.is_empty() {
+            continue;
+        }
+        let taken = [
+            "model.layers.0.self_attn.q_a_proj.bias",
+            "model.layers.0.self_attn.kv_a_proj_with_mqa.bias",
+            "model.layers.0.self_attn.o_proj.bias",
+        ];
+        let all = taken
+            .iter()
+            .all(|t| bias.iter().any(|b| b == t) || q_rank.is_none() && t.contains("q_a"));
+        if probe.field != "attention_bias"
+            || !all
+            || bias.iter().any(|b| !taken.contains(&b.as_str()))
+        {
+            gaps.push(format!(
+                "latent attention: `{}` switches the biases {bias:?}; the latent block puts \
+                 `attention_bias` on q_a_proj, kv_a_proj_with_mqa and o_proj",
+                probe.field
+            ));
+        }
+    }
+    Some(MlaPlan {
+        interleave_field: defaults.contains_key("rope_interleave"),
+    })
+}
+
 /// The expert block's module names where they are not the ones the blocks load: the block
 /// (the module holding `experts`, GraniteMoE's `block_sparse_moe`) is `mlp`, its `router`
 /// linear layer `mlp.gate`; the router first (the first rename that matches applies).
@@ -1596,6 +1779,15 @@ fn expert_block_renames(facts: &Facts) -> Vec<(String, String)> {
     let router = format!(".{block}.router.weight");
     if params.keys().any(|n| n.ends_with(&router)) {
         renames.push((format!("{block}.router"), "mlp.gate".to_owned()));
+    }
+    // DeepSeek's `shared_experts` (one MLP of `n_shared_experts` experts' width) is the
+    // block's shared expert.
+    let shared = format!(".{block}.shared_experts.");
+    if params.keys().any(|n| n.contains(&shared)) {
+        renames.push((
+            format!("{block}.shared_experts"),
+            "mlp.shared_expert".to_owned(),
+        ));
     }
     if block != "mlp" {
         renames.push((block, "mlp".to_owned()));

@@ -281,8 +281,18 @@ pub fn covered(name: &str, class: &str) -> bool {
         "mlp.shared_expert.down_proj",
         "mlp.shared_expert_gate",
     ];
+    // Multi-head latent attention ([`mlx_models::mla::LatentAttention`]).
+    const LATENT: [&str; 6] = [
+        "self_attn.q_a_proj",
+        "self_attn.q_a_layernorm",
+        "self_attn.q_b_proj",
+        "self_attn.kv_a_proj_with_mqa",
+        "self_attn.kv_a_layernorm",
+        "self_attn.kv_b_proj",
+    ];
     BLOCKS.contains(&name)
         || EXPERTS.contains(&name)
+        || LATENT.contains(&name)
         || name == "mlp.c_proj"
         || class.contains("Dropout")
         || class.contains("Rotary")
