@@ -952,6 +952,16 @@ mod generator_tests {
     }
 
     #[test]
+    fn a_bias_field_flipped_without_adding_a_bias_does_not_control_it() {
+        // Helium's `attention_bias` adds q/k/v biases and no o_proj bias; o_proj has none
+        // at the field's default either, so only the probe tells the two apart.
+        let (plan, _, source) = regenerate("helium");
+        assert_eq!(plan.qkv_bias, plan::Flag::Field("attention_bias".into()));
+        assert_eq!(plan.o_bias, plan::Flag::Never);
+        assert!(source.contains("o_bias: false"));
+    }
+
+    #[test]
     fn a_flag_that_changes_the_model_unread_is_refused_in_the_module() {
         // A parallel-residual switch: no parameter changes, the logits move.
         let facts = probed(&[
