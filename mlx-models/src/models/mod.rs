@@ -25,6 +25,7 @@ pub mod gpt_oss;
 pub mod granite;
 pub mod granitemoe;
 pub mod granitemoehybrid;
+pub mod helium;
 pub mod hunyuan_v1_dense;
 pub mod hunyuan_v1_moe;
 pub mod hyperclovax;
@@ -60,9 +61,11 @@ pub mod qwen3_5_text;
 pub mod qwen3_moe;
 pub mod qwen3_next;
 pub mod recurrent_gemma;
+pub mod seed_oss;
 pub mod smollm3;
 pub mod stablelm;
 pub mod starcoder2;
+pub mod vaultgemma;
 
 use crate::config::ConfigFile;
 use crate::error::{Error, Result};
@@ -101,6 +104,7 @@ pub const REGISTRY: &[(&str, Loader)] = &[
     ("granite", family::load::<granite::Config>),
     ("granitemoe", family::load::<granitemoe::Config>),
     ("granitemoehybrid", family::load::<granitemoehybrid::Config>),
+    ("helium", family::load::<helium::Config>),
     ("hunyuan_v1_dense", family::load::<hunyuan_v1_dense::Config>),
     ("hunyuan_v1_moe", family::load::<hunyuan_v1_moe::Config>),
     ("hyperclovax", family::load::<hyperclovax::Config>),
@@ -141,9 +145,11 @@ pub const REGISTRY: &[(&str, Loader)] = &[
     ("qwen3_moe", family::load::<qwen3_moe::Config>),
     ("qwen3_next", family::load::<qwen3_next::Config>),
     ("recurrent_gemma", family::load::<recurrent_gemma::Config>),
+    ("seed_oss", family::load::<seed_oss::Config>),
     ("smollm3", family::load::<smollm3::Config>),
     ("stablelm", family::load::<stablelm::Config>),
     ("starcoder2", family::load::<starcoder2::Config>),
+    ("vaultgemma", family::load::<vaultgemma::Config>),
 ];
 
 /// The supported `model_type` values.
