@@ -1683,6 +1683,7 @@ fn derive_layer_rule(
     // read fields, for the families whose configs have them.
     let mut candidates = vec![LayerRule::All, LayerRule::NoSliding];
     candidates.extend((2..=8).map(LayerRule::EveryNth));
+    candidates.extend((2..=8).map(LayerRule::EveryNthFromFirst));
     candidates.extend(
         [
             LayerRule::Pattern,
