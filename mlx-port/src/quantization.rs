@@ -39,6 +39,7 @@ pub const BOUNDS: &[(&str, f32, f32)] = &[
     ("bitnet", 0.038, 0.63),           // measured 0.0303, 0.499
     ("cohere", 0.023, 0.38),           // measured 0.0184, 0.301
     ("cohere2", 0.028, 0.44),          // measured 0.0219, 0.349
+    ("cwm", 0.035, 0.65),              // measured 0.0275, 0.518
     ("deepseek_v2", 0.059, 0.95),      // measured 0.0469, 0.755
     ("deepseek_v3", 0.069, 0.7),       // measured 0.0551, 0.557
     ("ernie4_5", 0.041, 0.63),         // measured 0.0325, 0.504

@@ -6,6 +6,7 @@ pub mod arcee;
 pub mod bitnet;
 pub mod cohere;
 pub mod cohere2;
+pub mod cwm;
 pub mod deepseek_v2;
 pub mod deepseek_v3;
 pub mod ernie4_5;
@@ -84,6 +85,7 @@ pub const REGISTRY: &[(&str, Loader)] = &[
     ("bitnet", family::load::<bitnet::Config>),
     ("cohere", family::load::<cohere::Config>),
     ("cohere2", family::load::<cohere2::Config>),
+    ("cwm", family::load::<cwm::Config>),
     ("deepseek_v2", family::load::<deepseek_v2::Config>),
     ("deepseek_v3", family::load::<deepseek_v3::Config>),
     ("ernie4_5", family::load::<ernie4_5::Config>),
