@@ -14,6 +14,7 @@ pub mod exaone4;
 pub mod falcon_h1;
 pub mod gemma;
 pub mod gemma2;
+pub mod gemma3;
 pub mod gemma3_text;
 pub mod glm;
 pub mod glm4;
@@ -94,6 +95,7 @@ pub const REGISTRY: &[(&str, Loader)] = &[
     ("falcon_mamba", mamba::load),
     ("gemma", family::load::<gemma::Config>),
     ("gemma2", family::load::<gemma2::Config>),
+    ("gemma3", gemma3::load),
     ("gemma3_text", family::load::<gemma3_text::Config>),
     ("glm", family::load::<glm::Config>),
     ("glm4", family::load::<glm4::Config>),
