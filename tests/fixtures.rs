@@ -633,7 +633,8 @@ fn cache_consistency_llama_yarn() {
 
 /// Registered model types whose fixtures are another type's: each is checked against that
 /// type's fixture by a test of its own below.
-const ALIASES: [(&str, &str); 4] = [
+const ALIASES: [(&str, &str); 5] = [
+    ("gemma3", "gemma3_text"),
     ("kimi_k2", "deepseek_v3"),
     ("llama4", "llama4_text"),
     // The qwen3_5_text/hub fixture is a `qwen3_5` checkpoint.
@@ -708,6 +709,79 @@ fn llama4_multimodal_checkpoints_load_their_language_model() {
         "max |Δlogits| = {}",
         d.max_abs
     );
+}
+
+/// Multimodal `gemma3` checkpoints (settings in `text_config`, the language model's weights
+/// under `language_model.model.` as Transformers 4 saved them or `model.language_model.` as
+/// Transformers 5 does, a vision tower and projector beside them) load as Gemma 3 Text and
+/// give Transformers' logits.
+#[test]
+fn gemma3_multimodal_checkpoints_load_their_language_model() {
+    let zeros = || Array::from_slice(&[0.0f32; 16], &[4, 4]);
+    // (the language model's prefix, the output layer's, the other towers')
+    let layouts = [
+        (
+            "language_model.model.",
+            "language_model.lm_head.",
+            ["vision_tower.", "multi_modal_projector."],
+        ),
+        (
+            "model.language_model.",
+            "lm_head.",
+            ["model.vision_tower.", "model.multi_modal_projector."],
+        ),
+    ];
+    // Tied (a Hub-style text config) and untied (Transformers 5 style).
+    for name in ["gemma3_text/hub", "gemma3_text/untied"] {
+        for (language, head, towers) in &layouts {
+            let fixture = load_fixture(name);
+            let text: Value = serde_json::from_str(
+                &std::fs::read_to_string(fixture.dir.join("config.json")).unwrap(),
+            )
+            .unwrap();
+            let config = json!({
+                "model_type": "gemma3",
+                "architectures": ["Gemma3ForConditionalGeneration"],
+                "text_config": text,
+                "vision_config": {"hidden_size": 4},
+            });
+            let mut tensors: Vec<(String, Array)> =
+                Array::load_safetensors(fixture.dir.join("model.safetensors"))
+                    .unwrap()
+                    .into_iter()
+                    .map(|(n, t)| {
+                        let n = n
+                            .replacen("model.", language, 1)
+                            .replacen("lm_head.", head, 1);
+                        (n, t)
+                    })
+                    .collect();
+            for tower in towers {
+                tensors.push((format!("{tower}weight"), zeros()));
+            }
+            let tmp = tempfile::tempdir().unwrap();
+            std::fs::write(tmp.path().join("config.json"), config.to_string()).unwrap();
+            Array::save_safetensors(
+                tensors.iter().map(|(k, v)| (k.as_str(), v)),
+                None,
+                tmp.path().join("model.safetensors"),
+            )
+            .unwrap();
+            let model = mlx_models::load::load_model_dir(tmp.path(), None).expect("gemma3 loads");
+            assert_eq!(model.info().model_type, "gemma3_text");
+            let ids = &fixture.manifest.input_ids;
+            let logits = forward(model.as_ref(), ids, &mut model.new_cache());
+            let d = diff(
+                &to_f32_vec(&logits).unwrap(),
+                &to_f32_vec(fixture.tensor("logits").unwrap()).unwrap(),
+            );
+            assert!(
+                d.max_abs <= fixture.manifest.tolerances.max_abs,
+                "{name}, {language}: max |Δlogits| = {}",
+                d.max_abs
+            );
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -560,6 +560,9 @@ pub enum LayerRule {
     All,
     /// Every n-th layer is full attention, the others slide (Gemma 2: 2).
     EveryNth(i32),
+    /// Every n-th layer from the first is full attention (layers 0, n, 2n, …), the others
+    /// slide (CWM: 4).
+    EveryNthFromFirst(i32),
     /// Every `sliding_window_pattern`-th layer is full attention (Gemma 3).
     Pattern,
     /// Layers from `max_window_layers` on slide, when `use_sliding_window` (Qwen 2).
@@ -578,7 +581,10 @@ impl LayerRule {
     /// fields), each with what it means; `use_sliding_window` is the one boolean.
     pub fn fields(self) -> &'static [(&'static str, &'static str)] {
         match self {
-            LayerRule::NoSliding | LayerRule::All | LayerRule::EveryNth(_) => &[],
+            LayerRule::NoSliding
+            | LayerRule::All
+            | LayerRule::EveryNth(_)
+            | LayerRule::EveryNthFromFirst(_) => &[],
             LayerRule::Pattern => &[(
                 "sliding_window_pattern",
                 "every n-th layer is full attention",
@@ -632,6 +638,7 @@ impl SlidingWindowConfig {
             LayerRule::NoSliding => LayerType::all(n, None),
             LayerRule::All => LayerType::all(n, self.sliding_window),
             LayerRule::EveryNth(period) => LayerType::periodic(n, period),
+            LayerRule::EveryNthFromFirst(period) => LayerType::periodic_from_first(n, period),
             LayerRule::Pattern => LayerType::periodic(n, self.sliding_window_pattern.unwrap_or(0)),
             LayerRule::FromMaxWindowLayers => {
                 LayerType::from_layer(n, enabled, self.max_window_layers.unwrap_or(0))

@@ -327,6 +327,19 @@ impl LayerType {
             .collect()
     }
 
+    /// Layers 0, `period`, 2·`period`, … full attention, the others sliding (CWM).
+    pub fn periodic_from_first(n: usize, period: i32) -> Vec<LayerType> {
+        (0..n)
+            .map(|i| {
+                if period > 0 && i as i32 % period == 0 {
+                    LayerType::FullAttention
+                } else {
+                    LayerType::SlidingAttention
+                }
+            })
+            .collect()
+    }
+
     /// Full below layer `start`, sliding from it on, when `enabled` (Qwen 2's
     /// `use_sliding_window` and `max_window_layers`).
     pub fn from_layer(n: usize, enabled: bool, start: i32) -> Vec<LayerType> {

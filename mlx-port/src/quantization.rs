@@ -39,6 +39,7 @@ pub const BOUNDS: &[(&str, f32, f32)] = &[
     ("bitnet", 0.038, 0.63),           // measured 0.0303, 0.499
     ("cohere", 0.023, 0.38),           // measured 0.0184, 0.301
     ("cohere2", 0.028, 0.44),          // measured 0.0219, 0.349
+    ("cwm", 0.035, 0.65),              // measured 0.0275, 0.518
     ("deepseek_v2", 0.059, 0.95),      // measured 0.0469, 0.755
     ("deepseek_v3", 0.069, 0.7),       // measured 0.0551, 0.557
     ("ernie4_5", 0.041, 0.63),         // measured 0.0325, 0.504
@@ -59,6 +60,7 @@ pub const BOUNDS: &[(&str, f32, f32)] = &[
     ("granite", 0.064, 0.78),          // measured 0.0507, 0.622
     ("granitemoe", 0.042, 0.53),       // measured 0.0332, 0.423
     ("granitemoehybrid", 0.041, 0.66), // measured 0.0325, 0.521
+    ("helium", 0.036, 0.6),            // measured 0.0286, 0.48
     ("hunyuan_v1_dense", 0.041, 0.65), // measured 0.0327, 0.517
     ("hunyuan_v1_moe", 0.032, 0.51),   // measured 0.0256, 0.404
     ("hyperclovax", 0.039, 0.52),      // measured 0.0307, 0.411
@@ -96,9 +98,11 @@ pub const BOUNDS: &[(&str, f32, f32)] = &[
     ("qwen3_moe", 0.026, 0.4),         // measured 0.0206, 0.317
     ("qwen3_next", 0.048, 0.86),       // measured 0.0384, 0.687
     ("recurrent_gemma", 0.015, 0.24),  // measured 0.012, 0.191
+    ("seed_oss", 0.035, 0.56),         // measured 0.0275, 0.442
     ("smollm3", 0.047, 0.67),          // measured 0.0374, 0.529
     ("stablelm", 0.043, 0.61),         // measured 0.034, 0.482
     ("starcoder2", 0.026, 0.41),       // measured 0.0201, 0.328
+    ("vaultgemma", 0.029, 0.36),       // measured 0.0226, 0.286
     ("youtu", 0.028, 0.54),            // measured 0.0223, 0.425
 ];
 

@@ -6,6 +6,7 @@ pub mod arcee;
 pub mod bitnet;
 pub mod cohere;
 pub mod cohere2;
+pub mod cwm;
 pub mod deepseek_v2;
 pub mod deepseek_v3;
 pub mod ernie4_5;
@@ -13,6 +14,7 @@ pub mod exaone4;
 pub mod falcon_h1;
 pub mod gemma;
 pub mod gemma2;
+pub mod gemma3;
 pub mod gemma3_text;
 pub mod glm;
 pub mod glm4;
@@ -25,6 +27,7 @@ pub mod gpt_oss;
 pub mod granite;
 pub mod granitemoe;
 pub mod granitemoehybrid;
+pub mod helium;
 pub mod hunyuan_v1_dense;
 pub mod hunyuan_v1_moe;
 pub mod hyperclovax;
@@ -61,9 +64,11 @@ pub mod qwen3_5_text;
 pub mod qwen3_moe;
 pub mod qwen3_next;
 pub mod recurrent_gemma;
+pub mod seed_oss;
 pub mod smollm3;
 pub mod stablelm;
 pub mod starcoder2;
+pub mod vaultgemma;
 pub mod youtu;
 
 use crate::config::ConfigFile;
@@ -83,6 +88,7 @@ pub const REGISTRY: &[(&str, Loader)] = &[
     ("bitnet", family::load::<bitnet::Config>),
     ("cohere", family::load::<cohere::Config>),
     ("cohere2", family::load::<cohere2::Config>),
+    ("cwm", family::load::<cwm::Config>),
     ("deepseek_v2", family::load::<deepseek_v2::Config>),
     ("deepseek_v3", family::load::<deepseek_v3::Config>),
     ("ernie4_5", family::load::<ernie4_5::Config>),
@@ -91,6 +97,7 @@ pub const REGISTRY: &[(&str, Loader)] = &[
     ("falcon_mamba", mamba::load),
     ("gemma", family::load::<gemma::Config>),
     ("gemma2", family::load::<gemma2::Config>),
+    ("gemma3", gemma3::load),
     ("gemma3_text", family::load::<gemma3_text::Config>),
     ("glm", family::load::<glm::Config>),
     ("glm4", family::load::<glm4::Config>),
@@ -103,6 +110,7 @@ pub const REGISTRY: &[(&str, Loader)] = &[
     ("granite", family::load::<granite::Config>),
     ("granitemoe", family::load::<granitemoe::Config>),
     ("granitemoehybrid", family::load::<granitemoehybrid::Config>),
+    ("helium", family::load::<helium::Config>),
     ("hunyuan_v1_dense", family::load::<hunyuan_v1_dense::Config>),
     ("hunyuan_v1_moe", family::load::<hunyuan_v1_moe::Config>),
     ("hyperclovax", family::load::<hyperclovax::Config>),
@@ -144,9 +152,11 @@ pub const REGISTRY: &[(&str, Loader)] = &[
     ("qwen3_moe", family::load::<qwen3_moe::Config>),
     ("qwen3_next", family::load::<qwen3_next::Config>),
     ("recurrent_gemma", family::load::<recurrent_gemma::Config>),
+    ("seed_oss", family::load::<seed_oss::Config>),
     ("smollm3", family::load::<smollm3::Config>),
     ("stablelm", family::load::<stablelm::Config>),
     ("starcoder2", family::load::<starcoder2::Config>),
+    ("vaultgemma", family::load::<vaultgemma::Config>),
     ("youtu", family::load::<youtu::Config>),
 ];
 

@@ -1052,6 +1052,28 @@ mod generator_tests {
     }
 
     #[test]
+    fn a_bias_field_flipped_without_adding_a_bias_does_not_control_it() {
+        // Helium's `attention_bias` adds q/k/v biases and no o_proj bias; o_proj has none
+        // at the field's default either, so only the probe tells the two apart.
+        let (plan, _, source) = regenerate("helium");
+        assert_eq!(plan.qkv_bias, plan::Flag::Field("attention_bias".into()));
+        assert_eq!(plan.o_bias, plan::Flag::Never);
+        assert!(source.contains("o_bias: false"));
+    }
+
+    #[test]
+    fn full_attention_every_nth_layer_from_the_first_is_derived_from_the_probes() {
+        // CWM derives `layer_types` as full attention on layers 0, 4, 8, …; Gemma 2's rule
+        // (layers 1, 3, …) and OLMo 3's (3, 7, …) count from the other end.
+        let (plan, _, source) = regenerate("cwm");
+        assert_eq!(
+            plan.layer_rule,
+            mlx_models::family::LayerRule::EveryNthFromFirst(4)
+        );
+        assert!(source.contains("LayerRule::EveryNthFromFirst(4)"));
+    }
+
+    #[test]
     fn a_flag_that_changes_the_model_unread_is_refused_in_the_module() {
         // A parallel-residual switch: no parameter changes, the logits move.
         let facts = probed(&[

@@ -718,7 +718,25 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
             .and_then(Value::as_bool)
             .unwrap_or(false)
     };
-    let flag_probes = facts.flag_probes();
+    // The probes name Transformers' parameters: named here as the blocks load them.
+    let flag_probes: Vec<FlagProbe> = facts
+        .flag_probes()
+        .into_iter()
+        .map(|mut p| {
+            let canon = |names: &[String]| -> Vec<String> {
+                names
+                    .iter()
+                    .map(|n| {
+                        let n = mlx_models::weights::rename_prefix(n, &prefixes);
+                        super::trace::rename(&n, &roles.renames)
+                    })
+                    .collect()
+            };
+            p.added = canon(&p.added);
+            p.removed = canon(&p.removed);
+            p
+        })
+        .collect();
     // Which field switches `param` on, as Transformers computes it: the flag probes.
     let probed = |param: &str| -> Option<Flag> {
         let full = format!("model.layers.0.{param}");
@@ -732,9 +750,21 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
             return flag;
         }
         let present = has(param);
+        // A bias field whose flip switched attention parameters but not `param` does not
+        // control it (Helium: `attention_bias` puts biases on q/k/v, never on o_proj).
+        let probed_field = |f: &str| {
+            flag_probes.iter().any(|p| {
+                p.field == f
+                    && !p.refused
+                    && p.added
+                        .iter()
+                        .chain(&p.removed)
+                        .any(|n| n.starts_with("model.layers.0.self_attn."))
+            })
+        };
         match bias_field {
             // The field controls it unless the instance contradicts the field's value.
-            Some(f) if field_value(f) == present => Flag::Field(f.to_owned()),
+            Some(f) if !probed_field(f) && field_value(f) == present => Flag::Field(f.to_owned()),
             _ if present => Flag::Always,
             _ => Flag::Never,
         }
@@ -1845,6 +1875,7 @@ fn derive_layer_rule(
     // read fields, for the families whose configs have them.
     let mut candidates = vec![LayerRule::All, LayerRule::NoSliding];
     candidates.extend((2..=8).map(LayerRule::EveryNth));
+    candidates.extend((2..=8).map(LayerRule::EveryNthFromFirst));
     candidates.extend(
         [
             LayerRule::Pattern,
