@@ -3,6 +3,7 @@
 
 pub mod apertus;
 pub mod arcee;
+pub mod biogpt;
 pub mod bitnet;
 pub mod cohere;
 pub mod cohere2;
@@ -78,6 +79,7 @@ pub type Loader = fn(&ConfigFile, Weights) -> Result<Box<dyn LanguageModel>>;
 pub const REGISTRY: &[(&str, Loader)] = &[
     ("apertus", family::load::<apertus::Config>),
     ("arcee", family::load::<arcee::Config>),
+    ("biogpt", family::load::<biogpt::Config>),
     ("bitnet", family::load::<bitnet::Config>),
     ("cohere", family::load::<cohere::Config>),
     ("cohere2", family::load::<cohere2::Config>),

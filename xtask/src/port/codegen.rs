@@ -78,6 +78,8 @@ fn scalar(plan: &Plan, s: &Scalar) -> String {
         Scalar::InvSqrtField(n) => wrap(n, "v.powf(-0.5) as f32"),
         Scalar::InvField(n) => wrap(n, "(1.0 / v) as f32"),
         Scalar::SqrtHidden => "Some(f64::from(d.hidden_size).sqrt() as f32)".to_owned(),
+        Scalar::One => "Some(1.0)".to_owned(),
+        Scalar::OneUnless(n) => format!("(!self.{n}).then_some(1.0)"),
     }
 }
 
@@ -174,7 +176,8 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
         family.extend(["MoeConfig", "sanitize_moe"]);
     }
     let mut transformer = vec!["DecoderSettings", "MlpLayout"];
-    let sanitizes = !plan.renames.is_empty() || !plan.prefix_renames.is_empty();
+    let sanitizes =
+        !plan.renames.is_empty() || !plan.prefix_renames.is_empty() || !plan.conv1d.is_empty();
     if sanitizes && plan.moe.is_none() {
         transformer.push("drop_computed_weights");
     }
@@ -209,6 +212,9 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
     }
     match &plan.attention_scale {
         Scalar::None => {}
+        Scalar::OneUnless(f) => attn.push(format!(
+            "scale: if self.{f} {{ (d.head_dim() as f32).powf(-0.5) }} else {{ 1.0 }}"
+        )),
         sc => {
             let value = scalar(plan, sc);
             attn.push(match value.strip_prefix("Some(") {
@@ -241,6 +247,12 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
     }
     if plan.lm_head_bias {
         model.push("lm_head_bias: true".to_owned());
+    }
+    if let Some(offset) = plan.learned_positions {
+        model.push("learned_positions: true".to_owned());
+        if offset != 0 {
+            model.push(format!("position_offset: {offset}"));
+        }
     }
     if plan.eps_field != "rms_norm_eps" {
         let eps = match plan.fields.iter().find(|f| f.name == plan.eps_field) {
@@ -303,6 +315,9 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
     let _ = writeln!(w, "use crate::config::ConfigFile;");
     let _ = writeln!(w, "use crate::error::Result;");
     let _ = writeln!(w, "use crate::family::{{{}}};", family.join(", "));
+    if !plan.conv1d.is_empty() {
+        let _ = writeln!(w, "use crate::fused_qkv::conv1d_to_linear;");
+    }
     let _ = writeln!(w, "use crate::transformer::{{{}}};", transformer.join(", "));
     if let Some(moe) = &plan.moe {
         let _ = writeln!(
@@ -367,6 +382,23 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
         "const DEFAULTS: &'static str = r#\"{}\"#;\n",
         defaults_json(plan)
     );
+    if !plan.aliases.is_empty() {
+        let _ = writeln!(
+            w,
+            "const ALIASES: &'static [(&'static str, &'static str)] = &[{}];\n",
+            plan.aliases
+                .iter()
+                .map(|(common, own)| format!("({common:?}, {own:?})"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    if let Some(k) = plan.intermediate_per_hidden {
+        let _ = writeln!(
+            w,
+            "const INTERMEDIATE_PER_HIDDEN: Option<i32> = Some({k});\n"
+        );
+    }
     let _ = writeln!(
         w,
         "fn settings(&self, config: &ConfigFile) -> Result<DecoderSettings> {{"
@@ -552,6 +584,15 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
                 "drop_computed_weights(weights, settings.tie_word_embeddings);"
             );
         }
+        if !plan.conv1d.is_empty() {
+            let _ = writeln!(w, "for i in 0..settings.layers.len() {{");
+            let _ = writeln!(w, "for module in CONV1D {{");
+            let _ = writeln!(
+                w,
+                "conv1d_to_linear(weights, &format!(\"model.layers.{{i}}.{{module}}\"))?;"
+            );
+            let _ = writeln!(w, "}}\n}}");
+        }
         let _ = writeln!(w, "Ok(())\n}}");
     }
     let _ = writeln!(w, "}}");
@@ -588,6 +629,20 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
         );
         for (from, to) in &plan.renames {
             let _ = writeln!(w, "({from:?}, {to:?}),");
+        }
+        let _ = writeln!(w, "];");
+    }
+    if !plan.conv1d.is_empty() {
+        let _ = writeln!(w);
+        doc(
+            w,
+            "/// ",
+            "The layer modules Transformers keeps as `Conv1D` (weights `[in, out]`), by the \
+             names the blocks load: `sanitize` transposes them to linear layers'.",
+        );
+        let _ = writeln!(w, "const CONV1D: [&str; {}] = [", plan.conv1d.len());
+        for name in &plan.conv1d {
+            let _ = writeln!(w, "{name:?},");
         }
         let _ = writeln!(w, "];");
     }
@@ -791,7 +846,16 @@ pub fn structure_summary(plan: &Plan, choice: &Choice) -> Vec<String> {
             Scalar::Field(f) => lines.push(format!("{what} `{f}`.")),
             Scalar::InvField(f) => lines.push(format!("{what} `1 / {f}`.")),
             Scalar::InvSqrtField(f) => lines.push(format!("{what} `{f}^-0.5`.")),
+            Scalar::One => {}
+            Scalar::OneUnless(f) => lines.push(format!("{what} 1 unless `{f}`.")),
         }
+    }
+    match &plan.attention_scale {
+        Scalar::One => lines.push("Attention scores not scaled (no `head_dim^-0.5`).".to_owned()),
+        Scalar::OneUnless(f) => lines.push(format!(
+            "Attention scores scaled by `head_dim^-0.5`, not at all with `{f}` false."
+        )),
+        _ => {}
     }
     lines
 }

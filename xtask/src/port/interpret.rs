@@ -65,6 +65,8 @@ impl Reader<'_> {
             Scalar::InvSqrtField(f) => self.f64_opt(f).map(|v| v.powf(-0.5) as f32),
             Scalar::InvField(f) => self.f64_opt(f).map(|v| (1.0 / v) as f32),
             Scalar::SqrtHidden => Some((f64::from(self.i32("hidden_size")?)).sqrt() as f32),
+            Scalar::One => Some(1.0),
+            Scalar::OneUnless(f) => (!self.bool(f)).then_some(1.0),
         })
     }
 }
@@ -72,6 +74,12 @@ impl Reader<'_> {
 /// The settings `plan` with `choice` gives for `config`: the shared fields are read by
 /// the same `DecoderConfig` a generated module flattens, with the same defaults.
 pub fn settings(plan: &Plan, choice: &Choice, config: &ConfigFile) -> Result<DecoderSettings> {
+    let aliases: Vec<(&str, &str)> = plan
+        .aliases
+        .iter()
+        .map(|(a, b)| (a.as_str(), b.as_str()))
+        .collect();
+    let config = &config.with_aliases(&aliases, plan.intermediate_per_hidden);
     let r = Reader { plan, config };
     let d: DecoderConfig = config.parse_with_defaults(&defaults_json(plan))?;
     for (field, supported) in &plan.refused {
@@ -165,6 +173,8 @@ pub fn settings(plan: &Plan, choice: &Choice, config: &ConfigFile) -> Result<Dec
             .unwrap_or(1e-6),
         norm_placement: choice.norm_placement,
         lm_head_bias: plan.lm_head_bias,
+        learned_positions: plan.learned_positions.is_some(),
+        position_offset: plan.learned_positions.unwrap_or(0),
         embedding_scale: r.scalar(&choice.embedding_scale)?,
         residual_scale: r.scalar(&plan.residual_scale)?,
         logits_scale: r.scalar(&plan.logits_scale)?,
