@@ -159,10 +159,9 @@ def flag_probes(architecture, small, build_config, tiny_model, model_type):
 
 
 def width_probes(architecture, small, build_config, tiny_model, model_type, fields):
-    """Which integer fields set a parameter's width: each int field the tiny config leaves
-    null (GPT-2's `n_inner`) or holds above the tiny sizes (OPT's `ffn_dim` 3072) set to
-    WIDTH_PROBE, and the parameters of decoder layer 0 that then have that width (full
-    names). The port tool reads the family's own name of the MLP width from this, and
+    """Which integer fields set a parameter's width: each int field but the common sizes
+    (GPT-2's `n_inner`, OPT's `ffn_dim`) set to WIDTH_PROBE, and the parameters that then
+    have that width (full names). The port tool reads the family's own name of the MLP width from this, and
     what a null one stands for (the tiny model's width, as a multiple of hidden_size)."""
     base_config = build_config(model_type, small)
     resolved = base_config.to_dict()
@@ -170,9 +169,7 @@ def width_probes(architecture, small, build_config, tiny_model, model_type, fiel
     probes = []
     for name, field in sorted(fields.items()):
         value = resolved.get(name)
-        if field.get("kind") != "int" or isinstance(value, bool) or name in small:
-            continue
-        if value is not None and not (isinstance(value, int) and value > 256):
+        if field.get("kind") != "int" or isinstance(value, bool) or name in COMMON_SIZES:
             continue
         entry = {"field": name, "value": WIDTH_PROBE}
         try:
@@ -191,6 +188,13 @@ def width_probes(architecture, small, build_config, tiny_model, model_type, fiel
 
 # A width no tiny size has (hidden 64, MLP 128, heads 4, head_dim 16, vocab 256).
 WIDTH_PROBE = 96
+# Fields whose role every family shares (by their common or their usual own names): not
+# probed, the tool reads them as they are.
+COMMON_SIZES = {
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+    "head_dim", "max_position_embeddings", "n_embd", "n_layer", "n_head", "n_positions", "n_ctx",
+    "d_model", "num_layers", "num_heads", "attention_heads",
+}
 
 
 def scalar_probes(architecture, small, build_config, tiny_model, model_type):

@@ -50,6 +50,7 @@ pub mod olmo;
 pub mod olmo2;
 pub mod olmo3;
 pub mod olmoe;
+pub mod opt;
 pub mod phi;
 pub mod phi3;
 pub mod phimoe;
@@ -130,6 +131,7 @@ pub const REGISTRY: &[(&str, Loader)] = &[
     ("olmo2", family::load::<olmo2::Config>),
     ("olmo3", family::load::<olmo3::Config>),
     ("olmoe", family::load::<olmoe::Config>),
+    ("opt", family::load::<opt::Config>),
     ("phi", family::load::<phi::Config>),
     ("phi3", family::load::<phi3::Config>),
     ("phimoe", family::load::<phimoe::Config>),

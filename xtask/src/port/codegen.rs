@@ -254,7 +254,9 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
             model.push(format!("position_offset: {offset}"));
         }
     }
-    if plan.eps_field != "rms_norm_eps" {
+    if let Some(eps) = plan.eps_constant {
+        model.push(format!("norm_eps: {}", float(eps)));
+    } else if plan.eps_field != "rms_norm_eps" {
         let eps = match plan.fields.iter().find(|f| f.name == plan.eps_field) {
             // A nullable field: Transformers' default (the interpreter's too) when null.
             Some(f) if f.optional() => format!(

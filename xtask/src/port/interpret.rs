@@ -164,13 +164,14 @@ pub fn settings(plan: &Plan, choice: &Choice, config: &ConfigFile) -> Result<Dec
     let settings = DecoderSettings {
         norm,
         // A null epsilon is Transformers' default, as in the generated module.
-        norm_eps: r
-            .f64_opt(&plan.eps_field)
-            .or_else(|| {
-                let field = plan.fields.iter().find(|f| f.name == plan.eps_field);
-                field.and_then(|f| f.default.as_f64())
-            })
-            .unwrap_or(1e-6),
+        norm_eps: plan.eps_constant.unwrap_or_else(|| {
+            r.f64_opt(&plan.eps_field)
+                .or_else(|| {
+                    let field = plan.fields.iter().find(|f| f.name == plan.eps_field);
+                    field.and_then(|f| f.default.as_f64())
+                })
+                .unwrap_or(1e-6)
+        }),
         norm_placement: choice.norm_placement,
         lm_head_bias: plan.lm_head_bias,
         learned_positions: plan.learned_positions.is_some(),

@@ -1256,6 +1256,37 @@ mod generator_tests {
     }
 
     #[test]
+    fn opt_is_regenerated_exactly_from_its_nested_decoder_with_the_norms_own_epsilon() {
+        let (plan, _, source) = regenerate("opt");
+        // `model.decoder.layers` is nested under `model.`: renamed by structure all the same.
+        assert!(plan
+            .prefix_renames
+            .contains(&("model.decoder.layers".to_owned(), "model.layers".to_owned())));
+        // OPTConfig has no epsilon field: its LayerNorms' own 1e-5.
+        assert_eq!(plan.eps_constant, Some(1e-5));
+        // `ffn_dim` widens fc1 in the width probe: the MLP width's own name.
+        assert_eq!(
+            plan.aliases,
+            [("intermediate_size".to_owned(), "ffn_dim".to_owned())]
+        );
+        // `enable_bias` removes every projection's bias in its flag probe.
+        assert_eq!(plan.qkv_bias, plan::Flag::Field("enable_bias".to_owned()));
+        assert!(source.contains("position_offset: 2"));
+        // Seeded fault: the blocks' default epsilon (1e-6) fails at the first layer.
+        let mut wrong = plan.clone();
+        wrong.eps_constant = None;
+        wrong.choices.truncate(1);
+        let found = search(&wrong, &fixtures("opt")).expect("search runs");
+        let (_, failures) = &found.tried[0];
+        assert!(
+            failures
+                .iter()
+                .any(|f| f.starts_with("opt/default: first bad tensor `layers.0`")),
+            "{failures:?}"
+        );
+    }
+
+    #[test]
     fn an_unscaled_attention_is_read_from_the_measured_factor() {
         // GPT-Neo's q·k is not scaled: introspect.py fits a factor of 1 from the attention
         // weights; head_dim^-0.5 measured is the blocks' default, nothing to say.

@@ -205,6 +205,8 @@ pub struct Plan {
     /// `Some(bias)` for LayerNorm, `None` for RMSNorm.
     pub layer_norm: Option<Flag>,
     pub eps_field: String,
+    /// The norms' epsilon where no config field sets it (their modules' `eps`).
+    pub eps_constant: Option<f64>,
     pub act_field: String,
     pub attention_scale: Scalar,
     pub attention_softcap: Scalar,
@@ -296,7 +298,9 @@ pub fn structure_renames(facts: &Value) -> Vec<(String, String)> {
         let Some(name) = structure.get(part).and_then(Value::as_str) else {
             continue;
         };
-        if (!name.starts_with("model.") || part == "lm_head") && name != canonical {
+        // Under `model.` but deeper (OPT's `model.decoder.layers`): renamed as well.
+        let nested = name.starts_with("model.") && name.matches('.').count() > 1;
+        if (!name.starts_with("model.") || nested || part == "lm_head") && name != canonical {
             renames.push((name.to_owned(), canonical.to_owned()));
         }
     }
@@ -307,7 +311,7 @@ pub fn structure_renames(facts: &Value) -> Vec<(String, String)> {
         name.split_once('.').map(|(base, _)| base)
     });
     if let [Some(base), Some(same)] = base {
-        if base == same && base != "model" {
+        if base == same {
             let bare: Vec<(String, String)> = renames
                 .iter()
                 .filter(|(_, to)| to.starts_with("model."))
@@ -371,6 +375,20 @@ pub fn measured_attention_scale(facts: &Value, head_dim: i64) -> Option<(Scalar,
         "attention scores scaled by head_dim^-0.5 ({base} measured), not at all with `{field}` false"
     );
     Some((Scalar::OneUnless(field), decision))
+}
+
+/// The `eps` of the first norm module of decoder layer 0, where the modules record it.
+fn module_eps(facts: &Value) -> Option<f64> {
+    let layers = facts.pointer("/structure/layers")?.as_str()?;
+    let prefix = format!("{layers}.0.");
+    facts.get("modules")?.as_array()?.iter().find_map(|m| {
+        let name = m.get("name")?.as_str()?;
+        let class = m.get("class")?.as_str()?;
+        if !name.starts_with(&prefix) || !class.to_lowercase().contains("norm") {
+            return None;
+        }
+        m.pointer("/attrs/eps")?.as_f64()
+    })
 }
 
 /// The tiny model's `hidden_size` (under the class's own name where it has one).
@@ -851,7 +869,20 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
             .and_then(Value::as_bool)
             .unwrap_or(false)
     };
-    let flag_probes = facts.flag_probes();
+    // The probes name Transformers' parameters; the plan reads the blocks' names.
+    let flag_probes: Vec<FlagProbe> = facts
+        .flag_probes()
+        .into_iter()
+        .map(|mut p| {
+            for list in [&mut p.added, &mut p.removed] {
+                for name in list.iter_mut() {
+                    let renamed = mlx_models::weights::rename_prefix(name, &prefixes);
+                    *name = super::trace::rename(&renamed, &roles.renames);
+                }
+            }
+            p
+        })
+        .collect();
     // Which field switches `param` on, as Transformers computes it: the flag probes.
     let probed = |param: &str| -> Option<Flag> {
         let full = format!("model.layers.0.{param}");
@@ -1153,7 +1184,17 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         .or_else(|| eps_names.into_iter().find(|f| has_field(f)))
         .unwrap_or("rms_norm_eps")
         .to_owned();
-    add(&mut fields, &eps_field, FieldType::F64, "norm epsilon");
+    // No epsilon field: the norms' own, as the model builds them (OPT's LayerNorm 1e-5).
+    let eps_constant = (!has_field(&eps_field))
+        .then(|| module_eps(facts.value))
+        .flatten();
+    if let Some(eps) = eps_constant {
+        decisions.push(format!(
+            "norm epsilon {eps}: no config field, the norms' own"
+        ));
+    } else {
+        add(&mut fields, &eps_field, FieldType::F64, "norm epsilon");
+    }
     let act_field = ["hidden_activation", "hidden_act", "activation_function"]
         .into_iter()
         .find(|f| has_field(f))
@@ -1628,6 +1669,7 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         moe,
         layer_norm,
         eps_field,
+        eps_constant,
         act_field,
         attention_scale,
         attention_softcap,
