@@ -191,6 +191,48 @@ impl ConfigFile {
         found.next().is_none().then(|| first.clone())
     }
 
+    /// The config with a family's own names read as the common ones: each `(common, own)`
+    /// of `aliases` (Transformers' `attribute_map`: GPT-2's `n_embd` for `hidden_size`)
+    /// copies a non-null `own` value to `common` where config.json has no `common`. With
+    /// `intermediate_per_hidden`, a missing or null `intermediate_size` (GPT-2's
+    /// `n_inner: null`) is that many times `hidden_size`, as the family's model builds it.
+    ///
+    /// ```
+    /// use mlx_models::config::ConfigFile;
+    ///
+    /// let config = ConfigFile {
+    ///     path: "config.json".into(),
+    ///     value: serde_json::json!({"n_embd": 64, "n_inner": null}),
+    /// };
+    /// let read = config.with_aliases(&[("hidden_size", "n_embd"), ("intermediate_size", "n_inner")], Some(4));
+    /// assert_eq!(read.value["hidden_size"], 64);
+    /// assert_eq!(read.value["intermediate_size"], 256);
+    /// ```
+    pub fn with_aliases(
+        &self,
+        aliases: &[(&str, &str)],
+        intermediate_per_hidden: Option<i32>,
+    ) -> ConfigFile {
+        let mut read = self.clone();
+        if let Some(target) = read.value.as_object_mut() {
+            for (common, own) in aliases {
+                let value = target.get(*own).filter(|v| !v.is_null()).cloned();
+                if let (Some(value), false) = (value, target.contains_key(*common)) {
+                    target.insert((*common).to_owned(), value);
+                }
+            }
+            let width = target.get("intermediate_size").filter(|v| !v.is_null());
+            let hidden = target.get("hidden_size").and_then(Value::as_i64);
+            if let (None, Some(per), Some(hidden)) = (width, intermediate_per_hidden, hidden) {
+                target.insert(
+                    "intermediate_size".to_owned(),
+                    Value::from(i64::from(per) * hidden),
+                );
+            }
+        }
+        read
+    }
+
     /// Like [`ConfigFile::parse`], with `defaults` (a JSON object: Transformers' defaults of
     /// the family) standing in for the fields config.json leaves out. A field set to null
     /// stays null, and a default is left out where config.json has the same field under

@@ -24,6 +24,15 @@ pub trait DecoderFamily: DeserializeOwned {
     /// Transformers' defaults, as a JSON object, for the fields a config.json may leave out.
     const DEFAULTS: &'static str;
 
+    /// The family's own names of common fields, `(common, own)` (Transformers'
+    /// `attribute_map`, e.g. GPT-2's `("hidden_size", "n_embd")`): config.json is read
+    /// through [`ConfigFile::with_aliases`] before it is parsed.
+    const ALIASES: &'static [(&'static str, &'static str)] = &[];
+
+    /// The MLP width as a multiple of `hidden_size` where config.json gives none (GPT-2's
+    /// `n_inner: null` is 4 × `n_embd`).
+    const INTERMEDIATE_PER_HIDDEN: Option<i32> = None;
+
     /// The decoder this config describes.
     fn settings(&self, config: &ConfigFile) -> Result<DecoderSettings>;
 
@@ -41,6 +50,7 @@ pub fn load<F: DecoderFamily>(
     config: &ConfigFile,
     mut weights: Weights,
 ) -> Result<Box<dyn LanguageModel>> {
+    let config = &config.with_aliases(F::ALIASES, F::INTERMEDIATE_PER_HIDDEN);
     let family: F = config.parse_with_defaults(F::DEFAULTS)?;
     let settings = family.settings(config)?;
     family.sanitize(&mut weights, &settings)?;

@@ -31,14 +31,28 @@ use mlx_rs::Array;
 pub struct LearnedPositions {
     pub table: Embedding,
     max_positions: i32,
+    /// The row of position 0 (OPT and BioGPT keep two rows before it).
+    first_row: i32,
 }
 
 impl LearnedPositions {
     /// Loads `weight` of shape `[max_positions, hidden_size]`.
     pub fn load(w: &WeightPath, max_positions: i32, hidden_size: i32) -> Result<Self> {
+        Self::load_from_row(w, max_positions, 0, hidden_size)
+    }
+
+    /// Loads `weight` of shape `[first_row + max_positions, hidden_size]`, whose row
+    /// `first_row + p` is position `p` (OPT's and BioGPT's tables start at row 2).
+    pub fn load_from_row(
+        w: &WeightPath,
+        max_positions: i32,
+        first_row: i32,
+        hidden_size: i32,
+    ) -> Result<Self> {
         Ok(LearnedPositions {
-            table: Embedding::load(w, max_positions, hidden_size)?,
+            table: Embedding::load(w, first_row + max_positions, hidden_size)?,
             max_positions,
+            first_row,
         })
     }
 
@@ -57,6 +71,7 @@ impl LearnedPositions {
                 vocab_part: None,
             },
             max_positions,
+            first_row: 0,
         })
     }
 
@@ -75,7 +90,10 @@ impl LearnedPositions {
                 context: self.max_positions as usize,
             });
         }
-        let rows = self.table.forward(&Array::from_iter(offset..end, &[len]))?;
+        let first = self.first_row + offset;
+        let rows = self
+            .table
+            .forward(&Array::from_iter(first..first + len, &[len]))?;
         Ok(h.add(rows.as_dtype(h.dtype())?)?)
     }
 }

@@ -173,6 +173,9 @@ pub struct DecoderSettings {
     /// Learned absolute positions added to the embeddings (`model.embed_positions`, a row
     /// per position up to `max_position_embeddings`: GPT-2, GPT-BigCode).
     pub learned_positions: bool,
+    /// The row of position 0 in the learned position table (OPT and BioGPT keep two rows
+    /// before it: the table has `max_position_embeddings + 2`).
+    pub position_offset: i32,
     /// Multiplies each sub-block's output before the residual add (Granite).
     pub residual_scale: Option<f32>,
     /// Multiplies the logits (Granite's `1 / logits_scaling`).
@@ -224,6 +227,7 @@ impl DecoderSettings {
             embedding_norm: false,
             sub_norms: false,
             learned_positions: false,
+            position_offset: 0,
             residual_scale: None,
             logits_scale: None,
             final_logit_softcap: None,
@@ -781,9 +785,10 @@ impl Decoder {
                     s.max_position_embeddings
                 )))
             })?;
-            Some(LearnedPositions::load(
+            Some(LearnedPositions::load_from_row(
                 &w.pp("embed_positions"),
                 positions,
+                s.position_offset,
                 s.hidden_size,
             )?)
         } else {

@@ -37,6 +37,7 @@ pub const BOUNDS: &[(&str, f32, f32)] = &[
     ("apertus", 0.027, 0.5),           // measured 0.0215, 0.398
     ("arcee", 0.032, 0.47),            // measured 0.025, 0.371
     ("bitnet", 0.038, 0.63),           // measured 0.0303, 0.499
+    ("biogpt", 0.017, 0.29),           // measured 0.0132, 0.226
     ("cohere", 0.023, 0.38),           // measured 0.0184, 0.301
     ("cohere2", 0.028, 0.44),          // measured 0.0219, 0.349
     ("cwm", 0.035, 0.65),              // measured 0.0275, 0.518
@@ -87,6 +88,7 @@ pub const BOUNDS: &[(&str, f32, f32)] = &[
     ("olmo2", 0.033, 0.49),            // measured 0.026, 0.39
     ("olmo3", 0.031, 0.53),            // measured 0.0244, 0.419
     ("olmoe", 0.024, 0.4),             // measured 0.0188, 0.313
+    ("opt", 0.024, 0.39),              // measured 0.0186, 0.31
     ("phi", 0.019, 0.31),              // measured 0.0152, 0.246
     ("phi3", 0.044, 0.7),              // measured 0.0349, 0.554
     ("phimoe", 0.2, 0.59),             // measured 0.154, 0.467

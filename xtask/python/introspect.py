@@ -553,6 +553,35 @@ def saved_names(model) -> dict:
     return renamed
 
 
+def size_widths(architecture: str, model_type: str, small: dict, fields: dict, attribute_map: dict) -> dict:
+    """The tiny config with the family's own width fields sized too: an int field left at a
+    full-size default (OPT's `ffn_dim` 3072, `word_embed_proj_dim` 768) that sets a
+    parameter's width (probed: WIDTH_PROBE there widens one) gets the tiny hidden size where
+    its default is the class's default hidden size, else the tiny MLP width."""
+    hidden_field = attribute_map.get("hidden_size", "hidden_size")
+    hidden_default = fields.get(hidden_field, {}).get("default")
+    if hidden_field not in small:
+        return small
+    sized = dict(small)
+    base = None
+    for name, field in sorted(fields.items()):
+        default = field.get("default")
+        if name in small or field.get("kind") != "int" or isinstance(default, bool):
+            continue
+        if not isinstance(default, int) or default <= 256:
+            continue
+        if base is None:
+            base = {k: tuple(v.shape) for k, v in tiny_model(architecture, build_config(model_type, small)).state_dict().items()}
+        try:
+            probe = tiny_model(architecture, build_config(model_type, {**small, name: probes.WIDTH_PROBE})).state_dict()
+        except Exception:
+            continue
+        if not any(probes.WIDTH_PROBE in tuple(v.shape) and probes.WIDTH_PROBE not in base.get(k, ()) for k, v in probe.items()):
+            continue
+        sized[name] = small[hidden_field] if default == hidden_default else SMALL_SIZES["intermediate_size"]
+    return sized
+
+
 def learned_positions_size(architecture: str, model_type: str, small: dict, attribute_map: dict) -> dict:
     """The tiny config with LEARNED_POSITIONS positions when the model learns a row per
     position (GPT-2's wpe: 131072 rows would not fit a fixture, and GPT-BigCode keeps a
@@ -837,6 +866,7 @@ def introspect(model_type: str, config_override: dict | None, replace: bool, che
     small = small_config(model_type, fields, dict(config_class.attribute_map))
     if config_override is not None:
         small = dict(config_override) if replace else {**small, **config_override}
+    small = size_widths(architecture, model_type, small, fields, dict(config_class.attribute_map))
     small = learned_positions_size(architecture, model_type, small, dict(config_class.attribute_map))
     small = dict(sorted(small.items()))
     small = runnable_kv_heads(architecture, model_type, small)
@@ -883,7 +913,9 @@ def introspect(model_type: str, config_override: dict | None, replace: bool, che
         "no_rope_probes": probes.no_rope_probes(config_class, fields),
         "flag_probes": probes.flag_probes(architecture, small, build_config, tiny_model, model_type),
         "scalar_probes": probes.scalar_probes(architecture, small, build_config, tiny_model, model_type),
+        "width_probes": probes.width_probes(architecture, small, build_config, tiny_model, model_type, fields),
         "call_trace": probes.call_trace(model, resolved.vocab_size),
+        "attention_scale": probes.attention_scale(tiny_model(architecture, resolved), resolved.vocab_size),
         "checkpoint_conversions": probes.checkpoint_conversions(model_type),
         "norm_plus_one": probes.norm_scales_by_one_plus_weight(model),
         "variants": spec["variants"],

@@ -149,11 +149,52 @@ def flag_probes(architecture, small, build_config, tiny_model, model_type):
             with torch.no_grad():
                 logits = flipped(input_ids=ids).logits
             entry["logits_max_abs"] = float((logits - base_logits).abs().max())
+            # After the logits: the fit switches the model to eager attention.
+            entry["attention_scale"] = attention_scale(flipped, flipped_config.vocab_size)
         except Exception as error:
             entry["logits_max_abs"] = None
             entry["error"] = f"{type(error).__name__}: {error}"[:200]
         probes.append(entry)
     return probes
+
+
+def width_probes(architecture, small, build_config, tiny_model, model_type, fields):
+    """Which integer fields set a parameter's width: each int field but the common sizes
+    (GPT-2's `n_inner`, OPT's `ffn_dim`) set to WIDTH_PROBE, and the parameters that then
+    have that width (full names). The port tool reads the family's own name of the MLP width from this, and
+    what a null one stands for (the tiny model's width, as a multiple of hidden_size)."""
+    base_config = build_config(model_type, small)
+    resolved = base_config.to_dict()
+    base = {k: tuple(v.shape) for k, v in tiny_model(architecture, base_config).state_dict().items()}
+    probes = []
+    for name, field in sorted(fields.items()):
+        value = resolved.get(name)
+        if field.get("kind") != "int" or isinstance(value, bool) or name in COMMON_SIZES:
+            continue
+        entry = {"field": name, "value": WIDTH_PROBE}
+        try:
+            state = tiny_model(architecture, build_config(model_type, {**small, name: WIDTH_PROBE})).state_dict()
+        except Exception as error:  # the class refuses the value
+            entry["error"] = f"{type(error).__name__}: {error}"[:200]
+            probes.append(entry)
+            continue
+        entry["widened"] = sorted(
+            k for k, v in state.items()
+            if WIDTH_PROBE in tuple(v.shape) and WIDTH_PROBE not in base.get(k, ())
+        )
+        probes.append(entry)
+    return probes
+
+
+# A width no tiny size has (hidden 64, MLP 128, heads 4, head_dim 16, vocab 256).
+WIDTH_PROBE = 96
+# Fields whose role every family shares (by their common or their usual own names): not
+# probed, the tool reads them as they are.
+COMMON_SIZES = {
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+    "head_dim", "max_position_embeddings", "n_embd", "n_layer", "n_head", "n_positions", "n_ctx",
+    "d_model", "num_layers", "num_heads", "attention_heads",
+}
 
 
 def scalar_probes(architecture, small, build_config, tiny_model, model_type):
@@ -239,6 +280,70 @@ def call_trace(model, vocab_size):
         for h in handles:
             h.remove()
     return events
+
+
+def attention_scale(model, vocab_size):
+    """The factor on q·k in decoder layer 0's attention, as Transformers computes it: the
+    attention weights it returns (eager attention) fitted against the queries and keys
+    its projections output, row by row, `log p_ij = s * q_i·k_j + c_i`. q and k are the
+    outputs of the layer's first two linear projections (or the first two thirds of a
+    fused one). `{"scale": s, "residual": max misfit}`, or None where the model returns
+    no weights or no q/k split fits (RoPE or ALiBi between them, per-head packing): then
+    the tool reads the scale from the config or the fixtures instead."""
+    import torch
+
+    from fixture_common import decoder_stack
+
+    try:
+        model.set_attn_implementation("eager")
+    except Exception:
+        pass
+    layer = decoder_stack(model)["layers"][0]
+    outputs = []
+    handles = [
+        m.register_forward_hook(lambda m, a, o: outputs.append(o.detach().double()))
+        for m in layer.modules()
+        if type(m).__name__ in ("Linear", "Conv1D")
+    ]
+    ids = torch.arange(1, 13).unsqueeze(0) % vocab_size
+    try:
+        with torch.no_grad():
+            out = model(input_ids=ids, output_attentions=True)
+    except Exception:
+        return None
+    finally:
+        for h in handles:
+            h.remove()
+    attentions = getattr(out, "attentions", None)
+    if not attentions or attentions[0] is None or len(outputs) < 2:
+        return None
+    probs = attentions[0][0].double()  # [heads, T, T]
+    heads, t = probs.shape[0], probs.shape[-1]
+    first = outputs[0][0]
+    splits = [(outputs[0][0], outputs[1][0])]
+    if first.shape[-1] % 3 == 0:
+        third = first.shape[-1] // 3
+        splits.append((first[:, :third], first[:, third:2 * third]))
+    best = None
+    for q, k in splits:
+        if q.shape[-1] % heads or k.shape[-1] != q.shape[-1]:
+            continue
+        dim = q.shape[-1] // heads
+        q = q.reshape(t, heads, dim).transpose(0, 1)
+        k = k.reshape(t, heads, dim).transpose(0, 1)
+        dots = q @ k.transpose(-1, -2)  # [heads, T, T]
+        xs, ys = [], []
+        for i in range(2, t):
+            d = dots[:, i, : i + 1]
+            lp = probs[:, i, : i + 1].clamp_min(1e-300).log()
+            xs.append(d - d.mean(-1, keepdim=True))
+            ys.append(lp - lp.mean(-1, keepdim=True))
+        x, y = torch.cat(xs, -1).flatten(), torch.cat(ys, -1).flatten()
+        scale = float((x * y).sum() / (x * x).sum())
+        residual = float((y - scale * x).abs().max())
+        if best is None or residual < best["residual"]:
+            best = {"scale": round(scale, 6), "residual": residual}
+    return best if best is not None and best["residual"] < 1e-4 else None
 
 
 def norm_scales_by_one_plus_weight(model):

@@ -3,6 +3,7 @@
 
 pub mod apertus;
 pub mod arcee;
+pub mod biogpt;
 pub mod bitnet;
 pub mod cohere;
 pub mod cohere2;
@@ -53,6 +54,7 @@ pub mod olmo;
 pub mod olmo2;
 pub mod olmo3;
 pub mod olmoe;
+pub mod opt;
 pub mod phi;
 pub mod phi3;
 pub mod phimoe;
@@ -85,6 +87,7 @@ pub type Loader = fn(&ConfigFile, Weights) -> Result<Box<dyn LanguageModel>>;
 pub const REGISTRY: &[(&str, Loader)] = &[
     ("apertus", family::load::<apertus::Config>),
     ("arcee", family::load::<arcee::Config>),
+    ("biogpt", family::load::<biogpt::Config>),
     ("bitnet", family::load::<bitnet::Config>),
     ("cohere", family::load::<cohere::Config>),
     ("cohere2", family::load::<cohere2::Config>),
@@ -139,6 +142,7 @@ pub const REGISTRY: &[(&str, Loader)] = &[
     ("olmo2", family::load::<olmo2::Config>),
     ("olmo3", family::load::<olmo3::Config>),
     ("olmoe", family::load::<olmoe::Config>),
+    ("opt", family::load::<opt::Config>),
     ("phi", family::load::<phi::Config>),
     ("phi3", family::load::<phi3::Config>),
     ("phimoe", family::load::<phimoe::Config>),

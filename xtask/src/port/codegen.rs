@@ -84,6 +84,8 @@ fn scalar(plan: &Plan, s: &Scalar) -> String {
             wrap(n, "(v / (d.num_hidden_layers as f64).sqrt()) as f32")
         }
         Scalar::FieldOverHidden(n) => wrap(n, "(v / f64::from(d.hidden_size)) as f32"),
+        Scalar::One => "Some(1.0)".to_owned(),
+        Scalar::OneUnless(n) => format!("(!self.{n}).then_some(1.0)"),
     }
 }
 
@@ -189,7 +191,8 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
         family.push("MlaConfig");
     }
     let mut transformer = vec!["DecoderSettings", "MlpLayout"];
-    let renames = !plan.renames.is_empty() || !plan.prefix_renames.is_empty();
+    let renames =
+        !plan.renames.is_empty() || !plan.prefix_renames.is_empty() || !plan.conv1d.is_empty();
     let sanitizes = renames || plan.mla.is_some();
     if sanitizes && plan.moe.is_none() {
         transformer.push("drop_computed_weights");
@@ -225,6 +228,9 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
     }
     match &plan.attention_scale {
         Scalar::None => {}
+        Scalar::OneUnless(f) => attn.push(format!(
+            "scale: if self.{f} {{ (d.head_dim() as f32).powf(-0.5) }} else {{ 1.0 }}"
+        )),
         sc => {
             let value = scalar(plan, sc);
             attn.push(match value.strip_prefix("Some(") {
@@ -258,7 +264,15 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
     if plan.lm_head_bias {
         model.push("lm_head_bias: true".to_owned());
     }
-    if plan.eps_field != "rms_norm_eps" {
+    if let Some(offset) = plan.learned_positions {
+        model.push("learned_positions: true".to_owned());
+        if offset != 0 {
+            model.push(format!("position_offset: {offset}"));
+        }
+    }
+    if let Some(eps) = plan.eps_constant {
+        model.push(format!("norm_eps: {}", float(eps)));
+    } else if plan.eps_field != "rms_norm_eps" {
         let eps = match plan.fields.iter().find(|f| f.name == plan.eps_field) {
             // A nullable field: Transformers' default (the interpreter's too) when null.
             Some(f) if f.optional() => format!(
@@ -319,6 +333,9 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
     let _ = writeln!(w, "use crate::config::ConfigFile;");
     let _ = writeln!(w, "use crate::error::Result;");
     let _ = writeln!(w, "use crate::family::{{{}}};", family.join(", "));
+    if !plan.conv1d.is_empty() {
+        let _ = writeln!(w, "use crate::fused_qkv::conv1d_to_linear;");
+    }
     let _ = writeln!(w, "use crate::transformer::{{{}}};", transformer.join(", "));
     if let Some(moe) = &plan.moe {
         let _ = writeln!(
@@ -389,6 +406,23 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
         "const DEFAULTS: &'static str = r#\"{}\"#;\n",
         defaults_json(plan)
     );
+    if !plan.aliases.is_empty() {
+        let _ = writeln!(
+            w,
+            "const ALIASES: &'static [(&'static str, &'static str)] = &[{}];\n",
+            plan.aliases
+                .iter()
+                .map(|(common, own)| format!("({common:?}, {own:?})"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    if let Some(k) = plan.intermediate_per_hidden {
+        let _ = writeln!(
+            w,
+            "const INTERMEDIATE_PER_HIDDEN: Option<i32> = Some({k});\n"
+        );
+    }
     let _ = writeln!(
         w,
         "fn settings(&self, config: &ConfigFile) -> Result<DecoderSettings> {{"
@@ -595,6 +629,15 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
                 "drop_computed_weights(weights, settings.tie_word_embeddings);"
             );
         }
+        if !plan.conv1d.is_empty() {
+            let _ = writeln!(w, "for i in 0..settings.layers.len() {{");
+            let _ = writeln!(w, "for module in CONV1D {{");
+            let _ = writeln!(
+                w,
+                "conv1d_to_linear(weights, &format!(\"model.layers.{{i}}.{{module}}\"))?;"
+            );
+            let _ = writeln!(w, "}}\n}}");
+        }
         let _ = writeln!(w, "Ok(())\n}}");
     }
     let _ = writeln!(w, "}}");
@@ -631,6 +674,20 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
         );
         for (from, to) in &plan.renames {
             let _ = writeln!(w, "({from:?}, {to:?}),");
+        }
+        let _ = writeln!(w, "];");
+    }
+    if !plan.conv1d.is_empty() {
+        let _ = writeln!(w);
+        doc(
+            w,
+            "/// ",
+            "The layer modules Transformers keeps as `Conv1D` (weights `[in, out]`), by the \
+             names the blocks load: `sanitize` transposes them to linear layers'.",
+        );
+        let _ = writeln!(w, "const CONV1D: [&str; {}] = [", plan.conv1d.len());
+        for name in &plan.conv1d {
+            let _ = writeln!(w, "{name:?},");
         }
         let _ = writeln!(w, "];");
     }
@@ -858,7 +915,16 @@ pub fn structure_summary(plan: &Plan, choice: &Choice) -> Vec<String> {
                 lines.push(format!("{what} `{f} / √num_hidden_layers`."))
             }
             Scalar::FieldOverHidden(f) => lines.push(format!("{what} `{f} / hidden_size`.")),
+            Scalar::One => {}
+            Scalar::OneUnless(f) => lines.push(format!("{what} 1 unless `{f}`.")),
         }
+    }
+    match &plan.attention_scale {
+        Scalar::One => lines.push("Attention scores not scaled (no `head_dim^-0.5`).".to_owned()),
+        Scalar::OneUnless(f) => lines.push(format!(
+            "Attention scores scaled by `head_dim^-0.5`, not at all with `{f}` false."
+        )),
+        _ => {}
     }
     lines
 }

@@ -73,6 +73,8 @@ impl Reader<'_> {
                 let hidden = f64::from(self.i32("hidden_size")?);
                 self.f64_opt(f).map(|v| (v / hidden) as f32)
             }
+            Scalar::One => Some(1.0),
+            Scalar::OneUnless(f) => (!self.bool(f)).then_some(1.0),
         })
     }
 }
@@ -80,6 +82,12 @@ impl Reader<'_> {
 /// The settings `plan` with `choice` gives for `config`: the shared fields are read by
 /// the same `DecoderConfig` a generated module flattens, with the same defaults.
 pub fn settings(plan: &Plan, choice: &Choice, config: &ConfigFile) -> Result<DecoderSettings> {
+    let aliases: Vec<(&str, &str)> = plan
+        .aliases
+        .iter()
+        .map(|(a, b)| (a.as_str(), b.as_str()))
+        .collect();
+    let config = &config.with_aliases(&aliases, plan.intermediate_per_hidden);
     let r = Reader { plan, config };
     let d: DecoderConfig = config.parse_with_defaults(&defaults_json(plan))?;
     for (field, supported) in &plan.refused {
@@ -174,15 +182,18 @@ pub fn settings(plan: &Plan, choice: &Choice, config: &ConfigFile) -> Result<Dec
     let settings = DecoderSettings {
         norm,
         // A null epsilon is Transformers' default, as in the generated module.
-        norm_eps: r
-            .f64_opt(&plan.eps_field)
-            .or_else(|| {
-                let field = plan.fields.iter().find(|f| f.name == plan.eps_field);
-                field.and_then(|f| f.default.as_f64())
-            })
-            .unwrap_or(1e-6),
+        norm_eps: plan.eps_constant.unwrap_or_else(|| {
+            r.f64_opt(&plan.eps_field)
+                .or_else(|| {
+                    let field = plan.fields.iter().find(|f| f.name == plan.eps_field);
+                    field.and_then(|f| f.default.as_f64())
+                })
+                .unwrap_or(1e-6)
+        }),
         norm_placement: choice.norm_placement,
         lm_head_bias: plan.lm_head_bias,
+        learned_positions: plan.learned_positions.is_some(),
+        position_offset: plan.learned_positions.unwrap_or(0),
         embedding_scale: r.scalar(&choice.embedding_scale)?,
         residual_scale: r.scalar(&plan.residual_scale)?,
         logits_scale: r.scalar(&plan.logits_scale)?,

@@ -30,6 +30,10 @@ pub enum Scalar {
     FieldOverSqrtLayers(String),
     /// `field / hidden_size` (MiniCPM's width-scaled logits, `dim_model_base`).
     FieldOverHidden(String),
+    /// 1: attention scores not scaled at all (GPT-Neo).
+    One,
+    /// 1 where the boolean field is false, else the default (GPT-2's `scale_attn_weights`).
+    OneUnless(String),
 }
 
 /// How many RoPE variants the layers use.
@@ -227,6 +231,8 @@ pub struct Plan {
     /// `Some(bias)` for LayerNorm, `None` for RMSNorm.
     pub layer_norm: Option<Flag>,
     pub eps_field: String,
+    /// The norms' epsilon where no config field sets it (their modules' `eps`).
+    pub eps_constant: Option<f64>,
     pub act_field: String,
     pub attention_scale: Scalar,
     pub attention_softcap: Scalar,
@@ -264,6 +270,17 @@ pub struct Plan {
     /// Module paths from the root that a model whose base is not `model` keeps the decoder
     /// under (GPT-2's `transformer.h` → `model.layers`): `sanitize` renames them first.
     pub prefix_renames: Vec<(String, String)>,
+    /// The config class's own names of common fields, `(common, own)` (its
+    /// `attribute_map`, or the field whose width probe widens the MLP): the module reads
+    /// config.json through them.
+    pub aliases: Vec<(String, String)>,
+    /// A null or missing MLP width is this many times `hidden_size` (GPT-2's `n_inner`).
+    pub intermediate_per_hidden: Option<i32>,
+    /// Learned absolute positions, and the row of position 0 in their table.
+    pub learned_positions: Option<i32>,
+    /// Modules of a layer (by the names the blocks load) that Transformers keeps as
+    /// `Conv1D`, weights `[in, out]`: `sanitize` transposes them.
+    pub conv1d: Vec<String>,
 }
 
 /// The root renames that bring a model whose base model is not `model.` to the names the
@@ -302,38 +319,48 @@ pub fn structure_renames(facts: &Value) -> Vec<(String, String)> {
         ("positions", "model.embed_positions"),
         ("layers", "model.layers"),
         ("norm", "model.norm"),
+        ("lm_head", "lm_head"),
     ] {
         let Some(name) = structure.get(part).and_then(Value::as_str) else {
             continue;
         };
-        if !name.starts_with("model.") && name != canonical {
+        // Under `model.` but deeper (OPT's `model.decoder.layers`): renamed as well.
+        let nested = name.starts_with("model.") && name.matches('.').count() > 1;
+        if (!name.starts_with("model.") || nested || part == "lm_head") && name != canonical {
             renames.push((name.to_owned(), canonical.to_owned()));
+        }
+    }
+    // Checkpoints of the base model alone have no base-model prefix (the Hub's GPT-2:
+    // `h.0.attn`, `wte`); Transformers adds it on load, and so does `sanitize`.
+    let base = ["embeddings", "layers"].map(|part| {
+        let name = structure.get(part).and_then(Value::as_str)?;
+        name.split_once('.').map(|(base, _)| base)
+    });
+    if let [Some(base), Some(same)] = base {
+        if base == same {
+            let bare: Vec<(String, String)> = renames
+                .iter()
+                .filter(|(_, to)| to.starts_with("model."))
+                .filter_map(|(from, to)| {
+                    let local = from.strip_prefix(&format!("{base}."))?;
+                    Some((local.to_owned(), to.clone()))
+                })
+                .collect();
+            renames.extend(bare);
         }
     }
     renames
 }
 
-/// What the structure holds that no generated module reads: learned absolute positions
-/// (GPT-2's `wpe`) and `Conv1D` projections (weights `[in, out]`), each with the public
-/// piece a hand-written module uses for it.
+/// What the structure holds that no generated module reads: `Conv1D` projections
+/// (weights `[in, out]`) outside the decoder layers, with the public piece a hand-written
+/// module uses for them.
 pub fn structure_gaps(facts: &Value) -> Vec<String> {
     let mut gaps = Vec::new();
-    if let Some(name) = facts
-        .pointer("/structure/positions")
-        .and_then(Value::as_str)
-    {
-        gaps.push(format!(
-            "learned absolute positions `{name}`: the generator does not emit them \
-             (by hand: `DecoderSettings::learned_positions`, `positions::LearnedPositions`; see `models/gpt2.rs`)"
-        ));
-    }
-    let conv: Vec<&str> = facts
-        .get("modules")
-        .and_then(Value::as_array)
+    let layers = facts.pointer("/structure/layers").and_then(Value::as_str);
+    let conv: Vec<&str> = conv1d_modules(facts)
         .into_iter()
-        .flatten()
-        .filter(|m| m.get("class").and_then(Value::as_str) == Some("Conv1D"))
-        .filter_map(|m| m.get("name").and_then(Value::as_str))
+        .filter(|name| layers.is_none_or(|l| !name.starts_with(&format!("{l}."))))
         .collect();
     if let Some(first) = conv.first() {
         gaps.push(format!(
@@ -343,6 +370,144 @@ pub fn structure_gaps(facts: &Value) -> Vec<String> {
         ));
     }
     gaps
+}
+
+/// The attention scale as Transformers computes it (introspect.py fits it from the
+/// attention weights of layer 0, on the tiny model and on each flag-flipped one): none
+/// at all (GPT-Neo), or none where a boolean field is false (GPT-2's
+/// `scale_attn_weights`). `None` where the scale is the blocks' `head_dim^-0.5` whatever
+/// the flags, or was not measured.
+pub fn measured_attention_scale(facts: &Value, head_dim: i64) -> Option<(Scalar, String)> {
+    let scale = |v: Option<&Value>| v?.get("scale")?.as_f64();
+    let base = scale(facts.get("attention_scale"))?;
+    let default = (head_dim as f64).powf(-0.5);
+    let near = |a: f64, b: f64| (a - b).abs() < 1e-4 * b.abs().max(1.0);
+    if near(base, 1.0) && !near(default, 1.0) {
+        return Some((
+            Scalar::One,
+            format!("attention scores not scaled (measured factor {base} on q·k)"),
+        ));
+    }
+    if !near(base, default) {
+        return None;
+    }
+    let probes = facts.get("flag_probes")?.as_array()?;
+    let flag = probes.iter().find(|p| {
+        p.get("value").and_then(Value::as_bool) == Some(false)
+            && scale(p.get("attention_scale")).is_some_and(|s| near(s, 1.0))
+    })?;
+    let field = flag.get("field")?.as_str()?.to_owned();
+    let decision = format!(
+        "attention scores scaled by head_dim^-0.5 ({base} measured), not at all with `{field}` false"
+    );
+    Some((Scalar::OneUnless(field), decision))
+}
+
+/// The `eps` of the first norm module of decoder layer 0, where the modules record it.
+fn module_eps(facts: &Value) -> Option<f64> {
+    let layers = facts.pointer("/structure/layers")?.as_str()?;
+    let prefix = format!("{layers}.0.");
+    facts.get("modules")?.as_array()?.iter().find_map(|m| {
+        let name = m.get("name")?.as_str()?;
+        let class = m.get("class")?.as_str()?;
+        if !name.starts_with(&prefix) || !class.to_lowercase().contains("norm") {
+            return None;
+        }
+        m.pointer("/attrs/eps")?.as_f64()
+    })
+}
+
+/// The tiny model's `hidden_size` (under the class's own name where it has one).
+fn hidden_of(facts: &Facts) -> i64 {
+    facts
+        .resolved("hidden_size")
+        .and_then(Value::as_i64)
+        .unwrap_or(0)
+}
+
+/// Every module Transformers keeps as a `Conv1D` (GPT-2's projections), full names.
+fn conv1d_modules(facts: &Value) -> Vec<&str> {
+    facts
+        .get("modules")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter(|m| m.get("class").and_then(Value::as_str) == Some("Conv1D"))
+        .filter_map(|m| m.get("name").and_then(Value::as_str))
+        .collect()
+}
+
+/// The `Conv1D` modules of a decoder layer, by the names the blocks load (after the root
+/// and the layer renames): `sanitize` transposes their weights to a linear layer's.
+pub fn layer_conv1d(facts: &Value, renames: &[(String, String)]) -> Vec<String> {
+    let Some(layers) = facts.pointer("/structure/layers").and_then(Value::as_str) else {
+        return Vec::new();
+    };
+    let prefix = format!("{layers}.0.");
+    conv1d_modules(facts)
+        .into_iter()
+        .filter_map(|name| name.strip_prefix(&prefix))
+        .map(|local| {
+            let name = super::trace::rename(&format!("model.layers.0.{local}.weight"), renames);
+            let name = name.trim_start_matches("model.layers.0.");
+            name.trim_end_matches(".weight").to_owned()
+        })
+        .collect()
+}
+
+/// Learned absolute positions (the structure's `positions`): the row of position 0 in the
+/// table, its rows beyond `max_position_embeddings` (OPT and BioGPT keep two before it).
+pub fn learned_positions(facts: &Value, params: &BTreeMap<String, Vec<i64>>) -> Option<i32> {
+    facts.pointer("/structure/positions")?.as_str()?;
+    let rows = params
+        .get("model.embed_positions.weight")?
+        .first()
+        .copied()?;
+    let config = facts.get("resolved_config")?;
+    let field = facts
+        .pointer("/attribute_map/max_position_embeddings")
+        .and_then(Value::as_str)
+        .unwrap_or("max_position_embeddings");
+    let max = config.get(field).and_then(Value::as_i64)?;
+    i32::try_from(rows - max).ok().filter(|o| *o >= 0)
+}
+
+/// The config field that sets the MLP's width where the class has no `intermediate_size`
+/// (the width probes: the field whose value widens a parameter of the layer outside its
+/// attention), and, where the tiny config leaves it null, the width it then stands for
+/// as a multiple of `hidden_size`.
+pub fn mlp_width_field(
+    facts: &Value,
+    attention: &str,
+    hidden: i64,
+    params: &BTreeMap<String, Vec<i64>>,
+) -> Option<(String, Option<i32>)> {
+    let layers = facts.pointer("/structure/layers")?.as_str()?;
+    let prefix = format!("{layers}.0.");
+    let probe = facts.get("width_probes")?.as_array()?.iter().find(|p| {
+        p.get("widened")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .filter_map(|n| n.strip_prefix(&prefix))
+            .any(|local| !local.starts_with(&format!("{attention}.")))
+    })?;
+    let field = probe.get("field")?.as_str()?.to_owned();
+    let null = facts
+        .pointer(&format!("/resolved_config/{field}"))
+        .is_none_or(Value::is_null);
+    if !null {
+        return Some((field, None));
+    }
+    // The tiny model's MLP width: the width of a layer-0 MLP weight other than hidden's.
+    let width = params
+        .iter()
+        .filter(|(n, _)| n.starts_with("model.layers.0.") && !n.contains("attn"))
+        .filter(|(n, _)| n.ends_with(".weight"))
+        .flat_map(|(_, shape)| shape.iter().copied())
+        .find(|d| *d != hidden && hidden > 0 && d % hidden == 0)?;
+    Some((field, i32::try_from(width / hidden).ok()))
 }
 
 /// Fields that never change the forward pass of one sequence.
@@ -410,10 +575,15 @@ impl<'a> Facts<'a> {
     }
 
     fn resolved(&self, key: &str) -> Option<&Value> {
-        self.value
-            .get("resolved_config")
-            .and_then(|c| c.get(key))
-            .filter(|v| !v.is_null())
+        let config = self.value.get("resolved_config")?;
+        config.get(key).filter(|v| !v.is_null()).or_else(|| {
+            // The config class's own name of a common field (GPT-2's `n_embd`).
+            let own = self
+                .value
+                .pointer(&format!("/attribute_map/{key}"))?
+                .as_str()?;
+            config.get(own).filter(|v| !v.is_null())
+        })
     }
 
     /// Parameter name → shape.
@@ -601,6 +771,8 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         ));
     }
     let mut gaps = Vec::new();
+    let mut aliases: Vec<(String, String)> = Vec::new();
+    let mut intermediate_per_hidden = None;
     let mut fields: Vec<Field> = Vec::new();
     let add = |fields: &mut Vec<Field>, name: &str, ty: FieldType, role: &'static str| {
         if !fields.iter().any(|f| f.name == name) {
@@ -622,6 +794,12 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         }
     }
     gaps.extend(structure_gaps(facts.value));
+    let learned_positions = learned_positions(facts.value, &params);
+    if let Some(offset) = learned_positions {
+        decisions.push(format!(
+            "learned absolute positions `model.embed_positions`, position 0 at row {offset}"
+        ));
+    }
     let layer0: BTreeMap<&str, &Vec<i64>> = params
         .iter()
         .filter_map(|(n, s)| n.strip_prefix("model.layers.0.").map(|n| (n, s)))
@@ -651,20 +829,47 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
             "logits from the embedding matrix",
         ),
     ] {
+        // The class's own name of the field: its attribute_map (GPT-2's `n_embd`), or for
+        // the MLP width the field whose width probe widens the MLP (OPT's `ffn_dim`).
+        let own = facts
+            .value
+            .pointer(&format!("/attribute_map/{name}"))
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+            .or_else(|| {
+                let width = name == "intermediate_size" && !has_field(name);
+                let attention = roles
+                    .renames
+                    .iter()
+                    .find(|(_, to)| to == "self_attn")
+                    .map_or("self_attn", |(from, _)| from.as_str());
+                let (field, per_hidden) =
+                    mlp_width_field(facts.value, attention, hidden_of(&facts), &params)
+                        .filter(|_| width)?;
+                intermediate_per_hidden = per_hidden;
+                Some(field)
+            });
         if has_field(name) || name == "tie_word_embeddings" {
             add(&mut fields, name, ty, role);
         } else if name == "head_dim" && has("self_attn.kv_a_proj_with_mqa.weight") {
             // Latent attention reads its widths from `MlaConfig` (GLM-4.7-Flash maps
             // `head_dim` onto `qk_rope_head_dim`, which the latent block reads as such).
-        } else if let Some(own) = facts
-            .value
-            .pointer(&format!("/attribute_map/{name}"))
-            .and_then(Value::as_str)
-        {
-            gaps.push(format!(
-                "config class names `{name}` `{own}` (its attribute_map): the generated Config \
-                 reads the common names only"
+        } else if let Some(own) = own.filter(|own| has_field(own)) {
+            fields.push(Field {
+                name: name.to_owned(),
+                ty,
+                default: defaults.get(&own).cloned().unwrap_or(Value::Null),
+                nullable: facts.nullable(&own),
+                role,
+            });
+            decisions.push(format!(
+                "`{name}` is the config class's `{own}`{}: read under both names",
+                match intermediate_per_hidden.filter(|_| name == "intermediate_size") {
+                    Some(k) => format!(" ({k} × hidden_size when null)"),
+                    None => String::new(),
+                }
             ));
+            aliases.push((name.to_owned(), own));
         } else if !matches!(name, "head_dim" | "num_key_value_heads") {
             gaps.push(format!("config class has no `{name}`"));
         }
@@ -718,22 +923,17 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
             .and_then(Value::as_bool)
             .unwrap_or(false)
     };
-    // The probes name Transformers' parameters: named here as the blocks load them.
+    // The probes name Transformers' parameters; the plan reads the blocks' names.
     let flag_probes: Vec<FlagProbe> = facts
         .flag_probes()
         .into_iter()
         .map(|mut p| {
-            let canon = |names: &[String]| -> Vec<String> {
-                names
-                    .iter()
-                    .map(|n| {
-                        let n = mlx_models::weights::rename_prefix(n, &prefixes);
-                        super::trace::rename(&n, &roles.renames)
-                    })
-                    .collect()
-            };
-            p.added = canon(&p.added);
-            p.removed = canon(&p.removed);
+            for list in [&mut p.added, &mut p.removed] {
+                for name in list.iter_mut() {
+                    let renamed = mlx_models::weights::rename_prefix(name, &prefixes);
+                    *name = super::trace::rename(&renamed, &roles.renames);
+                }
+            }
             p
         })
         .collect();
@@ -772,6 +972,12 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
     let (qkv_bias, o_bias) = if qkv_fused {
         (
             bias_flag("self_attn.qkv_proj.bias"),
+            bias_flag("self_attn.o_proj.bias"),
+        )
+    } else if mla.is_some() {
+        // Latent attention's input projections carry what the blocks call q/k/v biases.
+        (
+            bias_flag("self_attn.kv_a_proj_with_mqa.bias"),
             bias_flag("self_attn.o_proj.bias"),
         )
     } else {
@@ -1027,7 +1233,13 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
     // The epsilon field the tiny model's config has a value for (Nemotron declares a
     // `layer_norm_eps` it leaves null and reads `norm_eps`); the scalar probes say which
     // one moves the logits where both have values.
-    let eps_names = ["rms_norm_eps", "layer_norm_eps", "norm_epsilon", "norm_eps"];
+    let eps_names = [
+        "rms_norm_eps",
+        "layer_norm_eps",
+        "norm_epsilon",
+        "norm_eps",
+        "layer_norm_epsilon",
+    ];
     // A field moves the logits if doubling it scaled them or moved them at all.
     let probes: BTreeMap<String, bool> = facts
         .scalar_probes()
@@ -1044,7 +1256,17 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         .or_else(|| eps_names.into_iter().find(|f| has_field(f)))
         .unwrap_or("rms_norm_eps")
         .to_owned();
-    add(&mut fields, &eps_field, FieldType::F64, "norm epsilon");
+    // No epsilon field: the norms' own, as the model builds them (OPT's LayerNorm 1e-5).
+    let eps_constant = (!has_field(&eps_field))
+        .then(|| module_eps(facts.value))
+        .flatten();
+    if let Some(eps) = eps_constant {
+        decisions.push(format!(
+            "norm epsilon {eps}: no config field, the norms' own"
+        ));
+    } else {
+        add(&mut fields, &eps_field, FieldType::F64, "norm epsilon");
+    }
     let act_field = ["hidden_activation", "hidden_act", "activation_function"]
         .into_iter()
         .find(|f| has_field(f))
@@ -1085,6 +1307,20 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
             Scalar::Field,
             "attention scores scale",
         );
+    }
+    if attention_scale == Scalar::None {
+        if let Some((scale, decision)) = measured_attention_scale(facts.value, head_dim) {
+            if let Scalar::OneUnless(field) = &scale {
+                add(
+                    &mut fields,
+                    field,
+                    FieldType::Bool,
+                    "attention scores scaled by head_dim^-0.5 (else not at all)",
+                );
+            }
+            decisions.push(decision);
+            attention_scale = scale;
+        }
     }
     let attention_softcap = scalar(
         &mut fields,
@@ -1423,6 +1659,9 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         } else {
             match name.as_str() {
                 "model.embed_tokens.weight" => Some("Embedding".to_owned()),
+                "model.embed_positions.weight" if learned_positions.is_some() => {
+                    Some("LearnedPositions".to_owned())
+                }
                 "model.norm.weight" | "model.norm.bias" => Some("final norm".to_owned()),
                 "lm_head.weight" => Some("output layer (absent when tied)".to_owned()),
                 "lm_head.bias" => Some("output layer bias".to_owned()),
@@ -1491,7 +1730,10 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         "original_max_position_embeddings",
     ];
     for (name, default) in &defaults {
-        if fields.iter().any(|f| &f.name == name) || rope_fields.contains(&name.as_str()) {
+        if fields.iter().any(|f| &f.name == name)
+            || rope_fields.contains(&name.as_str())
+            || aliases.iter().any(|(_, own)| own == name)
+        {
             continue;
         }
         let reason = if INERT.contains(&name.as_str()) || name.ends_with("dropout") {
@@ -1535,6 +1777,7 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         mla,
         layer_norm,
         eps_field,
+        eps_constant,
         act_field,
         attention_scale,
         attention_softcap,
@@ -1553,6 +1796,10 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         ignored,
         refused,
         renames: roles.renames.clone(),
+        conv1d: layer_conv1d(facts.value, &roles.renames),
+        learned_positions,
+        aliases,
+        intermediate_per_hidden,
         prefix_renames,
         lm_head_bias: params.contains_key("lm_head.bias"),
         layer_calls: super::trace::events(facts.value)

@@ -95,7 +95,11 @@ pub fn render(
     let _ = writeln!(w, "| field | default | use |");
     let _ = writeln!(w, "|---|---|---|");
     for f in &plan.fields {
-        let _ = writeln!(w, "| `{}` | `{}` | {} |", f.name, f.default, f.role);
+        let own = match plan.aliases.iter().find(|(common, _)| *common == f.name) {
+            Some((_, own)) => format!(" (or `{own}`)"),
+            None => String::new(),
+        };
+        let _ = writeln!(w, "| `{}`{own} | `{}` | {} |", f.name, f.default, f.role);
     }
     if plan.rope.is_some() {
         let _ = writeln!(

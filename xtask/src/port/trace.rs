@@ -235,6 +235,18 @@ fn linear_roles(events: &[Event], renames: &mut Vec<(String, String)>) {
             renames.push((format!("mlp.{second}"), "mlp.down_proj".to_owned()));
         }
     }
+    // Two linear layers called by the layer itself, outside attention and with no MLP
+    // module (BioGPT's and OPT's `fc1`, `fc2`): the MLP's up and down.
+    let direct: Vec<&str> = events
+        .iter()
+        .filter(|e| e.enter && PROJECTIONS.contains(&e.class.as_str()))
+        .map(|e| e.module.as_str())
+        .filter(|m| !m.is_empty() && !m.contains('.'))
+        .collect();
+    if let ([first, second], true) = (direct.as_slice(), mlp.is_empty()) {
+        renames.push(((*first).to_owned(), "mlp.up_proj".to_owned()));
+        renames.push(((*second).to_owned(), "mlp.down_proj".to_owned()));
+    }
 }
 
 /// Whether the shared blocks account for the module `name` (under a layer, after the
