@@ -16,7 +16,7 @@ pub struct Args {
     /// Where fixtures live.
     #[arg(long, default_value = "tests/fixtures")]
     fixtures: PathBuf,
-    /// Also write each report as JSON into this directory.
+    /// Also write each report as JSON into this directory (quantization drifts under `drift/`).
     #[arg(long)]
     json: Option<PathBuf>,
     /// Only the quantization drift check (not the layer-by-layer harness).
@@ -53,6 +53,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             match quantization_drift(&fixture, bits, fault) {
                 Ok(drift) => {
                     println!("{drift}");
+                    if let Some(out) = &args.json {
+                        let dir = out.join("drift");
+                        std::fs::create_dir_all(&dir)?;
+                        let name = format!("{}-{bits}.json", drift.fixture.replace('/', "-"));
+                        std::fs::write(dir.join(name), serde_json::to_string_pretty(&drift)?)?;
+                    }
                     if !drift.passed() {
                         failed.push(format!("{} ({bits}-bit drift)", drift.fixture));
                     }

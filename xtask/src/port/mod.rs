@@ -229,6 +229,7 @@ fn port(args: &Args, mt: &str) -> anyhow::Result<Outcome> {
     let module_path = root.join(format!("mlx-models/src/models/{module}.rs"));
     let mut hand_edits = None;
     let mut reports = Vec::new();
+    let mut checks_passed = false;
     if let (Some(dir), Some(choice), true) = (scratch, &search.chosen, plan.gaps.is_empty()) {
         let generated = rustfmt(&codegen::module_source(&plan, choice))?;
         std::fs::write(dir.join(format!("{module}.rs")), &generated)?;
@@ -256,8 +257,22 @@ fn port(args: &Args, mt: &str) -> anyhow::Result<Outcome> {
         let registry = root.join("mlx-models/src/models/mod.rs");
         let registry_before = std::fs::read_to_string(&registry)?;
         register(&root, mt, &module)?;
-        let built;
-        (reports, built) = verify_generated(&root, mt)?;
+        let mut verification = verify_generated(&root, mt)?;
+        let layers_pass = verification
+            .as_ref()
+            .is_some_and(|v| !v.reports.is_empty() && v.reports.iter().all(Report::passed));
+        if layers_pass && mlx_port::quantization::bound(mt, 8).is_none() {
+            let drifts = verification.as_ref().map_or(&[][..], |v| &v.drifts[..]);
+            if let Some(note) = add_drift_bound(&root, mt, drifts)? {
+                plan.decisions.push(note);
+                verification = verify_generated(&root, mt)?;
+            }
+        }
+        let built = verification.is_some();
+        if let Some(v) = verification {
+            reports = v.reports;
+            checks_passed = v.passed;
+        }
         if !built {
             // A module that does not compile would break this very tool (it links the zoo):
             // put the tree back and keep the draft for the report.
@@ -290,8 +305,10 @@ fn port(args: &Args, mt: &str) -> anyhow::Result<Outcome> {
                 && !generated
                 && mlx_models::models::supported_model_types().contains(&mt) =>
         {
-            let (hand_reports, _) = verify_generated(&root, mt)?;
-            reports = hand_reports;
+            if let Some(v) = verify_generated(&root, mt)? {
+                reports = v.reports;
+                checks_passed = v.passed;
+            }
             Some(diff(scaffold.as_deref().unwrap_or(""), &existing)?)
         }
         _ => None,
@@ -309,6 +326,7 @@ fn port(args: &Args, mt: &str) -> anyhow::Result<Outcome> {
         generated
     } else {
         (generated || by_hand.is_some())
+            && checks_passed
             && !reports.is_empty()
             && reports.iter().all(Report::passed)
     };
@@ -325,6 +343,14 @@ fn port(args: &Args, mt: &str) -> anyhow::Result<Outcome> {
         if passed { "verified" } else { "NOT verified" },
         report_path.display()
     );
+    if !passed && scratch.is_none() && !mlx_models::models::supported_model_types().contains(&mt) {
+        eprintln!(
+            "port {mt}: its fixtures stay in tests/fixtures/{mt}/ and xtask/fixtures/{mt}.json for \
+             a module written by hand (skills/port-architecture/SKILL.md); until one is \
+             registered, `cargo test` fails on them (tests/fixtures.rs: every spec is of a \
+             registered family): remove both to drop the attempt"
+        );
+    }
     let summary = if passed && by_hand.is_some() {
         "verified (written by hand; the generator stops at a gap)".to_owned()
     } else if passed {
@@ -684,7 +710,19 @@ fn cargo(root: &Path) -> Command {
 
 /// Compiles the workspace with the new module and verifies it on its fixtures; also says
 /// whether it compiled.
-fn verify_generated(root: &Path, mt: &str) -> anyhow::Result<(Vec<Report>, bool)> {
+/// What `cargo xtask verify <type>` said of a module compiled into the zoo.
+struct Verification {
+    /// The layer-by-layer reports, one per fixture.
+    reports: Vec<Report>,
+    /// The quantization drift of every fixture at each bit width.
+    drifts: Vec<Value>,
+    /// Whether every check passed (the drift bounds included).
+    passed: bool,
+}
+
+/// Builds the zoo with the generated module and verifies it in a process of its own (this
+/// one was compiled without it); `None` if it does not compile.
+fn verify_generated(root: &Path, mt: &str) -> anyhow::Result<Option<Verification>> {
     let out = root.join("target/port").join(mt).join("reports");
     let _ = std::fs::remove_dir_all(&out);
     let built = cargo(root)
@@ -692,7 +730,7 @@ fn verify_generated(root: &Path, mt: &str) -> anyhow::Result<(Vec<Report>, bool)
         .status()?
         .success();
     if !built {
-        return Ok((Vec::new(), false));
+        return Ok(None);
     }
     let status = cargo(root)
         .args([
@@ -703,20 +741,187 @@ fn verify_generated(root: &Path, mt: &str) -> anyhow::Result<(Vec<Report>, bool)
     if !status.success() {
         eprintln!("port {mt}: the generated module does not pass verification");
     }
-    let mut reports = Vec::new();
-    if let Ok(entries) = std::fs::read_dir(&out) {
-        let mut paths: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    let read = |dir: &Path| -> anyhow::Result<Vec<String>> {
+        let mut paths: Vec<PathBuf> = match std::fs::read_dir(dir) {
+            Ok(entries) => entries.filter_map(|e| e.ok().map(|e| e.path())).collect(),
+            Err(_) => Vec::new(),
+        };
+        paths.retain(|p| p.is_file());
         paths.sort();
-        for p in paths {
-            reports.push(serde_json::from_str(&std::fs::read_to_string(p)?)?);
+        paths
+            .iter()
+            .map(|p| Ok(std::fs::read_to_string(p)?))
+            .collect()
+    };
+    let reports = read(&out)?
+        .iter()
+        .map(|text| serde_json::from_str(text))
+        .collect::<Result<_, _>>()?;
+    let drifts = read(&out.join("drift"))?
+        .iter()
+        .map(|text| serde_json::from_str(text))
+        .collect::<Result<_, _>>()?;
+    Ok(Some(Verification {
+        reports,
+        drifts,
+        passed: status.success(),
+    }))
+}
+
+/// Gives a new family whose layers verify its quantization drift bounds, measured on its
+/// fixtures ([`measured_bounds`]), in `mlx-port/src/quantization.rs`, and checks that a
+/// seeded quantizer fault (wrong group size) fails them; a bound no fault fails is taken
+/// out again. Returns what the report says of it.
+fn add_drift_bound(root: &Path, mt: &str, drifts: &[Value]) -> anyhow::Result<Option<String>> {
+    let Some((bounds, measured)) = measured_bounds(drifts) else {
+        return Ok(None);
+    };
+    let path = root.join("mlx-port/src/quantization.rs");
+    let before = std::fs::read_to_string(&path)?;
+    let Some(after) = with_bound(&before, mt, bounds, measured) else {
+        bail!("{}: no BOUNDS table to add {mt} to", path.display());
+    };
+    std::fs::write(&path, after)?;
+    let fault_caught = cargo(root)
+        .args(["run", "--quiet", "-p", "xtask", "--", "verify", mt])
+        .args(["--quantization-only", "--fault", "group-size"])
+        .stdout(std::process::Stdio::null())
+        .status()?
+        .code()
+        == Some(1);
+    if !fault_caught {
+        std::fs::write(&path, before)?;
+        return Ok(Some(format!(
+            "quantization drift: measured {} (8-bit) and {} (4-bit) relative logits error, but \
+             a quantizer with the wrong group size stays within ×1.25 of that: no bound added",
+            measured.0, measured.1
+        )));
+    }
+    eprintln!(
+        "port {mt}: quantization drift bounds {} (8-bit), {} (4-bit) added to {}",
+        bounds.0,
+        bounds.1,
+        path.display()
+    );
+    Ok(Some(format!(
+        "quantization drift bounds {} (8-bit) and {} (4-bit) added to mlx-port's BOUNDS: the \
+         fixtures' largest relative logits error ({}, {}) × 1.25; a quantizer with the wrong \
+         group size fails them",
+        bounds.0, bounds.1, measured.0, measured.1
+    )))
+}
+
+/// A new family's quantization drift bounds (8-bit, 4-bit) from its fixtures' measured
+/// drift, as every family's were set: the largest relative logits error × 1.25, rounded up
+/// to two significant digits. `None` if a fixture's conversion changed a dtype (which no
+/// bound excuses) or nothing was measured.
+fn measured_bounds(drifts: &[Value]) -> Option<((f32, f32), (f32, f32))> {
+    let mut worst = (0.0f32, 0.0f32);
+    for d in drifts {
+        if d["dtype_changes"].as_array().is_some_and(|c| !c.is_empty()) {
+            return None;
+        }
+        let error = d["logits_rel_error"].as_f64()? as f32;
+        match d["bits"].as_i64()? {
+            8 => worst.0 = worst.0.max(error),
+            4 => worst.1 = worst.1.max(error),
+            _ => {}
         }
     }
-    Ok((reports, true))
+    if worst.0 <= 0.0 || worst.1 <= 0.0 {
+        return None;
+    }
+    let bound = |m: f32| {
+        let x = f64::from(m) * 1.25;
+        let unit = 10f64.powf(x.log10().floor() - 1.0);
+        // (Less a hair: f32 measurements widened to f64 are not exact.)
+        ((x / unit - 1e-6).ceil() * unit) as f32
+    };
+    Some(((bound(worst.0), bound(worst.1)), worst))
+}
+
+/// `source` (mlx-port/src/quantization.rs) with `mt`'s bounds in `BOUNDS`, in name order,
+/// its comment aligned with the others'.
+fn with_bound(source: &str, mt: &str, bounds: (f32, f32), measured: (f32, f32)) -> Option<String> {
+    let start = source.find("pub const BOUNDS")?;
+    let end = start + source[start..].find("\n];")?;
+    let mut lines: Vec<String> = source[start..end].lines().map(str::to_owned).collect();
+    let column = lines.iter().find_map(|l| l.find("// measured"))?;
+    let entry = format!("    ({mt:?}, {}, {}),", bounds.0, bounds.1);
+    // Three significant digits, as the other entries' comments.
+    let sig3 = |x: f32| {
+        let decimals = (2 - f64::from(x).log10().floor() as i32).max(0) as usize;
+        let text = format!("{x:.decimals$}");
+        text.trim_end_matches('0').trim_end_matches('.').to_owned()
+    };
+    let line = format!(
+        "{entry:<width$}// measured {}, {}",
+        sig3(measured.0),
+        sig3(measured.1),
+        width = column.max(entry.len() + 1)
+    );
+    let name_of = |l: &str| {
+        l.trim_start()
+            .strip_prefix("(\"")
+            .and_then(|r| r.split('"').next().map(str::to_owned))
+    };
+    let at = lines
+        .iter()
+        .skip(1)
+        .position(|l| name_of(l).is_some_and(|n| n.as_str() > mt))
+        .map_or(lines.len(), |i| i + 1);
+    lines.insert(at, line);
+    Some(format!(
+        "{}{}{}",
+        &source[..start],
+        lines.join("\n"),
+        &source[end..]
+    ))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_new_familys_drift_bounds_are_its_largest_measured_error_times_one_and_a_quarter() {
+        let drift = |fixture: &str, bits: i64, error: f64| {
+            serde_json::json!({"fixture": fixture, "bits": bits, "logits_rel_error": error,
+                               "dtype_changes": []})
+        };
+        // cwm's measured drift gave its bounds (0.035, 0.65) by hand.
+        let drifts = [
+            drift("cwm/default", 8, 0.0266),
+            drift("cwm/default", 4, 0.518),
+            drift("cwm/options", 8, 0.0275),
+            drift("cwm/options", 4, 0.47),
+        ];
+        let (bounds, measured) = measured_bounds(&drifts).unwrap();
+        assert_eq!(measured, (0.0275, 0.518));
+        assert!((bounds.0 - 0.035).abs() < 1e-7 && (bounds.1 - 0.65).abs() < 1e-7);
+        // 0.08 × 1.25 is exactly 0.1: not rounded up past it.
+        let (bounds, _) = measured_bounds(&[drift("a", 8, 0.08), drift("a", 4, 0.4)]).unwrap();
+        assert!((bounds.0 - 0.1).abs() < 1e-7 && (bounds.1 - 0.5).abs() < 1e-7);
+        // A conversion that changed a dtype gets no bound, nor one never measured at 4 bits.
+        let mut changed = drift("a", 8, 0.01);
+        changed["dtype_changes"] = serde_json::json!(["layers.0: float32 → bfloat16"]);
+        assert!(measured_bounds(&[changed, drift("a", 4, 0.2)]).is_none());
+        assert!(measured_bounds(&[drift("a", 8, 0.01)]).is_none());
+
+        let source = "//! x\npub const BOUNDS: &[(&str, f32, f32)] = &[\n    (\"apertus\", 0.027, 0.5),           // measured 0.0215, 0.398\n    (\"cohere\", 0.023, 0.38),           // measured 0.0184, 0.301\n];\n";
+        let added = with_bound(source, "biogpt", (0.017, 0.29), (0.0132, 0.226)).unwrap();
+        assert_eq!(
+            added,
+            "//! x\npub const BOUNDS: &[(&str, f32, f32)] = &[\n    (\"apertus\", 0.027, 0.5),           // measured 0.0215, 0.398\n    (\"biogpt\", 0.017, 0.29),           // measured 0.0132, 0.226\n    (\"cohere\", 0.023, 0.38),           // measured 0.0184, 0.301\n];\n"
+        );
+        let last = with_bound(source, "zamba", (0.02, 0.3), (0.016, 0.24)).unwrap();
+        assert!(
+            last.ends_with(
+                "    (\"zamba\", 0.02, 0.3),              // measured 0.016, 0.24\n];\n"
+            ),
+            "{last}"
+        );
+    }
 
     const MOD_RS: &str = "pub mod llama;\npub mod qwen3;\n\npub const REGISTRY: &[(&str, Loader)] = &[\n    (\"llama\", family::load::<llama::Config>),\n    (\"qwen3\", family::load::<qwen3::Config>),\n];\n";
 
