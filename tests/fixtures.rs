@@ -633,8 +633,9 @@ fn cache_consistency_llama_yarn() {
 
 /// Registered model types whose fixtures are another type's: each is checked against that
 /// type's fixture by a test of its own below.
-const ALIASES: [(&str, &str); 5] = [
+const ALIASES: [(&str, &str); 6] = [
     ("gemma3", "gemma3_text"),
+    ("gpt-sw3", "gpt2"),
     ("kimi_k2", "deepseek_v3"),
     ("llama4", "llama4_text"),
     // The qwen3_5_text/hub fixture is a `qwen3_5` checkpoint.
@@ -643,11 +644,10 @@ const ALIASES: [(&str, &str); 5] = [
     ("qwen3_5_moe", "qwen3_5_moe_text"),
 ];
 
-/// Kimi K2's `model_type` loads as DeepSeek-V3 and gives the same logits.
-#[test]
-fn kimi_k2_loads_as_deepseek_v3() {
-    let fixture = load_fixture("deepseek_v3/hub");
-    let model = load_model("deepseek_v3/hub", Some(&json!({"model_type": "kimi_k2"})));
+/// `fixture`'s checkpoint, its config saying `model_type`, gives the fixture's logits.
+fn assert_loads_as(model_type: &str, fixture_name: &str) {
+    let fixture = load_fixture(fixture_name);
+    let model = load_model(fixture_name, Some(&json!({ "model_type": model_type })));
     let logits = forward(
         model.as_ref(),
         &fixture.manifest.input_ids,
@@ -659,9 +659,24 @@ fn kimi_k2_loads_as_deepseek_v3() {
     );
     assert!(
         d.max_abs <= fixture.manifest.tolerances.max_abs,
-        "max |Δlogits| = {}",
+        "{model_type}: max |Δlogits| = {}",
         d.max_abs
     );
+}
+
+/// Kimi K2's `model_type` loads as DeepSeek-V3 and gives the same logits.
+#[test]
+fn kimi_k2_loads_as_deepseek_v3() {
+    assert_loads_as("kimi_k2", "deepseek_v3/hub");
+}
+
+/// GPT-SW3's `model_type` loads as GPT-2 (Transformers' `GPT2Config`) and gives the same
+/// logits, Hub-style config and Transformers-5 style alike.
+#[test]
+fn gpt_sw3_loads_as_gpt2() {
+    for fixture in ["gpt2/default", "gpt2/options", "gpt2/hub"] {
+        assert_loads_as("gpt-sw3", fixture);
+    }
 }
 
 /// Multimodal `llama4` checkpoints (settings in `text_config`, weights under
