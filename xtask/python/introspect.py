@@ -619,15 +619,20 @@ def propose_variants(model_type: str, fields: dict, small: dict, resolved, rotar
             {"name": name, "description": description, "config_style": style, "config_overrides": overrides}
         )
 
-    kv_heads = getattr(resolved, "num_key_value_heads", None) or resolved.num_attention_heads
+    heads = getattr(resolved, "num_attention_heads", None)
+    kv_heads = getattr(resolved, "num_key_value_heads", None) or heads
+    # A recurrent-only family (Mamba) has no attention heads to describe.
+    attention = (
+        f"{heads} query heads, {kv_heads} kv head{'s' if kv_heads != 1 else ''}, " if heads else ""
+    )
     base = (
-        f"{resolved.num_hidden_layers} layers, {resolved.num_attention_heads} query heads, "
-        f"{kv_heads} kv head{'s' if kv_heads != 1 else ''}, "
+        f"{resolved.num_hidden_layers} layers, {attention}"
         f"lm_head {'tied' if tied_default else 'untied'}"
     )
     if getattr(resolved, "layer_types", None) is not None:
         base += f", layer_types {text(resolved.layer_types)}"
-    base += f", {describe_rope(rope)}"
+    if rope:
+        base += f", {describe_rope(rope)}"
     add("default", f"The family's defaults at tiny size: {base}.", {})
 
     if "tie_word_embeddings" in fields:

@@ -80,6 +80,9 @@ impl Reader<'_> {
 /// The settings `plan` with `choice` gives for `config`: the shared fields are read by
 /// the same `DecoderConfig` a generated module flattens, with the same defaults.
 pub fn settings(plan: &Plan, choice: &Choice, config: &ConfigFile) -> Result<DecoderSettings> {
+    if let Some(recurrent) = &plan.recurrent {
+        return super::recurrent::settings(plan, recurrent, config);
+    }
     let r = Reader { plan, config };
     let d: DecoderConfig = config.parse_with_defaults(&defaults_json(plan))?;
     for (field, supported) in &plan.refused {

@@ -20,6 +20,7 @@
 pub mod codegen;
 pub mod interpret;
 pub mod plan;
+pub mod recurrent;
 pub mod report;
 pub mod trace;
 
@@ -912,8 +913,8 @@ mod generator_tests {
             }
             let plan = plan::plan(&facts(&mt), &mt);
             // A module written by hand where the generator stops (GPT-2's learned positions)
-            // composes the blocks its own way.
-            if !plan.gaps.is_empty() {
+            // composes the blocks its own way; a recurrent-only one has no attention layers.
+            if !plan.gaps.is_empty() || plan.recurrent.is_some() {
                 continue;
             }
             let windows = plan.sliding_window.is_some() || plan.layer_types_field;
