@@ -628,6 +628,7 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         }
     }
     gaps.extend(structure_gaps(facts.value));
+    gaps.extend(super::recurrent::hybrid_gaps(facts.value));
     let layer0: BTreeMap<&str, &Vec<i64>> = params
         .iter()
         .filter_map(|(n, s)| n.strip_prefix("model.layers.0.").map(|n| (n, s)))

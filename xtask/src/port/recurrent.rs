@@ -104,6 +104,157 @@ pub fn layer_mixer(names: &[&str]) -> Option<(String, Kind)> {
     }
 }
 
+/// What mixes the tokens in one layer, read from its parameter names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LayerMixer {
+    /// A module with q/k/v (or fused qkv) projections.
+    Attention(String),
+    /// A Mamba or Mamba2 mixer.
+    Recurrent(String, Kind),
+    /// A gated short convolution (LFM2's `conv`): `in_proj`, a depthwise `[C, 1, K]`
+    /// conv, `out_proj`, no state-space parameters.
+    ShortConv(String),
+    /// None of these.
+    Unknown,
+}
+
+impl LayerMixer {
+    /// The layer kind a config's `layer_types` names this mixer by.
+    fn matches(&self, layer_type: &str) -> bool {
+        match self {
+            LayerMixer::Attention(_) => {
+                layer_type.ends_with("attention") && layer_type != "linear_attention"
+            }
+            LayerMixer::Recurrent(..) => {
+                matches!(layer_type, "linear_attention" | "mamba" | "mamba2" | "ssm")
+            }
+            LayerMixer::ShortConv(_) => layer_type == "conv",
+            LayerMixer::Unknown => false,
+        }
+    }
+}
+
+/// One layer's mixer from its parameter names (under the layer) and shapes.
+pub fn classify_layer(params: &[(&str, &[i64])]) -> LayerMixer {
+    let names: Vec<&str> = params.iter().map(|(n, _)| *n).collect();
+    if let Some((path, kind)) = layer_mixer(&names) {
+        return LayerMixer::Recurrent(path, kind);
+    }
+    let has = |n: &str| names.contains(&n);
+    for name in &names {
+        for leaf in [".q_proj.weight", ".qkv_proj.weight"] {
+            if let Some(path) = name.strip_suffix(leaf) {
+                return LayerMixer::Attention(path.to_owned());
+            }
+        }
+    }
+    for (name, shape) in params {
+        let depthwise = shape.len() == 3 && shape[1] == 1;
+        let Some((path, _)) = name
+            .strip_suffix(".weight")
+            .and_then(|n| n.rsplit_once('.'))
+        else {
+            continue;
+        };
+        if depthwise
+            && has(&format!("{path}.in_proj.weight"))
+            && has(&format!("{path}.out_proj.weight"))
+        {
+            return LayerMixer::ShortConv(path.to_owned());
+        }
+    }
+    LayerMixer::Unknown
+}
+
+/// Every layer's mixer in the tiny model, from its module tree.
+pub fn layer_mixers(facts: &Value) -> Vec<LayerMixer> {
+    let Some(layers) = facts.pointer("/structure/layers").and_then(Value::as_str) else {
+        return Vec::new();
+    };
+    let n = facts
+        .pointer("/resolved_config/num_hidden_layers")
+        .and_then(Value::as_u64)
+        .unwrap_or(0) as usize;
+    let params: Vec<(String, Vec<i64>)> = facts
+        .get("parameters")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|p| {
+            let shape = p["shape"].as_array()?.iter().filter_map(Value::as_i64);
+            Some((p["name"].as_str()?.to_owned(), shape.collect()))
+        })
+        .collect();
+    (0..n)
+        .map(|i| {
+            let prefix = format!("{layers}.{i}.");
+            let layer: Vec<(&str, &[i64])> = params
+                .iter()
+                .filter_map(|(name, shape)| {
+                    name.strip_prefix(&prefix).map(|n| (n, shape.as_slice()))
+                })
+                .collect();
+            classify_layer(&layer)
+        })
+        .collect()
+}
+
+/// Where layers mix attention with recurrent or convolutional mixers: what the module
+/// tree shows per layer, checked against the kinds the config resolves (`layer_types`),
+/// and the gap that the generator does not compose them yet. Nothing for a decoder whose
+/// layers all hold the same kind of mixer.
+pub fn hybrid_gaps(facts: &Value) -> Vec<String> {
+    let mixers = layer_mixers(facts);
+    // Attention comes in many shapes (GPT-2's `attn.c_attn`, latent attention): only a
+    // layer that holds a recurrent or convolutional mixer makes a decoder hybrid.
+    let special = mixers
+        .iter()
+        .filter(|m| matches!(m, LayerMixer::Recurrent(..) | LayerMixer::ShortConv(_)))
+        .count();
+    if special == 0 {
+        return Vec::new();
+    }
+    let mut gaps = Vec::new();
+    let types: Vec<&str> = facts
+        .get("layer_types")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    if types.len() == mixers.len() {
+        for (i, (m, t)) in mixers.iter().zip(&types).enumerate() {
+            if !m.matches(t) {
+                gaps.push(format!(
+                    "layer {i}: the module tree holds {m:?}, the config resolves it as `{t}`"
+                ));
+            }
+        }
+    }
+    let shown: Vec<String> = mixers
+        .iter()
+        .map(|m| match m {
+            LayerMixer::Attention(p) => format!("attention `{p}`"),
+            LayerMixer::Recurrent(p, k) => format!("{k:?} `{p}`"),
+            LayerMixer::ShortConv(p) => format!("short conv `{p}`"),
+            LayerMixer::Unknown => "unknown".to_owned(),
+        })
+        .collect();
+    gaps.push(format!(
+        "the layers mix their mixers ({}; the config's `layer_types` {}): the generator does not \
+         compose attention with recurrent or convolutional layers yet (by hand: \
+         `LayerSettings::mixer`, `ssm::Mamba2Settings`, `DecoderSettings::short_conv`; see \
+         `models/granitemoehybrid.rs`, `models/lfm2.rs`)",
+        shown.join(", "),
+        if types.len() == mixers.len() {
+            "agrees"
+        } else {
+            "is absent"
+        }
+    ));
+    gaps
+}
+
 /// A recurrent-only plan for `facts`, or `None` where some layer holds no recurrent mixer
 /// (attention, hybrids: the attention plan, and its gaps, apply).
 pub fn plan(facts: &Value, module: &str) -> Option<Plan> {
@@ -847,6 +998,49 @@ mod tests {
             plan.gaps.iter().any(|g| g.contains("conv1d.weight")),
             "{:?}",
             plan.gaps
+        );
+    }
+
+    #[test]
+    fn hybrid_layers_are_read_per_layer_and_checked_against_layer_types() {
+        let conv = [
+            ("conv.conv.weight", &[64i64, 1, 3][..]),
+            ("conv.in_proj.weight", &[192, 64][..]),
+            ("conv.out_proj.weight", &[64, 64][..]),
+            ("feed_forward.w1.weight", &[16, 64][..]),
+        ];
+        assert_eq!(
+            classify_layer(&conv),
+            LayerMixer::ShortConv("conv".to_owned())
+        );
+        let attention = [("self_attn.q_proj.weight", &[64i64, 64][..])];
+        assert_eq!(
+            classify_layer(&attention),
+            LayerMixer::Attention("self_attn".to_owned())
+        );
+        // Recorded: Bamba's tiny model with `attn_layer_indices` [1].
+        let mut facts = serde_json::json!({
+            "structure": {"layers": "model.layers"},
+            "resolved_config": {"num_hidden_layers": 2},
+            "layer_types": ["linear_attention", "full_attention"],
+            "parameters": [
+                {"name": "model.layers.0.mamba.A_log", "shape": [8]},
+                {"name": "model.layers.0.mamba.dt_bias", "shape": [8]},
+                {"name": "model.layers.0.mamba.in_proj.weight", "shape": [280, 64]},
+                {"name": "model.layers.1.self_attn.q_proj.weight", "shape": [64, 64]},
+            ],
+        });
+        let gaps = hybrid_gaps(&facts);
+        assert_eq!(gaps.len(), 1, "{gaps:?}");
+        assert!(
+            gaps[0].contains("Mamba2 `mamba`, attention `self_attn`") && gaps[0].contains("agrees")
+        );
+        // A config that says otherwise is named.
+        facts["layer_types"] = serde_json::json!(["full_attention", "full_attention"]);
+        let gaps = hybrid_gaps(&facts);
+        assert!(
+            gaps[0].starts_with("layer 0: the module tree holds Recurrent"),
+            "{gaps:?}"
         );
     }
 }
