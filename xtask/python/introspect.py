@@ -133,6 +133,12 @@ SMALL_SIZES = {
     "qk_nope_head_dim": 16,
     "qk_rope_head_dim": 8,
     "v_head_dim": 12,
+    # Mamba2 mixers of hybrids (Bamba, Granite 4, Falcon-H1): heads x head width equal to
+    # mamba_expand (2) x hidden_size, as the mixer requires; a prompt of several chunks.
+    "mamba_n_heads": 8,
+    "mamba_d_head": 16,
+    "mamba_d_state": 16,
+    "mamba_chunk_size": 4,
 }
 HEAD_DIM = SMALL_SIZES["hidden_size"] // SMALL_SIZES["num_attention_heads"]
 # Families with learned absolute positions (GPT-2's wpe) get this many, enough for the
