@@ -133,6 +133,12 @@ SMALL_SIZES = {
     "qk_nope_head_dim": 16,
     "qk_rope_head_dim": 8,
     "v_head_dim": 12,
+    # Mamba2 mixers of hybrids (Bamba, Granite 4, Falcon-H1): heads x head width equal to
+    # mamba_expand (2) x hidden_size, as the mixer requires; a prompt of several chunks.
+    "mamba_n_heads": 8,
+    "mamba_d_head": 16,
+    "mamba_d_state": 16,
+    "mamba_chunk_size": 4,
 }
 HEAD_DIM = SMALL_SIZES["hidden_size"] // SMALL_SIZES["num_attention_heads"]
 # Families with learned absolute positions (GPT-2's wpe) get this many, enough for the
@@ -340,6 +346,49 @@ def small_config(model_type: str, fields: dict, attribute_map: dict) -> dict:
         kinds = list(dict.fromkeys(full_size))
         if len(kinds) > 1 and len(set(tiny)) < len(kinds):
             config["layer_types"] = [kinds[i % len(kinds)] for i in range(config["num_hidden_layers"])]
+    return mix_layer_kinds(model_type, fields, config)
+
+
+def layer_kinds(resolved) -> list:
+    """The kind of each layer a config resolves to (`layer_types`, or `layers_block_type`)."""
+    return list(getattr(resolved, "layer_types", None) or getattr(resolved, "layers_block_type", None) or [])
+
+
+def mix_layer_kinds(model_type: str, fields: dict, config: dict) -> dict:
+    """A tiny config with a layer of each kind where the family's layer-pattern fields can say so.
+
+    A hybrid's tiny config often has one kind of layer only (Bamba's null
+    `attn_layer_indices` makes every layer Mamba; LFM2's default `full_attn_idxs` makes
+    every one attention), so the other kind would never run. Where the resolved layers
+    are all alike, the pattern field the class has is set so that the last layer differs
+    from the first: an index list of attention layers (`attn_layer_indices`,
+    `full_attn_idxs`) becomes the last layer alone; a period and offset of attention
+    layers (`attn_layer_period`, `attn_layer_offset`) become 2 and 1. The change is kept
+    only if the config class then resolves two kinds of layer.
+    """
+    try:
+        kinds = layer_kinds(build_config(model_type, config))
+    except Exception:
+        return config
+    if len(set(kinds)) != 1:
+        return config
+    layers = config.get("num_hidden_layers", len(kinds))
+    tries = []
+    for name in fields:
+        if "attn" in name and (name.endswith("idxs") or name.endswith("indices")):
+            tries.append({name: [layers - 1]})
+    if "attn_layer_period" in fields and "attn_layer_offset" in fields:
+        tries.append({"attn_layer_period": 2, "attn_layer_offset": 1})
+    for change in tries:
+        mixed = {**config, **change}
+        # A `layer_types` the tiny config carries would override the pattern.
+        if "layer_types" in fields and "layer_types" not in change:
+            mixed.pop("layer_types", None)
+        try:
+            if len(set(layer_kinds(build_config(model_type, mixed)))) > 1:
+                return mixed
+        except Exception:
+            continue
     return config
 
 
@@ -648,15 +697,20 @@ def propose_variants(model_type: str, fields: dict, small: dict, resolved, rotar
             {"name": name, "description": description, "config_style": style, "config_overrides": overrides}
         )
 
-    kv_heads = getattr(resolved, "num_key_value_heads", None) or resolved.num_attention_heads
+    heads = getattr(resolved, "num_attention_heads", None)
+    kv_heads = getattr(resolved, "num_key_value_heads", None) or heads
+    # A recurrent-only family (Mamba) has no attention heads to describe.
+    attention = (
+        f"{heads} query heads, {kv_heads} kv head{'s' if kv_heads != 1 else ''}, " if heads else ""
+    )
     base = (
-        f"{resolved.num_hidden_layers} layers, {resolved.num_attention_heads} query heads, "
-        f"{kv_heads} kv head{'s' if kv_heads != 1 else ''}, "
+        f"{resolved.num_hidden_layers} layers, {attention}"
         f"lm_head {'tied' if tied_default else 'untied'}"
     )
     if getattr(resolved, "layer_types", None) is not None:
         base += f", layer_types {text(resolved.layer_types)}"
-    base += f", {describe_rope(rope)}"
+    if rope:
+        base += f", {describe_rope(rope)}"
     add("default", f"The family's defaults at tiny size: {base}.", {})
 
     if "tie_word_embeddings" in fields:

@@ -149,6 +149,9 @@ pub fn layer_rule_expr(rule: &LayerRule) -> String {
 
 /// The module source for `plan` with `choice`, before rustfmt.
 pub fn module_source(plan: &Plan, choice: &Choice) -> String {
+    if let Some(recurrent) = &plan.recurrent {
+        return super::recurrent::module_source(plan, recurrent);
+    }
     let mut s = String::new();
     let mt = &plan.model_type;
     let w = &mut s;
@@ -767,6 +770,9 @@ fn capitalize(s: &str) -> String {
 
 /// One line per structural fact, for the module doc and the report.
 pub fn structure_summary(plan: &Plan, choice: &Choice) -> Vec<String> {
+    if let Some(recurrent) = &plan.recurrent {
+        return super::recurrent::summary(plan, recurrent);
+    }
     let mut lines = Vec::new();
     lines.push(match choice.norm_placement {
         NormPlacement::Pre => "Pre-norm blocks: `input_layernorm` before attention, `post_attention_layernorm` before the MLP.".to_owned(),

@@ -88,6 +88,9 @@ pub fn settings(plan: &Plan, choice: &Choice, config: &ConfigFile) -> Result<Dec
         .map(|(a, b)| (a.as_str(), b.as_str()))
         .collect();
     let config = &config.with_aliases(&aliases, plan.intermediate_per_hidden);
+    if let Some(recurrent) = &plan.recurrent {
+        return super::recurrent::settings(plan, recurrent, config);
+    }
     let r = Reader { plan, config };
     let d: DecoderConfig = config.parse_with_defaults(&defaults_json(plan))?;
     for (field, supported) in &plan.refused {

@@ -228,6 +228,8 @@ pub struct Plan {
     pub moe: Option<MoePlan>,
     /// The attention is multi-head latent attention.
     pub mla: Option<MlaPlan>,
+    /// Every layer is a norm and a recurrent mixer (Mamba, Mamba2), no attention.
+    pub recurrent: Option<super::recurrent::RecurrentPlan>,
     /// `Some(bias)` for LayerNorm, `None` for RMSNorm.
     pub layer_norm: Option<Flag>,
     pub eps_field: String,
@@ -735,6 +737,10 @@ fn probes(list: Option<&Value>, key: &str) -> Vec<(Value, Vec<String>)> {
 /// Builds the plan for `module` from `facts`.
 pub fn plan(facts_value: &Value, module: &str) -> Plan {
     use mlx_models::transformer::{MlpLayout, NormPlacement, QkNorm};
+    // Layers whose mixer the module tree shows recurrent: a plan of their own.
+    if let Some(plan) = super::recurrent::plan(facts_value, module) {
+        return plan;
+    }
     let facts = Facts { value: facts_value };
     let defaults = facts.fields();
     // The norms' roles from what Transformers computes (the call trace): their names in
@@ -800,6 +806,7 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
             "learned absolute positions `model.embed_positions`, position 0 at row {offset}"
         ));
     }
+    gaps.extend(super::recurrent::hybrid_gaps(facts.value));
     let layer0: BTreeMap<&str, &Vec<i64>> = params
         .iter()
         .filter_map(|(n, s)| n.strip_prefix("model.layers.0.").map(|n| (n, s)))
@@ -1775,6 +1782,7 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         mlp_bias,
         moe,
         mla,
+        recurrent: None,
         layer_norm,
         eps_field,
         eps_constant,
