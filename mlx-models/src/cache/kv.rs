@@ -279,14 +279,7 @@ impl KvCache {
             }
             _ => (keys, values),
         };
-        let (keys, values) = if len < kbuf.dim(2) {
-            (
-                kbuf.try_index((.., .., ..len))?,
-                vbuf.try_index((.., .., ..len))?,
-            )
-        } else {
-            (kbuf.clone(), vbuf.clone())
-        };
+        let (keys, values) = (first_slots(&kbuf, len)?, first_slots(&vbuf, len)?);
         // Replacing the old buffers leaves them to the update alone, so MLX can write in place.
         self.keys = Some(kbuf);
         self.values = Some(vbuf);
@@ -328,14 +321,7 @@ impl KvCache {
         };
         kbuf.try_index_mut((.., .., slot..slot + 1), &keys)?;
         vbuf.try_index_mut((.., .., slot..slot + 1), &values)?;
-        let (k, v) = if len < kbuf.dim(2) {
-            (
-                kbuf.try_index((.., .., ..len))?,
-                vbuf.try_index((.., .., ..len))?,
-            )
-        } else {
-            (kbuf.clone(), vbuf.clone())
-        };
+        let (k, v) = (first_slots(&kbuf, len)?, first_slots(&vbuf, len)?);
         // Replacing the old buffers leaves them to the update alone, so MLX can write in place.
         self.keys = Some(kbuf);
         self.values = Some(vbuf);
@@ -634,6 +620,15 @@ fn empty_like(a: &Array) -> Result<Array> {
         &[a.dim(0), a.dim(1), 0, a.dim(3)],
         a.dtype(),
     )?)
+}
+
+/// The first `len` token slots of `buffer` (a view; the buffer itself if that is all).
+fn first_slots(buffer: &Array, len: i32) -> Result<Array> {
+    Ok(if len < buffer.dim(2) {
+        buffer.try_index((.., .., ..len))?
+    } else {
+        buffer.clone()
+    })
 }
 
 /// `buffer` with `extra` zero token slots appended.
