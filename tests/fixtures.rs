@@ -679,18 +679,24 @@ fn gpt_sw3_loads_as_gpt2() {
     }
 }
 
-/// Multimodal `llama4` checkpoints (settings in `text_config`, weights under
-/// `language_model.`, a vision tower beside them) load as their language model and give
-/// Transformers' logits.
-#[test]
-fn llama4_multimodal_checkpoints_load_their_language_model() {
-    let fixture = load_fixture("llama4_text/hub");
+/// Writes fixture `name`'s text model as a multimodal checkpoint — its config under
+/// `text_config` of a `model_type` config, every tensor renamed by `rename`, a zero tensor
+/// for each of `towers` beside them — and checks that it loads as `text_type` with the
+/// fixture's logits.
+fn assert_multimodal_loads(
+    name: &str,
+    (model_type, architecture): (&str, &str),
+    rename: impl Fn(&str) -> String,
+    towers: &[&str],
+    text_type: &str,
+) {
+    let fixture = load_fixture(name);
     let text: Value =
         serde_json::from_str(&std::fs::read_to_string(fixture.dir.join("config.json")).unwrap())
             .unwrap();
     let config = json!({
-        "model_type": "llama4",
-        "architectures": ["Llama4ForConditionalGeneration"],
+        "model_type": model_type,
+        "architectures": [architecture],
         "text_config": text,
         "vision_config": {"hidden_size": 4},
     });
@@ -698,11 +704,11 @@ fn llama4_multimodal_checkpoints_load_their_language_model() {
         Array::load_safetensors(fixture.dir.join("model.safetensors"))
             .unwrap()
             .into_iter()
-            .map(|(name, t)| (format!("language_model.{name}"), t))
+            .map(|(n, t)| (rename(&n), t))
             .collect();
-    let zeros = || Array::from_slice(&[0.0f32; 16], &[4, 4]);
-    tensors.push(("vision_model.patch_embedding.weight".into(), zeros()));
-    tensors.push(("multi_modal_projector.linear_1.weight".into(), zeros()));
+    for tower in towers {
+        tensors.push((tower.to_string(), Array::from_slice(&[0.0f32; 16], &[4, 4])));
+    }
     let tmp = tempfile::tempdir().unwrap();
     std::fs::write(tmp.path().join("config.json"), config.to_string()).unwrap();
     Array::save_safetensors(
@@ -711,18 +717,40 @@ fn llama4_multimodal_checkpoints_load_their_language_model() {
         tmp.path().join("model.safetensors"),
     )
     .unwrap();
-    let model = mlx_models::load::load_model_dir(tmp.path(), None).expect("llama4 loads");
-    assert_eq!(model.info().model_type, "llama4_text");
-    let ids = &fixture.manifest.input_ids;
-    let logits = forward(model.as_ref(), ids, &mut model.new_cache());
+    let model = mlx_models::load::load_model_dir(tmp.path(), None)
+        .unwrap_or_else(|e| panic!("{model_type} ({name}) does not load: {e}"));
+    assert_eq!(model.info().model_type, text_type);
+    let logits = forward(
+        model.as_ref(),
+        &fixture.manifest.input_ids,
+        &mut model.new_cache(),
+    );
     let d = diff(
         &to_f32_vec(&logits).unwrap(),
         &to_f32_vec(fixture.tensor("logits").unwrap()).unwrap(),
     );
     assert!(
         d.max_abs <= fixture.manifest.tolerances.max_abs,
-        "max |Δlogits| = {}",
+        "{model_type} ({name}, {}): max |Δlogits| = {}",
+        rename("model.embed_tokens.weight"),
         d.max_abs
+    );
+}
+
+/// Multimodal `llama4` checkpoints (settings in `text_config`, weights under
+/// `language_model.`, a vision tower beside them) load as their language model and give
+/// Transformers' logits.
+#[test]
+fn llama4_multimodal_checkpoints_load_their_language_model() {
+    assert_multimodal_loads(
+        "llama4_text/hub",
+        ("llama4", "Llama4ForConditionalGeneration"),
+        |n| format!("language_model.{n}"),
+        &[
+            "vision_model.patch_embedding.weight",
+            "multi_modal_projector.linear_1.weight",
+        ],
+        "llama4_text",
     );
 }
 
@@ -732,68 +760,34 @@ fn llama4_multimodal_checkpoints_load_their_language_model() {
 /// give Transformers' logits.
 #[test]
 fn gemma3_multimodal_checkpoints_load_their_language_model() {
-    let zeros = || Array::from_slice(&[0.0f32; 16], &[4, 4]);
     // (the language model's prefix, the output layer's, the other towers')
     let layouts = [
         (
             "language_model.model.",
             "language_model.lm_head.",
-            ["vision_tower.", "multi_modal_projector."],
+            ["vision_tower.weight", "multi_modal_projector.weight"],
         ),
         (
             "model.language_model.",
             "lm_head.",
-            ["model.vision_tower.", "model.multi_modal_projector."],
+            [
+                "model.vision_tower.weight",
+                "model.multi_modal_projector.weight",
+            ],
         ),
     ];
     // Tied (a Hub-style text config) and untied (Transformers 5 style).
     for name in ["gemma3_text/hub", "gemma3_text/untied"] {
         for (language, head, towers) in &layouts {
-            let fixture = load_fixture(name);
-            let text: Value = serde_json::from_str(
-                &std::fs::read_to_string(fixture.dir.join("config.json")).unwrap(),
-            )
-            .unwrap();
-            let config = json!({
-                "model_type": "gemma3",
-                "architectures": ["Gemma3ForConditionalGeneration"],
-                "text_config": text,
-                "vision_config": {"hidden_size": 4},
-            });
-            let mut tensors: Vec<(String, Array)> =
-                Array::load_safetensors(fixture.dir.join("model.safetensors"))
-                    .unwrap()
-                    .into_iter()
-                    .map(|(n, t)| {
-                        let n = n
-                            .replacen("model.", language, 1)
-                            .replacen("lm_head.", head, 1);
-                        (n, t)
-                    })
-                    .collect();
-            for tower in towers {
-                tensors.push((format!("{tower}weight"), zeros()));
-            }
-            let tmp = tempfile::tempdir().unwrap();
-            std::fs::write(tmp.path().join("config.json"), config.to_string()).unwrap();
-            Array::save_safetensors(
-                tensors.iter().map(|(k, v)| (k.as_str(), v)),
-                None,
-                tmp.path().join("model.safetensors"),
-            )
-            .unwrap();
-            let model = mlx_models::load::load_model_dir(tmp.path(), None).expect("gemma3 loads");
-            assert_eq!(model.info().model_type, "gemma3_text");
-            let ids = &fixture.manifest.input_ids;
-            let logits = forward(model.as_ref(), ids, &mut model.new_cache());
-            let d = diff(
-                &to_f32_vec(&logits).unwrap(),
-                &to_f32_vec(fixture.tensor("logits").unwrap()).unwrap(),
-            );
-            assert!(
-                d.max_abs <= fixture.manifest.tolerances.max_abs,
-                "{name}, {language}: max |Δlogits| = {}",
-                d.max_abs
+            assert_multimodal_loads(
+                name,
+                ("gemma3", "Gemma3ForConditionalGeneration"),
+                |n| {
+                    n.replacen("model.", language, 1)
+                        .replacen("lm_head.", head, 1)
+                },
+                towers,
+                "gemma3_text",
             );
         }
     }
