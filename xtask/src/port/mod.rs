@@ -967,6 +967,39 @@ mod generator_tests {
         }
     }
 
+    /// dots1, ported with no edit: the routing of DeepSeek-V3 on ordinary attention, its
+    /// sliding layers from `max_window_layers` whenever `sliding_window` is set.
+    #[test]
+    fn dots1_regenerates_exactly_with_grouped_sigmoid_routing() {
+        let (plan, _, source) = regenerate("dots1");
+        let routing = plan.moe.and_then(|m| m.routing).expect("routing");
+        assert_eq!(routing.scores, routing::Scores::Sigmoid);
+        assert_eq!(
+            plan.layer_rule,
+            mlx_models::family::LayerRule::FromMaxWindowLayersWhenSet
+        );
+        assert!(source.contains("correction_bias: true"));
+        // The renormalization the `routing` fixture flips, seeded: always off.
+        let mut broken = plan::plan(&facts("dots1"), "dots1");
+        let fixtures = fixtures("dots1");
+        let choice = search(&broken, &fixtures)
+            .expect("runs")
+            .chosen
+            .expect("passes");
+        broken
+            .moe
+            .as_mut()
+            .unwrap()
+            .routing
+            .as_mut()
+            .unwrap()
+            .normalize = routing::Rule::Never;
+        broken.choices = vec![choice];
+        let failed = search(&broken, &fixtures).expect("search runs");
+        assert!(failed.chosen.is_none());
+        eprintln!("dots1, renormalization ignored: {}", failed.tried[0].1[0]);
+    }
+
     #[test]
     fn latent_attention_that_the_block_cannot_load_is_a_gap() {
         // A kv_b_proj one row short: the latent block would load another shape.
