@@ -305,6 +305,9 @@ pub struct MoeConfig {
     /// The groups eligible per token.
     #[serde(default)]
     pub topk_group: Option<i32>,
+    /// `dense` or `sparse` per layer (GLM-4.7-Flash); see [`MoeConfig::sparse_layers`].
+    #[serde(default)]
+    pub mlp_layer_types: Option<Vec<String>>,
 }
 
 impl MoeConfig {
@@ -315,6 +318,48 @@ impl MoeConfig {
         !self.mlp_only_layers.as_deref().unwrap_or(&[]).contains(&i)
             && i >= self.first_k_dense_replace.unwrap_or(0)
             && (i + 1).is_multiple_of(step)
+    }
+
+    /// Which of the `layers` route to experts, as `mlp_layer_types` names them (each `dense`
+    /// or `sparse`, one per layer); without the list, the one Transformers derives: the
+    /// first `dense_prefix` layers dense, the others sparse. A list of another length or
+    /// with another name is an error naming `mlp_layer_types`.
+    ///
+    /// ```
+    /// # use mlx_models::config::ConfigFile;
+    /// # use mlx_models::family::MoeConfig;
+    /// let moe: MoeConfig = serde_json::from_str(
+    ///     r#"{"num_experts": 4, "num_experts_per_tok": 2, "mlp_layer_types": ["dense", "sparse", "dense"]}"#,
+    /// )?;
+    /// let config = ConfigFile { path: "config.json".into(), value: serde_json::json!({}) };
+    /// assert_eq!(moe.sparse_layers(&config, 3, 1)?, [false, true, false]);
+    /// assert!(moe.sparse_layers(&config, 2, 1).is_err());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn sparse_layers(
+        &self,
+        config: &ConfigFile,
+        layers: usize,
+        dense_prefix: usize,
+    ) -> Result<Vec<bool>> {
+        let Some(types) = &self.mlp_layer_types else {
+            return Ok((0..layers).map(|i| i >= dense_prefix).collect());
+        };
+        config.ensure(types.len() == layers, "mlp_layer_types", || {
+            format!("has {} entries for {layers} layers", types.len())
+        })?;
+        types
+            .iter()
+            .map(|kind| match kind.as_str() {
+                "dense" => Ok(false),
+                "sparse" => Ok(true),
+                other => Err(crate::error::Error::config(
+                    &config.path,
+                    "mlp_layer_types",
+                    format!("`{other}` is neither `dense` nor `sparse`"),
+                )),
+            })
+            .collect()
     }
 
     /// Softmax top-k routing over these experts, renormalized when `norm_topk_prob`.
@@ -584,6 +629,8 @@ pub enum LayerRule {
     /// Every other layer, from the first, slides below `max_window_layers`, when
     /// `use_sliding_window` (Qwen2-MoE).
     AlternateBelowMaxWindowLayers,
+    /// Layers from `max_window_layers` on slide whenever `sliding_window` is set (dots1).
+    FromMaxWindowLayersWhenSet,
 }
 
 impl LayerRule {
@@ -608,6 +655,9 @@ impl LayerRule {
                 "sliding windows on the layers without RoPE",
             )],
             LayerRule::AllWhenEnabled => &[("use_sliding_window", "sliding windows on")],
+            LayerRule::FromMaxWindowLayersWhenSet => {
+                &[("max_window_layers", "first sliding layer")]
+            }
             LayerRule::AlternateBelowMaxWindowLayers => &[
                 ("use_sliding_window", "sliding windows on"),
                 (
@@ -656,6 +706,11 @@ impl SlidingWindowConfig {
             LayerRule::WithoutRope => LayerType::where_no_rope(uses_rope, enabled),
             LayerRule::AllWhenEnabled if enabled => LayerType::all(n, self.sliding_window),
             LayerRule::AllWhenEnabled => LayerType::all(n, None),
+            LayerRule::FromMaxWindowLayersWhenSet => LayerType::from_layer(
+                n,
+                self.sliding_window.is_some(),
+                self.max_window_layers.unwrap_or(0),
+            ),
             LayerRule::AlternateBelowMaxWindowLayers => {
                 let below = self.max_window_layers.unwrap_or(0).max(0) as usize;
                 (0..n)

@@ -1861,7 +1861,9 @@ def greedy_margin(spec: dict, variant: dict) -> float:
     """The smallest top-1/top-2 logit gap of the variant's greedy run, as export_variant measures it.
 
     export_variant refuses a variant whose margin is below MIN_GREEDY_MARGIN; a
-    spec generator (introspect.py) uses this to pick a seed that passes.
+    spec generator (introspect.py) uses this to pick a seed that passes. A mixture of
+    experts' routing must pass its checks too (MIN_ROUTER_MARGIN, the same bound): the
+    smallest router margin counts, and a routing export_variant refuses gives 0.
     """
     import torch
 
@@ -1869,7 +1871,17 @@ def greedy_margin(spec: dict, variant: dict) -> float:
     with tempfile.TemporaryDirectory() as temporary:
         model.save_pretrained(temporary, safe_serialization=True)
         reference = load_model(Path(temporary), torch.float32)
-    return greedy_decode(reference, prompt_ids(variant["seed"], model.config.vocab_size), GREEDY_NEW_TOKENS)[1]
+    input_ids = prompt_ids(variant["seed"], model.config.vocab_size)
+    margin = greedy_decode(reference, input_ids, GREEDY_NEW_TOKENS)[1]
+    if router_class(reference) is not None:
+        activations = run_forward(reference, input_ids)
+        try:
+            _, routing = routing_checks(reference, activations)
+            if routing is not None:
+                margin = min([margin, *routing_margins(reference, activations).values()])
+        except SystemExit:
+            return 0.0
+    return margin
 
 
 def export_variant(spec: dict, variant: dict, out_root: Path) -> None:

@@ -141,6 +141,17 @@ SMALL_SIZES = {
     "mamba_chunk_size": 4,
 }
 HEAD_DIM = SMALL_SIZES["hidden_size"] // SMALL_SIZES["num_attention_heads"]
+# A mixture of experts whose class leaves the expert count null (dots1): 4 experts of width
+# 8, 2 per token, one shared, so that the tiny model builds and stays small.
+MOE_SMALL_SIZES = {
+    "num_experts": 4,
+    "num_local_experts": 4,
+    "n_routed_experts": 4,
+    "num_experts_per_tok": 2,
+    "moe_topk": 2,
+    "n_shared_experts": 1,
+    "moe_intermediate_size": 8,
+}
 # Families with learned absolute positions (GPT-2's wpe) get this many, enough for the
 # fixtures' prompt and greedy run.
 LEARNED_POSITIONS = 64
@@ -329,6 +340,9 @@ def small_config(model_type: str, fields: dict, attribute_map: dict) -> dict:
             config[own] = value
     if "head_dim" not in fields:
         config.pop("head_dim", None)
+    counts = ("num_experts", "num_local_experts", "n_routed_experts")
+    if any(fields.get(n, {}).get("default", 0) is None for n in counts if n in fields):
+        config.update({n: v for n, v in MOE_SMALL_SIZES.items() if n in fields})
     if "tie_word_embeddings" in fields:
         config["tie_word_embeddings"] = fields["tie_word_embeddings"]["default"]
     # Special token ids outside the tiny vocabulary (Phi-3's pad 32000) become its last id.
@@ -873,6 +887,25 @@ def propose_variants(model_type: str, fields: dict, small: dict, resolved, rotar
             f"partial_rotary_factor {PARTIAL_ROTARY_FACTOR}: RoPE on the first {rotary_dim} of {HEAD_DIM} head "
             "dims (Phi-4-mini style). Hub-style config (partial_rotary_factor at the top level).",
             {"rope_parameters": params}, "hub")
+
+    # Grouped, scaled routing (DeepSeek-V3 style): 8 experts in 4 groups, 2 eligible,
+    # weights scaled and renormalized the other way than the default, the first layer dense.
+    routing = {}
+    for names, value in (
+        (("n_routed_experts", "num_local_experts", "num_experts"), 8),
+        (("n_group",), 4),
+        (("topk_group",), 2),
+        (("routed_scaling_factor",), 2.5),
+        (("first_k_dense_replace",), 1),
+    ):
+        name = next((n for n in names if n in fields), None)
+        if name is not None and small.get(name) != value:
+            routing[name] = value
+    if "norm_topk_prob" in fields:
+        routing["norm_topk_prob"] = not bool(getattr(resolved, "norm_topk_prob", False))
+    if "routed_scaling_factor" in routing or "n_group" in routing:
+        add("routing", "Routing options together: " + ", ".join(f"{k} {text(v)}" for k, v in routing.items()) + ".",
+            routing)
     return variants
 
 
@@ -968,6 +1001,8 @@ def introspect(model_type: str, config_override: dict | None, replace: bool, che
         "flag_probes": probes.flag_probes(architecture, small, build_config, tiny_model, model_type),
         "scalar_probes": probes.scalar_probes(architecture, small, build_config, tiny_model, model_type),
         "width_probes": probes.width_probes(architecture, small, build_config, tiny_model, model_type, fields),
+        "derived_layer_lists": probes.derived_layer_lists(config_class, fields),
+        "routing_probes": probes.routing_probes(architecture, small, build_config, tiny_model, model_type, fields),
         "call_trace": probes.call_trace(model, resolved.vocab_size),
         "attention_scale": probes.attention_scale(tiny_model(architecture, resolved), resolved.vocab_size),
         "checkpoint_conversions": probes.checkpoint_conversions(model_type),

@@ -407,3 +407,145 @@ def checkpoint_conversions(model_type: str) -> dict:
             if re.fullmatch(r"(?:\w|\\\.|\.)+", sources[0]) and re.fullmatch(r"[\w.]+", targets[0]):
                 renamings.append([sources[0].replace("\\.", "."), targets[0]])
     return {"renamings": renamings, "experts": experts}
+
+
+ROUTING_COMPARISON = r"""(?:self|config)\.(\w+)\s*==\s*["'](\w+)["']"""
+
+
+def routing_probes(architecture, small, build_config, tiny_model, model_type, fields):
+    """What the router of the first sparse layer computes, for the routing settings the
+    config class has.
+
+    Each probe builds the tiny model with 16 experts, 3 per token and, where the class has
+    them, `n_group` 4, `topk_group` 2, `routed_scaling_factor` 2.5, each value of
+    `norm_topk_prob` and each value a string field is compared with in the modeling code
+    (`topk_method == "greedy"`); every router vector beside its weight (a score-correction
+    bias) is drawn at random. It records, for 12 tokens, the router's logits (its input
+    times its weight, in f32), those vectors, and the expert indices and weights the
+    experts module is called with. The port tool finds the routing function (softmax or
+    sigmoid scores, group-limited choice, correction bias, renormalization, scaling) that
+    reproduces every probe. [] when the model has no stacked experts module.
+    """
+    import inspect
+    import re
+
+    import torch
+
+    counts = [n for n in ("num_experts", "num_local_experts", "n_routed_experts") if n in fields]
+    per_token = [n for n in ("num_experts_per_tok", "moe_topk") if n in fields]
+    if not counts or not per_token:
+        return []
+    base = {**small, counts[0]: 16, per_token[0]: 3}
+    if "n_group" in fields and "topk_group" in fields:
+        base.update(n_group=4, topk_group=2)
+    if "routed_scaling_factor" in fields:
+        base["routed_scaling_factor"] = 2.5
+    options = []
+    if "norm_topk_prob" in fields:
+        options.append(("norm_topk_prob", [False, True]))
+    module = inspect.getmodule(tiny_model(architecture, build_config(model_type, small)))
+    source = inspect.getsource(module) if module is not None else ""
+    compared = {}
+    for field, value in re.findall(ROUTING_COMPARISON, source):
+        if fields.get(field, {}).get("kind") == "str" and value not in compared.get(field, []):
+            compared.setdefault(field, []).append(value)
+    options.extend(sorted(compared.items()))
+    probes = []
+    names = [n for n, _ in options]
+    for combination in itertools.product(*(values for _, values in options)):
+        overrides = {**base, **dict(zip(names, combination))}
+        entry = {"config": {k: overrides[k] for k in sorted(overrides) if small.get(k) != overrides[k]}}
+        try:
+            torch.manual_seed(7)
+            model = tiny_model(architecture, build_config(model_type, overrides))
+        except Exception as error:  # the class refuses the value
+            entry["error"] = f"{type(error).__name__}: {error}"[:200]
+            probes.append(entry)
+            continue
+        found = _record_routing(model, torch)
+        if found is None:
+            return []
+        entry.update(found)
+        probes.append(entry)
+    return probes
+
+
+def _record_routing(model, torch):
+    """The first stacked experts module's router logits, vectors, indices and weights."""
+    named = dict(model.named_modules())
+    for name, experts in named.items():
+        if not name.endswith(".experts") or not hasattr(experts, "gate_up_proj"):
+            continue
+        block_name = name.rsplit(".", 1)[0]
+        block = named[block_name]
+        router_name, router = next(
+            ((n, m) for n, m in block.named_children() if n in ("gate", "router")), (None, None)
+        )
+        if router is None or not isinstance(getattr(router, "weight", None), torch.Tensor):
+            return None
+        vectors = {}
+        generator = torch.Generator().manual_seed(11)
+        with torch.no_grad():
+            for vname, tensor in list(router.named_parameters()) + list(router.named_buffers()):
+                if vname in ("weight", "bias") or tensor.dim() != 1:
+                    continue
+                tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.2)
+                vectors[vname] = tensor.tolist()
+        seen = {}
+
+        def block_input(_module, args):
+            seen.setdefault("x", args[0].detach().reshape(-1, args[0].shape[-1]).float())
+
+        def experts_call(_module, args, kwargs):
+            values = list(args[1:]) + [kwargs[k] for k in ("top_k_index", "top_k_weights") if k in kwargs]
+            seen.setdefault("call", values)
+
+        hooks = [
+            block.register_forward_pre_hook(block_input),
+            experts.register_forward_pre_hook(experts_call, with_kwargs=True),
+        ]
+        ids = torch.arange(1, 13).unsqueeze(0) % model.config.vocab_size
+        try:
+            with torch.no_grad():
+                model(input_ids=ids)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        if "call" not in seen or len(seen["call"]) < 2:
+            return None
+        indices, weights = seen["call"][:2]
+        if indices.is_floating_point():
+            indices, weights = weights, indices
+        logits = torch.nn.functional.linear(seen["x"], router.weight.float())
+        if getattr(router, "bias", None) is not None:
+            logits = logits + router.bias.float()
+        return {
+            "layer": int(block_name.split(".")[2]),
+            "router": f"{block_name}.{router_name}",
+            "logits": logits.tolist(),
+            "vectors": vectors,
+            "indices": indices.tolist(),
+            "weights": weights.float().tolist(),
+        }
+    return None
+
+
+def derived_layer_lists(config_class, fields):
+    """`{field: [...]}`: the per-layer lists of strings (Glm4MoeLite's `mlp_layer_types`)
+    the class derives for 12 layers when the config leaves the field null."""
+    found = {}
+    try:
+        config = config_class(num_hidden_layers=PROBE_LAYERS)
+    except Exception:  # the class needs more than the layer count
+        return found
+    for name, field in sorted(fields.items()):
+        if field.get("default") is not None or name == "layer_types":
+            continue
+        value = getattr(config, name, None)
+        if (
+            isinstance(value, (list, tuple))
+            and len(value) == PROBE_LAYERS
+            and all(isinstance(v, str) for v in value)
+        ):
+            found[name] = list(value)
+    return found

@@ -4,6 +4,7 @@
 use super::plan::{
     Choice, Field, FieldType, Flag, LayerRule, Plan, RopeRule, Scalar, MLA_FIELDS, MOE_FIELDS,
 };
+use super::routing::{GroupScore, Groups, Routing, Rule, Scores};
 use mlx_models::transformer::{MlpLayout, NormPlacement, QkNorm};
 use serde_json::Value;
 use std::fmt::Write;
@@ -343,12 +344,8 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
     if let Some(moe) = &plan.moe {
         let _ = writeln!(
             w,
-            "use crate::moe::{{ExpertActivation{}}};",
-            if moe.normalize_field.is_none() && choice.moe_normalize {
-                ", RouterSettings"
-            } else {
-                ""
-            }
+            "use crate::moe::{{{}}};",
+            moe_uses(moe, choice).join(", ")
         );
     }
     if plan.mla.is_some() {
@@ -543,20 +540,33 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
             let _ = writeln!(w, "Ok({settings})");
         }
         Some(moe) => {
-            let router = if moe.normalize_field.is_none() && choice.moe_normalize {
-                "RouterSettings { normalize: true, ..self.moe.router() }"
-            } else {
-                "self.moe.router()"
+            let router = match &moe.routing {
+                Some(r) => {
+                    write_router(w, plan, r);
+                    "router"
+                }
+                None if moe.normalize_field.is_none() && choice.moe_normalize => {
+                    "RouterSettings { normalize: true, ..self.moe.router() }"
+                }
+                None => "self.moe.router()",
             };
             let _ = writeln!(
                 w,
                 "let moe = self.moe.settings({router}, d.intermediate_size, ExpertActivation::Glu(act), {});",
                 moe.shared_expert.unwrap_or(false)
             );
+            if let Some(k) = moe.layer_types_dense_prefix {
+                let _ = writeln!(
+                    w,
+                    "let sparse = self.moe.sparse_layers(config, d.num_hidden_layers, {k})?;"
+                );
+            }
             let _ = writeln!(
                 w,
                 "Ok({settings}.with_moe(moe, {}))",
-                if moe.dense_layers {
+                if moe.layer_types_dense_prefix.is_some() {
+                    "|i| sparse[i]"
+                } else if moe.dense_layers {
                     "|i| self.moe.is_sparse(i)"
                 } else {
                     "|_| true"
@@ -848,7 +858,11 @@ pub fn structure_summary(plan: &Plan, choice: &Choice) -> Vec<String> {
     }
     if let Some(moe) = &plan.moe {
         lines.push(format!(
-            "Feed-forward: a softmax router (`gate`) picks `num_experts_per_tok` gated experts{}{}{}.",
+            "Feed-forward: a {} router (`gate`) picks `num_experts_per_tok` gated experts{}{}{}.",
+            match moe.routing.as_ref().map(|r| r.scores) {
+                Some(Scores::Sigmoid) => "sigmoid",
+                _ => "softmax",
+            },
             if moe.normalize_field.is_some() {
                 ", renormalized when `norm_topk_prob`"
             } else if choice.moe_normalize {
@@ -861,12 +875,23 @@ pub fn structure_summary(plan: &Plan, choice: &Choice) -> Vec<String> {
                 Some(false) => ", plus a shared expert",
                 None => "",
             },
-            if moe.dense_layers {
+            if moe.dense_layers || moe.layer_types_dense_prefix.is_some() {
                 "; the layers the config keeps dense have the MLP below"
             } else {
                 ""
             }
         ));
+        if let Some(r) = &moe.routing {
+            lines.push(format!(
+                "Router (as Transformers computes it): {}.",
+                r.describe()
+            ));
+        }
+        if let Some(k) = moe.layer_types_dense_prefix {
+            lines.push(format!(
+                "`mlp_layer_types` names each layer `dense` or `sparse`; without it the first {k} are dense."
+            ));
+        }
         lines.push(format!(
             "Checkpoints: {}per-expert `experts.<i>.{}/{}/{}`, Transformers 5's fused experts and stacked `switch_mlp` all load.",
             if moe.checkpoint_renames.is_empty() { "" } else { "Hub names converted as Transformers does; " },
@@ -933,4 +958,101 @@ pub fn structure_summary(plan: &Plan, choice: &Choice) -> Vec<String> {
         _ => {}
     }
     lines
+}
+
+/// The names a mixture of experts' module takes from `crate::moe`.
+fn moe_uses(moe: &super::plan::MoePlan, choice: &Choice) -> Vec<&'static str> {
+    let mut uses = vec!["ExpertActivation"];
+    match &moe.routing {
+        Some(r) => {
+            if r.groups != Groups::Fixed(None) {
+                uses.extend(["ExpertGroups", "GroupScore"]);
+            }
+            if sets_router(r) {
+                uses.push("RouterSettings");
+            }
+            if r.scores == Scores::Sigmoid {
+                uses.push("Scoring");
+            }
+        }
+        None if moe.normalize_field.is_none() && choice.moe_normalize => {
+            uses.push("RouterSettings")
+        }
+        None => {}
+    }
+    uses
+}
+
+/// `let router = RouterSettings { … };`: the routing the probes decided, on
+/// [`mlx_models::family::MoeConfig::router`] (softmax top-k, renormalized when
+/// `norm_topk_prob`).
+fn write_router(w: &mut String, plan: &Plan, r: &Routing) {
+    let group = |score: GroupScore| {
+        format!(
+            "Some(ExpertGroups {{ groups: config.require(\"n_group\", self.moe.n_group)?, \
+             top_groups: config.require(\"topk_group\", self.moe.topk_group)?, \
+             score: GroupScore::{score:?} }})"
+        )
+    };
+    let mut set = Vec::new();
+    if r.scores == Scores::Sigmoid {
+        set.push("scoring: Scoring::Sigmoid".to_owned());
+    }
+    if r.correction_bias.is_some() {
+        set.push("correction_bias: true".to_owned());
+    }
+    match &r.groups {
+        Groups::Fixed(None) => {}
+        Groups::Fixed(Some(score)) => set.push(format!("groups: {}", group(*score))),
+        Groups::ByField { field, values } => {
+            let value = if optional(plan, field) {
+                format!("self.{field}.as_deref().unwrap_or_default()")
+            } else {
+                format!("self.{field}.as_str()")
+            };
+            let names: Vec<String> = values.iter().map(|(v, _)| v.clone()).collect();
+            let _ = writeln!(w, "let groups = match {value} {{");
+            for (v, score) in values {
+                let _ = writeln!(
+                    w,
+                    "{v:?} => {},",
+                    score.map_or_else(|| "None".to_owned(), group)
+                );
+            }
+            let _ = writeln!(
+                w,
+                "other => return Err(crate::error::Error::config(&config.path, {field:?}, \
+                 format!(\"`{{other}}` is not one of {}\"))),",
+                names.join(", ")
+            );
+            let _ = writeln!(w, "}};");
+            set.push("groups".to_owned());
+        }
+    }
+    match r.normalize {
+        Rule::Never => set.push("normalize: false".to_owned()),
+        Rule::Always => set.push("normalize: true".to_owned()),
+        Rule::Field(_) => {}
+    }
+    if let Some(f) = &r.scaled_by {
+        set.push(format!("scaling_factor: self.moe.{f}.map(|f| f as f32)"));
+    }
+    if set.is_empty() {
+        let _ = writeln!(w, "let router = self.moe.router();");
+    } else {
+        let _ = writeln!(
+            w,
+            "let router = RouterSettings {{ {}, ..self.moe.router() }};",
+            set.join(", ")
+        );
+    }
+}
+
+/// Whether the routing differs from [`mlx_models::family::MoeConfig::router`].
+fn sets_router(r: &Routing) -> bool {
+    r.scores == Scores::Sigmoid
+        || r.correction_bias.is_some()
+        || r.groups != Groups::Fixed(None)
+        || !matches!(r.normalize, Rule::Field(_))
+        || r.scaled_by.is_some()
 }

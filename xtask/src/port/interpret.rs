@@ -4,9 +4,10 @@
 
 use super::codegen::defaults_json;
 use super::plan::{Choice, Flag, Plan, RopeRule, Scalar};
+use super::routing::{GroupScore, Groups, Routing, Rule, Scores};
 use mlx_models::config::ConfigFile;
 use mlx_models::family::{DecoderConfig, LayerRule, MlaConfig, MoeConfig};
-use mlx_models::moe::{ExpertActivation, RouterSettings};
+use mlx_models::moe::{ExpertActivation, ExpertGroups, RouterSettings, Scoring};
 use mlx_models::rope::Rope;
 use mlx_models::transformer::{
     Activation, AttentionSettings, DecoderSettings, MlpSettings, NormKind, QkvLayout,
@@ -219,16 +220,78 @@ pub fn settings(plan: &Plan, choice: &Choice, config: &ConfigFile) -> Result<Dec
         },
         ..m.router()
     };
+    let router = match &moe.routing {
+        Some(routing) => routed(&r, &m, routing, router)?,
+        None => router,
+    };
     let block = m.settings(
         router,
         d.intermediate_size,
         ExpertActivation::Glu(activation),
         moe.shared_expert.unwrap_or(false),
     );
-    Ok(if moe.dense_layers {
+    Ok(if let Some(k) = moe.layer_types_dense_prefix {
+        let sparse = m.sparse_layers(config, d.num_hidden_layers, k)?;
+        settings.with_moe(block, |i| sparse[i])
+    } else if moe.dense_layers {
         settings.with_moe(block, |i| m.is_sparse(i))
     } else {
         settings.with_moe(block, |_| true)
+    })
+}
+
+/// `router` with the routing the probes decided (as the generated module writes it).
+fn routed(
+    r: &Reader,
+    m: &MoeConfig,
+    routing: &Routing,
+    router: RouterSettings,
+) -> Result<RouterSettings> {
+    let group = |score: GroupScore| -> Result<Option<ExpertGroups>> {
+        Ok(Some(ExpertGroups {
+            groups: r.config.require("n_group", m.n_group)?,
+            top_groups: r.config.require("topk_group", m.topk_group)?,
+            score: match score {
+                GroupScore::Max => mlx_models::moe::GroupScore::Max,
+                GroupScore::TopTwoSum => mlx_models::moe::GroupScore::TopTwoSum,
+            },
+        }))
+    };
+    let groups = match &routing.groups {
+        Groups::Fixed(None) => None,
+        Groups::Fixed(Some(score)) => group(*score)?,
+        Groups::ByField { field, values } => {
+            let value = r.value(field);
+            let value = value.as_str().unwrap_or_default();
+            match values.iter().find(|(v, _)| v == value) {
+                Some((_, None)) => None,
+                Some((_, Some(score))) => group(*score)?,
+                None => {
+                    r.config.ensure(false, field, || {
+                        format!("`{value}` is not one of the probed values")
+                    })?;
+                    None
+                }
+            }
+        }
+    };
+    Ok(RouterSettings {
+        scoring: match routing.scores {
+            Scores::Softmax => Scoring::Softmax,
+            Scores::Sigmoid => Scoring::Sigmoid,
+        },
+        correction_bias: routing.correction_bias.is_some(),
+        groups,
+        normalize: match &routing.normalize {
+            Rule::Never => false,
+            Rule::Always => true,
+            Rule::Field(_) => router.normalize,
+        },
+        scaling_factor: match &routing.scaled_by {
+            Some(_) => m.routed_scaling_factor.map(|f| f as f32),
+            None => None,
+        },
+        ..router
     })
 }
 

@@ -22,6 +22,7 @@ pub mod interpret;
 pub mod plan;
 pub mod recurrent;
 pub mod report;
+pub mod routing;
 pub mod trace;
 
 use crate::fixtures::{python, workspace_root};
@@ -950,6 +951,9 @@ mod tests {
 mod generator_tests {
     use super::*;
 
+    /// A seeded fault: its name and what it breaks.
+    type Fault<T> = (&'static str, fn(&mut T));
+
     fn facts(mt: &str) -> Value {
         let path = workspace_root().join(format!("tests/fixtures/{mt}/introspection.json"));
         serde_json::from_str(&std::fs::read_to_string(path).expect("committed facts"))
@@ -1050,26 +1054,165 @@ mod generator_tests {
     }
 
     /// DeepSeek-V2: latent attention with a plain `q_proj` (its fixtures' `q_lora_rank` is
-    /// null) and `shared_experts` read as the block's shared expert; its grouped, scaled
-    /// routing is what stops the generator.
+    /// null), `shared_experts` read as the block's shared expert, and its routing read from
+    /// the routing probes: softmax scores, group-limited (by each group's best) only when
+    /// `topk_method` is `group_limited_greedy`, never renormalized whatever
+    /// `norm_topk_prob` says, scaled by `routed_scaling_factor`.
     #[test]
-    fn deepseek_v2_latent_attention_and_shared_experts_are_read_and_routing_is_the_gap() {
+    fn deepseek_v2_routing_is_read_from_what_its_router_computed() {
+        use routing::{GroupScore, Groups, Routing, Rule, Scores};
         let facts = facts("deepseek_v2");
-        let plan = plan::plan(&facts, "deepseek_v2");
+        let mut plan = plan::plan(&facts, "deepseek_v2");
         assert!(plan.mla.is_some());
         assert!(plan.renames.contains(&(
             "mlp.shared_experts".to_owned(),
             "mlp.shared_expert".to_owned()
         )));
-        assert_eq!(plan.moe.as_ref().and_then(|m| m.shared_expert), Some(false));
-        assert!(!plan.gaps.is_empty());
+        assert!(plan.gaps.is_empty(), "{:?}", plan.gaps);
+        let moe = plan.moe.clone().expect("experts");
+        assert_eq!(moe.shared_expert, Some(false));
+        assert_eq!(
+            moe.routing,
+            Some(Routing {
+                scores: Scores::Softmax,
+                correction_bias: None,
+                groups: Groups::ByField {
+                    field: "topk_method".into(),
+                    values: vec![
+                        ("greedy".into(), None),
+                        ("group_limited_greedy".into(), Some(GroupScore::Max)),
+                    ],
+                },
+                normalize: Rule::Never,
+                scaled_by: Some("routed_scaling_factor".into()),
+            })
+        );
+        assert!(moe.dense_layers && moe.layer_types_dense_prefix.is_none());
+        // Its fixtures (group-limited, scaled by 16) verify it...
+        let fixtures = fixtures("deepseek_v2");
+        let found = search(&plan, &fixtures).expect("search runs");
+        let choice = found.chosen.expect("a candidate passes every fixture");
+        // ...and each routing option left out fails at the first sparse layer.
+        let faults: [Fault<Routing>; 2] = [
+            ("scale ignored", |r| r.scaled_by = None),
+            ("groups ignored", |r| r.groups = Groups::Fixed(None)),
+        ];
+        for (fault, apply) in faults {
+            let mut broken = plan.clone();
+            apply(broken.moe.as_mut().unwrap().routing.as_mut().unwrap());
+            broken.choices = vec![choice.clone()];
+            let failed = search(&broken, &fixtures).expect("search runs");
+            assert!(failed.chosen.is_none(), "{fault}");
+            let failure = &failed.tried[0].1[0];
+            eprintln!("deepseek_v2, {fault}: {failure}");
+            assert!(
+                failure.contains("first bad tensor `layers.1`"),
+                "{fault}: {failure}"
+            );
+        }
+        plan.settle(&choice);
+        let source = codegen::module_source(&plan, &choice);
+        assert!(source.contains("\"group_limited_greedy\" => Some(ExpertGroups {"));
+        assert!(source.contains("normalize: false"));
+    }
+
+    /// A router whose recorded weights no routing reproduces (here one weight of one probe
+    /// halved) is a gap that says so, not a guess.
+    #[test]
+    fn routing_no_rule_reproduces_is_a_gap() {
+        let mut facts = facts("deepseek_v2");
+        let w = &mut facts["routing_probes"][1]["weights"][0][0];
+        *w = serde_json::json!(w.as_f64().unwrap() / 2.0);
+        let plan = plan::plan(&facts, "deepseek_v2");
+        assert!(plan.moe.expect("experts").routing.is_none());
         assert!(
             plan.gaps
                 .iter()
-                .all(|g| g.contains("grouped or scaled routing")),
+                .any(|g| g.contains("match no routing the block computes")),
             "{:?}",
             plan.gaps
         );
+    }
+
+    /// GLM-4.7-Flash: DeepSeek-V3's routing (sigmoid scores chosen with the correction
+    /// bias among the best groups by their two best, renormalized when `norm_topk_prob`,
+    /// scaled) read from the probes, and its sparse layers from `mlp_layer_types`, whose
+    /// derived default (first layer dense) the class showed for 12 layers.
+    #[test]
+    fn glm4_moe_lite_routing_and_mlp_layer_types_are_read_and_verify() {
+        use routing::{GroupScore, Groups, Routing, Rule, Scores};
+        let facts = facts("glm4_moe_lite");
+        let plan = plan::plan(&facts, "glm4_moe_lite");
+        assert!(plan.gaps.is_empty(), "{:?}", plan.gaps);
+        let moe = plan.moe.clone().expect("experts");
+        assert_eq!(
+            moe.routing,
+            Some(Routing {
+                scores: Scores::Sigmoid,
+                correction_bias: Some("e_score_correction_bias".into()),
+                groups: Groups::Fixed(Some(GroupScore::TopTwoSum)),
+                normalize: Rule::Field("norm_topk_prob".into()),
+                scaled_by: Some("routed_scaling_factor".into()),
+            })
+        );
+        assert_eq!(moe.layer_types_dense_prefix, Some(1));
+        let fixtures = fixtures("glm4_moe_lite");
+        let found = search(&plan, &fixtures).expect("search runs");
+        let choice = found.chosen.expect("a candidate passes every fixture");
+        let faults: [Fault<plan::MoePlan>; 4] = [
+            ("scale ignored", |m| {
+                m.routing.as_mut().unwrap().scaled_by = None
+            }),
+            ("correction bias ignored", |m| {
+                m.routing.as_mut().unwrap().correction_bias = None
+            }),
+            ("softmax scores", |m| {
+                m.routing.as_mut().unwrap().scores = Scores::Softmax
+            }),
+            ("every layer sparse", |m| m.layer_types_dense_prefix = None),
+        ];
+        for (fault, apply) in faults {
+            let mut broken = plan.clone();
+            apply(broken.moe.as_mut().unwrap());
+            broken.choices = vec![choice.clone()];
+            let failed = search(&broken, &fixtures).expect("search runs");
+            assert!(failed.chosen.is_none(), "{fault}");
+            let failure = &failed.tried[0].1[0];
+            eprintln!("glm4_moe_lite, {fault}: {failure}");
+        }
+    }
+
+    /// dots1, ported with no edit: the routing of DeepSeek-V3 on ordinary attention, its
+    /// sliding layers from `max_window_layers` whenever `sliding_window` is set.
+    #[test]
+    fn dots1_regenerates_exactly_with_grouped_sigmoid_routing() {
+        let (plan, _, source) = regenerate("dots1");
+        let routing = plan.moe.and_then(|m| m.routing).expect("routing");
+        assert_eq!(routing.scores, routing::Scores::Sigmoid);
+        assert_eq!(
+            plan.layer_rule,
+            mlx_models::family::LayerRule::FromMaxWindowLayersWhenSet
+        );
+        assert!(source.contains("correction_bias: true"));
+        // The renormalization the `routing` fixture flips, seeded: always off.
+        let mut broken = plan::plan(&facts("dots1"), "dots1");
+        let fixtures = fixtures("dots1");
+        let choice = search(&broken, &fixtures)
+            .expect("runs")
+            .chosen
+            .expect("passes");
+        broken
+            .moe
+            .as_mut()
+            .unwrap()
+            .routing
+            .as_mut()
+            .unwrap()
+            .normalize = routing::Rule::Never;
+        broken.choices = vec![choice];
+        let failed = search(&broken, &fixtures).expect("search runs");
+        assert!(failed.chosen.is_none());
+        eprintln!("dots1, renormalization ignored: {}", failed.tried[0].1[0]);
     }
 
     #[test]
@@ -1147,6 +1290,11 @@ mod generator_tests {
             };
             // rustfmt may break the call over lines.
             let compact: String = module.split_whitespace().collect();
+            // A module that takes another family's settings (GLM-4.7-Flash: DeepSeek-V3's)
+            // reads its layers there.
+            if !compact.contains("d.layers(") && !compact.contains("letrule=") {
+                continue;
+            }
             let call: String = format!("d.layers({expr},").split_whitespace().collect();
             // or through a variable (Qwen2-MoE's `let rule = …;`)
             let named = format!("letrule={expr};");
@@ -1509,9 +1657,14 @@ mod generator_tests {
         let plan = plan::plan(&facts, "x");
         let moe = plan.moe.expect("the experts of layer 1");
         assert_eq!(moe.shared_expert, Some(true));
+        // No field of Qwen2-MoE's keeps layer 0 dense: the layers the tiny model built
+        // with experts are not the ones the config says.
         assert_eq!(
             plan.gaps,
-            ["parameter `model.layers.1.mlp.gate.e_score_correction_bias` is taken by no known block"]
+            [
+                "parameter `model.layers.1.mlp.gate.e_score_correction_bias` is taken by no known block",
+                "the tiny model has experts on layers [1]; the config's fields say [0, 1]"
+            ]
         );
     }
 

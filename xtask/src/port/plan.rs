@@ -136,6 +136,12 @@ pub struct MoePlan {
     /// The config has fields that keep some layers dense (`decoder_sparse_step`,
     /// `mlp_only_layers`, `first_k_dense_replace`).
     pub dense_layers: bool,
+    /// The routing Transformers' router computed (the routing probes), where they were
+    /// recorded: softmax top-k, renormalized as `normalize_field` says, without them.
+    pub routing: Option<super::routing::Routing>,
+    /// The layers' kinds come from `mlp_layer_types`; without the list, the first `.0`
+    /// layers are dense (the list Transformers derives).
+    pub layer_types_dense_prefix: Option<usize>,
 }
 
 /// The config fields [`mlx_models::family::MoeConfig`] reads (aliases included).
@@ -155,6 +161,7 @@ pub const MOE_FIELDS: &[&str] = &[
     "routed_scaling_factor",
     "n_group",
     "topk_group",
+    "mlp_layer_types",
 ];
 
 /// Multi-head latent attention ([`mlx_models::mla::LatentAttention`]): a low-rank query
@@ -1030,7 +1037,12 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         ));
     }
 
-    // A mixture of experts in place of the MLP.
+    // A mixture of experts in place of the MLP: how its router routes, from the probes.
+    let routing = super::routing::decide(facts.value);
+    let routing_vector = routing
+        .as_ref()
+        .ok()
+        .and_then(|r| r.as_ref()?.correction_bias.clone());
     // The first layer with experts (DeepSeek-style families keep the first ones dense).
     let sparse_layer: BTreeMap<&str, &Vec<i64>> = params
         .keys()
@@ -1055,13 +1067,16 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
                         | "shared_expert.up_proj.weight"
                         | "shared_expert.down_proj.weight"
                         | "shared_expert_gate.weight"
-                ) || rest.strip_prefix("experts.").is_some_and(|r| {
-                    r.split_once('.').is_some_and(|(i, p)| {
-                        i.parse::<usize>().is_ok()
-                            && ["gate_proj.weight", "up_proj.weight", "down_proj.weight"]
-                                .contains(&p)
+                ) || routing_vector
+                    .as_ref()
+                    .is_some_and(|v| rest.strip_prefix("gate.") == Some(v.as_str()))
+                    || rest.strip_prefix("experts.").is_some_and(|r| {
+                        r.split_once('.').is_some_and(|(i, p)| {
+                            i.parse::<usize>().is_ok()
+                                && ["gate_proj.weight", "up_proj.weight", "down_proj.weight"]
+                                    .contains(&p)
+                        })
                     })
-                })
             };
             for name in params.keys() {
                 if name.strip_prefix(&prefix).is_some_and(|rest| !taken(rest)) {
@@ -1077,7 +1092,7 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
                 .collect()
         })
         .unwrap_or_default();
-    let moe = moe_plan(&facts, &sparse_layer, &defaults, &mut gaps);
+    let moe = moe_plan(&facts, &sparse_layer, &defaults, routing, &mut gaps);
     if let Some(m) = &moe {
         let width = |name: &str| defaults.contains_key(name) || facts.resolved(name).is_some();
         for (names, ty, role) in [
@@ -1126,8 +1141,54 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
                 add(&mut fields, name, ty, role);
             }
         }
+        if let Some(r) = &m.routing {
+            if r.scaled_by.is_some() {
+                add(
+                    &mut fields,
+                    "routed_scaling_factor",
+                    FieldType::F64,
+                    "multiplies the chosen experts' weights",
+                );
+            }
+            if let super::routing::Groups::ByField { field, .. } = &r.groups {
+                add(
+                    &mut fields,
+                    field,
+                    FieldType::Str,
+                    "how the router chooses experts",
+                );
+            }
+            if r.groups != super::routing::Groups::Fixed(None) {
+                add(&mut fields, "n_group", FieldType::I32, "groups of experts");
+                add(
+                    &mut fields,
+                    "topk_group",
+                    FieldType::I32,
+                    "groups eligible per token",
+                );
+            }
+        }
+        if m.layer_types_dense_prefix.is_some() {
+            add(
+                &mut fields,
+                "mlp_layer_types",
+                FieldType::LayerTypes,
+                "`dense` or `sparse` per layer",
+            );
+        }
+        if let Some(r) = &m.routing {
+            decisions.push(format!(
+                "router (from the routing probes): {}",
+                r.describe()
+            ));
+        }
+        if let Some(k) = m.layer_types_dense_prefix {
+            decisions.push(format!(
+                "sparse layers: as `mlp_layer_types` lists them; without it the first {k} dense (as Transformers derives)"
+            ));
+        }
         decisions.push(format!(
-            "feed-forward: a mixture of experts (router `mlp.gate`, {} experts{}{}), softmax top-k, {}{}",
+            "feed-forward: a mixture of experts (router `mlp.gate`, {} experts{}{}), {}, {}{}",
             if sparse_layer.contains_key("mlp.experts.gate_up_proj") {
                 "stacked"
             } else {
@@ -1141,7 +1202,15 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
             if m.checkpoint_renames.is_empty() {
                 String::new()
             } else {
-                format!(", Hub checkpoints' names converted as Transformers does: {:?}", m.checkpoint_renames)
+                format!(
+                    ", Hub checkpoints' names converted as Transformers does: {:?}",
+                    m.checkpoint_renames
+                )
+            },
+            if m.routing.is_some() {
+                "routed as above"
+            } else {
+                "softmax top-k"
             },
             match &m.normalize_field {
                 Some(f) => format!("renormalized when `{f}`"),
@@ -1567,7 +1636,7 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         vec![false]
     };
     let normalize_candidates = match &moe {
-        Some(m) if m.normalize_field.is_none() => vec![true, false],
+        Some(m) if m.normalize_field.is_none() && m.routing.is_none() => vec![true, false],
         _ => vec![false],
     };
     let softcap_candidates = if attention_softcap == Scalar::None {
@@ -1831,6 +1900,7 @@ fn moe_plan(
     facts: &Facts,
     layer: &BTreeMap<&str, &Vec<i64>>,
     defaults: &BTreeMap<String, Value>,
+    routing: Result<Option<super::routing::Routing>, String>,
     gaps: &mut Vec<String>,
 ) -> Option<MoePlan> {
     let expert_params: Vec<&str> = layer
@@ -1877,20 +1947,35 @@ fn moe_plan(
             ));
         }
     }
-    // Routing the blocks do not compute for these fields.
-    for field in [
-        "n_group",
-        "topk_group",
-        "routed_scaling_factor",
-        "scoring_func",
-        "topk_method",
-    ] {
-        if has_field(field) {
-            gaps.push(format!(
-                "the router reads `{field}`: grouped or scaled routing is not generated yet"
-            ));
+    // How the router routes: from the routing probes; without them (facts recorded
+    // before), these fields say the block's softmax top-k may not be what it computes.
+    let routing = match routing {
+        Ok(Some(r)) => {
+            routing_gaps(&r, layer, gaps);
+            Some(r)
         }
-    }
+        Ok(None) => {
+            for field in [
+                "n_group",
+                "topk_group",
+                "routed_scaling_factor",
+                "scoring_func",
+                "topk_method",
+            ] {
+                if has_field(field) {
+                    gaps.push(format!(
+                        "the router reads `{field}` and no routing probe was recorded"
+                    ));
+                }
+            }
+            None
+        }
+        Err(why) => {
+            gaps.push(why);
+            None
+        }
+    };
+    let (dense_layers, layer_types_dense_prefix) = sparse_layer_rule(facts, has_field, gaps);
     let shared_expert = layer
         .contains_key("mlp.shared_expert.gate_proj.weight")
         .then(|| layer.contains_key("mlp.shared_expert_gate.weight"));
@@ -1944,15 +2029,125 @@ fn moe_plan(
         checkpoint_renames,
         projections,
         shared_expert,
-        normalize_field: has_field("norm_topk_prob").then(|| "norm_topk_prob".to_owned()),
-        dense_layers: [
+        normalize_field: match routing.as_ref().map(|r| &r.normalize) {
+            Some(super::routing::Rule::Field(f)) => Some(f.clone()),
+            Some(_) => None,
+            None => has_field("norm_topk_prob").then(|| "norm_topk_prob".to_owned()),
+        },
+        dense_layers,
+        routing,
+        layer_types_dense_prefix,
+    })
+}
+
+/// What a decided routing needs that the block or [`mlx_models::family::MoeConfig`] does
+/// not have: a correction vector under another name than the router loads, group sizes
+/// under other fields.
+fn routing_gaps(
+    r: &super::routing::Routing,
+    layer: &BTreeMap<&str, &Vec<i64>>,
+    gaps: &mut Vec<String>,
+) {
+    if let Some(v) = &r.correction_bias {
+        if v != "e_score_correction_bias" {
+            gaps.push(format!(
+                "the router's vector `{v}` is added to its scores: the block loads `e_score_correction_bias`"
+            ));
+        } else if !layer.contains_key(format!("mlp.gate.{v}").as_str()) {
+            gaps.push(format!(
+                "the router adds `{v}`, which the checkpoint does not carry as `mlp.gate.{v}`"
+            ));
+        }
+    }
+}
+
+/// Which layers have experts: `(dense_layers, layer_types_dense_prefix)` for
+/// [`MoePlan`]. A per-layer list of `dense`/`sparse` that the class derives when the
+/// config leaves it null (`mlp_layer_types`) names them, the derived list (12 layers)
+/// giving the default; else `decoder_sparse_step`, `mlp_only_layers`,
+/// `first_k_dense_replace` where the class has them. Either way the rule must give the
+/// layers the tiny model built with experts, or it is a gap.
+fn sparse_layer_rule(
+    facts: &Facts,
+    has_field: impl Fn(&str) -> bool,
+    gaps: &mut Vec<String>,
+) -> (bool, Option<usize>) {
+    let resolved = facts.value.get("resolved_config");
+    let layers = resolved
+        .and_then(|r| r.get("num_hidden_layers"))
+        .and_then(Value::as_u64)
+        .unwrap_or(0) as usize;
+    let params = facts.parameters();
+    let built: Vec<bool> = (0..layers)
+        .map(|i| {
+            let layer = format!("model.layers.{i}.");
+            params.keys().any(|n| {
+                n.strip_prefix(&layer)
+                    .and_then(|rest| rest.split_once('.'))
+                    .is_some_and(|(_, rest)| rest.starts_with("experts"))
+            })
+        })
+        .collect();
+    let derived = facts
+        .value
+        .get("derived_layer_lists")
+        .and_then(Value::as_object)
+        .and_then(|d| d.get("mlp_layer_types"))
+        .and_then(Value::as_array);
+    let (rule, predicted): (_, Vec<bool>) = if let Some(list) = derived {
+        let kinds: Vec<&str> = list.iter().filter_map(Value::as_str).collect();
+        let prefix = kinds.iter().take_while(|k| **k == "dense").count();
+        if kinds[prefix..].iter().any(|k| *k != "sparse") {
+            gaps.push(format!(
+                "`mlp_layer_types` defaults to {kinds:?}: not dense layers then sparse ones"
+            ));
+        }
+        let listed: Option<Vec<bool>> = resolved
+            .and_then(|r| r.get("mlp_layer_types"))
+            .and_then(Value::as_array)
+            .map(|l| l.iter().map(|k| k.as_str() == Some("sparse")).collect());
+        (
+            (false, Some(prefix)),
+            listed.unwrap_or_else(|| (0..layers).map(|i| i >= prefix).collect()),
+        )
+    } else {
+        let get = |n: &str| resolved.and_then(|r| r.get(n));
+        let step = get("decoder_sparse_step")
+            .and_then(Value::as_u64)
+            .unwrap_or(1)
+            .max(1) as usize;
+        let first = get("first_k_dense_replace")
+            .and_then(Value::as_u64)
+            .unwrap_or(0) as usize;
+        let only: Vec<u64> = get("mlp_only_layers")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(Value::as_u64).collect())
+            .unwrap_or_default();
+        let dense = [
             "decoder_sparse_step",
             "mlp_only_layers",
             "first_k_dense_replace",
         ]
         .iter()
-        .any(|f| has_field(f)),
-    })
+        .any(|f| has_field(f));
+        (
+            (dense, None),
+            (0..layers)
+                .map(|i| {
+                    !dense
+                        || !only.contains(&(i as u64)) && i >= first && (i + 1).is_multiple_of(step)
+                })
+                .collect(),
+        )
+    };
+    if predicted != built {
+        gaps.push(format!(
+            "the tiny model has experts on layers {:?}; the config's fields say {:?}",
+            (0..layers).filter(|&i| built[i]).collect::<Vec<_>>(),
+            (0..layers).filter(|&i| predicted[i]).collect::<Vec<_>>()
+        ));
+    }
+    rule
 }
 
 /// Multi-head latent attention in layer 0, if its attention has the latent projections:
@@ -2138,6 +2333,7 @@ fn derive_layer_rule(
             LayerRule::WithoutRope,
             LayerRule::AllWhenEnabled,
             LayerRule::AlternateBelowMaxWindowLayers,
+            LayerRule::FromMaxWindowLayersWhenSet,
         ]
         .into_iter()
         .filter(|rule| {

@@ -1,0 +1,403 @@
+//! How a mixture of experts routes, read from what Transformers' router computed.
+//!
+//! introspect.py records, for a few settings of the routing fields (`routed_scaling_factor`,
+//! `n_group`/`topk_group`, each `norm_topk_prob`, each value a string field is compared
+//! with), the router's logits, its extra vectors (a score-correction bias) and the experts
+//! and weights it chose ([`RoutingProbe`]). [`decide`] finds the simplest rule, in terms of
+//! [`mlx_models::moe::RouterSettings`], that reproduces every probe: the routing the block
+//! computes is replayed here in f64, so a rule is taken only where the block would choose
+//! the same experts with the same weights.
+
+use serde_json::Value;
+use std::collections::BTreeMap;
+
+/// What one routing probe recorded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoutingProbe {
+    /// The fields set for the probe (over the tiny config).
+    pub config: BTreeMap<String, Value>,
+    /// `[tokens][experts]`.
+    pub logits: Vec<Vec<f64>>,
+    /// The router's vectors beside its weight (`e_score_correction_bias`).
+    pub vectors: BTreeMap<String, Vec<f64>>,
+    /// `[tokens][top_k]`, in any order.
+    pub indices: Vec<Vec<usize>>,
+    pub weights: Vec<Vec<f64>>,
+}
+
+/// The probes of `facts["routing_probes"]` that ran (none for facts recorded before them).
+pub fn probes(facts: &Value) -> Vec<RoutingProbe> {
+    let floats =
+        |v: &Value| -> Option<Vec<f64>> { v.as_array()?.iter().map(Value::as_f64).collect() };
+    let rows = |v: Option<&Value>| -> Option<Vec<Vec<f64>>> {
+        v?.as_array()?.iter().map(floats).collect()
+    };
+    facts
+        .get("routing_probes")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter(|p| p.get("error").is_none())
+        .filter_map(|p| {
+            Some(RoutingProbe {
+                config: p.get("config")?.as_object()?.clone().into_iter().collect(),
+                logits: rows(p.get("logits"))?,
+                vectors: p
+                    .get("vectors")?
+                    .as_object()?
+                    .iter()
+                    .map(|(k, v)| Some((k.clone(), floats(v)?)))
+                    .collect::<Option<_>>()?,
+                indices: rows(p.get("indices"))?
+                    .into_iter()
+                    .map(|r| r.into_iter().map(|i| i as usize).collect())
+                    .collect(),
+                weights: rows(p.get("weights"))?,
+            })
+        })
+        .collect()
+}
+
+/// How the experts' scores come from the logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scores {
+    Softmax,
+    Sigmoid,
+}
+
+/// How a group of experts is scored for the group-limited choice
+/// ([`mlx_models::moe::GroupScore`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupScore {
+    Max,
+    TopTwoSum,
+}
+
+/// Whether a rule holds always, never, or as a config field says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rule {
+    Never,
+    Always,
+    Field(String),
+}
+
+/// Group-limited choice among `n_group` groups of experts (`topk_group` eligible).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Groups {
+    /// The same for every config (`None`: no groups).
+    Fixed(Option<GroupScore>),
+    /// Chosen by a string field's value (DeepSeek-V2's `topk_method`).
+    ByField {
+        field: String,
+        values: Vec<(String, Option<GroupScore>)>,
+    },
+}
+
+/// The routing the probes show, as the block computes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Routing {
+    pub scores: Scores,
+    /// The router's vector added to the scores for choosing (`e_score_correction_bias`).
+    pub correction_bias: Option<String>,
+    pub groups: Groups,
+    /// Renormalize the chosen weights.
+    pub normalize: Rule,
+    /// The field that multiplies the chosen weights (`routed_scaling_factor`).
+    pub scaled_by: Option<String>,
+}
+
+impl Routing {
+    /// One line for the report.
+    pub fn describe(&self) -> String {
+        let groups = match &self.groups {
+            Groups::Fixed(None) => "top-k over all experts".to_owned(),
+            Groups::Fixed(Some(g)) => {
+                format!("top-k within the `topk_group` best of `n_group` groups (scored by {g:?})")
+            }
+            Groups::ByField { field, values } => format!(
+                "per `{field}`: {}",
+                values
+                    .iter()
+                    .map(|(v, g)| match g {
+                        None => format!("`{v}` top-k over all experts"),
+                        Some(g) => format!("`{v}` group-limited (groups scored by {g:?})"),
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        };
+        format!(
+            "{:?} scores{}, {groups}, renormalized {}, {}",
+            self.scores,
+            match &self.correction_bias {
+                Some(b) => format!(" chosen with `{b}` added"),
+                None => String::new(),
+            },
+            match &self.normalize {
+                Rule::Never => "never".to_owned(),
+                Rule::Always => "always".to_owned(),
+                Rule::Field(f) => format!("when `{f}`"),
+            },
+            match &self.scaled_by {
+                Some(f) => format!("weights times `{f}`"),
+                None => "weights unscaled".to_owned(),
+            }
+        )
+    }
+}
+
+/// One probe's settings under a rule, as [`mlx_models::moe::Router::route`] reads them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Settings {
+    scores: Scores,
+    bias: bool,
+    groups: Option<(GroupScore, usize, usize)>,
+    normalize: bool,
+    scale: f64,
+}
+
+fn softmax(x: &[f64]) -> Vec<f64> {
+    let max = x.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let e: Vec<f64> = x.iter().map(|v| (v - max).exp()).collect();
+    let sum: f64 = e.iter().sum();
+    e.into_iter().map(|v| v / sum).collect()
+}
+
+/// The indices of the `k` largest, best first.
+fn top_k(x: &[f64], k: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..x.len()).collect();
+    order.sort_by(|&a, &b| x[b].total_cmp(&x[a]));
+    order.truncate(k);
+    order
+}
+
+/// `x` with the experts outside the `top` best of `groups` groups set to `masked`.
+fn mask_groups(x: &[f64], score: GroupScore, groups: usize, top: usize, masked: f64) -> Vec<f64> {
+    if groups <= 1 || top >= groups || !x.len().is_multiple_of(groups) {
+        return x.to_vec();
+    }
+    let size = x.len() / groups;
+    let scores: Vec<f64> = x
+        .chunks(size)
+        .map(|g| match score {
+            GroupScore::Max => g.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+            GroupScore::TopTwoSum => top_k(g, 2).iter().map(|&i| g[i]).sum(),
+        })
+        .collect();
+    let kept = top_k(&scores, top);
+    x.iter()
+        .enumerate()
+        .map(|(i, &v)| {
+            if kept.contains(&(i / size)) {
+                v
+            } else {
+                masked
+            }
+        })
+        .collect()
+}
+
+/// The experts and weights the block chooses for one token.
+fn route(logits: &[f64], bias: Option<&[f64]>, s: Settings, k: usize) -> Vec<(usize, f64)> {
+    let with_bias = |x: &[f64]| -> Vec<f64> {
+        match bias.filter(|_| s.bias) {
+            Some(b) => x.iter().zip(b).map(|(v, b)| v + b).collect(),
+            None => x.to_vec(),
+        }
+    };
+    let chosen: Vec<(usize, f64)> = match s.scores {
+        Scores::Softmax if s.normalize => {
+            let indices = top_k(logits, k);
+            let picked: Vec<f64> = indices.iter().map(|&i| logits[i]).collect();
+            indices.into_iter().zip(softmax(&picked)).collect()
+        }
+        Scores::Softmax => {
+            let mut probs = softmax(logits);
+            if let Some((g, n, top)) = s.groups {
+                probs = mask_groups(&probs, g, n, top, 0.0);
+            }
+            top_k(&with_bias(&probs), k)
+                .into_iter()
+                .map(|i| (i, probs[i]))
+                .collect()
+        }
+        Scores::Sigmoid => {
+            let scores: Vec<f64> = logits.iter().map(|v| 1.0 / (1.0 + (-v).exp())).collect();
+            let mut choice = with_bias(&scores);
+            if let Some((g, n, top)) = s.groups {
+                choice = mask_groups(&choice, g, n, top, f64::NEG_INFINITY);
+            }
+            let picked: Vec<(usize, f64)> = top_k(&choice, k)
+                .into_iter()
+                .map(|i| (i, scores[i]))
+                .collect();
+            let sum: f64 = picked.iter().map(|p| p.1).sum::<f64>() + 1e-20;
+            picked
+                .into_iter()
+                .map(|(i, w)| (i, if s.normalize { w / sum } else { w }))
+                .collect()
+        }
+    };
+    chosen.into_iter().map(|(i, w)| (i, w * s.scale)).collect()
+}
+
+/// How far a probe's recorded weights may be from the replay: Transformers routes in f32.
+const WEIGHT_TOLERANCE: f64 = 1e-5;
+
+/// Whether the block, with `s`, chooses the probe's experts with its weights.
+fn reproduces(p: &RoutingProbe, s: Settings) -> bool {
+    let bias = p.vectors.values().next().map(Vec::as_slice);
+    if s.bias && bias.is_none() {
+        return false;
+    }
+    p.logits
+        .iter()
+        .zip(&p.indices)
+        .zip(&p.weights)
+        .all(|((l, idx), w)| {
+            let mut got = route(l, bias, s, idx.len());
+            let mut want: Vec<(usize, f64)> = idx.iter().copied().zip(w.iter().copied()).collect();
+            got.sort_by_key(|p| p.0);
+            want.sort_by_key(|p| p.0);
+            got.len() == want.len()
+                && got.iter().zip(&want).all(|(a, b)| {
+                    a.0 == b.0 && (a.1 - b.1).abs() <= WEIGHT_TOLERANCE * b.1.abs().max(1.0)
+                })
+        })
+}
+
+fn value_f64(p: &RoutingProbe, facts: &Value, name: &str) -> Option<f64> {
+    p.config
+        .get(name)
+        .or_else(|| facts.get("resolved_config")?.get(name))
+        .and_then(Value::as_f64)
+}
+
+fn value_bool(p: &RoutingProbe, facts: &Value, name: &str) -> Option<bool> {
+    p.config
+        .get(name)
+        .or_else(|| facts.get("resolved_config")?.get(name))
+        .and_then(Value::as_bool)
+}
+
+/// The simplest routing that reproduces every probe (`Ok(None)` where there are none), or
+/// why none does.
+pub fn decide(facts: &Value) -> Result<Option<Routing>, String> {
+    let probes = probes(facts);
+    if probes.is_empty() {
+        return Ok(None);
+    }
+    let bias_name = probes[0].vectors.keys().next().cloned();
+    // The string fields the probes vary, with their values in probe order.
+    let mut strings: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for p in &probes {
+        for (k, v) in &p.config {
+            if let Some(v) = v.as_str() {
+                let values = strings.entry(k.clone()).or_default();
+                if !values.iter().any(|x| x == v) {
+                    values.push(v.to_owned());
+                }
+            }
+        }
+    }
+    let options = [None, Some(GroupScore::Max), Some(GroupScore::TopTwoSum)];
+    let mut group_rules: Vec<Groups> = options.iter().map(|&g| Groups::Fixed(g)).collect();
+    for (field, values) in &strings {
+        // Every assignment of a group option to each value.
+        let mut assignments: Vec<Vec<(String, Option<GroupScore>)>> = vec![Vec::new()];
+        for v in values {
+            assignments = assignments
+                .into_iter()
+                .flat_map(|a| {
+                    options.iter().map(move |&g| {
+                        let mut a = a.clone();
+                        a.push((v.clone(), g));
+                        a
+                    })
+                })
+                .collect();
+        }
+        group_rules.extend(assignments.into_iter().map(|values| Groups::ByField {
+            field: field.clone(),
+            values,
+        }));
+    }
+    let normalize_rules = [
+        Rule::Never,
+        Rule::Field("norm_topk_prob".to_owned()),
+        Rule::Always,
+    ];
+    let scale_field = "routed_scaling_factor";
+    for scores in [Scores::Softmax, Scores::Sigmoid] {
+        for bias in [None, bias_name.clone()] {
+            if bias.is_some() && bias_name.is_none() {
+                continue;
+            }
+            for groups in &group_rules {
+                for normalize in &normalize_rules {
+                    for scaled_by in [None, Some(scale_field.to_owned())] {
+                        let fits = probes.iter().all(|p| {
+                            let normalize = match normalize {
+                                Rule::Never => Some(false),
+                                Rule::Always => Some(true),
+                                Rule::Field(f) => value_bool(p, facts, f),
+                            };
+                            let group = match groups {
+                                Groups::Fixed(g) => Some(*g),
+                                Groups::ByField { field, values } => {
+                                    let v = p.config.get(field).and_then(Value::as_str);
+                                    values
+                                        .iter()
+                                        .find(|(x, _)| Some(x.as_str()) == v)
+                                        .map(|x| x.1)
+                                }
+                            };
+                            let sizes = (
+                                value_f64(p, facts, "n_group"),
+                                value_f64(p, facts, "topk_group"),
+                            );
+                            let groups = match (group, sizes) {
+                                (Some(None), _) => Some(None),
+                                (Some(Some(g)), (Some(n), Some(t))) => {
+                                    Some(Some((g, n as usize, t as usize)))
+                                }
+                                _ => None,
+                            };
+                            let scale = match &scaled_by {
+                                None => Some(1.0),
+                                Some(f) => value_f64(p, facts, f),
+                            };
+                            match (normalize, groups, scale) {
+                                (Some(normalize), Some(groups), Some(scale)) => reproduces(
+                                    p,
+                                    Settings {
+                                        scores,
+                                        bias: bias.is_some(),
+                                        groups,
+                                        normalize,
+                                        scale,
+                                    },
+                                ),
+                                _ => false,
+                            }
+                        });
+                        if fits {
+                            return Ok(Some(Routing {
+                                scores,
+                                correction_bias: bias,
+                                groups: groups.clone(),
+                                normalize: normalize.clone(),
+                                scaled_by,
+                            }));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Err(format!(
+        "the router's choices in {} probes match no routing the block computes (softmax or \
+         sigmoid scores, correction bias, group-limited top-k, renormalization, scaling)",
+        probes.len()
+    ))
+}
