@@ -295,7 +295,11 @@ impl DecoderSettings {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LayerType {
+    /// Also read as `global` (GPT-Neo's `attention_layers`).
+    #[serde(alias = "global")]
     FullAttention,
+    /// Also read as `local` (GPT-Neo's `attention_layers`).
+    #[serde(alias = "local")]
     SlidingAttention,
     /// Chunked local attention (Llama 4); the family sets the chunk.
     ChunkedAttention,

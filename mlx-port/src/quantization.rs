@@ -57,6 +57,7 @@ pub const BOUNDS: &[(&str, f32, f32)] = &[
     ("glm4_moe_lite", 0.025, 0.51),    // measured 0.0198, 0.403
     ("gpt2", 0.039, 0.42),             // measured 0.031, 0.331
     ("gpt_bigcode", 0.031, 0.43),      // measured 0.0242, 0.337
+    ("gpt_neo", 0.043, 0.59),          // measured 0.0342, 0.465
     ("gpt_neox", 0.022, 0.34),         // measured 0.0171, 0.269
     ("gpt_oss", 0.035, 0.61),          // measured 0.0277, 0.483
     ("granite", 0.064, 0.78),          // measured 0.0507, 0.622

@@ -360,6 +360,7 @@ def small_config(model_type: str, fields: dict, attribute_map: dict) -> dict:
         kinds = list(dict.fromkeys(full_size))
         if len(kinds) > 1 and len(set(tiny)) < len(kinds):
             config["layer_types"] = [kinds[i % len(kinds)] for i in range(config["num_hidden_layers"])]
+    config = probes.fit_layer_patterns(model_type, config, build_config)
     return mix_layer_kinds(model_type, fields, config)
 
 
@@ -858,8 +859,13 @@ def propose_variants(model_type: str, fields: dict, small: dict, resolved, rotar
             overrides["rope_parameters"].update(own_keys)
             add(name, summary, overrides, "hub")
 
+    hub, summary = {}, ""
+    width = fields.get("intermediate_size")
+    if width is not None and width["default"] is None and small.get("intermediate_size") is not None:
+        # GPT-Neo's checkpoints: a null MLP width, which the model derives from hidden_size.
+        hub, summary = {"intermediate_size": None}, ", intermediate_size null as the class's default"
     add("hub", "As default, with the config.json the family's checkpoints on the Hub carry (see to_hub_style in "
-        "export_fixtures.py).", {}, "hub")
+        f"export_fixtures.py){summary}.", hub, "hub")
 
     softcaps = [name for name in SOFTCAP_VALUES if name in fields]
     if softcaps:
@@ -937,6 +943,24 @@ def assign_seeds(spec: dict, check: bool) -> None:
 # --------------------------------------------------------------------------- main
 
 
+def sliding_window_under_own_name(architecture: str, model_type: str, small: dict, fields: dict):
+    """The field that sets a sliding window in a family whose class has no `sliding_window`
+    (GPT-Neo's `window_size`), found by what the attention computes (see
+    probes.window_field); None where there is none or the class has `sliding_window`."""
+    if "sliding_window" in fields:
+        return None
+    return probes.window_field(architecture, small, build_config, tiny_model, model_type, fields, SLIDING_WINDOW)
+
+
+def reached_layer_types(model, window):
+    """The tiny model's layer types from what its attention reaches, for a family whose
+    window field was found (it has no `layer_types`), else None."""
+    if window is None:
+        return None
+    reach = probes.attention_reach(model, model.config.vocab_size)
+    return probes.reach_layer_types(reach) if reach else None
+
+
 def introspect(model_type: str, config_override: dict | None, replace: bool, check_seeds: bool):
     import transformers
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
@@ -957,6 +981,9 @@ def introspect(model_type: str, config_override: dict | None, replace: bool, che
     small = learned_positions_size(architecture, model_type, small, dict(config_class.attribute_map))
     small = dict(sorted(small.items()))
     small = runnable_kv_heads(architecture, model_type, small)
+    window = sliding_window_under_own_name(architecture, model_type, small, fields)
+    if window is not None:
+        small = dict(sorted({**small, window: SLIDING_WINDOW}.items()))
     resolved = build_config(model_type, small)
     model = tiny_model(architecture, resolved)
     rotary = rotary_facts(model, model_type, small)
@@ -992,9 +1019,21 @@ def introspect(model_type: str, config_override: dict | None, replace: bool, che
         "modules": modules(model),
         "structure": structure(model),
         "saved_names": saved_names(model),
-        "layer_types": jsonable(getattr(resolved, "layer_types", None)),
+        "layer_types": jsonable(getattr(resolved, "layer_types", None)) or reached_layer_types(model, window),
+        "window_field": window,
+        "per_layer_field": probes.per_layer_field(resolved, probes.attention_reach(model, resolved.vocab_size))
+        if window is not None
+        else None,
+        "null_width_per_hidden": probes.null_width_per_hidden(architecture, small, build_config, tiny_model, model_type, fields),
         "rotary": rotary,
-        "layer_type_probes": probes.layer_type_probes(config_class, fields),
+        "layer_type_probes": probes.layer_type_probes(config_class, fields)
+        or (
+            probes.reached_layer_type_probes(
+                architecture, small, build_config, tiny_model, model_type, window, SLIDING_WINDOW, probes.PROBE_LAYERS
+            )
+            if window is not None
+            else []
+        ),
         "legacy_fields": probes.legacy_fields(config_class, fields),
         "default_theta": jsonable(getattr(config_class, "default_theta", None)),
         "no_rope_probes": probes.no_rope_probes(config_class, fields),

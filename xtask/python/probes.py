@@ -549,3 +549,159 @@ def derived_layer_lists(config_class, fields):
         ):
             found[name] = list(value)
     return found
+
+
+# --------------------------------------------------------------------------- attention reach
+
+# Tokens of the prompt the attention reach is measured on.
+REACH_PROMPT = 16
+
+
+def attention_reach(model, vocab_size):
+    """Per decoder layer, how many tokens (itself included) a query sees, measured on the
+    attention weights Transformers computes (eager): None where the last query sees the
+    whole REACH_PROMPT-token prompt, else the window. A family whose config has no
+    `layer_types` but whose layers slide (GPT-Neo's `attention_types`) shows it here."""
+    import torch
+
+    before = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    ids = (torch.arange(REACH_PROMPT)[None] * 7 + 3) % vocab_size
+    try:
+        with torch.no_grad():
+            out = model(input_ids=ids, output_attentions=True)
+    finally:
+        model.set_attn_implementation(before)
+    reach = []
+    for weights in out.attentions or []:
+        if weights is None:
+            return None
+        seen = weights[0].abs().amax(0)[-1] > 0  # the last query, over all heads
+        width = REACH_PROMPT - int(seen.nonzero()[0, 0])
+        reach.append(None if width == REACH_PROMPT else width)
+    return reach or None
+
+
+def window_field(architecture, small, build_config, tiny_model, model_type, fields, window):
+    """The integer field that, set to `window`, makes some layer see only `window` tokens:
+    the family's sliding window under its own name (GPT-Neo's `window_size`), or None.
+    Only fields the tiny config leaves at a default larger than the prompt are tried."""
+    for name, field in sorted(fields.items()):
+        default = field.get("default")
+        if name in small or name.endswith("token_id") or isinstance(default, bool):
+            continue
+        if not isinstance(default, int) or default <= REACH_PROMPT:
+            continue
+        try:
+            config = build_config(model_type, {**small, name: window})
+            reach = attention_reach(tiny_model(architecture, config), config.vocab_size)
+        except Exception:  # noqa: BLE001 - a value the class refuses tells nothing
+            continue
+        if reach and window in reach:
+            return name
+    return None
+
+
+def reach_layer_types(reach):
+    return ["full_attention" if r is None else "sliding_attention" for r in reach]
+
+
+def reached_layer_type_probes(architecture, small, build_config, tiny_model, model_type, field, window, layers):
+    """`layer_type_probes` for a family without `layer_types`: the layer types its tiny model
+    computes (attention reach) with `layers` layers, the config's per-layer pattern fields
+    scaled to them. The probe's config names the window `sliding_window`."""
+    import transformers
+
+    own = dict(type(build_config(model_type, small)).attribute_map).get("num_hidden_layers", "num_hidden_layers")
+    # The tiny config's patterns are fitted to its own layer count: dropped, to be refitted.
+    base = {k: v for k, v in small.items() if not (isinstance(v, list) and any(isinstance(x, list) for x in v))}
+    config = fit_layer_patterns(model_type, {**base, own: layers, field: window}, build_config)
+    built = build_config(model_type, config)
+    reach = attention_reach(tiny_model(architecture, built), built.vocab_size)
+    if not reach:
+        return []
+    shown = {"num_hidden_layers": layers, "sliding_window": window}
+    return [{"config": shown, "layer_types": reach_layer_types(reach)}]
+
+
+def fit_layer_patterns(model_type, config, build_config):
+    """`config` with the counts in the class's per-layer pattern fields scaled to its layer
+    count, where the class refuses it otherwise (GPTNeoConfig expands `attention_types`
+    [[["global", "local"], 12]] to 24 layers and requires as many as `num_layers`)."""
+    try:
+        build_config(model_type, config)
+        return config
+    except Exception as error:  # noqa: BLE001
+        refusal = error
+    full = build_config(model_type, {})
+    layers = config.get("num_hidden_layers")
+    if layers is None:
+        own = dict(type(full).attribute_map).get("num_hidden_layers")
+        layers = config.get(own)
+    ratio = layers / full.num_hidden_layers
+
+    def scaled(value):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, int):
+            return max(1, round(value * ratio))
+        if isinstance(value, (list, tuple)):
+            return [scaled(v) for v in value]
+        return value
+
+    def has_count(value):
+        if isinstance(value, (list, tuple)):
+            return any(has_count(v) for v in value)
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    for name, value in sorted(full.to_dict().items()):
+        if name in config or not isinstance(value, (list, tuple)) or not has_count(value):
+            continue
+        fitted = {**config, name: scaled(value)}
+        try:
+            build_config(model_type, fitted)
+        except Exception:  # noqa: BLE001
+            continue
+        return fitted
+    raise refusal
+
+
+def null_width_per_hidden(architecture, small, build_config, tiny_model, model_type, fields):
+    """How many times hidden_size the MLP is when `intermediate_size` is null (GPT-Neo: 4),
+    read from the parameter shapes of a tiny model built so; None where the class has no
+    such field, its default is set, or the width does not follow hidden_size."""
+    field = fields.get("intermediate_size")
+    if field is None or field["default"] is not None:
+        return None
+    try:
+        config = build_config(model_type, {**small, "intermediate_size": None})
+        shapes = {n: tuple(p.shape) for n, p in tiny_model(architecture, config).state_dict().items()}
+    except Exception:  # noqa: BLE001 - a class that refuses null has no such rule
+        return None
+    base = {n: tuple(p.shape) for n, p in tiny_model(architecture, build_config(model_type, small)).state_dict().items()}
+    hidden = config.hidden_size
+    for name, shape in shapes.items():
+        if base.get(name) != shape:
+            for dim in shape:
+                if dim not in base[name] and dim % hidden == 0:
+                    return dim // hidden
+    return None
+
+
+def per_layer_field(resolved, reach):
+    """The resolved config's attribute that names each layer's attention (GPT-Neo's
+    `attention_layers`, derived from `attention_types`), where the class has no
+    `layer_types`: a list of one string per layer that tells the layers apart exactly as
+    the measured reach does; None where there is none."""
+    if not reach:
+        return None
+    kinds = reach_layer_types(reach)
+    for name, value in sorted(resolved.to_dict().items()):
+        if name == "layer_types" or not isinstance(value, (list, tuple)) or len(value) != len(kinds):
+            continue
+        if not all(isinstance(v, str) for v in value):
+            continue
+        pairs = set(zip(value, kinds))
+        if len(pairs) == len({v for v, _ in pairs}) == len({k for _, k in pairs}):
+            return name
+    return None

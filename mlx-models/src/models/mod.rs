@@ -24,6 +24,7 @@ pub mod glm4_moe;
 pub mod glm4_moe_lite;
 pub mod gpt2;
 pub mod gpt_bigcode;
+pub mod gpt_neo;
 pub mod gpt_neox;
 pub mod gpt_oss;
 pub mod granite;
@@ -112,6 +113,7 @@ pub const REGISTRY: &[(&str, Loader)] = &[
     ("gpt-sw3", family::load::<gpt2::Config>),
     ("gpt2", family::load::<gpt2::Config>),
     ("gpt_bigcode", family::load::<gpt_bigcode::Config>),
+    ("gpt_neo", family::load::<gpt_neo::Config>),
     ("gpt_neox", family::load::<gpt_neox::Config>),
     ("gpt_oss", family::load::<gpt_oss::Config>),
     ("granite", family::load::<granite::Config>),

@@ -1801,4 +1801,34 @@ mod generator_tests {
             "{failures:?}"
         );
     }
+
+    /// GPT-Neo, from its recorded introspection: the sliding window under its own name
+    /// (`window_size`) and the layers that slide (`attention_layers`) are read from the
+    /// attention reach Transformers computes; a null MLP width is 4 × hidden_size; the
+    /// projections live in the wrapped `attn.attention`.
+    #[test]
+    fn gpt_neo_window_and_layers_from_the_attention_reach() {
+        let neo = plan::plan(&facts("gpt_neo"), "gpt_neo");
+        assert!(neo
+            .aliases
+            .contains(&("sliding_window".to_owned(), "window_size".to_owned())));
+        assert!(neo
+            .aliases
+            .contains(&("layer_types".to_owned(), "attention_layers".to_owned())));
+        assert_eq!(neo.sliding_window.as_deref(), Some("sliding_window"));
+        assert!(neo.layer_types_field);
+        assert_eq!(
+            neo.layer_rule,
+            mlx_models::family::LayerRule::EveryNthFromFirst(2)
+        );
+        assert_eq!(neo.intermediate_per_hidden, Some(4));
+        assert!(neo
+            .renames
+            .contains(&("attn.attention".to_owned(), "self_attn".to_owned())));
+        assert!(neo.renames.contains(&(
+            "attn.attention.out_proj".to_owned(),
+            "self_attn.o_proj".to_owned()
+        )));
+        assert!(neo.gaps.is_empty(), "{:?}", neo.gaps);
+    }
 }

@@ -888,6 +888,19 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
             gaps.push(format!("config class has no `{name}`"));
         }
     }
+    if intermediate_per_hidden.is_none() && has_field("intermediate_size") {
+        // A null `intermediate_size` the model reads as k × hidden_size (GPT-Neo: 4).
+        intermediate_per_hidden = facts
+            .value
+            .get("null_width_per_hidden")
+            .and_then(Value::as_i64)
+            .and_then(|k| i32::try_from(k).ok());
+        if let Some(k) = intermediate_per_hidden {
+            decisions.push(format!(
+                "a null `intermediate_size` is {k} × hidden_size (measured on a model built so)"
+            ));
+        }
+    }
     if let Some(f) = fields.iter_mut().find(|f| f.name == "tie_word_embeddings") {
         if f.default.is_null() {
             f.default = facts
@@ -1488,7 +1501,40 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
             "sliding-window width",
         );
     }
-    let layer_types_field = has_field("layer_types");
+    let sliding_window = sliding_window.or_else(|| {
+        let own = window_field(facts.value).filter(|own| has_field(own))?;
+        fields.push(Field {
+            name: "sliding_window".to_owned(),
+            ty: FieldType::I32,
+            default: defaults.get(&own).cloned().unwrap_or(Value::Null),
+            nullable: facts.nullable(&own),
+            role: "sliding-window width",
+        });
+        decisions.push(format!(
+            "`sliding_window` is the config class's `{own}` (set to a few tokens, the attention \
+             Transformers computes sees only that many on some layers): read under both names"
+        ));
+        aliases.push(("sliding_window".to_owned(), own));
+        Some("sliding_window".to_owned())
+    });
+    // Each layer's attention under the class's own name (GPT-Neo's `attention_layers`):
+    // read as `layer_types` where config.json has none.
+    let per_layer = (sliding_window.is_some() && !has_field("layer_types"))
+        .then(|| facts.value.get("per_layer_field").and_then(Value::as_str))
+        .flatten()
+        .filter(|own| {
+            facts.resolved(own).is_some_and(|v| {
+                serde_json::from_value::<Vec<mlx_models::transformer::LayerType>>(v.clone()).is_ok()
+            })
+        });
+    if let Some(own) = per_layer {
+        decisions.push(format!(
+            "`layer_types` is the config's `{own}` (one entry per layer, telling apart the layers \
+             whose attention Transformers computes over a window): read under both names"
+        ));
+        aliases.push(("layer_types".to_owned(), own.to_owned()));
+    }
+    let layer_types_field = has_field("layer_types") || per_layer.is_some();
     if layer_types_field {
         add(
             &mut fields,
@@ -2307,6 +2353,15 @@ fn window_needs_enabling(facts: &Facts, defaults: &BTreeMap<String, Value>) -> b
         && unset("sliding_window")
         && unset("use_sliding_window")
         && facts.resolved("sliding_window").is_none()
+}
+
+/// The field that sets a sliding window in a class without `sliding_window` (GPT-Neo's
+/// `window_size`): introspect.py finds it by the attention reach it sets.
+fn window_field(facts: &Value) -> Option<String> {
+    facts
+        .get("window_field")
+        .and_then(Value::as_str)
+        .map(str::to_owned)
 }
 
 /// Finds the zoo's rule that reproduces every probe, if any: each is evaluated by the zoo's

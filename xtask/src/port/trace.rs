@@ -63,13 +63,31 @@ pub struct NormRoles {
 
 /// The layer's attention block when it is not called `self_attn`: the first module
 /// directly under the layer whose class is an attention (GPT-2's `attn`, GPT-NeoX's
-/// `attention`).
+/// `attention`); where that one only calls another attention (GPT-Neo's `attn` wraps
+/// `attn.attention`, which holds the projections), the inner one.
 pub fn attention_block(events: &[Event]) -> Option<String> {
-    events
+    let mut block = events
         .iter()
-        .find(|e| e.enter && !e.module.contains('.') && e.class.contains("Attention"))
-        .map(|e| e.module.clone())
-        .filter(|m| !m.is_empty() && m != "self_attn")
+        .find(|e| e.enter && !e.module.contains('.') && e.class.contains("Attention"))?
+        .module
+        .clone();
+    loop {
+        let prefix = format!("{block}.");
+        let calls: Vec<&Event> = events
+            .iter()
+            .filter(|e| {
+                e.enter
+                    && e.module
+                        .strip_prefix(&prefix)
+                        .is_some_and(|tail| !tail.contains('.'))
+            })
+            .collect();
+        match calls.as_slice() {
+            [inner] if inner.class.contains("Attention") => block = inner.module.clone(),
+            _ => break,
+        }
+    }
+    Some(block).filter(|m| !m.is_empty() && m != "self_attn")
 }
 
 /// The norms' roles (and the projections' and the attention block's names), from the
@@ -506,5 +524,39 @@ mod tests {
         before[5].checksum = Some([2.14671, 694.474843]);
         before[6].checksum = Some([-6.893695, 216.566107]);
         assert!(!norm_roles(&before).qk_after_rope);
+    }
+
+    /// An attention that only wraps another (GPT-Neo's `attn` around `attn.attention`)
+    /// stands for the inner one, which holds the projections.
+    #[test]
+    fn a_wrapping_attention_is_read_through() {
+        let trace = [
+            event(true, "ln_1", "LayerNorm", [1.0, 2.0]),
+            event(false, "ln_1", "LayerNorm", [3.0, 4.0]),
+            event(true, "attn", "GPTNeoAttention", [3.0, 4.0]),
+            event(true, "attn.attention", "GPTNeoSelfAttention", [3.0, 4.0]),
+            event(true, "attn.attention.q_proj", "Linear", [3.0, 4.0]),
+            event(false, "attn.attention.q_proj", "Linear", [5.0, 6.0]),
+            event(true, "attn.attention.out_proj", "Linear", [7.0, 8.0]),
+            event(false, "attn.attention.out_proj", "Linear", [9.0, 10.0]),
+            event(false, "attn.attention", "GPTNeoSelfAttention", [9.0, 10.0]),
+            event(false, "attn", "GPTNeoAttention", [9.0, 10.0]),
+        ];
+        assert_eq!(attention_block(&trace).as_deref(), Some("attn.attention"));
+        // An attention with projections of its own is the block itself (GPT-2's `attn`).
+        let gpt2 = [
+            event(true, "attn", "GPT2Attention", [3.0, 4.0]),
+            event(true, "attn.c_attn", "Conv1D", [3.0, 4.0]),
+            event(false, "attn.c_attn", "Conv1D", [5.0, 6.0]),
+            event(true, "attn.c_proj", "Conv1D", [7.0, 8.0]),
+            event(false, "attn.c_proj", "Conv1D", [9.0, 10.0]),
+            event(false, "attn", "GPT2Attention", [9.0, 10.0]),
+        ];
+        assert_eq!(attention_block(&gpt2).as_deref(), Some("attn"));
+        let roles = norm_roles(&trace);
+        assert_eq!(
+            roles.renames.last(),
+            Some(&("attn.attention".to_owned(), "self_attn".to_owned()))
+        );
     }
 }
