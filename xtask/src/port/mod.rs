@@ -954,13 +954,15 @@ mod generator_tests {
     /// A seeded fault: its name and what it breaks.
     type Fault<T> = (&'static str, fn(&mut T));
 
-    fn facts(mt: &str) -> Value {
+    /// The committed introspection of `mt`.
+    pub(super) fn facts(mt: &str) -> Value {
         let path = workspace_root().join(format!("tests/fixtures/{mt}/introspection.json"));
         serde_json::from_str(&std::fs::read_to_string(path).expect("committed facts"))
             .expect("facts are JSON")
     }
 
-    fn fixtures(mt: &str) -> Vec<Fixture> {
+    /// The committed fixtures of `mt`.
+    pub(super) fn fixtures(mt: &str) -> Vec<Fixture> {
         fixture::discover(&workspace_root().join("tests/fixtures").join(mt))
             .iter()
             .map(|d| Fixture::load(d).expect("fixture loads"))

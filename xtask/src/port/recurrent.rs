@@ -920,22 +920,8 @@ pub fn summary(plan: &Plan, r: &RecurrentPlan) -> Vec<String> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::generator_tests::{facts, fixtures};
     use super::*;
-    use crate::fixtures::workspace_root;
-    use mlx_port::{fixture, Fixture};
-
-    fn facts(mt: &str) -> Value {
-        let path = workspace_root().join(format!("tests/fixtures/{mt}/introspection.json"));
-        serde_json::from_str(&std::fs::read_to_string(path).expect("committed facts"))
-            .expect("facts are JSON")
-    }
-
-    fn fixtures(mt: &str) -> Vec<Fixture> {
-        fixture::discover(&workspace_root().join("tests/fixtures").join(mt))
-            .iter()
-            .map(|d| Fixture::load(d).expect("fixture loads"))
-            .collect()
-    }
 
     #[test]
     fn the_mixer_is_read_from_the_parameter_names_of_a_layer() {
