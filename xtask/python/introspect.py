@@ -885,6 +885,13 @@ def propose_variants(model_type: str, fields: dict, small: dict, resolved, rotar
         add("no-rope", f"no_rope_layers {text(no_rope)}: the layers marked 0 use no RoPE (NoPE).",
             {"no_rope_layers": no_rope})
 
+    if "layer_rope_theta" in fields:
+        # A RoPE base per layer: the first layer without RoPE (0), the others at bases of their own.
+        layers = small["num_hidden_layers"]
+        bases = [0.0] + [50000.0 * i for i in range(1, layers)]
+        add("layer-rope-bases", f"layer_rope_theta {text(bases)}: each layer's own RoPE base, 0 for none (NoPE).",
+            {"layer_rope_theta": bases})
+
     if "partial_rotary_factor" in fields or (not per_layer_type and "partial_rotary_factor" in rope):
         params = {"rope_type": "default", "rope_theta": rope.get("rope_theta", 10000.0),
                   "partial_rotary_factor": PARTIAL_ROTARY_FACTOR}

@@ -157,6 +157,17 @@ pub fn settings(plan: &Plan, choice: &Choice, config: &ConfigFile) -> Result<Dec
             layer.rope = None;
         }
     }
+    if let Some(field) = &plan.layer_rope_bases {
+        if let Some(bases) = r.value(field).as_array() {
+            let bases: Vec<f64> = bases.iter().filter_map(Value::as_f64).collect();
+            config.ensure(
+                bases.len() == r.value(field).as_array().map_or(0, Vec::len),
+                field,
+                || "holds something other than numbers".to_owned(),
+            )?;
+            d.set_layer_rope_bases(&mut layers, field, &bases, choice.rope_traditional, config)?;
+        }
+    }
 
     let attention = AttentionSettings {
         qkv_layout: if plan.qkv_fused {
@@ -172,6 +183,7 @@ pub fn settings(plan: &Plan, choice: &Choice, config: &ConfigFile) -> Result<Dec
             .scalar(&plan.attention_scale)?
             .unwrap_or((d.head_dim() as f32).powf(-0.5)),
         clip_qkv: r.scalar(&plan.clip_qkv)?,
+        sinks: plan.sinks,
         logit_softcap: if choice.attention_softcap {
             r.scalar(&plan.attention_softcap)?
         } else {

@@ -205,6 +205,7 @@ pub enum FieldType {
     Str,
     LayerTypes,
     IntList,
+    FloatList,
 }
 
 impl Field {
@@ -256,6 +257,11 @@ pub struct Plan {
     pub layer_rule: LayerRule,
     pub rope: Option<RopeRule>,
     pub no_rope: Option<NoRope>,
+    /// A config field giving each layer its own RoPE base, 0 for none (Granite SWA's
+    /// `layer_rope_theta`).
+    pub layer_rope_bases: Option<String>,
+    /// A learned sink logit per head in the softmax's denominator (`self_attn.sinks`).
+    pub sinks: bool,
     /// Candidates, most likely first.
     pub choices: Vec<Choice>,
     /// What the facts decided, one line each, for the report.
@@ -1035,6 +1041,22 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         .resolved("head_dim")
         .and_then(Value::as_i64)
         .unwrap_or(hidden / heads.max(1));
+    // A sink logit per query head joins each softmax's denominator (gpt-oss, Granite SWA).
+    let sinks = match layer0.get("self_attn.sinks") {
+        None => false,
+        Some(shape) if shape.as_slice() == [heads] => {
+            decisions.push(format!(
+                "`self_attn.sinks` of [{heads}]: a learned sink logit per head in the softmax"
+            ));
+            true
+        }
+        Some(shape) => {
+            gaps.push(format!(
+                "`self_attn.sinks` is {shape:?}, not one logit per each of the {heads} heads"
+            ));
+            false
+        }
+    };
     let qk_norm = match layer0.get("self_attn.q_norm.weight") {
         None => QkNorm::None,
         Some(shape) if shape.as_slice() == [head_dim] && roles.qk_after_rope => {
@@ -1601,6 +1623,21 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
     } else {
         Some(RopeRule::Uniform)
     };
+    // Each layer's own RoPE base (0: none) overrides the shared one where the list is given;
+    // the fixtures' `layer-rope-bases` variant (introspect.py) checks the reading.
+    let layer_rope_bases = (rope.is_some() && has_field("layer_rope_theta")).then(|| {
+        add(
+            &mut fields,
+            "layer_rope_theta",
+            FieldType::FloatList,
+            "each layer's RoPE base, 0 for none (the shared base when null)",
+        );
+        decisions.push(
+            "RoPE base per layer from `layer_rope_theta` where given (0: the layer has no RoPE)"
+                .to_owned(),
+        );
+        "layer_rope_theta".to_owned()
+    });
     let no_rope = has_field("no_rope_layers").then(|| {
         add(
             &mut fields,
@@ -1734,6 +1771,7 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         "self_attn.o_proj.",
         "self_attn.q_norm.",
         "self_attn.k_norm.",
+        "self_attn.sinks",
         "mlp.gate_proj.",
         "mlp.up_proj.",
         "mlp.down_proj.",
@@ -1913,6 +1951,8 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         layer_rule,
         rope,
         no_rope,
+        layer_rope_bases,
+        sinks,
         choices,
         decisions,
         gaps,

@@ -581,6 +581,8 @@ fn base_plan(
         layer_rule: LayerRule::NoSliding,
         rope: None,
         no_rope: None,
+        layer_rope_bases: None,
+        sinks: false,
         choices: vec![choice],
         decisions,
         gaps,
