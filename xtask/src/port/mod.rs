@@ -661,9 +661,13 @@ pub fn registry_source(text: &str, mt: &str, module: &str) -> String {
             let end = (start..lines.len())
                 .find(|&i| lines[i].trim_end().ends_with("];"))
                 .unwrap_or(start);
-            let at = (start + 1..end)
-                .find(|&i| lines[i].trim() > entry.trim())
+            // Before the first entry that sorts after it, and above that entry's comment.
+            let mut at = (start + 1..end)
+                .find(|&i| lines[i].trim().starts_with('(') && lines[i].trim() > entry.trim())
                 .unwrap_or(end);
+            while at > start + 1 && lines[at - 1].trim().starts_with("//") {
+                at -= 1;
+            }
             lines.insert(at, entry);
         }
     }
@@ -939,6 +943,18 @@ mod tests {
         assert_eq!(
             registry_source(one_line, "gemma", "gemma"),
             "pub mod gemma;\npub mod llama;\n\npub const REGISTRY: &[(&str, Loader)] = &[\n    (\"gemma\", family::load::<gemma::Config>),\n    (\"llama\", family::load::<llama::Config>),\n    (\"mistral\", family::load::<llama::Config>),\n];\n"
+        );
+        // A commented entry keeps its comment: a new one goes above both, not between.
+        let commented = "pub mod llama;\n\npub const REGISTRY: &[(&str, Loader)] = &[\n    (\"gpt2\", family::load::<gpt2::Config>),\n    // Llama's comment.\n    (\"llama\", family::load::<llama::Config>),\n];\n";
+        let inserted = registry_source(commented, "granite", "granite");
+        assert!(
+            inserted.contains("    (\"granite\", family::load::<granite::Config>),\n    // Llama's comment.\n    (\"llama\""),
+            "{inserted}"
+        );
+        let after = registry_source(commented, "mistral", "mistral");
+        assert!(
+            after.contains("    (\"llama\", family::load::<llama::Config>),\n    (\"mistral\""),
+            "{after}"
         );
         let last = registry_source(MOD_RS, "starcoder2", "starcoder2");
         assert!(last.contains("pub mod qwen3;\npub mod starcoder2;\n"));
@@ -1784,6 +1800,45 @@ mod generator_tests {
         );
         assert_eq!(plan::measured_attention_scale(&facts(0.25), 16), None);
         assert_eq!(plan::measured_attention_scale(&facts(0.3), 16), None);
+    }
+
+    /// Granite SWA, from its recorded introspection: a sink logit per head (`self_attn.sinks`
+    /// of `[heads]`) and a RoPE base per layer (`layer_rope_theta`, 0 for none) are read and
+    /// the module regenerates exactly; a plan that ignores the per-layer bases fails on the
+    /// fixture that sets them, and sinks of another shape are a gap.
+    #[test]
+    fn granite_swa_regenerates_with_sinks_and_a_rope_base_per_layer() {
+        let (plan, _, source) = regenerate("granite_swa");
+        assert!(plan.sinks);
+        assert_eq!(plan.layer_rope_bases.as_deref(), Some("layer_rope_theta"));
+        assert!(source.contains("set_layer_rope_bases"));
+
+        let mut without_bases = plan::plan(&facts("granite_swa"), "granite_swa");
+        without_bases.layer_rope_bases = None;
+        let search = search(&without_bases, &fixtures("granite_swa")).expect("search runs");
+        assert!(search.chosen.is_none());
+        assert!(
+            search.tried[0]
+                .1
+                .iter()
+                .any(|f| f.starts_with("granite_swa/layer-rope-bases")),
+            "{:?}",
+            search.tried[0]
+        );
+
+        let mut facts = facts("granite_swa");
+        for p in facts["parameters"].as_array_mut().expect("a list") {
+            if p["name"] == "model.layers.0.self_attn.sinks" {
+                p["shape"] = serde_json::json!([1]);
+            }
+        }
+        let plan = plan::plan(&facts, "granite_swa");
+        assert!(!plan.sinks);
+        assert!(
+            plan.gaps.iter().any(|g| g.contains("self_attn.sinks")),
+            "{:?}",
+            plan.gaps
+        );
     }
 
     #[test]
