@@ -341,8 +341,12 @@ def small_config(model_type: str, fields: dict, attribute_map: dict) -> dict:
     if "head_dim" not in fields:
         config.pop("head_dim", None)
     counts = ("num_experts", "num_local_experts", "n_routed_experts")
-    if any(fields.get(n, {}).get("default", 0) is None for n in counts if n in fields):
+    defaults = [fields[n]["default"] for n in counts if n in fields]
+    if any(d is None or (isinstance(d, int) and d > MOE_SMALL_SIZES[counts[0]]) for d in defaults):
         config.update({n: v for n, v in MOE_SMALL_SIZES.items() if n in fields})
+        if "moe_intermediate_size" not in fields and "intermediate_size" in config:
+            # Experts as wide as `intermediate_size` (Granite MoE): narrower, to stay small.
+            config["intermediate_size"] = MOE_SMALL_SIZES["moe_intermediate_size"] * 4
     if "tie_word_embeddings" in fields:
         config["tie_word_embeddings"] = fields["tie_word_embeddings"]["default"]
     # Special token ids outside the tiny vocabulary (Phi-3's pad 32000) become its last id.

@@ -445,6 +445,18 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
             super::interpret::refusal(*supported)
         );
     }
+    for (field, supported) in &plan.refused_values {
+        let value = if optional(plan, field) {
+            format!("self.{field}.unwrap_or({supported})")
+        } else {
+            format!("self.{field}")
+        };
+        let _ = writeln!(
+            w,
+            "config.ensure({value} == {supported}, {field:?}, || {:?}.to_owned())?;",
+            super::interpret::value_refusal(*supported)
+        );
+    }
     if attn.is_empty() {
         let _ = writeln!(w, "let attention = d.attention();");
     } else {

@@ -97,6 +97,10 @@ pub fn settings(plan: &Plan, choice: &Choice, config: &ConfigFile) -> Result<Dec
     for (field, supported) in &plan.refused {
         config.ensure(r.bool(field) == *supported, field, || refusal(*supported))?;
     }
+    for (field, supported) in &plan.refused_values {
+        let value = r.value(field).as_i64().unwrap_or(*supported);
+        config.ensure(value == *supported, field, || value_refusal(*supported))?;
+    }
     let mut activation = Activation::from_config(
         config,
         &plan.act_field,
@@ -310,6 +314,13 @@ fn routed(
 /// The latent attention fields, read by the same `MlaConfig` a generated module flattens.
 fn mla_config(plan: &Plan, config: &ConfigFile) -> Result<MlaConfig> {
     config.parse_with_defaults(&defaults_json(plan))
+}
+
+/// Why a module refuses an integer field's other values (the generated module says the same).
+pub fn value_refusal(supported: i64) -> String {
+    format!(
+        "only {supported} is supported: other values add weights Transformers computes with, which this module does not implement"
+    )
 }
 
 /// Why a module refuses a boolean field's other value (the generated module says the same).

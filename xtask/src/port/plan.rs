@@ -272,6 +272,9 @@ pub struct Plan {
     pub ignored: Vec<(String, String)>,
     /// Boolean fields the module reads only to refuse all but the value given here.
     pub refused: Vec<(String, bool)>,
+    /// Integer fields the module reads only to refuse all but the value given here: other
+    /// values add parameters no block of the plan loads (the width probes).
+    pub refused_values: Vec<(String, i64)>,
     /// The output layer has a bias (Phi).
     pub lm_head_bias: bool,
     /// Transformers' module calls in decoder layer 0, in order (name under the layer,
@@ -1879,6 +1882,46 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         ));
         refused.push((p.field.clone(), !p.value));
     }
+    // Integer fields whose other values add parameters the tiny model does not have (Granite
+    // MoE's `shared_intermediate_size` > 0 adds a shared MLP): unless the plan reads them, the
+    // module refuses every value but the default instead of failing on unknown weights.
+    let own_names = facts.parameters();
+    let mut refused_values = Vec::new();
+    for probe in facts
+        .value
+        .get("width_probes")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let field = str_of(probe, "field");
+        let added: Vec<&str> = probe
+            .get("widened")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .filter(|n| !own_names.contains_key(*n) && !n.contains("layers.1."))
+            .collect();
+        let read =
+            fields.iter().any(|f| f.name == field) || aliases.iter().any(|(_, own)| own == field);
+        let Some(default) = defaults.get(field).and_then(Value::as_i64) else {
+            continue;
+        };
+        if added.is_empty() || read {
+            continue;
+        }
+        add(
+            &mut fields,
+            field,
+            FieldType::I32,
+            "checked: the value the fixtures verify, others refused",
+        );
+        decisions.push(format!(
+            "`{field}` other than {default} adds parameters no block loads ({added:?}): refused"
+        ));
+        refused_values.push((field.to_owned(), default));
+    }
 
     // Fields read vs ignored.
     let mut ignored = Vec::new();
@@ -1958,6 +2001,7 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         gaps,
         ignored,
         refused,
+        refused_values,
         renames: roles.renames.clone(),
         conv1d: layer_conv1d(facts.value, &roles.renames),
         learned_positions,

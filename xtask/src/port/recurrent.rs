@@ -588,6 +588,7 @@ fn base_plan(
         gaps,
         ignored,
         refused: Vec::new(),
+        refused_values: Vec::new(),
         lm_head_bias: false,
         layer_calls: Vec::new(),
         renames,
