@@ -923,7 +923,33 @@ def propose_variants(model_type: str, fields: dict, small: dict, resolved, rotar
     if "routed_scaling_factor" in routing or "n_group" in routing:
         add("routing", "Routing options together: " + ", ".join(f"{k} {text(v)}" for k, v in routing.items()) + ".",
             routing)
-    return variants
+    return combine_options(variants)
+
+
+# Variants whose options change independent parts of the model (the output layer's tie, the
+# projections' biases, scalar multipliers, softcaps): one fixture tests them together, so a
+# family stays small; a wrong reading of any of them still fails it.
+COMBINABLE = ("untied", "tied", "no-bias", "bias", "multipliers", "softcap")
+
+
+def combine_options(variants: list) -> list:
+    """`variants` with the COMBINABLE Transformers-5-style ones merged into one `options` variant,
+    where the first of them was."""
+    together = [v for v in variants if v["name"] in COMBINABLE and v["config_style"] == "transformers5"]
+    if len(together) < 2:
+        return variants
+    overrides = {}
+    for variant in together:
+        overrides.update(variant["config_overrides"])
+    parts = [v["description"].removeprefix("As default, ").rstrip(".") for v in together]
+    combined = {
+        "name": "options",
+        "description": "Options that change independent parts of the model, together: " + "; ".join(parts) + ".",
+        "config_style": "transformers5",
+        "config_overrides": overrides,
+    }
+    first = variants.index(together[0])
+    return [combined if i == first else v for i, v in enumerate(variants) if i == first or v not in together]
 
 
 def assign_seeds(spec: dict, check: bool) -> None:
