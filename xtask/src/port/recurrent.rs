@@ -583,6 +583,7 @@ fn base_plan(
         no_rope: None,
         layer_rope_bases: None,
         sinks: false,
+        differential: false,
         choices: vec![choice],
         decisions,
         gaps,
