@@ -43,6 +43,7 @@ pub const BOUNDS: &[(&str, f32, f32)] = &[
     ("cwm", 0.035, 0.65),              // measured 0.0275, 0.518
     ("deepseek_v2", 0.059, 0.95),      // measured 0.0469, 0.755
     ("deepseek_v3", 0.069, 0.7),       // measured 0.0551, 0.557
+    ("diffllama", 0.041, 0.69),        // measured 0.0324, 0.544
     ("dots1", 0.19, 0.65),             // measured 0.153, 0.516
     ("ernie4_5", 0.041, 0.63),         // measured 0.0325, 0.504
     ("exaone4", 0.034, 0.59),          // measured 0.0266, 0.464

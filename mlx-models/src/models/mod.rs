@@ -10,6 +10,7 @@ pub mod cohere2;
 pub mod cwm;
 pub mod deepseek_v2;
 pub mod deepseek_v3;
+pub mod diffllama;
 pub mod dots1;
 pub mod ernie4_5;
 pub mod exaone4;
@@ -97,6 +98,7 @@ pub const REGISTRY: &[(&str, Loader)] = &[
     ("cwm", family::load::<cwm::Config>),
     ("deepseek_v2", family::load::<deepseek_v2::Config>),
     ("deepseek_v3", family::load::<deepseek_v3::Config>),
+    ("diffllama", family::load::<diffllama::Config>),
     ("dots1", family::load::<dots1::Config>),
     ("ernie4_5", family::load::<ernie4_5::Config>),
     ("exaone4", family::load::<exaone4::Config>),
