@@ -1961,10 +1961,24 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         "partial_rotary_factor",
         "original_max_position_embeddings",
     ];
+    // A field the class's `attribute_map` reads a read field as (SolarOpen's
+    // `num_local_experts` → `n_routed_experts`) is read under that name.
+    let read_through_attribute_map = |name: &str| {
+        facts
+            .value
+            .get("attribute_map")
+            .and_then(Value::as_object)
+            .is_some_and(|m| {
+                m.iter().any(|(common, own)| {
+                    own.as_str() == Some(name) && fields.iter().any(|f| &f.name == common)
+                })
+            })
+    };
     for (name, default) in &defaults {
         if fields.iter().any(|f| &f.name == name)
             || rope_fields.contains(&name.as_str())
             || aliases.iter().any(|(_, own)| own == name)
+            || read_through_attribute_map(name)
         {
             continue;
         }
