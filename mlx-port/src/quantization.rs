@@ -106,6 +106,7 @@ pub const BOUNDS: &[(&str, f32, f32)] = &[
     ("recurrent_gemma", 0.015, 0.24),  // measured 0.012, 0.191
     ("seed_oss", 0.035, 0.56),         // measured 0.0275, 0.442
     ("smollm3", 0.047, 0.67),          // measured 0.0374, 0.529
+    ("solar_open", 0.15, 0.92),        // measured 0.115, 0.733
     ("stablelm", 0.043, 0.61),         // measured 0.034, 0.482
     ("starcoder2", 0.026, 0.41),       // measured 0.0201, 0.328
     ("vaultgemma", 0.029, 0.36),       // measured 0.0226, 0.286

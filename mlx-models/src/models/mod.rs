@@ -72,6 +72,7 @@ pub mod qwen3_next;
 pub mod recurrent_gemma;
 pub mod seed_oss;
 pub mod smollm3;
+pub mod solar_open;
 pub mod stablelm;
 pub mod starcoder2;
 pub mod vaultgemma;
@@ -168,6 +169,7 @@ pub const REGISTRY: &[(&str, Loader)] = &[
     ("recurrent_gemma", family::load::<recurrent_gemma::Config>),
     ("seed_oss", family::load::<seed_oss::Config>),
     ("smollm3", family::load::<smollm3::Config>),
+    ("solar_open", family::load::<solar_open::Config>),
     ("stablelm", family::load::<stablelm::Config>),
     ("starcoder2", family::load::<starcoder2::Config>),
     ("vaultgemma", family::load::<vaultgemma::Config>),
