@@ -74,7 +74,7 @@ impl Differential {
                 .as_dtype(Dtype::Float32)?
                 .multiply(&b.as_dtype(Dtype::Float32)?)?
                 .sum(None)?;
-            Ok(product.item::<f32>())
+            Ok(product.item_exact::<f32>())
         };
         let lambda_init = Self::lambda_init(layer);
         let lambda = dot("lambda_q1", "lambda_k1")?.exp() - dot("lambda_q2", "lambda_k2")?.exp()
@@ -137,6 +137,7 @@ mod tests {
     /// The block against the formula written out in plain loops (f64): two softmaxes over the
     /// same causal scores, values in halves, head pairs, λ, RMS norm and `1 − λ_init`.
     #[test]
+    #[allow(clippy::needless_range_loop)] // indices as in the formula
     fn differential_attention_matches_the_formula_written_out() {
         let (heads, kv_heads, len, d) = (4usize, 2usize, 5usize, 3usize);
         let q = values(&[1, heads as i32, len as i32, d as i32], 1);
