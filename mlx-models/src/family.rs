@@ -33,6 +33,11 @@ pub trait DecoderFamily: DeserializeOwned {
     /// `n_inner: null` is 4 × `n_embd`).
     const INTERMEDIATE_PER_HIDDEN: Option<i32> = None;
 
+    /// Checkpoint weights the causal LM never uses, by name prefix, dropped before
+    /// `sanitize` (Transformers' `_keys_to_ignore_on_load_unexpected`: Mellum's
+    /// multi-token-prediction layer `mtp.`). Every other unused weight stays an error.
+    const UNUSED_PREFIXES: &'static [&'static str] = &[];
+
     /// The decoder this config describes.
     fn settings(&self, config: &ConfigFile) -> Result<DecoderSettings>;
 
@@ -53,6 +58,11 @@ pub fn load<F: DecoderFamily>(
     let config = &config.with_aliases(F::ALIASES, F::INTERMEDIATE_PER_HIDDEN);
     let family: F = config.parse_with_defaults(F::DEFAULTS)?;
     let settings = family.settings(config)?;
+    if !F::UNUSED_PREFIXES.is_empty() {
+        weights.rename(|name| {
+            (!F::UNUSED_PREFIXES.iter().any(|p| name.starts_with(p))).then(|| name.to_owned())
+        });
+    }
     family.sanitize(&mut weights, &settings)?;
     // What sanitizing derived (stacked experts, split fused projections) is computed here,
     // on the loading thread: the model may run on another.

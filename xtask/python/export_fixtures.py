@@ -1904,6 +1904,30 @@ def greedy_margin(spec: dict, variant: dict) -> float:
     return margin
 
 
+def legacy_rope_keys_read(config, hub: dict) -> bool:
+    """Whether the config class reads the legacy RoPE keys of `hub` (`rope_theta`,
+    `rope_local_base_freq`): doubled, they must change the RoPE it resolves. A class that
+    ignores them (Mellum: no old-format configs to convert) takes its defaults instead, which
+    may match by chance."""
+    keys = [key for key in ("rope_theta", "rope_local_base_freq") if isinstance(hub.get(key), (int, float))]
+    if not keys:
+        return False
+    doubled = {**hub, **{key: hub[key] * 2 for key in keys}}
+    return type(config).from_dict(doubled).rope_parameters != type(config).from_dict(hub).rope_parameters
+
+
+def hub_model_or_none(staging: Path, reference):
+    """The model Transformers loads from the hub-style `staging`, if it loads with the reference's RoPE."""
+    import torch
+
+    try:
+        model = load_model(staging, torch.float32)
+    except (KeyError, ValueError, TypeError):
+        return None
+    rope = without_legacy_type(getattr(model.config, "rope_parameters", None))
+    return model if rope == without_legacy_type(getattr(reference.config, "rope_parameters", None)) else None
+
+
 def export_variant(spec: dict, variant: dict, out_root: Path) -> None:
     """Writes the fixture directory of one variant."""
     import torch
@@ -1930,8 +1954,17 @@ def export_variant(spec: dict, variant: dict, out_root: Path) -> None:
         if style == "hub":
             # Rewrite the RoPE keys, then demand that Transformers reads back the same model.
             config_path = staging / "config.json"
-            write_json(config_path, to_hub_style(json.loads(config_path.read_text(encoding="utf-8"))))
+            written = json.loads(config_path.read_text(encoding="utf-8"))
+            write_json(config_path, to_hub_style(written))
             rename_hub_weights(staging, spec["model_type"])
+            rope = written.get("rope_parameters")
+            nested = isinstance(rope, dict) and any(key in ROPE_RECORD_PREFIXES for key in rope)
+            if nested and (not legacy_rope_keys_read(reference.config, to_hub_style(written))
+                           or hub_model_or_none(staging, reference) is None):
+                # RoPE per layer type with no legacy keys the class converts (families born with
+                # Transformers 5, unlike Gemma 3): their Hub configs carry `rope_parameters` as written.
+                hub = to_hub_style({key: value for key, value in written.items() if key != "rope_parameters"})
+                write_json(config_path, {**hub, "rope_parameters": rope})
             from_hub = load_model(staging, torch.float32)
             # Either side may keep the legacy `type` (Ministral 3's own default carries it).
             if without_legacy_type(getattr(from_hub.config, "rope_parameters", None)) != without_legacy_type(

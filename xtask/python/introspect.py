@@ -1055,6 +1055,8 @@ def introspect(model_type: str, config_override: dict | None, replace: bool, che
         "architecture": architecture,
         "config_fields": fields,
         "attribute_map": dict(config_class.attribute_map),
+        # Checkpoint keys Transformers ignores when it loads the causal LM (Mellum's `^mtp\.`).
+        "ignored_checkpoint_keys": list(getattr(type(model), "_keys_to_ignore_on_load_unexpected", None) or []),
         "small_config": small,
         "resolved_config": jsonable(resolved.to_dict()),
         "parameters": parameters(model),

@@ -430,6 +430,17 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
             "const INTERMEDIATE_PER_HIDDEN: Option<i32> = Some({k});\n"
         );
     }
+    if !plan.unused_prefixes.is_empty() {
+        let _ = writeln!(
+            w,
+            "const UNUSED_PREFIXES: &'static [&'static str] = &[{}];\n",
+            plan.unused_prefixes
+                .iter()
+                .map(|p| format!("{p:?}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
     let _ = writeln!(
         w,
         "fn settings(&self, config: &ConfigFile) -> Result<DecoderSettings> {{"

@@ -494,6 +494,13 @@ pub fn search(plan: &Plan, fixtures: &[Fixture]) -> anyhow::Result<Search> {
          -> mlx_models::Result<Box<dyn LanguageModel>> {
             let settings = interpret::settings(plan, choice, config)?;
             let mut weights = mlx_models::weights::Weights::from_dir(dir)?.with_dtype(dtype);
+            weights.rename(|name| {
+                (!plan
+                    .unused_prefixes
+                    .iter()
+                    .any(|p| name.starts_with(p.as_str())))
+                .then(|| name.to_owned())
+            });
             let prefixes: Vec<(&str, &str)> = plan
                 .prefix_renames
                 .iter()
@@ -1846,6 +1853,20 @@ mod generator_tests {
         // A probe that only widens parameters the model has is a width, not a refusal.
         let plan = plan::plan(&facts("qwen3"), "qwen3");
         assert!(plan.refused_values.is_empty());
+    }
+
+    /// Transformers' ignored checkpoint keys become dropped prefixes where the pattern is a
+    /// plain prefix; any other pattern is reported and its weights stay errors.
+    #[test]
+    fn ignored_checkpoint_keys_that_are_prefixes_are_dropped() {
+        let facts = serde_json::json!({"ignored_checkpoint_keys":
+            ["^mtp\\.", "model\\.layers\\.61.*", "^vision_tower\\..*", "^a[0-9]\\."]});
+        let mut decisions = Vec::new();
+        let prefixes = plan::unused_prefixes(&facts, &mut decisions);
+        assert_eq!(prefixes, vec!["mtp.", "vision_tower."]);
+        assert_eq!(decisions.len(), 4);
+        assert!(decisions[1].contains("stay errors"), "{decisions:?}");
+        assert!(decisions[3].contains("stay errors"), "{decisions:?}");
     }
 
     /// DiffLlama, from its recorded introspection: the four λ vectors of one head's width are

@@ -264,6 +264,9 @@ pub struct Plan {
     pub sinks: bool,
     /// Differential attention: `self_attn.lambda_q1/k1/q2/k2` of `[head_dim]` (DiffLlama).
     pub differential: bool,
+    /// Checkpoint weights the causal LM never uses, by name prefix (Transformers'
+    /// `_keys_to_ignore_on_load_unexpected` that are plain prefixes: Mellum's `mtp.`).
+    pub unused_prefixes: Vec<String>,
     /// Candidates, most likely first.
     pub choices: Vec<Choice>,
     /// What the facts decided, one line each, for the report.
@@ -301,6 +304,39 @@ pub struct Plan {
     /// Modules of a layer (by the names the blocks load) that Transformers keeps as
     /// `Conv1D`, weights `[in, out]`: `sanitize` transposes them.
     pub conv1d: Vec<String>,
+}
+
+/// The name prefixes of the checkpoint keys Transformers ignores when it loads the causal LM
+/// (`_keys_to_ignore_on_load_unexpected`, recorded by introspect.py): the patterns that are a
+/// plain prefix (`^mtp\.`, maybe ending in `.*`); any other pattern is reported and left to
+/// the unused-weights check.
+pub fn unused_prefixes(facts: &Value, decisions: &mut Vec<String>) -> Vec<String> {
+    let mut prefixes = Vec::new();
+    for pattern in facts
+        .get("ignored_checkpoint_keys")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+    {
+        let literal = pattern
+            .strip_prefix('^')
+            .map(|p| p.strip_suffix(".*").unwrap_or(p))
+            .map(|p| p.replace("\\.", "."))
+            .filter(|p| !p.is_empty() && !p.contains(|c: char| "\\^$*+?()[]{}|".contains(c)));
+        match literal {
+            Some(prefix) => {
+                decisions.push(format!(
+                    "checkpoint weights under `{prefix}` are dropped: Transformers ignores `{pattern}`"
+                ));
+                prefixes.push(prefix);
+            }
+            None => decisions.push(format!(
+                "Transformers ignores checkpoint keys `{pattern}`, no plain prefix: such weights stay errors"
+            )),
+        }
+    }
+    prefixes
 }
 
 /// The root renames that bring a model whose base model is not `model.` to the names the
@@ -2040,6 +2076,7 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         layer_rope_bases,
         sinks,
         differential,
+        unused_prefixes: unused_prefixes(facts.value, &mut decisions),
         choices,
         decisions,
         gaps,

@@ -584,6 +584,7 @@ fn base_plan(
         layer_rope_bases: None,
         sinks: false,
         differential: false,
+        unused_prefixes: Vec::new(),
         choices: vec![choice],
         decisions,
         gaps,
