@@ -79,6 +79,7 @@ pub const BOUNDS: &[(&str, f32, f32)] = &[
     ("longcat_flash", 0.032, 0.63),    // measured 0.0251, 0.5
     ("mamba", 0.018, 0.29),            // measured 0.0142, 0.23
     ("mamba2", 0.024, 0.39),           // measured 0.0188, 0.311
+    ("mellum", 0.022, 0.42),           // measured 0.0173, 0.33
     ("minicpm3", 0.016, 0.26),         // measured 0.0125, 0.206
     ("minimax_m2", 0.043, 0.43),       // measured 0.034, 0.338
     ("ministral", 0.042, 0.57),        // measured 0.0334, 0.453

@@ -46,6 +46,7 @@ pub mod llama4_text;
 pub mod longcat_flash;
 pub mod mamba;
 pub mod mamba2;
+pub mod mellum;
 pub mod minicpm3;
 pub mod minimax_m2;
 pub mod ministral;
@@ -140,6 +141,7 @@ pub const REGISTRY: &[(&str, Loader)] = &[
     ("longcat_flash", longcat_flash::load),
     ("mamba", mamba::load),
     ("mamba2", mamba2::load),
+    ("mellum", family::load::<mellum::Config>),
     ("minicpm3", family::load::<minicpm3::Config>),
     ("minimax_m2", family::load::<minimax_m2::Config>),
     ("ministral", family::load::<ministral::Config>),
