@@ -169,6 +169,45 @@ impl DecoderConfig {
         self.rope_from(&self.rope, default_theta, traditional, config)
     }
 
+    /// The RoPE of this config's RoPE fields on the first `rotary_dim.1` features of each
+    /// head, for configs that name the rotated width in features (GPT-J's `rotary_dim`);
+    /// `rotary_dim.0` is the field's name, for the error a bad width gives.
+    ///
+    /// ```
+    /// use mlx_models::config::ConfigFile;
+    /// use mlx_models::family::DecoderConfig;
+    ///
+    /// let value = serde_json::json!({"vocab_size": 8, "hidden_size": 64,
+    ///     "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 4,
+    ///     "max_position_embeddings": 32});
+    /// let config = ConfigFile { path: "config.json".into(), value };
+    /// let d: DecoderConfig = config.parse()?;
+    /// let rope = d.rope_rotating(("rotary_dim", 8), 10000.0, true, &config)?;
+    /// assert_eq!(rope.config().dims, 8);
+    /// let error = d.rope_rotating(("rotary_dim", 7), 10000.0, true, &config).unwrap_err();
+    /// assert!(error.to_string().contains("rotary_dim"));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn rope_rotating(
+        &self,
+        rotary_dim: (&str, i32),
+        default_theta: f64,
+        traditional: bool,
+        config: &ConfigFile,
+    ) -> Result<Rope> {
+        Rope::new(RopeConfig {
+            traditional,
+            ..RopeConfig::from_fields_rotating(
+                &self.rope,
+                self.head_dim(),
+                rotary_dim,
+                self.max_position_embeddings,
+                default_theta,
+                &config.path,
+            )?
+        })
+    }
+
     /// The RoPE of the layers of `layer_type`, for families with one per layer type
     /// (Gemma 3; `local_base` is the Hub configs' base of the sliding layers).
     pub fn layer_type_rope(

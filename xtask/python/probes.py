@@ -705,3 +705,137 @@ def per_layer_field(resolved, reach):
         if len(pairs) == len({v for v, _ in pairs}) == len({k for _, k in pairs}):
             return name
     return None
+
+
+# Positions the RoPE probe reads (one token repeated): enough angles to fit a base.
+ROTARY_PROMPT = 12
+
+
+def _attention_queries(model, vocab_size):
+    """The queries decoder layer 0's attention multiplies with its keys, `[heads, T, D]`,
+    for one token repeated ROTARY_PROMPT times, as the op Transformers runs receives them
+    (eager attention: the first batched matmul of a `[.., T, D]` by a `[.., D, T]`; or a
+    fused attention kernel's query). None where no such op runs."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    t = ROTARY_PROMPT
+    found = []
+
+    class Queries(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if not found:
+                name = func.__name__ if hasattr(func, "__name__") else str(func)
+                tensors = [a for a in args if torch.is_tensor(a)]
+                if "scaled_dot_product" in str(func) and len(tensors) >= 2:
+                    q = tensors[0]
+                    if q.dim() >= 3 and q.shape[-2] == t:
+                        found.append(q.detach().reshape(-1, t, q.shape[-1]).clone())
+                elif name.startswith(("bmm", "baddbmm")):
+                    a, b = tensors[-2], tensors[-1]
+                    if a.dim() == 3 and a.shape[-2] == t and b.shape[-1] == t and a.shape[-1] == b.shape[-2]:
+                        found.append(a.detach().clone())
+            return func(*args, **kwargs)
+
+    before = getattr(model.config, "_attn_implementation", None)
+    try:
+        model.set_attn_implementation("eager")
+    except Exception:  # noqa: BLE001 - a model without the switch runs its own attention
+        pass
+    ids = torch.full((1, t), 7 % vocab_size)
+    try:
+        with torch.no_grad(), Queries():
+            model(input_ids=ids)
+    except Exception:  # noqa: BLE001 - a model that does not run tells nothing
+        return None
+    finally:
+        if before is not None:
+            try:
+                model.set_attn_implementation(before)
+            except Exception:  # noqa: BLE001
+                pass
+    return found[0].double() if found else None
+
+
+def rotary_probe(model, vocab_size):
+    """RoPE as decoder layer 0 computes it, read from its queries: one token repeated, so
+    every position's query before RoPE is the same and position 0's is unrotated. The
+    features that change with the position rotate (`dims`, a prefix of the head), in
+    pairs whose norm is kept: the two halves (`pairs` false) or adjacent features
+    (`pairs` true); the angle of pair i at position 1 is its frequency `base^(-2i/dims)`,
+    from which `base` is fitted. `{"dims": 0}` where nothing rotates, None where the
+    queries are not found or rotate some other way."""
+    import math
+
+    q = _attention_queries(model, vocab_size)
+    if q is None:
+        return None
+    heads, t, head_dim = q.shape
+    scale = float(q.abs().max())
+    if scale == 0.0:
+        return None
+    moved = ((q - q[:, :1]).abs().amax(dim=(0, 1)) > 1e-5 * scale).tolist()
+    dims = sum(moved)
+    if dims == 0:
+        return {"dims": 0, "head_dim": head_dim}
+    if moved[:dims] != [True] * dims or dims % 2:
+        return None
+    half = dims // 2
+    layouts = {
+        False: (list(range(half)), list(range(half, dims))),
+        True: (list(range(0, dims, 2)), list(range(1, dims, 2))),
+    }
+    for pairs, (first, second) in layouts.items():
+        a, b = q[:, :, first], q[:, :, second]
+        norms = (a * a + b * b).sqrt()
+        if (norms - norms[:, :1]).abs().max() > 1e-5 * scale:
+            continue
+        # The angle each pair turned by from position 0 to 1, over all heads.
+        z0 = a[:, 0] + 1j * b[:, 0]
+        z1 = a[:, 1] + 1j * b[:, 1]
+        turned = (z1 * z0.conj()).sum(0)
+        omega = [abs(math.atan2(float(z.imag), float(z.real))) for z in turned]
+        if omega[0] == 0.0 or any(w <= 0.0 for w in omega):
+            return None
+        # omega_i = omega_0 * base^(-2i/dims): a least-squares slope of log omega over i.
+        if half == 1:
+            base = None
+        else:
+            xs = [2 * i / dims for i in range(half)]
+            ys = [math.log(w) for w in omega]
+            mx, my = sum(xs) / half, sum(ys) / half
+            slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+            base = math.exp(-slope)
+            base = float(round(base)) if abs(base - round(base)) < 1e-3 * base else round(base, 3)
+        return {
+            "dims": dims,
+            "head_dim": head_dim,
+            "pairs": pairs,
+            "base": base,
+            "first_frequency": round(omega[0], 6),
+        }
+    return None
+
+
+def rotary_dims_field(architecture, small, build_config, tiny_model, model_type, fields, probe):
+    """The integer field that names the rotated width in features (GPT-J's `rotary_dim`):
+    among the fields whose tiny value equals the measured `dims`, the one that, set to
+    another even width, makes the queries rotate that many features. None if no field
+    does (a share of the head, `partial_rotary_factor`, is read as such)."""
+    if not probe or not probe.get("dims"):
+        return None
+    dims = probe["dims"]
+    other = dims // 2 if dims % 4 == 0 else dims + 2
+    resolved = build_config(model_type, small).to_dict()
+    for name, field in sorted(fields.items()):
+        if field.get("kind") != "int" or name in COMMON_SIZES or resolved.get(name) != dims:
+            continue
+        try:
+            config = build_config(model_type, {**small, name: other})
+            probed = rotary_probe(tiny_model(architecture, config), config.vocab_size)
+        except Exception:  # noqa: BLE001 - a value the class refuses tells nothing
+            continue
+        if probed and probed.get("dims") == other:
+            return name
+    return None

@@ -475,6 +475,15 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
     let theta = float(plan.default_theta);
     let (rope, local_rope) = match &plan.rope {
         None => ("None", "None"),
+        Some(RopeRule::Uniform) if plan.rope_dims_field.is_some() && plan.mla.is_none() => {
+            let f = plan.rope_dims_field.as_deref().unwrap_or_default();
+            let _ = writeln!(
+                w,
+                "let rope = d.rope_rotating((\"{f}\", self.{f}), {theta}, {}, config)?;",
+                choice.rope_traditional
+            );
+            ("Some(&rope)", "None")
+        }
         Some(RopeRule::Uniform) => {
             let _ = writeln!(
                 w,
@@ -913,8 +922,12 @@ pub fn structure_summary(plan: &Plan, choice: &Choice) -> Vec<String> {
                 .to_owned(),
         ),
         (Some(RopeRule::Uniform), None) => lines.push(format!(
-            "RoPE on {} (all scaling types of `rope_parameters`/`rope_scaling`).",
-            if choice.rope_traditional { "interleaved pairs" } else { "the two halves of each head" }
+            "RoPE on {}{} (all scaling types of `rope_parameters`/`rope_scaling`).",
+            if choice.rope_traditional { "interleaved pairs" } else { "the two halves of each head" },
+            match &plan.rope_dims_field {
+                Some(f) => format!(" of the first `{f}` features"),
+                None => String::new(),
+            }
         )),
         (Some(RopeRule::PerLayerType { .. }), _) => lines.push(
             "RoPE per layer type: full-attention and sliding-window layers each have their own base and scaling.".to_owned(),

@@ -124,6 +124,19 @@ pub fn settings(plan: &Plan, choice: &Choice, config: &ConfigFile) -> Result<Dec
             )?),
             None,
         ),
+        // A width in features (GPT-J's `rotary_dim`).
+        Some(RopeRule::Uniform) if plan.rope_dims_field.is_some() => {
+            let f = plan.rope_dims_field.as_deref().unwrap_or_default();
+            (
+                Some(d.rope_rotating(
+                    (f, r.i32(f)?),
+                    plan.default_theta,
+                    choice.rope_traditional,
+                    config,
+                )?),
+                None,
+            )
+        }
         Some(RopeRule::Uniform) => (
             Some(d.rope(plan.default_theta, choice.rope_traditional, config)?),
             None,

@@ -256,6 +256,9 @@ pub struct Plan {
     pub layer_rule: LayerRule,
     pub rope: Option<RopeRule>,
     pub no_rope: Option<NoRope>,
+    /// The config field that names the rotated width in features (GPT-J's `rotary_dim`),
+    /// found by the RoPE probe.
+    pub rope_dims_field: Option<String>,
     /// Candidates, most likely first.
     pub choices: Vec<Choice>,
     /// What the facts decided, one line each, for the report.
@@ -1582,8 +1585,17 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         .resolved("rope_parameters")
         .map(|p| p.get("full_attention").is_some() || p.get("sliding_attention").is_some())
         .unwrap_or(false);
+    let measured_rope = measured_rope(&facts, &has_field, &mut decisions, &mut gaps);
+    if let Some(f) = &measured_rope.dims_field {
+        add(&mut fields, f, FieldType::I32, "rotated features of each head");
+        if facts.nullable(f) || defaults.get(f).is_none_or(Value::is_null) {
+            gaps.push(format!(
+                "`{f}` may be null: what Transformers rotates then is not read"
+            ));
+        }
+    }
     let rope = if !has_field("rope_parameters") && !has_field("rope_theta") {
-        None
+        measured_rope.dims.map(|_| RopeRule::Uniform)
     } else if rope_per_type {
         let local_base = ["rope_local_base_freq"]
             .into_iter()
@@ -1690,6 +1702,11 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
     } else {
         vec![true, false]
     };
+    // Halves or adjacent pairs, as measured; both where nothing was.
+    let traditional_candidates = match measured_rope.pairs {
+        Some(pairs) => vec![pairs],
+        None => vec![false, true],
+    };
     // Where some layers slide, RoPE may be theirs alone.
     let sliding_rope_candidates = if sliding_window.is_some() {
         vec![false, true]
@@ -1702,8 +1719,9 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
             for &plus_one in &offset_candidates {
                 for &softcap in &softcap_candidates {
                     for &gelu_as_tanh in &gelu_candidates {
-                        for (traditional, sliding_only) in [false, true]
-                            .into_iter()
+                        for (traditional, sliding_only) in traditional_candidates
+                            .iter()
+                            .copied()
                             .flat_map(|t| sliding_rope_candidates.iter().map(move |&s| (t, s)))
                         {
                             for &moe_normalize in &normalize_candidates {
@@ -1883,7 +1901,9 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
 
     Plan {
         model_type,
-        default_theta: default_theta(facts.value),
+        default_theta: measured_rope
+            .base
+            .unwrap_or_else(|| default_theta(facts.value)),
         module: module.to_owned(),
         architecture: str_of(facts.value, "architecture").to_owned(),
         config_class: str_of(facts.value, "config_class").to_owned(),
@@ -1913,6 +1933,7 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         layer_rule,
         rope,
         no_rope,
+        rope_dims_field: measured_rope.dims_field,
         choices,
         decisions,
         gaps,
@@ -2487,4 +2508,77 @@ fn default_theta(facts: &Value) -> f64 {
                 .and_then(Value::as_f64)
         })
         .unwrap_or(10_000.0)
+}
+
+/// RoPE as the probe measured it on decoder layer 0's queries (`rotary_probe`), where it
+/// rotates something.
+#[derive(Debug, Default, PartialEq)]
+pub struct MeasuredRope {
+    /// Rotated features of each head.
+    pub dims: Option<i64>,
+    /// Adjacent pairs (true) or halves.
+    pub pairs: Option<bool>,
+    /// The base, where no config field names it (it is in Transformers' code).
+    pub base: Option<f64>,
+    /// The field that names `dims` in features.
+    pub dims_field: Option<String>,
+}
+
+/// Reads the RoPE probe: the layout always (the candidates need not guess it); the base
+/// and the rotated width where no config field carries them. A partial rotation no field
+/// names is a gap.
+pub fn measured_rope(
+    facts: &Facts,
+    has_field: &dyn Fn(&str) -> bool,
+    decisions: &mut Vec<String>,
+    gaps: &mut Vec<String>,
+) -> MeasuredRope {
+    let Some(probe) = facts.value.get("rotary_probe").filter(|p| !p.is_null()) else {
+        return MeasuredRope::default();
+    };
+    let dims = probe.get("dims").and_then(Value::as_i64).unwrap_or(0);
+    if dims == 0 {
+        return MeasuredRope::default();
+    }
+    let head_dim = probe.get("head_dim").and_then(Value::as_i64).unwrap_or(dims);
+    let pairs = probe.get("pairs").and_then(Value::as_bool);
+    let named = has_field("rope_parameters") || has_field("rope_theta");
+    let base = probe
+        .get("base")
+        .and_then(Value::as_f64)
+        .filter(|_| !named);
+    let dims_field = facts
+        .value
+        .get("rotary_dims_field")
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+    decisions.push(format!(
+        "RoPE measured on layer 0's queries: {dims} of {head_dim} features rotate, {}{}{}",
+        match pairs {
+            Some(true) => "adjacent pairs",
+            _ => "two halves",
+        },
+        match &dims_field {
+            Some(f) => format!(", as many as `{f}` says"),
+            None => String::new(),
+        },
+        match base {
+            Some(b) => format!(", base {b} (no config field names it)"),
+            None => String::new(),
+        }
+    ));
+    if !named && base.is_none() {
+        gaps.push("RoPE whose base neither the config nor the probe gives".to_owned());
+    }
+    if dims != head_dim && dims_field.is_none() && !has_field("partial_rotary_factor") {
+        gaps.push(format!(
+            "RoPE rotates {dims} of {head_dim} features, and no config field is found to say so"
+        ));
+    }
+    MeasuredRope {
+        dims: Some(dims),
+        pairs,
+        base,
+        dims_field,
+    }
 }

@@ -581,6 +581,7 @@ fn base_plan(
         layer_rule: LayerRule::NoSliding,
         rope: None,
         no_rope: None,
+        rope_dims_field: None,
         choices: vec![choice],
         decisions,
         gaps,
