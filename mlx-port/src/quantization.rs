@@ -60,6 +60,7 @@ pub const BOUNDS: &[(&str, f32, f32)] = &[
     ("gpt_neo", 0.043, 0.59),          // measured 0.0342, 0.465
     ("gpt_neox", 0.022, 0.34),         // measured 0.0171, 0.269
     ("gpt_oss", 0.035, 0.61),          // measured 0.0277, 0.483
+    ("gptj", 0.017, 0.29),             // measured 0.0135, 0.227
     ("granite", 0.064, 0.78),          // measured 0.0507, 0.622
     ("granitemoe", 0.042, 0.53),       // measured 0.0332, 0.423
     ("granitemoehybrid", 0.041, 0.66), // measured 0.0325, 0.521

@@ -27,6 +27,7 @@ pub mod gpt_bigcode;
 pub mod gpt_neo;
 pub mod gpt_neox;
 pub mod gpt_oss;
+pub mod gptj;
 pub mod granite;
 pub mod granitemoe;
 pub mod granitemoehybrid;
@@ -109,6 +110,7 @@ pub const REGISTRY: &[(&str, Loader)] = &[
     ("glm4", family::load::<glm4::Config>),
     ("glm4_moe", family::load::<glm4_moe::Config>),
     ("glm4_moe_lite", family::load::<glm4_moe_lite::Config>),
+    ("gptj", family::load::<gptj::Config>),
     // GPT-SW3 checkpoints are GPT-2 (Transformers maps `gpt-sw3` to `GPT2Config`).
     ("gpt-sw3", family::load::<gpt2::Config>),
     ("gpt2", family::load::<gpt2::Config>),
