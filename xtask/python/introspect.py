@@ -1046,6 +1046,7 @@ def introspect(model_type: str, config_override: dict | None, replace: bool, che
         "call_trace": probes.call_trace(model, resolved.vocab_size),
         "attention_scale": probes.attention_scale(tiny_model(architecture, resolved), resolved.vocab_size),
         "rotary_probe": rotary_probe,
+        "fused_qkv_layout": probes.fused_qkv_layout(architecture, small, build_config, tiny_model, model_type, fields),
         "rotary_dims_field": probes.rotary_dims_field(
             architecture, small, build_config, tiny_model, model_type, fields, rotary_probe
         ),

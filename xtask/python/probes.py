@@ -839,3 +839,148 @@ def rotary_dims_field(architecture, small, build_config, tiny_model, model_type,
         if probed and probed.get("dims") == other:
             return name
     return None
+
+
+def _fused_qkv_rows(model, vocab_size):
+    """Which output row of decoder layer 0's fused q/k/v projection each query, key and
+    value feature is: the projection's output replaced by its row numbers (1, 2, ...), the
+    attention's inputs read back (`[heads, D]` each, position 0: RoPE has not turned it).
+    Queries and keys are read where a per-head norm takes them (its input), else where the
+    attention multiplies them. None without one fused projection."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from fixture_common import decoder_stack
+
+    layer = decoder_stack(model)["layers"][0]
+    linears = [
+        (n, m) for n, m in layer.named_modules()
+        if type(m).__name__ in ("Linear", "Conv1D") and ("attn" in n or "attention" in n)
+    ]
+    if not linears:
+        return None
+    fused_name, fused = linears[0]
+    out_features = getattr(fused, "out_features", None) or fused.weight.shape[-1]
+    hidden = model.config.hidden_size
+    if out_features <= hidden or out_features % 3:
+        return None
+    t = 4
+    index = torch.arange(1, out_features + 1, dtype=torch.float32)
+
+    def replace(module, args, output):
+        return index.expand(output.shape).clone()
+
+    head_inputs = []
+
+    def record(module, args):
+        if args and torch.is_tensor(args[0]):
+            head_inputs.append(args[0].detach().clone())
+
+    head_dim = out_features // 3 // model.config.num_attention_heads
+    handles = [fused.register_forward_hook(replace)]
+    for name, module in layer.named_modules():
+        if name.startswith(fused_name.rsplit(".", 1)[0]) and module is not fused and len(list(module.children())) == 0:
+            handles.append(module.register_forward_pre_hook(record))
+    found = []
+
+    class Operands(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = getattr(func, "__name__", str(func))
+            if name.startswith(("bmm", "baddbmm")) and len(found) < 2:
+                tensors = [a for a in args if torch.is_tensor(a)]
+                found.append((tensors[-2].detach().clone(), tensors[-1].detach().clone()))
+            return func(*args, **(kwargs or {}))
+
+    before = getattr(model.config, "_attn_implementation", None)
+    try:
+        model.set_attn_implementation("eager")
+    except Exception:  # noqa: BLE001
+        pass
+    try:
+        with torch.no_grad(), Operands():
+            model(input_ids=torch.full((1, t), 3 % vocab_size))
+    except Exception:  # noqa: BLE001 - a model that does not run tells nothing
+        return None
+    finally:
+        for h in handles:
+            h.remove()
+        if before is not None:
+            try:
+                model.set_attn_implementation(before)
+            except Exception:  # noqa: BLE001
+                pass
+    if len(found) < 2:
+        return None
+    (q, kt), (_, v) = found
+    q, k, v = q[:, 0], kt.transpose(-1, -2)[:, 0], v[:, 0]  # [heads, D] at position 0
+    heads = model.config.num_attention_heads
+    per_head = [x for x in head_inputs if x.dim() == 4 and tuple(x.shape[-3:]) == (t, heads, head_dim)]
+    if len(per_head) >= 2:
+        q, k = (x.reshape(-1, t, x.shape[-2], head_dim)[0, 0] for x in per_head[:2])
+    rows = {}
+    for part, x in (("q", q), ("k", k), ("v", v)):
+        r = x.round()
+        if (r - x).abs().max() > 1e-3 or r.min() < 1:
+            return None
+        rows[part] = [int(i) - 1 for i in r.flatten().tolist()]
+    return rows
+
+
+def fused_qkv_layout(architecture, small, build_config, tiny_model, model_type, fields):
+    """How decoder layer 0's fused q/k/v projection lays out its output rows:
+    `{"groups": g, "order": "qkv"|"qvk"|...}` where the rows are g groups, each holding
+    its share of the heads' queries, then keys, then values in `order` (1 group: all
+    queries, then all keys, then all values; one per head: GPT-NeoX's per-head rows;
+    CodeGen: 4 groups of query, value, key). `groups` is `"heads"` where it follows the
+    head count (probed at two), else the number. None without a fused projection, or one
+    laid out otherwise."""
+    import itertools
+
+    heads_field = next((f for f in ("num_attention_heads", "n_head") if f in small), None)
+    if heads_field is None:
+        return None
+    results = []
+    for scale in (1, 2):
+        config = dict(small)
+        config[heads_field] = small[heads_field] * scale
+        for kv in ("num_key_value_heads", "multi_query_group_num"):
+            if kv in config and config[kv] is not None:
+                config[kv] = config[kv] * scale
+        try:
+            built = build_config(model_type, config)
+            rows = _fused_qkv_rows(tiny_model(architecture, built), built.vocab_size)
+        except Exception:  # noqa: BLE001 - a config the class refuses tells nothing
+            return None
+        if rows is None:
+            return None
+        heads = config[heads_field]
+        total = len(rows["q"]) + len(rows["k"]) + len(rows["v"])
+        if not (len(rows["q"]) == len(rows["k"]) == len(rows["v"])):
+            return None
+        head_dim = len(rows["q"]) // heads
+        match = None
+        for groups in (g for g in range(1, heads + 1) if heads % g == 0):
+            for order in itertools.permutations("qkv"):
+                share = total // 3 // groups
+                expected = {
+                    part: [g * 3 * share + order.index(part) * share + i for g in range(groups) for i in range(share)]
+                    for part in "qkv"
+                }
+                if all(expected[p] == rows[p] for p in "qkv"):
+                    match = (groups, "".join(order))
+                    break
+            if match:
+                break
+        if match is None:
+            return None
+        results.append((match, heads, head_dim))
+    ((g1, o1), h1, _), ((g2, o2), h2, _) = results
+    if o1 != o2:
+        return None
+    if g1 == 1 and g2 == 1:
+        return {"groups": 1, "order": o1}
+    if g1 == h1 and g2 == h2:
+        return {"groups": "heads", "order": o1}
+    if g1 == g2:
+        return {"groups": g1, "order": o1}
+    return None

@@ -197,7 +197,7 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
     let mut transformer = vec!["DecoderSettings", "MlpLayout"];
     let renames =
         !plan.renames.is_empty() || !plan.prefix_renames.is_empty() || !plan.conv1d.is_empty();
-    let sanitizes = renames || plan.mla.is_some();
+    let sanitizes = renames || plan.mla.is_some() || plan.qkv_groups.is_some();
     if sanitizes && plan.moe.is_none() {
         transformer.push("drop_computed_weights");
     }
@@ -337,8 +337,21 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
     let _ = writeln!(w, "use crate::config::ConfigFile;");
     let _ = writeln!(w, "use crate::error::Result;");
     let _ = writeln!(w, "use crate::family::{{{}}};", family.join(", "));
+    let mut fused_qkv = Vec::new();
     if !plan.conv1d.is_empty() {
-        let _ = writeln!(w, "use crate::fused_qkv::conv1d_to_linear;");
+        fused_qkv.push("conv1d_to_linear");
+    }
+    if plan.qkv_groups.is_some() {
+        fused_qkv.extend(["grouped_to_blocks", "Part"]);
+    }
+    match fused_qkv.as_slice() {
+        [] => {}
+        [one] => {
+            let _ = writeln!(w, "use crate::fused_qkv::{one};");
+        }
+        many => {
+            let _ = writeln!(w, "use crate::fused_qkv::{{{}}};", many.join(", "));
+        }
     }
     let _ = writeln!(w, "use crate::transformer::{{{}}};", transformer.join(", "));
     if let Some(moe) = &plan.moe {
@@ -660,6 +673,25 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
             );
             let _ = writeln!(w, "}}\n}}");
         }
+        if let Some(g) = &plan.qkv_groups {
+            let order: Vec<String> = g.order.iter().map(|p| format!("Part::{p:?}")).collect();
+            let _ = writeln!(w, "let a = &settings.attention;");
+            let _ = writeln!(w, "for i in 0..settings.layers.len() {{");
+            let _ = writeln!(
+                w,
+                "let qkv = format!(\"model.layers.{{i}}.self_attn.qkv_proj\");"
+            );
+            let _ = writeln!(
+                w,
+                "grouped_to_blocks(weights, &qkv, {}, [{}], a.num_heads, a.head_dim)?;",
+                match g.groups {
+                    Some(n) => n.to_string(),
+                    None => "a.num_heads".to_owned(),
+                },
+                order.join(", ")
+            );
+            let _ = writeln!(w, "}}");
+        }
         let _ = writeln!(w, "Ok(())\n}}");
     }
     let _ = writeln!(w, "}}");
@@ -831,10 +863,21 @@ pub fn structure_summary(plan: &Plan, choice: &Choice) -> Vec<String> {
         lines.push(
             format!(
                 "Attention: {}{}{}{}.",
-                if plan.qkv_fused {
-                    "one fused `qkv_proj`"
-                } else {
-                    "`q_proj`/`k_proj`/`v_proj`"
+                match (&plan.qkv_groups, plan.qkv_fused) {
+                    (Some(g), _) => format!(
+                        "one fused `qkv_proj` whose rows are {}, each {} (reordered in `sanitize`)",
+                        match g.groups {
+                            Some(n) => format!("{n} groups of heads"),
+                            None => "per head".to_owned(),
+                        },
+                        g.order
+                            .iter()
+                            .map(|p| format!("{p:?}").to_lowercase())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                    (None, true) => "one fused `qkv_proj`".to_owned(),
+                    (None, false) => "`q_proj`/`k_proj`/`v_proj`".to_owned(),
                 },
                 match plan.qk_norm {
                     QkNorm::None => "",

@@ -513,6 +513,20 @@ pub fn search(plan: &Plan, fixtures: &[Fixture]) -> anyhow::Result<Search> {
                     )?;
                 }
             }
+            // Grouped fused q/k/v rows reordered, as the module's sanitize.
+            if let Some(g) = &plan.qkv_groups {
+                let a = &settings.attention;
+                for i in 0..settings.layers.len() {
+                    mlx_models::fused_qkv::grouped_to_blocks(
+                        &mut weights,
+                        &format!("model.layers.{i}.self_attn.qkv_proj"),
+                        g.groups.unwrap_or(a.num_heads),
+                        g.order,
+                        a.num_heads,
+                        a.head_dim,
+                    )?;
+                }
+            }
             weights.eval()?;
             match &plan.moe {
                 // Per-expert checkpoints stacked, fused ones split, as the module's sanitize.

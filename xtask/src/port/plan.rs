@@ -259,6 +259,9 @@ pub struct Plan {
     /// The config field that names the rotated width in features (GPT-J's `rotary_dim`),
     /// found by the RoPE probe.
     pub rope_dims_field: Option<String>,
+    /// How the fused q/k/v projection groups its rows, where not all queries, keys,
+    /// values (the probe's `fused_qkv_layout`): `sanitize` reorders them.
+    pub qkv_groups: Option<QkvGroups>,
     /// Candidates, most likely first.
     pub choices: Vec<Choice>,
     /// What the facts decided, one line each, for the report.
@@ -915,6 +918,7 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
 
     // Attention projections.
     let qkv_fused = has("self_attn.qkv_proj.weight");
+    let qkv_groups = qkv_groups(&facts, qkv_fused, &mut decisions, &mut gaps);
     let mla = mla_plan(&facts, &layer0, &defaults, &mut gaps);
     if let Some(m) = &mla {
         for name in MLA_FIELDS {
@@ -1934,6 +1938,7 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         rope,
         no_rope,
         rope_dims_field: measured_rope.dims_field,
+        qkv_groups,
         choices,
         decisions,
         gaps,
@@ -2581,4 +2586,67 @@ pub fn measured_rope(
         base,
         dims_field,
     }
+}
+
+/// The row groups of a fused q/k/v projection ([`mlx_models::fused_qkv::grouped_to_blocks`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct QkvGroups {
+    /// `None`: one group per head (GPT-NeoX); else that many, whatever the heads (CodeGen's 4).
+    pub groups: Option<i32>,
+    /// The parts in a group, in the order stored.
+    pub order: [mlx_models::fused_qkv::Part; 3],
+}
+
+/// Reads how the fused projection's rows are laid out, as the probe found them: the
+/// projection's output replaced by its row numbers, read back where attention takes the
+/// queries, keys and values. All queries, then keys, then values (or no probe) need
+/// nothing; groups of them are reordered; a fused projection whose layout the probe could
+/// not read is left to the fixtures.
+pub fn qkv_groups(
+    facts: &Facts,
+    qkv_fused: bool,
+    decisions: &mut Vec<String>,
+    gaps: &mut Vec<String>,
+) -> Option<QkvGroups> {
+    use mlx_models::fused_qkv::Part;
+    let layout = facts
+        .value
+        .get("fused_qkv_layout")
+        .filter(|l| qkv_fused && !l.is_null())?;
+    let order_text = layout.get("order").and_then(Value::as_str).unwrap_or("");
+    let parts: Vec<Part> = order_text
+        .chars()
+        .filter_map(|c| match c {
+            'q' => Some(Part::Query),
+            'k' => Some(Part::Key),
+            'v' => Some(Part::Value),
+            _ => None,
+        })
+        .collect();
+    let groups = match layout.get("groups") {
+        Some(Value::String(s)) if s == "heads" => None,
+        Some(g) => match g.as_i64() {
+            Some(n) if n > 0 => Some(n as i32),
+            _ => {
+                gaps.push(format!("fused q/k/v projection in groups {g}: not read"));
+                return None;
+            }
+        },
+        None => return None,
+    };
+    let Ok(order) = <[Part; 3]>::try_from(parts) else {
+        gaps.push(format!("fused q/k/v projection in the order `{order_text}`: not read"));
+        return None;
+    };
+    if groups == Some(1) && order == [Part::Query, Part::Key, Part::Value] {
+        return None;
+    }
+    decisions.push(format!(
+        "fused q/k/v rows (measured: the projection's output replaced by its row numbers): {},          each `{order_text}`; `sanitize` reorders them into all queries, keys, values",
+        match groups {
+            None => "one group per head".to_owned(),
+            Some(g) => format!("{g} groups of heads"),
+        }
+    ));
+    Some(QkvGroups { groups, order })
 }
