@@ -5,6 +5,7 @@ pub mod apertus;
 pub mod arcee;
 pub mod biogpt;
 pub mod bitnet;
+pub mod codegen;
 pub mod cohere;
 pub mod cohere2;
 pub mod cwm;
@@ -92,6 +93,7 @@ pub const REGISTRY: &[(&str, Loader)] = &[
     ("arcee", family::load::<arcee::Config>),
     ("biogpt", family::load::<biogpt::Config>),
     ("bitnet", family::load::<bitnet::Config>),
+    ("codegen", family::load::<codegen::Config>),
     ("cohere", family::load::<cohere::Config>),
     ("cohere2", family::load::<cohere2::Config>),
     ("cwm", family::load::<cwm::Config>),
