@@ -872,15 +872,15 @@ def _fused_qkv_rows(model, vocab_size):
 
     head_inputs = []
 
-    def record(module, args):
+    def record(module, args, name):
         if args and torch.is_tensor(args[0]):
-            head_inputs.append(args[0].detach().clone())
+            head_inputs.append((name, args[0].detach().clone()))
 
     head_dim = out_features // 3 // model.config.num_attention_heads
     handles = [fused.register_forward_hook(replace)]
     for name, module in layer.named_modules():
         if name.startswith(fused_name.rsplit(".", 1)[0]) and module is not fused and len(list(module.children())) == 0:
-            handles.append(module.register_forward_pre_hook(record))
+            handles.append(module.register_forward_pre_hook(lambda m, a, name=name: record(m, a, name)))
     found = []
 
     class Operands(TorchDispatchMode):
@@ -914,10 +914,16 @@ def _fused_qkv_rows(model, vocab_size):
     (q, kt), (_, v) = found
     q, k, v = q[:, 0], kt.transpose(-1, -2)[:, 0], v[:, 0]  # [heads, D] at position 0
     heads = model.config.num_attention_heads
-    per_head = [x for x in head_inputs if x.dim() == 4 and tuple(x.shape[-3:]) == (t, heads, head_dim)]
-    if len(per_head) >= 2:
-        q, k = (x.reshape(-1, t, x.shape[-2], head_dim)[0, 0] for x in per_head[:2])
+    # Per-head modules fed the queries and keys as projected (every position alike: before
+    # RoPE), e.g. q/k norms.
+    per_head = [
+        (n, x) for n, x in head_inputs
+        if x.dim() == 4 and tuple(x.shape[-3:]) == (t, heads, head_dim) and bool((x == x[:, :1]).all())
+    ]
     rows = {}
+    if len(per_head) >= 2:
+        (qn, q), (kn, k) = ((n, x[0, 0]) for n, x in per_head[:2])
+        rows["modules"] = {"q": qn, "k": kn}
     for part, x in (("q", q), ("k", k), ("v", v)):
         r = x.round()
         if (r - x).abs().max() > 1e-3 or r.min() < 1:
@@ -933,7 +939,8 @@ def fused_qkv_layout(architecture, small, build_config, tiny_model, model_type, 
     queries, then all keys, then all values; one per head: GPT-NeoX's per-head rows;
     CodeGen: 4 groups of query, value, key). `groups` is `"heads"` where it follows the
     head count (probed at two), else the number. None without a fused projection, or one
-    laid out otherwise."""
+    laid out otherwise. `before_rope` names the per-head modules (q/k norms) fed the
+    projected queries and keys, before RoPE."""
     import itertools
 
     heads_field = next((f for f in ("num_attention_heads", "n_head") if f in small), None)
@@ -973,14 +980,18 @@ def fused_qkv_layout(architecture, small, build_config, tiny_model, model_type, 
                 break
         if match is None:
             return None
-        results.append((match, heads, head_dim))
-    ((g1, o1), h1, _), ((g2, o2), h2, _) = results
+        results.append((match, heads, head_dim, rows.get("modules")))
+    ((g1, o1), h1, _, modules), ((g2, o2), h2, _, _) = results
     if o1 != o2:
         return None
     if g1 == 1 and g2 == 1:
-        return {"groups": 1, "order": o1}
-    if g1 == h1 and g2 == h2:
-        return {"groups": "heads", "order": o1}
-    if g1 == g2:
-        return {"groups": g1, "order": o1}
-    return None
+        layout = {"groups": 1, "order": o1}
+    elif g1 == h1 and g2 == h2:
+        layout = {"groups": "heads", "order": o1}
+    elif g1 == g2:
+        layout = {"groups": g1, "order": o1}
+    else:
+        return None
+    if modules:
+        layout["before_rope"] = modules
+    return layout

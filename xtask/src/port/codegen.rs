@@ -497,6 +497,21 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
             );
             ("Some(&rope)", "None")
         }
+        Some(RopeRule::Uniform) if plan.default_partial_rotary.is_some() && plan.mla.is_none() => {
+            let share = float(plan.default_partial_rotary.unwrap_or(1.0));
+            let _ = writeln!(w, "// The share of each head that rotates where a config names none.");
+            let _ = writeln!(w, "let mut fields = d.rope.clone();");
+            let _ = writeln!(
+                w,
+                "fields.partial_rotary_factor = fields.partial_rotary_factor.or(Some({share}));"
+            );
+            let _ = writeln!(
+                w,
+                "let rope = d.rope_from(&fields, {theta}, {}, config)?;",
+                choice.rope_traditional
+            );
+            ("Some(&rope)", "None")
+        }
         Some(RopeRule::Uniform) => {
             let _ = writeln!(
                 w,
@@ -881,6 +896,8 @@ pub fn structure_summary(plan: &Plan, choice: &Choice) -> Vec<String> {
                 },
                 match plan.qk_norm {
                     QkNorm::None => "",
+                    QkNorm::PerHead if plan.layer_norm.is_some() =>
+                        ", LayerNorm of each query/key head before RoPE",
                     QkNorm::PerHead => ", RMSNorm of each query/key head before RoPE",
                     QkNorm::Projection => ", RMSNorm over the whole query/key projections",
                     QkNorm::PerHeadAfterRope => ", RMSNorm of each query/key head after RoPE",
@@ -965,11 +982,21 @@ pub fn structure_summary(plan: &Plan, choice: &Choice) -> Vec<String> {
                 .to_owned(),
         ),
         (Some(RopeRule::Uniform), None) => lines.push(format!(
-            "RoPE on {}{} (all scaling types of `rope_parameters`/`rope_scaling`).",
-            if choice.rope_traditional { "interleaved pairs" } else { "the two halves of each head" },
-            match &plan.rope_dims_field {
-                Some(f) => format!(" of the first `{f}` features"),
-                None => String::new(),
+            "RoPE on {} (all scaling types of `rope_parameters`/`rope_scaling`).",
+            match (choice.rope_traditional, &plan.rope_dims_field, plan.default_partial_rotary) {
+                (true, None, None) => "interleaved pairs".to_owned(),
+                (false, None, None) => "the two halves of each head".to_owned(),
+                (pairs, dims_field, share) => format!(
+                    "{} of the first {} of each head",
+                    if pairs { "interleaved pairs" } else { "the two halves" },
+                    match (dims_field, share) {
+                        (Some(f), _) => format!("`{f}` features"),
+                        (None, share) => format!(
+                            "`partial_rotary_factor` ({} where a config names none)",
+                            share.unwrap_or(1.0)
+                        ),
+                    }
+                ),
             }
         )),
         (Some(RopeRule::PerLayerType { .. }), _) => lines.push(

@@ -259,6 +259,9 @@ pub struct Plan {
     /// The config field that names the rotated width in features (GPT-J's `rotary_dim`),
     /// found by the RoPE probe.
     pub rope_dims_field: Option<String>,
+    /// The share of each head that rotates when a config names none (Transformers' config
+    /// class sets it: Persimmon's 0.5).
+    pub default_partial_rotary: Option<f64>,
     /// How the fused q/k/v projection groups its rows, where not all queries, keys,
     /// values (the probe's `fused_qkv_layout`): `sanitize` reorders them.
     pub qkv_groups: Option<QkvGroups>,
@@ -763,6 +766,7 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         .renames
         .extend(super::trace::final_norm_rename(facts.value));
     roles.renames.extend(expert_block_renames(&facts));
+    roles.renames.extend(fused_qk_norm_renames(&facts));
     let prefix_renames = structure_renames(facts.value);
     let prefixes: Vec<(&str, &str)> = prefix_renames
         .iter()
@@ -1938,6 +1942,7 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         rope,
         no_rope,
         rope_dims_field: measured_rope.dims_field,
+        default_partial_rotary: measured_rope.default_partial,
         qkv_groups,
         choices,
         decisions,
@@ -2527,6 +2532,8 @@ pub struct MeasuredRope {
     pub base: Option<f64>,
     /// The field that names `dims` in features.
     pub dims_field: Option<String>,
+    /// The share of the head that rotates where a config names none.
+    pub default_partial: Option<f64>,
 }
 
 /// Reads the RoPE probe: the layout always (the candidates need not guess it); the base
@@ -2575,16 +2582,31 @@ pub fn measured_rope(
     if !named && base.is_none() {
         gaps.push("RoPE whose base neither the config nor the probe gives".to_owned());
     }
+    // A share no declared field carries, that the config class puts in `rope_parameters`.
+    let share = dims as f64 / head_dim as f64;
+    let mut default_partial = None;
     if dims != head_dim && dims_field.is_none() && !has_field("partial_rotary_factor") {
-        gaps.push(format!(
-            "RoPE rotates {dims} of {head_dim} features, and no config field is found to say so"
-        ));
+        let resolved = facts
+            .resolved("rope_parameters")
+            .and_then(|p| p.get("partial_rotary_factor"))
+            .and_then(Value::as_f64);
+        if resolved == Some(share) {
+            decisions.push(format!(
+                "`partial_rotary_factor` is {share} where a config names none (the config class sets it)"
+            ));
+            default_partial = Some(share);
+        } else {
+            gaps.push(format!(
+                "RoPE rotates {dims} of {head_dim} features, and no config field is found to say so"
+            ));
+        }
     }
     MeasuredRope {
         dims: Some(dims),
         pairs,
         base,
         dims_field,
+        default_partial,
     }
 }
 
@@ -2642,11 +2664,53 @@ pub fn qkv_groups(
         return None;
     }
     decisions.push(format!(
-        "fused q/k/v rows (measured: the projection's output replaced by its row numbers): {},          each `{order_text}`; `sanitize` reorders them into all queries, keys, values",
+        "fused q/k/v rows (measured: the projection's output replaced by its row numbers): {}, \
+         each `{order_text}`; `sanitize` reorders them into all queries, keys, values",
         match groups {
             None => "one group per head".to_owned(),
             Some(g) => format!("{g} groups of heads"),
         }
     ));
     Some(QkvGroups { groups, order })
+}
+
+/// The per-head modules the fused-projection probe found fed the projected queries and
+/// keys before RoPE (Persimmon's `q_layernorm`/`k_layernorm`), where they are norms: the
+/// blocks' `q_norm`/`k_norm`. (A norm fed one of separate projections is found by the
+/// call trace's checksums; a fused projection's parts have none of their own.)
+pub fn fused_qk_norm_renames(facts: &Facts) -> Vec<(String, String)> {
+    let Some(fed) = facts
+        .value
+        .pointer("/fused_qkv_layout/before_rope")
+        .and_then(Value::as_object)
+    else {
+        return Vec::new();
+    };
+    let is_norm = |name: &str| {
+        facts
+            .value
+            .get("modules")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .find(|m| str_of(m, "name").ends_with(&format!(".0.{name}")))
+            .is_some_and(|m| str_of(m, "class").contains("Norm"))
+    };
+    let mut renames = Vec::new();
+    for (part, canonical) in [("q", "q_norm"), ("k", "k_norm")] {
+        let Some(name) = fed.get(part).and_then(Value::as_str) else {
+            return Vec::new();
+        };
+        if !is_norm(name) {
+            return Vec::new();
+        }
+        let target = match name.rsplit_once('.') {
+            Some((parent, _)) => format!("{parent}.{canonical}"),
+            None => canonical.to_owned(),
+        };
+        if target != name {
+            renames.push((name.to_owned(), target));
+        }
+    }
+    renames
 }

@@ -582,6 +582,7 @@ fn base_plan(
         rope: None,
         no_rope: None,
         rope_dims_field: None,
+        default_partial_rotary: None,
         qkv_groups: None,
         choices: vec![choice],
         decisions,
