@@ -10,8 +10,8 @@
 //! - Attention: one fused `qkv_proj` whose rows are 4 groups of heads, each query, value,
 //!   key (reordered in `sanitize`).
 //! - MLP: `down_proj(act(up_proj(x)))`, no gate.
-//! - RoPE on interleaved pairs of the first `rotary_dim` features (all scaling types of
-//!   `rope_parameters`/`rope_scaling`).
+//! - RoPE on interleaved pairs of the first `rotary_dim` features of each head (all scaling
+//!   types of `rope_parameters`/`rope_scaling`).
 
 use crate::config::ConfigFile;
 use crate::error::Result;

@@ -9,8 +9,8 @@
 //! - LayerNorm (mean and variance), with bias where the config says so.
 //! - Attention: `q_proj`/`k_proj`/`v_proj`.
 //! - MLP: `down_proj(act(up_proj(x)))`, no gate.
-//! - RoPE on interleaved pairs of the first `rotary_dim` features (all scaling types of
-//!   `rope_parameters`/`rope_scaling`).
+//! - RoPE on interleaved pairs of the first `rotary_dim` features of each head (all scaling
+//!   types of `rope_parameters`/`rope_scaling`).
 
 use crate::config::ConfigFile;
 use crate::error::Result;

@@ -59,6 +59,7 @@ pub mod olmo2;
 pub mod olmo3;
 pub mod olmoe;
 pub mod opt;
+pub mod persimmon;
 pub mod phi;
 pub mod phi3;
 pub mod phimoe;
@@ -113,6 +114,7 @@ pub const REGISTRY: &[(&str, Loader)] = &[
     ("glm4_moe", family::load::<glm4_moe::Config>),
     ("glm4_moe_lite", family::load::<glm4_moe_lite::Config>),
     ("gptj", family::load::<gptj::Config>),
+    ("persimmon", family::load::<persimmon::Config>),
     // GPT-SW3 checkpoints are GPT-2 (Transformers maps `gpt-sw3` to `GPT2Config`).
     ("gpt-sw3", family::load::<gpt2::Config>),
     ("gpt2", family::load::<gpt2::Config>),
