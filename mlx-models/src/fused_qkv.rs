@@ -122,7 +122,12 @@ pub fn grouped_to_blocks(
             continue;
         };
         let shape = tensor.shape().to_vec();
-        if shape.is_empty() || shape[0] != rows || shape.len() > 2 || groups <= 0 || heads % groups != 0 {
+        if shape.is_empty()
+            || shape[0] != rows
+            || shape.len() > 2
+            || groups <= 0
+            || heads % groups != 0
+        {
             let mut expected = shape.clone();
             if expected.is_empty() {
                 expected.push(rows);
@@ -142,7 +147,9 @@ pub fn grouped_to_blocks(
         let axes: Vec<i32> = [1, 0].into_iter().chain(2..grouped.len() as i32).collect();
         let by_part = tensor.reshape(&grouped)?.transpose_axes(&axes)?;
         let stored = |p: Part| order.iter().position(|&o| o == p);
-        let (Some(q), Some(k), Some(v)) = (stored(Part::Query), stored(Part::Key), stored(Part::Value)) else {
+        let (Some(q), Some(k), Some(v)) =
+            (stored(Part::Query), stored(Part::Key), stored(Part::Value))
+        else {
             return Err(Error::config(
                 weights.source(),
                 prefix,
@@ -150,8 +157,8 @@ pub fn grouped_to_blocks(
             ));
         };
         let parts = by_part.split_equal(3, 0)?;
-        let reordered = mlx_rs::ops::concatenate(&[&parts[q], &parts[k], &parts[v]], 0)?
-            .reshape(&shape)?;
+        let reordered =
+            mlx_rs::ops::concatenate(&[&parts[q], &parts[k], &parts[v]], 0)?.reshape(&shape)?;
         weights.insert(name, reordered);
     }
     Ok(())
@@ -194,14 +201,33 @@ mod tests {
         // k0 k1 q0 q1 v0 v1, group 1 k2 k3 q2 q3 v2 v3.
         let stored = [4.0f32, 5., 0., 1., 8., 9., 6., 7., 2., 3., 10., 11.];
         let mut w = one("qkv.weight", Array::from_slice(&stored, &[12, 1]));
-        grouped_to_blocks(&mut w, "qkv", 2, [Part::Key, Part::Query, Part::Value], 4, 1).unwrap();
+        grouped_to_blocks(
+            &mut w,
+            "qkv",
+            2,
+            [Part::Key, Part::Query, Part::Value],
+            4,
+            1,
+        )
+        .unwrap();
         let expected: Vec<f32> = (0..12).map(|i| i as f32).collect();
-        assert_eq!(w.remove("qkv.weight").unwrap().as_slice::<f32>(), &expected[..]);
+        assert_eq!(
+            w.remove("qkv.weight").unwrap().as_slice::<f32>(),
+            &expected[..]
+        );
         // One group per head, q, k, v: the per-head layout.
         let per_head = [0.0f32, 2., 4., 1., 3., 5.];
         let mut a = one("qkv.bias", Array::from_slice(&per_head, &[6]));
         let mut b = one("qkv.bias", Array::from_slice(&per_head, &[6]));
-        grouped_to_blocks(&mut a, "qkv", 2, [Part::Query, Part::Key, Part::Value], 2, 1).unwrap();
+        grouped_to_blocks(
+            &mut a,
+            "qkv",
+            2,
+            [Part::Query, Part::Key, Part::Value],
+            2,
+            1,
+        )
+        .unwrap();
         per_head_to_blocks(&mut b, "qkv", 2, 1).unwrap();
         assert_eq!(
             a.remove("qkv.bias").unwrap().as_slice::<f32>(),

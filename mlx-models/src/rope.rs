@@ -125,7 +125,14 @@ impl RopeConfig {
         default_theta: f64,
         config_path: &Path,
     ) -> Result<RopeConfig> {
-        Self::read(fields, head_dim, None, max_position_embeddings, default_theta, config_path)
+        Self::read(
+            fields,
+            head_dim,
+            None,
+            max_position_embeddings,
+            default_theta,
+            config_path,
+        )
     }
 
     /// As [`RopeConfig::from_fields`], for configs that name the rotated width in
@@ -179,7 +186,10 @@ impl RopeConfig {
             .unwrap_or(1.0);
         let (dims, field) = match rotary_dim {
             Some((field, dims)) => (dims, field),
-            None => ((f64::from(head_dim) * partial) as i32, "partial_rotary_factor"),
+            None => (
+                (f64::from(head_dim) * partial) as i32,
+                "partial_rotary_factor",
+            ),
         };
         if dims <= 0 || dims % 2 != 0 || dims > head_dim {
             return Err(Error::config(

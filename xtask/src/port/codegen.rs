@@ -499,7 +499,10 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
         }
         Some(RopeRule::Uniform) if plan.default_partial_rotary.is_some() && plan.mla.is_none() => {
             let share = float(plan.default_partial_rotary.unwrap_or(1.0));
-            let _ = writeln!(w, "// The share of each head that rotates where a config names none.");
+            let _ = writeln!(
+                w,
+                "// The share of each head that rotates where a config names none."
+            );
             let _ = writeln!(w, "let mut fields = d.rope.clone();");
             let _ = writeln!(
                 w,

@@ -140,9 +140,8 @@ pub fn settings(plan: &Plan, choice: &Choice, config: &ConfigFile) -> Result<Dec
         // A share of the head the config class sets where a config names none.
         Some(RopeRule::Uniform) if plan.default_partial_rotary.is_some() => {
             let mut fields = d.rope.clone();
-            fields.partial_rotary_factor = fields
-                .partial_rotary_factor
-                .or(plan.default_partial_rotary);
+            fields.partial_rotary_factor =
+                fields.partial_rotary_factor.or(plan.default_partial_rotary);
             (
                 Some(d.rope_from(&fields, plan.default_theta, choice.rope_traditional, config)?),
                 None,

@@ -1595,7 +1595,12 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         .unwrap_or(false);
     let measured_rope = measured_rope(&facts, &has_field, &mut decisions, &mut gaps);
     if let Some(f) = &measured_rope.dims_field {
-        add(&mut fields, f, FieldType::I32, "rotated features of each head");
+        add(
+            &mut fields,
+            f,
+            FieldType::I32,
+            "rotated features of each head",
+        );
         if facts.nullable(f) || defaults.get(f).is_none_or(Value::is_null) {
             gaps.push(format!(
                 "`{f}` may be null: what Transformers rotates then is not read"
@@ -2552,13 +2557,13 @@ pub fn measured_rope(
     if dims == 0 {
         return MeasuredRope::default();
     }
-    let head_dim = probe.get("head_dim").and_then(Value::as_i64).unwrap_or(dims);
+    let head_dim = probe
+        .get("head_dim")
+        .and_then(Value::as_i64)
+        .unwrap_or(dims);
     let pairs = probe.get("pairs").and_then(Value::as_bool);
     let named = has_field("rope_parameters") || has_field("rope_theta");
-    let base = probe
-        .get("base")
-        .and_then(Value::as_f64)
-        .filter(|_| !named);
+    let base = probe.get("base").and_then(Value::as_f64).filter(|_| !named);
     let dims_field = facts
         .value
         .get("rotary_dims_field")
@@ -2657,7 +2662,9 @@ pub fn qkv_groups(
         None => return None,
     };
     let Ok(order) = <[Part; 3]>::try_from(parts) else {
-        gaps.push(format!("fused q/k/v projection in the order `{order_text}`: not read"));
+        gaps.push(format!(
+            "fused q/k/v projection in the order `{order_text}`: not read"
+        ));
         return None;
     };
     if groups == Some(1) && order == [Part::Query, Part::Key, Part::Value] {
