@@ -177,7 +177,7 @@ impl DecoderConfig {
     /// use mlx_models::config::ConfigFile;
     /// use mlx_models::family::DecoderConfig;
     ///
-    /// let value = serde_json::json!({"vocab_size": 8, "hidden_size": 64,
+    /// let value = serde_json::json!({"model_type": "gptj", "vocab_size": 8, "hidden_size": 64,
     ///     "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 4,
     ///     "max_position_embeddings": 32});
     /// let config = ConfigFile { path: "config.json".into(), value };
