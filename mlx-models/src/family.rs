@@ -221,6 +221,49 @@ impl DecoderConfig {
         self.rope_from(&fields, default_theta, false, config)
     }
 
+    /// Gives each layer the RoPE of its own base, one per layer in `bases` (the config's
+    /// `field`, e.g. Granite SWA's `layer_rope_theta`): the config's scaling and rotated part
+    /// at that base, and no positional encoding at all (NoPE) where the base is 0.
+    /// `traditional` rotates adjacent pairs instead of halves.
+    ///
+    /// A list of another length than the layers, or a base that is negative or not finite,
+    /// is a [`crate::Error::Config`] naming `field`.
+    pub fn set_layer_rope_bases(
+        &self,
+        layers: &mut [LayerSettings],
+        field: &str,
+        bases: &[f64],
+        traditional: bool,
+        config: &ConfigFile,
+    ) -> Result<()> {
+        if bases.len() != layers.len() {
+            return Err(crate::Error::config(
+                &config.path,
+                field,
+                format!(
+                    "gives {} RoPE bases for {} layers",
+                    bases.len(),
+                    layers.len()
+                ),
+            ));
+        }
+        for (layer, &base) in layers.iter_mut().zip(bases) {
+            if !base.is_finite() || base < 0.0 {
+                return Err(crate::Error::config(
+                    &config.path,
+                    field,
+                    format!("has the RoPE base {base}: neither 0 (no RoPE) nor a positive base"),
+                ));
+            }
+            layer.rope = if base == 0.0 {
+                None
+            } else {
+                Some(self.rope_from(&self.rope.with_base(base), base, traditional, config)?)
+            };
+        }
+        Ok(())
+    }
+
     /// The settings of each layer: which attention (`layer_types`, else `rule`), the RoPE
     /// of full (`rope`) and sliding (`local_rope`, else `rope`) layers, none on the layers
     /// `no_rope_layers` marks when `no_rope`.
@@ -832,5 +875,54 @@ mod tests {
         let mut given = base;
         given["v_head_dim"] = 12.into();
         assert_eq!(width(given), 12);
+    }
+
+    /// Granite SWA's `layer_rope_theta`: each layer rotates at its own base, in either
+    /// config style, with the config's scaling kept; 0 is a layer without RoPE; a list of
+    /// the wrong length or a negative base is an error naming the field.
+    #[test]
+    fn each_layer_rotates_at_its_own_base_and_zero_means_none() {
+        let base = serde_json::json!({
+            "model_type": "granite_swa", "vocab_size": 256, "hidden_size": 64,
+            "intermediate_size": 128, "num_hidden_layers": 3, "num_attention_heads": 4, "max_position_embeddings": 4096,
+        });
+        let bases = [0.0, 5e4, 1e6];
+        let check = |value: serde_json::Value| {
+            let file = config(value);
+            let d: DecoderConfig = file.parse().expect("decoder fields");
+            let rope = d.rope(10000.0, false, &file).expect("rope");
+            let mut layers = d.layers(LayerRule::NoSliding, Some(&rope), None, false);
+            d.set_layer_rope_bases(&mut layers, "layer_rope_theta", &bases, false, &file)
+                .expect("bases");
+            assert!(layers[0].rope.is_none());
+            for (layer, want) in layers[1..].iter().zip(&bases[1..]) {
+                let got = layer.rope.as_ref().expect("a RoPE").config();
+                assert_eq!(got.theta, *want);
+                assert_eq!(got.scaling, rope.config().scaling);
+            }
+            let too_few =
+                d.set_layer_rope_bases(&mut layers, "layer_rope_theta", &bases[1..], false, &file);
+            assert!(too_few
+                .unwrap_err()
+                .to_string()
+                .contains("layer_rope_theta"));
+            let negative = d.set_layer_rope_bases(
+                &mut layers,
+                "layer_rope_theta",
+                &[1e4, -1.0, 0.0],
+                false,
+                &file,
+            );
+            assert!(negative.unwrap_err().to_string().contains("-1"));
+        };
+        let scaling = serde_json::json!({"rope_type": "linear", "factor": 4.0});
+        let mut transformers5 = base.clone();
+        transformers5["rope_parameters"] =
+            serde_json::json!({"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0});
+        check(transformers5);
+        let mut hub = base;
+        hub["rope_theta"] = 10000.0.into();
+        hub["rope_scaling"] = scaling;
+        check(hub);
     }
 }

@@ -24,6 +24,26 @@ pub struct RopeFields {
 }
 
 impl RopeFields {
+    /// The same fields at another base: `rope_theta` replaced wherever these fields give it.
+    pub fn with_base(&self, base: f64) -> RopeFields {
+        let rebased = |block: &Option<Value>| {
+            block.as_ref().map(|b| match b {
+                Value::Object(map) if map.contains_key("rope_theta") => {
+                    let mut map = map.clone();
+                    map.insert("rope_theta".to_owned(), Value::from(base));
+                    Value::Object(map)
+                }
+                other => other.clone(),
+            })
+        };
+        RopeFields {
+            rope_theta: Some(base),
+            rope_scaling: rebased(&self.rope_scaling),
+            rope_parameters: rebased(&self.rope_parameters),
+            ..self.clone()
+        }
+    }
+
     /// The fields of one layer type, for families with a RoPE per layer type (Gemma 3).
     /// Transformers 5 nests `rope_parameters` by layer type; Hub configs give the
     /// sliding-window layers only their own base (`local_base`, e.g. `rope_local_base_freq`)

@@ -63,6 +63,7 @@ pub const BOUNDS: &[(&str, f32, f32)] = &[
     ("gpt_oss", 0.035, 0.61),          // measured 0.0277, 0.483
     ("gptj", 0.017, 0.29),             // measured 0.0135, 0.227
     ("granite", 0.064, 0.78),          // measured 0.0507, 0.622
+    ("granite_swa", 0.12, 0.88),       // measured 0.09, 0.699
     ("granitemoe", 0.042, 0.53),       // measured 0.0332, 0.423
     ("granitemoehybrid", 0.041, 0.66), // measured 0.0325, 0.521
     ("helium", 0.036, 0.6),            // measured 0.0286, 0.48

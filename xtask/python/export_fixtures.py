@@ -1023,6 +1023,21 @@ def rope_parameter_sets(config, rotary) -> dict:
     return {prefix: config.rope_parameters[layer_type] for prefix, layer_type in layer_types.items()}
 
 
+def first_called(model, modules):
+    """The first of `modules` (in their order) a forward pass of `model` over a few tokens calls."""
+    import torch
+
+    called = set()
+    handles = [m.register_forward_hook(lambda m, *_: called.add(id(m))) for m in modules]
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.tensor([[1, 2, 3]]))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return next((m for m in modules if id(m) in called), None)
+
+
 def capture_rope(model, dtype):
     """cos/sin (and inv_freq, when exposed) of the model's rotary module at ROPE_POSITIONS.
 
@@ -1039,6 +1054,11 @@ def capture_rope(model, dtype):
     _, _, rotary = decoder_parts(model)
     if rotary is None:
         return {}, {}  # no RoPE (Mamba, Jamba, Nemotron-H, ...): nothing to record
+    # A module built but never called describes no layer: Granite SWA keeps its global-base one and
+    # rotates with one module per base of `layer_rope_theta`; record the first of those called.
+    rotary = first_called(model, [rotary] + [m for m in model.modules() if type(m) is type(rotary)])
+    if rotary is None:
+        return {}, {}
     position_ids = torch.tensor([ROPE_POSITIONS], dtype=torch.int64)
     x = torch.zeros(1, len(ROPE_POSITIONS), model.config.hidden_size, dtype=dtype)
     layer_types = rope_layer_types(rotary)

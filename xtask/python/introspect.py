@@ -341,8 +341,12 @@ def small_config(model_type: str, fields: dict, attribute_map: dict) -> dict:
     if "head_dim" not in fields:
         config.pop("head_dim", None)
     counts = ("num_experts", "num_local_experts", "n_routed_experts")
-    if any(fields.get(n, {}).get("default", 0) is None for n in counts if n in fields):
+    defaults = [fields[n]["default"] for n in counts if n in fields]
+    if any(d is None or (isinstance(d, int) and d > MOE_SMALL_SIZES[counts[0]]) for d in defaults):
         config.update({n: v for n, v in MOE_SMALL_SIZES.items() if n in fields})
+        if "moe_intermediate_size" not in fields and "intermediate_size" in config:
+            # Experts as wide as `intermediate_size` (Granite MoE): narrower, to stay small.
+            config["intermediate_size"] = MOE_SMALL_SIZES["moe_intermediate_size"] * 4
     if "tie_word_embeddings" in fields:
         config["tie_word_embeddings"] = fields["tie_word_embeddings"]["default"]
     # Special token ids outside the tiny vocabulary (Phi-3's pad 32000) become its last id.
@@ -885,6 +889,13 @@ def propose_variants(model_type: str, fields: dict, small: dict, resolved, rotar
         add("no-rope", f"no_rope_layers {text(no_rope)}: the layers marked 0 use no RoPE (NoPE).",
             {"no_rope_layers": no_rope})
 
+    if "layer_rope_theta" in fields:
+        # A RoPE base per layer: the first layer without RoPE (0), the others at bases of their own.
+        layers = small["num_hidden_layers"]
+        bases = [0.0] + [50000.0 * i for i in range(1, layers)]
+        add("layer-rope-bases", f"layer_rope_theta {text(bases)}: each layer's own RoPE base, 0 for none (NoPE).",
+            {"layer_rope_theta": bases})
+
     if "partial_rotary_factor" in fields or (not per_layer_type and "partial_rotary_factor" in rope):
         params = {"rope_type": "default", "rope_theta": rope.get("rope_theta", 10000.0),
                   "partial_rotary_factor": PARTIAL_ROTARY_FACTOR}
@@ -912,7 +923,33 @@ def propose_variants(model_type: str, fields: dict, small: dict, resolved, rotar
     if "routed_scaling_factor" in routing or "n_group" in routing:
         add("routing", "Routing options together: " + ", ".join(f"{k} {text(v)}" for k, v in routing.items()) + ".",
             routing)
-    return variants
+    return combine_options(variants)
+
+
+# Variants whose options change independent parts of the model (the output layer's tie, the
+# projections' biases, scalar multipliers, softcaps): one fixture tests them together, so a
+# family stays small; a wrong reading of any of them still fails it.
+COMBINABLE = ("untied", "tied", "no-bias", "bias", "multipliers", "softcap")
+
+
+def combine_options(variants: list) -> list:
+    """`variants` with the COMBINABLE Transformers-5-style ones merged into one `options` variant,
+    where the first of them was."""
+    together = [v for v in variants if v["name"] in COMBINABLE and v["config_style"] == "transformers5"]
+    if len(together) < 2:
+        return variants
+    overrides = {}
+    for variant in together:
+        overrides.update(variant["config_overrides"])
+    parts = [v["description"].removeprefix("As default, ").rstrip(".") for v in together]
+    combined = {
+        "name": "options",
+        "description": "Options that change independent parts of the model, together: " + "; ".join(parts) + ".",
+        "config_style": "transformers5",
+        "config_overrides": overrides,
+    }
+    first = variants.index(together[0])
+    return [combined if i == first else v for i, v in enumerate(variants) if i == first or v not in together]
 
 
 def assign_seeds(spec: dict, check: bool) -> None:

@@ -30,6 +30,7 @@ pub mod gpt_neox;
 pub mod gpt_oss;
 pub mod gptj;
 pub mod granite;
+pub mod granite_swa;
 pub mod granitemoe;
 pub mod granitemoehybrid;
 pub mod helium;
@@ -123,6 +124,7 @@ pub const REGISTRY: &[(&str, Loader)] = &[
     ("gpt_neox", family::load::<gpt_neox::Config>),
     ("gpt_oss", family::load::<gpt_oss::Config>),
     ("granite", family::load::<granite::Config>),
+    ("granite_swa", family::load::<granite_swa::Config>),
     ("granitemoe", family::load::<granitemoe::Config>),
     ("granitemoehybrid", family::load::<granitemoehybrid::Config>),
     ("helium", family::load::<helium::Config>),

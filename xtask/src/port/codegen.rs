@@ -32,6 +32,7 @@ fn rust_type(f: &Field) -> String {
         FieldType::Str => "String",
         FieldType::LayerTypes => "Vec<LayerType>",
         FieldType::IntList => "Vec<i32>",
+        FieldType::FloatList => "Vec<f64>",
     };
     if f.optional() {
         format!("Option<{base}>")
@@ -246,6 +247,9 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
             })
         }
     }
+    if plan.sinks {
+        attn.push("sinks: true".to_owned());
+    }
     if plan.clip_qkv != Scalar::None {
         attn.push(format!("clip_qkv: {}", scalar(plan, &plan.clip_qkv)));
     }
@@ -454,6 +458,18 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
             super::interpret::refusal(*supported)
         );
     }
+    for (field, supported) in &plan.refused_values {
+        let value = if optional(plan, field) {
+            format!("self.{field}.unwrap_or({supported})")
+        } else {
+            format!("self.{field}")
+        };
+        let _ = writeln!(
+            w,
+            "config.ensure({value} == {supported}, {field:?}, || {:?}.to_owned())?;",
+            super::interpret::value_refusal(*supported)
+        );
+    }
     if attn.is_empty() {
         let _ = writeln!(w, "let attention = d.attention();");
     } else {
@@ -554,9 +570,20 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
     let _ = writeln!(
         w,
         "let {}layers = d.layers({rule}, {rope}, {local_rope}, {});",
-        if choice.rope_sliding_only { "mut " } else { "" },
+        if choice.rope_sliding_only || plan.layer_rope_bases.is_some() {
+            "mut "
+        } else {
+            ""
+        },
         plan.no_rope.is_some()
     );
+    if let Some(field) = &plan.layer_rope_bases {
+        let _ = writeln!(
+            w,
+            "if let Some(bases) = &self.{field} {{ d.set_layer_rope_bases(&mut layers, \"{field}\", bases, {}, config)?; }}",
+            choice.rope_traditional
+        );
+    }
     if choice.rope_sliding_only {
         let _ = writeln!(w, "// RoPE on the sliding-window layers only.");
         let _ = writeln!(
@@ -1006,6 +1033,16 @@ pub fn structure_summary(plan: &Plan, choice: &Choice) -> Vec<String> {
             "RoPE per layer type: full-attention and sliding-window layers each have their own base and scaling.".to_owned(),
         ),
         (Some(_), Some(_)) => lines.push("RoPE, except on the layers `no_rope_layers` marks 0.".to_owned()),
+    }
+    if let Some(field) = &plan.layer_rope_bases {
+        lines.push(format!(
+            "Each layer's own RoPE base where `{field}` lists them (0: that layer has none)."
+        ));
+    }
+    if plan.sinks {
+        lines.push(
+            "A learned sink logit per head in each softmax's denominator (`sinks`).".to_owned(),
+        );
     }
     if plan.sliding_window.is_some() {
         lines.push("Sliding-window attention on the layers `layer_types` (or the family's rule) marks, with a rotating KV cache.".to_owned());

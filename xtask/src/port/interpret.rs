@@ -97,6 +97,10 @@ pub fn settings(plan: &Plan, choice: &Choice, config: &ConfigFile) -> Result<Dec
     for (field, supported) in &plan.refused {
         config.ensure(r.bool(field) == *supported, field, || refusal(*supported))?;
     }
+    for (field, supported) in &plan.refused_values {
+        let value = r.value(field).as_i64().unwrap_or(*supported);
+        config.ensure(value == *supported, field, || value_refusal(*supported))?;
+    }
     let mut activation = Activation::from_config(
         config,
         &plan.act_field,
@@ -180,6 +184,17 @@ pub fn settings(plan: &Plan, choice: &Choice, config: &ConfigFile) -> Result<Dec
             layer.rope = None;
         }
     }
+    if let Some(field) = &plan.layer_rope_bases {
+        if let Some(bases) = r.value(field).as_array() {
+            let bases: Vec<f64> = bases.iter().filter_map(Value::as_f64).collect();
+            config.ensure(
+                bases.len() == r.value(field).as_array().map_or(0, Vec::len),
+                field,
+                || "holds something other than numbers".to_owned(),
+            )?;
+            d.set_layer_rope_bases(&mut layers, field, &bases, choice.rope_traditional, config)?;
+        }
+    }
 
     let attention = AttentionSettings {
         qkv_layout: if plan.qkv_fused {
@@ -195,6 +210,7 @@ pub fn settings(plan: &Plan, choice: &Choice, config: &ConfigFile) -> Result<Dec
             .scalar(&plan.attention_scale)?
             .unwrap_or((d.head_dim() as f32).powf(-0.5)),
         clip_qkv: r.scalar(&plan.clip_qkv)?,
+        sinks: plan.sinks,
         logit_softcap: if choice.attention_softcap {
             r.scalar(&plan.attention_softcap)?
         } else {
@@ -321,6 +337,13 @@ fn routed(
 /// The latent attention fields, read by the same `MlaConfig` a generated module flattens.
 fn mla_config(plan: &Plan, config: &ConfigFile) -> Result<MlaConfig> {
     config.parse_with_defaults(&defaults_json(plan))
+}
+
+/// Why a module refuses an integer field's other values (the generated module says the same).
+pub fn value_refusal(supported: i64) -> String {
+    format!(
+        "only {supported} is supported: other values add weights Transformers computes with, which this module does not implement"
+    )
 }
 
 /// Why a module refuses a boolean field's other value (the generated module says the same).

@@ -205,6 +205,7 @@ pub enum FieldType {
     Str,
     LayerTypes,
     IntList,
+    FloatList,
 }
 
 impl Field {
@@ -265,6 +266,11 @@ pub struct Plan {
     /// How the fused q/k/v projection groups its rows, where not all queries, keys,
     /// values (the probe's `fused_qkv_layout`): `sanitize` reorders them.
     pub qkv_groups: Option<QkvGroups>,
+    /// A config field giving each layer its own RoPE base, 0 for none (Granite SWA's
+    /// `layer_rope_theta`).
+    pub layer_rope_bases: Option<String>,
+    /// A learned sink logit per head in the softmax's denominator (`self_attn.sinks`).
+    pub sinks: bool,
     /// Candidates, most likely first.
     pub choices: Vec<Choice>,
     /// What the facts decided, one line each, for the report.
@@ -275,6 +281,9 @@ pub struct Plan {
     pub ignored: Vec<(String, String)>,
     /// Boolean fields the module reads only to refuse all but the value given here.
     pub refused: Vec<(String, bool)>,
+    /// Integer fields the module reads only to refuse all but the value given here: other
+    /// values add parameters no block of the plan loads (the width probes).
+    pub refused_values: Vec<(String, i64)>,
     /// The output layer has a bias (Phi).
     pub lm_head_bias: bool,
     /// Transformers' module calls in decoder layer 0, in order (name under the layer,
@@ -1046,6 +1055,22 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         .resolved("head_dim")
         .and_then(Value::as_i64)
         .unwrap_or(hidden / heads.max(1));
+    // A sink logit per query head joins each softmax's denominator (gpt-oss, Granite SWA).
+    let sinks = match layer0.get("self_attn.sinks") {
+        None => false,
+        Some(shape) if shape.as_slice() == [heads] => {
+            decisions.push(format!(
+                "`self_attn.sinks` of [{heads}]: a learned sink logit per head in the softmax"
+            ));
+            true
+        }
+        Some(shape) => {
+            gaps.push(format!(
+                "`self_attn.sinks` is {shape:?}, not one logit per each of the {heads} heads"
+            ));
+            false
+        }
+    };
     let qk_norm = match layer0.get("self_attn.q_norm.weight") {
         None => QkNorm::None,
         Some(shape) if shape.as_slice() == [head_dim] && roles.qk_after_rope => {
@@ -1626,6 +1651,21 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
     } else {
         Some(RopeRule::Uniform)
     };
+    // Each layer's own RoPE base (0: none) overrides the shared one where the list is given;
+    // the fixtures' `layer-rope-bases` variant (introspect.py) checks the reading.
+    let layer_rope_bases = (rope.is_some() && has_field("layer_rope_theta")).then(|| {
+        add(
+            &mut fields,
+            "layer_rope_theta",
+            FieldType::FloatList,
+            "each layer's RoPE base, 0 for none (the shared base when null)",
+        );
+        decisions.push(
+            "RoPE base per layer from `layer_rope_theta` where given (0: the layer has no RoPE)"
+                .to_owned(),
+        );
+        "layer_rope_theta".to_owned()
+    });
     let no_rope = has_field("no_rope_layers").then(|| {
         add(
             &mut fields,
@@ -1765,6 +1805,7 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         "self_attn.o_proj.",
         "self_attn.q_norm.",
         "self_attn.k_norm.",
+        "self_attn.sinks",
         "mlp.gate_proj.",
         "mlp.up_proj.",
         "mlp.down_proj.",
@@ -1872,6 +1913,46 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         ));
         refused.push((p.field.clone(), !p.value));
     }
+    // Integer fields whose other values add parameters the tiny model does not have (Granite
+    // MoE's `shared_intermediate_size` > 0 adds a shared MLP): unless the plan reads them, the
+    // module refuses every value but the default instead of failing on unknown weights.
+    let own_names = facts.parameters();
+    let mut refused_values = Vec::new();
+    for probe in facts
+        .value
+        .get("width_probes")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let field = str_of(probe, "field");
+        let added: Vec<&str> = probe
+            .get("widened")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .filter(|n| !own_names.contains_key(*n) && !n.contains("layers.1."))
+            .collect();
+        let read =
+            fields.iter().any(|f| f.name == field) || aliases.iter().any(|(_, own)| own == field);
+        let Some(default) = defaults.get(field).and_then(Value::as_i64) else {
+            continue;
+        };
+        if added.is_empty() || read {
+            continue;
+        }
+        add(
+            &mut fields,
+            field,
+            FieldType::I32,
+            "checked: the value the fixtures verify, others refused",
+        );
+        decisions.push(format!(
+            "`{field}` other than {default} adds parameters no block loads ({added:?}): refused"
+        ));
+        refused_values.push((field.to_owned(), default));
+    }
 
     // Fields read vs ignored.
     let mut ignored = Vec::new();
@@ -1949,11 +2030,14 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         rope_dims_field: measured_rope.dims_field,
         default_partial_rotary: measured_rope.default_partial,
         qkv_groups,
+        layer_rope_bases,
+        sinks,
         choices,
         decisions,
         gaps,
         ignored,
         refused,
+        refused_values,
         renames: roles.renames.clone(),
         conv1d: layer_conv1d(facts.value, &roles.renames),
         learned_positions,
