@@ -9,12 +9,14 @@
 //! - LayerNorm (mean and variance), with bias where the config says so.
 //! - Attention: `q_proj`/`k_proj`/`v_proj`.
 //! - MLP: `down_proj(act(up_proj(x)))`, no gate.
-//! - RoPE on interleaved pairs of the first `rotary_dim` features of each head (all scaling
-//!   types of `rope_parameters`/`rope_scaling`).
+//! - RoPE on interleaved pairs of the first `rotary_dim` features of each head (base 10000,
+//!   as in Transformers' code: no config field describes this RoPE, and RoPE keys in a
+//!   config.json are ignored).
 
 use crate::config::ConfigFile;
 use crate::error::Result;
 use crate::family::{DecoderConfig, DecoderFamily, LayerRule};
+use crate::rope::RopeFields;
 use crate::transformer::{
     drop_computed_weights, Activation, DecoderSettings, MlpLayout, MlpSettings, NormKind,
     NormPlacement,
@@ -59,7 +61,13 @@ impl DecoderFamily for Config {
                 Activation::from_config(config, "activation_function", &self.activation_function)?,
             )
         };
-        let rope = d.rope_rotating(("rotary_dim", self.rotary_dim), 10000.0, true, config)?;
+        let rope = d.rope_rotating(
+            &RopeFields::default(),
+            ("rotary_dim", self.rotary_dim),
+            10000.0,
+            true,
+            config,
+        )?;
         let layers = d.layers(LayerRule::NoSliding, Some(&rope), None, false);
         Ok(DecoderSettings {
             norm: NormKind::Layer { bias: true },

@@ -357,6 +357,9 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
             let _ = writeln!(w, "use crate::fused_qkv::{{{}}};", many.join(", "));
         }
     }
+    if plan.rope_from_code && plan.mla.is_none() {
+        let _ = writeln!(w, "use crate::rope::RopeFields;");
+    }
     let _ = writeln!(w, "use crate::transformer::{{{}}};", transformer.join(", "));
     if let Some(moe) = &plan.moe {
         let _ = writeln!(
@@ -508,7 +511,12 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
             let f = plan.rope_dims_field.as_deref().unwrap_or_default();
             let _ = writeln!(
                 w,
-                "let rope = d.rope_rotating((\"{f}\", self.{f}), {theta}, {}, config)?;",
+                "let rope = d.rope_rotating({}, (\"{f}\", self.{f}), {theta}, {}, config)?;",
+                if plan.rope_from_code {
+                    "&RopeFields::default()"
+                } else {
+                    "&d.rope"
+                },
                 choice.rope_traditional
             );
             ("Some(&rope)", "None")
@@ -527,6 +535,14 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
             let _ = writeln!(
                 w,
                 "let rope = d.rope_from(&fields, {theta}, {}, config)?;",
+                choice.rope_traditional
+            );
+            ("Some(&rope)", "None")
+        }
+        Some(RopeRule::Uniform) if plan.rope_from_code && plan.mla.is_none() => {
+            let _ = writeln!(
+                w,
+                "let rope = d.rope_from(&RopeFields::default(), {theta}, {}, config)?;",
                 choice.rope_traditional
             );
             ("Some(&rope)", "None")
@@ -1012,7 +1028,7 @@ pub fn structure_summary(plan: &Plan, choice: &Choice) -> Vec<String> {
                 .to_owned(),
         ),
         (Some(RopeRule::Uniform), None) => lines.push(format!(
-            "RoPE on {} (all scaling types of `rope_parameters`/`rope_scaling`).",
+            "RoPE on {} ({}).",
             match (choice.rope_traditional, &plan.rope_dims_field, plan.default_partial_rotary) {
                 (true, None, None) => "interleaved pairs".to_owned(),
                 (false, None, None) => "the two halves of each head".to_owned(),
@@ -1027,6 +1043,14 @@ pub fn structure_summary(plan: &Plan, choice: &Choice) -> Vec<String> {
                         ),
                     }
                 ),
+            },
+            if plan.rope_from_code {
+                format!(
+                    "base {}, as in Transformers' code: no config field describes this RoPE, and RoPE keys in a config.json are ignored",
+                    plan.default_theta
+                )
+            } else {
+                "all scaling types of `rope_parameters`/`rope_scaling`".to_owned()
             }
         )),
         (Some(RopeRule::PerLayerType { .. }), _) => lines.push(

@@ -116,6 +116,8 @@ pub fn settings(plan: &Plan, choice: &Choice, config: &ConfigFile) -> Result<Dec
         None => NormKind::Rms,
     };
 
+    // RoPE the config does not describe reads none of its RoPE keys.
+    let none = mlx_models::rope::RopeFields::default();
     let (rope, local_rope) = match &plan.rope {
         None => (None, None),
         // Latent attention rotates its rope part only.
@@ -133,6 +135,7 @@ pub fn settings(plan: &Plan, choice: &Choice, config: &ConfigFile) -> Result<Dec
             let f = plan.rope_dims_field.as_deref().unwrap_or_default();
             (
                 Some(d.rope_rotating(
+                    if plan.rope_from_code { &none } else { &d.rope },
                     (f, r.i32(f)?),
                     plan.default_theta,
                     choice.rope_traditional,
@@ -151,6 +154,10 @@ pub fn settings(plan: &Plan, choice: &Choice, config: &ConfigFile) -> Result<Dec
                 None,
             )
         }
+        Some(RopeRule::Uniform) if plan.rope_from_code => (
+            Some(d.rope_from(&none, plan.default_theta, choice.rope_traditional, config)?),
+            None,
+        ),
         Some(RopeRule::Uniform) => (
             Some(d.rope(plan.default_theta, choice.rope_traditional, config)?),
             None,

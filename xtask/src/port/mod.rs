@@ -1837,8 +1837,11 @@ mod generator_tests {
             plan.choices.iter().all(|c| c.rope_traditional),
             "layout measured, not tried"
         );
-        assert!(source
-            .contains("d.rope_rotating((\"rotary_dim\", self.rotary_dim), 10000.0, true, config)"));
+        assert!(
+            plan.rope_from_code,
+            "no config field describes GPT-J's RoPE"
+        );
+        assert!(source.contains("d.rope_rotating(\n            &RopeFields::default(),\n            (\"rotary_dim\", self.rotary_dim),"));
         // Seeded faults: halves instead of pairs, or the whole head rotated, fail at layer 0.
         let mut halves = plan.clone();
         halves.choices[0].rope_traditional = false;

@@ -263,6 +263,9 @@ pub struct Plan {
     /// The share of each head that rotates when a config names none (Transformers' config
     /// class sets it: Persimmon's 0.5).
     pub default_partial_rotary: Option<f64>,
+    /// RoPE no config field describes (measured; the base is in Transformers' code): the
+    /// module reads no RoPE keys of config.json, as Transformers does not.
+    pub rope_from_code: bool,
     /// How the fused q/k/v projection groups its rows, where not all queries, keys,
     /// values (the probe's `fused_qkv_layout`): `sanitize` reorders them.
     pub qkv_groups: Option<QkvGroups>,
@@ -2029,6 +2032,7 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         no_rope,
         rope_dims_field: measured_rope.dims_field,
         default_partial_rotary: measured_rope.default_partial,
+        rope_from_code: measured_rope.base.is_some(),
         qkv_groups,
         layer_rope_bases,
         sinks,

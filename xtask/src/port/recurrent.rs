@@ -583,6 +583,7 @@ fn base_plan(
         no_rope: None,
         rope_dims_field: None,
         default_partial_rotary: None,
+        rope_from_code: false,
         qkv_groups: None,
         layer_rope_bases: None,
         sinks: false,
