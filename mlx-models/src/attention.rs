@@ -3,6 +3,7 @@
 //! output projection), in the variants the families use.
 
 use crate::cache::KvCache;
+use crate::differential::Differential;
 use crate::error::{Error, Result};
 use crate::nn::{scalar_like, softcap, Linear, Split};
 use crate::norm::{norm_opt, Norm, NormKind};
@@ -173,6 +174,9 @@ pub struct AttentionSettings {
     /// `q_proj` also gives a gate per head (`[query | gate]` per head) and the attention
     /// output is multiplied by its sigmoid (Qwen3-Next).
     pub output_gate: bool,
+    /// Differential attention (DiffLlama): two softmaxes over the same scores combined by a
+    /// learned λ per layer ([`crate::differential`]).
+    pub differential: bool,
 }
 
 impl AttentionSettings {
@@ -195,6 +199,7 @@ impl AttentionSettings {
             temperature_tuning: None,
             qk_norm_eps: 1e-6,
             output_gate: false,
+            differential: false,
         }
     }
 }
@@ -280,6 +285,9 @@ pub struct Attention {
     pub sinks: Option<Array>,
     /// A norm of the attention output before `o_proj` (BitNet's `attn_sub_norm`).
     pub sub_norm: Option<Norm>,
+    /// Differential attention's λ of this layer (DiffLlama), set by the model that loads it
+    /// (λ depends on the layer's depth).
+    pub differential: Option<Differential>,
     pub rope: Option<Rope>,
     pub settings: AttentionSettings,
 }
@@ -386,6 +394,7 @@ impl Attention {
             k_norm: norm("k_norm", k_norm_dim)?,
             sinks,
             sub_norm: None,
+            differential: None,
             rope,
             settings: local,
         })
@@ -492,9 +501,10 @@ impl Attention {
         tap.record("self_attn.rope_k", &k);
 
         let (k, v, mask) = cache.attend(k, v)?;
-        let out = match s.logit_softcap {
-            None => attention_with_sinks(&q, &k, &v, s.scale, &mask, self.sinks.as_ref())?,
-            Some(cap) => softcapped_attention(&q, &k, &v, s.scale, cap, &mask)?,
+        let out = match (&self.differential, s.logit_softcap) {
+            (Some(d), _) => d.attend(&q, &k, &v, s.scale, &mask)?,
+            (None, None) => attention_with_sinks(&q, &k, &v, s.scale, &mask, self.sinks.as_ref())?,
+            (None, Some(cap)) => softcapped_attention(&q, &k, &v, s.scale, cap, &mask)?,
         };
         tap.record("self_attn.sdpa", &out);
         let out = out.swap_axes(1, 2)?.reshape(&[batch, len, -1])?;

@@ -9,6 +9,7 @@ pub mod conv;
 pub mod convert;
 pub mod default_model;
 pub mod delta;
+pub mod differential;
 pub mod distributed;
 pub mod error;
 pub mod family;

@@ -17,6 +17,7 @@ use crate::cache::{KvCache, LayerCache, RecurrentCache};
 use crate::config::ConfigFile;
 use crate::conv::ShortConv;
 use crate::delta::{GatedDeltaNet, GatedDeltaNetSettings};
+use crate::differential::Differential;
 use crate::error::{Error, Result};
 use crate::mla::{LatentAttention, MlaSettings};
 use crate::mlp::Mlp;
@@ -802,7 +803,31 @@ impl Decoder {
             .layers
             .iter()
             .enumerate()
-            .map(|(i, layer)| DecoderLayer::load(&w.pp(&format!("layers.{i}")), s, layer))
+            .map(|(i, layer)| {
+                let w = w.pp(&format!("layers.{i}"));
+                let mut loaded = DecoderLayer::load(&w, s, layer)?;
+                // Differential attention's λ depends on the layer's depth.
+                if let (true, Mixer::Attention(attention)) =
+                    (s.attention.differential, &mut loaded.self_attn)
+                {
+                    if let Some(g) = w.tensor_parallel() {
+                        return Err(Error::TensorParallel {
+                            ranks: g.size(),
+                            what: w.full_name("self_attn"),
+                            message: "differential attention pairs heads across ranks".into(),
+                        });
+                    }
+                    let a = &attention.settings;
+                    attention.differential = Some(Differential::load(
+                        &w.pp("self_attn"),
+                        weights.source(),
+                        (a.num_heads, a.num_kv_heads, a.head_dim),
+                        i,
+                        s.norm_eps as f32,
+                    )?);
+                }
+                Ok(loaded)
+            })
             .collect::<Result<Vec<_>>>()?;
         let norm = Norm::load(&w.pp("norm"), s.norm, s.hidden_size, s.norm_eps)?;
         // Under tensor parallelism the output layer is split over the vocabulary (when it

@@ -44,6 +44,7 @@ pub const BOUNDS: &[(&str, f32, f32)] = &[
     ("cwm", 0.035, 0.65),              // measured 0.0275, 0.518
     ("deepseek_v2", 0.059, 0.95),      // measured 0.0469, 0.755
     ("deepseek_v3", 0.069, 0.7),       // measured 0.0551, 0.557
+    ("diffllama", 0.041, 0.69),        // measured 0.0324, 0.544
     ("dots1", 0.19, 0.65),             // measured 0.153, 0.516
     ("ernie4_5", 0.041, 0.63),         // measured 0.0325, 0.504
     ("exaone4", 0.034, 0.59),          // measured 0.0266, 0.464
@@ -108,6 +109,7 @@ pub const BOUNDS: &[(&str, f32, f32)] = &[
     ("recurrent_gemma", 0.015, 0.24),  // measured 0.012, 0.191
     ("seed_oss", 0.035, 0.56),         // measured 0.0275, 0.442
     ("smollm3", 0.047, 0.67),          // measured 0.0374, 0.529
+    ("solar_open", 0.15, 0.92),        // measured 0.115, 0.733
     ("stablelm", 0.043, 0.61),         // measured 0.034, 0.482
     ("starcoder2", 0.026, 0.41),       // measured 0.0201, 0.328
     ("vaultgemma", 0.029, 0.36),       // measured 0.0226, 0.286

@@ -436,12 +436,15 @@ def runnable_kv_heads(architecture: str, model_type: str, small: dict) -> dict:
     error = runs(small)
     if error is None:
         return small
-    equal = {**small, "num_key_value_heads": heads}
-    if runs(equal) is not None:
-        return small  # Not the heads: whatever fails is reported where it fails.
-    print(f"{model_type}: the tiny model does not run with fewer key/value heads ({error}); "
-          f"num_key_value_heads {heads}", file=sys.stderr, flush=True)
-    return equal
+    # Two key/value heads first (DiffLlama splits its values in two halves), then all of them.
+    counts = [n for n in (2, heads) if n > small.get("num_key_value_heads", heads) and heads % n == 0]
+    for count in dict.fromkeys(counts):
+        more = {**small, "num_key_value_heads": count}
+        if runs(more) is None:
+            print(f"{model_type}: the tiny model does not run with fewer key/value heads ({error}); "
+                  f"num_key_value_heads {count}", file=sys.stderr, flush=True)
+            return more
+    return small  # Not the heads: whatever fails is reported where it fails.
 
 
 def supported_rope_types(model_type: str, config: dict) -> list:
@@ -1014,6 +1017,8 @@ def introspect(model_type: str, config_override: dict | None, replace: bool, che
     small = small_config(model_type, fields, dict(config_class.attribute_map))
     if config_override is not None:
         small = dict(config_override) if replace else {**small, **config_override}
+    # Key/value heads the tiny model runs with before anything else builds it.
+    small = runnable_kv_heads(architecture, model_type, small)
     small = size_widths(architecture, model_type, small, fields, dict(config_class.attribute_map))
     small = learned_positions_size(architecture, model_type, small, dict(config_class.attribute_map))
     small = dict(sorted(small.items()))

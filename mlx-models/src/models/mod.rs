@@ -11,6 +11,7 @@ pub mod cohere2;
 pub mod cwm;
 pub mod deepseek_v2;
 pub mod deepseek_v3;
+pub mod diffllama;
 pub mod dots1;
 pub mod ernie4_5;
 pub mod exaone4;
@@ -74,6 +75,7 @@ pub mod qwen3_next;
 pub mod recurrent_gemma;
 pub mod seed_oss;
 pub mod smollm3;
+pub mod solar_open;
 pub mod stablelm;
 pub mod starcoder2;
 pub mod vaultgemma;
@@ -101,6 +103,7 @@ pub const REGISTRY: &[(&str, Loader)] = &[
     ("cwm", family::load::<cwm::Config>),
     ("deepseek_v2", family::load::<deepseek_v2::Config>),
     ("deepseek_v3", family::load::<deepseek_v3::Config>),
+    ("diffllama", family::load::<diffllama::Config>),
     ("dots1", family::load::<dots1::Config>),
     ("ernie4_5", family::load::<ernie4_5::Config>),
     ("exaone4", family::load::<exaone4::Config>),
@@ -172,6 +175,7 @@ pub const REGISTRY: &[(&str, Loader)] = &[
     ("recurrent_gemma", family::load::<recurrent_gemma::Config>),
     ("seed_oss", family::load::<seed_oss::Config>),
     ("smollm3", family::load::<smollm3::Config>),
+    ("solar_open", family::load::<solar_open::Config>),
     ("stablelm", family::load::<stablelm::Config>),
     ("starcoder2", family::load::<starcoder2::Config>),
     ("vaultgemma", family::load::<vaultgemma::Config>),

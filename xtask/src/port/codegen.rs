@@ -250,6 +250,9 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
     if plan.sinks {
         attn.push("sinks: true".to_owned());
     }
+    if plan.differential {
+        attn.push("differential: true".to_owned());
+    }
     if plan.clip_qkv != Scalar::None {
         attn.push(format!("clip_qkv: {}", scalar(plan, &plan.clip_qkv)));
     }
@@ -1062,6 +1065,9 @@ pub fn structure_summary(plan: &Plan, choice: &Choice) -> Vec<String> {
         lines.push(format!(
             "Each layer's own RoPE base where `{field}` lists them (0: that layer has none)."
         ));
+    }
+    if plan.differential {
+        lines.push("Differential attention: two softmaxes over the same scores, values in two halves, combined by a learned λ per layer (`lambda_q1/k1/q2/k2`).".to_owned());
     }
     if plan.sinks {
         lines.push(

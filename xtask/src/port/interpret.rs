@@ -218,6 +218,7 @@ pub fn settings(plan: &Plan, choice: &Choice, config: &ConfigFile) -> Result<Dec
             .unwrap_or((d.head_dim() as f32).powf(-0.5)),
         clip_qkv: r.scalar(&plan.clip_qkv)?,
         sinks: plan.sinks,
+        differential: plan.differential,
         logit_softcap: if choice.attention_softcap {
             r.scalar(&plan.attention_softcap)?
         } else {

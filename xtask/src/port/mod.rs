@@ -1982,6 +1982,43 @@ mod generator_tests {
         assert!(plan.refused_values.is_empty());
     }
 
+    /// DiffLlama, from its recorded introspection: the four λ vectors of one head's width are
+    /// differential attention and the module regenerates exactly; ordinary attention leaves
+    /// them unused (an error, not a model), and λ vectors of another width are a gap.
+    #[test]
+    fn diffllama_regenerates_with_differential_attention() {
+        let (plan, _, source) = regenerate("diffllama");
+        assert!(plan.differential);
+        assert!(source.contains("differential: true"));
+
+        let mut ordinary = plan::plan(&facts("diffllama"), "diffllama");
+        ordinary.differential = false;
+        let search = search(&ordinary, &fixtures("diffllama")).expect("search runs");
+        assert!(search.chosen.is_none());
+        assert!(
+            search.tried[0]
+                .1
+                .iter()
+                .any(|f| f.contains("unexpected weights") && f.contains("self_attn.lambda_q1")),
+            "{:?}",
+            search.tried[0]
+        );
+
+        let mut recorded = facts("diffllama");
+        for p in recorded["parameters"].as_array_mut().expect("a list") {
+            if p["name"] == "model.layers.0.self_attn.lambda_k2" {
+                p["shape"] = serde_json::json!([8]);
+            }
+        }
+        let plan = plan::plan(&recorded, "diffllama");
+        assert!(!plan.differential);
+        assert!(
+            plan.gaps.iter().any(|g| g.contains("lambda")),
+            "{:?}",
+            plan.gaps
+        );
+    }
+
     /// Granite SWA, from its recorded introspection: a sink logit per head (`self_attn.sinks`
     /// of `[heads]`) and a RoPE base per layer (`layer_rope_theta`, 0 for none) are read and
     /// the module regenerates exactly; a plan that ignores the per-layer bases fails on the

@@ -274,6 +274,8 @@ pub struct Plan {
     pub layer_rope_bases: Option<String>,
     /// A learned sink logit per head in the softmax's denominator (`self_attn.sinks`).
     pub sinks: bool,
+    /// Differential attention: `self_attn.lambda_q1/k1/q2/k2` of `[head_dim]` (DiffLlama).
+    pub differential: bool,
     /// Candidates, most likely first.
     pub choices: Vec<Choice>,
     /// What the facts decided, one line each, for the report.
@@ -1074,6 +1076,29 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
             false
         }
     };
+    // Differential attention: four learned vectors of one head's width give each layer's λ.
+    let lambdas = ["lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2"].map(|n| {
+        layer0
+            .get(format!("self_attn.{n}").as_str())
+            .map(|s| s.as_slice())
+    });
+    let differential = match lambdas {
+        [None, None, None, None] => false,
+        l if l.iter().all(|s| *s == Some(&[head_dim][..])) => {
+            decisions.push(format!(
+                "`self_attn.lambda_q1/k1/q2/k2` of [{head_dim}]: differential attention \
+                 (two softmaxes combined by a learned λ per layer)"
+            ));
+            true
+        }
+        l => {
+            gaps.push(format!(
+                "`self_attn.lambda_*` are {l:?}: not the four [{head_dim}] vectors of \
+                 differential attention"
+            ));
+            false
+        }
+    };
     let qk_norm = match layer0.get("self_attn.q_norm.weight") {
         None => QkNorm::None,
         Some(shape) if shape.as_slice() == [head_dim] && roles.qk_after_rope => {
@@ -1809,6 +1834,10 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         "self_attn.q_norm.",
         "self_attn.k_norm.",
         "self_attn.sinks",
+        "self_attn.lambda_q1",
+        "self_attn.lambda_k1",
+        "self_attn.lambda_q2",
+        "self_attn.lambda_k2",
         "mlp.gate_proj.",
         "mlp.up_proj.",
         "mlp.down_proj.",
@@ -1966,10 +1995,24 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         "partial_rotary_factor",
         "original_max_position_embeddings",
     ];
+    // A field the class's `attribute_map` reads a read field as (SolarOpen's
+    // `num_local_experts` → `n_routed_experts`) is read under that name.
+    let read_through_attribute_map = |name: &str| {
+        facts
+            .value
+            .get("attribute_map")
+            .and_then(Value::as_object)
+            .is_some_and(|m| {
+                m.iter().any(|(common, own)| {
+                    own.as_str() == Some(name) && fields.iter().any(|f| &f.name == common)
+                })
+            })
+    };
     for (name, default) in &defaults {
         if fields.iter().any(|f| &f.name == name)
             || rope_fields.contains(&name.as_str())
             || aliases.iter().any(|(_, own)| own == name)
+            || read_through_attribute_map(name)
         {
             continue;
         }
@@ -2036,6 +2079,7 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         qkv_groups,
         layer_rope_bases,
         sinks,
+        differential,
         choices,
         decisions,
         gaps,

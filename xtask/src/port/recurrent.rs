@@ -587,6 +587,7 @@ fn base_plan(
         qkv_groups: None,
         layer_rope_bases: None,
         sinks: false,
+        differential: false,
         choices: vec![choice],
         decisions,
         gaps,
