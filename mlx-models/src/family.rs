@@ -179,6 +179,49 @@ impl DecoderConfig {
         self.rope_from(&self.rope, default_theta, traditional, config)
     }
 
+    /// The RoPE `fields` describe on the first `rotary_dim.1` features of each head, for
+    /// configs that name the rotated width in features (GPT-J's `rotary_dim`);
+    /// `rotary_dim.0` is the field's name, for the error a bad width gives. A family whose
+    /// RoPE no config field describes (GPT-J's base is in Transformers' code) passes
+    /// `RopeFields::default()`, so stray RoPE keys in a config.json are ignored as
+    /// Transformers ignores them.
+    ///
+    /// ```
+    /// use mlx_models::config::ConfigFile;
+    /// use mlx_models::family::DecoderConfig;
+    ///
+    /// let value = serde_json::json!({"model_type": "gptj", "vocab_size": 8, "hidden_size": 64,
+    ///     "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 4,
+    ///     "max_position_embeddings": 32});
+    /// let config = ConfigFile { path: "config.json".into(), value };
+    /// let d: DecoderConfig = config.parse()?;
+    /// let rope = d.rope_rotating(&d.rope, ("rotary_dim", 8), 10000.0, true, &config)?;
+    /// assert_eq!(rope.config().dims, 8);
+    /// let error = d.rope_rotating(&d.rope, ("rotary_dim", 7), 10000.0, true, &config).unwrap_err();
+    /// assert!(error.to_string().contains("rotary_dim"));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn rope_rotating(
+        &self,
+        fields: &RopeFields,
+        rotary_dim: (&str, i32),
+        default_theta: f64,
+        traditional: bool,
+        config: &ConfigFile,
+    ) -> Result<Rope> {
+        Rope::new(RopeConfig {
+            traditional,
+            ..RopeConfig::from_fields_rotating(
+                fields,
+                self.head_dim(),
+                rotary_dim,
+                self.max_position_embeddings,
+                default_theta,
+                &config.path,
+            )?
+        })
+    }
+
     /// The RoPE of the layers of `layer_type`, for families with one per layer type
     /// (Gemma 3; `local_base` is the Hub configs' base of the sliding layers).
     pub fn layer_type_rope(

@@ -79,6 +79,91 @@ pub fn per_head_to_blocks(
     Ok(())
 }
 
+/// One of the three parts of a fused q/k/v projection's output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    Query,
+    Key,
+    Value,
+}
+
+/// Reorders the rows of the fused projection under `prefix` (its `weight`, `bias`, and a
+/// quantized one's `scales` and `biases`) from `groups` groups, each holding its
+/// `heads / groups` heads' rows of the three parts in `order`, into the query rows of
+/// every head, then the keys, then the values. One group in order q, k, v is that layout
+/// already; one group per head is GPT-NeoX's ([`per_head_to_blocks`]); CodeGen's are 4
+/// groups of query, value, key. Each part has `heads * head_dim` rows.
+///
+/// ```
+/// use mlx_models::fused_qkv::{grouped_to_blocks, Part};
+/// use mlx_models::weights::Weights;
+/// use mlx_rs::Array;
+/// use std::collections::HashMap;
+///
+/// // 2 groups of 1 head of 1 feature, parts q, v, k: rows q0 v0 k0 q1 v1 k1.
+/// let bias = Array::from_slice(&[0.0f32, 4., 2., 1., 5., 3.], &[6]);
+/// let mut w = Weights::new(HashMap::from([("qkv.bias".to_owned(), bias)]), "model");
+/// grouped_to_blocks(&mut w, "qkv", 2, [Part::Query, Part::Value, Part::Key], 2, 1)?;
+/// assert_eq!(w.remove("qkv.bias").unwrap().as_slice::<f32>(), &[0.0, 1., 2., 3., 4., 5.]);
+/// # Ok::<(), mlx_models::Error>(())
+/// ```
+pub fn grouped_to_blocks(
+    weights: &mut Weights,
+    prefix: &str,
+    groups: i32,
+    order: [Part; 3],
+    heads: i32,
+    head_dim: i32,
+) -> Result<()> {
+    let rows = 3 * heads * head_dim;
+    for part in ["weight", "bias", "scales", "biases"] {
+        let name = format!("{prefix}.{part}");
+        let Some(tensor) = weights.remove(&name) else {
+            continue;
+        };
+        let shape = tensor.shape().to_vec();
+        if shape.is_empty()
+            || shape[0] != rows
+            || shape.len() > 2
+            || groups <= 0
+            || heads % groups != 0
+        {
+            let mut expected = shape.clone();
+            if expected.is_empty() {
+                expected.push(rows);
+            }
+            expected[0] = rows;
+            return Err(Error::WeightShape {
+                path: weights.source().to_path_buf(),
+                name,
+                expected,
+                actual: shape,
+            });
+        }
+        let rest = &shape[1..];
+        // [groups, part, row of the group's share] → [part, groups, row].
+        let share = heads / groups * head_dim;
+        let grouped: Vec<i32> = [groups, 3, share].iter().chain(rest).copied().collect();
+        let axes: Vec<i32> = [1, 0].into_iter().chain(2..grouped.len() as i32).collect();
+        let by_part = tensor.reshape(&grouped)?.transpose_axes(&axes)?;
+        let stored = |p: Part| order.iter().position(|&o| o == p);
+        let (Some(q), Some(k), Some(v)) =
+            (stored(Part::Query), stored(Part::Key), stored(Part::Value))
+        else {
+            return Err(Error::config(
+                weights.source(),
+                prefix,
+                format!("the fused parts {order:?} are not query, key and value once each"),
+            ));
+        };
+        let parts = by_part.split_equal(3, 0)?;
+        let reordered =
+            mlx_rs::ops::concatenate(&[&parts[q], &parts[k], &parts[v]], 0)?.reshape(&shape)?;
+        weights.insert(name, reordered);
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -108,6 +193,54 @@ mod tests {
         let mut w = one("qkv.weight", Array::from_slice(&data, &[6, 1]));
         per_head_to_blocks(&mut w, "qkv", 1, 2).unwrap();
         assert_eq!(w.remove("qkv.weight").unwrap().as_slice::<f32>(), &data);
+    }
+
+    #[test]
+    fn grouped_rows_become_q_k_v_blocks_in_any_order() {
+        // 2 groups of 2 heads of 1 feature, parts k, q, v (rows 0..12): group 0 holds
+        // k0 k1 q0 q1 v0 v1, group 1 k2 k3 q2 q3 v2 v3.
+        let stored = [4.0f32, 5., 0., 1., 8., 9., 6., 7., 2., 3., 10., 11.];
+        let mut w = one("qkv.weight", Array::from_slice(&stored, &[12, 1]));
+        grouped_to_blocks(
+            &mut w,
+            "qkv",
+            2,
+            [Part::Key, Part::Query, Part::Value],
+            4,
+            1,
+        )
+        .unwrap();
+        let expected: Vec<f32> = (0..12).map(|i| i as f32).collect();
+        assert_eq!(
+            w.remove("qkv.weight").unwrap().as_slice::<f32>(),
+            &expected[..]
+        );
+        // One group per head, q, k, v: the per-head layout.
+        let per_head = [0.0f32, 2., 4., 1., 3., 5.];
+        let mut a = one("qkv.bias", Array::from_slice(&per_head, &[6]));
+        let mut b = one("qkv.bias", Array::from_slice(&per_head, &[6]));
+        grouped_to_blocks(
+            &mut a,
+            "qkv",
+            2,
+            [Part::Query, Part::Key, Part::Value],
+            2,
+            1,
+        )
+        .unwrap();
+        per_head_to_blocks(&mut b, "qkv", 2, 1).unwrap();
+        assert_eq!(
+            a.remove("qkv.bias").unwrap().as_slice::<f32>(),
+            b.remove("qkv.bias").unwrap().as_slice::<f32>()
+        );
+    }
+
+    #[test]
+    fn groups_that_do_not_divide_the_heads_are_a_shape_error() {
+        let mut w = one("qkv.weight", Array::zeros::<f32>(&[18, 2]).unwrap());
+        let order = [Part::Query, Part::Value, Part::Key];
+        let err = grouped_to_blocks(&mut w, "qkv", 4, order, 6, 1).unwrap_err();
+        assert!(matches!(err, Error::WeightShape { .. }), "{err}");
     }
 
     #[test]

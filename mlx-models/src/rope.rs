@@ -145,6 +145,46 @@ impl RopeConfig {
         default_theta: f64,
         config_path: &Path,
     ) -> Result<RopeConfig> {
+        Self::read(
+            fields,
+            head_dim,
+            None,
+            max_position_embeddings,
+            default_theta,
+            config_path,
+        )
+    }
+
+    /// As [`RopeConfig::from_fields`], for configs that name the rotated width in
+    /// features rather than as a share of the head (GPT-J's and CodeGen's `rotary_dim`):
+    /// the first `rotary_dim.1` features of each head rotate, and a value that is odd,
+    /// not positive or wider than the head is an error naming the field `rotary_dim.0`.
+    pub fn from_fields_rotating(
+        fields: &RopeFields,
+        head_dim: i32,
+        rotary_dim: (&str, i32),
+        max_position_embeddings: usize,
+        default_theta: f64,
+        config_path: &Path,
+    ) -> Result<RopeConfig> {
+        Self::read(
+            fields,
+            head_dim,
+            Some(rotary_dim),
+            max_position_embeddings,
+            default_theta,
+            config_path,
+        )
+    }
+
+    fn read(
+        fields: &RopeFields,
+        head_dim: i32,
+        rotary_dim: Option<(&str, i32)>,
+        max_position_embeddings: usize,
+        default_theta: f64,
+        config_path: &Path,
+    ) -> Result<RopeConfig> {
         // Transformers-5 style wins where both are present, as it does in Transformers.
         let (params, key) = match (&fields.rope_parameters, &fields.rope_scaling) {
             (Some(p), _) if !p.is_null() => (p.clone(), "rope_parameters"),
@@ -164,11 +204,17 @@ impl RopeConfig {
             .f64_opt("partial_rotary_factor")?
             .or(fields.partial_rotary_factor)
             .unwrap_or(1.0);
-        let dims = (f64::from(head_dim) * partial) as i32;
+        let (dims, field) = match rotary_dim {
+            Some((field, dims)) => (dims, field),
+            None => (
+                (f64::from(head_dim) * partial) as i32,
+                "partial_rotary_factor",
+            ),
+        };
         if dims <= 0 || dims % 2 != 0 || dims > head_dim {
             return Err(Error::config(
                 config_path,
-                "partial_rotary_factor",
+                field,
                 format!("gives {dims} rotated dims of a {head_dim}-wide head"),
             ));
         }

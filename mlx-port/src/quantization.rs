@@ -38,6 +38,7 @@ pub const BOUNDS: &[(&str, f32, f32)] = &[
     ("arcee", 0.032, 0.47),            // measured 0.025, 0.371
     ("bitnet", 0.038, 0.63),           // measured 0.0303, 0.499
     ("biogpt", 0.017, 0.29),           // measured 0.0132, 0.226
+    ("codegen", 0.017, 0.28),          // measured 0.0136, 0.219
     ("cohere", 0.023, 0.38),           // measured 0.0184, 0.301
     ("cohere2", 0.028, 0.44),          // measured 0.0219, 0.349
     ("cwm", 0.035, 0.65),              // measured 0.0275, 0.518
@@ -61,6 +62,7 @@ pub const BOUNDS: &[(&str, f32, f32)] = &[
     ("gpt_neo", 0.043, 0.59),          // measured 0.0342, 0.465
     ("gpt_neox", 0.022, 0.34),         // measured 0.0171, 0.269
     ("gpt_oss", 0.035, 0.61),          // measured 0.0277, 0.483
+    ("gptj", 0.017, 0.29),             // measured 0.0135, 0.227
     ("granite", 0.064, 0.78),          // measured 0.0507, 0.622
     ("granite_swa", 0.12, 0.88),       // measured 0.09, 0.699
     ("granitemoe", 0.042, 0.53),       // measured 0.0332, 0.423
@@ -94,6 +96,7 @@ pub const BOUNDS: &[(&str, f32, f32)] = &[
     ("olmo3", 0.031, 0.53),            // measured 0.0244, 0.419
     ("olmoe", 0.024, 0.4),             // measured 0.0188, 0.313
     ("opt", 0.024, 0.39),              // measured 0.0186, 0.31
+    ("persimmon", 0.026, 0.42),        // measured 0.0204, 0.333
     ("phi", 0.019, 0.31),              // measured 0.0152, 0.246
     ("phi3", 0.044, 0.7),              // measured 0.0349, 0.554
     ("phimoe", 0.2, 0.59),             // measured 0.154, 0.467

@@ -1029,6 +1029,7 @@ def introspect(model_type: str, config_override: dict | None, replace: bool, che
     resolved = build_config(model_type, small)
     model = tiny_model(architecture, resolved)
     rotary = rotary_facts(model, model_type, small)
+    rotary_probe = probes.rotary_probe(tiny_model(architecture, resolved), resolved.vocab_size)
 
     spec = {
         "model_type": model_type,
@@ -1088,6 +1089,11 @@ def introspect(model_type: str, config_override: dict | None, replace: bool, che
         "routing_probes": probes.routing_probes(architecture, small, build_config, tiny_model, model_type, fields),
         "call_trace": probes.call_trace(model, resolved.vocab_size),
         "attention_scale": probes.attention_scale(tiny_model(architecture, resolved), resolved.vocab_size),
+        "rotary_probe": rotary_probe,
+        "fused_qkv_layout": probes.fused_qkv_layout(architecture, small, build_config, tiny_model, model_type, fields),
+        "rotary_dims_field": probes.rotary_dims_field(
+            architecture, small, build_config, tiny_model, model_type, fields, rotary_probe
+        ),
         "checkpoint_conversions": probes.checkpoint_conversions(model_type),
         "norm_plus_one": probes.norm_scales_by_one_plus_weight(model),
         "variants": spec["variants"],

@@ -705,3 +705,293 @@ def per_layer_field(resolved, reach):
         if len(pairs) == len({v for v, _ in pairs}) == len({k for _, k in pairs}):
             return name
     return None
+
+
+# Positions the RoPE probe reads (one token repeated): enough angles to fit a base.
+ROTARY_PROMPT = 12
+
+
+def _attention_queries(model, vocab_size):
+    """The queries decoder layer 0's attention multiplies with its keys, `[heads, T, D]`,
+    for one token repeated ROTARY_PROMPT times, as the op Transformers runs receives them
+    (eager attention: the first batched matmul of a `[.., T, D]` by a `[.., D, T]`; or a
+    fused attention kernel's query). None where no such op runs."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    t = ROTARY_PROMPT
+    found = []
+
+    class Queries(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if not found:
+                name = func.__name__ if hasattr(func, "__name__") else str(func)
+                tensors = [a for a in args if torch.is_tensor(a)]
+                if "scaled_dot_product" in str(func) and len(tensors) >= 2:
+                    q = tensors[0]
+                    if q.dim() >= 3 and q.shape[-2] == t:
+                        found.append(q.detach().reshape(-1, t, q.shape[-1]).clone())
+                elif name.startswith(("bmm", "baddbmm")):
+                    a, b = tensors[-2], tensors[-1]
+                    if a.dim() == 3 and a.shape[-2] == t and b.shape[-1] == t and a.shape[-1] == b.shape[-2]:
+                        found.append(a.detach().clone())
+            return func(*args, **kwargs)
+
+    before = getattr(model.config, "_attn_implementation", None)
+    try:
+        model.set_attn_implementation("eager")
+    except Exception:  # noqa: BLE001 - a model without the switch runs its own attention
+        pass
+    ids = torch.full((1, t), 7 % vocab_size)
+    try:
+        with torch.no_grad(), Queries():
+            model(input_ids=ids)
+    except Exception:  # noqa: BLE001 - a model that does not run tells nothing
+        return None
+    finally:
+        if before is not None:
+            try:
+                model.set_attn_implementation(before)
+            except Exception:  # noqa: BLE001
+                pass
+    return found[0].double() if found else None
+
+
+def rotary_probe(model, vocab_size):
+    """RoPE as decoder layer 0 computes it, read from its queries: one token repeated, so
+    every position's query before RoPE is the same and position 0's is unrotated. The
+    features that change with the position rotate (`dims`, a prefix of the head), in
+    pairs whose norm is kept: the two halves (`pairs` false) or adjacent features
+    (`pairs` true); the angle of pair i at position 1 is its frequency `base^(-2i/dims)`,
+    from which `base` is fitted. `{"dims": 0}` where nothing rotates, None where the
+    queries are not found or rotate some other way."""
+    import math
+
+    q = _attention_queries(model, vocab_size)
+    if q is None:
+        return None
+    heads, t, head_dim = q.shape
+    scale = float(q.abs().max())
+    if scale == 0.0:
+        return None
+    moved = ((q - q[:, :1]).abs().amax(dim=(0, 1)) > 1e-5 * scale).tolist()
+    dims = sum(moved)
+    if dims == 0:
+        return {"dims": 0, "head_dim": head_dim}
+    if moved[:dims] != [True] * dims or dims % 2:
+        return None
+    half = dims // 2
+    layouts = {
+        False: (list(range(half)), list(range(half, dims))),
+        True: (list(range(0, dims, 2)), list(range(1, dims, 2))),
+    }
+    for pairs, (first, second) in layouts.items():
+        a, b = q[:, :, first], q[:, :, second]
+        norms = (a * a + b * b).sqrt()
+        if (norms - norms[:, :1]).abs().max() > 1e-5 * scale:
+            continue
+        # The angle each pair turned by from position 0 to 1, over all heads.
+        z0 = a[:, 0] + 1j * b[:, 0]
+        z1 = a[:, 1] + 1j * b[:, 1]
+        turned = (z1 * z0.conj()).sum(0)
+        omega = [abs(math.atan2(float(z.imag), float(z.real))) for z in turned]
+        if omega[0] == 0.0 or any(w <= 0.0 for w in omega):
+            return None
+        # omega_i = omega_0 * base^(-2i/dims): a least-squares slope of log omega over i.
+        if half == 1:
+            base = None
+        else:
+            xs = [2 * i / dims for i in range(half)]
+            ys = [math.log(w) for w in omega]
+            mx, my = sum(xs) / half, sum(ys) / half
+            slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+            base = math.exp(-slope)
+            base = float(round(base)) if abs(base - round(base)) < 1e-3 * base else round(base, 3)
+        return {
+            "dims": dims,
+            "head_dim": head_dim,
+            "pairs": pairs,
+            "base": base,
+            "first_frequency": round(omega[0], 6),
+        }
+    return None
+
+
+def rotary_dims_field(architecture, small, build_config, tiny_model, model_type, fields, probe):
+    """The integer field that names the rotated width in features (GPT-J's `rotary_dim`):
+    among the fields whose tiny value equals the measured `dims`, the one that, set to
+    another even width, makes the queries rotate that many features. None if no field
+    does (a share of the head, `partial_rotary_factor`, is read as such)."""
+    if not probe or not probe.get("dims"):
+        return None
+    dims = probe["dims"]
+    other = dims // 2 if dims % 4 == 0 else dims + 2
+    resolved = build_config(model_type, small).to_dict()
+    for name, field in sorted(fields.items()):
+        if field.get("kind") != "int" or name in COMMON_SIZES or resolved.get(name) != dims:
+            continue
+        try:
+            config = build_config(model_type, {**small, name: other})
+            probed = rotary_probe(tiny_model(architecture, config), config.vocab_size)
+        except Exception:  # noqa: BLE001 - a value the class refuses tells nothing
+            continue
+        if probed and probed.get("dims") == other:
+            return name
+    return None
+
+
+def _fused_qkv_rows(model, vocab_size):
+    """Which output row of decoder layer 0's fused q/k/v projection each query, key and
+    value feature is: the projection's output replaced by its row numbers (1, 2, ...), the
+    attention's inputs read back (`[heads, D]` each, position 0: RoPE has not turned it).
+    Queries and keys are read where a per-head norm takes them (its input), else where the
+    attention multiplies them. None without one fused projection."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from fixture_common import decoder_stack
+
+    layer = decoder_stack(model)["layers"][0]
+    linears = [
+        (n, m) for n, m in layer.named_modules()
+        if type(m).__name__ in ("Linear", "Conv1D") and ("attn" in n or "attention" in n)
+    ]
+    if not linears:
+        return None
+    fused_name, fused = linears[0]
+    out_features = getattr(fused, "out_features", None) or fused.weight.shape[-1]
+    hidden = model.config.hidden_size
+    if out_features <= hidden or out_features % 3:
+        return None
+    t = 4
+    index = torch.arange(1, out_features + 1, dtype=torch.float32)
+
+    def replace(module, args, output):
+        return index.expand(output.shape).clone()
+
+    head_inputs = []
+
+    def record(module, args, name):
+        if args and torch.is_tensor(args[0]):
+            head_inputs.append((name, args[0].detach().clone()))
+
+    head_dim = out_features // 3 // model.config.num_attention_heads
+    handles = [fused.register_forward_hook(replace)]
+    for name, module in layer.named_modules():
+        if name.startswith(fused_name.rsplit(".", 1)[0]) and module is not fused and len(list(module.children())) == 0:
+            handles.append(module.register_forward_pre_hook(lambda m, a, name=name: record(m, a, name)))
+    found = []
+
+    class Operands(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = getattr(func, "__name__", str(func))
+            if name.startswith(("bmm", "baddbmm")) and len(found) < 2:
+                tensors = [a for a in args if torch.is_tensor(a)]
+                found.append((tensors[-2].detach().clone(), tensors[-1].detach().clone()))
+            return func(*args, **(kwargs or {}))
+
+    before = getattr(model.config, "_attn_implementation", None)
+    try:
+        model.set_attn_implementation("eager")
+    except Exception:  # noqa: BLE001
+        pass
+    try:
+        with torch.no_grad(), Operands():
+            model(input_ids=torch.full((1, t), 3 % vocab_size))
+    except Exception:  # noqa: BLE001 - a model that does not run tells nothing
+        return None
+    finally:
+        for h in handles:
+            h.remove()
+        if before is not None:
+            try:
+                model.set_attn_implementation(before)
+            except Exception:  # noqa: BLE001
+                pass
+    if len(found) < 2:
+        return None
+    (q, kt), (_, v) = found
+    q, k, v = q[:, 0], kt.transpose(-1, -2)[:, 0], v[:, 0]  # [heads, D] at position 0
+    heads = model.config.num_attention_heads
+    # Per-head modules fed the queries and keys as projected (every position alike: before
+    # RoPE), e.g. q/k norms.
+    per_head = [
+        (n, x) for n, x in head_inputs
+        if x.dim() == 4 and tuple(x.shape[-3:]) == (t, heads, head_dim) and bool((x == x[:, :1]).all())
+    ]
+    rows = {}
+    if len(per_head) >= 2:
+        (qn, q), (kn, k) = ((n, x[0, 0]) for n, x in per_head[:2])
+        rows["modules"] = {"q": qn, "k": kn}
+    for part, x in (("q", q), ("k", k), ("v", v)):
+        r = x.round()
+        if (r - x).abs().max() > 1e-3 or r.min() < 1:
+            return None
+        rows[part] = [int(i) - 1 for i in r.flatten().tolist()]
+    return rows
+
+
+def fused_qkv_layout(architecture, small, build_config, tiny_model, model_type, fields):
+    """How decoder layer 0's fused q/k/v projection lays out its output rows:
+    `{"groups": g, "order": "qkv"|"qvk"|...}` where the rows are g groups, each holding
+    its share of the heads' queries, then keys, then values in `order` (1 group: all
+    queries, then all keys, then all values; one per head: GPT-NeoX's per-head rows;
+    CodeGen: 4 groups of query, value, key). `groups` is `"heads"` where it follows the
+    head count (probed at two), else the number. None without a fused projection, or one
+    laid out otherwise. `before_rope` names the per-head modules (q/k norms) fed the
+    projected queries and keys, before RoPE."""
+    import itertools
+
+    heads_field = next((f for f in ("num_attention_heads", "n_head") if f in small), None)
+    if heads_field is None:
+        return None
+    results = []
+    for scale in (1, 2):
+        config = dict(small)
+        config[heads_field] = small[heads_field] * scale
+        for kv in ("num_key_value_heads", "multi_query_group_num"):
+            if kv in config and config[kv] is not None:
+                config[kv] = config[kv] * scale
+        try:
+            built = build_config(model_type, config)
+            rows = _fused_qkv_rows(tiny_model(architecture, built), built.vocab_size)
+        except Exception:  # noqa: BLE001 - a config the class refuses tells nothing
+            return None
+        if rows is None:
+            return None
+        heads = config[heads_field]
+        total = len(rows["q"]) + len(rows["k"]) + len(rows["v"])
+        if not (len(rows["q"]) == len(rows["k"]) == len(rows["v"])):
+            return None
+        head_dim = len(rows["q"]) // heads
+        match = None
+        for groups in (g for g in range(1, heads + 1) if heads % g == 0):
+            for order in itertools.permutations("qkv"):
+                share = total // 3 // groups
+                expected = {
+                    part: [g * 3 * share + order.index(part) * share + i for g in range(groups) for i in range(share)]
+                    for part in "qkv"
+                }
+                if all(expected[p] == rows[p] for p in "qkv"):
+                    match = (groups, "".join(order))
+                    break
+            if match:
+                break
+        if match is None:
+            return None
+        results.append((match, heads, head_dim, rows.get("modules")))
+    ((g1, o1), h1, _, modules), ((g2, o2), h2, _, _) = results
+    if o1 != o2:
+        return None
+    if g1 == 1 and g2 == 1:
+        layout = {"groups": 1, "order": o1}
+    elif g1 == h1 and g2 == h2:
+        layout = {"groups": "heads", "order": o1}
+    elif g1 == g2:
+        layout = {"groups": g1, "order": o1}
+    else:
+        return None
+    if modules:
+        layout["before_rope"] = modules
+    return layout

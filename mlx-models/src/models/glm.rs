@@ -9,7 +9,8 @@
 //! - RMSNorm scaling by `weight`.
 //! - Attention: `q_proj`/`k_proj`/`v_proj`.
 //! - MLP: one `gate_up_proj` (gate rows first), `down_proj`.
-//! - RoPE on interleaved pairs (all scaling types of `rope_parameters`/`rope_scaling`).
+//! - RoPE on interleaved pairs of the first `partial_rotary_factor` (0.5 where a config
+//!   names none) of each head (all scaling types of `rope_parameters`/`rope_scaling`).
 
 use crate::config::ConfigFile;
 use crate::error::Result;
@@ -35,7 +36,10 @@ impl DecoderFamily for Config {
             ..d.attention()
         };
         let mlp = d.mlp(MlpLayout::FusedGated, d.activation(config)?);
-        let rope = d.rope(10000.0, true, config)?;
+        // The share of each head that rotates where a config names none.
+        let mut fields = d.rope.clone();
+        fields.partial_rotary_factor = fields.partial_rotary_factor.or(Some(0.5));
+        let rope = d.rope_from(&fields, 10000.0, true, config)?;
         let layers = d.layers(LayerRule::NoSliding, Some(&rope), None, false);
         Ok(d.settings(attention, mlp, layers))
     }

@@ -5,6 +5,7 @@ pub mod apertus;
 pub mod arcee;
 pub mod biogpt;
 pub mod bitnet;
+pub mod codegen;
 pub mod cohere;
 pub mod cohere2;
 pub mod cwm;
@@ -28,6 +29,7 @@ pub mod gpt_bigcode;
 pub mod gpt_neo;
 pub mod gpt_neox;
 pub mod gpt_oss;
+pub mod gptj;
 pub mod granite;
 pub mod granite_swa;
 pub mod granitemoe;
@@ -60,6 +62,7 @@ pub mod olmo2;
 pub mod olmo3;
 pub mod olmoe;
 pub mod opt;
+pub mod persimmon;
 pub mod phi;
 pub mod phi3;
 pub mod phimoe;
@@ -95,6 +98,7 @@ pub const REGISTRY: &[(&str, Loader)] = &[
     ("arcee", family::load::<arcee::Config>),
     ("biogpt", family::load::<biogpt::Config>),
     ("bitnet", family::load::<bitnet::Config>),
+    ("codegen", family::load::<codegen::Config>),
     ("cohere", family::load::<cohere::Config>),
     ("cohere2", family::load::<cohere2::Config>),
     ("cwm", family::load::<cwm::Config>),
@@ -114,6 +118,8 @@ pub const REGISTRY: &[(&str, Loader)] = &[
     ("glm4", family::load::<glm4::Config>),
     ("glm4_moe", family::load::<glm4_moe::Config>),
     ("glm4_moe_lite", family::load::<glm4_moe_lite::Config>),
+    ("gptj", family::load::<gptj::Config>),
+    ("persimmon", family::load::<persimmon::Config>),
     // GPT-SW3 checkpoints are GPT-2 (Transformers maps `gpt-sw3` to `GPT2Config`).
     ("gpt-sw3", family::load::<gpt2::Config>),
     ("gpt2", family::load::<gpt2::Config>),

@@ -9,8 +9,8 @@
 //! - LayerNorm (mean and variance), with bias where the config says so.
 //! - Attention: `q_proj`/`k_proj`/`v_proj`.
 //! - MLP: `down_proj(act(up_proj(x)))`, no gate.
-//! - RoPE on the two halves of each head (all scaling types of
-//!   `rope_parameters`/`rope_scaling`).
+//! - RoPE on the two halves of the first `partial_rotary_factor` (0.5 where a config names
+//!   none) of each head (all scaling types of `rope_parameters`/`rope_scaling`).
 
 use crate::config::ConfigFile;
 use crate::error::Result;
@@ -49,7 +49,10 @@ impl DecoderFamily for Config {
             bias: true,
             ..d.mlp(MlpLayout::UpDown, d.activation(config)?)
         };
-        let rope = d.rope(10000.0, false, config)?;
+        // The share of each head that rotates where a config names none.
+        let mut fields = d.rope.clone();
+        fields.partial_rotary_factor = fields.partial_rotary_factor.or(Some(0.5));
+        let rope = d.rope_from(&fields, 10000.0, false, config)?;
         let layers = d.layers(LayerRule::NoSliding, Some(&rope), None, false);
         Ok(DecoderSettings {
             norm: NormKind::Layer { bias: true },

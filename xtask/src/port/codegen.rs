@@ -198,7 +198,7 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
     let mut transformer = vec!["DecoderSettings", "MlpLayout"];
     let renames =
         !plan.renames.is_empty() || !plan.prefix_renames.is_empty() || !plan.conv1d.is_empty();
-    let sanitizes = renames || plan.mla.is_some();
+    let sanitizes = renames || plan.mla.is_some() || plan.qkv_groups.is_some();
     if sanitizes && plan.moe.is_none() {
         transformer.push("drop_computed_weights");
     }
@@ -344,8 +344,24 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
     let _ = writeln!(w, "use crate::config::ConfigFile;");
     let _ = writeln!(w, "use crate::error::Result;");
     let _ = writeln!(w, "use crate::family::{{{}}};", family.join(", "));
+    let mut fused_qkv = Vec::new();
     if !plan.conv1d.is_empty() {
-        let _ = writeln!(w, "use crate::fused_qkv::conv1d_to_linear;");
+        fused_qkv.push("conv1d_to_linear");
+    }
+    if plan.qkv_groups.is_some() {
+        fused_qkv.extend(["grouped_to_blocks", "Part"]);
+    }
+    match fused_qkv.as_slice() {
+        [] => {}
+        [one] => {
+            let _ = writeln!(w, "use crate::fused_qkv::{one};");
+        }
+        many => {
+            let _ = writeln!(w, "use crate::fused_qkv::{{{}}};", many.join(", "));
+        }
+    }
+    if plan.rope_from_code && plan.mla.is_none() {
+        let _ = writeln!(w, "use crate::rope::RopeFields;");
     }
     let _ = writeln!(w, "use crate::transformer::{{{}}};", transformer.join(", "));
     if let Some(moe) = &plan.moe {
@@ -505,6 +521,46 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
     let theta = float(plan.default_theta);
     let (rope, local_rope) = match &plan.rope {
         None => ("None", "None"),
+        Some(RopeRule::Uniform) if plan.rope_dims_field.is_some() && plan.mla.is_none() => {
+            let f = plan.rope_dims_field.as_deref().unwrap_or_default();
+            let _ = writeln!(
+                w,
+                "let rope = d.rope_rotating({}, (\"{f}\", self.{f}), {theta}, {}, config)?;",
+                if plan.rope_from_code {
+                    "&RopeFields::default()"
+                } else {
+                    "&d.rope"
+                },
+                choice.rope_traditional
+            );
+            ("Some(&rope)", "None")
+        }
+        Some(RopeRule::Uniform) if plan.default_partial_rotary.is_some() && plan.mla.is_none() => {
+            let share = float(plan.default_partial_rotary.unwrap_or(1.0));
+            let _ = writeln!(
+                w,
+                "// The share of each head that rotates where a config names none."
+            );
+            let _ = writeln!(w, "let mut fields = d.rope.clone();");
+            let _ = writeln!(
+                w,
+                "fields.partial_rotary_factor = fields.partial_rotary_factor.or(Some({share}));"
+            );
+            let _ = writeln!(
+                w,
+                "let rope = d.rope_from(&fields, {theta}, {}, config)?;",
+                choice.rope_traditional
+            );
+            ("Some(&rope)", "None")
+        }
+        Some(RopeRule::Uniform) if plan.rope_from_code && plan.mla.is_none() => {
+            let _ = writeln!(
+                w,
+                "let rope = d.rope_from(&RopeFields::default(), {theta}, {}, config)?;",
+                choice.rope_traditional
+            );
+            ("Some(&rope)", "None")
+        }
         Some(RopeRule::Uniform) => {
             let _ = writeln!(
                 w,
@@ -692,6 +748,25 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
             );
             let _ = writeln!(w, "}}\n}}");
         }
+        if let Some(g) = &plan.qkv_groups {
+            let order: Vec<String> = g.order.iter().map(|p| format!("Part::{p:?}")).collect();
+            let _ = writeln!(w, "let a = &settings.attention;");
+            let _ = writeln!(w, "for i in 0..settings.layers.len() {{");
+            let _ = writeln!(
+                w,
+                "let qkv = format!(\"model.layers.{{i}}.self_attn.qkv_proj\");"
+            );
+            let _ = writeln!(
+                w,
+                "grouped_to_blocks(weights, &qkv, {}, [{}], a.num_heads, a.head_dim)?;",
+                match g.groups {
+                    Some(n) => n.to_string(),
+                    None => "a.num_heads".to_owned(),
+                },
+                order.join(", ")
+            );
+            let _ = writeln!(w, "}}");
+        }
         let _ = writeln!(w, "Ok(())\n}}");
     }
     let _ = writeln!(w, "}}");
@@ -863,13 +938,26 @@ pub fn structure_summary(plan: &Plan, choice: &Choice) -> Vec<String> {
         lines.push(
             format!(
                 "Attention: {}{}{}{}.",
-                if plan.qkv_fused {
-                    "one fused `qkv_proj`"
-                } else {
-                    "`q_proj`/`k_proj`/`v_proj`"
+                match (&plan.qkv_groups, plan.qkv_fused) {
+                    (Some(g), _) => format!(
+                        "one fused `qkv_proj` whose rows are {}, each {} (reordered in `sanitize`)",
+                        match g.groups {
+                            Some(n) => format!("{n} groups of heads"),
+                            None => "per head".to_owned(),
+                        },
+                        g.order
+                            .iter()
+                            .map(|p| format!("{p:?}").to_lowercase())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                    (None, true) => "one fused `qkv_proj`".to_owned(),
+                    (None, false) => "`q_proj`/`k_proj`/`v_proj`".to_owned(),
                 },
                 match plan.qk_norm {
                     QkNorm::None => "",
+                    QkNorm::PerHead if plan.layer_norm.is_some() =>
+                        ", LayerNorm of each query/key head before RoPE",
                     QkNorm::PerHead => ", RMSNorm of each query/key head before RoPE",
                     QkNorm::Projection => ", RMSNorm over the whole query/key projections",
                     QkNorm::PerHeadAfterRope => ", RMSNorm of each query/key head after RoPE",
@@ -954,8 +1042,30 @@ pub fn structure_summary(plan: &Plan, choice: &Choice) -> Vec<String> {
                 .to_owned(),
         ),
         (Some(RopeRule::Uniform), None) => lines.push(format!(
-            "RoPE on {} (all scaling types of `rope_parameters`/`rope_scaling`).",
-            if choice.rope_traditional { "interleaved pairs" } else { "the two halves of each head" }
+            "RoPE on {} ({}).",
+            match (choice.rope_traditional, &plan.rope_dims_field, plan.default_partial_rotary) {
+                (true, None, None) => "interleaved pairs".to_owned(),
+                (false, None, None) => "the two halves of each head".to_owned(),
+                (pairs, dims_field, share) => format!(
+                    "{} of the first {} of each head",
+                    if pairs { "interleaved pairs" } else { "the two halves" },
+                    match (dims_field, share) {
+                        (Some(f), _) => format!("`{f}` features"),
+                        (None, share) => format!(
+                            "`partial_rotary_factor` ({} where a config names none)",
+                            share.unwrap_or(1.0)
+                        ),
+                    }
+                ),
+            },
+            if plan.rope_from_code {
+                format!(
+                    "base {}, as in Transformers' code: no config field describes this RoPE, and RoPE keys in a config.json are ignored",
+                    plan.default_theta
+                )
+            } else {
+                "all scaling types of `rope_parameters`/`rope_scaling`".to_owned()
+            }
         )),
         (Some(RopeRule::PerLayerType { .. }), _) => lines.push(
             "RoPE per layer type: full-attention and sliding-window layers each have their own base and scaling.".to_owned(),

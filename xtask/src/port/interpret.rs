@@ -116,6 +116,8 @@ pub fn settings(plan: &Plan, choice: &Choice, config: &ConfigFile) -> Result<Dec
         None => NormKind::Rms,
     };
 
+    // RoPE the config does not describe reads none of its RoPE keys.
+    let none = mlx_models::rope::RopeFields::default();
     let (rope, local_rope) = match &plan.rope {
         None => (None, None),
         // Latent attention rotates its rope part only.
@@ -126,6 +128,34 @@ pub fn settings(plan: &Plan, choice: &Choice, config: &ConfigFile) -> Result<Dec
                 choice.rope_traditional,
                 config,
             )?),
+            None,
+        ),
+        // A width in features (GPT-J's `rotary_dim`).
+        Some(RopeRule::Uniform) if plan.rope_dims_field.is_some() => {
+            let f = plan.rope_dims_field.as_deref().unwrap_or_default();
+            (
+                Some(d.rope_rotating(
+                    if plan.rope_from_code { &none } else { &d.rope },
+                    (f, r.i32(f)?),
+                    plan.default_theta,
+                    choice.rope_traditional,
+                    config,
+                )?),
+                None,
+            )
+        }
+        // A share of the head the config class sets where a config names none.
+        Some(RopeRule::Uniform) if plan.default_partial_rotary.is_some() => {
+            let mut fields = d.rope.clone();
+            fields.partial_rotary_factor =
+                fields.partial_rotary_factor.or(plan.default_partial_rotary);
+            (
+                Some(d.rope_from(&fields, plan.default_theta, choice.rope_traditional, config)?),
+                None,
+            )
+        }
+        Some(RopeRule::Uniform) if plan.rope_from_code => (
+            Some(d.rope_from(&none, plan.default_theta, choice.rope_traditional, config)?),
             None,
         ),
         Some(RopeRule::Uniform) => (

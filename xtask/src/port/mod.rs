@@ -520,6 +520,20 @@ pub fn search(plan: &Plan, fixtures: &[Fixture]) -> anyhow::Result<Search> {
                     )?;
                 }
             }
+            // Grouped fused q/k/v rows reordered, as the module's sanitize.
+            if let Some(g) = &plan.qkv_groups {
+                let a = &settings.attention;
+                for i in 0..settings.layers.len() {
+                    mlx_models::fused_qkv::grouped_to_blocks(
+                        &mut weights,
+                        &format!("model.layers.{i}.self_attn.qkv_proj"),
+                        g.groups.unwrap_or(a.num_heads),
+                        g.order,
+                        a.num_heads,
+                        a.head_dim,
+                    )?;
+                }
+            }
             weights.eval()?;
             match &plan.moe {
                 // Per-expert checkpoints stacked, fused ones split, as the module's sanitize.
@@ -1802,6 +1816,126 @@ mod generator_tests {
             failures
                 .iter()
                 .any(|f| f.starts_with("opt/default: first bad tensor `layers.0`")),
+            "{failures:?}"
+        );
+    }
+
+    /// Fails `plan` on the committed fixtures of `mt` (first candidate only) and returns
+    /// the failures.
+    fn first_candidate_failures(plan: &Plan, mt: &str) -> Vec<String> {
+        let mut one = plan.clone();
+        one.choices.truncate(1);
+        let found = search(&one, &fixtures(mt)).expect("search runs");
+        assert!(found.chosen.is_none(), "{mt}: the seeded fault passes");
+        eprintln!("{mt}: seeded fault gives {:?}", found.tried[0].1);
+        found.tried[0].1.clone()
+    }
+
+    #[test]
+    fn gptj_rope_is_read_from_its_queries_and_regenerates_exactly() {
+        // No rope field in GPTJConfig: the probe measured 8 of 16 features in adjacent
+        // pairs, base 10000, and `rotary_dim` as the field that sets the width.
+        let (plan, choice, source) = regenerate("gptj");
+        assert_eq!(plan.rope, Some(plan::RopeRule::Uniform));
+        assert_eq!(plan.rope_dims_field.as_deref(), Some("rotary_dim"));
+        assert_eq!(plan.default_theta, 10000.0);
+        assert!(choice.rope_traditional);
+        assert!(
+            plan.choices.iter().all(|c| c.rope_traditional),
+            "layout measured, not tried"
+        );
+        assert!(
+            plan.rope_from_code,
+            "no config field describes GPT-J's RoPE"
+        );
+        assert!(source.contains("d.rope_rotating(\n            &RopeFields::default(),\n            (\"rotary_dim\", self.rotary_dim),"));
+        // Seeded faults: halves instead of pairs, or the whole head rotated, fail at layer 0.
+        let mut halves = plan.clone();
+        halves.choices[0].rope_traditional = false;
+        let mut whole = plan.clone();
+        whole.rope_dims_field = None;
+        for wrong in [halves, whole] {
+            let failures = first_candidate_failures(&wrong, "gptj");
+            assert!(
+                failures
+                    .iter()
+                    .any(|f| f.starts_with("gptj/default: first bad tensor `layers.0`")),
+                "{failures:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_partial_rotation_no_field_names_is_a_gap() {
+        let mut facts = facts("gptj");
+        facts["rotary_dims_field"] = Value::Null;
+        let plan = plan::plan(&facts, "x");
+        assert!(
+            plan.gaps
+                .iter()
+                .any(|g| g.contains("RoPE rotates 8 of 16 features")),
+            "{:?}",
+            plan.gaps
+        );
+        // Without the probe, the layout is left to the fixtures (both tried).
+        let mut facts = self::facts("gptj");
+        facts["rotary_probe"] = Value::Null;
+        let plan = plan::plan(&facts, "x");
+        assert!(plan.rope.is_none());
+        assert!(plan.choices.iter().any(|c| c.rope_traditional));
+        assert!(plan.choices.iter().any(|c| !c.rope_traditional));
+    }
+
+    #[test]
+    fn codegen_fused_rows_in_groups_are_read_and_regenerate_exactly() {
+        use mlx_models::fused_qkv::Part;
+        let (plan, _, source) = regenerate("codegen");
+        let groups = plan.qkv_groups.clone().expect("groups read");
+        assert_eq!(groups.groups, Some(4));
+        assert_eq!(groups.order, [Part::Query, Part::Value, Part::Key]);
+        assert!(source.contains("grouped_to_blocks("));
+        // Seeded faults: rows read as all q, k, v blocks, or 4 groups of q, k, v.
+        let mut blocks = plan.clone();
+        blocks.qkv_groups = None;
+        let mut order = plan.clone();
+        order.qkv_groups = Some(plan::QkvGroups {
+            groups: Some(4),
+            order: [Part::Query, Part::Key, Part::Value],
+        });
+        for wrong in [blocks, order] {
+            let failures = first_candidate_failures(&wrong, "codegen");
+            assert!(
+                failures
+                    .iter()
+                    .any(|f| f.starts_with("codegen/default: first bad tensor `layers.0`")),
+                "{failures:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn persimmon_per_head_rows_qk_layernorm_and_default_share_regenerate_exactly() {
+        use mlx_models::fused_qkv::Part;
+        let (plan, _, _) = regenerate("persimmon");
+        let groups = plan.qkv_groups.clone().expect("groups read");
+        assert_eq!(groups.groups, None, "one group per head");
+        assert_eq!(groups.order, [Part::Query, Part::Key, Part::Value]);
+        assert_eq!(plan.qk_norm, mlx_models::transformer::QkNorm::PerHead);
+        assert!(plan.renames.contains(&(
+            "self_attn.q_layernorm".to_owned(),
+            "self_attn.q_norm".to_owned()
+        )));
+        assert_eq!(plan.default_partial_rotary, Some(0.5));
+        // Seeded fault: a constant 4 groups (the tiny model's head count) instead of one per
+        // head passes the 4-head fixtures but not a config with other heads, so per head is
+        // what the probe (at 4 and 8 heads) must give; here: rows read as blocks fail.
+        let mut blocks = plan.clone();
+        blocks.qkv_groups = None;
+        let failures = first_candidate_failures(&blocks, "persimmon");
+        assert!(
+            failures
+                .iter()
+                .any(|f| f.starts_with("persimmon/default: first bad tensor `layers.0`")),
             "{failures:?}"
         );
     }

@@ -257,6 +257,18 @@ pub struct Plan {
     pub layer_rule: LayerRule,
     pub rope: Option<RopeRule>,
     pub no_rope: Option<NoRope>,
+    /// The config field that names the rotated width in features (GPT-J's `rotary_dim`),
+    /// found by the RoPE probe.
+    pub rope_dims_field: Option<String>,
+    /// The share of each head that rotates when a config names none (Transformers' config
+    /// class sets it: Persimmon's 0.5).
+    pub default_partial_rotary: Option<f64>,
+    /// RoPE no config field describes (measured; the base is in Transformers' code): the
+    /// module reads no RoPE keys of config.json, as Transformers does not.
+    pub rope_from_code: bool,
+    /// How the fused q/k/v projection groups its rows, where not all queries, keys,
+    /// values (the probe's `fused_qkv_layout`): `sanitize` reorders them.
+    pub qkv_groups: Option<QkvGroups>,
     /// A config field giving each layer its own RoPE base, 0 for none (Granite SWA's
     /// `layer_rope_theta`).
     pub layer_rope_bases: Option<String>,
@@ -804,6 +816,7 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         .renames
         .extend(super::trace::final_norm_rename(facts.value));
     roles.renames.extend(expert_block_renames(&facts));
+    roles.renames.extend(fused_qk_norm_renames(&facts));
     let prefix_renames = structure_renames(facts.value);
     let prefixes: Vec<(&str, &str)> = prefix_renames
         .iter()
@@ -959,6 +972,7 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
 
     // Attention projections.
     let qkv_fused = has("self_attn.qkv_proj.weight");
+    let qkv_groups = qkv_groups(&facts, qkv_fused, &mut decisions, &mut gaps);
     let mla = mla_plan(&facts, &layer0, &defaults, &mut gaps);
     if let Some(m) = &mla {
         for name in MLA_FIELDS {
@@ -1668,8 +1682,22 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         .resolved("rope_parameters")
         .map(|p| p.get("full_attention").is_some() || p.get("sliding_attention").is_some())
         .unwrap_or(false);
+    let measured_rope = measured_rope(&facts, &has_field, &mut decisions, &mut gaps);
+    if let Some(f) = &measured_rope.dims_field {
+        add(
+            &mut fields,
+            f,
+            FieldType::I32,
+            "rotated features of each head",
+        );
+        if facts.nullable(f) || defaults.get(f).is_none_or(Value::is_null) {
+            gaps.push(format!(
+                "`{f}` may be null: what Transformers rotates then is not read"
+            ));
+        }
+    }
     let rope = if !has_field("rope_parameters") && !has_field("rope_theta") {
-        None
+        measured_rope.dims.map(|_| RopeRule::Uniform)
     } else if rope_per_type {
         let local_base = ["rope_local_base_freq"]
             .into_iter()
@@ -1791,6 +1819,11 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
     } else {
         vec![true, false]
     };
+    // Halves or adjacent pairs, as measured; both where nothing was.
+    let traditional_candidates = match measured_rope.pairs {
+        Some(pairs) => vec![pairs],
+        None => vec![false, true],
+    };
     // Where some layers slide, RoPE may be theirs alone.
     let sliding_rope_candidates = if sliding_window.is_some() {
         vec![false, true]
@@ -1803,8 +1836,9 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
             for &plus_one in &offset_candidates {
                 for &softcap in &softcap_candidates {
                     for &gelu_as_tanh in &gelu_candidates {
-                        for (traditional, sliding_only) in [false, true]
-                            .into_iter()
+                        for (traditional, sliding_only) in traditional_candidates
+                            .iter()
+                            .copied()
                             .flat_map(|t| sliding_rope_candidates.iter().map(move |&s| (t, s)))
                         {
                             for &moe_normalize in &normalize_candidates {
@@ -2043,7 +2077,9 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
 
     Plan {
         model_type,
-        default_theta: default_theta(facts.value),
+        default_theta: measured_rope
+            .base
+            .unwrap_or_else(|| default_theta(facts.value)),
         module: module.to_owned(),
         architecture: str_of(facts.value, "architecture").to_owned(),
         config_class: str_of(facts.value, "config_class").to_owned(),
@@ -2073,6 +2109,10 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         layer_rule,
         rope,
         no_rope,
+        rope_dims_field: measured_rope.dims_field,
+        default_partial_rotary: measured_rope.default_partial,
+        rope_from_code: measured_rope.base.is_some(),
+        qkv_groups,
         layer_rope_bases,
         sinks,
         differential,
@@ -2652,4 +2692,201 @@ fn default_theta(facts: &Value) -> f64 {
                 .and_then(Value::as_f64)
         })
         .unwrap_or(10_000.0)
+}
+
+/// RoPE as the probe measured it on decoder layer 0's queries (`rotary_probe`), where it
+/// rotates something.
+#[derive(Debug, Default, PartialEq)]
+pub struct MeasuredRope {
+    /// Rotated features of each head.
+    pub dims: Option<i64>,
+    /// Adjacent pairs (true) or halves.
+    pub pairs: Option<bool>,
+    /// The base, where no config field names it (it is in Transformers' code).
+    pub base: Option<f64>,
+    /// The field that names `dims` in features.
+    pub dims_field: Option<String>,
+    /// The share of the head that rotates where a config names none.
+    pub default_partial: Option<f64>,
+}
+
+/// Reads the RoPE probe: the layout always (the candidates need not guess it); the base
+/// and the rotated width where no config field carries them. A partial rotation no field
+/// names is a gap.
+pub fn measured_rope(
+    facts: &Facts,
+    has_field: &dyn Fn(&str) -> bool,
+    decisions: &mut Vec<String>,
+    gaps: &mut Vec<String>,
+) -> MeasuredRope {
+    let Some(probe) = facts.value.get("rotary_probe").filter(|p| !p.is_null()) else {
+        return MeasuredRope::default();
+    };
+    let dims = probe.get("dims").and_then(Value::as_i64).unwrap_or(0);
+    if dims == 0 {
+        return MeasuredRope::default();
+    }
+    let head_dim = probe
+        .get("head_dim")
+        .and_then(Value::as_i64)
+        .unwrap_or(dims);
+    let pairs = probe.get("pairs").and_then(Value::as_bool);
+    let named = has_field("rope_parameters") || has_field("rope_theta");
+    let base = probe.get("base").and_then(Value::as_f64).filter(|_| !named);
+    let dims_field = facts
+        .value
+        .get("rotary_dims_field")
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+    decisions.push(format!(
+        "RoPE measured on layer 0's queries: {dims} of {head_dim} features rotate, {}{}{}",
+        match pairs {
+            Some(true) => "adjacent pairs",
+            _ => "two halves",
+        },
+        match &dims_field {
+            Some(f) => format!(", as many as `{f}` says"),
+            None => String::new(),
+        },
+        match base {
+            Some(b) => format!(", base {b} (no config field names it)"),
+            None => String::new(),
+        }
+    ));
+    if !named && base.is_none() {
+        gaps.push("RoPE whose base neither the config nor the probe gives".to_owned());
+    }
+    // A share no declared field carries, that the config class puts in `rope_parameters`.
+    let share = dims as f64 / head_dim as f64;
+    let mut default_partial = None;
+    if dims != head_dim && dims_field.is_none() && !has_field("partial_rotary_factor") {
+        let resolved = facts
+            .resolved("rope_parameters")
+            .and_then(|p| p.get("partial_rotary_factor"))
+            .and_then(Value::as_f64);
+        if resolved == Some(share) {
+            decisions.push(format!(
+                "`partial_rotary_factor` is {share} where a config names none (the config class sets it)"
+            ));
+            default_partial = Some(share);
+        } else {
+            gaps.push(format!(
+                "RoPE rotates {dims} of {head_dim} features, and no config field is found to say so"
+            ));
+        }
+    }
+    MeasuredRope {
+        dims: Some(dims),
+        pairs,
+        base,
+        dims_field,
+        default_partial,
+    }
+}
+
+/// The row groups of a fused q/k/v projection ([`mlx_models::fused_qkv::grouped_to_blocks`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct QkvGroups {
+    /// `None`: one group per head (GPT-NeoX); else that many, whatever the heads (CodeGen's 4).
+    pub groups: Option<i32>,
+    /// The parts in a group, in the order stored.
+    pub order: [mlx_models::fused_qkv::Part; 3],
+}
+
+/// Reads how the fused projection's rows are laid out, as the probe found them: the
+/// projection's output replaced by its row numbers, read back where attention takes the
+/// queries, keys and values. All queries, then keys, then values (or no probe) need
+/// nothing; groups of them are reordered; a fused projection whose layout the probe could
+/// not read is left to the fixtures.
+pub fn qkv_groups(
+    facts: &Facts,
+    qkv_fused: bool,
+    decisions: &mut Vec<String>,
+    gaps: &mut Vec<String>,
+) -> Option<QkvGroups> {
+    use mlx_models::fused_qkv::Part;
+    let layout = facts
+        .value
+        .get("fused_qkv_layout")
+        .filter(|l| qkv_fused && !l.is_null())?;
+    let order_text = layout.get("order").and_then(Value::as_str).unwrap_or("");
+    let parts: Vec<Part> = order_text
+        .chars()
+        .filter_map(|c| match c {
+            'q' => Some(Part::Query),
+            'k' => Some(Part::Key),
+            'v' => Some(Part::Value),
+            _ => None,
+        })
+        .collect();
+    let groups = match layout.get("groups") {
+        Some(Value::String(s)) if s == "heads" => None,
+        Some(g) => match g.as_i64() {
+            Some(n) if n > 0 => Some(n as i32),
+            _ => {
+                gaps.push(format!("fused q/k/v projection in groups {g}: not read"));
+                return None;
+            }
+        },
+        None => return None,
+    };
+    let Ok(order) = <[Part; 3]>::try_from(parts) else {
+        gaps.push(format!(
+            "fused q/k/v projection in the order `{order_text}`: not read"
+        ));
+        return None;
+    };
+    if groups == Some(1) && order == [Part::Query, Part::Key, Part::Value] {
+        return None;
+    }
+    decisions.push(format!(
+        "fused q/k/v rows (measured: the projection's output replaced by its row numbers): {}, \
+         each `{order_text}`; `sanitize` reorders them into all queries, keys, values",
+        match groups {
+            None => "one group per head".to_owned(),
+            Some(g) => format!("{g} groups of heads"),
+        }
+    ));
+    Some(QkvGroups { groups, order })
+}
+
+/// The per-head modules the fused-projection probe found fed the projected queries and
+/// keys before RoPE (Persimmon's `q_layernorm`/`k_layernorm`), where they are norms: the
+/// blocks' `q_norm`/`k_norm`. (A norm fed one of separate projections is found by the
+/// call trace's checksums; a fused projection's parts have none of their own.)
+pub fn fused_qk_norm_renames(facts: &Facts) -> Vec<(String, String)> {
+    let Some(fed) = facts
+        .value
+        .pointer("/fused_qkv_layout/before_rope")
+        .and_then(Value::as_object)
+    else {
+        return Vec::new();
+    };
+    let is_norm = |name: &str| {
+        facts
+            .value
+            .get("modules")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .find(|m| str_of(m, "name").ends_with(&format!(".0.{name}")))
+            .is_some_and(|m| str_of(m, "class").contains("Norm"))
+    };
+    let mut renames = Vec::new();
+    for (part, canonical) in [("q", "q_norm"), ("k", "k_norm")] {
+        let Some(name) = fed.get(part).and_then(Value::as_str) else {
+            return Vec::new();
+        };
+        if !is_norm(name) {
+            return Vec::new();
+        }
+        let target = match name.rsplit_once('.') {
+            Some((parent, _)) => format!("{parent}.{canonical}"),
+            None => canonical.to_owned(),
+        };
+        if target != name {
+            renames.push((name.to_owned(), target));
+        }
+    }
+    renames
 }
