@@ -24,7 +24,7 @@ use crate::model::{LanguageModel, ModelInfo};
 use crate::moe::{MoeSettings, SparseMoe};
 use crate::nn::{even_part, scale, softcap, Embedding, Linear, Split};
 use crate::norm::{norm_opt, Norm};
-use crate::positions::LearnedPositions;
+use crate::positions::{LearnedPositions, Sinusoid, SinusoidalPositions};
 use crate::rglru::RecurrentBlock;
 use crate::rope::Rope;
 use crate::ssm::{Mamba2Mixer, Mamba2Settings, MambaMixer, MambaSettings};
@@ -176,6 +176,9 @@ pub struct DecoderSettings {
     /// The row of position 0 in the learned position table (OPT and BioGPT keep two rows
     /// before it: the table has `max_position_embeddings + 2`).
     pub position_offset: i32,
+    /// Fixed sinusoidal positions added to the embeddings, computed, not loaded (XGLM,
+    /// CTRL): [`SinusoidalPositions`].
+    pub sinusoidal_positions: Option<Sinusoid>,
     /// Multiplies each sub-block's output before the residual add (Granite).
     pub residual_scale: Option<f32>,
     /// Multiplies the logits (Granite's `1 / logits_scaling`).
@@ -228,6 +231,7 @@ impl DecoderSettings {
             sub_norms: false,
             learned_positions: false,
             position_offset: 0,
+            sinusoidal_positions: None,
             residual_scale: None,
             logits_scale: None,
             final_logit_softcap: None,
@@ -767,6 +771,7 @@ impl DecoderLayer {
 pub struct Decoder {
     embed_tokens: Embedding,
     embed_positions: Option<LearnedPositions>,
+    sinusoidal_positions: Option<SinusoidalPositions>,
     layers: Vec<DecoderLayer>,
     norm: Norm,
     lm_head: Option<Linear>,
@@ -797,6 +802,17 @@ impl Decoder {
             )?)
         } else {
             None
+        };
+        let sinusoidal_positions = match s.sinusoidal_positions {
+            Some(sinusoid) => {
+                let positions = i32::try_from(s.max_position_embeddings).unwrap_or(i32::MAX);
+                Some(SinusoidalPositions::new(
+                    s.hidden_size,
+                    positions,
+                    sinusoid,
+                )?)
+            }
+            None => None,
         };
         let layers = s
             .layers
@@ -853,6 +869,7 @@ impl Decoder {
         Ok(Decoder {
             embed_tokens,
             embed_positions,
+            sinusoidal_positions,
             layers,
             norm,
             lm_head,
@@ -874,6 +891,9 @@ impl LanguageModel for Decoder {
         let h = self.embed_tokens.forward(tokens)?;
         let mut h = scale(&h, s.embedding_scale)?;
         if let Some(positions) = &self.embed_positions {
+            h = positions.forward(&h, LayerCache::offset_of(cache)?)?;
+        }
+        if let Some(positions) = &self.sinusoidal_positions {
             h = positions.forward(&h, LayerCache::offset_of(cache)?)?;
         }
         if s.embedding_norm {
@@ -997,6 +1017,12 @@ pub fn build(
     {
         config.ensure(false, "attention_chunk_size", || {
             format!("must be at least 1 token, found {c}")
+        })?;
+    }
+    if settings.sinusoidal_positions.is_some() {
+        let h = settings.hidden_size;
+        config.ensure(h % 2 == 0 && h > 2, "hidden_size", || {
+            format!("sinusoidal positions need an even width above 2, found {h}")
         })?;
     }
     if let Some(moe) = &settings.moe {
