@@ -274,6 +274,30 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
             model.push(format!("position_offset: {offset}"));
         }
     }
+    if let Some(s) = plan.sinusoidal_positions {
+        let d = mlx_models::positions::Sinusoid::default();
+        let mut parts = Vec::new();
+        if s.base != d.base {
+            parts.push(format!("base: {}", float(s.base)));
+        }
+        if s.shift != d.shift {
+            parts.push(format!("shift: {}", s.shift));
+        }
+        if s.first_position != d.first_position {
+            parts.push(format!("first_position: {}", s.first_position));
+        }
+        if s.interleaved != d.interleaved {
+            parts.push(format!("interleaved: {}", s.interleaved));
+        }
+        model.push(if parts.is_empty() {
+            "sinusoidal_positions: Some(Sinusoid::default())".to_owned()
+        } else {
+            format!(
+                "sinusoidal_positions: Some(Sinusoid {{ {}, ..Sinusoid::default() }})",
+                parts.join(", ")
+            )
+        });
+    }
     if let Some(eps) = plan.eps_constant {
         model.push(format!("norm_eps: {}", float(eps)));
     } else if plan.eps_field != "rms_norm_eps" {
@@ -339,6 +363,9 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
     let _ = writeln!(w, "use crate::family::{{{}}};", family.join(", "));
     if !plan.conv1d.is_empty() {
         let _ = writeln!(w, "use crate::fused_qkv::conv1d_to_linear;");
+    }
+    if plan.sinusoidal_positions.is_some() {
+        let _ = writeln!(w, "use crate::positions::Sinusoid;");
     }
     let _ = writeln!(w, "use crate::transformer::{{{}}};", transformer.join(", "));
     if let Some(moe) = &plan.moe {
@@ -920,6 +947,17 @@ pub fn structure_summary(plan: &Plan, choice: &Choice) -> Vec<String> {
             "RoPE per layer type: full-attention and sliding-window layers each have their own base and scaling.".to_owned(),
         ),
         (Some(_), Some(_)) => lines.push("RoPE, except on the layers `no_rope_layers` marks 0.".to_owned()),
+    }
+    if let Some(s) = plan.sinusoidal_positions {
+        lines.push(format!(
+            "Fixed sinusoidal positions added to the embeddings ({}, position 0 at angle {} · f).",
+            if s.interleaved {
+                "sine and cosine side by side per frequency"
+            } else {
+                "all sines, then all cosines"
+            },
+            s.first_position
+        ));
     }
     if plan.sliding_window.is_some() {
         lines.push("Sliding-window attention on the layers `layer_types` (or the family's rule) marks, with a rotating KV cache.".to_owned());

@@ -1743,6 +1743,90 @@ mod generator_tests {
     }
 
     #[test]
+    fn xglm_is_regenerated_exactly_with_sinusoidal_positions_fitted_from_what_layer_0_receives() {
+        use mlx_models::positions::Sinusoid;
+        let (plan, choice, source) = regenerate("xglm");
+        // fairseq's table: exp(-j ln 10000 / (half - 1)), sines then cosines, from row 2.
+        let fitted = Sinusoid {
+            shift: 1,
+            first_position: 2,
+            ..Sinusoid::default()
+        };
+        assert_eq!(plan.sinusoidal_positions, Some(fitted));
+        assert_eq!(plan.learned_positions, None);
+        assert!(source.contains("first_position: 2"));
+        // Seeded faults: CTRL's frequencies, or positions from angle 0, fail the first
+        // fixture at the embeddings.
+        for wrong_table in [
+            Sinusoid { shift: 0, ..fitted },
+            Sinusoid {
+                first_position: 0,
+                ..fitted
+            },
+        ] {
+            let mut wrong = plan.clone();
+            wrong.sinusoidal_positions = Some(wrong_table);
+            wrong.choices = vec![choice.clone()];
+            let found = search(&wrong, &fixtures("xglm")).expect("search runs");
+            let (_, failures) = &found.tried[0];
+            assert!(
+                failures
+                    .iter()
+                    .any(|f| f.starts_with("xglm/default: first bad tensor `embeddings`")),
+                "{wrong_table:?}: {failures:?}"
+            );
+        }
+    }
+
+    /// The fit on signals written from the closed forms: each layout is found, and a signal
+    /// no sinusoid makes is a gap.
+    #[test]
+    fn sinusoidal_positions_are_fitted_to_the_recorded_signal() {
+        use mlx_models::positions::Sinusoid;
+        let signal = |s: Sinusoid, dim: usize| -> Value {
+            let half = dim / 2;
+            let rows: Vec<Vec<f64>> = (0..8)
+                .map(|p| {
+                    let pos = f64::from(p + s.first_position);
+                    let mut row = vec![0.0; dim];
+                    for j in 0..half {
+                        let f = s.base.powf(-(j as f64) / (half - s.shift as usize) as f64);
+                        let (is, ic) = if s.interleaved {
+                            (2 * j, 2 * j + 1)
+                        } else {
+                            (j, j + half)
+                        };
+                        row[is] = (pos * f).sin();
+                        row[ic] = (pos * f).cos();
+                    }
+                    row
+                })
+                .collect();
+            serde_json::json!({ "position_signal": rows })
+        };
+        for s in [
+            Sinusoid::default(),
+            Sinusoid {
+                interleaved: true,
+                first_position: 1,
+                ..Sinusoid::default()
+            },
+            Sinusoid {
+                shift: 1,
+                first_position: 2,
+                ..Sinusoid::default()
+            },
+        ] {
+            assert_eq!(plan::sinusoidal_positions(&signal(s, 16)), Ok(Some(s)));
+        }
+        assert_eq!(plan::sinusoidal_positions(&serde_json::json!({})), Ok(None));
+        let mut noisy = signal(Sinusoid::default(), 16);
+        noisy["position_signal"][3][5] = serde_json::json!(0.5);
+        let gap = plan::sinusoidal_positions(&noisy).unwrap_err();
+        assert!(gap.contains("no sinusoidal table reproduces"), "{gap}");
+    }
+
+    #[test]
     fn opt_is_regenerated_exactly_from_its_nested_decoder_with_the_norms_own_epsilon() {
         let (plan, _, source) = regenerate("opt");
         // `model.decoder.layers` is nested under `model.`: renamed by structure all the same.

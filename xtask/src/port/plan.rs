@@ -290,6 +290,9 @@ pub struct Plan {
     /// Modules of a layer (by the names the blocks load) that Transformers keeps as
     /// `Conv1D`, weights `[in, out]`: `sanitize` transposes them.
     pub conv1d: Vec<String>,
+    /// Fixed sinusoidal positions, fitted to what the model adds to its embeddings by
+    /// position alone (the facts' `position_signal`).
+    pub sinusoidal_positions: Option<mlx_models::positions::Sinusoid>,
 }
 
 /// The root renames that bring a model whose base model is not `model.` to the names the
@@ -479,6 +482,75 @@ pub fn learned_positions(facts: &Value, params: &BTreeMap<String, Vec<i64>>) -> 
         .unwrap_or("max_position_embeddings");
     let max = config.get(field).and_then(Value::as_i64)?;
     i32::try_from(rows - max).ok().filter(|o| *o >= 0)
+}
+
+/// The sinusoidal table that reproduces the facts' `position_signal` (what layer 0
+/// receives by position alone, the embedding zeroed), among the layouts
+/// [`mlx_models::positions::Sinusoid`] expresses: `Ok(None)` without a signal, an error
+/// (a gap) for a signal none of them reproduces.
+pub fn sinusoidal_positions(
+    facts: &Value,
+) -> Result<Option<mlx_models::positions::Sinusoid>, String> {
+    use mlx_models::positions::Sinusoid;
+    let Some(rows) = facts.get("position_signal").and_then(Value::as_array) else {
+        return Ok(None);
+    };
+    let rows: Vec<Vec<f64>> = rows
+        .iter()
+        .map(|r| {
+            r.as_array()
+                .map(|r| r.iter().filter_map(Value::as_f64).collect())
+                .unwrap_or_default()
+        })
+        .collect();
+    let dim = rows.first().map_or(0, Vec::len);
+    let half = dim / 2;
+    let mut best = f64::INFINITY;
+    for base in [10000.0, 100000.0] {
+        for shift in 0..=1 {
+            for first_position in 0..=2 {
+                for interleaved in [false, true] {
+                    let s = Sinusoid {
+                        base,
+                        shift,
+                        first_position,
+                        interleaved,
+                    };
+                    if dim % 2 != 0 || half <= shift as usize {
+                        continue;
+                    }
+                    let mut err = 0f64;
+                    for (p, row) in rows.iter().enumerate() {
+                        if row.len() != dim {
+                            err = f64::INFINITY;
+                            break;
+                        }
+                        let pos = (p as i32 + first_position) as f64;
+                        for j in 0..half {
+                            let f = base.powf(-(j as f64) / (half - shift as usize) as f64);
+                            let (is, ic) = if interleaved {
+                                (2 * j, 2 * j + 1)
+                            } else {
+                                (j, j + half)
+                            };
+                            err = err
+                                .max((row[is] - (pos * f).sin()).abs())
+                                .max((row[ic] - (pos * f).cos()).abs());
+                        }
+                    }
+                    if err < 1e-4 {
+                        return Ok(Some(s));
+                    }
+                    best = best.min(err);
+                }
+            }
+        }
+    }
+    Err(format!(
+        "the model adds a position-dependent signal to its embeddings (no parameter holds it) \
+         that no sinusoidal table reproduces (closest max-abs {best:.3e} over {} positions)",
+        rows.len()
+    ))
 }
 
 /// The config field that sets the MLP's width where the class has no `intermediate_size`
@@ -813,6 +885,33 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
             "learned absolute positions `model.embed_positions`, position 0 at row {offset}"
         ));
     }
+    let sinusoidal_positions = if learned_positions.is_none() {
+        match sinusoidal_positions(facts.value) {
+            Ok(None) => None,
+            Ok(Some(s)) => {
+                decisions.push(format!(
+                    "fixed sinusoidal positions added to the embeddings (fitted to what layer 0 \
+                     receives with the embedding zeroed): base {}, frequencies base^(-j / (hidden/2 - {})), \
+                     {}, position 0 at angle {} · f",
+                    s.base,
+                    s.shift,
+                    if s.interleaved {
+                        "sine and cosine side by side per frequency"
+                    } else {
+                        "all sines, then all cosines"
+                    },
+                    s.first_position
+                ));
+                Some(s)
+            }
+            Err(gap) => {
+                gaps.push(gap);
+                None
+            }
+        }
+    } else {
+        None
+    };
     gaps.extend(super::recurrent::hybrid_gaps(facts.value));
     let layer0: BTreeMap<&str, &Vec<i64>> = params
         .iter()
@@ -1921,6 +2020,7 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         renames: roles.renames.clone(),
         conv1d: layer_conv1d(facts.value, &roles.renames),
         learned_positions,
+        sinusoidal_positions,
         aliases,
         intermediate_per_hidden,
         prefix_renames,

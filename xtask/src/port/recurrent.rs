@@ -595,6 +595,7 @@ fn base_plan(
         intermediate_per_hidden: None,
         learned_positions: None,
         conv1d: Vec::new(),
+        sinusoidal_positions: None,
     }
 }
 
