@@ -107,6 +107,7 @@ pub const BOUNDS: &[(&str, f32, f32)] = &[
     ("stablelm", 0.043, 0.61),         // measured 0.034, 0.482
     ("starcoder2", 0.026, 0.41),       // measured 0.0201, 0.328
     ("vaultgemma", 0.029, 0.36),       // measured 0.0226, 0.286
+    ("xglm", 0.016, 0.27),             // measured 0.0126, 0.212
     ("youtu", 0.028, 0.54),            // measured 0.0223, 0.425
 ];
 

@@ -73,6 +73,7 @@ pub mod smollm3;
 pub mod stablelm;
 pub mod starcoder2;
 pub mod vaultgemma;
+pub mod xglm;
 pub mod youtu;
 
 use crate::config::ConfigFile;
@@ -109,6 +110,7 @@ pub const REGISTRY: &[(&str, Loader)] = &[
     ("glm4", family::load::<glm4::Config>),
     ("glm4_moe", family::load::<glm4_moe::Config>),
     ("glm4_moe_lite", family::load::<glm4_moe_lite::Config>),
+    ("xglm", family::load::<xglm::Config>),
     // GPT-SW3 checkpoints are GPT-2 (Transformers maps `gpt-sw3` to `GPT2Config`).
     ("gpt-sw3", family::load::<gpt2::Config>),
     ("gpt2", family::load::<gpt2::Config>),
