@@ -334,7 +334,19 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
             model.push(format!("{name}: {}", scalar(plan, value)));
         }
     }
-    let act = if plan.act_field == "hidden_act" || plan.act_field == "hidden_activation" {
+    let act = if let Some(name) = plan.activation_constant {
+        transformer.push("Activation");
+        format!(
+            "Activation::{}",
+            match name {
+                "relu" => "Relu",
+                "relu2" => "Relu2",
+                "gelu" => "Gelu",
+                "gelu_pytorch_tanh" => "GeluTanh",
+                _ => "Silu",
+            }
+        )
+    } else if plan.act_field == "hidden_act" || plan.act_field == "hidden_activation" {
         "d.activation(config)?".to_owned()
     } else {
         transformer.push("Activation");

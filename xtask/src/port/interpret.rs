@@ -97,10 +97,14 @@ pub fn settings(plan: &Plan, choice: &Choice, config: &ConfigFile) -> Result<Dec
     for (field, supported) in &plan.refused {
         config.ensure(r.bool(field) == *supported, field, || refusal(*supported))?;
     }
+    let act_value = r.value(&plan.act_field);
     let mut activation = Activation::from_config(
         config,
         &plan.act_field,
-        r.value(&plan.act_field).as_str().unwrap_or("silu"),
+        match plan.activation_constant {
+            Some(name) => name,
+            None => act_value.as_str().unwrap_or("silu"),
+        },
     )?;
     if choice.gelu_as_tanh {
         activation = activation.gelu_as_tanh();

@@ -1778,6 +1778,44 @@ mod generator_tests {
         }
     }
 
+    #[test]
+    fn ctrl_is_regenerated_exactly_with_its_ffn_block_qkv_by_call_order_and_relu_from_the_trace() {
+        use mlx_models::positions::Sinusoid;
+        let (plan, choice, source) = regenerate("ctrl");
+        let renamed = |from: &str, to: &str| {
+            plan.renames
+                .iter()
+                .any(|(a, b)| a.as_str() == from && b.as_str() == to)
+        };
+        // `ffn` calls two linear layers after attention: the MLP, up then down.
+        assert!(renamed("ffn", "mlp") && renamed("ffn.0", "mlp.up_proj"));
+        assert!(renamed("ffn.2", "mlp.down_proj"));
+        // Three projections of attention's input before `dense`: q, k, v in call order.
+        assert!(renamed("multi_head_attention.Wq", "self_attn.q_proj"));
+        assert!(renamed("multi_head_attention.Wv", "self_attn.v_proj"));
+        assert_eq!(plan.activation_constant, Some("relu"));
+        assert_eq!(plan.sinusoidal_positions, Some(Sinusoid::default()));
+        assert!(source.contains("Activation::Relu"));
+        // Seeded fault: query and key swapped fail the first layer.
+        let mut wrong = plan.clone();
+        wrong.choices = vec![choice];
+        for (from, to) in wrong.renames.iter_mut() {
+            if from.ends_with(".Wq") {
+                *to = "self_attn.k_proj".to_owned();
+            } else if from.ends_with(".Wk") {
+                *to = "self_attn.q_proj".to_owned();
+            }
+        }
+        let found = search(&wrong, &fixtures("ctrl")).expect("search runs");
+        let (_, failures) = &found.tried[0];
+        assert!(
+            failures
+                .iter()
+                .any(|f| f.starts_with("ctrl/default: first bad tensor `layers.0`")),
+            "{failures:?}"
+        );
+    }
+
     /// The fit on signals written from the closed forms: each layout is found, and a signal
     /// no sinusoid makes is a gap.
     #[test]

@@ -243,6 +243,9 @@ pub struct Plan {
     /// The norms' epsilon where no config field sets it (their modules' `eps`).
     pub eps_constant: Option<f64>,
     pub act_field: String,
+    /// The activation where no config field names one (its config name, `relu`): the one
+    /// Transformers calls in the MLP.
+    pub activation_constant: Option<&'static str>,
     pub attention_scale: Scalar,
     pub attention_softcap: Scalar,
     /// q, k and v clamped to `[-c, c]` (OLMo's `clip_qkv`).
@@ -483,6 +486,18 @@ pub fn learned_positions(facts: &Value, params: &BTreeMap<String, Vec<i64>>) -> 
     let max = config.get(field).and_then(Value::as_i64)?;
     i32::try_from(rows - max).ok().filter(|o| *o >= 0)
 }
+
+/// Config values [`mlx_models::mlp::Activation::from_config`] reads as an activation.
+const ACTIVATION_NAMES: &[&str] = &[
+    "silu",
+    "swish",
+    "gelu",
+    "gelu_new",
+    "gelu_pytorch_tanh",
+    "gelu_fast",
+    "relu",
+    "relu2",
+];
 
 /// The sinusoidal table that reproduces the facts' `position_signal` (what layer 0
 /// receives by position alone, the embedding zeroed), among the layouts
@@ -1455,12 +1470,32 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
     } else {
         add(&mut fields, &eps_field, FieldType::F64, "norm epsilon");
     }
-    let act_field = ["hidden_activation", "hidden_act", "activation_function"]
+    // The activation's field: a usual name, else a string field whose default names an
+    // activation (OpenAI GPT's `afn`); without one, the activation module Transformers
+    // calls in the MLP (CTRL's `ReLU`) is the module's own, fixed.
+    let own_act_field = ["hidden_activation", "hidden_act", "activation_function"]
         .into_iter()
         .find(|f| has_field(f))
-        .unwrap_or("hidden_act")
-        .to_owned();
-    add(&mut fields, &act_field, FieldType::Str, "MLP activation");
+        .map(str::to_owned)
+        .or_else(|| {
+            defaults
+                .iter()
+                .find(|(_, v)| v.as_str().is_some_and(|v| ACTIVATION_NAMES.contains(&v)))
+                .map(|(name, _)| name.clone())
+        });
+    let activation_constant = match &own_act_field {
+        Some(_) => None,
+        None => super::trace::events(facts.value)
+            .iter()
+            .find_map(|e| super::trace::activation_of_class(&e.class)),
+    };
+    let act_field = own_act_field.unwrap_or_else(|| "hidden_act".to_owned());
+    match activation_constant {
+        Some(name) => decisions.push(format!(
+            "activation `{name}`: no config field names one; the module Transformers calls in the MLP"
+        )),
+        None => add(&mut fields, &act_field, FieldType::Str, "MLP activation"),
+    }
 
     // The bias switches read from the config.
     for f in [&qkv_bias, &o_bias, &mlp_bias]
@@ -2001,6 +2036,7 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         eps_field,
         eps_constant,
         act_field,
+        activation_constant,
         attention_scale,
         attention_softcap,
         clip_qkv,

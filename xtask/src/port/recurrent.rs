@@ -570,6 +570,7 @@ fn base_plan(
         eps_field: "layer_norm_epsilon".to_owned(),
         eps_constant: None,
         act_field: "hidden_act".to_owned(),
+        activation_constant: None,
         attention_scale: Scalar::None,
         attention_softcap: Scalar::None,
         clip_qkv: Scalar::None,

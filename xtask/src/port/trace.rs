@@ -90,10 +90,69 @@ pub fn attention_block(events: &[Event]) -> Option<String> {
     Some(block).filter(|m| !m.is_empty() && m != "self_attn")
 }
 
+/// The layer's MLP block when it is not called `mlp` and the layer has none of that name:
+/// the first module directly under the layer called after attention returns that is no
+/// norm and calls exactly two projections (CTRL's `ffn`, a `Sequential` of a linear layer,
+/// an activation and another).
+pub fn mlp_block(events: &[Event]) -> Option<String> {
+    if events.iter().any(|e| e.module == "mlp") {
+        return None;
+    }
+    let attention = attention_block(events).unwrap_or_else(|| "self_attn".to_owned());
+    let after = events
+        .iter()
+        .position(|e| !e.enter && e.module == attention)?;
+    events[after..]
+        .iter()
+        .filter(|e| {
+            e.enter
+                && !e.module.is_empty()
+                && !e.module.contains('.')
+                && !e.class.to_lowercase().contains("norm")
+                && !e.class.contains("Dropout")
+        })
+        .map(|e| e.module.clone())
+        .find(|block| {
+            let prefix = format!("{block}.");
+            events
+                .iter()
+                .filter(|e| {
+                    e.enter
+                        && PROJECTIONS.contains(&e.class.as_str())
+                        && e.module.starts_with(&prefix)
+                })
+                .count()
+                == 2
+        })
+}
+
 /// The norms' roles (and the projections' and the attention block's names), from the
-/// calls of layer 0. An attention block under another name is read as `self_attn` and
-/// renamed last, after the renames of the modules inside it.
+/// calls of layer 0. An attention block under another name is read as `self_attn` (an MLP
+/// block under another name as `mlp`) and renamed last, after the renames of the modules
+/// inside it.
 pub fn norm_roles(events: &[Event]) -> NormRoles {
+    let Some(mlp) = mlp_block(events) else {
+        return attention_roles(events);
+    };
+    let renamed: Vec<Event> = events
+        .iter()
+        .map(|e| Event {
+            module: mlx_models::weights::rename_prefix(&e.module, &[(&mlp, "mlp")]),
+            ..e.clone()
+        })
+        .collect();
+    let mut roles = attention_roles(&renamed);
+    for (from, _) in &mut roles.renames {
+        if let Some(tail) = from.strip_prefix("mlp.") {
+            *from = format!("{mlp}.{tail}");
+        }
+    }
+    roles.renames.push((mlp, "mlp".to_owned()));
+    roles
+}
+
+/// [`norm_roles`] of a layer whose MLP block is `mlp` (or none).
+fn attention_roles(events: &[Event]) -> NormRoles {
     let Some(block) = attention_block(events) else {
         return block_roles(events);
     };
@@ -232,6 +291,28 @@ fn linear_roles(events: &[Event], renames: &mut Vec<(String, String)>) {
             ));
         }
     }
+    // Three projections of the attention's input, then the output projection (CTRL's
+    // `Wq`, `Wk`, `Wv`, `dense`): query, key and value in the order they are called (the
+    // fixtures tell a swap).
+    if let [q, k, v, _] = attention.as_slice() {
+        let input = |name: &str| {
+            let module = format!("self_attn.{name}");
+            events
+                .iter()
+                .find(|e| e.enter && e.module == module)
+                .and_then(|e| e.checksum)
+        };
+        let same_input = input(q).is_some() && input(q) == input(k) && input(k) == input(v);
+        if same_input
+            && ![q, k, v]
+                .iter()
+                .any(|n| known_attention.contains(&n.as_str()))
+        {
+            for (from, to) in [(q, "q_proj"), (k, "k_proj"), (v, "v_proj")] {
+                renames.push((format!("self_attn.{from}"), format!("self_attn.{to}")));
+            }
+        }
+    }
     if let Some(last) = attention.last() {
         if !known_attention.contains(&last.as_str()) && attention.len() >= 2 {
             renames.push((format!("self_attn.{last}"), "self_attn.o_proj".to_owned()));
@@ -328,6 +409,19 @@ pub fn covered(name: &str, class: &str) -> bool {
         || class.contains("Rotary")
         || (ACTIVATIONS.contains(&class)
             && (name.starts_with("mlp.") || name.starts_with("self_attn.")))
+}
+
+/// The config name of the activation a module of class `class` computes (the activation
+/// modules [`covered`] accepts).
+pub fn activation_of_class(class: &str) -> Option<&'static str> {
+    Some(match class {
+        "SiLU" | "SiLUActivation" => "silu",
+        "GELUActivation" => "gelu",
+        "NewGELUActivation" | "GELUTanh" | "PytorchGELUTanh" => "gelu_pytorch_tanh",
+        "ReLU" => "relu",
+        "ReLUSquaredActivation" => "relu2",
+        _ => return None,
+    })
 }
 
 /// The model's final norm when it is not named `model.norm`: the norm module directly
