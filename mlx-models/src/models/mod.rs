@@ -7,6 +7,7 @@ pub mod biogpt;
 pub mod bitnet;
 pub mod cohere;
 pub mod cohere2;
+pub mod ctrl;
 pub mod cwm;
 pub mod deepseek_v2;
 pub mod deepseek_v3;
@@ -94,6 +95,7 @@ pub const REGISTRY: &[(&str, Loader)] = &[
     ("bitnet", family::load::<bitnet::Config>),
     ("cohere", family::load::<cohere::Config>),
     ("cohere2", family::load::<cohere2::Config>),
+    ("ctrl", family::load::<ctrl::Config>),
     ("cwm", family::load::<cwm::Config>),
     ("deepseek_v2", family::load::<deepseek_v2::Config>),
     ("deepseek_v3", family::load::<deepseek_v3::Config>),
