@@ -46,7 +46,7 @@ impl DecoderFamily for Config {
         ("max_position_embeddings", "n_positions"),
     ];
 
-    fn settings(&self, config: &ConfigFile) -> Result<DecoderSettings> {
+    fn settings(&self, _config: &ConfigFile) -> Result<DecoderSettings> {
         let d = &self.decoder;
         let attention = AttentionSettings {
             qkv_bias: true,

@@ -274,6 +274,9 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
             model.push(format!("position_offset: {offset}"));
         }
     }
+    if !plan.final_norm {
+        model.push("final_norm: false".to_owned());
+    }
     if let Some(s) = plan.sinusoidal_positions {
         let d = mlx_models::positions::Sinusoid::default();
         let mut parts = Vec::new();
@@ -774,7 +777,32 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
         }
         let _ = writeln!(w, "];");
     }
-    s
+    unused_config_named(s)
+}
+
+/// `source` with `settings`' `config` parameter named `_config` where its body never reads
+/// it (a module whose every setting is fixed: CTRL's activation is no config field).
+fn unused_config_named(source: String) -> String {
+    let signature = "fn settings(&self, config: &ConfigFile)";
+    let Some(start) = source.find(signature) else {
+        return source;
+    };
+    let body_start = start + signature.len();
+    let body_end = source[body_start..]
+        .find("fn sanitize")
+        .map_or(source.len(), |i| body_start + i);
+    let body = &source[body_start..body_end];
+    let reads = body.match_indices("config").any(|(i, _)| {
+        let before = body[..i].chars().next_back();
+        let after = body[i + "config".len()..].chars().next();
+        let ident = |c: Option<char>| c.is_some_and(|c| c.is_alphanumeric() || c == '_');
+        !ident(before) && !ident(after)
+    });
+    if reads {
+        source
+    } else {
+        source.replacen(signature, "fn settings(&self, _config: &ConfigFile)", 1)
+    }
 }
 
 fn optional(plan: &Plan, name: &str) -> bool {
@@ -825,6 +853,10 @@ pub fn structure_summary(plan: &Plan, choice: &Choice) -> Vec<String> {
     let mut lines = Vec::new();
     lines.push(match choice.norm_placement {
         NormPlacement::Pre => "Pre-norm blocks: `input_layernorm` before attention, `post_attention_layernorm` before the MLP.".to_owned(),
+        NormPlacement::PostResidual => format!(
+            "Post-norm blocks on the residual: `h = post_attention_layernorm(x + attn(x))`, then `post_feedforward_layernorm(h + mlp(h))`{}.",
+            if plan.final_norm { "" } else { "; no final norm" }
+        ),
         NormPlacement::Post => "Post-norm blocks: `post_attention_layernorm` on the attention output, `post_feedforward_layernorm` on the MLP output, both before the residual add.".to_owned(),
         NormPlacement::Sandwich => "Sandwich norms: `input_layernorm`/`post_attention_layernorm` around attention, `pre_feedforward_layernorm`/`post_feedforward_layernorm` around the MLP.".to_owned(),
         NormPlacement::Parallel => "Parallel blocks: attention and MLP side by side on one `input_layernorm`, both added to the residual.".to_owned(),
