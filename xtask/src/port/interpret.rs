@@ -203,6 +203,7 @@ pub fn settings(plan: &Plan, choice: &Choice, config: &ConfigFile) -> Result<Dec
         learned_positions: plan.learned_positions.is_some(),
         position_offset: plan.learned_positions.unwrap_or(0),
         sinusoidal_positions: plan.sinusoidal_positions,
+        final_norm: plan.final_norm,
         embedding_scale: r.scalar(&choice.embedding_scale)?,
         residual_scale: r.scalar(&plan.residual_scale)?,
         logits_scale: r.scalar(&plan.logits_scale)?,

@@ -296,6 +296,8 @@ pub struct Plan {
     /// Fixed sinusoidal positions, fitted to what the model adds to its embeddings by
     /// position alone (the facts' `position_signal`).
     pub sinusoidal_positions: Option<mlx_models::positions::Sinusoid>,
+    /// A norm after the last layer (`model.norm`); post-residual layers may end without.
+    pub final_norm: bool,
 }
 
 /// The root renames that bring a model whose base model is not `model.` to the names the
@@ -485,6 +487,17 @@ pub fn learned_positions(facts: &Value, params: &BTreeMap<String, Vec<i64>>) -> 
         .unwrap_or("max_position_embeddings");
     let max = config.get(field).and_then(Value::as_i64)?;
     i32::try_from(rows - max).ok().filter(|o| *o >= 0)
+}
+
+/// The tiny model's MLP width as a multiple of `hidden` where it is one: the width of a
+/// layer-0 MLP weight (`mlp.up_proj`, `mlp.c_fc`) other than `hidden`.
+fn fixed_mlp_width(hidden: i64, params: &BTreeMap<String, Vec<i64>>) -> Option<i32> {
+    let width = params
+        .iter()
+        .filter(|(n, _)| n.starts_with("model.layers.0.mlp.") && n.ends_with(".weight"))
+        .flat_map(|(_, shape)| shape.iter().copied())
+        .find(|d| *d != hidden && hidden > 0 && d % hidden == 0)?;
+    i32::try_from(width / hidden).ok()
 }
 
 /// Config values [`mlx_models::mlp::Activation::from_config`] reads as an activation.
@@ -888,8 +901,14 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
     let model_type = str_of(facts.value, "model_type").to_owned();
 
     // The decoder skeleton every supported family shares.
+    // A model without a final norm is one whose layers each end in a norm of their own.
+    let final_norm = params.contains_key("model.norm.weight") || !roles.post_residual;
+    if !final_norm {
+        decisions
+            .push("no final norm: each layer ends in a norm of its own (post-residual)".to_owned());
+    }
     for required in ["model.embed_tokens.weight", "model.norm.weight"] {
-        if !params.contains_key(required) {
+        if !params.contains_key(required) && (final_norm || required != "model.norm.weight") {
             gaps.push(format!("no `{required}`: not a Llama-shaped decoder"));
         }
     }
@@ -998,6 +1017,15 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
                 }
             ));
             aliases.push((name.to_owned(), own));
+        } else if let (Some(k), true) = (
+            fixed_mlp_width(hidden_of(&facts), &params),
+            name == "intermediate_size" && intermediate_per_hidden.is_none(),
+        ) {
+            // No field sets the MLP width: a fixed multiple of the width (OpenAI GPT's 4).
+            intermediate_per_hidden = Some(k);
+            decisions.push(format!(
+                "no config field sets the MLP width: {k} × hidden_size (the tiny model's)"
+            ));
         } else if !matches!(name, "head_dim" | "num_key_value_heads") {
             gaps.push(format!("config class has no `{name}`"));
         }
@@ -1406,6 +1434,13 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         }
         // One norm per layer: attention and MLP side by side on it (Cohere, Phi).
         ["input_layernorm"] => vec![NormPlacement::Parallel],
+        ["post_attention_layernorm", "post_feedforward_layernorm"] if roles.post_residual => {
+            decisions.push(
+                "norms on the residual sums (the layer returns its last norm's output): post-residual"
+                    .to_owned(),
+            );
+            vec![NormPlacement::PostResidual]
+        }
         ["post_attention_layernorm", "post_feedforward_layernorm"] => vec![NormPlacement::Post],
         [_, _, _, _] => vec![NormPlacement::Sandwich],
         other => {
@@ -2057,6 +2092,7 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         conv1d: layer_conv1d(facts.value, &roles.renames),
         learned_positions,
         sinusoidal_positions,
+        final_norm,
         aliases,
         intermediate_per_hidden,
         prefix_renames,

@@ -597,6 +597,7 @@ fn base_plan(
         learned_positions: None,
         conv1d: Vec::new(),
         sinusoidal_positions: None,
+        final_norm: true,
     }
 }
 

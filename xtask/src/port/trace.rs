@@ -59,6 +59,9 @@ pub struct NormRoles {
     pub renames: Vec<(String, String)>,
     /// The query/key norms run after RoPE.
     pub qk_after_rope: bool,
+    /// The layer's output is its last norm's, which normalizes the MLP's residual sum
+    /// (post-norm on the residual: OpenAI GPT's `ln_2(h + mlp(h))`).
+    pub post_residual: bool,
 }
 
 /// The layer's attention block when it is not called `self_attn`: the first module
@@ -197,6 +200,7 @@ fn block_roles(events: &[Event]) -> NormRoles {
     let mlp_out = position("mlp", false);
     let attn_output = output("self_attn");
     let mlp_output = output("mlp");
+    let layer_output = output("");
     let fed_by = |input: Option<[f64; 2]>, out: Option<[f64; 2]>| match (input, out) {
         (Some(i), Some(o)) => close(i[0], o[0]) && close(i[1], o[1]),
         _ => false,
@@ -216,6 +220,10 @@ fn block_roles(events: &[Event]) -> NormRoles {
                 "pre_mlp"
             }
         } else if mlp_out.is_some_and(|m| i > m) && fed_by(e.checksum, mlp_output) {
+            "post_mlp"
+        } else if mlp_out.is_some_and(|m| i > m) && fed_by(layer_output, output(&e.module)) {
+            // Fed the residual sum, and what the layer returns.
+            roles.post_residual = true;
             "post_mlp"
         } else {
             continue;
@@ -458,6 +466,45 @@ mod tests {
             class: class.to_owned(),
             checksum: Some(sum),
         }
+    }
+
+    /// OpenAI GPT's layer as Transformers runs it: each norm on a residual sum, the layer
+    /// returning the last norm's output (post-residual); a pre-norm layer that ends in a
+    /// norm on its MLP's output is no such thing.
+    #[test]
+    fn norms_on_the_residual_sums_are_post_residual() {
+        let trace = [
+            event(true, "", "Block", [1.0, 2.0]),
+            event(true, "attn", "Attention", [1.0, 2.0]),
+            event(true, "attn.c_attn", "Conv1D", [1.0, 2.0]),
+            event(false, "attn.c_attn", "Conv1D", [3.0, 4.0]),
+            event(true, "attn.c_proj", "Conv1D", [3.0, 4.0]),
+            event(false, "attn.c_proj", "Conv1D", [5.0, 6.0]),
+            event(false, "attn", "Attention", [5.0, 6.0]),
+            event(true, "ln_1", "LayerNorm", [6.0, 8.0]),
+            event(false, "ln_1", "LayerNorm", [0.0, 64.0]),
+            event(true, "mlp", "MLP", [0.0, 64.0]),
+            event(false, "mlp", "MLP", [7.0, 9.0]),
+            event(true, "ln_2", "LayerNorm", [7.0, 73.0]),
+            event(false, "ln_2", "LayerNorm", [0.1, 63.0]),
+            event(false, "", "Block", [0.1, 63.0]),
+        ];
+        let roles = norm_roles(&trace);
+        assert!(roles.post_residual);
+        let renamed = |from: &str, to: &str| {
+            roles
+                .renames
+                .iter()
+                .any(|(a, b)| a.as_str() == from && b.as_str() == to)
+        };
+        assert!(renamed("ln_1", "post_attention_layernorm"));
+        assert!(renamed("ln_2", "post_feedforward_layernorm"));
+        // The layer returns the residual sum, not the norm's output: no role for `ln_2`.
+        let mut pre = trace.to_vec();
+        pre[13] = event(false, "", "Block", [7.0, 73.0]);
+        let roles = norm_roles(&pre);
+        assert!(!roles.post_residual);
+        assert!(!roles.renames.iter().any(|(a, _)| a.as_str() == "ln_2"));
     }
 
     /// GLM-4's layer as Transformers runs it: a norm after attention on its output, one
