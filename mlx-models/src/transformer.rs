@@ -1131,14 +1131,14 @@ mod tests {
         let centered = y.subtract(&mean).unwrap();
         let var = centered.square().unwrap().mean_axis(-1, true).unwrap();
         let normed = centered
-            .multiply(&var.add(Array::from_f32(eps)).unwrap().rsqrt().unwrap())
+            .multiply(var.add(Array::from_f32(eps)).unwrap().rsqrt().unwrap())
             .unwrap();
         normed.multiply(w).unwrap().add(b).unwrap()
     }
 
     /// `x · wᵀ + b`.
     fn linear(x: &Array, w: &Array, b: &Array) -> Array {
-        x.matmul(&w.t()).unwrap().add(b).unwrap()
+        x.matmul(w.t()).unwrap().add(b).unwrap()
     }
 
     /// A post-residual layer (OpenAI GPT's) and no final norm, on one token, where
@@ -1225,13 +1225,13 @@ mod tests {
             .unwrap();
 
         let x = embed
-            .take_axis(&Array::from_slice(&[token], &[1]), 0)
+            .take_axis(Array::from_slice(&[token], &[1]), 0)
             .unwrap();
         let attn = linear(&linear(&x, &wv, &bv), &wo, &bo);
         let h = layer_norm(&x.add(&attn).unwrap(), &w1, &b1, eps);
-        let up = mlx_rs::ops::maximum(&linear(&h, &wu, &bu), Array::from_f32(0.0)).unwrap();
+        let up = mlx_rs::ops::maximum(linear(&h, &wu, &bu), Array::from_f32(0.0)).unwrap();
         let out = layer_norm(&h.add(linear(&up, &wd, &bd)).unwrap(), &w2, &b2, eps);
-        let expected = out.matmul(&embed.t()).unwrap();
+        let expected = out.matmul(embed.t()).unwrap();
         let err = max_abs(&logits.reshape(&[1, vocab]).unwrap(), &expected);
         assert!(err < 1e-5, "max-abs {err}");
     }

@@ -544,7 +544,7 @@ pub fn sinusoidal_positions(
                         first_position,
                         interleaved,
                     };
-                    if dim % 2 != 0 || half <= shift as usize {
+                    if !dim.is_multiple_of(2) || half <= shift as usize {
                         continue;
                     }
                     let mut err = 0f64;
