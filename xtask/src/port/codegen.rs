@@ -659,6 +659,24 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
         if plan.mla.is_some() {
             let _ = writeln!(w, "{MERGE_KV_B}");
         }
+        // Transformers keeps no part of such a model under `model.`: a checkpoint that has
+        // names there is in the loaded layout (the converter's), with linear layers.
+        let conv1d_guard = !plan.conv1d.is_empty()
+            && !plan.prefix_renames.is_empty()
+            && plan
+                .prefix_renames
+                .iter()
+                .all(|(from, _)| from != "model" && !from.starts_with("model."));
+        if conv1d_guard {
+            let _ = writeln!(
+                w,
+                "// The converter's checkpoints (names under `model.`) have linear layers already."
+            );
+            let _ = writeln!(
+                w,
+                "let conv1d = !weights.names().any(|n| n.starts_with(\"model.\"));"
+            );
+        }
         if !renames {
             let _ = writeln!(
                 w,
@@ -684,6 +702,9 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
                 "drop_computed_weights(weights, settings.tie_word_embeddings);"
             );
         }
+        if conv1d_guard {
+            let _ = writeln!(w, "if conv1d {{");
+        }
         if !plan.conv1d.is_empty() {
             let _ = writeln!(w, "for i in 0..settings.layers.len() {{");
             let _ = writeln!(w, "for module in CONV1D {{");
@@ -692,6 +713,9 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
                 "conv1d_to_linear(weights, &format!(\"model.layers.{{i}}.{{module}}\"))?;"
             );
             let _ = writeln!(w, "}}\n}}");
+        }
+        if conv1d_guard {
+            let _ = writeln!(w, "}}");
         }
         let _ = writeln!(w, "Ok(())\n}}");
     }

@@ -258,7 +258,7 @@ fn port(args: &Args, mt: &str) -> anyhow::Result<Outcome> {
         }
         let registry = root.join("mlx-models/src/models/mod.rs");
         let registry_before = std::fs::read_to_string(&registry)?;
-        register(&root, mt, &module)?;
+        register(&root, mt, &module, !plan.conv1d.is_empty())?;
         let mut verification = verify_generated(&root, mt)?;
         let layers_pass = verification
             .as_ref()
@@ -607,14 +607,58 @@ fn diff(generated: &str, existing: &str) -> anyhow::Result<String> {
 }
 
 /// Adds `pub mod <module>;` and the registry entry to models/mod.rs, once.
-fn register(root: &Path, mt: &str, module: &str) -> anyhow::Result<()> {
+fn register(root: &Path, mt: &str, module: &str, conv1d: bool) -> anyhow::Result<()> {
     let path = root.join("mlx-models/src/models/mod.rs");
     let text = std::fs::read_to_string(&path)?;
     let updated = registry_source(&text, mt, module);
+    let updated = if conv1d {
+        layout_source(&updated, mt, module)
+    } else {
+        updated
+    };
     if updated != text {
         std::fs::write(&path, rustfmt(&updated)?)?;
     }
     Ok(())
+}
+
+/// models/mod.rs with `mt` in `CHECKPOINT_LAYOUTS` (kept sorted): a family with `Conv1D`
+/// projections, whose checkpoints the converter brings to the loaded layout first.
+pub fn layout_source(text: &str, mt: &str, module: &str) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    let Some(start) = lines
+        .iter()
+        .position(|l| l.starts_with("pub const CHECKPOINT_LAYOUTS"))
+    else {
+        return text.to_owned();
+    };
+    // The statement as rustfmt leaves it: `&[]`, one line, or one entry per line.
+    let Some(end) = (start..lines.len()).find(|&i| lines[i].trim_end().ends_with("];")) else {
+        return text.to_owned();
+    };
+    let statement = lines[start..=end].join(" ");
+    let mut entries: Vec<String> = statement
+        .split("),")
+        .filter_map(|part| {
+            let at = part.find("(\"")?;
+            let entry = part[at..]
+                .trim()
+                .trim_end_matches("];")
+                .trim_end_matches(')');
+            Some(format!("{entry})"))
+        })
+        .collect();
+    let entry = format!("({mt:?}, family::to_loaded_layout::<{module}::Config>)");
+    if !entries.contains(&entry) {
+        entries.push(entry);
+    }
+    entries.sort();
+    let mut out: Vec<String> = lines[..start].iter().map(|l| (*l).to_owned()).collect();
+    out.push("pub const CHECKPOINT_LAYOUTS: &[(&str, Layout)] = &[".to_owned());
+    out.extend(entries.iter().map(|e| format!("    {e},")));
+    out.push("];".to_owned());
+    out.extend(lines[end + 1..].iter().map(|l| (*l).to_owned()));
+    out.join("\n") + "\n"
 }
 
 /// models/mod.rs with `module` declared and `mt` registered (both kept sorted).
@@ -928,6 +972,26 @@ mod tests {
     const MOD_RS: &str = "pub mod llama;\npub mod qwen3;\n\npub const REGISTRY: &[(&str, Loader)] = &[\n    (\"llama\", family::load::<llama::Config>),\n    (\"qwen3\", family::load::<qwen3::Config>),\n];\n";
 
     #[test]
+    fn conv1d_families_get_a_checkpoint_layout_entry_sorted_and_once() {
+        let empty = "pub const CHECKPOINT_LAYOUTS: &[(&str, Layout)] = &[];\n";
+        let once = layout_source(empty, "openai-gpt", "openai_gpt");
+        assert_eq!(
+            once,
+            "pub const CHECKPOINT_LAYOUTS: &[(&str, Layout)] = &[\n    (\"openai-gpt\", family::to_loaded_layout::<openai_gpt::Config>),\n];\n"
+        );
+        assert_eq!(layout_source(&once, "openai-gpt", "openai_gpt"), once);
+        // rustfmt writes one entry on the line after the name.
+        let formatted = "pub const CHECKPOINT_LAYOUTS: &[(&str, Layout)] =\n    &[(\"openai-gpt\", family::to_loaded_layout::<openai_gpt::Config>)];\nfn after() {}\n";
+        assert_eq!(
+            layout_source(formatted, "openai-gpt", "openai_gpt"),
+            once.clone() + "fn after() {}\n"
+        );
+        let two = layout_source(formatted, "imagegpt", "imagegpt");
+        assert!(two.ends_with("];\nfn after() {}\n"), "{two}");
+        assert!(two.contains("= &[\n    (\"imagegpt\", family::to_loaded_layout::<imagegpt::Config>),\n    (\"openai-gpt\""));
+    }
+
+    #[test]
     fn registering_keeps_modules_and_entries_sorted_and_is_idempotent() {
         let once = registry_source(MOD_RS, "gemma", "gemma");
         assert_eq!(
@@ -973,7 +1037,8 @@ mod generator_tests {
     /// fixture tests verify through the registry.
     fn regenerate(mt: &str) -> (Plan, Choice, String) {
         let facts = facts(mt);
-        let mut plan = plan::plan(&facts, mt);
+        let module = module_name(mt);
+        let mut plan = plan::plan(&facts, &module);
         assert!(plan.gaps.is_empty(), "{mt}: gaps {:?}", plan.gaps);
         let search = search(&plan, &fixtures(mt)).expect("search runs");
         let choice = search
@@ -983,7 +1048,7 @@ mod generator_tests {
         let source =
             rustfmt(&codegen::module_source(&plan, &choice)).expect("rustfmt accepts the module");
         let committed = std::fs::read_to_string(
-            workspace_root().join(format!("mlx-models/src/models/{mt}.rs")),
+            workspace_root().join(format!("mlx-models/src/models/{module}.rs")),
         )
         .expect("committed module");
         assert!(
@@ -1270,9 +1335,9 @@ mod generator_tests {
             if !mlx_models::models::supported_model_types().contains(&mt.as_str()) {
                 continue;
             }
-            let plan = plan::plan(&facts(&mt), &mt);
+            let plan = plan::plan(&facts(&mt), &module_name(&mt));
             let module = std::fs::read_to_string(
-                workspace_root().join(format!("mlx-models/src/models/{mt}.rs")),
+                workspace_root().join(format!("mlx-models/src/models/{}.rs", module_name(&mt))),
             )
             .expect("committed module");
             // A module written by hand (where the generator stopped when it was written:
@@ -1812,6 +1877,34 @@ mod generator_tests {
             failures
                 .iter()
                 .any(|f| f.starts_with("ctrl/default: first bad tensor `layers.0`")),
+            "{failures:?}"
+        );
+    }
+
+    #[test]
+    fn openai_gpt_is_regenerated_exactly_post_residual_without_final_norm() {
+        use mlx_models::transformer::NormPlacement;
+        let (plan, choice, source) = regenerate("openai-gpt");
+        assert_eq!(choice.norm_placement, NormPlacement::PostResidual);
+        assert!(!plan.final_norm);
+        // No config field sets the MLP width: 4 × n_embd, as the tiny model has it.
+        assert_eq!(plan.intermediate_per_hidden, Some(4));
+        // `afn` names the activation (its default `gelu`), read as tanh GELU by the fixtures.
+        assert_eq!(plan.act_field, "afn");
+        assert!(choice.gelu_as_tanh);
+        assert!(source.contains("let conv1d = !weights.names().any("));
+        // Seeded fault: norms on the sub-blocks' outputs (OLMo 2's post-norm) fail layer 0.
+        let mut wrong = plan.clone();
+        wrong.choices = vec![Choice {
+            norm_placement: NormPlacement::Post,
+            ..choice
+        }];
+        let found = search(&wrong, &fixtures("openai-gpt")).expect("search runs");
+        let (_, failures) = &found.tried[0];
+        assert!(
+            failures
+                .iter()
+                .any(|f| f.starts_with("openai-gpt/default: first bad tensor `layers.0`")),
             "{failures:?}"
         );
     }
