@@ -91,6 +91,7 @@ pub const BOUNDS: &[(&str, f32, f32)] = &[
     ("olmo2", 0.033, 0.49),            // measured 0.026, 0.39
     ("olmo3", 0.031, 0.53),            // measured 0.0244, 0.419
     ("olmoe", 0.024, 0.4),             // measured 0.0188, 0.313
+    ("openai-gpt", 0.019, 0.33),       // measured 0.0144, 0.263
     ("opt", 0.024, 0.39),              // measured 0.0186, 0.31
     ("phi", 0.019, 0.31),              // measured 0.0152, 0.246
     ("phi3", 0.044, 0.7),              // measured 0.0349, 0.554

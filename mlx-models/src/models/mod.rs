@@ -57,6 +57,7 @@ pub mod olmo;
 pub mod olmo2;
 pub mod olmo3;
 pub mod olmoe;
+pub mod openai_gpt;
 pub mod opt;
 pub mod phi;
 pub mod phi3;
@@ -112,6 +113,7 @@ pub const REGISTRY: &[(&str, Loader)] = &[
     ("glm4", family::load::<glm4::Config>),
     ("glm4_moe", family::load::<glm4_moe::Config>),
     ("glm4_moe_lite", family::load::<glm4_moe_lite::Config>),
+    ("openai-gpt", family::load::<openai_gpt::Config>),
     ("xglm", family::load::<xglm::Config>),
     // GPT-SW3 checkpoints are GPT-2 (Transformers maps `gpt-sw3` to `GPT2Config`).
     ("gpt-sw3", family::load::<gpt2::Config>),
@@ -177,6 +179,23 @@ pub const REGISTRY: &[(&str, Loader)] = &[
 /// The supported `model_type` values.
 pub fn supported_model_types() -> Vec<&'static str> {
     REGISTRY.iter().map(|(name, _)| *name).collect()
+}
+
+/// Brings a checkpoint to the layout a loader reads ([`family::to_loaded_layout`]).
+pub type Layout = fn(&ConfigFile, &mut Weights) -> Result<()>;
+
+/// The families whose checkpoints the converter brings to the loaded layout before it
+/// quantizes them: their `Conv1D` projections are stored `[in, out]`, and a quantized
+/// projection must be a linear layer's `[out, in]` (mlx-lm sanitizes first too).
+pub const CHECKPOINT_LAYOUTS: &[(&str, Layout)] =
+    &[("openai-gpt", family::to_loaded_layout::<openai_gpt::Config>)];
+
+/// The checkpoint layout step of `model_type`, for those in [`CHECKPOINT_LAYOUTS`].
+pub fn checkpoint_layout(model_type: &str) -> Option<Layout> {
+    CHECKPOINT_LAYOUTS
+        .iter()
+        .find(|(name, _)| *name == model_type)
+        .map(|(_, layout)| *layout)
 }
 
 /// The loader of the `model_type` that `config` names.
