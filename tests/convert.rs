@@ -306,7 +306,7 @@ fn conv1d_checkpoints_convert_to_linear_layers() {
             .unwrap()
             .max(None)
             .unwrap()
-            .item::<f32>();
+            .item_exact::<f32>();
         assert!(err < tolerance, "max-abs {err}");
     }
 }
