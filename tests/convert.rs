@@ -255,3 +255,58 @@ fn smollm2_converted_to_float32_matches_transformers() {
     eprintln!("converted SmolLM2 vs Transformers: max |Δlogit| {worst:.3e}");
     assert!(worst <= 2.5e-4, "{worst:e}");
 }
+
+/// A checkpoint whose projections Transformers keeps as `Conv1D` (`[in, out]`, OpenAI GPT's)
+/// is brought to linear layers before it is quantized: its float32 conversion gives the
+/// source's logits (the loader does not transpose it twice), its 8-bit one loads with every
+/// projection quantized.
+#[test]
+fn conv1d_checkpoints_convert_to_linear_layers() {
+    use mlx_models::config::ConfigFile;
+    use mlx_models::convert::convert_weights;
+    use mlx_models::weights::Weights;
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/openai-gpt/default");
+    let config = ConfigFile::read(&dir.join("config.json")).unwrap();
+    let ids = Array::from_slice(&[1i32, 5, 9, 2, 7], &[1, 5]);
+    let logits = |model: &dyn LanguageModel| {
+        model
+            .forward(&ids, &mut model.new_cache(), &mut Tap::off())
+            .unwrap()
+    };
+    let source = mlx_models::models::build(&config, Weights::from_dir(&dir).unwrap()).unwrap();
+    let expected = logits(source.as_ref());
+    for (options, tolerance) in [
+        (ConvertOptions::new().dtype(Dtype::Float32), 1e-5),
+        // 8-bit drift of these logits: measured 7.8e-2.
+        (ConvertOptions::new().quantize(8, 64), 0.1),
+    ] {
+        let converted =
+            convert_weights(&config, Weights::from_dir(&dir).unwrap(), None, &options).unwrap();
+        assert!(
+            converted
+                .tensors
+                .keys()
+                .any(|n| n.starts_with("model.layers.0.")),
+            "the converter writes the loaded layout"
+        );
+        let converted_config = ConfigFile {
+            path: config.path.clone(),
+            value: converted.config,
+        };
+        let model = mlx_models::models::build(
+            &converted_config,
+            Weights::new(converted.tensors, dir.clone()),
+        )
+        .unwrap();
+        let got = logits(model.as_ref());
+        let err = got
+            .subtract(&expected)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max(None)
+            .unwrap()
+            .item_exact::<f32>();
+        assert!(err < tolerance, "max-abs {err}");
+    }
+}

@@ -70,6 +70,20 @@ pub fn load<F: DecoderFamily>(
     build(config, settings, weights)
 }
 
+/// Brings a checkpoint of family `F` to the layout its loader reads (its `sanitize`:
+/// renamed, `Conv1D` projections transposed), as mlx-lm sanitizes before quantizing: the
+/// converter's step for families whose checkpoints it could not quantize as they are
+/// ([`crate::models::CHECKPOINT_LAYOUTS`]).
+pub fn to_loaded_layout<F: DecoderFamily>(
+    config: &ConfigFile,
+    weights: &mut Weights,
+) -> Result<()> {
+    let config = &config.with_aliases(F::ALIASES, F::INTERMEDIATE_PER_HIDDEN);
+    let family: F = config.parse_with_defaults(F::DEFAULTS)?;
+    let settings = family.settings(config)?;
+    family.sanitize(weights, &settings)
+}
+
 /// The registry's entry for multimodal checkpoints whose language model is family `F`: the
 /// settings in `text_config` (read as `model_type`), tying from the top level when the
 /// text config does not say; the family's `sanitize` drops the other towers' weights.

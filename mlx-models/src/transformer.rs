@@ -25,7 +25,7 @@ use crate::model::{LanguageModel, ModelInfo};
 use crate::moe::{MoeSettings, SparseMoe};
 use crate::nn::{even_part, scale, softcap, Embedding, Linear, Split};
 use crate::norm::{norm_opt, Norm};
-use crate::positions::LearnedPositions;
+use crate::positions::{LearnedPositions, Sinusoid, SinusoidalPositions};
 use crate::rglru::RecurrentBlock;
 use crate::rope::Rope;
 use crate::ssm::{Mamba2Mixer, Mamba2Settings, MambaMixer, MambaSettings};
@@ -53,6 +53,10 @@ pub enum NormPlacement {
     /// Side by side on a norm each: `x + attn(input_layernorm(x)) +
     /// mlp(post_attention_layernorm(x))` (GPT-NeoX).
     ParallelTwoNorms,
+    /// Each norm on the residual sum, which it replaces: `h = post_attention_layernorm(x +
+    /// attn(x))`, then `post_feedforward_layernorm(h + mlp(h))` (the original Transformer's,
+    /// OpenAI GPT's).
+    PostResidual,
 }
 
 /// A layer's feed-forward block.
@@ -161,6 +165,8 @@ pub struct DecoderSettings {
     pub norm: NormKind,
     pub norm_eps: f64,
     pub norm_placement: NormPlacement,
+    /// A norm after the last layer (`model.norm`); OpenAI GPT's post-norm layers have none.
+    pub final_norm: bool,
     /// One entry per decoder layer.
     pub layers: Vec<LayerSettings>,
     /// Multiplies the embeddings, rounded to their dtype first (Gemma's `√hidden`, Granite).
@@ -177,6 +183,9 @@ pub struct DecoderSettings {
     /// The row of position 0 in the learned position table (OPT and BioGPT keep two rows
     /// before it: the table has `max_position_embeddings + 2`).
     pub position_offset: i32,
+    /// Fixed sinusoidal positions added to the embeddings, computed, not loaded (XGLM,
+    /// CTRL): [`SinusoidalPositions`].
+    pub sinusoidal_positions: Option<Sinusoid>,
     /// Multiplies each sub-block's output before the residual add (Granite).
     pub residual_scale: Option<f32>,
     /// Multiplies the logits (Granite's `1 / logits_scaling`).
@@ -223,12 +232,14 @@ impl DecoderSettings {
             norm: NormKind::Rms,
             norm_eps: 1e-6,
             norm_placement: NormPlacement::Pre,
+            final_norm: true,
             layers,
             embedding_scale: None,
             embedding_norm: false,
             sub_norms: false,
             learned_positions: false,
             position_offset: 0,
+            sinusoidal_positions: None,
             residual_scale: None,
             logits_scale: None,
             final_logit_softcap: None,
@@ -651,7 +662,7 @@ impl DecoderLayer {
         let norm = |name: &str| Norm::load(&w.pp(name), s.norm, s.hidden_size, s.norm_eps);
         let (pre, post) = match s.norm_placement {
             NormPlacement::Pre | NormPlacement::ParallelTwoNorms => (true, false),
-            NormPlacement::Post => (false, true),
+            NormPlacement::Post | NormPlacement::PostResidual => (false, true),
             NormPlacement::Sandwich => (true, true),
             NormPlacement::Parallel => (true, false),
         };
@@ -678,6 +689,17 @@ impl DecoderLayer {
     }
 
     pub fn forward(&self, x: &Array, cache: &mut LayerCache, tap: &mut Tap) -> Result<Array> {
+        if let (NormPlacement::PostResidual, Some(n1), Some(n2)) = (
+            self.placement,
+            &self.post_attention_layernorm,
+            &self.post_feedforward_layernorm,
+        ) {
+            let attn = self.self_attn.forward(x, cache, tap)?;
+            let h = n1.forward(&x.add(scale(&attn, self.residual_scale)?)?)?;
+            tap.record("attention_residual", &h);
+            let out = self.mlp.forward(&h, tap)?;
+            return n2.forward(&h.add(scale(&out, self.residual_scale)?)?);
+        }
         if let NormPlacement::Parallel | NormPlacement::ParallelTwoNorms = self.placement {
             if !matches!(self.mlp, FeedForward::None) && !matches!(self.self_attn, Mixer::None) {
                 let h = norm_opt(&self.input_layernorm, x)?;
@@ -705,7 +727,7 @@ impl DecoderLayer {
                 self.post_attention_layernorm.as_ref(),
                 None,
             ),
-            NormPlacement::Post => (
+            NormPlacement::Post | NormPlacement::PostResidual => (
                 &None,
                 self.post_attention_layernorm.as_ref(),
                 None,
@@ -768,8 +790,10 @@ impl DecoderLayer {
 pub struct Decoder {
     embed_tokens: Embedding,
     embed_positions: Option<LearnedPositions>,
+    sinusoidal_positions: Option<SinusoidalPositions>,
     layers: Vec<DecoderLayer>,
-    norm: Norm,
+    /// The final norm (also the embeddings' with [`DecoderSettings::embedding_norm`]).
+    norm: Option<Norm>,
     lm_head: Option<Linear>,
     /// The bias of an output layer tied to the embeddings.
     tied_lm_head_bias: Option<Array>,
@@ -798,6 +822,17 @@ impl Decoder {
             )?)
         } else {
             None
+        };
+        let sinusoidal_positions = match s.sinusoidal_positions {
+            Some(sinusoid) => {
+                let positions = i32::try_from(s.max_position_embeddings).unwrap_or(i32::MAX);
+                Some(SinusoidalPositions::new(
+                    s.hidden_size,
+                    positions,
+                    sinusoid,
+                )?)
+            }
+            None => None,
         };
         let layers = s
             .layers
@@ -829,7 +864,9 @@ impl Decoder {
                 Ok(loaded)
             })
             .collect::<Result<Vec<_>>>()?;
-        let norm = Norm::load(&w.pp("norm"), s.norm, s.hidden_size, s.norm_eps)?;
+        let norm = (s.final_norm || s.embedding_norm)
+            .then(|| Norm::load(&w.pp("norm"), s.norm, s.hidden_size, s.norm_eps))
+            .transpose()?;
         // Under tensor parallelism the output layer is split over the vocabulary (when it
         // divides), each rank's logits gathered.
         let head_split = match weights.root().tensor_parallel() {
@@ -870,7 +907,10 @@ impl Decoder {
             hidden_size: s.hidden_size,
             num_layers: layers.len(),
             max_position_embeddings: s.max_position_embeddings,
-            dtype: norm.dtype().unwrap_or(embed_tokens.weight.dtype()),
+            dtype: norm
+                .as_ref()
+                .and_then(Norm::dtype)
+                .unwrap_or(embed_tokens.weight.dtype()),
             quantization,
             num_parameters: weights.num_parameters(),
             num_active_parameters: weights.num_parameters().saturating_sub(inactive),
@@ -878,6 +918,7 @@ impl Decoder {
         Ok(Decoder {
             embed_tokens,
             embed_positions,
+            sinusoidal_positions,
             layers,
             norm,
             lm_head,
@@ -901,8 +942,11 @@ impl LanguageModel for Decoder {
         if let Some(positions) = &self.embed_positions {
             h = positions.forward(&h, LayerCache::offset_of(cache)?)?;
         }
+        if let Some(positions) = &self.sinusoidal_positions {
+            h = positions.forward(&h, LayerCache::offset_of(cache)?)?;
+        }
         if s.embedding_norm {
-            h = self.norm.forward(&h)?;
+            h = norm_opt(&self.norm, &h)?;
         }
         tap.record("embeddings", &h);
         for (i, (layer, cache)) in self.layers.iter().zip(cache.iter_mut()).enumerate() {
@@ -911,7 +955,11 @@ impl LanguageModel for Decoder {
             tap.scope(String::new);
             tap.record(&format!("layers.{i}"), &h);
         }
-        let h = self.norm.forward(&h)?;
+        let h = if s.final_norm {
+            norm_opt(&self.norm, &h)?
+        } else {
+            h
+        };
         tap.record("norm", &h);
         let logits = match &self.lm_head {
             Some(head) => head.forward(&h)?,
@@ -1024,6 +1072,12 @@ pub fn build(
             format!("must be at least 1 token, found {c}")
         })?;
     }
+    if settings.sinusoidal_positions.is_some() {
+        let h = settings.hidden_size;
+        config.ensure(h % 2 == 0 && h > 2, "hidden_size", || {
+            format!("sinusoidal positions need an even width above 2, found {h}")
+        })?;
+    }
     if let Some(moe) = &settings.moe {
         check_moe(config, moe)?;
         for k in settings.layers.iter().filter_map(|l| l.top_k) {
@@ -1088,4 +1142,122 @@ pub fn check_moe(config: &ConfigFile, moe: &MoeSettings) -> Result<()> {
     config.ensure(moe.intermediate_size > 0, "moe_intermediate_size", || {
         format!("must be positive, found {}", moe.intermediate_size)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_util::{max_abs, random};
+    use std::collections::HashMap;
+
+    /// `(y - mean) / √(var + eps) · w + b` over the last axis.
+    fn layer_norm(y: &Array, w: &Array, b: &Array, eps: f32) -> Array {
+        let mean = y.mean_axis(-1, true).unwrap();
+        let centered = y.subtract(&mean).unwrap();
+        let var = centered.square().unwrap().mean_axis(-1, true).unwrap();
+        let normed = centered
+            .multiply(var.add(Array::from_f32(eps)).unwrap().rsqrt().unwrap())
+            .unwrap();
+        normed.multiply(w).unwrap().add(b).unwrap()
+    }
+
+    /// `x · wᵀ + b`.
+    fn linear(x: &Array, w: &Array, b: &Array) -> Array {
+        x.matmul(w.t()).unwrap().add(b).unwrap()
+    }
+
+    /// A post-residual layer (OpenAI GPT's) and no final norm, on one token, where
+    /// attention is `o_proj(v_proj(x))`: the logits against the closed form
+    /// `E · ln_2(h + mlp(h))`, `h = ln_1(x + attn(x))`.
+    #[test]
+    fn post_residual_layer_without_final_norm_matches_the_closed_form() {
+        let (hidden, inter, vocab, eps) = (8, 16, 5, 1e-5);
+        let mut tensors = HashMap::new();
+        let mut put = |name: &str, shape: &[i32], seed: u64| {
+            let t = random(shape, seed, 0.5);
+            tensors.insert(name.to_owned(), t.clone());
+            t
+        };
+        let embed = put("model.embed_tokens.weight", &[vocab, hidden], 1);
+        let p = "model.layers.0.";
+        for (i, m) in ["q_proj", "k_proj"].iter().enumerate() {
+            put(
+                &format!("{p}self_attn.{m}.weight"),
+                &[hidden, hidden],
+                10 + i as u64,
+            );
+            put(&format!("{p}self_attn.{m}.bias"), &[hidden], 20 + i as u64);
+        }
+        let wv = put(&format!("{p}self_attn.v_proj.weight"), &[hidden, hidden], 3);
+        let bv = put(&format!("{p}self_attn.v_proj.bias"), &[hidden], 4);
+        let wo = put(&format!("{p}self_attn.o_proj.weight"), &[hidden, hidden], 5);
+        let bo = put(&format!("{p}self_attn.o_proj.bias"), &[hidden], 6);
+        let wu = put(&format!("{p}mlp.up_proj.weight"), &[inter, hidden], 7);
+        let bu = put(&format!("{p}mlp.up_proj.bias"), &[inter], 8);
+        let wd = put(&format!("{p}mlp.down_proj.weight"), &[hidden, inter], 9);
+        let bd = put(&format!("{p}mlp.down_proj.bias"), &[hidden], 30);
+        let w1 = put(
+            &format!("{p}post_attention_layernorm.weight"),
+            &[hidden],
+            31,
+        );
+        let b1 = put(&format!("{p}post_attention_layernorm.bias"), &[hidden], 32);
+        let w2 = put(
+            &format!("{p}post_feedforward_layernorm.weight"),
+            &[hidden],
+            33,
+        );
+        let b2 = put(
+            &format!("{p}post_feedforward_layernorm.bias"),
+            &[hidden],
+            34,
+        );
+        let settings = DecoderSettings {
+            norm: NormKind::Layer { bias: true },
+            norm_eps: f64::from(eps),
+            norm_placement: NormPlacement::PostResidual,
+            final_norm: false,
+            tie_word_embeddings: true,
+            attention: AttentionSettings {
+                qkv_bias: true,
+                o_bias: true,
+                ..AttentionSettings::new(2, 2, 4)
+            },
+            ..DecoderSettings::new(
+                "test",
+                vocab,
+                hidden,
+                16,
+                AttentionSettings::new(2, 2, 4),
+                MlpSettings {
+                    intermediate_size: inter,
+                    layout: MlpLayout::UpDown,
+                    activation: Activation::Relu,
+                    bias: true,
+                },
+                vec![LayerSettings::default()],
+            )
+        };
+        let weights = Weights::new(tensors, "test");
+        let model = Decoder::new(settings, &weights).unwrap();
+        let token = 3;
+        let logits = model
+            .forward(
+                &Array::from_slice(&[token], &[1, 1]),
+                &mut model.new_cache(),
+                &mut Tap::off(),
+            )
+            .unwrap();
+
+        let x = embed
+            .take_axis(Array::from_slice(&[token], &[1]), 0)
+            .unwrap();
+        let attn = linear(&linear(&x, &wv, &bv), &wo, &bo);
+        let h = layer_norm(&x.add(&attn).unwrap(), &w1, &b1, eps);
+        let up = mlx_rs::ops::maximum(linear(&h, &wu, &bu), Array::from_f32(0.0)).unwrap();
+        let out = layer_norm(&h.add(linear(&up, &wd, &bd)).unwrap(), &w2, &b2, eps);
+        let expected = out.matmul(embed.t()).unwrap();
+        let err = max_abs(&logits.reshape(&[1, vocab]).unwrap(), &expected);
+        assert!(err < 1e-5, "max-abs {err}");
+    }
 }

@@ -41,6 +41,7 @@ pub const BOUNDS: &[(&str, f32, f32)] = &[
     ("codegen", 0.017, 0.28),          // measured 0.0136, 0.219
     ("cohere", 0.023, 0.38),           // measured 0.0184, 0.301
     ("cohere2", 0.028, 0.44),          // measured 0.0219, 0.349
+    ("ctrl", 0.017, 0.28),             // measured 0.0133, 0.216
     ("cwm", 0.035, 0.65),              // measured 0.0275, 0.518
     ("deepseek_v2", 0.059, 0.95),      // measured 0.0469, 0.755
     ("deepseek_v3", 0.069, 0.7),       // measured 0.0551, 0.557
@@ -95,6 +96,7 @@ pub const BOUNDS: &[(&str, f32, f32)] = &[
     ("olmo2", 0.033, 0.49),            // measured 0.026, 0.39
     ("olmo3", 0.031, 0.53),            // measured 0.0244, 0.419
     ("olmoe", 0.024, 0.4),             // measured 0.0188, 0.313
+    ("openai-gpt", 0.019, 0.33),       // measured 0.0144, 0.263
     ("opt", 0.024, 0.39),              // measured 0.0186, 0.31
     ("persimmon", 0.026, 0.42),        // measured 0.0204, 0.333
     ("phi", 0.019, 0.31),              // measured 0.0152, 0.246
@@ -114,6 +116,7 @@ pub const BOUNDS: &[(&str, f32, f32)] = &[
     ("stablelm", 0.043, 0.61),         // measured 0.034, 0.482
     ("starcoder2", 0.026, 0.41),       // measured 0.0201, 0.328
     ("vaultgemma", 0.029, 0.36),       // measured 0.0226, 0.286
+    ("xglm", 0.016, 0.27),             // measured 0.0126, 0.212
     ("youtu", 0.028, 0.54),            // measured 0.0223, 0.425
 ];
 

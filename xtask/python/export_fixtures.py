@@ -796,15 +796,14 @@ def assert_same_config(expected, actual, ignored=()) -> None:
 
 
 def decoder_parts(model):
-    """The decoder layers, final norm and rotary module of a decoder-only model, found by
-    structure (fixture_common.decoder_stack): `model.model.layers` for most families,
+    """The decoder layers, final norm (None for a model without one: OpenAI GPT's
+    post-norm layers end in a norm of their own) and rotary module of a decoder-only model,
+    found by structure (fixture_common.decoder_stack): `model.model.layers` for most families,
     GPT-2's `transformer.h`, GPT-NeoX's `gpt_neox.layers`, Mamba's `backbone.layers`. The
     rotary module is None for models without RoPE (GPT-2, Mamba, Jamba, Nemotron-H,
     Granite-4.0-H with position_embedding_type "nope").
     """
     stack = decoder_stack(model)
-    if stack["norm"] is None:
-        raise SystemExit(f"{type(stack['base']).__name__}: no final norm found after its decoder layers")
     return stack["layers"], stack["norm"], stack["rotary"]
 
 
@@ -891,7 +890,12 @@ def activation_hooks(model):
 
     def on_layer_output(index):
         def hook(_module, _args, output):
-            keep(f"layers.{index}", output[0] if isinstance(output, tuple) else output)
+            # A tensor, or a tuple (a list for OpenAI GPT) whose first item is one.
+            hidden = output[0] if isinstance(output, (tuple, list)) else output
+            keep(f"layers.{index}", hidden)
+            if norm is None and index == len(layers) - 1:
+                # No final norm: the output layer reads the last layer's output.
+                keep("norm", hidden)
 
         return hook
 
@@ -911,7 +915,8 @@ def activation_hooks(model):
         # with the same module): its record is the last call, the one after the last layer.
         captured["norm"] = output.detach().clone()
 
-    handles.append(norm.register_forward_hook(on_norm_output))
+    if norm is not None:
+        handles.append(norm.register_forward_hook(on_norm_output))
     handles += [router.register_forward_hook(on_router_output(i)) for i, router in routers(model).items()]
     try:
         yield captured
@@ -978,9 +983,16 @@ def cache_consistency(model, input_ids, logits) -> float:
     frequencies, so for them this is not zero but a property of Transformers that
     a port's own cache check should expect.
     """
+    import inspect
+
     import torch
     from transformers import DynamicCache
 
+    accepted = inspect.signature(model.forward).parameters
+    if "past_key_values" not in accepted and "cache_params" not in accepted:
+        # No cache at all (OpenAI GPT): Transformers reruns the whole prefix each step, so
+        # a port's cache must give the full pass's logits, up to rounding.
+        return 0.0
     worst = 0.0
     with torch.no_grad():
         for prefill in CACHE_PREFILL_SIZES:

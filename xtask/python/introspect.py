@@ -155,6 +155,8 @@ MOE_SMALL_SIZES = {
 # Families with learned absolute positions (GPT-2's wpe) get this many, enough for the
 # fixtures' prompt and greedy run.
 LEARNED_POSITIONS = 64
+# Positions recorded of what a model adds to its embeddings by position alone.
+POSITION_SIGNAL_ROWS = 8
 # Variants with sliding-window layers: the window is smaller than the 16-token prompt.
 SLIDING_WINDOW = 5
 # Variants that mix layer types use 3 layers and a narrower MLP to stay below ~510 KB.
@@ -593,6 +595,38 @@ def structure(model) -> dict:
         "rotary": full.get(stack["rotary"]) if stack["rotary"] is not None else None,
         "lm_head": full.get(output) if output is not None else None,
     }
+
+
+def position_signal(model, rows: int = POSITION_SIGNAL_ROWS):
+    """What the model adds to its token embeddings by position alone, as decoder layer 0
+    receives it: the layer's input with the input embedding zeroed, for the first `rows`
+    positions (rows x hidden, rounded), or None when it does not vary by position (RoPE,
+    ALiBi: nothing added). A fixed table no parameter holds (XGLM's and CTRL's sinusoids)
+    shows here; the port fits its closed form to these rows."""
+    import torch
+
+    probe = copy.deepcopy(model).eval()
+    stack = decoder_stack(probe)
+    with torch.no_grad():
+        probe.get_input_embeddings().weight.zero_()
+    seen = []
+
+    def grab(_module, args, kwargs):
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        seen.append(hidden.detach().float()[0])
+
+    handle = stack["layers"][0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            probe(input_ids=torch.zeros((1, rows), dtype=torch.long))
+    finally:
+        handle.remove()
+    if not seen:
+        return None
+    table = seen[0]
+    if float((table - table[0]).abs().max()) < 1e-6:
+        return None
+    return [[round(float(v), 7) for v in row] for row in table]
 
 
 def saved_names(model) -> dict:
@@ -1064,6 +1098,7 @@ def introspect(model_type: str, config_override: dict | None, replace: bool, che
         "modules": modules(model),
         "structure": structure(model),
         "saved_names": saved_names(model),
+        "position_signal": position_signal(model),
         "layer_types": jsonable(getattr(resolved, "layer_types", None)) or reached_layer_types(model, window),
         "window_field": window,
         "per_layer_field": probes.per_layer_field(resolved, probes.attention_reach(model, resolved.vocab_size))

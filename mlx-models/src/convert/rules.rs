@@ -278,6 +278,13 @@ pub fn to_mlx_lm_layout(weights: &mut Weights, config: &Value) -> Result<()> {
             _ => {}
         }
     }
+    if let Some(layout) = crate::models::checkpoint_layout(model_type) {
+        let file = crate::config::ConfigFile {
+            path: weights.source().join("config.json"),
+            value: config.clone(),
+        };
+        layout(&file, weights)?;
+    }
     if model_type == "gpt2" {
         // mlx-lm's GPT-2: linear layers where the checkpoint has Conv1D, names under `model.`.
         crate::models::gpt2::to_mlx_lm_layout(weights)?;

@@ -8,6 +8,7 @@ pub mod bitnet;
 pub mod codegen;
 pub mod cohere;
 pub mod cohere2;
+pub mod ctrl;
 pub mod cwm;
 pub mod deepseek_v2;
 pub mod deepseek_v3;
@@ -61,6 +62,7 @@ pub mod olmo;
 pub mod olmo2;
 pub mod olmo3;
 pub mod olmoe;
+pub mod openai_gpt;
 pub mod opt;
 pub mod persimmon;
 pub mod phi;
@@ -80,6 +82,7 @@ pub mod solar_open;
 pub mod stablelm;
 pub mod starcoder2;
 pub mod vaultgemma;
+pub mod xglm;
 pub mod youtu;
 
 use crate::config::ConfigFile;
@@ -101,6 +104,7 @@ pub const REGISTRY: &[(&str, Loader)] = &[
     ("codegen", family::load::<codegen::Config>),
     ("cohere", family::load::<cohere::Config>),
     ("cohere2", family::load::<cohere2::Config>),
+    ("ctrl", family::load::<ctrl::Config>),
     ("cwm", family::load::<cwm::Config>),
     ("deepseek_v2", family::load::<deepseek_v2::Config>),
     ("deepseek_v3", family::load::<deepseek_v3::Config>),
@@ -118,8 +122,6 @@ pub const REGISTRY: &[(&str, Loader)] = &[
     ("glm4", family::load::<glm4::Config>),
     ("glm4_moe", family::load::<glm4_moe::Config>),
     ("glm4_moe_lite", family::load::<glm4_moe_lite::Config>),
-    ("gptj", family::load::<gptj::Config>),
-    ("persimmon", family::load::<persimmon::Config>),
     // GPT-SW3 checkpoints are GPT-2 (Transformers maps `gpt-sw3` to `GPT2Config`).
     ("gpt-sw3", family::load::<gpt2::Config>),
     ("gpt2", family::load::<gpt2::Config>),
@@ -127,6 +129,7 @@ pub const REGISTRY: &[(&str, Loader)] = &[
     ("gpt_neo", family::load::<gpt_neo::Config>),
     ("gpt_neox", family::load::<gpt_neox::Config>),
     ("gpt_oss", family::load::<gpt_oss::Config>),
+    ("gptj", family::load::<gptj::Config>),
     ("granite", family::load::<granite::Config>),
     ("granite_swa", family::load::<granite_swa::Config>),
     ("granitemoe", family::load::<granitemoe::Config>),
@@ -161,7 +164,9 @@ pub const REGISTRY: &[(&str, Loader)] = &[
     ("olmo2", family::load::<olmo2::Config>),
     ("olmo3", family::load::<olmo3::Config>),
     ("olmoe", family::load::<olmoe::Config>),
+    ("openai-gpt", family::load::<openai_gpt::Config>),
     ("opt", family::load::<opt::Config>),
+    ("persimmon", family::load::<persimmon::Config>),
     ("phi", family::load::<phi::Config>),
     ("phi3", family::load::<phi3::Config>),
     ("phimoe", family::load::<phimoe::Config>),
@@ -181,12 +186,30 @@ pub const REGISTRY: &[(&str, Loader)] = &[
     ("stablelm", family::load::<stablelm::Config>),
     ("starcoder2", family::load::<starcoder2::Config>),
     ("vaultgemma", family::load::<vaultgemma::Config>),
+    ("xglm", family::load::<xglm::Config>),
     ("youtu", family::load::<youtu::Config>),
 ];
 
 /// The supported `model_type` values.
 pub fn supported_model_types() -> Vec<&'static str> {
     REGISTRY.iter().map(|(name, _)| *name).collect()
+}
+
+/// Brings a checkpoint to the layout a loader reads ([`family::to_loaded_layout`]).
+pub type Layout = fn(&ConfigFile, &mut Weights) -> Result<()>;
+
+/// The families whose checkpoints the converter brings to the loaded layout before it
+/// quantizes them: their `Conv1D` projections are stored `[in, out]`, and a quantized
+/// projection must be a linear layer's `[out, in]` (mlx-lm sanitizes first too).
+pub const CHECKPOINT_LAYOUTS: &[(&str, Layout)] =
+    &[("openai-gpt", family::to_loaded_layout::<openai_gpt::Config>)];
+
+/// The checkpoint layout step of `model_type`, for those in [`CHECKPOINT_LAYOUTS`].
+pub fn checkpoint_layout(model_type: &str) -> Option<Layout> {
+    CHECKPOINT_LAYOUTS
+        .iter()
+        .find(|(name, _)| *name == model_type)
+        .map(|(_, layout)| *layout)
 }
 
 /// The loader of the `model_type` that `config` names.

@@ -281,6 +281,33 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
             model.push(format!("position_offset: {offset}"));
         }
     }
+    if !plan.final_norm {
+        model.push("final_norm: false".to_owned());
+    }
+    if let Some(s) = plan.sinusoidal_positions {
+        let d = mlx_models::positions::Sinusoid::default();
+        let mut parts = Vec::new();
+        if s.base != d.base {
+            parts.push(format!("base: {}", float(s.base)));
+        }
+        if s.shift != d.shift {
+            parts.push(format!("shift: {}", s.shift));
+        }
+        if s.first_position != d.first_position {
+            parts.push(format!("first_position: {}", s.first_position));
+        }
+        if s.interleaved != d.interleaved {
+            parts.push(format!("interleaved: {}", s.interleaved));
+        }
+        model.push(if parts.is_empty() {
+            "sinusoidal_positions: Some(Sinusoid::default())".to_owned()
+        } else {
+            format!(
+                "sinusoidal_positions: Some(Sinusoid {{ {}, ..Sinusoid::default() }})",
+                parts.join(", ")
+            )
+        });
+    }
     if let Some(eps) = plan.eps_constant {
         model.push(format!("norm_eps: {}", float(eps)));
     } else if plan.eps_field != "rms_norm_eps" {
@@ -317,7 +344,19 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
             model.push(format!("{name}: {}", scalar(plan, value)));
         }
     }
-    let act = if plan.act_field == "hidden_act" || plan.act_field == "hidden_activation" {
+    let act = if let Some(name) = plan.activation_constant {
+        transformer.push("Activation");
+        format!(
+            "Activation::{}",
+            match name {
+                "relu" => "Relu",
+                "relu2" => "Relu2",
+                "gelu" => "Gelu",
+                "gelu_pytorch_tanh" => "GeluTanh",
+                _ => "Silu",
+            }
+        )
+    } else if plan.act_field == "hidden_act" || plan.act_field == "hidden_activation" {
         "d.activation(config)?".to_owned()
     } else {
         transformer.push("Activation");
@@ -362,6 +401,9 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
     }
     if plan.rope_from_code && plan.mla.is_none() {
         let _ = writeln!(w, "use crate::rope::RopeFields;");
+    }
+    if plan.sinusoidal_positions.is_some() {
+        let _ = writeln!(w, "use crate::positions::Sinusoid;");
     }
     let _ = writeln!(w, "use crate::transformer::{{{}}};", transformer.join(", "));
     if let Some(moe) = &plan.moe {
@@ -714,6 +756,24 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
         if plan.mla.is_some() {
             let _ = writeln!(w, "{MERGE_KV_B}");
         }
+        // Transformers keeps no part of such a model under `model.`: a checkpoint that has
+        // names there is in the loaded layout (the converter's), with linear layers.
+        let conv1d_guard = !plan.conv1d.is_empty()
+            && !plan.prefix_renames.is_empty()
+            && plan
+                .prefix_renames
+                .iter()
+                .all(|(from, _)| from != "model" && !from.starts_with("model."));
+        if conv1d_guard {
+            let _ = writeln!(
+                w,
+                "// The converter's checkpoints (names under `model.`) have linear layers already."
+            );
+            let _ = writeln!(
+                w,
+                "let conv1d = !weights.names().any(|n| n.starts_with(\"model.\"));"
+            );
+        }
         if !renames {
             let _ = writeln!(
                 w,
@@ -739,6 +799,9 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
                 "drop_computed_weights(weights, settings.tie_word_embeddings);"
             );
         }
+        if conv1d_guard {
+            let _ = writeln!(w, "if conv1d {{");
+        }
         if !plan.conv1d.is_empty() {
             let _ = writeln!(w, "for i in 0..settings.layers.len() {{");
             let _ = writeln!(w, "for module in CONV1D {{");
@@ -747,6 +810,9 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
                 "conv1d_to_linear(weights, &format!(\"model.layers.{{i}}.{{module}}\"))?;"
             );
             let _ = writeln!(w, "}}\n}}");
+        }
+        if conv1d_guard {
+            let _ = writeln!(w, "}}");
         }
         if let Some(g) = &plan.qkv_groups {
             let order: Vec<String> = g.order.iter().map(|p| format!("Part::{p:?}")).collect();
@@ -851,7 +917,32 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
         }
         let _ = writeln!(w, "];");
     }
-    s
+    unused_config_named(s)
+}
+
+/// `source` with `settings`' `config` parameter named `_config` where its body never reads
+/// it (a module whose every setting is fixed: CTRL's activation is no config field).
+fn unused_config_named(source: String) -> String {
+    let signature = "fn settings(&self, config: &ConfigFile)";
+    let Some(start) = source.find(signature) else {
+        return source;
+    };
+    let body_start = start + signature.len();
+    let body_end = source[body_start..]
+        .find("fn sanitize")
+        .map_or(source.len(), |i| body_start + i);
+    let body = &source[body_start..body_end];
+    let reads = body.match_indices("config").any(|(i, _)| {
+        let before = body[..i].chars().next_back();
+        let after = body[i + "config".len()..].chars().next();
+        let ident = |c: Option<char>| c.is_some_and(|c| c.is_alphanumeric() || c == '_');
+        !ident(before) && !ident(after)
+    });
+    if reads {
+        source
+    } else {
+        source.replacen(signature, "fn settings(&self, _config: &ConfigFile)", 1)
+    }
 }
 
 fn optional(plan: &Plan, name: &str) -> bool {
@@ -902,6 +993,10 @@ pub fn structure_summary(plan: &Plan, choice: &Choice) -> Vec<String> {
     let mut lines = Vec::new();
     lines.push(match choice.norm_placement {
         NormPlacement::Pre => "Pre-norm blocks: `input_layernorm` before attention, `post_attention_layernorm` before the MLP.".to_owned(),
+        NormPlacement::PostResidual => format!(
+            "Post-norm blocks on the residual: `h = post_attention_layernorm(x + attn(x))`, then `post_feedforward_layernorm(h + mlp(h))`{}.",
+            if plan.final_norm { "" } else { "; no final norm" }
+        ),
         NormPlacement::Post => "Post-norm blocks: `post_attention_layernorm` on the attention output, `post_feedforward_layernorm` on the MLP output, both before the residual add.".to_owned(),
         NormPlacement::Sandwich => "Sandwich norms: `input_layernorm`/`post_attention_layernorm` around attention, `pre_feedforward_layernorm`/`post_feedforward_layernorm` around the MLP.".to_owned(),
         NormPlacement::Parallel => "Parallel blocks: attention and MLP side by side on one `input_layernorm`, both added to the residual.".to_owned(),
@@ -1084,6 +1179,17 @@ pub fn structure_summary(plan: &Plan, choice: &Choice) -> Vec<String> {
         lines.push(
             "A learned sink logit per head in each softmax's denominator (`sinks`).".to_owned(),
         );
+    }
+    if let Some(s) = plan.sinusoidal_positions {
+        lines.push(format!(
+            "Fixed sinusoidal positions added to the embeddings ({}, position 0 at angle {} · f).",
+            if s.interleaved {
+                "sine and cosine side by side per frequency"
+            } else {
+                "all sines, then all cosines"
+            },
+            s.first_position
+        ));
     }
     if plan.sliding_window.is_some() {
         lines.push("Sliding-window attention on the layers `layer_types` (or the family's rule) marks, with a rotating KV cache.".to_owned());

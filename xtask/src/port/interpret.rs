@@ -101,10 +101,14 @@ pub fn settings(plan: &Plan, choice: &Choice, config: &ConfigFile) -> Result<Dec
         let value = r.value(field).as_i64().unwrap_or(*supported);
         config.ensure(value == *supported, field, || value_refusal(*supported))?;
     }
+    let act_value = r.value(&plan.act_field);
     let mut activation = Activation::from_config(
         config,
         &plan.act_field,
-        r.value(&plan.act_field).as_str().unwrap_or("silu"),
+        match plan.activation_constant {
+            Some(name) => name,
+            None => act_value.as_str().unwrap_or("silu"),
+        },
     )?;
     if choice.gelu_as_tanh {
         activation = activation.gelu_as_tanh();
@@ -245,6 +249,8 @@ pub fn settings(plan: &Plan, choice: &Choice, config: &ConfigFile) -> Result<Dec
         lm_head_bias: plan.lm_head_bias,
         learned_positions: plan.learned_positions.is_some(),
         position_offset: plan.learned_positions.unwrap_or(0),
+        sinusoidal_positions: plan.sinusoidal_positions,
+        final_norm: plan.final_norm,
         embedding_scale: r.scalar(&choice.embedding_scale)?,
         residual_scale: r.scalar(&plan.residual_scale)?,
         logits_scale: r.scalar(&plan.logits_scale)?,

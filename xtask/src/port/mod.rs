@@ -258,7 +258,7 @@ fn port(args: &Args, mt: &str) -> anyhow::Result<Outcome> {
         }
         let registry = root.join("mlx-models/src/models/mod.rs");
         let registry_before = std::fs::read_to_string(&registry)?;
-        register(&root, mt, &module)?;
+        register(&root, mt, &module, !plan.conv1d.is_empty())?;
         let mut verification = verify_generated(&root, mt)?;
         let layers_pass = verification
             .as_ref()
@@ -628,14 +628,58 @@ fn diff(generated: &str, existing: &str) -> anyhow::Result<String> {
 }
 
 /// Adds `pub mod <module>;` and the registry entry to models/mod.rs, once.
-fn register(root: &Path, mt: &str, module: &str) -> anyhow::Result<()> {
+fn register(root: &Path, mt: &str, module: &str, conv1d: bool) -> anyhow::Result<()> {
     let path = root.join("mlx-models/src/models/mod.rs");
     let text = std::fs::read_to_string(&path)?;
     let updated = registry_source(&text, mt, module);
+    let updated = if conv1d {
+        layout_source(&updated, mt, module)
+    } else {
+        updated
+    };
     if updated != text {
         std::fs::write(&path, rustfmt(&updated)?)?;
     }
     Ok(())
+}
+
+/// models/mod.rs with `mt` in `CHECKPOINT_LAYOUTS` (kept sorted): a family with `Conv1D`
+/// projections, whose checkpoints the converter brings to the loaded layout first.
+pub fn layout_source(text: &str, mt: &str, module: &str) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    let Some(start) = lines
+        .iter()
+        .position(|l| l.starts_with("pub const CHECKPOINT_LAYOUTS"))
+    else {
+        return text.to_owned();
+    };
+    // The statement as rustfmt leaves it: `&[]`, one line, or one entry per line.
+    let Some(end) = (start..lines.len()).find(|&i| lines[i].trim_end().ends_with("];")) else {
+        return text.to_owned();
+    };
+    let statement = lines[start..=end].join(" ");
+    let mut entries: Vec<String> = statement
+        .split("),")
+        .filter_map(|part| {
+            let at = part.find("(\"")?;
+            let entry = part[at..]
+                .trim()
+                .trim_end_matches("];")
+                .trim_end_matches(')');
+            Some(format!("{entry})"))
+        })
+        .collect();
+    let entry = format!("({mt:?}, family::to_loaded_layout::<{module}::Config>)");
+    if !entries.contains(&entry) {
+        entries.push(entry);
+    }
+    entries.sort();
+    let mut out: Vec<String> = lines[..start].iter().map(|l| (*l).to_owned()).collect();
+    out.push("pub const CHECKPOINT_LAYOUTS: &[(&str, Layout)] = &[".to_owned());
+    out.extend(entries.iter().map(|e| format!("    {e},")));
+    out.push("];".to_owned());
+    out.extend(lines[end + 1..].iter().map(|l| (*l).to_owned()));
+    out.join("\n") + "\n"
 }
 
 /// models/mod.rs with `module` declared and `mt` registered (both kept sorted).
@@ -963,6 +1007,26 @@ mod tests {
     const MOD_RS: &str = "pub mod llama;\npub mod qwen3;\n\npub const REGISTRY: &[(&str, Loader)] = &[\n    (\"llama\", family::load::<llama::Config>),\n    (\"qwen3\", family::load::<qwen3::Config>),\n];\n";
 
     #[test]
+    fn conv1d_families_get_a_checkpoint_layout_entry_sorted_and_once() {
+        let empty = "pub const CHECKPOINT_LAYOUTS: &[(&str, Layout)] = &[];\n";
+        let once = layout_source(empty, "openai-gpt", "openai_gpt");
+        assert_eq!(
+            once,
+            "pub const CHECKPOINT_LAYOUTS: &[(&str, Layout)] = &[\n    (\"openai-gpt\", family::to_loaded_layout::<openai_gpt::Config>),\n];\n"
+        );
+        assert_eq!(layout_source(&once, "openai-gpt", "openai_gpt"), once);
+        // rustfmt writes one entry on the line after the name.
+        let formatted = "pub const CHECKPOINT_LAYOUTS: &[(&str, Layout)] =\n    &[(\"openai-gpt\", family::to_loaded_layout::<openai_gpt::Config>)];\nfn after() {}\n";
+        assert_eq!(
+            layout_source(formatted, "openai-gpt", "openai_gpt"),
+            once.clone() + "fn after() {}\n"
+        );
+        let two = layout_source(formatted, "imagegpt", "imagegpt");
+        assert!(two.ends_with("];\nfn after() {}\n"), "{two}");
+        assert!(two.contains("= &[\n    (\"imagegpt\", family::to_loaded_layout::<imagegpt::Config>),\n    (\"openai-gpt\""));
+    }
+
+    #[test]
     fn registering_keeps_modules_and_entries_sorted_and_is_idempotent() {
         let once = registry_source(MOD_RS, "gemma", "gemma");
         assert_eq!(
@@ -1020,7 +1084,8 @@ mod generator_tests {
     /// fixture tests verify through the registry.
     fn regenerate(mt: &str) -> (Plan, Choice, String) {
         let facts = facts(mt);
-        let mut plan = plan::plan(&facts, mt);
+        let module = module_name(mt);
+        let mut plan = plan::plan(&facts, &module);
         assert!(plan.gaps.is_empty(), "{mt}: gaps {:?}", plan.gaps);
         let search = search(&plan, &fixtures(mt)).expect("search runs");
         let choice = search
@@ -1030,7 +1095,7 @@ mod generator_tests {
         let source =
             rustfmt(&codegen::module_source(&plan, &choice)).expect("rustfmt accepts the module");
         let committed = std::fs::read_to_string(
-            workspace_root().join(format!("mlx-models/src/models/{mt}.rs")),
+            workspace_root().join(format!("mlx-models/src/models/{module}.rs")),
         )
         .expect("committed module");
         assert!(
@@ -1317,9 +1382,9 @@ mod generator_tests {
             if !mlx_models::models::supported_model_types().contains(&mt.as_str()) {
                 continue;
             }
-            let plan = plan::plan(&facts(&mt), &mt);
+            let plan = plan::plan(&facts(&mt), &module_name(&mt));
             let module = std::fs::read_to_string(
-                workspace_root().join(format!("mlx-models/src/models/{mt}.rs")),
+                workspace_root().join(format!("mlx-models/src/models/{}.rs", module_name(&mt))),
             )
             .expect("committed module");
             // A module written by hand (where the generator stopped when it was written:
@@ -1787,6 +1852,156 @@ mod generator_tests {
             )),
             "{failures:?}"
         );
+    }
+
+    #[test]
+    fn xglm_is_regenerated_exactly_with_sinusoidal_positions_fitted_from_what_layer_0_receives() {
+        use mlx_models::positions::Sinusoid;
+        let (plan, choice, source) = regenerate("xglm");
+        // fairseq's table: exp(-j ln 10000 / (half - 1)), sines then cosines, from row 2.
+        let fitted = Sinusoid {
+            shift: 1,
+            first_position: 2,
+            ..Sinusoid::default()
+        };
+        assert_eq!(plan.sinusoidal_positions, Some(fitted));
+        assert_eq!(plan.learned_positions, None);
+        assert!(source.contains("first_position: 2"));
+        // Seeded faults: CTRL's frequencies, or positions from angle 0, fail the first
+        // fixture at the embeddings.
+        for wrong_table in [
+            Sinusoid { shift: 0, ..fitted },
+            Sinusoid {
+                first_position: 0,
+                ..fitted
+            },
+        ] {
+            let mut wrong = plan.clone();
+            wrong.sinusoidal_positions = Some(wrong_table);
+            wrong.choices = vec![choice.clone()];
+            let found = search(&wrong, &fixtures("xglm")).expect("search runs");
+            let (_, failures) = &found.tried[0];
+            assert!(
+                failures
+                    .iter()
+                    .any(|f| f.starts_with("xglm/default: first bad tensor `embeddings`")),
+                "{wrong_table:?}: {failures:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn ctrl_is_regenerated_exactly_with_its_ffn_block_qkv_by_call_order_and_relu_from_the_trace() {
+        use mlx_models::positions::Sinusoid;
+        let (plan, choice, source) = regenerate("ctrl");
+        let renamed = |from: &str, to: &str| {
+            plan.renames
+                .iter()
+                .any(|(a, b)| a.as_str() == from && b.as_str() == to)
+        };
+        // `ffn` calls two linear layers after attention: the MLP, up then down.
+        assert!(renamed("ffn", "mlp") && renamed("ffn.0", "mlp.up_proj"));
+        assert!(renamed("ffn.2", "mlp.down_proj"));
+        // Three projections of attention's input before `dense`: q, k, v in call order.
+        assert!(renamed("multi_head_attention.Wq", "self_attn.q_proj"));
+        assert!(renamed("multi_head_attention.Wv", "self_attn.v_proj"));
+        assert_eq!(plan.activation_constant, Some("relu"));
+        assert_eq!(plan.sinusoidal_positions, Some(Sinusoid::default()));
+        assert!(source.contains("Activation::Relu"));
+        // Seeded fault: query and key swapped fail the first layer.
+        let mut wrong = plan.clone();
+        wrong.choices = vec![choice];
+        for (from, to) in wrong.renames.iter_mut() {
+            if from.ends_with(".Wq") {
+                *to = "self_attn.k_proj".to_owned();
+            } else if from.ends_with(".Wk") {
+                *to = "self_attn.q_proj".to_owned();
+            }
+        }
+        let found = search(&wrong, &fixtures("ctrl")).expect("search runs");
+        let (_, failures) = &found.tried[0];
+        assert!(
+            failures
+                .iter()
+                .any(|f| f.starts_with("ctrl/default: first bad tensor `layers.0`")),
+            "{failures:?}"
+        );
+    }
+
+    #[test]
+    fn openai_gpt_is_regenerated_exactly_post_residual_without_final_norm() {
+        use mlx_models::transformer::NormPlacement;
+        let (plan, choice, source) = regenerate("openai-gpt");
+        assert_eq!(choice.norm_placement, NormPlacement::PostResidual);
+        assert!(!plan.final_norm);
+        // No config field sets the MLP width: 4 × n_embd, as the tiny model has it.
+        assert_eq!(plan.intermediate_per_hidden, Some(4));
+        // `afn` names the activation (its default `gelu`), read as tanh GELU by the fixtures.
+        assert_eq!(plan.act_field, "afn");
+        assert!(choice.gelu_as_tanh);
+        assert!(source.contains("let conv1d = !weights.names().any("));
+        // Seeded fault: norms on the sub-blocks' outputs (OLMo 2's post-norm) fail layer 0.
+        let mut wrong = plan.clone();
+        wrong.choices = vec![Choice {
+            norm_placement: NormPlacement::Post,
+            ..choice
+        }];
+        let found = search(&wrong, &fixtures("openai-gpt")).expect("search runs");
+        let (_, failures) = &found.tried[0];
+        assert!(
+            failures
+                .iter()
+                .any(|f| f.starts_with("openai-gpt/default: first bad tensor `layers.0`")),
+            "{failures:?}"
+        );
+    }
+
+    /// The fit on signals written from the closed forms: each layout is found, and a signal
+    /// no sinusoid makes is a gap.
+    #[test]
+    fn sinusoidal_positions_are_fitted_to_the_recorded_signal() {
+        use mlx_models::positions::Sinusoid;
+        let signal = |s: Sinusoid, dim: usize| -> Value {
+            let half = dim / 2;
+            let rows: Vec<Vec<f64>> = (0..8)
+                .map(|p| {
+                    let pos = f64::from(p + s.first_position);
+                    let mut row = vec![0.0; dim];
+                    for j in 0..half {
+                        let f = s.base.powf(-(j as f64) / (half - s.shift as usize) as f64);
+                        let (is, ic) = if s.interleaved {
+                            (2 * j, 2 * j + 1)
+                        } else {
+                            (j, j + half)
+                        };
+                        row[is] = (pos * f).sin();
+                        row[ic] = (pos * f).cos();
+                    }
+                    row
+                })
+                .collect();
+            serde_json::json!({ "position_signal": rows })
+        };
+        for s in [
+            Sinusoid::default(),
+            Sinusoid {
+                interleaved: true,
+                first_position: 1,
+                ..Sinusoid::default()
+            },
+            Sinusoid {
+                shift: 1,
+                first_position: 2,
+                ..Sinusoid::default()
+            },
+        ] {
+            assert_eq!(plan::sinusoidal_positions(&signal(s, 16)), Ok(Some(s)));
+        }
+        assert_eq!(plan::sinusoidal_positions(&serde_json::json!({})), Ok(None));
+        let mut noisy = signal(Sinusoid::default(), 16);
+        noisy["position_signal"][3][5] = serde_json::json!(0.5);
+        let gap = plan::sinusoidal_positions(&noisy).unwrap_err();
+        assert!(gap.contains("no sinusoidal table reproduces"), "{gap}");
     }
 
     #[test]

@@ -244,6 +244,9 @@ pub struct Plan {
     /// The norms' epsilon where no config field sets it (their modules' `eps`).
     pub eps_constant: Option<f64>,
     pub act_field: String,
+    /// The activation where no config field names one (its config name, `relu`): the one
+    /// Transformers calls in the MLP.
+    pub activation_constant: Option<&'static str>,
     pub attention_scale: Scalar,
     pub attention_softcap: Scalar,
     /// q, k and v clamped to `[-c, c]` (OLMo's `clip_qkv`).
@@ -316,6 +319,11 @@ pub struct Plan {
     /// Modules of a layer (by the names the blocks load) that Transformers keeps as
     /// `Conv1D`, weights `[in, out]`: `sanitize` transposes them.
     pub conv1d: Vec<String>,
+    /// Fixed sinusoidal positions, fitted to what the model adds to its embeddings by
+    /// position alone (the facts' `position_signal`).
+    pub sinusoidal_positions: Option<mlx_models::positions::Sinusoid>,
+    /// A norm after the last layer (`model.norm`); post-residual layers may end without.
+    pub final_norm: bool,
 }
 
 /// The name prefixes of the checkpoint keys Transformers ignores when it loads the causal LM
@@ -538,6 +546,98 @@ pub fn learned_positions(facts: &Value, params: &BTreeMap<String, Vec<i64>>) -> 
         .unwrap_or("max_position_embeddings");
     let max = config.get(field).and_then(Value::as_i64)?;
     i32::try_from(rows - max).ok().filter(|o| *o >= 0)
+}
+
+/// The tiny model's MLP width as a multiple of `hidden` where it is one: the width of a
+/// layer-0 MLP weight (`mlp.up_proj`, `mlp.c_fc`) other than `hidden`.
+fn fixed_mlp_width(hidden: i64, params: &BTreeMap<String, Vec<i64>>) -> Option<i32> {
+    let width = params
+        .iter()
+        .filter(|(n, _)| n.starts_with("model.layers.0.mlp.") && n.ends_with(".weight"))
+        .flat_map(|(_, shape)| shape.iter().copied())
+        .find(|d| *d != hidden && hidden > 0 && d % hidden == 0)?;
+    i32::try_from(width / hidden).ok()
+}
+
+/// Config values [`mlx_models::mlp::Activation::from_config`] reads as an activation.
+const ACTIVATION_NAMES: &[&str] = &[
+    "silu",
+    "swish",
+    "gelu",
+    "gelu_new",
+    "gelu_pytorch_tanh",
+    "gelu_fast",
+    "relu",
+    "relu2",
+];
+
+/// The sinusoidal table that reproduces the facts' `position_signal` (what layer 0
+/// receives by position alone, the embedding zeroed), among the layouts
+/// [`mlx_models::positions::Sinusoid`] expresses: `Ok(None)` without a signal, an error
+/// (a gap) for a signal none of them reproduces.
+pub fn sinusoidal_positions(
+    facts: &Value,
+) -> Result<Option<mlx_models::positions::Sinusoid>, String> {
+    use mlx_models::positions::Sinusoid;
+    let Some(rows) = facts.get("position_signal").and_then(Value::as_array) else {
+        return Ok(None);
+    };
+    let rows: Vec<Vec<f64>> = rows
+        .iter()
+        .map(|r| {
+            r.as_array()
+                .map(|r| r.iter().filter_map(Value::as_f64).collect())
+                .unwrap_or_default()
+        })
+        .collect();
+    let dim = rows.first().map_or(0, Vec::len);
+    let half = dim / 2;
+    let mut best = f64::INFINITY;
+    for base in [10000.0, 100000.0] {
+        for shift in 0..=1 {
+            for first_position in 0..=2 {
+                for interleaved in [false, true] {
+                    let s = Sinusoid {
+                        base,
+                        shift,
+                        first_position,
+                        interleaved,
+                    };
+                    if !dim.is_multiple_of(2) || half <= shift as usize {
+                        continue;
+                    }
+                    let mut err = 0f64;
+                    for (p, row) in rows.iter().enumerate() {
+                        if row.len() != dim {
+                            err = f64::INFINITY;
+                            break;
+                        }
+                        let pos = (p as i32 + first_position) as f64;
+                        for j in 0..half {
+                            let f = base.powf(-(j as f64) / (half - shift as usize) as f64);
+                            let (is, ic) = if interleaved {
+                                (2 * j, 2 * j + 1)
+                            } else {
+                                (j, j + half)
+                            };
+                            err = err
+                                .max((row[is] - (pos * f).sin()).abs())
+                                .max((row[ic] - (pos * f).cos()).abs());
+                        }
+                    }
+                    if err < 1e-4 {
+                        return Ok(Some(s));
+                    }
+                    best = best.min(err);
+                }
+            }
+        }
+    }
+    Err(format!(
+        "the model adds a position-dependent signal to its embeddings (no parameter holds it) \
+         that no sinusoidal table reproduces (closest max-abs {best:.3e} over {} positions)",
+        rows.len()
+    ))
 }
 
 /// The config field that sets the MLP's width where the class has no `intermediate_size`
@@ -861,8 +961,14 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
     let model_type = str_of(facts.value, "model_type").to_owned();
 
     // The decoder skeleton every supported family shares.
+    // A model without a final norm is one whose layers each end in a norm of their own.
+    let final_norm = params.contains_key("model.norm.weight") || !roles.post_residual;
+    if !final_norm {
+        decisions
+            .push("no final norm: each layer ends in a norm of its own (post-residual)".to_owned());
+    }
     for required in ["model.embed_tokens.weight", "model.norm.weight"] {
-        if !params.contains_key(required) {
+        if !params.contains_key(required) && (final_norm || required != "model.norm.weight") {
             gaps.push(format!("no `{required}`: not a Llama-shaped decoder"));
         }
     }
@@ -873,6 +979,33 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
             "learned absolute positions `model.embed_positions`, position 0 at row {offset}"
         ));
     }
+    let sinusoidal_positions = if learned_positions.is_none() {
+        match sinusoidal_positions(facts.value) {
+            Ok(None) => None,
+            Ok(Some(s)) => {
+                decisions.push(format!(
+                    "fixed sinusoidal positions added to the embeddings (fitted to what layer 0 \
+                     receives with the embedding zeroed): base {}, frequencies base^(-j / (hidden/2 - {})), \
+                     {}, position 0 at angle {} · f",
+                    s.base,
+                    s.shift,
+                    if s.interleaved {
+                        "sine and cosine side by side per frequency"
+                    } else {
+                        "all sines, then all cosines"
+                    },
+                    s.first_position
+                ));
+                Some(s)
+            }
+            Err(gap) => {
+                gaps.push(gap);
+                None
+            }
+        }
+    } else {
+        None
+    };
     gaps.extend(super::recurrent::hybrid_gaps(facts.value));
     let layer0: BTreeMap<&str, &Vec<i64>> = params
         .iter()
@@ -944,6 +1077,15 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
                 }
             ));
             aliases.push((name.to_owned(), own));
+        } else if let (Some(k), true) = (
+            fixed_mlp_width(hidden_of(&facts), &params),
+            name == "intermediate_size" && intermediate_per_hidden.is_none(),
+        ) {
+            // No field sets the MLP width: a fixed multiple of the width (OpenAI GPT's 4).
+            intermediate_per_hidden = Some(k);
+            decisions.push(format!(
+                "no config field sets the MLP width: {k} × hidden_size (the tiny model's)"
+            ));
         } else if !matches!(name, "head_dim" | "num_key_value_heads") {
             gaps.push(format!("config class has no `{name}`"));
         }
@@ -1392,6 +1534,13 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         }
         // One norm per layer: attention and MLP side by side on it (Cohere, Phi).
         ["input_layernorm"] => vec![NormPlacement::Parallel],
+        ["post_attention_layernorm", "post_feedforward_layernorm"] if roles.post_residual => {
+            decisions.push(
+                "norms on the residual sums (the layer returns its last norm's output): post-residual"
+                    .to_owned(),
+            );
+            vec![NormPlacement::PostResidual]
+        }
         ["post_attention_layernorm", "post_feedforward_layernorm"] => vec![NormPlacement::Post],
         [_, _, _, _] => vec![NormPlacement::Sandwich],
         other => {
@@ -1456,12 +1605,32 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
     } else {
         add(&mut fields, &eps_field, FieldType::F64, "norm epsilon");
     }
-    let act_field = ["hidden_activation", "hidden_act", "activation_function"]
+    // The activation's field: a usual name, else a string field whose default names an
+    // activation (OpenAI GPT's `afn`); without one, the activation module Transformers
+    // calls in the MLP (CTRL's `ReLU`) is the module's own, fixed.
+    let own_act_field = ["hidden_activation", "hidden_act", "activation_function"]
         .into_iter()
         .find(|f| has_field(f))
-        .unwrap_or("hidden_act")
-        .to_owned();
-    add(&mut fields, &act_field, FieldType::Str, "MLP activation");
+        .map(str::to_owned)
+        .or_else(|| {
+            defaults
+                .iter()
+                .find(|(_, v)| v.as_str().is_some_and(|v| ACTIVATION_NAMES.contains(&v)))
+                .map(|(name, _)| name.clone())
+        });
+    let activation_constant = match &own_act_field {
+        Some(_) => None,
+        None => super::trace::events(facts.value)
+            .iter()
+            .find_map(|e| super::trace::activation_of_class(&e.class)),
+    };
+    let act_field = own_act_field.unwrap_or_else(|| "hidden_act".to_owned());
+    match activation_constant {
+        Some(name) => decisions.push(format!(
+            "activation `{name}`: no config field names one; the module Transformers calls in the MLP"
+        )),
+        None => add(&mut fields, &act_field, FieldType::Str, "MLP activation"),
+    }
 
     // The bias switches read from the config.
     for f in [&qkv_bias, &o_bias, &mlp_bias]
@@ -2098,6 +2267,7 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         eps_field,
         eps_constant,
         act_field,
+        activation_constant,
         attention_scale,
         attention_softcap,
         clip_qkv,
@@ -2126,6 +2296,8 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         renames: roles.renames.clone(),
         conv1d: layer_conv1d(facts.value, &roles.renames),
         learned_positions,
+        sinusoidal_positions,
+        final_norm,
         aliases,
         intermediate_per_hidden,
         prefix_renames,

@@ -570,6 +570,7 @@ fn base_plan(
         eps_field: "layer_norm_epsilon".to_owned(),
         eps_constant: None,
         act_field: "hidden_act".to_owned(),
+        activation_constant: None,
         attention_scale: Scalar::None,
         attention_softcap: Scalar::None,
         clip_qkv: Scalar::None,
@@ -604,6 +605,8 @@ fn base_plan(
         intermediate_per_hidden: None,
         learned_positions: None,
         conv1d: Vec::new(),
+        sinusoidal_positions: None,
+        final_norm: true,
     }
 }
 

@@ -59,6 +59,9 @@ pub struct NormRoles {
     pub renames: Vec<(String, String)>,
     /// The query/key norms run after RoPE.
     pub qk_after_rope: bool,
+    /// The layer's output is its last norm's, which normalizes the MLP's residual sum
+    /// (post-norm on the residual: OpenAI GPT's `ln_2(h + mlp(h))`).
+    pub post_residual: bool,
 }
 
 /// The layer's attention block when it is not called `self_attn`: the first module
@@ -90,10 +93,69 @@ pub fn attention_block(events: &[Event]) -> Option<String> {
     Some(block).filter(|m| !m.is_empty() && m != "self_attn")
 }
 
+/// The layer's MLP block when it is not called `mlp` and the layer has none of that name:
+/// the first module directly under the layer called after attention returns that is no
+/// norm and calls exactly two projections (CTRL's `ffn`, a `Sequential` of a linear layer,
+/// an activation and another).
+pub fn mlp_block(events: &[Event]) -> Option<String> {
+    if events.iter().any(|e| e.module == "mlp") {
+        return None;
+    }
+    let attention = attention_block(events).unwrap_or_else(|| "self_attn".to_owned());
+    let after = events
+        .iter()
+        .position(|e| !e.enter && e.module == attention)?;
+    events[after..]
+        .iter()
+        .filter(|e| {
+            e.enter
+                && !e.module.is_empty()
+                && !e.module.contains('.')
+                && !e.class.to_lowercase().contains("norm")
+                && !e.class.contains("Dropout")
+        })
+        .map(|e| e.module.clone())
+        .find(|block| {
+            let prefix = format!("{block}.");
+            events
+                .iter()
+                .filter(|e| {
+                    e.enter
+                        && PROJECTIONS.contains(&e.class.as_str())
+                        && e.module.starts_with(&prefix)
+                })
+                .count()
+                == 2
+        })
+}
+
 /// The norms' roles (and the projections' and the attention block's names), from the
-/// calls of layer 0. An attention block under another name is read as `self_attn` and
-/// renamed last, after the renames of the modules inside it.
+/// calls of layer 0. An attention block under another name is read as `self_attn` (an MLP
+/// block under another name as `mlp`) and renamed last, after the renames of the modules
+/// inside it.
 pub fn norm_roles(events: &[Event]) -> NormRoles {
+    let Some(mlp) = mlp_block(events) else {
+        return attention_roles(events);
+    };
+    let renamed: Vec<Event> = events
+        .iter()
+        .map(|e| Event {
+            module: mlx_models::weights::rename_prefix(&e.module, &[(&mlp, "mlp")]),
+            ..e.clone()
+        })
+        .collect();
+    let mut roles = attention_roles(&renamed);
+    for (from, _) in &mut roles.renames {
+        if let Some(tail) = from.strip_prefix("mlp.") {
+            *from = format!("{mlp}.{tail}");
+        }
+    }
+    roles.renames.push((mlp, "mlp".to_owned()));
+    roles
+}
+
+/// [`norm_roles`] of a layer whose MLP block is `mlp` (or none).
+fn attention_roles(events: &[Event]) -> NormRoles {
     let Some(block) = attention_block(events) else {
         return block_roles(events);
     };
@@ -138,6 +200,7 @@ fn block_roles(events: &[Event]) -> NormRoles {
     let mlp_out = position("mlp", false);
     let attn_output = output("self_attn");
     let mlp_output = output("mlp");
+    let layer_output = output("");
     let fed_by = |input: Option<[f64; 2]>, out: Option<[f64; 2]>| match (input, out) {
         (Some(i), Some(o)) => close(i[0], o[0]) && close(i[1], o[1]),
         _ => false,
@@ -157,6 +220,10 @@ fn block_roles(events: &[Event]) -> NormRoles {
                 "pre_mlp"
             }
         } else if mlp_out.is_some_and(|m| i > m) && fed_by(e.checksum, mlp_output) {
+            "post_mlp"
+        } else if mlp_out.is_some_and(|m| i > m) && fed_by(layer_output, output(&e.module)) {
+            // Fed the residual sum, and what the layer returns.
+            roles.post_residual = true;
             "post_mlp"
         } else {
             continue;
@@ -230,6 +297,28 @@ fn linear_roles(events: &[Event], renames: &mut Vec<(String, String)>) {
                 format!("self_attn.{first}"),
                 "self_attn.qkv_proj".to_owned(),
             ));
+        }
+    }
+    // Three projections of the attention's input, then the output projection (CTRL's
+    // `Wq`, `Wk`, `Wv`, `dense`): query, key and value in the order they are called (the
+    // fixtures tell a swap).
+    if let [q, k, v, _] = attention.as_slice() {
+        let input = |name: &str| {
+            let module = format!("self_attn.{name}");
+            events
+                .iter()
+                .find(|e| e.enter && e.module == module)
+                .and_then(|e| e.checksum)
+        };
+        let same_input = input(q).is_some() && input(q) == input(k) && input(k) == input(v);
+        if same_input
+            && ![q, k, v]
+                .iter()
+                .any(|n| known_attention.contains(&n.as_str()))
+        {
+            for (from, to) in [(q, "q_proj"), (k, "k_proj"), (v, "v_proj")] {
+                renames.push((format!("self_attn.{from}"), format!("self_attn.{to}")));
+            }
         }
     }
     if let Some(last) = attention.last() {
@@ -330,6 +419,19 @@ pub fn covered(name: &str, class: &str) -> bool {
             && (name.starts_with("mlp.") || name.starts_with("self_attn.")))
 }
 
+/// The config name of the activation a module of class `class` computes (the activation
+/// modules [`covered`] accepts).
+pub fn activation_of_class(class: &str) -> Option<&'static str> {
+    Some(match class {
+        "SiLU" | "SiLUActivation" => "silu",
+        "GELUActivation" => "gelu",
+        "NewGELUActivation" | "GELUTanh" | "PytorchGELUTanh" => "gelu_pytorch_tanh",
+        "ReLU" => "relu",
+        "ReLUSquaredActivation" => "relu2",
+        _ => return None,
+    })
+}
+
 /// The model's final norm when it is not named `model.norm`: the norm module directly
 /// under `model.` (the facts' module list).
 pub fn final_norm_rename(facts: &Value) -> Option<(String, String)> {
@@ -364,6 +466,45 @@ mod tests {
             class: class.to_owned(),
             checksum: Some(sum),
         }
+    }
+
+    /// OpenAI GPT's layer as Transformers runs it: each norm on a residual sum, the layer
+    /// returning the last norm's output (post-residual); a pre-norm layer that ends in a
+    /// norm on its MLP's output is no such thing.
+    #[test]
+    fn norms_on_the_residual_sums_are_post_residual() {
+        let trace = [
+            event(true, "", "Block", [1.0, 2.0]),
+            event(true, "attn", "Attention", [1.0, 2.0]),
+            event(true, "attn.c_attn", "Conv1D", [1.0, 2.0]),
+            event(false, "attn.c_attn", "Conv1D", [3.0, 4.0]),
+            event(true, "attn.c_proj", "Conv1D", [3.0, 4.0]),
+            event(false, "attn.c_proj", "Conv1D", [5.0, 6.0]),
+            event(false, "attn", "Attention", [5.0, 6.0]),
+            event(true, "ln_1", "LayerNorm", [6.0, 8.0]),
+            event(false, "ln_1", "LayerNorm", [0.0, 64.0]),
+            event(true, "mlp", "MLP", [0.0, 64.0]),
+            event(false, "mlp", "MLP", [7.0, 9.0]),
+            event(true, "ln_2", "LayerNorm", [7.0, 73.0]),
+            event(false, "ln_2", "LayerNorm", [0.1, 63.0]),
+            event(false, "", "Block", [0.1, 63.0]),
+        ];
+        let roles = norm_roles(&trace);
+        assert!(roles.post_residual);
+        let renamed = |from: &str, to: &str| {
+            roles
+                .renames
+                .iter()
+                .any(|(a, b)| a.as_str() == from && b.as_str() == to)
+        };
+        assert!(renamed("ln_1", "post_attention_layernorm"));
+        assert!(renamed("ln_2", "post_feedforward_layernorm"));
+        // The layer returns the residual sum, not the norm's output: no role for `ln_2`.
+        let mut pre = trace.to_vec();
+        pre[13] = event(false, "", "Block", [7.0, 73.0]);
+        let roles = norm_roles(&pre);
+        assert!(!roles.post_residual);
+        assert!(!roles.renames.iter().any(|(a, _)| a.as_str() == "ln_2"));
     }
 
     /// GLM-4's layer as Transformers runs it: a norm after attention on its output, one
