@@ -32,7 +32,7 @@ use crate::tap::Tap;
 use crate::weights::{WeightPath, Weights};
 use mlx_rs::Array;
 
-pub use crate::attention::{AttentionSettings, QkNorm, QkvLayout};
+pub use crate::attention::{AlibiSettings, AttentionSettings, QkNorm, QkvLayout};
 pub use crate::mlp::{Activation, MlpLayout, MlpSettings};
 pub use crate::norm::NormKind;
 
