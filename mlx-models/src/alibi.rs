@@ -194,7 +194,11 @@ mod tests {
         }
         assert_eq!(
             alibi.slopes,
-            vec![0.5 * 2f32.powi(-4), 0.5 * 2f32.powi(-8), 0.5 * 2f32.powi(-2)]
+            vec![
+                0.5 * 2f32.powi(-4),
+                0.5 * 2f32.powi(-8),
+                0.5 * 2f32.powi(-2)
+            ]
         );
         assert_eq!(alibi.heads(1..3).slopes, alibi.slopes[1..3].to_vec());
         Ok(())

@@ -167,6 +167,9 @@ pub struct DecoderSettings {
     /// The final norm also normalizes the embeddings, before the first layer (NanoChat
     /// calls its one `norm` module twice).
     pub embedding_norm: bool,
+    /// A norm of its own on the embeddings, before the first layer (`model.embed_layernorm`:
+    /// BLOOM's `word_embeddings_layernorm`), of the model's norm kind.
+    pub embedding_layernorm: bool,
     /// A norm before each output projection: `self_attn.attn_sub_norm` on the attention
     /// output (before `o_proj`), `mlp.ffn_sub_norm` on the MLP's hidden features (BitNet).
     pub sub_norms: bool,
@@ -225,6 +228,7 @@ impl DecoderSettings {
             layers,
             embedding_scale: None,
             embedding_norm: false,
+            embedding_layernorm: false,
             sub_norms: false,
             learned_positions: false,
             position_offset: 0,
@@ -767,6 +771,7 @@ impl DecoderLayer {
 pub struct Decoder {
     embed_tokens: Embedding,
     embed_positions: Option<LearnedPositions>,
+    embed_layernorm: Option<Norm>,
     layers: Vec<DecoderLayer>,
     norm: Norm,
     lm_head: Option<Linear>,
@@ -798,6 +803,10 @@ impl Decoder {
         } else {
             None
         };
+        let embed_layernorm = s
+            .embedding_layernorm
+            .then(|| Norm::load(&w.pp("embed_layernorm"), s.norm, s.hidden_size, s.norm_eps))
+            .transpose()?;
         let layers = s
             .layers
             .iter()
@@ -853,6 +862,7 @@ impl Decoder {
         Ok(Decoder {
             embed_tokens,
             embed_positions,
+            embed_layernorm,
             layers,
             norm,
             lm_head,
@@ -878,6 +888,9 @@ impl LanguageModel for Decoder {
         }
         if s.embedding_norm {
             h = self.norm.forward(&h)?;
+        }
+        if let Some(norm) = &self.embed_layernorm {
+            h = norm.forward(&h)?;
         }
         tap.record("embeddings", &h);
         for (i, (layer, cache)) in self.layers.iter().zip(cache.iter_mut()).enumerate() {

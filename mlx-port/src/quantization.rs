@@ -38,6 +38,7 @@ pub const BOUNDS: &[(&str, f32, f32)] = &[
     ("arcee", 0.032, 0.47),            // measured 0.025, 0.371
     ("bitnet", 0.038, 0.63),           // measured 0.0303, 0.499
     ("biogpt", 0.017, 0.29),           // measured 0.0132, 0.226
+    ("bloom", 0.0065, 0.11),           // measured 0.0052, 0.0824
     ("cohere", 0.023, 0.38),           // measured 0.0184, 0.301
     ("cohere2", 0.028, 0.44),          // measured 0.0219, 0.349
     ("cwm", 0.035, 0.65),              // measured 0.0275, 0.518

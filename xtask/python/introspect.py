@@ -574,6 +574,7 @@ def structure(model) -> dict:
     )
     full = {module: name for name, module in model.named_modules()}
     output = model.get_output_embeddings()
+    embedding_norm = embedding_norm_of(model, stack)
 
     def named(child):
         return None if child is None else f"{prefix}.{child}"
@@ -585,7 +586,42 @@ def structure(model) -> dict:
         "norm": named(stack["norm_name"]),
         "rotary": full.get(stack["rotary"]) if stack["rotary"] is not None else None,
         "lm_head": full.get(output) if output is not None else None,
+        "embedding_norm": named(embedding_norm),
     }
+
+
+def embedding_norm_of(model, stack):
+    """A norm module of the base model called after the input embedding and before the
+    first decoder layer (BLOOM's `word_embeddings_layernorm`): its name under the base, or
+    None. Read from the order the base model's children are called in."""
+    import torch
+
+    base = stack["base"]
+    order = []
+    handles = [
+        child.register_forward_pre_hook(lambda m, a, name=name: order.append(name))
+        for name, child in base.named_children()
+        if name != stack["layers_name"]
+    ]
+    first = stack["layers"][0].register_forward_pre_hook(lambda m, a: order.append(None))
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.arange(1, 5).unsqueeze(0) % model.config.get_text_config().vocab_size)
+    except Exception:
+        return None
+    finally:
+        first.remove()
+        for h in handles:
+            h.remove()
+    before = order[: order.index(None)] if None in order else []
+    return next(
+        (
+            name for name in before
+            if name not in (stack["embed_name"], stack["norm_name"])
+            and "norm" in type(getattr(base, name)).__name__.lower()
+        ),
+        None,
+    )
 
 
 def saved_names(model) -> dict:
@@ -1044,6 +1080,9 @@ def introspect(model_type: str, config_override: dict | None, replace: bool, che
         "routing_probes": probes.routing_probes(architecture, small, build_config, tiny_model, model_type, fields),
         "call_trace": probes.call_trace(model, resolved.vocab_size),
         "attention_scale": probes.attention_scale(tiny_model(architecture, resolved), resolved.vocab_size),
+        "position_bias": probes.position_bias(tiny_model(architecture, resolved), resolved.vocab_size),
+        "fused_qkv_layout": probes.fused_qkv_layout(model),
+        "mlp_activation": probes.mlp_activation(model),
         "checkpoint_conversions": probes.checkpoint_conversions(model_type),
         "norm_plus_one": probes.norm_scales_by_one_plus_weight(model),
         "variants": spec["variants"],

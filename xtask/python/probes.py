@@ -346,6 +346,130 @@ def attention_scale(model, vocab_size):
     return best if best is not None and best["residual"] < 1e-4 else None
 
 
+def position_bias(model, vocab_size):
+    """ALiBi, read from what decoder layer 0's attention computes: one token repeated, so
+    every position has the same hidden state and queries and keys differ only by where
+    they are. The score steps between neighbouring keys, `log p[h, i, j] − log p[h, i,
+    j−1]` (eager attention weights), are then zero without positional information, vary
+    with RoPE or learned positions, and are one constant per head — its slope — with a
+    linear bias `slope · (j − i)` on the scores. `{"slopes": [...], "residual": max
+    deviation}` when every head's steps are one nonzero constant; else None."""
+    import torch
+
+    try:
+        model.set_attn_implementation("eager")
+    except Exception:
+        pass
+    ids = torch.full((1, 12), 1 % vocab_size, dtype=torch.long)
+    try:
+        with torch.no_grad():
+            out = model(input_ids=ids, output_attentions=True)
+    except Exception:
+        return None
+    attentions = getattr(out, "attentions", None)
+    if not attentions or attentions[0] is None:
+        return None
+    logp = attentions[0][0].double().clamp_min(1e-300).log()  # [heads, T, T]
+    heads, t = logp.shape[0], logp.shape[-1]
+    slopes, residual = [], 0.0
+    for h in range(heads):
+        steps = torch.cat([logp[h, i, 1 : i + 1] - logp[h, i, :i] for i in range(1, t)])
+        slope = float(steps.mean())
+        residual = max(residual, float((steps - slope).abs().max()))
+        slopes.append(slope)
+    if residual > 1e-4 * max(1e-12, max(abs(s) for s in slopes)) or min(abs(s) for s in slopes) < 1e-6:
+        return None
+    return {"slopes": [round(s, 9) for s in slopes], "residual": residual}
+
+
+def fused_qkv_layout(model):
+    """How decoder layer 0's fused q/k/v projection orders its rows, from what the layer
+    computes: zeroing the rows that hold the values, under the right layout, leaves
+    nothing for the attention to mix, so the output projection's input is all zeros.
+    `blocks` ([q; k; v], each `heads · head_dim` rows) or `per_head` (per head its q, k
+    and v rows, `head_dim` each: BLOOM's, GPT-NeoX's); None without a fused projection of
+    three equal parts or where neither layout zeros it."""
+    import torch
+
+    from fixture_common import decoder_stack
+
+    layer = decoder_stack(model)["layers"][0]
+    heads = getattr(model.config.get_text_config(), "num_attention_heads", None)
+    attention = next(
+        (m for m in layer.modules() if m is not layer and "attention" in type(m).__name__.lower()), None
+    )
+    if attention is None or not heads:
+        return None
+    linears = [m for m in attention.modules() if isinstance(m, torch.nn.Linear)]
+    fused = next((m for m in linears if m.out_features == 3 * m.in_features), None)
+    out = next((m for m in linears if m is not fused and m.out_features == fused.in_features), None) if fused else None
+    if fused is None or out is None or fused.out_features % (3 * heads):
+        return None
+    dim = fused.out_features // (3 * heads)
+    rows = torch.arange(fused.out_features)
+    layouts = {"blocks": rows >= 2 * heads * dim, "per_head": (rows // dim) % 3 == 2}
+    ids = torch.arange(1, 9).unsqueeze(0) % model.config.get_text_config().vocab_size
+    found = []
+    for name, values in layouts.items():
+        seen = []
+        handle = out.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().abs().max()))
+        saved = (fused.weight.detach().clone(), None if fused.bias is None else fused.bias.detach().clone())
+        try:
+            with torch.no_grad():
+                fused.weight[values] = 0
+                if fused.bias is not None:
+                    fused.bias[values] = 0
+                model(input_ids=ids)
+        except Exception:
+            return None
+        finally:
+            handle.remove()
+            with torch.no_grad():
+                fused.weight.copy_(saved[0])
+                if saved[1] is not None:
+                    fused.bias.copy_(saved[1])
+        if seen and float(seen[0]) == 0.0:
+            found.append(name)
+    return found[0] if len(found) == 1 else None
+
+
+ACTIVATIONS = {
+    "silu": lambda x, F: F.silu(x),
+    "gelu": lambda x, F: F.gelu(x),
+    "gelu_pytorch_tanh": lambda x, F: F.gelu(x, approximate="tanh"),
+    "relu": lambda x, F: F.relu(x),
+    "relu2": lambda x, F: F.relu(x) ** 2,
+}
+
+
+def mlp_activation(model):
+    """The activation decoder layer 0's MLP applies, by what it computes: each
+    parameterless module inside the MLP other than a linear or dropout is run on a range
+    of values and compared with the activations the blocks know (BLOOM's `BloomGelu` is
+    the tanh GELU). The name (as `hidden_act` spells it), or None."""
+    import torch
+    import torch.nn.functional as F
+
+    from fixture_common import decoder_stack
+
+    layer = decoder_stack(model)["layers"][0]
+    x = torch.linspace(-6, 6, 241, dtype=torch.float32)
+    for name, module in layer.named_modules():
+        if not name or "mlp" not in name.split(".")[0].lower() and "ffn" not in name.lower():
+            continue
+        if isinstance(module, (torch.nn.Linear, torch.nn.Dropout)) or list(module.parameters()) or list(module.children()):
+            continue
+        try:
+            with torch.no_grad():
+                y = module(x)
+        except Exception:
+            continue
+        for act, f in ACTIVATIONS.items():
+            if torch.allclose(y, f(x, F), rtol=0, atol=1e-6):
+                return act
+    return None
+
+
 def norm_scales_by_one_plus_weight(model):
     """Whether the final norm scales by `1 + weight` (the weight an offset from one): run it
     with its weight (and bias) zeroed on random input; a norm that scales by the weight

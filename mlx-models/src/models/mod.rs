@@ -5,6 +5,7 @@ pub mod apertus;
 pub mod arcee;
 pub mod biogpt;
 pub mod bitnet;
+pub mod bloom;
 pub mod cohere;
 pub mod cohere2;
 pub mod cwm;
@@ -91,6 +92,7 @@ pub const REGISTRY: &[(&str, Loader)] = &[
     ("arcee", family::load::<arcee::Config>),
     ("biogpt", family::load::<biogpt::Config>),
     ("bitnet", family::load::<bitnet::Config>),
+    ("bloom", family::load::<bloom::Config>),
     ("cohere", family::load::<cohere::Config>),
     ("cohere2", family::load::<cohere2::Config>),
     ("cwm", family::load::<cwm::Config>),

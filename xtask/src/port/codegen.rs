@@ -197,7 +197,7 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
     let mut transformer = vec!["DecoderSettings", "MlpLayout"];
     let renames =
         !plan.renames.is_empty() || !plan.prefix_renames.is_empty() || !plan.conv1d.is_empty();
-    let sanitizes = renames || plan.mla.is_some();
+    let sanitizes = renames || plan.mla.is_some() || plan.qkv_per_head;
     if sanitizes && plan.moe.is_none() {
         transformer.push("drop_computed_weights");
     }
@@ -255,6 +255,19 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
             scalar(plan, &plan.attention_softcap)
         ));
     }
+    if let Some(a) = plan.alibi {
+        let factor = match a.factor {
+            super::alibi::AlibiFactor::One => "1.0".to_owned(),
+            super::alibi::AlibiFactor::AttentionScale => {
+                "(d.head_dim() as f32).powf(-0.5)".to_owned()
+            }
+        };
+        attn.push(format!(
+            "alibi: Some(AlibiSettings {{ max_bias: {}, factor: {factor} }})",
+            float(a.max_bias as f64)
+        ));
+        transformer.push("AlibiSettings");
+    }
     if !attn.is_empty() {
         transformer.push("AttentionSettings");
     }
@@ -267,6 +280,9 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
     }
     if plan.lm_head_bias {
         model.push("lm_head_bias: true".to_owned());
+    }
+    if plan.embedding_layernorm {
+        model.push("embedding_layernorm: true".to_owned());
     }
     if let Some(offset) = plan.learned_positions {
         model.push("learned_positions: true".to_owned());
@@ -337,6 +353,9 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
     let _ = writeln!(w, "use crate::config::ConfigFile;");
     let _ = writeln!(w, "use crate::error::Result;");
     let _ = writeln!(w, "use crate::family::{{{}}};", family.join(", "));
+    if plan.qkv_per_head {
+        let _ = writeln!(w, "use crate::fused_qkv::per_head_to_blocks;");
+    }
     if !plan.conv1d.is_empty() {
         let _ = writeln!(w, "use crate::fused_qkv::conv1d_to_linear;");
     }
@@ -651,6 +670,15 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
             );
             let _ = writeln!(w, "}}\n}}");
         }
+        if plan.qkv_per_head {
+            let _ = writeln!(w, "let a = &settings.attention;");
+            let _ = writeln!(w, "for i in 0..settings.layers.len() {{");
+            let _ = writeln!(
+                w,
+                "per_head_to_blocks(weights, &format!(\"model.layers.{{i}}.self_attn.qkv_proj\"), a.num_heads, a.head_dim)?;"
+            );
+            let _ = writeln!(w, "}}");
+        }
         let _ = writeln!(w, "Ok(())\n}}");
     }
     let _ = writeln!(w, "}}");
@@ -822,7 +850,10 @@ pub fn structure_summary(plan: &Plan, choice: &Choice) -> Vec<String> {
         lines.push(
             format!(
                 "Attention: {}{}{}{}.",
-                if plan.qkv_fused {
+                if plan.qkv_per_head {
+                    "one fused `qkv_proj` (each head's q, k, v rows together in checkpoints: \
+                     reordered into blocks by `sanitize`)"
+                } else if plan.qkv_fused {
                     "one fused `qkv_proj`"
                 } else {
                     "`q_proj`/`k_proj`/`v_proj`"
@@ -898,6 +929,12 @@ pub fn structure_summary(plan: &Plan, choice: &Choice) -> Vec<String> {
             moe.projections[0].0, moe.projections[1].0, moe.projections[2].0
         ));
     }
+    if plan.embedding_layernorm {
+        lines.push(
+            "A norm of its own (`model.embed_layernorm`) on the embeddings, before the first layer."
+                .to_owned(),
+        );
+    }
     lines.push(match plan.mlp_layout {
         MlpLayout::Gated => "MLP: `down_proj(act(gate_proj(x)) * up_proj(x))`.".to_owned(),
         MlpLayout::FusedGated => {
@@ -907,6 +944,9 @@ pub fn structure_summary(plan: &Plan, choice: &Choice) -> Vec<String> {
         MlpLayout::UpDown => "MLP: `down_proj(act(up_proj(x)))`, no gate.".to_owned(),
     });
     match (&plan.rope, &plan.no_rope) {
+        (None, _) if plan.alibi.is_some() => lines.push(
+            "No RoPE: ALiBi, each head's scores biased by `slope · (k − q)` (`alibi.rs`).".to_owned(),
+        ),
         (None, _) => lines.push("No RoPE.".to_owned()),
         (Some(RopeRule::Uniform), None) if plan.mla.is_some() => lines.push(
             "RoPE on the rope part of each head (all scaling types of `rope_parameters`/`rope_scaling`; YaRN's `mscale_all_dim` scales the scores)."

@@ -17,6 +17,7 @@
 //! second run writes the same files. A module that was edited by hand after generation is
 //! left as it is; the report then lists the edits as a diff.
 
+pub mod alibi;
 pub mod codegen;
 pub mod interpret;
 pub mod plan;
@@ -510,6 +511,18 @@ pub fn search(plan: &Plan, fixtures: &[Fixture]) -> anyhow::Result<Search> {
                     mlx_models::fused_qkv::conv1d_to_linear(
                         &mut weights,
                         &format!("model.layers.{i}.{module}"),
+                    )?;
+                }
+            }
+            // Per-head fused q/k/v rows into blocks, as the module's sanitize.
+            if plan.qkv_per_head {
+                let a = &settings.attention;
+                for i in 0..settings.layers.len() {
+                    mlx_models::fused_qkv::per_head_to_blocks(
+                        &mut weights,
+                        &format!("model.layers.{i}.self_attn.qkv_proj"),
+                        a.num_heads,
+                        a.head_dim,
                     )?;
                 }
             }
@@ -1740,6 +1753,53 @@ mod generator_tests {
             )),
             "{failures:?}"
         );
+    }
+
+    #[test]
+    fn bloom_is_regenerated_exactly_with_alibi_per_head_qkv_and_an_embedding_norm() {
+        let (plan, choice, source) = regenerate("bloom");
+        // The probes: a constant score step per head (ALiBi), zeroed per-head value rows
+        // silencing the attention, a norm called between the embedding and layer 0, the
+        // MLP's `BloomGelu` computing the tanh GELU, a 4 × hidden up projection.
+        assert_eq!(
+            plan.alibi,
+            Some(alibi::AlibiPlan {
+                max_bias: 8.0,
+                factor: alibi::AlibiFactor::One
+            })
+        );
+        assert!(plan.qkv_per_head && plan.embedding_layernorm);
+        assert_eq!(plan.intermediate_per_hidden, Some(4));
+        assert!(source.contains("\"hidden_act\":\"gelu_pytorch_tanh\""));
+        assert!(source.contains("per_head_to_blocks("));
+        // Seeded faults, each failing at the first layer (or before it) on the fixtures.
+        let faults: [Fault<Plan>; 4] = [
+            ("no ALiBi", |p| p.alibi = None),
+            ("ALiBi of max bias 4", |p| {
+                p.alibi = Some(alibi::AlibiPlan {
+                    max_bias: 4.0,
+                    factor: alibi::AlibiFactor::One,
+                })
+            }),
+            ("q/k/v rows as blocks", |p| p.qkv_per_head = false),
+            ("no embedding norm", |p| p.embedding_layernorm = false),
+        ];
+        for (name, fault) in faults {
+            let mut wrong = plan.clone();
+            fault(&mut wrong);
+            wrong.choices = vec![choice.clone()];
+            let found = search(&wrong, &fixtures("bloom")).expect("search runs");
+            assert!(found.chosen.is_none(), "{name}: still verifies");
+            let (_, failures) = &found.tried[0];
+            assert!(
+                failures
+                    .iter()
+                    .any(|f| f.contains("first bad tensor `layers.0`")
+                        || f.contains("first bad tensor `embeddings`")
+                        || f.contains("model.embed_layernorm")),
+                "{name}: {failures:?}"
+            );
+        }
     }
 
     #[test]

@@ -287,6 +287,13 @@ pub struct Plan {
     pub intermediate_per_hidden: Option<i32>,
     /// Learned absolute positions, and the row of position 0 in their table.
     pub learned_positions: Option<i32>,
+    /// Linear position biases on the attention scores (ALiBi), measured.
+    pub alibi: Option<super::alibi::AlibiPlan>,
+    /// The fused q/k/v projection holds each head's q, k and v rows together (measured):
+    /// `sanitize` reorders them into q, k, v blocks.
+    pub qkv_per_head: bool,
+    /// A norm of its own on the embeddings before the first layer (`model.embed_layernorm`).
+    pub embedding_layernorm: bool,
     /// Modules of a layer (by the names the blocks load) that Transformers keeps as
     /// `Conv1D`, weights `[in, out]`: `sanitize` transposes them.
     pub conv1d: Vec<String>,
@@ -329,6 +336,7 @@ pub fn structure_renames(facts: &Value) -> Vec<(String, String)> {
         ("layers", "model.layers"),
         ("norm", "model.norm"),
         ("lm_head", "lm_head"),
+        ("embedding_norm", "model.embed_layernorm"),
     ] {
         let Some(name) = structure.get(part).and_then(Value::as_str) else {
             continue;
@@ -427,6 +435,102 @@ fn module_eps(facts: &Value) -> Option<f64> {
 }
 
 /// The tiny model's `hidden_size` (under the class's own name where it has one).
+/// ALiBi from the `position_bias` probe (the tiny model's per-head score slopes), fitted
+/// to the block's slopes; a bias the block cannot compute, or one beside another position
+/// encoding, is a gap.
+fn alibi_plan(
+    facts: &Facts,
+    other_positions: bool,
+    decisions: &mut Vec<String>,
+    gaps: &mut Vec<String>,
+) -> Option<super::alibi::AlibiPlan> {
+    use super::alibi::AlibiFactor;
+    let slopes = super::alibi::measured_slopes(facts.value)?;
+    let head_dim = (hidden_of(facts) / slopes.len().max(1) as i64) as i32;
+    match super::alibi::fit(&slopes, head_dim) {
+        Ok(_) if other_positions => {
+            gaps.push(
+                "a linear position bias on the scores (ALiBi) beside RoPE or learned positions"
+                    .to_owned(),
+            );
+            None
+        }
+        Ok(a) => {
+            decisions.push(format!(
+                "positions: ALiBi (no RoPE, no position table; one token repeated gives every \
+                 head a constant score step between neighbouring keys), slopes of max bias {}{}",
+                a.max_bias,
+                match a.factor {
+                    AlibiFactor::One => "",
+                    AlibiFactor::AttentionScale => " times the attention scale",
+                }
+            ));
+            Some(a)
+        }
+        Err(why) => {
+            gaps.push(format!(
+                "a linear position bias on the scores (ALiBi) the block does not compute: {why}"
+            ));
+            None
+        }
+    }
+}
+
+/// What a common field the config class lacks stands for, measured, and the line for
+/// the report: the MLP width as a multiple of `hidden_size` (BLOOM's fixed 4, from the
+/// tiny model's `up_proj`; `Value` the multiple), and no context limit where the only
+/// positions are ALiBi's (no table, no RoPE: `i32::MAX`).
+fn unnamed_field(
+    facts: &Facts,
+    name: &str,
+    params: &BTreeMap<String, Vec<i64>>,
+) -> Option<(Value, String)> {
+    match name {
+        "intermediate_size" => {
+            let hidden = hidden_of(facts);
+            let rows = *params.get("model.layers.0.mlp.up_proj.weight")?.first()?;
+            (hidden > 0 && rows % hidden == 0).then(|| {
+                let k = rows / hidden;
+                (
+                    Value::from(k),
+                    format!(
+                        "the MLP is {k} × hidden_size wide (the config class has no field for \
+                         it; measured on the tiny model's up projection)"
+                    ),
+                )
+            })
+        }
+        "max_position_embeddings" => {
+            let positions = facts.value.pointer("/structure/positions");
+            let rotary = facts.value.pointer("/structure/rotary");
+            let alibi = super::alibi::measured_slopes(facts.value).is_some();
+            (alibi && positions.is_none_or(Value::is_null) && rotary.is_none_or(Value::is_null))
+                .then(|| {
+                    (
+                        Value::from(i32::MAX),
+                        "no context limit where config.json names none: the class has no \
+                         `max_position_embeddings` and the only positions are ALiBi's"
+                            .to_owned(),
+                    )
+                })
+        }
+        _ => None,
+    }
+}
+
+/// The activation the MLP's activation module computes (the `mlp_activation` probe),
+/// where the config class has no field to name it (BLOOM's `BloomGelu`).
+fn measured_activation(facts: &Facts, act_field: &str) -> Option<String> {
+    if facts.fields().contains_key(act_field) {
+        return None;
+    }
+    facts
+        .value
+        .get("mlp_activation")
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+}
+
 fn hidden_of(facts: &Facts) -> i64 {
     facts
         .resolved("hidden_size")
@@ -884,6 +988,19 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
                 }
             ));
             aliases.push((name.to_owned(), own));
+        } else if let Some((default, why)) = unnamed_field(&facts, name, &params) {
+            if name == "intermediate_size" {
+                intermediate_per_hidden = default.as_i64().and_then(|k| i32::try_from(k).ok());
+            } else {
+                fields.push(Field {
+                    name: name.to_owned(),
+                    ty,
+                    default,
+                    nullable: false,
+                    role,
+                });
+            }
+            decisions.push(why);
         } else if !matches!(name, "head_dim" | "num_key_value_heads") {
             gaps.push(format!("config class has no `{name}`"));
         }
@@ -1362,6 +1479,15 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         .unwrap_or("hidden_act")
         .to_owned();
     add(&mut fields, &act_field, FieldType::Str, "MLP activation");
+    if let Some(act) = measured_activation(&facts, &act_field) {
+        if let Some(f) = fields.iter_mut().find(|f| f.name == act_field) {
+            f.default = Value::String(act.clone());
+        }
+        decisions.push(format!(
+            "MLP activation `{act}` where config.json names none: the config class has no \
+             `{act_field}`; measured on the MLP's activation module"
+        ));
+    }
 
     // The bias switches read from the config.
     for f in [&qkv_bias, &o_bias, &mlp_bias]
@@ -1601,6 +1727,12 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
     } else {
         Some(RopeRule::Uniform)
     };
+    let alibi = alibi_plan(
+        &facts,
+        rope.is_some() || learned_positions.is_some(),
+        &mut decisions,
+        &mut gaps,
+    );
     let no_rope = has_field("no_rope_layers").then(|| {
         add(
             &mut fields,
@@ -1784,6 +1916,9 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
                 "model.embed_positions.weight" if learned_positions.is_some() => {
                     Some("LearnedPositions".to_owned())
                 }
+                "model.embed_layernorm.weight" | "model.embed_layernorm.bias" => {
+                    Some("embedding norm".to_owned())
+                }
                 "model.norm.weight" | "model.norm.bias" => Some("final norm".to_owned()),
                 "lm_head.weight" => Some("output layer (absent when tied)".to_owned()),
                 "lm_head.bias" => Some("output layer bias".to_owned()),
@@ -1921,6 +2056,10 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         renames: roles.renames.clone(),
         conv1d: layer_conv1d(facts.value, &roles.renames),
         learned_positions,
+        alibi,
+        qkv_per_head: qkv_fused
+            && facts.value.get("fused_qkv_layout").and_then(Value::as_str) == Some("per_head"),
+        embedding_layernorm: params.contains_key("model.embed_layernorm.weight"),
         aliases,
         intermediate_per_hidden,
         prefix_renames,

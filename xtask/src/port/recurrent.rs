@@ -594,6 +594,9 @@ fn base_plan(
         aliases: Vec::new(),
         intermediate_per_hidden: None,
         learned_positions: None,
+        alibi: None,
+        qkv_per_head: false,
+        embedding_layernorm: false,
         conv1d: Vec::new(),
     }
 }
