@@ -84,6 +84,7 @@ pub const BOUNDS: &[(&str, f32, f32)] = &[
     ("ministral3", 0.038, 0.62),       // measured 0.0298, 0.493
     ("mistral", 0.028, 0.5),           // measured 0.0224, 0.395
     ("mixtral", 0.025, 0.43),          // measured 0.0199, 0.338
+    ("mpt", 0.0094, 0.15),             // measured 0.00752, 0.119
     ("nanochat", 0.024, 0.42),         // measured 0.0192, 0.333
     ("nemotron", 0.03, 0.51),          // measured 0.024, 0.402
     ("nemotron_h", 0.02, 0.38),        // measured 0.0154, 0.298

@@ -1803,6 +1803,30 @@ mod generator_tests {
     }
 
     #[test]
+    fn mpt_is_regenerated_exactly_with_its_ffn_as_the_mlp_and_bias_free_layer_norms() {
+        let (plan, choice, source) = regenerate("mpt");
+        // `ffn` (an `MptMLP`) is the MLP; its LayerNorms have no bias, told by their class.
+        assert!(plan.renames.contains(&("ffn".to_owned(), "mlp".to_owned())));
+        assert_eq!(plan.layer_norm, Some(plan::Flag::Never));
+        assert_eq!(plan.mlp_layout, mlx_models::transformer::MlpLayout::UpDown);
+        assert!(plan.alibi.is_some() && !plan.qkv_per_head);
+        assert!(source.contains("\"hidden_act\":\"gelu\""));
+        // Seeded fault: RMSNorm (what the parameters alone suggested) fails at layer 0.
+        let mut wrong = plan.clone();
+        wrong.layer_norm = None;
+        wrong.choices = vec![choice];
+        let found = search(&wrong, &fixtures("mpt")).expect("search runs");
+        assert!(found.chosen.is_none());
+        let (_, failures) = &found.tried[0];
+        assert!(
+            failures
+                .iter()
+                .any(|f| f.starts_with("mpt/default: first bad tensor `layers.0`")),
+            "{failures:?}"
+        );
+    }
+
+    #[test]
     fn opt_is_regenerated_exactly_from_its_nested_decoder_with_the_norms_own_epsilon() {
         let (plan, _, source) = regenerate("opt");
         // `model.decoder.layers` is nested under `model.`: renamed by structure all the same.

@@ -518,6 +518,27 @@ fn unnamed_field(
     }
 }
 
+/// The class of the module the blocks load as `name`, found under its checkpoint name
+/// (MPT's `transformer.blocks.0.norm_1` is `model.layers.0.input_layernorm`).
+fn renamed_module_class<'a>(
+    facts: &Facts<'a>,
+    name: &str,
+    prefixes: &[(&str, &str)],
+    renames: &[(String, String)],
+) -> Option<&'a str> {
+    facts
+        .value
+        .get("modules")?
+        .as_array()?
+        .iter()
+        .find(|m| {
+            let full = format!("{}.x", str_of(m, "name"));
+            let full = mlx_models::weights::rename_prefix(&full, prefixes);
+            super::trace::rename(&full, renames).strip_suffix(".x") == Some(name)
+        })
+        .map(|m| str_of(m, "class"))
+}
+
 /// The activation the MLP's activation module computes (the `mlp_activation` probe),
 /// where the config class has no field to name it (BLOOM's `BloomGelu`).
 fn measured_activation(facts: &Facts, act_field: &str) -> Option<String> {
@@ -1419,6 +1440,14 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
     let norm_name = present.first().copied().unwrap_or(norm_param);
     let norm_class = facts
         .module_class(&format!("model.layers.0.{norm_name}"))
+        .or_else(|| {
+            renamed_module_class(
+                &facts,
+                &format!("model.layers.0.{norm_name}"),
+                &prefixes,
+                &roles.renames,
+            )
+        })
         .unwrap_or_default()
         .to_owned();
     let layer_norm = if has(&format!("{norm_name}.bias")) {

@@ -90,10 +90,45 @@ pub fn attention_block(events: &[Event]) -> Option<String> {
     Some(block).filter(|m| !m.is_empty() && m != "self_attn")
 }
 
+/// The layer's MLP block when it is not called `mlp`: the module directly under the layer,
+/// called after the attention block, whose class is an MLP (MPT's `ffn`, an `MptMLP`).
+pub fn mlp_block(events: &[Event]) -> Option<String> {
+    if events.iter().any(|e| e.enter && e.module == "mlp") {
+        return None;
+    }
+    events
+        .iter()
+        .find(|e| {
+            e.enter
+                && !e.module.is_empty()
+                && !e.module.contains('.')
+                && e.class.to_uppercase().ends_with("MLP")
+        })
+        .map(|e| e.module.clone())
+}
+
 /// The norms' roles (and the projections' and the attention block's names), from the
 /// calls of layer 0. An attention block under another name is read as `self_attn` and
 /// renamed last, after the renames of the modules inside it.
 pub fn norm_roles(events: &[Event]) -> NormRoles {
+    // An MLP block under another name (MPT's `ffn`) is read as `mlp` the same way.
+    if let Some(mlp) = mlp_block(events) {
+        let renamed: Vec<Event> = events
+            .iter()
+            .map(|e| Event {
+                module: mlx_models::weights::rename_prefix(&e.module, &[(&mlp, "mlp")]),
+                ..e.clone()
+            })
+            .collect();
+        let mut roles = norm_roles(&renamed);
+        for (from, _) in &mut roles.renames {
+            if let Some(tail) = from.strip_prefix("mlp.") {
+                *from = format!("{mlp}.{tail}");
+            }
+        }
+        roles.renames.push((mlp, "mlp".to_owned()));
+        return roles;
+    }
     let Some(block) = attention_block(events) else {
         return block_roles(events);
     };
