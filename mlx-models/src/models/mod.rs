@@ -14,6 +14,7 @@ pub mod deepseek_v3;
 pub mod dots1;
 pub mod ernie4_5;
 pub mod exaone4;
+pub mod falcon;
 pub mod falcon_h1;
 pub mod gemma;
 pub mod gemma2;
@@ -102,6 +103,7 @@ pub const REGISTRY: &[(&str, Loader)] = &[
     ("dots1", family::load::<dots1::Config>),
     ("ernie4_5", family::load::<ernie4_5::Config>),
     ("exaone4", family::load::<exaone4::Config>),
+    ("falcon", family::load::<falcon::Config>),
     ("falcon_h1", falcon_h1::load),
     ("falcon_mamba", mamba::load),
     ("gemma", family::load::<gemma::Config>),

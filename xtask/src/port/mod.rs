@@ -1827,6 +1827,44 @@ mod generator_tests {
     }
 
     #[test]
+    fn falcon_is_regenerated_exactly_with_one_kv_head_measured_on_its_fused_projection() {
+        let (plan, choice, source) = regenerate("falcon");
+        // `FalconLinear` projections are linears; `multi_query`'s single key/value head is
+        // measured on the fused projection's rows (the class has no `num_key_value_heads`).
+        assert!(plan.renames.contains(&(
+            "self_attention.query_key_value".to_owned(),
+            "self_attn.qkv_proj".to_owned()
+        )));
+        assert!(source.contains("\"num_key_value_heads\":1"));
+        assert_eq!(
+            choice.norm_placement,
+            mlx_models::transformer::NormPlacement::Parallel
+        );
+        assert!(plan.alibi.is_none());
+        assert!(plan.refused.contains(&("alibi".to_owned(), false)));
+        // Seeded fault: as many key/value heads as query heads is refused by the fused
+        // projection's shape before anything runs.
+        let mut wrong = plan.clone();
+        for f in wrong
+            .fields
+            .iter_mut()
+            .filter(|f| f.name == "num_key_value_heads")
+        {
+            f.default = serde_json::Value::from(4);
+        }
+        wrong.choices = vec![choice];
+        let found = search(&wrong, &fixtures("falcon")).expect("search runs");
+        assert!(found.chosen.is_none());
+        let (_, failures) = &found.tried[0];
+        assert!(
+            failures
+                .iter()
+                .any(|f| f.contains("self_attn.qkv_proj.weight")),
+            "{failures:?}"
+        );
+    }
+
+    #[test]
     fn opt_is_regenerated_exactly_from_its_nested_decoder_with_the_norms_own_epsilon() {
         let (plan, _, source) = regenerate("opt");
         // `model.decoder.layers` is nested under `model.`: renamed by structure all the same.

@@ -500,6 +500,34 @@ fn unnamed_field(
                 )
             })
         }
+        "num_key_value_heads" => {
+            // A fused projection of `(heads + 2 · kv_heads) · head_dim` rows with fewer
+            // key/value heads than query heads (Falcon's `multi_query`: one).
+            let heads = facts
+                .resolved("num_attention_heads")
+                .or_else(|| {
+                    let own = facts.value.pointer("/attribute_map/num_attention_heads")?;
+                    facts.resolved(own.as_str()?)
+                })
+                .and_then(Value::as_i64)?;
+            let hidden = hidden_of(facts);
+            let rows = *params
+                .get("model.layers.0.self_attn.qkv_proj.weight")?
+                .first()?;
+            let head_dim = (heads > 0 && hidden % heads == 0).then(|| hidden / heads)?;
+            let kv = (rows / head_dim - heads) / 2;
+            (rows % head_dim == 0 && kv > 0 && kv < heads && (heads + 2 * kv) * head_dim == rows)
+                .then(|| {
+                    (
+                        Value::from(kv),
+                        format!(
+                            "{kv} key/value head(s) where config.json names none: the config \
+                             class has no `num_key_value_heads`; measured on the fused q/k/v \
+                             projection ({rows} rows of {heads} query heads of {head_dim})"
+                        ),
+                    )
+                })
+        }
         "max_position_embeddings" => {
             let positions = facts.value.pointer("/structure/positions");
             let rotary = facts.value.pointer("/structure/rotary");

@@ -244,6 +244,12 @@ fn block_roles(events: &[Event]) -> NormRoles {
 /// transposed).
 pub const PROJECTIONS: [&str; 2] = ["Linear", "Conv1D"];
 
+/// A linear projection: `Linear`, `Conv1D`, or a subclass of `Linear` named so (Falcon's
+/// `FalconLinear`).
+pub fn is_projection(class: &str) -> bool {
+    PROJECTIONS.contains(&class) || class.ends_with("Linear")
+}
+
 /// The projections whose names the blocks do not know, by the order Transformers calls
 /// them: the last linear layer of attention is its output projection, and when there is
 /// one other, it is the fused q/k/v projection (GPT-2's `c_attn`, GPT-NeoX's
@@ -253,7 +259,7 @@ fn linear_roles(events: &[Event], renames: &mut Vec<(String, String)>) {
         let prefix = format!("{block}.");
         events
             .iter()
-            .filter(|e| e.enter && PROJECTIONS.contains(&e.class.as_str()))
+            .filter(|e| e.enter && is_projection(&e.class))
             .filter_map(|e| e.module.strip_prefix(&prefix).map(str::to_owned))
             .collect()
     };
@@ -292,7 +298,7 @@ fn linear_roles(events: &[Event], renames: &mut Vec<(String, String)>) {
     // module (BioGPT's and OPT's `fc1`, `fc2`): the MLP's up and down.
     let direct: Vec<&str> = events
         .iter()
-        .filter(|e| e.enter && PROJECTIONS.contains(&e.class.as_str()))
+        .filter(|e| e.enter && is_projection(&e.class))
         .map(|e| e.module.as_str())
         .filter(|m| !m.is_empty() && !m.contains('.'))
         .collect();
