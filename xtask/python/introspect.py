@@ -1074,6 +1074,7 @@ def introspect(model_type: str, config_override: dict | None, replace: bool, che
         "default_theta": jsonable(getattr(config_class, "default_theta", None)),
         "no_rope_probes": probes.no_rope_probes(config_class, fields),
         "flag_probes": probes.flag_probes(architecture, small, build_config, tiny_model, model_type),
+        "nested_probes": probes.nested_probes(architecture, small, build_config, tiny_model, model_type),
         "scalar_probes": probes.scalar_probes(architecture, small, build_config, tiny_model, model_type),
         "width_probes": probes.width_probes(architecture, small, build_config, tiny_model, model_type, fields),
         "derived_layer_lists": probes.derived_layer_lists(config_class, fields),

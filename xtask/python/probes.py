@@ -106,6 +106,51 @@ INERT_FLAGS = {
 }
 
 
+def nested_probes(architecture, small, build_config, tiny_model, model_type):
+    """What each scalar of a nested sub-config (MPT's `attn_config`) does when changed:
+    a bool flipped, a number doubled (1 for 0), null set to 1.5. `{"field", "key",
+    "default", "value", "logits_max_abs"}` per sub-field, with every weight copied over;
+    `logits_max_abs` None where the class or the model refuses the value. The port tool
+    refuses, in the module it writes, any other value of a sub-field that changes the
+    logits, since no block reads it."""
+    import torch
+
+    base_config = build_config(model_type, small)
+    base = tiny_model(architecture, base_config)
+    ids = torch.arange(1, 9).unsqueeze(0) % base_config.vocab_size
+    with torch.no_grad():
+        base_logits = base(input_ids=ids).logits
+    probes = []
+    resolved = base_config.to_dict()
+    for name in sorted(resolved):
+        nested = resolved[name]
+        if not isinstance(nested, dict) or name in ("id2label", "label2id", "rope_parameters", "rope_scaling"):
+            continue
+        for key in sorted(nested):
+            default = nested[key]
+            if isinstance(default, bool):
+                value = not default
+            elif isinstance(default, (int, float)):
+                value = default * 2 if default else 1
+            elif default is None:
+                value = 1.5
+            else:
+                continue
+            entry = {"field": name, "key": key, "default": default, "value": value, "logits_max_abs": None}
+            try:
+                changed = build_config(model_type, {**small, name: {**nested, key: value}})
+                model = tiny_model(architecture, changed)
+                model.load_state_dict(base.state_dict(), strict=False)
+                with torch.no_grad():
+                    logits = model(input_ids=ids).logits
+                if logits.shape == base_logits.shape:
+                    entry["logits_max_abs"] = float((logits - base_logits).abs().max())
+            except Exception as error:
+                entry["error"] = f"{type(error).__name__}: {error}"[:200]
+            probes.append(entry)
+    return probes
+
+
 def flag_probes(architecture, small, build_config, tiny_model, model_type):
     """What each boolean field of the tiny config does when flipped.
 

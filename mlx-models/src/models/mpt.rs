@@ -44,6 +44,8 @@ impl DecoderFamily for Config {
 
     fn settings(&self, config: &ConfigFile) -> Result<DecoderSettings> {
         let d = &self.decoder;
+        config.ensure_nested("attn_config", "clip_qkv", "null")?;
+        config.ensure_nested("attn_config", "softmax_scale", "null")?;
         let attention = AttentionSettings {
             qkv_layout: QkvLayout::Fused,
             alibi: Some(AlibiSettings {

@@ -460,6 +460,9 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
             super::interpret::refusal(*supported)
         );
     }
+    for (field, key, default) in &plan.nested_refused {
+        let _ = writeln!(w, "config.ensure_nested({field:?}, {key:?}, {default:?})?;");
+    }
     if attn.is_empty() {
         let _ = writeln!(w, "let attention = d.attention();");
     } else {

@@ -159,6 +159,9 @@ pub fn settings(plan: &Plan, choice: &Choice, config: &ConfigFile) -> Result<Dec
         }
     }
 
+    for (field, key, default) in &plan.nested_refused {
+        config.ensure_nested(field, key, default)?;
+    }
     let attention = AttentionSettings {
         qkv_layout: if plan.qkv_fused {
             QkvLayout::Fused

@@ -1811,6 +1811,24 @@ mod generator_tests {
         assert_eq!(plan.mlp_layout, mlx_models::transformer::MlpLayout::UpDown);
         assert!(plan.alibi.is_some() && !plan.qkv_per_head);
         assert!(source.contains("\"hidden_act\":\"gelu\""));
+        // `attn_config`'s `clip_qkv` and `softmax_scale` move the logits in the nested
+        // probes and no block reads them: only their default (null) is accepted.
+        assert_eq!(
+            plan.nested_refused,
+            [
+                (
+                    "attn_config".to_owned(),
+                    "clip_qkv".to_owned(),
+                    "null".to_owned()
+                ),
+                (
+                    "attn_config".to_owned(),
+                    "softmax_scale".to_owned(),
+                    "null".to_owned()
+                ),
+            ]
+        );
+        assert!(source.contains("config.ensure_nested(\"attn_config\", \"clip_qkv\", \"null\")?;"));
         // Seeded fault: RMSNorm (what the parameters alone suggested) fails at layer 0.
         let mut wrong = plan.clone();
         wrong.layer_norm = None;

@@ -294,6 +294,9 @@ pub struct Plan {
     pub qkv_per_head: bool,
     /// A norm of its own on the embeddings before the first layer (`model.embed_layernorm`).
     pub embedding_layernorm: bool,
+    /// Entries of nested sub-configs that change the logits (the nested probes) but that no
+    /// block reads, `(field, key, default as JSON)`: the module refuses other values.
+    pub nested_refused: Vec<(String, String, String)>,
     /// Modules of a layer (by the names the blocks load) that Transformers keeps as
     /// `Conv1D`, weights `[in, out]`: `sanitize` transposes them.
     pub conv1d: Vec<String>,
@@ -544,6 +547,36 @@ fn unnamed_field(
         }
         _ => None,
     }
+}
+
+/// The nested probes' sub-config entries that move the logits (or that the model refuses
+/// to run with another value): no block reads them, so the module accepts only their
+/// default (MPT's `attn_config.clip_qkv`, `attn_config.softmax_scale`).
+pub fn nested_refused(facts: &Value, decisions: &mut Vec<String>) -> Vec<(String, String, String)> {
+    let mut refused = Vec::new();
+    for p in facts
+        .get("nested_probes")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let moved = p.get("logits_max_abs").and_then(Value::as_f64);
+        if moved.is_some_and(|d| d == 0.0) {
+            continue;
+        }
+        let (field, key) = (str_of(p, "field"), str_of(p, "key"));
+        let default = p.get("default").cloned().unwrap_or(Value::Null).to_string();
+        decisions.push(format!(
+            "`{field}.{key}` = {} changes the model ({}): only {default} accepted",
+            p.get("value").cloned().unwrap_or(Value::Null),
+            match moved {
+                Some(d) => format!("logits move by {d:.3e}"),
+                None => "the model does not run with it".to_owned(),
+            }
+        ));
+        refused.push((field.to_owned(), key.to_owned(), default));
+    }
+    refused
 }
 
 /// The class of the module the blocks load as `name`, found under its checkpoint name
@@ -2073,6 +2106,7 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         ignored.push((name.clone(), reason));
     }
 
+    let nested_refused = nested_refused(facts.value, &mut decisions);
     Plan {
         model_type,
         default_theta: default_theta(facts.value),
@@ -2117,6 +2151,7 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         qkv_per_head: qkv_fused
             && facts.value.get("fused_qkv_layout").and_then(Value::as_str) == Some("per_head"),
         embedding_layernorm: params.contains_key("model.embed_layernorm.weight"),
+        nested_refused,
         aliases,
         intermediate_per_hidden,
         prefix_renames,

@@ -597,6 +597,7 @@ fn base_plan(
         alibi: None,
         qkv_per_head: false,
         embedding_layernorm: false,
+        nested_refused: Vec::new(),
         conv1d: Vec::new(),
     }
 }
