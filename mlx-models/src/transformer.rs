@@ -940,6 +940,13 @@ impl LanguageModel for Decoder {
             .and_then(|l| l.rope.as_ref())
     }
 
+    fn alibi(&self) -> bool {
+        let s = &self.settings;
+        s.attention.alibi.is_some()
+            && self.embed_positions.is_none()
+            && s.layers.iter().all(|l| l.rope.is_none())
+    }
+
     fn local_rope(&self) -> Option<&Rope> {
         self.settings
             .layers
