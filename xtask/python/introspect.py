@@ -774,7 +774,7 @@ def propose_variants(model_type: str, fields: dict, small: dict, resolved, rotar
 
     bias_fields = [
         name for name, field in fields.items()
-        if (name.endswith("_bias") or name == "use_bias") and field["kind"] == "bool"
+        if (name.endswith("_bias") or name in ("use_bias", "bias")) and field["kind"] == "bool"
     ]
     if bias_fields:
         if all(fields[name]["default"] is True for name in bias_fields):
