@@ -2107,6 +2107,20 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
     }
 
     let nested_refused = nested_refused(facts.value, &mut decisions);
+    for (name, reason) in ignored.iter_mut() {
+        let keys: Vec<String> = nested_refused
+            .iter()
+            .filter(|(field, _, _)| field == name)
+            .map(|(_, key, _)| format!("`{key}`"))
+            .collect();
+        if !keys.is_empty() {
+            *reason = format!(
+                "not read; its entries {} change the model and are checked: only their defaults \
+                 accepted",
+                keys.join(", ")
+            );
+        }
+    }
     Plan {
         model_type,
         default_theta: default_theta(facts.value),
