@@ -890,6 +890,8 @@ impl LanguageModel for Decoder {
             h = self.norm.forward(&h)?;
         }
         if let Some(norm) = &self.embed_layernorm {
+            // The rows as looked up (their dtype is what a conversion changes first).
+            tap.record("embed_tokens", &h);
             h = norm.forward(&h)?;
         }
         tap.record("embeddings", &h);
