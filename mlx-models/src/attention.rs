@@ -2,6 +2,7 @@
 //! decoder layer (q/k/v projections, optional q/k norms, RoPE, the layer's KV cache, the
 //! output projection), in the variants the families use.
 
+use crate::alibi::Alibi;
 use crate::cache::KvCache;
 use crate::differential::Differential;
 use crate::error::{Error, Result};
@@ -177,6 +178,17 @@ pub struct AttentionSettings {
     /// Differential attention (DiffLlama): two softmaxes over the same scores combined by a
     /// learned λ per layer ([`crate::differential`]).
     pub differential: bool,
+    /// Linear position biases on the scores instead of RoPE (BLOOM, MPT; see [`crate::alibi`]).
+    pub alibi: Option<AlibiSettings>,
+}
+
+/// ALiBi's settings: the slopes' `max_bias` (MPT's `alibi_bias_max`; 8 for BLOOM) and a
+/// factor on every slope (1, or the attention scale where a model scales the biased
+/// scores).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AlibiSettings {
+    pub max_bias: f32,
+    pub factor: f32,
 }
 
 impl AttentionSettings {
@@ -200,6 +212,7 @@ impl AttentionSettings {
             qk_norm_eps: 1e-6,
             output_gate: false,
             differential: false,
+            alibi: None,
         }
     }
 }
@@ -289,6 +302,8 @@ pub struct Attention {
     /// (λ depends on the layer's depth).
     pub differential: Option<Differential>,
     pub rope: Option<Rope>,
+    /// This block's heads' ALiBi slopes.
+    pub alibi: Option<Alibi>,
     pub settings: AttentionSettings,
 }
 
@@ -387,6 +402,16 @@ impl Attention {
                 Some(w.get_part("sinks", &[s.num_heads], &Part::new(0, share.heads.clone()))?)
             }
         };
+        let alibi = match s.alibi {
+            Some(a) => {
+                let all = Alibi::new(s.num_heads, a.max_bias, a.factor)?;
+                Some(match &share {
+                    Some((_, share)) => all.heads(share.heads.clone()),
+                    None => all,
+                })
+            }
+            None => None,
+        };
         Ok(Attention {
             qkv,
             o_proj: Linear::load_split(&w.pp("o_proj"), q_dim, hidden, s.o_bias, &o_split)?,
@@ -396,6 +421,7 @@ impl Attention {
             sub_norm: None,
             differential: None,
             rope,
+            alibi,
             settings: local,
         })
     }
@@ -500,7 +526,22 @@ impl Attention {
         tap.record("self_attn.rope_q", &q);
         tap.record("self_attn.rope_k", &k);
 
+        if self.alibi.is_some() && (cache.window().is_some() || cache.chunk().is_some()) {
+            return Err(Error::Mlx(mlx_rs::error::Exception::custom(
+                "ALiBi attention needs an unbounded KV cache (its keys in position order)",
+            )));
+        }
         let (k, v, mask) = cache.attend(k, v)?;
+        let mask = match &self.alibi {
+            Some(alibi) => {
+                let bias = alibi.bias(len, k.dim(2), q.dtype())?;
+                AttentionMask::Additive(match additive_mask(&mask, len, k.dim(2), q.dtype())? {
+                    Some(m) => bias.add(&m)?,
+                    None => bias,
+                })
+            }
+            None => mask,
+        };
         let out = match (&self.differential, s.logit_softcap) {
             (Some(d), _) => d.attend(&q, &k, &v, s.scale, &mask)?,
             (None, None) => attention_with_sinks(&q, &k, &v, s.scale, &mask, self.sinks.as_ref())?,
@@ -592,6 +633,165 @@ fn additive_mask(mask: &AttentionMask, len: i32, keys: i32, dtype: Dtype) -> Res
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::{max_abs, random};
+    use crate::weights::Weights;
+    use mlx_rs::ops::indexing::TryIndexOp;
+    use std::collections::HashMap;
+
+    const HIDDEN: i32 = 24;
+
+    /// An ALiBi attention block (6 heads: not a power of two) with seeded random weights.
+    fn alibi_attention() -> Result<Attention> {
+        let (heads, head_dim) = (6, 4);
+        let mut t = HashMap::new();
+        for (i, name) in ["q_proj", "k_proj", "v_proj"].iter().enumerate() {
+            t.insert(
+                format!("{name}.weight"),
+                random(&[heads * head_dim, HIDDEN], 10 + i as u64, 0.4),
+            );
+            t.insert(
+                format!("{name}.bias"),
+                random(&[heads * head_dim], 20 + i as u64, 0.4),
+            );
+        }
+        t.insert(
+            "o_proj.weight".into(),
+            random(&[HIDDEN, heads * head_dim], 30, 0.4),
+        );
+        let weights = Weights::new(t, "test");
+        let mut s = AttentionSettings::new(heads, heads, head_dim);
+        s.qkv_bias = true;
+        s.alibi = Some(AlibiSettings {
+            max_bias: 8.0,
+            factor: 1.0,
+        });
+        let attention = Attention::load(&weights.root(), HIDDEN, &s, NormKind::Rms, 1e-5, None)?;
+        weights.check_all_used()?;
+        Ok(attention)
+    }
+
+    /// ALiBi attention written out: `softmax(q·kᵀ/√d + slope·(k − q))` over keys `k <= q`,
+    /// per head, then `o_proj` — from the block's own weights, position by position.
+    fn alibi_reference(a: &Attention, x: &Array) -> Result<Array> {
+        let (
+            Qkv::Separate {
+                q_proj,
+                k_proj,
+                v_proj,
+            },
+            Some(alibi),
+        ) = (&a.qkv, &a.alibi)
+        else {
+            unreachable!("the test block has separate projections and ALiBi")
+        };
+        let s = &a.settings;
+        let len = x.dim(1);
+        let split = |t: Array| {
+            t.reshape(&[len, s.num_heads, s.head_dim])
+                .unwrap()
+                .swap_axes(0, 1)
+                .unwrap()
+        };
+        let (q, k, v) = (
+            split(q_proj.forward(x)?),
+            split(k_proj.forward(x)?),
+            split(v_proj.forward(x)?),
+        );
+        let scores = ops::matmul(&q, &k.swap_axes(-1, -2)?)?.multiply(Array::from_f32(s.scale))?;
+        let mut bias = Vec::new();
+        for slope in &alibi.slopes {
+            for qi in 0..len {
+                bias.extend((0..len).map(|ki| {
+                    if ki <= qi {
+                        slope * (ki - qi) as f32
+                    } else {
+                        f32::NEG_INFINITY
+                    }
+                }));
+            }
+        }
+        let bias = Array::from_slice(&bias, &[s.num_heads, len, len]);
+        let weights = ops::softmax_axis(&scores.add(&bias)?, -1, None)?;
+        let out = ops::matmul(&weights, &v)?
+            .swap_axes(0, 1)?
+            .reshape(&[1, len, -1])?;
+        a.o_proj.forward(&out)
+    }
+
+    /// The block against the written-out formula on a prefill, the same tokens fed in two
+    /// steps through the cache, and as the second row of a left-padded batch.
+    #[test]
+    fn alibi_attention_matches_the_formula_with_cache_and_padding() -> Result<()> {
+        let a = alibi_attention()?;
+        assert_eq!(a.alibi.as_ref().map(|a| a.slopes.len()), Some(6));
+        let x = random(&[1, 7, HIDDEN], 1, 1.0);
+        let want = alibi_reference(&a, &x)?;
+        let mut tap = Tap::off();
+        let mut cache = KvCache::new();
+        let full = a.forward(&x, &mut cache, &mut tap)?;
+        assert!(
+            max_abs(&full, &want) < 1e-5,
+            "prefill: {}",
+            max_abs(&full, &want)
+        );
+
+        let mut cache = KvCache::new();
+        let first = a.forward(&x.try_index((.., ..4, ..))?, &mut cache, &mut tap)?;
+        let mut steps = vec![first];
+        for t in 4..7 {
+            steps.push(a.forward(&x.try_index((.., t..t + 1, ..))?, &mut cache, &mut tap)?);
+        }
+        let stepped = ops::concatenate(&steps, 1)?;
+        assert!(
+            max_abs(&stepped, &want) < 1e-5,
+            "cached: {}",
+            max_abs(&stepped, &want)
+        );
+
+        // Row 0: 7 tokens of its own; row 1: the first 5 of x, left-padded by 2.
+        let other = random(&[1, 7, HIDDEN], 2, 1.0);
+        let padded_row = ops::concatenate(
+            &[other.try_index((.., ..2, ..))?, x.try_index((.., ..5, ..))?],
+            1,
+        )?;
+        let batch = ops::concatenate(&[&other, &padded_row], 0)?;
+        let mut cache = KvCache::left_padded(&[0, 2])?;
+        let out = a.forward(&batch, &mut cache, &mut tap)?;
+        let row = out.try_index((1..2, 2.., ..))?;
+        let want5 = alibi_reference(&a, &x.try_index((.., ..5, ..))?)?;
+        assert!(
+            max_abs(&row, &want5) < 1e-5,
+            "padded: {}",
+            max_abs(&row, &want5)
+        );
+        // And a decode step of the padded batch: row 1's sixth token.
+        let next = ops::concatenate(
+            &[
+                other.try_index((.., 6..7, ..))?,
+                x.try_index((.., 5..6, ..))?,
+            ],
+            0,
+        )?;
+        let out = a.forward(&next, &mut cache, &mut tap)?;
+        let want6 = alibi_reference(&a, &x.try_index((.., ..6, ..))?)?;
+        let got = out.try_index((1..2, .., ..))?;
+        let want = want6.try_index((.., 5..6, ..))?;
+        assert!(
+            max_abs(&got, &want) < 1e-5,
+            "padded step: {}",
+            max_abs(&got, &want)
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn alibi_refuses_a_rotating_cache() -> Result<()> {
+        let a = alibi_attention()?;
+        let x = random(&[1, 3, HIDDEN], 1, 1.0);
+        let err = a.forward(&x, &mut KvCache::rotating(2), &mut Tap::off());
+        assert!(err.is_err());
+        Ok(())
+    }
 
     /// The temperatures against Transformers' two formulas: Ministral 3's
     /// `1 + β·log(1 + floor(p / n))` (offset 0) and Llama 4's

@@ -13,6 +13,11 @@ pub struct ConfigFile {
     pub value: Value,
 }
 
+/// Two JSON numbers of one value (`8` and `8.0`).
+fn numbers_equal(a: &Value, b: &Value) -> bool {
+    matches!((a.as_f64(), b.as_f64()), (Some(x), Some(y)) if x == y)
+}
+
 /// Fields that families' configs name in several ways, each group one field (module
 /// `Config`s read them through serde aliases).
 pub const FIELD_ALIASES: &[&[&str]] = &[
@@ -272,5 +277,61 @@ impl ConfigFile {
         } else {
             Err(Error::config(&self.path, field, message()))
         }
+    }
+
+    /// Fails naming `field.key` when config.json gives that entry of the nested object
+    /// `field` (MPT's `attn_config.clip_qkv`) a value other than `default` (JSON): a value
+    /// the module does not compute. An absent entry is the default.
+    pub fn ensure_nested(&self, field: &str, key: &str, default: &str) -> Result<()> {
+        let name = format!("{field}.{key}");
+        let default: Value = serde_json::from_str(default).map_err(|e| {
+            Error::config(
+                &self.path,
+                &name,
+                format!("the module's default is not JSON: {e}"),
+            )
+        })?;
+        match self.value.get(field).and_then(|f| f.get(key)) {
+            Some(v) if *v != default && !numbers_equal(v, &default) => Err(Error::config(
+                &self.path,
+                &name,
+                format!(
+                    "only {default} is supported: Transformers computes something else with \
+                     {v}, which this module does not implement"
+                ),
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(json: &str) -> ConfigFile {
+        ConfigFile {
+            path: PathBuf::from("config.json"),
+            value: serde_json::from_str(json).expect("test JSON"),
+        }
+    }
+
+    #[test]
+    fn nested_entries_other_than_the_default_are_refused_by_name() {
+        let c = config(r#"{"attn_config": {"clip_qkv": 6, "alibi_bias_max": 8.0}}"#);
+        match c.ensure_nested("attn_config", "clip_qkv", "null") {
+            Err(Error::Config { field, .. }) => assert_eq!(field, "attn_config.clip_qkv"),
+            other => panic!("expected a config error, got {other:?}"),
+        }
+        c.ensure_nested("attn_config", "alibi_bias_max", "8")
+            .unwrap();
+        c.ensure_nested("attn_config", "softmax_scale", "null")
+            .unwrap();
+        config("{}")
+            .ensure_nested("attn_config", "clip_qkv", "null")
+            .unwrap();
+        config(r#"{"attn_config": {"clip_qkv": null}}"#)
+            .ensure_nested("attn_config", "clip_qkv", "null")
+            .unwrap();
     }
 }

@@ -1,5 +1,6 @@
 //! Language models on MLX.
 
+pub mod alibi;
 pub mod attention;
 pub mod cache;
 pub mod chat;

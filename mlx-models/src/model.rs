@@ -31,6 +31,13 @@ pub trait LanguageModel: Send {
     fn local_rope(&self) -> Option<&Rope> {
         None
     }
+
+    /// Positions are ALiBi's alone (no RoPE, no position table): each score's bias follows
+    /// the distance between its query and key slots, so the rows of a left-padded batch
+    /// need no position of their own.
+    fn alibi(&self) -> bool {
+        false
+    }
 }
 
 /// Facts about a loaded model, for `info` and for generation limits.

@@ -33,7 +33,7 @@ use crate::tap::Tap;
 use crate::weights::{WeightPath, Weights};
 use mlx_rs::Array;
 
-pub use crate::attention::{AttentionSettings, QkNorm, QkvLayout};
+pub use crate::attention::{AlibiSettings, AttentionSettings, QkNorm, QkvLayout};
 pub use crate::mlp::{Activation, MlpLayout, MlpSettings};
 pub use crate::norm::NormKind;
 
@@ -174,6 +174,9 @@ pub struct DecoderSettings {
     /// The final norm also normalizes the embeddings, before the first layer (NanoChat
     /// calls its one `norm` module twice).
     pub embedding_norm: bool,
+    /// A norm of its own on the embeddings, before the first layer (`model.embed_layernorm`:
+    /// BLOOM's `word_embeddings_layernorm`), of the model's norm kind.
+    pub embedding_layernorm: bool,
     /// A norm before each output projection: `self_attn.attn_sub_norm` on the attention
     /// output (before `o_proj`), `mlp.ffn_sub_norm` on the MLP's hidden features (BitNet).
     pub sub_norms: bool,
@@ -236,6 +239,7 @@ impl DecoderSettings {
             layers,
             embedding_scale: None,
             embedding_norm: false,
+            embedding_layernorm: false,
             sub_norms: false,
             learned_positions: false,
             position_offset: 0,
@@ -791,6 +795,7 @@ pub struct Decoder {
     embed_tokens: Embedding,
     embed_positions: Option<LearnedPositions>,
     sinusoidal_positions: Option<SinusoidalPositions>,
+    embed_layernorm: Option<Norm>,
     layers: Vec<DecoderLayer>,
     /// The final norm (also the embeddings' with [`DecoderSettings::embedding_norm`]).
     norm: Option<Norm>,
@@ -834,6 +839,10 @@ impl Decoder {
             }
             None => None,
         };
+        let embed_layernorm = s
+            .embedding_layernorm
+            .then(|| Norm::load(&w.pp("embed_layernorm"), s.norm, s.hidden_size, s.norm_eps))
+            .transpose()?;
         let layers = s
             .layers
             .iter()
@@ -919,6 +928,7 @@ impl Decoder {
             embed_tokens,
             embed_positions,
             sinusoidal_positions,
+            embed_layernorm,
             layers,
             norm,
             lm_head,
@@ -947,6 +957,11 @@ impl LanguageModel for Decoder {
         }
         if s.embedding_norm {
             h = norm_opt(&self.norm, &h)?;
+        }
+        if let Some(norm) = &self.embed_layernorm {
+            // The rows as looked up (their dtype is what a conversion changes first).
+            tap.record("embed_tokens", &h);
+            h = norm.forward(&h)?;
         }
         tap.record("embeddings", &h);
         for (i, (layer, cache)) in self.layers.iter().zip(cache.iter_mut()).enumerate() {
@@ -998,6 +1013,13 @@ impl LanguageModel for Decoder {
             .find(|l| l.sliding_window.is_none() && l.rope.is_some())
             .or_else(|| layers.iter().find(|l| l.rope.is_some()))
             .and_then(|l| l.rope.as_ref())
+    }
+
+    fn alibi(&self) -> bool {
+        let s = &self.settings;
+        s.attention.alibi.is_some()
+            && self.embed_positions.is_none()
+            && s.layers.iter().all(|l| l.rope.is_none())
     }
 
     fn local_rope(&self) -> Option<&Rope> {

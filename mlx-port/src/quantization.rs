@@ -38,6 +38,7 @@ pub const BOUNDS: &[(&str, f32, f32)] = &[
     ("arcee", 0.032, 0.47),            // measured 0.025, 0.371
     ("bitnet", 0.038, 0.63),           // measured 0.0303, 0.499
     ("biogpt", 0.017, 0.29),           // measured 0.0132, 0.226
+    ("bloom", 0.019, 0.3),             // measured 0.0147, 0.238
     ("codegen", 0.017, 0.28),          // measured 0.0136, 0.219
     ("cohere", 0.023, 0.38),           // measured 0.0184, 0.301
     ("cohere2", 0.028, 0.44),          // measured 0.0219, 0.349
@@ -49,6 +50,7 @@ pub const BOUNDS: &[(&str, f32, f32)] = &[
     ("dots1", 0.19, 0.65),             // measured 0.153, 0.516
     ("ernie4_5", 0.041, 0.63),         // measured 0.0325, 0.504
     ("exaone4", 0.034, 0.59),          // measured 0.0266, 0.464
+    ("falcon", 0.018, 0.31),           // measured 0.0143, 0.241
     ("falcon_h1", 0.023, 0.42),        // measured 0.0184, 0.332
     ("falcon_mamba", 0.018, 0.3),      // measured 0.014, 0.24
     ("gemma", 0.029, 0.43),            // measured 0.0228, 0.337
@@ -89,6 +91,7 @@ pub const BOUNDS: &[(&str, f32, f32)] = &[
     ("ministral3", 0.038, 0.62),       // measured 0.0298, 0.493
     ("mistral", 0.028, 0.5),           // measured 0.0224, 0.395
     ("mixtral", 0.025, 0.43),          // measured 0.0199, 0.338
+    ("mpt", 0.031, 0.42),              // measured 0.0247, 0.329
     ("nanochat", 0.024, 0.42),         // measured 0.0192, 0.333
     ("nemotron", 0.03, 0.51),          // measured 0.024, 0.402
     ("nemotron_h", 0.02, 0.38),        // measured 0.0154, 0.298

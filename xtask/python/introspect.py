@@ -583,6 +583,7 @@ def structure(model) -> dict:
     )
     full = {module: name for name, module in model.named_modules()}
     output = model.get_output_embeddings()
+    embedding_norm = embedding_norm_of(model, stack)
 
     def named(child):
         return None if child is None else f"{prefix}.{child}"
@@ -594,6 +595,7 @@ def structure(model) -> dict:
         "norm": named(stack["norm_name"]),
         "rotary": full.get(stack["rotary"]) if stack["rotary"] is not None else None,
         "lm_head": full.get(output) if output is not None else None,
+        "embedding_norm": named(embedding_norm),
     }
 
 
@@ -627,6 +629,40 @@ def position_signal(model, rows: int = POSITION_SIGNAL_ROWS):
     if float((table - table[0]).abs().max()) < 1e-6:
         return None
     return [[round(float(v), 7) for v in row] for row in table]
+
+
+def embedding_norm_of(model, stack):
+    """A norm module of the base model called after the input embedding and before the
+    first decoder layer (BLOOM's `word_embeddings_layernorm`): its name under the base, or
+    None. Read from the order the base model's children are called in."""
+    import torch
+
+    base = stack["base"]
+    order = []
+    handles = [
+        child.register_forward_pre_hook(lambda m, a, name=name: order.append(name))
+        for name, child in base.named_children()
+        if name != stack["layers_name"]
+    ]
+    first = stack["layers"][0].register_forward_pre_hook(lambda m, a: order.append(None))
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.arange(1, 5).unsqueeze(0) % model.config.get_text_config().vocab_size)
+    except Exception:
+        return None
+    finally:
+        first.remove()
+        for h in handles:
+            h.remove()
+    before = order[: order.index(None)] if None in order else []
+    return next(
+        (
+            name for name in before
+            if name not in (stack["embed_name"], stack["norm_name"])
+            and "norm" in type(getattr(base, name)).__name__.lower()
+        ),
+        None,
+    )
 
 
 def saved_names(model) -> dict:
@@ -779,7 +815,7 @@ def propose_variants(model_type: str, fields: dict, small: dict, resolved, rotar
 
     bias_fields = [
         name for name, field in fields.items()
-        if (name.endswith("_bias") or name == "use_bias") and field["kind"] == "bool"
+        if (name.endswith("_bias") or name in ("use_bias", "bias")) and field["kind"] == "bool"
     ]
     if bias_fields:
         if all(fields[name]["default"] is True for name in bias_fields):
@@ -1118,6 +1154,7 @@ def introspect(model_type: str, config_override: dict | None, replace: bool, che
         "default_theta": jsonable(getattr(config_class, "default_theta", None)),
         "no_rope_probes": probes.no_rope_probes(config_class, fields),
         "flag_probes": probes.flag_probes(architecture, small, build_config, tiny_model, model_type),
+        "nested_probes": probes.nested_probes(architecture, small, build_config, tiny_model, model_type),
         "scalar_probes": probes.scalar_probes(architecture, small, build_config, tiny_model, model_type),
         "width_probes": probes.width_probes(architecture, small, build_config, tiny_model, model_type, fields),
         "derived_layer_lists": probes.derived_layer_lists(config_class, fields),
@@ -1129,6 +1166,8 @@ def introspect(model_type: str, config_override: dict | None, replace: bool, che
         "rotary_dims_field": probes.rotary_dims_field(
             architecture, small, build_config, tiny_model, model_type, fields, rotary_probe
         ),
+        "position_bias": probes.position_bias(tiny_model(architecture, resolved), resolved.vocab_size),
+        "mlp_activation": probes.mlp_activation(model),
         "checkpoint_conversions": probes.checkpoint_conversions(model_type),
         "norm_plus_one": probes.norm_scales_by_one_plus_weight(model),
         "variants": spec["variants"],

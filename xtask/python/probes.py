@@ -106,6 +106,51 @@ INERT_FLAGS = {
 }
 
 
+def nested_probes(architecture, small, build_config, tiny_model, model_type):
+    """What each scalar of a nested sub-config (MPT's `attn_config`) does when changed:
+    a bool flipped, a number doubled (1 for 0), null set to 1.5. `{"field", "key",
+    "default", "value", "logits_max_abs"}` per sub-field, with every weight copied over;
+    `logits_max_abs` None where the class or the model refuses the value. The port tool
+    refuses, in the module it writes, any other value of a sub-field that changes the
+    logits, since no block reads it."""
+    import torch
+
+    base_config = build_config(model_type, small)
+    base = tiny_model(architecture, base_config)
+    ids = torch.arange(1, 9).unsqueeze(0) % base_config.vocab_size
+    with torch.no_grad():
+        base_logits = base(input_ids=ids).logits
+    probes = []
+    resolved = base_config.to_dict()
+    for name in sorted(resolved):
+        nested = resolved[name]
+        if not isinstance(nested, dict) or name in ("id2label", "label2id", "rope_parameters", "rope_scaling"):
+            continue
+        for key in sorted(nested):
+            default = nested[key]
+            if isinstance(default, bool):
+                value = not default
+            elif isinstance(default, (int, float)):
+                value = default * 2 if default else 1
+            elif default is None:
+                value = 1.5
+            else:
+                continue
+            entry = {"field": name, "key": key, "default": default, "value": value, "logits_max_abs": None}
+            try:
+                changed = build_config(model_type, {**small, name: {**nested, key: value}})
+                model = tiny_model(architecture, changed)
+                model.load_state_dict(base.state_dict(), strict=False)
+                with torch.no_grad():
+                    logits = model(input_ids=ids).logits
+                if logits.shape == base_logits.shape:
+                    entry["logits_max_abs"] = float((logits - base_logits).abs().max())
+            except Exception as error:
+                entry["error"] = f"{type(error).__name__}: {error}"[:200]
+            probes.append(entry)
+    return probes
+
+
 def flag_probes(architecture, small, build_config, tiny_model, model_type):
     """What each boolean field of the tiny config does when flipped.
 
@@ -344,6 +389,79 @@ def attention_scale(model, vocab_size):
         if best is None or residual < best["residual"]:
             best = {"scale": round(scale, 6), "residual": residual}
     return best if best is not None and best["residual"] < 1e-4 else None
+
+
+def position_bias(model, vocab_size):
+    """ALiBi, read from what decoder layer 0's attention computes: one token repeated, so
+    every position has the same hidden state and queries and keys differ only by where
+    they are. The score steps between neighbouring keys, `log p[h, i, j] − log p[h, i,
+    j−1]` (eager attention weights), are then zero without positional information, vary
+    with RoPE or learned positions, and are one constant per head — its slope — with a
+    linear bias `slope · (j − i)` on the scores. `{"slopes": [...], "residual": max
+    deviation}` when every head's steps are one nonzero constant; else None."""
+    import torch
+
+    try:
+        model.set_attn_implementation("eager")
+    except Exception:
+        pass
+    ids = torch.full((1, 12), 1 % vocab_size, dtype=torch.long)
+    try:
+        with torch.no_grad():
+            out = model(input_ids=ids, output_attentions=True)
+    except Exception:
+        return None
+    attentions = getattr(out, "attentions", None)
+    if not attentions or attentions[0] is None:
+        return None
+    logp = attentions[0][0].double().clamp_min(1e-300).log()  # [heads, T, T]
+    heads, t = logp.shape[0], logp.shape[-1]
+    slopes, residual = [], 0.0
+    for h in range(heads):
+        steps = torch.cat([logp[h, i, 1 : i + 1] - logp[h, i, :i] for i in range(1, t)])
+        slope = float(steps.mean())
+        residual = max(residual, float((steps - slope).abs().max()))
+        slopes.append(slope)
+    if residual > 1e-4 * max(1e-12, max(abs(s) for s in slopes)) or min(abs(s) for s in slopes) < 1e-6:
+        return None
+    return {"slopes": [round(s, 9) for s in slopes], "residual": residual}
+
+
+ACTIVATIONS = {
+    "silu": lambda x, F: F.silu(x),
+    "gelu": lambda x, F: F.gelu(x),
+    "gelu_pytorch_tanh": lambda x, F: F.gelu(x, approximate="tanh"),
+    "relu": lambda x, F: F.relu(x),
+    "relu2": lambda x, F: F.relu(x) ** 2,
+}
+
+
+def mlp_activation(model):
+    """The activation decoder layer 0's MLP applies, by what it computes: each
+    parameterless module inside the MLP other than a linear or dropout is run on a range
+    of values and compared with the activations the blocks know (BLOOM's `BloomGelu` is
+    the tanh GELU). The name (as `hidden_act` spells it), or None."""
+    import torch
+    import torch.nn.functional as F
+
+    from fixture_common import decoder_stack
+
+    layer = decoder_stack(model)["layers"][0]
+    x = torch.linspace(-6, 6, 241, dtype=torch.float32)
+    for name, module in layer.named_modules():
+        if not name or "mlp" not in name.split(".")[0].lower() and "ffn" not in name.lower():
+            continue
+        if isinstance(module, (torch.nn.Linear, torch.nn.Dropout)) or list(module.parameters()) or list(module.children()):
+            continue
+        try:
+            with torch.no_grad():
+                y = module(x)
+        except Exception:
+            continue
+        for act, f in ACTIVATIONS.items():
+            if torch.allclose(y, f(x, F), rtol=0, atol=1e-6):
+                return act
+    return None
 
 
 def norm_scales_by_one_plus_weight(model):

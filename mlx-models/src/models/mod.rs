@@ -5,6 +5,7 @@ pub mod apertus;
 pub mod arcee;
 pub mod biogpt;
 pub mod bitnet;
+pub mod bloom;
 pub mod codegen;
 pub mod cohere;
 pub mod cohere2;
@@ -16,6 +17,7 @@ pub mod diffllama;
 pub mod dots1;
 pub mod ernie4_5;
 pub mod exaone4;
+pub mod falcon;
 pub mod falcon_h1;
 pub mod gemma;
 pub mod gemma2;
@@ -55,6 +57,7 @@ pub mod minimax_m2;
 pub mod ministral;
 pub mod ministral3;
 pub mod mixtral;
+pub mod mpt;
 pub mod nanochat;
 pub mod nemotron;
 pub mod nemotron_h;
@@ -101,6 +104,7 @@ pub const REGISTRY: &[(&str, Loader)] = &[
     ("arcee", family::load::<arcee::Config>),
     ("biogpt", family::load::<biogpt::Config>),
     ("bitnet", family::load::<bitnet::Config>),
+    ("bloom", family::load::<bloom::Config>),
     ("codegen", family::load::<codegen::Config>),
     ("cohere", family::load::<cohere::Config>),
     ("cohere2", family::load::<cohere2::Config>),
@@ -112,6 +116,7 @@ pub const REGISTRY: &[(&str, Loader)] = &[
     ("dots1", family::load::<dots1::Config>),
     ("ernie4_5", family::load::<ernie4_5::Config>),
     ("exaone4", family::load::<exaone4::Config>),
+    ("falcon", family::load::<falcon::Config>),
     ("falcon_h1", falcon_h1::load),
     ("falcon_mamba", mamba::load),
     ("gemma", family::load::<gemma::Config>),
@@ -122,6 +127,7 @@ pub const REGISTRY: &[(&str, Loader)] = &[
     ("glm4", family::load::<glm4::Config>),
     ("glm4_moe", family::load::<glm4_moe::Config>),
     ("glm4_moe_lite", family::load::<glm4_moe_lite::Config>),
+    ("mpt", family::load::<mpt::Config>),
     // GPT-SW3 checkpoints are GPT-2 (Transformers maps `gpt-sw3` to `GPT2Config`).
     ("gpt-sw3", family::load::<gpt2::Config>),
     ("gpt2", family::load::<gpt2::Config>),

@@ -886,9 +886,10 @@ fn keep_cache(prefix: &mut PrefixCache, seq: &Sequence, cache: Option<Vec<LayerC
 /// Whether a model's requests can share batched forward passes at different positions:
 /// unbounded KV caches (or none) on every layer, and positions that come from RoPEs
 /// rotating each row at its own position ([`crate::rope::Rope::supports_row_offsets`]).
-/// Sliding-window, chunked, latent and recurrent caches cannot, nor a model without RoPE,
-/// whose positions may come from elsewhere (GPT-2's learned table) with one offset for the
-/// whole batch.
+/// ALiBi models batch too ([`LanguageModel::alibi`]: their biases follow key distances).
+/// Sliding-window, chunked, latent and recurrent caches cannot, nor another model without
+/// RoPE, whose positions may come from elsewhere (GPT-2's learned table) with one offset for
+/// the whole batch.
 pub fn can_batch(network: &dyn LanguageModel) -> bool {
     let cache = network.new_cache();
     let kinds = cache.iter().all(|layer| match layer {
@@ -902,7 +903,7 @@ pub fn can_batch(network: &dyn LanguageModel) -> bool {
             .into_iter()
             .flatten()
             .all(|rope| rope.supports_row_offsets());
-    kinds && has_kv && ropes
+    kinds && has_kv && (ropes || network.alibi())
 }
 
 /// The rows of `batch` and then those of `new`, per layer.

@@ -262,6 +262,19 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
             scalar(plan, &plan.attention_softcap)
         ));
     }
+    if let Some(a) = plan.alibi {
+        let factor = match a.factor {
+            super::alibi::AlibiFactor::One => "1.0".to_owned(),
+            super::alibi::AlibiFactor::AttentionScale => {
+                "(d.head_dim() as f32).powf(-0.5)".to_owned()
+            }
+        };
+        attn.push(format!(
+            "alibi: Some(AlibiSettings {{ max_bias: {}, factor: {factor} }})",
+            float(a.max_bias as f64)
+        ));
+        transformer.push("AlibiSettings");
+    }
     if !attn.is_empty() {
         transformer.push("AttentionSettings");
     }
@@ -274,6 +287,9 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
     }
     if plan.lm_head_bias {
         model.push("lm_head_bias: true".to_owned());
+    }
+    if plan.embedding_layernorm {
+        model.push("embedding_layernorm: true".to_owned());
     }
     if let Some(offset) = plan.learned_positions {
         model.push("learned_positions: true".to_owned());
@@ -528,6 +544,9 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
             "config.ensure({value} == {supported}, {field:?}, || {:?}.to_owned())?;",
             super::interpret::value_refusal(*supported)
         );
+    }
+    for (field, key, default) in &plan.nested_refused {
+        let _ = writeln!(w, "config.ensure_nested({field:?}, {key:?}, {default:?})?;");
     }
     if attn.is_empty() {
         let _ = writeln!(w, "let attention = d.attention();");
@@ -1122,6 +1141,12 @@ pub fn structure_summary(plan: &Plan, choice: &Choice) -> Vec<String> {
             moe.projections[0].0, moe.projections[1].0, moe.projections[2].0
         ));
     }
+    if plan.embedding_layernorm {
+        lines.push(
+            "A norm of its own (`model.embed_layernorm`) on the embeddings, before the first layer."
+                .to_owned(),
+        );
+    }
     lines.push(match plan.mlp_layout {
         MlpLayout::Gated => "MLP: `down_proj(act(gate_proj(x)) * up_proj(x))`.".to_owned(),
         MlpLayout::FusedGated => {
@@ -1131,6 +1156,9 @@ pub fn structure_summary(plan: &Plan, choice: &Choice) -> Vec<String> {
         MlpLayout::UpDown => "MLP: `down_proj(act(up_proj(x)))`, no gate.".to_owned(),
     });
     match (&plan.rope, &plan.no_rope) {
+        (None, _) if plan.alibi.is_some() => lines.push(
+            "No RoPE: ALiBi, each head's scores biased by `slope · (k − q)` (`alibi.rs`).".to_owned(),
+        ),
         (None, _) => lines.push("No RoPE.".to_owned()),
         (Some(RopeRule::Uniform), None) if plan.mla.is_some() => lines.push(
             "RoPE on the rope part of each head (all scaling types of `rope_parameters`/`rope_scaling`; YaRN's `mscale_all_dim` scales the scores)."

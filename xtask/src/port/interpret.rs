@@ -2,6 +2,7 @@
 //! tried against the fixtures. The generated module computes the same settings; the
 //! verification of the generated module afterwards checks that it does.
 
+use super::alibi::AlibiFactor;
 use super::codegen::defaults_json;
 use super::plan::{Choice, Flag, Plan, RopeRule, Scalar};
 use super::routing::{GroupScore, Groups, Routing, Rule, Scores};
@@ -10,7 +11,7 @@ use mlx_models::family::{DecoderConfig, LayerRule, MlaConfig, MoeConfig};
 use mlx_models::moe::{ExpertActivation, ExpertGroups, RouterSettings, Scoring};
 use mlx_models::rope::Rope;
 use mlx_models::transformer::{
-    Activation, AttentionSettings, DecoderSettings, MlpSettings, NormKind, QkvLayout,
+    Activation, AlibiSettings, AttentionSettings, DecoderSettings, MlpSettings, NormKind, QkvLayout,
 };
 use mlx_models::Result;
 use serde_json::Value;
@@ -207,6 +208,9 @@ pub fn settings(plan: &Plan, choice: &Choice, config: &ConfigFile) -> Result<Dec
         }
     }
 
+    for (field, key, default) in &plan.nested_refused {
+        config.ensure_nested(field, key, default)?;
+    }
     let attention = AttentionSettings {
         qkv_layout: if plan.qkv_fused {
             QkvLayout::Fused
@@ -223,6 +227,13 @@ pub fn settings(plan: &Plan, choice: &Choice, config: &ConfigFile) -> Result<Dec
         clip_qkv: r.scalar(&plan.clip_qkv)?,
         sinks: plan.sinks,
         differential: plan.differential,
+        alibi: plan.alibi.map(|a| AlibiSettings {
+            max_bias: a.max_bias,
+            factor: match a.factor {
+                AlibiFactor::One => 1.0,
+                AlibiFactor::AttentionScale => (d.head_dim() as f32).powf(-0.5),
+            },
+        }),
         logit_softcap: if choice.attention_softcap {
             r.scalar(&plan.attention_softcap)?
         } else {
@@ -248,6 +259,7 @@ pub fn settings(plan: &Plan, choice: &Choice, config: &ConfigFile) -> Result<Dec
         norm_placement: choice.norm_placement,
         lm_head_bias: plan.lm_head_bias,
         learned_positions: plan.learned_positions.is_some(),
+        embedding_layernorm: plan.embedding_layernorm,
         position_offset: plan.learned_positions.unwrap_or(0),
         sinusoidal_positions: plan.sinusoidal_positions,
         final_norm: plan.final_norm,

@@ -17,6 +17,7 @@
 //! second run writes the same files. A module that was edited by hand after generation is
 //! left as it is; the report then lists the edits as a diff.
 
+pub mod alibi;
 pub mod codegen;
 pub mod interpret;
 pub mod plan;
@@ -2252,6 +2253,133 @@ mod generator_tests {
             plan.gaps.iter().any(|g| g.contains("lambda")),
             "{:?}",
             plan.gaps
+        );
+    }
+
+    #[test]
+    fn bloom_is_regenerated_exactly_with_alibi_per_head_qkv_and_an_embedding_norm() {
+        let (plan, choice, source) = regenerate("bloom");
+        // The probes: a constant score step per head (ALiBi), zeroed per-head value rows
+        // silencing the attention, a norm called between the embedding and layer 0, the
+        // MLP's `BloomGelu` computing the tanh GELU, a 4 × hidden up projection.
+        assert_eq!(
+            plan.alibi,
+            Some(alibi::AlibiPlan {
+                max_bias: 8.0,
+                factor: alibi::AlibiFactor::One
+            })
+        );
+        assert!(plan.qkv_groups.is_some() && plan.embedding_layernorm);
+        assert_eq!(plan.intermediate_per_hidden, Some(4));
+        assert!(source.contains("\"hidden_act\":\"gelu_pytorch_tanh\""));
+        assert!(source.contains("grouped_to_blocks("));
+        // Seeded faults, each failing at the first layer (or before it) on the fixtures.
+        let faults: [Fault<Plan>; 4] = [
+            ("no ALiBi", |p| p.alibi = None),
+            ("ALiBi of max bias 4", |p| {
+                p.alibi = Some(alibi::AlibiPlan {
+                    max_bias: 4.0,
+                    factor: alibi::AlibiFactor::One,
+                })
+            }),
+            ("q/k/v rows as blocks", |p| p.qkv_groups = None),
+            ("no embedding norm", |p| p.embedding_layernorm = false),
+        ];
+        for (name, fault) in faults {
+            let mut wrong = plan.clone();
+            fault(&mut wrong);
+            wrong.choices = vec![choice.clone()];
+            let found = search(&wrong, &fixtures("bloom")).expect("search runs");
+            assert!(found.chosen.is_none(), "{name}: still verifies");
+            let (_, failures) = &found.tried[0];
+            assert!(
+                failures
+                    .iter()
+                    .any(|f| f.contains("first bad tensor `layers.0`")
+                        || f.contains("first bad tensor `embeddings`")
+                        || f.contains("model.embed_layernorm")),
+                "{name}: {failures:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn falcon_is_regenerated_exactly_with_one_kv_head_measured_on_its_fused_projection() {
+        let (plan, choice, source) = regenerate("falcon");
+        // `FalconLinear` projections are linears; `multi_query`'s single key/value head is
+        // measured on the fused projection's rows (the class has no `num_key_value_heads`).
+        assert!(plan.renames.contains(&(
+            "self_attention.query_key_value".to_owned(),
+            "self_attn.qkv_proj".to_owned()
+        )));
+        assert!(source.contains("\"num_key_value_heads\":1"));
+        assert_eq!(
+            choice.norm_placement,
+            mlx_models::transformer::NormPlacement::Parallel
+        );
+        assert!(plan.alibi.is_none());
+        assert!(plan.refused.contains(&("alibi".to_owned(), false)));
+        // Seeded fault: as many key/value heads as query heads is refused by the fused
+        // projection's shape before anything runs.
+        let mut wrong = plan.clone();
+        for f in wrong
+            .fields
+            .iter_mut()
+            .filter(|f| f.name == "num_key_value_heads")
+        {
+            f.default = serde_json::Value::from(4);
+        }
+        wrong.choices = vec![choice];
+        let found = search(&wrong, &fixtures("falcon")).expect("search runs");
+        assert!(found.chosen.is_none());
+        let (_, failures) = &found.tried[0];
+        assert!(
+            failures
+                .iter()
+                .any(|f| f.contains("self_attn.qkv_proj.weight")),
+            "{failures:?}"
+        );
+    }
+
+    #[test]
+    fn mpt_is_regenerated_exactly_with_its_ffn_as_the_mlp_and_bias_free_layer_norms() {
+        let (plan, choice, source) = regenerate("mpt");
+        // `ffn` (an `MptMLP`) is the MLP; its LayerNorms have no bias, told by their class.
+        assert!(plan.renames.contains(&("ffn".to_owned(), "mlp".to_owned())));
+        assert_eq!(plan.layer_norm, Some(plan::Flag::Never));
+        assert_eq!(plan.mlp_layout, mlx_models::transformer::MlpLayout::UpDown);
+        assert!(plan.alibi.is_some() && plan.qkv_groups.is_none());
+        assert!(source.contains("\"hidden_act\":\"gelu\""));
+        // `attn_config`'s `clip_qkv` and `softmax_scale` move the logits in the nested
+        // probes and no block reads them: only their default (null) is accepted.
+        assert_eq!(
+            plan.nested_refused,
+            [
+                (
+                    "attn_config".to_owned(),
+                    "clip_qkv".to_owned(),
+                    "null".to_owned()
+                ),
+                (
+                    "attn_config".to_owned(),
+                    "softmax_scale".to_owned(),
+                    "null".to_owned()
+                ),
+            ]
+        );
+        assert!(source.contains("config.ensure_nested(\"attn_config\", \"clip_qkv\", \"null\")?;"));
+        // Seeded fault: RMSNorm (what the parameters alone suggested) fails at layer 0.
+        let mut wrong = plan.clone();
+        wrong.layer_norm = None;
+        wrong.choices = vec![choice];
+        let found = search(&wrong, &fixtures("mpt")).expect("search runs");
+        assert!(found.chosen.is_none());
+        let (_, failures) = &found.tried[0];
+        assert!(
+            failures
+                .iter()
+                .any(|f| f.starts_with("mpt/default: first bad tensor `layers.0`")),
+            "{failures:?}"
         );
     }
 

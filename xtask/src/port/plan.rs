@@ -316,6 +316,13 @@ pub struct Plan {
     pub intermediate_per_hidden: Option<i32>,
     /// Learned absolute positions, and the row of position 0 in their table.
     pub learned_positions: Option<i32>,
+    /// Linear position biases on the attention scores (ALiBi), measured.
+    pub alibi: Option<super::alibi::AlibiPlan>,
+    /// A norm of its own on the embeddings before the first layer (`model.embed_layernorm`).
+    pub embedding_layernorm: bool,
+    /// Entries of nested sub-configs that change the logits (the nested probes) but that no
+    /// block reads, `(field, key, default as JSON)`: the module refuses other values.
+    pub nested_refused: Vec<(String, String, String)>,
     /// Modules of a layer (by the names the blocks load) that Transformers keeps as
     /// `Conv1D`, weights `[in, out]`: `sanitize` transposes them.
     pub conv1d: Vec<String>,
@@ -396,6 +403,7 @@ pub fn structure_renames(facts: &Value) -> Vec<(String, String)> {
         ("layers", "model.layers"),
         ("norm", "model.norm"),
         ("lm_head", "lm_head"),
+        ("embedding_norm", "model.embed_layernorm"),
     ] {
         let Some(name) = structure.get(part).and_then(Value::as_str) else {
             continue;
@@ -494,6 +502,181 @@ fn module_eps(facts: &Value) -> Option<f64> {
 }
 
 /// The tiny model's `hidden_size` (under the class's own name where it has one).
+/// ALiBi from the `position_bias` probe (the tiny model's per-head score slopes), fitted
+/// to the block's slopes; a bias the block cannot compute, or one beside another position
+/// encoding, is a gap.
+fn alibi_plan(
+    facts: &Facts,
+    other_positions: bool,
+    decisions: &mut Vec<String>,
+    gaps: &mut Vec<String>,
+) -> Option<super::alibi::AlibiPlan> {
+    use super::alibi::AlibiFactor;
+    let slopes = super::alibi::measured_slopes(facts.value)?;
+    let head_dim = (hidden_of(facts) / slopes.len().max(1) as i64) as i32;
+    match super::alibi::fit(&slopes, head_dim) {
+        Ok(_) if other_positions => {
+            gaps.push(
+                "a linear position bias on the scores (ALiBi) beside RoPE or learned positions"
+                    .to_owned(),
+            );
+            None
+        }
+        Ok(a) => {
+            decisions.push(format!(
+                "positions: ALiBi (no RoPE, no position table; one token repeated gives every \
+                 head a constant score step between neighbouring keys), slopes of max bias {}{}",
+                a.max_bias,
+                match a.factor {
+                    AlibiFactor::One => "",
+                    AlibiFactor::AttentionScale => " times the attention scale",
+                }
+            ));
+            Some(a)
+        }
+        Err(why) => {
+            gaps.push(format!(
+                "a linear position bias on the scores (ALiBi) the block does not compute: {why}"
+            ));
+            None
+        }
+    }
+}
+
+/// What a common field the config class lacks stands for, measured, and the line for
+/// the report: the MLP width as a multiple of `hidden_size` (BLOOM's fixed 4, from the
+/// tiny model's `up_proj`; `Value` the multiple), and no context limit where the only
+/// positions are ALiBi's (no table, no RoPE: `i32::MAX`).
+fn unnamed_field(
+    facts: &Facts,
+    name: &str,
+    params: &BTreeMap<String, Vec<i64>>,
+) -> Option<(Value, String)> {
+    match name {
+        "intermediate_size" => {
+            let hidden = hidden_of(facts);
+            let rows = *params.get("model.layers.0.mlp.up_proj.weight")?.first()?;
+            (hidden > 0 && rows % hidden == 0).then(|| {
+                let k = rows / hidden;
+                (
+                    Value::from(k),
+                    format!(
+                        "the MLP is {k} × hidden_size wide (the config class has no field for \
+                         it; measured on the tiny model's up projection)"
+                    ),
+                )
+            })
+        }
+        "num_key_value_heads" => {
+            // A fused projection of `(heads + 2 · kv_heads) · head_dim` rows with fewer
+            // key/value heads than query heads (Falcon's `multi_query`: one).
+            let heads = facts
+                .resolved("num_attention_heads")
+                .or_else(|| {
+                    let own = facts.value.pointer("/attribute_map/num_attention_heads")?;
+                    facts.resolved(own.as_str()?)
+                })
+                .and_then(Value::as_i64)?;
+            let hidden = hidden_of(facts);
+            let rows = *params
+                .get("model.layers.0.self_attn.qkv_proj.weight")?
+                .first()?;
+            let head_dim = (heads > 0 && hidden % heads == 0).then(|| hidden / heads)?;
+            let kv = (rows / head_dim - heads) / 2;
+            (rows % head_dim == 0 && kv > 0 && kv < heads && (heads + 2 * kv) * head_dim == rows)
+                .then(|| {
+                    (
+                        Value::from(kv),
+                        format!(
+                            "{kv} key/value head(s) where config.json names none: the config \
+                             class has no `num_key_value_heads`; measured on the fused q/k/v \
+                             projection ({rows} rows of {heads} query heads of {head_dim})"
+                        ),
+                    )
+                })
+        }
+        "max_position_embeddings" => {
+            let positions = facts.value.pointer("/structure/positions");
+            let rotary = facts.value.pointer("/structure/rotary");
+            let alibi = super::alibi::measured_slopes(facts.value).is_some();
+            (alibi && positions.is_none_or(Value::is_null) && rotary.is_none_or(Value::is_null))
+                .then(|| {
+                    (
+                        Value::from(i32::MAX),
+                        "no context limit where config.json names none: the class has no \
+                         `max_position_embeddings` and the only positions are ALiBi's"
+                            .to_owned(),
+                    )
+                })
+        }
+        _ => None,
+    }
+}
+
+/// The nested probes' sub-config entries that move the logits (or that the model refuses
+/// to run with another value): no block reads them, so the module accepts only their
+/// default (MPT's `attn_config.clip_qkv`, `attn_config.softmax_scale`).
+pub fn nested_refused(facts: &Value, decisions: &mut Vec<String>) -> Vec<(String, String, String)> {
+    let mut refused = Vec::new();
+    for p in facts
+        .get("nested_probes")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let moved = p.get("logits_max_abs").and_then(Value::as_f64);
+        if moved.is_some_and(|d| d == 0.0) {
+            continue;
+        }
+        let (field, key) = (str_of(p, "field"), str_of(p, "key"));
+        let default = p.get("default").cloned().unwrap_or(Value::Null).to_string();
+        decisions.push(format!(
+            "`{field}.{key}` = {} changes the model ({}): only {default} accepted",
+            p.get("value").cloned().unwrap_or(Value::Null),
+            match moved {
+                Some(d) => format!("logits move by {d:.3e}"),
+                None => "the model does not run with it".to_owned(),
+            }
+        ));
+        refused.push((field.to_owned(), key.to_owned(), default));
+    }
+    refused
+}
+
+/// The class of the module the blocks load as `name`, found under its checkpoint name
+/// (MPT's `transformer.blocks.0.norm_1` is `model.layers.0.input_layernorm`).
+fn renamed_module_class<'a>(
+    facts: &Facts<'a>,
+    name: &str,
+    prefixes: &[(&str, &str)],
+    renames: &[(String, String)],
+) -> Option<&'a str> {
+    facts
+        .value
+        .get("modules")?
+        .as_array()?
+        .iter()
+        .find(|m| {
+            let full = format!("{}.x", str_of(m, "name"));
+            let full = mlx_models::weights::rename_prefix(&full, prefixes);
+            super::trace::rename(&full, renames).strip_suffix(".x") == Some(name)
+        })
+        .map(|m| str_of(m, "class"))
+}
+
+/// The activation the MLP's activation module computes (the `mlp_activation` probe),
+/// where the config class has no field to name it (BLOOM's `BloomGelu`).
+fn measured_activation(facts: &Facts, act_field: &str) -> Option<String> {
+    if facts.fields().contains_key(act_field) {
+        return None;
+    }
+    facts
+        .value
+        .get("mlp_activation")
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+}
+
 fn hidden_of(facts: &Facts) -> i64 {
     facts
         .resolved("hidden_size")
@@ -1077,6 +1260,19 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
                 }
             ));
             aliases.push((name.to_owned(), own));
+        } else if let Some((default, why)) = unnamed_field(&facts, name, &params) {
+            if name == "intermediate_size" {
+                intermediate_per_hidden = default.as_i64().and_then(|k| i32::try_from(k).ok());
+            } else {
+                fields.push(Field {
+                    name: name.to_owned(),
+                    ty,
+                    default,
+                    nullable: false,
+                    role,
+                });
+            }
+            decisions.push(why);
         } else if let (Some(k), true) = (
             fixed_mlp_width(hidden_of(&facts), &params),
             name == "intermediate_size" && intermediate_per_hidden.is_none(),
@@ -1551,6 +1747,14 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
     let norm_name = present.first().copied().unwrap_or(norm_param);
     let norm_class = facts
         .module_class(&format!("model.layers.0.{norm_name}"))
+        .or_else(|| {
+            renamed_module_class(
+                &facts,
+                &format!("model.layers.0.{norm_name}"),
+                &prefixes,
+                &roles.renames,
+            )
+        })
         .unwrap_or_default()
         .to_owned();
     let layer_norm = if has(&format!("{norm_name}.bias")) {
@@ -1629,7 +1833,20 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         Some(name) => decisions.push(format!(
             "activation `{name}`: no config field names one; the module Transformers calls in the MLP"
         )),
-        None => add(&mut fields, &act_field, FieldType::Str, "MLP activation"),
+        None => {
+            add(&mut fields, &act_field, FieldType::Str, "MLP activation");
+            // No field and no activation module the blocks know (BLOOM's `BloomGelu`): the
+            // activation measured on the MLP's module is the field's default.
+            if let Some(act) = measured_activation(&facts, &act_field) {
+                if let Some(f) = fields.iter_mut().find(|f| f.name == act_field) {
+                    f.default = Value::String(act.clone());
+                }
+                decisions.push(format!(
+                    "MLP activation `{act}` where config.json names none: the config class has \
+                     no `{act_field}`; measured on the MLP's activation module"
+                ));
+            }
+        }
     }
 
     // The bias switches read from the config.
@@ -1899,6 +2116,12 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         );
         "layer_rope_theta".to_owned()
     });
+    let alibi = alibi_plan(
+        &facts,
+        rope.is_some() || learned_positions.is_some(),
+        &mut decisions,
+        &mut gaps,
+    );
     let no_rope = has_field("no_rope_layers").then(|| {
         add(
             &mut fields,
@@ -2093,6 +2316,9 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
                 "model.embed_positions.weight" if learned_positions.is_some() => {
                     Some("LearnedPositions".to_owned())
                 }
+                "model.embed_layernorm.weight" | "model.embed_layernorm.bias" => {
+                    Some("embedding norm".to_owned())
+                }
                 "model.norm.weight" | "model.norm.bias" => Some("final norm".to_owned()),
                 "lm_head.weight" => Some("output layer (absent when tied)".to_owned()),
                 "lm_head.bias" => Some("output layer bias".to_owned()),
@@ -2244,6 +2470,21 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         ignored.push((name.clone(), reason));
     }
 
+    let nested_refused = nested_refused(facts.value, &mut decisions);
+    for (name, reason) in ignored.iter_mut() {
+        let keys: Vec<String> = nested_refused
+            .iter()
+            .filter(|(field, _, _)| field == name)
+            .map(|(_, key, _)| format!("`{key}`"))
+            .collect();
+        if !keys.is_empty() {
+            *reason = format!(
+                "not read; its entries {} change the model and are checked: only their defaults \
+                 accepted",
+                keys.join(", ")
+            );
+        }
+    }
     Plan {
         model_type,
         default_theta: measured_rope
@@ -2298,6 +2539,9 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         learned_positions,
         sinusoidal_positions,
         final_norm,
+        alibi,
+        embedding_layernorm: params.contains_key("model.embed_layernorm.weight"),
+        nested_refused,
         aliases,
         intermediate_per_hidden,
         prefix_renames,

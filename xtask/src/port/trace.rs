@@ -94,11 +94,11 @@ pub fn attention_block(events: &[Event]) -> Option<String> {
 }
 
 /// The layer's MLP block when it is not called `mlp` and the layer has none of that name:
-/// the first module directly under the layer called after attention returns that is no
-/// norm and calls exactly two projections (CTRL's `ffn`, a `Sequential` of a linear layer,
-/// an activation and another).
+/// the first module directly under the layer, called after attention returns, that is no
+/// norm and either is an MLP by its class (MPT's `ffn`, an `MptMLP`) or calls exactly two
+/// projections (CTRL's `ffn`, a `Sequential` of a linear layer, an activation and another).
 pub fn mlp_block(events: &[Event]) -> Option<String> {
-    if events.iter().any(|e| e.module == "mlp") {
+    if events.iter().any(|e| e.enter && e.module == "mlp") {
         return None;
     }
     let attention = attention_block(events).unwrap_or_else(|| "self_attn".to_owned());
@@ -114,19 +114,20 @@ pub fn mlp_block(events: &[Event]) -> Option<String> {
                 && !e.class.to_lowercase().contains("norm")
                 && !e.class.contains("Dropout")
         })
-        .map(|e| e.module.clone())
         .find(|block| {
-            let prefix = format!("{block}.");
-            events
-                .iter()
-                .filter(|e| {
-                    e.enter
-                        && PROJECTIONS.contains(&e.class.as_str())
-                        && e.module.starts_with(&prefix)
-                })
-                .count()
-                == 2
+            let prefix = format!("{}.", block.module);
+            block.class.to_uppercase().ends_with("MLP")
+                || events
+                    .iter()
+                    .filter(|e| {
+                        e.enter
+                            && PROJECTIONS.contains(&e.class.as_str())
+                            && e.module.starts_with(&prefix)
+                    })
+                    .count()
+                    == 2
         })
+        .map(|e| e.module.clone())
 }
 
 /// The norms' roles (and the projections' and the attention block's names), from the
@@ -276,6 +277,12 @@ fn block_roles(events: &[Event]) -> NormRoles {
 /// transposed).
 pub const PROJECTIONS: [&str; 2] = ["Linear", "Conv1D"];
 
+/// A linear projection: `Linear`, `Conv1D`, or a subclass of `Linear` named so (Falcon's
+/// `FalconLinear`).
+pub fn is_projection(class: &str) -> bool {
+    PROJECTIONS.contains(&class) || class.ends_with("Linear")
+}
+
 /// The projections whose names the blocks do not know, by the order Transformers calls
 /// them: the last linear layer of attention is its output projection, and when there is
 /// one other, it is the fused q/k/v projection (GPT-2's `c_attn`, GPT-NeoX's
@@ -285,7 +292,7 @@ fn linear_roles(events: &[Event], renames: &mut Vec<(String, String)>) {
         let prefix = format!("{block}.");
         events
             .iter()
-            .filter(|e| e.enter && PROJECTIONS.contains(&e.class.as_str()))
+            .filter(|e| e.enter && is_projection(&e.class))
             .filter_map(|e| e.module.strip_prefix(&prefix).map(str::to_owned))
             .collect()
     };
@@ -346,7 +353,7 @@ fn linear_roles(events: &[Event], renames: &mut Vec<(String, String)>) {
     // module (BioGPT's and OPT's `fc1`, `fc2`): the MLP's up and down.
     let direct: Vec<&str> = events
         .iter()
-        .filter(|e| e.enter && PROJECTIONS.contains(&e.class.as_str()))
+        .filter(|e| e.enter && is_projection(&e.class))
         .map(|e| e.module.as_str())
         .filter(|m| !m.is_empty() && !m.contains('.'))
         .collect();
