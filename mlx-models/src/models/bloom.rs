@@ -7,8 +7,8 @@
 //! - Pre-norm blocks: `input_layernorm` before attention, `post_attention_layernorm` before
 //!   the MLP.
 //! - LayerNorm (mean and variance), with bias where the config says so.
-//! - Attention: one fused `qkv_proj` (each head's q, k, v rows together in checkpoints:
-//!   reordered into blocks by `sanitize`).
+//! - Attention: one fused `qkv_proj` whose rows are per head, each query, key, value
+//!   (reordered in `sanitize`).
 //! - A norm of its own (`model.embed_layernorm`) on the embeddings, before the first layer.
 //! - MLP: `down_proj(act(up_proj(x)))`, no gate.
 //! - No RoPE: ALiBi, each head's scores biased by `slope · (k − q)` (`alibi.rs`).
@@ -16,7 +16,7 @@
 use crate::config::ConfigFile;
 use crate::error::Result;
 use crate::family::{DecoderConfig, DecoderFamily, LayerRule};
-use crate::fused_qkv::per_head_to_blocks;
+use crate::fused_qkv::{grouped_to_blocks, Part};
 use crate::transformer::{
     drop_computed_weights, AlibiSettings, AttentionSettings, DecoderSettings, MlpLayout,
     MlpSettings, NormKind, QkvLayout,
@@ -82,9 +82,12 @@ impl DecoderFamily for Config {
         drop_computed_weights(weights, settings.tie_word_embeddings);
         let a = &settings.attention;
         for i in 0..settings.layers.len() {
-            per_head_to_blocks(
+            let qkv = format!("model.layers.{i}.self_attn.qkv_proj");
+            grouped_to_blocks(
                 weights,
-                &format!("model.layers.{i}.self_attn.qkv_proj"),
+                &qkv,
+                a.num_heads,
+                [Part::Query, Part::Key, Part::Value],
                 a.num_heads,
                 a.head_dim,
             )?;

@@ -16,8 +16,8 @@ use crate::config::ConfigFile;
 use crate::error::Result;
 use crate::family::{DecoderConfig, DecoderFamily, LayerRule};
 use crate::transformer::{
-    drop_computed_weights, AttentionSettings, DecoderSettings, MlpLayout, MlpSettings, NormKind,
-    NormPlacement, QkvLayout,
+    drop_computed_weights, Activation, AttentionSettings, DecoderSettings, MlpLayout, MlpSettings,
+    NormKind, NormPlacement, QkvLayout,
 };
 use crate::weights::{rename_layer_module, rename_prefix, Weights};
 use serde::Deserialize;
@@ -30,6 +30,8 @@ pub struct Config {
     pub decoder: DecoderConfig,
     /// Norm epsilon.
     pub layer_norm_epsilon: Option<f64>,
+    /// MLP activation.
+    pub activation: Option<String>,
     /// Biases on.
     pub bias: Option<bool>,
     /// Checked: the value the fixtures verify, the other refused.
@@ -43,7 +45,7 @@ pub struct Config {
 }
 
 impl DecoderFamily for Config {
-    const DEFAULTS: &'static str = r#"{"vocab_size":65024,"hidden_size":4544,"num_hidden_layers":32,"num_attention_heads":71,"num_key_value_heads":1,"max_position_embeddings":2048,"tie_word_embeddings":true,"layer_norm_epsilon":0.00001,"hidden_act":"gelu","bias":false,"alibi":false,"multi_query":true,"new_decoder_architecture":false,"parallel_attn":true}"#;
+    const DEFAULTS: &'static str = r#"{"vocab_size":65024,"hidden_size":4544,"num_hidden_layers":32,"num_attention_heads":71,"num_key_value_heads":1,"max_position_embeddings":2048,"tie_word_embeddings":true,"layer_norm_epsilon":0.00001,"activation":"gelu","bias":false,"alibi":false,"multi_query":true,"new_decoder_architecture":false,"parallel_attn":true}"#;
 
     const ALIASES: &'static [(&'static str, &'static str)] =
         &[("intermediate_size", "ffn_hidden_size")];
@@ -62,7 +64,14 @@ impl DecoderFamily for Config {
         };
         let mlp = MlpSettings {
             bias: self.bias.unwrap_or(false),
-            ..d.mlp(MlpLayout::UpDown, d.activation(config)?)
+            ..d.mlp(
+                MlpLayout::UpDown,
+                Activation::from_config(
+                    config,
+                    "activation",
+                    self.activation.as_deref().unwrap_or("silu"),
+                )?,
+            )
         };
         let rope = d.rope(10000.0, false, config)?;
         let layers = d.layers(LayerRule::NoSliding, Some(&rope), None, false);
