@@ -47,36 +47,15 @@ pub fn per_head_to_blocks(
     heads: i32,
     head_dim: i32,
 ) -> Result<()> {
-    let rows = 3 * heads * head_dim;
-    for part in ["weight", "bias", "scales", "biases"] {
-        let name = format!("{prefix}.{part}");
-        let Some(tensor) = weights.remove(&name) else {
-            continue;
-        };
-        let shape = tensor.shape().to_vec();
-        if shape.is_empty() || shape[0] != rows || shape.len() > 2 {
-            let mut expected = shape.clone();
-            if expected.is_empty() {
-                expected.push(rows);
-            }
-            expected[0] = rows;
-            return Err(Error::WeightShape {
-                path: weights.source().to_path_buf(),
-                name,
-                expected,
-                actual: shape,
-            });
-        }
-        let rest = &shape[1..];
-        let grouped: Vec<i32> = [heads, 3, head_dim].iter().chain(rest).copied().collect();
-        let order: Vec<i32> = [1, 0].into_iter().chain(2..grouped.len() as i32).collect();
-        let reordered = tensor
-            .reshape(&grouped)?
-            .transpose_axes(&order)?
-            .reshape(&shape)?;
-        weights.insert(name, reordered);
-    }
-    Ok(())
+    // One group per head, each holding its query, key and value rows in that order.
+    grouped_to_blocks(
+        weights,
+        prefix,
+        heads,
+        [Part::Query, Part::Key, Part::Value],
+        heads,
+        head_dim,
+    )
 }
 
 /// One of the three parts of a fused q/k/v projection's output.

@@ -996,13 +996,23 @@ def propose_variants(model_type: str, fields: dict, small: dict, resolved, rotar
     if "routed_scaling_factor" in routing or "n_group" in routing:
         add("routing", "Routing options together: " + ", ".join(f"{k} {text(v)}" for k, v in routing.items()) + ".",
             routing)
-    return combine_options(variants)
+    return drop_subsumed_hub(combine_options(variants))
 
 
 # Variants whose options change independent parts of the model (the output layer's tie, the
 # projections' biases, scalar multipliers, softcaps): one fixture tests them together, so a
 # family stays small; a wrong reading of any of them still fails it.
 COMBINABLE = ("untied", "tied", "no-bias", "bias", "multipliers", "softcap")
+
+
+def drop_subsumed_hub(variants: list) -> list:
+    """`variants` without the plain `hub` variant where another Hub-style variant of the defaults
+    (scaled RoPE: `yarn`, `linear`, `longrope`) goes through the same config rewrite."""
+    hub = next((v for v in variants if v["name"] == "hub"), None)
+    scaled = [v for v in variants if v["name"] in ("yarn", "linear", "longrope") and v["config_style"] == "hub"]
+    if hub is None or hub["config_overrides"] or not scaled:
+        return variants
+    return [v for v in variants if v is not hub]
 
 
 def combine_options(variants: list) -> list:
