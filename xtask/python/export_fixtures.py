@@ -160,6 +160,7 @@ HUB_RENAMED_FIELDS = {
     "qwen3_moe": [("num_local_experts", "num_experts")],
     # Pythia and GPT-NeoX-20B: the RoPE base and the rotated share of each head by their old names.
     "gpt_neox": [("rope_theta", "rotary_emb_base"), ("partial_rotary_factor", "rotary_pct")],
+    "gpt_neox_japanese": [("rope_theta", "rotary_emb_base"), ("partial_rotary_factor", "rotary_pct")],
 }
 # Constant fields that the family's Hub configs carry and Transformers does not read:
 # the variant Transformers implements (MiniMax-M2: per-layer q/k norm over all heads,
