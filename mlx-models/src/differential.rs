@@ -212,8 +212,9 @@ mod tests {
             .zip(&expected)
             .map(|(a, b)| (f64::from(*a) - b).abs())
             .fold(0.0, f64::max);
-        // f32 softmax and norm over a handful of terms of magnitude ≤ 1.
-        assert!(worst < 2e-6, "max |Δ| = {worst:e}");
+        // f32 softmax and norm over a handful of terms of magnitude ≤ 1: measured 1.2e-7; a
+        // wrong value half gives 1.79.
+        assert!(worst < 5e-7, "max |Δ| = {worst:e}");
     }
 
     #[test]
