@@ -1968,11 +1968,12 @@ def export_variant(spec: dict, variant: dict, out_root: Path) -> None:
             # Rewrite the RoPE keys, then demand that Transformers reads back the same model.
             config_path = staging / "config.json"
             written = json.loads(config_path.read_text(encoding="utf-8"))
-            write_json(config_path, to_hub_style(written))
+            hub_config = to_hub_style(written)
+            write_json(config_path, hub_config)
             rename_hub_weights(staging, spec["model_type"])
             rope = written.get("rope_parameters")
             nested = isinstance(rope, dict) and any(key in ROPE_RECORD_PREFIXES for key in rope)
-            if nested and (not legacy_rope_keys_read(reference.config, to_hub_style(written))
+            if nested and (not legacy_rope_keys_read(reference.config, hub_config)
                            or hub_model_or_none(staging, reference) is None):
                 # RoPE per layer type with no legacy keys the class converts (families born with
                 # Transformers 5, unlike Gemma 3): their Hub configs carry `rope_parameters` as written.
