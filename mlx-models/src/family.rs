@@ -13,7 +13,7 @@ use crate::moe::{
 use crate::rope::{Rope, RopeConfig, RopeFields};
 use crate::transformer::{
     build, drop_computed_weights, layers_by_type, rope_layers, Activation, AttentionSettings,
-    DecoderSettings, LayerSettings, LayerType, MlpLayout, MlpSettings,
+    DecoderSettings, LayerSettings, LayerType, MixerKind, MlpLayout, MlpSettings,
 };
 use crate::weights::Weights;
 use serde::de::DeserializeOwned;
@@ -868,6 +868,72 @@ pub fn drop_rope(layers: &mut [LayerSettings], uses_rope: &[bool]) {
     }
 }
 
+/// Which layers of a hybrid decoder attend, as its config says; the others run its
+/// recurrent mixer ([`set_recurrent_layers`]).
+#[derive(Debug, Clone, Copy)]
+pub enum AttentionLayers<'a> {
+    /// Attention at the layers `field` lists (Bamba's `attn_layer_indices`, LFM2's
+    /// `full_attn_idxs`); a null list: every layer attends (`null_attends`) or none.
+    Indices {
+        field: &'a str,
+        indices: Option<&'a [i32]>,
+        null_attends: bool,
+    },
+    /// Attention at the layers `i` with `i % period == offset` (Jamba's
+    /// `attn_layer_period`, `attn_layer_offset`), each with its field's name.
+    Period {
+        period: (&'a str, i32),
+        offset: (&'a str, i32),
+    },
+}
+
+impl AttentionLayers<'_> {
+    /// For each of `n` layers, whether it attends; a list naming a layer the model does not
+    /// have, or a period that is not positive, is an error naming its field.
+    pub fn resolve(&self, n: usize, config: &ConfigFile) -> Result<Vec<bool>> {
+        match *self {
+            AttentionLayers::Indices {
+                field,
+                indices,
+                null_attends,
+            } => {
+                let Some(indices) = indices else {
+                    return Ok(vec![null_attends; n]);
+                };
+                let beyond = indices.iter().find(|&&i| i < 0 || i as usize >= n);
+                config.ensure(beyond.is_none(), field, || {
+                    format!(
+                        "names layer {} of a model with {n} layers",
+                        beyond.copied().unwrap_or_default()
+                    )
+                })?;
+                Ok((0..n).map(|i| indices.contains(&(i as i32))).collect())
+            }
+            AttentionLayers::Period {
+                period: (period_field, period),
+                offset: (offset_field, offset),
+            } => {
+                config.ensure(period > 0, period_field, || "must be positive".to_owned())?;
+                config.ensure(offset >= 0, offset_field, || {
+                    "must not be negative".to_owned()
+                })?;
+                Ok((0..n).map(|i| i as i32 % period == offset).collect())
+            }
+        }
+    }
+}
+
+/// Gives every layer `attends` marks false the recurrent `mixer`, without RoPE (a hybrid's
+/// Mamba layers: the recurrence orders the tokens).
+pub fn set_recurrent_layers(layers: &mut [LayerSettings], attends: &[bool], mixer: MixerKind) {
+    for (layer, &attends) in layers.iter_mut().zip(attends) {
+        if !attends {
+            layer.mixer = mixer;
+            layer.rope = None;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -877,6 +943,56 @@ mod tests {
             path: "config.json".into(),
             value,
         }
+    }
+
+    /// Bamba's index list, its null (no attention) and LFM2's (all attention), Jamba's
+    /// period and offset, each as its config class resolves it; bad values name the field.
+    #[test]
+    fn attention_layers_follow_the_config_pattern() {
+        let c = config(serde_json::json!({}));
+        let indices = |indices: Option<&'static [i32]>, null_attends| AttentionLayers::Indices {
+            field: "attn_layer_indices",
+            indices,
+            null_attends,
+        };
+        let at = |v: &[bool]| -> Vec<usize> {
+            v.iter()
+                .enumerate()
+                .filter(|(_, a)| **a)
+                .map(|(i, _)| i)
+                .collect()
+        };
+        assert_eq!(
+            at(&indices(Some(&[1, 3]), false).resolve(5, &c).unwrap()),
+            [1, 3]
+        );
+        assert_eq!(
+            at(&indices(None, false).resolve(3, &c).unwrap()),
+            [] as [usize; 0]
+        );
+        assert_eq!(at(&indices(None, true).resolve(3, &c).unwrap()), [0, 1, 2]);
+        let err = indices(Some(&[0, 4]), false).resolve(4, &c).unwrap_err();
+        assert!(err.to_string().contains("attn_layer_indices"), "{err}");
+        let period = |p, o| AttentionLayers::Period {
+            period: ("attn_layer_period", p),
+            offset: ("attn_layer_offset", o),
+        };
+        // Jamba's default: attention every 8 layers from layer 4.
+        assert_eq!(at(&period(8, 4).resolve(32, &c).unwrap()), [4, 12, 20, 28]);
+        let err = period(0, 0).resolve(4, &c).unwrap_err();
+        assert!(err.to_string().contains("attn_layer_period"), "{err}");
+
+        let mut layers = vec![LayerSettings::default(); 3];
+        set_recurrent_layers(&mut layers, &[true, false, true], MixerKind::Mamba2);
+        let mixers: Vec<MixerKind> = layers.iter().map(|l| l.mixer).collect();
+        assert_eq!(
+            mixers,
+            [
+                MixerKind::Attention,
+                MixerKind::Mamba2,
+                MixerKind::Attention
+            ]
+        );
     }
 
     /// MiniCPM3's config class derives a null `v_head_dim` as `hidden_size /
