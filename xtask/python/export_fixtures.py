@@ -982,7 +982,8 @@ def cache_consistency(model, input_ids, logits) -> float:
     full pass. Transformers' RoPE schemes that pick frequencies per call from
     seq_len (longrope, dynamic NTK) keep the keys cached under earlier
     frequencies, so for them this is not zero but a property of Transformers that
-    a port's own cache check should expect.
+    a port's own cache check should expect. Each piece gets its positions, as
+    `generate()` hands them over.
     """
     import inspect
 
@@ -998,8 +999,16 @@ def cache_consistency(model, input_ids, logits) -> float:
     with torch.no_grad():
         for prefill in CACHE_PREFILL_SIZES:
             cache = DynamicCache(config=model.config)
-            chunks = [input_ids[:, :prefill]] + [input_ids[:, t : t + 1] for t in range(prefill, input_ids.shape[1])]
-            pieces = [model(input_ids=chunk, use_cache=True, **cache_argument(model, cache)).logits for chunk in chunks]
+            spans = [(0, prefill)] + [(t, t + 1) for t in range(prefill, input_ids.shape[1])]
+            pieces = [
+                model(
+                    input_ids=input_ids[:, start:end],
+                    use_cache=True,
+                    **cache_argument(model, cache),
+                    **continuation_positions(model, start, end),
+                ).logits
+                for start, end in spans
+            ]
             worst = max(worst, float((torch.cat(pieces, dim=1) - logits).abs().max()))
     return worst
 
@@ -1015,6 +1024,22 @@ def cache_argument(model, cache) -> dict:
 
     name = "past_key_values" if "past_key_values" in inspect.signature(model.forward).parameters else "cache_params"
     return {name: cache}
+
+
+def continuation_positions(model, start: int, end: int) -> dict:
+    """The positions of a continuation from a cache, handed over as `generate()` does.
+
+    Some forwards count positions from 0 when none are given, whatever the cache holds
+    (Bamba's in Transformers 5.23), so a continuation without them would be rotated as
+    if it began the sequence; families without `position_ids` (Mamba) take nothing.
+    """
+    import inspect
+
+    import torch
+
+    if "position_ids" not in inspect.signature(model.forward).parameters:
+        return {}
+    return {"position_ids": torch.arange(start, end, dtype=torch.int64)[None]}
 
 
 def rope_layer_types(rotary) -> dict | None:
@@ -1796,7 +1821,12 @@ def recurrent_checks(model, input_ids, logits) -> tuple:
     with torch.no_grad():
         cache = DynamicCache(config=model.config)
         first = model(input_ids=input_ids[:, :CONTINUATION_PREFILL], use_cache=True, **cache_argument(model, cache))
-        rest = model(input_ids=input_ids[:, CONTINUATION_PREFILL:], use_cache=True, **cache_argument(model, cache))
+        rest = model(
+            input_ids=input_ids[:, CONTINUATION_PREFILL:],
+            use_cache=True,
+            **cache_argument(model, cache),
+            **continuation_positions(model, CONTINUATION_PREFILL, input_ids.shape[1]),
+        )
     continuation = float((torch.cat([first.logits, rest.logits], dim=1) - logits).abs().max())
     checks["cache_continuation_vs_full_logits_max_abs"] = rounded(continuation)
 
