@@ -375,17 +375,37 @@ def layer_kinds(resolved) -> list:
     return list(getattr(resolved, "layer_types", None) or getattr(resolved, "layers_block_type", None) or [])
 
 
+def attends(kind: str) -> bool:
+    """Whether a resolved layer kind (`layer_types`, `layers_block_type`) is attention."""
+    return kind.endswith("attention") and kind != "linear_attention"
+
+
+def attention_pattern_changes(fields: dict, layers: int, attending: list) -> list:
+    """The pattern-field values that make exactly the layers in `attending` attend: an index
+    list of attention layers (`attn_layer_indices`, `full_attn_idxs`), or a period and offset
+    (`attn_layer_period`, `attn_layer_offset`) where `attending` is every n-th layer."""
+    tries = []
+    for name in fields:
+        if "attn" in name and (name.endswith("idxs") or name.endswith("indices")):
+            tries.append({name: list(attending)})
+    if "attn_layer_period" in fields and "attn_layer_offset" in fields and len(attending) >= 1:
+        period = attending[1] - attending[0] if len(attending) > 1 else layers
+        tries.append({"attn_layer_period": period, "attn_layer_offset": attending[0]})
+    return tries
+
+
 def mix_layer_kinds(model_type: str, fields: dict, config: dict) -> dict:
     """A tiny config with a layer of each kind where the family's layer-pattern fields can say so.
 
     A hybrid's tiny config often has one kind of layer only (Bamba's null
     `attn_layer_indices` makes every layer Mamba; LFM2's default `full_attn_idxs` makes
     every one attention), so the other kind would never run. Where the resolved layers
-    are all alike, the pattern field the class has is set so that the last layer differs
-    from the first: an index list of attention layers (`attn_layer_indices`,
-    `full_attn_idxs`) becomes the last layer alone; a period and offset of attention
-    layers (`attn_layer_period`, `attn_layer_offset`) become 2 and 1. The change is kept
-    only if the config class then resolves two kinds of layer.
+    are all alike, the pattern field the class has is set so that the first layer attends
+    and the others do not (the structure, the call trace and the RoPE probes read layer 0,
+    the recurrent mixer is read from the others): an index list of attention layers
+    (`attn_layer_indices`, `full_attn_idxs`) becomes `[0]`; a period and offset of
+    attention layers (`attn_layer_period`, `attn_layer_offset`) become the layer count
+    and 0. The change is kept only if the config class then resolves two kinds of layer.
     """
     try:
         kinds = layer_kinds(build_config(model_type, config))
@@ -394,13 +414,7 @@ def mix_layer_kinds(model_type: str, fields: dict, config: dict) -> dict:
     if len(set(kinds)) != 1:
         return config
     layers = config.get("num_hidden_layers", len(kinds))
-    tries = []
-    for name in fields:
-        if "attn" in name and (name.endswith("idxs") or name.endswith("indices")):
-            tries.append({name: [layers - 1]})
-    if "attn_layer_period" in fields and "attn_layer_offset" in fields:
-        tries.append({"attn_layer_period": 2, "attn_layer_offset": 1})
-    for change in tries:
+    for change in attention_pattern_changes(fields, layers, [0]):
         mixed = {**config, **change}
         # A `layer_types` the tiny config carries would override the pattern.
         if "layer_types" in fields and "layer_types" not in change:
@@ -411,6 +425,48 @@ def mix_layer_kinds(model_type: str, fields: dict, config: dict) -> dict:
         except Exception:
             continue
     return config
+
+
+def hybrid_layers(model_type: str, fields: dict, small: dict) -> dict | None:
+    """How a hybrid's config says which layers attend, probed on the config class: the
+    pattern field (an index list, or a period and offset) set to attend at layers 0 and 2
+    of 4 and at 1 and 3, each checked against the kinds it resolves, and what a null index
+    list means. None where the tiny config's layers are all alike or no pattern field
+    reproduces them (`layer_types` then says it, where the class has it)."""
+    try:
+        kinds = layer_kinds(build_config(model_type, small))
+    except Exception:
+        return None
+    if len(set(kinds)) < 2:
+        return None
+    base = {key: value for key, value in small.items() if key != "layer_types"}
+    base["num_hidden_layers"] = 4
+    for first, second in zip(
+        attention_pattern_changes(fields, 4, [0, 2]), attention_pattern_changes(fields, 4, [1, 3])
+    ):
+        agrees = True
+        for change, want in ((first, [True, False, True, False]), (second, [False, True, False, True])):
+            try:
+                got = [attends(k) for k in layer_kinds(build_config(model_type, {**base, **change}))]
+            except Exception:
+                got = None
+            agrees = agrees and got == want
+        if not agrees:
+            continue
+        if "attn_layer_period" in first:
+            return {"rule": "period", "period": "attn_layer_period", "offset": "attn_layer_offset"}
+        (field,) = first
+        try:
+            null = [attends(k) for k in layer_kinds(build_config(model_type, {**base, field: None}))]
+        except Exception:
+            null = None
+        return {
+            "rule": "indices",
+            "field": field,
+            # Every layer attends, none does, or the class refuses null.
+            "null_attends": null[0] if null and len(set(null)) == 1 else None,
+        }
+    return None
 
 
 def runnable_kv_heads(architecture: str, model_type: str, small: dict) -> dict:
@@ -777,6 +833,29 @@ def mixed_layer_overrides(fields: dict, layer_types: list) -> dict:
     return overrides
 
 
+def rotary_share_style(model_type: str, small: dict, params: dict) -> str | None:
+    """The config style in which a config sets the rotated share of the head: "hub" where
+    the top-level `partial_rotary_factor` the Hub's configs carry is read, "transformers5"
+    where only the nested `rope_parameters` one is (Bamba's class pins the top-level one to
+    0.5), None where neither is."""
+
+    def share_of(config: dict):
+        try:
+            resolved = build_config(model_type, {**small, **config})
+        except Exception:
+            return None
+        rope = getattr(resolved, "rope_parameters", None) or {}
+        return rope.get("partial_rotary_factor", getattr(resolved, "partial_rotary_factor", None))
+
+    want = params["partial_rotary_factor"]
+    legacy = {"partial_rotary_factor": want, "rope_theta": params["rope_theta"]}
+    if share_of(legacy) == want:
+        return "hub"
+    if share_of({"rope_parameters": params}) == want:
+        return "transformers5"
+    return None
+
+
 def propose_variants(model_type: str, fields: dict, small: dict, resolved, rotary: dict) -> list:
     """The fixture variants, from which config fields exist (seeds assigned later)."""
     variants = []
@@ -969,14 +1048,17 @@ def propose_variants(model_type: str, fields: dict, small: dict, resolved, rotar
         add("layer-rope-bases", f"layer_rope_theta {text(bases)}: each layer's own RoPE base, 0 for none (NoPE).",
             {"layer_rope_theta": bases})
 
-    if "partial_rotary_factor" in fields or (not per_layer_type and "partial_rotary_factor" in rope):
-        params = {"rope_type": "default", "rope_theta": rope.get("rope_theta", 10000.0),
-                  "partial_rotary_factor": PARTIAL_ROTARY_FACTOR}
+    params = {"rope_type": "default", "rope_theta": rope.get("rope_theta", 10000.0),
+              "partial_rotary_factor": PARTIAL_ROTARY_FACTOR}
+    share_style = rotary_share_style(model_type, small, params)
+    if ("partial_rotary_factor" in fields or (not per_layer_type and "partial_rotary_factor" in rope)) and share_style:
         rotary_dim = int(HEAD_DIM * PARTIAL_ROTARY_FACTOR)
         add("partial-rotary",
             f"partial_rotary_factor {PARTIAL_ROTARY_FACTOR}: RoPE on the first {rotary_dim} of {HEAD_DIM} head "
-            "dims (Phi-4-mini style). Hub-style config (partial_rotary_factor at the top level).",
-            {"rope_parameters": params}, "hub")
+            "dims (Phi-4-mini style). "
+            + ("Hub-style config (partial_rotary_factor at the top level)." if share_style == "hub"
+               else "In rope_parameters: the class pins a top-level partial_rotary_factor."),
+            {"rope_parameters": params}, share_style)
 
     # Grouped, scaled routing (DeepSeek-V3 style): 8 experts in 4 groups, 2 eligible,
     # weights scaled and renormalized the other way than the default, the first layer dense.
@@ -1152,6 +1234,7 @@ def introspect(model_type: str, config_override: dict | None, replace: bool, che
         else None,
         "null_width_per_hidden": probes.null_width_per_hidden(architecture, small, build_config, tiny_model, model_type, fields),
         "rotary": rotary,
+        "hybrid_layers": hybrid_layers(model_type, fields, small),
         "layer_type_probes": probes.layer_type_probes(config_class, fields)
         or (
             probes.reached_layer_type_probes(
