@@ -36,6 +36,7 @@ pub const GROUP_SIZE: i32 = 64;
 pub const BOUNDS: &[(&str, f32, f32)] = &[
     ("apertus", 0.027, 0.5),           // measured 0.0215, 0.398
     ("arcee", 0.032, 0.47),            // measured 0.025, 0.371
+    ("bamba", 0.042, 0.67),            // measured 0.0331, 0.535
     ("bitnet", 0.038, 0.63),           // measured 0.0303, 0.499
     ("biogpt", 0.017, 0.29),           // measured 0.0132, 0.226
     ("bloom", 0.019, 0.3),             // measured 0.0147, 0.238

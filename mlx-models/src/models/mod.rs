@@ -3,6 +3,7 @@
 
 pub mod apertus;
 pub mod arcee;
+pub mod bamba;
 pub mod biogpt;
 pub mod bitnet;
 pub mod bloom;
@@ -102,6 +103,7 @@ pub type Loader = fn(&ConfigFile, Weights) -> Result<Box<dyn LanguageModel>>;
 pub const REGISTRY: &[(&str, Loader)] = &[
     ("apertus", family::load::<apertus::Config>),
     ("arcee", family::load::<arcee::Config>),
+    ("bamba", family::load::<bamba::Config>),
     ("biogpt", family::load::<biogpt::Config>),
     ("bitnet", family::load::<bitnet::Config>),
     ("bloom", family::load::<bloom::Config>),

@@ -196,6 +196,10 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
         family.push("MlaConfig");
     }
     let mut transformer = vec!["DecoderSettings", "MlpLayout"];
+    if plan.hybrid.is_some() {
+        family.extend(["AttentionLayers", "set_recurrent_layers"]);
+        transformer.push("MixerKind");
+    }
     let renames =
         !plan.renames.is_empty() || !plan.prefix_renames.is_empty() || !plan.conv1d.is_empty();
     let sanitizes = renames || plan.mla.is_some() || plan.qkv_groups.is_some();
@@ -421,6 +425,9 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
     if plan.sinusoidal_positions.is_some() {
         let _ = writeln!(w, "use crate::positions::Sinusoid;");
     }
+    if let Some(h) = &plan.hybrid {
+        let _ = writeln!(w, "{}", super::recurrent::hybrid_uses(h));
+    }
     let _ = writeln!(w, "use crate::transformer::{{{}}};", transformer.join(", "));
     if let Some(moe) = &plan.moe {
         let _ = writeln!(
@@ -470,6 +477,14 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
         let _ = writeln!(w, "#[serde(flatten)]\npub mla: MlaConfig,");
     }
     for f in &own {
+        if let Some(line) = plan
+            .hybrid
+            .as_ref()
+            .and_then(|h| super::recurrent::hybrid_field(h, f))
+        {
+            let _ = writeln!(w, "{line}");
+            continue;
+        }
         let _ = writeln!(
             w,
             "/// {}.\npub {}: {},",
@@ -661,7 +676,7 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
     let _ = writeln!(
         w,
         "let {}layers = d.layers({rule}, {rope}, {local_rope}, {});",
-        if choice.rope_sliding_only || plan.layer_rope_bases.is_some() {
+        if choice.rope_sliding_only || plan.layer_rope_bases.is_some() || plan.hybrid.is_some() {
             "mut "
         } else {
             ""
@@ -681,6 +696,11 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
             w,
             "for layer in layers.iter_mut().filter(|l| l.sliding_window.is_none()) {{ layer.rope = None; }}"
         );
+    }
+    if let Some(h) = &plan.hybrid {
+        let (code, entry) = super::recurrent::hybrid_settings(h, plan, |name| shared(plan, name));
+        let _ = write!(w, "{code}");
+        model.push(entry);
     }
     let base = "d.settings(attention, mlp, layers)";
     let settings = if model.is_empty() {
@@ -1035,6 +1055,9 @@ pub fn structure_summary(plan: &Plan, choice: &Choice) -> Vec<String> {
         }
         (None, false) => "RMSNorm scaling by `weight`.".to_owned(),
     });
+    if let Some(h) = &plan.hybrid {
+        lines.push(super::recurrent::hybrid_summary(h));
+    }
     if let Some(mla) = &plan.mla {
         lines.push(format!(
             "Multi-head latent attention ([`crate::mla`]): low-rank queries (`q_a_proj`, \

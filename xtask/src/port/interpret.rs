@@ -273,6 +273,10 @@ pub fn settings(plan: &Plan, choice: &Choice, config: &ConfigFile) -> Result<Dec
         Some(_) => settings.with_latent_attention(mla_config(plan, config)?.settings(&d, config)?),
         None => settings,
     };
+    let settings = match &plan.hybrid {
+        Some(h) => super::recurrent::with_hybrid(plan, h, config, settings)?,
+        None => settings,
+    };
     let Some(moe) = &plan.moe else {
         return Ok(settings);
     };

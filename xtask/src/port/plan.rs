@@ -238,6 +238,8 @@ pub struct Plan {
     pub mla: Option<MlaPlan>,
     /// Every layer is a norm and a recurrent mixer (Mamba, Mamba2), no attention.
     pub recurrent: Option<super::recurrent::RecurrentPlan>,
+    /// Some layers attend, the others run a recurrent mixer (Bamba).
+    pub hybrid: Option<super::recurrent::HybridPlan>,
     /// `Some(bias)` for LayerNorm, `None` for RMSNorm.
     pub layer_norm: Option<Flag>,
     pub eps_field: String,
@@ -1189,7 +1191,17 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
     } else {
         None
     };
-    gaps.extend(super::recurrent::hybrid_gaps(facts.value));
+    let hybrid = super::recurrent::hybrid_plan(facts.value, &mut decisions, &mut gaps);
+    if let Some(h) = &hybrid {
+        roles.renames.push((h.path.clone(), "mixer".to_owned()));
+        let rule = h.rule.fields().into_iter().map(|f| (f, None));
+        let mixer = h.mixer.roles.iter().map(|(r, f)| (f.as_str(), Some(*r)));
+        for (name, role) in rule.chain(mixer) {
+            if !fields.iter().any(|f| f.name == name) {
+                fields.push(super::recurrent::role_field(&defaults, name, role));
+            }
+        }
+    }
     let layer0: BTreeMap<&str, &Vec<i64>> = params
         .iter()
         .filter_map(|(n, s)| n.strip_prefix("model.layers.0.").map(|n| (n, s)))
@@ -2504,6 +2516,7 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         moe,
         mla,
         recurrent: None,
+        hybrid,
         layer_norm,
         eps_field,
         eps_constant,

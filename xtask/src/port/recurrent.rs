@@ -6,7 +6,7 @@
 
 use super::plan::{Choice, Field, FieldType, Plan, Scalar};
 use mlx_models::config::ConfigFile;
-use mlx_models::family::LayerRule;
+use mlx_models::family::{set_recurrent_layers, AttentionLayers, LayerRule};
 use mlx_models::ssm::{Mamba2Gate, Mamba2Settings, MambaSettings};
 use mlx_models::transformer::{DecoderSettings, MixerKind, MlpLayout, NormPlacement, QkNorm};
 use mlx_models::Result;
@@ -255,6 +255,246 @@ pub fn hybrid_gaps(facts: &Value) -> Vec<String> {
     gaps
 }
 
+/// How a hybrid's config says which layers attend (the introspection's `hybrid_layers`,
+/// probed on the config class).
+#[derive(Debug, Clone, PartialEq)]
+pub enum AttentionRule {
+    /// An index list of the attention layers (Bamba's `attn_layer_indices`); a null list
+    /// makes every layer attend, or none.
+    Indices { field: String, null_attends: bool },
+    /// Attention at the layers `i % period == offset` (Jamba's).
+    Period { period: String, offset: String },
+}
+
+impl AttentionRule {
+    fn from_facts(facts: &Value) -> Option<AttentionRule> {
+        let h = facts.get("hybrid_layers")?;
+        let text = |key: &str| h.get(key).and_then(Value::as_str).map(str::to_owned);
+        match h.get("rule")?.as_str()? {
+            "indices" => Some(AttentionRule::Indices {
+                field: text("field")?,
+                null_attends: h.get("null_attends")?.as_bool()?,
+            }),
+            "period" => Some(AttentionRule::Period {
+                period: text("period")?,
+                offset: text("offset")?,
+            }),
+            _ => None,
+        }
+    }
+
+    /// The config fields the rule reads.
+    pub fn fields(&self) -> Vec<&str> {
+        match self {
+            AttentionRule::Indices { field, .. } => vec![field],
+            AttentionRule::Period { period, offset } => vec![period, offset],
+        }
+    }
+
+    /// Which of `n` layers attend under `config` (a config.json or the resolved one).
+    pub fn attends(&self, config: &Value, n: usize) -> Option<Vec<bool>> {
+        match self {
+            AttentionRule::Indices {
+                field,
+                null_attends,
+            } => match config.get(field) {
+                None | Some(Value::Null) => Some(vec![*null_attends; n]),
+                Some(list) => {
+                    let list: Vec<u64> =
+                        list.as_array()?.iter().filter_map(Value::as_u64).collect();
+                    Some((0..n).map(|i| list.contains(&(i as u64))).collect())
+                }
+            },
+            AttentionRule::Period { period, offset } => {
+                let period = config.get(period)?.as_u64()? as usize;
+                let offset = config.get(offset)?.as_u64()? as usize;
+                (period > 0).then(|| (0..n).map(|i| i % period == offset).collect())
+            }
+        }
+    }
+}
+
+/// A decoder whose layers either attend or run one recurrent mixer, the rest of each layer
+/// (norms, MLP) the same (Bamba).
+#[derive(Debug, Clone)]
+pub struct HybridPlan {
+    /// The recurrent layers' mixer and the config fields of its roles.
+    pub mixer: RecurrentPlan,
+    /// The mixer's module under a layer in the checkpoint (`mamba`), loaded as `mixer`.
+    pub path: String,
+    pub rule: AttentionRule,
+}
+
+/// The hybrid part of a plan, where the tiny model's layer 0 attends (the attention plan
+/// reads it) and its other layers attend or hold one kind of recurrent mixer: the mixer's
+/// config fields checked against its weight shapes, the rest of a recurrent layer checked
+/// to be named and shaped as layer 0's, and the config field that says which layers attend
+/// checked against the module tree. `None` with nothing said for a decoder of attention
+/// layers only; `None` with gaps for any other mix.
+pub fn hybrid_plan(
+    facts: &Value,
+    decisions: &mut Vec<String>,
+    gaps: &mut Vec<String>,
+) -> Option<HybridPlan> {
+    let mixers = layer_mixers(facts);
+    if !mixers
+        .iter()
+        .any(|m| matches!(m, LayerMixer::Recurrent(..) | LayerMixer::ShortConv(_)))
+    {
+        return None;
+    }
+    let mut recurrent = mixers.iter().enumerate().filter_map(|(i, m)| match m {
+        LayerMixer::Recurrent(path, kind) => Some((i, path.clone(), *kind)),
+        _ => None,
+    });
+    let first = recurrent.next();
+    let composable = matches!(mixers.first(), Some(LayerMixer::Attention(_)))
+        && mixers
+            .iter()
+            .all(|m| matches!(m, LayerMixer::Attention(_) | LayerMixer::Recurrent(..)))
+        && first
+            .as_ref()
+            .is_some_and(|(_, path, kind)| recurrent.all(|(_, p, k)| p == *path && k == *kind));
+    let Some((index, path, kind)) = first.filter(|_| composable) else {
+        gaps.extend(hybrid_gaps(facts));
+        return None;
+    };
+    let Some(rule) = AttentionRule::from_facts(facts) else {
+        gaps.extend(hybrid_gaps(facts));
+        gaps.push(
+            "no config field was found that says which layers attend (an index list or a \
+             period of attention layers, probed on the config class)"
+                .to_owned(),
+        );
+        return None;
+    };
+    let resolved = &facts["resolved_config"];
+    let tiny: Vec<bool> = mixers
+        .iter()
+        .map(|m| matches!(m, LayerMixer::Attention(_)))
+        .collect();
+    if rule.attends(resolved, mixers.len()).as_ref() != Some(&tiny) {
+        gaps.push(format!(
+            "{rule:?} does not give the tiny model's attention layers {tiny:?}"
+        ));
+    }
+    let layers = facts
+        .pointer("/structure/layers")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let params: Vec<(String, Vec<i64>)> = facts
+        .get("parameters")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|p| {
+            let shape = p["shape"].as_array()?.iter().filter_map(Value::as_i64);
+            Some((p["name"].as_str()?.to_owned(), shape.collect()))
+        })
+        .collect();
+    // The rest of a recurrent layer is the attention layer's, by name and shape.
+    let LayerMixer::Attention(attention) = &mixers[0] else {
+        return None;
+    };
+    let rest = |i: usize, mixer: &str| -> Vec<(String, Vec<i64>)> {
+        let prefix = format!("{layers}.{i}.");
+        params
+            .iter()
+            .filter_map(|(n, shape)| Some((n.strip_prefix(&prefix)?, shape)))
+            .filter(|(n, _)| !n.starts_with(&format!("{mixer}.")))
+            .map(|(n, shape)| (n.to_owned(), shape.clone()))
+            .collect()
+    };
+    let (theirs, ours) = (rest(index, &path), rest(0, attention));
+    if theirs != ours {
+        gaps.push(format!(
+            "layer {index} holds {:?} besides its {kind:?} mixer, the attention layer 0 {:?}: \
+             the layers differ in more than their mixer",
+            theirs.iter().map(|(n, _)| n).collect::<Vec<_>>(),
+            ours.iter().map(|(n, _)| n).collect::<Vec<_>>()
+        ));
+    }
+    let fields_of = facts
+        .get("config_fields")
+        .and_then(Value::as_object)
+        .cloned()
+        .unwrap_or_default();
+    let roles = mixer_roles(kind, &fields_of, gaps);
+    let gate = check_mixer(
+        facts,
+        &params,
+        &format!("{layers}.{index}.{path}"),
+        kind,
+        &roles,
+        decisions,
+        gaps,
+    );
+    decisions.push(format!(
+        "hybrid: layers attend as {rule:?} says (tiny model: {tiny:?}); the others hold the {kind:?} \
+         mixer `{path}` (read from the module tree), loaded as `mixer`, without RoPE; their norms \
+         and MLP are named and shaped as the attention layers'"
+    ));
+    Some(HybridPlan {
+        mixer: RecurrentPlan { kind, roles, gate },
+        path,
+        rule,
+    })
+}
+
+/// What a mixer role's field is, for the module's doc comments.
+fn role_text(role: &str) -> &'static str {
+    match role {
+        "num_heads" => "recurrent mixer: heads",
+        "head_dim" => "recurrent mixer: width of a head",
+        "state_size" => "recurrent mixer: state size",
+        "n_groups" => "recurrent mixer: groups of heads sharing B and C",
+        "conv_kernel" => "recurrent mixer: width of the causal convolution",
+        "expand" => "recurrent mixer: inner width over hidden_size",
+        "chunk_size" => "recurrent mixer: tokens per chunk of the prompt's scan",
+        "time_step_rank" => "recurrent mixer: rank of the step projection",
+        "time_step_limit" => "recurrent mixer: range of the steps",
+        "bias" => "recurrent mixer: in/out projection biases",
+        "conv_bias" => "recurrent mixer: convolution bias",
+        _ => "recurrent mixer",
+    }
+}
+
+/// The module's field for a hybrid's config field `name`: a mixer `role`, or (`None`) the
+/// field that says which layers attend, nullable as a null list means something.
+pub fn role_field(defaults: &BTreeMap<String, Value>, name: &str, role: Option<&str>) -> Field {
+    let nullable = role.is_none();
+    let mut default = defaults.get(name).cloned().unwrap_or(Value::Null);
+    // Python's infinity, as the config reader spells it.
+    if let Value::Array(items) = &mut default {
+        for item in items {
+            if item.as_str() == Some("inf") {
+                *item = serde_json::json!({"__float__": "Infinity"});
+            }
+        }
+    }
+    let ty = match &default {
+        Value::Bool(_) => FieldType::Bool,
+        Value::Number(n) if n.is_f64() => FieldType::F64,
+        Value::Number(_) => FieldType::I32,
+        Value::String(_) => FieldType::Str,
+        Value::Array(items) if items.iter().all(Value::is_i64) && !items.is_empty() => {
+            FieldType::IntList
+        }
+        Value::Array(_) => FieldType::FloatList,
+        _ => FieldType::IntList,
+    };
+    Field {
+        name: name.to_owned(),
+        ty,
+        default,
+        nullable,
+        role: match role {
+            None => "which layers attend",
+            Some(role) => role_text(role),
+        },
+    }
+}
+
 /// A recurrent-only plan for `facts`, or `None` where some layer holds no recurrent mixer
 /// (attention, hybrids: the attention plan, and its gaps, apply).
 pub fn plan(facts: &Value, module: &str) -> Option<Plan> {
@@ -286,7 +526,6 @@ pub fn plan(facts: &Value, module: &str) -> Option<Plan> {
         return None;
     }
     let fields_of = facts.get("config_fields")?.as_object()?;
-    let resolved = facts.get("resolved_config")?;
     let mut gaps = Vec::new();
     let mut decisions = vec![format!(
         "every layer's `{path}` holds `A_log` and {}: a {kind:?} mixer (read from the module tree of the tiny model)",
@@ -295,6 +534,60 @@ pub fn plan(facts: &Value, module: &str) -> Option<Plan> {
             Kind::Mamba2 => "`dt_bias`",
         }
     )];
+    let roles = mixer_roles(kind, fields_of, &mut gaps);
+    let gate = check_mixer(
+        facts,
+        &params,
+        &format!("{layers}.0.{path}"),
+        kind,
+        &roles,
+        &mut decisions,
+        &mut gaps,
+    );
+    // Anything in a layer besides its norm and its mixer is a block this plan omits.
+    let layer0: Vec<&str> = params
+        .iter()
+        .filter_map(|(name, _)| name.strip_prefix(&format!("{layers}.0.")))
+        .filter(|n| !n.starts_with(&format!("{path}.")))
+        .collect();
+    let norm = match layer0.as_slice() {
+        [one] => one.strip_suffix(".weight").map(str::to_owned),
+        _ => None,
+    };
+    let Some(norm) = norm else {
+        gaps.push(format!(
+            "a layer holds {layer0:?} besides its mixer: more than the one norm a recurrent-only layer has"
+        ));
+        return Some(base_plan(
+            facts,
+            module,
+            kind,
+            roles,
+            gate,
+            Vec::new(),
+            decisions,
+            gaps,
+        ));
+    };
+    let mut renames = vec![(norm.clone(), "input_layernorm".to_owned())];
+    if path != "mixer" {
+        renames.push((path.clone(), "mixer".to_owned()));
+    }
+    decisions.push(format!(
+        "layer: `{norm}` (RMSNorm) before the mixer, with a residual; no attention, no MLP"
+    ));
+    Some(base_plan(
+        facts, module, kind, roles, gate, renames, decisions, gaps,
+    ))
+}
+
+/// The config field of each role a `kind` mixer reads (the first of [`ROLES`]' names the
+/// class has); a role no field holds is a gap.
+fn mixer_roles(
+    kind: Kind,
+    fields_of: &serde_json::Map<String, Value>,
+    gaps: &mut Vec<String>,
+) -> BTreeMap<&'static str, String> {
     let mut roles = BTreeMap::new();
     for (role, names) in ROLES {
         let read = needed(kind).contains(role) || *role == "residual_in_fp32";
@@ -310,8 +603,24 @@ pub fn plan(facts: &Value, module: &str) -> Option<Plan> {
             ));
         }
     }
+    roles
+}
+
+/// Checks the weight shapes of the recurrent mixer at `mixer` (its full parameter path)
+/// against what the config fields of `roles` give, and reads a Mamba2 mixer's output gate
+/// from its `norm` module; what disagrees goes to `gaps`.
+fn check_mixer(
+    facts: &Value,
+    params: &[(String, Vec<i64>)],
+    mixer: &str,
+    kind: Kind,
+    roles: &BTreeMap<&'static str, String>,
+    decisions: &mut Vec<String>,
+    gaps: &mut Vec<String>,
+) -> Option<Mamba2Gate> {
+    let resolved = &facts["resolved_config"];
     let shape = |leaf: &str| -> Vec<i64> {
-        let name = format!("{layers}.0.{path}.{leaf}");
+        let name = format!("{mixer}.{leaf}");
         params
             .iter()
             .find(|(n, _)| *n == name)
@@ -398,7 +707,7 @@ pub fn plan(facts: &Value, module: &str) -> Option<Plan> {
                 .and_then(Value::as_array)
                 .into_iter()
                 .flatten()
-                .find(|m| m["name"].as_str() == Some(&format!("{layers}.0.{path}.norm")));
+                .find(|m| m["name"].as_str() == Some(&format!("{mixer}.norm")));
             Some(match norm {
                 None => Mamba2Gate::Silu,
                 Some(m) if m.pointer("/attrs/norm_before_gate") == Some(&Value::Bool(true)) => {
@@ -411,7 +720,7 @@ pub fn plan(facts: &Value, module: &str) -> Option<Plan> {
     for (leaf, got, want) in &checks {
         if got != want {
             gaps.push(format!(
-                "`{path}.{leaf}` is {got:?} in the tiny model, but the config fields give {want:?}: \
+                "`{mixer}.{leaf}` is {got:?} in the tiny model, but the config fields give {want:?}: \
                  the fields do not mean what the {kind:?} block reads"
             ));
         }
@@ -419,7 +728,7 @@ pub fn plan(facts: &Value, module: &str) -> Option<Plan> {
     for (leaf, role) in [("in_proj.bias", "bias"), ("conv1d.bias", "conv_bias")] {
         if present(leaf) != flag(role) {
             gaps.push(format!(
-                "`{path}.{leaf}` {} while `{}` is {}",
+                "`{mixer}.{leaf}` {} while `{}` is {}",
                 if present(leaf) { "exists" } else { "is absent" },
                 roles.get(role).map(String::as_str).unwrap_or(role),
                 flag(role)
@@ -440,41 +749,7 @@ pub fn plan(facts: &Value, module: &str) -> Option<Plan> {
             "Mamba2 output gate: {g:?} (from the mixer's `norm` module)"
         ));
     }
-    // Anything in a layer besides its norm and its mixer is a block this plan omits.
-    let layer0: Vec<&str> = params
-        .iter()
-        .filter_map(|(name, _)| name.strip_prefix(&format!("{layers}.0.")))
-        .filter(|n| !n.starts_with(&format!("{path}.")))
-        .collect();
-    let norm = match layer0.as_slice() {
-        [one] => one.strip_suffix(".weight").map(str::to_owned),
-        _ => None,
-    };
-    let Some(norm) = norm else {
-        gaps.push(format!(
-            "a layer holds {layer0:?} besides its mixer: more than the one norm a recurrent-only layer has"
-        ));
-        return Some(base_plan(
-            facts,
-            module,
-            kind,
-            roles,
-            gate,
-            Vec::new(),
-            decisions,
-            gaps,
-        ));
-    };
-    let mut renames = vec![(norm.clone(), "input_layernorm".to_owned())];
-    if path != "mixer" {
-        renames.push((path.clone(), "mixer".to_owned()));
-    }
-    decisions.push(format!(
-        "layer: `{norm}` (RMSNorm) before the mixer, with a residual; no attention, no MLP"
-    ));
-    Some(base_plan(
-        facts, module, kind, roles, gate, renames, decisions, gaps,
-    ))
+    gate
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -566,6 +841,7 @@ fn base_plan(
         moe: None,
         mla: None,
         recurrent: Some(RecurrentPlan { kind, roles, gate }),
+        hybrid: None,
         layer_norm: None,
         eps_field: "layer_norm_epsilon".to_owned(),
         eps_constant: None,
@@ -613,30 +889,44 @@ fn base_plan(
     }
 }
 
-/// The settings the generated module computes, read from `config` directly.
-pub fn settings(plan: &Plan, r: &RecurrentPlan, config: &ConfigFile) -> Result<DecoderSettings> {
-    let value = |name: &str| -> Value {
-        config.value.get(name).cloned().unwrap_or_else(|| {
-            plan.fields
-                .iter()
-                .find(|f| f.name == name)
-                .map(|f| f.default.clone())
-                .unwrap_or(Value::Null)
-        })
-    };
+/// `name`'s value in `config`, else Transformers' default (the plan's field).
+fn config_value(plan: &Plan, config: &ConfigFile, name: &str) -> Value {
+    config.value.get(name).cloned().unwrap_or_else(|| {
+        plan.fields
+            .iter()
+            .find(|f| f.name == name)
+            .map(|f| f.default.clone())
+            .unwrap_or(Value::Null)
+    })
+}
+
+/// A recurrent mixer's settings, read from `config` as the generated module reads them.
+pub enum MixerSettings {
+    Mamba(MambaSettings),
+    Mamba2(Mamba2Settings),
+}
+
+/// The mixer's settings and its norm's epsilon, read from `config` directly (the fields of
+/// `r`'s roles, Transformers' defaults where config.json leaves them out).
+fn mixer_settings(
+    plan: &Plan,
+    r: &RecurrentPlan,
+    config: &ConfigFile,
+    hidden: i32,
+) -> Result<(MixerSettings, f64)> {
+    let value = |name: &str| config_value(plan, config, name);
     let int = |role: &str| -> Result<i32> {
         let name = r.field(role);
         config.require(name, value(name).as_i64().map(|v| v as i32))
     };
     let boolean = |role: &str| value(r.field(role)).as_bool().unwrap_or(false);
-    let hidden = int("hidden_size")?;
     let act = value(r.field("act"));
     config.ensure(act.as_str() == Some("silu"), r.field("act"), || {
         format!("the mixer's activation {act} is not supported (silu)")
     })?;
     let eps = value(r.field("eps")).as_f64();
     let eps = config.require(r.field("eps"), eps)?;
-    let mut settings = match r.kind {
+    let mixer = match r.kind {
         Kind::Mamba => {
             let rank = match value(r.field("time_step_rank")) {
                 Value::String(s) if s == "auto" => (hidden + 15) / 16,
@@ -646,7 +936,7 @@ pub fn settings(plan: &Plan, r: &RecurrentPlan, config: &ConfigFile) -> Result<D
             config.ensure(expand > 0 && rank > 0, r.field("expand"), || {
                 "expand and time_step_rank must be positive".to_owned()
             })?;
-            let mamba = MambaSettings {
+            MixerSettings::Mamba(MambaSettings {
                 intermediate_size: expand * hidden,
                 state_size: int("state_size")?,
                 time_step_rank: rank,
@@ -655,21 +945,16 @@ pub fn settings(plan: &Plan, r: &RecurrentPlan, config: &ConfigFile) -> Result<D
                 bias: boolean("bias"),
                 bcdt_rms_eps: None,
                 bcdt_norm_eps: None,
-            };
-            DecoderSettings {
-                mamba: Some(mamba),
-                ..DecoderSettings::recurrent_only(
-                    &plan.model_type,
-                    int("vocab_size")?,
-                    hidden,
-                    int("num_hidden_layers")? as usize,
-                    MixerKind::Mamba,
-                )
-            }
+            })
         }
         Kind::Mamba2 => {
-            let (heads, head_dim, groups) = (int("num_heads")?, int("head_dim")?, int("n_groups")?);
+            let (heads, groups) = (int("num_heads")?, int("n_groups")?);
             let expand = int("expand")?;
+            // "auto": the heads share the expanded width.
+            let head_dim = match value(r.field("head_dim")) {
+                Value::String(s) if s == "auto" => expand * hidden / heads.max(1),
+                v => config.require(r.field("head_dim"), v.as_i64().map(|v| v as i32))?,
+            };
             config.ensure(
                 hidden * expand == heads * head_dim,
                 r.field("num_heads"),
@@ -692,7 +977,7 @@ pub fn settings(plan: &Plan, r: &RecurrentPlan, config: &ConfigFile) -> Result<D
                 "must be a pair of numbers".to_owned()
             })?;
             let limit = parsed.unwrap_or((0.0, f64::INFINITY));
-            let mamba2 = Mamba2Settings {
+            MixerSettings::Mamba2(Mamba2Settings {
                 num_heads: heads,
                 head_dim,
                 state_size: int("state_size")?,
@@ -707,23 +992,100 @@ pub fn settings(plan: &Plan, r: &RecurrentPlan, config: &ConfigFile) -> Result<D
                 norm_eps: eps,
                 gate: r.gate.unwrap_or(Mamba2Gate::NormAfterGate),
                 chunked_prefill: true,
-            };
-            DecoderSettings {
-                mamba2: Some(mamba2),
-                ..DecoderSettings::recurrent_only(
-                    &plan.model_type,
-                    int("vocab_size")?,
-                    hidden,
-                    int("num_hidden_layers")? as usize,
-                    MixerKind::Mamba2,
-                )
-            }
+            })
         }
+    };
+    Ok((mixer, eps))
+}
+
+/// The settings the generated module computes, read from `config` directly.
+pub fn settings(plan: &Plan, r: &RecurrentPlan, config: &ConfigFile) -> Result<DecoderSettings> {
+    let value = |name: &str| config_value(plan, config, name);
+    let int = |name: &str| config.require(name, value(name).as_i64());
+    let hidden = int("hidden_size")? as i32;
+    let vocab = int("vocab_size")? as i32;
+    let layers = int("num_hidden_layers")? as usize;
+    let (mixer, eps) = mixer_settings(plan, r, config, hidden)?;
+    let mut settings = match mixer {
+        MixerSettings::Mamba(mamba) => DecoderSettings {
+            mamba: Some(mamba),
+            ..DecoderSettings::recurrent_only(
+                &plan.model_type,
+                vocab,
+                hidden,
+                layers,
+                MixerKind::Mamba,
+            )
+        },
+        MixerSettings::Mamba2(mamba2) => DecoderSettings {
+            mamba2: Some(mamba2),
+            ..DecoderSettings::recurrent_only(
+                &plan.model_type,
+                vocab,
+                hidden,
+                layers,
+                MixerKind::Mamba2,
+            )
+        },
     };
     settings.norm_eps = eps;
     settings.tie_word_embeddings = value("tie_word_embeddings").as_bool().unwrap_or(false);
     if r.roles.contains_key("residual_in_fp32") {
         settings.residual_in_f32 = value(r.field("residual_in_fp32")).as_bool().unwrap_or(true);
+    }
+    Ok(settings)
+}
+
+/// `settings` of a hybrid's attention plan with the layers `h`'s rule does not make attend
+/// running its recurrent mixer, read from `config` as the generated module reads it.
+pub fn with_hybrid(
+    plan: &Plan,
+    h: &HybridPlan,
+    config: &ConfigFile,
+    mut settings: DecoderSettings,
+) -> Result<DecoderSettings> {
+    let value = |name: &str| config_value(plan, config, name);
+    let n = settings.layers.len();
+    let ints = |name: &str| -> Option<Vec<i32>> {
+        value(name).as_array().map(|a| {
+            a.iter()
+                .filter_map(Value::as_i64)
+                .map(|v| v as i32)
+                .collect()
+        })
+    };
+    let int = |name: &str| -> Result<i32> {
+        config.require(name, value(name).as_i64().map(|v| v as i32))
+    };
+    let indices;
+    let rule = match &h.rule {
+        AttentionRule::Indices {
+            field,
+            null_attends,
+        } => {
+            indices = ints(field);
+            AttentionLayers::Indices {
+                field,
+                indices: indices.as_deref(),
+                null_attends: *null_attends,
+            }
+        }
+        AttentionRule::Period { period, offset } => AttentionLayers::Period {
+            period: (period, int(period)?),
+            offset: (offset, int(offset)?),
+        },
+    };
+    let attends = rule.resolve(n, config)?;
+    let (mixer, _) = mixer_settings(plan, &h.mixer, config, settings.hidden_size)?;
+    match mixer {
+        MixerSettings::Mamba(mamba) => {
+            set_recurrent_layers(&mut settings.layers, &attends, MixerKind::Mamba);
+            settings.mamba = Some(mamba);
+        }
+        MixerSettings::Mamba2(mamba2) => {
+            set_recurrent_layers(&mut settings.layers, &attends, MixerKind::Mamba2);
+            settings.mamba2 = Some(mamba2);
+        }
     }
     Ok(settings)
 }
@@ -902,6 +1264,241 @@ pub fn module_source(plan: &Plan, r: &RecurrentPlan) -> String {
     s
 }
 
+/// A hybrid module's `Config` line for `f` where it is not the plain one: the step limit
+/// as a pair (Python's infinity read), a head width or step rank that may say "auto".
+pub fn hybrid_field(h: &HybridPlan, f: &Field) -> Option<String> {
+    let role = h
+        .mixer
+        .roles
+        .iter()
+        .find(|(_, field)| **field == f.name)
+        .map(|(role, _)| *role)?;
+    match role {
+        "time_step_limit" => Some(format!(
+            "/// Recurrent mixer: the range its steps are clamped to.\n\
+             #[serde(deserialize_with = \"crate::config::f64_pair_or_non_finite\")]\n\
+             pub {}: (f64, f64),",
+            f.name
+        )),
+        "head_dim" | "time_step_rank" if f.ty == FieldType::Str => Some(format!(
+            "/// {}: a number, or \"auto\".\npub {}: serde_json::Value,",
+            capitalize(role_text(role)),
+            f.name
+        )),
+        _ => None,
+    }
+}
+
+fn capitalize(s: &str) -> String {
+    let mut chars = s.chars();
+    chars
+        .next()
+        .map(|c| c.to_uppercase().chain(chars).collect())
+        .unwrap_or_default()
+}
+
+/// The `use` line a hybrid module adds: the mixer's settings.
+pub fn hybrid_uses(h: &HybridPlan) -> &'static str {
+    match h.mixer.kind {
+        Kind::Mamba => "use crate::ssm::MambaSettings;",
+        Kind::Mamba2 => "use crate::ssm::{Mamba2Gate, Mamba2Settings};",
+    }
+}
+
+/// The statements of a hybrid module's `settings` after `layers` is built (which layers
+/// attend, the recurrent mixer on the others and its settings), and the `DecoderSettings`
+/// entry that hands the mixer over. `shared(name)`: the field is read through the shared
+/// `DecoderConfig` (`d`).
+pub fn hybrid_settings(
+    h: &HybridPlan,
+    plan: &Plan,
+    shared: impl Fn(&str) -> bool,
+) -> (String, String) {
+    let mut out = String::new();
+    let w = &mut out;
+    let r = &h.mixer;
+    let default = |name: &str| {
+        plan.fields
+            .iter()
+            .find(|f| f.name == name)
+            .map(|f| f.default.clone())
+            .unwrap_or(Value::Null)
+    };
+    // A role's value as the module reads it.
+    let expr = |role: &str| -> String {
+        let name = r.field(role);
+        match name {
+            "hidden_size" | "num_hidden_layers" | "vocab_size" => format!("d.{name}"),
+            "hidden_act" | "hidden_activation" if shared(name) => format!(
+                "d.{name}.as_deref().unwrap_or({:?})",
+                default(name).as_str().unwrap_or("silu")
+            ),
+            _ if shared(name) => match default(name) {
+                Value::Number(n) => format!("d.{name}.unwrap_or({:?})", n.as_f64().unwrap_or(0.0)),
+                Value::Bool(b) => format!("d.{name}.unwrap_or({b})"),
+                _ => format!("d.{name}"),
+            },
+            _ => format!("self.{name}"),
+        }
+    };
+    let kind = match r.kind {
+        Kind::Mamba => "Mamba",
+        Kind::Mamba2 => "Mamba2",
+    };
+    match &h.rule {
+        AttentionRule::Indices {
+            field,
+            null_attends,
+        } => {
+            let _ = writeln!(
+                w,
+                "// The layers `{field}` lists attend ({} if null); the others run {kind}, no RoPE.",
+                if *null_attends { "all" } else { "none" }
+            );
+            let _ = writeln!(
+                w,
+                "let attends = AttentionLayers::Indices {{ field: {field:?}, indices: \
+                 self.{field}.as_deref(), null_attends: {null_attends} }}\
+                 .resolve(d.num_hidden_layers, config)?;"
+            );
+        }
+        AttentionRule::Period { period, offset } => {
+            let _ = writeln!(
+                w,
+                "// Layer i attends if i % `{period}` == `{offset}`; the others run {kind}, no RoPE."
+            );
+            let _ = writeln!(
+                w,
+                "let attends = AttentionLayers::Period {{ period: ({period:?}, self.{period}), \
+                 offset: ({offset:?}, self.{offset}) }}.resolve(d.num_hidden_layers, config)?;"
+            );
+        }
+    }
+    let _ = writeln!(
+        w,
+        "set_recurrent_layers(&mut layers, &attends, MixerKind::{kind});"
+    );
+    let act = r.field("act");
+    let _ = writeln!(
+        w,
+        "let act = {};\nconfig.ensure(act == \"silu\", {act:?}, || format!(\"the {kind} mixer's \
+         activation `{{act}}` is not supported (silu)\"))?;",
+        expr("act")
+    );
+    // A field that may say "auto" (Transformers derives the value), read into a variable.
+    let auto = |w: &mut String, role: &str, value: &str| -> String {
+        let name = r.field(role);
+        if plan
+            .fields
+            .iter()
+            .any(|f| f.name == name && f.ty == FieldType::Str)
+        {
+            let _ = writeln!(
+                w,
+                "let {role} = match &self.{name} {{\n\
+                 serde_json::Value::String(s) if s == \"auto\" => {value},\n\
+                 v => v.as_i64().map(|v| v as i32).ok_or_else(|| \
+                 crate::error::Error::config(&config.path, {name:?}, \
+                 \"must be a number or \\\"auto\\\"\"))?,\n}};"
+            );
+            role.to_owned()
+        } else {
+            expr(role)
+        }
+    };
+    // `field: value`, or the shorthand where the value is a variable of the field's name.
+    let field_init = |field: &str, value: String| -> String {
+        if value == field {
+            value
+        } else {
+            format!("{field}: {value}")
+        }
+    };
+    let entry = match r.kind {
+        Kind::Mamba => {
+            let rank = field_init(
+                "time_step_rank",
+                auto(w, "time_step_rank", "(d.hidden_size + 15) / 16"),
+            );
+            let _ = writeln!(
+                w,
+                "config.ensure({expand} > 0 && {rank} > 0, {expand_name:?}, || \
+                 \"expand and time_step_rank must be positive\".to_owned())?;\n\
+                 let mamba = MambaSettings {{\n\
+                 intermediate_size: {expand} * d.hidden_size,\nstate_size: {state},\n\
+                 {rank},\nconv_kernel: {conv},\nconv_bias: {conv_bias},\n\
+                 bias: {bias},\nbcdt_rms_eps: None,\nbcdt_norm_eps: None,\n}};",
+                expand = expr("expand"),
+                expand_name = r.field("expand"),
+                state = expr("state_size"),
+                conv = expr("conv_kernel"),
+                conv_bias = expr("conv_bias"),
+                bias = expr("bias"),
+            );
+            "mamba: Some(mamba)".to_owned()
+        }
+        Kind::Mamba2 => {
+            let (heads, e) = (expr("num_heads"), expr("expand"));
+            let head_dim = auto(
+                w,
+                "head_dim",
+                &format!("{e} * d.hidden_size / {heads}.max(1)"),
+            );
+            let g = expr("n_groups");
+            let _ = writeln!(
+                w,
+                "config.ensure(d.hidden_size * {e} == {heads} * {head_dim}, {hn:?}, || \
+                 format!(\"hidden_size × expand ({{}}) must equal the mixer's heads × head width \
+                 ({{}})\", d.hidden_size * {e}, {heads} * {head_dim}))?;\n\
+                 config.ensure({g} > 0 && {heads} % {g} == 0, {gn:?}, || \
+                 format!(\"{{}} heads cannot be split into {{}} groups\", {heads}, {g}))?;\n\
+                 let mamba2 = Mamba2Settings {{\n\
+                 num_heads: {heads},\n{head_dim_init},\nstate_size: {state},\nn_groups: {g},\n\
+                 conv_kernel: {conv},\nconv_bias: {conv_bias},\nbias: {bias},\nout_bias: {bias},\n\
+                 chunk_size: {chunk},\n\
+                 time_step_limit: ({limit}.0 as f32, {limit}.1.min(f64::from(f32::MAX)) as f32),\n\
+                 clamp_steps: true,\nnorm_eps: {eps},\ngate: Mamba2Gate::{gate:?},\n\
+                 chunked_prefill: true,\n}};",
+                head_dim_init = field_init("head_dim", head_dim.clone()),
+                hn = r.field("num_heads"),
+                gn = r.field("n_groups"),
+                state = expr("state_size"),
+                conv = expr("conv_kernel"),
+                conv_bias = expr("conv_bias"),
+                bias = expr("bias"),
+                chunk = expr("chunk_size"),
+                limit = expr("time_step_limit"),
+                eps = expr("eps"),
+                gate = r.gate.unwrap_or(Mamba2Gate::NormAfterGate),
+            );
+            "mamba2: Some(mamba2)".to_owned()
+        }
+    };
+    (out, entry)
+}
+
+/// A hybrid's structure line, for the module's doc and the report.
+pub fn hybrid_summary(h: &HybridPlan) -> String {
+    let which = match &h.rule {
+        AttentionRule::Indices {
+            field,
+            null_attends,
+        } => format!(
+            "the layers `{field}` lists attend ({} when it is null)",
+            if *null_attends { "all" } else { "none" }
+        ),
+        AttentionRule::Period { period, offset } => {
+            format!("layer i attends when i % `{period}` == `{offset}`")
+        }
+    };
+    format!(
+        "Hybrid: {which}; the others replace attention by a {:?} mixer ([`crate::ssm`], \
+         checkpoint `{}`, loaded as `mixer`) without RoPE, with the same norms and MLP. Its \
+         cache is the conv and SSM state, a fixed size.",
+        h.mixer.kind, h.path
+    )
+}
+
 /// The report's structure lines.
 pub fn summary(plan: &Plan, r: &RecurrentPlan) -> Vec<String> {
     let mut lines = vec![format!(
@@ -983,6 +1580,73 @@ mod tests {
             let search = super::super::search(&plan, &fixtures(mt)).expect("search runs");
             assert!(search.chosen.is_some(), "{mt}: {:?}", search.tried);
         }
+    }
+
+    /// Bamba's recorded facts: layer 0 attends, layer 1 holds Mamba2 `mamba`; the index
+    /// list is the rule, the mixer's fields are read by role, and the plan verifies on the
+    /// fixtures; a rule that does not give the tiny model's layers is a gap; a plan with
+    /// the layers swapped wants a mixer at layer 0, and one with the wrong gate fails at
+    /// layer 1.
+    #[test]
+    fn a_hybrid_is_planned_from_its_layers_and_the_field_that_says_which_attend() {
+        let facts = facts("bamba");
+        let plan = super::super::plan::plan(&facts, "bamba");
+        assert!(plan.gaps.is_empty(), "{:?}", plan.gaps);
+        let h = plan.hybrid.as_ref().expect("a hybrid plan");
+        assert_eq!(
+            h.rule,
+            AttentionRule::Indices {
+                field: "attn_layer_indices".to_owned(),
+                null_attends: false
+            }
+        );
+        assert_eq!((h.mixer.kind, h.path.as_str()), (Kind::Mamba2, "mamba"));
+        assert_eq!(h.mixer.field("num_heads"), "mamba_n_heads");
+        assert_eq!(h.mixer.field("eps"), "rms_norm_eps");
+        assert!(plan
+            .renames
+            .contains(&("mamba".to_owned(), "mixer".to_owned())));
+        let search = super::super::search(&plan, &fixtures("bamba")).expect("search runs");
+        assert!(search.chosen.is_some(), "{:?}", search.tried);
+
+        // A rule that does not give the tiny model's layers is a gap.
+        let mut other = facts.clone();
+        other["resolved_config"]["attn_layer_indices"] = serde_json::json!([1]);
+        let wrong = super::super::plan::plan(&other, "bamba");
+        assert!(
+            wrong
+                .gaps
+                .iter()
+                .any(|g| g.contains("does not give the tiny model's attention layers")),
+            "{:?}",
+            wrong.gaps
+        );
+
+        // Seeded fault: the layers swapped (layer i attends when i % 2 == 1, from two fields
+        // that hold 2 and 1 in the fixtures): the first layer already differs.
+        let mut faulty = plan.clone();
+        if let Some(h) = faulty.hybrid.as_mut() {
+            h.rule = AttentionRule::Period {
+                period: "num_hidden_layers".to_owned(),
+                offset: "mamba_n_groups".to_owned(),
+            };
+        }
+        let search = super::super::search(&faulty, &fixtures("bamba")).expect("search runs");
+        assert!(search.chosen.is_none());
+        let failure = &search.tried[0].1[0];
+        assert!(
+            failure.contains("missing weight `model.layers.0.mixer.A_log`"),
+            "{failure}"
+        );
+        // Seeded fault: the mixer's gate the other way round: the first recurrent layer.
+        let mut faulty = plan.clone();
+        if let Some(h) = faulty.hybrid.as_mut() {
+            h.mixer.gate = Some(Mamba2Gate::NormBeforeGate);
+        }
+        let search = super::super::search(&faulty, &fixtures("bamba")).expect("search runs");
+        assert!(search.chosen.is_none());
+        let failure = &search.tried[0].1[0];
+        assert!(failure.contains("`layers.1`"), "{failure}");
     }
 
     #[test]
