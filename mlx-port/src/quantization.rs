@@ -54,6 +54,7 @@ pub const BOUNDS: &[(&str, f32, f32)] = &[
     ("falcon", 0.018, 0.3),            // measured 0.014, 0.236
     ("falcon_h1", 0.023, 0.42),        // measured 0.0184, 0.332
     ("falcon_mamba", 0.018, 0.3),      // measured 0.014, 0.24
+    ("flex_olmo", 0.031, 0.63),        // measured 0.0242, 0.501
     ("gemma", 0.029, 0.43),            // measured 0.0228, 0.337
     ("gemma2", 0.025, 0.44),           // measured 0.0198, 0.347
     ("gemma3_text", 0.024, 0.38),      // measured 0.0188, 0.302
@@ -70,6 +71,7 @@ pub const BOUNDS: &[(&str, f32, f32)] = &[
     ("granite", 0.064, 0.78),          // measured 0.0507, 0.622
     ("granite_swa", 0.12, 0.88),       // measured 0.09, 0.699
     ("granitemoe", 0.042, 0.53),       // measured 0.0332, 0.423
+    ("granitemoe_swa", 0.091, 1.3),    // measured 0.0725, 0.971
     ("granitemoehybrid", 0.041, 0.66), // measured 0.0325, 0.521
     ("helium", 0.036, 0.6),            // measured 0.0286, 0.48
     ("hunyuan_v1_dense", 0.041, 0.65), // measured 0.0327, 0.517

@@ -20,6 +20,7 @@ pub mod ernie4_5;
 pub mod exaone4;
 pub mod falcon;
 pub mod falcon_h1;
+pub mod flex_olmo;
 pub mod gemma;
 pub mod gemma2;
 pub mod gemma3;
@@ -37,6 +38,7 @@ pub mod gptj;
 pub mod granite;
 pub mod granite_swa;
 pub mod granitemoe;
+pub mod granitemoe_swa;
 pub mod granitemoehybrid;
 pub mod helium;
 pub mod hunyuan_v1_dense;
@@ -121,6 +123,7 @@ pub const REGISTRY: &[(&str, Loader)] = &[
     ("falcon", family::load::<falcon::Config>),
     ("falcon_h1", falcon_h1::load),
     ("falcon_mamba", mamba::load),
+    ("flex_olmo", family::load::<flex_olmo::Config>),
     ("gemma", family::load::<gemma::Config>),
     ("gemma2", family::load::<gemma2::Config>),
     ("gemma3", gemma3::load),
@@ -129,6 +132,7 @@ pub const REGISTRY: &[(&str, Loader)] = &[
     ("glm4", family::load::<glm4::Config>),
     ("glm4_moe", family::load::<glm4_moe::Config>),
     ("glm4_moe_lite", family::load::<glm4_moe_lite::Config>),
+    ("granitemoe_swa", family::load::<granitemoe_swa::Config>),
     ("mpt", family::load::<mpt::Config>),
     // GPT-SW3 checkpoints are GPT-2 (Transformers maps `gpt-sw3` to `GPT2Config`).
     ("gpt-sw3", family::load::<gpt2::Config>),
