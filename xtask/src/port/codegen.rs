@@ -1125,8 +1125,13 @@ pub fn structure_summary(plan: &Plan, choice: &Choice) -> Vec<String> {
     if let Some(moe) = &plan.moe {
         lines.push(format!(
             "Feed-forward: a {} router (`gate`) picks `num_experts_per_tok` gated experts{}{}{}.",
-            match moe.routing.as_ref().map(|r| r.scores) {
-                Some(Scores::Sigmoid) => "sigmoid",
+            match moe
+                .routing
+                .as_ref()
+                .map(|r| (r.scores, r.scores_by.is_some()))
+            {
+                Some((_, true)) => "softmax or sigmoid",
+                Some((Scores::Sigmoid, _)) => "sigmoid",
                 _ => "softmax",
             },
             if moe.normalize_field.is_some() {
@@ -1292,7 +1297,7 @@ fn moe_uses(moe: &super::plan::MoePlan, choice: &Choice) -> Vec<&'static str> {
             if sets_router(r) {
                 uses.push("RouterSettings");
             }
-            if r.scores == Scores::Sigmoid {
+            if r.scores == Scores::Sigmoid || r.scores_by.is_some() {
                 uses.push("Scoring");
             }
         }
@@ -1316,7 +1321,34 @@ fn write_router(w: &mut String, plan: &Plan, r: &Routing) {
         )
     };
     let mut set = Vec::new();
-    if r.scores == Scores::Sigmoid {
+    if let Some(by) = &r.scores_by {
+        // Scores and renormalization per value of a string field.
+        let field = &by.field;
+        let value = if optional(plan, field) {
+            format!("self.{field}.as_deref().unwrap_or_default()")
+        } else {
+            format!("self.{field}.as_str()")
+        };
+        let names: Vec<&str> = by.values.iter().map(|(v, ..)| v.as_str()).collect();
+        let _ = writeln!(w, "let (scoring, normalize) = match {value} {{");
+        for (v, scores, normalize) in &by.values {
+            let normalize = match normalize {
+                Rule::Never => "false".to_owned(),
+                Rule::Always => "true".to_owned(),
+                Rule::Field(_) => "self.moe.router().normalize".to_owned(),
+            };
+            let _ = writeln!(w, "{v:?} => (Scoring::{scores:?}, {normalize}),");
+        }
+        let _ = writeln!(
+            w,
+            "other => return Err(crate::error::Error::config(&config.path, {field:?}, \
+             format!(\"`{{other}}` is not one of {}\"))),",
+            names.join(", ")
+        );
+        let _ = writeln!(w, "}};");
+        set.push("scoring".to_owned());
+        set.push("normalize".to_owned());
+    } else if r.scores == Scores::Sigmoid {
         set.push("scoring: Scoring::Sigmoid".to_owned());
     }
     if r.correction_bias.is_some() {
@@ -1351,6 +1383,7 @@ fn write_router(w: &mut String, plan: &Plan, r: &Routing) {
         }
     }
     match r.normalize {
+        _ if r.scores_by.is_some() => {}
         Rule::Never => set.push("normalize: false".to_owned()),
         Rule::Always => set.push("normalize: true".to_owned()),
         Rule::Field(_) => {}
@@ -1371,7 +1404,8 @@ fn write_router(w: &mut String, plan: &Plan, r: &Routing) {
 
 /// Whether the routing differs from [`mlx_models::family::MoeConfig::router`].
 fn sets_router(r: &Routing) -> bool {
-    r.scores == Scores::Sigmoid
+    r.scores_by.is_some()
+        || r.scores == Scores::Sigmoid
         || r.correction_bias.is_some()
         || r.groups != Groups::Fixed(None)
         || !matches!(r.normalize, Rule::Field(_))

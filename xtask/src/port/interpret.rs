@@ -344,14 +344,31 @@ fn routed(
             }
         }
     };
+    // Scores and renormalization per value of a string field, where the probes say so.
+    let (scores, normalize) = match &routing.scores_by {
+        None => (routing.scores, &routing.normalize),
+        Some(by) => {
+            let value = r.value(&by.field);
+            let value = value.as_str().unwrap_or_default();
+            match by.values.iter().find(|(v, ..)| v == value) {
+                Some((_, scores, normalize)) => (*scores, normalize),
+                None => {
+                    r.config.ensure(false, &by.field, || {
+                        format!("`{value}` is not one of the probed values")
+                    })?;
+                    (routing.scores, &routing.normalize)
+                }
+            }
+        }
+    };
     Ok(RouterSettings {
-        scoring: match routing.scores {
+        scoring: match scores {
             Scores::Softmax => Scoring::Softmax,
             Scores::Sigmoid => Scoring::Sigmoid,
         },
         correction_bias: routing.correction_bias.is_some(),
         groups,
-        normalize: match &routing.normalize {
+        normalize: match normalize {
             Rule::Never => false,
             Rule::Always => true,
             Rule::Field(_) => router.normalize,

@@ -1200,6 +1200,7 @@ mod generator_tests {
                 },
                 normalize: Rule::Never,
                 scaled_by: Some("routed_scaling_factor".into()),
+                scores_by: None,
             })
         );
         assert!(moe.dense_layers && moe.layer_types_dense_prefix.is_none());
@@ -1268,6 +1269,7 @@ mod generator_tests {
                 groups: Groups::Fixed(Some(GroupScore::TopTwoSum)),
                 normalize: Rule::Field("norm_topk_prob".into()),
                 scaled_by: Some("routed_scaling_factor".into()),
+                scores_by: None,
             })
         );
         assert_eq!(moe.layer_types_dense_prefix, Some(1));

@@ -1613,6 +1613,14 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
                     "multiplies the chosen experts' weights",
                 );
             }
+            if let Some(by) = &r.scores_by {
+                add(
+                    &mut fields,
+                    &by.field,
+                    FieldType::Str,
+                    "how the router scores experts",
+                );
+            }
             if let super::routing::Groups::ByField { field, .. } = &r.groups {
                 add(
                     &mut fields,

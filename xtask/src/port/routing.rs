@@ -104,6 +104,17 @@ pub struct Routing {
     pub normalize: Rule,
     /// The field that multiplies the chosen weights (`routed_scaling_factor`).
     pub scaled_by: Option<String>,
+    /// Scores and renormalization chosen by a string field's value instead (Cohere2-MoE's
+    /// `expert_selection_fn`: softmax over the top-k logits, or sigmoid renormalized when
+    /// `norm_topk_prob`); `scores` and `normalize` are then the first value's.
+    pub scores_by: Option<ScoresByField>,
+}
+
+/// Scores and renormalization per value of a string field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScoresByField {
+    pub field: String,
+    pub values: Vec<(String, Scores, Rule)>,
 }
 
 impl Routing {
@@ -126,6 +137,31 @@ impl Routing {
                     .join(", ")
             ),
         };
+        if let Some(by) = &self.scores_by {
+            let per: Vec<String> = by
+                .values
+                .iter()
+                .map(|(v, scores, normalize)| {
+                    format!(
+                        "`{v}` {scores:?} scores renormalized {}",
+                        rule_text(normalize)
+                    )
+                })
+                .collect();
+            return format!(
+                "per `{}`: {}{}, {groups}, {}",
+                by.field,
+                per.join("; "),
+                match &self.correction_bias {
+                    Some(b) => format!(", chosen with `{b}` added"),
+                    None => String::new(),
+                },
+                match &self.scaled_by {
+                    Some(f) => format!("weights times `{f}`"),
+                    None => "weights unscaled".to_owned(),
+                }
+            );
+        }
         format!(
             "{:?} scores{}, {groups}, renormalized {}, {}",
             self.scores,
@@ -133,16 +169,20 @@ impl Routing {
                 Some(b) => format!(" chosen with `{b}` added"),
                 None => String::new(),
             },
-            match &self.normalize {
-                Rule::Never => "never".to_owned(),
-                Rule::Always => "always".to_owned(),
-                Rule::Field(f) => format!("when `{f}`"),
-            },
+            rule_text(&self.normalize),
             match &self.scaled_by {
                 Some(f) => format!("weights times `{f}`"),
                 None => "weights unscaled".to_owned(),
             }
         )
+    }
+}
+
+fn rule_text(rule: &Rule) -> String {
+    match rule {
+        Rule::Never => "never".to_owned(),
+        Rule::Always => "always".to_owned(),
+        Rule::Field(f) => format!("when `{f}`"),
     }
 }
 
@@ -388,6 +428,7 @@ pub fn decide(facts: &Value) -> Result<Option<Routing>, String> {
                                 groups: groups.clone(),
                                 normalize: normalize.clone(),
                                 scaled_by,
+                                scores_by: None,
                             }));
                         }
                     }
@@ -395,9 +436,183 @@ pub fn decide(facts: &Value) -> Result<Option<Routing>, String> {
             }
         }
     }
+    // Scores and renormalization per value of a string field (over all experts).
+    for (field, values) in &strings {
+        for bias in [None, bias_name.clone()] {
+            for scaled_by in [None, Some(scale_field.to_owned())] {
+                let mut per = Vec::new();
+                for v in values {
+                    let of_value: Vec<&RoutingProbe> = probes
+                        .iter()
+                        .filter(|p| p.config.get(field).and_then(Value::as_str) == Some(v))
+                        .collect();
+                    let fit = [Scores::Softmax, Scores::Sigmoid]
+                        .into_iter()
+                        .flat_map(|s| normalize_rules.iter().map(move |n| (s, n.clone())))
+                        .find(|(scores, normalize)| {
+                            of_value.iter().all(|p| {
+                                let normalize = match normalize {
+                                    Rule::Never => Some(false),
+                                    Rule::Always => Some(true),
+                                    Rule::Field(f) => value_bool(p, facts, f),
+                                };
+                                let scale = match &scaled_by {
+                                    None => Some(1.0),
+                                    Some(f) => value_f64(p, facts, f),
+                                };
+                                match (normalize, scale) {
+                                    (Some(normalize), Some(scale)) => reproduces(
+                                        p,
+                                        Settings {
+                                            scores: *scores,
+                                            bias: bias.is_some(),
+                                            groups: None,
+                                            normalize,
+                                            scale,
+                                        },
+                                    ),
+                                    _ => false,
+                                }
+                            })
+                        });
+                    match fit {
+                        Some((scores, normalize)) => per.push((v.clone(), scores, normalize)),
+                        None => break,
+                    }
+                }
+                if per.len() == values.len() {
+                    let (_, scores, normalize) = per[0].clone();
+                    return Ok(Some(Routing {
+                        scores,
+                        correction_bias: bias,
+                        groups: Groups::Fixed(None),
+                        normalize,
+                        scaled_by,
+                        scores_by: Some(ScoresByField {
+                            field: field.clone(),
+                            values: per,
+                        }),
+                    }));
+                }
+            }
+        }
+    }
     Err(format!(
         "the router's choices in {} probes match no routing the block computes (softmax or \
-         sigmoid scores, correction bias, group-limited top-k, renormalization, scaling)",
+         sigmoid scores, correction bias, group-limited top-k, renormalization, scaling, each \
+         fixed or per value of a string field)",
         probes.len()
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Probes as a router records them: `pick` gives each token's experts and weights from
+    /// its logits, for the probe's config.
+    fn facts(configs: &[Value], pick: impl Fn(&Value, &[f64]) -> Vec<(usize, f64)>) -> Value {
+        let probes: Vec<Value> = configs
+            .iter()
+            .enumerate()
+            .map(|(n, config)| {
+                // Distinct logits per token and probe, no ties.
+                let logits: Vec<Vec<f64>> = (0..4)
+                    .map(|t| {
+                        (0..8)
+                            .map(|e| (((e * 7 + t * 3 + n * 5) % 11) as f64 - 5.0) * 0.37 + 0.01 * e as f64)
+                            .collect()
+                    })
+                    .collect();
+                let picked: Vec<Vec<(usize, f64)>> =
+                    logits.iter().map(|l| pick(config, l)).collect();
+                serde_json::json!({
+                    "config": config,
+                    "logits": logits,
+                    "vectors": {},
+                    "indices": picked.iter().map(|p| p.iter().map(|x| x.0).collect::<Vec<_>>()).collect::<Vec<_>>(),
+                    "weights": picked.iter().map(|p| p.iter().map(|x| x.1).collect::<Vec<_>>()).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        serde_json::json!({"routing_probes": probes, "resolved_config": {}})
+    }
+
+    /// Cohere2-MoE's router: softmax over the top-k logits, or sigmoid scores renormalized
+    /// when `norm_topk_prob`, by `expert_selection_fn`.
+    fn cohere2_moe(config: &Value, logits: &[f64]) -> Vec<(usize, f64)> {
+        let top = top_k(logits, 2);
+        let picked: Vec<f64> = top.iter().map(|&i| logits[i]).collect();
+        let weights = if config["expert_selection_fn"] == "softmax" {
+            softmax(&picked)
+        } else {
+            let s: Vec<f64> = picked.iter().map(|v| 1.0 / (1.0 + (-v).exp())).collect();
+            let sum: f64 = s.iter().sum();
+            if config["norm_topk_prob"] == true {
+                s.iter().map(|v| v / sum).collect()
+            } else {
+                s
+            }
+        };
+        top.into_iter().zip(weights).collect()
+    }
+
+    fn configs() -> Vec<Value> {
+        let mut out = Vec::new();
+        for f in ["softmax", "sigmoid"] {
+            for norm in [false, true] {
+                out.push(serde_json::json!({"expert_selection_fn": f, "norm_topk_prob": norm}));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn scores_that_a_string_field_chooses_are_read_per_value() {
+        let routing = decide(&facts(&configs(), cohere2_moe))
+            .expect("a routing fits")
+            .expect("probes ran");
+        assert_eq!(
+            routing.scores_by,
+            Some(ScoresByField {
+                field: "expert_selection_fn".into(),
+                values: vec![
+                    ("softmax".into(), Scores::Softmax, Rule::Always),
+                    (
+                        "sigmoid".into(),
+                        Scores::Sigmoid,
+                        Rule::Field("norm_topk_prob".into())
+                    ),
+                ],
+            })
+        );
+        assert_eq!(
+            (routing.groups, routing.scaled_by, routing.correction_bias),
+            (Groups::Fixed(None), None, None)
+        );
+        // One rule for all values: plain softmax top-k renormalized fits every probe.
+        let softmax_only = decide(&facts(&configs(), |_, l| {
+            cohere2_moe(&serde_json::json!({"expert_selection_fn": "softmax"}), l)
+        }))
+        .expect("a routing fits")
+        .expect("probes ran");
+        assert_eq!(
+            (
+                softmax_only.scores,
+                softmax_only.normalize,
+                softmax_only.scores_by
+            ),
+            (Scores::Softmax, Rule::Always, None)
+        );
+        // Seeded fault: sigmoid weights halved — no routing the block computes fits.
+        let halved = facts(&configs(), |c, l| {
+            let picked = cohere2_moe(c, l);
+            if c["expert_selection_fn"] == "sigmoid" {
+                picked.into_iter().map(|(i, w)| (i, w / 2.0)).collect()
+            } else {
+                picked
+            }
+        });
+        assert!(decide(&halved).is_err());
+    }
 }
