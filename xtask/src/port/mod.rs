@@ -699,8 +699,9 @@ pub fn registry_source(text: &str, mt: &str, module: &str) -> String {
         lines.insert(at, decl);
     }
     let entry = format!("    ({mt:?}, family::load::<{module}::Config>),");
-    // rustfmt wraps a long entry over several lines: compare without the whitespace.
-    let squeezed = |s: &str| s.split_whitespace().collect::<String>();
+    // rustfmt wraps a long entry over several lines, with a trailing comma: compare
+    // without either.
+    let squeezed = |s: &str| s.split_whitespace().collect::<String>().replace(",)", ")");
     if !squeezed(&lines.join("\n")).contains(&squeezed(&entry)) {
         if let Some(start) = lines
             .iter()
