@@ -380,6 +380,10 @@ def attention_scale(model, vocab_size):
     for q, k in splits:
         if q.shape[-1] % heads or k.shape[-1] != q.shape[-1]:
             continue
+        if q.shape[0] != t or k.shape[0] != t:
+            # The projections saw other rows than the attention weights cover (CPM-Ant
+            # puts prompt positions before the tokens): no fit.
+            continue
         dim = q.shape[-1] // heads
         q = q.reshape(t, heads, dim).transpose(0, 1)
         k = k.reshape(t, heads, dim).transpose(0, 1)
