@@ -196,6 +196,42 @@ impl ConfigFile {
         found.next().is_none().then(|| first.clone())
     }
 
+    /// The MLP width as a multiple of `hidden_size` that `field` of config.json gives
+    /// (GPT-NeoX-Japanese's `intermediate_multiple_size`), else `default`: what
+    /// [`ConfigFile::with_aliases`] takes as `intermediate_per_hidden`. A value that is not
+    /// a positive integer is an error naming the field.
+    ///
+    /// ```
+    /// use mlx_models::config::ConfigFile;
+    ///
+    /// let config = ConfigFile {
+    ///     path: "config.json".into(),
+    ///     value: serde_json::json!({"hidden_size": 64, "intermediate_multiple_size": 2}),
+    /// };
+    /// let per = config.width_multiple(Some("intermediate_multiple_size"), Some(4)).unwrap();
+    /// assert_eq!(per, Some(2));
+    /// assert_eq!(config.with_aliases(&[], per).value["intermediate_size"], 128);
+    /// let bad = ConfigFile { value: serde_json::json!({"intermediate_multiple_size": 0.5}), ..config };
+    /// assert!(bad.width_multiple(Some("intermediate_multiple_size"), Some(4)).is_err());
+    /// ```
+    pub fn width_multiple(&self, field: Option<&str>, default: Option<i32>) -> Result<Option<i32>> {
+        let Some(value) = field
+            .and_then(|f| self.value.get(f))
+            .filter(|v| !v.is_null())
+        else {
+            return Ok(default);
+        };
+        let field = field.unwrap_or_default();
+        match value.as_i64().and_then(|v| i32::try_from(v).ok()) {
+            Some(k) if k > 0 => Ok(Some(k)),
+            _ => Err(Error::config(
+                &self.path,
+                field,
+                format!("{value} is not a positive integer (the MLP width in hidden_size units)"),
+            )),
+        }
+    }
+
     /// The config with a family's own names read as the common ones: each `(common, own)`
     /// of `aliases` (Transformers' `attribute_map`: GPT-2's `n_embd` for `hidden_size`)
     /// copies a non-null `own` value to `common` where config.json has no `common`. With

@@ -33,6 +33,11 @@ pub trait DecoderFamily: DeserializeOwned {
     /// `n_inner: null` is 4 × `n_embd`).
     const INTERMEDIATE_PER_HIDDEN: Option<i32> = None;
 
+    /// The config field that gives the MLP width as a multiple of `hidden_size`
+    /// (GPT-NeoX-Japanese's `intermediate_multiple_size`), read through
+    /// [`ConfigFile::width_multiple`]; `INTERMEDIATE_PER_HIDDEN` is its default.
+    const INTERMEDIATE_MULTIPLE: Option<&'static str> = None;
+
     /// Checkpoint weights the causal LM never uses, by name prefix, dropped before
     /// `sanitize` (Transformers' `_keys_to_ignore_on_load_unexpected`: Mellum's
     /// multi-token-prediction layer `mtp.`). Every other unused weight stays an error.
@@ -55,7 +60,8 @@ pub fn load<F: DecoderFamily>(
     config: &ConfigFile,
     mut weights: Weights,
 ) -> Result<Box<dyn LanguageModel>> {
-    let config = &config.with_aliases(F::ALIASES, F::INTERMEDIATE_PER_HIDDEN);
+    let per_hidden = config.width_multiple(F::INTERMEDIATE_MULTIPLE, F::INTERMEDIATE_PER_HIDDEN)?;
+    let config = &config.with_aliases(F::ALIASES, per_hidden);
     let family: F = config.parse_with_defaults(F::DEFAULTS)?;
     let settings = family.settings(config)?;
     if !F::UNUSED_PREFIXES.is_empty() {
@@ -78,7 +84,8 @@ pub fn to_loaded_layout<F: DecoderFamily>(
     config: &ConfigFile,
     weights: &mut Weights,
 ) -> Result<()> {
-    let config = &config.with_aliases(F::ALIASES, F::INTERMEDIATE_PER_HIDDEN);
+    let per_hidden = config.width_multiple(F::INTERMEDIATE_MULTIPLE, F::INTERMEDIATE_PER_HIDDEN)?;
+    let config = &config.with_aliases(F::ALIASES, per_hidden);
     let family: F = config.parse_with_defaults(F::DEFAULTS)?;
     let settings = family.settings(config)?;
     family.sanitize(weights, &settings)

@@ -109,6 +109,11 @@ pub struct LayerSettings {
     /// Experts per token on this layer where it differs from the MoE's (Hunyuan's per-layer
     /// `moe_topk`).
     pub top_k: Option<i32>,
+    /// Whether this layer's `o_proj` has a bias, where it differs from the model's
+    /// [`AttentionSettings::o_bias`] (GPT-NeoX-Japanese: the last layer's only). A layer
+    /// that has one loads `self_attn.o_proj.bias` of `[hidden_size]` (missing or mis-shaped:
+    /// an error naming it); one that has none refuses it as an unused weight.
+    pub o_bias: Option<bool>,
 }
 
 impl LayerSettings {
@@ -520,10 +525,21 @@ impl Mixer {
         }
         Ok(match (layer.mixer, &s.latent_attention, &layer.rope) {
             (MixerKind::Attention, _, _) => {
+                let own;
+                let settings = match layer.o_bias {
+                    Some(o_bias) if o_bias != s.attention.o_bias => {
+                        own = AttentionSettings {
+                            o_bias,
+                            ..s.attention.clone()
+                        };
+                        &own
+                    }
+                    _ => &s.attention,
+                };
                 let mut attention = Attention::load(
                     w,
                     s.hidden_size,
-                    &s.attention,
+                    settings,
                     s.norm,
                     s.norm_eps,
                     layer.rope.clone(),

@@ -935,7 +935,9 @@ pub fn rename_prefix(name: &str, renames: &[(&str, &str)]) -> String {
 
 /// `name` with the module path under `model.layers.{i}.` renamed: each `(from, to)` is a
 /// module path under the layer (`"post_mlp_layernorm"`, `"self_attn.query_layernorm"`),
-/// or from the root where it starts with `model.` (`"model.final_layernorm"`); the first
+/// or from the root where it starts with `model.` (`"model.final_layernorm"`), or a whole
+/// parameter name under the layer (`"attention.dense_bias"` → `"self_attn.o_proj.bias"`,
+/// a bare parameter that is a projection's bias); the first
 /// that matches applies, so renames may swap names. What a family whose
 /// checkpoints name a block otherwise than the shared blocks load uses in `sanitize`.
 pub fn rename_layer_module(name: &str, renames: &[(&str, &str)]) -> String {
@@ -958,7 +960,7 @@ pub fn rename_layer_module(name: &str, renames: &[(&str, &str)]) -> String {
     };
     for (from, to) in renames {
         if let Some(tail) = path.strip_prefix(from) {
-            if tail.starts_with('.') {
+            if tail.is_empty() || tail.starts_with('.') {
                 return format!("model.layers.{index}.{to}{tail}");
             }
         }
@@ -969,6 +971,38 @@ pub fn rename_layer_module(name: &str, renames: &[(&str, &str)]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A module path renames what is under it; a whole parameter name renames only itself
+    /// (a bare bias beside the projection it belongs to), whatever comes first in the list.
+    #[test]
+    fn layer_renames_take_module_paths_and_whole_parameter_names() {
+        let renames = [
+            ("attention.dense_bias", "self_attn.o_proj.bias"),
+            ("attention.dense", "self_attn.o_proj"),
+            ("attention", "self_attn"),
+        ];
+        for (from, to) in [
+            (
+                "model.layers.3.attention.dense_bias",
+                "model.layers.3.self_attn.o_proj.bias",
+            ),
+            (
+                "model.layers.3.attention.dense.weight",
+                "model.layers.3.self_attn.o_proj.weight",
+            ),
+            (
+                "model.layers.3.attention.query_key_value.weight",
+                "model.layers.3.self_attn.query_key_value.weight",
+            ),
+            (
+                "model.layers.3.attention.dense_bias_extra",
+                "model.layers.3.self_attn.dense_bias_extra",
+            ),
+            ("model.norm.weight", "model.norm.weight"),
+        ] {
+            assert_eq!(rename_layer_module(from, &renames), to, "{from}");
+        }
+    }
 
     /// A rank's part read from the file equals the same part cut from the whole tensor,
     /// for rows and columns, several ranges, any dtype, and stacked per-expert tensors.

@@ -1263,6 +1263,11 @@ def introspect(model_type: str, config_override: dict | None, replace: bool, che
         "mlp_activation": probes.mlp_activation(model),
         "checkpoint_conversions": probes.checkpoint_conversions(model_type),
         "norm_plus_one": probes.norm_scales_by_one_plus_weight(model),
+        "layer_presence_probes": probes.layer_presence_probes(
+            architecture, small, build_config, tiny_model, model_type, structure(model)["layers"]
+        ),
+        "rope_legacy_names": probes.rope_legacy_names(config_class, fields),
+        "bare_biases": probes.bare_biases(tiny_model(architecture, resolved), resolved.vocab_size),
         "variants": spec["variants"],
     }
     return facts, spec

@@ -227,6 +227,13 @@ def width_probes(architecture, small, build_config, tiny_model, model_type, fiel
             k for k, v in state.items()
             if WIDTH_PROBE in tuple(v.shape) and WIDTH_PROBE not in base.get(k, ())
         )
+        # A multiple of the width instead (GPT-NeoX-Japanese's `intermediate_multiple_size`).
+        scaled = WIDTH_PROBE * base_config.hidden_size
+        multiplied = sorted(
+            k for k, v in state.items() if scaled in tuple(v.shape) and scaled not in base.get(k, ())
+        )
+        if multiplied:
+            entry["widened_times_hidden"] = multiplied
         probes.append(entry)
     return probes
 
@@ -372,6 +379,10 @@ def attention_scale(model, vocab_size):
     best = None
     for q, k in splits:
         if q.shape[-1] % heads or k.shape[-1] != q.shape[-1]:
+            continue
+        if q.shape[0] != t or k.shape[0] != t:
+            # The projections saw other rows than the attention weights cover (CPM-Ant
+            # puts prompt positions before the tokens): no fit.
             continue
         dim = q.shape[-1] // heads
         q = q.reshape(t, heads, dim).transpose(0, 1)
@@ -1113,3 +1124,111 @@ def fused_qkv_layout(architecture, small, build_config, tiny_model, model_type, 
     if modules:
         layout["before_rope"] = modules
     return layout
+
+
+# Layer counts a model is also built with to tell which layers hold a parameter (the tiny
+# model has 2: "the last" and "layer 1" only part there).
+PRESENCE_LAYERS = (3, 5)
+
+
+def layer_presence_probes(architecture, small, build_config, tiny_model, model_type, layers_path):
+    """Parameters only some decoder layers hold (GPT-NeoX-Japanese's `attention.dense_bias`,
+    built on the last layer only): the model built with each of PRESENCE_LAYERS layers, and
+    for each parameter name under a layer (`attention.dense_bias`) that not every layer
+    holds, the indices of the layers that do. `[{"num_hidden_layers", "partial": {name:
+    [indices]}}]` (or `"error"` where the class refuses the count)."""
+    import re
+
+    pattern = re.compile(rf"^{re.escape(layers_path)}\.(\d+)\.(.+)$")
+    probes = []
+    for count in PRESENCE_LAYERS:
+        entry = {"num_hidden_layers": count}
+        try:
+            model = tiny_model(architecture, build_config(model_type, {**small, "num_hidden_layers": count}))
+        except Exception as error:  # noqa: BLE001 - the class refuses the count
+            entry["error"] = f"{type(error).__name__}: {error}"[:200]
+            probes.append(entry)
+            continue
+        held = {}
+        for name in model.state_dict():
+            match = pattern.match(name)
+            if match:
+                held.setdefault(match.group(2), set()).add(int(match.group(1)))
+        entry["partial"] = {name: sorted(layers) for name, layers in sorted(held.items()) if len(layers) != count}
+        probes.append(entry)
+    return probes
+
+
+def bare_biases(model, vocab_size):
+    """Bare vectors that act as a projection's bias (GPT-NeoX-Japanese's
+    `attention.dense_bias`, added to `dense`'s output by the layer): a 1-D parameter of a
+    module with a bias-free `Linear` child of that output width, such that moving a random
+    vector from the parameter into the Linear's bias leaves the logits as they are, while
+    the vector itself moves them. `{parameter: linear}` (full names)."""
+    import torch
+
+    ids = torch.arange(1, 9).unsqueeze(0) % vocab_size
+    candidates = []
+    for owner_name, owner in model.named_modules():
+        linears = [
+            (name, child) for name, child in owner.named_children()
+            if isinstance(child, torch.nn.Linear) and child.bias is None
+        ]
+        for name, param in owner.named_parameters(recurse=False):
+            for child_name, child in linears:
+                if param.dim() == 1 and param.shape[0] == child.out_features:
+                    prefix = f"{owner_name}." if owner_name else ""
+                    candidates.append((f"{prefix}{name}", param, f"{prefix}{child_name}", child))
+    found = {}
+    with torch.no_grad():
+        for name, param, child_name, child in candidates:
+            saved = param.detach().clone()
+            vector = torch.randn(param.shape, generator=torch.Generator().manual_seed(0))
+            param.copy_(vector)
+            as_param = model(input_ids=ids).logits.double()
+            param.zero_()
+            without = model(input_ids=ids).logits.double()
+            child.bias = torch.nn.Parameter(vector.clone())
+            as_bias = model(input_ids=ids).logits.double()
+            child.bias = None
+            param.copy_(saved)
+            effect = (as_param - without).abs().max().item()
+            moved = (as_param - as_bias).abs().max().item()
+            # The same sum in another order: float32 rounding, far below the vector's effect.
+            if effect > 1e-3 and moved <= 1e-4 * effect:
+                found[name] = child_name
+    return found
+
+
+def rope_legacy_names(config_class, fields):
+    """Keys of Hub configs the class converts into its RoPE parameters without declaring
+    them (GPT-NeoX's `rotary_emb_base` → `rope_theta`, `rotary_pct` →
+    `partial_rotary_factor`): the names its `convert_rope_params_to_dict` takes out of the
+    keyword arguments, each kept only where the class, given it, puts that very value into
+    `rope_parameters`. `{own name: rope_parameters key}`."""
+    import inspect
+    import re
+
+    convert = getattr(config_class, "convert_rope_params_to_dict", None)
+    try:
+        source = inspect.getsource(convert) if convert is not None else ""
+    except (OSError, TypeError):
+        return {}
+    named = set(re.findall(r"kwargs\.(?:pop|get)\(\s*[\"'](\w+)[\"']", source))
+    try:
+        base = dict(config_class().rope_parameters or {})
+    except Exception:  # noqa: BLE001
+        return {}
+    found = {}
+    for name in sorted(named - set(fields) - {"rope_scaling", "rope_parameters"}):
+        for value in (0.375, 4321.0):
+            try:
+                probe = dict(config_class(**{name: value}).rope_parameters or {})
+            except Exception:  # noqa: BLE001 - the class refuses the value
+                continue
+            keys = [k for k, v in probe.items() if v == value and base.get(k) != value]
+            if len(keys) == 1:
+                if keys[0] != name:  # the common name itself, read as it is
+                    found[name] = keys[0]
+                break
+    return found

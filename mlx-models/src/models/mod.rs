@@ -33,6 +33,7 @@ pub mod gpt2;
 pub mod gpt_bigcode;
 pub mod gpt_neo;
 pub mod gpt_neox;
+pub mod gpt_neox_japanese;
 pub mod gpt_oss;
 pub mod gptj;
 pub mod granite;
@@ -140,6 +141,10 @@ pub const REGISTRY: &[(&str, Loader)] = &[
     ("gpt_bigcode", family::load::<gpt_bigcode::Config>),
     ("gpt_neo", family::load::<gpt_neo::Config>),
     ("gpt_neox", family::load::<gpt_neox::Config>),
+    (
+        "gpt_neox_japanese",
+        family::load::<gpt_neox_japanese::Config>,
+    ),
     ("gpt_oss", family::load::<gpt_oss::Config>),
     ("gptj", family::load::<gptj::Config>),
     ("granite", family::load::<granite::Config>),

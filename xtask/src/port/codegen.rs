@@ -519,6 +519,12 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
             "const INTERMEDIATE_PER_HIDDEN: Option<i32> = Some({k});\n"
         );
     }
+    if let Some(field) = &plan.intermediate_multiple {
+        let _ = writeln!(
+            w,
+            "const INTERMEDIATE_MULTIPLE: Option<&'static str> = Some({field:?});\n"
+        );
+    }
     if !plan.unused_prefixes.is_empty() {
         let _ = writeln!(
             w,
@@ -676,13 +682,31 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
     let _ = writeln!(
         w,
         "let {}layers = d.layers({rule}, {rope}, {local_rope}, {});",
-        if choice.rope_sliding_only || plan.layer_rope_bases.is_some() || plan.hybrid.is_some() {
+        if choice.rope_sliding_only
+            || plan.layer_rope_bases.is_some()
+            || plan.o_bias_only.is_some()
+            || plan.hybrid.is_some()
+        {
             "mut "
         } else {
             ""
         },
         plan.no_rope.is_some()
     );
+    if let Some(only) = plan.o_bias_only {
+        let (which, accessor) = match only {
+            super::plan::OnlyLayer::First => ("first", "first_mut"),
+            super::plan::OnlyLayer::Last => ("last", "last_mut"),
+        };
+        let _ = writeln!(
+            w,
+            "// Only the {which} layer's output projection has a bias (Transformers builds it there alone)."
+        );
+        let _ = writeln!(
+            w,
+            "if let Some(layer) = layers.{accessor}() {{ layer.o_bias = Some(true); }}"
+        );
+    }
     if let Some(field) = &plan.layer_rope_bases {
         let _ = writeln!(
             w,

@@ -4,7 +4,7 @@
 
 use super::alibi::AlibiFactor;
 use super::codegen::defaults_json;
-use super::plan::{Choice, Flag, Plan, RopeRule, Scalar};
+use super::plan::{Choice, Flag, OnlyLayer, Plan, RopeRule, Scalar};
 use super::routing::{GroupScore, Groups, Routing, Rule, Scores};
 use mlx_models::config::ConfigFile;
 use mlx_models::family::{DecoderConfig, LayerRule, MlaConfig, MoeConfig};
@@ -89,7 +89,11 @@ pub fn settings(plan: &Plan, choice: &Choice, config: &ConfigFile) -> Result<Dec
         .iter()
         .map(|(a, b)| (a.as_str(), b.as_str()))
         .collect();
-    let config = &config.with_aliases(&aliases, plan.intermediate_per_hidden);
+    let per_hidden = config.width_multiple(
+        plan.intermediate_multiple.as_deref(),
+        plan.intermediate_per_hidden,
+    )?;
+    let config = &config.with_aliases(&aliases, per_hidden);
     if let Some(recurrent) = &plan.recurrent {
         return super::recurrent::settings(plan, recurrent, config);
     }
@@ -195,6 +199,14 @@ pub fn settings(plan: &Plan, choice: &Choice, config: &ConfigFile) -> Result<Dec
         for layer in layers.iter_mut().filter(|l| l.sliding_window.is_none()) {
             layer.rope = None;
         }
+    }
+    let only = match plan.o_bias_only {
+        Some(OnlyLayer::First) => layers.first_mut(),
+        Some(OnlyLayer::Last) => layers.last_mut(),
+        None => None,
+    };
+    if let Some(layer) = only {
+        layer.o_bias = Some(true);
     }
     if let Some(field) = &plan.layer_rope_bases {
         if let Some(bases) = r.value(field).as_array() {

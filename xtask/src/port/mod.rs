@@ -699,7 +699,10 @@ pub fn registry_source(text: &str, mt: &str, module: &str) -> String {
         lines.insert(at, decl);
     }
     let entry = format!("    ({mt:?}, family::load::<{module}::Config>),");
-    if !lines.iter().any(|l| l.trim() == entry.trim()) {
+    // rustfmt wraps a long entry over several lines, with a trailing comma: compare
+    // without either.
+    let squeezed = |s: &str| s.split_whitespace().collect::<String>().replace(",)", ")");
+    if !squeezed(&lines.join("\n")).contains(&squeezed(&entry)) {
         if let Some(start) = lines
             .iter()
             .position(|l| l.starts_with("pub const REGISTRY"))
@@ -1051,6 +1054,12 @@ mod tests {
         assert!(
             after.contains("    (\"llama\", family::load::<llama::Config>),\n    (\"mistral\""),
             "{after}"
+        );
+        // An entry rustfmt wrapped (a long name) is found all the same: no second one.
+        let wrapped = "pub mod gpt_neox_japanese;\n\npub const REGISTRY: &[(&str, Loader)] = &[\n    (\n        \"gpt_neox_japanese\",\n        family::load::<gpt_neox_japanese::Config>,\n    ),\n];\n";
+        assert_eq!(
+            registry_source(wrapped, "gpt_neox_japanese", "gpt_neox_japanese"),
+            wrapped
         );
         let last = registry_source(MOD_RS, "starcoder2", "starcoder2");
         assert!(last.contains("pub mod qwen3;\npub mod starcoder2;\n"));
@@ -2470,5 +2479,101 @@ mod generator_tests {
             "self_attn.o_proj".to_owned()
         )));
         assert!(neo.gaps.is_empty(), "{:?}", neo.gaps);
+    }
+
+    /// GPT-NeoX-Japanese: only the last layer's attention holds `dense_bias`, a bare vector
+    /// the layer adds after `dense`; the probes read it as `o_proj`'s bias on the last layer
+    /// (at 2, 3 and 5 layers), the Hub's `rotary_emb_base`/`rotary_pct` as RoPE fields and
+    /// `intermediate_multiple_size` as the MLP width in hidden_size units.
+    #[test]
+    fn gpt_neox_japanese_is_regenerated_exactly_with_the_last_layers_output_bias() {
+        let (plan, choice, source) = regenerate("gpt_neox_japanese");
+        assert_eq!(plan.o_bias_only, Some(plan::OnlyLayer::Last));
+        assert_eq!(plan.o_bias, plan::Flag::Never);
+        assert_eq!(
+            plan.renames[0],
+            (
+                "attention.dense_bias".to_owned(),
+                "self_attn.o_proj.bias".to_owned()
+            )
+        );
+        for (common, own) in [
+            ("rope_theta", "rotary_emb_base"),
+            ("partial_rotary_factor", "rotary_pct"),
+        ] {
+            assert!(
+                plan.aliases.contains(&(common.to_owned(), own.to_owned())),
+                "{:?}",
+                plan.aliases
+            );
+        }
+        assert_eq!(
+            plan.intermediate_multiple.as_deref(),
+            Some("intermediate_multiple_size")
+        );
+        assert!(source.contains("if let Some(layer) = layers.last_mut() {"));
+        // Seeded faults: the bias on the first layer, or on none, fail on the weights.
+        for (only, error) in [
+            (
+                Some(plan::OnlyLayer::First),
+                "missing weight `model.layers.0.self_attn.o_proj.bias`",
+            ),
+            (None, "unexpected weights"),
+        ] {
+            let mut wrong = plan.clone();
+            wrong.o_bias_only = only;
+            wrong.choices = vec![choice.clone()];
+            let found = search(&wrong, &fixtures("gpt_neox_japanese")).expect("search runs");
+            assert!(found.chosen.is_none());
+            let (_, failures) = &found.tried[0];
+            assert!(failures.iter().any(|f| f.contains(error)), "{failures:?}");
+        }
+    }
+
+    /// Which one layer holds a parameter, from the tiny model and the layer-count probes:
+    /// the last at every count, the first at every count, or a gap when the counts disagree
+    /// or none was probed.
+    #[test]
+    fn a_parameter_on_one_layer_is_read_as_first_or_last_at_every_layer_count() {
+        let facts = facts("gpt_neox_japanese");
+        let params = |held: &[usize]| -> std::collections::BTreeMap<String, Vec<i64>> {
+            (0..2)
+                .flat_map(|i| {
+                    let mut names = vec![format!("model.layers.{i}.self_attn.o_proj.weight")];
+                    if held.contains(&i) {
+                        names.push(format!("model.layers.{i}.self_attn.o_proj.bias"));
+                    }
+                    names
+                })
+                .map(|n| (n, vec![64]))
+                .collect()
+        };
+        let renames = vec![(
+            "attention.dense_bias".to_owned(),
+            "self_attn.o_proj.bias".to_owned(),
+        )];
+        let rule = |facts: &Value, held: &[usize]| {
+            plan::only_layer(facts, &params(held), &renames, "self_attn.o_proj.bias")
+        };
+        assert_eq!(rule(&facts, &[1]), Ok(Some(plan::OnlyLayer::Last)));
+        assert_eq!(rule(&facts, &[0, 1]), Ok(None));
+        assert_eq!(rule(&facts, &[]), Ok(None));
+        // The probes say the last layer; a tiny model holding it on layer 0 disagrees.
+        assert!(rule(&facts, &[0]).is_err());
+        // Probes that say the first layer at every count.
+        let mut first = facts.clone();
+        for probe in first["layer_presence_probes"].as_array_mut().unwrap() {
+            probe["partial"]["attention.dense_bias"] = serde_json::json!([0]);
+        }
+        assert_eq!(rule(&first, &[0]), Ok(Some(plan::OnlyLayer::First)));
+        // Seeded fault: one count that says layer 1 of 5 (neither rule) is a gap.
+        let mut odd = facts.clone();
+        odd["layer_presence_probes"][1]["partial"]["attention.dense_bias"] = serde_json::json!([1]);
+        let gap = rule(&odd, &[1]).unwrap_err();
+        assert!(gap.contains("[1] of 5"), "{gap}");
+        // No other layer count probed: layer 1 of 2 could be "the last" or "layer 1".
+        let mut unprobed = facts.clone();
+        unprobed["layer_presence_probes"] = serde_json::json!([]);
+        assert!(rule(&unprobed, &[1]).is_err());
     }
 }

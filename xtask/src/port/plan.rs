@@ -316,6 +316,9 @@ pub struct Plan {
     pub aliases: Vec<(String, String)>,
     /// A null or missing MLP width is this many times `hidden_size` (GPT-2's `n_inner`).
     pub intermediate_per_hidden: Option<i32>,
+    /// The field that gives the MLP width in units of `hidden_size`
+    /// (`intermediate_multiple_size`); `intermediate_per_hidden` is its default.
+    pub intermediate_multiple: Option<String>,
     /// Learned absolute positions, and the row of position 0 in their table.
     pub learned_positions: Option<i32>,
     /// Linear position biases on the attention scores (ALiBi), measured.
@@ -333,6 +336,127 @@ pub struct Plan {
     pub sinusoidal_positions: Option<mlx_models::positions::Sinusoid>,
     /// A norm after the last layer (`model.norm`); post-residual layers may end without.
     pub final_norm: bool,
+    /// `o_proj` has a bias on this one layer only (`LayerSettings::o_bias`), measured at
+    /// several layer counts (GPT-NeoX-Japanese: the last).
+    pub o_bias_only: Option<OnlyLayer>,
+}
+
+/// The one layer that holds a parameter the others lack, by a rule that holds at every
+/// layer count the model was built with.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum OnlyLayer {
+    First,
+    Last,
+}
+
+/// Bare vectors that Transformers adds as a projection's bias (the facts' `bare_biases`,
+/// measured: moved into the projection's bias they leave the logits as they are), as
+/// renames under a layer onto that projection's bias by the blocks' names:
+/// `attention.dense_bias` → `self_attn.o_proj.bias`. They go first: a whole name must
+/// win over a rename of the module that holds it.
+pub fn bare_bias_renames(facts: &Value, renames: &[(String, String)]) -> Vec<(String, String)> {
+    let Some(layers) = facts.pointer("/structure/layers").and_then(Value::as_str) else {
+        return Vec::new();
+    };
+    let local = |name: &str| -> Option<String> {
+        let rest = name.strip_prefix(layers)?.strip_prefix('.')?;
+        let (index, path) = rest.split_once('.')?;
+        index.parse::<usize>().ok().map(|_| path.to_owned())
+    };
+    let mut found: Vec<(String, String)> = Vec::new();
+    for (param, linear) in facts
+        .get("bare_biases")
+        .and_then(Value::as_object)
+        .into_iter()
+        .flatten()
+    {
+        let (Some(param), Some(linear)) = (local(param), linear.as_str().and_then(local)) else {
+            continue;
+        };
+        let blocks = super::trace::rename(&format!("model.layers.0.{linear}.bias"), renames);
+        let blocks = blocks["model.layers.0.".len()..].to_owned();
+        if !found.iter().any(|(from, _)| *from == param) {
+            found.push((param, blocks));
+        }
+    }
+    found
+}
+
+/// Which one layer holds `param` (a name under the layer, as the blocks load it) where not
+/// every layer does: the tiny model's layers and the facts' `layer_presence_probes` (the
+/// model built with other layer counts) must all say the first, or all the last.
+/// `Ok(None)`: every layer or none holds it; `Err`: some other rule (a gap).
+pub fn only_layer(
+    facts: &Value,
+    params: &BTreeMap<String, Vec<i64>>,
+    renames: &[(String, String)],
+    param: &str,
+) -> Result<Option<OnlyLayer>, String> {
+    let tiny_layers = params
+        .keys()
+        .filter_map(|n| n.strip_prefix("model.layers."))
+        .filter_map(|rest| rest.split_once('.')?.0.parse::<usize>().ok())
+        .max()
+        .map_or(0, |last| last + 1);
+    let held: Vec<usize> = (0..tiny_layers)
+        .filter(|i| params.contains_key(&format!("model.layers.{i}.{param}")))
+        .collect();
+    if held.is_empty() || held.len() == tiny_layers {
+        return Ok(None);
+    }
+    let mut counts = vec![(tiny_layers, held)];
+    for probe in facts
+        .get("layer_presence_probes")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let Some(n) = probe.get("num_hidden_layers").and_then(Value::as_u64) else {
+            continue;
+        };
+        let Some(partial) = probe.get("partial").and_then(Value::as_object) else {
+            continue;
+        };
+        let n = n as usize;
+        // The probe names Transformers' parameters; `param` is the blocks' name.
+        let indices = partial
+            .iter()
+            .find(|(name, _)| {
+                let renamed = super::trace::rename(&format!("model.layers.0.{name}"), renames);
+                renamed == format!("model.layers.0.{param}")
+            })
+            .map_or_else(
+                || (0..n).collect(),
+                |(_, v)| {
+                    v.as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(Value::as_u64)
+                        .map(|i| i as usize)
+                        .collect()
+                },
+            );
+        counts.push((n, indices));
+    }
+    let all = |rule: fn(usize) -> usize| counts.iter().all(|(n, held)| held == &[rule(*n)]);
+    let seen = counts
+        .iter()
+        .map(|(n, held)| format!("{held:?} of {n}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    if counts.len() < 2 {
+        Err(format!(
+            "only layers {seen} hold `{param}`, and no other layer count was probed to tell the rule"
+        ))
+    } else if all(|_| 0) {
+        Ok(Some(OnlyLayer::First))
+    } else if all(|n| n - 1) {
+        Ok(Some(OnlyLayer::Last))
+    } else {
+        Err(format!(
+            "`{param}` is held by layers {seen}: no per-layer rule the blocks know (first or last layer only)"
+        ))
+    }
 }
 
 /// The name prefixes of the checkpoint keys Transformers ignores when it loads the causal LM
@@ -863,6 +987,30 @@ pub fn mlp_width_field(
     Some((field, i32::try_from(width / hidden).ok()))
 }
 
+/// The width probes' value (introspect.py's `WIDTH_PROBE`).
+const WIDTH_PROBE: i64 = 96;
+
+/// The integer field whose width probe made a layer-0 parameter outside attention
+/// `WIDTH_PROBE × hidden_size` wide (the facts' `widened_times_hidden`): the MLP width as a
+/// multiple of hidden_size (GPT-NeoX-Japanese's `intermediate_multiple_size`).
+pub fn mlp_width_multiple_field(facts: &Value, renames: &[(String, String)]) -> Option<String> {
+    let layers = facts.pointer("/structure/layers")?.as_str()?;
+    let prefix = format!("{layers}.0.");
+    let probe = facts.get("width_probes")?.as_array()?.iter().find(|p| {
+        p.get("widened_times_hidden")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .filter_map(|n| n.strip_prefix(&prefix))
+            .any(|local| {
+                let blocks = super::trace::rename(&format!("model.layers.0.{local}"), renames);
+                blocks.starts_with("model.layers.0.mlp.")
+            })
+    })?;
+    Some(probe.get("field")?.as_str()?.to_owned())
+}
+
 /// Fields that never change the forward pass of one sequence.
 const INERT: &[&str] = &[
     "attention_dropout",
@@ -1102,6 +1250,8 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         .extend(super::trace::final_norm_rename(facts.value));
     roles.renames.extend(expert_block_renames(&facts));
     roles.renames.extend(fused_qk_norm_renames(&facts));
+    let bare = bare_bias_renames(facts.value, &roles.renames);
+    roles.renames.splice(0..0, bare.iter().cloned());
     let prefix_renames = structure_renames(facts.value);
     let prefixes: Vec<(&str, &str)> = prefix_renames
         .iter()
@@ -1124,9 +1274,16 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         ));
     }
     for (from, to) in &roles.renames {
-        decisions.push(format!(
-            "`{from}` does what the blocks' `{to}` does (where Transformers calls it, and on what): renamed"
-        ));
+        decisions.push(if bare.contains(&(from.clone(), to.clone())) {
+            format!(
+                "`{from}` is `{to}` (a bare vector the model adds to that projection's output: \
+                 moved into its bias, the logits stay the same): renamed"
+            )
+        } else {
+            format!(
+                "`{from}` does what the blocks' `{to}` does (where Transformers calls it, and on what): renamed"
+            )
+        });
     }
     let mut gaps = Vec::new();
     let mut aliases: Vec<(String, String)> = Vec::new();
@@ -1298,6 +1455,26 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
             gaps.push(format!("config class has no `{name}`"));
         }
     }
+    // A field that sets the MLP width as a multiple of hidden_size (GPT-NeoX-Japanese's
+    // `intermediate_multiple_size`): its default where a config has none.
+    let intermediate_multiple = (!has_field("intermediate_size"))
+        .then(|| mlp_width_multiple_field(facts.value, &roles.renames))
+        .flatten()
+        .filter(|f| defaults.get(f).and_then(Value::as_i64).is_some());
+    if let Some(field) = &intermediate_multiple {
+        let k = defaults.get(field).and_then(Value::as_i64).unwrap_or(0);
+        intermediate_per_hidden = i32::try_from(k).ok();
+        // What the tiny model's width alone said, now that a field is known to set it.
+        let measured_only = |d: &str| {
+            d.starts_with("no config field sets the MLP width")
+                || d.starts_with("the MLP is ") && d.contains("the config class has no field")
+        };
+        decisions.retain(|d| !measured_only(d));
+        decisions.push(format!(
+            "the MLP is `{field}` × hidden_size wide (probed: set to {WIDTH_PROBE}, the MLP \
+             became {WIDTH_PROBE} × hidden_size); {k} where a config has none"
+        ));
+    }
     if intermediate_per_hidden.is_none() && has_field("intermediate_size") {
         // A null `intermediate_size` the model reads as k × hidden_size (GPT-Neo: 4).
         intermediate_per_hidden = facts
@@ -1424,6 +1601,46 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
             bias_flag("self_attn.o_proj.bias"),
         )
     };
+    // A bias some layers hold and others not (GPT-NeoX-Japanese: the last layer's o_proj).
+    let o_bias_only = match only_layer(
+        facts.value,
+        &params,
+        &roles.renames,
+        "self_attn.o_proj.bias",
+    ) {
+        Ok(rule) => rule,
+        Err(gap) => {
+            gaps.push(gap);
+            None
+        }
+    };
+    let o_bias = if let Some(rule) = o_bias_only {
+        decisions.push(format!(
+            "`self_attn.o_proj.bias` on the {} layer only (the tiny model's layers and models \
+             built with other layer counts)",
+            match rule {
+                OnlyLayer::First => "first",
+                OnlyLayer::Last => "last",
+            }
+        ));
+        Flag::Never
+    } else {
+        o_bias
+    };
+    for name in [
+        "self_attn.qkv_proj.bias",
+        "self_attn.q_proj.bias",
+        "self_attn.k_proj.bias",
+        "self_attn.v_proj.bias",
+    ] {
+        match only_layer(facts.value, &params, &roles.renames, name) {
+            Ok(None) => {}
+            Ok(Some(_)) => gaps.push(format!(
+                "`{name}` on one layer only: no block takes a per-layer q/k/v bias"
+            )),
+            Err(gap) => gaps.push(gap),
+        }
+    }
     decisions.push(format!(
         "attention: {} projections, q/k/v bias {:?}, o_proj bias {:?}",
         if qkv_fused {
@@ -2437,6 +2654,26 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         refused_values.push((field.to_owned(), default));
     }
 
+    // Hub configs' own names of RoPE fields, which the config class converts into its RoPE
+    // parameters (GPT-NeoX's `rotary_emb_base`, `rotary_pct`): read under both names.
+    for (own, common) in facts
+        .value
+        .get("rope_legacy_names")
+        .and_then(Value::as_object)
+        .into_iter()
+        .flatten()
+    {
+        let Some(common) = common.as_str() else {
+            continue;
+        };
+        if !aliases.iter().any(|(_, o)| o == own) {
+            decisions.push(format!(
+                "`{common}` is `{own}` in Hub configs (the config class converts it; probed): read under both names"
+            ));
+            aliases.push((common.to_owned(), own.to_owned()));
+        }
+    }
+
     // Fields read vs ignored.
     let mut ignored = Vec::new();
     let rope_fields = [
@@ -2464,6 +2701,7 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
             || rope_fields.contains(&name.as_str())
             || aliases.iter().any(|(_, own)| own == name)
             || read_through_attribute_map(name)
+            || intermediate_multiple.as_deref() == Some(name.as_str())
         {
             continue;
         }
@@ -2560,11 +2798,13 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         learned_positions,
         sinusoidal_positions,
         final_norm,
+        o_bias_only,
         alibi,
         embedding_layernorm: params.contains_key("model.embed_layernorm.weight"),
         nested_refused,
         aliases,
         intermediate_per_hidden,
+        intermediate_multiple,
         prefix_renames,
         lm_head_bias: params.contains_key("lm_head.bias"),
         layer_calls: super::trace::events(facts.value)

@@ -886,6 +886,8 @@ fn base_plan(
         conv1d: Vec::new(),
         sinusoidal_positions: None,
         final_norm: true,
+        o_bias_only: None,
+        intermediate_multiple: None,
     }
 }
 
