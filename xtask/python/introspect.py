@@ -1235,6 +1235,7 @@ def introspect(model_type: str, config_override: dict | None, replace: bool, che
         "null_width_per_hidden": probes.null_width_per_hidden(architecture, small, build_config, tiny_model, model_type, fields),
         "rotary": rotary,
         "hybrid_layers": hybrid_layers(model_type, fields, small),
+        "step_clamps": probes.step_clamps(architecture, small, build_config, tiny_model, model_type, fields),
         "layer_type_probes": probes.layer_type_probes(config_class, fields)
         or (
             probes.reached_layer_type_probes(

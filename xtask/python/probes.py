@@ -1232,3 +1232,47 @@ def rope_legacy_names(config_class, fields):
                     found[name] = keys[0]
                 break
     return found
+
+
+# The step limit of the clamp probe: tight enough that random steps exceed it.
+CLAMP_PROBE_LIMIT = (0.0, 0.05)
+
+
+def step_clamps(architecture, small, build_config, tiny_model, model_type, fields):
+    """Whether a recurrent mixer's token-by-token step clamps `dt` to `time_step_limit` as
+    its chunked scan of a prompt does: with a tight limit, the logits of one decoded token
+    after a cached prompt are compared with the full pass's (equal: the step clamps too;
+    Bamba's and Mamba2's `mamba2_selective_state_update` does not). None where the class
+    has no `time_step_limit`, the mixer does not read it, or the model takes no cache."""
+    import inspect
+
+    import torch
+    from transformers import DynamicCache
+
+    if "time_step_limit" not in fields:
+        return None
+    try:
+        config = build_config(model_type, {**small, "time_step_limit": list(CLAMP_PROBE_LIMIT)})
+        model = tiny_model(architecture, config)
+    except Exception:
+        return None
+    parameters = inspect.signature(model.forward).parameters
+    cache_name = "past_key_values" if "past_key_values" in parameters else "cache_params"
+    if cache_name not in parameters:
+        return None
+    ids = torch.arange(9, dtype=torch.int64)[None] % config.vocab_size
+    positions = {"position_ids": torch.arange(8, 9)[None]} if "position_ids" in parameters else {}
+    unlimited = tiny_model(architecture, build_config(model_type, small))
+    try:
+        with torch.no_grad():
+            full = model(input_ids=ids).logits[0, -1]
+            # A mixer that ignores the field (Nemotron-H clamps to its own range) tells nothing.
+            if torch.equal(full, unlimited(input_ids=ids).logits[0, -1]):
+                return None
+            cache = DynamicCache(config=model.config)
+            model(input_ids=ids[:, :8], use_cache=True, **{cache_name: cache})
+            step = model(input_ids=ids[:, 8:], use_cache=True, **{cache_name: cache}, **positions).logits[0, -1]
+    except Exception:  # a cache Transformers cannot run for this tiny model
+        return None
+    gap = float((step - full).abs().max())
+    return {"limit": list(CLAMP_PROBE_LIMIT), "step_vs_full_max_abs": gap, "clamps": gap < 1e-4}

@@ -10,7 +10,8 @@
 //! - Hybrid: the layers `attn_layer_indices` lists attend (none when it is null); the
 //!   others replace attention by a Mamba2 mixer ([`crate::ssm`], checkpoint `mamba`, loaded
 //!   as `mixer`) without RoPE, with the same norms and MLP. Its cache is the conv and SSM
-//!   state, a fixed size.
+//!   state, a fixed size. Decoded tokens leave `dt` unclamped by `time_step_limit`, as
+//!   Transformers' steps do.
 //! - Attention: `q_proj`/`k_proj`/`v_proj`.
 //! - MLP: `down_proj(act(gate_proj(x)) * up_proj(x))`.
 //! - RoPE on the two halves of the first `partial_rotary_factor` (0.5 where a config names
@@ -128,7 +129,7 @@ impl DecoderFamily for Config {
                 self.time_step_limit.0 as f32,
                 self.time_step_limit.1.min(f64::from(f32::MAX)) as f32,
             ),
-            clamp_steps: true,
+            clamp_steps: false,
             norm_eps: d.rms_norm_eps.unwrap_or(1e-5),
             gate: Mamba2Gate::NormAfterGate,
             chunked_prefill: true,

@@ -31,6 +31,18 @@ pub struct RecurrentPlan {
     pub roles: BTreeMap<&'static str, String>,
     /// How the Mamba2 scan's output is gated before `out_proj`.
     pub gate: Option<Mamba2Gate>,
+    /// Decoded tokens clamp `dt` to `time_step_limit` as the prompt's scan does (the
+    /// `step_clamps` probe: Transformers' Bamba and Mamba2 steps do not).
+    pub clamp_steps: bool,
+}
+
+/// Whether Transformers' decoding steps clamp `dt` (the `step_clamps` probe); where it
+/// tells nothing (no probe, a mixer that ignores `time_step_limit`), they clamp.
+fn step_clamps(facts: &Value) -> bool {
+    facts
+        .pointer("/step_clamps/clamps")
+        .and_then(Value::as_bool)
+        .unwrap_or(true)
 }
 
 impl RecurrentPlan {
@@ -435,7 +447,12 @@ pub fn hybrid_plan(
          and MLP are named and shaped as the attention layers'"
     ));
     Some(HybridPlan {
-        mixer: RecurrentPlan { kind, roles, gate },
+        mixer: RecurrentPlan {
+            kind,
+            roles,
+            gate,
+            clamp_steps: step_clamps(facts),
+        },
         path,
         rule,
     })
@@ -840,7 +857,12 @@ fn base_plan(
         mlp_bias: super::plan::Flag::Never,
         moe: None,
         mla: None,
-        recurrent: Some(RecurrentPlan { kind, roles, gate }),
+        recurrent: Some(RecurrentPlan {
+            kind,
+            roles,
+            gate,
+            clamp_steps: step_clamps(facts),
+        }),
         hybrid: None,
         layer_norm: None,
         eps_field: "layer_norm_epsilon".to_owned(),
@@ -990,7 +1012,7 @@ fn mixer_settings(
                 out_bias: boolean("bias"),
                 chunk_size: int("chunk_size")?,
                 time_step_limit: (limit.0 as f32, limit.1.min(f64::from(f32::MAX)) as f32),
-                clamp_steps: true,
+                clamp_steps: r.clamp_steps,
                 norm_eps: eps,
                 gate: r.gate.unwrap_or(Mamba2Gate::NormAfterGate),
                 chunked_prefill: true,
@@ -1221,7 +1243,7 @@ pub fn module_source(plan: &Plan, r: &RecurrentPlan) -> String {
                  conv_kernel: self.{conv},\nconv_bias: self.{conv_bias},\nbias: self.{bias},\nout_bias: self.{bias},\n\
                  chunk_size: self.{chunk},\n\
                  time_step_limit: (self.{limit}.0 as f32, self.{limit}.1.min(f64::from(f32::MAX)) as f32),\n\
-                 clamp_steps: true,\nnorm_eps: self.{eps},\ngate: Mamba2Gate::{gate:?},\nchunked_prefill: true,\n}};",
+                 clamp_steps: {clamp},\nnorm_eps: self.{eps},\ngate: Mamba2Gate::{gate:?},\nchunked_prefill: true,\n}};",
                 g = f("n_groups"),
                 e = f("expand"),
                 h = f("num_heads"),
@@ -1234,6 +1256,7 @@ pub fn module_source(plan: &Plan, r: &RecurrentPlan) -> String {
                 limit = f("time_step_limit"),
                 eps = f("eps"),
                 gate = r.gate.unwrap_or(Mamba2Gate::NormAfterGate),
+                clamp = r.clamp_steps,
             );
         }
     }
@@ -1459,7 +1482,7 @@ pub fn hybrid_settings(
                  conv_kernel: {conv},\nconv_bias: {conv_bias},\nbias: {bias},\nout_bias: {bias},\n\
                  chunk_size: {chunk},\n\
                  time_step_limit: ({limit}.0 as f32, {limit}.1.min(f64::from(f32::MAX)) as f32),\n\
-                 clamp_steps: true,\nnorm_eps: {eps},\ngate: Mamba2Gate::{gate:?},\n\
+                 clamp_steps: {clamp},\nnorm_eps: {eps},\ngate: Mamba2Gate::{gate:?},\n\
                  chunked_prefill: true,\n}};",
                 head_dim_init = field_init("head_dim", head_dim.clone()),
                 hn = r.field("num_heads"),
@@ -1472,6 +1495,7 @@ pub fn hybrid_settings(
                 limit = expr("time_step_limit"),
                 eps = expr("eps"),
                 gate = r.gate.unwrap_or(Mamba2Gate::NormAfterGate),
+                clamp = r.clamp_steps,
             );
             "mamba2: Some(mamba2)".to_owned()
         }
@@ -1496,8 +1520,14 @@ pub fn hybrid_summary(h: &HybridPlan) -> String {
     format!(
         "Hybrid: {which}; the others replace attention by a {:?} mixer ([`crate::ssm`], \
          checkpoint `{}`, loaded as `mixer`) without RoPE, with the same norms and MLP. Its \
-         cache is the conv and SSM state, a fixed size.",
-        h.mixer.kind, h.path
+         cache is the conv and SSM state, a fixed size.{}",
+        h.mixer.kind,
+        h.path,
+        if h.mixer.clamp_steps {
+            ""
+        } else {
+            " Decoded tokens leave `dt` unclamped by `time_step_limit`, as Transformers' steps do."
+        }
     )
 }
 
@@ -1603,6 +1633,8 @@ mod tests {
             }
         );
         assert_eq!((h.mixer.kind, h.path.as_str()), (Kind::Mamba2, "mamba"));
+        // Transformers' Bamba decodes with `dt` unclamped (the recorded `step_clamps`).
+        assert!(!h.mixer.clamp_steps);
         assert_eq!(h.mixer.field("num_heads"), "mamba_n_heads");
         assert_eq!(h.mixer.field("eps"), "rms_norm_eps");
         assert!(plan
