@@ -178,6 +178,20 @@ pub fn classify_layer(params: &[(&str, &[i64])]) -> LayerMixer {
     LayerMixer::Unknown
 }
 
+/// The tiny model's parameters: full names and shapes.
+fn parameters(facts: &Value) -> Vec<(String, Vec<i64>)> {
+    facts
+        .get("parameters")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|p| {
+            let shape = p["shape"].as_array()?.iter().filter_map(Value::as_i64);
+            Some((p["name"].as_str()?.to_owned(), shape.collect()))
+        })
+        .collect()
+}
+
 /// Every layer's mixer in the tiny model, from its module tree.
 pub fn layer_mixers(facts: &Value) -> Vec<LayerMixer> {
     let Some(layers) = facts.pointer("/structure/layers").and_then(Value::as_str) else {
@@ -187,16 +201,7 @@ pub fn layer_mixers(facts: &Value) -> Vec<LayerMixer> {
         .pointer("/resolved_config/num_hidden_layers")
         .and_then(Value::as_u64)
         .unwrap_or(0) as usize;
-    let params: Vec<(String, Vec<i64>)> = facts
-        .get("parameters")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .filter_map(|p| {
-            let shape = p["shape"].as_array()?.iter().filter_map(Value::as_i64);
-            Some((p["name"].as_str()?.to_owned(), shape.collect()))
-        })
-        .collect();
+    let params = parameters(facts);
     (0..n)
         .map(|i| {
             let prefix = format!("{layers}.{i}.");
@@ -394,16 +399,7 @@ pub fn hybrid_plan(
         .pointer("/structure/layers")
         .and_then(Value::as_str)
         .unwrap_or_default();
-    let params: Vec<(String, Vec<i64>)> = facts
-        .get("parameters")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .filter_map(|p| {
-            let shape = p["shape"].as_array()?.iter().filter_map(Value::as_i64);
-            Some((p["name"].as_str()?.to_owned(), shape.collect()))
-        })
-        .collect();
+    let params = parameters(facts);
     // The rest of a recurrent layer is the attention layer's, by name and shape.
     let LayerMixer::Attention(attention) = &mixers[0] else {
         return None;
@@ -516,15 +512,7 @@ pub fn role_field(defaults: &BTreeMap<String, Value>, name: &str, role: Option<&
 /// (attention, hybrids: the attention plan, and its gaps, apply).
 pub fn plan(facts: &Value, module: &str) -> Option<Plan> {
     let layers = facts.pointer("/structure/layers")?.as_str()?.to_owned();
-    let params: Vec<(String, Vec<i64>)> = facts
-        .get("parameters")?
-        .as_array()?
-        .iter()
-        .filter_map(|p| {
-            let shape = p["shape"].as_array()?.iter().filter_map(Value::as_i64);
-            Some((p["name"].as_str()?.to_owned(), shape.collect()))
-        })
-        .collect();
+    let params = parameters(facts);
     let n = facts
         .pointer("/resolved_config/num_hidden_layers")?
         .as_u64()? as usize;
