@@ -3,7 +3,7 @@
 //! [`DecoderSettings`]. Loading is the same for every family: [`load`].
 
 use crate::config::ConfigFile;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::mla::{MlaCache, MlaSettings};
 use crate::model::LanguageModel;
 use crate::moe::{
@@ -11,6 +11,7 @@ use crate::moe::{
     RouterSettings, Scoring, SharedExpertSettings,
 };
 use crate::rope::{Rope, RopeConfig, RopeFields};
+use crate::ssm::{Mamba2Gate, Mamba2Settings};
 use crate::transformer::{
     build, drop_computed_weights, layers_by_type, rope_layers, Activation, AttentionSettings,
     DecoderSettings, LayerSettings, LayerType, MixerKind, MlpLayout, MlpSettings,
@@ -872,6 +873,92 @@ pub fn drop_rope(layers: &mut [LayerSettings], uses_rope: &[bool]) {
         if !uses {
             layer.rope = None;
         }
+    }
+}
+
+/// The Mamba2 fields of hybrids that name them `mamba_*` (Bamba, Granite 4 hybrids), with
+/// the names of their config classes; flattened into a family's `Config`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Mamba2Config {
+    pub mamba_n_heads: i32,
+    /// The width of a head, or "auto": `mamba_expand · hidden_size / mamba_n_heads`.
+    pub mamba_d_head: serde_json::Value,
+    /// Groups of heads sharing `B` and `C`.
+    pub mamba_n_groups: i32,
+    pub mamba_d_state: i32,
+    /// Taps of the causal convolution.
+    pub mamba_d_conv: i32,
+    pub mamba_expand: i32,
+    /// Tokens per chunk of a prompt's scan.
+    pub mamba_chunk_size: i32,
+    pub mamba_conv_bias: bool,
+    /// Biases of `in_proj` and `out_proj`.
+    pub mamba_proj_bias: bool,
+    /// The range `dt` is clamped to in a prompt's scan.
+    #[serde(deserialize_with = "crate::config::f64_pair_or_non_finite")]
+    pub time_step_limit: (f64, f64),
+}
+
+impl Mamba2Config {
+    /// The mixer these fields describe for `d`'s width: the heads must share the expanded
+    /// width and split into the groups; the gated RMSNorm's epsilon is `rms_norm_eps`
+    /// (`default_eps` where config.json has none). `clamp_steps`: decoded tokens clamp
+    /// `dt` as the prompt's scan does (Transformers' Bamba and Granite 4 steps do not).
+    pub fn settings(
+        &self,
+        d: &DecoderConfig,
+        default_eps: f64,
+        clamp_steps: bool,
+        config: &ConfigFile,
+    ) -> Result<Mamba2Settings> {
+        let head_dim = match &self.mamba_d_head {
+            serde_json::Value::String(s) if s == "auto" => {
+                self.mamba_expand * d.hidden_size / self.mamba_n_heads.max(1)
+            }
+            v => v.as_i64().map(|v| v as i32).ok_or_else(|| {
+                Error::config(&config.path, "mamba_d_head", "must be a number or \"auto\"")
+            })?,
+        };
+        config.ensure(
+            d.hidden_size * self.mamba_expand == self.mamba_n_heads * head_dim,
+            "mamba_n_heads",
+            || {
+                format!(
+                    "hidden_size × mamba_expand ({}) must equal mamba_n_heads × mamba_d_head ({})",
+                    d.hidden_size * self.mamba_expand,
+                    self.mamba_n_heads * head_dim
+                )
+            },
+        )?;
+        config.ensure(
+            self.mamba_n_groups > 0 && self.mamba_n_heads % self.mamba_n_groups == 0,
+            "mamba_n_groups",
+            || {
+                format!(
+                    "{} heads cannot be split into {} groups",
+                    self.mamba_n_heads, self.mamba_n_groups
+                )
+            },
+        )?;
+        Ok(Mamba2Settings {
+            num_heads: self.mamba_n_heads,
+            head_dim,
+            state_size: self.mamba_d_state,
+            n_groups: self.mamba_n_groups,
+            conv_kernel: self.mamba_d_conv,
+            conv_bias: self.mamba_conv_bias,
+            bias: self.mamba_proj_bias,
+            out_bias: self.mamba_proj_bias,
+            chunk_size: self.mamba_chunk_size,
+            time_step_limit: (
+                self.time_step_limit.0 as f32,
+                self.time_step_limit.1.min(f64::from(f32::MAX)) as f32,
+            ),
+            clamp_steps,
+            norm_eps: d.rms_norm_eps.unwrap_or(default_eps),
+            gate: Mamba2Gate::NormAfterGate,
+            chunked_prefill: true,
+        })
     }
 }
 

@@ -20,9 +20,8 @@
 use crate::config::ConfigFile;
 use crate::error::Result;
 use crate::family::{
-    set_recurrent_layers, AttentionLayers, DecoderConfig, DecoderFamily, LayerRule,
+    set_recurrent_layers, AttentionLayers, DecoderConfig, DecoderFamily, LayerRule, Mamba2Config,
 };
-use crate::ssm::{Mamba2Gate, Mamba2Settings};
 use crate::transformer::{drop_computed_weights, DecoderSettings, MixerKind, MlpLayout};
 use crate::weights::{rename_layer_module, Weights};
 use serde::Deserialize;
@@ -33,29 +32,10 @@ use serde::Deserialize;
 pub struct Config {
     #[serde(flatten)]
     pub decoder: DecoderConfig,
+    #[serde(flatten)]
+    pub mamba: Mamba2Config,
     /// Which layers attend.
     pub attn_layer_indices: Option<Vec<i32>>,
-    /// Recurrent mixer: in/out projection biases.
-    pub mamba_proj_bias: bool,
-    /// Recurrent mixer: tokens per chunk of the prompt's scan.
-    pub mamba_chunk_size: i32,
-    /// Recurrent mixer: convolution bias.
-    pub mamba_conv_bias: bool,
-    /// Recurrent mixer: width of the causal convolution.
-    pub mamba_d_conv: i32,
-    /// Recurrent mixer: inner width over hidden_size.
-    pub mamba_expand: i32,
-    /// Recurrent mixer: width of a head: a number, or "auto".
-    pub mamba_d_head: serde_json::Value,
-    /// Recurrent mixer: groups of heads sharing B and C.
-    pub mamba_n_groups: i32,
-    /// Recurrent mixer: heads.
-    pub mamba_n_heads: i32,
-    /// Recurrent mixer: state size.
-    pub mamba_d_state: i32,
-    /// Recurrent mixer: the range its steps are clamped to.
-    #[serde(deserialize_with = "crate::config::f64_pair_or_non_finite")]
-    pub time_step_limit: (f64, f64),
 }
 
 impl DecoderFamily for Config {
@@ -70,7 +50,7 @@ impl DecoderFamily for Config {
         fields.partial_rotary_factor = fields.partial_rotary_factor.or(Some(0.5));
         let rope = d.rope_from(&fields, 10000.0, false, config)?;
         let mut layers = d.layers(LayerRule::NoSliding, Some(&rope), None, false);
-        // The layers `attn_layer_indices` lists attend (none if null); the others run Mamba2, no RoPE.
+        // `attn_layer_indices`: the layers that attend (none if null); the rest run Mamba2.
         let attends = AttentionLayers::Indices {
             field: "attn_layer_indices",
             indices: self.attn_layer_indices.as_deref(),
@@ -82,58 +62,7 @@ impl DecoderFamily for Config {
         config.ensure(act == "silu", "hidden_act", || {
             format!("the Mamba2 mixer's activation `{act}` is not supported (silu)")
         })?;
-        let head_dim = match &self.mamba_d_head {
-            serde_json::Value::String(s) if s == "auto" => {
-                self.mamba_expand * d.hidden_size / self.mamba_n_heads.max(1)
-            }
-            v => v.as_i64().map(|v| v as i32).ok_or_else(|| {
-                crate::error::Error::config(
-                    &config.path,
-                    "mamba_d_head",
-                    "must be a number or \"auto\"",
-                )
-            })?,
-        };
-        config.ensure(
-            d.hidden_size * self.mamba_expand == self.mamba_n_heads * head_dim,
-            "mamba_n_heads",
-            || {
-                format!(
-                    "hidden_size × expand ({}) must equal the mixer's heads × head width ({})",
-                    d.hidden_size * self.mamba_expand,
-                    self.mamba_n_heads * head_dim
-                )
-            },
-        )?;
-        config.ensure(
-            self.mamba_n_groups > 0 && self.mamba_n_heads % self.mamba_n_groups == 0,
-            "mamba_n_groups",
-            || {
-                format!(
-                    "{} heads cannot be split into {} groups",
-                    self.mamba_n_heads, self.mamba_n_groups
-                )
-            },
-        )?;
-        let mamba2 = Mamba2Settings {
-            num_heads: self.mamba_n_heads,
-            head_dim,
-            state_size: self.mamba_d_state,
-            n_groups: self.mamba_n_groups,
-            conv_kernel: self.mamba_d_conv,
-            conv_bias: self.mamba_conv_bias,
-            bias: self.mamba_proj_bias,
-            out_bias: self.mamba_proj_bias,
-            chunk_size: self.mamba_chunk_size,
-            time_step_limit: (
-                self.time_step_limit.0 as f32,
-                self.time_step_limit.1.min(f64::from(f32::MAX)) as f32,
-            ),
-            clamp_steps: false,
-            norm_eps: d.rms_norm_eps.unwrap_or(1e-5),
-            gate: Mamba2Gate::NormAfterGate,
-            chunked_prefill: true,
-        };
+        let mamba2 = self.mamba.settings(d, 1e-5, false, config)?;
         Ok(DecoderSettings {
             mamba2: Some(mamba2),
             ..d.settings(attention, mlp, layers)

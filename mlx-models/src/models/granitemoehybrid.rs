@@ -12,10 +12,11 @@
 //!   logits ÷ `logits_scaling`.
 
 use crate::config::ConfigFile;
-use crate::error::{Error, Result};
-use crate::family::{sanitize_moe, DecoderConfig, DecoderFamily, LayerRule, MoeConfig};
+use crate::error::Result;
+use crate::family::{
+    sanitize_moe, DecoderConfig, DecoderFamily, LayerRule, Mamba2Config, MoeConfig,
+};
 use crate::moe::{ExpertActivation, RouterSettings, SharedExpertSettings};
-use crate::ssm::{Mamba2Gate, Mamba2Settings};
 use crate::transformer::{
     AttentionSettings, DecoderSettings, LayerType, MixerKind, MlpLayout, MlpSettings,
 };
@@ -36,18 +37,8 @@ pub struct Config {
     pub shared_intermediate_size: i32,
     #[serde(default)]
     pub position_embedding_type: Option<String>,
-    pub mamba_n_heads: i32,
-    pub mamba_n_groups: i32,
-    pub mamba_d_state: i32,
-    /// A number, or "auto".
-    pub mamba_d_head: serde_json::Value,
-    pub mamba_d_conv: i32,
-    pub mamba_expand: i32,
-    pub mamba_chunk_size: i32,
-    pub mamba_conv_bias: bool,
-    pub mamba_proj_bias: bool,
-    #[serde(deserialize_with = "crate::config::f64_pair_or_non_finite")]
-    pub time_step_limit: (f64, f64),
+    #[serde(flatten)]
+    pub mamba: Mamba2Config,
 }
 
 impl DecoderFamily for Config {
@@ -55,24 +46,6 @@ impl DecoderFamily for Config {
 
     fn settings(&self, config: &ConfigFile) -> Result<DecoderSettings> {
         let d = &self.decoder;
-        let head_dim = match &self.mamba_d_head {
-            serde_json::Value::String(s) if s == "auto" => {
-                self.mamba_expand * d.hidden_size / self.mamba_n_heads.max(1)
-            }
-            v => v.as_i64().map(|v| v as i32).ok_or_else(|| {
-                Error::config(&config.path, "mamba_d_head", "must be a number or \"auto\"")
-            })?,
-        };
-        config.ensure(
-            self.mamba_n_groups > 0 && self.mamba_n_heads % self.mamba_n_groups == 0,
-            "mamba_n_groups",
-            || {
-                format!(
-                    "{} heads cannot be split into {} groups",
-                    self.mamba_n_heads, self.mamba_n_groups
-                )
-            },
-        )?;
         let rope = match self.position_embedding_type.as_deref() {
             Some("rope") => Some(d.rope(10_000.0, false, config)?),
             _ => None,
@@ -102,25 +75,8 @@ impl DecoderFamily for Config {
             activation: act,
             bias: false,
         };
-        let mamba2 = Mamba2Settings {
-            num_heads: self.mamba_n_heads,
-            head_dim,
-            state_size: self.mamba_d_state,
-            n_groups: self.mamba_n_groups,
-            conv_kernel: self.mamba_d_conv,
-            conv_bias: self.mamba_conv_bias,
-            bias: self.mamba_proj_bias,
-            out_bias: self.mamba_proj_bias,
-            chunk_size: self.mamba_chunk_size,
-            time_step_limit: (
-                self.time_step_limit.0 as f32,
-                self.time_step_limit.1.min(f64::from(f32::MAX)) as f32,
-            ),
-            clamp_steps: true,
-            norm_eps: d.rms_norm_eps.unwrap_or(1e-6),
-            gate: Mamba2Gate::NormAfterGate,
-            chunked_prefill: true,
-        };
+        // Transformers' decoding steps leave `dt` unclamped (`mamba2_selective_state_update`).
+        let mamba2 = self.mamba.settings(d, 1e-6, false, config)?;
         let settings = DecoderSettings {
             mamba2: Some(mamba2),
             embedding_scale: Some(self.embedding_multiplier as f32),

@@ -126,6 +126,10 @@ fn shared(plan: &Plan, name: &str) -> bool {
         || NO_ROPE_FIELDS.contains(&name)
         || (plan.moe.is_some() && MOE_FIELDS.contains(&name))
         || (plan.mla.is_some() && MLA_FIELDS.contains(&name))
+        || plan
+            .hybrid
+            .as_ref()
+            .is_some_and(|h| super::recurrent::in_mamba2_config(h, name))
 }
 
 /// Merges mlx-lm's split `kv_b_proj` back, first thing in a latent attention module's
@@ -196,8 +200,11 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
         family.push("MlaConfig");
     }
     let mut transformer = vec!["DecoderSettings", "MlpLayout"];
-    if plan.hybrid.is_some() {
+    if let Some(h) = &plan.hybrid {
         family.extend(["AttentionLayers", "set_recurrent_layers"]);
+        if super::recurrent::uses_mamba2_config(h) {
+            family.push("Mamba2Config");
+        }
         transformer.push("MixerKind");
     }
     let renames =
@@ -425,8 +432,8 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
     if plan.sinusoidal_positions.is_some() {
         let _ = writeln!(w, "use crate::positions::Sinusoid;");
     }
-    if let Some(h) = &plan.hybrid {
-        let _ = writeln!(w, "{}", super::recurrent::hybrid_uses(h));
+    if let Some(line) = plan.hybrid.as_ref().and_then(super::recurrent::hybrid_uses) {
+        let _ = writeln!(w, "{line}");
     }
     let _ = writeln!(w, "use crate::transformer::{{{}}};", transformer.join(", "));
     if let Some(moe) = &plan.moe {
@@ -475,6 +482,13 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
     }
     if plan.mla.is_some() {
         let _ = writeln!(w, "#[serde(flatten)]\npub mla: MlaConfig,");
+    }
+    if plan
+        .hybrid
+        .as_ref()
+        .is_some_and(super::recurrent::uses_mamba2_config)
+    {
+        let _ = writeln!(w, "#[serde(flatten)]\npub mamba: Mamba2Config,");
     }
     for f in &own {
         if let Some(line) = plan

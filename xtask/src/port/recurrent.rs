@@ -1310,11 +1310,44 @@ fn capitalize(s: &str) -> String {
         .unwrap_or_default()
 }
 
-/// The `use` line a hybrid module adds: the mixer's settings.
-pub fn hybrid_uses(h: &HybridPlan) -> &'static str {
+/// The fields of [`mlx_models::family::Mamba2Config`], by the roles they hold.
+const MAMBA2_CONFIG: &[(&str, &str)] = &[
+    ("num_heads", "mamba_n_heads"),
+    ("head_dim", "mamba_d_head"),
+    ("n_groups", "mamba_n_groups"),
+    ("state_size", "mamba_d_state"),
+    ("conv_kernel", "mamba_d_conv"),
+    ("expand", "mamba_expand"),
+    ("chunk_size", "mamba_chunk_size"),
+    ("conv_bias", "mamba_conv_bias"),
+    ("bias", "mamba_proj_bias"),
+    ("time_step_limit", "time_step_limit"),
+];
+
+/// Whether the hybrid's Mamba2 fields are [`mlx_models::family::Mamba2Config`]'s (the
+/// `mamba_*` names, `rms_norm_eps`, the norm after the gate): the module flattens it.
+pub fn uses_mamba2_config(h: &HybridPlan) -> bool {
+    let r = &h.mixer;
+    r.kind == Kind::Mamba2
+        && r.gate.unwrap_or(Mamba2Gate::NormAfterGate) == Mamba2Gate::NormAfterGate
+        && r.field("eps") == "rms_norm_eps"
+        && MAMBA2_CONFIG
+            .iter()
+            .all(|(role, name)| r.field(role) == *name)
+}
+
+/// Whether `name` is read through [`mlx_models::family::Mamba2Config`].
+pub fn in_mamba2_config(h: &HybridPlan, name: &str) -> bool {
+    uses_mamba2_config(h) && MAMBA2_CONFIG.iter().any(|(_, n)| *n == name)
+}
+
+/// The `use` line a hybrid module adds: the mixer's settings (none where it flattens
+/// `Mamba2Config`).
+pub fn hybrid_uses(h: &HybridPlan) -> Option<&'static str> {
     match h.mixer.kind {
-        Kind::Mamba => "use crate::ssm::MambaSettings;",
-        Kind::Mamba2 => "use crate::ssm::{Mamba2Gate, Mamba2Settings};",
+        _ if uses_mamba2_config(h) => None,
+        Kind::Mamba => Some("use crate::ssm::MambaSettings;"),
+        Kind::Mamba2 => Some("use crate::ssm::{Mamba2Gate, Mamba2Settings};"),
     }
 }
 
@@ -1365,7 +1398,7 @@ pub fn hybrid_settings(
         } => {
             let _ = writeln!(
                 w,
-                "// The layers `{field}` lists attend ({} if null); the others run {kind}, no RoPE.",
+                "// `{field}`: the layers that attend ({} if null); the rest run {kind}.",
                 if *null_attends { "all" } else { "none" }
             );
             let _ = writeln!(
@@ -1378,7 +1411,7 @@ pub fn hybrid_settings(
         AttentionRule::Period { period, offset } => {
             let _ = writeln!(
                 w,
-                "// Layer i attends if i % `{period}` == `{offset}`; the others run {kind}, no RoPE."
+                "// Layer i attends if i % `{period}` == `{offset}`; the rest run {kind}."
             );
             let _ = writeln!(
                 w,
@@ -1398,6 +1431,15 @@ pub fn hybrid_settings(
          activation `{{act}}` is not supported (silu)\"))?;",
         expr("act")
     );
+    if uses_mamba2_config(h) {
+        let eps = default("rms_norm_eps").as_f64().unwrap_or(1e-6);
+        let _ = writeln!(
+            w,
+            "let mamba2 = self.mamba.settings(d, {eps:?}, {}, config)?;",
+            r.clamp_steps
+        );
+        return (out, "mamba2: Some(mamba2)".to_owned());
+    }
     // A field that may say "auto" (Transformers derives the value), read into a variable.
     let auto = |w: &mut String, role: &str, value: &str| -> String {
         let name = r.field(role);
