@@ -324,6 +324,27 @@ def build_config(model_type: str, config: dict):
     return transformers.AutoConfig.for_model(model_type, **copy.deepcopy(config))
 
 
+def accepted_sizes(model_type: str, fields: dict, config: dict) -> dict:
+    """`config` with the tiny sizes the config class refuses given back their defaults, one
+    field at a time in order, until the class accepts it (ZAYA supports one expert per
+    token only); `config` as it is where it builds, or where no such field makes it."""
+    try:
+        build_config(model_type, config)
+        return config
+    except Exception:
+        pass
+    for name in list(config):
+        if name not in fields or name.endswith("token_id") or fields[name]["default"] is None:
+            continue
+        trial = {**config, name: fields[name]["default"]}
+        try:
+            build_config(model_type, trial)
+        except Exception:
+            continue
+        return trial
+    return config
+
+
 def small_config(model_type: str, fields: dict, attribute_map: dict) -> dict:
     """The tiny config: SMALL_SIZES where the class has the field, tie_word_embeddings as the family's default.
 
@@ -360,6 +381,7 @@ def small_config(model_type: str, fields: dict, attribute_map: dict) -> dict:
             if any(isinstance(value, int) and value >= vocab_size for value in values):
                 clipped = [value if value < vocab_size else vocab_size - 1 for value in values]
                 config[name] = clipped if isinstance(default, list) else clipped[0]
+    config = accepted_sizes(model_type, fields, config)
     if "layer_types" in fields:
         full_size = build_config(model_type, {}).layer_types or []
         tiny = build_config(model_type, config).layer_types or []
