@@ -411,8 +411,8 @@ pub struct MoeConfig {
     #[serde(default)]
     pub shared_expert_intermediate_size: Option<i32>,
     /// Shared experts of width `moe_intermediate_size` each, run as one MLP (GLM-4.5,
-    /// DeepSeek).
-    #[serde(default)]
+    /// DeepSeek; EXAONE-MoE's `num_shared_experts`).
+    #[serde(default, alias = "num_shared_experts")]
     pub n_shared_experts: Option<i32>,
     /// Multiplies the routed experts' weights.
     #[serde(default)]

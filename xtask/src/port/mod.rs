@@ -2217,16 +2217,21 @@ mod generator_tests {
     }
 
     /// Transformers' ignored checkpoint keys become dropped prefixes where the pattern is a
-    /// plain prefix; any other pattern is reported and its weights stay errors.
+    /// plain literal (anchored or not, with or without a trailing `.*`); any other pattern
+    /// is reported and its weights stay errors.
     #[test]
     fn ignored_checkpoint_keys_that_are_prefixes_are_dropped() {
         let facts = serde_json::json!({"ignored_checkpoint_keys":
-            ["^mtp\\.", "model\\.layers\\.61.*", "^vision_tower\\..*", "^a[0-9]\\."]});
+            ["^mtp\\.", "model\\.layers\\.61.*", "^vision_tower\\..*", "^a[0-9]\\.", "mtp.*"]});
         let mut decisions = Vec::new();
         let prefixes = plan::unused_prefixes(&facts, &mut decisions);
-        assert_eq!(prefixes, vec!["mtp.", "vision_tower."]);
-        assert_eq!(decisions.len(), 4);
-        assert!(decisions[1].contains("stay errors"), "{decisions:?}");
+        // Unanchored patterns match anywhere in a name: the names that start with their
+        // literal are among those Transformers ignores.
+        assert_eq!(
+            prefixes,
+            vec!["mtp.", "model.layers.61", "vision_tower.", "mtp"]
+        );
+        assert_eq!(decisions.len(), 5);
         assert!(decisions[3].contains("stay errors"), "{decisions:?}");
     }
 

@@ -158,6 +158,7 @@ pub const MOE_FIELDS: &[&str] = &[
     "first_k_dense_replace",
     "shared_expert_intermediate_size",
     "n_shared_experts",
+    "num_shared_experts",
     "routed_scaling_factor",
     "n_group",
     "topk_group",
@@ -472,8 +473,9 @@ pub fn unused_prefixes(facts: &Value, decisions: &mut Vec<String>) -> Vec<String
         .flatten()
         .filter_map(Value::as_str)
     {
-        let literal = pattern
-            .strip_prefix('^')
+        // Anchored (`^mtp\.`) or not (`mtp.*`, which Transformers searches anywhere in a
+        // name): checkpoint weights starting with the literal are dropped.
+        let literal = Some(pattern.strip_prefix('^').unwrap_or(pattern))
             .map(|p| p.strip_suffix(".*").unwrap_or(p))
             .map(|p| p.replace("\\.", "."))
             .filter(|p| !p.is_empty() && !p.contains(|c: char| "\\^$*+?()[]{}|".contains(c)));
@@ -490,6 +492,42 @@ pub fn unused_prefixes(facts: &Value, decisions: &mut Vec<String>) -> Vec<String
         }
     }
     prefixes
+}
+
+/// `name` under a decoder layer (`model.layers.3.mlp.x` → `mlp.x`), where it is in one.
+fn in_layer<'a>(structure: &Value, name: &'a str) -> Option<&'a str> {
+    let layers = structure.get("layers")?.as_str()?;
+    let (index, rest) = name.strip_prefix(&format!("{layers}."))?.split_once('.')?;
+    index.parse::<usize>().ok().map(|_| rest)
+}
+
+/// Parameters `save_pretrained` writes elsewhere within a decoder layer (EXAONE-MoE's
+/// router bias `mlp.e_score_correction_bias`, loaded as `mlp.gate.e_score_correction_bias`):
+/// renames of the parameter under every layer, as the checkpoint names it → as the model
+/// does.
+pub fn saved_layer_renames(facts: &Value) -> Vec<(String, String)> {
+    let Some(structure) = facts.get("structure") else {
+        return Vec::new();
+    };
+    let mut renames = Vec::new();
+    for (written, loaded) in facts
+        .get("saved_names")
+        .and_then(Value::as_object)
+        .into_iter()
+        .flatten()
+    {
+        let (Some(from), Some(to)) = (
+            in_layer(structure, written),
+            loaded.as_str().and_then(|l| in_layer(structure, l)),
+        ) else {
+            continue;
+        };
+        let pair = (from.to_owned(), to.to_owned());
+        if from != to && !renames.contains(&pair) {
+            renames.push(pair);
+        }
+    }
+    renames
 }
 
 /// The root renames that bring a model whose base model is not `model.` to the names the
@@ -518,6 +556,11 @@ pub fn structure_renames(facts: &Value) -> Vec<(String, String)> {
         else {
             continue;
         };
+        // A parameter saved elsewhere inside a decoder layer is a rename of that parameter
+        // in every layer ([`saved_layer_renames`]), not of the module holding it.
+        if in_layer(structure, from).is_some() {
+            continue;
+        }
         let pair = (from.to_owned(), to.to_owned());
         if leaf == same && from != to && !renames.contains(&pair) {
             renames.push(pair);
@@ -1248,6 +1291,7 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
     roles
         .renames
         .extend(super::trace::final_norm_rename(facts.value));
+    roles.renames.extend(saved_layer_renames(facts.value));
     roles.renames.extend(expert_block_renames(&facts));
     roles.renames.extend(fused_qk_norm_renames(&facts));
     let bare = bare_bias_renames(facts.value, &roles.renames);
@@ -1792,7 +1836,11 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
                 "width of each expert",
             ),
             (
-                &["shared_expert_intermediate_size", "n_shared_experts"],
+                &[
+                    "shared_expert_intermediate_size",
+                    "n_shared_experts",
+                    "num_shared_experts",
+                ],
                 FieldType::I32,
                 "shared expert width",
             ),
@@ -2910,6 +2958,7 @@ fn moe_plan(
     if shared_expert.is_some()
         && !has_field("shared_expert_intermediate_size")
         && !has_field("n_shared_experts")
+        && !has_field("num_shared_experts")
     {
         gaps.push("a shared expert without `shared_expert_intermediate_size`".to_owned());
     }
