@@ -51,6 +51,7 @@ pub const BOUNDS: &[(&str, f32, f32)] = &[
     ("dots1", 0.19, 0.65),              // measured 0.153, 0.516
     ("ernie4_5", 0.041, 0.63),          // measured 0.0325, 0.504
     ("exaone4", 0.034, 0.59),           // measured 0.0266, 0.464
+    ("exaone_moe", 0.13, 0.69),         // measured 0.102, 0.546
     ("falcon", 0.018, 0.3),             // measured 0.014, 0.236
     ("falcon_h1", 0.023, 0.42),         // measured 0.0184, 0.332
     ("falcon_mamba", 0.018, 0.3),       // measured 0.014, 0.24

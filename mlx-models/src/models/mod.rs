@@ -18,6 +18,7 @@ pub mod diffllama;
 pub mod dots1;
 pub mod ernie4_5;
 pub mod exaone4;
+pub mod exaone_moe;
 pub mod falcon;
 pub mod falcon_h1;
 pub mod flex_olmo;
@@ -121,6 +122,7 @@ pub const REGISTRY: &[(&str, Loader)] = &[
     ("dots1", family::load::<dots1::Config>),
     ("ernie4_5", family::load::<ernie4_5::Config>),
     ("exaone4", family::load::<exaone4::Config>),
+    ("exaone_moe", family::load::<exaone_moe::Config>),
     ("falcon", family::load::<falcon::Config>),
     ("falcon_h1", falcon_h1::load),
     ("falcon_mamba", mamba::load),
