@@ -33,6 +33,13 @@ pub trait DecoderFamily: DeserializeOwned {
     /// `n_inner: null` is 4 × `n_embd`).
     const INTERMEDIATE_PER_HIDDEN: Option<i32> = None;
 
+    /// Common integer fields config.json may give only as a multiple under the family's
+    /// own name, `(common, own, divisor)`: read as `own / divisor` (rounded down, as
+    /// Transformers' `//`) where config.json has no `common`, through
+    /// [`ConfigFile::with_divided_aliases`] (the ModernBERT decoder's Hub configs give
+    /// `local_attention`, twice the `sliding_window` its layers see).
+    const DIVIDED_ALIASES: &'static [(&'static str, &'static str, i64)] = &[];
+
     /// Checkpoint weights the causal LM never uses, by name prefix, dropped before
     /// `sanitize` (Transformers' `_keys_to_ignore_on_load_unexpected`: Mellum's
     /// multi-token-prediction layer `mtp.`). Every other unused weight stays an error.
@@ -55,7 +62,9 @@ pub fn load<F: DecoderFamily>(
     config: &ConfigFile,
     mut weights: Weights,
 ) -> Result<Box<dyn LanguageModel>> {
-    let config = &config.with_aliases(F::ALIASES, F::INTERMEDIATE_PER_HIDDEN);
+    let config = &config
+        .with_aliases(F::ALIASES, F::INTERMEDIATE_PER_HIDDEN)
+        .with_divided_aliases(F::DIVIDED_ALIASES)?;
     let family: F = config.parse_with_defaults(F::DEFAULTS)?;
     let settings = family.settings(config)?;
     if !F::UNUSED_PREFIXES.is_empty() {
@@ -78,7 +87,9 @@ pub fn to_loaded_layout<F: DecoderFamily>(
     config: &ConfigFile,
     weights: &mut Weights,
 ) -> Result<()> {
-    let config = &config.with_aliases(F::ALIASES, F::INTERMEDIATE_PER_HIDDEN);
+    let config = &config
+        .with_aliases(F::ALIASES, F::INTERMEDIATE_PER_HIDDEN)
+        .with_divided_aliases(F::DIVIDED_ALIASES)?;
     let family: F = config.parse_with_defaults(F::DEFAULTS)?;
     let settings = family.settings(config)?;
     family.sanitize(weights, &settings)
