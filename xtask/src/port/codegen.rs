@@ -291,6 +291,24 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
     if plan.embedding_layernorm {
         model.push("embedding_layernorm: true".to_owned());
     }
+    if let Some(head) = &plan.prediction_head {
+        if !transformer.contains(&"Activation") {
+            transformer.push("Activation");
+        }
+        let value = if optional(plan, &head.activation_field) {
+            format!(
+                "self.{}.as_deref().unwrap_or_default()",
+                head.activation_field
+            )
+        } else {
+            format!("&self.{}", head.activation_field)
+        };
+        model.push(format!(
+            "prediction_head: Some(HeadSettings {{ bias: {}, activation: Activation::from_config(config, {:?}, {value})? }})",
+            flag(plan, &head.bias),
+            head.activation_field
+        ));
+    }
     if let Some(offset) = plan.learned_positions {
         model.push("learned_positions: true".to_owned());
         if offset != 0 {
@@ -361,7 +379,9 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
         }
     }
     let act = if let Some(name) = plan.activation_constant {
-        transformer.push("Activation");
+        if !transformer.contains(&"Activation") {
+            transformer.push("Activation");
+        }
         format!(
             "Activation::{}",
             match name {
@@ -375,7 +395,9 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
     } else if plan.act_field == "hidden_act" || plan.act_field == "hidden_activation" {
         "d.activation(config)?".to_owned()
     } else {
-        transformer.push("Activation");
+        if !transformer.contains(&"Activation") {
+            transformer.push("Activation");
+        }
         let value = if optional(plan, &plan.act_field) {
             format!("self.{}.as_deref().unwrap_or(\"silu\")", plan.act_field)
         } else {
@@ -420,6 +442,9 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
     }
     if plan.sinusoidal_positions.is_some() {
         let _ = writeln!(w, "use crate::positions::Sinusoid;");
+    }
+    if plan.prediction_head.is_some() {
+        let _ = writeln!(w, "use crate::head::HeadSettings;");
     }
     let _ = writeln!(w, "use crate::transformer::{{{}}};", transformer.join(", "));
     if let Some(moe) = &plan.moe {
@@ -494,6 +519,17 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
             plan.aliases
                 .iter()
                 .map(|(common, own)| format!("({common:?}, {own:?})"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    if !plan.divided_aliases.is_empty() {
+        let _ = writeln!(
+            w,
+            "const DIVIDED_ALIASES: &'static [(&'static str, &'static str, i64)] = &[{}];\n",
+            plan.divided_aliases
+                .iter()
+                .map(|(common, own, divisor)| format!("({common:?}, {own:?}, {divisor})"))
                 .collect::<Vec<_>>()
                 .join(", ")
         );
@@ -661,7 +697,10 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
     let _ = writeln!(
         w,
         "let {}layers = d.layers({rule}, {rope}, {local_rope}, {});",
-        if choice.rope_sliding_only || plan.layer_rope_bases.is_some() {
+        if choice.rope_sliding_only
+            || plan.layer_rope_bases.is_some()
+            || plan.first_layer_no_input_norm
+        {
             "mut "
         } else {
             ""
@@ -673,6 +712,16 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
             w,
             "if let Some(bases) = &self.{field} {{ d.set_layer_rope_bases(&mut layers, \"{field}\", bases, {}, config)?; }}",
             choice.rope_traditional
+        );
+    }
+    if plan.first_layer_no_input_norm {
+        let _ = writeln!(
+            w,
+            "// The first layer's input is the normalized embedding: no norm before its attention."
+        );
+        let _ = writeln!(
+            w,
+            "if let Some(first) = layers.first_mut() {{ first.no_input_norm = true; }}"
         );
     }
     if choice.rope_sliding_only {
@@ -1139,6 +1188,18 @@ pub fn structure_summary(plan: &Plan, choice: &Choice) -> Vec<String> {
             "Checkpoints: {}per-expert `experts.<i>.{}/{}/{}`, Transformers 5's fused experts and stacked `switch_mlp` all load.",
             if moe.checkpoint_renames.is_empty() { "" } else { "Hub names converted as Transformers does; " },
             moe.projections[0].0, moe.projections[1].0, moe.projections[2].0
+        ));
+    }
+    if plan.first_layer_no_input_norm {
+        lines.push(
+            "No norm before the first layer's attention (its input is the normalized embedding)."
+                .to_owned(),
+        );
+    }
+    if let Some(head) = &plan.prediction_head {
+        lines.push(format!(
+            "A prediction head before the output layer: `head.norm(act(head.dense(h)))`, its activation `{}`.",
+            head.activation_field
         ));
     }
     if plan.embedding_layernorm {

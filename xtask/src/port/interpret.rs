@@ -89,7 +89,14 @@ pub fn settings(plan: &Plan, choice: &Choice, config: &ConfigFile) -> Result<Dec
         .iter()
         .map(|(a, b)| (a.as_str(), b.as_str()))
         .collect();
-    let config = &config.with_aliases(&aliases, plan.intermediate_per_hidden);
+    let divided: Vec<(&str, &str, i64)> = plan
+        .divided_aliases
+        .iter()
+        .map(|(a, b, k)| (a.as_str(), b.as_str(), *k))
+        .collect();
+    let config = &config
+        .with_aliases(&aliases, plan.intermediate_per_hidden)
+        .with_divided_aliases(&divided)?;
     if let Some(recurrent) = &plan.recurrent {
         return super::recurrent::settings(plan, recurrent, config);
     }
@@ -191,6 +198,9 @@ pub fn settings(plan: &Plan, choice: &Choice, config: &ConfigFile) -> Result<Dec
         local_rope.as_ref(),
         plan.no_rope.is_some(),
     );
+    if let (true, Some(first)) = (plan.first_layer_no_input_norm, layers.first_mut()) {
+        first.no_input_norm = true;
+    }
     if choice.rope_sliding_only {
         for layer in layers.iter_mut().filter(|l| l.sliding_window.is_none()) {
             layer.rope = None;
@@ -258,6 +268,17 @@ pub fn settings(plan: &Plan, choice: &Choice, config: &ConfigFile) -> Result<Dec
         }),
         norm_placement: choice.norm_placement,
         lm_head_bias: plan.lm_head_bias,
+        prediction_head: match &plan.prediction_head {
+            Some(head) => Some(mlx_models::head::HeadSettings {
+                bias: r.flag(&head.bias),
+                activation: Activation::from_config(
+                    config,
+                    &head.activation_field,
+                    r.value(&head.activation_field).as_str().unwrap_or_default(),
+                )?,
+            }),
+            None => None,
+        },
         learned_positions: plan.learned_positions.is_some(),
         embedding_layernorm: plan.embedding_layernorm,
         position_offset: plan.learned_positions.unwrap_or(0),

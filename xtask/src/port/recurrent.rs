@@ -610,6 +610,9 @@ fn base_plan(
         conv1d: Vec::new(),
         sinusoidal_positions: None,
         final_norm: true,
+        first_layer_no_input_norm: false,
+        prediction_head: None,
+        divided_aliases: Vec::new(),
     }
 }
 
