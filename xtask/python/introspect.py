@@ -1065,7 +1065,7 @@ def propose_variants(model_type: str, fields: dict, small: dict, resolved, rotar
     if "routed_scaling_factor" in routing or "n_group" in routing:
         add("routing", "Routing options together: " + ", ".join(f"{k} {text(v)}" for k, v in routing.items()) + ".",
             routing)
-    return drop_subsumed_hub(combine_options(variants))
+    return drop_subsumed_hub(combine_options(variants), scaling_reaches_every_layer_type(type(resolved)))
 
 
 # Variants whose options change independent parts of the model (the output layer's tie, the
@@ -1074,12 +1074,27 @@ def propose_variants(model_type: str, fields: dict, small: dict, resolved, rotar
 COMBINABLE = ("untied", "tied", "no-bias", "bias", "multipliers", "softcap")
 
 
-def drop_subsumed_hub(variants: list) -> list:
+def scaling_reaches_every_layer_type(config_class) -> bool:
+    """Whether the class applies a Hub config's `rope_scaling` to the RoPE of every layer
+    type (the ModernBERT decoder's does; Gemma 3's scales the full-attention layers only):
+    a variant that scales one layer type then has no Hub-style config."""
+    try:
+        nested = config_class(rope_scaling={"rope_type": "linear", "factor": 2.0}).rope_parameters
+    except Exception:  # noqa: BLE001 - a class that refuses the key converts none
+        return False
+    if not isinstance(nested, dict) or "sliding_attention" not in nested:
+        return False
+    return all(isinstance(r, dict) and r.get("factor") == 2.0 for r in nested.values())
+
+
+def drop_subsumed_hub(variants: list, scaling_reaches_every_layer_type: bool = False) -> list:
     """`variants` without the plain `hub` variant where another Hub-style variant of the defaults
-    (scaled RoPE: `yarn`, `linear`, `longrope`) goes through the same config rewrite."""
+    (scaled RoPE: `yarn`, `linear`, `longrope`) goes through the same config rewrite: not
+    where the class scales every layer type from `rope_scaling`, so that a variant scaling
+    one keeps `rope_parameters` and only the plain one carries the Hub's RoPE keys."""
     hub = next((v for v in variants if v["name"] == "hub"), None)
     scaled = [v for v in variants if v["name"] in ("yarn", "linear", "longrope") and v["config_style"] == "hub"]
-    if hub is None or hub["config_overrides"] or not scaled:
+    if hub is None or hub["config_overrides"] or not scaled or scaling_reaches_every_layer_type:
         return variants
     return [v for v in variants if v is not hub]
 

@@ -56,7 +56,10 @@ def legacy_kwargs(config_class, fields):
     found = {}
     default = config_class()
     nested = getattr(default, "rope_parameters", None) or {}
-    plain = _derived(config_class, {"num_hidden_layers": PROBE_LAYERS}, "layer_types")
+    try:
+        plain = _derived(config_class, {"num_hidden_layers": PROBE_LAYERS}, "layer_types")
+    except Exception:  # noqa: BLE001 - a class that refuses the layer count (GPT-Neo's patterns)
+        plain = None
     for name in names:
         if name in fields or name in ("rope_scaling", "rope_theta", "rope_local_base_freq", "sliding_window_pattern"):
             continue
@@ -755,7 +758,9 @@ def window_field(architecture, small, build_config, tiny_model, model_type, fiel
     Only fields the tiny config leaves at a default larger than the prompt are tried."""
     for name, field in sorted(fields.items()):
         default = field.get("default")
-        if name in small or name.endswith("token_id") or isinstance(default, bool):
+        # A field the tiny config sets is tried only at the probe's own value (a committed
+        # spec's base config already holds the window found before).
+        if (name in small and small[name] != window * divisor) or name.endswith("token_id") or isinstance(default, bool):
             continue
         if not isinstance(default, int) or default <= REACH_PROMPT:
             continue

@@ -1107,6 +1107,129 @@ mod generator_tests {
         (plan, choice, source)
     }
 
+    /// The ModernBERT decoder: its structure read from the recorded facts (no edit), and each
+    /// decision, undone, fails the committed fixtures at the tensor it changes.
+    #[test]
+    fn modernbert_decoder_regenerates_exactly_and_each_structure_decision_is_checked() {
+        let (plan, choice, source) = regenerate("modernbert-decoder");
+        // Layer 0's `attn_norm` is an Identity, the other layers' a LayerNorm.
+        assert!(plan.first_layer_no_input_norm);
+        assert!(plan
+            .renames
+            .contains(&("attn_norm".to_owned(), "input_layernorm".to_owned())));
+        // `lm_head` is a dense + GELU + norm head, `decoder` the output layer.
+        assert_eq!(
+            plan.prediction_head,
+            Some(plan::HeadPlan {
+                bias: plan::Flag::Field("classifier_bias".into()),
+                activation_field: "classifier_activation".into(),
+            })
+        );
+        assert!(plan
+            .prefix_renames
+            .contains(&("lm_head.dense".to_owned(), "head.dense".to_owned())));
+        // `Wi` is twice as wide as `Wo` takes in: a GLU in one projection.
+        assert_eq!(
+            plan.mlp_layout,
+            mlx_models::transformer::MlpLayout::FusedGated
+        );
+        // The nested embedding and its norm.
+        assert!(plan.embedding_layernorm);
+        // The window is half of `local_attention`; the Hub's RoPE keys and layer period.
+        assert_eq!(
+            plan.divided_aliases,
+            vec![("sliding_window".to_owned(), "local_attention".to_owned(), 2)]
+        );
+        assert!(plan
+            .aliases
+            .contains(&("rope_theta".to_owned(), "global_rope_theta".to_owned())));
+        assert_eq!(
+            plan.rope,
+            Some(plan::RopeRule::PerLayerType {
+                local_base: Some("local_rope_theta".into())
+            })
+        );
+        assert!(plan
+            .refused_values
+            .contains(&("global_attn_every_n_layers".to_owned(), 3)));
+        assert!(source.contains("first.no_input_norm = true"));
+        // Each decision undone: the fixtures tell.
+        let fixtures = fixtures("modernbert-decoder");
+        let faults: [Fault<Plan>; 5] = [
+            ("first layer normed", |p| {
+                p.first_layer_no_input_norm = false
+            }),
+            ("the Hub's local RoPE base not read", |p| {
+                p.rope = Some(plan::RopeRule::PerLayerType { local_base: None })
+            }),
+            ("no prediction head", |p| p.prediction_head = None),
+            ("head without its bias flag", |p| {
+                p.prediction_head.as_mut().unwrap().bias = plan::Flag::Never
+            }),
+            ("window not halved", |p| p.divided_aliases.clear()),
+        ];
+        for (fault, apply) in faults {
+            let mut broken = plan.clone();
+            apply(&mut broken);
+            broken.choices = vec![choice.clone()];
+            let failed = search(&broken, &fixtures).expect("search runs");
+            assert!(failed.chosen.is_none(), "{fault}");
+            eprintln!("modernbert-decoder, {fault}: {}", failed.tried[0].1[0]);
+        }
+    }
+
+    /// The structure decisions of the ModernBERT decoder on recorded facts, changed: an
+    /// Identity norm on another layer than the first, a head whose norm runs before its
+    /// activation, and an up projection as wide as the down projection takes in are gaps or
+    /// other layouts, never a silent guess.
+    #[test]
+    fn modernbert_decoder_structure_facts_changed_change_the_decisions() {
+        let facts = facts("modernbert-decoder");
+        let mut identity_elsewhere = facts.clone();
+        for m in identity_elsewhere["modules"].as_array_mut().unwrap() {
+            if m["name"] == "model.layers.1.attn_norm" {
+                m["class"] = "Identity".into();
+            }
+            if m["name"] == "model.layers.0.attn_norm" {
+                m["class"] = "LayerNorm".into();
+            }
+        }
+        let p = plan::plan(&identity_elsewhere, "modernbert_decoder");
+        assert!(!p.first_layer_no_input_norm);
+        assert!(
+            p.gaps.iter().any(|g| g.contains("Identity on layers [1]")),
+            "{:?}",
+            p.gaps
+        );
+        let mut head_reordered = facts.clone();
+        head_reordered["prediction_head"]["calls"] = serde_json::json!([
+            ["dense", "Linear"],
+            ["norm", "LayerNorm"],
+            ["act", "GELUActivation"]
+        ]);
+        let p = plan::plan(&head_reordered, "modernbert_decoder");
+        assert_eq!(p.prediction_head, None);
+        assert!(p
+            .gaps
+            .iter()
+            .any(|g| g.contains("not as dense, activation, norm")));
+        let mut params = std::collections::BTreeMap::new();
+        params.insert(
+            "model.layers.0.mlp.up_proj.weight".to_owned(),
+            vec![256, 64],
+        );
+        params.insert(
+            "model.layers.0.mlp.down_proj.weight".to_owned(),
+            vec![64, 128],
+        );
+        assert!(plan::fused_glu(&params));
+        params.insert(
+            "model.layers.0.mlp.down_proj.weight".to_owned(),
+            vec![64, 256],
+        );
+        assert!(!plan::fused_glu(&params));
+    }
+
     #[test]
     fn qwen3_is_regenerated_exactly_with_per_head_qk_norm() {
         let (plan, choice, source) = regenerate("qwen3");
