@@ -1943,7 +1943,19 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         })
         .unwrap_or_default()
         .to_owned();
-    let layer_norm = if let Some(flag) = probed(&format!("{norm_name}.bias")) {
+    // A flag that switches the norms' bias alone (the ModernBERT decoder's `norm_bias`; not
+    // OPT's `layer_norm_elementwise_affine`, which takes the weight too).
+    let norm_bias_flag = {
+        let (bias, weight) = (
+            format!("model.layers.0.{norm_name}.bias"),
+            format!("model.layers.0.{norm_name}.weight"),
+        );
+        flag_probes
+            .iter()
+            .find(|p| p.switches(&bias) && !p.added.iter().chain(&p.removed).any(|n| *n == weight))
+            .map(|p| Flag::Field(p.field.clone()))
+    };
+    let layer_norm = if let Some(flag) = norm_bias_flag {
         Some(flag)
     } else if has(&format!("{norm_name}.bias")) {
         Some(Flag::Always)
