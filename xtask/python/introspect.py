@@ -1282,6 +1282,10 @@ def introspect(model_type: str, config_override: dict | None, replace: bool, che
         # Hub configs' own keys, read as fields (defaults) with what each sets.
         facts["legacy_fields"] = {**facts["legacy_fields"], **{k: v["default"] for k, v in legacy.items()}}
         facts["legacy_effects"] = {k: v["sets"] for k, v in legacy.items()}
+        # What Transformers derives for each value of a key that sets the layer types.
+        layer_probes = {k: v["probes"] for k, v in legacy.items() if "probes" in v}
+        if layer_probes:
+            facts["legacy_layer_probes"] = layer_probes
     head = prediction_head(architecture, model_type, small, model)
     if head is not None:
         facts["prediction_head"] = head

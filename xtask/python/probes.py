@@ -75,19 +75,20 @@ def legacy_kwargs(config_class, fields):
                 break
         if name in found or not plain:
             continue
-        same, other = [], False
+        same, other, by_value = [], False, []
         for value in range(2, 9):
             try:
                 derived = _derived(config_class, {"num_hidden_layers": PROBE_LAYERS, name: value}, "layer_types")
             except Exception:  # noqa: BLE001
                 break
+            by_value.append({"value": value, "layer_types": derived})
             if derived == plain:
                 same.append(value)
             else:
                 other = True
         # Some value changes the layers, and one value gives the default ones.
         if other and len(same) == 1:
-            found[name] = {"default": same[0], "sets": "layer_types"}
+            found[name] = {"default": same[0], "sets": "layer_types", "probes": by_value}
     return found
 
 

@@ -36,7 +36,7 @@ pub struct Config {
     pub norm_eps: f64,
     /// Biases on.
     pub norm_bias: bool,
-    /// Checked: the value the fixtures verify, others refused.
+    /// The period of the full-attention layers.
     pub global_attn_every_n_layers: i32,
     /// RoPE base of sliding layers (Hub configs).
     pub local_rope_theta: f64,
@@ -59,7 +59,11 @@ impl DecoderFamily for Config {
     fn settings(&self, config: &ConfigFile) -> Result<DecoderSettings> {
         let d = &self.decoder;
         config.ensure(self.decoder_bias, "decoder_bias", || "only true is supported: Transformers computes something else with false, which this module does not implement".to_owned())?;
-        config.ensure(self.global_attn_every_n_layers == 3, "global_attn_every_n_layers", || "only 3 is supported: other values add weights Transformers computes with, which this module does not implement".to_owned())?;
+        config.ensure(
+            self.global_attn_every_n_layers > 0,
+            "global_attn_every_n_layers",
+            || "must be positive: the period of the full-attention layers".to_owned(),
+        )?;
         let attention = d.attention();
         let mlp = d.mlp(MlpLayout::FusedGated, d.activation(config)?);
         let rope = d.layer_type_rope(
@@ -75,7 +79,7 @@ impl DecoderFamily for Config {
             config,
         )?;
         let mut layers = d.layers(
-            LayerRule::EveryNthFromFirst(3),
+            LayerRule::EveryNthFromFirst(self.global_attn_every_n_layers),
             Some(&rope),
             Some(&local_rope),
             false,

@@ -149,6 +149,23 @@ pub fn layer_rule_expr(rule: &LayerRule) -> String {
     format!("LayerRule::{rule:?}")
 }
 
+/// The `LayerRule` the module passes to `d.layers`: none sliding where the config has no
+/// window, the rule with the config's period where a field sets it
+/// ([`Plan::layer_period`]), else the derived rule.
+pub fn plan_layer_rule_expr(plan: &Plan) -> String {
+    let windows = plan.sliding_window.is_some() || plan.layer_types_field;
+    match (windows, &plan.layer_period) {
+        (false, _) => "LayerRule::NoSliding".to_owned(),
+        (true, Some(field)) => {
+            // The rule's period is the config's.
+            let variant = format!("{:?}", plan.layer_rule);
+            let name = variant.split('(').next().unwrap_or_default();
+            format!("LayerRule::{name}(self.{field})")
+        }
+        (true, None) => layer_rule_expr(&plan.layer_rule),
+    }
+}
+
 /// The module source for `plan` with `choice`, before rustfmt.
 pub fn module_source(plan: &Plan, choice: &Choice) -> String {
     if let Some(recurrent) = &plan.recurrent {
@@ -180,7 +197,6 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
     }
     let _ = writeln!(w);
 
-    let windows = plan.sliding_window.is_some() || plan.layer_types_field;
     let own: Vec<&Field> = plan
         .fields
         .iter()
@@ -581,6 +597,12 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
             super::interpret::value_refusal(*supported)
         );
     }
+    if let Some(field) = &plan.layer_period {
+        let _ = writeln!(
+            w,
+            "config.ensure(self.{field} > 0, {field:?}, || \"must be positive: the period of the full-attention layers\".to_owned())?;"
+        );
+    }
     for (field, key, default) in &plan.nested_refused {
         let _ = writeln!(w, "config.ensure_nested({field:?}, {key:?}, {default:?})?;");
     }
@@ -689,11 +711,7 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
             ("Some(&rope)", "Some(&local_rope)")
         }
     };
-    let rule = if windows {
-        layer_rule_expr(&plan.layer_rule)
-    } else {
-        "LayerRule::NoSliding".to_owned()
-    };
+    let rule = plan_layer_rule_expr(plan);
     let _ = writeln!(
         w,
         "let {}layers = d.layers({rule}, {rope}, {local_rope}, {});",

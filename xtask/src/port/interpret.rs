@@ -187,10 +187,20 @@ pub fn settings(plan: &Plan, choice: &Choice, config: &ConfigFile) -> Result<Dec
         }
     };
     let windows = plan.sliding_window.is_some() || plan.layer_types_field;
-    let rule = if windows {
-        plan.layer_rule
-    } else {
-        LayerRule::NoSliding
+    let rule = match (windows, &plan.layer_period) {
+        (false, _) => LayerRule::NoSliding,
+        (true, None) => plan.layer_rule,
+        (true, Some(field)) => {
+            let period = r.i32(field)?;
+            config.ensure(period > 0, field, || {
+                "must be positive: the period of the full-attention layers".to_owned()
+            })?;
+            match plan.layer_rule {
+                LayerRule::EveryNth(_) => LayerRule::EveryNth(period),
+                LayerRule::EveryNthFromFirst(_) => LayerRule::EveryNthFromFirst(period),
+                other => other,
+            }
+        }
     };
     let mut layers = d.layers(
         rule,

@@ -1149,9 +1149,11 @@ mod generator_tests {
                 local_base: Some("local_rope_theta".into())
             })
         );
-        assert!(plan
-            .refused_values
-            .contains(&("global_attn_every_n_layers".to_owned(), 3)));
+        assert_eq!(
+            plan.layer_period.as_deref(),
+            Some("global_attn_every_n_layers")
+        );
+        assert!(source.contains("LayerRule::EveryNthFromFirst(self.global_attn_every_n_layers)"));
         assert!(source.contains("first.no_input_norm = true"));
         // Each decision undone: the fixtures tell.
         let fixtures = fixtures("modernbert-decoder");
@@ -1213,6 +1215,15 @@ mod generator_tests {
             .gaps
             .iter()
             .any(|g| g.contains("not as dense, activation, norm")));
+        // A period key whose probes do not follow the rule is no period.
+        let mut other_rule = facts.clone();
+        other_rule["legacy_layer_probes"]["global_attn_every_n_layers"][0]["layer_types"][1] =
+            "full_attention".into();
+        let p = plan::plan(&other_rule, "modernbert_decoder");
+        assert_eq!(p.layer_period, None);
+        assert!(p
+            .refused_values
+            .contains(&("global_attn_every_n_layers".to_owned(), 3)));
         let mut params = std::collections::BTreeMap::new();
         params.insert(
             "model.layers.0.mlp.up_proj.weight".to_owned(),
@@ -1520,12 +1531,7 @@ mod generator_tests {
             {
                 continue;
             }
-            let windows = plan.sliding_window.is_some() || plan.layer_types_field;
-            let expr = if windows {
-                codegen::layer_rule_expr(&plan.layer_rule)
-            } else {
-                "LayerRule::NoSliding".to_owned()
-            };
+            let expr = codegen::plan_layer_rule_expr(&plan);
             // rustfmt may break the call over lines.
             let compact: String = module.split_whitespace().collect();
             // A module that takes another family's settings (GLM-4.7-Flash: DeepSeek-V3's)

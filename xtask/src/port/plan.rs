@@ -339,6 +339,9 @@ pub struct Plan {
     /// Common integer fields read as the family's own divided where config.json lacks
     /// them, `(common, own, divisor)` (`DecoderFamily::DIVIDED_ALIASES`).
     pub divided_aliases: Vec<(String, String, i64)>,
+    /// The field that sets the period of a periodic layer rule (the ModernBERT decoder's
+    /// `global_attn_every_n_layers`), read in place of the rule's fixed period.
+    pub layer_period: Option<String>,
 }
 
 /// The prediction head between the final norm and the output layer (introspect.py's
@@ -417,6 +420,35 @@ pub fn legacy_effect(facts: &Value, effect: &str) -> Option<String> {
         .iter()
         .find(|(_, v)| v.as_str() == Some(effect))
         .map(|(k, _)| k.clone())
+}
+
+/// Whether `key` is the period of `rule` (a periodic rule): for every value introspect.py
+/// probed (`legacy_layer_probes`), Transformers derived the rule's layer types at that
+/// period.
+pub fn period_key_holds(facts: &Value, key: &str, rule: LayerRule) -> bool {
+    use mlx_models::transformer::LayerType;
+    let periodic: fn(usize, i32) -> Vec<LayerType> = match rule {
+        LayerRule::EveryNth(_) => LayerType::periodic,
+        LayerRule::EveryNthFromFirst(_) => LayerType::periodic_from_first,
+        _ => return false,
+    };
+    let Some(probes) = facts
+        .pointer(&format!("/legacy_layer_probes/{key}"))
+        .and_then(Value::as_array)
+        .filter(|p| !p.is_empty())
+    else {
+        return false;
+    };
+    probes.iter().all(|p| {
+        let (Some(value), Some(types)) = (
+            p.get("value").and_then(Value::as_i64),
+            p.get("layer_types").and_then(Value::as_array),
+        ) else {
+            return false;
+        };
+        let expected = periodic(types.len(), value as i32);
+        serde_json::to_value(expected).ok() == Some(Value::Array(types.clone()))
+    })
 }
 
 /// Whether layer 0's MLP of an up and a down projection is a GLU in one projection (the
@@ -2282,10 +2314,26 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         decisions.push(format!("layers without `layer_types`: {layer_rule:?}"));
     }
     // A Hub key that changes which layers slide (the ModernBERT decoder's
-    // `global_attn_every_n_layers`) but that the rule does not read: its default is the
-    // rule's, other values are refused.
-    let layer_key_refused = legacy_effect(facts.value, "layer_types")
-        .filter(|key| !layer_rule.fields().iter().any(|(name, _)| name == key))
+    // `global_attn_every_n_layers`): the period of the rule where every value probed gives
+    // the rule at that period; else its default is the rule's, other values are refused.
+    let layer_key = legacy_effect(facts.value, "layer_types")
+        .filter(|key| !layer_rule.fields().iter().any(|(name, _)| name == key));
+    let layer_period = layer_key
+        .clone()
+        .filter(|key| period_key_holds(facts.value, key, layer_rule));
+    if let Some(key) = &layer_period {
+        add(
+            &mut fields,
+            key,
+            FieldType::I32,
+            "the period of the full-attention layers",
+        );
+        decisions.push(format!(
+            "`{key}` (Hub configs) is the period of {layer_rule:?}: every value probed gives those layers"
+        ));
+    }
+    let layer_key_refused = layer_key
+        .filter(|_| layer_period.is_none())
         .and_then(|key| Some((defaults.get(&key)?.as_i64()?, key)));
     if let Some((default, key)) = &layer_key_refused {
         add(
@@ -2848,6 +2896,7 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         first_layer_no_input_norm,
         prediction_head,
         divided_aliases,
+        layer_period,
         layer_calls: layer_events(facts.value)
             .into_iter()
             .filter(|e| e.enter && !e.module.is_empty())

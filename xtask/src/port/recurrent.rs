@@ -613,6 +613,7 @@ fn base_plan(
         first_layer_no_input_norm: false,
         prediction_head: None,
         divided_aliases: Vec::new(),
+        layer_period: None,
     }
 }
 
