@@ -41,15 +41,15 @@ pub struct Config {
     /// RoPE base of sliding layers (Hub configs).
     pub local_rope_theta: f64,
     /// Biases on.
+    pub decoder_bias: bool,
+    /// Biases on.
     pub classifier_bias: bool,
     /// Prediction head activation.
     pub classifier_activation: String,
-    /// Checked: the value the fixtures verify, the other refused.
-    pub decoder_bias: bool,
 }
 
 impl DecoderFamily for Config {
-    const DEFAULTS: &'static str = r#"{"vocab_size":50368,"hidden_size":768,"intermediate_size":1152,"num_hidden_layers":22,"num_attention_heads":12,"max_position_embeddings":8192,"tie_word_embeddings":true,"norm_eps":0.00001,"hidden_activation":"gelu","attention_bias":false,"mlp_bias":false,"norm_bias":false,"sliding_window":64,"global_attn_every_n_layers":3,"local_rope_theta":10000.0,"classifier_bias":false,"classifier_activation":"gelu","decoder_bias":true}"#;
+    const DEFAULTS: &'static str = r#"{"vocab_size":50368,"hidden_size":768,"intermediate_size":1152,"num_hidden_layers":22,"num_attention_heads":12,"max_position_embeddings":8192,"tie_word_embeddings":true,"norm_eps":0.00001,"hidden_activation":"gelu","attention_bias":false,"mlp_bias":false,"norm_bias":false,"sliding_window":64,"global_attn_every_n_layers":3,"local_rope_theta":10000.0,"decoder_bias":true,"classifier_bias":false,"classifier_activation":"gelu"}"#;
 
     const ALIASES: &'static [(&'static str, &'static str)] = &[("rope_theta", "global_rope_theta")];
 
@@ -58,7 +58,6 @@ impl DecoderFamily for Config {
 
     fn settings(&self, config: &ConfigFile) -> Result<DecoderSettings> {
         let d = &self.decoder;
-        config.ensure(self.decoder_bias, "decoder_bias", || "only true is supported: Transformers computes something else with false, which this module does not implement".to_owned())?;
         config.ensure(
             self.global_attn_every_n_layers > 0,
             "global_attn_every_n_layers",
@@ -92,7 +91,7 @@ impl DecoderFamily for Config {
             norm: NormKind::Layer {
                 bias: self.norm_bias,
             },
-            lm_head_bias: true,
+            lm_head_bias: self.decoder_bias,
             embedding_layernorm: true,
             prediction_head: Some(HeadSettings {
                 bias: self.classifier_bias,

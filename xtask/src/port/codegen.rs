@@ -301,7 +301,9 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
     if norm != "NormKind::Rms" {
         transformer.push("NormKind");
     }
-    if plan.lm_head_bias {
+    if let Some(f) = &plan.lm_head_bias_field {
+        model.push(format!("lm_head_bias: self.{f}"));
+    } else if plan.lm_head_bias {
         model.push("lm_head_bias: true".to_owned());
     }
     if plan.embedding_layernorm {

@@ -277,7 +277,10 @@ pub fn settings(plan: &Plan, choice: &Choice, config: &ConfigFile) -> Result<Dec
                 .unwrap_or(1e-6)
         }),
         norm_placement: choice.norm_placement,
-        lm_head_bias: plan.lm_head_bias,
+        lm_head_bias: match &plan.lm_head_bias_field {
+            Some(f) => r.bool(f),
+            None => plan.lm_head_bias,
+        },
         prediction_head: match &plan.prediction_head {
             Some(head) => Some(mlx_models::head::HeadSettings {
                 bias: r.flag(&head.bias),

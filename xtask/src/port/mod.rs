@@ -1155,11 +1155,17 @@ mod generator_tests {
         );
         assert!(source.contains("LayerRule::EveryNthFromFirst(self.global_attn_every_n_layers)"));
         assert!(source.contains("first.no_input_norm = true"));
+        // `decoder_bias` switches the output layer's bias (the flag probe).
+        assert_eq!(plan.lm_head_bias_field.as_deref(), Some("decoder_bias"));
         // Each decision undone: the fixtures tell.
         let fixtures = fixtures("modernbert-decoder");
-        let faults: [Fault<Plan>; 5] = [
+        let faults: [Fault<Plan>; 6] = [
             ("first layer normed", |p| {
                 p.first_layer_no_input_norm = false
+            }),
+            ("output layer without its bias", |p| {
+                p.lm_head_bias_field = None;
+                p.lm_head_bias = false;
             }),
             ("the Hub's local RoPE base not read", |p| {
                 p.rope = Some(plan::RopeRule::PerLayerType { local_base: None })

@@ -297,6 +297,9 @@ pub struct Plan {
     pub refused_values: Vec<(String, i64)>,
     /// The output layer has a bias (Phi).
     pub lm_head_bias: bool,
+    /// The boolean field that puts that bias there (the ModernBERT decoder's
+    /// `decoder_bias`), where a flag probe shows one.
+    pub lm_head_bias_field: Option<String>,
     /// Transformers' module calls in decoder layer 0, in order (name under the layer,
     /// class), from the call trace.
     pub layer_calls: Vec<(String, String)>,
@@ -2629,6 +2632,15 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         }
     }
 
+    // The output layer's bias, by the flag that switches it.
+    let lm_head_bias_field = flag_probes
+        .iter()
+        .find(|p| p.switches("lm_head.bias"))
+        .map(|p| p.field.clone());
+    if let Some(f) = &lm_head_bias_field {
+        add(&mut fields, f, FieldType::Bool, "biases on");
+        decisions.push(format!("the output layer's bias where `{f}`"));
+    }
     // The prediction head: its bias by the flag that adds it, its activation by the field
     // that changes its activation module (introspect.py's probe).
     let prediction_head = match (&head_renames, facts.value.get("prediction_head")) {
@@ -2893,6 +2905,7 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         intermediate_per_hidden,
         prefix_renames,
         lm_head_bias: params.contains_key("lm_head.bias"),
+        lm_head_bias_field,
         first_layer_no_input_norm,
         prediction_head,
         divided_aliases,

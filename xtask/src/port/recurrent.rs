@@ -597,6 +597,7 @@ fn base_plan(
         refused: Vec::new(),
         refused_values: Vec::new(),
         lm_head_bias: false,
+        lm_head_bias_field: None,
         layer_calls: Vec::new(),
         renames,
         weight_map: Vec::new(),
