@@ -699,7 +699,9 @@ pub fn registry_source(text: &str, mt: &str, module: &str) -> String {
         lines.insert(at, decl);
     }
     let entry = format!("    ({mt:?}, family::load::<{module}::Config>),");
-    if !lines.iter().any(|l| l.trim() == entry.trim()) {
+    // rustfmt breaks a long entry over lines, with a trailing comma inside.
+    let compact = |s: &str| s.split_whitespace().collect::<String>().replace(",)", ")");
+    if !compact(text).contains(&compact(&entry)) {
         if let Some(start) = lines
             .iter()
             .position(|l| l.starts_with("pub const REGISTRY"))
@@ -1051,6 +1053,12 @@ mod tests {
         assert!(
             after.contains("    (\"llama\", family::load::<llama::Config>),\n    (\"mistral\""),
             "{after}"
+        );
+        // An entry rustfmt broke over lines (a long name) is found: no second one.
+        let wrapped = "pub mod modernbert_decoder;\n\npub const REGISTRY: &[(&str, Loader)] = &[\n    (\n        \"modernbert-decoder\",\n        family::load::<modernbert_decoder::Config>,\n    ),\n];\n";
+        assert_eq!(
+            registry_source(wrapped, "modernbert-decoder", "modernbert_decoder"),
+            wrapped
         );
         let last = registry_source(MOD_RS, "starcoder2", "starcoder2");
         assert!(last.contains("pub mod qwen3;\npub mod starcoder2;\n"));
