@@ -274,6 +274,51 @@ impl ConfigFile {
         read
     }
 
+    /// This config with each `(common, own, divisor)` field `common` that config.json
+    /// leaves out (or null) read as the integer `own / divisor`, rounded down as
+    /// Transformers' `//` (the ModernBERT decoder's `sliding_window` is half its
+    /// `local_attention`). A non-integer `own` is a [`crate::Error::Config`] naming it.
+    ///
+    /// ```
+    /// use mlx_models::config::ConfigFile;
+    ///
+    /// let config = ConfigFile {
+    ///     path: "config.json".into(),
+    ///     value: serde_json::json!({"local_attention": 129}),
+    /// };
+    /// let read = config.with_divided_aliases(&[("sliding_window", "local_attention", 2)])?;
+    /// assert_eq!(read.value["sliding_window"], 64);
+    /// let bad = ConfigFile { path: "config.json".into(), value: serde_json::json!({"local_attention": "x"}) };
+    /// assert!(bad.with_divided_aliases(&[("sliding_window", "local_attention", 2)]).is_err());
+    /// # Ok::<(), mlx_models::Error>(())
+    /// ```
+    pub fn with_divided_aliases(&self, aliases: &[(&str, &str, i64)]) -> Result<ConfigFile> {
+        let mut read = self.clone();
+        let Some(target) = read.value.as_object_mut() else {
+            return Ok(read);
+        };
+        for &(common, own, divisor) in aliases {
+            if target.get(common).is_some_and(|v| !v.is_null()) {
+                continue;
+            }
+            let Some(value) = target.get(own).filter(|v| !v.is_null()) else {
+                continue;
+            };
+            let value = match (value.as_i64(), divisor > 0) {
+                (Some(v), true) => v.div_euclid(divisor),
+                _ => {
+                    return Err(Error::config(
+                        &self.path,
+                        own,
+                        format!("must be an integer (read as {common} = {own} / {divisor})"),
+                    ))
+                }
+            };
+            target.insert(common.to_owned(), Value::from(value));
+        }
+        Ok(read)
+    }
+
     /// Like [`ConfigFile::parse`], with `defaults` (a JSON object: Transformers' defaults of
     /// the family) standing in for the fields config.json leaves out. A field set to null
     /// stays null, and a default is left out where config.json has the same field under

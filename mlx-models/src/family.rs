@@ -38,6 +38,12 @@ pub trait DecoderFamily: DeserializeOwned {
     /// (GPT-NeoX-Japanese's `intermediate_multiple_size`), read through
     /// [`ConfigFile::width_multiple`]; `INTERMEDIATE_PER_HIDDEN` is its default.
     const INTERMEDIATE_MULTIPLE: Option<&'static str> = None;
+    /// Common integer fields config.json may give only as a multiple under the family's
+    /// own name, `(common, own, divisor)`: read as `own / divisor` (rounded down, as
+    /// Transformers' `//`) where config.json has no `common`, through
+    /// [`ConfigFile::with_divided_aliases`] (the ModernBERT decoder's Hub configs give
+    /// `local_attention`, twice the `sliding_window` its layers see).
+    const DIVIDED_ALIASES: &'static [(&'static str, &'static str, i64)] = &[];
 
     /// Checkpoint weights the causal LM never uses, by name prefix, dropped before
     /// `sanitize` (Transformers' `_keys_to_ignore_on_load_unexpected`: Mellum's
@@ -62,7 +68,9 @@ pub fn load<F: DecoderFamily>(
     mut weights: Weights,
 ) -> Result<Box<dyn LanguageModel>> {
     let per_hidden = config.width_multiple(F::INTERMEDIATE_MULTIPLE, F::INTERMEDIATE_PER_HIDDEN)?;
-    let config = &config.with_aliases(F::ALIASES, per_hidden);
+    let config = &config
+        .with_aliases(F::ALIASES, per_hidden)
+        .with_divided_aliases(F::DIVIDED_ALIASES)?;
     let family: F = config.parse_with_defaults(F::DEFAULTS)?;
     let settings = family.settings(config)?;
     if !F::UNUSED_PREFIXES.is_empty() {
@@ -86,7 +94,9 @@ pub fn to_loaded_layout<F: DecoderFamily>(
     weights: &mut Weights,
 ) -> Result<()> {
     let per_hidden = config.width_multiple(F::INTERMEDIATE_MULTIPLE, F::INTERMEDIATE_PER_HIDDEN)?;
-    let config = &config.with_aliases(F::ALIASES, per_hidden);
+    let config = &config
+        .with_aliases(F::ALIASES, per_hidden)
+        .with_divided_aliases(F::DIVIDED_ALIASES)?;
     let family: F = config.parse_with_defaults(F::DEFAULTS)?;
     let settings = family.settings(config)?;
     family.sanitize(weights, &settings)

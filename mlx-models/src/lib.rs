@@ -17,6 +17,7 @@ pub mod family;
 pub mod fused_qkv;
 pub mod generate;
 pub mod gguf;
+pub mod head;
 pub mod hub;
 pub mod load;
 pub mod mla;

@@ -19,6 +19,7 @@ use crate::conv::ShortConv;
 use crate::delta::{GatedDeltaNet, GatedDeltaNetSettings};
 use crate::differential::Differential;
 use crate::error::{Error, Result};
+use crate::head::{HeadSettings, PredictionHead};
 use crate::mla::{LatentAttention, MlaSettings};
 use crate::mlp::Mlp;
 use crate::model::{LanguageModel, ModelInfo};
@@ -114,6 +115,9 @@ pub struct LayerSettings {
     /// that has one loads `self_attn.o_proj.bias` of `[hidden_size]` (missing or mis-shaped:
     /// an error naming it); one that has none refuses it as an unused weight.
     pub o_bias: Option<bool>,
+    /// No norm before the mixer on this layer, whatever the placement (the ModernBERT
+    /// decoder's first layer, whose input is the already normalized embedding).
+    pub no_input_norm: bool,
 }
 
 impl LayerSettings {
@@ -206,6 +210,9 @@ pub struct DecoderSettings {
     pub tie_word_embeddings: bool,
     /// The output layer has a bias (Phi-3.5-MoE's `lm_head_bias`).
     pub lm_head_bias: bool,
+    /// A [`PredictionHead`] (`head.dense`, activation, `head.norm`) between the final norm
+    /// and the output layer (the ModernBERT decoder's).
+    pub prediction_head: Option<HeadSettings>,
     /// The residual stream is kept in f32 (Mamba's `residual_in_fp32`; changes nothing in
     /// an f32 model).
     pub residual_in_f32: bool,
@@ -255,6 +262,7 @@ impl DecoderSettings {
             logits_in_f32: false,
             tie_word_embeddings: false,
             lm_head_bias: false,
+            prediction_head: None,
             residual_in_f32: false,
         }
     }
@@ -690,7 +698,7 @@ impl DecoderLayer {
         Ok(DecoderLayer {
             self_attn: Mixer::load(&w.pp(Mixer::weight_path(layer.mixer)), s, layer)?,
             mlp: FeedForward::load(&w.pp("mlp"), s, layer)?,
-            input_layernorm: (pre && layer.mixer != MixerKind::None)
+            input_layernorm: (pre && layer.mixer != MixerKind::None && !layer.no_input_norm)
                 .then(|| norm("input_layernorm"))
                 .transpose()?,
             post_attention_layernorm: (layer.feed_forward != FeedForwardKind::None && !one_norm)
@@ -815,6 +823,8 @@ pub struct Decoder {
     layers: Vec<DecoderLayer>,
     /// The final norm (also the embeddings' with [`DecoderSettings::embedding_norm`]).
     norm: Option<Norm>,
+    /// Between the final norm and the output layer.
+    prediction_head: Option<PredictionHead>,
     lm_head: Option<Linear>,
     /// The bias of an output layer tied to the embeddings.
     tied_lm_head_bias: Option<Array>,
@@ -901,6 +911,18 @@ impl Decoder {
             }
             _ => Split::Whole,
         };
+        let prediction_head = s
+            .prediction_head
+            .map(|head| {
+                PredictionHead::load(
+                    &weights.path("head"),
+                    &head,
+                    s.hidden_size,
+                    s.norm,
+                    s.norm_eps,
+                )
+            })
+            .transpose()?;
         let lm_head = if s.tie_word_embeddings {
             None
         } else {
@@ -947,6 +969,7 @@ impl Decoder {
             embed_layernorm,
             layers,
             norm,
+            prediction_head,
             lm_head,
             tied_lm_head_bias,
             settings,
@@ -992,6 +1015,14 @@ impl LanguageModel for Decoder {
             h
         };
         tap.record("norm", &h);
+        let h = match &self.prediction_head {
+            Some(head) => {
+                let h = head.forward(&h)?;
+                tap.record("head", &h);
+                h
+            }
+            None => h,
+        };
         let logits = match &self.lm_head {
             Some(head) => head.forward(&h)?,
             None => self.embed_tokens.as_linear(&h)?,
@@ -1058,12 +1089,16 @@ pub fn check_cache_len(caches: usize, layers: usize) -> Result<()> {
 }
 
 /// Drops what every family computes itself (`rotary_emb.inv_freq`) and the output layer of
-/// tied checkpoints that store it anyway.
+/// tied checkpoints that store it anyway (`lm_head.weight`, quantized: with its `scales`
+/// and `biases`); modules nested under `lm_head.` (the ModernBERT decoder's prediction
+/// head, `lm_head.dense`) are no output layer and stay.
 pub fn drop_computed_weights(weights: &mut Weights, tie_word_embeddings: bool) {
     weights.rename(|name| {
         // A tied output layer may still have a bias of its own (Phi).
-        let drop = name.contains("rotary_emb.inv_freq")
-            || (tie_word_embeddings && name.starts_with("lm_head.") && name != "lm_head.bias");
+        let tied_output = name
+            .strip_prefix("lm_head.")
+            .is_some_and(|leaf| !leaf.contains('.') && leaf != "bias");
+        let drop = name.contains("rotary_emb.inv_freq") || (tie_word_embeddings && tied_output);
         (!drop).then(|| name.to_owned())
     });
 }

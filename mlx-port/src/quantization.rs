@@ -96,6 +96,7 @@ pub const BOUNDS: &[(&str, f32, f32)] = &[
     ("ministral3", 0.038, 0.62),        // measured 0.0298, 0.493
     ("mistral", 0.028, 0.5),            // measured 0.0224, 0.395
     ("mixtral", 0.025, 0.43),           // measured 0.0199, 0.338
+    ("modernbert-decoder", 0.035, 0.5), // measured 0.0274, 0.395
     ("mpt", 0.031, 0.42),               // measured 0.0247, 0.329
     ("nanochat", 0.024, 0.42),          // measured 0.0192, 0.333
     ("nemotron", 0.03, 0.51),           // measured 0.024, 0.402

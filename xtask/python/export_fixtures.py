@@ -68,6 +68,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from fixture_common import check_fixture_size, configure_determinism, decoder_stack, versions, write_json
+import probes
 
 # Bumped whenever the layout of a fixture directory or manifest changes.
 FORMAT_VERSION = 1
@@ -150,6 +151,8 @@ HUB_OMITTED_VALUES = {
 # qk_head_dim = qk_nope_head_dim + qk_rope_head_dim; GLM-4.7-Flash: mlp_layer_types, dense
 # first then sparse). Left out only where Transformers derives the very same value without them.
 HUB_DERIVED_FIELDS = {
+    # ModernBERT decoder (Ettin): the window is half of `local_attention`, which the Hub's give.
+    "modernbert-decoder": ["sliding_window"],
     "deepseek_v2": ["head_dim", "qk_head_dim"],
     "deepseek_v3": ["head_dim", "qk_head_dim"],
     "glm4_moe_lite": ["qk_head_dim", "mlp_layer_types"],
@@ -504,7 +507,7 @@ def to_hub_style(config: dict) -> dict:
     if rope is None:
         pass  # a family without RoPE (Mamba, Jamba, Nemotron-H)
     elif any(key in ROPE_RECORD_PREFIXES for key in rope):
-        config.update(nested_rope_to_hub_style(rope))
+        config.update(nested_rope_to_hub_style(rope, model_type))
     else:
         rope = dict(rope)
         config["rope_theta"] = rope.pop("rope_theta")
@@ -555,18 +558,38 @@ def to_hub_style(config: dict) -> dict:
     return config
 
 
-def nested_rope_to_hub_style(rope: dict) -> dict:
-    """Gemma 3's Hub keys for RoPE per layer type; the sliding layers' RoPE cannot be scaled there."""
+def hub_rope_keys(model_type: str) -> dict:
+    """The Hub keys of each layer type's RoPE base: the keys the config class reads from its
+    keyword arguments for them (the ModernBERT decoder's `global_rope_theta`,
+    `local_rope_theta`; probes.legacy_kwargs), else Gemma 3's `rope_theta` and
+    `rope_local_base_freq`."""
+    import transformers
+
+    keys = {"full_attention": "rope_theta", "sliding_attention": "rope_local_base_freq"}
+    if model_type is None:
+        return keys
+    default = transformers.AutoConfig.for_model(model_type)
+    declared = {name: {} for name in default.to_dict()}
+    for name, found in probes.legacy_kwargs(type(default), declared).items():
+        if found["sets"] in keys:
+            keys[found["sets"]] = name
+    return keys
+
+
+def nested_rope_to_hub_style(rope: dict, model_type: str | None = None) -> dict:
+    """The Hub keys for RoPE per layer type (Gemma 3's, or the class's own: hub_rope_keys);
+    the sliding layers' RoPE cannot be scaled there."""
     unknown = sorted(set(rope) - set(ROPE_RECORD_PREFIXES))
     if unknown:
         raise SystemExit(f"no Hub-style keys for the RoPE of layer types {unknown}")
+    names = hub_rope_keys(model_type)
     keys = {}
     full = dict(rope["full_attention"])
-    keys["rope_theta"] = full.pop("rope_theta")
+    keys[names["full_attention"]] = full.pop("rope_theta")
     if full.get("rope_type", "default") != "default":
         keys["rope_scaling"] = full
     local = dict(rope["sliding_attention"])
-    keys["rope_local_base_freq"] = local.pop("rope_theta")
+    keys[names["sliding_attention"]] = local.pop("rope_theta")
     if local != {"rope_type": "default"}:
         raise SystemExit(f"the Hub-style config has no place for the sliding layers' RoPE {local}")
     return keys
@@ -1952,7 +1975,8 @@ def legacy_rope_keys_read(config, hub: dict) -> bool:
     `rope_local_base_freq`): doubled, they must change the RoPE it resolves. A class that
     ignores them (Mellum: no old-format configs to convert) takes its defaults instead, which
     may match by chance."""
-    keys = [key for key in ("rope_theta", "rope_local_base_freq") if isinstance(hub.get(key), (int, float))]
+    own = hub_rope_keys(hub.get("model_type")).values()
+    keys = [key for key in ("rope_theta", "rope_local_base_freq", *own) if isinstance(hub.get(key), (int, float))]
     if not keys:
         return False
     doubled = {**hub, **{key: hub[key] * 2 for key in keys}}

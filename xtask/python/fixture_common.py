@@ -126,6 +126,16 @@ def decoder_stack(model) -> dict:
         )
     embeddings = model.get_input_embeddings()
     embed_name = next((name for name, child in children if child is embeddings), None)
+    if embed_name is None:
+        # Nested in a module of its own outside the layers (the ModernBERT decoder's
+        # `embeddings.tok_embeddings`, beside the embeddings' norm): its dotted name.
+        embed_name = next(
+            (
+                name for name, child in owner.named_modules()
+                if child is embeddings and name and not name.startswith(f"{layers_name}.")
+            ),
+            None,
+        )
     return {
         "base": owner,
         "prefix": prefix,

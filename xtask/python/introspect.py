@@ -717,10 +717,13 @@ def embedding_norm_of(model, stack):
 
     base = stack["base"]
     order = []
+    # Children of the base, and modules nested in them (the ModernBERT decoder's
+    # `embeddings.norm` beside `embeddings.tok_embeddings`), the layers' excepted.
+    layers = stack["layers_name"]
     handles = [
         child.register_forward_pre_hook(lambda m, a, name=name: order.append(name))
-        for name, child in base.named_children()
-        if name != stack["layers_name"]
+        for name, child in base.named_modules()
+        if name and name != layers and not name.startswith(f"{layers}.")
     ]
     first = stack["layers"][0].register_forward_pre_hook(lambda m, a: order.append(None))
     try:
@@ -737,10 +740,76 @@ def embedding_norm_of(model, stack):
         (
             name for name in before
             if name not in (stack["embed_name"], stack["norm_name"])
-            and "norm" in type(getattr(base, name)).__name__.lower()
+            and "norm" in type(base.get_submodule(name)).__name__.lower()
         ),
         None,
     )
+
+
+def prediction_head(architecture: str, model_type: str, small: dict, model):
+    """A module of the causal LM besides its base model and output layer that transforms
+    the final hidden states before the output layer (the ModernBERT decoder's `lm_head`:
+    dense, activation, norm): `{"name", "calls": [[child, class], ...] in call order,
+    "activation_field"}`, or None. `activation_field` is the string field that, set to
+    `relu`, turns the head's activation module into a ReLU (its own field, not the MLP's)."""
+    import torch
+
+    output = model.get_output_embeddings()
+    base = model.base_model
+    candidates = {
+        name: child for name, child in model.named_children()
+        if child is not base and child is not output and any(True for _ in child.parameters())
+    }
+    if not candidates or output is None:
+        return None
+    order = []
+    handles = [child.register_forward_pre_hook(lambda m, a, name=name: order.append(name)) for name, child in candidates.items()]
+    handles.append(output.register_forward_pre_hook(lambda m, a: order.append(None)))
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.arange(1, 5).unsqueeze(0) % model.config.get_text_config().vocab_size)
+    finally:
+        for h in handles:
+            h.remove()
+    before = order[: order.index(None)] if None in order else []
+    if len(set(before)) != 1:
+        return None
+    name = before[0]
+    head = candidates[name]
+    calls = []
+    inner = [
+        child.register_forward_pre_hook(lambda m, a, local=local: calls.append([local, type(m).__name__]))
+        for local, child in head.named_children()
+    ]
+    try:
+        with torch.no_grad():
+            head(torch.zeros((1, 1, model.config.get_text_config().hidden_size)))
+    finally:
+        for h in inner:
+            h.remove()
+
+    def act_class(config: dict):
+        probe = tiny_model(architecture, build_config(model_type, config))
+        for local, cls in calls:
+            module = getattr(getattr(probe, name), local)
+            if "norm" not in cls.lower() and "Linear" not in cls and "Dropout" not in cls:
+                return type(module).__name__
+        return None
+
+    own = act_class(small)
+    activation_field = None
+    resolved = build_config(model_type, small).to_dict()
+    for field, value in sorted(resolved.items()):
+        if not isinstance(value, str) or value == "relu" or field in small:
+            continue
+        try:
+            changed = act_class({**small, field: "relu"})
+        except Exception:
+            continue
+        if changed != own:
+            activation_field = field
+            break
+    return {"name": name, "calls": calls, "activation_field": activation_field}
 
 
 def saved_names(model) -> dict:
@@ -1100,7 +1169,7 @@ def propose_variants(model_type: str, fields: dict, small: dict, resolved, rotar
     if "routed_scaling_factor" in routing or "n_group" in routing:
         add("routing", "Routing options together: " + ", ".join(f"{k} {text(v)}" for k, v in routing.items()) + ".",
             routing)
-    return drop_subsumed_hub(combine_options(variants))
+    return drop_subsumed_hub(combine_options(variants), scaling_reaches_every_layer_type(type(resolved)))
 
 
 # Variants whose options change independent parts of the model (the output layer's tie, the
@@ -1109,12 +1178,27 @@ def propose_variants(model_type: str, fields: dict, small: dict, resolved, rotar
 COMBINABLE = ("untied", "tied", "no-bias", "bias", "multipliers", "softcap")
 
 
-def drop_subsumed_hub(variants: list) -> list:
+def scaling_reaches_every_layer_type(config_class) -> bool:
+    """Whether the class applies a Hub config's `rope_scaling` to the RoPE of every layer
+    type (the ModernBERT decoder's does; Gemma 3's scales the full-attention layers only):
+    a variant that scales one layer type then has no Hub-style config."""
+    try:
+        nested = config_class(rope_scaling={"rope_type": "linear", "factor": 2.0}).rope_parameters
+    except Exception:  # noqa: BLE001 - a class that refuses the key converts none
+        return False
+    if not isinstance(nested, dict) or "sliding_attention" not in nested:
+        return False
+    return all(isinstance(r, dict) and r.get("factor") == 2.0 for r in nested.values())
+
+
+def drop_subsumed_hub(variants: list, scaling_reaches_every_layer_type: bool = False) -> list:
     """`variants` without the plain `hub` variant where another Hub-style variant of the defaults
-    (scaled RoPE: `yarn`, `linear`, `longrope`) goes through the same config rewrite."""
+    (scaled RoPE: `yarn`, `linear`, `longrope`) goes through the same config rewrite: not
+    where the class scales every layer type from `rope_scaling`, so that a variant scaling
+    one keeps `rope_parameters` and only the plain one carries the Hub's RoPE keys."""
     hub = next((v for v in variants if v["name"] == "hub"), None)
     scaled = [v for v in variants if v["name"] in ("yarn", "linear", "longrope") and v["config_style"] == "hub"]
-    if hub is None or hub["config_overrides"] or not scaled:
+    if hub is None or hub["config_overrides"] or not scaled or scaling_reaches_every_layer_type:
         return variants
     return [v for v in variants if v is not hub]
 
@@ -1170,10 +1254,18 @@ def assign_seeds(spec: dict, check: bool) -> None:
 def sliding_window_under_own_name(architecture: str, model_type: str, small: dict, fields: dict):
     """The field that sets a sliding window in a family whose class has no `sliding_window`
     (GPT-Neo's `window_size`), found by what the attention computes (see
-    probes.window_field); None where there is none or the class has `sliding_window`."""
+    probes.window_field), and what it is divided by (the ModernBERT decoder's
+    `local_attention` is twice the window its layers see): `(field, divisor)`, or
+    `(None, 1)` where there is none or the class has `sliding_window`."""
     if "sliding_window" in fields:
-        return None
-    return probes.window_field(architecture, small, build_config, tiny_model, model_type, fields, SLIDING_WINDOW)
+        return None, 1
+    for divisor in (1, 2):
+        field = probes.window_field(
+            architecture, small, build_config, tiny_model, model_type, fields, SLIDING_WINDOW, divisor
+        )
+        if field is not None:
+            return field, divisor
+    return None, 1
 
 
 def reached_layer_types(model, window):
@@ -1207,9 +1299,9 @@ def introspect(model_type: str, config_override: dict | None, replace: bool, che
     small = learned_positions_size(architecture, model_type, small, dict(config_class.attribute_map))
     small = dict(sorted(small.items()))
     small = runnable_kv_heads(architecture, model_type, small)
-    window = sliding_window_under_own_name(architecture, model_type, small, fields)
+    window, window_divisor = sliding_window_under_own_name(architecture, model_type, small, fields)
     if window is not None:
-        small = dict(sorted({**small, window: SLIDING_WINDOW}.items()))
+        small = dict(sorted({**small, window: SLIDING_WINDOW * window_divisor}.items()))
     resolved = build_config(model_type, small)
     model = tiny_model(architecture, resolved)
     rotary = rotary_facts(model, model_type, small)
@@ -1261,7 +1353,8 @@ def introspect(model_type: str, config_override: dict | None, replace: bool, che
         "layer_type_probes": probes.layer_type_probes(config_class, fields)
         or (
             probes.reached_layer_type_probes(
-                architecture, small, build_config, tiny_model, model_type, window, SLIDING_WINDOW, probes.PROBE_LAYERS
+                architecture, small, build_config, tiny_model, model_type, window, SLIDING_WINDOW * window_divisor,
+                probes.PROBE_LAYERS
             )
             if window is not None
             else []
@@ -1293,6 +1386,20 @@ def introspect(model_type: str, config_override: dict | None, replace: bool, che
         "bare_biases": probes.bare_biases(tiny_model(architecture, resolved), resolved.vocab_size),
         "variants": spec["variants"],
     }
+    if window_divisor != 1:
+        facts["window_divisor"] = window_divisor
+    legacy = probes.legacy_kwargs(config_class, fields)
+    if legacy:
+        # Hub configs' own keys, read as fields (defaults) with what each sets.
+        facts["legacy_fields"] = {**facts["legacy_fields"], **{k: v["default"] for k, v in legacy.items()}}
+        facts["legacy_effects"] = {k: v["sets"] for k, v in legacy.items()}
+        # What Transformers derives for each value of a key that sets the layer types.
+        layer_probes = {k: v["probes"] for k, v in legacy.items() if "probes" in v}
+        if layer_probes:
+            facts["legacy_layer_probes"] = layer_probes
+    head = prediction_head(architecture, model_type, small, model)
+    if head is not None:
+        facts["prediction_head"] = head
     return facts, spec
 
 

@@ -39,6 +39,59 @@ def legacy_fields(config_class, fields):
     return found
 
 
+def legacy_kwargs(config_class, fields):
+    """Keys the config class reads from its keyword arguments without declaring them
+    (`kwargs.get("global_attn_every_n_layers", 3)`, `kwargs.pop("local_rope_theta", ...)`
+    in the ModernBERT decoder's), found in its source, that set the RoPE base of one layer
+    type or which layers slide: `{name: {"default": value, "sets": layer type | "layer_types"}}`.
+    Hub configs carry them where Transformers 5 writes `rope_parameters` and `layer_types`."""
+    import inspect
+    import re
+
+    try:
+        source = inspect.getsource(config_class)
+    except (OSError, TypeError):
+        return {}
+    names = sorted(set(re.findall(r"kwargs\.(?:get|pop)\(\s*[\"'](\w+)[\"']", source)))
+    found = {}
+    default = config_class()
+    nested = getattr(default, "rope_parameters", None) or {}
+    try:
+        plain = _derived(config_class, {"num_hidden_layers": PROBE_LAYERS}, "layer_types")
+    except Exception:  # noqa: BLE001 - a class that refuses the layer count (GPT-Neo's patterns)
+        plain = None
+    for name in names:
+        if name in fields or name in ("rope_scaling", "rope_theta", "rope_local_base_freq", "sliding_window_pattern"):
+            continue
+        for layer_type, rope in nested.items() if isinstance(nested, dict) else []:
+            if not isinstance(rope, dict) or "rope_theta" not in rope:
+                continue
+            try:
+                probe = config_class(**{name: 1234.0})
+            except Exception:  # noqa: BLE001 - a key the class refuses sets nothing
+                break
+            if (probe.rope_parameters.get(layer_type) or {}).get("rope_theta") == 1234.0:
+                found[name] = {"default": rope["rope_theta"], "sets": layer_type}
+                break
+        if name in found or not plain:
+            continue
+        same, other, by_value = [], False, []
+        for value in range(2, 9):
+            try:
+                derived = _derived(config_class, {"num_hidden_layers": PROBE_LAYERS, name: value}, "layer_types")
+            except Exception:  # noqa: BLE001
+                break
+            by_value.append({"value": value, "layer_types": derived})
+            if derived == plain:
+                same.append(value)
+            else:
+                other = True
+        # Some value changes the layers, and one value gives the default ones.
+        if other and len(same) == 1:
+            found[name] = {"default": same[0], "sets": "layer_types", "probes": by_value}
+    return found
+
+
 def layer_type_probes(config_class, fields):
     """`[{"config": {...}, "layer_types": [...]}]`, or [] if the class has no layer_types."""
     if "layer_types" not in fields or "sliding_window" not in fields:
@@ -711,18 +764,20 @@ def attention_reach(model, vocab_size):
     return reach or None
 
 
-def window_field(architecture, small, build_config, tiny_model, model_type, fields, window):
+def window_field(architecture, small, build_config, tiny_model, model_type, fields, window, divisor=1):
     """The integer field that, set to `window`, makes some layer see only `window` tokens:
     the family's sliding window under its own name (GPT-Neo's `window_size`), or None.
     Only fields the tiny config leaves at a default larger than the prompt are tried."""
     for name, field in sorted(fields.items()):
         default = field.get("default")
-        if name in small or name.endswith("token_id") or isinstance(default, bool):
+        # A field the tiny config sets is tried only at the probe's own value (a committed
+        # spec's base config already holds the window found before).
+        if (name in small and small[name] != window * divisor) or name.endswith("token_id") or isinstance(default, bool):
             continue
         if not isinstance(default, int) or default <= REACH_PROMPT:
             continue
         try:
-            config = build_config(model_type, {**small, name: window})
+            config = build_config(model_type, {**small, name: window * divisor})
             reach = attention_reach(tiny_model(architecture, config), config.vocab_size)
         except Exception:  # noqa: BLE001 - a value the class refuses tells nothing
             continue

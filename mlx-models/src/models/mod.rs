@@ -62,6 +62,7 @@ pub mod minimax_m2;
 pub mod ministral;
 pub mod ministral3;
 pub mod mixtral;
+pub mod modernbert_decoder;
 pub mod mpt;
 pub mod nanochat;
 pub mod nemotron;
@@ -136,6 +137,10 @@ pub const REGISTRY: &[(&str, Loader)] = &[
     ("glm4_moe", family::load::<glm4_moe::Config>),
     ("glm4_moe_lite", family::load::<glm4_moe_lite::Config>),
     ("granitemoe_swa", family::load::<granitemoe_swa::Config>),
+    (
+        "modernbert-decoder",
+        family::load::<modernbert_decoder::Config>,
+    ),
     ("mpt", family::load::<mpt::Config>),
     // GPT-SW3 checkpoints are GPT-2 (Transformers maps `gpt-sw3` to `GPT2Config`).
     ("gpt-sw3", family::load::<gpt2::Config>),

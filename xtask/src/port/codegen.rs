@@ -153,6 +153,23 @@ pub fn layer_rule_expr(rule: &LayerRule) -> String {
     format!("LayerRule::{rule:?}")
 }
 
+/// The `LayerRule` the module passes to `d.layers`: none sliding where the config has no
+/// window, the rule with the config's period where a field sets it
+/// ([`Plan::layer_period`]), else the derived rule.
+pub fn plan_layer_rule_expr(plan: &Plan) -> String {
+    let windows = plan.sliding_window.is_some() || plan.layer_types_field;
+    match (windows, &plan.layer_period) {
+        (false, _) => "LayerRule::NoSliding".to_owned(),
+        (true, Some(field)) => {
+            // The rule's period is the config's.
+            let variant = format!("{:?}", plan.layer_rule);
+            let name = variant.split('(').next().unwrap_or_default();
+            format!("LayerRule::{name}(self.{field})")
+        }
+        (true, None) => layer_rule_expr(&plan.layer_rule),
+    }
+}
+
 /// The module source for `plan` with `choice`, before rustfmt.
 pub fn module_source(plan: &Plan, choice: &Choice) -> String {
     if let Some(recurrent) = &plan.recurrent {
@@ -184,7 +201,6 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
     }
     let _ = writeln!(w);
 
-    let windows = plan.sliding_window.is_some() || plan.layer_types_field;
     let own: Vec<&Field> = plan
         .fields
         .iter()
@@ -296,11 +312,31 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
     if norm != "NormKind::Rms" {
         transformer.push("NormKind");
     }
-    if plan.lm_head_bias {
+    if let Some(f) = &plan.lm_head_bias_field {
+        model.push(format!("lm_head_bias: self.{f}"));
+    } else if plan.lm_head_bias {
         model.push("lm_head_bias: true".to_owned());
     }
     if plan.embedding_layernorm {
         model.push("embedding_layernorm: true".to_owned());
+    }
+    if let Some(head) = &plan.prediction_head {
+        if !transformer.contains(&"Activation") {
+            transformer.push("Activation");
+        }
+        let value = if optional(plan, &head.activation_field) {
+            format!(
+                "self.{}.as_deref().unwrap_or_default()",
+                head.activation_field
+            )
+        } else {
+            format!("&self.{}", head.activation_field)
+        };
+        model.push(format!(
+            "prediction_head: Some(HeadSettings {{ bias: {}, activation: Activation::from_config(config, {:?}, {value})? }})",
+            flag(plan, &head.bias),
+            head.activation_field
+        ));
     }
     if let Some(offset) = plan.learned_positions {
         model.push("learned_positions: true".to_owned());
@@ -372,7 +408,9 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
         }
     }
     let act = if let Some(name) = plan.activation_constant {
-        transformer.push("Activation");
+        if !transformer.contains(&"Activation") {
+            transformer.push("Activation");
+        }
         format!(
             "Activation::{}",
             match name {
@@ -386,7 +424,9 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
     } else if plan.act_field == "hidden_act" || plan.act_field == "hidden_activation" {
         "d.activation(config)?".to_owned()
     } else {
-        transformer.push("Activation");
+        if !transformer.contains(&"Activation") {
+            transformer.push("Activation");
+        }
         let value = if optional(plan, &plan.act_field) {
             format!("self.{}.as_deref().unwrap_or(\"silu\")", plan.act_field)
         } else {
@@ -434,6 +474,9 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
     }
     if let Some(line) = plan.hybrid.as_ref().and_then(super::recurrent::hybrid_uses) {
         let _ = writeln!(w, "{line}");
+    }
+    if plan.prediction_head.is_some() {
+        let _ = writeln!(w, "use crate::head::HeadSettings;");
     }
     let _ = writeln!(w, "use crate::transformer::{{{}}};", transformer.join(", "));
     if let Some(moe) = &plan.moe {
@@ -527,6 +570,17 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
                 .join(", ")
         );
     }
+    if !plan.divided_aliases.is_empty() {
+        let _ = writeln!(
+            w,
+            "const DIVIDED_ALIASES: &'static [(&'static str, &'static str, i64)] = &[{}];\n",
+            plan.divided_aliases
+                .iter()
+                .map(|(common, own, divisor)| format!("({common:?}, {own:?}, {divisor})"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
     if let Some(k) = plan.intermediate_per_hidden {
         let _ = writeln!(
             w,
@@ -578,6 +632,12 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
             w,
             "config.ensure({value} == {supported}, {field:?}, || {:?}.to_owned())?;",
             super::interpret::value_refusal(*supported)
+        );
+    }
+    if let Some(field) = &plan.layer_period {
+        let _ = writeln!(
+            w,
+            "config.ensure(self.{field} > 0, {field:?}, || \"must be positive: the period of the full-attention layers\".to_owned())?;"
         );
     }
     for (field, key, default) in &plan.nested_refused {
@@ -688,11 +748,7 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
             ("Some(&rope)", "Some(&local_rope)")
         }
     };
-    let rule = if windows {
-        layer_rule_expr(&plan.layer_rule)
-    } else {
-        "LayerRule::NoSliding".to_owned()
-    };
+    let rule = plan_layer_rule_expr(plan);
     let _ = writeln!(
         w,
         "let {}layers = d.layers({rule}, {rope}, {local_rope}, {});",
@@ -700,6 +756,7 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
             || plan.layer_rope_bases.is_some()
             || plan.o_bias_only.is_some()
             || plan.hybrid.is_some()
+            || plan.first_layer_no_input_norm
         {
             "mut "
         } else {
@@ -726,6 +783,16 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
             w,
             "if let Some(bases) = &self.{field} {{ d.set_layer_rope_bases(&mut layers, \"{field}\", bases, {}, config)?; }}",
             choice.rope_traditional
+        );
+    }
+    if plan.first_layer_no_input_norm {
+        let _ = writeln!(
+            w,
+            "// The first layer's input is the normalized embedding: no norm before its attention."
+        );
+        let _ = writeln!(
+            w,
+            "if let Some(first) = layers.first_mut() {{ first.no_input_norm = true; }}"
         );
     }
     if choice.rope_sliding_only {
@@ -1205,6 +1272,18 @@ pub fn structure_summary(plan: &Plan, choice: &Choice) -> Vec<String> {
             "Checkpoints: {}per-expert `experts.<i>.{}/{}/{}`, Transformers 5's fused experts and stacked `switch_mlp` all load.",
             if moe.checkpoint_renames.is_empty() { "" } else { "Hub names converted as Transformers does; " },
             moe.projections[0].0, moe.projections[1].0, moe.projections[2].0
+        ));
+    }
+    if plan.first_layer_no_input_norm {
+        lines.push(
+            "No norm before the first layer's attention (its input is the normalized embedding)."
+                .to_owned(),
+        );
+    }
+    if let Some(head) = &plan.prediction_head {
+        lines.push(format!(
+            "A prediction head before the output layer: `head.norm(act(head.dense(h)))`, its activation `{}`.",
+            head.activation_field
         ));
     }
     if plan.embedding_layernorm {

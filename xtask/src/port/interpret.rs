@@ -93,7 +93,14 @@ pub fn settings(plan: &Plan, choice: &Choice, config: &ConfigFile) -> Result<Dec
         plan.intermediate_multiple.as_deref(),
         plan.intermediate_per_hidden,
     )?;
-    let config = &config.with_aliases(&aliases, per_hidden);
+    let divided: Vec<(&str, &str, i64)> = plan
+        .divided_aliases
+        .iter()
+        .map(|(a, b, k)| (a.as_str(), b.as_str(), *k))
+        .collect();
+    let config = &config
+        .with_aliases(&aliases, per_hidden)
+        .with_divided_aliases(&divided)?;
     if let Some(recurrent) = &plan.recurrent {
         return super::recurrent::settings(plan, recurrent, config);
     }
@@ -184,10 +191,20 @@ pub fn settings(plan: &Plan, choice: &Choice, config: &ConfigFile) -> Result<Dec
         }
     };
     let windows = plan.sliding_window.is_some() || plan.layer_types_field;
-    let rule = if windows {
-        plan.layer_rule
-    } else {
-        LayerRule::NoSliding
+    let rule = match (windows, &plan.layer_period) {
+        (false, _) => LayerRule::NoSliding,
+        (true, None) => plan.layer_rule,
+        (true, Some(field)) => {
+            let period = r.i32(field)?;
+            config.ensure(period > 0, field, || {
+                "must be positive: the period of the full-attention layers".to_owned()
+            })?;
+            match plan.layer_rule {
+                LayerRule::EveryNth(_) => LayerRule::EveryNth(period),
+                LayerRule::EveryNthFromFirst(_) => LayerRule::EveryNthFromFirst(period),
+                other => other,
+            }
+        }
     };
     let mut layers = d.layers(
         rule,
@@ -195,6 +212,9 @@ pub fn settings(plan: &Plan, choice: &Choice, config: &ConfigFile) -> Result<Dec
         local_rope.as_ref(),
         plan.no_rope.is_some(),
     );
+    if let (true, Some(first)) = (plan.first_layer_no_input_norm, layers.first_mut()) {
+        first.no_input_norm = true;
+    }
     if choice.rope_sliding_only {
         for layer in layers.iter_mut().filter(|l| l.sliding_window.is_none()) {
             layer.rope = None;
@@ -269,7 +289,21 @@ pub fn settings(plan: &Plan, choice: &Choice, config: &ConfigFile) -> Result<Dec
                 .unwrap_or(1e-6)
         }),
         norm_placement: choice.norm_placement,
-        lm_head_bias: plan.lm_head_bias,
+        lm_head_bias: match &plan.lm_head_bias_field {
+            Some(f) => r.bool(f),
+            None => plan.lm_head_bias,
+        },
+        prediction_head: match &plan.prediction_head {
+            Some(head) => Some(mlx_models::head::HeadSettings {
+                bias: r.flag(&head.bias),
+                activation: Activation::from_config(
+                    config,
+                    &head.activation_field,
+                    r.value(&head.activation_field).as_str().unwrap_or_default(),
+                )?,
+            }),
+            None => None,
+        },
         learned_positions: plan.learned_positions.is_some(),
         embedding_layernorm: plan.embedding_layernorm,
         position_offset: plan.learned_positions.unwrap_or(0),

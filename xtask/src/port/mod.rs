@@ -1116,6 +1116,146 @@ mod generator_tests {
         (plan, choice, source)
     }
 
+    /// The ModernBERT decoder: its structure read from the recorded facts (no edit), and each
+    /// decision, undone, fails the committed fixtures at the tensor it changes.
+    #[test]
+    fn modernbert_decoder_regenerates_exactly_and_each_structure_decision_is_checked() {
+        let (plan, choice, source) = regenerate("modernbert-decoder");
+        // Layer 0's `attn_norm` is an Identity, the other layers' a LayerNorm.
+        assert!(plan.first_layer_no_input_norm);
+        assert!(plan
+            .renames
+            .contains(&("attn_norm".to_owned(), "input_layernorm".to_owned())));
+        // `lm_head` is a dense + GELU + norm head, `decoder` the output layer.
+        assert_eq!(
+            plan.prediction_head,
+            Some(plan::HeadPlan {
+                bias: plan::Flag::Field("classifier_bias".into()),
+                activation_field: "classifier_activation".into(),
+            })
+        );
+        assert!(plan
+            .prefix_renames
+            .contains(&("lm_head.dense".to_owned(), "head.dense".to_owned())));
+        // `Wi` is twice as wide as `Wo` takes in: a GLU in one projection.
+        assert_eq!(
+            plan.mlp_layout,
+            mlx_models::transformer::MlpLayout::FusedGated
+        );
+        // The nested embedding and its norm.
+        assert!(plan.embedding_layernorm);
+        // The window is half of `local_attention`; the Hub's RoPE keys and layer period.
+        assert_eq!(
+            plan.divided_aliases,
+            vec![("sliding_window".to_owned(), "local_attention".to_owned(), 2)]
+        );
+        assert!(plan
+            .aliases
+            .contains(&("rope_theta".to_owned(), "global_rope_theta".to_owned())));
+        assert_eq!(
+            plan.rope,
+            Some(plan::RopeRule::PerLayerType {
+                local_base: Some("local_rope_theta".into())
+            })
+        );
+        assert_eq!(
+            plan.layer_period.as_deref(),
+            Some("global_attn_every_n_layers")
+        );
+        assert!(source.contains("LayerRule::EveryNthFromFirst(self.global_attn_every_n_layers)"));
+        assert!(source.contains("first.no_input_norm = true"));
+        // `decoder_bias` switches the output layer's bias (the flag probe).
+        assert_eq!(plan.lm_head_bias_field.as_deref(), Some("decoder_bias"));
+        // Each decision undone: the fixtures tell.
+        let fixtures = fixtures("modernbert-decoder");
+        let faults: [Fault<Plan>; 6] = [
+            ("first layer normed", |p| {
+                p.first_layer_no_input_norm = false
+            }),
+            ("output layer without its bias", |p| {
+                p.lm_head_bias_field = None;
+                p.lm_head_bias = false;
+            }),
+            ("the Hub's local RoPE base not read", |p| {
+                p.rope = Some(plan::RopeRule::PerLayerType { local_base: None })
+            }),
+            ("no prediction head", |p| p.prediction_head = None),
+            ("head without its bias flag", |p| {
+                p.prediction_head.as_mut().unwrap().bias = plan::Flag::Never
+            }),
+            ("window not halved", |p| p.divided_aliases.clear()),
+        ];
+        for (fault, apply) in faults {
+            let mut broken = plan.clone();
+            apply(&mut broken);
+            broken.choices = vec![choice.clone()];
+            let failed = search(&broken, &fixtures).expect("search runs");
+            assert!(failed.chosen.is_none(), "{fault}");
+            eprintln!("modernbert-decoder, {fault}: {}", failed.tried[0].1[0]);
+        }
+    }
+
+    /// The structure decisions of the ModernBERT decoder on recorded facts, changed: an
+    /// Identity norm on another layer than the first, a head whose norm runs before its
+    /// activation, and an up projection as wide as the down projection takes in are gaps or
+    /// other layouts, never a silent guess.
+    #[test]
+    fn modernbert_decoder_structure_facts_changed_change_the_decisions() {
+        let facts = facts("modernbert-decoder");
+        let mut identity_elsewhere = facts.clone();
+        for m in identity_elsewhere["modules"].as_array_mut().unwrap() {
+            if m["name"] == "model.layers.1.attn_norm" {
+                m["class"] = "Identity".into();
+            }
+            if m["name"] == "model.layers.0.attn_norm" {
+                m["class"] = "LayerNorm".into();
+            }
+        }
+        let p = plan::plan(&identity_elsewhere, "modernbert_decoder");
+        assert!(!p.first_layer_no_input_norm);
+        assert!(
+            p.gaps.iter().any(|g| g.contains("Identity on layers [1]")),
+            "{:?}",
+            p.gaps
+        );
+        let mut head_reordered = facts.clone();
+        head_reordered["prediction_head"]["calls"] = serde_json::json!([
+            ["dense", "Linear"],
+            ["norm", "LayerNorm"],
+            ["act", "GELUActivation"]
+        ]);
+        let p = plan::plan(&head_reordered, "modernbert_decoder");
+        assert_eq!(p.prediction_head, None);
+        assert!(p
+            .gaps
+            .iter()
+            .any(|g| g.contains("not as dense, activation, norm")));
+        // A period key whose probes do not follow the rule is no period.
+        let mut other_rule = facts.clone();
+        other_rule["legacy_layer_probes"]["global_attn_every_n_layers"][0]["layer_types"][1] =
+            "full_attention".into();
+        let p = plan::plan(&other_rule, "modernbert_decoder");
+        assert_eq!(p.layer_period, None);
+        assert!(p
+            .refused_values
+            .contains(&("global_attn_every_n_layers".to_owned(), 3)));
+        let mut params = std::collections::BTreeMap::new();
+        params.insert(
+            "model.layers.0.mlp.up_proj.weight".to_owned(),
+            vec![256, 64],
+        );
+        params.insert(
+            "model.layers.0.mlp.down_proj.weight".to_owned(),
+            vec![64, 128],
+        );
+        assert!(plan::fused_glu(&params));
+        params.insert(
+            "model.layers.0.mlp.down_proj.weight".to_owned(),
+            vec![64, 256],
+        );
+        assert!(!plan::fused_glu(&params));
+    }
+
     #[test]
     fn qwen3_is_regenerated_exactly_with_per_head_qk_norm() {
         let (plan, choice, source) = regenerate("qwen3");
@@ -1408,12 +1548,7 @@ mod generator_tests {
             {
                 continue;
             }
-            let windows = plan.sliding_window.is_some() || plan.layer_types_field;
-            let expr = if windows {
-                codegen::layer_rule_expr(&plan.layer_rule)
-            } else {
-                "LayerRule::NoSliding".to_owned()
-            };
+            let expr = codegen::plan_layer_rule_expr(&plan);
             // rustfmt may break the call over lines.
             let compact: String = module.split_whitespace().collect();
             // A module that takes another family's settings (GLM-4.7-Flash: DeepSeek-V3's)

@@ -300,6 +300,9 @@ pub struct Plan {
     pub refused_values: Vec<(String, i64)>,
     /// The output layer has a bias (Phi).
     pub lm_head_bias: bool,
+    /// The boolean field that puts that bias there (the ModernBERT decoder's
+    /// `decoder_bias`), where a flag probe shows one.
+    pub lm_head_bias_field: Option<String>,
     /// Transformers' module calls in decoder layer 0, in order (name under the layer,
     /// class), from the call trace.
     pub layer_calls: Vec<(String, String)>,
@@ -340,6 +343,17 @@ pub struct Plan {
     /// `o_proj` has a bias on this one layer only (`LayerSettings::o_bias`), measured at
     /// several layer counts (GPT-NeoX-Japanese: the last).
     pub o_bias_only: Option<OnlyLayer>,
+    /// The first layer has no norm before its mixer (an `Identity` where the other layers
+    /// have their pre-attention norm).
+    pub first_layer_no_input_norm: bool,
+    /// A prediction head (`head.dense`, activation, `head.norm`) before the output layer.
+    pub prediction_head: Option<HeadPlan>,
+    /// Common integer fields read as the family's own divided where config.json lacks
+    /// them, `(common, own, divisor)` (`DecoderFamily::DIVIDED_ALIASES`).
+    pub divided_aliases: Vec<(String, String, i64)>,
+    /// The field that sets the period of a periodic layer rule (the ModernBERT decoder's
+    /// `global_attn_every_n_layers`), read in place of the rule's fixed period.
+    pub layer_period: Option<String>,
 }
 
 /// The one layer that holds a parameter the others lack, by a rule that holds at every
@@ -457,6 +471,157 @@ pub fn only_layer(
         Err(format!(
             "`{param}` is held by layers {seen}: no per-layer rule the blocks know (first or last layer only)"
         ))
+    }
+}
+
+/// The prediction head between the final norm and the output layer (introspect.py's
+/// `prediction_head`): `norm(act(dense(h)))`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HeadPlan {
+    /// Whether `dense` has a bias.
+    pub bias: Flag,
+    /// The string field naming its activation (not the MLP's).
+    pub activation_field: String,
+}
+
+/// Layer-level modules that are an `Identity` in some layers and a norm in others (the
+/// ModernBERT decoder's `attn_norm`, none on layer 0), from the module tree:
+/// `(name under the layer, the norm's class, the layers where it is an Identity)`.
+pub fn identity_norms(facts: &Value) -> Vec<(String, String, Vec<usize>)> {
+    let Some(layers) = facts.pointer("/structure/layers").and_then(Value::as_str) else {
+        return Vec::new();
+    };
+    let prefix = format!("{layers}.");
+    let mut by_name: BTreeMap<String, (Option<String>, Vec<usize>)> = BTreeMap::new();
+    for m in facts
+        .get("modules")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let Some(rest) = str_of(m, "name").strip_prefix(&prefix) else {
+            continue;
+        };
+        let Some((index, local)) = rest.split_once('.') else {
+            continue;
+        };
+        let (Ok(index), false) = (index.parse::<usize>(), local.contains('.')) else {
+            continue;
+        };
+        let class = str_of(m, "class");
+        let entry = by_name.entry(local.to_owned()).or_default();
+        if class == "Identity" {
+            entry.1.push(index);
+        } else if class.to_lowercase().contains("norm") {
+            entry.0.get_or_insert_with(|| class.to_owned());
+        }
+    }
+    by_name
+        .into_iter()
+        .filter_map(|(name, (norm, identity))| Some((name, norm?, identity)))
+        .filter(|(_, _, identity)| !identity.is_empty())
+        .collect()
+}
+
+/// Layer 0's call trace, its `Identity` norms ([`identity_norms`]) read as the norm the
+/// other layers call there.
+pub fn layer_events(facts: &Value) -> Vec<super::trace::Event> {
+    let identity = identity_norms(facts);
+    super::trace::events(facts)
+        .into_iter()
+        .map(|mut e| {
+            if let Some((_, class, _)) = identity
+                .iter()
+                .find(|(name, _, layers)| *name == e.module && layers.contains(&0))
+            {
+                e.class = class.clone();
+            }
+            e
+        })
+        .collect()
+}
+
+/// The Hub key the config class reads from its keyword arguments that sets `effect` (a
+/// layer type's RoPE base, or `layer_types`): introspect.py's `legacy_effects`.
+pub fn legacy_effect(facts: &Value, effect: &str) -> Option<String> {
+    facts
+        .get("legacy_effects")?
+        .as_object()?
+        .iter()
+        .find(|(_, v)| v.as_str() == Some(effect))
+        .map(|(k, _)| k.clone())
+}
+
+/// Whether `key` is the period of `rule` (a periodic rule): for every value introspect.py
+/// probed (`legacy_layer_probes`), Transformers derived the rule's layer types at that
+/// period.
+pub fn period_key_holds(facts: &Value, key: &str, rule: LayerRule) -> bool {
+    use mlx_models::transformer::LayerType;
+    let periodic: fn(usize, i32) -> Vec<LayerType> = match rule {
+        LayerRule::EveryNth(_) => LayerType::periodic,
+        LayerRule::EveryNthFromFirst(_) => LayerType::periodic_from_first,
+        _ => return false,
+    };
+    let Some(probes) = facts
+        .pointer(&format!("/legacy_layer_probes/{key}"))
+        .and_then(Value::as_array)
+        .filter(|p| !p.is_empty())
+    else {
+        return false;
+    };
+    probes.iter().all(|p| {
+        let (Some(value), Some(types)) = (
+            p.get("value").and_then(Value::as_i64),
+            p.get("layer_types").and_then(Value::as_array),
+        ) else {
+            return false;
+        };
+        let expected = periodic(types.len(), value as i32);
+        serde_json::to_value(expected).ok() == Some(Value::Array(types.clone()))
+    })
+}
+
+/// Whether layer 0's MLP of an up and a down projection is a GLU in one projection (the
+/// ModernBERT decoder's `Wi`, halves `act(a) * b`): the up projection has twice the
+/// rows the down projection takes in. Read as the blocks' `mlp.gate_up_proj` (gate rows
+/// first, as Phi-3's); the fixtures check the order.
+pub fn fused_glu(params: &BTreeMap<String, Vec<i64>>) -> bool {
+    let up = params.get("model.layers.0.mlp.up_proj.weight");
+    let down = params.get("model.layers.0.mlp.down_proj.weight");
+    match (up, down) {
+        (Some(up), Some(down)) => up
+            .first()
+            .zip(down.get(1))
+            .is_some_and(|(u, d)| *u == 2 * d),
+        _ => false,
+    }
+}
+
+/// The prefix renames of a prediction head (introspect.py's `prediction_head`): its
+/// linear layer to `head.dense`, its norm to `head.norm`; `None` where it is not one
+/// linear layer, an activation and a norm, called in that order.
+pub fn head_renames(facts: &Value) -> Option<Vec<(String, String)>> {
+    let head = facts.get("prediction_head")?;
+    let name = head.get("name")?.as_str()?;
+    let calls: Vec<(&str, &str)> = head
+        .get("calls")?
+        .as_array()?
+        .iter()
+        .filter_map(|c| Some((c.get(0)?.as_str()?, c.get(1)?.as_str()?)))
+        .filter(|(_, class)| !class.contains("Dropout"))
+        .collect();
+    match calls.as_slice() {
+        [(dense, linear), (_, act), (norm, norm_class)]
+            if super::trace::is_projection(linear)
+                && super::trace::activation_of_class(act).is_some()
+                && norm_class.to_lowercase().contains("norm") =>
+        {
+            Some(vec![
+                (format!("{name}.{dense}"), "head.dense".to_owned()),
+                (format!("{name}.{norm}"), "head.norm".to_owned()),
+            ])
+        }
+        _ => None,
     }
 }
 
@@ -1287,7 +1452,7 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
     let defaults = facts.fields();
     // The norms' roles from what Transformers computes (the call trace): their names in
     // the checkpoint may be anything; the plan reads the names the blocks load.
-    let mut roles = super::trace::norm_roles(&super::trace::events(facts.value));
+    let mut roles = super::trace::norm_roles(&layer_events(facts.value));
     roles
         .renames
         .extend(super::trace::final_norm_rename(facts.value));
@@ -1296,19 +1461,37 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
     roles.renames.extend(fused_qk_norm_renames(&facts));
     let bare = bare_bias_renames(facts.value, &roles.renames);
     roles.renames.splice(0..0, bare.iter().cloned());
-    let prefix_renames = structure_renames(facts.value);
+    let head_renames = head_renames(facts.value);
+    let prefix_renames: Vec<(String, String)> = head_renames
+        .iter()
+        .flatten()
+        .cloned()
+        .chain(structure_renames(facts.value))
+        .collect();
     let prefixes: Vec<(&str, &str)> = prefix_renames
         .iter()
         .map(|(a, b)| (a.as_str(), b.as_str()))
         .collect();
-    let params: BTreeMap<String, Vec<i64>> = facts
-        .parameters()
-        .into_iter()
-        .map(|(name, shape)| {
-            let name = mlx_models::weights::rename_prefix(&name, &prefixes);
-            (super::trace::rename(&name, &roles.renames), shape)
-        })
-        .collect();
+    let rename_all = |roles: &super::trace::NormRoles| -> BTreeMap<String, Vec<i64>> {
+        facts
+            .parameters()
+            .into_iter()
+            .map(|(name, shape)| {
+                let name = mlx_models::weights::rename_prefix(&name, &prefixes);
+                (super::trace::rename(&name, &roles.renames), shape)
+            })
+            .collect()
+    };
+    let mut params = rename_all(&roles);
+    if fused_glu(&params) {
+        match roles.renames.iter_mut().find(|(_, to)| to == "mlp.up_proj") {
+            Some((_, to)) => *to = "mlp.gate_up_proj".to_owned(),
+            None => roles
+                .renames
+                .push(("mlp.up_proj".to_owned(), "mlp.gate_up_proj".to_owned())),
+        }
+        params = rename_all(&roles);
+    }
     let has_field = |name: &str| defaults.contains_key(name);
     let mut decisions = Vec::new();
     for (from, to) in &prefix_renames {
@@ -1403,10 +1586,42 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
             }
         }
     }
-    let layer0: BTreeMap<&str, &Vec<i64>> = params
+    let mut layer0: BTreeMap<&str, &Vec<i64>> = params
         .iter()
         .filter_map(|(n, s)| n.strip_prefix("model.layers.0.").map(|n| (n, s)))
         .collect();
+    // A norm that is an Identity on layer 0 has its weights in the other layers.
+    let identity = identity_norms(facts.value);
+    let mut first_layer_no_input_norm = false;
+    let mut identity_canonical = Vec::new();
+    for (name, _, layers) in &identity {
+        let canonical = super::trace::rename(&format!("model.layers.0.{name}."), &roles.renames);
+        let canonical = canonical
+            .trim_start_matches("model.layers.0.")
+            .trim_end_matches('.');
+        identity_canonical.push(canonical.to_owned());
+        let Some(other) = (0..).find(|i| !layers.contains(i)) else {
+            continue;
+        };
+        for (n, shape) in &params {
+            if let Some(rest) = n
+                .strip_prefix(&format!("model.layers.{other}."))
+                .filter(|r| r.starts_with(&format!("{canonical}.")))
+            {
+                layer0.insert(rest, shape);
+            }
+        }
+        if canonical == "input_layernorm" && layers.as_slice() == [0] {
+            first_layer_no_input_norm = true;
+            decisions.push(format!(
+                "`{name}` is an Identity on layer 0, the pre-attention norm on the others: the first layer has none"
+            ));
+        } else {
+            gaps.push(format!(
+                "`{name}` is an Identity on layers {layers:?} only: no block leaves out that norm there"
+            ));
+        }
+    }
     let has = |n: &str| layer0.contains_key(n);
 
     for (name, ty, role) in [
@@ -2029,7 +2244,13 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
             vec![NormPlacement::Pre]
         }
     };
-    let norm_name = present.first().copied().unwrap_or(norm_param);
+    // The kind of norm read on layer 0, from a norm it has (not an Identity there).
+    let norm_name = present
+        .iter()
+        .find(|n| !identity_canonical.iter().any(|c| c == *n))
+        .or(present.first())
+        .copied()
+        .unwrap_or(norm_param);
     let norm_class = facts
         .module_class(&format!("model.layers.0.{norm_name}"))
         .or_else(|| {
@@ -2042,7 +2263,21 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         })
         .unwrap_or_default()
         .to_owned();
-    let layer_norm = if has(&format!("{norm_name}.bias")) {
+    // A flag that switches the norms' bias alone (the ModernBERT decoder's `norm_bias`; not
+    // OPT's `layer_norm_elementwise_affine`, which takes the weight too).
+    let norm_bias_flag = {
+        let (bias, weight) = (
+            format!("model.layers.0.{norm_name}.bias"),
+            format!("model.layers.0.{norm_name}.weight"),
+        );
+        flag_probes
+            .iter()
+            .find(|p| p.switches(&bias) && !p.added.iter().chain(&p.removed).any(|n| *n == weight))
+            .map(|p| Flag::Field(p.field.clone()))
+    };
+    let layer_norm = if let Some(flag) = norm_bias_flag {
+        Some(flag)
+    } else if has(&format!("{norm_name}.bias")) {
         Some(Flag::Always)
     } else if norm_class.contains("LayerNorm") && !norm_class.contains("RMS") {
         Some(Flag::Never)
@@ -2272,15 +2507,34 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
             "sliding-window width",
         );
     }
+    let window_divisor = facts
+        .value
+        .get("window_divisor")
+        .and_then(Value::as_i64)
+        .unwrap_or(1);
+    let mut divided_aliases = Vec::new();
     let sliding_window = sliding_window.or_else(|| {
         let own = window_field(facts.value).filter(|own| has_field(own))?;
+        let default = defaults.get(&own).cloned().unwrap_or(Value::Null);
         fields.push(Field {
             name: "sliding_window".to_owned(),
             ty: FieldType::I32,
-            default: defaults.get(&own).cloned().unwrap_or(Value::Null),
+            default: match default.as_i64() {
+                Some(v) => Value::from(v.div_euclid(window_divisor)),
+                None => default,
+            },
             nullable: facts.nullable(&own),
             role: "sliding-window width",
         });
+        if window_divisor != 1 {
+            decisions.push(format!(
+                "`sliding_window` is the config class's `{own}` / {window_divisor} (set to a few tokens \
+                 times {window_divisor}, the attention Transformers computes sees a {window_divisor}-th \
+                 of them on some layers): read so where config.json has no `sliding_window`"
+            ));
+            divided_aliases.push(("sliding_window".to_owned(), own, window_divisor));
+            return Some("sliding_window".to_owned());
+        }
         decisions.push(format!(
             "`sliding_window` is the config class's `{own}` (set to a few tokens, the attention \
              Transformers computes sees only that many on some layers): read under both names"
@@ -2347,6 +2601,39 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
     if sliding_window.is_some() {
         decisions.push(format!("layers without `layer_types`: {layer_rule:?}"));
     }
+    // A Hub key that changes which layers slide (the ModernBERT decoder's
+    // `global_attn_every_n_layers`): the period of the rule where every value probed gives
+    // the rule at that period; else its default is the rule's, other values are refused.
+    let layer_key = legacy_effect(facts.value, "layer_types")
+        .filter(|key| !layer_rule.fields().iter().any(|(name, _)| name == key));
+    let layer_period = layer_key
+        .clone()
+        .filter(|key| period_key_holds(facts.value, key, layer_rule));
+    if let Some(key) = &layer_period {
+        add(
+            &mut fields,
+            key,
+            FieldType::I32,
+            "the period of the full-attention layers",
+        );
+        decisions.push(format!(
+            "`{key}` (Hub configs) is the period of {layer_rule:?}: every value probed gives those layers"
+        ));
+    }
+    let layer_key_refused = layer_key
+        .filter(|_| layer_period.is_none())
+        .and_then(|key| Some((defaults.get(&key)?.as_i64()?, key)));
+    if let Some((default, key)) = &layer_key_refused {
+        add(
+            &mut fields,
+            key,
+            FieldType::I32,
+            "checked: the value the fixtures verify, others refused",
+        );
+        decisions.push(format!(
+            "`{key}` (Hub configs) sets which layers slide; {layer_rule:?} is its default {default}: other values refused"
+        ));
+    }
 
     // RoPE.
     let rope_per_type = facts
@@ -2373,7 +2660,16 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         let local_base = ["rope_local_base_freq"]
             .into_iter()
             .find(|f| has_field(f))
-            .map(str::to_owned);
+            .map(str::to_owned)
+            .or_else(|| legacy_effect(facts.value, "sliding_attention"));
+        // A Hub key that sets the full-attention layers' base (the ModernBERT decoder's
+        // `global_rope_theta`) is read as `rope_theta` where config.json has none.
+        if let Some(global) = legacy_effect(facts.value, "full_attention") {
+            decisions.push(format!(
+                "`{global}` sets the full-attention layers' RoPE base (Hub configs): read as `rope_theta`"
+            ));
+            aliases.push(("rope_theta".to_owned(), global));
+        }
         if let Some(f) = &local_base {
             add(
                 &mut fields,
@@ -2605,6 +2901,11 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
                     Some("embedding norm".to_owned())
                 }
                 "model.norm.weight" | "model.norm.bias" => Some("final norm".to_owned()),
+                "head.dense.weight" | "head.dense.bias" | "head.norm.weight" | "head.norm.bias"
+                    if head_renames.is_some() =>
+                {
+                    Some("prediction head".to_owned())
+                }
                 "lm_head.weight" => Some("output layer (absent when tied)".to_owned()),
                 "lm_head.bias" => Some("output layer bias".to_owned()),
                 _ => None,
@@ -2615,6 +2916,61 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
             None => gaps.push(format!("parameter `{name}` is taken by no known block")),
         }
     }
+
+    // The output layer's bias, by the flag that switches it.
+    let lm_head_bias_field = flag_probes
+        .iter()
+        .find(|p| p.switches("lm_head.bias"))
+        .map(|p| p.field.clone());
+    if let Some(f) = &lm_head_bias_field {
+        add(&mut fields, f, FieldType::Bool, "biases on");
+        decisions.push(format!("the output layer's bias where `{f}`"));
+    }
+    // The prediction head: its bias by the flag that adds it, its activation by the field
+    // that changes its activation module (introspect.py's probe).
+    let prediction_head = match (&head_renames, facts.value.get("prediction_head")) {
+        (Some(_), Some(head)) => {
+            let bias = match flag_probes.iter().find(|p| p.switches("head.dense.bias")) {
+                Some(p) => Flag::Field(p.field.clone()),
+                None if params.contains_key("head.dense.bias") => Flag::Always,
+                None => Flag::Never,
+            };
+            if let Flag::Field(f) = &bias {
+                add(&mut fields, f, FieldType::Bool, "biases on");
+            }
+            match head.get("activation_field").and_then(Value::as_str) {
+                Some(act) => {
+                    add(
+                        &mut fields,
+                        act,
+                        FieldType::Str,
+                        "prediction head activation",
+                    );
+                    decisions.push(format!(
+                        "a prediction head before the output layer: `head.dense` (bias {bias:?}), `{act}`, `head.norm`"
+                    ));
+                    Some(HeadPlan {
+                        bias,
+                        activation_field: act.to_owned(),
+                    })
+                }
+                None => {
+                    gaps.push(
+                        "the prediction head's activation is named by no config field".to_owned(),
+                    );
+                    None
+                }
+            }
+        }
+        (None, Some(head)) => {
+            gaps.push(format!(
+                "`{}` transforms the hidden states before the output layer, not as dense, activation, norm",
+                str_of(head, "name")
+            ));
+            None
+        }
+        _ => None,
+    };
 
     // Boolean fields that change what Transformers computes (the flag probes) but that
     // nothing above reads: the module accepts the value the fixtures verify and refuses
@@ -2665,7 +3021,10 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
     // MoE's `shared_intermediate_size` > 0 adds a shared MLP): unless the plan reads them, the
     // module refuses every value but the default instead of failing on unknown weights.
     let own_names = facts.parameters();
-    let mut refused_values = Vec::new();
+    let mut refused_values: Vec<(String, i64)> = layer_key_refused
+        .into_iter()
+        .map(|(default, key)| (key, default))
+        .collect();
     for probe in facts
         .value
         .get("width_probes")
@@ -2855,7 +3214,12 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         intermediate_multiple,
         prefix_renames,
         lm_head_bias: params.contains_key("lm_head.bias"),
-        layer_calls: super::trace::events(facts.value)
+        lm_head_bias_field,
+        first_layer_no_input_norm,
+        prediction_head,
+        divided_aliases,
+        layer_period,
+        layer_calls: layer_events(facts.value)
             .into_iter()
             .filter(|e| e.enter && !e.module.is_empty())
             .map(|e| {

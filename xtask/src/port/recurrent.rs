@@ -883,6 +883,7 @@ fn base_plan(
         refused: Vec::new(),
         refused_values: Vec::new(),
         lm_head_bias: false,
+        lm_head_bias_field: None,
         layer_calls: Vec::new(),
         renames,
         weight_map: Vec::new(),
@@ -898,6 +899,10 @@ fn base_plan(
         final_norm: true,
         o_bias_only: None,
         intermediate_multiple: None,
+        first_layer_no_input_norm: false,
+        prediction_head: None,
+        divided_aliases: Vec::new(),
+        layer_period: None,
     }
 }
 
