@@ -89,7 +89,9 @@ impl Config {
                 self.time_step_limit.0 as f32,
                 self.time_step_limit.1.min(f64::from(f32::MAX)) as f32,
             ),
-            clamp_steps: true,
+            // Transformers' decoding steps (`mamba2_selective_state_update`) leave `dt`
+            // unclamped; only the prompt's scan clamps it (the port tool's `step_clamps`).
+            clamp_steps: false,
             norm_eps: self.layer_norm_epsilon,
             gate: Mamba2Gate::NormAfterGate,
             chunked_prefill: true,
