@@ -666,6 +666,17 @@ fn in_layer<'a>(structure: &Value, name: &'a str) -> Option<&'a str> {
     index.parse::<usize>().ok().map(|_| rest)
 }
 
+/// The names `save_pretrained` writes that differ from the model's (introspect.py's
+/// `saved_names`): `(written, loaded)`.
+fn saved_names(facts: &Value) -> impl Iterator<Item = (&str, &str)> {
+    facts
+        .get("saved_names")
+        .and_then(Value::as_object)
+        .into_iter()
+        .flatten()
+        .filter_map(|(written, loaded)| Some((written.as_str(), loaded.as_str()?)))
+}
+
 /// Parameters `save_pretrained` writes elsewhere within a decoder layer (EXAONE-MoE's
 /// router bias `mlp.e_score_correction_bias`, loaded as `mlp.gate.e_score_correction_bias`):
 /// renames of the parameter under every layer, as the checkpoint names it → as the model
@@ -675,16 +686,9 @@ pub fn saved_layer_renames(facts: &Value) -> Vec<(String, String)> {
         return Vec::new();
     };
     let mut renames = Vec::new();
-    for (written, loaded) in facts
-        .get("saved_names")
-        .and_then(Value::as_object)
-        .into_iter()
-        .flatten()
-    {
-        let (Some(from), Some(to)) = (
-            in_layer(structure, written),
-            loaded.as_str().and_then(|l| in_layer(structure, l)),
-        ) else {
+    for (written, loaded) in saved_names(facts) {
+        let (Some(from), Some(to)) = (in_layer(structure, written), in_layer(structure, loaded))
+        else {
             continue;
         };
         let pair = (from.to_owned(), to.to_owned());
@@ -707,15 +711,7 @@ pub fn structure_renames(facts: &Value) -> Vec<(String, String)> {
     let mut renames = Vec::new();
     // Modules save_pretrained writes under their original names (GPT-NeoX's `embed_out`
     // for `lm_head`): the checkpoint's names are those.
-    for (written, loaded) in facts
-        .get("saved_names")
-        .and_then(Value::as_object)
-        .into_iter()
-        .flatten()
-    {
-        let Some(loaded) = loaded.as_str() else {
-            continue;
-        };
+    for (written, loaded) in saved_names(facts) {
         let (Some((from, leaf)), Some((to, same))) =
             (written.rsplit_once('.'), loaded.rsplit_once('.'))
         else {
