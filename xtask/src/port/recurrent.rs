@@ -300,6 +300,22 @@ impl AttentionRule {
         }
     }
 
+    /// The rule in words, for the report.
+    pub fn describe(&self) -> String {
+        match self {
+            AttentionRule::Indices {
+                field,
+                null_attends,
+            } => format!(
+                "the layers `{field}` lists attend ({} when it is null)",
+                if *null_attends { "all" } else { "none" }
+            ),
+            AttentionRule::Period { period, offset } => {
+                format!("layer i attends when i % `{period}` == `{offset}`")
+            }
+        }
+    }
+
     /// The config fields the rule reads.
     pub fn fields(&self) -> Vec<&str> {
         match self {
@@ -392,7 +408,8 @@ pub fn hybrid_plan(
         .collect();
     if rule.attends(resolved, mixers.len()).as_ref() != Some(&tiny) {
         gaps.push(format!(
-            "{rule:?} does not give the tiny model's attention layers {tiny:?}"
+            "{} does not give the tiny model's attention layers {tiny:?}",
+            rule.describe()
         ));
     }
     let layers = facts
@@ -438,9 +455,10 @@ pub fn hybrid_plan(
         gaps,
     );
     decisions.push(format!(
-        "hybrid: layers attend as {rule:?} says (tiny model: {tiny:?}); the others hold the {kind:?} \
-         mixer `{path}` (read from the module tree), loaded as `mixer`, without RoPE; their norms \
-         and MLP are named and shaped as the attention layers'"
+        "hybrid: {} (tiny model: {tiny:?}); the others hold the {kind:?} mixer `{path}` (read \
+         from the module tree), loaded as `mixer`, without RoPE; their norms and MLP are named \
+         and shaped as the attention layers'",
+        rule.describe()
     ));
     Some(HybridPlan {
         mixer: RecurrentPlan {
@@ -1540,18 +1558,7 @@ pub fn hybrid_settings(
 
 /// A hybrid's structure line, for the module's doc and the report.
 pub fn hybrid_summary(h: &HybridPlan) -> String {
-    let which = match &h.rule {
-        AttentionRule::Indices {
-            field,
-            null_attends,
-        } => format!(
-            "the layers `{field}` lists attend ({} when it is null)",
-            if *null_attends { "all" } else { "none" }
-        ),
-        AttentionRule::Period { period, offset } => {
-            format!("layer i attends when i % `{period}` == `{offset}`")
-        }
-    };
+    let which = h.rule.describe();
     format!(
         "Hybrid: {which}; the others replace attention by a {:?} mixer ([`crate::ssm`], \
          checkpoint `{}`, loaded as `mixer`) without RoPE, with the same norms and MLP. Its \
