@@ -502,18 +502,18 @@ impl MoeConfig {
     /// `e_score_correction_bias` within the `topk_group` best of `n_group` groups (each
     /// scored by its two best), renormalized when `norm_topk_prob`, times
     /// `routed_scaling_factor`.
-    pub fn grouped_sigmoid_router(&self) -> RouterSettings {
-        RouterSettings {
+    pub fn grouped_sigmoid_router(&self, config: &ConfigFile) -> Result<RouterSettings> {
+        Ok(RouterSettings {
             scoring: Scoring::Sigmoid,
             correction_bias: true,
             groups: Some(ExpertGroups {
-                groups: self.n_group.unwrap_or(1),
-                top_groups: self.topk_group.unwrap_or(1),
+                groups: config.require("n_group", self.n_group)?,
+                top_groups: config.require("topk_group", self.topk_group)?,
                 score: GroupScore::TopTwoSum,
             }),
             scaling_factor: self.routed_scaling_factor.map(|f| f as f32),
             ..self.router()
-        }
+        })
     }
 
     /// A block of these experts (of width `moe_intermediate_size`, else `intermediate`)

@@ -59,7 +59,7 @@ pub fn settings(
     let act = d.activation(config)?;
     let mlp = d.mlp(MlpLayout::Gated, act);
     let moe = m.settings(
-        m.grouped_sigmoid_router(),
+        m.grouped_sigmoid_router(config)?,
         d.intermediate_size,
         ExpertActivation::Glu(act),
         false,

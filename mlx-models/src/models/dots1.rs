@@ -26,7 +26,7 @@
 use crate::config::ConfigFile;
 use crate::error::Result;
 use crate::family::{sanitize_moe, DecoderConfig, DecoderFamily, LayerRule, MoeConfig};
-use crate::moe::{ExpertActivation, ExpertGroups, GroupScore, RouterSettings, Scoring};
+use crate::moe::ExpertActivation;
 use crate::transformer::{AttentionSettings, DecoderSettings, MlpLayout, QkNorm};
 use crate::weights::{rename_layer_module, Weights};
 use serde::Deserialize;
@@ -59,17 +59,7 @@ impl DecoderFamily for Config {
             None,
             false,
         );
-        let router = RouterSettings {
-            scoring: Scoring::Sigmoid,
-            correction_bias: true,
-            groups: Some(ExpertGroups {
-                groups: config.require("n_group", self.moe.n_group)?,
-                top_groups: config.require("topk_group", self.moe.topk_group)?,
-                score: GroupScore::TopTwoSum,
-            }),
-            scaling_factor: self.moe.routed_scaling_factor.map(|f| f as f32),
-            ..self.moe.router()
-        };
+        let router = self.moe.grouped_sigmoid_router(config)?;
         let moe = self.moe.settings(
             router,
             d.intermediate_size,

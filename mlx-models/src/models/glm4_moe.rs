@@ -53,7 +53,7 @@ impl DecoderFamily for Config {
         let mlp = d.mlp(MlpLayout::Gated, act);
         let m = &self.moe;
         let moe = m.settings(
-            m.grouped_sigmoid_router(),
+            m.grouped_sigmoid_router(config)?,
             d.intermediate_size,
             ExpertActivation::Glu(act),
             false,

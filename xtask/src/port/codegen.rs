@@ -1407,6 +1407,7 @@ pub fn structure_summary(plan: &Plan, choice: &Choice) -> Vec<String> {
 fn moe_uses(moe: &super::plan::MoePlan, choice: &Choice) -> Vec<&'static str> {
     let mut uses = vec!["ExpertActivation"];
     match &moe.routing {
+        Some(r) if is_grouped_sigmoid(r) => {}
         Some(r) => {
             if r.groups != Groups::Fixed(None) {
                 uses.extend(["ExpertGroups", "GroupScore"]);
@@ -1430,6 +1431,10 @@ fn moe_uses(moe: &super::plan::MoePlan, choice: &Choice) -> Vec<&'static str> {
 /// [`mlx_models::family::MoeConfig::router`] (softmax top-k, renormalized when
 /// `norm_topk_prob`).
 fn write_router(w: &mut String, plan: &Plan, r: &Routing) {
+    if is_grouped_sigmoid(r) {
+        let _ = writeln!(w, "let router = self.moe.grouped_sigmoid_router(config)?;");
+        return;
+    }
     let group = |score: GroupScore| {
         format!(
             "Some(ExpertGroups {{ groups: config.require(\"n_group\", self.moe.n_group)?, \
@@ -1517,6 +1522,17 @@ fn write_router(w: &mut String, plan: &Plan, r: &Routing) {
             set.join(", ")
         );
     }
+}
+
+/// Whether the routing is [`mlx_models::family::MoeConfig::grouped_sigmoid_router`]'s
+/// (DeepSeek-V3's `noaux_tc`).
+fn is_grouped_sigmoid(r: &Routing) -> bool {
+    r.scores == Scores::Sigmoid
+        && r.scores_by.is_none()
+        && r.correction_bias.as_deref() == Some("e_score_correction_bias")
+        && r.groups == Groups::Fixed(Some(GroupScore::TopTwoSum))
+        && r.normalize == Rule::Field("norm_topk_prob".to_owned())
+        && r.scaled_by.as_deref() == Some("routed_scaling_factor")
 }
 
 /// Whether the routing differs from [`mlx_models::family::MoeConfig::router`].
