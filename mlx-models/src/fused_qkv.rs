@@ -13,6 +13,7 @@
 //! [`QkvLayout::Fused`]: crate::attention::QkvLayout::Fused
 
 use crate::error::{Error, Result};
+use crate::transformer::DecoderSettings;
 use crate::weights::Weights;
 
 /// Transposes the `Conv1D` weight `{prefix}.weight` (`[in, out]`) into a linear layer's
@@ -139,6 +140,23 @@ pub fn grouped_to_blocks(
         let reordered =
             mlx_rs::ops::concatenate(&[&parts[q], &parts[k], &parts[v]], 0)?.reshape(&shape)?;
         weights.insert(name, reordered);
+    }
+    Ok(())
+}
+
+/// [`grouped_to_blocks`] on every layer's `self_attn.qkv_proj`, with the model's heads:
+/// `groups` of them (`None`: one group per head, GPT-NeoX's and BLOOM's layout).
+pub fn layers_grouped_to_blocks(
+    weights: &mut Weights,
+    settings: &DecoderSettings,
+    groups: Option<i32>,
+    order: [Part; 3],
+) -> Result<()> {
+    let a = &settings.attention;
+    for i in 0..settings.layers.len() {
+        let qkv = format!("model.layers.{i}.self_attn.qkv_proj");
+        let groups = groups.unwrap_or(a.num_heads);
+        grouped_to_blocks(weights, &qkv, groups, order, a.num_heads, a.head_dim)?;
     }
     Ok(())
 }

@@ -17,7 +17,7 @@
 use crate::config::ConfigFile;
 use crate::error::Result;
 use crate::family::{DecoderConfig, DecoderFamily, LayerRule};
-use crate::fused_qkv::{grouped_to_blocks, Part};
+use crate::fused_qkv::{layers_grouped_to_blocks, Part};
 use crate::rope::RopeFields;
 use crate::transformer::{
     drop_computed_weights, Activation, AttentionSettings, DecoderSettings, MlpLayout, MlpSettings,
@@ -91,18 +91,12 @@ impl DecoderFamily for Config {
             ))
         });
         drop_computed_weights(weights, settings.tie_word_embeddings);
-        let a = &settings.attention;
-        for i in 0..settings.layers.len() {
-            let qkv = format!("model.layers.{i}.self_attn.qkv_proj");
-            grouped_to_blocks(
-                weights,
-                &qkv,
-                4,
-                [Part::Query, Part::Value, Part::Key],
-                a.num_heads,
-                a.head_dim,
-            )?;
-        }
+        layers_grouped_to_blocks(
+            weights,
+            settings,
+            Some(4),
+            [Part::Query, Part::Value, Part::Key],
+        )?;
         Ok(())
     }
 }

@@ -16,7 +16,7 @@
 use crate::config::ConfigFile;
 use crate::error::Result;
 use crate::family::{DecoderConfig, DecoderFamily, LayerRule};
-use crate::fused_qkv::{grouped_to_blocks, Part};
+use crate::fused_qkv::{layers_grouped_to_blocks, Part};
 use crate::transformer::{
     drop_computed_weights, AttentionSettings, DecoderSettings, MlpLayout, MlpSettings, NormKind,
     QkNorm, QkvLayout,
@@ -68,18 +68,12 @@ impl DecoderFamily for Config {
     fn sanitize(&self, weights: &mut Weights, settings: &DecoderSettings) -> Result<()> {
         drop_computed_weights(weights, settings.tie_word_embeddings);
         weights.rename(|name| Some(rename_layer_module(name, &RENAMES)));
-        let a = &settings.attention;
-        for i in 0..settings.layers.len() {
-            let qkv = format!("model.layers.{i}.self_attn.qkv_proj");
-            grouped_to_blocks(
-                weights,
-                &qkv,
-                a.num_heads,
-                [Part::Query, Part::Key, Part::Value],
-                a.num_heads,
-                a.head_dim,
-            )?;
-        }
+        layers_grouped_to_blocks(
+            weights,
+            settings,
+            None,
+            [Part::Query, Part::Key, Part::Value],
+        )?;
         Ok(())
     }
 }

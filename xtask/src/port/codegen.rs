@@ -455,7 +455,7 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
         fused_qkv.push("conv1d_to_linear");
     }
     if plan.qkv_groups.is_some() {
-        fused_qkv.extend(["grouped_to_blocks", "Part"]);
+        fused_qkv.extend(["layers_grouped_to_blocks", "Part"]);
     }
     match fused_qkv.as_slice() {
         [] => {}
@@ -960,22 +960,15 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
         }
         if let Some(g) = &plan.qkv_groups {
             let order: Vec<String> = g.order.iter().map(|p| format!("Part::{p:?}")).collect();
-            let _ = writeln!(w, "let a = &settings.attention;");
-            let _ = writeln!(w, "for i in 0..settings.layers.len() {{");
             let _ = writeln!(
                 w,
-                "let qkv = format!(\"model.layers.{{i}}.self_attn.qkv_proj\");"
-            );
-            let _ = writeln!(
-                w,
-                "grouped_to_blocks(weights, &qkv, {}, [{}], a.num_heads, a.head_dim)?;",
+                "layers_grouped_to_blocks(weights, settings, {}, [{}])?;",
                 match g.groups {
-                    Some(n) => n.to_string(),
-                    None => "a.num_heads".to_owned(),
+                    Some(n) => format!("Some({n})"),
+                    None => "None".to_owned(),
                 },
                 order.join(", ")
             );
-            let _ = writeln!(w, "}}");
         }
         let _ = writeln!(w, "Ok(())\n}}");
     }
