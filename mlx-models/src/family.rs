@@ -7,8 +7,8 @@ use crate::error::{Error, Result};
 use crate::mla::{MlaCache, MlaSettings};
 use crate::model::LanguageModel;
 use crate::moe::{
-    split_fused_experts, stack_experts, ExpertActivation, ExpertGroups, GroupScore, MoeSettings,
-    RouterSettings, Scoring, SharedExpertSettings,
+    split_fused_experts, split_fused_shared_expert, stack_experts, ExpertActivation, ExpertGroups,
+    GroupScore, MoeSettings, RouterSettings, Scoring, SharedExpertSettings,
 };
 use crate::rope::{Rope, RopeConfig, RopeFields};
 use crate::ssm::{Mamba2Gate, Mamba2Settings};
@@ -417,8 +417,9 @@ pub struct MoeConfig {
     /// The first n layers keep a dense MLP.
     #[serde(default)]
     pub first_k_dense_replace: Option<usize>,
-    /// The width of the shared expert (Qwen2-MoE).
-    #[serde(default)]
+    /// The width of the shared expert (Qwen2-MoE; Granite-MoE-Shared's
+    /// `shared_intermediate_size`, 0 for none).
+    #[serde(default, alias = "shared_intermediate_size")]
     pub shared_expert_intermediate_size: Option<i32>,
     /// Shared experts of width `moe_intermediate_size` each, run as one MLP (GLM-4.5,
     /// DeepSeek; EXAONE-MoE's `num_shared_experts`).
@@ -685,8 +686,9 @@ impl<T: Copy + PartialEq + Default> PerLayer<T> {
 /// after [`drop_computed_weights`]: `block` (e.g. `block_sparse_moe`) is renamed to `mlp`,
 /// per-expert tensors (`experts.<i>.<proj>`, with `projections` mapping the checkpoint's
 /// projection names to `gate_proj`/`up_proj`/`down_proj`) are stacked, and Transformers 5's
-/// fused `experts.gate_up_proj`/`down_proj` are split. Checkpoints already stacked
-/// (mlx-community's `switch_mlp`) pass unchanged.
+/// fused `experts.gate_up_proj`/`down_proj` are split, as is a fused shared expert
+/// (`shared_expert.gate_up_proj`). Checkpoints already stacked (mlx-community's `switch_mlp`)
+/// pass unchanged.
 pub fn sanitize_moe(
     weights: &mut Weights,
     settings: &DecoderSettings,
@@ -731,7 +733,8 @@ pub fn sanitize_experts(
         weights.rename(|name| Some(name.replacen(&from, ".mlp.", 1)));
     }
     stack_experts(weights, "experts", experts, projections)?;
-    split_fused_experts(weights)
+    split_fused_experts(weights)?;
+    split_fused_shared_expert(weights)
 }
 
 /// How a family derives `layer_types` for configs that predate the field.

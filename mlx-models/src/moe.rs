@@ -795,6 +795,58 @@ pub fn split_fused_experts(weights: &mut Weights) -> Result<()> {
     Ok(())
 }
 
+/// Splits every fused shared expert `<prefix>.shared_expert.gate_up_proj.*` (one linear
+/// layer whose rows are the gate, then the up projection: Granite's `shared_mlp.input_linear`
+/// once renamed) into the `gate_proj` and `up_proj` [`SparseMoe`] loads. Quantized
+/// checkpoints' `scales` and `biases` split by rows like the packed weight.
+///
+/// ```
+/// use mlx_models::moe::split_fused_shared_expert;
+/// use mlx_models::weights::Weights;
+/// use mlx_rs::Array;
+/// use std::collections::HashMap;
+///
+/// let fused = Array::from_slice(&[1.0f32, 2.0, 3.0, 4.0], &[4, 1]);
+/// let name = "model.layers.0.mlp.shared_expert.gate_up_proj.weight";
+/// let mut weights = Weights::new(HashMap::from([(name.to_owned(), fused)]), "model");
+/// split_fused_shared_expert(&mut weights).unwrap();
+/// let gate = weights.remove("model.layers.0.mlp.shared_expert.gate_proj.weight").unwrap();
+/// assert_eq!(gate.as_slice::<f32>(), &[1.0, 2.0]);
+/// let up = weights.remove("model.layers.0.mlp.shared_expert.up_proj.weight").unwrap();
+/// assert_eq!(up.as_slice::<f32>(), &[3.0, 4.0]);
+/// ```
+pub fn split_fused_shared_expert(weights: &mut Weights) -> Result<()> {
+    const FUSED: &str = ".shared_expert.gate_up_proj.";
+    let fused: Vec<String> = weights
+        .names()
+        .filter(|n| n.contains(FUSED))
+        .map(str::to_owned)
+        .collect();
+    for name in fused {
+        let (prefix, part) = name.split_once(FUSED).expect("filtered above");
+        let tensor = weights.remove(&name).expect("listed above");
+        let rows = if tensor.ndim() == 0 { 0 } else { tensor.dim(0) };
+        if tensor.ndim() == 0 || rows % 2 != 0 {
+            return Err(Error::WeightShape {
+                path: weights.source().to_path_buf(),
+                name,
+                expected: vec![2 * (rows / 2).max(1), -1],
+                actual: tensor.shape().to_vec(),
+            });
+        }
+        let parts = tensor.split_equal(2, 0)?;
+        weights.insert(
+            format!("{prefix}.shared_expert.gate_proj.{part}"),
+            parts[0].clone(),
+        );
+        weights.insert(
+            format!("{prefix}.shared_expert.up_proj.{part}"),
+            parts[1].clone(),
+        );
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -850,6 +902,25 @@ mod tests {
             }
         }
         y
+    }
+
+    #[test]
+    fn a_fused_shared_expert_of_odd_rows_is_a_shape_error_naming_it() {
+        let name = "model.layers.3.mlp.shared_expert.gate_up_proj.weight";
+        let (_, odd) = array(1, &[5, 2]);
+        let mut weights = Weights::new(
+            std::collections::HashMap::from([(name.to_owned(), odd)]),
+            "ckpt",
+        );
+        match split_fused_shared_expert(&mut weights) {
+            Err(Error::WeightShape {
+                name: n, actual, ..
+            }) => {
+                assert_eq!(n, name);
+                assert_eq!(actual, vec![5, 2]);
+            }
+            other => panic!("expected a shape error, got {other:?}"),
+        }
     }
 
     const E: usize = 6;

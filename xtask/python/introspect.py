@@ -152,6 +152,9 @@ MOE_SMALL_SIZES = {
     "n_shared_experts": 1,
     "moe_intermediate_size": 8,
 }
+# The width of an optional block the class leaves out by default (a field whose default 0
+# means none): apart from every tiny size.
+OPTIONAL_WIDTH = 48
 # Families with learned absolute positions (GPT-2's wpe) get this many, enough for the
 # fixtures' prompt and greedy run.
 LEARNED_POSITIONS = 64
@@ -841,6 +844,37 @@ def saved_names(model) -> dict:
     return renamed
 
 
+def optional_blocks_on(architecture: str, model_type: str, small: dict, fields: dict) -> dict:
+    """`small` with each integer field whose default 0 leaves a block out set to
+    OPTIONAL_WIDTH, where that value adds parameters of that width under new names
+    (Granite-MoE-Shared's `shared_intermediate_size` adds a shared MLP beside the experts;
+    a count, whose blocks are not that wide, stays 0): the tiny model then holds the block,
+    so the port reads its structure and the fixtures check it."""
+    base_config = build_config(model_type, small)
+    resolved = base_config.to_dict()
+    base = set(tiny_model(architecture, base_config).state_dict())
+    for name, field in sorted(fields.items()):
+        default = field.get("default")
+        if (
+            field.get("kind") != "int"
+            or type(default) is not int
+            or default != 0
+            or resolved.get(name) != 0
+            or name in small
+            or name.endswith("token_id")
+            or name in probes.COMMON_SIZES
+        ):
+            continue
+        try:
+            state = tiny_model(architecture, build_config(model_type, {**small, name: OPTIONAL_WIDTH})).state_dict()
+        except Exception:  # the class or the model refuses the value
+            continue
+        added = [k for k, v in state.items() if k not in base and OPTIONAL_WIDTH in tuple(v.shape)]
+        if added:
+            small = {**small, name: OPTIONAL_WIDTH}
+    return small
+
+
 def size_widths(architecture: str, model_type: str, small: dict, fields: dict, attribute_map: dict) -> dict:
     """The tiny config with the family's own width fields sized too: an int field left at a
     full-size default (OPT's `ffn_dim` 3072, `word_embed_proj_dim` 768) that sets a
@@ -1295,6 +1329,8 @@ def introspect(model_type: str, config_override: dict | None, replace: bool, che
         small = dict(config_override) if replace else {**small, **config_override}
     # Key/value heads the tiny model runs with before anything else builds it.
     small = runnable_kv_heads(architecture, model_type, small)
+    if config_override is None or not replace:
+        small = optional_blocks_on(architecture, model_type, small, fields)
     small = size_widths(architecture, model_type, small, fields, dict(config_class.attribute_map))
     small = learned_positions_size(architecture, model_type, small, dict(config_class.attribute_map))
     small = dict(sorted(small.items()))

@@ -42,6 +42,7 @@ pub mod granite_swa;
 pub mod granitemoe;
 pub mod granitemoe_swa;
 pub mod granitemoehybrid;
+pub mod granitemoeshared;
 pub mod helium;
 pub mod hunyuan_v1_dense;
 pub mod hunyuan_v1_moe;
@@ -141,6 +142,7 @@ pub const REGISTRY: &[(&str, Loader)] = &[
         "modernbert-decoder",
         family::load::<modernbert_decoder::Config>,
     ),
+    ("granitemoeshared", family::load::<granitemoeshared::Config>),
     ("mpt", family::load::<mpt::Config>),
     // GPT-SW3 checkpoints are GPT-2 (Transformers maps `gpt-sw3` to `GPT2Config`).
     ("gpt-sw3", family::load::<gpt2::Config>),

@@ -2748,6 +2748,53 @@ mod generator_tests {
         }
     }
 
+    /// Granite-MoE-Shared: the dense `shared_mlp` beside the experts of each layer is read as
+    /// the block's ungated shared expert, its fused `input_linear` split by `sanitize_moe`;
+    /// read as the layer's MLP instead (what the generator did before), the block the config
+    /// asks for misses its shared expert.
+    #[test]
+    fn a_dense_mlp_beside_the_experts_is_the_shared_expert() {
+        let (plan, choice, source) = regenerate("granitemoeshared");
+        let moe = plan.moe.as_ref().expect("a mixture of experts");
+        assert_eq!(moe.shared_expert, Some(false));
+        assert_eq!(
+            &plan.renames[..3],
+            &[
+                (
+                    "shared_mlp.input_linear".to_owned(),
+                    "mlp.shared_expert.gate_up_proj".to_owned()
+                ),
+                (
+                    "shared_mlp.output_linear".to_owned(),
+                    "mlp.shared_expert.down_proj".to_owned()
+                ),
+                ("shared_mlp".to_owned(), "mlp.shared_expert".to_owned()),
+            ]
+        );
+        assert!(plan
+            .fields
+            .iter()
+            .any(|f| f.name == "shared_intermediate_size"));
+        assert!(!source.contains("\"mlp.gate_up_proj\""), "{source}");
+        // Seeded fault: the shared MLP loaded as the layer's dense MLP.
+        let mut wrong = plan.clone();
+        for (_, to) in wrong.renames.iter_mut() {
+            if let Some(rest) = to.strip_prefix("mlp.shared_expert") {
+                *to = format!("mlp{rest}");
+            }
+        }
+        wrong.choices = vec![choice];
+        let found = search(&wrong, &fixtures("granitemoeshared")).expect("search runs");
+        assert!(found.chosen.is_none());
+        let (_, failures) = &found.tried[0];
+        assert!(
+            failures
+                .iter()
+                .any(|f| f.contains("missing weight `model.layers.0.mlp.shared_expert.")),
+            "{failures:?}"
+        );
+    }
+
     /// Which one layer holds a parameter, from the tiny model and the layer-count probes:
     /// the last at every count, the first at every count, or a gap when the counts disagree
     /// or none was probed.

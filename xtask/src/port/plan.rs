@@ -157,6 +157,7 @@ pub const MOE_FIELDS: &[&str] = &[
     "mlp_only_layers",
     "first_k_dense_replace",
     "shared_expert_intermediate_size",
+    "shared_intermediate_size",
     "n_shared_experts",
     "num_shared_experts",
     "routed_scaling_factor",
@@ -595,6 +596,54 @@ pub fn fused_glu(params: &BTreeMap<String, Vec<i64>>) -> bool {
             .is_some_and(|(u, d)| *u == 2 * d),
         _ => false,
     }
+}
+
+/// The renames that make a dense MLP in a layer that also holds experts the block's shared
+/// expert (`shared_mlp.output_linear` → `mlp.shared_expert.down_proj`): each of its
+/// projections, by its checkpoint module path, where the plan's renames so far (`prefixes`,
+/// then `renames`) take it to `mlp.<projection>` in a layer whose renamed parameters
+/// include `mlp.experts`. Empty for layers of one feed-forward.
+fn dense_mlp_beside_experts(
+    facts: &Facts,
+    renamed_params: &BTreeMap<String, Vec<i64>>,
+    prefixes: &[(&str, &str)],
+    renames: &[(String, String)],
+) -> Vec<(String, String)> {
+    let mut beside: Vec<(String, String)> = Vec::new();
+    for name in facts.parameters().keys() {
+        let old = mlx_models::weights::rename_prefix(name, prefixes);
+        let Some((index, _)) = old
+            .strip_prefix("model.layers.")
+            .and_then(|r| r.split_once('.'))
+        else {
+            continue;
+        };
+        let layer = format!("model.layers.{index}.");
+        let new = super::trace::rename(&old, renames);
+        let Some(projection) = new
+            .strip_prefix(&layer)
+            .and_then(|r| r.strip_prefix("mlp."))
+            .and_then(|r| r.strip_suffix(".weight"))
+            .filter(|p| ["gate_proj", "up_proj", "down_proj", "gate_up_proj"].contains(p))
+        else {
+            continue;
+        };
+        let experts = format!("{layer}mlp.experts");
+        if !renamed_params.keys().any(|n| n.starts_with(&experts)) {
+            continue;
+        }
+        let Some(module) = old
+            .strip_prefix(&layer)
+            .and_then(|r| r.strip_suffix(".weight"))
+        else {
+            continue;
+        };
+        let rename = (module.to_owned(), format!("mlp.shared_expert.{projection}"));
+        if !beside.contains(&rename) {
+            beside.push(rename);
+        }
+    }
+    beside
 }
 
 /// The prefix renames of a prediction head (introspect.py's `prediction_head`): its
@@ -1488,6 +1537,33 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         }
         params = rename_all(&roles);
     }
+    // A dense MLP beside the experts of one layer (Granite-MoE-Shared's `shared_mlp`) is the
+    // block's shared expert: every token goes through it, its output added to the experts'.
+    let beside = dense_mlp_beside_experts(&facts, &params, &prefixes, &roles.renames);
+    let beside_modules: Vec<String> = beside
+        .iter()
+        .filter_map(|(from, _)| from.rsplit_once('.').map(|(m, _)| m.to_owned()))
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    if !beside.is_empty() {
+        // The projections' renames replace theirs; the module's own rename (`shared_mlp` →
+        // `mlp`) takes what else it holds to the shared expert.
+        roles
+            .renames
+            .retain(|(from, _)| !beside.iter().any(|(f, _)| f == from));
+        for (from, to) in roles.renames.iter_mut() {
+            let parent = beside.iter().any(|(f, _)| {
+                f.strip_prefix(from.as_str())
+                    .is_some_and(|r| r.starts_with('.'))
+            });
+            if parent && to == "mlp" {
+                *to = "mlp.shared_expert".to_owned();
+            }
+        }
+        roles.renames.splice(0..0, beside);
+        params = rename_all(&roles);
+    }
     let has_field = |name: &str| defaults.contains_key(name);
     let mut decisions = Vec::new();
     for (from, to) in &prefix_renames {
@@ -1507,6 +1583,12 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
                 "`{from}` does what the blocks' `{to}` does (where Transformers calls it, and on what): renamed"
             )
         });
+    }
+    for module in &beside_modules {
+        decisions.push(format!(
+            "`{module}` is a dense MLP beside the experts of the same layer: the block's shared \
+             expert (every token goes through it, its output added to the experts')"
+        ));
     }
     let mut gaps = Vec::new();
     let mut aliases: Vec<(String, String)> = Vec::new();
@@ -2000,6 +2082,7 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
                         | "experts.down_proj"
                         | "shared_expert.gate_proj.weight"
                         | "shared_expert.up_proj.weight"
+                        | "shared_expert.gate_up_proj.weight"
                         | "shared_expert.down_proj.weight"
                         | "shared_expert_gate.weight"
                 ) || routing_vector
@@ -2049,6 +2132,7 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
             (
                 &[
                     "shared_expert_intermediate_size",
+                    "shared_intermediate_size",
                     "n_shared_experts",
                     "num_shared_experts",
                 ],
@@ -3312,11 +3396,13 @@ fn moe_plan(
         }
     };
     let (dense_layers, layer_types_dense_prefix) = sparse_layer_rule(facts, has_field, gaps);
-    let shared_expert = layer
-        .contains_key("mlp.shared_expert.gate_proj.weight")
-        .then(|| layer.contains_key("mlp.shared_expert_gate.weight"));
+    // Gate and up projections apart, or in one (gate rows first: `sanitize_moe` splits it).
+    let shared_expert = (layer.contains_key("mlp.shared_expert.gate_proj.weight")
+        || layer.contains_key("mlp.shared_expert.gate_up_proj.weight"))
+    .then(|| layer.contains_key("mlp.shared_expert_gate.weight"));
     if shared_expert.is_some()
         && !has_field("shared_expert_intermediate_size")
+        && !has_field("shared_intermediate_size")
         && !has_field("n_shared_experts")
         && !has_field("num_shared_experts")
     {
