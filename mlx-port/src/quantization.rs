@@ -73,9 +73,9 @@ pub const BOUNDS: &[(&str, f32, f32)] = &[
     ("granite", 0.064, 0.78),           // measured 0.0507, 0.622
     ("granite_swa", 0.12, 0.88),        // measured 0.09, 0.699
     ("granitemoe", 0.042, 0.53),        // measured 0.0332, 0.423
-    ("granitemoe_swa", 0.091, 1.1),     // measured 0.0725, 0.971
+    ("granitemoe_swa", 0.19, 1.1),      // measured 0.15, 0.902
     ("granitemoehybrid", 0.041, 0.66),  // measured 0.0325, 0.521
-    ("granitemoeshared", 0.089, 0.8),   // measured 0.0706, 0.632
+    ("granitemoeshared", 0.067, 0.79),  // measured 0.0535, 0.626
     ("helium", 0.036, 0.6),             // measured 0.0286, 0.48
     ("hunyuan_v1_dense", 0.041, 0.65),  // measured 0.0327, 0.517
     ("hunyuan_v1_moe", 0.032, 0.51),    // measured 0.0256, 0.404

@@ -154,7 +154,7 @@ MOE_SMALL_SIZES = {
 }
 # The width of an optional block the class leaves out by default (a field whose default 0
 # means none): apart from every tiny size.
-OPTIONAL_WIDTH = 48
+OPTIONAL_WIDTH = 24
 # Families with learned absolute positions (GPT-2's wpe) get this many, enough for the
 # fixtures' prompt and greedy run.
 LEARNED_POSITIONS = 64

@@ -8,7 +8,8 @@
 //!   the MLP.
 //! - RMSNorm scaling by `weight`.
 //! - Attention: `q_proj`/`k_proj`/`v_proj`, scores scaled by `attention_multiplier`.
-//! - Feed-forward: a softmax router (`gate`) picks `num_experts_per_tok` gated experts.
+//! - Feed-forward: a softmax router (`gate`) picks `num_experts_per_tok` gated experts,
+//!   plus a shared expert.
 //! - Router (as Transformers computes it): Softmax scores, top-k over all experts,
 //!   renormalized always, weights unscaled.
 //! - Checkpoints: per-expert `experts.<i>.gate_proj/up_proj/down_proj`, Transformers 5's
@@ -51,16 +52,13 @@ pub struct Config {
     pub embedding_multiplier: Option<f64>,
     /// Each layer's RoPE base, 0 for none (the shared base when null).
     pub layer_rope_theta: Option<Vec<f64>>,
-    /// Checked: the value the fixtures verify, others refused.
-    pub shared_intermediate_size: i32,
 }
 
 impl DecoderFamily for Config {
-    const DEFAULTS: &'static str = r#"{"vocab_size":32000,"hidden_size":4096,"intermediate_size":11008,"num_hidden_layers":32,"num_attention_heads":32,"max_position_embeddings":2048,"tie_word_embeddings":false,"num_local_experts":8,"num_experts_per_tok":2,"rms_norm_eps":1e-6,"hidden_act":"silu","attention_bias":false,"attention_multiplier":1.0,"residual_multiplier":1.0,"logits_scaling":1.0,"embedding_multiplier":1.0,"sliding_window":128,"shared_intermediate_size":0}"#;
+    const DEFAULTS: &'static str = r#"{"vocab_size":32000,"hidden_size":4096,"intermediate_size":11008,"num_hidden_layers":32,"num_attention_heads":32,"max_position_embeddings":2048,"tie_word_embeddings":false,"num_local_experts":8,"num_experts_per_tok":2,"shared_intermediate_size":0,"rms_norm_eps":1e-6,"hidden_act":"silu","attention_bias":false,"attention_multiplier":1.0,"residual_multiplier":1.0,"logits_scaling":1.0,"embedding_multiplier":1.0,"sliding_window":128}"#;
 
     fn settings(&self, config: &ConfigFile) -> Result<DecoderSettings> {
         let d = &self.decoder;
-        config.ensure(self.shared_intermediate_size == 0, "shared_intermediate_size", || "only 0 is supported: other values add weights Transformers computes with, which this module does not implement".to_owned())?;
         let attention = AttentionSettings {
             scale: self
                 .attention_multiplier
@@ -103,7 +101,10 @@ impl DecoderFamily for Config {
 
 /// The checkpoint's names of the layer modules the shared blocks load under other names
 /// (found from what Transformers calls where).
-const RENAMES: [(&str, &str); 2] = [
+const RENAMES: [(&str, &str); 5] = [
+    ("shared_mlp.input_linear", "mlp.shared_expert.gate_up_proj"),
+    ("shared_mlp.output_linear", "mlp.shared_expert.down_proj"),
+    ("shared_mlp", "mlp.shared_expert"),
     ("block_sparse_moe.router", "mlp.gate"),
     ("block_sparse_moe", "mlp"),
 ];
