@@ -408,22 +408,29 @@ pub struct MoeConfig {
     /// Renormalize the chosen experts' weights to sum to one.
     #[serde(default)]
     pub norm_topk_prob: Option<bool>,
-    /// Every n-th layer (1-based) is sparse.
-    #[serde(default)]
+    /// Every n-th layer (1-based) is sparse (ERNIE 4.5's `moe_layer_interval`).
+    #[serde(default, alias = "moe_layer_interval")]
     pub decoder_sparse_step: Option<i32>,
     /// Layers that keep a dense MLP.
     #[serde(default)]
     pub mlp_only_layers: Option<Vec<usize>>,
-    /// The first n layers keep a dense MLP.
-    #[serde(default)]
+    /// The first n layers keep a dense MLP (ERNIE 4.5's `moe_layer_start_index`).
+    #[serde(default, alias = "moe_layer_start_index")]
     pub first_k_dense_replace: Option<usize>,
+    /// The last layer with experts; the ones after keep a dense MLP (-1 or absent: none).
+    #[serde(default)]
+    pub moe_layer_end_index: Option<i64>,
     /// The width of the shared expert (Qwen2-MoE; Granite-MoE-Shared's
     /// `shared_intermediate_size`, 0 for none).
     #[serde(default, alias = "shared_intermediate_size")]
     pub shared_expert_intermediate_size: Option<i32>,
     /// Shared experts of width `moe_intermediate_size` each, run as one MLP (GLM-4.5,
-    /// DeepSeek; EXAONE-MoE's `num_shared_experts`).
-    #[serde(default, alias = "num_shared_experts")]
+    /// DeepSeek; EXAONE-MoE's `num_shared_experts`, ERNIE 4.5's `moe_num_shared_experts`).
+    #[serde(
+        default,
+        alias = "num_shared_experts",
+        alias = "moe_num_shared_experts"
+    )]
     pub n_shared_experts: Option<i32>,
     /// Multiplies the routed experts' weights.
     #[serde(default)]
@@ -441,11 +448,28 @@ pub struct MoeConfig {
 
 impl MoeConfig {
     /// Whether layer `i` routes to experts: not listed in `mlp_only_layers`, past the
-    /// first `first_k_dense_replace`, and a multiple of `decoder_sparse_step` (1-based).
+    /// first `first_k_dense_replace`, not past `moe_layer_end_index`, and a multiple of
+    /// `decoder_sparse_step` (1-based).
+    ///
+    /// ```
+    /// # use mlx_models::family::MoeConfig;
+    /// let ernie: MoeConfig = serde_json::from_str(
+    ///     r#"{"num_experts": 4, "num_experts_per_tok": 2, "moe_layer_start_index": 1,
+    ///         "moe_layer_end_index": 4, "moe_layer_interval": 2}"#,
+    /// )?;
+    /// let sparse: Vec<usize> = (0..8).filter(|&i| ernie.is_sparse(i)).collect();
+    /// assert_eq!(sparse, [1, 3]);
+    /// # Ok::<(), serde_json::Error>(())
+    /// ```
     pub fn is_sparse(&self, i: usize) -> bool {
         let step = self.decoder_sparse_step.unwrap_or(1).max(1) as usize;
+        let last = self
+            .moe_layer_end_index
+            .and_then(|e| usize::try_from(e).ok())
+            .unwrap_or(usize::MAX);
         !self.mlp_only_layers.as_deref().unwrap_or(&[]).contains(&i)
             && i >= self.first_k_dense_replace.unwrap_or(0)
+            && i <= last
             && (i + 1).is_multiple_of(step)
     }
 
@@ -543,6 +567,7 @@ impl MoeConfig {
                 SharedExpertSettings {
                     intermediate_size,
                     gated,
+                    bias: false,
                 }
             }),
         }

@@ -130,6 +130,8 @@ pub struct SharedExpertSettings {
     pub intermediate_size: i32,
     /// Its output is multiplied by `sigmoid(shared_expert_gate(x))` (Qwen2-MoE).
     pub gated: bool,
+    /// Biases on its projections (ERNIE 4.5's `use_bias`).
+    pub bias: bool,
 }
 
 /// A sparse mixture-of-experts block.
@@ -152,6 +154,14 @@ pub struct MoeSettings {
 }
 
 impl MoeSettings {
+    /// These settings with biases on the shared expert's projections, if there is one.
+    pub fn with_shared_expert_bias(mut self, bias: bool) -> MoeSettings {
+        if let Some(shared) = &mut self.shared_expert {
+            shared.bias = bias;
+        }
+        self
+    }
+
     /// The experts with weights (the router's less the zero-computation ones).
     pub fn computing_experts(&self) -> i32 {
         self.router.num_experts - self.zero_experts
@@ -427,10 +437,20 @@ impl Router {
             gate: Linear::load(w, hidden, s.num_experts, s.bias)?,
             correction_bias: s
                 .correction_bias
-                .then(|| w.get("e_score_correction_bias", &[s.num_experts]))
+                .then(|| Router::correction_bias(w, s.num_experts))
                 .transpose()?,
             settings: s.clone(),
         })
+    }
+
+    /// `e_score_correction_bias`: `[experts]`, or one row of them (ERNIE 4.5 keeps
+    /// `[1, experts]`).
+    fn correction_bias(w: &WeightPath, experts: i32) -> Result<Array> {
+        const NAME: &str = "e_score_correction_bias";
+        if w.contains(NAME) && w.shape_of(NAME)? == [1, experts] {
+            return Ok(w.get(NAME, &[1, experts])?.reshape(&[experts])?);
+        }
+        w.get(NAME, &[experts])
     }
 
     /// The experts and weights for each row of `x` (`[tokens, hidden]`).
@@ -439,7 +459,7 @@ impl Router {
         let logits = self.gate.forward(x)?.as_dtype(Dtype::Float32)?;
         let k = s.top_k;
         let (indices, weights) = match s.scoring {
-            Scoring::Softmax if s.normalize => {
+            Scoring::Softmax if s.normalize && self.correction_bias.is_none() => {
                 let indices = top_k_indices(&logits, k)?;
                 let chosen = take_along_axis(&logits, &indices, -1)?;
                 (indices, ops::softmax_axis(&chosen, -1, None)?)
@@ -451,11 +471,17 @@ impl Router {
                     probs = mask_groups(&probs, g, 0.0)?;
                 }
                 let indices = match &self.correction_bias {
-                    // Chosen by probability plus bias, weighted by probability (LongCat).
+                    // Chosen by probability plus bias, weighted by probability (LongCat;
+                    // renormalized, ERNIE 4.5).
                     Some(b) => top_k_indices(&probs.add(b.as_dtype(Dtype::Float32)?)?, k)?,
                     None => top_k_indices(&probs, k)?,
                 };
                 let weights = take_along_axis(&probs, &indices, -1)?;
+                let weights = if s.normalize {
+                    weights.divide(&weights.sum_axis(-1, true)?)?
+                } else {
+                    weights
+                };
                 (indices, weights)
             }
             Scoring::Sigmoid => {
@@ -586,7 +612,7 @@ impl SparseMoe {
                     intermediate_size: shared.intermediate_size,
                     layout,
                     activation,
-                    bias: false,
+                    bias: shared.bias,
                 };
                 (
                     Some(Mlp::load(&w.pp("shared_expert"), &mlp, hidden)?),

@@ -50,6 +50,7 @@ pub const BOUNDS: &[(&str, f32, f32)] = &[
     ("diffllama", 0.041, 0.69),         // measured 0.0324, 0.544
     ("dots1", 0.19, 0.65),              // measured 0.153, 0.516
     ("ernie4_5", 0.041, 0.63),          // measured 0.0325, 0.504
+    ("ernie4_5_moe", 0.087, 0.52),      // measured 0.0694, 0.409
     ("exaone4", 0.034, 0.59),           // measured 0.0266, 0.464
     ("exaone_moe", 0.13, 0.69),         // measured 0.102, 0.546
     ("falcon", 0.018, 0.3),             // measured 0.014, 0.236

@@ -218,7 +218,7 @@ MIN_DISTINCT_EXPERT_SETS = 2
 MIN_ROUTER_MARGIN = 10 * TOLERANCES["max_abs"]
 # Routers whose routing bias is added to softmax scores rather than sigmoid scores
 # (LongCat-Flash: softmax over the routed and the zero-computation experts).
-SOFTMAX_BIAS_ROUTERS = {"LongcatFlashTopkRouter"}
+SOFTMAX_BIAS_ROUTERS = {"LongcatFlashTopkRouter", "Ernie4_5_MoeTopKRouter"}
 # An option a variant exercises (spec `effect_checks`) must move the logits by this much.
 MIN_OPTION_EFFECT = 100 * TOLERANCES["max_abs"]
 # Persistent buffers of MoE models that are weights of the checkpoint (the routing bias

@@ -366,10 +366,14 @@ def small_config(model_type: str, fields: dict, attribute_map: dict) -> dict:
             config[own] = value
     if "head_dim" not in fields:
         config.pop("head_dim", None)
+    # MoE sizes under the class's own names too (ERNIE 4.5's `moe_num_experts`, `moe_k`).
+    def own_name(name):
+        return name if name in fields else attribute_map.get(name)
+
     counts = ("num_experts", "num_local_experts", "n_routed_experts")
-    defaults = [fields[n]["default"] for n in counts if n in fields]
+    defaults = [fields[own_name(n)]["default"] for n in counts if own_name(n) in fields]
     if any(d is None or (isinstance(d, int) and d > MOE_SMALL_SIZES[counts[0]]) for d in defaults):
-        config.update({n: v for n, v in MOE_SMALL_SIZES.items() if n in fields})
+        config.update({own_name(n): v for n, v in MOE_SMALL_SIZES.items() if own_name(n) in fields})
         if "moe_intermediate_size" not in fields and "intermediate_size" in config:
             # Experts as wide as `intermediate_size` (Granite MoE): narrower, to stay small.
             config["intermediate_size"] = MOE_SMALL_SIZES["moe_intermediate_size"] * 4

@@ -613,8 +613,14 @@ def routing_probes(architecture, small, build_config, tiny_model, model_type, fi
 
     import torch
 
-    counts = [n for n in ("num_experts", "num_local_experts", "n_routed_experts") if n in fields]
-    per_token = [n for n in ("num_experts_per_tok", "moe_topk") if n in fields]
+    # Under the class's own names too (ERNIE 4.5's `moe_num_experts`, `moe_k`).
+    attribute_map = dict(getattr(type(build_config(model_type, small)), "attribute_map", {}) or {})
+
+    def own(name):
+        return name if name in fields else attribute_map.get(name)
+
+    counts = [own(n) for n in ("num_experts", "num_local_experts", "n_routed_experts") if own(n) in fields]
+    per_token = [own(n) for n in ("num_experts_per_tok", "moe_topk") if own(n) in fields]
     if not counts or not per_token:
         return []
     base = {**small, counts[0]: 16, per_token[0]: 3}
@@ -669,10 +675,11 @@ def _record_routing(model, torch):
         generator = torch.Generator().manual_seed(11)
         with torch.no_grad():
             for vname, tensor in list(router.named_parameters()) + list(router.named_buffers()):
-                if vname in ("weight", "bias") or tensor.dim() != 1:
+                # A vector, or one row of them (ERNIE 4.5's `[1, experts]` routing bias).
+                if vname in ("weight", "bias") or tensor.dim() not in (1, 2) or tensor.dim() == 2 and tensor.shape[0] != 1:
                     continue
                 tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.2)
-                vectors[vname] = tensor.tolist()
+                vectors[vname] = tensor.reshape(-1).tolist()
         seen = {}
 
         def block_input(_module, args):

@@ -100,6 +100,7 @@ impl DecoderFamily for Config {
         moe.shared_expert = Some(SharedExpertSettings {
             intermediate_size: self.shared_intermediate_size,
             gated: false,
+            bias: false,
         });
         Ok(settings.with_moe(moe, |_| true))
     }

@@ -109,6 +109,7 @@ impl DecoderFamily for Config {
         moe.shared_expert = Some(SharedExpertSettings {
             intermediate_size: d.intermediate_size,
             gated: false,
+            bias: false,
         });
         Ok(d.settings(attention, mlp, layers).with_moe(moe, |_| true))
     }

@@ -114,6 +114,7 @@ impl DecoderFamily for Config {
         moe.shared_expert = Some(SharedExpertSettings {
             intermediate_size: moe.intermediate_size,
             gated: false,
+            bias: false,
         });
         let step = self.interleave_moe_layer_step.max(1);
         let moe_layers: Vec<usize> = match &self.moe_layers {

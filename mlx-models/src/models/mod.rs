@@ -17,6 +17,7 @@ pub mod deepseek_v3;
 pub mod diffllama;
 pub mod dots1;
 pub mod ernie4_5;
+pub mod ernie4_5_moe;
 pub mod exaone4;
 pub mod exaone_moe;
 pub mod falcon;
@@ -123,6 +124,7 @@ pub const REGISTRY: &[(&str, Loader)] = &[
     ("diffllama", family::load::<diffllama::Config>),
     ("dots1", family::load::<dots1::Config>),
     ("ernie4_5", family::load::<ernie4_5::Config>),
+    ("ernie4_5_moe", family::load::<ernie4_5_moe::Config>),
     ("exaone4", family::load::<exaone4::Config>),
     ("exaone_moe", family::load::<exaone_moe::Config>),
     ("falcon", family::load::<falcon::Config>),

@@ -264,6 +264,7 @@ impl DecoderFamily for Config {
             shared_expert: Some(SharedExpertSettings {
                 intermediate_size: self.moe_shared_expert_intermediate_size,
                 gated: false,
+                bias: false,
             }),
             latent_size: self.moe_latent_size,
         };

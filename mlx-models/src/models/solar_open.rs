@@ -39,7 +39,7 @@ pub struct Config {
 }
 
 impl DecoderFamily for Config {
-    const DEFAULTS: &'static str = r#"{"vocab_size":196608,"hidden_size":4096,"intermediate_size":1280,"num_hidden_layers":48,"num_attention_heads":64,"num_key_value_heads":8,"head_dim":128,"max_position_embeddings":131072,"tie_word_embeddings":false,"num_experts_per_tok":8,"moe_intermediate_size":1280,"n_shared_experts":1,"norm_topk_prob":true,"routed_scaling_factor":1.0,"n_group":1,"topk_group":1,"rms_norm_eps":0.00001,"hidden_act":"silu","attention_bias":false}"#;
+    const DEFAULTS: &'static str = r#"{"vocab_size":196608,"hidden_size":4096,"intermediate_size":1280,"num_hidden_layers":48,"num_attention_heads":64,"num_key_value_heads":8,"head_dim":128,"max_position_embeddings":131072,"tie_word_embeddings":false,"n_routed_experts":128,"num_experts_per_tok":8,"moe_intermediate_size":1280,"n_shared_experts":1,"norm_topk_prob":true,"routed_scaling_factor":1.0,"n_group":1,"topk_group":1,"rms_norm_eps":0.00001,"hidden_act":"silu","attention_bias":false}"#;
 
     const ALIASES: &'static [(&'static str, &'static str)] =
         &[("intermediate_size", "moe_intermediate_size")];

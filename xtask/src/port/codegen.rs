@@ -313,7 +313,10 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
         transformer.push("NormKind");
     }
     if let Some(f) = &plan.lm_head_bias_field {
-        model.push(format!("lm_head_bias: self.{f}"));
+        model.push(format!(
+            "lm_head_bias: {}",
+            flag(plan, &Flag::Field(f.clone()))
+        ));
     } else if plan.lm_head_bias {
         model.push("lm_head_bias: true".to_owned());
     }
@@ -833,9 +836,13 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
                 }
                 None => "self.moe.router()",
             };
+            let shared_bias = match &moe.shared_expert_bias {
+                Flag::Never => String::new(),
+                f => format!(".with_shared_expert_bias({})", flag(plan, f)),
+            };
             let _ = writeln!(
                 w,
-                "let moe = self.moe.settings({router}, d.intermediate_size, ExpertActivation::Glu(act), {});",
+                "let moe = self.moe.settings({router}, d.intermediate_size, ExpertActivation::Glu(act), {}){shared_bias};",
                 moe.shared_expert.unwrap_or(false)
             );
             if let Some(k) = moe.layer_types_dense_prefix {

@@ -339,12 +339,14 @@ pub fn settings(plan: &Plan, choice: &Choice, config: &ConfigFile) -> Result<Dec
         Some(routing) => routed(&r, &m, routing, router)?,
         None => router,
     };
-    let block = m.settings(
-        router,
-        d.intermediate_size,
-        ExpertActivation::Glu(activation),
-        moe.shared_expert.unwrap_or(false),
-    );
+    let block = m
+        .settings(
+            router,
+            d.intermediate_size,
+            ExpertActivation::Glu(activation),
+            moe.shared_expert.unwrap_or(false),
+        )
+        .with_shared_expert_bias(r.flag(&moe.shared_expert_bias));
     Ok(if let Some(k) = moe.layer_types_dense_prefix {
         let sparse = m.sparse_layers(config, d.num_hidden_layers, k)?;
         settings.with_moe(block, |i| sparse[i])

@@ -2804,6 +2804,54 @@ mod generator_tests {
         );
     }
 
+    /// ERNIE 4.5 MoE: expert counts under the class's own names (its attribute_map), the
+    /// routing bias under a module of the router, softmax scores chosen with it and
+    /// renormalized, biases on the shared experts by `use_bias`, experts on the layers
+    /// `moe_layer_start_index`..=`moe_layer_end_index`. The shared experts without their
+    /// biases fail the `options` fixture.
+    #[test]
+    fn ernie4_5_moe_is_regenerated_exactly_from_its_own_names_and_routing_bias() {
+        let (plan, choice, _) = regenerate("ernie4_5_moe");
+        for alias in [
+            ("num_experts", "moe_num_experts"),
+            ("num_experts_per_tok", "moe_k"),
+        ] {
+            assert!(
+                plan.aliases
+                    .contains(&(alias.0.to_owned(), alias.1.to_owned())),
+                "{:?}",
+                plan.aliases
+            );
+        }
+        assert_eq!(
+            plan.renames[0],
+            (
+                "mlp.gate.moe_statics.e_score_correction_bias".to_owned(),
+                "mlp.gate.e_score_correction_bias".to_owned()
+            )
+        );
+        let moe = plan.moe.as_ref().expect("a mixture of experts");
+        let routing = moe.routing.as_ref().expect("routing probes");
+        assert_eq!(
+            (routing.scores, routing.correction_bias.as_deref()),
+            (routing::Scores::Softmax, Some("e_score_correction_bias"))
+        );
+        assert_eq!(moe.shared_expert_bias, plan::Flag::Field("use_bias".into()));
+        assert!(moe.dense_layers);
+        let mut wrong = plan.clone();
+        wrong.moe.as_mut().expect("moe").shared_expert_bias = plan::Flag::Never;
+        wrong.choices = vec![choice];
+        let found = search(&wrong, &fixtures("ernie4_5_moe")).expect("search runs");
+        assert!(found.chosen.is_none());
+        let (_, failures) = &found.tried[0];
+        assert!(
+            failures
+                .iter()
+                .any(|f| f.contains("unexpected weights") && f.contains("shared_expert")),
+            "{failures:?}"
+        );
+    }
+
     /// Which one layer holds a parameter, from the tiny model and the layer-count probes:
     /// the last at every count, the first at every count, or a gap when the counts disagree
     /// or none was probed.

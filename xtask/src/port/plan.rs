@@ -130,6 +130,9 @@ pub struct MoePlan {
     /// A shared expert beside the routed ones: `Some(gated)`, gated when its output is
     /// scaled by `sigmoid(shared_expert_gate(x))`.
     pub shared_expert: Option<bool>,
+    /// Biases on the shared expert's projections (ERNIE 4.5's `use_bias`, from the flag
+    /// probes).
+    pub shared_expert_bias: Flag,
     /// The config field that renormalizes the chosen experts' weights (`norm_topk_prob`);
     /// without one, the fixtures decide ([`Choice::moe_normalize`]).
     pub normalize_field: Option<String>,
@@ -154,12 +157,16 @@ pub const MOE_FIELDS: &[&str] = &[
     "moe_intermediate_size",
     "norm_topk_prob",
     "decoder_sparse_step",
+    "moe_layer_interval",
     "mlp_only_layers",
     "first_k_dense_replace",
+    "moe_layer_start_index",
+    "moe_layer_end_index",
     "shared_expert_intermediate_size",
     "shared_intermediate_size",
     "n_shared_experts",
     "num_shared_experts",
+    "moe_num_shared_experts",
     "routed_scaling_factor",
     "n_group",
     "topk_group",
@@ -1564,6 +1571,29 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         roles.renames.splice(0..0, beside);
         params = rename_all(&roles);
     }
+    // How the experts' router routes, from the probes.
+    let mut routing = super::routing::decide(facts.value);
+    let mut nested_bias_note = None;
+    // A routing bias under a module of the router (ERNIE 4.5's
+    // `gate.moe_statics.e_score_correction_bias`) is the router's own.
+    if let Ok(Some(r)) = &mut routing {
+        let nested = r.correction_bias.clone().filter(|v| {
+            let leaf = format!(".mlp.gate.{v}");
+            v.ends_with(".e_score_correction_bias") && params.keys().any(|n| n.ends_with(&leaf))
+        });
+        if let Some(v) = nested {
+            let from = format!("mlp.gate.{v}");
+            nested_bias_note = Some(format!(
+                "`{from}` is the router's score-correction bias (the routing probes add it to \
+                 the scores): loaded as `mlp.gate.e_score_correction_bias`"
+            ));
+            roles
+                .renames
+                .insert(0, (from, "mlp.gate.e_score_correction_bias".to_owned()));
+            params = rename_all(&roles);
+            r.correction_bias = Some("e_score_correction_bias".to_owned());
+        }
+    }
     let has_field = |name: &str| defaults.contains_key(name);
     let mut decisions = Vec::new();
     for (from, to) in &prefix_renames {
@@ -2055,7 +2085,8 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
     }
 
     // A mixture of experts in place of the MLP: how its router routes, from the probes.
-    let routing = super::routing::decide(facts.value);
+    // The bias note of the routing decided above.
+    decisions.extend(nested_bias_note.take());
     let routing_vector = routing
         .as_ref()
         .ok()
@@ -2110,7 +2141,21 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
                 .collect()
         })
         .unwrap_or_default();
-    let moe = moe_plan(&facts, &sparse_layer, &defaults, routing, &mut gaps);
+    let mut moe = moe_plan(&facts, &sparse_layer, &defaults, routing, &mut gaps);
+    // The flag that switches the shared expert's biases (the flag probes see them appear).
+    if let Some(m) = moe.as_mut().filter(|m| m.shared_expert.is_some()) {
+        let shared_bias = |n: &String| n.contains(".shared_expert") && n.ends_with(".bias");
+        if let Some(p) = flag_probes.iter().find(|p| {
+            !p.refused
+                && if p.value {
+                    p.added.iter().any(shared_bias)
+                } else {
+                    p.removed.iter().any(shared_bias)
+                }
+        }) {
+            m.shared_expert_bias = Flag::Field(p.field.clone());
+        }
+    }
     if let Some(m) = &moe {
         let width = |name: &str| defaults.contains_key(name) || facts.resolved(name).is_some();
         for (names, ty, role) in [
@@ -2135,6 +2180,7 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
                     "shared_intermediate_size",
                     "n_shared_experts",
                     "num_shared_experts",
+                    "moe_num_shared_experts",
                 ],
                 FieldType::I32,
                 "shared expert width",
@@ -2145,7 +2191,7 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
                 "renormalize the chosen experts' weights",
             ),
             (
-                &["decoder_sparse_step"],
+                &["decoder_sparse_step", "moe_layer_interval"],
                 FieldType::I32,
                 "every n-th layer sparse",
             ),
@@ -2155,13 +2201,46 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
                 "layers with a dense MLP",
             ),
             (
-                &["first_k_dense_replace"],
+                &["first_k_dense_replace", "moe_layer_start_index"],
                 FieldType::I32,
                 "the first layers with a dense MLP",
             ),
+            (
+                &["moe_layer_end_index"],
+                FieldType::I32,
+                "the last layer with experts (-1: none)",
+            ),
         ] {
-            if let Some(name) = names.iter().find(|n| width(n)) {
-                add(&mut fields, name, ty, role);
+            // A name the class has, else one its attribute_map gives.
+            let Some(name) = names
+                .iter()
+                .find(|n| has_field(n))
+                .or_else(|| names.iter().find(|n| width(n)))
+            else {
+                continue;
+            };
+            // The class's own name of it (ERNIE 4.5's `moe_num_experts`) that `MoeConfig`
+            // does not read: read under both.
+            let own = facts
+                .value
+                .pointer(&format!("/attribute_map/{name}"))
+                .and_then(Value::as_str)
+                .filter(|own| !has_field(name) && has_field(own) && !MOE_FIELDS.contains(own));
+            match own {
+                Some(own) => {
+                    fields.push(Field {
+                        name: (*name).to_owned(),
+                        ty,
+                        default: defaults.get(own).cloned().unwrap_or(Value::Null),
+                        nullable: facts.nullable(own),
+                        role,
+                    });
+                    decisions.push(format!(
+                        "`{name}` is the config class's `{own}`: read under both names"
+                    ));
+                    aliases.push(((*name).to_owned(), own.to_owned()));
+                }
+                None => add(&mut fields, name, ty, role),
             }
         }
         if let Some(r) = &m.routing {
@@ -3405,6 +3484,7 @@ fn moe_plan(
         && !has_field("shared_intermediate_size")
         && !has_field("n_shared_experts")
         && !has_field("num_shared_experts")
+        && !has_field("moe_num_shared_experts")
     {
         gaps.push("a shared expert without `shared_expert_intermediate_size`".to_owned());
     }
@@ -3452,6 +3532,11 @@ fn moe_plan(
         checkpoint_renames,
         projections,
         shared_expert,
+        shared_expert_bias: if layer.contains_key("mlp.shared_expert.gate_proj.bias") {
+            Flag::Always
+        } else {
+            Flag::Never
+        },
         normalize_field: match routing.as_ref().map(|r| &r.normalize) {
             Some(super::routing::Rule::Field(f)) => Some(f.clone()),
             Some(_) => None,
@@ -3534,22 +3619,33 @@ fn sparse_layer_rule(
             listed.unwrap_or_else(|| (0..layers).map(|i| i >= prefix).collect()),
         )
     } else {
-        let get = |n: &str| resolved.and_then(|r| r.get(n));
-        let step = get("decoder_sparse_step")
+        // As `MoeConfig::is_sparse` reads them (ERNIE 4.5's own names beside).
+        let get = |names: &[&str]| {
+            names
+                .iter()
+                .find_map(|n| resolved.and_then(|r| r.get(*n)).filter(|v| !v.is_null()))
+        };
+        let step = get(&["decoder_sparse_step", "moe_layer_interval"])
             .and_then(Value::as_u64)
             .unwrap_or(1)
             .max(1) as usize;
-        let first = get("first_k_dense_replace")
+        let first = get(&["first_k_dense_replace", "moe_layer_start_index"])
             .and_then(Value::as_u64)
             .unwrap_or(0) as usize;
-        let only: Vec<u64> = get("mlp_only_layers")
+        let last = get(&["moe_layer_end_index"])
+            .and_then(Value::as_u64)
+            .map_or(usize::MAX, |e| e as usize);
+        let only: Vec<u64> = get(&["mlp_only_layers"])
             .and_then(Value::as_array)
             .map(|a| a.iter().filter_map(Value::as_u64).collect())
             .unwrap_or_default();
         let dense = [
             "decoder_sparse_step",
+            "moe_layer_interval",
             "mlp_only_layers",
             "first_k_dense_replace",
+            "moe_layer_start_index",
+            "moe_layer_end_index",
         ]
         .iter()
         .any(|f| has_field(f));
@@ -3558,7 +3654,10 @@ fn sparse_layer_rule(
             (0..layers)
                 .map(|i| {
                     !dense
-                        || !only.contains(&(i as u64)) && i >= first && (i + 1).is_multiple_of(step)
+                        || !only.contains(&(i as u64))
+                            && i >= first
+                            && i <= last
+                            && (i + 1).is_multiple_of(step)
                 })
                 .collect(),
         )

@@ -246,7 +246,7 @@ fn route(logits: &[f64], bias: Option<&[f64]>, s: Settings, k: usize) -> Vec<(us
         }
     };
     let chosen: Vec<(usize, f64)> = match s.scores {
-        Scores::Softmax if s.normalize => {
+        Scores::Softmax if s.normalize && !(s.bias && bias.is_some()) => {
             let indices = top_k(logits, k);
             let picked: Vec<f64> = indices.iter().map(|&i| logits[i]).collect();
             indices.into_iter().zip(softmax(&picked)).collect()
@@ -256,9 +256,14 @@ fn route(logits: &[f64], bias: Option<&[f64]>, s: Settings, k: usize) -> Vec<(us
             if let Some((g, n, top)) = s.groups {
                 probs = mask_groups(&probs, g, n, top, 0.0);
             }
-            top_k(&with_bias(&probs), k)
+            let picked: Vec<(usize, f64)> = top_k(&with_bias(&probs), k)
                 .into_iter()
                 .map(|i| (i, probs[i]))
+                .collect();
+            let sum: f64 = picked.iter().map(|p| p.1).sum();
+            picked
+                .into_iter()
+                .map(|(i, w)| (i, if s.normalize { w / sum } else { w }))
                 .collect()
         }
         Scores::Sigmoid => {
@@ -614,5 +619,52 @@ mod tests {
             }
         });
         assert!(decide(&halved).is_err());
+    }
+
+    /// ERNIE 4.5's router: softmax over every expert, the top-k of probability plus a
+    /// routing bias chosen, their probabilities renormalized. A bias large enough to change
+    /// the choice makes plain softmax top-k fail, so only the biased rule fits.
+    #[test]
+    fn a_softmax_router_with_a_routing_bias_renormalizes_the_chosen_probabilities() {
+        let bias: Vec<f64> = (0..8)
+            .map(|e| if e % 3 == 0 { 0.6 } else { -0.2 })
+            .collect();
+        let ernie = |logits: &[f64], renormalize: bool| -> Vec<(usize, f64)> {
+            let probs = softmax(logits);
+            let biased: Vec<f64> = probs.iter().zip(&bias).map(|(p, b)| p + b).collect();
+            let top = top_k(&biased, 2);
+            let sum: f64 = top.iter().map(|&i| probs[i]).sum();
+            top.into_iter()
+                .map(|i| {
+                    (
+                        i,
+                        if renormalize {
+                            probs[i] / sum
+                        } else {
+                            probs[i] + bias[i]
+                        },
+                    )
+                })
+                .collect()
+        };
+        let with_bias = |renormalize: bool| {
+            let mut f = facts(&[serde_json::json!({})], |_, l| ernie(l, renormalize));
+            f["routing_probes"][0]["vectors"] =
+                serde_json::json!({"moe_statics.e_score_correction_bias": bias});
+            f
+        };
+        let routing = decide(&with_bias(true))
+            .expect("a routing fits")
+            .expect("probes ran");
+        assert_eq!(
+            (routing.scores, routing.normalize, routing.correction_bias),
+            (
+                Scores::Softmax,
+                Rule::Always,
+                Some("moe_statics.e_score_correction_bias".to_owned())
+            )
+        );
+        // Seeded fault: the bias added to the weights too — no routing fits.
+        assert!(decide(&with_bias(false)).is_err());
     }
 }
