@@ -274,10 +274,10 @@ pub fn hybrid_gaps(facts: &Value) -> Vec<String> {
         })
         .collect();
     gaps.push(format!(
-        "the layers mix their mixers ({}; the config's `layer_types` {}): the generator does not \
-         compose attention with recurrent or convolutional layers yet (by hand: \
-         `LayerSettings::mixer`, `ssm::Mamba2Settings`, `DecoderSettings::short_conv`; see \
-         `models/granitemoehybrid.rs`, `models/lfm2.rs`)",
+        "the layers mix their mixers ({}; the config's `layer_types` {}): the generator composes \
+         attention layers (layer 0 among them) with one kind of Mamba, Mamba2 or short-conv \
+         layer, not this mix (by hand: `LayerSettings::mixer`, `ssm::Mamba2Settings`, \
+         `DecoderSettings::short_conv`; see `models/granitemoehybrid.rs`, `models/lfm2.rs`)",
         shown.join(", "),
         if types.len() == mixers.len() {
             "agrees"
