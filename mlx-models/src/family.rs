@@ -414,8 +414,9 @@ pub struct MoeConfig {
     /// Layers that keep a dense MLP.
     #[serde(default)]
     pub mlp_only_layers: Option<Vec<usize>>,
-    /// The first n layers keep a dense MLP (ERNIE 4.5's `moe_layer_start_index`).
-    #[serde(default, alias = "moe_layer_start_index")]
+    /// The first n layers keep a dense MLP (ERNIE 4.5's `moe_layer_start_index`, LFM2-MoE's
+    /// `num_dense_layers`).
+    #[serde(default, alias = "moe_layer_start_index", alias = "num_dense_layers")]
     pub first_k_dense_replace: Option<usize>,
     /// The last layer with experts; the ones after keep a dense MLP (-1 or absent: none).
     #[serde(default)]
@@ -1017,6 +1018,16 @@ pub enum AttentionLayers<'a> {
         period: (&'a str, i32),
         offset: (&'a str, i32),
     },
+    /// Each layer's kind from `field` (LFM2's `layer_types`): the `attending` kinds attend,
+    /// the `mixing` one runs the mixer, any other is an error naming `field`. Without the
+    /// list, the `fallback` rule (LFM2's `full_attn_idxs`), or an error where there is none.
+    Types {
+        field: &'a str,
+        types: Option<&'a [LayerType]>,
+        attending: &'a [LayerType],
+        mixing: LayerType,
+        fallback: Option<&'a AttentionLayers<'a>>,
+    },
 }
 
 impl AttentionLayers<'_> {
@@ -1050,6 +1061,45 @@ impl AttentionLayers<'_> {
                     "must not be negative".to_owned()
                 })?;
                 Ok((0..n).map(|i| i as i32 % period == offset).collect())
+            }
+            AttentionLayers::Types {
+                field,
+                types,
+                attending,
+                mixing,
+                fallback,
+            } => {
+                let Some(types) = types else {
+                    return match fallback {
+                        Some(rule) => rule.resolve(n, config),
+                        None => Err(Error::config(
+                            &config.path,
+                            field,
+                            "is missing: it says which layers attend",
+                        )),
+                    };
+                };
+                config.ensure(types.len() == n, field, || {
+                    format!("has {} entries for {n} layers", types.len())
+                })?;
+                types
+                    .iter()
+                    .map(|t| {
+                        if attending.contains(t) {
+                            Ok(true)
+                        } else if *t == mixing {
+                            Ok(false)
+                        } else {
+                            Err(Error::config(
+                                &config.path,
+                                field,
+                                format!(
+                                    "names a `{t:?}` layer; this family has {attending:?} and {mixing:?} layers"
+                                ),
+                            ))
+                        }
+                    })
+                    .collect()
             }
         }
     }
@@ -1113,6 +1163,28 @@ mod tests {
         assert_eq!(at(&period(8, 4).resolve(32, &c).unwrap()), [4, 12, 20, 28]);
         let err = period(0, 0).resolve(4, &c).unwrap_err();
         assert!(err.to_string().contains("attn_layer_period"), "{err}");
+
+        // LFM2's `layer_types`, and its `full_attn_idxs` where a config has no list.
+        use LayerType::{Conv, FullAttention, SlidingAttention};
+        let idxs = indices(Some(&[1]), true);
+        let types = |types: Option<&'static [LayerType]>, fallback| AttentionLayers::Types {
+            field: "layer_types",
+            types,
+            attending: &[FullAttention],
+            mixing: Conv,
+            fallback,
+        };
+        let listed = types(Some(&[Conv, FullAttention, Conv]), Some(&idxs));
+        assert_eq!(at(&listed.resolve(3, &c).unwrap()), [1]);
+        assert_eq!(at(&types(None, Some(&idxs)).resolve(3, &c).unwrap()), [1]);
+        for bad in [
+            types(None, None),
+            types(Some(&[Conv, FullAttention]), None),
+            types(Some(&[Conv, SlidingAttention, Conv]), None),
+        ] {
+            let err = bad.resolve(3, &c).unwrap_err();
+            assert!(err.to_string().contains("layer_types"), "{err}");
+        }
 
         let mut layers = vec![LayerSettings::default(); 3];
         set_recurrent_layers(&mut layers, &[true, false, true], MixerKind::Mamba2);

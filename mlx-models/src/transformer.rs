@@ -338,6 +338,8 @@ pub enum LayerType {
     Mamba,
     /// An attention layer, as Granite 4 hybrids name full attention.
     Attention,
+    /// A gated short-convolution layer (LFM2's `conv`); the family sets its mixer.
+    Conv,
 }
 
 impl LayerType {
@@ -439,7 +441,8 @@ pub fn layers_by_type(
             | LayerType::ChunkedAttention
             | LayerType::LinearAttention
             | LayerType::Mamba
-            | LayerType::Attention => LayerSettings {
+            | LayerType::Attention
+            | LayerType::Conv => LayerSettings {
                 rope: rope.cloned(),
                 ..LayerSettings::default()
             },

@@ -86,6 +86,7 @@ pub const BOUNDS: &[(&str, f32, f32)] = &[
     ("jais2", 0.028, 0.43),             // measured 0.0217, 0.341
     ("jamba", 0.059, 0.79),             // measured 0.0466, 0.631
     ("lfm2", 0.044, 0.59),              // measured 0.0352, 0.472
+    ("lfm2_moe", 0.03, 0.51),           // measured 0.0234, 0.405
     ("llama", 0.045, 0.71),             // measured 0.036, 0.562
     ("llama4_text", 0.029, 0.46),       // measured 0.0228, 0.366
     ("longcat_flash", 0.032, 0.63),     // measured 0.0251, 0.5

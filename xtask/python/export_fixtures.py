@@ -1408,6 +1408,11 @@ def routing_checks(model, activations) -> tuple:
     return checks, {"moe_layers": layers, "layers": summary}
 
 
+# The names of the vector a router adds to its scores to choose experts (not to weight them):
+# DeepSeek-V3's `e_score_correction_bias`, LFM2-MoE's `expert_bias` (on its MoE block).
+ROUTING_BIAS_NAMES = ("e_score_correction_bias", "expert_bias")
+
+
 def routing_margins(model, activations) -> dict:
     """How far each MoE layer's choice of experts is from a tie; refuses near-ties (MIN_ROUTER_MARGIN).
 
@@ -1415,7 +1420,7 @@ def routing_margins(model, activations) -> dict:
     the way Transformers ranks them: the logits themselves (softmax and sigmoid
     routers are monotone in them; PhiMoE's sparsemixer takes the best, then the best
     of the rest), or sigmoid(logits) + e_score_correction_bias where a layer has that
-    routing bias (GLM-4.5, MiniMax-M2, DeepSeek-V3; softmax(logits) + the bias for the
+    routing bias (GLM-4.5, MiniMax-M2, DeepSeek-V3, LFM2-MoE; softmax(logits) + the bias for the
     routers in SOFTMAX_BIAS_ROUTERS), restricted to the best `topk_group` of
     `num_group` groups (each scored by the sum of its top-2, or by its best expert for
     DeepSeek-V2's `group_limited_greedy`; not at all for its `greedy`) where the router groups
@@ -1430,9 +1435,10 @@ def routing_margins(model, activations) -> dict:
         chosen = activations[f"{ROUTER_RECORD_PREFIX}.{index}.top_k_index"]
         layer = decoder_parts(model)[0][index]
         biases = [
-            module.e_score_correction_bias
+            getattr(module, name)
             for module in layer.modules()
-            if isinstance(getattr(module, "e_score_correction_bias", None), torch.Tensor)
+            for name in ROUTING_BIAS_NAMES
+            if isinstance(getattr(module, name, None), torch.Tensor)
         ]
         if not biases:
             score = logits

@@ -141,8 +141,8 @@ SMALL_SIZES = {
     "mamba_chunk_size": 4,
 }
 HEAD_DIM = SMALL_SIZES["hidden_size"] // SMALL_SIZES["num_attention_heads"]
-# A mixture of experts whose class leaves the expert count null (dots1): 4 experts of width
-# 8, 2 per token, one shared, so that the tiny model builds and stays small.
+# A mixture of experts whose class leaves the expert count null (dots1) or above 4: 4 experts
+# of width 8, 2 per token, one shared, so that the tiny model builds and stays small.
 MOE_SMALL_SIZES = {
     "num_experts": 4,
     "num_local_experts": 4,
@@ -151,6 +151,8 @@ MOE_SMALL_SIZES = {
     "moe_topk": 2,
     "n_shared_experts": 1,
     "moe_intermediate_size": 8,
+    # LFM2-MoE's leading dense layers (2 by default): one, so that layer 1 has experts.
+    "num_dense_layers": 1,
 }
 # The width of an optional block the class leaves out by default (a field whose default 0
 # means none): apart from every tiny size.
@@ -396,7 +398,90 @@ def small_config(model_type: str, fields: dict, attribute_map: dict) -> dict:
         if len(kinds) > 1 and len(set(tiny)) < len(kinds):
             config["layer_types"] = [kinds[i % len(kinds)] for i in range(config["num_hidden_layers"])]
     config = probes.fit_layer_patterns(model_type, config, build_config)
+    config = layer_types_the_model_reads(model_type, fields, config)
     return mix_layer_kinds(model_type, fields, config)
+
+
+def layer_type_names(model_type: str) -> list:
+    """The layer kinds the family's modeling code names where it reads `layer_types[...]`,
+    those that attend first: the strings a read is compared with (`config.layer_types[i] !=
+    "conv"`), and the keys of a mapping a read indexes (`causal_mask_mapping[
+    self.config.layer_types[i]]` with `{"full_attention": ..., "conv": ...}`). Read from the
+    source of the module that defines the causal-LM class (empty where it cannot be read)."""
+    import ast
+    import inspect
+
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        module = inspect.getmodule(getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]))
+        tree = ast.parse(inspect.getsource(module))
+    except Exception:  # noqa: BLE001 - no source: no names
+        return []
+
+    def reads(node) -> bool:
+        return any(
+            isinstance(n, ast.Subscript) and isinstance(n.value, ast.Attribute) and n.value.attr == "layer_types"
+            for n in ast.walk(node)
+        )
+
+    def strings(node) -> list:
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            return [node.value]
+        if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+            return [s for e in node.elts for s in strings(e)]
+        return []
+
+    names, mappings = [], set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare):
+            operands = [node.left, *node.comparators]
+            if any(reads(o) for o in operands):
+                names += [s for o in operands if not reads(o) for s in strings(o)]
+        elif isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name) and reads(node.slice):
+            mappings.add(node.value.id)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Dict):
+            if any(isinstance(t, ast.Name) and t.id in mappings for t in node.targets):
+                names += [s for k in node.value.keys if k is not None for s in strings(k)]
+    names = list(dict.fromkeys(names))
+    return [n for n in names if attends(n)] + [n for n in names if not attends(n)]
+
+
+def layer_types_the_model_reads(model_type: str, fields: dict, config: dict) -> dict:
+    """A `layer_types` for a class whose field defaults to null while its model indexes it
+    (LFM2-MoE's `config.layer_types[layer_idx] != "conv"`: the default config builds no model):
+    the kinds its modeling code names ([`layer_type_names`]), layer 0 of one that attends and
+    the others cycling through the rest, kept only if the tiny model then builds. `config`
+    unchanged where the class resolves a `layer_types` of its own or the model builds without."""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if "layer_types" not in fields or model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return config
+    try:
+        if getattr(build_config(model_type, config), "layer_types", None) is not None:
+            return config
+    except Exception:
+        return config
+    architecture = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]
+    try:
+        tiny_model(architecture, build_config(model_type, config))
+        return config
+    except Exception:  # noqa: BLE001 - the model needs the layer kinds
+        pass
+    kinds = layer_type_names(model_type)
+    if not kinds:
+        return config
+    rest = kinds[1:] or kinds
+    layers = config.get("num_hidden_layers", SMALL_SIZES["num_hidden_layers"])
+    trial = {**config, "layer_types": [kinds[0]] + [rest[i % len(rest)] for i in range(layers - 1)]}
+    try:
+        getattr(transformers, architecture)(build_config(model_type, trial))
+    except Exception:  # noqa: BLE001 - not kinds it accepts
+        return config
+    return trial
 
 
 def layer_kinds(resolved) -> list:
@@ -461,7 +546,24 @@ def hybrid_layers(model_type: str, fields: dict, small: dict) -> dict | None:
     pattern field (an index list, or a period and offset) set to attend at layers 0 and 2
     of 4 and at 1 and 3, each checked against the kinds it resolves, and what a null index
     list means. None where the tiny config's layers are all alike or no pattern field
-    reproduces them (`layer_types` then says it, where the class has it)."""
+    reproduces them.
+
+    Where the class has a `layer_types` field and the tiny config's kinds include one that
+    does not attend (LFM2's "conv"), that list is the rule (it wins over a pattern field
+    wherever a config.json carries it): {"rule": "layer_types", "field", "kinds": the tiny
+    config's kinds in order of first use, "fallback": the pattern rule above, or None}."""
+    found = pattern_rule(model_type, fields, small)
+    try:
+        kinds = layer_kinds(build_config(model_type, small))
+    except Exception:
+        return found
+    if "layer_types" in fields and len(set(kinds)) > 1 and not all(attends(k) for k in kinds):
+        return {"rule": "layer_types", "field": "layer_types", "kinds": list(dict.fromkeys(kinds)), "fallback": found}
+    return found
+
+
+def pattern_rule(model_type: str, fields: dict, small: dict) -> dict | None:
+    """The pattern field of [`hybrid_layers`] (an index list, or a period and offset), or None."""
     try:
         kinds = layer_kinds(build_config(model_type, small))
     except Exception:

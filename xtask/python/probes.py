@@ -602,7 +602,7 @@ def routing_probes(architecture, small, build_config, tiny_model, model_type, fi
     them, `n_group` 4, `topk_group` 2, `routed_scaling_factor` 2.5, each value of
     `norm_topk_prob` and each value a string field is compared with in the modeling code
     (`topk_method == "greedy"`); every router vector beside its weight (a score-correction
-    bias) is drawn at random. It records, for 12 tokens, the router's logits (its input
+    bias), and every vector of the MoE block itself, is drawn at random. It records, for 12 tokens, the router's logits (its input
     times its weight, in f32), those vectors, and the expert indices and weights the
     experts module is called with. The port tool finds the routing function (softmax or
     sigmoid scores, group-limited choice, correction bias, renormalization, scaling) that
@@ -680,6 +680,13 @@ def _record_routing(model, torch):
                     continue
                 tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.2)
                 vectors[vname] = tensor.reshape(-1).tolist()
+            # A vector the block itself holds and hands to its router (LFM2-MoE's `expert_bias`).
+            own = list(block.named_parameters(recurse=False)) + list(block.named_buffers(recurse=False))
+            for vname, tensor in own:
+                if tensor.dim() != 1 or not tensor.is_floating_point() or vname in vectors:
+                    continue
+                tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.2)
+                vectors[vname] = tensor.tolist()
         seen = {}
 
         def block_input(_module, args):

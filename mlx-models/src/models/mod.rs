@@ -53,6 +53,7 @@ pub mod iquestcoder;
 pub mod jais2;
 pub mod jamba;
 pub mod lfm2;
+pub mod lfm2_moe;
 pub mod llama;
 pub mod llama4_text;
 pub mod longcat_flash;
@@ -145,6 +146,7 @@ pub const REGISTRY: &[(&str, Loader)] = &[
         family::load::<modernbert_decoder::Config>,
     ),
     ("granitemoeshared", family::load::<granitemoeshared::Config>),
+    ("lfm2_moe", family::load::<lfm2_moe::Config>),
     ("mpt", family::load::<mpt::Config>),
     // GPT-SW3 checkpoints are GPT-2 (Transformers maps `gpt-sw3` to `GPT2Config`).
     ("gpt-sw3", family::load::<gpt2::Config>),

@@ -222,6 +222,11 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
             family.push("Mamba2Config");
         }
         transformer.push("MixerKind");
+        if matches!(h.rule, super::recurrent::AttentionRule::LayerTypes { .. })
+            && !transformer.contains(&"LayerType")
+        {
+            transformer.push("LayerType");
+        }
     }
     let renames =
         !plan.renames.is_empty() || !plan.prefix_renames.is_empty() || !plan.conv1d.is_empty();

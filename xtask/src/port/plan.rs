@@ -162,6 +162,7 @@ pub const MOE_FIELDS: &[&str] = &[
     "first_k_dense_replace",
     "moe_layer_start_index",
     "moe_layer_end_index",
+    "num_dense_layers",
     "shared_expert_intermediate_size",
     "shared_intermediate_size",
     "n_shared_experts",
@@ -1509,7 +1510,13 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         .renames
         .extend(super::trace::final_norm_rename(facts.value));
     roles.renames.extend(saved_layer_renames(facts.value));
-    roles.renames.extend(expert_block_renames(&facts));
+    for rename in expert_block_renames(&facts) {
+        // The call trace may have named the block already (LFM2-MoE's `feed_forward`).
+        if !roles.renames.contains(&rename) {
+            roles.renames.push(rename);
+        }
+    }
+    roles.renames.splice(0..0, block_vector_rename(&facts));
     roles.renames.extend(fused_qk_norm_renames(&facts));
     let bare = bare_bias_renames(facts.value, &roles.renames);
     roles.renames.splice(0..0, bare.iter().cloned());
@@ -1685,12 +1692,20 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
     };
     let hybrid = super::recurrent::hybrid_plan(facts.value, &mut decisions, &mut gaps);
     if let Some(h) = &hybrid {
-        roles.renames.push((h.path.clone(), "mixer".to_owned()));
+        let loaded = super::recurrent::loaded_as(h.mixer.kind);
+        if h.path != loaded {
+            roles.renames.push((h.path.clone(), loaded.to_owned()));
+        }
         let rule = h.rule.fields().into_iter().map(|f| (f, None));
         let mixer = h.mixer.roles.iter().map(|(r, f)| (f.as_str(), Some(*r)));
         for (name, role) in rule.chain(mixer) {
             if !fields.iter().any(|f| f.name == name) {
-                fields.push(super::recurrent::role_field(&defaults, name, role));
+                fields.push(super::recurrent::role_field(
+                    &defaults,
+                    name,
+                    role,
+                    h.mixer.kind,
+                ));
             }
         }
     }
@@ -2116,16 +2131,17 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
                         | "shared_expert.gate_up_proj.weight"
                         | "shared_expert.down_proj.weight"
                         | "shared_expert_gate.weight"
-                ) || routing_vector
-                    .as_ref()
-                    .is_some_and(|v| rest.strip_prefix("gate.") == Some(v.as_str()))
-                    || rest.strip_prefix("experts.").is_some_and(|r| {
-                        r.split_once('.').is_some_and(|(i, p)| {
-                            i.parse::<usize>().is_ok()
-                                && ["gate_proj.weight", "up_proj.weight", "down_proj.weight"]
-                                    .contains(&p)
-                        })
+                ) || routing_vector.as_ref().is_some_and(|v| {
+                    // Where the block loads it, whatever the model calls it.
+                    rest.strip_prefix("gate.") == Some(v.as_str())
+                        || rest == "gate.e_score_correction_bias"
+                }) || rest.strip_prefix("experts.").is_some_and(|r| {
+                    r.split_once('.').is_some_and(|(i, p)| {
+                        i.parse::<usize>().is_ok()
+                            && ["gate_proj.weight", "up_proj.weight", "down_proj.weight"]
+                                .contains(&p)
                     })
+                })
             };
             for name in params.keys() {
                 if name.strip_prefix(&prefix).is_some_and(|rest| !taken(rest)) {
@@ -2201,7 +2217,11 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
                 "layers with a dense MLP",
             ),
             (
-                &["first_k_dense_replace", "moe_layer_start_index"],
+                &[
+                    "first_k_dense_replace",
+                    "moe_layer_start_index",
+                    "num_dense_layers",
+                ],
                 FieldType::I32,
                 "the first layers with a dense MLP",
             ),
@@ -3557,11 +3577,14 @@ fn routing_gaps(
     gaps: &mut Vec<String>,
 ) {
     if let Some(v) = &r.correction_bias {
-        if v != "e_score_correction_bias" {
+        let loaded = "mlp.gate.e_score_correction_bias";
+        if v != "e_score_correction_bias" && !layer.contains_key(loaded) {
             gaps.push(format!(
                 "the router's vector `{v}` is added to its scores: the block loads `e_score_correction_bias`"
             ));
-        } else if !layer.contains_key(format!("mlp.gate.{v}").as_str()) {
+        } else if !layer.contains_key(format!("mlp.gate.{v}").as_str())
+            && !layer.contains_key(loaded)
+        {
             gaps.push(format!(
                 "the router adds `{v}`, which the checkpoint does not carry as `mlp.gate.{v}`"
             ));
@@ -3629,9 +3652,13 @@ fn sparse_layer_rule(
             .and_then(Value::as_u64)
             .unwrap_or(1)
             .max(1) as usize;
-        let first = get(&["first_k_dense_replace", "moe_layer_start_index"])
-            .and_then(Value::as_u64)
-            .unwrap_or(0) as usize;
+        let first = get(&[
+            "first_k_dense_replace",
+            "moe_layer_start_index",
+            "num_dense_layers",
+        ])
+        .and_then(Value::as_u64)
+        .unwrap_or(0) as usize;
         let last = get(&["moe_layer_end_index"])
             .and_then(Value::as_u64)
             .map_or(usize::MAX, |e| e as usize);
@@ -3646,6 +3673,7 @@ fn sparse_layer_rule(
             "first_k_dense_replace",
             "moe_layer_start_index",
             "moe_layer_end_index",
+            "num_dense_layers",
         ]
         .iter()
         .any(|f| has_field(f));
@@ -3795,6 +3823,46 @@ fn expert_block_renames(facts: &Facts) -> Vec<(String, String)> {
         renames.push((block, "mlp".to_owned()));
     }
     renames
+}
+
+/// A vector the MoE block itself holds and hands to its router (LFM2-MoE's
+/// `feed_forward.expert_bias`, recorded by the routing probes): renamed to the router's
+/// correction vector, where the block loads it (the routing fit decides what it does).
+/// First among the renames, before the block's own.
+fn block_vector_rename(facts: &Facts) -> Option<(String, String)> {
+    let params = facts.parameters();
+    let block = params.keys().find_map(|name| {
+        let path = name.strip_prefix("model.layers.")?.split_once('.')?.1;
+        let (block, _) = path.split_once(".experts")?;
+        (!block.contains('.')).then(|| block.to_owned())
+    })?;
+    let recorded = |v: &str| {
+        facts
+            .value
+            .get("routing_probes")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .any(|p| p.pointer(&format!("/vectors/{v}")).is_some())
+    };
+    let own_vectors: Vec<String> = params
+        .iter()
+        .filter(|(_, shape)| shape.len() == 1)
+        .filter_map(|(name, _)| {
+            let path = name.strip_prefix("model.layers.")?.split_once('.')?.1;
+            let v = path.strip_prefix(&format!("{block}."))?;
+            (!v.contains('.') && recorded(v)).then(|| v.to_owned())
+        })
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    match own_vectors.as_slice() {
+        [v] => Some((
+            format!("{block}.{v}"),
+            "mlp.gate.e_score_correction_bias".to_owned(),
+        )),
+        _ => None,
+    }
 }
 
 /// Hub checkpoints' names converted to Transformers' (substring renames, in order).

@@ -8,7 +8,9 @@ use super::plan::{Choice, Field, FieldType, Plan, Scalar};
 use mlx_models::config::ConfigFile;
 use mlx_models::family::{set_recurrent_layers, AttentionLayers, LayerRule};
 use mlx_models::ssm::{Mamba2Gate, Mamba2Settings, MambaSettings};
-use mlx_models::transformer::{DecoderSettings, MixerKind, MlpLayout, NormPlacement, QkNorm};
+use mlx_models::transformer::{
+    DecoderSettings, LayerType, MixerKind, MlpLayout, NormPlacement, QkNorm,
+};
 use mlx_models::Result;
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -21,7 +23,14 @@ pub enum Kind {
     Mamba,
     /// Mamba2's state-space duality (`in_proj`, `conv1d`, `dt_bias`, `A_log`, `D`, `norm`).
     Mamba2,
+    /// LFM2's gated short convolution (`in_proj`, a depthwise `conv`, `out_proj`): only in a
+    /// hybrid (a recurrent-only plan holds Mamba or Mamba2, read from `A_log`).
+    ShortConv,
 }
+
+/// What a recurrent-only plan never holds (its mixer is read from `A_log`).
+const NOT_RECURRENT_ONLY: &str =
+    "a recurrent-only plan holds Mamba or Mamba2 (`plan` reads them from `A_log`)";
 
 /// What the generator decided for a recurrent-only decoder.
 #[derive(Debug, Clone)]
@@ -61,13 +70,19 @@ const ROLES: &[(&str, &[&str])] = &[
         &["mamba_d_state", "state_size", "ssm_state_size"],
     ),
     ("n_groups", &["mamba_n_groups", "n_groups"]),
-    ("conv_kernel", &["mamba_d_conv", "conv_kernel"]),
+    (
+        "conv_kernel",
+        &["mamba_d_conv", "conv_kernel", "conv_L_cache"],
+    ),
     ("expand", &["mamba_expand", "expand"]),
     ("chunk_size", &["mamba_chunk_size", "chunk_size"]),
     ("time_step_rank", &["time_step_rank"]),
     ("time_step_limit", &["time_step_limit"]),
     ("bias", &["mamba_proj_bias", "use_bias"]),
-    ("conv_bias", &["mamba_conv_bias", "use_conv_bias"]),
+    (
+        "conv_bias",
+        &["mamba_conv_bias", "use_conv_bias", "conv_bias"],
+    ),
     ("act", &["hidden_act"]),
     ("eps", &["layer_norm_epsilon", "rms_norm_eps", "norm_eps"]),
     ("residual_in_fp32", &["residual_in_fp32"]),
@@ -99,6 +114,7 @@ fn needed(kind: Kind) -> &'static [&'static str] {
             "act",
             "eps",
         ],
+        Kind::ShortConv => &["conv_kernel", "conv_bias"],
     }
 }
 
@@ -258,10 +274,10 @@ pub fn hybrid_gaps(facts: &Value) -> Vec<String> {
         })
         .collect();
     gaps.push(format!(
-        "the layers mix their mixers ({}; the config's `layer_types` {}): the generator does not \
-         compose attention with recurrent or convolutional layers yet (by hand: \
-         `LayerSettings::mixer`, `ssm::Mamba2Settings`, `DecoderSettings::short_conv`; see \
-         `models/granitemoehybrid.rs`, `models/lfm2.rs`)",
+        "the layers mix their mixers ({}; the config's `layer_types` {}): the generator composes \
+         attention layers (layer 0 among them) with one kind of Mamba, Mamba2 or short-conv \
+         layer, not this mix (by hand: `LayerSettings::mixer`, `ssm::Mamba2Settings`, \
+         `DecoderSettings::short_conv`; see `models/granitemoehybrid.rs`, `models/lfm2.rs`)",
         shown.join(", "),
         if types.len() == mixers.len() {
             "agrees"
@@ -281,13 +297,56 @@ pub enum AttentionRule {
     Indices { field: String, null_attends: bool },
     /// Attention at the layers `i % period == offset` (Jamba's).
     Period { period: String, offset: String },
+    /// Each layer's kind from the list `field` (LFM2's `layer_types`): the `attending` kinds
+    /// attend, the `mixing` one runs the mixer (which kind holds which, read from the tiny
+    /// model's layers); a config without the list follows `fallback` (LFM2's
+    /// `full_attn_idxs`), or has no rule.
+    LayerTypes {
+        field: String,
+        attending: Vec<String>,
+        mixing: String,
+        fallback: Option<Box<AttentionRule>>,
+    },
 }
 
 impl AttentionRule {
     fn from_facts(facts: &Value) -> Option<AttentionRule> {
-        let h = facts.get("hybrid_layers")?;
+        Self::from_probe(facts.get("hybrid_layers")?, facts)
+    }
+
+    fn from_probe(h: &Value, facts: &Value) -> Option<AttentionRule> {
         let text = |key: &str| h.get(key).and_then(Value::as_str).map(str::to_owned);
         match h.get("rule")?.as_str()? {
+            "layer_types" => {
+                // Each kind the probe names, by the mixer its first tiny layer holds.
+                let tiny: Vec<&str> = facts
+                    .get("layer_types")?
+                    .as_array()?
+                    .iter()
+                    .filter_map(Value::as_str)
+                    .collect();
+                let mixers = layer_mixers(facts);
+                let (mut attending, mut mixing) = (Vec::new(), Vec::new());
+                for kind in h.get("kinds")?.as_array()?.iter().filter_map(Value::as_str) {
+                    let i = tiny.iter().position(|t| *t == kind)?;
+                    match mixers.get(i)? {
+                        LayerMixer::Attention(_) => attending.push(kind.to_owned()),
+                        LayerMixer::Unknown => return None,
+                        _ => mixing.push(kind.to_owned()),
+                    }
+                }
+                let [mixing] = <[String; 1]>::try_from(mixing).ok()?;
+                let fallback = match h.get("fallback") {
+                    None | Some(Value::Null) => None,
+                    Some(f) => Some(Box::new(Self::from_probe(f, facts)?)),
+                };
+                (!attending.is_empty()).then_some(AttentionRule::LayerTypes {
+                    field: text("field")?,
+                    attending,
+                    mixing,
+                    fallback,
+                })
+            }
             "indices" => Some(AttentionRule::Indices {
                 field: text("field")?,
                 null_attends: h.get("null_attends")?.as_bool()?,
@@ -313,6 +372,28 @@ impl AttentionRule {
             AttentionRule::Period { period, offset } => {
                 format!("layer i attends when i % `{period}` == `{offset}`")
             }
+            AttentionRule::LayerTypes {
+                field,
+                attending,
+                mixing,
+                fallback,
+            } => format!(
+                "`{field}` names each layer ({} {}, `{mixing}` runs the mixer); {}",
+                attending
+                    .iter()
+                    .map(|k| format!("`{k}`"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                if attending.len() == 1 {
+                    "attends"
+                } else {
+                    "attend"
+                },
+                match fallback {
+                    Some(rule) => format!("without it, {}", rule.describe()),
+                    None => "a config must carry it".to_owned(),
+                }
+            ),
         }
     }
 
@@ -321,6 +402,13 @@ impl AttentionRule {
         match self {
             AttentionRule::Indices { field, .. } => vec![field],
             AttentionRule::Period { period, offset } => vec![period, offset],
+            AttentionRule::LayerTypes {
+                field, fallback, ..
+            } => {
+                let mut fields = vec![field.as_str()];
+                fields.extend(fallback.iter().flat_map(|rule| rule.fields()));
+                fields
+            }
         }
     }
 
@@ -343,6 +431,28 @@ impl AttentionRule {
                 let offset = config.get(offset)?.as_u64()? as usize;
                 (period > 0).then(|| (0..n).map(|i| i % period == offset).collect())
             }
+            AttentionRule::LayerTypes {
+                field,
+                attending,
+                mixing,
+                fallback,
+            } => match config.get(field) {
+                None | Some(Value::Null) => fallback.as_ref()?.attends(config, n),
+                Some(list) => {
+                    let kinds = list.as_array().filter(|l| l.len() == n)?;
+                    kinds
+                        .iter()
+                        .map(|k| {
+                            let k = k.as_str()?;
+                            if attending.iter().any(|a| a == k) {
+                                Some(true)
+                            } else {
+                                (k == mixing).then_some(false)
+                            }
+                        })
+                        .collect()
+                }
+            },
         }
     }
 }
@@ -378,13 +488,12 @@ pub fn hybrid_plan(
     }
     let mut recurrent = mixers.iter().enumerate().filter_map(|(i, m)| match m {
         LayerMixer::Recurrent(path, kind) => Some((i, path.clone(), *kind)),
+        LayerMixer::ShortConv(path) => Some((i, path.clone(), Kind::ShortConv)),
         _ => None,
     });
     let first = recurrent.next();
     let composable = matches!(mixers.first(), Some(LayerMixer::Attention(_)))
-        && mixers
-            .iter()
-            .all(|m| matches!(m, LayerMixer::Attention(_) | LayerMixer::Recurrent(..)))
+        && mixers.iter().all(|m| !matches!(m, LayerMixer::Unknown))
         && first
             .as_ref()
             .is_some_and(|(_, path, kind)| recurrent.all(|(_, p, k)| p == *path && k == *kind));
@@ -401,6 +510,18 @@ pub fn hybrid_plan(
         );
         return None;
     };
+    if let AttentionRule::LayerTypes {
+        attending, mixing, ..
+    } = &rule
+    {
+        for kind in attending.iter().chain([mixing]) {
+            if layer_type(kind).is_none() {
+                gaps.push(format!(
+                    "the layer kind `{kind}` is none the decoder's `LayerType` knows"
+                ));
+            }
+        }
+    }
     let resolved = &facts["resolved_config"];
     let tiny: Vec<bool> = mixers
         .iter()
@@ -430,7 +551,31 @@ pub fn hybrid_plan(
             .map(|(n, shape)| (n.to_owned(), shape.clone()))
             .collect()
     };
-    let (theirs, ours) = (rest(index, &path), rest(0, attention));
+    // A feed-forward block with experts in either layer is the MoE plan's to check (the
+    // first layers of a family may keep a dense MLP): its name only is compared.
+    let moe_blocks: Vec<String> = [rest(index, &path), rest(0, attention)]
+        .iter()
+        .flatten()
+        .filter(|(n, _)| n.contains(".experts."))
+        .filter_map(|(n, _)| n.split_once('.').map(|(block, _)| block.to_owned()))
+        .collect();
+    let outside_moe = |params: Vec<(String, Vec<i64>)>| -> Vec<(String, Vec<i64>)> {
+        params
+            .into_iter()
+            .map(|(n, shape)| match n.split_once('.') {
+                Some((block, _)) if moe_blocks.iter().any(|b| b == block) => {
+                    (block.to_owned(), Vec::new())
+                }
+                _ => (n, shape),
+            })
+            .collect::<std::collections::BTreeMap<_, _>>()
+            .into_iter()
+            .collect()
+    };
+    let (theirs, ours) = (
+        outside_moe(rest(index, &path)),
+        outside_moe(rest(0, attention)),
+    );
     if theirs != ours {
         gaps.push(format!(
             "layer {index} holds {:?} besides its {kind:?} mixer, the attention layer 0 {:?}: \
@@ -456,9 +601,10 @@ pub fn hybrid_plan(
     );
     decisions.push(format!(
         "hybrid: {} (tiny model: {tiny:?}); the others hold the {kind:?} mixer `{path}` (read \
-         from the module tree), loaded as `mixer`, without RoPE; their norms and MLP are named \
+         from the module tree), loaded as `{}`, without RoPE; their norms and MLP are named \
          and shaped as the attention layers'",
-        rule.describe()
+        rule.describe(),
+        loaded_as(kind)
     ));
     Some(HybridPlan {
         mixer: RecurrentPlan {
@@ -472,9 +618,26 @@ pub fn hybrid_plan(
     })
 }
 
+/// The name the decoder loads a hybrid's `kind` mixer under (in each layer).
+pub fn loaded_as(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Mamba | Kind::Mamba2 => "mixer",
+        Kind::ShortConv => "conv",
+    }
+}
+
 /// What a mixer role's field is, for the module's doc comments.
 fn role_text(role: &str) -> &'static str {
+    role_text_of(Kind::Mamba2, role)
+}
+
+/// What a `kind` mixer's role field is, for the module's doc comments.
+pub fn role_text_of(kind: Kind, role: &str) -> &'static str {
     match role {
+        "conv_kernel" if kind == Kind::ShortConv => "short convolution: taps of its causal conv",
+        "conv_bias" if kind == Kind::ShortConv => {
+            "short convolution: biases of `in_proj`, the conv and `out_proj`"
+        }
         "num_heads" => "recurrent mixer: heads",
         "head_dim" => "recurrent mixer: width of a head",
         "state_size" => "recurrent mixer: state size",
@@ -492,7 +655,12 @@ fn role_text(role: &str) -> &'static str {
 
 /// The module's field for a hybrid's config field `name`: a mixer `role`, or (`None`) the
 /// field that says which layers attend, nullable as a null list means something.
-pub fn role_field(defaults: &BTreeMap<String, Value>, name: &str, role: Option<&str>) -> Field {
+pub fn role_field(
+    defaults: &BTreeMap<String, Value>,
+    name: &str,
+    role: Option<&str>,
+    kind: Kind,
+) -> Field {
     let nullable = role.is_none();
     let mut default = defaults.get(name).cloned().unwrap_or(Value::Null);
     // Python's infinity, as the config reader spells it.
@@ -521,7 +689,7 @@ pub fn role_field(defaults: &BTreeMap<String, Value>, name: &str, role: Option<&
         nullable,
         role: match role {
             None => "which layers attend",
-            Some(role) => role_text(role),
+            Some(role) => role_text_of(kind, role),
         },
     }
 }
@@ -555,6 +723,7 @@ pub fn plan(facts: &Value, module: &str) -> Option<Plan> {
         match kind {
             Kind::Mamba => "`x_proj`/`dt_proj`",
             Kind::Mamba2 => "`dt_bias`",
+            Kind::ShortConv => unreachable!("{NOT_RECURRENT_ONLY}"),
         }
     )];
     let roles = mixer_roles(kind, fields_of, &mut gaps);
@@ -739,6 +908,25 @@ fn check_mixer(
                 Some(_) => Mamba2Gate::NormAfterGate,
             })
         }
+        Kind::ShortConv => {
+            // `in_proj` gives B, C and x; a depthwise conv of `conv_kernel` taps; `out_proj`.
+            checks.push((
+                "conv.weight".into(),
+                shape("conv.weight"),
+                vec![hidden, 1, k],
+            ));
+            checks.push((
+                "in_proj.weight".into(),
+                shape("in_proj.weight"),
+                vec![3 * hidden, hidden],
+            ));
+            checks.push((
+                "out_proj.weight".into(),
+                shape("out_proj.weight"),
+                vec![hidden, hidden],
+            ));
+            None
+        }
     };
     for (leaf, got, want) in &checks {
         if got != want {
@@ -748,7 +936,16 @@ fn check_mixer(
             ));
         }
     }
-    for (leaf, role) in [("in_proj.bias", "bias"), ("conv1d.bias", "conv_bias")] {
+    let biases: &[(&str, &str)] = match kind {
+        Kind::Mamba | Kind::Mamba2 => &[("in_proj.bias", "bias"), ("conv1d.bias", "conv_bias")],
+        // One switch for the three (LFM2's `conv_bias`).
+        Kind::ShortConv => &[
+            ("in_proj.bias", "conv_bias"),
+            ("conv.bias", "conv_bias"),
+            ("out_proj.bias", "conv_bias"),
+        ],
+    };
+    for &(leaf, role) in biases {
         if present(leaf) != flag(role) {
             gaps.push(format!(
                 "`{mixer}.{leaf}` {} while `{}` is {}",
@@ -939,6 +1136,8 @@ fn config_value(plan: &Plan, config: &ConfigFile, name: &str) -> Value {
 pub enum MixerSettings {
     Mamba(MambaSettings),
     Mamba2(Mamba2Settings),
+    /// [`DecoderSettings::short_conv`]: the conv's taps and whether the block has biases.
+    ShortConv(i32, bool),
 }
 
 /// The mixer's settings and its norm's epsilon, read from `config` directly (the fields of
@@ -955,6 +1154,13 @@ fn mixer_settings(
         config.require(name, value(name).as_i64().map(|v| v as i32))
     };
     let boolean = |role: &str| value(r.field(role)).as_bool().unwrap_or(false);
+    if r.kind == Kind::ShortConv {
+        let kernel = int("conv_kernel")?;
+        config.ensure(kernel > 0, r.field("conv_kernel"), || {
+            "must be positive".to_owned()
+        })?;
+        return Ok((MixerSettings::ShortConv(kernel, boolean("conv_bias")), 0.0));
+    }
     let act = value(r.field("act"));
     config.ensure(act.as_str() == Some("silu"), r.field("act"), || {
         format!("the mixer's activation {act} is not supported (silu)")
@@ -1029,6 +1235,7 @@ fn mixer_settings(
                 chunked_prefill: true,
             })
         }
+        Kind::ShortConv => unreachable!("read above"),
     };
     Ok((mixer, eps))
 }
@@ -1062,6 +1269,7 @@ pub fn settings(plan: &Plan, r: &RecurrentPlan, config: &ConfigFile) -> Result<D
                 MixerKind::Mamba2,
             )
         },
+        MixerSettings::ShortConv(..) => unreachable!("{NOT_RECURRENT_ONLY}"),
     };
     settings.norm_eps = eps;
     settings.tie_word_embeddings = value("tie_word_embeddings").as_bool().unwrap_or(false);
@@ -1077,7 +1285,7 @@ pub fn with_hybrid(
     plan: &Plan,
     h: &HybridPlan,
     config: &ConfigFile,
-    mut settings: DecoderSettings,
+    settings: DecoderSettings,
 ) -> Result<DecoderSettings> {
     let value = |name: &str| config_value(plan, config, name);
     let n = settings.layers.len();
@@ -1109,8 +1317,108 @@ pub fn with_hybrid(
             period: (period, int(period)?),
             offset: (offset, int(offset)?),
         },
+        AttentionRule::LayerTypes { .. } => {
+            let attends = layer_types_attend(&h.rule, config, &value, n)?;
+            return with_mixer(plan, h, config, settings, &attends);
+        }
     };
     let attends = rule.resolve(n, config)?;
+    with_mixer(plan, h, config, settings, &attends)
+}
+
+/// A layer kind of Transformers' `layer_types` as the decoder's [`LayerType`] (a kind it
+/// does not know is a gap of the plan).
+pub fn layer_type(kind: &str) -> Option<LayerType> {
+    serde_json::from_value(Value::from(kind)).ok()
+}
+
+/// Which of `n` layers attend under an [`AttentionRule::LayerTypes`] rule, through
+/// [`AttentionLayers::Types`] as the generated module resolves it.
+fn layer_types_attend(
+    rule: &AttentionRule,
+    config: &ConfigFile,
+    value: &dyn Fn(&str) -> Value,
+    n: usize,
+) -> Result<Vec<bool>> {
+    let AttentionRule::LayerTypes {
+        field,
+        attending,
+        mixing,
+        fallback,
+    } = rule
+    else {
+        unreachable!("a layer_types rule")
+    };
+    let kinds = |names: &[String]| -> Result<Vec<LayerType>> {
+        names
+            .iter()
+            .map(|k| {
+                layer_type(k)
+                    .ok_or_else(|| config_error(config, field, format!("unknown kind `{k}`")))
+            })
+            .collect()
+    };
+    let types: Option<Vec<LayerType>> = match value(field) {
+        Value::Null => None,
+        v => Some(
+            serde_json::from_value(v).map_err(|e| config_error(config, field, e.to_string()))?,
+        ),
+    };
+    let (attending, mixing) = (kinds(attending)?, kinds(std::slice::from_ref(mixing))?[0]);
+    let indices;
+    let fallback = match fallback.as_deref() {
+        None => None,
+        Some(AttentionRule::Indices {
+            field,
+            null_attends,
+        }) => {
+            indices = value(field).as_array().map(|a| {
+                a.iter()
+                    .filter_map(Value::as_i64)
+                    .map(|v| v as i32)
+                    .collect::<Vec<_>>()
+            });
+            Some(AttentionLayers::Indices {
+                field,
+                indices: indices.as_deref(),
+                null_attends: *null_attends,
+            })
+        }
+        Some(other) => {
+            return Err(config_error(
+                config,
+                field,
+                format!("without it, {} is not composed", other.describe()),
+            ))
+        }
+    };
+    AttentionLayers::Types {
+        field,
+        types: types.as_deref(),
+        attending: &attending,
+        mixing,
+        fallback: fallback.as_ref(),
+    }
+    .resolve(n, config)
+}
+
+fn config_error(config: &ConfigFile, field: &str, message: String) -> mlx_models::Error {
+    mlx_models::Error::Config {
+        path: config.path.clone(),
+        field: field.to_owned(),
+        message,
+    }
+}
+
+/// `settings` with the layers `attends` leaves out running `h`'s mixer.
+fn with_mixer(
+    plan: &Plan,
+    h: &HybridPlan,
+    config: &ConfigFile,
+    mut settings: DecoderSettings,
+    attends: &[bool],
+) -> Result<DecoderSettings> {
+    let attends = attends.to_vec();
     let (mixer, _) = mixer_settings(plan, &h.mixer, config, settings.hidden_size)?;
     match mixer {
         MixerSettings::Mamba(mamba) => {
@@ -1120,6 +1428,10 @@ pub fn with_hybrid(
         MixerSettings::Mamba2(mamba2) => {
             set_recurrent_layers(&mut settings.layers, &attends, MixerKind::Mamba2);
             settings.mamba2 = Some(mamba2);
+        }
+        MixerSettings::ShortConv(kernel, bias) => {
+            set_recurrent_layers(&mut settings.layers, &attends, MixerKind::ShortConv);
+            settings.short_conv = Some((kernel, bias));
         }
     }
     Ok(settings)
@@ -1143,6 +1455,7 @@ pub fn module_source(plan: &Plan, r: &RecurrentPlan) -> String {
     let (block, kind, settings_ty) = match r.kind {
         Kind::Mamba => ("selective-scan", "Mamba", "MambaSettings"),
         Kind::Mamba2 => ("state-space", "Mamba2", "Mamba2Settings"),
+        Kind::ShortConv => unreachable!("{NOT_RECURRENT_ONLY}"),
     };
     let _ = writeln!(
         w,
@@ -1162,7 +1475,7 @@ pub fn module_source(plan: &Plan, r: &RecurrentPlan) -> String {
     let _ = writeln!(w);
     let gate = match r.kind {
         Kind::Mamba2 => "Mamba2Gate, ",
-        Kind::Mamba => "",
+        Kind::Mamba | Kind::ShortConv => "",
     };
     let _ = writeln!(
         w,
@@ -1270,10 +1583,12 @@ pub fn module_source(plan: &Plan, r: &RecurrentPlan) -> String {
                 clamp = r.clamp_steps,
             );
         }
+        Kind::ShortConv => unreachable!("{NOT_RECURRENT_ONLY}"),
     }
     let (field, var) = match r.kind {
         Kind::Mamba => ("mamba", "mamba"),
         Kind::Mamba2 => ("mamba2", "mamba2"),
+        Kind::ShortConv => unreachable!("{NOT_RECURRENT_ONLY}"),
     };
     let _ = writeln!(
         w,
@@ -1321,8 +1636,25 @@ pub fn hybrid_field(h: &HybridPlan, f: &Field) -> Option<String> {
             capitalize(role_text(role)),
             f.name
         )),
+        // A name that is no Rust field name (LFM2's `conv_L_cache`).
+        _ if ident(&f.name) != f.name => Some(format!(
+            "/// {}.\n#[serde(rename = {:?})]\npub {}: {},",
+            capitalize(role_text_of(h.mixer.kind, role)),
+            f.name,
+            ident(&f.name),
+            match f.ty {
+                FieldType::Bool => "bool",
+                FieldType::F64 => "f64",
+                _ => "i32",
+            }
+        )),
         _ => None,
     }
+}
+
+/// The Rust field name of config field `name`.
+fn ident(name: &str) -> String {
+    name.to_lowercase()
 }
 
 fn capitalize(s: &str) -> String {
@@ -1371,6 +1703,7 @@ pub fn hybrid_uses(h: &HybridPlan) -> Option<&'static str> {
         _ if uses_mamba2_config(h) => None,
         Kind::Mamba => Some("use crate::ssm::MambaSettings;"),
         Kind::Mamba2 => Some("use crate::ssm::{Mamba2Gate, Mamba2Settings};"),
+        Kind::ShortConv => None,
     }
 }
 
@@ -1407,14 +1740,71 @@ pub fn hybrid_settings(
                 Value::Bool(b) => format!("d.{name}.unwrap_or({b})"),
                 _ => format!("d.{name}"),
             },
-            _ => format!("self.{name}"),
+            _ => format!("self.{}", ident(name)),
         }
     };
     let kind = match r.kind {
         Kind::Mamba => "Mamba",
         Kind::Mamba2 => "Mamba2",
+        Kind::ShortConv => "ShortConv",
     };
     match &h.rule {
+        AttentionRule::LayerTypes {
+            field,
+            attending,
+            mixing,
+            fallback,
+        } => {
+            let _ = writeln!(
+                w,
+                "// `{field}`: {} layers attend, `{mixing}` layers run the {}.",
+                attending
+                    .iter()
+                    .map(|k| format!("`{k}`"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                if r.kind == Kind::ShortConv {
+                    "short convolution".to_owned()
+                } else {
+                    format!("{kind} mixer")
+                }
+            );
+            if let Some(rule) = fallback {
+                let _ = writeln!(w, "// Without it, {}.", rule.describe());
+            }
+            let variant = |k: &str| format!("LayerType::{}", camel(k));
+            let list = if shared(field) {
+                format!("d.windows.{field}.as_deref()")
+            } else {
+                format!("self.{field}.as_deref()")
+            };
+            let fallback = match fallback.as_deref() {
+                Some(AttentionRule::Indices {
+                    field,
+                    null_attends,
+                }) => {
+                    let _ = writeln!(
+                        w,
+                        "let fallback = AttentionLayers::Indices {{ field: {field:?}, indices: \
+                         self.{field}.as_deref(), null_attends: {null_attends} }};"
+                    );
+                    "Some(&fallback)"
+                }
+                _ => "None",
+            };
+            let _ = writeln!(
+                w,
+                "let attends = AttentionLayers::Types {{ field: {field:?}, types: {list}, \
+                 attending: &[{}], mixing: {}, fallback: {fallback} }}\
+                 .resolve(d.num_hidden_layers, config)?;",
+                attending
+                    .iter()
+                    .map(|k| variant(k))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                variant(mixing)
+            );
+        }
         AttentionRule::Indices {
             field,
             null_attends,
@@ -1447,6 +1837,16 @@ pub fn hybrid_settings(
         w,
         "set_recurrent_layers(&mut layers, &attends, MixerKind::{kind});"
     );
+    if r.kind == Kind::ShortConv {
+        return (
+            out,
+            format!(
+                "short_conv: Some(({}, {}))",
+                expr("conv_kernel"),
+                expr("conv_bias")
+            ),
+        );
+    }
     let act = r.field("act");
     let _ = writeln!(
         w,
@@ -1493,6 +1893,7 @@ pub fn hybrid_settings(
         }
     };
     let entry = match r.kind {
+        Kind::ShortConv => unreachable!("returned above"),
         Kind::Mamba => {
             let rank = field_init(
                 "time_step_rank",
@@ -1556,9 +1957,33 @@ pub fn hybrid_settings(
     (out, entry)
 }
 
+/// `full_attention` as `FullAttention`.
+fn camel(kind: &str) -> String {
+    kind.split('_')
+        .map(|part| {
+            let mut chars = part.chars();
+            chars
+                .next()
+                .map(|c| c.to_uppercase().chain(chars).collect::<String>())
+                .unwrap_or_default()
+        })
+        .collect()
+}
+
 /// A hybrid's structure line, for the module's doc and the report.
 pub fn hybrid_summary(h: &HybridPlan) -> String {
     let which = h.rule.describe();
+    if h.mixer.kind == Kind::ShortConv {
+        return format!(
+            "Hybrid: {which}. The others replace attention by a gated short convolution \
+             ([`crate::conv::ShortConv`], checkpoint `{}`: `in_proj` gives B, C and x, a causal \
+             depthwise conv of `{}` taps runs over B·x, `out_proj(C·conv)`; biases when `{}`) \
+             without RoPE, with the same norms and MLP. Its cache is the conv state alone.",
+            h.path,
+            h.mixer.field("conv_kernel"),
+            h.mixer.field("conv_bias")
+        );
+    }
     format!(
         "Hybrid: {which}; the others replace attention by a {:?} mixer ([`crate::ssm`], \
          checkpoint `{}`, loaded as `mixer`) without RoPE, with the same norms and MLP. Its \
@@ -1788,5 +2213,158 @@ mod tests {
             gaps[0].starts_with("layer 0: the module tree holds Recurrent"),
             "{gaps:?}"
         );
+    }
+
+    /// LFM2-MoE's recorded facts: layer 0 attends, layer 1 holds the short conv `conv`
+    /// (experts after it, layer 0 dense); `layer_types` is the rule (`full_attention`
+    /// attends, `conv` runs the conv: read from the tiny model's layers), the conv's fields
+    /// (`conv_L_cache`, `conv_bias`) are checked against its weight shapes, the MLP's
+    /// `w1`/`w3`/`w2` are gate/up/down by the order Transformers calls them, and the plan
+    /// verifies on the fixtures. Seeded faults: the kinds swapped (the first layer wants a
+    /// conv), the conv's biases dropped, `w1` and `w3` swapped, a kernel the weights do not
+    /// have.
+    #[test]
+    fn a_short_conv_hybrid_is_planned_from_layer_types_and_verifies() {
+        let facts = facts("lfm2_moe");
+        let plan = super::super::plan::plan(&facts, "lfm2_moe");
+        assert!(plan.gaps.is_empty(), "{:?}", plan.gaps);
+        let h = plan.hybrid.as_ref().expect("a hybrid plan");
+        assert_eq!(
+            h.rule,
+            AttentionRule::LayerTypes {
+                field: "layer_types".to_owned(),
+                attending: vec!["full_attention".to_owned()],
+                mixing: "conv".to_owned(),
+                fallback: None,
+            }
+        );
+        assert_eq!((h.mixer.kind, h.path.as_str()), (Kind::ShortConv, "conv"));
+        assert_eq!(
+            (h.mixer.field("conv_kernel"), h.mixer.field("conv_bias")),
+            ("conv_L_cache", "conv_bias")
+        );
+        // The block loads the conv under the checkpoint's own name.
+        assert!(!plan.renames.iter().any(|(from, _)| from == "conv"));
+        for (from, to) in [
+            ("feed_forward.w1", "mlp.gate_proj"),
+            ("feed_forward.w3", "mlp.up_proj"),
+            ("feed_forward.w2", "mlp.down_proj"),
+            (
+                "feed_forward.expert_bias",
+                "mlp.gate.e_score_correction_bias",
+            ),
+        ] {
+            assert!(
+                plan.renames.contains(&(from.to_owned(), to.to_owned())),
+                "{:?}",
+                plan.renames
+            );
+        }
+        let fixtures = fixtures("lfm2_moe");
+        let search = super::super::search(&plan, &fixtures).expect("search runs");
+        assert!(search.chosen.is_some(), "{:?}", search.tried);
+
+        let fails = |faulty: &Plan| -> String {
+            let search = super::super::search(faulty, &fixtures).expect("search runs");
+            assert!(search.chosen.is_none(), "a seeded fault passes");
+            search.tried[0].1.join("; ")
+        };
+        // The kinds swapped: layer 0 wants a conv.
+        let mut faulty = plan.clone();
+        if let Some(h) = faulty.hybrid.as_mut() {
+            h.rule = AttentionRule::LayerTypes {
+                field: "layer_types".to_owned(),
+                attending: vec!["conv".to_owned()],
+                mixing: "full_attention".to_owned(),
+                fallback: None,
+            };
+        }
+        let failure = fails(&faulty);
+        assert!(failure.contains("model.layers.0.conv."), "{failure}");
+        // The conv's biases dropped (the switch read from a field no config has): the
+        // options fixture's `conv_bias` true leaves them unused.
+        let mut faulty = plan.clone();
+        if let Some(h) = faulty.hybrid.as_mut() {
+            h.mixer
+                .roles
+                .insert("conv_bias", "no_such_field".to_owned());
+        }
+        let failure = fails(&faulty);
+        assert!(
+            failure.contains("lfm2_moe/options") && failure.contains("conv.bias"),
+            "{failure}"
+        );
+        // Gate and up swapped: the dense MLP of layer 0 differs.
+        let mut faulty = plan.clone();
+        for (from, to) in faulty.renames.iter_mut() {
+            match from.as_str() {
+                "feed_forward.w1" => *to = "mlp.up_proj".to_owned(),
+                "feed_forward.w3" => *to = "mlp.gate_proj".to_owned(),
+                _ => {}
+            }
+        }
+        let failure = fails(&faulty);
+        assert!(failure.contains("`layers.0`"), "{failure}");
+
+        // A kernel the weights do not have is a gap.
+        let mut other = facts.clone();
+        other["resolved_config"]["conv_L_cache"] = Value::from(4);
+        let wrong = super::super::plan::plan(&other, "lfm2_moe");
+        assert!(
+            wrong.gaps.iter().any(|g| g.contains("conv.conv.weight")),
+            "{:?}",
+            wrong.gaps
+        );
+    }
+
+    /// LFM2's rule: `layer_types` where a config carries it, else `full_attn_idxs` (all
+    /// layers attend when null), each kind by the mixer its tiny layer holds; a kind the
+    /// rule does not know resolves to nothing.
+    #[test]
+    fn a_layer_types_rule_falls_back_to_an_index_list() {
+        let facts = serde_json::json!({
+            "structure": {"layers": "model.layers"},
+            "resolved_config": {"num_hidden_layers": 2},
+            "layer_types": ["full_attention", "conv"],
+            "parameters": [
+                {"name": "model.layers.0.self_attn.q_proj.weight", "shape": [64, 64]},
+                {"name": "model.layers.1.conv.conv.weight", "shape": [64, 1, 3]},
+                {"name": "model.layers.1.conv.in_proj.weight", "shape": [192, 64]},
+                {"name": "model.layers.1.conv.out_proj.weight", "shape": [64, 64]},
+            ],
+            "hybrid_layers": {
+                "rule": "layer_types", "field": "layer_types", "kinds": ["full_attention", "conv"],
+                "fallback": {"rule": "indices", "field": "full_attn_idxs", "null_attends": true},
+            },
+        });
+        let rule = AttentionRule::from_facts(&facts).expect("a rule");
+        assert_eq!(rule.fields(), ["layer_types", "full_attn_idxs"]);
+        let attends = |config: Value, n| rule.attends(&config, n);
+        assert_eq!(
+            attends(
+                serde_json::json!({"layer_types": ["conv", "full_attention", "conv"]}),
+                3
+            ),
+            Some(vec![false, true, false])
+        );
+        assert_eq!(
+            attends(serde_json::json!({"full_attn_idxs": [2]}), 3),
+            Some(vec![false, false, true])
+        );
+        assert_eq!(attends(serde_json::json!({}), 2), Some(vec![true, true]));
+        assert_eq!(
+            attends(
+                serde_json::json!({"layer_types": ["conv", "sliding_attention"]}),
+                2
+            ),
+            None
+        );
+        // A kind whose tiny layer holds nothing known is no rule.
+        let mut unknown = facts.clone();
+        unknown["parameters"] = serde_json::json!([
+            {"name": "model.layers.0.self_attn.q_proj.weight", "shape": [64, 64]},
+            {"name": "model.layers.1.other.weight", "shape": [64, 64]},
+        ]);
+        assert_eq!(AttentionRule::from_facts(&unknown), None);
     }
 }

@@ -349,6 +349,30 @@ fn linear_roles(events: &[Event], renames: &mut Vec<(String, String)>) {
             renames.push((format!("mlp.{second}"), "mlp.down_proj".to_owned()));
         }
     }
+    // Three directly under the MLP, the first two on its input and the third on what they
+    // make (LFM2's `w1`, `w3`, `w2`; not DeepSeek's `shared_experts.*` of an MoE block):
+    // gate, up and down in the order they are called, as Llama's MLP calls them (the
+    // fixtures tell a swap).
+    if let [gate, up, down] = mlp.as_slice() {
+        let input = |name: &str| {
+            let module = format!("mlp.{name}");
+            events
+                .iter()
+                .find(|e| e.enter && e.module == module)
+                .and_then(|e| e.checksum)
+        };
+        if input(gate).is_some()
+            && input(gate) == input(up)
+            && input(up) != input(down)
+            && !mlp
+                .iter()
+                .any(|n| known_mlp.contains(&n.as_str()) || n.contains('.'))
+        {
+            for (from, to) in [(gate, "gate_proj"), (up, "up_proj"), (down, "down_proj")] {
+                renames.push((format!("mlp.{from}"), format!("mlp.{to}")));
+            }
+        }
+    }
     // Two linear layers called by the layer itself, outside attention and with no MLP
     // module (BioGPT's and OPT's `fc1`, `fc2`): the MLP's up and down.
     let direct: Vec<&str> = events
