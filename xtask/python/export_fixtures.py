@@ -1971,7 +1971,8 @@ def greedy_margin(spec: dict, variant: dict) -> float:
             _, routing = routing_checks(reference, activations)
             if routing is not None:
                 margin = min([margin, *routing_margins(reference, activations).values()])
-        except SystemExit:
+        except SystemExit as refused:
+            print(f"{variant.get('name')}: seed {variant.get('seed')}: {refused}", file=sys.stderr, flush=True)
             return 0.0
     return margin
 
