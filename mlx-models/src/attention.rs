@@ -175,6 +175,9 @@ pub struct AttentionSettings {
     /// `q_proj` also gives a gate per head (`[query | gate]` per head) and the attention
     /// output is multiplied by its sigmoid (Qwen3-Next).
     pub output_gate: bool,
+    /// A projection of its own, `gate_proj` (`[heads · head_dim, hidden]`, no bias), gives
+    /// that gate from the block's input (AFMoE).
+    pub gate_proj: bool,
     /// Differential attention (DiffLlama): two softmaxes over the same scores combined by a
     /// learned λ per layer ([`crate::differential`]).
     pub differential: bool,
@@ -211,6 +214,7 @@ impl AttentionSettings {
             temperature_tuning: None,
             qk_norm_eps: 1e-6,
             output_gate: false,
+            gate_proj: false,
             differential: false,
             alibi: None,
         }
@@ -298,6 +302,8 @@ pub struct Attention {
     pub sinks: Option<Array>,
     /// A norm of the attention output before `o_proj` (BitNet's `attn_sub_norm`).
     pub sub_norm: Option<Norm>,
+    /// The output gate's own projection ([`AttentionSettings::gate_proj`]).
+    pub gate_proj: Option<Linear>,
     /// Differential attention's λ of this layer (DiffLlama), set by the model that loads it
     /// (λ depends on the layer's depth).
     pub differential: Option<Differential>,
@@ -412,8 +418,13 @@ impl Attention {
             }
             None => None,
         };
+        let gate_proj = s
+            .gate_proj
+            .then(|| Linear::load_split(&w.pp("gate_proj"), hidden, q_dim, false, &q_split))
+            .transpose()?;
         Ok(Attention {
             qkv,
+            gate_proj,
             o_proj: Linear::load_split(&w.pp("o_proj"), q_dim, hidden, s.o_bias, &o_split)?,
             q_norm: norm("q_norm", q_norm_dim)?,
             k_norm: norm("k_norm", k_norm_dim)?,
@@ -464,6 +475,9 @@ impl Attention {
                 .split_equal(2, -1)?;
             q = per_head[0].reshape(&[batch, len, -1])?;
             gate = Some(per_head[1].reshape(&[batch, len, -1])?);
+        }
+        if let Some(gate_proj) = &self.gate_proj {
+            gate = Some(gate_proj.forward(x)?);
         }
         if s.qk_norm == QkNorm::Projection {
             q = norm_opt(&self.q_norm, &q)?;

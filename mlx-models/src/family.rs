@@ -433,8 +433,8 @@ pub struct MoeConfig {
         alias = "moe_num_shared_experts"
     )]
     pub n_shared_experts: Option<i32>,
-    /// Multiplies the routed experts' weights.
-    #[serde(default)]
+    /// Multiplies the routed experts' weights (AFMoE's `route_scale`).
+    #[serde(default, alias = "route_scale")]
     pub routed_scaling_factor: Option<f64>,
     /// Expert groups for grouped top-k selection.
     #[serde(default)]

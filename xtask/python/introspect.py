@@ -1502,6 +1502,7 @@ def introspect(model_type: str, config_override: dict | None, replace: bool, che
             else []
         ),
         "legacy_fields": probes.legacy_fields(config_class, fields),
+        "field_layer_probes": probes.field_layer_probes(config_class, fields),
         "default_theta": jsonable(getattr(config_class, "default_theta", None)),
         "no_rope_probes": probes.no_rope_probes(config_class, fields),
         "flag_probes": probes.flag_probes(architecture, small, build_config, tiny_model, model_type),

@@ -115,6 +115,36 @@ def layer_type_probes(config_class, fields):
     return probes
 
 
+def field_layer_probes(config_class, fields):
+    """`{field: [{"value": v, "layer_types": [...]}]}`: the integer fields (beyond the window
+    fields the layer rules read) that change the `layer_types` the class derives for
+    PROBE_LAYERS layers (AFMoE's `global_attn_every_n_layers`), each at 2, 3 and 4. {} if
+    the class has no `layer_types`."""
+    if "layer_types" not in fields:
+        return {}
+    known = {"sliding_window", "sliding_window_pattern", "max_window_layers", "num_hidden_layers"}
+    base = {"num_hidden_layers": PROBE_LAYERS}
+    try:
+        plain = _derived(config_class, base, "layer_types")
+    except Exception:
+        return {}
+    found = {}
+    for name, field in sorted(fields.items()):
+        if field.get("kind") != "int" or name in known or name in COMMON_SIZES or name.endswith("token_id"):
+            continue
+        probes = []
+        for value in (2, 3, 4):
+            try:
+                derived = _derived(config_class, {**base, name: value}, "layer_types")
+            except Exception:
+                probes = []
+                break
+            probes.append({"value": value, "layer_types": derived})
+        if probes and any(p["layer_types"] != plain for p in probes):
+            found[name] = probes
+    return found
+
+
 def no_rope_probes(config_class, fields):
     """`[{"config": {...}, "no_rope_layers": [...]}]` for classes with `no_rope_layers`."""
     if "no_rope_layers" not in fields:
@@ -247,6 +277,21 @@ def flag_probes(architecture, small, build_config, tiny_model, model_type):
             with torch.no_grad():
                 logits = flipped(input_ids=ids).logits
             entry["logits_max_abs"] = float((logits - base_logits).abs().max())
+            # A flip whose whole effect is embeddings times √hidden_size (AFMoE's
+            # `mup_enabled`): one model with its embeddings so scaled gives the other's
+            # logits; recorded is the value of the field that scales them.
+            if entry["logits_max_abs"] > 1e-4 and not entry["added"] and not entry["removed"]:
+                root = float(base_config.hidden_size) ** 0.5
+                for model, target, scaled_when in ((base, logits, not value), (flipped, base_logits, value)):
+                    hook = model.get_input_embeddings().register_forward_hook(lambda _m, _a, out: out * root)
+                    try:
+                        with torch.no_grad():
+                            moved = float((model(input_ids=ids).logits - target).abs().max())
+                    finally:
+                        hook.remove()
+                    if moved < 1e-4:
+                        entry["embeddings_times_sqrt_hidden_when"] = scaled_when
+                        break
             # After the logits: the fit switches the model to eager attention.
             entry["attention_scale"] = attention_scale(flipped, flipped_config.vocab_size)
         except Exception as error:
@@ -626,8 +671,11 @@ def routing_probes(architecture, small, build_config, tiny_model, model_type, fi
     base = {**small, counts[0]: 16, per_token[0]: 3}
     if "n_group" in fields and "topk_group" in fields:
         base.update(n_group=4, topk_group=2)
-    if "routed_scaling_factor" in fields:
-        base["routed_scaling_factor"] = 2.5
+    # The factor on the chosen weights, under either name (AFMoE's `route_scale`).
+    for scale in ("routed_scaling_factor", "route_scale"):
+        if scale in fields:
+            base[scale] = 2.5
+            break
     options = []
     if "norm_topk_prob" in fields:
         options.append(("norm_topk_prob", [False, True]))
@@ -669,14 +717,24 @@ def _record_routing(model, torch):
         router_name, router = next(
             ((n, m) for n, m in block.named_children() if n in ("gate", "router")), (None, None)
         )
-        if router is None or not isinstance(getattr(router, "weight", None), torch.Tensor):
+        if router is None:
+            return None
+        # The router's linear layer: the router itself, or its `gate` (AFMoE's `router.gate`).
+        linear = router if isinstance(getattr(router, "weight", None), torch.Tensor) else getattr(router, "gate", None)
+        if linear is None or not isinstance(getattr(linear, "weight", None), torch.Tensor):
             return None
         vectors = {}
         generator = torch.Generator().manual_seed(11)
         with torch.no_grad():
+            # A router initialised to zeros (AFMoE's) gives every expert the same logit, which
+            # every routing reproduces: drawn at random instead.
+            if float(linear.weight.abs().max()) == 0.0:
+                linear.weight.copy_(torch.randn(linear.weight.shape, generator=generator) * linear.weight.shape[-1] ** -0.5)
             for vname, tensor in list(router.named_parameters()) + list(router.named_buffers()):
                 # A vector, or one row of them (ERNIE 4.5's `[1, experts]` routing bias).
-                if vname in ("weight", "bias") or tensor.dim() not in (1, 2) or tensor.dim() == 2 and tensor.shape[0] != 1:
+                if vname in ("weight", "bias") or linear is not router and vname.startswith("gate."):
+                    continue
+                if tensor.dim() not in (1, 2) or tensor.dim() == 2 and tensor.shape[0] != 1:
                     continue
                 tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.2)
                 vectors[vname] = tensor.reshape(-1).tolist()
@@ -712,9 +770,9 @@ def _record_routing(model, torch):
         indices, weights = seen["call"][:2]
         if indices.is_floating_point():
             indices, weights = weights, indices
-        logits = torch.nn.functional.linear(seen["x"], router.weight.float())
-        if getattr(router, "bias", None) is not None:
-            logits = logits + router.bias.float()
+        logits = torch.nn.functional.linear(seen["x"], linear.weight.float())
+        if getattr(linear, "bias", None) is not None:
+            logits = logits + linear.bias.float()
         return {
             "layer": int(block_name.split(".")[2]),
             "router": f"{block_name}.{router_name}",

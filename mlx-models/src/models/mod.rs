@@ -1,6 +1,7 @@
 //! The model zoo: one module per architecture family, and the registry from
 //! `model_type` to module.
 
+pub mod afmoe;
 pub mod apertus;
 pub mod arcee;
 pub mod bamba;
@@ -109,6 +110,7 @@ pub type Loader = fn(&ConfigFile, Weights) -> Result<Box<dyn LanguageModel>>;
 
 /// Every supported `model_type` and the module that implements it.
 pub const REGISTRY: &[(&str, Loader)] = &[
+    ("afmoe", family::load::<afmoe::Config>),
     ("apertus", family::load::<apertus::Config>),
     ("arcee", family::load::<arcee::Config>),
     ("bamba", family::load::<bamba::Config>),

@@ -88,6 +88,13 @@ fn scalar(plan: &Plan, s: &Scalar) -> String {
         Scalar::FieldOverHidden(n) => wrap(n, "(v / f64::from(d.hidden_size)) as f32"),
         Scalar::One => "Some(1.0)".to_owned(),
         Scalar::OneUnless(n) => format!("(!self.{n}).then_some(1.0)"),
+        Scalar::SqrtHiddenWhen(n, when) => {
+            let set = flag(plan, &Flag::Field(n.clone()));
+            format!(
+                "({}{set}).then(|| f64::from(d.hidden_size).sqrt() as f32)",
+                if *when { "" } else { "!" }
+            )
+        }
     }
 }
 
@@ -164,9 +171,18 @@ pub fn plan_layer_rule_expr(plan: &Plan) -> String {
             // The rule's period is the config's.
             let variant = format!("{:?}", plan.layer_rule);
             let name = variant.split('(').next().unwrap_or_default();
-            format!("LayerRule::{name}(self.{field})")
+            format!("LayerRule::{name}({})", layer_period_value(plan, field))
         }
         (true, None) => layer_rule_expr(&plan.layer_rule),
+    }
+}
+
+/// The period field's value in the module: the field, or (a nullable one) the value the
+/// module required of it first (`layer_period`).
+fn layer_period_value(plan: &Plan, field: &str) -> String {
+    match plan.fields.iter().find(|f| f.name == field) {
+        Some(f) if f.optional() => "layer_period".to_owned(),
+        _ => format!("self.{field}"),
     }
 }
 
@@ -281,6 +297,9 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
     }
     if plan.sinks {
         attn.push("sinks: true".to_owned());
+    }
+    if plan.gate_proj {
+        attn.push("gate_proj: true".to_owned());
     }
     if plan.differential {
         attn.push("differential: true".to_owned());
@@ -643,9 +662,16 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
         );
     }
     if let Some(field) = &plan.layer_period {
+        let value = layer_period_value(plan, field);
+        if value == "layer_period" {
+            let _ = writeln!(
+                w,
+                "let layer_period = config.require({field:?}, self.{field})?;"
+            );
+        }
         let _ = writeln!(
             w,
-            "config.ensure(self.{field} > 0, {field:?}, || \"must be positive: the period of the full-attention layers\".to_owned())?;"
+            "config.ensure({value} > 0, {field:?}, || \"must be positive: the period of the full-attention layers\".to_owned())?;"
         );
     }
     for (field, key, default) in &plan.nested_refused {
@@ -1358,6 +1384,11 @@ pub fn structure_summary(plan: &Plan, choice: &Choice) -> Vec<String> {
             "A learned sink logit per head in each softmax's denominator (`sinks`).".to_owned(),
         );
     }
+    if plan.gate_proj {
+        lines.push(
+            "The attention output, before `o_proj`, times `sigmoid(gate_proj(x))`.".to_owned(),
+        );
+    }
     if let Some(s) = plan.sinusoidal_positions {
         lines.push(format!(
             "Fixed sinusoidal positions added to the embeddings ({}, position 0 at angle {} · f).",
@@ -1396,6 +1427,9 @@ pub fn structure_summary(plan: &Plan, choice: &Choice) -> Vec<String> {
             Scalar::FieldOverHidden(f) => lines.push(format!("{what} `{f} / hidden_size`.")),
             Scalar::One => {}
             Scalar::OneUnless(f) => lines.push(format!("{what} 1 unless `{f}`.")),
+            Scalar::SqrtHiddenWhen(f, when) => {
+                lines.push(format!("{what} `√hidden_size` where `{f}` is {when}."))
+            }
         }
     }
     match &plan.attention_scale {
@@ -1515,8 +1549,9 @@ fn write_router(w: &mut String, plan: &Plan, r: &Routing) {
         Rule::Always => set.push("normalize: true".to_owned()),
         Rule::Field(_) => {}
     }
-    if let Some(f) = &r.scaled_by {
-        set.push(format!("scaling_factor: self.moe.{f}.map(|f| f as f32)"));
+    if r.scaled_by.is_some() {
+        // `MoeConfig` reads the factor under either name (`route_scale` an alias).
+        set.push("scaling_factor: self.moe.routed_scaling_factor.map(|f| f as f32)".to_owned());
     }
     if set.is_empty() {
         let _ = writeln!(w, "let router = self.moe.router();");

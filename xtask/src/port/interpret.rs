@@ -77,6 +77,10 @@ impl Reader<'_> {
             }
             Scalar::One => Some(1.0),
             Scalar::OneUnless(f) => (!self.bool(f)).then_some(1.0),
+            Scalar::SqrtHiddenWhen(f, when) => {
+                let root = (f64::from(self.i32("hidden_size")?)).sqrt() as f32;
+                (self.bool(f) == *when).then_some(root)
+            }
         })
     }
 }
@@ -258,6 +262,7 @@ pub fn settings(plan: &Plan, choice: &Choice, config: &ConfigFile) -> Result<Dec
             .unwrap_or((d.head_dim() as f32).powf(-0.5)),
         clip_qkv: r.scalar(&plan.clip_qkv)?,
         sinks: plan.sinks,
+        gate_proj: plan.gate_proj,
         differential: plan.differential,
         alibi: plan.alibi.map(|a| AlibiSettings {
             max_bias: a.max_bias,

@@ -2852,6 +2852,46 @@ mod generator_tests {
         );
     }
 
+    /// AFMoE: the attention output gated by a projection of its own, a router whose linear
+    /// layer is its `gate` initialised to zeros (the routing probes draw it) with a vector the
+    /// block holds, `route_scale`, the period of the full layers from
+    /// `global_attn_every_n_layers`, and `mup_enabled` read as embeddings × √hidden_size from
+    /// its flag probe. Without the gate projection the fixtures fail on its weights.
+    #[test]
+    fn afmoe_is_regenerated_exactly_with_its_attention_gate_and_mup_flag() {
+        let (plan, choice, _) = regenerate("afmoe");
+        assert!(plan.gate_proj);
+        assert_eq!(
+            choice.embedding_scale,
+            plan::Scalar::SqrtHiddenWhen("mup_enabled".into(), true)
+        );
+        assert_eq!(
+            plan.layer_period.as_deref(),
+            Some("global_attn_every_n_layers")
+        );
+        let routing = plan
+            .moe
+            .as_ref()
+            .and_then(|m| m.routing.as_ref())
+            .expect("routing probes");
+        assert_eq!(
+            (routing.scores, routing.scaled_by.as_deref()),
+            (routing::Scores::Sigmoid, Some("route_scale"))
+        );
+        let mut wrong = plan.clone();
+        wrong.gate_proj = false;
+        wrong.choices = vec![choice];
+        let found = search(&wrong, &fixtures("afmoe")).expect("search runs");
+        assert!(found.chosen.is_none());
+        let (_, failures) = &found.tried[0];
+        assert!(
+            failures
+                .iter()
+                .any(|f| f.contains("unexpected weights") && f.contains("self_attn.gate_proj")),
+            "{failures:?}"
+        );
+    }
+
     /// Which one layer holds a parameter, from the tiny model and the layer-count probes:
     /// the last at every count, the first at every count, or a gap when the counts disagree
     /// or none was probed.

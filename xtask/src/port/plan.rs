@@ -34,6 +34,9 @@ pub enum Scalar {
     One,
     /// 1 where the boolean field is false, else the default (GPT-2's `scale_attn_weights`).
     OneUnless(String),
+    /// `√hidden_size` where the boolean field has the value, else none (AFMoE's
+    /// `mup_enabled`).
+    SqrtHiddenWhen(String, bool),
 }
 
 /// How many RoPE variants the layers use.
@@ -169,6 +172,7 @@ pub const MOE_FIELDS: &[&str] = &[
     "num_shared_experts",
     "moe_num_shared_experts",
     "routed_scaling_factor",
+    "route_scale",
     "n_group",
     "topk_group",
     "mlp_layer_types",
@@ -289,6 +293,8 @@ pub struct Plan {
     pub layer_rope_bases: Option<String>,
     /// A learned sink logit per head in the softmax's denominator (`self_attn.sinks`).
     pub sinks: bool,
+    /// The attention output times `sigmoid(self_attn.gate_proj(x))` (AFMoE).
+    pub gate_proj: bool,
     /// Differential attention: `self_attn.lambda_q1/k1/q2/k2` of `[head_dim]` (DiffLlama).
     pub differential: bool,
     /// Checkpoint weights the causal LM never uses, by name prefix (Transformers'
@@ -573,6 +579,7 @@ pub fn period_key_holds(facts: &Value, key: &str, rule: LayerRule) -> bool {
     };
     let Some(probes) = facts
         .pointer(&format!("/legacy_layer_probes/{key}"))
+        .or_else(|| facts.pointer(&format!("/field_layer_probes/{key}")))
         .and_then(Value::as_array)
         .filter(|p| !p.is_empty())
     else {
@@ -1432,6 +1439,9 @@ impl<'a> Facts<'a> {
                             removed: names(p, "removed"),
                             logits_max_abs: p.get("logits_max_abs").and_then(Value::as_f64),
                             refused: p.get("error").is_some(),
+                            embeddings_times_sqrt_hidden_when: p
+                                .get("embeddings_times_sqrt_hidden_when")
+                                .and_then(Value::as_bool),
                         })
                     })
                     .collect()
@@ -1453,6 +1463,9 @@ pub struct FlagProbe {
     pub logits_max_abs: Option<f64>,
     /// The config class or the model refused the flipped value.
     pub refused: bool,
+    /// The flip's whole effect is the embeddings times `√hidden_size` where the field has
+    /// this value (the probe scaled one model's embeddings and got the other's logits).
+    pub embeddings_times_sqrt_hidden_when: Option<bool>,
 }
 
 impl FlagProbe {
@@ -2061,6 +2074,27 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
             false
         }
     };
+    // An output gate from a projection of its own: `gate_proj` of one row per query
+    // feature, called by the attention on its input (the call trace), the output before
+    // `o_proj` times its sigmoid (the fixtures check the formula).
+    let gate_proj = match layer0.get("self_attn.gate_proj.weight") {
+        None => false,
+        Some(shape) if shape.as_slice() == [heads * head_dim, hidden] => {
+            decisions.push(format!(
+                "`self_attn.gate_proj` of [{}, {hidden}]: the attention output times the sigmoid of \
+                 this projection of the layer's input, per query feature",
+                heads * head_dim
+            ));
+            true
+        }
+        Some(shape) => {
+            gaps.push(format!(
+                "`self_attn.gate_proj` is {shape:?}, not [heads · head_dim {}, hidden {hidden}]",
+                heads * head_dim
+            ));
+            false
+        }
+    };
     // Differential attention: four learned vectors of one head's width give each layer's λ.
     let lambdas = ["lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2"].map(|n| {
         layer0
@@ -2264,10 +2298,10 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
             }
         }
         if let Some(r) = &m.routing {
-            if r.scaled_by.is_some() {
+            if let Some(scale) = &r.scaled_by {
                 add(
                     &mut fields,
-                    "routed_scaling_factor",
+                    scale,
                     FieldType::F64,
                     "multiplies the chosen experts' weights",
                 );
@@ -2669,12 +2703,31 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
             found => found,
         },
     };
-    let embedding_field = scalar(
+    let mut embedding_field = scalar(
         &mut fields,
         &["embedding_multiplier", "scale_emb"],
         Scalar::Field,
         "embeddings scale",
     );
+    // A flag whose whole effect is the embeddings times √hidden_size (the flag probes).
+    if embedding_field == Scalar::None {
+        if let Some((field, when)) = flag_probes.iter().find_map(|p| {
+            p.embeddings_times_sqrt_hidden_when
+                .map(|when| (p.field.clone(), when))
+        }) {
+            add(
+                &mut fields,
+                &field,
+                FieldType::Bool,
+                "embeddings times √hidden_size",
+            );
+            decisions.push(format!(
+                "`{field}` {when} scales the embeddings by √hidden_size (flipped, the other \
+                 model with its embeddings so scaled gave its logits)"
+            ));
+            embedding_field = Scalar::SqrtHiddenWhen(field, when);
+        }
+    }
 
     // Sliding windows.
     let sliding_window = has_field("sliding_window").then(|| "sliding_window".to_owned());
@@ -2783,7 +2836,16 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
     // A Hub key that changes which layers slide (the ModernBERT decoder's
     // `global_attn_every_n_layers`): the period of the rule where every value probed gives
     // the rule at that period; else its default is the rule's, other values are refused.
+    // So is a field of the class that changes the layer types it derives (AFMoE's
+    // `global_attn_every_n_layers`), probed at several values.
     let layer_key = legacy_effect(facts.value, "layer_types")
+        .or_else(|| {
+            let probed = facts.value.get("field_layer_probes")?.as_object()?;
+            match probed.keys().collect::<Vec<_>>().as_slice() {
+                [one] => Some((*one).clone()),
+                _ => None,
+            }
+        })
         .filter(|key| !layer_rule.fields().iter().any(|(name, _)| name == key));
     let layer_period = layer_key
         .clone()
@@ -2796,7 +2858,7 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
             "the period of the full-attention layers",
         );
         decisions.push(format!(
-            "`{key}` (Hub configs) is the period of {layer_rule:?}: every value probed gives those layers"
+            "`{key}` is the period of {layer_rule:?}: every value probed gives those layers"
         ));
     }
     let layer_key_refused = layer_key
@@ -3022,6 +3084,7 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         "self_attn.q_norm.",
         "self_attn.k_norm.",
         "self_attn.sinks",
+        "self_attn.gate_proj.",
         "self_attn.lambda_q1",
         "self_attn.lambda_k1",
         "self_attn.lambda_q2",
@@ -3371,6 +3434,7 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         qkv_groups,
         layer_rope_bases,
         sinks,
+        gate_proj,
         differential,
         unused_prefixes: unused_prefixes(facts.value, &mut decisions),
         choices,
@@ -3807,8 +3871,12 @@ fn expert_block_renames(facts: &Facts) -> Vec<(String, String)> {
     };
     let mut renames = Vec::new();
     let router = format!(".{block}.router.weight");
+    // A router module whose linear layer is its `gate` (AFMoE's `router.gate`).
+    let router_gate = format!(".{block}.router.gate.weight");
     if params.keys().any(|n| n.ends_with(&router)) {
         renames.push((format!("{block}.router"), "mlp.gate".to_owned()));
+    } else if params.keys().any(|n| n.ends_with(&router_gate)) {
+        renames.push((format!("{block}.router.gate"), "mlp.gate".to_owned()));
     }
     // DeepSeek's `shared_experts` (one MLP of `n_shared_experts` experts' width) is the
     // block's shared expert.

@@ -1089,6 +1089,7 @@ fn base_plan(
         qkv_groups: None,
         layer_rope_bases: None,
         sinks: false,
+        gate_proj: false,
         differential: false,
         unused_prefixes: Vec::new(),
         choices: vec![choice],
