@@ -839,6 +839,9 @@ def router_class(model):
     """
     for owner in (model, getattr(model, "model", None)):
         recorder = (getattr(owner, "_can_record_outputs", None) or {}).get("router_logits")
+        if isinstance(recorder, (list, tuple)):
+            # Several routers (JetMoE's attention and MLP experts): their classes together.
+            return tuple(getattr(r, "target_class", r) for r in recorder) or None
         if recorder is not None:
             return getattr(recorder, "target_class", recorder)
     return None
@@ -853,7 +856,8 @@ def routers(model) -> dict:
     for index, layer in enumerate(decoder_parts(model)[0]):
         modules = [module for module in layer.modules() if isinstance(module, cls)]
         if len(modules) > 1:
-            raise SystemExit(f"decoder layer {index} holds {len(modules)} {cls.__name__} modules")
+            names = sorted({type(m).__name__ for m in modules})
+            raise SystemExit(f"decoder layer {index} holds {len(modules)} routers ({', '.join(names)})")
         if modules:
             found[index] = modules[0]
     return found
