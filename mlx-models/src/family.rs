@@ -433,8 +433,9 @@ pub struct MoeConfig {
         alias = "moe_num_shared_experts"
     )]
     pub n_shared_experts: Option<i32>,
-    /// Multiplies the routed experts' weights (AFMoE's `route_scale`).
-    #[serde(default, alias = "route_scale")]
+    /// Multiplies the routed experts' weights (AFMoE's `route_scale`, HY-V3's
+    /// `router_scaling_factor`).
+    #[serde(default, alias = "route_scale", alias = "router_scaling_factor")]
     pub routed_scaling_factor: Option<f64>,
     /// Expert groups for grouped top-k selection.
     #[serde(default)]

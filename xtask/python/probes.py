@@ -672,7 +672,7 @@ def routing_probes(architecture, small, build_config, tiny_model, model_type, fi
     if "n_group" in fields and "topk_group" in fields:
         base.update(n_group=4, topk_group=2)
     # The factor on the chosen weights, under either name (AFMoE's `route_scale`).
-    for scale in ("routed_scaling_factor", "route_scale"):
+    for scale in ("routed_scaling_factor", "route_scale", "router_scaling_factor"):
         if scale in fields:
             base[scale] = 2.5
             break

@@ -173,6 +173,7 @@ pub const MOE_FIELDS: &[&str] = &[
     "moe_num_shared_experts",
     "routed_scaling_factor",
     "route_scale",
+    "router_scaling_factor",
     "n_group",
     "topk_group",
     "mlp_layer_types",

@@ -374,10 +374,14 @@ pub fn decide(facts: &Value) -> Result<Option<Routing>, String> {
     ];
     // The factor on the chosen weights, under the name the probes set (AFMoE's
     // `route_scale`).
-    let scale_field = ["routed_scaling_factor", "route_scale"]
-        .into_iter()
-        .find(|f| probes.iter().any(|p| p.config.contains_key(*f)))
-        .unwrap_or("routed_scaling_factor");
+    let scale_field = [
+        "routed_scaling_factor",
+        "route_scale",
+        "router_scaling_factor",
+    ]
+    .into_iter()
+    .find(|f| probes.iter().any(|p| p.config.contains_key(*f)))
+    .unwrap_or("routed_scaling_factor");
     for scores in [Scores::Softmax, Scores::Sigmoid] {
         for bias in [None, bias_name.clone()] {
             if bias.is_some() && bias_name.is_none() {
