@@ -793,32 +793,48 @@ pub fn split_fused_experts(weights: &mut Weights) -> Result<()> {
         .map(str::to_owned)
         .collect();
     for name in fused {
-        let prefix = &name[..name.rfind(".experts.").expect("filtered above")];
+        let prefix = name[..name.rfind(".experts.").expect("filtered above")].to_owned();
         let tensor = weights.remove(&name).expect("listed above");
         if name.ends_with("down_proj") {
             weights.insert(format!("{prefix}.switch_mlp.down_proj.weight"), tensor);
             continue;
         }
-        let rows = tensor.dim(1);
-        if tensor.ndim() != 3 || rows % 2 != 0 {
+        if tensor.ndim() != 3 {
             return Err(Error::WeightShape {
                 path: weights.source().to_path_buf(),
                 name,
-                expected: vec![-1, 2 * (rows / 2), -1],
+                expected: vec![-1, -1, -1],
                 actual: tensor.shape().to_vec(),
             });
         }
-        let parts = tensor.split_equal(2, 1)?;
-        weights.insert(
-            format!("{prefix}.switch_mlp.gate_proj.weight"),
-            parts[0].clone(),
-        );
-        weights.insert(
-            format!("{prefix}.switch_mlp.up_proj.weight"),
-            parts[1].clone(),
-        );
+        let (gate, up) = gate_and_up(weights, name, &tensor, 1)?;
+        weights.insert(format!("{prefix}.switch_mlp.gate_proj.weight"), gate);
+        weights.insert(format!("{prefix}.switch_mlp.up_proj.weight"), up);
     }
     Ok(())
+}
+
+/// The gate and up halves of a fused projection's tensor along `axis` (gate first), or a
+/// shape error naming it where that axis is missing or odd.
+fn gate_and_up(
+    weights: &Weights,
+    name: String,
+    tensor: &Array,
+    axis: usize,
+) -> Result<(Array, Array)> {
+    let rows = tensor.shape().get(axis).copied().unwrap_or(0);
+    if rows == 0 || rows % 2 != 0 {
+        let mut expected = vec![-1; tensor.ndim().max(axis + 1)];
+        expected[axis] = 2 * (rows / 2).max(1);
+        return Err(Error::WeightShape {
+            path: weights.source().to_path_buf(),
+            name,
+            expected,
+            actual: tensor.shape().to_vec(),
+        });
+    }
+    let parts = tensor.split_equal(2, axis as i32)?;
+    Ok((parts[0].clone(), parts[1].clone()))
 }
 
 /// Splits every fused shared expert `<prefix>.shared_expert.gate_up_proj.*` (one linear
@@ -850,25 +866,11 @@ pub fn split_fused_shared_expert(weights: &mut Weights) -> Result<()> {
         .collect();
     for name in fused {
         let (prefix, part) = name.split_once(FUSED).expect("filtered above");
+        let (prefix, part) = (prefix.to_owned(), part.to_owned());
         let tensor = weights.remove(&name).expect("listed above");
-        let rows = if tensor.ndim() == 0 { 0 } else { tensor.dim(0) };
-        if tensor.ndim() == 0 || rows % 2 != 0 {
-            return Err(Error::WeightShape {
-                path: weights.source().to_path_buf(),
-                name,
-                expected: vec![2 * (rows / 2).max(1), -1],
-                actual: tensor.shape().to_vec(),
-            });
-        }
-        let parts = tensor.split_equal(2, 0)?;
-        weights.insert(
-            format!("{prefix}.shared_expert.gate_proj.{part}"),
-            parts[0].clone(),
-        );
-        weights.insert(
-            format!("{prefix}.shared_expert.up_proj.{part}"),
-            parts[1].clone(),
-        );
+        let (gate, up) = gate_and_up(weights, name, &tensor, 0)?;
+        weights.insert(format!("{prefix}.shared_expert.gate_proj.{part}"), gate);
+        weights.insert(format!("{prefix}.shared_expert.up_proj.{part}"), up);
     }
     Ok(())
 }
@@ -928,6 +930,27 @@ mod tests {
             }
         }
         y
+    }
+
+    #[test]
+    fn fused_experts_of_the_wrong_rank_are_a_shape_error_not_a_panic() {
+        for shape in [&[6][..], &[2, 6], &[2, 5, 3]] {
+            let name = "model.layers.0.mlp.experts.gate_up_proj";
+            let (_, t) = array(2, shape);
+            let mut weights = Weights::new(
+                std::collections::HashMap::from([(name.to_owned(), t)]),
+                "ckpt",
+            );
+            match split_fused_experts(&mut weights) {
+                Err(Error::WeightShape {
+                    name: n, actual, ..
+                }) => {
+                    assert_eq!(n, name);
+                    assert_eq!(actual, shape);
+                }
+                other => panic!("{shape:?}: expected a shape error, got {other:?}"),
+            }
+        }
     }
 
     #[test]

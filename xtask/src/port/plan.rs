@@ -3858,16 +3858,22 @@ fn mla_plan(
     })
 }
 
+/// The module under a decoder layer that holds `experts` (GraniteMoE's
+/// `block_sparse_moe`, most families' `mlp`).
+fn expert_block(params: &BTreeMap<String, Vec<i64>>) -> Option<String> {
+    params.keys().find_map(|name| {
+        let path = name.strip_prefix("model.layers.")?.split_once('.')?.1;
+        let (block, _) = path.split_once(".experts")?;
+        (!block.contains('.')).then(|| block.to_owned())
+    })
+}
+
 /// The expert block's module names where they are not the ones the blocks load: the block
 /// (the module holding `experts`, GraniteMoE's `block_sparse_moe`) is `mlp`, its `router`
 /// linear layer `mlp.gate`; the router first (the first rename that matches applies).
 fn expert_block_renames(facts: &Facts) -> Vec<(String, String)> {
     let params = facts.parameters();
-    let Some(block) = params.keys().find_map(|name| {
-        let path = name.strip_prefix("model.layers.")?.split_once('.')?.1;
-        let (block, _) = path.split_once(".experts")?;
-        (!block.contains('.')).then(|| block.to_owned())
-    }) else {
+    let Some(block) = expert_block(&params) else {
         return Vec::new();
     };
     let mut renames = Vec::new();
@@ -3900,11 +3906,7 @@ fn expert_block_renames(facts: &Facts) -> Vec<(String, String)> {
 /// First among the renames, before the block's own.
 fn block_vector_rename(facts: &Facts) -> Option<(String, String)> {
     let params = facts.parameters();
-    let block = params.keys().find_map(|name| {
-        let path = name.strip_prefix("model.layers.")?.split_once('.')?.1;
-        let (block, _) = path.split_once(".experts")?;
-        (!block.contains('.')).then(|| block.to_owned())
-    })?;
+    let block = expert_block(&params)?;
     let recorded = |v: &str| {
         facts
             .value
