@@ -54,6 +54,10 @@ fn flag(plan: &Plan, f: &Flag) -> String {
     match f {
         Flag::Never => "false".to_owned(),
         Flag::Always => "true".to_owned(),
+        // A flag `DecoderConfig` reads (`mlp_bias`), through `d`.
+        Flag::Field(name) if CORE_FIELDS.contains(&name.as_str()) => {
+            format!("d.{name}.unwrap_or(false)")
+        }
         Flag::Field(name) => match plan.fields.iter().find(|x| &x.name == name) {
             Some(x) if x.optional() => format!("self.{name}.unwrap_or(false)"),
             _ => format!("self.{name}"),
