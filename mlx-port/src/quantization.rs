@@ -81,6 +81,7 @@ pub const BOUNDS: &[(&str, f32, f32)] = &[
     ("helium", 0.036, 0.6),             // measured 0.0286, 0.48
     ("hunyuan_v1_dense", 0.041, 0.65),  // measured 0.0327, 0.517
     ("hunyuan_v1_moe", 0.032, 0.51),    // measured 0.0256, 0.404
+    ("hy_v3", 0.031, 0.5),              // measured 0.0248, 0.394
     ("hyperclovax", 0.039, 0.52),       // measured 0.0307, 0.411
     ("internlm3", 0.042, 0.59),         // measured 0.0334, 0.465
     ("iquestcoder", 0.042, 0.59),       // measured 0.0334, 0.465

@@ -48,6 +48,7 @@ pub mod granitemoeshared;
 pub mod helium;
 pub mod hunyuan_v1_dense;
 pub mod hunyuan_v1_moe;
+pub mod hy_v3;
 pub mod hyperclovax;
 pub mod internlm3;
 pub mod iquestcoder;
@@ -149,6 +150,7 @@ pub const REGISTRY: &[(&str, Loader)] = &[
     ),
     ("granitemoeshared", family::load::<granitemoeshared::Config>),
     ("lfm2_moe", family::load::<lfm2_moe::Config>),
+    ("hy_v3", family::load::<hy_v3::Config>),
     ("mpt", family::load::<mpt::Config>),
     // GPT-SW3 checkpoints are GPT-2 (Transformers maps `gpt-sw3` to `GPT2Config`).
     ("gpt-sw3", family::load::<gpt2::Config>),
