@@ -330,18 +330,23 @@ def build_config(model_type: str, config: dict):
 
 
 def accepted_sizes(model_type: str, fields: dict, config: dict) -> dict:
-    """`config` with the tiny sizes the config class refuses given back their defaults, one
-    field at a time in order, until the class accepts it (ZAYA supports one expert per
-    token only); `config` as it is where it builds, or where no such field makes it."""
+    """`config` with the tiny sizes the config class refuses given back their defaults (or
+    left to the class where the default is None), one field at a time in order, until the
+    class accepts it (ZAYA supports one expert per token only); `config` as it is where it
+    builds, or where no such field makes it."""
     try:
         build_config(model_type, config)
         return config
     except Exception:
         pass
     for name in list(config):
-        if name not in fields or name.endswith("token_id") or fields[name]["default"] is None:
+        if name not in fields or name.endswith("token_id"):
             continue
-        trial = {**config, name: fields[name]["default"]}
+        # A default of None: the class derives the value itself (Dots3's key/value heads).
+        if fields[name]["default"] is None:
+            trial = {k: v for k, v in config.items() if k != name}
+        else:
+            trial = {**config, name: fields[name]["default"]}
         try:
             build_config(model_type, trial)
         except Exception:
