@@ -715,7 +715,8 @@ impl<T: Copy + PartialEq + Default> PerLayer<T> {
 /// projection names to `gate_proj`/`up_proj`/`down_proj`) are stacked, and Transformers 5's
 /// fused `experts.gate_up_proj`/`down_proj` are split, as is a fused shared expert
 /// (`shared_expert.gate_up_proj`). Checkpoints already stacked (mlx-community's `switch_mlp`)
-/// pass unchanged.
+/// pass unchanged; stacked under `experts` (`experts.gate_proj.weight`, mlx-lm's AFMoE),
+/// they are renamed to `switch_mlp`.
 pub fn sanitize_moe(
     weights: &mut Weights,
     settings: &DecoderSettings,
@@ -760,6 +761,16 @@ pub fn sanitize_experts(
         weights.rename(|name| Some(name.replacen(&from, ".mlp.", 1)));
     }
     stack_experts(weights, "experts", experts, projections)?;
+    // Experts already stacked under `experts` (mlx-lm's AFMoE keeps its `SwitchGLU` there):
+    // the layout `switch_mlp` holds.
+    weights.rename(|name| {
+        let renamed = ["gate_proj", "up_proj", "down_proj"].iter().find_map(|p| {
+            let stacked = format!(".experts.{p}.");
+            name.contains(&stacked)
+                .then(|| name.replacen(&stacked, &format!(".switch_mlp.{p}."), 1))
+        });
+        Some(renamed.unwrap_or_else(|| name.to_owned()))
+    });
     split_fused_experts(weights)?;
     split_fused_shared_expert(weights)
 }
@@ -1120,6 +1131,48 @@ pub fn set_recurrent_layers(layers: &mut [LayerSettings], attends: &[bool], mixe
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Experts stacked under `experts` (mlx-lm's AFMoE, quantized too) load as `switch_mlp`;
+    /// per-expert ones are stacked there; a fused shared expert is split.
+    #[test]
+    fn stacked_per_expert_and_fused_layouts_meet_in_switch_mlp() {
+        use mlx_rs::Array;
+        let t = |shape: &[i32]| Array::zeros::<f32>(shape).unwrap();
+        let names = [
+            (
+                "model.layers.1.mlp.experts.gate_proj.weight",
+                t(&[4, 8, 16]),
+            ),
+            ("model.layers.1.mlp.experts.gate_proj.scales", t(&[4, 8, 1])),
+            ("model.layers.2.mlp.experts.0.up_proj.weight", t(&[8, 16])),
+            ("model.layers.2.mlp.experts.1.up_proj.weight", t(&[8, 16])),
+            (
+                "model.layers.3.mlp.shared_expert.gate_up_proj.weight",
+                t(&[6, 16]),
+            ),
+        ];
+        let mut weights = Weights::new(
+            names.into_iter().map(|(n, a)| (n.to_owned(), a)).collect(),
+            "ckpt",
+        );
+        sanitize_experts(&mut weights, false, 2, None, &[("up_proj", "up_proj")]).unwrap();
+        let mut got: Vec<&str> = weights.names().collect();
+        got.sort_unstable();
+        assert_eq!(
+            got,
+            [
+                "model.layers.1.mlp.switch_mlp.gate_proj.scales",
+                "model.layers.1.mlp.switch_mlp.gate_proj.weight",
+                "model.layers.2.mlp.switch_mlp.up_proj.weight",
+                "model.layers.3.mlp.shared_expert.gate_proj.weight",
+                "model.layers.3.mlp.shared_expert.up_proj.weight",
+            ]
+        );
+        assert_eq!(
+            weights.shape_of("model.layers.2.mlp.switch_mlp.up_proj.weight"),
+            Some(&[2, 8, 16][..])
+        );
+    }
 
     fn config(value: serde_json::Value) -> ConfigFile {
         ConfigFile {
