@@ -1594,7 +1594,7 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
     }
     // How the experts' router routes, from the probes.
     let mut routing = super::routing::decide(facts.value);
-    let mut nested_bias_note = None;
+    let mut nested_bias_note: Option<String> = None;
     // A routing bias under a module of the router (ERNIE 4.5's
     // `gate.moe_statics.e_score_correction_bias`) is the router's own.
     if let Ok(Some(r)) = &mut routing {
@@ -2136,7 +2136,7 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
 
     // A mixture of experts in place of the MLP: how its router routes, from the probes.
     // The bias note of the routing decided above.
-    decisions.extend(nested_bias_note.take());
+    decisions.extend(nested_bias_note);
     let routing_vector = routing
         .as_ref()
         .ok()
