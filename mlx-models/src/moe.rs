@@ -46,6 +46,9 @@ pub enum Scoring {
     /// The `top_k` highest logits, each weighted by `sigmoid(logit)`, and the weight applied
     /// to the expert's input rather than its output (Llama 4).
     SigmoidOnInput,
+    /// `sigmoid(logit)` weights of the experts chosen by logit plus the correction bias
+    /// (Kolibri-1: the bias added before the sigmoid, not after).
+    SigmoidBiasOnLogits,
     /// Phi-3.5-MoE's sparsemixer (top 2 only): each pick's weight is the softmax of the
     /// logits within `2 · jitter_eps` (relative) of that pick's logit; the second pick is
     /// made among the logits left after masking the first.
@@ -495,6 +498,24 @@ impl Router {
                 }
                 let indices = top_k_indices(&choice, k)?;
                 let weights = take_along_axis(&scores, &indices, -1)?;
+                let weights = if s.normalize {
+                    let sum = weights.sum_axis(-1, true)?.add(Array::from_f32(1e-20))?;
+                    weights.divide(&sum)?
+                } else {
+                    weights
+                };
+                (indices, weights)
+            }
+            Scoring::SigmoidBiasOnLogits => {
+                let mut choice = match &self.correction_bias {
+                    Some(b) => logits.add(b.as_dtype(Dtype::Float32)?)?,
+                    None => logits.clone(),
+                };
+                if let Some(g) = s.groups {
+                    choice = mask_groups(&choice, g, f32::NEG_INFINITY)?;
+                }
+                let indices = top_k_indices(&choice, k)?;
+                let weights = ops::sigmoid(&take_along_axis(&logits, &indices, -1)?)?;
                 let weights = if s.normalize {
                     let sum = weights.sum_axis(-1, true)?.add(Array::from_f32(1e-20))?;
                     weights.divide(&sum)?

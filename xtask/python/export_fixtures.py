@@ -1444,13 +1444,24 @@ def routing_margins(model, activations) -> dict:
             for name in ROUTING_BIAS_NAMES
             if isinstance(getattr(module, name, None), torch.Tensor)
         ]
+        num_group = getattr(router, "num_group", 1) or 1
         if not biases:
             score = logits
-        elif type(router).__name__ in SOFTMAX_BIAS_ROUTERS:
-            score = logits.softmax(dim=-1) + biases[0].float()
         else:
-            score = logits.sigmoid() + biases[0].float()
-        num_group = getattr(router, "num_group", 1) or 1
+            # The bias joins sigmoid scores (most), softmax scores (SOFTMAX_BIAS_ROUTERS first)
+            # or the logits themselves (Kolibri-1): without groups, the ranking that gives the
+            # recorded choice.
+            bias = biases[0].float().reshape(-1)
+            candidates = [logits.sigmoid() + bias, logits.softmax(dim=-1) + bias, logits + bias]
+            if type(router).__name__ in SOFTMAX_BIAS_ROUTERS:
+                candidates.insert(0, candidates.pop(1))
+            score = candidates[0]
+            if num_group <= 1:
+                k = chosen.shape[-1]
+                score = next(
+                    (c for c in candidates if torch.equal(c.topk(k, dim=-1).indices.sort(dim=-1).values, chosen)),
+                    score,
+                )
         method = getattr(router, "topk_method", None)
         if num_group > 1 and method != "greedy":
             experts = score.shape[-1]

@@ -1271,7 +1271,7 @@ pub fn structure_summary(plan: &Plan, choice: &Choice) -> Vec<String> {
                 .map(|r| (r.scores, r.scores_by.is_some()))
             {
                 Some((_, true)) => "softmax or sigmoid",
-                Some((Scores::Sigmoid, _)) => "sigmoid",
+                Some((Scores::Sigmoid | Scores::SigmoidBiasOnLogits, _)) => "sigmoid",
                 _ => "softmax",
             },
             if moe.normalize_field.is_some() {
@@ -1458,7 +1458,7 @@ fn moe_uses(moe: &super::plan::MoePlan, choice: &Choice) -> Vec<&'static str> {
             if sets_router(r) {
                 uses.push("RouterSettings");
             }
-            if r.scores == Scores::Sigmoid || r.scores_by.is_some() {
+            if r.scores != Scores::Softmax || r.scores_by.is_some() {
                 uses.push("Scoring");
             }
         }
@@ -1513,8 +1513,8 @@ fn write_router(w: &mut String, plan: &Plan, r: &Routing) {
         let _ = writeln!(w, "}};");
         set.push("scoring".to_owned());
         set.push("normalize".to_owned());
-    } else if r.scores == Scores::Sigmoid {
-        set.push("scoring: Scoring::Sigmoid".to_owned());
+    } else if r.scores != Scores::Softmax {
+        set.push(format!("scoring: Scoring::{:?}", r.scores));
     }
     if r.correction_bias.is_some() {
         set.push("correction_bias: true".to_owned());
@@ -1582,7 +1582,7 @@ fn is_grouped_sigmoid(r: &Routing) -> bool {
 /// Whether the routing differs from [`mlx_models::family::MoeConfig::router`].
 fn sets_router(r: &Routing) -> bool {
     r.scores_by.is_some()
-        || r.scores == Scores::Sigmoid
+        || r.scores != Scores::Softmax
         || r.correction_bias.is_some()
         || r.groups != Groups::Fixed(None)
         || !matches!(r.normalize, Rule::Field(_))

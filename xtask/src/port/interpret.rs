@@ -418,6 +418,7 @@ fn routed(
         scoring: match scores {
             Scores::Softmax => Scoring::Softmax,
             Scores::Sigmoid => Scoring::Sigmoid,
+            Scores::SigmoidBiasOnLogits => Scoring::SigmoidBiasOnLogits,
         },
         correction_bias: routing.correction_bias.is_some(),
         groups,

@@ -63,6 +63,8 @@ pub fn probes(facts: &Value) -> Vec<RoutingProbe> {
 pub enum Scores {
     Softmax,
     Sigmoid,
+    /// Sigmoid weights, the experts chosen by logit plus the bias (Kolibri-1).
+    SigmoidBiasOnLogits,
 }
 
 /// How a group of experts is scored for the group-limited choice
@@ -266,9 +268,14 @@ fn route(logits: &[f64], bias: Option<&[f64]>, s: Settings, k: usize) -> Vec<(us
                 .map(|(i, w)| (i, if s.normalize { w / sum } else { w }))
                 .collect()
         }
-        Scores::Sigmoid => {
+        Scores::Sigmoid | Scores::SigmoidBiasOnLogits => {
             let scores: Vec<f64> = logits.iter().map(|v| 1.0 / (1.0 + (-v).exp())).collect();
-            let mut choice = with_bias(&scores);
+            // The bias joins the scores, or (Kolibri-1) the logits, for the choice alone.
+            let mut choice = if s.scores == Scores::Sigmoid {
+                with_bias(&scores)
+            } else {
+                with_bias(logits)
+            };
             if let Some((g, n, top)) = s.groups {
                 choice = mask_groups(&choice, g, n, top, f64::NEG_INFINITY);
             }
@@ -382,7 +389,11 @@ pub fn decide(facts: &Value) -> Result<Option<Routing>, String> {
     .into_iter()
     .find(|f| probes.iter().any(|p| p.config.contains_key(*f)))
     .unwrap_or("routed_scaling_factor");
-    for scores in [Scores::Softmax, Scores::Sigmoid] {
+    for scores in [
+        Scores::Softmax,
+        Scores::Sigmoid,
+        Scores::SigmoidBiasOnLogits,
+    ] {
         for bias in [None, bias_name.clone()] {
             if bias.is_some() && bias_name.is_none() {
                 continue;
@@ -460,35 +471,39 @@ pub fn decide(facts: &Value) -> Result<Option<Routing>, String> {
                         .iter()
                         .filter(|p| p.config.get(field).and_then(Value::as_str) == Some(v))
                         .collect();
-                    let fit = [Scores::Softmax, Scores::Sigmoid]
-                        .into_iter()
-                        .flat_map(|s| normalize_rules.iter().map(move |n| (s, n.clone())))
-                        .find(|(scores, normalize)| {
-                            of_value.iter().all(|p| {
-                                let normalize = match normalize {
-                                    Rule::Never => Some(false),
-                                    Rule::Always => Some(true),
-                                    Rule::Field(f) => value_bool(p, facts, f),
-                                };
-                                let scale = match &scaled_by {
-                                    None => Some(1.0),
-                                    Some(f) => value_f64(p, facts, f),
-                                };
-                                match (normalize, scale) {
-                                    (Some(normalize), Some(scale)) => reproduces(
-                                        p,
-                                        Settings {
-                                            scores: *scores,
-                                            bias: bias.is_some(),
-                                            groups: None,
-                                            normalize,
-                                            scale,
-                                        },
-                                    ),
-                                    _ => false,
-                                }
-                            })
-                        });
+                    let fit = [
+                        Scores::Softmax,
+                        Scores::Sigmoid,
+                        Scores::SigmoidBiasOnLogits,
+                    ]
+                    .into_iter()
+                    .flat_map(|s| normalize_rules.iter().map(move |n| (s, n.clone())))
+                    .find(|(scores, normalize)| {
+                        of_value.iter().all(|p| {
+                            let normalize = match normalize {
+                                Rule::Never => Some(false),
+                                Rule::Always => Some(true),
+                                Rule::Field(f) => value_bool(p, facts, f),
+                            };
+                            let scale = match &scaled_by {
+                                None => Some(1.0),
+                                Some(f) => value_f64(p, facts, f),
+                            };
+                            match (normalize, scale) {
+                                (Some(normalize), Some(scale)) => reproduces(
+                                    p,
+                                    Settings {
+                                        scores: *scores,
+                                        bias: bias.is_some(),
+                                        groups: None,
+                                        normalize,
+                                        scale,
+                                    },
+                                ),
+                                _ => false,
+                            }
+                        })
+                    });
                     match fit {
                         Some((scores, normalize)) => per.push((v.clone(), scores, normalize)),
                         None => break,
