@@ -87,6 +87,7 @@ pub const BOUNDS: &[(&str, f32, f32)] = &[
     ("iquestcoder", 0.042, 0.59),       // measured 0.0334, 0.465
     ("jais2", 0.028, 0.43),             // measured 0.0217, 0.341
     ("jamba", 0.059, 0.79),             // measured 0.0466, 0.631
+    ("kolibri1", 0.039, 0.49),          // measured 0.0312, 0.386
     ("lfm2", 0.044, 0.59),              // measured 0.0352, 0.472
     ("lfm2_moe", 0.03, 0.51),           // measured 0.0234, 0.405
     ("llama", 0.045, 0.71),             // measured 0.036, 0.562

@@ -54,6 +54,7 @@ pub mod internlm3;
 pub mod iquestcoder;
 pub mod jais2;
 pub mod jamba;
+pub mod kolibri1;
 pub mod lfm2;
 pub mod lfm2_moe;
 pub mod llama;
@@ -149,6 +150,7 @@ pub const REGISTRY: &[(&str, Loader)] = &[
         family::load::<modernbert_decoder::Config>,
     ),
     ("granitemoeshared", family::load::<granitemoeshared::Config>),
+    ("kolibri1", family::load::<kolibri1::Config>),
     ("lfm2_moe", family::load::<lfm2_moe::Config>),
     ("hy_v3", family::load::<hy_v3::Config>),
     ("mpt", family::load::<mpt::Config>),

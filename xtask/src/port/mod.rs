@@ -2892,6 +2892,28 @@ mod generator_tests {
         );
     }
 
+    /// Kolibri-1: the routing bias joins the logits, not the sigmoid scores, for the choice
+    /// (read from the routing probes); with the bias on the scores instead, the fixtures
+    /// route other experts and fail.
+    #[test]
+    fn kolibri1_routes_by_logit_plus_bias_and_the_score_bias_fails() {
+        let (plan, choice, _) = regenerate("kolibri1");
+        let routing = plan
+            .moe
+            .as_ref()
+            .and_then(|m| m.routing.as_ref())
+            .expect("routing probes");
+        assert_eq!(routing.scores, routing::Scores::SigmoidBiasOnLogits);
+        assert!(routing.correction_bias.is_some());
+        let mut wrong = plan.clone();
+        if let Some(r) = wrong.moe.as_mut().and_then(|m| m.routing.as_mut()) {
+            r.scores = routing::Scores::Sigmoid;
+        }
+        wrong.choices = vec![choice];
+        let found = search(&wrong, &fixtures("kolibri1")).expect("search runs");
+        assert!(found.chosen.is_none(), "{:?}", found.tried);
+    }
+
     /// Which one layer holds a parameter, from the tiny model and the layer-count probes:
     /// the last at every count, the first at every count, or a gap when the counts disagree
     /// or none was probed.

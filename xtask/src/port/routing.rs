@@ -165,11 +165,18 @@ impl Routing {
             );
         }
         format!(
-            "{:?} scores{}, {groups}, renormalized {}, {}",
-            self.scores,
-            match &self.correction_bias {
-                Some(b) => format!(" chosen with `{b}` added"),
-                None => String::new(),
+            "{} scores{}, {groups}, renormalized {}, {}",
+            match self.scores {
+                Scores::SigmoidBiasOnLogits => "Sigmoid",
+                Scores::Softmax => "Softmax",
+                Scores::Sigmoid => "Sigmoid",
+            },
+            match (&self.correction_bias, self.scores) {
+                (Some(b), Scores::SigmoidBiasOnLogits) => {
+                    format!(" chosen by logit with `{b}` added")
+                }
+                (Some(b), _) => format!(" chosen with `{b}` added"),
+                (None, _) => String::new(),
             },
             rule_text(&self.normalize),
             match &self.scaled_by {
