@@ -1052,7 +1052,10 @@ def text(value) -> str:
     return json.dumps(value)
 
 
-def describe_rope(rope: dict) -> str:
+def describe_rope(rope: dict | None) -> str:
+    if not isinstance(rope, dict):
+        # A layer type without RoPE (BEAM's null entry).
+        return "no RoPE"
     if "rope_type" not in rope:
         return "; ".join(f"{layer_type}: {describe_rope(value)}" for layer_type, value in rope.items())
     described = f"{rope['rope_type']} RoPE, theta {rope.get('rope_theta')}"
