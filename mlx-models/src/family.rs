@@ -709,6 +709,14 @@ impl<T: Copy + PartialEq + Default> PerLayer<T> {
     }
 }
 
+/// Per-expert projections named as the blocks load them (`gate_proj`, `up_proj`,
+/// `down_proj`): the `projections` of [`sanitize_moe`] for most families.
+pub const EXPERT_PROJECTIONS: &[(&str, &str)] = &[
+    ("gate_proj", "gate_proj"),
+    ("up_proj", "up_proj"),
+    ("down_proj", "down_proj"),
+];
+
 /// Brings a mixture-of-experts checkpoint to the names [`crate::moe::SparseMoe`] loads,
 /// after [`drop_computed_weights`]: `block` (e.g. `block_sparse_moe`) is renamed to `mlp`,
 /// per-expert tensors (`experts.<i>.<proj>`, with `projections` mapping the checkpoint's

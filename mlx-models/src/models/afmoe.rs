@@ -25,7 +25,9 @@
 
 use crate::config::ConfigFile;
 use crate::error::Result;
-use crate::family::{sanitize_moe, DecoderConfig, DecoderFamily, LayerRule, MoeConfig};
+use crate::family::{
+    sanitize_moe, DecoderConfig, DecoderFamily, LayerRule, MoeConfig, EXPERT_PROJECTIONS,
+};
 use crate::moe::{ExpertActivation, RouterSettings, Scoring};
 use crate::transformer::{AttentionSettings, DecoderSettings, MlpLayout, NormPlacement, QkNorm};
 use crate::weights::{rename_layer_module, Weights};
@@ -94,7 +96,7 @@ impl DecoderFamily for Config {
 
     fn sanitize(&self, weights: &mut Weights, settings: &DecoderSettings) -> Result<()> {
         weights.rename(|name| Some(rename_layer_module(name, &RENAMES)));
-        sanitize_moe(weights, settings, None, &EXPERTS)
+        sanitize_moe(weights, settings, None, EXPERT_PROJECTIONS)
     }
 }
 
@@ -106,12 +108,4 @@ const RENAMES: [(&str, &str); 5] = [
     ("post_mlp_layernorm", "post_feedforward_layernorm"),
     ("mlp.router.gate", "mlp.gate"),
     ("mlp.shared_experts", "mlp.shared_expert"),
-];
-
-/// The Hub checkpoints' names of the expert projections → the names the blocks load
-/// (per-expert tensors are stacked, Transformers 5's fused ones split).
-const EXPERTS: [(&str, &str); 3] = [
-    ("gate_proj", "gate_proj"),
-    ("up_proj", "up_proj"),
-    ("down_proj", "down_proj"),
 ];

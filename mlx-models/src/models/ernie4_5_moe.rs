@@ -21,7 +21,9 @@
 
 use crate::config::ConfigFile;
 use crate::error::Result;
-use crate::family::{sanitize_moe, DecoderConfig, DecoderFamily, LayerRule, MoeConfig};
+use crate::family::{
+    sanitize_moe, DecoderConfig, DecoderFamily, LayerRule, MoeConfig, EXPERT_PROJECTIONS,
+};
 use crate::moe::{ExpertActivation, RouterSettings};
 use crate::transformer::{AttentionSettings, DecoderSettings, MlpLayout, MlpSettings};
 use crate::weights::{rename_layer_module, Weights};
@@ -94,7 +96,7 @@ impl DecoderFamily for Config {
             )
         });
         weights.rename(|name| Some(rename_layer_module(name, &RENAMES)));
-        sanitize_moe(weights, settings, None, &EXPERTS)
+        sanitize_moe(weights, settings, None, EXPERT_PROJECTIONS)
     }
 }
 
@@ -118,11 +120,3 @@ const CHECKPOINT_NAMES: [(&str, &str); 1] = [(
     "mlp.moe_statics.e_score_correction_bias",
     "mlp.gate.moe_statics.e_score_correction_bias",
 )];
-
-/// The Hub checkpoints' names of the expert projections → the names the blocks load
-/// (per-expert tensors are stacked, Transformers 5's fused ones split).
-const EXPERTS: [(&str, &str); 3] = [
-    ("gate_proj", "gate_proj"),
-    ("up_proj", "up_proj"),
-    ("down_proj", "down_proj"),
-];

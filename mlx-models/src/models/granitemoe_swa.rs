@@ -28,7 +28,9 @@
 
 use crate::config::ConfigFile;
 use crate::error::Result;
-use crate::family::{sanitize_moe, DecoderConfig, DecoderFamily, LayerRule, MoeConfig};
+use crate::family::{
+    sanitize_moe, DecoderConfig, DecoderFamily, LayerRule, MoeConfig, EXPERT_PROJECTIONS,
+};
 use crate::moe::{ExpertActivation, RouterSettings};
 use crate::transformer::{AttentionSettings, DecoderSettings, MlpLayout};
 use crate::weights::{rename_layer_module, Weights};
@@ -95,7 +97,7 @@ impl DecoderFamily for Config {
 
     fn sanitize(&self, weights: &mut Weights, settings: &DecoderSettings) -> Result<()> {
         weights.rename(|name| Some(rename_layer_module(name, &RENAMES)));
-        sanitize_moe(weights, settings, None, &EXPERTS)
+        sanitize_moe(weights, settings, None, EXPERT_PROJECTIONS)
     }
 }
 
@@ -107,12 +109,4 @@ const RENAMES: [(&str, &str); 5] = [
     ("shared_mlp", "mlp.shared_expert"),
     ("block_sparse_moe.router", "mlp.gate"),
     ("block_sparse_moe", "mlp"),
-];
-
-/// The Hub checkpoints' names of the expert projections → the names the blocks load
-/// (per-expert tensors are stacked, Transformers 5's fused ones split).
-const EXPERTS: [(&str, &str); 3] = [
-    ("gate_proj", "gate_proj"),
-    ("up_proj", "up_proj"),
-    ("down_proj", "down_proj"),
 ];

@@ -24,7 +24,9 @@
 
 use crate::config::ConfigFile;
 use crate::error::Result;
-use crate::family::{sanitize_moe, DecoderConfig, DecoderFamily, LayerRule, MoeConfig};
+use crate::family::{
+    sanitize_moe, DecoderConfig, DecoderFamily, LayerRule, MoeConfig, EXPERT_PROJECTIONS,
+};
 use crate::moe::{ExpertActivation, RouterSettings, Scoring};
 use crate::transformer::{AttentionSettings, DecoderSettings, MlpLayout, QkNorm};
 use crate::weights::{rename_layer_module, Weights};
@@ -86,7 +88,7 @@ impl DecoderFamily for Config {
             )
         });
         weights.rename(|name| Some(rename_layer_module(name, &RENAMES)));
-        sanitize_moe(weights, settings, None, &EXPERTS)
+        sanitize_moe(weights, settings, None, EXPERT_PROJECTIONS)
     }
 }
 
@@ -120,12 +122,4 @@ const CHECKPOINT_NAMES: [(&str, &str); 3] = [
     ("mlp.router.gate.", "mlp.gate."),
     ("mlp.expert_bias", "mlp.e_score_correction_bias"),
     ("mlp.shared_mlp.", "mlp.shared_experts."),
-];
-
-/// The Hub checkpoints' names of the expert projections → the names the blocks load
-/// (per-expert tensors are stacked, Transformers 5's fused ones split).
-const EXPERTS: [(&str, &str); 3] = [
-    ("gate_proj", "gate_proj"),
-    ("up_proj", "up_proj"),
-    ("down_proj", "down_proj"),
 ];

@@ -25,7 +25,9 @@
 
 use crate::config::ConfigFile;
 use crate::error::Result;
-use crate::family::{sanitize_moe, DecoderConfig, DecoderFamily, LayerRule, MoeConfig};
+use crate::family::{
+    sanitize_moe, DecoderConfig, DecoderFamily, LayerRule, MoeConfig, EXPERT_PROJECTIONS,
+};
 use crate::moe::{ExpertActivation, RouterSettings, Scoring};
 use crate::transformer::{AttentionSettings, DecoderSettings, MlpLayout, NormPlacement, QkNorm};
 use crate::weights::{rename_layer_module, Weights};
@@ -89,7 +91,7 @@ impl DecoderFamily for Config {
             )
         });
         weights.rename(|name| Some(rename_layer_module(name, &RENAMES)));
-        sanitize_moe(weights, settings, None, &EXPERTS)
+        sanitize_moe(weights, settings, None, EXPERT_PROJECTIONS)
     }
 }
 
@@ -111,12 +113,4 @@ const CHECKPOINT_NAMES: [(&str, &str); 3] = [
     ("moe.router.expert_bias", "mlp.gate.e_score_correction_bias"),
     ("post_attn_norm", "post_self_attn_layernorm"),
     ("post_ffn_norm", "post_mlp_layernorm"),
-];
-
-/// The Hub checkpoints' names of the expert projections → the names the blocks load
-/// (per-expert tensors are stacked, Transformers 5's fused ones split).
-const EXPERTS: [(&str, &str); 3] = [
-    ("gate_proj", "gate_proj"),
-    ("up_proj", "up_proj"),
-    ("down_proj", "down_proj"),
 ];

@@ -25,7 +25,9 @@
 
 use crate::config::ConfigFile;
 use crate::error::Result;
-use crate::family::{sanitize_moe, DecoderConfig, DecoderFamily, LayerRule, MoeConfig};
+use crate::family::{
+    sanitize_moe, DecoderConfig, DecoderFamily, LayerRule, MoeConfig, EXPERT_PROJECTIONS,
+};
 use crate::moe::ExpertActivation;
 use crate::transformer::{AttentionSettings, DecoderSettings, MlpLayout, QkNorm};
 use crate::weights::Weights;
@@ -70,14 +72,6 @@ impl DecoderFamily for Config {
     }
 
     fn sanitize(&self, weights: &mut Weights, settings: &DecoderSettings) -> Result<()> {
-        sanitize_moe(weights, settings, None, &EXPERTS)
+        sanitize_moe(weights, settings, None, EXPERT_PROJECTIONS)
     }
 }
-
-/// The Hub checkpoints' names of the expert projections → the names the blocks load
-/// (per-expert tensors are stacked, Transformers 5's fused ones split).
-const EXPERTS: [(&str, &str); 3] = [
-    ("gate_proj", "gate_proj"),
-    ("up_proj", "up_proj"),
-    ("down_proj", "down_proj"),
-];

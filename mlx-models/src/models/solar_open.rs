@@ -22,7 +22,9 @@
 
 use crate::config::ConfigFile;
 use crate::error::Result;
-use crate::family::{sanitize_moe, DecoderConfig, DecoderFamily, LayerRule, MoeConfig};
+use crate::family::{
+    sanitize_moe, DecoderConfig, DecoderFamily, LayerRule, MoeConfig, EXPERT_PROJECTIONS,
+};
 use crate::moe::ExpertActivation;
 use crate::transformer::{AttentionSettings, DecoderSettings, MlpLayout};
 use crate::weights::{rename_layer_module, Weights};
@@ -66,18 +68,10 @@ impl DecoderFamily for Config {
 
     fn sanitize(&self, weights: &mut Weights, settings: &DecoderSettings) -> Result<()> {
         weights.rename(|name| Some(rename_layer_module(name, &RENAMES)));
-        sanitize_moe(weights, settings, None, &EXPERTS)
+        sanitize_moe(weights, settings, None, EXPERT_PROJECTIONS)
     }
 }
 
 /// The checkpoint's names of the layer modules the shared blocks load under other names
 /// (found from what Transformers calls where).
 const RENAMES: [(&str, &str); 1] = [("mlp.shared_experts", "mlp.shared_expert")];
-
-/// The Hub checkpoints' names of the expert projections → the names the blocks load
-/// (per-expert tensors are stacked, Transformers 5's fused ones split).
-const EXPERTS: [(&str, &str); 3] = [
-    ("gate_proj", "gate_proj"),
-    ("up_proj", "up_proj"),
-    ("down_proj", "down_proj"),
-];

@@ -229,8 +229,11 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
 
     // What differs from the defaults of the shared settings.
     let mut family = vec!["DecoderConfig", "DecoderFamily", "LayerRule"];
-    if plan.moe.is_some() {
+    if let Some(moe) = &plan.moe {
         family.extend(["MoeConfig", "sanitize_moe"]);
+        if same_projections(moe) {
+            family.push("EXPERT_PROJECTIONS");
+        }
     }
     if plan.mla.is_some() {
         family.push("MlaConfig");
@@ -931,7 +934,14 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
         if plan.mla.is_some() {
             let _ = writeln!(w, "{MERGE_KV_B}");
         }
-        let _ = writeln!(w, "sanitize_moe(weights, settings, None, &EXPERTS)");
+        if same_projections(moe) {
+            let _ = writeln!(
+                w,
+                "sanitize_moe(weights, settings, None, EXPERT_PROJECTIONS)"
+            );
+        } else {
+            let _ = writeln!(w, "sanitize_moe(weights, settings, None, &EXPERTS)");
+        }
         let _ = writeln!(w, "}}");
     } else if sanitizes {
         let _ = writeln!(w);
@@ -1084,19 +1094,27 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
             }
             let _ = writeln!(w, "];\n");
         }
-        doc(
-            w,
-            "/// ",
-            "The Hub checkpoints' names of the expert projections → the names the blocks \
-             load (per-expert tensors are stacked, Transformers 5's fused ones split).",
-        );
-        let _ = writeln!(w, "const EXPERTS: [(&str, &str); 3] = [");
-        for (from, to) in &moe.projections {
-            let _ = writeln!(w, "({from:?}, {to:?}),");
+        if !same_projections(moe) {
+            doc(
+                w,
+                "/// ",
+                "The Hub checkpoints' names of the expert projections → the names the blocks \
+                 load (per-expert tensors are stacked, Transformers 5's fused ones split).",
+            );
+            let _ = writeln!(w, "const EXPERTS: [(&str, &str); 3] = [");
+            for (from, to) in &moe.projections {
+                let _ = writeln!(w, "({from:?}, {to:?}),");
+            }
+            let _ = writeln!(w, "];");
         }
-        let _ = writeln!(w, "];");
     }
     unused_config_named(s)
+}
+
+/// Whether the Hub names the expert projections as the blocks load them
+/// ([`mlx_models::family::EXPERT_PROJECTIONS`]).
+fn same_projections(moe: &super::plan::MoePlan) -> bool {
+    moe.projections.iter().all(|(from, to)| from == to)
 }
 
 /// `source` with `settings`' `config` parameter named `_config` where its body never reads
