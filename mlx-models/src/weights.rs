@@ -933,6 +933,21 @@ pub fn rename_prefix(name: &str, renames: &[(&str, &str)]) -> String {
     name.to_owned()
 }
 
+/// `name` with each `(from, to)` substring replaced once, in order: Transformers'
+/// checkpoint conversion of Hub names (`block_sparse_moe.input_linear.` →
+/// `block_sparse_moe.experts.gate_up_proj.`), as a family's `sanitize` applies it.
+///
+/// ```
+/// use mlx_models::weights::rename_substrings;
+/// let renames = [("mlp.router.gate.", "mlp.gate."), ("mlp.expert_bias", "mlp.e_score_correction_bias")];
+/// assert_eq!(rename_substrings("model.layers.1.mlp.router.gate.weight", &renames), "model.layers.1.mlp.gate.weight");
+/// ```
+pub fn rename_substrings(name: &str, renames: &[(&str, &str)]) -> String {
+    renames
+        .iter()
+        .fold(name.to_owned(), |n, (from, to)| n.replacen(from, to, 1))
+}
+
 /// `name` with the module path under `model.layers.{i}.` renamed: each `(from, to)` is a
 /// module path under the layer (`"post_mlp_layernorm"`, `"self_attn.query_layernorm"`),
 /// or from the root where it starts with `model.` (`"model.final_layernorm"`), or a whole

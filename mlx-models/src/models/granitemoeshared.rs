@@ -29,7 +29,7 @@ use crate::family::{
 };
 use crate::moe::{ExpertActivation, RouterSettings};
 use crate::transformer::{AttentionSettings, DecoderSettings, MlpLayout};
-use crate::weights::{rename_layer_module, Weights};
+use crate::weights::{rename_layer_module, rename_substrings, Weights};
 use serde::Deserialize;
 
 /// config.json fields, with the names of `GraniteMoeSharedConfig`: the shared ones and the
@@ -87,13 +87,7 @@ impl DecoderFamily for Config {
 
     fn sanitize(&self, weights: &mut Weights, settings: &DecoderSettings) -> Result<()> {
         // Hub checkpoints' names as Transformers converts them.
-        weights.rename(|name| {
-            Some(
-                CHECKPOINT_NAMES
-                    .iter()
-                    .fold(name.to_owned(), |n, (from, to)| n.replacen(from, to, 1)),
-            )
-        });
+        weights.rename(|name| Some(rename_substrings(name, &CHECKPOINT_NAMES)));
         weights.rename(|name| Some(rename_layer_module(name, &RENAMES)));
         sanitize_moe(weights, settings, None, EXPERT_PROJECTIONS)
     }

@@ -530,6 +530,13 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
     if !plan.prefix_renames.is_empty() {
         weights_uses.push("rename_prefix");
     }
+    if plan
+        .moe
+        .as_ref()
+        .is_some_and(|m| !m.checkpoint_renames.is_empty())
+    {
+        weights_uses.push("rename_substrings");
+    }
     if sanitizes || plan.moe.is_some() {
         weights_uses.push("Weights");
     }
@@ -922,7 +929,7 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
             );
             let _ = writeln!(
                 w,
-                "weights.rename(|name| Some(CHECKPOINT_NAMES.iter().fold(name.to_owned(), |n, (from, to)| n.replacen(from, to, 1))));"
+                "weights.rename(|name| Some(rename_substrings(name, &CHECKPOINT_NAMES)));"
             );
         }
         if !plan.renames.is_empty() {

@@ -3938,9 +3938,11 @@ fn block_vector_rename(facts: &Facts) -> Option<(String, String)> {
 
 /// Hub checkpoints' names converted to Transformers' (substring renames, in order).
 pub fn checkpoint_name(name: &str, renames: &[(String, String)]) -> String {
-    renames
+    let pairs: Vec<(&str, &str)> = renames
         .iter()
-        .fold(name.to_owned(), |n, (from, to)| n.replacen(from, to, 1))
+        .map(|(a, b)| (a.as_str(), b.as_str()))
+        .collect();
+    mlx_models::weights::rename_substrings(name, &pairs)
 }
 
 /// Whether the final norm's weight starts at zero in Transformers' init (the `1 + w`
