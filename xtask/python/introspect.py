@@ -575,6 +575,9 @@ def pattern_rule(model_type: str, fields: dict, small: dict) -> dict | None:
         return None
     if len(set(kinds)) < 2:
         return None
+    cycled = cycled_pattern_rule(model_type, small)
+    if cycled is not None:
+        return cycled
     base = {key: value for key, value in small.items() if key != "layer_types"}
     base["num_hidden_layers"] = 4
     for first, second in zip(
@@ -603,6 +606,73 @@ def pattern_rule(model_type: str, fields: dict, small: dict) -> dict | None:
             "null_attends": null[0] if null and len(set(null)) == 1 else None,
         }
     return None
+
+
+def cycled_pattern_fields(model_type: str, small: dict) -> list:
+    """The list-of-strings fields of the tiny config whose entries, repeated over the layers,
+    name each layer's kind (RecurrentGemma's `block_types`: layer i is
+    `block_types[i % len]`): for each, the field and which of its values attend. A field
+    qualifies when each value alone, as a one-entry list, makes every layer one kind, and
+    the tiny config's list, repeated, gives the kinds the config resolves."""
+    try:
+        kinds = layer_kinds(build_config(model_type, small))
+    except Exception:
+        return []
+    found = []
+    for field, value in small.items():
+        if not (isinstance(value, list) and value and all(isinstance(v, str) for v in value)):
+            continue
+        attending = {}
+        for entry in dict.fromkeys(value):
+            try:
+                alone = layer_kinds(build_config(model_type, {**small, field: [entry]}))
+            except Exception:
+                alone = []
+            if not alone or len(set(alone)) != 1:
+                break
+            attending[entry] = attends(alone[0])
+        else:
+            cycled = [attending[value[i % len(value)]] for i in range(len(kinds))]
+            if cycled == [attends(k) for k in kinds] and len(set(attending.values())) == 2:
+                found.append((field, attending))
+    return found
+
+
+def cycled_pattern_rule(model_type: str, small: dict) -> dict | None:
+    """The rule of a field that names the layer kinds in a repeating pattern
+    ([`cycled_pattern_fields`]): {"rule": "cycle", "field", "attending": its values that
+    attend, "mixing": the one that does not}; None where no field does, or more than one
+    value does not attend."""
+    for field, attending in cycled_pattern_fields(model_type, small):
+        mixing = [v for v, a in attending.items() if not a]
+        if len(mixing) == 1:
+            return {
+                "rule": "cycle",
+                "field": field,
+                "attending": [v for v, a in attending.items() if a],
+                "mixing": mixing[0],
+            }
+    return None
+
+
+def attention_first(model_type: str, small: dict) -> dict:
+    """The tiny config with its repeating layer pattern ([`cycled_pattern_fields`]) rotated
+    so that layer 0 attends, where it does not (the structure, the call trace and the RoPE
+    probes read layer 0; the recurrent mixer is read from the others): RecurrentGemma's
+    `block_types` ["recurrent", "attention"] becomes ["attention", "recurrent"]. `small`
+    unchanged where layer 0 attends or no such field exists."""
+    try:
+        kinds = layer_kinds(build_config(model_type, small))
+    except Exception:
+        return small
+    if not kinds or attends(kinds[0]):
+        return small
+    for field, attending in cycled_pattern_fields(model_type, small):
+        pattern = small[field]
+        first = next((i for i, v in enumerate(pattern) if attending[v]), None)
+        if first is not None:
+            return {**small, field: pattern[first:] + pattern[:first]}
+    return small
 
 
 def runnable_kv_heads(architecture: str, model_type: str, small: dict) -> dict:
@@ -1441,6 +1511,8 @@ def introspect(model_type: str, config_override: dict | None, replace: bool, che
     small = small_config(model_type, fields, dict(config_class.attribute_map))
     if config_override is not None:
         small = dict(config_override) if replace else {**small, **config_override}
+    if not replace:
+        small = attention_first(model_type, small)
     # Key/value heads the tiny model runs with before anything else builds it.
     small = runnable_kv_heads(architecture, model_type, small)
     if config_override is None or not replace:
