@@ -1048,6 +1048,15 @@ pub enum AttentionLayers<'a> {
         mixing: LayerType,
         fallback: Option<&'a AttentionLayers<'a>>,
     },
+    /// Each layer's kind from a repeating pattern (RecurrentGemma's `block_types`: layer
+    /// `i` is `pattern[i % pattern.len()]`): the `attending` names attend, `mixing` runs the
+    /// mixer; an empty pattern or another name is an error naming `field`.
+    Cycle {
+        field: &'a str,
+        pattern: &'a [String],
+        attending: &'a [&'a str],
+        mixing: &'a str,
+    },
 }
 
 impl AttentionLayers<'_> {
@@ -1115,6 +1124,32 @@ impl AttentionLayers<'_> {
                                 field,
                                 format!(
                                     "names a `{t:?}` layer; this family has {attending:?} and {mixing:?} layers"
+                                ),
+                            ))
+                        }
+                    })
+                    .collect()
+            }
+            AttentionLayers::Cycle {
+                field,
+                pattern,
+                attending,
+                mixing,
+            } => {
+                config.ensure(!pattern.is_empty(), field, || "is empty".to_owned())?;
+                (0..n)
+                    .map(|i| {
+                        let kind = pattern[i % pattern.len()].as_str();
+                        if attending.contains(&kind) {
+                            Ok(true)
+                        } else if kind == mixing {
+                            Ok(false)
+                        } else {
+                            Err(Error::config(
+                                &config.path,
+                                field,
+                                format!(
+                                    "names a `{kind}` layer; this family has {attending:?} and `{mixing}` layers"
                                 ),
                             ))
                         }

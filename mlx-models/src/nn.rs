@@ -450,6 +450,20 @@ impl Embedding {
     }
 }
 
+/// `v` rounded to the nearest bfloat16 (ties to even), as a number Transformers keeps in a
+/// bfloat16 buffer (RecurrentGemma's embedding normalizer) is, whatever the model's dtype.
+///
+/// ```
+/// use mlx_models::nn::round_to_bf16;
+/// assert_eq!(round_to_bf16(48f32.sqrt()), 6.9375);
+/// assert_eq!(round_to_bf16(8.0), 8.0);
+/// ```
+pub fn round_to_bf16(v: f32) -> f32 {
+    let bits = v.to_bits();
+    let rounded = bits.wrapping_add(0x7FFF + ((bits >> 16) & 1)) & 0xFFFF_0000;
+    f32::from_bits(rounded)
+}
+
 /// `x`, evaluated now. Whatever a block derives from its weights at load time goes through
 /// this: a model may run on another thread, where MLX cannot evaluate work left pending on
 /// the loading thread's stream.

@@ -33,6 +33,7 @@ fn rust_type(f: &Field) -> String {
         FieldType::LayerTypes => "Vec<LayerType>",
         FieldType::IntList => "Vec<i32>",
         FieldType::FloatList => "Vec<f64>",
+        FieldType::StrList => "Vec<String>",
     };
     if f.optional() {
         format!("Option<{base}>")
@@ -86,6 +87,9 @@ fn scalar(plan: &Plan, s: &Scalar) -> String {
         Scalar::InvSqrtField(n) => wrap(n, "v.powf(-0.5) as f32"),
         Scalar::InvField(n) => wrap(n, "(1.0 / v) as f32"),
         Scalar::SqrtHidden => "Some(f64::from(d.hidden_size).sqrt() as f32)".to_owned(),
+        Scalar::SqrtHiddenBf16 => {
+            "Some(crate::nn::round_to_bf16(f64::from(d.hidden_size).sqrt() as f32))".to_owned()
+        }
         Scalar::FieldOverSqrtLayers(n) => {
             wrap(n, "(v / (d.num_hidden_layers as f64).sqrt()) as f32")
         }
@@ -476,7 +480,7 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
     } else {
         act
     };
-    if !by_default(&plan.mlp_bias, "mlp_bias") {
+    if !by_default(&plan.mlp_bias, "mlp_bias") || plan.intermediate_divisor.is_some() {
         transformer.push("MlpSettings");
     }
     family.sort_unstable_by_key(|n| n.to_lowercase());
@@ -713,7 +717,18 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
     } else {
         act
     };
-    if by_default(&plan.mlp_bias, "mlp_bias") {
+    if let Some(k) = plan.intermediate_divisor {
+        let bias = if by_default(&plan.mlp_bias, "mlp_bias") {
+            String::new()
+        } else {
+            format!("bias: {}, ", flag(plan, &plan.mlp_bias))
+        };
+        let _ = writeln!(
+            w,
+            "// The MLP is `intermediate_size` / {k} wide.\n\
+             let mlp = MlpSettings {{ intermediate_size: d.intermediate_size / {k}, {bias}..d.mlp({layout}, {act}) }};"
+        );
+    } else if by_default(&plan.mlp_bias, "mlp_bias") {
         let _ = writeln!(w, "let mlp = d.mlp({layout}, {act});");
     } else {
         let _ = writeln!(
@@ -1447,6 +1462,9 @@ pub fn structure_summary(plan: &Plan, choice: &Choice) -> Vec<String> {
         match s {
             Scalar::None => {}
             Scalar::SqrtHidden => lines.push(format!("{what} `√hidden_size`.")),
+            Scalar::SqrtHiddenBf16 => lines.push(format!(
+                "{what} `√hidden_size` rounded to bfloat16 (Transformers keeps it in a bfloat16 buffer)."
+            )),
             Scalar::Field(f) => lines.push(format!("{what} `{f}`.")),
             Scalar::InvField(f) => lines.push(format!("{what} `1 / {f}`.")),
             Scalar::InvSqrtField(f) => lines.push(format!("{what} `{f}^-0.5`.")),

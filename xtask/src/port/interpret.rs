@@ -67,6 +67,9 @@ impl Reader<'_> {
             Scalar::InvSqrtField(f) => self.f64_opt(f).map(|v| v.powf(-0.5) as f32),
             Scalar::InvField(f) => self.f64_opt(f).map(|v| (1.0 / v) as f32),
             Scalar::SqrtHidden => Some((f64::from(self.i32("hidden_size")?)).sqrt() as f32),
+            Scalar::SqrtHiddenBf16 => Some(mlx_models::nn::round_to_bf16(
+                (f64::from(self.i32("hidden_size")?)).sqrt() as f32,
+            )),
             Scalar::FieldOverSqrtLayers(f) => {
                 let layers = f64::from(self.i32("num_hidden_layers")?);
                 self.f64_opt(f).map(|v| (v / layers.sqrt()) as f32)
@@ -281,6 +284,13 @@ pub fn settings(plan: &Plan, choice: &Choice, config: &ConfigFile) -> Result<Dec
     let mlp = MlpSettings {
         bias: r.flag(&plan.mlp_bias),
         ..d.mlp(plan.mlp_layout, activation)
+    };
+    let mlp = match plan.intermediate_divisor {
+        Some(k) => MlpSettings {
+            intermediate_size: mlp.intermediate_size / k,
+            ..mlp
+        },
+        None => mlp,
     };
     let settings = DecoderSettings {
         norm,

@@ -26,6 +26,8 @@ pub enum Scalar {
     InvField(String),
     /// `√hidden_size` (Gemma's embedding normalizer).
     SqrtHidden,
+    /// `√hidden_size` rounded to bfloat16 (RecurrentGemma's normalizer, a bfloat16 buffer).
+    SqrtHiddenBf16,
     /// `field / √num_hidden_layers` (MiniCPM's depth-scaled residual branches, `scale_depth`).
     FieldOverSqrtLayers(String),
     /// `field / hidden_size` (MiniCPM's width-scaled logits, `dim_model_base`).
@@ -87,6 +89,7 @@ impl Choice {
             match &self.embedding_scale {
                 Scalar::None => "none".to_owned(),
                 Scalar::SqrtHidden => "√hidden_size".to_owned(),
+                Scalar::SqrtHiddenBf16 => "√hidden_size in bfloat16".to_owned(),
                 other => format!("{other:?}"),
             },
             if self.rope_traditional {
@@ -221,6 +224,8 @@ pub enum FieldType {
     LayerTypes,
     IntList,
     FloatList,
+    /// A list of names (RecurrentGemma's `block_types`).
+    StrList,
 }
 
 impl Field {
@@ -367,6 +372,8 @@ pub struct Plan {
     /// Common integer fields read as the family's own divided where config.json lacks
     /// them, `(common, own, divisor)` (`DecoderFamily::DIVIDED_ALIASES`).
     pub divided_aliases: Vec<(String, String, i64)>,
+    /// The MLP is `intermediate_size` divided by this wide (RecurrentGemma's half).
+    pub intermediate_divisor: Option<i32>,
     /// The field that sets the period of a periodic layer rule (the ModernBERT decoder's
     /// `global_attn_every_n_layers`), read in place of the rule's fixed period.
     pub layer_period: Option<String>,
@@ -434,6 +441,16 @@ pub fn only_layer(
         .collect();
     if held.is_empty() || held.len() == tiny_layers {
         return Ok(None);
+    }
+    // A bias held by exactly the layers that hold its projection (a hybrid's attention
+    // layers) follows the projection: the layers without one hold neither.
+    if let Some(weight) = param.strip_suffix(".bias").map(|p| format!("{p}.weight")) {
+        let with_weight: Vec<usize> = (0..tiny_layers)
+            .filter(|i| params.contains_key(&format!("model.layers.{i}.{weight}")))
+            .collect();
+        if with_weight == held {
+            return Ok(None);
+        }
     }
     let mut counts = vec![(tiny_layers, held)];
     for probe in facts
@@ -994,15 +1011,32 @@ fn unnamed_field(
             let positions = facts.value.pointer("/structure/positions");
             let rotary = facts.value.pointer("/structure/rotary");
             let alibi = super::alibi::measured_slopes(facts.value).is_some();
-            (alibi && positions.is_none_or(Value::is_null) && rotary.is_none_or(Value::is_null))
-                .then(|| {
-                    (
-                        Value::from(i32::MAX),
-                        "no context limit where config.json names none: the class has no \
-                         `max_position_embeddings` and the only positions are ALiBi's"
-                            .to_owned(),
-                    )
-                })
+            let no_table = positions.is_none_or(Value::is_null);
+            let rotary = !rotary.is_none_or(Value::is_null);
+            // RoPE scalings that read the limit (dynamic NTK, YaRN) have no value to read.
+            let scaled = facts
+                .value
+                .pointer("/resolved_config/rope_parameters/rope_type")
+                .and_then(Value::as_str)
+                .is_some_and(|t| t != "default" && t != "linear");
+            if alibi && no_table && !rotary {
+                Some((
+                    Value::from(i32::MAX),
+                    "no context limit where config.json names none: the class has no \
+                     `max_position_embeddings` and the only positions are ALiBi's"
+                        .to_owned(),
+                ))
+            } else if rotary && no_table && !scaled {
+                Some((
+                    Value::from(i32::MAX),
+                    "no context limit where config.json names none: the class has no \
+                     `max_position_embeddings`, no learned position table and an unscaled RoPE \
+                     (which reads no limit)"
+                        .to_owned(),
+                ))
+            } else {
+                None
+            }
         }
         _ => None,
     }
@@ -1707,6 +1741,11 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
     let hybrid = super::recurrent::hybrid_plan(facts.value, &mut decisions, &mut gaps);
     if let Some(h) = &hybrid {
         let loaded = super::recurrent::loaded_as(h.mixer.kind);
+        if let Some(decision) =
+            super::recurrent::split_shared_path(facts.value, h, &mut roles.renames)
+        {
+            decisions.push(decision);
+        }
         if h.path != loaded {
             roles.renames.push((h.path.clone(), loaded.to_owned()));
         }
@@ -1883,6 +1922,14 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
                 "a null `intermediate_size` is {k} × hidden_size (measured on a model built so)"
             ));
         }
+    }
+    let intermediate_divisor =
+        intermediate_divisor(&facts, &params, has_field("intermediate_size"));
+    if let Some(k) = intermediate_divisor {
+        decisions.push(format!(
+            "the MLP is `intermediate_size` / {k} wide (the tiny model's down projection takes \
+             in that many features; the width probe widened no MLP weight)"
+        ));
     }
     if let Some(f) = fields.iter_mut().find(|f| f.name == "tie_word_embeddings") {
         if f.default.is_null() {
@@ -2645,7 +2692,7 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
     );
     let final_softcap = scalar(
         &mut fields,
-        &["final_logit_softcapping"],
+        &["final_logit_softcapping", "logits_soft_cap"],
         Scalar::Field,
         "logits soft cap",
     );
@@ -2994,6 +3041,13 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
     // What the structure cannot decide, to be tried against the fixtures.
     let embedding_candidates = if embedding_field != Scalar::None {
         vec![embedding_field]
+    } else if bf16_normalizer(facts.value) {
+        decisions.push(
+            "the embeddings' module keeps a bfloat16 scalar buffer: an embedding scale \
+             √hidden_size is tried rounded to bfloat16"
+                .to_owned(),
+        );
+        vec![Scalar::None, Scalar::SqrtHiddenBf16]
     } else {
         vec![Scalar::None, Scalar::SqrtHidden]
     };
@@ -3462,6 +3516,7 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         first_layer_no_input_norm,
         prediction_head,
         divided_aliases,
+        intermediate_divisor,
         layer_period,
         layer_calls: layer_events(facts.value)
             .into_iter()
@@ -3979,6 +4034,65 @@ fn window_field(facts: &Value) -> Option<String> {
         .get("window_field")
         .and_then(Value::as_str)
         .map(str::to_owned)
+        .or_else(|| {
+            // The class maps `sliding_window` onto its own field (RecurrentGemma's
+            // `attention_window_size`) and resolves some layer as `sliding_attention`.
+            let slides = facts
+                .get("layer_types")?
+                .as_array()?
+                .iter()
+                .any(|t| t.as_str() == Some("sliding_attention"));
+            let own = facts.pointer("/attribute_map/sliding_window")?.as_str()?;
+            slides.then(|| own.to_owned())
+        })
+}
+
+/// Whether the module holding the embeddings keeps a 0-d bfloat16 buffer (RecurrentGemma's
+/// `normalizer`, √hidden_size in bfloat16 whatever the model's dtype).
+fn bf16_normalizer(facts: &Value) -> bool {
+    let Some(embeddings) = facts
+        .pointer("/structure/embeddings")
+        .and_then(Value::as_str)
+    else {
+        return false;
+    };
+    let parent = embeddings.rsplit_once('.').map_or("", |(p, _)| p);
+    facts
+        .get("modules")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter(|m| m["name"].as_str() == Some(parent))
+        .filter_map(|m| m.get("buffers")?.as_object())
+        .flat_map(|b| b.values())
+        .any(|b| {
+            b["dtype"].as_str() == Some("bfloat16")
+                && b["shape"].as_array().is_some_and(Vec::is_empty)
+        })
+}
+
+/// `k` where the MLP is `intermediate_size / k` wide (RecurrentGemma's half): the tiny
+/// model's layer-0 down projection takes in the resolved width over `k`, and the width
+/// probe (`intermediate_size` set to another value) widened no weight to that value.
+fn intermediate_divisor(
+    facts: &Facts<'_>,
+    params: &BTreeMap<String, Vec<i64>>,
+    has_field: bool,
+) -> Option<i32> {
+    let inter = facts.resolved("intermediate_size")?.as_i64()?;
+    let width = *params.get("model.layers.0.mlp.down_proj.weight")?.get(1)?;
+    let unwidened = facts
+        .value
+        .get("width_probes")?
+        .as_array()?
+        .iter()
+        .find(|p| p["field"].as_str() == Some("intermediate_size"))?
+        .get("widened")?
+        .as_array()?
+        .is_empty();
+    (has_field && unwidened && width > 0 && width < inter && inter % width == 0)
+        .then(|| i32::try_from(inter / width).ok())
+        .flatten()
 }
 
 /// Finds the zoo's rule that reproduces every probe, if any: each is evaluated by the zoo's

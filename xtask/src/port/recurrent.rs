@@ -26,6 +26,9 @@ pub enum Kind {
     /// LFM2's gated short convolution (`in_proj`, a depthwise `conv`, `out_proj`): only in a
     /// hybrid (a recurrent-only plan holds Mamba or Mamba2, read from `A_log`).
     ShortConv,
+    /// RecurrentGemma's recurrent block (`linear_x`, `linear_y`, `conv_1d`, `rg_lru`,
+    /// `linear_out`): only in a hybrid.
+    RgLru,
 }
 
 /// What a recurrent-only plan never holds (its mixer is read from `A_log`).
@@ -86,6 +89,11 @@ const ROLES: &[(&str, &[&str])] = &[
     ("act", &["hidden_act"]),
     ("eps", &["layer_norm_epsilon", "rms_norm_eps", "norm_eps"]),
     ("residual_in_fp32", &["residual_in_fp32"]),
+    // RecurrentGemma's RG-LRU: its width (null: hidden_size), its gates' blocks (one per
+    // attention head), the taps of its conv.
+    ("lru_width", &["lru_width"]),
+    ("lru_heads", &["num_attention_heads"]),
+    ("lru_conv_kernel", &["conv1d_width"]),
 ];
 
 fn needed(kind: Kind) -> &'static [&'static str] {
@@ -115,7 +123,26 @@ fn needed(kind: Kind) -> &'static [&'static str] {
             "eps",
         ],
         Kind::ShortConv => &["conv_kernel", "conv_bias"],
+        Kind::RgLru => &["lru_width", "lru_heads", "lru_conv_kernel"],
     }
+}
+
+/// The path of a RecurrentGemma recurrent block among one layer's parameter names: the
+/// module with `rg_lru.recurrent_param`, `linear_x`, `linear_y`, `linear_out` and `conv_1d`.
+pub fn rg_lru_block(names: &[&str]) -> Option<String> {
+    let path = names
+        .iter()
+        .find_map(|n| n.strip_suffix(".rg_lru.recurrent_param"))?;
+    let has = |leaf: &str| names.contains(&format!("{path}.{leaf}").as_str());
+    [
+        "linear_x.weight",
+        "linear_y.weight",
+        "linear_out.weight",
+        "conv_1d.weight",
+    ]
+    .iter()
+    .all(|leaf| has(leaf))
+    .then(|| path.to_owned())
 }
 
 /// The mixer of one layer from its parameter names (under the layer): its module path
@@ -167,6 +194,9 @@ pub fn classify_layer(params: &[(&str, &[i64])]) -> LayerMixer {
     let names: Vec<&str> = params.iter().map(|(n, _)| *n).collect();
     if let Some((path, kind)) = layer_mixer(&names) {
         return LayerMixer::Recurrent(path, kind);
+    }
+    if let Some(path) = rg_lru_block(&names) {
+        return LayerMixer::Recurrent(path, Kind::RgLru);
     }
     let has = |n: &str| names.contains(&n);
     for name in &names {
@@ -307,6 +337,13 @@ pub enum AttentionRule {
         mixing: String,
         fallback: Option<Box<AttentionRule>>,
     },
+    /// Each layer's kind from the repeating list `field` (RecurrentGemma's `block_types`:
+    /// layer i is `field[i % len]`): the `attending` names attend, `mixing` runs the mixer.
+    Cycle {
+        field: String,
+        attending: Vec<String>,
+        mixing: String,
+    },
 }
 
 impl AttentionRule {
@@ -351,6 +388,16 @@ impl AttentionRule {
                 field: text("field")?,
                 null_attends: h.get("null_attends")?.as_bool()?,
             }),
+            "cycle" => Some(AttentionRule::Cycle {
+                field: text("field")?,
+                attending: h
+                    .get("attending")?
+                    .as_array()?
+                    .iter()
+                    .map(|v| v.as_str().map(str::to_owned))
+                    .collect::<Option<Vec<_>>>()?,
+                mixing: text("mixing")?,
+            }),
             "period" => Some(AttentionRule::Period {
                 period: text("period")?,
                 offset: text("offset")?,
@@ -394,6 +441,19 @@ impl AttentionRule {
                     None => "a config must carry it".to_owned(),
                 }
             ),
+            AttentionRule::Cycle {
+                field,
+                attending,
+                mixing,
+            } => format!(
+                "layer i is `{field}`[i % its length] ({} attend{}, `{mixing}` runs the mixer)",
+                attending
+                    .iter()
+                    .map(|k| format!("`{k}`"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                if attending.len() == 1 { "s" } else { "" }
+            ),
         }
     }
 
@@ -402,6 +462,7 @@ impl AttentionRule {
         match self {
             AttentionRule::Indices { field, .. } => vec![field],
             AttentionRule::Period { period, offset } => vec![period, offset],
+            AttentionRule::Cycle { field, .. } => vec![field],
             AttentionRule::LayerTypes {
                 field, fallback, ..
             } => {
@@ -453,6 +514,23 @@ impl AttentionRule {
                         .collect()
                 }
             },
+            AttentionRule::Cycle {
+                field,
+                attending,
+                mixing,
+            } => {
+                let pattern = config.get(field)?.as_array().filter(|p| !p.is_empty())?;
+                (0..n)
+                    .map(|i| {
+                        let k = pattern[i % pattern.len()].as_str()?;
+                        if attending.iter().any(|a| a == k) {
+                            Some(true)
+                        } else {
+                            (k == mixing).then_some(false)
+                        }
+                    })
+                    .collect()
+            }
         }
     }
 }
@@ -623,7 +701,50 @@ pub fn loaded_as(kind: Kind) -> &'static str {
     match kind {
         Kind::Mamba | Kind::Mamba2 => "mixer",
         Kind::ShortConv => "conv",
+        Kind::RgLru => "temporal_block",
     }
+}
+
+/// Where a hybrid's attention and its recurrent mixer share one checkpoint path
+/// (RecurrentGemma's `temporal_block`) that the blocks load under two names (`self_attn`,
+/// the mixer's), the rename of the attention's path in `renames` becomes one per module the
+/// attention layer 0 holds there (`temporal_block.q_proj` → `self_attn.q_proj`), so the
+/// mixer's modules keep theirs: the decision, or `None` where the paths differ.
+pub fn split_shared_path(
+    facts: &Value,
+    h: &HybridPlan,
+    renames: &mut Vec<(String, String)>,
+) -> Option<String> {
+    let loaded = loaded_as(h.mixer.kind);
+    let at = renames
+        .iter()
+        .position(|(from, to)| *from == h.path && to != loaded)?;
+    let layers = facts.pointer("/structure/layers")?.as_str()?;
+    let prefix = format!("{layers}.0.{}.", h.path);
+    let mut modules: Vec<String> = parameters(facts)
+        .into_iter()
+        .filter_map(|(name, _)| {
+            let rest = name.strip_prefix(&prefix)?;
+            Some(rest.split_once('.').map_or(rest, |(m, _)| m).to_owned())
+        })
+        .collect();
+    modules.sort();
+    modules.dedup();
+    let (from, to) = renames.remove(at);
+    let decision = format!(
+        "the attention layers' `{from}` and the {:?} layers' share the checkpoint path: the \
+         attention's modules ({}) are renamed one by one to `{to}`, the mixer's kept as `{loaded}`",
+        h.mixer.kind,
+        modules
+            .iter()
+            .map(|m| format!("`{m}`"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    for (i, m) in modules.into_iter().enumerate() {
+        renames.insert(at + i, (format!("{from}.{m}"), format!("{to}.{m}")));
+    }
+    Some(decision)
 }
 
 /// What a mixer role's field is, for the module's doc comments.
@@ -638,6 +759,9 @@ pub fn role_text_of(kind: Kind, role: &str) -> &'static str {
         "conv_bias" if kind == Kind::ShortConv => {
             "short convolution: biases of `in_proj`, the conv and `out_proj`"
         }
+        "lru_width" => "recurrent block: channels of the RG-LRU (hidden_size when null)",
+        "lru_heads" => "recurrent block: diagonal blocks of the RG-LRU gates",
+        "lru_conv_kernel" => "recurrent block: taps of its causal conv",
         "num_heads" => "recurrent mixer: heads",
         "head_dim" => "recurrent mixer: width of a head",
         "state_size" => "recurrent mixer: state size",
@@ -661,7 +785,6 @@ pub fn role_field(
     role: Option<&str>,
     kind: Kind,
 ) -> Field {
-    let nullable = role.is_none();
     let mut default = defaults.get(name).cloned().unwrap_or(Value::Null);
     // Python's infinity, as the config reader spells it.
     if let Value::Array(items) = &mut default {
@@ -679,9 +802,16 @@ pub fn role_field(
         Value::Array(items) if items.iter().all(Value::is_i64) && !items.is_empty() => {
             FieldType::IntList
         }
+        Value::Array(items) if items.iter().all(Value::is_string) && !items.is_empty() => {
+            FieldType::StrList
+        }
         Value::Array(_) => FieldType::FloatList,
+        // A null width or count (RecurrentGemma's `lru_width`: hidden_size when null).
+        Value::Null if role.is_some() => FieldType::I32,
         _ => FieldType::IntList,
     };
+    // A null index list means something; a list of layer kinds is never null.
+    let nullable = role.is_none() && ty != FieldType::StrList;
     Field {
         name: name.to_owned(),
         ty,
@@ -723,7 +853,7 @@ pub fn plan(facts: &Value, module: &str) -> Option<Plan> {
         match kind {
             Kind::Mamba => "`x_proj`/`dt_proj`",
             Kind::Mamba2 => "`dt_bias`",
-            Kind::ShortConv => unreachable!("{NOT_RECURRENT_ONLY}"),
+            Kind::ShortConv | Kind::RgLru => unreachable!("{NOT_RECURRENT_ONLY}"),
         }
     )];
     let roles = mixer_roles(kind, fields_of, &mut gaps);
@@ -927,6 +1057,18 @@ fn check_mixer(
             ));
             None
         }
+        Kind::RgLru => {
+            rg_lru_checks(
+                resolved,
+                roles,
+                hidden,
+                &shape,
+                &mut checks,
+                decisions,
+                gaps,
+            );
+            None
+        }
     };
     for (leaf, got, want) in &checks {
         if got != want {
@@ -944,6 +1086,8 @@ fn check_mixer(
             ("conv.bias", "conv_bias"),
             ("out_proj.bias", "conv_bias"),
         ],
+        // Every projection and the conv has a bias, whatever the config says.
+        Kind::RgLru => &[],
     };
     for &(leaf, role) in biases {
         if present(leaf) != flag(role) {
@@ -970,6 +1114,59 @@ fn check_mixer(
         ));
     }
     gate
+}
+
+/// The weight shapes of a RecurrentGemma recurrent block as its config fields give them:
+/// `lru_width` channels (hidden_size where the field is null: what the config class
+/// resolves it to is checked), gates of `num_attention_heads` diagonal blocks, a conv of
+/// `conv1d_width` taps, biases everywhere.
+#[allow(clippy::too_many_arguments)]
+fn rg_lru_checks(
+    resolved: &Value,
+    roles: &BTreeMap<&'static str, String>,
+    hidden: i64,
+    shape: &dyn Fn(&str) -> Vec<i64>,
+    checks: &mut Vec<(String, Vec<i64>, Vec<i64>)>,
+    decisions: &mut Vec<String>,
+    gaps: &mut Vec<String>,
+) {
+    let value = |role: &str| -> Option<i64> {
+        roles
+            .get(role)
+            .and_then(|f| resolved.get(f.as_str()))
+            .and_then(Value::as_i64)
+    };
+    let width = value("lru_width").unwrap_or(hidden);
+    let heads = value("lru_heads").unwrap_or(-1);
+    let k = value("lru_conv_kernel").unwrap_or(-1);
+    if heads <= 0 || width % heads != 0 {
+        gaps.push(format!(
+            "the RG-LRU's {width} channels do not split into {heads} gate blocks"
+        ));
+        return;
+    }
+    let block = width / heads;
+    for (leaf, want) in [
+        ("linear_x.weight", vec![width, hidden]),
+        ("linear_y.weight", vec![width, hidden]),
+        ("linear_out.weight", vec![hidden, width]),
+        ("conv_1d.weight", vec![width, 1, k]),
+        ("rg_lru.recurrent_param", vec![width]),
+        ("rg_lru.input_gate_weight", vec![heads, block, block]),
+        ("rg_lru.recurrent_gate_weight", vec![heads, block, block]),
+        ("rg_lru.input_gate_bias", vec![heads, block]),
+        ("rg_lru.recurrent_gate_bias", vec![heads, block]),
+        ("linear_x.bias", vec![width]),
+        ("linear_y.bias", vec![width]),
+        ("linear_out.bias", vec![hidden]),
+        ("conv_1d.bias", vec![width]),
+    ] {
+        checks.push((leaf.to_owned(), shape(leaf), want));
+    }
+    decisions.push(format!(
+        "RG-LRU: {width} channels in {heads} gate blocks of {block}, conv of {k} taps, biases \
+         on every projection and the conv (read from the weight shapes)"
+    ));
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -1118,6 +1315,7 @@ fn base_plan(
         first_layer_no_input_norm: false,
         prediction_head: None,
         divided_aliases: Vec::new(),
+        intermediate_divisor: None,
         layer_period: None,
     }
 }
@@ -1139,6 +1337,8 @@ pub enum MixerSettings {
     Mamba2(Mamba2Settings),
     /// [`DecoderSettings::short_conv`]: the conv's taps and whether the block has biases.
     ShortConv(i32, bool),
+    /// [`DecoderSettings::rg_lru`]: width, gate blocks, conv taps.
+    RgLru(i32, i32, i32),
 }
 
 /// The mixer's settings and its norm's epsilon, read from `config` directly (the fields of
@@ -1161,6 +1361,9 @@ fn mixer_settings(
             "must be positive".to_owned()
         })?;
         return Ok((MixerSettings::ShortConv(kernel, boolean("conv_bias")), 0.0));
+    }
+    if r.kind == Kind::RgLru {
+        return Ok((rg_lru_settings(r, config, &value, hidden)?, 0.0));
     }
     let act = value(r.field("act"));
     config.ensure(act.as_str() == Some("silu"), r.field("act"), || {
@@ -1236,9 +1439,37 @@ fn mixer_settings(
                 chunked_prefill: true,
             })
         }
-        Kind::ShortConv => unreachable!("read above"),
+        Kind::ShortConv | Kind::RgLru => unreachable!("read above"),
     };
     Ok((mixer, eps))
+}
+
+/// An RG-LRU block's width (hidden_size when `lru_width` is null), gate blocks and conv
+/// taps, checked as the generated module checks them.
+fn rg_lru_settings(
+    r: &RecurrentPlan,
+    config: &ConfigFile,
+    value: &dyn Fn(&str) -> Value,
+    hidden: i32,
+) -> Result<MixerSettings> {
+    let int = |role: &str| -> Result<i32> {
+        let name = r.field(role);
+        config.require(name, value(name).as_i64().map(|v| v as i32))
+    };
+    let width = match value(r.field("lru_width")) {
+        Value::Null => hidden,
+        v => config.require(r.field("lru_width"), v.as_i64().map(|v| v as i32))?,
+    };
+    let (heads, kernel) = (int("lru_heads")?, int("lru_conv_kernel")?);
+    config.ensure(
+        width > 0 && heads > 0 && width % heads == 0,
+        r.field("lru_width"),
+        || format!("{width} channels cannot be split into {heads} heads"),
+    )?;
+    config.ensure(kernel > 0, r.field("lru_conv_kernel"), || {
+        "must be positive".to_owned()
+    })?;
+    Ok(MixerSettings::RgLru(width, heads, kernel))
 }
 
 /// The settings the generated module computes, read from `config` directly.
@@ -1270,7 +1501,9 @@ pub fn settings(plan: &Plan, r: &RecurrentPlan, config: &ConfigFile) -> Result<D
                 MixerKind::Mamba2,
             )
         },
-        MixerSettings::ShortConv(..) => unreachable!("{NOT_RECURRENT_ONLY}"),
+        MixerSettings::ShortConv(..) | MixerSettings::RgLru(..) => {
+            unreachable!("{NOT_RECURRENT_ONLY}")
+        }
     };
     settings.norm_eps = eps;
     settings.tie_word_embeddings = value("tie_word_embeddings").as_bool().unwrap_or(false);
@@ -1320,6 +1553,23 @@ pub fn with_hybrid(
         },
         AttentionRule::LayerTypes { .. } => {
             let attends = layer_types_attend(&h.rule, config, &value, n)?;
+            return with_mixer(plan, h, config, settings, &attends);
+        }
+        AttentionRule::Cycle {
+            field,
+            attending,
+            mixing,
+        } => {
+            let pattern: Vec<String> = serde_json::from_value(value(field))
+                .map_err(|e| config_error(config, field, e.to_string()))?;
+            let attending: Vec<&str> = attending.iter().map(String::as_str).collect();
+            let attends = AttentionLayers::Cycle {
+                field,
+                pattern: &pattern,
+                attending: &attending,
+                mixing,
+            }
+            .resolve(n, config)?;
             return with_mixer(plan, h, config, settings, &attends);
         }
     };
@@ -1434,6 +1684,10 @@ fn with_mixer(
             set_recurrent_layers(&mut settings.layers, &attends, MixerKind::ShortConv);
             settings.short_conv = Some((kernel, bias));
         }
+        MixerSettings::RgLru(width, heads, kernel) => {
+            set_recurrent_layers(&mut settings.layers, &attends, MixerKind::RgLru);
+            settings.rg_lru = Some((width, heads, kernel));
+        }
     }
     Ok(settings)
 }
@@ -1456,7 +1710,7 @@ pub fn module_source(plan: &Plan, r: &RecurrentPlan) -> String {
     let (block, kind, settings_ty) = match r.kind {
         Kind::Mamba => ("selective-scan", "Mamba", "MambaSettings"),
         Kind::Mamba2 => ("state-space", "Mamba2", "Mamba2Settings"),
-        Kind::ShortConv => unreachable!("{NOT_RECURRENT_ONLY}"),
+        Kind::ShortConv | Kind::RgLru => unreachable!("{NOT_RECURRENT_ONLY}"),
     };
     let _ = writeln!(
         w,
@@ -1476,7 +1730,7 @@ pub fn module_source(plan: &Plan, r: &RecurrentPlan) -> String {
     let _ = writeln!(w);
     let gate = match r.kind {
         Kind::Mamba2 => "Mamba2Gate, ",
-        Kind::Mamba | Kind::ShortConv => "",
+        Kind::Mamba | Kind::ShortConv | Kind::RgLru => "",
     };
     let _ = writeln!(
         w,
@@ -1584,12 +1838,12 @@ pub fn module_source(plan: &Plan, r: &RecurrentPlan) -> String {
                 clamp = r.clamp_steps,
             );
         }
-        Kind::ShortConv => unreachable!("{NOT_RECURRENT_ONLY}"),
+        Kind::ShortConv | Kind::RgLru => unreachable!("{NOT_RECURRENT_ONLY}"),
     }
     let (field, var) = match r.kind {
         Kind::Mamba => ("mamba", "mamba"),
         Kind::Mamba2 => ("mamba2", "mamba2"),
-        Kind::ShortConv => unreachable!("{NOT_RECURRENT_ONLY}"),
+        Kind::ShortConv | Kind::RgLru => unreachable!("{NOT_RECURRENT_ONLY}"),
     };
     let _ = writeln!(
         w,
@@ -1704,7 +1958,7 @@ pub fn hybrid_uses(h: &HybridPlan) -> Option<&'static str> {
         _ if uses_mamba2_config(h) => None,
         Kind::Mamba => Some("use crate::ssm::MambaSettings;"),
         Kind::Mamba2 => Some("use crate::ssm::{Mamba2Gate, Mamba2Settings};"),
-        Kind::ShortConv => None,
+        Kind::ShortConv | Kind::RgLru => None,
     }
 }
 
@@ -1731,7 +1985,9 @@ pub fn hybrid_settings(
     let expr = |role: &str| -> String {
         let name = r.field(role);
         match name {
-            "hidden_size" | "num_hidden_layers" | "vocab_size" => format!("d.{name}"),
+            "hidden_size" | "num_hidden_layers" | "vocab_size" | "num_attention_heads" => {
+                format!("d.{name}")
+            }
             "hidden_act" | "hidden_activation" if shared(name) => format!(
                 "d.{name}.as_deref().unwrap_or({:?})",
                 default(name).as_str().unwrap_or("silu")
@@ -1748,6 +2004,7 @@ pub fn hybrid_settings(
         Kind::Mamba => "Mamba",
         Kind::Mamba2 => "Mamba2",
         Kind::ShortConv => "ShortConv",
+        Kind::RgLru => "RgLru",
     };
     match &h.rule {
         AttentionRule::LayerTypes {
@@ -1822,6 +2079,33 @@ pub fn hybrid_settings(
                  .resolve(d.num_hidden_layers, config)?;"
             );
         }
+        AttentionRule::Cycle {
+            field,
+            attending,
+            mixing,
+        } => {
+            let _ = writeln!(
+                w,
+                "// Layer i is `{field}`[i % its length]: {} layers attend, `{mixing}` layers \
+                 run the {kind} block.",
+                attending
+                    .iter()
+                    .map(|k| format!("`{k}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            let _ = writeln!(
+                w,
+                "let attends = AttentionLayers::Cycle {{ field: {field:?}, pattern: &self.{}, \
+                 attending: &[{}], mixing: {mixing:?} }}.resolve(d.num_hidden_layers, config)?;",
+                ident(field),
+                attending
+                    .iter()
+                    .map(|k| format!("{k:?}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
         AttentionRule::Period { period, offset } => {
             let _ = writeln!(
                 w,
@@ -1838,6 +2122,20 @@ pub fn hybrid_settings(
         w,
         "set_recurrent_layers(&mut layers, &attends, MixerKind::{kind});"
     );
+    if r.kind == Kind::RgLru {
+        let width = r.field("lru_width");
+        let (heads, kernel) = (expr("lru_heads"), expr("lru_conv_kernel"));
+        let _ = writeln!(
+            w,
+            "let lru_width = self.{}.unwrap_or(d.hidden_size);\n\
+             config.ensure(lru_width > 0 && {heads} > 0 && lru_width % {heads} == 0, {width:?}, \
+             || format!(\"{{lru_width}} channels cannot be split into {{}} heads\", {heads}))?;\n\
+             config.ensure({kernel} > 0, {kn:?}, || \"must be positive\".to_owned())?;",
+            ident(width),
+            kn = r.field("lru_conv_kernel"),
+        );
+        return (out, format!("rg_lru: Some((lru_width, {heads}, {kernel}))"));
+    }
     if r.kind == Kind::ShortConv {
         return (
             out,
@@ -1894,7 +2192,7 @@ pub fn hybrid_settings(
         }
     };
     let entry = match r.kind {
-        Kind::ShortConv => unreachable!("returned above"),
+        Kind::ShortConv | Kind::RgLru => unreachable!("returned above"),
         Kind::Mamba => {
             let rank = field_init(
                 "time_step_rank",
@@ -1983,6 +2281,19 @@ pub fn hybrid_summary(h: &HybridPlan) -> String {
             h.path,
             h.mixer.field("conv_kernel"),
             h.mixer.field("conv_bias")
+        );
+    }
+    if h.mixer.kind == Kind::RgLru {
+        return format!(
+            "Hybrid: {which}. The others replace attention by RecurrentGemma's recurrent block \
+             ([`crate::rglru`], checkpoint `{}`: `gelu_tanh(linear_y(x))` times `linear_x` → \
+             causal depthwise conv of `{}` taps → RG-LRU of `{}` channels (hidden_size when \
+             null) with gates in `{}` diagonal blocks, then `linear_out`) without RoPE, with the \
+             same norms and MLP. Its cache is the conv state and one f32 state per channel.",
+            h.path,
+            h.mixer.field("lru_conv_kernel"),
+            h.mixer.field("lru_width"),
+            h.mixer.field("lru_heads")
         );
     }
     format!(
