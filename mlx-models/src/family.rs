@@ -1283,6 +1283,21 @@ mod tests {
             assert!(err.to_string().contains("layer_types"), "{err}");
         }
 
+        // RecurrentGemma's `block_types`, repeated over the layers.
+        let pattern = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+        let griffin = pattern(&["recurrent", "recurrent", "attention"]);
+        let cycle = |pattern| AttentionLayers::Cycle {
+            field: "block_types",
+            pattern,
+            attending: &["attention"],
+            mixing: "recurrent",
+        };
+        assert_eq!(at(&cycle(&griffin).resolve(7, &c).unwrap()), [2, 5]);
+        for bad in [pattern(&[]), pattern(&["recurrent", "mlp"])] {
+            let err = cycle(&bad).resolve(3, &c).unwrap_err();
+            assert!(err.to_string().contains("block_types"), "{err}");
+        }
+
         let mut layers = vec![LayerSettings::default(); 3];
         set_recurrent_layers(&mut layers, &[true, false, true], MixerKind::Mamba2);
         let mixers: Vec<MixerKind> = layers.iter().map(|l| l.mixer).collect();

@@ -2679,4 +2679,127 @@ mod tests {
         ]);
         assert_eq!(AttentionRule::from_facts(&unknown), None);
     }
+
+    /// RecurrentGemma (Griffin): the layers' kinds from the repeating `block_types`, the
+    /// RG-LRU block read from its parameters and its width, gate blocks and conv taps
+    /// checked against `lru_width`, `num_attention_heads` and `conv1d_width`; the shared
+    /// `temporal_block` path split per attention module; the plan verifies on both
+    /// fixtures, and seeded faults fail.
+    #[test]
+    fn an_rg_lru_hybrid_is_planned_from_its_block_pattern_and_verifies() {
+        let facts = facts("recurrent_gemma");
+        let plan = super::super::plan::plan(&facts, "recurrent_gemma");
+        assert!(plan.gaps.is_empty(), "{:?}", plan.gaps);
+        let h = plan.hybrid.as_ref().expect("a hybrid plan");
+        assert_eq!(
+            h.rule,
+            AttentionRule::Cycle {
+                field: "block_types".to_owned(),
+                attending: vec!["attention".to_owned()],
+                mixing: "recurrent".to_owned(),
+            }
+        );
+        // recurrentgemma-2b's pattern over 5 layers.
+        let hub = serde_json::json!({"block_types": ["recurrent", "recurrent", "attention"]});
+        assert_eq!(
+            h.rule.attends(&hub, 5),
+            Some(vec![false, false, true, false, false])
+        );
+        assert_eq!(
+            (h.mixer.kind, h.path.as_str()),
+            (Kind::RgLru, "temporal_block")
+        );
+        assert_eq!(
+            (
+                h.mixer.field("lru_width"),
+                h.mixer.field("lru_heads"),
+                h.mixer.field("lru_conv_kernel")
+            ),
+            ("lru_width", "num_attention_heads", "conv1d_width")
+        );
+        // The attention's modules are renamed one by one; the block keeps its path.
+        assert!(!plan
+            .renames
+            .iter()
+            .any(|(from, _)| from == "temporal_block"));
+        for m in ["q_proj", "k_proj", "v_proj", "o_proj"] {
+            let rename = (format!("temporal_block.{m}"), format!("self_attn.{m}"));
+            assert!(plan.renames.contains(&rename), "{:?}", plan.renames);
+        }
+        assert_eq!(plan.intermediate_divisor, Some(2));
+        let fixtures = fixtures("recurrent_gemma");
+        let search = super::super::search(&plan, &fixtures).expect("search runs");
+        let chosen = search.chosen.as_ref().expect("a candidate passes");
+        assert_eq!(chosen.embedding_scale, Scalar::SqrtHiddenBf16);
+
+        // The faults are seeded in the chosen candidate, the only one tried.
+        let mut plan = plan.clone();
+        plan.settle(chosen);
+        plan.choices = vec![chosen.clone()];
+        let fails = |faulty: &Plan| -> String {
+            let search = super::super::search(faulty, &fixtures).expect("search runs");
+            assert!(search.chosen.is_none(), "a seeded fault passes");
+            search.tried[0].1.join("; ")
+        };
+        // The kinds swapped: layer 0 (recurrent in both fixtures) wants attention.
+        let mut faulty = plan.clone();
+        if let Some(h) = faulty.hybrid.as_mut() {
+            h.rule = AttentionRule::Cycle {
+                field: "block_types".to_owned(),
+                attending: vec!["recurrent".to_owned()],
+                mixing: "attention".to_owned(),
+            };
+        }
+        let failure = fails(&faulty);
+        assert!(failure.contains("model.layers.0."), "{failure}");
+        // The gate blocks read from the key/value heads (1): the gates' shapes disagree.
+        let mut faulty = plan.clone();
+        if let Some(h) = faulty.hybrid.as_mut() {
+            h.mixer
+                .roles
+                .insert("lru_heads", "num_key_value_heads".to_owned());
+        }
+        let failure = fails(&faulty);
+        assert!(failure.contains("input_gate_weight"), "{failure}");
+        // √hidden not rounded to bfloat16: exact at hidden 64 (8), off at 48 (the hub
+        // fixture's 6.928 against 6.9375).
+        let mut faulty = plan.clone();
+        faulty.choices[0].embedding_scale = Scalar::SqrtHidden;
+        let failure = fails(&faulty);
+        assert!(
+            failure.contains("recurrent_gemma/hub") && failure.contains("embeddings"),
+            "{failure}"
+        );
+        // `temporal_block` renamed whole: the recurrent layers' block becomes `self_attn`.
+        let mut faulty = plan.clone();
+        faulty
+            .renames
+            .retain(|(from, _)| !from.starts_with("temporal_block."));
+        faulty
+            .renames
+            .push(("temporal_block".to_owned(), "self_attn".to_owned()));
+        let failure = fails(&faulty);
+        assert!(failure.contains("temporal_block"), "{failure}");
+        // The MLP as wide as `intermediate_size`.
+        let mut faulty = plan.clone();
+        faulty.intermediate_divisor = None;
+        let failure = fails(&faulty);
+        assert!(failure.contains("mlp.gate_proj.weight"), "{failure}");
+
+        // Config fields that do not give the weight shapes are gaps.
+        for (field, value, culprit) in [
+            ("lru_width", 32, "linear_x.weight"),
+            ("conv1d_width", 3, "conv_1d.weight"),
+            ("num_attention_heads", 3, "do not split"),
+        ] {
+            let mut other = facts.clone();
+            other["resolved_config"][field] = Value::from(value);
+            let wrong = super::super::plan::plan(&other, "recurrent_gemma");
+            assert!(
+                wrong.gaps.iter().any(|g| g.contains(culprit)),
+                "{field} {value}: {:?}",
+                wrong.gaps
+            );
+        }
+    }
 }
