@@ -1286,15 +1286,18 @@ mod tests {
         // RecurrentGemma's `block_types`, repeated over the layers.
         let pattern = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
         let griffin = pattern(&["recurrent", "recurrent", "attention"]);
-        let cycle = |pattern| AttentionLayers::Cycle {
-            field: "block_types",
-            pattern,
-            attending: &["attention"],
-            mixing: "recurrent",
+        let cycle = |pattern: &[String]| {
+            AttentionLayers::Cycle {
+                field: "block_types",
+                pattern,
+                attending: &["attention"],
+                mixing: "recurrent",
+            }
+            .resolve(7, &c)
         };
-        assert_eq!(at(&cycle(&griffin).resolve(7, &c).unwrap()), [2, 5]);
+        assert_eq!(at(&cycle(&griffin).unwrap()), [2, 5]);
         for bad in [pattern(&[]), pattern(&["recurrent", "mlp"])] {
-            let err = cycle(&bad).resolve(3, &c).unwrap_err();
+            let err = cycle(&bad).unwrap_err();
             assert!(err.to_string().contains("block_types"), "{err}");
         }
 
