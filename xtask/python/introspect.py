@@ -556,7 +556,10 @@ def hybrid_layers(model_type: str, fields: dict, small: dict) -> dict | None:
     Where the class has a `layer_types` field and the tiny config's kinds include one that
     does not attend (LFM2's "conv"), that list is the rule (it wins over a pattern field
     wherever a config.json carries it): {"rule": "layer_types", "field", "kinds": the tiny
-    config's kinds in order of first use, "fallback": the pattern rule above, or None}."""
+    config's kinds in order of first use, "fallback": the pattern rule above, or None}.
+
+    A list field naming the kinds in a repeating pattern (RecurrentGemma's `block_types`)
+    is the rule {"rule": "cycle", "field", "attending", "mixing"} ([`cycled_pattern_rule`])."""
     found = pattern_rule(model_type, fields, small)
     try:
         kinds = layer_kinds(build_config(model_type, small))
