@@ -631,7 +631,8 @@ def cycled_pattern_fields(model_type: str, small: dict) -> list:
                 alone = layer_kinds(build_config(model_type, {**small, field: [entry]}))
             except Exception:
                 alone = []
-            if not alone or len(set(alone)) != 1:
+            # The one entry names every layer (a per-layer list would name one).
+            if len(alone) != len(kinds) or len(set(alone)) != 1:
                 break
             attending[entry] = attends(alone[0])
         else:
