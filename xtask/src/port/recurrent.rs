@@ -818,6 +818,7 @@ pub fn role_field(
         default,
         nullable,
         role: match role {
+            None if ty == FieldType::StrList => "each layer's kind, the list repeated",
             None => "which layers attend",
             Some(role) => role_text_of(kind, role),
         },
