@@ -78,6 +78,7 @@ pub fn load<F: DecoderFamily>(
             (!F::UNUSED_PREFIXES.iter().any(|p| name.starts_with(p))).then(|| name.to_owned())
         });
     }
+    crate::norm::unfold_mlx_lm_norms(&settings.model_type, &mut weights)?;
     family.sanitize(&mut weights, &settings)?;
     // What sanitizing derived (stacked experts, split fused projections) is computed here,
     // on the loading thread: the model may run on another.
@@ -99,6 +100,7 @@ pub fn to_loaded_layout<F: DecoderFamily>(
         .with_divided_aliases(F::DIVIDED_ALIASES)?;
     let family: F = config.parse_with_defaults(F::DEFAULTS)?;
     let settings = family.settings(config)?;
+    crate::norm::unfold_mlx_lm_norms(&settings.model_type, weights)?;
     family.sanitize(weights, &settings)
 }
 

@@ -2591,8 +2591,7 @@ mod tests {
     /// `in_proj_qkvz`), their fields checked against the weight shapes; `layer_types`, else
     /// the last layer of every `full_attention_interval` (from the probes of the kinds the
     /// class derives), attends; the attention's output gate read from `q_proj`'s rows. The
-    /// plan passes both committed fixtures (the hand-written module's), and seeded faults
-    /// fail.
+    /// plan passes both committed fixtures, and seeded faults fail.
     #[test]
     fn a_gated_delta_net_hybrid_is_planned_and_verifies() {
         let facts = facts("qwen3_next");
