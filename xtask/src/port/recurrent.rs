@@ -2531,14 +2531,7 @@ mod tests {
             );
         }
         let fixtures = fixtures("lfm2_moe");
-        let search = super::super::search(&plan, &fixtures).expect("search runs");
-        assert!(search.chosen.is_some(), "{:?}", search.tried);
-
-        let fails = |faulty: &Plan| -> String {
-            let search = super::super::search(faulty, &fixtures).expect("search runs");
-            assert!(search.chosen.is_none(), "a seeded fault passes");
-            search.tried[0].1.join("; ")
-        };
+        let fails = passes_but_not_faulty(&plan, &fixtures);
         // The kinds swapped: layer 0 wants a conv.
         let mut faulty = plan.clone();
         if let Some(h) = faulty.hybrid.as_mut() {
@@ -2585,6 +2578,21 @@ mod tests {
             "{:?}",
             wrong.gaps
         );
+    }
+
+    /// Asserts that `plan` passes `fixtures` and gives the check for a seeded fault: it
+    /// fails them, with the first candidate's failures.
+    fn passes_but_not_faulty<'a>(
+        plan: &Plan,
+        fixtures: &'a [super::super::Fixture],
+    ) -> impl Fn(&Plan) -> String + 'a {
+        let search = super::super::search(plan, fixtures).expect("search runs");
+        assert!(search.chosen.is_some(), "{:?}", search.tried);
+        move |faulty: &Plan| {
+            let search = super::super::search(faulty, fixtures).expect("search runs");
+            assert!(search.chosen.is_none(), "a seeded fault passes");
+            search.tried[0].1.join("; ")
+        }
     }
 
     /// Qwen3-Next's gated DeltaNet layers, read from the module tree (`A_log`, `dt_bias`,
@@ -2636,14 +2644,7 @@ mod tests {
             plan.renames
         );
         let fixtures = fixtures("qwen3_next");
-        let search = super::super::search(&plan, &fixtures).expect("search runs");
-        assert!(search.chosen.is_some(), "{:?}", search.tried);
-
-        let fails = |faulty: &Plan| -> String {
-            let search = super::super::search(faulty, &fixtures).expect("search runs");
-            assert!(search.chosen.is_none(), "a seeded fault passes");
-            search.tried[0].1.join("; ")
-        };
+        let fails = passes_but_not_faulty(&plan, &fixtures);
         // The interval not read: the Hub config (interval 3, no `layer_types`) has its
         // attention at layer 2, where no layer would attend.
         let mut faulty = plan.clone();
