@@ -78,6 +78,7 @@ pub fn load<F: DecoderFamily>(
             (!F::UNUSED_PREFIXES.iter().any(|p| name.starts_with(p))).then(|| name.to_owned())
         });
     }
+    crate::norm::unfold_mlx_lm_norms(&settings.model_type, &mut weights)?;
     family.sanitize(&mut weights, &settings)?;
     // What sanitizing derived (stacked experts, split fused projections) is computed here,
     // on the loading thread: the model may run on another.
@@ -99,6 +100,7 @@ pub fn to_loaded_layout<F: DecoderFamily>(
         .with_divided_aliases(F::DIVIDED_ALIASES)?;
     let family: F = config.parse_with_defaults(F::DEFAULTS)?;
     let settings = family.settings(config)?;
+    crate::norm::unfold_mlx_lm_norms(&settings.model_type, weights)?;
     family.sanitize(weights, &settings)
 }
 
@@ -1038,6 +1040,9 @@ pub enum AttentionLayers<'a> {
         period: (&'a str, i32),
         offset: (&'a str, i32),
     },
+    /// The last layer of every `interval` attends: layer `i` when `(i + 1) % interval == 0`
+    /// (Qwen3-Next's `full_attention_interval`), with its field's name.
+    Interval { interval: (&'a str, i32) },
     /// Each layer's kind from `field` (LFM2's `layer_types`): the `attending` kinds attend,
     /// the `mixing` one runs the mixer, any other is an error naming `field`. Without the
     /// list, the `fallback` rule (LFM2's `full_attn_idxs`), or an error where there is none.
@@ -1090,6 +1095,12 @@ impl AttentionLayers<'_> {
                     "must not be negative".to_owned()
                 })?;
                 Ok((0..n).map(|i| i as i32 % period == offset).collect())
+            }
+            AttentionLayers::Interval {
+                interval: (field, interval),
+            } => {
+                config.ensure(interval > 0, field, || "must be positive".to_owned())?;
+                Ok((0..n).map(|i| (i as i32 + 1) % interval == 0).collect())
             }
             AttentionLayers::Types {
                 field,
@@ -1225,7 +1236,7 @@ mod tests {
     }
 
     /// Bamba's index list, its null (no attention) and LFM2's (all attention), Jamba's
-    /// period and offset, each as its config class resolves it; bad values name the field.
+    /// period and offset, Qwen3-Next's interval, each as its config class resolves it; bad values name the field.
     #[test]
     fn attention_layers_follow_the_config_pattern() {
         let c = config(serde_json::json!({}));
@@ -1260,6 +1271,14 @@ mod tests {
         assert_eq!(at(&period(8, 4).resolve(32, &c).unwrap()), [4, 12, 20, 28]);
         let err = period(0, 0).resolve(4, &c).unwrap_err();
         assert!(err.to_string().contains("attn_layer_period"), "{err}");
+        // Qwen3-Next's `full_attention_interval`: the last layer of every 4.
+        let interval = |n| AttentionLayers::Interval {
+            interval: ("full_attention_interval", n),
+        };
+        assert_eq!(at(&interval(4).resolve(9, &c).unwrap()), [3, 7]);
+        assert_eq!(at(&interval(1).resolve(2, &c).unwrap()), [0, 1]);
+        let err = interval(0).resolve(4, &c).unwrap_err();
+        assert!(err.to_string().contains("full_attention_interval"), "{err}");
 
         // LFM2's `layer_types`, and its `full_attn_idxs` where a config has no list.
         use LayerType::{Conv, FullAttention, SlidingAttention};

@@ -3,7 +3,7 @@
 //! also come without any learned parameter.
 
 use crate::error::Result;
-use crate::weights::WeightPath;
+use crate::weights::{WeightPath, Weights};
 use mlx_rs::{Array, Dtype};
 
 /// How a norm layer normalizes and scales.
@@ -92,6 +92,56 @@ pub fn norm_opt(norm: &Option<Norm>, x: &Array) -> Result<Array> {
         Some(n) => n.forward(x),
         None => Ok(x.clone()),
     }
+}
+
+/// The families whose `1 + w` RMSNorm weights mlx-lm's converter stores with the 1 added
+/// (its Qwen3-Next and Qwen3.5 `sanitize`): checkpoints it wrote (see
+/// [`Weights::converted_by_mlx_lm`]) hold the whole scale.
+pub const MLX_LM_FOLDS_PLUS_ONE_NORMS: &[&str] = &[
+    "qwen3_next",
+    "qwen3_5",
+    "qwen3_5_text",
+    "qwen3_5_moe",
+    "qwen3_5_moe_text",
+];
+
+/// The `1 + w` norms of those families, by the names mlx-lm folds.
+const PLUS_ONE_NORMS: [&str; 5] = [
+    ".input_layernorm.weight",
+    ".post_attention_layernorm.weight",
+    "model.norm.weight",
+    ".q_norm.weight",
+    ".k_norm.weight",
+];
+
+/// Takes the 1 out of the `1 + w` norms of a `model_type` checkpoint mlx-lm converted,
+/// exactly (a bf16 scale near 1 less 1 is a bf16 number); nothing for any other checkpoint
+/// or family. Every family loader runs it before its `sanitize`.
+pub fn unfold_mlx_lm_norms(model_type: &str, weights: &mut Weights) -> Result<()> {
+    shift_plus_one_norms(model_type, weights, -1.0)
+}
+
+/// What mlx-lm's converter does to these norms (the converse of
+/// [`unfold_mlx_lm_norms`]): adds the 1, for a checkpoint already in its layout.
+pub fn fold_mlx_lm_norms(model_type: &str, weights: &mut Weights) -> Result<()> {
+    shift_plus_one_norms(model_type, weights, 1.0)
+}
+
+fn shift_plus_one_norms(model_type: &str, weights: &mut Weights, shift: f32) -> Result<()> {
+    if !MLX_LM_FOLDS_PLUS_ONE_NORMS.contains(&model_type) || !weights.converted_by_mlx_lm() {
+        return Ok(());
+    }
+    let norms: Vec<String> = weights
+        .names()
+        .filter(|n| PLUS_ONE_NORMS.iter().any(|s| n.ends_with(s)))
+        .map(str::to_owned)
+        .collect();
+    for name in norms {
+        let w = weights.remove(&name).expect("listed above");
+        let shifted = w.add(Array::from_f32(shift).as_dtype(w.dtype())?)?;
+        weights.insert(name, shifted);
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -400,7 +400,10 @@ def small_config(model_type: str, fields: dict, attribute_map: dict) -> dict:
         full_size = build_config(model_type, {}).layer_types or []
         tiny = build_config(model_type, config).layer_types or []
         kinds = list(dict.fromkeys(full_size))
-        if len(kinds) > 1 and len(set(tiny)) < len(kinds):
+        # A kind that attends first: the plan reads the attention from layer 0 and a hybrid's
+        # mixer from the others (Qwen3-Next's full-size layers start with linear attention).
+        kinds = [k for k in kinds if attends(k)] + [k for k in kinds if not attends(k)]
+        if len(kinds) > 1 and (len(set(tiny)) < len(kinds) or (tiny and not attends(tiny[0]))):
             config["layer_types"] = [kinds[i % len(kinds)] for i in range(config["num_hidden_layers"])]
     config = probes.fit_layer_patterns(model_type, config, build_config)
     config = layer_types_the_model_reads(model_type, fields, config)

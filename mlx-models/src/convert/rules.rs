@@ -265,8 +265,8 @@ pub fn to_mlx_lm_layout(weights: &mut Weights, config: &Value) -> Result<()> {
     // stored with the 1 added, Falcon-H1's multipliers folded into the weight matrices.
     if transposed {
         match model_type {
-            "qwen3_next" | "qwen3_5" | "qwen3_5_text" | "qwen3_5_moe" | "qwen3_5_moe_text" => {
-                crate::models::qwen3_next::fold_mlx_lm_norms(weights)?
+            t if crate::norm::MLX_LM_FOLDS_PLUS_ONE_NORMS.contains(&t) => {
+                crate::norm::fold_mlx_lm_norms(t, weights)?
             }
             "falcon_h1" => {
                 let file = crate::config::ConfigFile {

@@ -58,9 +58,9 @@ impl DecoderFamily for Config {
         }
         .resolve(d.num_hidden_layers, config)?;
         set_recurrent_layers(&mut layers, &attends, MixerKind::Mamba2);
-        let act = d.hidden_act.as_deref().unwrap_or("silu");
-        config.ensure(act == "silu", "hidden_act", || {
-            format!("the Mamba2 mixer's activation `{act}` is not supported (silu)")
+        let mixer_act = d.hidden_act.as_deref().unwrap_or("silu");
+        config.ensure(mixer_act == "silu", "hidden_act", || {
+            format!("the Mamba2 mixer's activation `{mixer_act}` is not supported (silu)")
         })?;
         let mamba2 = self.mamba.settings(d, 1e-5, false, config)?;
         Ok(DecoderSettings {

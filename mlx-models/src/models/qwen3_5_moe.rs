@@ -12,8 +12,8 @@ use crate::config::ConfigFile;
 use crate::error::Result;
 use crate::family::{sanitize_moe, DecoderConfig, DecoderFamily, MoeConfig};
 use crate::models::qwen3_5_text::drop_vision_and_mtp;
+use crate::models::qwen3_5_text::LinearAttentionConfig;
 use crate::models::qwen3_moe::QWEN_EXPERTS;
-use crate::models::qwen3_next::{unfold_mlx_lm_norms, LinearAttentionConfig};
 use crate::moe::{ExpertActivation, RouterSettings};
 use crate::transformer::DecoderSettings;
 use crate::weights::Weights;
@@ -54,7 +54,6 @@ impl DecoderFamily for Config {
 
     fn sanitize(&self, weights: &mut Weights, settings: &DecoderSettings) -> Result<()> {
         drop_vision_and_mtp(weights);
-        unfold_mlx_lm_norms(weights)?;
         sanitize_moe(weights, settings, None, &QWEN_EXPERTS)
     }
 }

@@ -10,10 +10,14 @@
 //!   dropped.
 
 use crate::config::ConfigFile;
+use crate::delta::GatedDeltaNetSettings;
 use crate::error::Result;
-use crate::family::{DecoderConfig, DecoderFamily};
-use crate::models::qwen3_next::{unfold_mlx_lm_norms, LinearAttentionConfig};
-use crate::transformer::{drop_computed_weights, DecoderSettings};
+use crate::family::{DecoderConfig, DecoderFamily, LayerRule};
+use crate::rope::RopeFields;
+use crate::transformer::{
+    drop_computed_weights, AttentionSettings, DecoderSettings, LayerType, MixerKind, MlpLayout,
+    NormKind, QkNorm,
+};
 use crate::weights::Weights;
 use serde::Deserialize;
 
@@ -36,7 +40,83 @@ impl DecoderFamily for Config {
     fn sanitize(&self, weights: &mut Weights, settings: &DecoderSettings) -> Result<()> {
         drop_vision_and_mtp(weights);
         drop_computed_weights(weights, settings.tie_word_embeddings);
-        unfold_mlx_lm_norms(weights)
+        Ok(())
+    }
+}
+
+/// The gated-DeltaNet fields of Qwen3.5 configs (and Qwen3.5-MoE's).
+#[derive(Debug, Clone, Deserialize)]
+pub struct LinearAttentionConfig {
+    pub linear_conv_kernel_dim: i32,
+    pub linear_key_head_dim: i32,
+    pub linear_value_head_dim: i32,
+    pub linear_num_key_heads: i32,
+    pub linear_num_value_heads: i32,
+    /// Without `layer_types`: every n-th layer is full attention.
+    #[serde(default)]
+    pub full_attention_interval: Option<usize>,
+}
+
+impl LinearAttentionConfig {
+    /// The decoder of Qwen3-Next-shaped configs without its feed-forward choice: gated
+    /// DeltaNet layers, gated full attention every `full_attention_interval`, `1 + w` norms,
+    /// a dense MLP of width `intermediate_size`.
+    pub fn settings(&self, d: &DecoderConfig, config: &ConfigFile) -> Result<DecoderSettings> {
+        let n = d.num_hidden_layers;
+        config.ensure(
+            self.linear_num_key_heads > 0
+                && self.linear_num_value_heads % self.linear_num_key_heads == 0,
+            "linear_num_value_heads",
+            || {
+                format!(
+                    "{} value heads cannot be grouped over {} key heads",
+                    self.linear_num_value_heads, self.linear_num_key_heads
+                )
+            },
+        )?;
+        // Transformers' default for configs that name no partial rotary factor.
+        let fields = RopeFields {
+            partial_rotary_factor: d.rope.partial_rotary_factor.or(Some(0.25)),
+            ..d.rope.clone()
+        };
+        let rope = d.rope_from(&fields, 10_000.0, false, config)?;
+        let attention = AttentionSettings {
+            qk_norm: QkNorm::PerHead,
+            output_gate: true,
+            ..d.attention()
+        };
+        let mut layers = d.layers(LayerRule::NoSliding, Some(&rope), None, false);
+        let interval = self.full_attention_interval.unwrap_or(4).max(1);
+        for (i, layer) in layers.iter_mut().enumerate() {
+            let linear = match &d.windows.layer_types {
+                Some(types) => types.get(i) == Some(&LayerType::LinearAttention),
+                None => (i + 1) % interval != 0,
+            };
+            if linear {
+                layer.mixer = MixerKind::GatedDeltaNet;
+                layer.rope = None;
+            }
+        }
+        config.ensure(layers.len() == n, "layer_types", || {
+            format!("has {} entries for {n} layers", layers.len())
+        })?;
+        let act = d.activation(config)?;
+        let mlp = d.mlp(MlpLayout::Gated, act);
+        let eps = d.rms_norm_eps.unwrap_or(1e-6);
+        Ok(DecoderSettings {
+            norm: NormKind::RmsPlusOne,
+            gated_delta_net: Some(GatedDeltaNetSettings {
+                num_key_heads: self.linear_num_key_heads,
+                num_value_heads: self.linear_num_value_heads,
+                key_head_dim: self.linear_key_head_dim,
+                value_head_dim: self.linear_value_head_dim,
+                conv_kernel: self.linear_conv_kernel_dim,
+                norm_eps: eps,
+                chunk_size: 64,
+                chunked_prefill: true,
+            }),
+            ..d.settings(attention, mlp, layers)
+        })
     }
 }
 

@@ -312,6 +312,9 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
     if plan.gate_proj {
         attn.push("gate_proj: true".to_owned());
     }
+    if plan.output_gate {
+        attn.push("output_gate: true".to_owned());
+    }
     if plan.differential {
         attn.push("differential: true".to_owned());
     }
@@ -1431,6 +1434,13 @@ pub fn structure_summary(plan: &Plan, choice: &Choice) -> Vec<String> {
     if plan.gate_proj {
         lines.push(
             "The attention output, before `o_proj`, times `sigmoid(gate_proj(x))`.".to_owned(),
+        );
+    }
+    if plan.output_gate {
+        lines.push(
+            "`q_proj` gives each head's queries and then a gate of their width; the attention \
+             output, before `o_proj`, times the gate's sigmoid."
+                .to_owned(),
         );
     }
     if let Some(s) = plan.sinusoidal_positions {

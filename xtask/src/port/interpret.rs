@@ -266,6 +266,7 @@ pub fn settings(plan: &Plan, choice: &Choice, config: &ConfigFile) -> Result<Dec
         clip_qkv: r.scalar(&plan.clip_qkv)?,
         sinks: plan.sinks,
         gate_proj: plan.gate_proj,
+        output_gate: plan.output_gate,
         differential: plan.differential,
         alibi: plan.alibi.map(|a| AlibiSettings {
             max_bias: a.max_bias,

@@ -301,6 +301,9 @@ pub struct Plan {
     pub sinks: bool,
     /// The attention output times `sigmoid(self_attn.gate_proj(x))` (AFMoE).
     pub gate_proj: bool,
+    /// `q_proj` gives each head's queries and then an output gate of the same width; the
+    /// attention output times its sigmoid (Qwen3-Next).
+    pub output_gate: bool,
     /// Differential attention: `self_attn.lambda_q1/k1/q2/k2` of `[head_dim]` (DiffLlama).
     pub differential: bool,
     /// Checkpoint weights the causal LM never uses, by name prefix (Transformers'
@@ -401,6 +404,18 @@ pub fn bare_bias_renames(facts: &Value, renames: &[(String, String)]) -> Vec<(St
         let (index, path) = rest.split_once('.')?;
         index.parse::<usize>().ok().map(|_| path.to_owned())
     };
+    // A recurrent mixer (a module with `A_log`) loads its own vectors (gated DeltaNet's
+    // `dt_bias`, added to `in_proj_a`'s output).
+    let in_recurrent_mixer = |param: &str| {
+        param.rsplit_once('.').is_some_and(|(module, _)| {
+            facts
+                .get("parameters")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .any(|p| p["name"].as_str() == Some(&format!("{module}.A_log")))
+        })
+    };
     let mut found: Vec<(String, String)> = Vec::new();
     for (param, linear) in facts
         .get("bare_biases")
@@ -408,6 +423,9 @@ pub fn bare_bias_renames(facts: &Value, renames: &[(String, String)]) -> Vec<(St
         .into_iter()
         .flatten()
     {
+        if in_recurrent_mixer(param) {
+            continue;
+        }
         let (Some(param), Some(linear)) = (local(param), linear.as_str().and_then(local)) else {
             continue;
         };
@@ -2143,6 +2161,19 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
             false
         }
     };
+    // An output gate `q_proj` computes with the queries: twice the query rows, read per head
+    // as its queries then its gate (the fixtures check the layout); the output before
+    // `o_proj` times its sigmoid.
+    let output_gate = match layer0.get("self_attn.q_proj.weight") {
+        Some(shape) if shape.first() == Some(&(2 * heads * head_dim)) => {
+            decisions.push(format!(
+                "`self_attn.q_proj` of {shape:?}: twice heads · head_dim rows, each head's queries \
+                 then a gate of its width; the attention output times the gate's sigmoid"
+            ));
+            true
+        }
+        _ => false,
+    };
     // Differential attention: four learned vectors of one head's width give each layer's λ.
     let lambdas = ["lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2"].map(|n| {
         layer0
@@ -2894,7 +2925,14 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
                 _ => None,
             }
         })
-        .filter(|key| !layer_rule.fields().iter().any(|(name, _)| name == key));
+        .filter(|key| !layer_rule.fields().iter().any(|(name, _)| name == key))
+        // A key that says which layers attend in a hybrid (Qwen3-Next's
+        // `full_attention_interval`) is the hybrid rule's.
+        .filter(|key| {
+            !hybrid
+                .as_ref()
+                .is_some_and(|h| h.rule.fields().contains(&key.as_str()))
+        });
     let layer_period = layer_key
         .clone()
         .filter(|key| period_key_holds(facts.value, key, layer_rule));
@@ -3490,6 +3528,7 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         layer_rope_bases,
         sinks,
         gate_proj,
+        output_gate,
         differential,
         unused_prefixes: unused_prefixes(facts.value, &mut decisions),
         choices,

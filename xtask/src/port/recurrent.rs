@@ -6,6 +6,7 @@
 
 use super::plan::{Choice, Field, FieldType, Plan, Scalar};
 use mlx_models::config::ConfigFile;
+use mlx_models::delta::GatedDeltaNetSettings;
 use mlx_models::family::{set_recurrent_layers, AttentionLayers, LayerRule};
 use mlx_models::ssm::{Mamba2Gate, Mamba2Settings, MambaSettings};
 use mlx_models::transformer::{
@@ -29,6 +30,11 @@ pub enum Kind {
     /// RecurrentGemma's recurrent block (`linear_x`, `linear_y`, `conv_1d`, `rg_lru`,
     /// `linear_out`): only in a hybrid.
     RgLru,
+    /// The gated delta rule (Qwen3-Next, Qwen3.5: `A_log`, `dt_bias`, the q/k/v and gate
+    /// projections `in_proj_qkvz` + `in_proj_ba` or `in_proj_qkv`, `in_proj_z`, `in_proj_b`,
+    /// `in_proj_a`, a conv over q/k/v, a gated RMSNorm per value head, `out_proj`): only in
+    /// a hybrid.
+    GatedDeltaNet,
 }
 
 /// What a recurrent-only plan never holds (its mixer is read from `A_log`).
@@ -75,7 +81,12 @@ const ROLES: &[(&str, &[&str])] = &[
     ("n_groups", &["mamba_n_groups", "n_groups"]),
     (
         "conv_kernel",
-        &["mamba_d_conv", "conv_kernel", "conv_L_cache"],
+        &[
+            "mamba_d_conv",
+            "conv_kernel",
+            "conv_L_cache",
+            "linear_conv_kernel_dim",
+        ],
     ),
     ("expand", &["mamba_expand", "expand"]),
     ("chunk_size", &["mamba_chunk_size", "chunk_size"]),
@@ -94,6 +105,10 @@ const ROLES: &[(&str, &[&str])] = &[
     ("lru_width", &["lru_width"]),
     ("lru_heads", &["num_attention_heads"]),
     ("lru_conv_kernel", &["conv1d_width"]),
+    ("num_key_heads", &["linear_num_key_heads"]),
+    ("num_value_heads", &["linear_num_value_heads"]),
+    ("key_head_dim", &["linear_key_head_dim"]),
+    ("value_head_dim", &["linear_value_head_dim"]),
 ];
 
 fn needed(kind: Kind) -> &'static [&'static str] {
@@ -124,6 +139,15 @@ fn needed(kind: Kind) -> &'static [&'static str] {
         ],
         Kind::ShortConv => &["conv_kernel", "conv_bias"],
         Kind::RgLru => &["lru_width", "lru_heads", "lru_conv_kernel"],
+        Kind::GatedDeltaNet => &[
+            "num_key_heads",
+            "num_value_heads",
+            "key_head_dim",
+            "value_head_dim",
+            "conv_kernel",
+            "act",
+            "eps",
+        ],
     }
 }
 
@@ -154,6 +178,8 @@ pub fn layer_mixer(names: &[&str]) -> Option<(String, Kind)> {
         Some((path.to_owned(), Kind::Mamba))
     } else if has("dt_bias") && has("in_proj.weight") {
         Some((path.to_owned(), Kind::Mamba2))
+    } else if has("dt_bias") && (has("in_proj_qkvz.weight") || has("in_proj_qkv.weight")) {
+        Some((path.to_owned(), Kind::GatedDeltaNet))
     } else {
         None
     }
@@ -327,6 +353,9 @@ pub enum AttentionRule {
     Indices { field: String, null_attends: bool },
     /// Attention at the layers `i % period == offset` (Jamba's).
     Period { period: String, offset: String },
+    /// The last layer of every `field` attends: `(i + 1) % field == 0` (Qwen3-Next's
+    /// `full_attention_interval`, read from the probes of the layer kinds it derives).
+    Interval { field: String },
     /// Each layer's kind from the list `field` (LFM2's `layer_types`): the `attending` kinds
     /// attend, the `mixing` one runs the mixer (which kind holds which, read from the tiny
     /// model's layers); a config without the list follows `fallback` (LFM2's
@@ -348,7 +377,54 @@ pub enum AttentionRule {
 
 impl AttentionRule {
     fn from_facts(facts: &Value) -> Option<AttentionRule> {
-        Self::from_probe(facts.get("hybrid_layers")?, facts)
+        let rule = Self::from_probe(facts.get("hybrid_layers")?, facts)?;
+        Some(match rule {
+            AttentionRule::LayerTypes {
+                field,
+                attending,
+                mixing,
+                fallback: None,
+            } => {
+                let fallback = Self::interval(facts, &attending, &mixing).map(Box::new);
+                AttentionRule::LayerTypes {
+                    field,
+                    attending,
+                    mixing,
+                    fallback,
+                }
+            }
+            rule => rule,
+        })
+    }
+
+    /// A field whose every probed value `n` (the introspection's `legacy_layer_probes`: the
+    /// layer kinds the config class derives from it) makes the last layer of every `n` one
+    /// of the `attending` kinds and the others `mixing`.
+    fn interval(facts: &Value, attending: &[String], mixing: &str) -> Option<AttentionRule> {
+        let probes = facts.get("legacy_layer_probes")?.as_object()?;
+        probes.iter().find_map(|(field, runs)| {
+            let runs = runs.as_array().filter(|r| r.len() >= 2)?;
+            let fits = runs.iter().all(|run| {
+                let (Some(n), Some(kinds)) = (
+                    run["value"].as_u64().filter(|n| *n > 0),
+                    run["layer_types"].as_array(),
+                ) else {
+                    return false;
+                };
+                !kinds.is_empty()
+                    && kinds.iter().enumerate().all(|(i, k)| {
+                        let k = k.as_str().unwrap_or_default();
+                        if (i as u64 + 1).is_multiple_of(n) {
+                            attending.iter().any(|a| a == k)
+                        } else {
+                            k == mixing
+                        }
+                    })
+            });
+            fits.then(|| AttentionRule::Interval {
+                field: field.clone(),
+            })
+        })
     }
 
     fn from_probe(h: &Value, facts: &Value) -> Option<AttentionRule> {
@@ -419,6 +495,9 @@ impl AttentionRule {
             AttentionRule::Period { period, offset } => {
                 format!("layer i attends when i % `{period}` == `{offset}`")
             }
+            AttentionRule::Interval { field } => {
+                format!("the last layer of every `{field}` attends (layer i when (i + 1) % `{field}` == 0)")
+            }
             AttentionRule::LayerTypes {
                 field,
                 attending,
@@ -463,6 +542,7 @@ impl AttentionRule {
             AttentionRule::Indices { field, .. } => vec![field],
             AttentionRule::Period { period, offset } => vec![period, offset],
             AttentionRule::Cycle { field, .. } => vec![field],
+            AttentionRule::Interval { field } => vec![field],
             AttentionRule::LayerTypes {
                 field, fallback, ..
             } => {
@@ -491,6 +571,10 @@ impl AttentionRule {
                 let period = config.get(period)?.as_u64()? as usize;
                 let offset = config.get(offset)?.as_u64()? as usize;
                 (period > 0).then(|| (0..n).map(|i| i % period == offset).collect())
+            }
+            AttentionRule::Interval { field } => {
+                let every = config.get(field)?.as_u64()? as usize;
+                (every > 0).then(|| (0..n).map(|i| (i + 1) % every == 0).collect())
             }
             AttentionRule::LayerTypes {
                 field,
@@ -702,6 +786,7 @@ pub fn loaded_as(kind: Kind) -> &'static str {
         Kind::Mamba | Kind::Mamba2 => "mixer",
         Kind::ShortConv => "conv",
         Kind::RgLru => "temporal_block",
+        Kind::GatedDeltaNet => "linear_attn",
     }
 }
 
@@ -762,6 +847,13 @@ pub fn role_text_of(kind: Kind, role: &str) -> &'static str {
         "lru_width" => "recurrent block: channels of the RG-LRU (hidden_size when null)",
         "lru_heads" => "recurrent block: diagonal blocks of the RG-LRU gates",
         "lru_conv_kernel" => "recurrent block: taps of its causal conv",
+        "conv_kernel" if kind == Kind::GatedDeltaNet => {
+            "gated DeltaNet: taps of the causal conv over q, k and v"
+        }
+        "num_key_heads" => "gated DeltaNet: query/key heads",
+        "num_value_heads" => "gated DeltaNet: value heads (a multiple of the key heads)",
+        "key_head_dim" => "gated DeltaNet: width of a query/key head",
+        "value_head_dim" => "gated DeltaNet: width of a value head",
         "num_heads" => "recurrent mixer: heads",
         "head_dim" => "recurrent mixer: width of a head",
         "state_size" => "recurrent mixer: state size",
@@ -786,6 +878,9 @@ pub fn role_field(
     kind: Kind,
 ) -> Field {
     let mut default = defaults.get(name).cloned().unwrap_or(Value::Null);
+    // A pattern field whose null means something (an index list) is nullable; a period or
+    // interval is a number, a list of layer kinds never null.
+    let number = default.is_number();
     // Python's infinity, as the config reader spells it.
     if let Value::Array(items) = &mut default {
         for item in items {
@@ -810,8 +905,7 @@ pub fn role_field(
         Value::Null if role.is_some() => FieldType::I32,
         _ => FieldType::IntList,
     };
-    // A null index list means something; a list of layer kinds is never null.
-    let nullable = role.is_none() && ty != FieldType::StrList;
+    let nullable = role.is_none() && !number && ty != FieldType::StrList;
     Field {
         name: name.to_owned(),
         ty,
@@ -844,7 +938,8 @@ pub fn plan(facts: &Value, module: &str) -> Option<Plan> {
         mixers.push((layer_mixer(&names)?, names.len()));
     }
     let ((path, kind), _) = mixers.first()?.clone();
-    if mixers.iter().any(|((p, k), _)| *p != path || *k != kind) {
+    // Gated DeltaNet comes only with attention layers (the hybrid plan).
+    if kind == Kind::GatedDeltaNet || mixers.iter().any(|((p, k), _)| *p != path || *k != kind) {
         return None;
     }
     let fields_of = facts.get("config_fields")?.as_object()?;
@@ -854,7 +949,7 @@ pub fn plan(facts: &Value, module: &str) -> Option<Plan> {
         match kind {
             Kind::Mamba => "`x_proj`/`dt_proj`",
             Kind::Mamba2 => "`dt_bias`",
-            Kind::ShortConv | Kind::RgLru => unreachable!("{NOT_RECURRENT_ONLY}"),
+            Kind::ShortConv | Kind::GatedDeltaNet | Kind::RgLru => unreachable!("{NOT_RECURRENT_ONLY}"),
         }
     )];
     let roles = mixer_roles(kind, fields_of, &mut gaps);
@@ -1070,6 +1165,10 @@ fn check_mixer(
             );
             None
         }
+        Kind::GatedDeltaNet => {
+            check_delta_net(facts, mixer, &shape, &value, hidden, &mut checks, gaps);
+            None
+        }
     };
     for (leaf, got, want) in &checks {
         if got != want {
@@ -1089,6 +1188,8 @@ fn check_mixer(
         ],
         // Every projection and the conv has a bias, whatever the config says.
         Kind::RgLru => &[],
+        // None (every parameter is checked above).
+        Kind::GatedDeltaNet => &[],
     };
     for &(leaf, role) in biases {
         if present(leaf) != flag(role) {
@@ -1168,6 +1269,83 @@ fn rg_lru_checks(
         "RG-LRU: {width} channels in {heads} gate blocks of {block}, conv of {k} taps, biases \
          on every projection and the conv (read from the weight shapes)"
     ));
+}
+
+/// The weight shapes of a gated DeltaNet at `mixer` as its config fields give them (either
+/// projection layout), every parameter under it one of those, and its gated norm's epsilon
+/// the model's: what disagrees goes to `gaps`.
+fn check_delta_net(
+    facts: &Value,
+    mixer: &str,
+    shape: &dyn Fn(&str) -> Vec<i64>,
+    value: &dyn Fn(&str) -> i64,
+    hidden: i64,
+    checks: &mut Vec<(String, Vec<i64>, Vec<i64>)>,
+    gaps: &mut Vec<String>,
+) {
+    let (hk, hv) = (value("num_key_heads"), value("num_value_heads"));
+    let (kd, vd) = (hk * value("key_head_dim"), hv * value("value_head_dim"));
+    if hk <= 0 || hv % hk != 0 {
+        gaps.push(format!(
+            "the tiny model's {hv} value heads are no multiple of its {hk} key heads"
+        ));
+    }
+    let mut want = vec![
+        ("A_log", vec![hv]),
+        ("dt_bias", vec![hv]),
+        ("conv1d.weight", vec![2 * kd + vd, 1, value("conv_kernel")]),
+        ("norm.weight", vec![value("value_head_dim")]),
+        ("out_proj.weight", vec![hidden, vd]),
+    ];
+    if !shape("in_proj_qkvz.weight").is_empty() {
+        // Per key head: q, k, its value heads' v and z; then their b and a.
+        want.push(("in_proj_qkvz.weight", vec![2 * kd + 2 * vd, hidden]));
+        want.push(("in_proj_ba.weight", vec![2 * hv, hidden]));
+    } else {
+        want.push(("in_proj_qkv.weight", vec![2 * kd + vd, hidden]));
+        want.push(("in_proj_z.weight", vec![vd, hidden]));
+        want.push(("in_proj_b.weight", vec![hv, hidden]));
+        want.push(("in_proj_a.weight", vec![hv, hidden]));
+    }
+    let prefix = format!("{mixer}.");
+    let others: Vec<String> = parameters(facts)
+        .into_iter()
+        .filter_map(|(n, _)| n.strip_prefix(&prefix).map(str::to_owned))
+        .filter(|leaf| !want.iter().any(|(w, _)| w == leaf))
+        .collect();
+    if !others.is_empty() {
+        gaps.push(format!(
+            "`{mixer}` holds {others:?} besides what the gated DeltaNet block loads (no biases, \
+             one of its two projection layouts)"
+        ));
+    }
+    // Its gated RMSNorm runs at the model's epsilon.
+    let eps = facts["resolved_config"]
+        .get("rms_norm_eps")
+        .and_then(Value::as_f64);
+    let norm_eps = facts
+        .get("modules")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .find(|m| m["name"].as_str() == Some(&format!("{mixer}.norm")))
+        .and_then(|m| {
+            let attrs = m.get("attrs")?;
+            attrs
+                .get("variance_epsilon")
+                .or_else(|| attrs.get("eps"))?
+                .as_f64()
+        });
+    if let (Some(eps), Some(norm_eps)) = (eps, norm_eps) {
+        if (eps - norm_eps).abs() > eps * 1e-6 {
+            gaps.push(format!(
+                "`{mixer}.norm` runs at epsilon {norm_eps:e}, not the model's rms_norm_eps {eps:e}"
+            ));
+        }
+    }
+    for (leaf, w) in want {
+        checks.push((leaf.to_owned(), shape(leaf), w));
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -1288,6 +1466,7 @@ fn base_plan(
         layer_rope_bases: None,
         sinks: false,
         gate_proj: false,
+        output_gate: false,
         differential: false,
         unused_prefixes: Vec::new(),
         choices: vec![choice],
@@ -1340,6 +1519,7 @@ pub enum MixerSettings {
     ShortConv(i32, bool),
     /// [`DecoderSettings::rg_lru`]: width, gate blocks, conv taps.
     RgLru(i32, i32, i32),
+    GatedDeltaNet(GatedDeltaNetSettings),
 }
 
 /// The mixer's settings and its norm's epsilon, read from `config` directly (the fields of
@@ -1440,6 +1620,28 @@ fn mixer_settings(
                 chunked_prefill: true,
             })
         }
+        Kind::GatedDeltaNet => {
+            let (key_heads, value_heads) = (int("num_key_heads")?, int("num_value_heads")?);
+            config.ensure(
+                key_heads > 0 && value_heads % key_heads == 0,
+                r.field("num_value_heads"),
+                || {
+                    format!(
+                        "{value_heads} value heads cannot be grouped over {key_heads} key heads"
+                    )
+                },
+            )?;
+            MixerSettings::GatedDeltaNet(GatedDeltaNetSettings {
+                num_key_heads: key_heads,
+                num_value_heads: value_heads,
+                key_head_dim: int("key_head_dim")?,
+                value_head_dim: int("value_head_dim")?,
+                conv_kernel: int("conv_kernel")?,
+                norm_eps: eps,
+                chunk_size: 64,
+                chunked_prefill: true,
+            })
+        }
         Kind::ShortConv | Kind::RgLru => unreachable!("read above"),
     };
     Ok((mixer, eps))
@@ -1502,7 +1704,9 @@ pub fn settings(plan: &Plan, r: &RecurrentPlan, config: &ConfigFile) -> Result<D
                 MixerKind::Mamba2,
             )
         },
-        MixerSettings::ShortConv(..) | MixerSettings::RgLru(..) => {
+        MixerSettings::ShortConv(..)
+        | MixerSettings::GatedDeltaNet(_)
+        | MixerSettings::RgLru(..) => {
             unreachable!("{NOT_RECURRENT_ONLY}")
         }
     };
@@ -1551,6 +1755,9 @@ pub fn with_hybrid(
         AttentionRule::Period { period, offset } => AttentionLayers::Period {
             period: (period, int(period)?),
             offset: (offset, int(offset)?),
+        },
+        AttentionRule::Interval { field } => AttentionLayers::Interval {
+            interval: (field, int(field)?),
         },
         AttentionRule::LayerTypes { .. } => {
             let attends = layer_types_attend(&h.rule, config, &value, n)?;
@@ -1636,6 +1843,12 @@ fn layer_types_attend(
                 null_attends: *null_attends,
             })
         }
+        Some(AttentionRule::Interval { field }) => Some(AttentionLayers::Interval {
+            interval: (
+                field,
+                config.require(field, value(field).as_i64().map(|v| v as i32))?,
+            ),
+        }),
         Some(other) => {
             return Err(config_error(
                 config,
@@ -1689,6 +1902,10 @@ fn with_mixer(
             set_recurrent_layers(&mut settings.layers, &attends, MixerKind::RgLru);
             settings.rg_lru = Some((width, heads, kernel));
         }
+        MixerSettings::GatedDeltaNet(delta) => {
+            set_recurrent_layers(&mut settings.layers, &attends, MixerKind::GatedDeltaNet);
+            settings.gated_delta_net = Some(delta);
+        }
     }
     Ok(settings)
 }
@@ -1711,7 +1928,7 @@ pub fn module_source(plan: &Plan, r: &RecurrentPlan) -> String {
     let (block, kind, settings_ty) = match r.kind {
         Kind::Mamba => ("selective-scan", "Mamba", "MambaSettings"),
         Kind::Mamba2 => ("state-space", "Mamba2", "Mamba2Settings"),
-        Kind::ShortConv | Kind::RgLru => unreachable!("{NOT_RECURRENT_ONLY}"),
+        Kind::ShortConv | Kind::GatedDeltaNet | Kind::RgLru => unreachable!("{NOT_RECURRENT_ONLY}"),
     };
     let _ = writeln!(
         w,
@@ -1731,7 +1948,7 @@ pub fn module_source(plan: &Plan, r: &RecurrentPlan) -> String {
     let _ = writeln!(w);
     let gate = match r.kind {
         Kind::Mamba2 => "Mamba2Gate, ",
-        Kind::Mamba | Kind::ShortConv | Kind::RgLru => "",
+        Kind::Mamba | Kind::ShortConv | Kind::GatedDeltaNet | Kind::RgLru => "",
     };
     let _ = writeln!(
         w,
@@ -1839,12 +2056,12 @@ pub fn module_source(plan: &Plan, r: &RecurrentPlan) -> String {
                 clamp = r.clamp_steps,
             );
         }
-        Kind::ShortConv | Kind::RgLru => unreachable!("{NOT_RECURRENT_ONLY}"),
+        Kind::ShortConv | Kind::GatedDeltaNet | Kind::RgLru => unreachable!("{NOT_RECURRENT_ONLY}"),
     }
     let (field, var) = match r.kind {
         Kind::Mamba => ("mamba", "mamba"),
         Kind::Mamba2 => ("mamba2", "mamba2"),
-        Kind::ShortConv | Kind::RgLru => unreachable!("{NOT_RECURRENT_ONLY}"),
+        Kind::ShortConv | Kind::GatedDeltaNet | Kind::RgLru => unreachable!("{NOT_RECURRENT_ONLY}"),
     };
     let _ = writeln!(
         w,
@@ -1960,6 +2177,7 @@ pub fn hybrid_uses(h: &HybridPlan) -> Option<&'static str> {
         Kind::Mamba => Some("use crate::ssm::MambaSettings;"),
         Kind::Mamba2 => Some("use crate::ssm::{Mamba2Gate, Mamba2Settings};"),
         Kind::ShortConv | Kind::RgLru => None,
+        Kind::GatedDeltaNet => Some("use crate::delta::GatedDeltaNetSettings;"),
     }
 }
 
@@ -2006,6 +2224,7 @@ pub fn hybrid_settings(
         Kind::Mamba2 => "Mamba2",
         Kind::ShortConv => "ShortConv",
         Kind::RgLru => "RgLru",
+        Kind::GatedDeltaNet => "GatedDeltaNet",
     };
     match &h.rule {
         AttentionRule::LayerTypes {
@@ -2022,10 +2241,10 @@ pub fn hybrid_settings(
                     .map(|k| format!("`{k}`"))
                     .collect::<Vec<_>>()
                     .join(", "),
-                if r.kind == Kind::ShortConv {
-                    "short convolution".to_owned()
-                } else {
-                    format!("{kind} mixer")
+                match r.kind {
+                    Kind::ShortConv => "short convolution".to_owned(),
+                    Kind::GatedDeltaNet => "gated DeltaNet".to_owned(),
+                    _ => format!("{kind} mixer"),
                 }
             );
             if let Some(rule) = fallback {
@@ -2046,6 +2265,14 @@ pub fn hybrid_settings(
                         w,
                         "let fallback = AttentionLayers::Indices {{ field: {field:?}, indices: \
                          self.{field}.as_deref(), null_attends: {null_attends} }};"
+                    );
+                    "Some(&fallback)"
+                }
+                Some(AttentionRule::Interval { field }) => {
+                    let _ = writeln!(
+                        w,
+                        "let fallback = AttentionLayers::Interval {{ interval: ({field:?}, \
+                         self.{field}) }};"
                     );
                     "Some(&fallback)"
                 }
@@ -2118,6 +2345,17 @@ pub fn hybrid_settings(
                  offset: ({offset:?}, self.{offset}) }}.resolve(d.num_hidden_layers, config)?;"
             );
         }
+        AttentionRule::Interval { field } => {
+            let _ = writeln!(
+                w,
+                "// The last layer of every `{field}` attends; the rest run {kind}."
+            );
+            let _ = writeln!(
+                w,
+                "let attends = AttentionLayers::Interval {{ interval: ({field:?}, self.{field}) }}\
+                 .resolve(d.num_hidden_layers, config)?;"
+            );
+        }
     }
     let _ = writeln!(
         w,
@@ -2150,8 +2388,8 @@ pub fn hybrid_settings(
     let act = r.field("act");
     let _ = writeln!(
         w,
-        "let act = {};\nconfig.ensure(act == \"silu\", {act:?}, || format!(\"the {kind} mixer's \
-         activation `{{act}}` is not supported (silu)\"))?;",
+        "let mixer_act = {};\nconfig.ensure(mixer_act == \"silu\", {act:?}, || format!(\"the {kind} \
+         mixer's activation `{{mixer_act}}` is not supported (silu)\"))?;",
         expr("act")
     );
     if uses_mamba2_config(h) {
@@ -2194,6 +2432,24 @@ pub fn hybrid_settings(
     };
     let entry = match r.kind {
         Kind::ShortConv | Kind::RgLru => unreachable!("returned above"),
+        Kind::GatedDeltaNet => {
+            let (hk, hv) = (expr("num_key_heads"), expr("num_value_heads"));
+            let _ = writeln!(
+                w,
+                "config.ensure({hk} > 0 && {hv} % {hk} == 0, {hv_name:?}, || \
+                 format!(\"{{}} value heads cannot be grouped over {{}} key heads\", {hv}, {hk}))?;\n\
+                 let gated_delta_net = GatedDeltaNetSettings {{\n\
+                 num_key_heads: {hk},\nnum_value_heads: {hv},\nkey_head_dim: {dk},\n\
+                 value_head_dim: {dv},\nconv_kernel: {conv},\nnorm_eps: {eps},\n\
+                 chunk_size: 64,\nchunked_prefill: true,\n}};",
+                hv_name = r.field("num_value_heads"),
+                dk = expr("key_head_dim"),
+                dv = expr("value_head_dim"),
+                conv = expr("conv_kernel"),
+                eps = expr("eps"),
+            );
+            "gated_delta_net: Some(gated_delta_net)".to_owned()
+        }
         Kind::Mamba => {
             let rank = field_init(
                 "time_step_rank",
@@ -2273,6 +2529,19 @@ fn camel(kind: &str) -> String {
 /// A hybrid's structure line, for the module's doc and the report.
 pub fn hybrid_summary(h: &HybridPlan) -> String {
     let which = h.rule.describe();
+    if h.mixer.kind == Kind::GatedDeltaNet {
+        return format!(
+            "Hybrid: {which}. The others replace attention by a gated DeltaNet \
+             ([`crate::delta`], checkpoint `{}`: the gated delta rule over `{}` value heads \
+             sharing `{}` query/key heads, a causal conv of `{}` taps over q, k and v, a gated \
+             RMSNorm per value head) without RoPE, with the same norms and MLP. Its cache is the \
+             conv and delta-rule state, a fixed size.",
+            h.path,
+            h.mixer.field("num_value_heads"),
+            h.mixer.field("num_key_heads"),
+            h.mixer.field("conv_kernel")
+        );
+    }
     if h.mixer.kind == Kind::ShortConv {
         return format!(
             "Hybrid: {which}. The others replace attention by a gated short convolution \
@@ -2574,14 +2843,7 @@ mod tests {
             );
         }
         let fixtures = fixtures("lfm2_moe");
-        let search = super::super::search(&plan, &fixtures).expect("search runs");
-        assert!(search.chosen.is_some(), "{:?}", search.tried);
-
-        let fails = |faulty: &Plan| -> String {
-            let search = super::super::search(faulty, &fixtures).expect("search runs");
-            assert!(search.chosen.is_none(), "a seeded fault passes");
-            search.tried[0].1.join("; ")
-        };
+        let fails = passes_but_not_faulty(&plan, &fixtures);
         // The kinds swapped: layer 0 wants a conv.
         let mut faulty = plan.clone();
         if let Some(h) = faulty.hybrid.as_mut() {
@@ -2628,6 +2890,122 @@ mod tests {
             "{:?}",
             wrong.gaps
         );
+    }
+
+    /// Asserts that `plan` passes `fixtures` and gives the check for a seeded fault: it
+    /// fails them, with the first candidate's failures.
+    fn passes_but_not_faulty<'a>(
+        plan: &Plan,
+        fixtures: &'a [super::super::Fixture],
+    ) -> impl Fn(&Plan) -> String + 'a {
+        let search = super::super::search(plan, fixtures).expect("search runs");
+        assert!(search.chosen.is_some(), "{:?}", search.tried);
+        move |faulty: &Plan| {
+            let search = super::super::search(faulty, fixtures).expect("search runs");
+            assert!(search.chosen.is_none(), "a seeded fault passes");
+            search.tried[0].1.join("; ")
+        }
+    }
+
+    /// Qwen3-Next's gated DeltaNet layers, read from the module tree (`A_log`, `dt_bias`,
+    /// `in_proj_qkvz`), their fields checked against the weight shapes; `layer_types`, else
+    /// the last layer of every `full_attention_interval` (from the probes of the kinds the
+    /// class derives), attends; the attention's output gate read from `q_proj`'s rows. The
+    /// plan passes both committed fixtures, and seeded faults fail.
+    #[test]
+    fn a_gated_delta_net_hybrid_is_planned_and_verifies() {
+        let facts = facts("qwen3_next");
+        let plan = super::super::plan::plan(&facts, "qwen3_next");
+        assert!(plan.gaps.is_empty(), "{:?}", plan.gaps);
+        let h = plan.hybrid.as_ref().expect("a hybrid plan");
+        assert_eq!(
+            h.rule,
+            AttentionRule::LayerTypes {
+                field: "layer_types".to_owned(),
+                attending: vec!["full_attention".to_owned()],
+                mixing: "linear_attention".to_owned(),
+                fallback: Some(Box::new(AttentionRule::Interval {
+                    field: "full_attention_interval".to_owned()
+                })),
+            }
+        );
+        assert_eq!(
+            (h.mixer.kind, h.path.as_str()),
+            (Kind::GatedDeltaNet, "linear_attn")
+        );
+        assert_eq!(
+            (
+                h.mixer.field("num_key_heads"),
+                h.mixer.field("num_value_heads"),
+                h.mixer.field("conv_kernel")
+            ),
+            (
+                "linear_num_key_heads",
+                "linear_num_value_heads",
+                "linear_conv_kernel_dim"
+            )
+        );
+        assert!(plan.output_gate);
+        // `dt_bias` is the block's own, not a bias moved into `in_proj_ba`.
+        assert!(
+            !plan
+                .renames
+                .iter()
+                .any(|(from, _)| from.contains("dt_bias")),
+            "{:?}",
+            plan.renames
+        );
+        let fixtures = fixtures("qwen3_next");
+        let fails = passes_but_not_faulty(&plan, &fixtures);
+        // The interval not read: the Hub config (interval 3, no `layer_types`) has its
+        // attention at layer 2, where no layer would attend.
+        let mut faulty = plan.clone();
+        if let Some(h) = faulty.hybrid.as_mut() {
+            if let AttentionRule::LayerTypes { fallback, .. } = &mut h.rule {
+                *fallback = Some(Box::new(AttentionRule::Indices {
+                    field: "no_such_field".to_owned(),
+                    null_attends: false,
+                }));
+            }
+        }
+        let failure = fails(&faulty);
+        assert!(failure.contains("qwen3_next/hub"), "{failure}");
+        // No output gate: `q_proj` has twice the rows the attention loads.
+        let mut faulty = plan.clone();
+        faulty.output_gate = false;
+        let failure = fails(&faulty);
+        assert!(failure.contains("q_proj"), "{failure}");
+        // Key and value heads read from each other's fields.
+        let mut faulty = plan.clone();
+        if let Some(h) = faulty.hybrid.as_mut() {
+            h.mixer
+                .roles
+                .insert("num_key_heads", "linear_num_value_heads".to_owned());
+            h.mixer
+                .roles
+                .insert("num_value_heads", "linear_num_key_heads".to_owned());
+        }
+        let failure = fails(&faulty);
+        assert!(failure.contains("cannot be grouped"), "{failure}");
+
+        // Value heads that do not give the weight shapes are a gap.
+        let mut other = facts.clone();
+        other["resolved_config"]["linear_num_value_heads"] = Value::from(4);
+        let wrong = super::super::plan::plan(&other, "qwen3_next");
+        assert!(
+            wrong.gaps.iter().any(|g| g.contains("linear_attn.A_log")),
+            "{:?}",
+            wrong.gaps
+        );
+        // Qwen3.5's projections stored apart load too.
+        let plan = super::super::plan::plan(&self::facts("qwen3_5_text"), "qwen3_5_text");
+        assert!(plan.gaps.is_empty(), "{:?}", plan.gaps);
+        let default: Vec<_> = super::super::generator_tests::fixtures("qwen3_5_text")
+            .into_iter()
+            .filter(|f| f.dir.ends_with("default"))
+            .collect();
+        let search = super::super::search(&plan, &default).expect("search runs");
+        assert!(search.chosen.is_some(), "{:?}", search.tried);
     }
 
     /// LFM2's rule: `layer_types` where a config carries it, else `full_attn_idxs` (all
