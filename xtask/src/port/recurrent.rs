@@ -3115,11 +3115,7 @@ mod tests {
         let mut plan = plan.clone();
         plan.settle(chosen);
         plan.choices = vec![chosen.clone()];
-        let fails = |faulty: &Plan| -> String {
-            let search = super::super::search(faulty, &fixtures).expect("search runs");
-            assert!(search.chosen.is_none(), "a seeded fault passes");
-            search.tried[0].1.join("; ")
-        };
+        let fails = passes_but_not_faulty(&plan, &fixtures);
         // The kinds swapped: layer 0 (recurrent in both fixtures) wants attention.
         let mut faulty = plan.clone();
         if let Some(h) = faulty.hybrid.as_mut() {
