@@ -147,6 +147,8 @@ MOE_SMALL_SIZES = {
     "num_experts": 4,
     "num_local_experts": 4,
     "n_routed_experts": 4,
+    # Aria's own name, which no attribute_map aliases.
+    "moe_num_experts": 4,
     "num_experts_per_tok": 2,
     "moe_topk": 2,
     "n_shared_experts": 1,
@@ -377,7 +379,7 @@ def small_config(model_type: str, fields: dict, attribute_map: dict) -> dict:
     def own_name(name):
         return name if name in fields else attribute_map.get(name)
 
-    counts = ("num_experts", "num_local_experts", "n_routed_experts")
+    counts = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
     defaults = [fields[own_name(n)]["default"] for n in counts if own_name(n) in fields]
     if any(d is None or (isinstance(d, int) and d > MOE_SMALL_SIZES[counts[0]]) for d in defaults):
         config.update({own_name(n): v for n, v in MOE_SMALL_SIZES.items() if own_name(n) in fields})
