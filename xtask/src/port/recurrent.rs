@@ -1068,6 +1068,7 @@ fn base_plan(
         }),
         hybrid: None,
         layer_norm: None,
+        null_norm: None,
         eps_field: "layer_norm_epsilon".to_owned(),
         eps_constant: None,
         act_field: "hidden_act".to_owned(),
