@@ -100,7 +100,8 @@ pub fn shared_join(facts: &Value, gaps: &mut Vec<String>) -> Option<SharedJoin> 
         let (routed, shared) = (coefficient("routed"), coefficient("shared"));
         let residual = coefficient("residual");
         let near = |x: f64, y: f64| (x - y).abs() < 1e-3;
-        if !(residual < 1e-4) {
+        // A NaN residual (nothing recorded) is no fit either.
+        if residual.is_nan() || residual >= 1e-4 {
             None
         } else if near(routed, 1.0) && near(shared, 1.0) {
             Some(Join::Sum)
