@@ -1584,6 +1584,7 @@ def introspect(model_type: str, config_override: dict | None, replace: bool, che
             architecture, small, build_config, tiny_model, model_type, structure(model)["layers"]
         ),
         "rope_legacy_names": probes.rope_legacy_names(config_class, fields),
+        "layer_list_kwargs": probes.layer_list_kwargs(config_class, fields),
         "bare_biases": probes.bare_biases(tiny_model(architecture, resolved), resolved.vocab_size),
         **behaviour,
         "variants": spec["variants"],

@@ -1673,3 +1673,46 @@ def layer_rope_probes(architecture, small, build_config, tiny_model, model_type,
             changed.append({"field": name, "value": value + 1, "rotates": other})
     return {"layer_types": config["layer_types"], list_field: config[list_field], "list_field": list_field,
             "rotates": base, "fields": changed}
+
+
+# --------------------------------------------------------------------------- Hub keys for per-layer lists
+
+
+def layer_list_kwargs(config_class, fields):
+    """Keys the config class reads from its keyword arguments without declaring them whose
+    value changes the per-layer lists it derives where a config leaves them out
+    (`layer_types`, and each list `derived_layer_lists` finds): Cohere2-MoE pops
+    `first_k_dense_replace`, which makes the first layers dense and gives them layer types
+    of their own. `{name: {"default": value, "lists": [...]}}` for an int default (read
+    from the source, `kwargs.pop("first_k_dense_replace", 0)`), probed at default + 2."""
+    import ast
+    import inspect
+    import re
+
+    try:
+        source = inspect.getsource(config_class)
+    except (OSError, TypeError):
+        return {}
+    lists = ["layer_types"] + sorted(derived_layer_lists(config_class, fields))
+    found = {}
+    for name, default in sorted(set(re.findall(r"kwargs\.(?:get|pop)\(\s*[\"'](\w+)[\"']\s*,\s*([^,()]+)\)", source))):
+        if name in fields:
+            continue
+        try:
+            default = ast.literal_eval(default.strip())
+        except (ValueError, SyntaxError):
+            continue
+        if type(default) is not int:
+            continue
+        changed = []
+        for field in lists:
+            try:
+                plain = _derived(config_class, {"num_hidden_layers": PROBE_LAYERS}, field)
+                other = _derived(config_class, {"num_hidden_layers": PROBE_LAYERS, name: default + 2}, field)
+            except Exception:  # noqa: BLE001 - the class refuses the value
+                continue
+            if plain != other:
+                changed.append(field)
+        if changed:
+            found[name] = {"default": default, "lists": changed}
+    return found

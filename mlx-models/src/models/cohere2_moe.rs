@@ -65,6 +65,12 @@ impl DecoderFamily for Config {
 
     fn settings(&self, config: &ConfigFile) -> Result<DecoderSettings> {
         let d = &self.decoder;
+        // Transformers derives `layer_types`, `mlp_layer_types` from a config's `first_k_dense_replace` where they are absent; this module does not.
+        config.ensure_lists_given(
+            "first_k_dense_replace",
+            0,
+            &["layer_types", "mlp_layer_types"],
+        )?;
         let attention = d.attention();
         let act = d.activation(config)?;
         let mlp = d.mlp(MlpLayout::Gated, act);

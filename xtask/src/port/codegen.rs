@@ -669,6 +669,17 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
             super::interpret::refusal(*supported)
         );
     }
+    for (key, default, lists) in &plan.derived_list_keys {
+        let _ = writeln!(
+            w,
+            "// Transformers derives {} from a config's `{key}` where they are absent; this module does not.",
+            lists.iter().map(|l| format!("`{l}`")).collect::<Vec<_>>().join(", ")
+        );
+        let _ = writeln!(
+            w,
+            "config.ensure_lists_given({key:?}, {default}, &{lists:?})?;"
+        );
+    }
     for (field, supported) in &plan.refused_values {
         let value = if optional(plan, field) {
             format!("self.{field}.unwrap_or({supported})")

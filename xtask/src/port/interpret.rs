@@ -116,6 +116,10 @@ pub fn settings(plan: &Plan, choice: &Choice, config: &ConfigFile) -> Result<Dec
     for (field, supported) in &plan.refused {
         config.ensure(r.bool(field) == *supported, field, || refusal(*supported))?;
     }
+    for (key, default, lists) in &plan.derived_list_keys {
+        let lists: Vec<&str> = lists.iter().map(String::as_str).collect();
+        config.ensure_lists_given(key, *default, &lists)?;
+    }
     for (field, supported) in &plan.refused_values {
         let value = r.value(field).as_i64().unwrap_or(*supported);
         config.ensure(value == *supported, field, || value_refusal(*supported))?;

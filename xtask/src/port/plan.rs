@@ -265,6 +265,10 @@ pub struct Plan {
     pub layer_norm: Option<Flag>,
     /// Other norms where the epsilon field is null (Cohere2-MoE's LayerNorms).
     pub null_norm: Option<super::probed::NullNorm>,
+    /// Hub keys the config class derives per-layer lists from where a config leaves them
+    /// out, which the module does not read: `(key, default, lists)`, refused unless the
+    /// lists are given (Cohere2-MoE's `first_k_dense_replace`).
+    pub derived_list_keys: Vec<(String, i64, Vec<String>)>,
     pub eps_field: String,
     /// The norms' epsilon where no config field sets it (their modules' `eps`).
     pub eps_constant: Option<f64>,
@@ -3346,6 +3350,8 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         }
     }
 
+    let derived_list_keys = super::probed::derived_list_keys(facts.value, &mut decisions);
+
     // Fields read vs ignored.
     let mut ignored = Vec::new();
     let rope_fields = [
@@ -3437,6 +3443,7 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         hybrid,
         layer_norm,
         null_norm,
+        derived_list_keys,
         eps_field,
         eps_constant,
         act_field,

@@ -240,6 +240,43 @@ pub fn list_rope(facts: &Value, gaps: &mut Vec<String>) -> Option<ListRope> {
     })
 }
 
+/// Hub keys the config class reads from its keyword arguments and derives per-layer lists
+/// from where a config leaves them out (the facts' `layer_list_kwargs`: Cohere2-MoE's
+/// `first_k_dense_replace` sets `layer_types` and `mlp_layer_types`), which the module does
+/// not read unless the tool read them as a layer rule (`legacy_fields`): `(key, default,
+/// lists)`, each refused with another value unless its lists are given.
+pub fn derived_list_keys(
+    facts: &Value,
+    decisions: &mut Vec<String>,
+) -> Vec<(String, i64, Vec<String>)> {
+    let Some(keys) = facts.get("layer_list_kwargs").and_then(Value::as_object) else {
+        return Vec::new();
+    };
+    let read = facts.get("legacy_fields").and_then(Value::as_object);
+    let mut refused = Vec::new();
+    for (key, entry) in keys {
+        if read.is_some_and(|r| r.contains_key(key)) {
+            continue;
+        }
+        let (Some(default), Some(lists)) = (
+            entry.get("default").and_then(Value::as_i64),
+            entry.get("lists").and_then(Value::as_array),
+        ) else {
+            continue;
+        };
+        let lists: Vec<String> = lists
+            .iter()
+            .filter_map(|l| l.as_str().map(str::to_owned))
+            .collect();
+        decisions.push(format!(
+            "`{key}` (Hub configs) makes the class derive {lists:?}: other values than {default} \
+             refused unless those lists are given"
+        ));
+        refused.push((key.clone(), default, lists));
+    }
+    refused
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -307,6 +344,26 @@ mod tests {
         facts["shared_expert_probes"][2]["shared"] = json!(0.73);
         assert_eq!(shared_join(&facts, &mut gaps), None);
         assert_eq!(gaps.len(), 1, "{gaps:?}");
+    }
+
+    #[test]
+    fn a_hub_key_deriving_layer_lists_is_refused_unless_read() {
+        let mut facts = cohere2_moe();
+        facts["layer_list_kwargs"] = json!({
+            "first_k_dense_replace": {"default": 0, "lists": ["layer_types", "mlp_layer_types"]}
+        });
+        let mut decisions = Vec::new();
+        assert_eq!(
+            derived_list_keys(&facts, &mut decisions),
+            vec![(
+                "first_k_dense_replace".to_owned(),
+                0,
+                vec!["layer_types".to_owned(), "mlp_layer_types".to_owned()]
+            )]
+        );
+        // A key the tool reads as a layer rule (ModernBERT's period) is not refused.
+        facts["legacy_fields"] = json!({"first_k_dense_replace": 0});
+        assert!(derived_list_keys(&facts, &mut decisions).is_empty());
     }
 
     #[test]
