@@ -1174,6 +1174,12 @@ def propose_variants(
                 overrides.update(kinds)
                 (field, values), = kinds.items()
                 summary += f", {field} {text(values)} (the full-attention layer of the kind RoPE reaches too)"
+                # The fields that set only those layers' widths, at a width of their own.
+                widths = [p["field"] for p in (behaviour.get("kind_width_probes") or {}).get("fields", [])]
+                for width in widths:
+                    overrides[width] = OPTIONAL_WIDTH
+                if widths:
+                    summary += f", {', '.join(widths)} {OPTIONAL_WIDTH}"
         else:
             summary += ", in every layer"
         add("sliding", summary + ".", overrides)
@@ -1505,6 +1511,7 @@ def introspect(model_type: str, config_override: dict | None, replace: bool, che
         "null_norm_probes": probes.null_norm_probes(*probed),
         "shared_expert_probes": probes.shared_expert_probes(*probed),
         "layer_rope_probes": probes.layer_rope_probes(*probed),
+        "kind_width_probes": probes.kind_width_probes(*probed),
     }
 
     spec = {

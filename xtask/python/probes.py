@@ -1716,3 +1716,49 @@ def layer_list_kwargs(config_class, fields):
         if changed:
             found[name] = {"default": default, "lists": changed}
     return found
+
+
+def kind_width_probes(architecture, small, build_config, tiny_model, model_type, fields):
+    """The int fields that set the width of the layers of one kind of a per-layer list the
+    modeling code compares (Cohere2-MoE's `prefix_dense_intermediate_size`: the MLP of its
+    `mlp_layer_types` "dense" layers, null meaning `intermediate_size`): a model with a
+    layer of each kind, each such field set to WIDTH_PROBE, and the parameters that then
+    have that width. `{list_field, kinds, fields: [{field, widened}]}` or None."""
+    import inspect
+    import re
+
+    try:
+        model = tiny_model(architecture, build_config(model_type, small))
+    except Exception:  # noqa: BLE001
+        return None
+    module = inspect.getmodule(model)
+    source = inspect.getsource(module) if module is not None else ""
+    derived = derived_layer_lists(type(model.config), fields)
+    lists = {}
+    for field, kind in re.findall(LAYER_KIND_COMPARISON, source):
+        if field in derived and field != "layer_types":
+            lists[field] = list(dict.fromkeys(derived[field] + [kind]))
+    if len(lists) != 1:
+        return None
+    (list_field, kinds), = lists.items()
+    config = {**small, "num_hidden_layers": len(kinds), list_field: kinds}
+    if small.get("layer_types"):
+        config["layer_types"] = [small["layer_types"][i % len(small["layer_types"])] for i in range(len(kinds))]
+    try:
+        base = {k: tuple(v.shape) for k, v in tiny_model(architecture, build_config(model_type, config)).state_dict().items()}
+    except Exception:  # noqa: BLE001
+        return None
+    found = []
+    for name, field in sorted(fields.items()):
+        if field.get("kind") != "int" or name in COMMON_SIZES or name in config or name.endswith("token_id"):
+            continue
+        try:
+            state = tiny_model(architecture, build_config(model_type, {**config, name: WIDTH_PROBE})).state_dict()
+        except Exception:  # noqa: BLE001 - the class refuses the value
+            continue
+        widened = sorted(
+            k for k, v in state.items() if WIDTH_PROBE in tuple(v.shape) and WIDTH_PROBE not in base.get(k, ())
+        )
+        if widened:
+            found.append({"field": name, "widened": widened})
+    return {"list_field": list_field, "kinds": kinds, "fields": found}

@@ -36,7 +36,7 @@ use crate::family::{
     sanitize_moe, DecoderConfig, DecoderFamily, LayerRule, MoeConfig, EXPERT_PROJECTIONS,
 };
 use crate::moe::{ExpertActivation, RouterSettings, Scoring, SharedJoin};
-use crate::transformer::{DecoderSettings, MlpLayout, NormKind, NormPlacement};
+use crate::transformer::{DecoderSettings, MlpLayout, MlpSettings, NormKind, NormPlacement};
 use crate::weights::{rename_layer_module, Weights};
 use serde::Deserialize;
 
@@ -52,6 +52,8 @@ pub struct Config {
     pub shared_expert_combination_strategy: String,
     /// RoPE on the full-attention layers of that kind while it has its default.
     pub prefix_dense_sliding_window_pattern: i32,
+    /// The dense layers' MLP width (null: intermediate_size).
+    pub prefix_dense_intermediate_size: Option<i32>,
     /// How the router scores experts.
     pub expert_selection_fn: String,
     /// Norm epsilon where the other is null.
@@ -73,7 +75,12 @@ impl DecoderFamily for Config {
         )?;
         let attention = d.attention();
         let act = d.activation(config)?;
-        let mlp = d.mlp(MlpLayout::Gated, act);
+        let mlp = MlpSettings {
+            intermediate_size: self
+                .prefix_dense_intermediate_size
+                .unwrap_or(d.intermediate_size),
+            ..d.mlp(MlpLayout::Gated, act)
+        };
         let rope = d.rope(10000.0, true, config)?;
         let mut layers = d.layers(LayerRule::Pattern, Some(&rope), None, false);
         let sparse = self.moe.sparse_layers(config, d.num_hidden_layers, 0)?;

@@ -482,7 +482,12 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
     } else {
         act
     };
-    if !by_default(&plan.mlp_bias, "mlp_bias") {
+    if !by_default(&plan.mlp_bias, "mlp_bias")
+        || plan
+            .moe
+            .as_ref()
+            .is_some_and(|m| m.dense_width_field.is_some())
+    {
         transformer.push("MlpSettings");
     }
     family.sort_unstable_by_key(|n| n.to_lowercase());
@@ -730,13 +735,22 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
     } else {
         act
     };
-    if by_default(&plan.mlp_bias, "mlp_bias") {
+    let mut mlp_set = Vec::new();
+    if !by_default(&plan.mlp_bias, "mlp_bias") {
+        mlp_set.push(format!("bias: {}", flag(plan, &plan.mlp_bias)));
+    }
+    if let Some(f) = plan.moe.as_ref().and_then(|m| m.dense_width_field.as_ref()) {
+        mlp_set.push(format!(
+            "intermediate_size: self.{f}.unwrap_or(d.intermediate_size)"
+        ));
+    }
+    if mlp_set.is_empty() {
         let _ = writeln!(w, "let mlp = d.mlp({layout}, {act});");
     } else {
         let _ = writeln!(
             w,
-            "let mlp = MlpSettings {{ bias: {}, ..d.mlp({layout}, {act}) }};",
-            flag(plan, &plan.mlp_bias)
+            "let mlp = MlpSettings {{ {}, ..d.mlp({layout}, {act}) }};",
+            mlp_set.join(", ")
         );
     }
     let theta = float(plan.default_theta);

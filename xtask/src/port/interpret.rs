@@ -291,6 +291,10 @@ pub fn settings(plan: &Plan, choice: &Choice, config: &ConfigFile) -> Result<Dec
     };
     let mlp = MlpSettings {
         bias: r.flag(&plan.mlp_bias),
+        intermediate_size: match plan.moe.as_ref().and_then(|m| m.dense_width_field.as_ref()) {
+            Some(f) => r.i32_opt(f).unwrap_or(d.intermediate_size),
+            None => d.intermediate_size,
+        },
         ..d.mlp(plan.mlp_layout, activation)
     };
     // A null epsilon field that switches the norms (`plan.null_norm`).

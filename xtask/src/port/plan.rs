@@ -154,6 +154,9 @@ pub struct MoePlan {
     /// The full-attention layers of a kind of `mlp_layer_types` rotate too (Cohere2-MoE's
     /// dense layers), where the layer RoPE probe says so.
     pub list_rope: Option<super::probed::ListRope>,
+    /// The field that sets the dense layers' MLP width, null meaning `intermediate_size`
+    /// (Cohere2-MoE's `prefix_dense_intermediate_size`).
+    pub dense_width_field: Option<String>,
 }
 
 /// The config fields [`mlx_models::family::MoeConfig`] reads (aliases included).
@@ -3662,6 +3665,7 @@ fn moe_plan(
         layer_types_dense_prefix,
         shared_join: None,
         list_rope: None,
+        dense_width_field: None,
     })
 }
 
@@ -3764,6 +3768,19 @@ fn moe_probed_decisions(
             ));
         }
         m.list_rope = Some(rope);
+    }
+    if m.layer_types_dense_prefix.is_some() {
+        m.dense_width_field = super::probed::kind_width_field(facts.value, "dense", gaps);
+        if let Some(field) = &m.dense_width_field {
+            decisions.push(format!(
+                "`{field}` sets the dense layers' MLP width, null meaning `intermediate_size` (the kind width probe)"
+            ));
+            read.push((
+                field.clone(),
+                FieldType::I32,
+                "the dense layers' MLP width (null: intermediate_size)",
+            ));
+        }
     }
     read
 }

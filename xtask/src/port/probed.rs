@@ -277,6 +277,64 @@ pub fn derived_list_keys(
     refused
 }
 
+/// The field that sets the width of the dense layers' MLP alone (the facts'
+/// `kind_width_probes`: Cohere2-MoE's `prefix_dense_intermediate_size`, whose null is
+/// `intermediate_size`): one whose probe widened exactly the `gate_proj`/`up_proj`/
+/// `down_proj` of the layers of `kind` (`dense`). A field that widens other parameters of
+/// those layers is a gap.
+pub fn kind_width_field(facts: &Value, kind: &str, gaps: &mut Vec<String>) -> Option<String> {
+    let probe = facts.get("kind_width_probes").filter(|p| !p.is_null())?;
+    let kinds: Vec<&str> = probe
+        .get("kinds")
+        .and_then(Value::as_array)?
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    let mut found = None;
+    for entry in probe
+        .get("fields")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let field = entry.get("field").and_then(Value::as_str).unwrap_or("?");
+        let widened: Vec<&str> = entry
+            .get("widened")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        let mut projections: Vec<&str> = widened
+            .iter()
+            .filter_map(|n| in_layer_of_kind(n, &kinds, kind))
+            .collect();
+        projections.sort_unstable();
+        if projections.len() == widened.len()
+            && projections
+                == [
+                    "mlp.down_proj.weight",
+                    "mlp.gate_proj.weight",
+                    "mlp.up_proj.weight",
+                ]
+        {
+            found = Some(field.to_owned());
+        } else if !projections.is_empty() {
+            gaps.push(format!(
+                "`{field}` widens {widened:?} of the `{kind}` layers: not their MLP alone"
+            ));
+        }
+    }
+    found
+}
+
+/// The rest of `name` (`mlp.up_proj.weight`) where it is a parameter of a layer whose
+/// kind in `kinds` is `kind`.
+fn in_layer_of_kind<'a>(name: &'a str, kinds: &[&str], kind: &str) -> Option<&'a str> {
+    let (layer, rest) = name.strip_prefix("model.layers.")?.split_once('.')?;
+    (*kinds.get(layer.parse::<usize>().ok()?)? == kind).then_some(rest)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -344,6 +402,30 @@ mod tests {
         facts["shared_expert_probes"][2]["shared"] = json!(0.73);
         assert_eq!(shared_join(&facts, &mut gaps), None);
         assert_eq!(gaps.len(), 1, "{gaps:?}");
+    }
+
+    #[test]
+    fn the_dense_layers_width_is_their_own_field() {
+        let mut facts = cohere2_moe();
+        let widened = |layer: usize| {
+            ["down_proj", "gate_proj", "up_proj"]
+                .map(|p| format!("model.layers.{layer}.mlp.{p}.weight"))
+                .to_vec()
+        };
+        facts["kind_width_probes"] = json!({
+            "list_field": "mlp_layer_types",
+            "kinds": ["sparse", "dense"],
+            "fields": [{"field": "prefix_dense_intermediate_size", "widened": widened(1)}]
+        });
+        let mut gaps = Vec::new();
+        assert_eq!(
+            kind_width_field(&facts, "dense", &mut gaps).as_deref(),
+            Some("prefix_dense_intermediate_size")
+        );
+        assert!(gaps.is_empty());
+        // Widening the sparse layer's projections is no width of the dense ones.
+        facts["kind_width_probes"]["fields"][0]["widened"] = json!(widened(0));
+        assert_eq!(kind_width_field(&facts, "dense", &mut gaps), None);
     }
 
     #[test]
