@@ -360,6 +360,43 @@ impl ConfigFile {
         }
     }
 
+    /// Fails naming `key` when config.json gives it a value other than `default` (absent
+    /// or null is the default) while one of `lists` is absent or null: Transformers derives
+    /// those per-layer lists from it (Cohere2-MoE's `first_k_dense_replace` makes the first
+    /// layers dense, with layer types of their own), which the module does not. With every
+    /// list given, Transformers ignores the key, as the module does.
+    ///
+    /// ```
+    /// # use mlx_models::config::ConfigFile;
+    /// let lists = ["layer_types", "mlp_layer_types"];
+    /// let hub = |value| ConfigFile { path: "config.json".into(), value };
+    /// let k = serde_json::json!({"first_k_dense_replace": 2});
+    /// assert!(hub(k).ensure_lists_given("first_k_dense_replace", 0, &lists).is_err());
+    /// let given = serde_json::json!({"first_k_dense_replace": 2, "layer_types": [], "mlp_layer_types": []});
+    /// assert!(hub(given).ensure_lists_given("first_k_dense_replace", 0, &lists).is_ok());
+    /// let zero = serde_json::json!({"first_k_dense_replace": 0});
+    /// assert!(hub(zero).ensure_lists_given("first_k_dense_replace", 0, &lists).is_ok());
+    /// ```
+    pub fn ensure_lists_given(&self, key: &str, default: i64, lists: &[&str]) -> Result<()> {
+        let given = |name: &str| self.value.get(name).is_some_and(|v| !v.is_null());
+        let value = self.value.get(key).filter(|v| !v.is_null());
+        let is_default = value.is_none_or(|v| v.as_i64() == Some(default));
+        let missing: Vec<&str> = lists.iter().copied().filter(|l| !given(l)).collect();
+        if is_default || missing.is_empty() {
+            return Ok(());
+        }
+        Err(Error::config(
+            &self.path,
+            key,
+            format!(
+                "{} sets {} where they are absent, which this module does not derive: give them \
+                 (or {key} {default})",
+                value.map(Value::to_string).unwrap_or_default(),
+                missing.join(", ")
+            ),
+        ))
+    }
+
     /// Fails naming `field.key` when config.json gives that entry of the nested object
     /// `field` (MPT's `attn_config.clip_qkv`) a value other than `default` (JSON): a value
     /// the module does not compute. An absent entry is the default.

@@ -8,7 +8,7 @@ use crate::mla::{MlaCache, MlaSettings};
 use crate::model::LanguageModel;
 use crate::moe::{
     split_fused_experts, split_fused_shared_expert, stack_experts, ExpertActivation, ExpertGroups,
-    GroupScore, MoeSettings, RouterSettings, Scoring, SharedExpertSettings,
+    GroupScore, MoeSettings, RouterSettings, Scoring, SharedExpertSettings, SharedJoin,
 };
 use crate::rope::{Rope, RopeConfig, RopeFields};
 use crate::ssm::{Mamba2Gate, Mamba2Settings};
@@ -572,6 +572,7 @@ impl MoeConfig {
                     intermediate_size,
                     gated,
                     bias: false,
+                    join: SharedJoin::Sum,
                 }
             }),
         }

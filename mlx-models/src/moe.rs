@@ -135,6 +135,18 @@ pub struct SharedExpertSettings {
     pub gated: bool,
     /// Biases on its projections (ERNIE 4.5's `use_bias`).
     pub bias: bool,
+    /// How its output joins the routed experts'.
+    pub join: SharedJoin,
+}
+
+/// How a block joins its shared expert's output to the routed experts'.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SharedJoin {
+    /// `routed + shared`.
+    #[default]
+    Sum,
+    /// `(routed + shared) / 2` (Cohere2-MoE's `average`).
+    Average,
 }
 
 /// A sparse mixture-of-experts block.
@@ -161,6 +173,30 @@ impl MoeSettings {
     pub fn with_shared_expert_bias(mut self, bias: bool) -> MoeSettings {
         if let Some(shared) = &mut self.shared_expert {
             shared.bias = bias;
+        }
+        self
+    }
+
+    /// These settings with the shared expert, if there is one, joined to the routed
+    /// experts by `join`.
+    ///
+    /// ```
+    /// # use mlx_models::family::MoeConfig;
+    /// # use mlx_models::mlp::Activation;
+    /// use mlx_models::moe::{ExpertActivation, SharedJoin};
+    /// let moe: MoeConfig = serde_json::from_str(
+    ///     r#"{"num_experts": 4, "num_experts_per_tok": 2, "num_shared_experts": 1}"#,
+    /// )?;
+    /// let glu = ExpertActivation::Glu(Activation::Silu);
+    /// let settings = moe
+    ///     .settings(moe.router(), 32, glu, false)
+    ///     .with_shared_expert_join(SharedJoin::Average);
+    /// assert_eq!(settings.shared_expert.map(|s| s.join), Some(SharedJoin::Average));
+    /// # Ok::<(), serde_json::Error>(())
+    /// ```
+    pub fn with_shared_expert_join(mut self, join: SharedJoin) -> MoeSettings {
+        if let Some(shared) = &mut self.shared_expert {
+            shared.join = join;
         }
         self
     }
@@ -724,7 +760,11 @@ impl SparseMoe {
                 if let Some(gate) = &self.shared_expert_gate {
                     shared_out = ops::sigmoid(&gate.forward(&flat)?)?.multiply(&shared_out)?;
                 }
-                routed.add(&shared_out)?
+                let sum = routed.add(&shared_out)?;
+                match self.settings.shared_expert.as_ref().map(|s| s.join) {
+                    Some(SharedJoin::Average) => sum.multiply(&scalar_like(0.5, &sum)?)?,
+                    _ => sum,
+                }
             }
             None => routed,
         };
@@ -1276,6 +1316,59 @@ mod tests {
                     "{logits:?}: {w:?} vs {expected:?}"
                 );
             }
+        }
+    }
+
+    /// A block of 4 experts (2 per token) and a shared expert, with `join`, on random
+    /// weights of seed 3, applied to 5 random tokens.
+    fn shared_block_output(join: Option<SharedJoin>) -> Vec<f32> {
+        let (h, width, experts) = (8, 6, 4);
+        let mut tensors = std::collections::HashMap::new();
+        let mut put = |name: &str, shape: &[i32], seed: u64| {
+            tensors.insert(name.to_owned(), array(seed, shape).1);
+        };
+        put("gate.weight", &[experts, h], 1);
+        put("switch_mlp.gate_proj.weight", &[experts, width, h], 2);
+        put("switch_mlp.up_proj.weight", &[experts, width, h], 3);
+        put("switch_mlp.down_proj.weight", &[experts, h, width], 4);
+        if join.is_some() {
+            put("shared_expert.gate_proj.weight", &[width, h], 5);
+            put("shared_expert.up_proj.weight", &[width, h], 6);
+            put("shared_expert.down_proj.weight", &[h, width], 7);
+        }
+        let weights = Weights::new(tensors, "ckpt");
+        let settings = MoeSettings {
+            router: RouterSettings::new(experts, 2),
+            intermediate_size: width,
+            activation: ExpertActivation::Glu(Activation::Silu),
+            expert_bias: false,
+            zero_experts: 0,
+            latent_size: None,
+            shared_expert: join.map(|join| SharedExpertSettings {
+                intermediate_size: width,
+                gated: false,
+                bias: false,
+                join,
+            }),
+        };
+        let block = SparseMoe::load(&weights.root(), h, &settings).unwrap();
+        let (_, x) = array(8, &[1, 5, h]);
+        let out = block.forward(&x, &mut Tap::off()).unwrap();
+        out.as_slice::<f32>().to_vec()
+    }
+
+    #[test]
+    fn a_shared_expert_joins_by_sum_or_average() {
+        let routed = shared_block_output(None);
+        let sum = shared_block_output(Some(SharedJoin::Sum));
+        let average = shared_block_output(Some(SharedJoin::Average));
+        let shared: Vec<f32> = sum.iter().zip(&routed).map(|(s, r)| s - r).collect();
+        assert!(
+            shared.iter().any(|v| v.abs() > 1e-2),
+            "the shared expert adds something"
+        );
+        for ((a, r), s) in average.iter().zip(&routed).zip(&shared) {
+            assert!((a - (r + s) / 2.0).abs() < 1e-6, "{a} vs ({r} + {s}) / 2");
         }
     }
 

@@ -44,6 +44,7 @@ pub const BOUNDS: &[(&str, f32, f32)] = &[
     ("codegen", 0.017, 0.28),           // measured 0.0136, 0.219
     ("cohere", 0.023, 0.38),            // measured 0.0184, 0.301
     ("cohere2", 0.028, 0.44),           // measured 0.0219, 0.349
+    ("cohere2_moe", 0.027, 0.47),       // measured 0.0209, 0.368
     ("ctrl", 0.017, 0.28),              // measured 0.0133, 0.216
     ("cwm", 0.035, 0.65),               // measured 0.0275, 0.518
     ("deepseek_v2", 0.059, 0.95),       // measured 0.0469, 0.755

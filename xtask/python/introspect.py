@@ -152,6 +152,9 @@ MOE_SMALL_SIZES = {
     "num_experts_per_tok": 2,
     "moe_topk": 2,
     "n_shared_experts": 1,
+    # Cohere2-MoE's shared experts (0 by default): one, so that the fixtures check how the
+    # block joins it to the routed experts.
+    "num_shared_experts": 1,
     "moe_intermediate_size": 8,
     # LFM2-MoE's leading dense layers (2 by default): one, so that layer 1 has experts.
     "num_dense_layers": 1,
@@ -1144,10 +1147,11 @@ def describe_rope(rope: dict | None) -> str:
     return described
 
 
-def mixed_layer_overrides(fields: dict, layer_types: list) -> dict:
+def mixed_layer_overrides(fields: dict, layer_types: list, small: dict | None = None) -> dict:
     overrides = {"num_hidden_layers": len(layer_types), "layer_types": layer_types}
     if "intermediate_size" in fields:
-        overrides["intermediate_size"] = MIXED_INTERMEDIATE_SIZE
+        # Never wider than the tiny config's (a mixture of experts' is narrower already).
+        overrides["intermediate_size"] = min(MIXED_INTERMEDIATE_SIZE, (small or {}).get("intermediate_size") or MIXED_INTERMEDIATE_SIZE)
     return overrides
 
 
@@ -1174,8 +1178,13 @@ def rotary_share_style(model_type: str, small: dict, params: dict) -> str | None
     return None
 
 
-def propose_variants(model_type: str, fields: dict, small: dict, resolved, rotary: dict) -> list:
-    """The fixture variants, from which config fields exist (seeds assigned later)."""
+def propose_variants(
+    model_type: str, fields: dict, small: dict, resolved, rotary: dict, behaviour: dict | None = None
+) -> list:
+    """The fixture variants, from which config fields exist (seeds assigned later);
+    `behaviour` holds the probes that call for options of their own (`null_norm_probes`,
+    `shared_expert_probes`, `layer_rope_probes`)."""
+    behaviour = behaviour or {}
     variants = []
     tied_default = bool(small.get("tie_word_embeddings", False))
     rope = getattr(resolved, "rope_parameters", None) or {}
@@ -1237,8 +1246,19 @@ def propose_variants(model_type: str, fields: dict, small: dict, resolved, rotar
         summary = f"Sliding-window attention with a window of {SLIDING_WINDOW} tokens (the prompt has 16)"
         if "layer_types" in fields:
             layer_types = ["sliding_attention", "full_attention", "sliding_attention"][:MIXED_LAYERS]
-            overrides.update(mixed_layer_overrides(fields, layer_types))
-            summary += f", layer_types {text(layer_types)} (intermediate_size {MIXED_INTERMEDIATE_SIZE} to stay small)"
+            overrides.update(mixed_layer_overrides(fields, layer_types, small))
+            summary += f", layer_types {text(layer_types)} (intermediate_size {overrides.get('intermediate_size')} to stay small)"
+            kinds = rotating_layer_kind(behaviour.get("layer_rope_probes"), layer_types)
+            if kinds is not None:
+                overrides.update(kinds)
+                (field, values), = kinds.items()
+                summary += f", {field} {text(values)} (the full-attention layer of the kind RoPE reaches too)"
+                # The fields that set only those layers' widths, at a width of their own.
+                widths = [p["field"] for p in (behaviour.get("kind_width_probes") or {}).get("fields", [])]
+                for width in widths:
+                    overrides[width] = OPTIONAL_WIDTH
+                if widths:
+                    summary += f", {', '.join(widths)} {OPTIONAL_WIDTH}"
         else:
             summary += ", in every layer"
         add("sliding", summary + ".", overrides)
@@ -1341,6 +1361,21 @@ def propose_variants(model_type: str, fields: dict, small: dict, resolved, rotar
     add("hub", "As default, with the config.json the family's checkpoints on the Hub carry (see to_hub_style in "
         f"export_fixtures.py){summary}.", hub, "hub")
 
+    for probe in behaviour.get("null_norm_probes") or []:
+        field, null = probe["field"], probe["null"]
+        add("null-norm", f"As default, with {field} null ({null['kind']} norms of {null['eps_field']}, as the class "
+            "builds them then).", {field: None})
+    shared = behaviour.get("shared_expert_probes") or []
+    default_join = next((p for p in shared if not p["config"]), None)
+    for probe in shared:
+        if default_join is not None and probe["config"] and (probe["routed"], probe["shared"]) != (
+            default_join["routed"], default_join["shared"]
+        ):
+            (field, value), = probe["config"].items()
+            add("shared-join", f"As default, with {field} {text(value)} (the shared expert joined as "
+                f"{probe['routed']} routed + {probe['shared']} shared).", {field: value})
+            break
+
     softcaps = [name for name in SOFTCAP_VALUES if name in fields]
     if softcaps:
         values = {name: SOFTCAP_VALUES[name] for name in softcaps}
@@ -1402,7 +1437,22 @@ def propose_variants(model_type: str, fields: dict, small: dict, resolved, rotar
 # Variants whose options change independent parts of the model (the output layer's tie, the
 # projections' biases, scalar multipliers, softcaps): one fixture tests them together, so a
 # family stays small; a wrong reading of any of them still fails it.
-COMBINABLE = ("untied", "tied", "no-bias", "bias", "multipliers", "softcap")
+COMBINABLE = ("untied", "tied", "no-bias", "bias", "multipliers", "softcap", "null-norm", "shared-join")
+
+
+def rotating_layer_kind(probe: dict | None, layer_types: list) -> dict | None:
+    """`{list_field: kinds}` for the mixed layers `layer_types` where the layer RoPE probe
+    found a kind of that list that rotates a full-attention layer (Cohere2-MoE's dense
+    layers): the first full-attention layer gets it, the others the other kind."""
+    if not probe:
+        return None
+    field = probe["list_field"]
+    rotating = [k for a, k, r in zip(probe["layer_types"], probe[field], probe["rotates"]) if a == "full_attention" and r]
+    others = [k for k in probe[field] if k not in rotating]
+    if not rotating or not others or "full_attention" not in layer_types:
+        return None
+    first = layer_types.index("full_attention")
+    return {field: [rotating[0] if i == first else others[0] for i in range(len(layer_types))]}
 
 
 def scaling_reaches_every_layer_type(config_class) -> bool:
@@ -1537,6 +1587,13 @@ def introspect(model_type: str, config_override: dict | None, replace: bool, che
     model = tiny_model(architecture, resolved)
     rotary = rotary_facts(model, model_type, small)
     rotary_probe = probes.rotary_probe(tiny_model(architecture, resolved), resolved.vocab_size)
+    probed = (architecture, small, build_config, tiny_model, model_type, fields)
+    behaviour = {
+        "null_norm_probes": probes.null_norm_probes(*probed),
+        "shared_expert_probes": probes.shared_expert_probes(*probed),
+        "layer_rope_probes": probes.layer_rope_probes(*probed),
+        "kind_width_probes": probes.kind_width_probes(*probed),
+    }
 
     spec = {
         "model_type": model_type,
@@ -1549,7 +1606,7 @@ def introspect(model_type: str, config_override: dict | None, replace: bool, che
             "config_style 'hub' rewrites config.json to what the family's Hub checkpoints carry."
         ),
         "base_config": small,
-        "variants": propose_variants(model_type, fields, small, resolved, rotary),
+        "variants": propose_variants(model_type, fields, small, resolved, rotary, behaviour),
     }
     if "initializer_range" not in fields:
         # OPT and XGLM name theirs init_std: the exporter's noise needs a width all the same.
@@ -1615,7 +1672,9 @@ def introspect(model_type: str, config_override: dict | None, replace: bool, che
             architecture, small, build_config, tiny_model, model_type, structure(model)["layers"]
         ),
         "rope_legacy_names": probes.rope_legacy_names(config_class, fields),
+        "layer_list_kwargs": probes.layer_list_kwargs(config_class, fields),
         "bare_biases": probes.bare_biases(tiny_model(architecture, resolved), resolved.vocab_size),
+        **behaviour,
         "variants": spec["variants"],
     }
     if window_divisor != 1:

@@ -1403,3 +1403,362 @@ def step_clamps(architecture, small, build_config, tiny_model, model_type, field
         return None
     gap = float((step - full).abs().max())
     return {"limit": list(CLAMP_PROBE_LIMIT), "step_vs_full_max_abs": gap, "clamps": gap < 1e-4}
+
+
+# --------------------------------------------------------------------------- null norm fields
+
+
+def _norm_kind(norm, torch):
+    """What a norm module computes, measured on random input with its weight (and bias) as
+    they are: `rms` (x / rms(x) · w + b) or `layer` (mean subtracted), the epsilon it
+    reads (its `eps` or `variance_epsilon` attribute), whether it has a bias. None when
+    neither formula reproduces it."""
+    weight = getattr(norm, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        return None
+    bias = getattr(norm, "bias", None)
+    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+    if not isinstance(eps, float):
+        return None
+    x = torch.randn(2, 3, weight.shape[-1], generator=torch.Generator().manual_seed(5), dtype=torch.float32)
+    with torch.no_grad():
+        out = norm(x).float()
+        w = weight.float()
+        b = bias.float() if isinstance(bias, torch.Tensor) else 0.0
+        rms = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w + b
+        centred = x - x.mean(-1, keepdim=True)
+        layer = centred * torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + eps) * w + b
+    for kind, expected in (("rms", rms), ("layer", layer)):
+        if float((out - expected).abs().max()) < 1e-4:
+            return {"kind": kind, "eps": eps, "bias": isinstance(bias, torch.Tensor)}
+    return None
+
+
+# Distinct epsilons for the norm fields of a null probe, so that the field a norm reads is
+# told apart by its value.
+NULL_PROBE_EPS = (2e-5, 3e-5, 4e-5, 6e-5)
+
+
+def null_norm_probes(architecture, small, build_config, tiny_model, model_type, fields):
+    """What a nullable float field of the tiny config does when null, where it changes the
+    norms: `[{field, set, null}]`, each side the final norm as `_norm_kind` measures it (a
+    null `rms_norm_eps` makes Cohere2-MoE's norms LayerNorms), with the field that sets
+    the epsilon then (`eps_field`: every float field ending in `eps` or `epsilon` given a
+    value of its own, the one the norm reads). [] where no such field changes the norms."""
+    import torch
+
+    from fixture_common import decoder_stack
+
+    eps_fields = sorted(
+        n for n, f in fields.items() if f.get("kind") == "float" and n.endswith(("eps", "epsilon")) and n in small
+    )
+    distinct = {n: NULL_PROBE_EPS[i % len(NULL_PROBE_EPS)] for i, n in enumerate(eps_fields)}
+    found = []
+    for name, field in sorted(fields.items()):
+        if field.get("kind") != "float" or not field.get("nullable") or small.get(name) is None:
+            continue
+        sides = {}
+        for side, value in (("set", distinct.get(name, small[name])), ("null", None)):
+            config = {**small, **distinct, name: value}
+            try:
+                torch.manual_seed(3)
+                model = tiny_model(architecture, build_config(model_type, config))
+            except Exception:  # noqa: BLE001 - the class refuses a null
+                break
+            norm = decoder_stack(model)["norm"]
+            kind = _norm_kind(norm, torch) if norm is not None else None
+            if kind is None:
+                break
+            kind["eps_field"] = next((n for n, v in distinct.items() if v == kind["eps"] and config[n] == v), None)
+            sides[side] = kind
+        if len(sides) == 2 and sides["set"] != sides["null"]:
+            found.append({"field": name, **sides})
+    return found
+
+
+# --------------------------------------------------------------------------- shared experts
+
+
+def shared_expert_probes(architecture, small, build_config, tiny_model, model_type, fields):
+    """How the first sparse layer's block joins its shared expert to the routed experts:
+    for the tiny config and each value a string field is compared with in the modeling
+    code, the block's output fitted as `a · routed + b · shared` (least squares over 12
+    tokens; `residual` the largest error of the fit). `[{config, routed, shared, residual}]`;
+    [] where the block has no ungated shared expert beside stacked experts."""
+    import inspect
+    import re
+
+    import torch
+
+    try:
+        model = tiny_model(architecture, build_config(model_type, small))
+    except Exception:  # noqa: BLE001
+        return []
+    module = inspect.getmodule(model)
+    source = inspect.getsource(module) if module is not None else ""
+    compared = {}
+    for field, value in re.findall(ROUTING_COMPARISON, source):
+        if fields.get(field, {}).get("kind") == "str" and value not in compared.get(field, []):
+            compared.setdefault(field, []).append(value)
+    options = [{}] + [{f: v} for f, values in sorted(compared.items()) for v in values]
+    found = []
+    for overrides in options:
+        try:
+            torch.manual_seed(9)
+            model = tiny_model(architecture, build_config(model_type, {**small, **overrides}))
+        except Exception:  # noqa: BLE001 - the class refuses the value
+            continue
+        fit = _fit_shared_combination(model, torch)
+        if fit is None:
+            return []
+        found.append({"config": overrides, **fit})
+    return found
+
+
+def _fit_shared_combination(model, torch):
+    named = dict(model.named_modules())
+    for name, experts in named.items():
+        if not name.endswith(".experts") or not hasattr(experts, "gate_up_proj"):
+            continue
+        block_name = name.rsplit(".", 1)[0]
+        block = named[block_name]
+        children = dict(block.named_children())
+        shared = [
+            m for n, m in children.items()
+            if n.startswith("shared_expert") and not n.endswith("gate") and any(True for _ in m.parameters())
+        ]
+        if len(shared) != 1 or any(n.endswith("_gate") for n in children):
+            return None
+        seen = {}
+
+        def keep(key):
+            def hook(_module, _args, output):
+                out = output[0] if isinstance(output, tuple) else output
+                seen.setdefault(key, out.detach().reshape(-1, out.shape[-1]).double())
+
+            return hook
+
+        hooks = [
+            experts.register_forward_hook(keep("routed")),
+            shared[0].register_forward_hook(keep("shared")),
+            block.register_forward_hook(keep("out")),
+        ]
+        ids = torch.arange(1, 13).unsqueeze(0) % model.config.vocab_size
+        try:
+            with torch.no_grad():
+                model(input_ids=ids)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        if len(seen) != 3:
+            return None
+        basis = torch.stack([seen["routed"].reshape(-1), seen["shared"].reshape(-1)], dim=1)
+        target = seen["out"].reshape(-1, 1)
+        coefficients = torch.linalg.lstsq(basis, target).solution.reshape(-1)
+        residual = float((basis @ coefficients.reshape(-1, 1) - target).abs().max())
+        return {
+            "routed": round(float(coefficients[0]), 6),
+            "shared": round(float(coefficients[1]), 6),
+            "residual": residual,
+        }
+    return None
+
+
+# --------------------------------------------------------------------------- RoPE per layer
+
+# `config.mlp_layer_types[layer_idx] == "dense"`: a per-layer list the modeling code
+# compares with a kind.
+LAYER_KIND_COMPARISON = r"""(?:self|config)\.(\w+)\[\w+\]\s*==\s*["'](\w+)["']"""
+
+
+def _layer_queries(model, vocab_size):
+    """The queries each attention layer multiplies with its keys (one token repeated
+    ROTARY_PROMPT times), in layer order, as `_attention_queries` reads layer 0's."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    t = ROTARY_PROMPT
+    found = []
+
+    class Queries(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            name = func.__name__ if hasattr(func, "__name__") else str(func)
+            tensors = [a for a in args if torch.is_tensor(a)]
+            if name.startswith(("bmm", "baddbmm")) and len(tensors) >= 2:
+                a, b = tensors[-2], tensors[-1]
+                # q · kᵀ: [.., T, D] by [.., D, T] (not the weights times the values, [.., T, T]).
+                if a.dim() == 3 and a.shape[-2] == t and b.shape[-1] == t and a.shape[-1] == b.shape[-2] != t:
+                    found.append(a.detach().clone())
+            return func(*args, **kwargs)
+
+    model.set_attn_implementation("eager")
+    ids = torch.full((1, t), 7 % vocab_size)
+    with torch.no_grad(), Queries():
+        model(input_ids=ids)
+    return found
+
+
+def layer_rope_probes(architecture, small, build_config, tiny_model, model_type, fields):
+    """Which layers rotate their queries, where a per-layer list besides `layer_types` (one
+    the modeling code compares with a kind: Cohere2-MoE's `mlp_layer_types[i] == "dense"`)
+    tells layers apart: a model with a layer of each combination of attention kind and that
+    list's kinds, one token repeated (every position's query is the same before RoPE), a
+    layer rotating where its queries differ by position. Then each int field of the class
+    (not a size) set one above its value, where that changes which layers rotate (Cohere2-
+    MoE's dense layers rotate only while `prefix_dense_sliding_window_pattern` is 1).
+    `{layer_types, <list>: [...], rotates, fields: [{field, value, rotates}]}`, or None."""
+    import inspect
+    import re
+
+    import torch
+
+    layer_types = small.get("layer_types")
+    if "layer_types" not in fields or not layer_types:
+        return None
+    try:
+        model = tiny_model(architecture, build_config(model_type, small))
+    except Exception:  # noqa: BLE001
+        return None
+    module = inspect.getmodule(model)
+    source = inspect.getsource(module) if module is not None else ""
+    derived = derived_layer_lists(type(model.config), fields)
+    lists = {}
+    for field, kind in re.findall(LAYER_KIND_COMPARISON, source):
+        if field in derived and field != "layer_types":
+            kinds = list(dict.fromkeys(derived[field] + [kind]))
+            lists[field] = kinds
+    if len(lists) != 1:
+        return None
+    (list_field, kinds), = lists.items()
+    attention = list(dict.fromkeys(layer_types))
+    combos = list(itertools.product(attention, kinds))
+    config = {
+        **small,
+        "num_hidden_layers": len(combos),
+        "layer_types": [a for a, _ in combos],
+        list_field: [k for _, k in combos],
+    }
+
+    def rotates(overrides):
+        torch.manual_seed(13)
+        built = tiny_model(architecture, build_config(model_type, {**config, **overrides}))
+        queries = _layer_queries(built, built.config.vocab_size)
+        if len(queries) != len(combos):
+            return None
+        return [bool((q - q[:, :1]).abs().max() > 1e-5 * max(float(q.abs().max()), 1e-30)) for q in queries]
+
+    try:
+        base = rotates({})
+    except Exception:  # noqa: BLE001
+        return None
+    if base is None:
+        return None
+    changed = []
+    for name, field in sorted(fields.items()):
+        value = config.get(name, field.get("default"))
+        if (
+            field.get("kind") != "int"
+            or type(value) is not int
+            or name.endswith("token_id")
+            or name in COMMON_SIZES
+            or name in config
+        ):
+            continue
+        try:
+            other = rotates({name: value + 1})
+        except Exception:  # noqa: BLE001 - the class or the model refuses the value
+            continue
+        if other is not None and other != base:
+            changed.append({"field": name, "value": value + 1, "rotates": other})
+    return {"layer_types": config["layer_types"], list_field: config[list_field], "list_field": list_field,
+            "rotates": base, "fields": changed}
+
+
+# --------------------------------------------------------------------------- Hub keys for per-layer lists
+
+
+def layer_list_kwargs(config_class, fields):
+    """Keys the config class reads from its keyword arguments without declaring them whose
+    value changes the per-layer lists it derives where a config leaves them out
+    (`layer_types`, and each list `derived_layer_lists` finds): Cohere2-MoE pops
+    `first_k_dense_replace`, which makes the first layers dense and gives them layer types
+    of their own. `{name: {"default": value, "lists": [...]}}` for an int default (read
+    from the source, `kwargs.pop("first_k_dense_replace", 0)`), probed at default + 2."""
+    import ast
+    import inspect
+    import re
+
+    try:
+        source = inspect.getsource(config_class)
+    except (OSError, TypeError):
+        return {}
+    lists = ["layer_types"] + sorted(derived_layer_lists(config_class, fields))
+    found = {}
+    for name, default in sorted(set(re.findall(r"kwargs\.(?:get|pop)\(\s*[\"'](\w+)[\"']\s*,\s*([^,()]+)\)", source))):
+        if name in fields:
+            continue
+        try:
+            default = ast.literal_eval(default.strip())
+        except (ValueError, SyntaxError):
+            continue
+        if type(default) is not int:
+            continue
+        changed = []
+        for field in lists:
+            try:
+                plain = _derived(config_class, {"num_hidden_layers": PROBE_LAYERS}, field)
+                other = _derived(config_class, {"num_hidden_layers": PROBE_LAYERS, name: default + 2}, field)
+            except Exception:  # noqa: BLE001 - the class refuses the value
+                continue
+            if plain != other:
+                changed.append(field)
+        if changed:
+            found[name] = {"default": default, "lists": changed}
+    return found
+
+
+def kind_width_probes(architecture, small, build_config, tiny_model, model_type, fields):
+    """The int fields that set the width of the layers of one kind of a per-layer list the
+    modeling code compares (Cohere2-MoE's `prefix_dense_intermediate_size`: the MLP of its
+    `mlp_layer_types` "dense" layers, null meaning `intermediate_size`): a model with a
+    layer of each kind, each such field set to WIDTH_PROBE, and the parameters that then
+    have that width. `{list_field, kinds, fields: [{field, widened}]}` or None."""
+    import inspect
+    import re
+
+    try:
+        model = tiny_model(architecture, build_config(model_type, small))
+    except Exception:  # noqa: BLE001
+        return None
+    module = inspect.getmodule(model)
+    source = inspect.getsource(module) if module is not None else ""
+    derived = derived_layer_lists(type(model.config), fields)
+    lists = {}
+    for field, kind in re.findall(LAYER_KIND_COMPARISON, source):
+        if field in derived and field != "layer_types":
+            lists[field] = list(dict.fromkeys(derived[field] + [kind]))
+    if len(lists) != 1:
+        return None
+    (list_field, kinds), = lists.items()
+    config = {**small, "num_hidden_layers": len(kinds), list_field: kinds}
+    if small.get("layer_types"):
+        config["layer_types"] = [small["layer_types"][i % len(small["layer_types"])] for i in range(len(kinds))]
+    try:
+        base = {k: tuple(v.shape) for k, v in tiny_model(architecture, build_config(model_type, config)).state_dict().items()}
+    except Exception:  # noqa: BLE001
+        return None
+    found = []
+    for name, field in sorted(fields.items()):
+        if field.get("kind") != "int" or name in COMMON_SIZES or name in config or name.endswith("token_id"):
+            continue
+        try:
+            state = tiny_model(architecture, build_config(model_type, {**config, name: WIDTH_PROBE})).state_dict()
+        except Exception:  # noqa: BLE001 - the class refuses the value
+            continue
+        widened = sorted(
+            k for k, v in state.items() if WIDTH_PROBE in tuple(v.shape) and WIDTH_PROBE not in base.get(k, ())
+        )
+        if widened:
+            found.append({"field": name, "widened": widened})
+    return {"list_field": list_field, "kinds": kinds, "fields": found}

@@ -16,7 +16,7 @@ use crate::error::Result;
 use crate::family::{
     sanitize_moe, DecoderConfig, DecoderFamily, LayerRule, Mamba2Config, MoeConfig,
 };
-use crate::moe::{ExpertActivation, RouterSettings, SharedExpertSettings};
+use crate::moe::{ExpertActivation, RouterSettings, SharedExpertSettings, SharedJoin};
 use crate::transformer::{
     AttentionSettings, DecoderSettings, LayerType, MixerKind, MlpLayout, MlpSettings,
 };
@@ -101,6 +101,7 @@ impl DecoderFamily for Config {
             intermediate_size: self.shared_intermediate_size,
             gated: false,
             bias: false,
+            join: SharedJoin::Sum,
         });
         Ok(settings.with_moe(moe, |_| true))
     }

@@ -13,7 +13,7 @@ use crate::config::ConfigFile;
 use crate::error::Result;
 use crate::family::{sanitize_moe, DecoderConfig, DecoderFamily, LayerRule, MoeConfig, PerLayer};
 use crate::models::qwen3_moe::QWEN_EXPERTS;
-use crate::moe::{ExpertActivation, RouterSettings, SharedExpertSettings};
+use crate::moe::{ExpertActivation, RouterSettings, SharedExpertSettings, SharedJoin};
 use crate::rope::RopeFields;
 use crate::transformer::{AttentionSettings, DecoderSettings, MlpLayout, QkNorm};
 use crate::weights::Weights;
@@ -110,6 +110,7 @@ impl DecoderFamily for Config {
             intermediate_size: d.intermediate_size,
             gated: false,
             bias: false,
+            join: SharedJoin::Sum,
         });
         Ok(d.settings(attention, mlp, layers).with_moe(moe, |_| true))
     }

@@ -24,7 +24,7 @@ use crate::error::Result;
 use crate::family::{
     sanitize_moe, stacked_experts_name, DecoderConfig, DecoderFamily, LayerRule, MoeConfig,
 };
-use crate::moe::{ExpertActivation, RouterSettings, Scoring, SharedExpertSettings};
+use crate::moe::{ExpertActivation, RouterSettings, Scoring, SharedExpertSettings, SharedJoin};
 use crate::transformer::{
     rope_layers, AttentionSettings, DecoderSettings, LayerType, MlpLayout, QkNorm,
 };
@@ -115,6 +115,7 @@ impl DecoderFamily for Config {
             intermediate_size: moe.intermediate_size,
             gated: false,
             bias: false,
+            join: SharedJoin::Sum,
         });
         let step = self.interleave_moe_layer_step.max(1);
         let moe_layers: Vec<usize> = match &self.moe_layers {

@@ -11,6 +11,7 @@ pub mod bloom;
 pub mod codegen;
 pub mod cohere;
 pub mod cohere2;
+pub mod cohere2_moe;
 pub mod ctrl;
 pub mod cwm;
 pub mod deepseek_v2;
@@ -122,6 +123,7 @@ pub const REGISTRY: &[(&str, Loader)] = &[
     ("codegen", family::load::<codegen::Config>),
     ("cohere", family::load::<cohere::Config>),
     ("cohere2", family::load::<cohere2::Config>),
+    ("cohere2_moe", family::load::<cohere2_moe::Config>),
     ("ctrl", family::load::<ctrl::Config>),
     ("cwm", family::load::<cwm::Config>),
     ("deepseek_v2", family::load::<deepseek_v2::Config>),

@@ -21,7 +21,7 @@ use crate::error::{Error, Result};
 use crate::family::DecoderFamily;
 use crate::model::LanguageModel;
 use crate::moe::{ExpertActivation, ExpertGroups, GroupScore, MoeSettings, RouterSettings};
-use crate::moe::{Scoring, SharedExpertSettings};
+use crate::moe::{Scoring, SharedExpertSettings, SharedJoin};
 use crate::ssm::{Mamba2Gate, Mamba2Settings};
 use crate::transformer::{
     Activation, AttentionSettings, DecoderSettings, FeedForwardKind, LayerSettings, MixerKind,
@@ -265,6 +265,7 @@ impl DecoderFamily for Config {
                 intermediate_size: self.moe_shared_expert_intermediate_size,
                 gated: false,
                 bias: false,
+                join: SharedJoin::Sum,
             }),
             latent_size: self.moe_latent_size,
         };

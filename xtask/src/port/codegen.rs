@@ -4,6 +4,7 @@
 use super::plan::{
     Choice, Field, FieldType, Flag, LayerRule, Plan, RopeRule, Scalar, MLA_FIELDS, MOE_FIELDS,
 };
+use super::probed::{Join, SharedJoin};
 use super::routing::{GroupScore, Groups, Routing, Rule, Scores};
 use mlx_models::transformer::{MlpLayout, NormPlacement, QkNorm};
 use serde_json::Value;
@@ -344,10 +345,13 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
         transformer.push("AttentionSettings");
     }
     let mut model = Vec::new();
-    if norm != "NormKind::Rms" {
+    let null_norm = null_norm_entries(plan, &norm);
+    if let Some((norm, _)) = &null_norm {
+        model.push(norm.clone());
+    } else if norm != "NormKind::Rms" {
         model.push(format!("norm: {norm}"));
     }
-    if norm != "NormKind::Rms" {
+    if norm != "NormKind::Rms" || null_norm.is_some() {
         transformer.push("NormKind");
     }
     if let Some(f) = &plan.lm_head_bias_field {
@@ -412,7 +416,9 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
             )
         });
     }
-    if let Some(eps) = plan.eps_constant {
+    if let Some((_, eps)) = null_norm {
+        model.push(eps);
+    } else if let Some(eps) = plan.eps_constant {
         model.push(format!("norm_eps: {}", float(eps)));
     } else if plan.eps_field != "rms_norm_eps" {
         let eps = match plan.fields.iter().find(|f| f.name == plan.eps_field) {
@@ -483,7 +489,13 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
     } else {
         act
     };
-    if !by_default(&plan.mlp_bias, "mlp_bias") || plan.intermediate_divisor.is_some() {
+    if !by_default(&plan.mlp_bias, "mlp_bias")
+        || plan.intermediate_divisor.is_some()
+        || plan
+            .moe
+            .as_ref()
+            .is_some_and(|m| m.dense_width_field.is_some())
+    {
         transformer.push("MlpSettings");
     }
     family.sort_unstable_by_key(|n| n.to_lowercase());
@@ -670,6 +682,17 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
             super::interpret::refusal(*supported)
         );
     }
+    for (key, default, lists) in &plan.derived_list_keys {
+        let _ = writeln!(
+            w,
+            "// Transformers derives {} from a config's `{key}` where they are absent; this module does not.",
+            lists.iter().map(|l| format!("`{l}`")).collect::<Vec<_>>().join(", ")
+        );
+        let _ = writeln!(
+            w,
+            "config.ensure_lists_given({key:?}, {default}, &{lists:?})?;"
+        );
+    }
     for (field, supported) in &plan.refused_values {
         let value = if optional(plan, field) {
             format!("self.{field}.unwrap_or({supported})")
@@ -720,24 +743,25 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
     } else {
         act
     };
-    if let Some(k) = plan.intermediate_divisor {
-        let bias = if by_default(&plan.mlp_bias, "mlp_bias") {
-            String::new()
-        } else {
-            format!("bias: {}, ", flag(plan, &plan.mlp_bias))
-        };
-        let _ = writeln!(
-            w,
-            "// The MLP is `intermediate_size` / {k} wide.\n\
-             let mlp = MlpSettings {{ intermediate_size: d.intermediate_size / {k}, {bias}..d.mlp({layout}, {act}) }};"
-        );
-    } else if by_default(&plan.mlp_bias, "mlp_bias") {
+    let mut mlp_set = Vec::new();
+    if let Some(f) = plan.moe.as_ref().and_then(|m| m.dense_width_field.as_ref()) {
+        mlp_set.push(format!(
+            "intermediate_size: self.{f}.unwrap_or(d.intermediate_size)"
+        ));
+    } else if let Some(k) = plan.intermediate_divisor {
+        let _ = writeln!(w, "// The MLP is `intermediate_size` / {k} wide.");
+        mlp_set.push(format!("intermediate_size: d.intermediate_size / {k}"));
+    }
+    if !by_default(&plan.mlp_bias, "mlp_bias") {
+        mlp_set.push(format!("bias: {}", flag(plan, &plan.mlp_bias)));
+    }
+    if mlp_set.is_empty() {
         let _ = writeln!(w, "let mlp = d.mlp({layout}, {act});");
     } else {
         let _ = writeln!(
             w,
-            "let mlp = MlpSettings {{ bias: {}, ..d.mlp({layout}, {act}) }};",
-            flag(plan, &plan.mlp_bias)
+            "let mlp = MlpSettings {{ {}, ..d.mlp({layout}, {act}) }};",
+            mlp_set.join(", ")
         );
     }
     let theta = float(plan.default_theta);
@@ -861,7 +885,15 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
             "if let Some(first) = layers.first_mut() {{ first.no_input_norm = true; }}"
         );
     }
-    if choice.rope_sliding_only {
+    let list_rope = plan.moe.as_ref().and_then(|m| {
+        m.list_rope
+            .as_ref()
+            .zip(m.layer_types_dense_prefix)
+            .filter(|_| choice.rope_sliding_only)
+    });
+    if let Some((rope, k)) = list_rope {
+        write_list_rope(w, rope, k);
+    } else if choice.rope_sliding_only {
         let _ = writeln!(w, "// RoPE on the sliding-window layers only.");
         let _ = writeln!(
             w,
@@ -903,12 +935,13 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
                 Flag::Never => String::new(),
                 f => format!(".with_shared_expert_bias({})", flag(plan, f)),
             };
+            let shared_join = write_shared_join(w, plan, moe.shared_join.as_ref());
             let _ = writeln!(
                 w,
-                "let moe = self.moe.settings({router}, d.intermediate_size, ExpertActivation::Glu(act), {}){shared_bias};",
+                "let moe = self.moe.settings({router}, d.intermediate_size, ExpertActivation::Glu(act), {}){shared_bias}{shared_join};",
                 moe.shared_expert.unwrap_or(false)
             );
-            if let Some(k) = moe.layer_types_dense_prefix {
+            if let (Some(k), None) = (moe.layer_types_dense_prefix, list_rope) {
                 let _ = writeln!(
                     w,
                     "let sparse = self.moe.sparse_layers(config, d.num_hidden_layers, {k})?;"
@@ -1224,6 +1257,18 @@ pub fn structure_summary(plan: &Plan, choice: &Choice) -> Vec<String> {
         NormPlacement::Parallel => "Parallel blocks: attention and MLP side by side on one `input_layernorm`, both added to the residual.".to_owned(),
         NormPlacement::ParallelTwoNorms => "Parallel blocks: attention on `input_layernorm(x)` and MLP on `post_attention_layernorm(x)`, both added to the residual.".to_owned(),
     });
+    if let Some(n) = &plan.null_norm {
+        lines.push(format!(
+            "Where `{}` is null, {} of `{}`, as Transformers builds them.",
+            n.field,
+            match n.layer_norm {
+                Some(true) => "LayerNorms with bias",
+                Some(false) => "LayerNorms without bias",
+                None => "RMSNorms",
+            },
+            n.eps_field
+        ));
+    }
     lines.push(match (&plan.layer_norm, choice.norm_plus_one) {
         (Some(_), true) => {
             "LayerNorm scaling by `1 + weight` (weights stored as offsets from one), \
@@ -1324,10 +1369,15 @@ pub fn structure_summary(plan: &Plan, choice: &Choice) -> Vec<String> {
             } else {
                 ""
             },
-            match moe.shared_expert {
-                Some(true) => ", plus a shared expert scaled by `sigmoid(shared_expert_gate(x))`",
-                Some(false) => ", plus a shared expert",
-                None => "",
+            match (moe.shared_expert, &moe.shared_join) {
+                (Some(true), _) =>
+                    ", plus a shared expert scaled by `sigmoid(shared_expert_gate(x))`".to_owned(),
+                (Some(false), Some(SharedJoin::ByField { field, .. })) =>
+                    format!(", plus a shared expert, the two summed or averaged as `{field}` says"),
+                (Some(false), Some(SharedJoin::Fixed(Join::Average))) =>
+                    ", plus a shared expert, the two averaged".to_owned(),
+                (Some(false), _) => ", plus a shared expert".to_owned(),
+                (None, _) => String::new(),
             },
             if moe.dense_layers || moe.layer_types_dense_prefix.is_some() {
                 "; the layers the config keeps dense have the MLP below"
@@ -1457,11 +1507,21 @@ pub fn structure_summary(plan: &Plan, choice: &Choice) -> Vec<String> {
     if plan.sliding_window.is_some() {
         lines.push("Sliding-window attention on the layers `layer_types` (or the family's rule) marks, with a rotating KV cache.".to_owned());
     }
-    if choice.rope_sliding_only {
-        lines.push(
+    let list_rope = plan.moe.as_ref().and_then(|m| m.list_rope.as_ref());
+    match list_rope {
+        Some(r) if choice.rope_sliding_only => lines.push(format!(
+            "RoPE on the sliding-window layers and the `{}` ones{}; the other full-attention layers have none.",
+            r.kind,
+            r.while_field
+                .as_ref()
+                .map(|(f, v)| format!(" (while `{f}` is {v})"))
+                .unwrap_or_default()
+        )),
+        _ if choice.rope_sliding_only => lines.push(
             "RoPE on the sliding-window layers only; the full-attention layers have none."
                 .to_owned(),
-        );
+        ),
+        _ => {}
     }
     for (what, s) in [
         ("Embeddings scaled by", &choice.embedding_scale),
@@ -1499,9 +1559,107 @@ pub fn structure_summary(plan: &Plan, choice: &Choice) -> Vec<String> {
     lines
 }
 
+/// `(norm, norm_eps)` entries of the settings where a null epsilon field switches the
+/// norms (`plan.null_norm`): `set` where the field has a value.
+fn null_norm_entries(plan: &Plan, set: &str) -> Option<(String, String)> {
+    let n = plan.null_norm.as_ref()?;
+    let field = if CORE_FIELDS.contains(&n.field.as_str()) {
+        format!("d.{}", n.field)
+    } else {
+        format!("self.{}", n.field)
+    };
+    let null = match n.layer_norm {
+        Some(bias) => format!("NormKind::Layer {{ bias: {bias} }}"),
+        None => "NormKind::Rms".to_owned(),
+    };
+    Some((
+        format!("norm: if {field}.is_some() {{ {set} }} else {{ {null} }}"),
+        format!("norm_eps: {field}.unwrap_or(self.{})", n.eps_field),
+    ))
+}
+
+/// The loop that takes RoPE from the full-attention layers but those of `rope.kind` (while
+/// its field keeps its value): computes `sparse` (the layers' kinds, `k` dense by default).
+fn write_list_rope(w: &mut String, rope: &super::probed::ListRope, k: usize) {
+    let _ = writeln!(
+        w,
+        "let sparse = self.moe.sparse_layers(config, d.num_hidden_layers, {k})?;"
+    );
+    // Whether a layer is not of the kind that rotates.
+    let other = if rope.kind == "dense" {
+        "sparse"
+    } else {
+        "!sparse"
+    };
+    match &rope.while_field {
+        Some((field, value)) => {
+            let kind = &rope.kind;
+            let _ = writeln!(
+                w,
+                "// RoPE on the sliding-window layers only, and on the {kind} ones while `{field}` is {value}."
+            );
+            let _ = writeln!(w, "let {kind}_rope = self.{field} == {value};");
+            let _ = writeln!(
+                w,
+                "for (layer, &sparse) in layers.iter_mut().zip(&sparse) {{ \
+                 if layer.sliding_window.is_none() && (!{kind}_rope || {other}) {{ layer.rope = None; }} }}"
+            );
+        }
+        None => {
+            let _ = writeln!(
+                w,
+                "// RoPE on the sliding-window layers only, and on the {} ones.",
+                rope.kind
+            );
+            let _ = writeln!(
+                w,
+                "for (layer, &sparse) in layers.iter_mut().zip(&sparse) {{ \
+                 if layer.sliding_window.is_none() && {other} {{ layer.rope = None; }} }}"
+            );
+        }
+    }
+}
+
+/// The `.with_shared_expert_join(…)` call for the shared expert's join, after writing the
+/// `let join = match …` that reads it from its field; empty for a sum.
+fn write_shared_join(w: &mut String, plan: &Plan, join: Option<&SharedJoin>) -> String {
+    match join {
+        None | Some(SharedJoin::Fixed(Join::Sum)) => String::new(),
+        Some(SharedJoin::Fixed(Join::Average)) => {
+            ".with_shared_expert_join(SharedJoin::Average)".to_owned()
+        }
+        Some(SharedJoin::ByField { field, values }) => {
+            let value = if optional(plan, field) {
+                format!("self.{field}.as_deref().unwrap_or_default()")
+            } else {
+                format!("self.{field}.as_str()")
+            };
+            let names: Vec<&str> = values.iter().map(|(v, _)| v.as_str()).collect();
+            let _ = writeln!(w, "let join = match {value} {{");
+            for (v, j) in values {
+                let _ = writeln!(w, "{v:?} => SharedJoin::{j:?},");
+            }
+            let _ = writeln!(
+                w,
+                "other => return Err(crate::error::Error::config(&config.path, {field:?}, \
+                 format!(\"`{{other}}` is not one of {}\"))),",
+                names.join(", ")
+            );
+            let _ = writeln!(w, "}};");
+            ".with_shared_expert_join(join)".to_owned()
+        }
+    }
+}
+
 /// The names a mixture of experts' module takes from `crate::moe`.
 fn moe_uses(moe: &super::plan::MoePlan, choice: &Choice) -> Vec<&'static str> {
     let mut uses = vec!["ExpertActivation"];
+    if matches!(
+        moe.shared_join,
+        Some(SharedJoin::ByField { .. } | SharedJoin::Fixed(Join::Average))
+    ) {
+        uses.push("SharedJoin");
+    }
     match &moe.routing {
         Some(r) if is_grouped_sigmoid(r) => {}
         Some(r) => {

@@ -5,10 +5,13 @@
 use super::alibi::AlibiFactor;
 use super::codegen::defaults_json;
 use super::plan::{Choice, Flag, OnlyLayer, Plan, RopeRule, Scalar};
+use super::probed::{Join, SharedJoin};
 use super::routing::{GroupScore, Groups, Routing, Rule, Scores};
 use mlx_models::config::ConfigFile;
 use mlx_models::family::{DecoderConfig, LayerRule, MlaConfig, MoeConfig};
-use mlx_models::moe::{ExpertActivation, ExpertGroups, RouterSettings, Scoring};
+use mlx_models::moe::{
+    ExpertActivation, ExpertGroups, RouterSettings, Scoring, SharedJoin as MoeJoin,
+};
 use mlx_models::rope::Rope;
 use mlx_models::transformer::{
     Activation, AlibiSettings, AttentionSettings, DecoderSettings, MlpSettings, NormKind, QkvLayout,
@@ -115,6 +118,10 @@ pub fn settings(plan: &Plan, choice: &Choice, config: &ConfigFile) -> Result<Dec
     let d: DecoderConfig = config.parse_with_defaults(&defaults_json(plan))?;
     for (field, supported) in &plan.refused {
         config.ensure(r.bool(field) == *supported, field, || refusal(*supported))?;
+    }
+    for (key, default, lists) in &plan.derived_list_keys {
+        let lists: Vec<&str> = lists.iter().map(String::as_str).collect();
+        config.ensure_lists_given(key, *default, &lists)?;
     }
     for (field, supported) in &plan.refused_values {
         let value = r.value(field).as_i64().unwrap_or(*supported);
@@ -223,8 +230,12 @@ pub fn settings(plan: &Plan, choice: &Choice, config: &ConfigFile) -> Result<Dec
         first.no_input_norm = true;
     }
     if choice.rope_sliding_only {
-        for layer in layers.iter_mut().filter(|l| l.sliding_window.is_none()) {
-            layer.rope = None;
+        // The full-attention layers of a kind that rotates too keep theirs.
+        let keep = list_rope_layers(plan, &r, config, layers.len())?;
+        for (i, layer) in layers.iter_mut().enumerate() {
+            if layer.sliding_window.is_none() && !keep[i] {
+                layer.rope = None;
+            }
         }
     }
     let only = match plan.o_bias_only {
@@ -284,6 +295,10 @@ pub fn settings(plan: &Plan, choice: &Choice, config: &ConfigFile) -> Result<Dec
     };
     let mlp = MlpSettings {
         bias: r.flag(&plan.mlp_bias),
+        intermediate_size: match plan.moe.as_ref().and_then(|m| m.dense_width_field.as_ref()) {
+            Some(f) => r.i32_opt(f).unwrap_or(d.intermediate_size),
+            None => d.intermediate_size,
+        },
         ..d.mlp(plan.mlp_layout, activation)
     };
     let mlp = match plan.intermediate_divisor {
@@ -293,16 +308,30 @@ pub fn settings(plan: &Plan, choice: &Choice, config: &ConfigFile) -> Result<Dec
         },
         None => mlp,
     };
+    // A null epsilon field that switches the norms (`plan.null_norm`).
+    let null_norm = plan
+        .null_norm
+        .as_ref()
+        .filter(|n| r.f64_opt(&n.field).is_none())
+        .map(|n| {
+            let kind = match n.layer_norm {
+                Some(bias) => NormKind::Layer { bias },
+                None => NormKind::Rms,
+            };
+            (kind, r.f64_opt(&n.eps_field).unwrap_or(1e-6))
+        });
     let settings = DecoderSettings {
-        norm,
+        norm: null_norm.map_or(norm, |(kind, _)| kind),
         // A null epsilon is Transformers' default, as in the generated module.
-        norm_eps: plan.eps_constant.unwrap_or_else(|| {
-            r.f64_opt(&plan.eps_field)
-                .or_else(|| {
-                    let field = plan.fields.iter().find(|f| f.name == plan.eps_field);
-                    field.and_then(|f| f.default.as_f64())
-                })
-                .unwrap_or(1e-6)
+        norm_eps: null_norm.map(|(_, eps)| eps).unwrap_or_else(|| {
+            plan.eps_constant.unwrap_or_else(|| {
+                r.f64_opt(&plan.eps_field)
+                    .or_else(|| {
+                        let field = plan.fields.iter().find(|f| f.name == plan.eps_field);
+                        field.and_then(|f| f.default.as_f64())
+                    })
+                    .unwrap_or(1e-6)
+            })
         }),
         norm_placement: choice.norm_placement,
         lm_head_bias: match &plan.lm_head_bias_field {
@@ -362,7 +391,8 @@ pub fn settings(plan: &Plan, choice: &Choice, config: &ConfigFile) -> Result<Dec
             ExpertActivation::Glu(activation),
             moe.shared_expert.unwrap_or(false),
         )
-        .with_shared_expert_bias(r.flag(&moe.shared_expert_bias));
+        .with_shared_expert_bias(r.flag(&moe.shared_expert_bias))
+        .with_shared_expert_join(shared_join(&r, config, moe.shared_join.as_ref())?);
     Ok(if let Some(k) = moe.layer_types_dense_prefix {
         let sparse = m.sparse_layers(config, d.num_hidden_layers, k)?;
         settings.with_moe(block, |i| sparse[i])
@@ -370,6 +400,53 @@ pub fn settings(plan: &Plan, choice: &Choice, config: &ConfigFile) -> Result<Dec
         settings.with_moe(block, |i| m.is_sparse(i))
     } else {
         settings.with_moe(block, |_| true)
+    })
+}
+
+/// Per layer, whether it keeps RoPE on full attention by its kind in `mlp_layer_types`
+/// (`MoePlan::list_rope`, as the generated module writes it); all false without.
+fn list_rope_layers(
+    plan: &Plan,
+    r: &Reader<'_>,
+    config: &ConfigFile,
+    layers: usize,
+) -> Result<Vec<bool>> {
+    let Some((rope, k)) = plan
+        .moe
+        .as_ref()
+        .and_then(|m| m.list_rope.as_ref().zip(m.layer_types_dense_prefix))
+    else {
+        return Ok(vec![false; layers]);
+    };
+    let m: MoeConfig = config.parse_with_defaults(&defaults_json(plan))?;
+    let on = rope
+        .while_field
+        .as_ref()
+        .is_none_or(|(field, value)| r.value(field).as_i64() == Some(*value));
+    Ok(m.sparse_layers(config, layers, k)?
+        .into_iter()
+        .map(|sparse| on && sparse == (rope.kind == "sparse"))
+        .collect())
+}
+
+/// The shared expert's join for `config` (as the generated module reads it).
+fn shared_join(r: &Reader<'_>, config: &ConfigFile, join: Option<&SharedJoin>) -> Result<MoeJoin> {
+    let of = |j: &Join| match j {
+        Join::Sum => MoeJoin::Sum,
+        Join::Average => MoeJoin::Average,
+    };
+    Ok(match join {
+        None => MoeJoin::Sum,
+        Some(SharedJoin::Fixed(j)) => of(j),
+        Some(SharedJoin::ByField { field, values }) => {
+            let value = r.value(field);
+            let value = value.as_str().unwrap_or_default();
+            let found = values.iter().find(|(v, _)| v == value);
+            config.ensure(found.is_some(), field, || {
+                format!("`{value}` is not one of the values probed")
+            })?;
+            found.map_or(MoeJoin::Sum, |(_, j)| of(j))
+        }
     })
 }
 

@@ -21,6 +21,7 @@ pub mod alibi;
 pub mod codegen;
 pub mod interpret;
 pub mod plan;
+pub mod probed;
 pub mod recurrent;
 pub mod report;
 pub mod routing;

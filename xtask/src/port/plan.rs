@@ -151,6 +151,15 @@ pub struct MoePlan {
     /// The layers' kinds come from `mlp_layer_types`; without the list, the first `.0`
     /// layers are dense (the list Transformers derives).
     pub layer_types_dense_prefix: Option<usize>,
+    /// How the shared expert joins the routed experts, where the probes measured it
+    /// (None: their sum).
+    pub shared_join: Option<super::probed::SharedJoin>,
+    /// The full-attention layers of a kind of `mlp_layer_types` rotate too (Cohere2-MoE's
+    /// dense layers), where the layer RoPE probe says so.
+    pub list_rope: Option<super::probed::ListRope>,
+    /// The field that sets the dense layers' MLP width, null meaning `intermediate_size`
+    /// (Cohere2-MoE's `prefix_dense_intermediate_size`).
+    pub dense_width_field: Option<String>,
 }
 
 /// The config fields [`mlx_models::family::MoeConfig`] reads (aliases included).
@@ -262,6 +271,12 @@ pub struct Plan {
     pub hybrid: Option<super::recurrent::HybridPlan>,
     /// `Some(bias)` for LayerNorm, `None` for RMSNorm.
     pub layer_norm: Option<Flag>,
+    /// Other norms where the epsilon field is null (Cohere2-MoE's LayerNorms).
+    pub null_norm: Option<super::probed::NullNorm>,
+    /// Hub keys the config class derives per-layer lists from where a config leaves them
+    /// out, which the module does not read: `(key, default, lists)`, refused unless the
+    /// lists are given (Cohere2-MoE's `first_k_dense_replace`).
+    pub derived_list_keys: Vec<(String, i64, Vec<String>)>,
     pub eps_field: String,
     /// The norms' epsilon where no config field sets it (their modules' `eps`).
     pub eps_constant: Option<f64>,
@@ -2285,6 +2300,11 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
             m.shared_expert_bias = Flag::Field(p.field.clone());
         }
     }
+    if let Some(m) = moe.as_mut() {
+        for (name, ty, role) in moe_probed_decisions(&facts, m, &mut gaps, &mut decisions) {
+            add(&mut fields, &name, ty, role);
+        }
+    }
     if let Some(m) = &moe {
         let width = |name: &str| defaults.contains_key(name) || facts.resolved(name).is_some();
         for (names, ty, role) in [
@@ -2620,6 +2640,15 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         ));
     } else {
         add(&mut fields, &eps_field, FieldType::F64, "norm epsilon");
+    }
+    let null_norm = null_norm_decision(&facts, &eps_field, &layer_norm, &mut gaps, &mut decisions);
+    if let Some(n) = &null_norm {
+        add(
+            &mut fields,
+            &n.eps_field,
+            FieldType::F64,
+            "norm epsilon where the other is null",
+        );
     }
     // The activation's field: a usual name, else a string field whose default names an
     // activation (OpenAI GPT's `afn`); without one, the activation module Transformers
@@ -3416,6 +3445,8 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         }
     }
 
+    let derived_list_keys = super::probed::derived_list_keys(facts.value, &mut decisions);
+
     // Fields read vs ignored.
     let mut ignored = Vec::new();
     let rope_fields = [
@@ -3506,6 +3537,8 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         recurrent: None,
         hybrid,
         layer_norm,
+        null_norm,
+        derived_list_keys,
         eps_field,
         eps_constant,
         act_field,
@@ -3724,7 +3757,126 @@ fn moe_plan(
         dense_layers,
         routing,
         layer_types_dense_prefix,
+        shared_join: None,
+        list_rope: None,
+        dense_width_field: None,
     })
+}
+
+/// The norms where the epsilon field is null, from the null probes
+/// ([`super::probed::null_norm`]), for the plan's norms `layer_norm`.
+fn null_norm_decision(
+    facts: &Facts,
+    eps_field: &str,
+    layer_norm: &Option<Flag>,
+    gaps: &mut Vec<String>,
+    decisions: &mut Vec<String>,
+) -> Option<super::probed::NullNorm> {
+    let set = match layer_norm {
+        None => None,
+        Some(Flag::Never) => Some(false),
+        Some(Flag::Always) => Some(true),
+        Some(Flag::Field(f)) => {
+            if facts
+                .value
+                .get("null_norm_probes")
+                .and_then(Value::as_array)
+                .is_some_and(|p| !p.is_empty())
+            {
+                gaps.push(format!(
+                    "a null `{eps_field}` changes the norms, whose bias `{f}` switches"
+                ));
+            }
+            return None;
+        }
+    };
+    let found = super::probed::null_norm(facts.value, eps_field, set, gaps)?;
+    decisions.push(format!(
+        "a null `{}` makes the norms {} of `{}` (the null probe)",
+        found.field,
+        match found.layer_norm {
+            Some(true) => "LayerNorms with bias",
+            Some(false) => "LayerNorms without bias",
+            None => "RMSNorms",
+        },
+        found.eps_field
+    ));
+    Some(found)
+}
+
+/// The MoE decisions of the shared-expert and layer RoPE probes ([`super::probed`]), set on
+/// `m`; the config fields they read, with their types and roles.
+fn moe_probed_decisions(
+    facts: &Facts,
+    m: &mut MoePlan,
+    gaps: &mut Vec<String>,
+    decisions: &mut Vec<String>,
+) -> Vec<(String, FieldType, &'static str)> {
+    let mut read = Vec::new();
+    if m.shared_expert.is_some() {
+        m.shared_join = super::probed::shared_join(facts.value, gaps);
+        match &m.shared_join {
+            Some(super::probed::SharedJoin::ByField { field, values }) => {
+                decisions.push(format!(
+                    "the shared expert joins the routed experts per `{field}`: {values:?} (the shared-expert probes)"
+                ));
+                read.push((
+                    field.clone(),
+                    FieldType::Str,
+                    "how the shared expert joins the routed experts",
+                ));
+            }
+            Some(super::probed::SharedJoin::Fixed(j)) => {
+                decisions.push(format!(
+                    "the shared expert joins the routed experts: {j:?} (the shared-expert probes)"
+                ));
+            }
+            None => {}
+        }
+    }
+    if let Some(rope) = super::probed::list_rope(facts.value, gaps) {
+        if rope.list_field != "mlp_layer_types"
+            || m.layer_types_dense_prefix.is_none()
+            || !matches!(rope.kind.as_str(), "dense" | "sparse")
+        {
+            gaps.push(format!(
+                "the `{}` layers of `{}` rotate on full attention too: no block reads that list",
+                rope.kind, rope.list_field
+            ));
+            return read;
+        }
+        decisions.push(format!(
+            "RoPE also on the full-attention `{}` layers of `{}`{} (the layer RoPE probe)",
+            rope.kind,
+            rope.list_field,
+            rope.while_field
+                .as_ref()
+                .map(|(f, v)| format!(", while `{f}` is {v}"))
+                .unwrap_or_default()
+        ));
+        if let Some((field, _)) = &rope.while_field {
+            read.push((
+                field.clone(),
+                FieldType::I32,
+                "RoPE on the full-attention layers of that kind while it has its default",
+            ));
+        }
+        m.list_rope = Some(rope);
+    }
+    if m.layer_types_dense_prefix.is_some() {
+        m.dense_width_field = super::probed::kind_width_field(facts.value, "dense", gaps);
+        if let Some(field) = &m.dense_width_field {
+            decisions.push(format!(
+                "`{field}` sets the dense layers' MLP width, null meaning `intermediate_size` (the kind width probe)"
+            ));
+            read.push((
+                field.clone(),
+                FieldType::I32,
+                "the dense layers' MLP width (null: intermediate_size)",
+            ));
+        }
+    }
+    read
 }
 
 /// What a decided routing needs that the block or [`mlx_models::family::MoeConfig`] does

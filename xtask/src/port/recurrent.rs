@@ -1444,6 +1444,8 @@ fn base_plan(
         }),
         hybrid: None,
         layer_norm: None,
+        null_norm: None,
+        derived_list_keys: Vec::new(),
         eps_field: "layer_norm_epsilon".to_owned(),
         eps_constant: None,
         act_field: "hidden_act".to_owned(),
