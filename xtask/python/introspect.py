@@ -809,6 +809,42 @@ def module_attrs(module) -> dict:
     return attrs
 
 
+def measured_norm_eps(module, attrs: dict):
+    """The epsilon of a norm module that keeps none as an attribute (OLMo's LayerNorm fixes
+    1e-5 in its forward), measured: for x = s·(1, -1, 1, ...) (mean 0, mean square s²) a norm
+    gives o(x) - o(0) = g·x / sqrt(s² + eps) whatever its scale g and bias; two scales give
+    eps. None for a module that is no norm, keeps an epsilon, or does not run on one vector."""
+    import torch
+
+    if "norm" not in type(module).__name__.lower() or any(
+        key in attrs for key in ("eps", "variance_epsilon", "epsilon")
+    ):
+        return None
+    width = attrs.get("normalized_shape")
+    width = width[-1] if isinstance(width, list) and width else None
+    weight = getattr(module, "weight", None)
+    if width is None and isinstance(weight, torch.Tensor):
+        width = weight.shape[-1]
+    if not width or width < 2:
+        return None
+    sign = torch.tensor([1.0 if i % 2 == 0 else -1.0 for i in range(width)])
+    try:
+        with torch.no_grad():
+            zero = module(torch.zeros(1, width)).double()
+            small, large = 1e-3, 1.0
+            d_small = (module((small * sign).unsqueeze(0)).double() - zero)[0, 0] / small
+            d_large = (module((large * sign).unsqueeze(0)).double() - zero)[0, 0] / large
+    except Exception:  # noqa: BLE001 - not a module that normalizes one vector
+        return None
+    if d_large == 0:
+        return None
+    ratio = float((d_small / d_large) ** 2)
+    if ratio <= 1:
+        return None
+    eps = (large**2 - ratio * small**2) / (ratio - 1)
+    return float(f"{eps:.3g}") if eps > 0 else None
+
+
 def modules(model) -> list:
     """Non-layer modules and those of decoder layers 0 and 1, in named_modules order."""
     stack = decoder_stack(model)
@@ -820,6 +856,9 @@ def modules(model) -> list:
         if match and int(match.group(1)) >= 2:
             continue
         entry = {"name": name, "class": type(module).__name__, "attrs": module_attrs(module)}
+        eps = measured_norm_eps(module, entry["attrs"])
+        if eps is not None:
+            entry["attrs"]["measured_eps"] = eps
         persistent = set(module._buffers) - set(getattr(module, "_non_persistent_buffers_set", set()))
         buffers = {
             buffer_name: {

@@ -280,6 +280,8 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
         attn.push(format!("o_bias: {}", flag(plan, &plan.o_bias)));
     }
     let norm = match &plan.layer_norm {
+        Some(_) if plan.weightless_norms => "NormKind::LayerNoWeight".to_owned(),
+        None if plan.weightless_norms => "NormKind::RmsNoWeight".to_owned(),
         Some(bias) if choice.norm_plus_one => {
             format!("NormKind::LayerPlusOne {{ bias: {} }}", flag(plan, bias))
         }
@@ -1270,6 +1272,10 @@ pub fn structure_summary(plan: &Plan, choice: &Choice) -> Vec<String> {
         ));
     }
     lines.push(match (&plan.layer_norm, choice.norm_plus_one) {
+        (Some(_), _) if plan.weightless_norms => {
+            "LayerNorm (mean and variance) with no weight or bias.".to_owned()
+        }
+        (None, _) if plan.weightless_norms => "RMSNorm with no weight.".to_owned(),
         (Some(_), true) => {
             "LayerNorm scaling by `1 + weight` (weights stored as offsets from one), \
              with bias where the config says so."

@@ -140,6 +140,8 @@ pub fn settings(plan: &Plan, choice: &Choice, config: &ConfigFile) -> Result<Dec
         activation = activation.gelu_as_tanh();
     }
     let norm = match &plan.layer_norm {
+        Some(_) if plan.weightless_norms => NormKind::LayerNoWeight,
+        None if plan.weightless_norms => NormKind::RmsNoWeight,
         Some(bias) if choice.norm_plus_one => NormKind::LayerPlusOne { bias: r.flag(bias) },
         Some(bias) => NormKind::Layer { bias: r.flag(bias) },
         None if choice.norm_plus_one => NormKind::RmsPlusOne,

@@ -2270,6 +2270,37 @@ mod generator_tests {
         );
     }
 
+    /// OLMo's LayerNorms have no parameters: read from the module tree (norm modules with no
+    /// weight), their epsilon measured on the module (1e-5, fixed in its forward; the class
+    /// has no field). Seeded faults: norms with weights are missing weights; the blocks'
+    /// default epsilon fails at the first layer.
+    #[test]
+    fn olmo_weightless_norms_and_their_measured_epsilon_regenerate_exactly() {
+        let (plan, _, source) = regenerate("olmo");
+        assert!(plan.weightless_norms);
+        assert_eq!(plan.layer_norm, Some(plan::Flag::Never));
+        assert_eq!(plan.eps_constant, Some(1e-5));
+        assert!(source.contains("norm: NormKind::LayerNoWeight"));
+        let mut weighted = plan.clone();
+        weighted.weightless_norms = false;
+        let failures = first_candidate_failures(&weighted, "olmo");
+        assert!(
+            failures
+                .iter()
+                .any(|f| f.contains("missing weight `model.layers.0.input_layernorm.weight`")),
+            "{failures:?}"
+        );
+        let mut wrong = plan.clone();
+        wrong.eps_constant = None;
+        let failures = first_candidate_failures(&wrong, "olmo");
+        assert!(
+            failures
+                .iter()
+                .any(|f| f.starts_with("olmo/default: first bad tensor `layers.0`")),
+            "{failures:?}"
+        );
+    }
+
     /// Fails `plan` on the committed fixtures of `mt` (first candidate only) and returns
     /// the failures.
     fn first_candidate_failures(plan: &Plan, mt: &str) -> Vec<String> {

@@ -271,6 +271,8 @@ pub struct Plan {
     pub hybrid: Option<super::recurrent::HybridPlan>,
     /// `Some(bias)` for LayerNorm, `None` for RMSNorm.
     pub layer_norm: Option<Flag>,
+    /// The norms have no learned parameters (OLMo's LayerNorms).
+    pub weightless_norms: bool,
     /// Other norms where the epsilon field is null (Cohere2-MoE's LayerNorms).
     pub null_norm: Option<super::probed::NullNorm>,
     /// Hub keys the config class derives per-layer lists from where a config leaves them
@@ -404,6 +406,14 @@ pub enum OnlyLayer {
     First,
     Last,
 }
+
+/// The norms of a decoder layer, by the blocks' names.
+const LAYER_NORMS: [&str; 4] = [
+    "input_layernorm",
+    "post_attention_layernorm",
+    "pre_feedforward_layernorm",
+    "post_feedforward_layernorm",
+];
 
 /// Bare vectors that Transformers adds as a projection's bias (the facts' `bare_biases`,
 /// measured: moved into the projection's bias they leave the logits as they are), as
@@ -942,7 +952,10 @@ fn module_eps(facts: &Value) -> Option<f64> {
         if !name.starts_with(&prefix) || !class.to_lowercase().contains("norm") {
             return None;
         }
-        m.pointer("/attrs/eps")?.as_f64()
+        // Where the norm keeps none, the epsilon measured on it (OLMo's).
+        m.pointer("/attrs/eps")
+            .or_else(|| m.pointer("/attrs/measured_eps"))?
+            .as_f64()
     })
 }
 
@@ -1728,12 +1741,31 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
     // The decoder skeleton every supported family shares.
     // A model without a final norm is one whose layers each end in a norm of their own.
     let final_norm = params.contains_key("model.norm.weight") || !roles.post_residual;
+    // Norms without parameters (OLMo's LayerNorms): none of layer 0's norms has a weight,
+    // and its modules of those names (and the final `model.norm`) are norms.
+    let is_norm = |name: &str| facts.module_class(name).is_some_and(|c| c.contains("Norm"));
+    let weightless_norms = LAYER_NORMS
+        .iter()
+        .all(|n| !params.contains_key(&format!("model.layers.0.{n}.weight")))
+        && LAYER_NORMS
+            .iter()
+            .any(|n| is_norm(&format!("model.layers.0.{n}")))
+        && is_norm("model.norm");
+    if weightless_norms {
+        decisions.push(
+            "the norms have no parameters (their modules are norms with no weight)".to_owned(),
+        );
+    }
     if !final_norm {
         decisions
             .push("no final norm: each layer ends in a norm of its own (post-residual)".to_owned());
     }
     for required in ["model.embed_tokens.weight", "model.norm.weight"] {
-        if !params.contains_key(required) && (final_norm || required != "model.norm.weight") {
+        let weightless = weightless_norms && required == "model.norm.weight";
+        if !params.contains_key(required)
+            && !weightless
+            && (final_norm || required != "model.norm.weight")
+        {
             gaps.push(format!("no `{required}`: not a Llama-shaped decoder"));
         }
     }
@@ -2524,15 +2556,12 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
 
     // Norms: the names say which exist; their placement and offset are tried.
     let norm_param = "input_layernorm";
-    let names = [
-        "input_layernorm",
-        "post_attention_layernorm",
-        "pre_feedforward_layernorm",
-        "post_feedforward_layernorm",
-    ];
-    let present: Vec<&str> = names
+    let present: Vec<&str> = LAYER_NORMS
         .into_iter()
-        .filter(|n| has(&format!("{n}.weight")))
+        .filter(|n| {
+            has(&format!("{n}.weight"))
+                || weightless_norms && is_norm(&format!("model.layers.0.{n}"))
+        })
         .collect();
     let placements: Vec<NormPlacement> = match present.as_slice() {
         // Both norms before the residual stream's two sub-blocks: in sequence (Llama) or
@@ -3537,6 +3566,7 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         recurrent: None,
         hybrid,
         layer_norm,
+        weightless_norms,
         null_norm,
         derived_list_keys,
         eps_field,

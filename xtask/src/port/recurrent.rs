@@ -1444,6 +1444,7 @@ fn base_plan(
         }),
         hybrid: None,
         layer_norm: None,
+        weightless_norms: false,
         null_norm: None,
         derived_list_keys: Vec::new(),
         eps_field: "layer_norm_epsilon".to_owned(),
