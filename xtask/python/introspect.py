@@ -896,12 +896,12 @@ def structure(model) -> dict:
     )
     full = {module: name for name, module in model.named_modules()}
     output = model.get_output_embeddings()
-    embedding_norm = embedding_norm_of(model, stack)
+    embedding_norm, norm_on_embeddings = embedding_norm_of(model, stack)
 
     def named(child):
         return None if child is None else f"{prefix}.{child}"
 
-    return {
+    found = {
         "embeddings": named(stack["embed_name"]),
         "positions": named(positions),
         "layers": named(stack["layers_name"]),
@@ -910,6 +910,10 @@ def structure(model) -> dict:
         "lm_head": full.get(output) if output is not None else None,
         "embedding_norm": named(embedding_norm),
     }
+    if norm_on_embeddings:
+        # The final norm also runs on the embeddings, before the first layer (NanoChat).
+        found["norm_on_embeddings"] = True
+    return found
 
 
 def position_signal(model, rows: int = POSITION_SIGNAL_ROWS):
@@ -947,7 +951,9 @@ def position_signal(model, rows: int = POSITION_SIGNAL_ROWS):
 def embedding_norm_of(model, stack):
     """A norm module of the base model called after the input embedding and before the
     first decoder layer (BLOOM's `word_embeddings_layernorm`): its name under the base, or
-    None. Read from the order the base model's children are called in."""
+    None; and whether the final norm is called there too (NanoChat's one `norm`, on the
+    embeddings and after the last layer). Read from the order the base model's children
+    are called in."""
     import torch
 
     base = stack["base"]
@@ -965,13 +971,13 @@ def embedding_norm_of(model, stack):
         with torch.no_grad():
             model(input_ids=torch.arange(1, 5).unsqueeze(0) % model.config.get_text_config().vocab_size)
     except Exception:
-        return None
+        return None, False
     finally:
         first.remove()
         for h in handles:
             h.remove()
     before = order[: order.index(None)] if None in order else []
-    return next(
+    own = next(
         (
             name for name in before
             if name not in (stack["embed_name"], stack["norm_name"])
@@ -979,6 +985,7 @@ def embedding_norm_of(model, stack):
         ),
         None,
     )
+    return own, stack["norm_name"] is not None and stack["norm_name"] in before
 
 
 def prediction_head(architecture: str, model_type: str, small: dict, model):

@@ -1020,7 +1020,7 @@ def rotary_probe(model, vocab_size):
     features that change with the position rotate (`dims`, a prefix of the head), in
     pairs whose norm is kept: the two halves (`pairs` false) or adjacent features
     (`pairs` true); the angle of pair i at position 1 is its frequency `base^(-2i/dims)`,
-    from which `base` is fitted. `{"dims": 0}` where nothing rotates, None where the
+    from which `base` is fitted, and its sign the direction (`reversed` where negative). `{"dims": 0}` where nothing rotates, None where the
     queries are not found or rotate some other way."""
     import math
 
@@ -1051,7 +1051,8 @@ def rotary_probe(model, vocab_size):
         z0 = a[:, 0] + 1j * b[:, 0]
         z1 = a[:, 1] + 1j * b[:, 1]
         turned = (z1 * z0.conj()).sum(0)
-        omega = [abs(math.atan2(float(z.imag), float(z.real))) for z in turned]
+        angles = [math.atan2(float(z.imag), float(z.real)) for z in turned]
+        omega = [abs(a) for a in angles]
         if omega[0] == 0.0 or any(w <= 0.0 for w in omega):
             return None
         # omega_i = omega_0 * base^(-2i/dims): a least-squares slope of log omega over i.
@@ -1064,13 +1065,18 @@ def rotary_probe(model, vocab_size):
             slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
             base = math.exp(-slope)
             base = float(round(base)) if abs(base - round(base)) < 1e-3 * base else round(base, 3)
-        return {
+        found = {
             "dims": dims,
             "head_dim": head_dim,
             "pairs": pairs,
             "base": base,
             "first_frequency": round(omega[0], 6),
         }
+        # Turning by -θ (NanoChat's `rotate_half` returns (x2, -x1)): every pair's angle
+        # is negative where Llama's are positive.
+        if all(a < 0.0 for a in angles):
+            found["reversed"] = True
+        return found
     return None
 
 

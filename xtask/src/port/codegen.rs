@@ -293,6 +293,15 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
         attn.push(format!("qk_norm: QkNorm::{:?}", plan.qk_norm));
         transformer.push("QkNorm");
     }
+    if plan.qk_norm == QkNorm::L2AfterRope {
+        // Unweighted q/k norms at the model's epsilon.
+        let eps = match plan.eps_constant {
+            Some(eps) => float(eps),
+            None if plan.eps_field == "rms_norm_eps" => "d.rms_norm_eps.unwrap_or(1e-6)".to_owned(),
+            None => field_expr(plan, &plan.eps_field),
+        };
+        attn.push(format!("qk_norm_eps: {eps} as f32"));
+    }
     match &plan.attention_scale {
         Scalar::None => {}
         Scalar::OneUnless(f) => attn.push(format!(
@@ -384,6 +393,9 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
             flag(plan, &head.bias),
             head.activation_field
         ));
+    }
+    if plan.norm_on_embeddings {
+        model.push("embedding_norm: true".to_owned());
     }
     if let Some(offset) = plan.learned_positions {
         model.push("learned_positions: true".to_owned());
@@ -840,6 +852,13 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
             ("Some(&rope)", "Some(&local_rope)")
         }
     };
+    if plan.rope_reversed && rope != "None" {
+        let _ = writeln!(w, "// RoPE turns by -θ (measured on the queries).");
+        let _ = writeln!(w, "let rope = rope.reversed();");
+        if local_rope != "None" {
+            let _ = writeln!(w, "let local_rope = local_rope.reversed();");
+        }
+    }
     let rule = plan_layer_rule_expr(plan);
     let _ = writeln!(
         w,
@@ -1423,6 +1442,18 @@ pub fn structure_summary(plan: &Plan, choice: &Choice) -> Vec<String> {
     if plan.embedding_layernorm {
         lines.push(
             "A norm of its own (`model.embed_layernorm`) on the embeddings, before the first layer."
+                .to_owned(),
+        );
+    }
+    if plan.norm_on_embeddings {
+        lines.push(
+            "The final norm (`model.norm`) also runs on the embeddings, before the first layer."
+                .to_owned(),
+        );
+    }
+    if plan.rope_reversed {
+        lines.push(
+            "RoPE turns by -θ: `rotate_half` gives `(x₂, −x₁)`, the other way from Llama's."
                 .to_owned(),
         );
     }

@@ -206,6 +206,12 @@ pub fn settings(plan: &Plan, choice: &Choice, config: &ConfigFile) -> Result<Dec
             )
         }
     };
+    // Turning by -θ (measured).
+    let (rope, local_rope) = if plan.rope_reversed {
+        (rope.map(Rope::reversed), local_rope.map(Rope::reversed))
+    } else {
+        (rope, local_rope)
+    };
     let windows = plan.sliding_window.is_some() || plan.layer_types_field;
     let rule = match (windows, &plan.layer_period) {
         (false, _) => LayerRule::NoSliding,
@@ -352,6 +358,7 @@ pub fn settings(plan: &Plan, choice: &Choice, config: &ConfigFile) -> Result<Dec
             None => None,
         },
         learned_positions: plan.learned_positions.is_some(),
+        embedding_norm: plan.norm_on_embeddings,
         embedding_layernorm: plan.embedding_layernorm,
         position_offset: plan.learned_positions.unwrap_or(0),
         sinusoidal_positions: plan.sinusoidal_positions,
@@ -362,6 +369,11 @@ pub fn settings(plan: &Plan, choice: &Choice, config: &ConfigFile) -> Result<Dec
         final_logit_softcap: r.scalar(&plan.final_softcap)?,
         ..d.settings(attention, mlp, layers)
     };
+    // Unweighted q/k norms at the model's epsilon (NanoChat's).
+    let mut settings = settings;
+    if plan.qk_norm == mlx_models::transformer::QkNorm::L2AfterRope {
+        settings.attention.qk_norm_eps = settings.norm_eps as f32;
+    }
     let settings = match &plan.mla {
         Some(_) => settings.with_latent_attention(mla_config(plan, config)?.settings(&d, config)?),
         None => settings,

@@ -2301,6 +2301,38 @@ mod generator_tests {
         );
     }
 
+    /// NanoChat: weightless RMSNorms, the final norm also called on the embeddings before the
+    /// first layer (the base model's call order), q/k normalized without weight after RoPE
+    /// (the trace), RoPE turning by -θ (the probe's negative angles). Each, undone, fails.
+    #[test]
+    fn nanochat_norm_on_embeddings_reversed_rope_and_unweighted_qk_norms_regenerate_exactly() {
+        let (plan, _, source) = regenerate("nanochat");
+        assert!(plan.weightless_norms && plan.norm_on_embeddings && plan.rope_reversed);
+        assert_eq!(plan.layer_norm, None);
+        assert_eq!(plan.qk_norm, mlx_models::transformer::QkNorm::L2AfterRope);
+        assert!(source.contains("let rope = rope.reversed();"));
+        let faults: [Fault<Plan>; 3] = [
+            ("rope not reversed", |p| p.rope_reversed = false),
+            ("embeddings not normalized", |p| {
+                p.norm_on_embeddings = false
+            }),
+            ("no q/k norm", |p| {
+                p.qk_norm = mlx_models::transformer::QkNorm::None
+            }),
+        ];
+        for (name, fault) in faults {
+            let mut wrong = plan.clone();
+            fault(&mut wrong);
+            let failures = first_candidate_failures(&wrong, "nanochat");
+            assert!(
+                failures
+                    .iter()
+                    .any(|f| f.starts_with("nanochat/default: first bad tensor")),
+                "{name}: {failures:?}"
+            );
+        }
+    }
+
     /// Fails `plan` on the committed fixtures of `mt` (first candidate only) and returns
     /// the failures.
     fn first_candidate_failures(plan: &Plan, mt: &str) -> Vec<String> {

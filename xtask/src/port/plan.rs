@@ -366,6 +366,11 @@ pub struct Plan {
     pub intermediate_multiple: Option<String>,
     /// Learned absolute positions, and the row of position 0 in their table.
     pub learned_positions: Option<i32>,
+    /// The final norm also normalizes the embeddings, before the first layer (the
+    /// structure's `norm_on_embeddings`: NanoChat).
+    pub norm_on_embeddings: bool,
+    /// RoPE turns by -θ (the RoPE probe's negative angles: NanoChat).
+    pub rope_reversed: bool,
     /// Linear position biases on the attention scores (ALiBi), measured.
     pub alibi: Option<super::alibi::AlibiPlan>,
     /// A norm of its own on the embeddings before the first layer (`model.embed_layernorm`).
@@ -1770,6 +1775,21 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         }
     }
     gaps.extend(structure_gaps(facts.value));
+    let norm_on_embeddings =
+        facts.value.pointer("/structure/norm_on_embeddings") == Some(&Value::Bool(true));
+    let rope_reversed = facts.value.pointer("/rotary_probe/reversed") == Some(&Value::Bool(true));
+    if rope_reversed {
+        decisions.push(
+            "RoPE turns the other way: the probe's angles are negative (rotation by -θ)".to_owned(),
+        );
+    }
+    if norm_on_embeddings {
+        decisions.push(
+            "the final norm also runs on the embeddings, before the first layer (the module \
+             tree's call order)"
+                .to_owned(),
+        );
+    }
     let learned_positions = learned_positions(facts.value, &params);
     if let Some(offset) = learned_positions {
         decisions.push(format!(
@@ -2244,7 +2264,20 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
             false
         }
     };
+    // Query/key norms with no weight (NanoChat's, after RoPE).
+    let weightless_qk = facts
+        .module_class("model.layers.0.self_attn.q_norm")
+        .is_some_and(|c| c.contains("Norm"));
     let qk_norm = match layer0.get("self_attn.q_norm.weight") {
+        None if weightless_qk && roles.qk_after_rope => QkNorm::L2AfterRope,
+        None if weightless_qk => {
+            gaps.push(
+                "`self_attn.q_norm` has no weight and runs before RoPE: no block computes \
+                 that (`QkNorm::L2AfterRope` runs after it)"
+                    .to_owned(),
+            );
+            QkNorm::None
+        }
         None => QkNorm::None,
         Some(shape) if shape.as_slice() == [head_dim] && roles.qk_after_rope => {
             QkNorm::PerHeadAfterRope
@@ -3603,6 +3636,8 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         renames: roles.renames.clone(),
         conv1d: layer_conv1d(facts.value, &roles.renames),
         learned_positions,
+        norm_on_embeddings,
+        rope_reversed,
         sinusoidal_positions,
         final_norm,
         o_bias_only,

@@ -1487,6 +1487,8 @@ fn base_plan(
         aliases: Vec::new(),
         intermediate_per_hidden: None,
         learned_positions: None,
+        norm_on_embeddings: false,
+        rope_reversed: false,
         alibi: None,
         embedding_layernorm: false,
         nested_refused: Vec::new(),
