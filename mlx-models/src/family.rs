@@ -79,6 +79,7 @@ pub fn load<F: DecoderFamily>(
         });
     }
     crate::norm::unfold_mlx_lm_norms(&settings.model_type, &mut weights)?;
+    unpack_hub_quantization(config, &mut weights)?;
     family.sanitize(&mut weights, &settings)?;
     // What sanitizing derived (stacked experts, split fused projections) is computed here,
     // on the loading thread: the model may run on another.
@@ -101,7 +102,29 @@ pub fn to_loaded_layout<F: DecoderFamily>(
     let family: F = config.parse_with_defaults(F::DEFAULTS)?;
     let settings = family.settings(config)?;
     crate::norm::unfold_mlx_lm_norms(&settings.model_type, weights)?;
+    unpack_hub_quantization(config, weights)?;
     family.sanitize(weights, &settings)
+}
+
+/// Checkpoint formats of the Hub that are no family's own: BitNet's ternary weights packed
+/// four to a byte (`quantization_config.quant_method` `"bitnet"`, or a uint8 `.weight` with
+/// its `.weight_scale`, as such a checkpoint keeps them after our converter quantized the
+/// rest), unpacked to float ([`crate::ternary::unpack_ternary`]) whichever family's loader
+/// reads them.
+pub fn unpack_hub_quantization(config: &ConfigFile, weights: &mut Weights) -> Result<()> {
+    let method = config
+        .value
+        .pointer("/quantization_config/quant_method")
+        .and_then(serde_json::Value::as_str);
+    let packed = weights.names().any(|name| {
+        name.strip_suffix(".weight_scale").is_some_and(|layer| {
+            weights.root().dtype_of(&format!("{layer}.weight")).ok() == Some(mlx_rs::Dtype::Uint8)
+        })
+    });
+    if method == Some("bitnet") || packed {
+        crate::ternary::unpack_ternary(weights)?;
+    }
+    Ok(())
 }
 
 /// The registry's entry for multimodal checkpoints whose language model is family `F`: the

@@ -397,6 +397,9 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
     if plan.norm_on_embeddings {
         model.push("embedding_norm: true".to_owned());
     }
+    if plan.sub_norms {
+        model.push("sub_norms: true".to_owned());
+    }
     if let Some(offset) = plan.learned_positions {
         model.push("learned_positions: true".to_owned());
         if offset != 0 {
@@ -1509,6 +1512,13 @@ pub fn structure_summary(plan: &Plan, choice: &Choice) -> Vec<String> {
         lines.push(format!(
             "Each layer's own RoPE base where `{field}` lists them (0: that layer has none)."
         ));
+    }
+    if plan.sub_norms {
+        lines.push(
+            "A norm on the attention output before `o_proj` (`attn_sub_norm`) and one on the \
+             MLP's hidden features before `down_proj` (`ffn_sub_norm`)."
+                .to_owned(),
+        );
     }
     if plan.differential {
         lines.push("Differential attention: two softmaxes over the same scores, values in two halves, combined by a learned λ per layer (`lambda_q1/k1/q2/k2`).".to_owned());

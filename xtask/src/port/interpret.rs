@@ -359,6 +359,7 @@ pub fn settings(plan: &Plan, choice: &Choice, config: &ConfigFile) -> Result<Dec
         },
         learned_positions: plan.learned_positions.is_some(),
         embedding_norm: plan.norm_on_embeddings,
+        sub_norms: plan.sub_norms,
         embedding_layernorm: plan.embedding_layernorm,
         position_offset: plan.learned_positions.unwrap_or(0),
         sinusoidal_positions: plan.sinusoidal_positions,

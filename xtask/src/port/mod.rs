@@ -506,6 +506,9 @@ pub fn search(plan: &Plan, fixtures: &[Fixture]) -> anyhow::Result<Search> {
                     .any(|p| name.starts_with(p.as_str())))
                 .then(|| name.to_owned())
             });
+            // What every family loader does first, as `family::load`.
+            mlx_models::norm::unfold_mlx_lm_norms(&settings.model_type, &mut weights)?;
+            mlx_models::family::unpack_hub_quantization(config, &mut weights)?;
             let prefixes: Vec<(&str, &str)> = plan
                 .prefix_renames
                 .iter()
@@ -2331,6 +2334,25 @@ mod generator_tests {
                 "{name}: {failures:?}"
             );
         }
+    }
+
+    /// BitNet's sub-norms (`attn_sub_norm` of the attention output's width, `ffn_sub_norm`
+    /// of the MLP's hidden width) and its packed ternary fixture, unpacked by every family
+    /// loader; without the sub-norms their weights are unexpected.
+    #[test]
+    fn bitnet_sub_norms_and_packed_weights_regenerate_exactly() {
+        let (plan, _, source) = regenerate("bitnet");
+        assert!(plan.sub_norms);
+        assert!(source.contains("sub_norms: true"));
+        let mut wrong = plan.clone();
+        wrong.sub_norms = false;
+        let failures = first_candidate_failures(&wrong, "bitnet");
+        assert!(
+            failures
+                .iter()
+                .any(|f| f.contains("unexpected weights") && f.contains("attn_sub_norm")),
+            "{failures:?}"
+        );
     }
 
     /// Fails `plan` on the committed fixtures of `mt` (first candidate only) and returns

@@ -323,6 +323,9 @@ pub struct Plan {
     pub output_gate: bool,
     /// Differential attention: `self_attn.lambda_q1/k1/q2/k2` of `[head_dim]` (DiffLlama).
     pub differential: bool,
+    /// A norm on the attention output before `o_proj` and one on the MLP's hidden features
+    /// before `down_proj` (`self_attn.attn_sub_norm`, `mlp.ffn_sub_norm`: BitNet).
+    pub sub_norms: bool,
     /// Checkpoint weights the causal LM never uses, by name prefix (Transformers'
     /// `_keys_to_ignore_on_load_unexpected` that are plain prefixes: Mellum's `mtp.`).
     pub unused_prefixes: Vec<String>,
@@ -2292,6 +2295,35 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         ));
     }
 
+    // Norms inside the attention and the MLP, before their output projections (BitNet's
+    // sub-norms): of the attention output's width and the MLP's hidden width.
+    let sub_norms = match (
+        layer0.get("self_attn.attn_sub_norm.weight"),
+        layer0.get("mlp.ffn_sub_norm.weight"),
+    ) {
+        (None, None) => false,
+        (Some(attn), Some(ffn))
+            if attn.as_slice() == [heads * head_dim]
+                && layer0
+                    .get("mlp.down_proj.weight")
+                    .is_some_and(|down| down.get(1) == ffn.first()) =>
+        {
+            decisions.push(format!(
+                "sub-norms: `self_attn.attn_sub_norm` of {attn:?} on the attention output \
+                 before `o_proj`, `mlp.ffn_sub_norm` of {ffn:?} on the MLP's hidden features \
+                 before `down_proj`"
+            ));
+            true
+        }
+        (attn, ffn) => {
+            gaps.push(format!(
+                "sub-norms `self_attn.attn_sub_norm` {attn:?} and `mlp.ffn_sub_norm` {ffn:?}: \
+                 not the pair of the attention output's and the MLP's hidden width"
+            ));
+            false
+        }
+    };
+
     // A mixture of experts in place of the MLP: how its router routes, from the probes.
     // The bias note of the routing decided above.
     decisions.extend(nested_bias_note);
@@ -3303,6 +3335,9 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
     } else {
         known.to_vec()
     };
+    if sub_norms {
+        known.extend(["self_attn.attn_sub_norm.", "mlp.ffn_sub_norm."]);
+    }
     if mla.is_some() {
         known.extend(mla_known);
     }
@@ -3626,6 +3661,7 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         gate_proj,
         output_gate,
         differential,
+        sub_norms,
         unused_prefixes: unused_prefixes(facts.value, &mut decisions),
         choices,
         decisions,

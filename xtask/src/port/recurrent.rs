@@ -1471,6 +1471,7 @@ fn base_plan(
         gate_proj: false,
         output_gate: false,
         differential: false,
+        sub_norms: false,
         unused_prefixes: Vec::new(),
         choices: vec![choice],
         decisions,
