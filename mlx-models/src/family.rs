@@ -50,6 +50,11 @@ pub trait DecoderFamily: DeserializeOwned {
     /// multi-token-prediction layer `mtp.`). Every other unused weight stays an error.
     const UNUSED_PREFIXES: &'static [&'static str] = &[];
 
+    /// Checkpoint weights the causal LM never uses, by a name part found anywhere in the
+    /// name (at its start or after a `.`): Transformers' unanchored ignored keys, which it
+    /// searches for in every name (GPT-NeoX's causal-mask buffers `attention.bias`).
+    const UNUSED_ANYWHERE: &'static [&'static str] = &[];
+
     /// The decoder this config describes.
     fn settings(&self, config: &ConfigFile) -> Result<DecoderSettings>;
 
@@ -73,9 +78,9 @@ pub fn load<F: DecoderFamily>(
         .with_divided_aliases(F::DIVIDED_ALIASES)?;
     let family: F = config.parse_with_defaults(F::DEFAULTS)?;
     let settings = family.settings(config)?;
-    if !F::UNUSED_PREFIXES.is_empty() {
+    if !F::UNUSED_PREFIXES.is_empty() || !F::UNUSED_ANYWHERE.is_empty() {
         weights.rename(|name| {
-            (!F::UNUSED_PREFIXES.iter().any(|p| name.starts_with(p))).then(|| name.to_owned())
+            (!is_unused(name, F::UNUSED_PREFIXES, F::UNUSED_ANYWHERE)).then(|| name.to_owned())
         });
     }
     crate::norm::unfold_mlx_lm_norms(&settings.model_type, &mut weights)?;
@@ -104,6 +109,17 @@ pub fn to_loaded_layout<F: DecoderFamily>(
     crate::norm::unfold_mlx_lm_norms(&settings.model_type, weights)?;
     unpack_hub_quantization(config, weights)?;
     family.sanitize(weights, &settings)
+}
+
+/// Whether the checkpoint weight `name` is one the causal LM never uses: it starts with one
+/// of `prefixes`, or holds one of `anywhere` at its start or after a `.`
+/// ([`DecoderFamily::UNUSED_PREFIXES`], [`DecoderFamily::UNUSED_ANYWHERE`]).
+pub fn is_unused<S: AsRef<str>>(name: &str, prefixes: &[S], anywhere: &[S]) -> bool {
+    prefixes.iter().any(|p| name.starts_with(p.as_ref()))
+        || anywhere.iter().any(|part| {
+            let part = part.as_ref();
+            name.starts_with(part) || name.contains(&format!(".{part}"))
+        })
 }
 
 /// Checkpoint formats of the Hub that are no family's own: BitNet's ternary weights packed

@@ -49,7 +49,7 @@ impl DecoderFamily for Config {
         ("num_experts_per_tok", "moe_k"),
     ];
 
-    const UNUSED_PREFIXES: &'static [&'static str] = &["mtp"];
+    const UNUSED_ANYWHERE: &'static [&'static str] = &["mtp"];
 
     fn settings(&self, config: &ConfigFile) -> Result<DecoderSettings> {
         let d = &self.decoder;

@@ -50,7 +50,7 @@ pub struct Config {
 impl DecoderFamily for Config {
     const DEFAULTS: &'static str = r#"{"vocab_size":102400,"hidden_size":4096,"intermediate_size":16384,"num_hidden_layers":32,"num_attention_heads":32,"num_key_value_heads":32,"max_position_embeddings":2048,"tie_word_embeddings":false,"num_experts":64,"num_experts_per_tok":8,"moe_intermediate_size":1024,"num_shared_experts":1,"norm_topk_prob":true,"first_k_dense_replace":1,"routed_scaling_factor":2.5,"n_group":1,"topk_group":1,"rms_norm_eps":0.00001,"hidden_act":"silu","sliding_window":4096,"sliding_window_pattern":4}"#;
 
-    const UNUSED_PREFIXES: &'static [&'static str] = &["mtp"];
+    const UNUSED_ANYWHERE: &'static [&'static str] = &["mtp"];
 
     fn settings(&self, config: &ConfigFile) -> Result<DecoderSettings> {
         let d = &self.decoder;

@@ -45,7 +45,7 @@ pub struct Config {
 impl DecoderFamily for Config {
     const DEFAULTS: &'static str = r#"{"vocab_size":120832,"hidden_size":4096,"intermediate_size":13312,"num_hidden_layers":80,"num_attention_heads":64,"num_key_value_heads":8,"head_dim":128,"max_position_embeddings":131072,"tie_word_embeddings":false,"num_experts":192,"num_experts_per_tok":8,"moe_intermediate_size":1536,"num_shared_experts":1,"router_scaling_factor":2.826,"rms_norm_eps":0.00001,"hidden_act":"silu","attention_bias":false,"mlp_bias":false}"#;
 
-    const UNUSED_PREFIXES: &'static [&'static str] = &["model.layers.80"];
+    const UNUSED_ANYWHERE: &'static [&'static str] = &["model.layers.80"];
 
     fn settings(&self, config: &ConfigFile) -> Result<DecoderSettings> {
         let d = &self.decoder;

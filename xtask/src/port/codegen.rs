@@ -449,7 +449,18 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
         };
         model.push(format!("norm_eps: {eps}"));
     }
-    if choice.norm_placement != NormPlacement::Pre {
+    if let Some((field, placement)) = &choice.placement_when {
+        let value = if optional(plan, field) {
+            format!("self.{field}.unwrap_or(false)")
+        } else {
+            format!("self.{field}")
+        };
+        model.push(format!(
+            "norm_placement: if {value} {{ NormPlacement::{placement:?} }} else {{ NormPlacement::{:?} }}",
+            choice.norm_placement
+        ));
+        transformer.push("NormPlacement");
+    } else if choice.norm_placement != NormPlacement::Pre {
         model.push(format!(
             "norm_placement: NormPlacement::{:?}",
             choice.norm_placement
@@ -670,16 +681,20 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
             "const INTERMEDIATE_MULTIPLE: Option<&'static str> = Some({field:?});\n"
         );
     }
-    if !plan.unused_prefixes.is_empty() {
-        let _ = writeln!(
-            w,
-            "const UNUSED_PREFIXES: &'static [&'static str] = &[{}];\n",
-            plan.unused_prefixes
-                .iter()
-                .map(|p| format!("{p:?}"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
+    for (name, list) in [
+        ("UNUSED_PREFIXES", &plan.unused_prefixes),
+        ("UNUSED_ANYWHERE", &plan.unused_anywhere),
+    ] {
+        if !list.is_empty() {
+            let _ = writeln!(
+                w,
+                "const {name}: &'static [&'static str] = &[{}];\n",
+                list.iter()
+                    .map(|p| format!("{p:?}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
     }
     let _ = writeln!(
         w,
@@ -687,6 +702,13 @@ pub fn module_source(plan: &Plan, choice: &Choice) -> String {
     );
     let _ = writeln!(w, "let d = &self.decoder;");
     for (field, supported) in &plan.refused {
+        if choice
+            .placement_when
+            .as_ref()
+            .is_some_and(|(switch, _)| switch == field)
+        {
+            continue;
+        }
         let value = if optional(plan, field) {
             format!("self.{field}.unwrap_or({supported})")
         } else {
@@ -1270,16 +1292,26 @@ pub fn structure_summary(plan: &Plan, choice: &Choice) -> Vec<String> {
         return super::recurrent::summary(plan, recurrent);
     }
     let mut lines = Vec::new();
-    lines.push(match choice.norm_placement {
-        NormPlacement::Pre => "Pre-norm blocks: `input_layernorm` before attention, `post_attention_layernorm` before the MLP.".to_owned(),
-        NormPlacement::PostResidual => format!(
-            "Post-norm blocks on the residual: `h = post_attention_layernorm(x + attn(x))`, then `post_feedforward_layernorm(h + mlp(h))`{}.",
-            if plan.final_norm { "" } else { "; no final norm" }
+    let placement_text = |placement: NormPlacement| -> String {
+        match placement {
+            NormPlacement::Pre => "Pre-norm blocks: `input_layernorm` before attention, `post_attention_layernorm` before the MLP.".to_owned(),
+            NormPlacement::PostResidual => format!(
+                "Post-norm blocks on the residual: `h = post_attention_layernorm(x + attn(x))`, then `post_feedforward_layernorm(h + mlp(h))`{}.",
+                if plan.final_norm { "" } else { "; no final norm" }
+            ),
+            NormPlacement::Post => "Post-norm blocks: `post_attention_layernorm` on the attention output, `post_feedforward_layernorm` on the MLP output, both before the residual add.".to_owned(),
+            NormPlacement::Sandwich => "Sandwich norms: `input_layernorm`/`post_attention_layernorm` around attention, `pre_feedforward_layernorm`/`post_feedforward_layernorm` around the MLP.".to_owned(),
+            NormPlacement::Parallel => "Parallel blocks: attention and MLP side by side on one `input_layernorm`, both added to the residual.".to_owned(),
+            NormPlacement::ParallelTwoNorms => "Parallel blocks: attention on `input_layernorm(x)` and MLP on `post_attention_layernorm(x)`, both added to the residual.".to_owned(),
+        }
+    };
+    lines.push(match &choice.placement_when {
+        Some((field, placement)) => format!(
+            "Where `{field}` is true: {} Where it is false: {}",
+            placement_text(*placement),
+            placement_text(choice.norm_placement)
         ),
-        NormPlacement::Post => "Post-norm blocks: `post_attention_layernorm` on the attention output, `post_feedforward_layernorm` on the MLP output, both before the residual add.".to_owned(),
-        NormPlacement::Sandwich => "Sandwich norms: `input_layernorm`/`post_attention_layernorm` around attention, `pre_feedforward_layernorm`/`post_feedforward_layernorm` around the MLP.".to_owned(),
-        NormPlacement::Parallel => "Parallel blocks: attention and MLP side by side on one `input_layernorm`, both added to the residual.".to_owned(),
-        NormPlacement::ParallelTwoNorms => "Parallel blocks: attention on `input_layernorm(x)` and MLP on `post_attention_layernorm(x)`, both added to the residual.".to_owned(),
+        None => placement_text(choice.norm_placement),
     });
     if let Some(n) = &plan.null_norm {
         lines.push(format!(

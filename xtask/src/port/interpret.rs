@@ -116,8 +116,11 @@ pub fn settings(plan: &Plan, choice: &Choice, config: &ConfigFile) -> Result<Dec
     }
     let r = Reader { plan, config };
     let d: DecoderConfig = config.parse_with_defaults(&defaults_json(plan))?;
+    let switch = choice.placement_when.as_ref().map(|(field, _)| field);
     for (field, supported) in &plan.refused {
-        config.ensure(r.bool(field) == *supported, field, || refusal(*supported))?;
+        if Some(field) != switch {
+            config.ensure(r.bool(field) == *supported, field, || refusal(*supported))?;
+        }
     }
     for (key, default, lists) in &plan.derived_list_keys {
         let lists: Vec<&str> = lists.iter().map(String::as_str).collect();
@@ -341,7 +344,10 @@ pub fn settings(plan: &Plan, choice: &Choice, config: &ConfigFile) -> Result<Dec
                     .unwrap_or(1e-6)
             })
         }),
-        norm_placement: choice.norm_placement,
+        norm_placement: match &choice.placement_when {
+            Some((field, placement)) if r.bool(field) => *placement,
+            _ => choice.norm_placement,
+        },
         lm_head_bias: match &plan.lm_head_bias_field {
             Some(f) => r.bool(f),
             None => plan.lm_head_bias,

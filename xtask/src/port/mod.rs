@@ -500,11 +500,8 @@ pub fn search(plan: &Plan, fixtures: &[Fixture]) -> anyhow::Result<Search> {
             let settings = interpret::settings(plan, choice, config)?;
             let mut weights = mlx_models::weights::Weights::from_dir(dir)?.with_dtype(dtype);
             weights.rename(|name| {
-                (!plan
-                    .unused_prefixes
-                    .iter()
-                    .any(|p| name.starts_with(p.as_str())))
-                .then(|| name.to_owned())
+                (!mlx_models::family::is_unused(name, &plan.unused_prefixes, &plan.unused_anywhere))
+                    .then(|| name.to_owned())
             });
             // What every family loader does first, as `family::load`.
             mlx_models::norm::unfold_mlx_lm_norms(&settings.model_type, &mut weights)?;
@@ -2355,6 +2352,52 @@ mod generator_tests {
         );
     }
 
+    /// GPT-NeoX's `use_parallel_residual` only moves the logits: tried as the switch between
+    /// the two placements its norms allow (side by side where true, in sequence where
+    /// false), the candidate with it passes the default (parallel) and `sequential`
+    /// fixtures; either placement alone fails one of them. Its causal-mask buffers
+    /// (`attention.bias`, unanchored ignored keys) are dropped under every layer.
+    #[test]
+    fn gpt_neox_parallel_residual_switches_the_placement_and_regenerates_exactly() {
+        use mlx_models::transformer::NormPlacement;
+        let (plan, choice, source) = regenerate("gpt_neox");
+        assert_eq!(choice.norm_placement, NormPlacement::Pre);
+        assert_eq!(
+            choice.placement_when,
+            Some((
+                "use_parallel_residual".to_owned(),
+                NormPlacement::ParallelTwoNorms
+            ))
+        );
+        assert!(!plan
+            .refused
+            .iter()
+            .any(|(f, _)| f == "use_parallel_residual"));
+        assert_eq!(
+            plan.unused_anywhere,
+            ["attention.bias", "attention.masked_bias"]
+        );
+        assert!(source.contains("if self.use_parallel_residual"));
+        for (placement, fails) in [
+            (NormPlacement::Pre, "gpt_neox/default"),
+            (NormPlacement::ParallelTwoNorms, "gpt_neox/sequential"),
+        ] {
+            let mut wrong = plan.clone();
+            wrong.refused.retain(|(f, _)| f != "use_parallel_residual");
+            wrong.choices = vec![Choice {
+                norm_placement: placement,
+                placement_when: None,
+                ..choice.clone()
+            }];
+            let found = search(&wrong, &fixtures("gpt_neox")).expect("search runs");
+            let (_, failures) = &found.tried[0];
+            assert!(
+                failures.iter().any(|f| f.starts_with(fails)),
+                "{placement:?}: {failures:?}"
+            );
+        }
+    }
+
     /// Fails `plan` on the committed fixtures of `mt` (first candidate only) and returns
     /// the failures.
     fn first_candidate_failures(plan: &Plan, mt: &str) -> Vec<String> {
@@ -2524,23 +2567,26 @@ mod generator_tests {
         assert!(plan.refused_values.is_empty());
     }
 
-    /// Transformers' ignored checkpoint keys become dropped prefixes where the pattern is a
-    /// plain literal (anchored or not, with or without a trailing `.*`); any other pattern
-    /// is reported and its weights stay errors.
+    /// Transformers' ignored checkpoint keys that are plain literals (with or without a
+    /// trailing `.*`) drop weights: anchored ones by prefix, unanchored ones wherever they
+    /// start a name part (Transformers searches them anywhere: GPT-NeoX's `attention.bias`
+    /// under every layer); any other pattern is reported and its weights stay errors.
     #[test]
-    fn ignored_checkpoint_keys_that_are_prefixes_are_dropped() {
+    fn ignored_checkpoint_keys_that_are_plain_literals_are_dropped() {
         let facts = serde_json::json!({"ignored_checkpoint_keys":
-            ["^mtp\\.", "model\\.layers\\.61.*", "^vision_tower\\..*", "^a[0-9]\\.", "mtp.*"]});
+            ["^mtp\\.", "model\\.layers\\.61.*", "^vision_tower\\..*", "^a[0-9]\\.", "attention.bias"]});
         let mut decisions = Vec::new();
         let prefixes = plan::unused_prefixes(&facts, &mut decisions);
-        // Unanchored patterns match anywhere in a name: the names that start with their
-        // literal are among those Transformers ignores.
-        assert_eq!(
-            prefixes,
-            vec!["mtp.", "model.layers.61", "vision_tower.", "mtp"]
-        );
+        assert_eq!(prefixes, vec!["mtp.", "vision_tower."]);
+        let anywhere = plan::unused_anywhere(&facts);
+        assert_eq!(anywhere, vec!["model.layers.61", "attention.bias"]);
         assert_eq!(decisions.len(), 5);
         assert!(decisions[3].contains("stay errors"), "{decisions:?}");
+        let unused = |name: &str| mlx_models::family::is_unused(name, &prefixes, &anywhere);
+        assert!(unused("gpt_neox.layers.3.attention.bias"));
+        assert!(unused("mtp.layers.0.norm.weight") && unused("model.layers.61.mlp.weight"));
+        assert!(!unused("model.mtp.x"));
+        assert!(!unused("model.layers.0.self_attn.q_proj.weight"));
     }
 
     /// DiffLlama, from its recorded introspection: the four λ vectors of one head's width are

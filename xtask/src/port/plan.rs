@@ -75,6 +75,10 @@ pub struct Choice {
     /// Renormalize the chosen experts' weights to sum to one, where no config field says
     /// (a mixture of experts without `norm_topk_prob`).
     pub moe_normalize: bool,
+    /// Where the boolean field is true, this placement instead of `norm_placement`
+    /// (GPT-NeoX's `use_parallel_residual`): a flag that changes the model, tried as the
+    /// switch between two placements the structure allows.
+    pub placement_when: Option<(String, mlx_models::transformer::NormPlacement)>,
 }
 
 impl Choice {
@@ -117,6 +121,9 @@ impl Choice {
             ", experts' weights renormalized"
         } else {
             ""
+        } + &match &self.placement_when {
+            Some((field, placement)) => format!(", norms {placement:?} where `{field}`"),
+            None => String::new(),
         }
     }
 }
@@ -329,6 +336,9 @@ pub struct Plan {
     /// Checkpoint weights the causal LM never uses, by name prefix (Transformers'
     /// `_keys_to_ignore_on_load_unexpected` that are plain prefixes: Mellum's `mtp.`).
     pub unused_prefixes: Vec<String>,
+    /// Checkpoint weights the causal LM never uses, by a name part found anywhere
+    /// (Transformers' unanchored ignored keys: GPT-NeoX's `attention.bias`).
+    pub unused_anywhere: Vec<String>,
     /// Candidates, most likely first.
     pub choices: Vec<Choice>,
     /// What the facts decided, one line each, for the report.
@@ -763,6 +773,24 @@ pub fn head_renames(facts: &Value) -> Option<Vec<(String, String)>> {
 /// plain prefix (`^mtp\.`, maybe ending in `.*`); any other pattern is reported and left to
 /// the unused-weights check.
 pub fn unused_prefixes(facts: &Value, decisions: &mut Vec<String>) -> Vec<String> {
+    ignored_literals(facts, decisions)
+        .into_iter()
+        .filter_map(|(literal, anchored)| anchored.then_some(literal))
+        .collect()
+}
+
+/// The unanchored plain literals of Transformers' ignored checkpoint keys: it searches for
+/// them anywhere in a name.
+pub fn unused_anywhere(facts: &Value) -> Vec<String> {
+    ignored_literals(facts, &mut Vec::new())
+        .into_iter()
+        .filter_map(|(literal, anchored)| (!anchored).then_some(literal))
+        .collect()
+}
+
+/// Each plain literal of Transformers' ignored checkpoint keys and whether it is anchored
+/// at the name's start (`^mtp\.`); a pattern that is no plain literal is reported.
+fn ignored_literals(facts: &Value, decisions: &mut Vec<String>) -> Vec<(String, bool)> {
     let mut prefixes = Vec::new();
     for pattern in facts
         .get("ignored_checkpoint_keys")
@@ -779,10 +807,18 @@ pub fn unused_prefixes(facts: &Value, decisions: &mut Vec<String>) -> Vec<String
             .filter(|p| !p.is_empty() && !p.contains(|c: char| "\\^$*+?()[]{}|".contains(c)));
         match literal {
             Some(prefix) => {
-                decisions.push(format!(
-                    "checkpoint weights under `{prefix}` are dropped: Transformers ignores `{pattern}`"
-                ));
-                prefixes.push(prefix);
+                let anchored = pattern.starts_with('^');
+                decisions.push(if anchored {
+                    format!(
+                        "checkpoint weights under `{prefix}` are dropped: Transformers ignores `{pattern}`"
+                    )
+                } else {
+                    format!(
+                        "checkpoint weights with `{prefix}` in their name (at its start or after \
+                         a `.`) are dropped: Transformers ignores `{pattern}` anywhere"
+                    )
+                });
+                prefixes.push((prefix, anchored));
             }
             None => decisions.push(format!(
                 "Transformers ignores checkpoint keys `{pattern}`, no plain prefix: such weights stay errors"
@@ -3281,6 +3317,7 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
                                     gelu_as_tanh,
                                     attention_softcap: softcap,
                                     moe_normalize,
+                                    placement_when: None,
                                 });
                             }
                         }
@@ -3478,6 +3515,31 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         ));
         refused.push((p.field.clone(), !p.value));
     }
+    // A refused flag that only moves the logits may be the switch between two norm
+    // placements the structure allows (GPT-NeoX's `use_parallel_residual`: side by side, or
+    // in sequence): tried after every plain candidate, each way round.
+    if placements.len() > 1 {
+        let moving: Vec<&String> = refused
+            .iter()
+            .map(|(field, _)| field)
+            .filter(|field| {
+                flag_probes
+                    .iter()
+                    .any(|p| &p.field == *field && p.added.is_empty() && p.removed.is_empty())
+            })
+            .collect();
+        let plain = choices.clone();
+        for field in moving {
+            for choice in &plain {
+                for &other in placements.iter().filter(|p| **p != choice.norm_placement) {
+                    choices.push(Choice {
+                        placement_when: Some((field.clone(), other)),
+                        ..choice.clone()
+                    });
+                }
+            }
+        }
+    }
     // Integer fields whose other values add parameters the tiny model does not have (Granite
     // MoE's `shared_intermediate_size` > 0 adds a shared MLP): unless the plan reads them, the
     // module refuses every value but the default instead of failing on unknown weights.
@@ -3663,6 +3725,7 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
         differential,
         sub_norms,
         unused_prefixes: unused_prefixes(facts.value, &mut decisions),
+        unused_anywhere: unused_anywhere(facts.value),
         choices,
         decisions,
         gaps,
@@ -4470,6 +4533,13 @@ impl Plan {
     /// Drops the fields `choice` does not read (a soft cap Transformers never applies) into
     /// the ignored list, with the reason.
     pub fn settle(&mut self, choice: &Choice) {
+        // The flag that switches the norm placement is read, not refused.
+        if let Some((switch, _)) = &choice.placement_when {
+            self.refused.retain(|(field, _)| field != switch);
+            for f in self.fields.iter_mut().filter(|f| &f.name == switch) {
+                f.role = "switches the norm placement (see `settings`)";
+            }
+        }
         if !choice.attention_softcap {
             if let Scalar::Field(name) =
                 std::mem::replace(&mut self.attention_softcap, Scalar::None)

@@ -1419,6 +1419,7 @@ fn base_plan(
         gelu_as_tanh: false,
         attention_softcap: false,
         moe_normalize: false,
+        placement_when: None,
     };
     Plan {
         model_type: text("model_type"),
@@ -1473,6 +1474,7 @@ fn base_plan(
         differential: false,
         sub_norms: false,
         unused_prefixes: Vec::new(),
+        unused_anywhere: Vec::new(),
         choices: vec![choice],
         decisions,
         gaps,
