@@ -3375,6 +3375,19 @@ pub fn plan(facts_value: &Value, module: &str) -> Plan {
     if sub_norms {
         known.extend(["self_attn.attn_sub_norm.", "mlp.ffn_sub_norm."]);
     }
+    // xIELU's learned parameters, which the MLP block loads under its `act_fn` (Apertus).
+    let xielu = defaults.get(&act_field).and_then(Value::as_str) == Some("xielu")
+        && params
+            .keys()
+            .any(|n| n.starts_with("model.layers.0.mlp.act_fn."));
+    if xielu {
+        known.push("mlp.act_fn.");
+        decisions.push(
+            "the MLP's activation is xIELU: its learned parameters (`mlp.act_fn.alpha_p`, \
+             `alpha_n`, `beta`, `eps`) load with the block"
+                .to_owned(),
+        );
+    }
     if mla.is_some() {
         known.extend(mla_known);
     }
