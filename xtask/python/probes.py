@@ -706,82 +706,90 @@ def routing_probes(architecture, small, build_config, tiny_model, model_type, fi
     return probes
 
 
-def _record_routing(model, torch):
-    """The first stacked experts module's router logits, vectors, indices and weights."""
+def _first_expert_block(model):
+    """The first stacked experts module (`<block>.experts` holding `gate_up_proj`) and the
+    block that holds it: `(block_name, experts, block)`, or None."""
     named = dict(model.named_modules())
     for name, experts in named.items():
-        if not name.endswith(".experts") or not hasattr(experts, "gate_up_proj"):
-            continue
-        block_name = name.rsplit(".", 1)[0]
-        block = named[block_name]
-        router_name, router = next(
-            ((n, m) for n, m in block.named_children() if n in ("gate", "router")), (None, None)
-        )
-        if router is None:
-            return None
-        # The router's linear layer: the router itself, or its `gate` (AFMoE's `router.gate`).
-        linear = router if isinstance(getattr(router, "weight", None), torch.Tensor) else getattr(router, "gate", None)
-        if linear is None or not isinstance(getattr(linear, "weight", None), torch.Tensor):
-            return None
-        vectors = {}
-        generator = torch.Generator().manual_seed(11)
-        with torch.no_grad():
-            # A router initialised to zeros (AFMoE's) gives every expert the same logit, which
-            # every routing reproduces: drawn at random instead.
-            if float(linear.weight.abs().max()) == 0.0:
-                linear.weight.copy_(torch.randn(linear.weight.shape, generator=generator) * linear.weight.shape[-1] ** -0.5)
-            for vname, tensor in list(router.named_parameters()) + list(router.named_buffers()):
-                # A vector, or one row of them (ERNIE 4.5's `[1, experts]` routing bias).
-                if vname in ("weight", "bias") or linear is not router and vname.startswith("gate."):
-                    continue
-                if tensor.dim() not in (1, 2) or tensor.dim() == 2 and tensor.shape[0] != 1:
-                    continue
-                tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.2)
-                vectors[vname] = tensor.reshape(-1).tolist()
-            # A vector the block itself holds and hands to its router (LFM2-MoE's `expert_bias`).
-            own = list(block.named_parameters(recurse=False)) + list(block.named_buffers(recurse=False))
-            for vname, tensor in own:
-                if tensor.dim() != 1 or not tensor.is_floating_point() or vname in vectors:
-                    continue
-                tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.2)
-                vectors[vname] = tensor.tolist()
-        seen = {}
-
-        def block_input(_module, args):
-            seen.setdefault("x", args[0].detach().reshape(-1, args[0].shape[-1]).float())
-
-        def experts_call(_module, args, kwargs):
-            values = list(args[1:]) + [kwargs[k] for k in ("top_k_index", "top_k_weights") if k in kwargs]
-            seen.setdefault("call", values)
-
-        hooks = [
-            block.register_forward_pre_hook(block_input),
-            experts.register_forward_pre_hook(experts_call, with_kwargs=True),
-        ]
-        ids = torch.arange(1, 13).unsqueeze(0) % model.config.vocab_size
-        try:
-            with torch.no_grad():
-                model(input_ids=ids)
-        finally:
-            for hook in hooks:
-                hook.remove()
-        if "call" not in seen or len(seen["call"]) < 2:
-            return None
-        indices, weights = seen["call"][:2]
-        if indices.is_floating_point():
-            indices, weights = weights, indices
-        logits = torch.nn.functional.linear(seen["x"], linear.weight.float())
-        if getattr(linear, "bias", None) is not None:
-            logits = logits + linear.bias.float()
-        return {
-            "layer": int(block_name.split(".")[2]),
-            "router": f"{block_name}.{router_name}",
-            "logits": logits.tolist(),
-            "vectors": vectors,
-            "indices": indices.tolist(),
-            "weights": weights.float().tolist(),
-        }
+        if name.endswith(".experts") and hasattr(experts, "gate_up_proj"):
+            block_name = name.rsplit(".", 1)[0]
+            return block_name, experts, named[block_name]
     return None
+
+
+def _record_routing(model, torch):
+    """The first stacked experts module's router logits, vectors, indices and weights."""
+    found = _first_expert_block(model)
+    if found is None:
+        return None
+    block_name, experts, block = found
+    router_name, router = next(
+        ((n, m) for n, m in block.named_children() if n in ("gate", "router")), (None, None)
+    )
+    if router is None:
+        return None
+    # The router's linear layer: the router itself, or its `gate` (AFMoE's `router.gate`).
+    linear = router if isinstance(getattr(router, "weight", None), torch.Tensor) else getattr(router, "gate", None)
+    if linear is None or not isinstance(getattr(linear, "weight", None), torch.Tensor):
+        return None
+    vectors = {}
+    generator = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        # A router initialised to zeros (AFMoE's) gives every expert the same logit, which
+        # every routing reproduces: drawn at random instead.
+        if float(linear.weight.abs().max()) == 0.0:
+            linear.weight.copy_(torch.randn(linear.weight.shape, generator=generator) * linear.weight.shape[-1] ** -0.5)
+        for vname, tensor in list(router.named_parameters()) + list(router.named_buffers()):
+            # A vector, or one row of them (ERNIE 4.5's `[1, experts]` routing bias).
+            if vname in ("weight", "bias") or linear is not router and vname.startswith("gate."):
+                continue
+            if tensor.dim() not in (1, 2) or tensor.dim() == 2 and tensor.shape[0] != 1:
+                continue
+            tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.2)
+            vectors[vname] = tensor.reshape(-1).tolist()
+        # A vector the block itself holds and hands to its router (LFM2-MoE's `expert_bias`).
+        own = list(block.named_parameters(recurse=False)) + list(block.named_buffers(recurse=False))
+        for vname, tensor in own:
+            if tensor.dim() != 1 or not tensor.is_floating_point() or vname in vectors:
+                continue
+            tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.2)
+            vectors[vname] = tensor.tolist()
+    seen = {}
+
+    def block_input(_module, args):
+        seen.setdefault("x", args[0].detach().reshape(-1, args[0].shape[-1]).float())
+
+    def experts_call(_module, args, kwargs):
+        values = list(args[1:]) + [kwargs[k] for k in ("top_k_index", "top_k_weights") if k in kwargs]
+        seen.setdefault("call", values)
+
+    hooks = [
+        block.register_forward_pre_hook(block_input),
+        experts.register_forward_pre_hook(experts_call, with_kwargs=True),
+    ]
+    ids = torch.arange(1, 13).unsqueeze(0) % model.config.vocab_size
+    try:
+        with torch.no_grad():
+            model(input_ids=ids)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if "call" not in seen or len(seen["call"]) < 2:
+        return None
+    indices, weights = seen["call"][:2]
+    if indices.is_floating_point():
+        indices, weights = weights, indices
+    logits = torch.nn.functional.linear(seen["x"], linear.weight.float())
+    if getattr(linear, "bias", None) is not None:
+        logits = logits + linear.bias.float()
+    return {
+        "layer": int(block_name.split(".")[2]),
+        "router": f"{block_name}.{router_name}",
+        "logits": logits.tolist(),
+        "vectors": vectors,
+        "indices": indices.tolist(),
+        "weights": weights.float().tolist(),
+    }
 
 
 def derived_layer_lists(config_class, fields):
@@ -1522,52 +1530,49 @@ def shared_expert_probes(architecture, small, build_config, tiny_model, model_ty
 
 
 def _fit_shared_combination(model, torch):
-    named = dict(model.named_modules())
-    for name, experts in named.items():
-        if not name.endswith(".experts") or not hasattr(experts, "gate_up_proj"):
-            continue
-        block_name = name.rsplit(".", 1)[0]
-        block = named[block_name]
-        children = dict(block.named_children())
-        shared = [
-            m for n, m in children.items()
-            if n.startswith("shared_expert") and not n.endswith("gate") and any(True for _ in m.parameters())
-        ]
-        if len(shared) != 1 or any(n.endswith("_gate") for n in children):
-            return None
-        seen = {}
+    found = _first_expert_block(model)
+    if found is None:
+        return None
+    block_name, experts, block = found
+    children = dict(block.named_children())
+    shared = [
+        m for n, m in children.items()
+        if n.startswith("shared_expert") and not n.endswith("gate") and any(True for _ in m.parameters())
+    ]
+    if len(shared) != 1 or any(n.endswith("_gate") for n in children):
+        return None
+    seen = {}
 
-        def keep(key):
-            def hook(_module, _args, output):
-                out = output[0] if isinstance(output, tuple) else output
-                seen.setdefault(key, out.detach().reshape(-1, out.shape[-1]).double())
+    def keep(key):
+        def hook(_module, _args, output):
+            out = output[0] if isinstance(output, tuple) else output
+            seen.setdefault(key, out.detach().reshape(-1, out.shape[-1]).double())
 
-            return hook
+        return hook
 
-        hooks = [
-            experts.register_forward_hook(keep("routed")),
-            shared[0].register_forward_hook(keep("shared")),
-            block.register_forward_hook(keep("out")),
-        ]
-        ids = torch.arange(1, 13).unsqueeze(0) % model.config.vocab_size
-        try:
-            with torch.no_grad():
-                model(input_ids=ids)
-        finally:
-            for hook in hooks:
-                hook.remove()
-        if len(seen) != 3:
-            return None
-        basis = torch.stack([seen["routed"].reshape(-1), seen["shared"].reshape(-1)], dim=1)
-        target = seen["out"].reshape(-1, 1)
-        coefficients = torch.linalg.lstsq(basis, target).solution.reshape(-1)
-        residual = float((basis @ coefficients.reshape(-1, 1) - target).abs().max())
-        return {
-            "routed": round(float(coefficients[0]), 6),
-            "shared": round(float(coefficients[1]), 6),
-            "residual": residual,
-        }
-    return None
+    hooks = [
+        experts.register_forward_hook(keep("routed")),
+        shared[0].register_forward_hook(keep("shared")),
+        block.register_forward_hook(keep("out")),
+    ]
+    ids = torch.arange(1, 13).unsqueeze(0) % model.config.vocab_size
+    try:
+        with torch.no_grad():
+            model(input_ids=ids)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if len(seen) != 3:
+        return None
+    basis = torch.stack([seen["routed"].reshape(-1), seen["shared"].reshape(-1)], dim=1)
+    target = seen["out"].reshape(-1, 1)
+    coefficients = torch.linalg.lstsq(basis, target).solution.reshape(-1)
+    residual = float((basis @ coefficients.reshape(-1, 1) - target).abs().max())
+    return {
+        "routed": round(float(coefficients[0]), 6),
+        "shared": round(float(coefficients[1]), 6),
+        "residual": residual,
+    }
 
 
 # --------------------------------------------------------------------------- RoPE per layer
