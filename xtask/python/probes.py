@@ -1619,9 +1619,6 @@ def layer_rope_probes(architecture, small, build_config, tiny_model, model_type,
     (not a size) set one above its value, where that changes which layers rotate (Cohere2-
     MoE's dense layers rotate only while `prefix_dense_sliding_window_pattern` is 1).
     `{layer_types, <list>: [...], rotates, fields: [{field, value, rotates}]}`, or None."""
-    import inspect
-    import re
-
     import torch
 
     layer_types = small.get("layer_types")
@@ -1631,17 +1628,10 @@ def layer_rope_probes(architecture, small, build_config, tiny_model, model_type,
         model = tiny_model(architecture, build_config(model_type, small))
     except Exception:  # noqa: BLE001
         return None
-    module = inspect.getmodule(model)
-    source = inspect.getsource(module) if module is not None else ""
-    derived = derived_layer_lists(type(model.config), fields)
-    lists = {}
-    for field, kind in re.findall(LAYER_KIND_COMPARISON, source):
-        if field in derived and field != "layer_types":
-            kinds = list(dict.fromkeys(derived[field] + [kind]))
-            lists[field] = kinds
-    if len(lists) != 1:
+    compared = _compared_layer_list(model, fields)
+    if compared is None:
         return None
-    (list_field, kinds), = lists.items()
+    list_field, kinds = compared
     attention = list(dict.fromkeys(layer_types))
     combos = list(itertools.product(attention, kinds))
     config = {
@@ -1729,19 +1719,14 @@ def layer_list_kwargs(config_class, fields):
     return found
 
 
-def kind_width_probes(architecture, small, build_config, tiny_model, model_type, fields):
-    """The int fields that set the width of the layers of one kind of a per-layer list the
-    modeling code compares (Cohere2-MoE's `prefix_dense_intermediate_size`: the MLP of its
-    `mlp_layer_types` "dense" layers, null meaning `intermediate_size`): a model with a
-    layer of each kind, each such field set to WIDTH_PROBE, and the parameters that then
-    have that width. `{list_field, kinds, fields: [{field, widened}]}` or None."""
+def _compared_layer_list(model, fields):
+    """The one per-layer list besides `layer_types` that the model's code compares with a
+    kind (Cohere2-MoE's `mlp_layer_types` against "dense") and that its config class derives:
+    `(field, kinds)` with the kinds in order of first use, or None where there is not
+    exactly one."""
     import inspect
     import re
 
-    try:
-        model = tiny_model(architecture, build_config(model_type, small))
-    except Exception:  # noqa: BLE001
-        return None
     module = inspect.getmodule(model)
     source = inspect.getsource(module) if module is not None else ""
     derived = derived_layer_lists(type(model.config), fields)
@@ -1751,7 +1736,23 @@ def kind_width_probes(architecture, small, build_config, tiny_model, model_type,
             lists[field] = list(dict.fromkeys(derived[field] + [kind]))
     if len(lists) != 1:
         return None
-    (list_field, kinds), = lists.items()
+    return next(iter(lists.items()))
+
+
+def kind_width_probes(architecture, small, build_config, tiny_model, model_type, fields):
+    """The int fields that set the width of the layers of one kind of a per-layer list the
+    modeling code compares (Cohere2-MoE's `prefix_dense_intermediate_size`: the MLP of its
+    `mlp_layer_types` "dense" layers, null meaning `intermediate_size`): a model with a
+    layer of each kind, each such field set to WIDTH_PROBE, and the parameters that then
+    have that width. `{list_field, kinds, fields: [{field, widened}]}` or None."""
+    try:
+        model = tiny_model(architecture, build_config(model_type, small))
+    except Exception:  # noqa: BLE001
+        return None
+    compared = _compared_layer_list(model, fields)
+    if compared is None:
+        return None
+    list_field, kinds = compared
     config = {**small, "num_hidden_layers": len(kinds), list_field: kinds}
     if small.get("layer_types"):
         config["layer_types"] = [small["layer_types"][i % len(small["layer_types"])] for i in range(len(kinds))]
